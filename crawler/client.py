@@ -1,0 +1,400 @@
+"""The API client: owns the HTTP session, the rate gate, retries and the credit counters.
+
+Every request goes through `Client.get`: pace (RateGate) -> send -> classify the answer by status
+*and* body (the API reports most errors as HTTP 200) -> retry transient failures with backoff.
+Endpoint methods (paginators and single lookups) are thin wrappers over `crawler.endpoints`.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import ipaddress
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from crawler import endpoints as ep
+from crawler.config import Secret, Settings
+from crawler.config import api_key as key_from_env
+from crawler.errors import (
+    BalanceExhausted,
+    BudgetExhausted,
+    KeyRejected,
+    NotFound,
+    PrivateAccount,
+    RateLimited,
+    RetriesExhausted,
+    TransientError,
+    UsageError,
+)
+from crawler.pacing import Pace, RateGate
+from crawler.retry import retry_async
+
+log = logging.getLogger("crawler.client")
+
+JsonDict = dict[str, Any]
+
+# Words that classify an error body (lower-cased substring match), checked in this order.
+KEY_WORDS = ("api-key", "api key", "apikey", "sign up", "signup", "unauthori", "forbidden")
+BALANCE_WORDS = ("balance", "credit", "purchase", "quota", "exhausted", "insufficient", "top up", "payment")
+RATE_WORDS = ("rate", "too many", "slow down", "limit", "throttl")
+PRIVATE_WORDS = ("private",)
+NOT_FOUND_WORDS = ("not found", "not exist", "doesn't exist", "does not exist", "deleted", "no such")
+# Keys that may appear beside `message` in a bare error body without making it a payload.
+_ERROR_ONLY_KEYS = frozenset({"message", "msg", "error", "detail", "code", "status", "processed_time"})
+
+
+@dataclass(slots=True)
+class Counters:
+    """What the client has spent and met; `requests_sent` and `credits_billed` are CONTRACT.md's."""
+
+    requests_sent: int = 0
+    credits_billed: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    by_endpoint: Counter[str] = field(default_factory=Counter)
+
+
+def check_base_url(url: str, *, allow_insecure_http: bool = False) -> str:
+    """The base URL if it is safe to send the key to, else a UsageError (before any connection)."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if parts.scheme not in ("http", "https") or not host:
+        raise UsageError(f"api.base_url {url!r} is not an http(s) URL (expected e.g. https://api.tikliveapi.com)")
+    if parts.scheme == "http" and not allow_insecure_http and not _is_loopback(host):
+        raise UsageError(
+            f"refusing to send the API key over plain http to {host}: use https, "
+            "or set api.allow_insecure_http = true in config.toml if you really mean it"
+        )
+    return url.rstrip("/")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date), or None."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _words(text: str, words: tuple[str, ...]) -> bool:
+    return any(w in text for w in words)
+
+
+def _message(body: Mapping[str, Any]) -> str:
+    for key in ("message", "msg", "error", "detail"):
+        value = body.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return "error without a message"
+
+
+def classify(status: int, raw: bytes, retry_after: str | None, endpoint: str) -> tuple[JsonDict, bool]:
+    """Turn one HTTP answer into (payload, billed) or raise the error it means.
+
+    Status first (429 rate limit, 5xx transient), then the body: a bare ``message`` body names a
+    rejected key, an empty balance or a rate limit by its words; ``{"status":"error"}`` with
+    not-found/private words is a per-item failure; any other error body is transient.
+    """
+    if status == 429:
+        raise RateLimited(f"{endpoint}: HTTP 429", _retry_after(retry_after))
+    if status >= 500:
+        raise TransientError(f"{endpoint}: HTTP {status}")
+    if status in (401, 403):
+        raise KeyRejected(f"the API rejected the key (HTTP {status}): check TIKLIVE_API_KEY")
+    if status == 402:
+        raise BalanceExhausted("the API balance is empty (HTTP 402): top up, then run the same command again")
+    if status == 404:
+        raise NotFound(f"{endpoint}: HTTP 404")
+    billed = status == 200
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise TransientError(f"{endpoint}: malformed JSON (HTTP {status}, {len(raw)} bytes)") from None
+    if status != 200:
+        raise TransientError(f"{endpoint}: HTTP {status}")
+    if not isinstance(body, dict):
+        raise TransientError(f"{endpoint}: unexpected JSON {type(body).__name__}")
+    body = _unwrap(body)
+    bare = "message" in body or "msg" in body or "error" in body
+    bare = bare and set(body) <= _ERROR_ONLY_KEYS and body.get("status") != "error"
+    if bare or body.get("status") == "error":
+        text = _message(body)
+        low = text.lower()
+        if bare:
+            billed = False  # key, balance and rate answers are never billed
+            if _words(low, KEY_WORDS):
+                raise KeyRejected(f"the API rejected the key ({text!r}): check TIKLIVE_API_KEY")
+            if _words(low, BALANCE_WORDS):
+                raise BalanceExhausted(
+                    f"the API says the balance is empty ({text!r}): top up, then run the same command again"
+                )
+            if _words(low, RATE_WORDS):
+                raise RateLimited(f"{endpoint}: {text}")
+        if _words(low, PRIVATE_WORDS):
+            raise PrivateAccount(f"{endpoint}: {text}")
+        if _words(low, NOT_FOUND_WORDS):
+            raise NotFound(f"{endpoint}: {text}")
+        raise TransientError(f"{endpoint}: API error {text!r}")
+    return body, billed
+
+
+def _unwrap(body: JsonDict) -> JsonDict:
+    """Accept a tikwm-style envelope ``{"code":0,"msg":..,"data":{..}}`` defensively."""
+    data = body.get("data")
+    if isinstance(data, dict) and set(body) <= {"data", "code", "msg", "processed_time", "status"}:
+        code = body.get("code", 0)
+        if code not in (0, "0", None):
+            return {"message": str(body.get("msg") or "error")}
+        return data
+    return body
+
+
+class Client:
+    """TikLiveAPI client: ``async with Client() as c: async for post in c.user_posts(user_id): ...``
+
+    Reads the key from TIKLIVE_API_KEY unless ``api_key`` is given. Opened once; reuse after close
+    is refused. ``request_budget`` caps requests_sent (``--max-credits``), in-flight included.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        api_key: str | Secret | None = None,
+        base_url: str | None = None,
+        request_budget: int | None = None,
+        max_connections: int = 100,
+    ) -> None:
+        s = settings or Settings()
+        if base_url is not None:
+            s = s.replace(base_url=base_url)
+        self.settings = s
+        self.base_url = check_base_url(s.base_url, allow_insecure_http=s.allow_insecure_http)
+        if api_key is None:
+            api_key = key_from_env()
+        self._key = api_key if isinstance(api_key, Secret) else Secret(api_key)
+        self.pace = Pace(
+            limit=s.rate_limit,
+            window=s.rate_window,
+            burst=s.rate_burst,
+            max_per_second=s.rate_max_per_second,
+            margin=s.rate_margin,
+            enabled=s.rate_enabled,
+        )
+        self.gate = RateGate(
+            self.pace,
+            cooldown_base=max(s.retry_base_delay, 0.05) if s.retry_base_delay > 0 else 0.0,
+            cooldown_max=s.retry_max_delay,
+            stall_limit=s.retry_stall_limit,
+        )
+        self.request_budget = request_budget
+        self.counters = Counters()
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"Client(base_url={self.base_url!r}, requests_sent={self.counters.requests_sent})"
+
+    async def __aenter__(self) -> Client:
+        if self._closed or self._session is not None:
+            raise RuntimeError("a Client is opened once; create a new one")
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self.settings.connect_timeout, sock_read=self.settings.read_timeout
+        )
+        connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0)
+        self._session = aiohttp.ClientSession(timeout=timeout, connector=connector, raise_for_status=False)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the session (idempotent)."""
+        self._closed = True
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def get(self, endpoint: str, params: Mapping[str, str | int] | None = None) -> JsonDict:
+        """One API call: paced, retried on transient errors, classified; returns the JSON payload."""
+        path = "/" + endpoint.strip("/") + "/"
+        query = {k: str(v) for k, v in (params or {}).items()}
+
+        async def attempt() -> JsonDict:
+            while True:
+                started = await self.gate.acquire()
+                try:
+                    body = await self._send(path, query)
+                except RateLimited as exc:
+                    self.counters.rate_limited += 1
+                    self.gate.report_429(started, exc.retry_after)
+                    continue
+                self.gate.report_success()
+                return body
+
+        def on_retry(exc: BaseException, tries: int, wait: float) -> None:
+            self.counters.retries += 1
+            log.info("retrying %s after %s (try %d, waiting %.2f s)", path, exc, tries, wait)
+
+        try:
+            return await retry_async(
+                attempt,
+                retry_on=TransientError,
+                attempts=self.settings.retry_attempts,
+                base_delay=self.settings.retry_base_delay,
+                max_delay=self.settings.retry_max_delay,
+                on_retry=on_retry,
+            )
+        except TransientError as exc:
+            raise RetriesExhausted(f"{exc} (gave up after {self.settings.retry_attempts} tries)") from None
+
+    async def _send(self, path: str, query: dict[str, str]) -> JsonDict:
+        if self._session is None:
+            raise RuntimeError("use the Client inside 'async with Client(...) as client'")
+        if self.request_budget is not None and self.counters.requests_sent >= self.request_budget:
+            raise BudgetExhausted(f"the --max-credits budget of {self.request_budget} requests is spent")
+        self.counters.requests_sent += 1
+        self.counters.by_endpoint[path] += 1
+        log.debug("GET %s %s", path, query)
+        failure: str | None = None
+        status, raw, retry_after = 0, b"", None
+        try:
+            async with self._session.get(
+                self.base_url + path, params=query, headers={"X-Api-Key": self._key.reveal()}
+            ) as resp:
+                status = resp.status
+                retry_after = resp.headers.get("Retry-After")
+                raw = await resp.read()
+        except TimeoutError:
+            failure = f"{path}: timed out"
+        except aiohttp.ClientError as exc:
+            # Never keep the aiohttp exception: its request_info carries our request headers.
+            failure = f"{path}: {type(exc).__name__}"
+        if failure is not None:
+            raise TransientError(failure)
+        body, billed = classify(status, raw, retry_after, path)
+        if billed:
+            self.counters.credits_billed += 1
+        return body
+
+    # --- endpoints (see crawler.endpoints for the records and the paginator) ---
+
+    async def user_id(self, handle: str) -> str:
+        """The numeric user id of a handle (`/userid/`)."""
+        return ep.parse_user_id(await self.get("/userid/", {"username": handle}))
+
+    async def user_info(self, handle: str | None = None, *, user_id: str | None = None) -> ep.Profile:
+        """A profile by handle (`/userinfo-by-username/`) or by id (`/userinfo-by-id/`)."""
+        if user_id is not None:
+            return ep.parse_profile(await self.get("/userinfo-by-id/", {"userid": user_id}))
+        if handle is None:
+            raise ValueError("user_info needs a handle or user_id")
+        return ep.parse_profile(await self.get("/userinfo-by-username/", {"username": handle}))
+
+    async def post_detail(self, video_id: str, *, source: str = "") -> ep.Post:
+        """One post by numeric id (`/post-detail/`)."""
+        body = await self.get("/post-detail/", {"url": ep.video_url(video_id)})
+        return ep.parse_post(body, source or video_id)
+
+    async def music_info(self, music_id: str) -> ep.Music:
+        """Music metadata (`/music-info/`)."""
+        return ep.parse_music(await self.get("/music-info/", {"music_id": music_id}))
+
+    async def challenge_info(self, challenge_id: str | None = None, *, name: str | None = None) -> ep.Challenge:
+        """A hashtag by id (`/challenge-info-id/`) or name (`/challenge-info-name/`)."""
+        if challenge_id is not None:
+            body = await self.get("/challenge-info-id/", {"id": challenge_id})
+        elif name is not None:
+            body = await self.get("/challenge-info-name/", {"name": name})
+        else:
+            raise ValueError("challenge_info needs an id or a name")
+        return ep.parse_challenge(body, challenge_id or name or "")
+
+    async def regions(self) -> list[ep.Region]:
+        """The region codes `/search-video/` accepts (`/region-list/`)."""
+        return ep.parse_regions(await self.get("/region-list/"))
+
+    def pages(self, kind: str, params: Mapping[str, str | int], **options: Any) -> AsyncIterator[ep.Page[Any]]:
+        """The page-by-page walk of one list (see `endpoints.walk`); the crawl uses this to commit per page."""
+        return ep.walk(self, ep.LISTS[kind], params, **options)
+
+    def user_posts(self, user_id: str, **options: Any) -> AsyncIterator[ep.Post]:
+        """A user's posts, newest first (`/user-posts/`)."""
+        return ep.items(self.pages("posts", {"userid": user_id}, **options), options.get("max_items"))
+
+    def user_liked(self, user_id: str, **options: Any) -> AsyncIterator[ep.Post]:
+        """Posts a user liked (`/user-liked/`)."""
+        return ep.items(self.pages("liked", {"userid": user_id}, **options), options.get("max_items"))
+
+    def user_followers(self, user_id: str, **options: Any) -> AsyncIterator[ep.Follow]:
+        """A user's followers, most recent first (`/user-followers/`; TikTok ends lists near 5,000)."""
+        return ep.items(self.pages("followers", {"userid": user_id}, **options), options.get("max_items"))
+
+    def user_following(self, user_id: str, **options: Any) -> AsyncIterator[ep.Follow]:
+        """Accounts a user follows (`/user-following/`)."""
+        return ep.items(self.pages("following", {"userid": user_id}, **options), options.get("max_items"))
+
+    def post_comments(self, video_id: str, **options: Any) -> AsyncIterator[ep.Comment]:
+        """Top-level comments of a post (`/post-comments/`)."""
+        params = {"url": ep.video_url(video_id)}
+        return ep.items(self.pages("comments", params, **options), options.get("max_items"))
+
+    def comment_replies(self, video_id: str, comment_id: str, **options: Any) -> AsyncIterator[ep.Comment]:
+        """Replies to one comment (`/post-comment-replies/`)."""
+        params = {"video_id": video_id, "comment_id": comment_id}
+        return ep.items(self.pages("replies", params, **options), options.get("max_items"))
+
+    def search_videos(
+        self, keyword: str, *, publish_time: int = 0, sort_by: int = 0, region: str | None = None, **options: Any
+    ) -> AsyncIterator[ep.Post]:
+        """Videos matching a keyword (`/search-video/`)."""
+        params: dict[str, str | int] = {"keyword": keyword, "publish_time": publish_time, "sort_by": sort_by}
+        if region:
+            params["region"] = region
+        return ep.items(self.pages("search_videos", params, **options), options.get("max_items"))
+
+    def search_users(self, keyword: str, **options: Any) -> AsyncIterator[ep.UserHit]:
+        """Users matching a keyword (`/search-user/`)."""
+        return ep.items(self.pages("search_users", {"keyword": keyword}, **options), options.get("max_items"))
+
+    def search_challenges(self, keyword: str, **options: Any) -> AsyncIterator[ep.Challenge]:
+        """Hashtags matching a keyword (`/search-challenge/`)."""
+        params = {"keyword": keyword}
+        return ep.items(self.pages("search_challenges", params, **options), options.get("max_items"))
+
+    def music_posts(self, music_id: str, **options: Any) -> AsyncIterator[ep.Post]:
+        """Posts using a sound (`/music-posts/`)."""
+        return ep.items(self.pages("music_posts", {"music_id": music_id}, **options), options.get("max_items"))
+
+    def challenge_posts(self, challenge_id: str, **options: Any) -> AsyncIterator[ep.Post]:
+        """Posts under a hashtag (`/challenge-posts/`)."""
+        params = {"challenge_id": challenge_id}
+        return ep.items(self.pages("challenge_posts", params, **options), options.get("max_items"))

@@ -1,0 +1,241 @@
+"""Settings: every default in one place, overlaid by config.toml, the environment and CLI flags.
+
+Precedence (CONTRACT.md): flag > environment > config.toml > built-in default. The API key comes only
+from TIKLIVE_API_KEY and is held in a `Secret` that never prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crawler.errors import UsageError
+
+DEFAULT_BASE_URL = "https://api.tikliveapi.com"
+KEY_ENV = "TIKLIVE_API_KEY"
+
+
+class Secret:
+    """A string that is never shown: repr/str print a mask; only `reveal()` gives the value."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The secret itself, for the one place that must send it (the request header)."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every tunable of a run; field comments give the config key."""
+
+    base_url: str = DEFAULT_BASE_URL  # api.base_url
+    allow_insecure_http: bool = False  # api.allow_insecure_http
+    rate_limit: int = 200  # rate.limit
+    rate_window: float = 60.0  # rate.window
+    rate_burst: int = 1  # rate.burst
+    rate_max_per_second: int = 40  # rate.max_per_second
+    rate_margin: float | None = None  # rate.margin (None: max(0.05 s, 0.5% of the window))
+    rate_enabled: bool = True  # rate.enabled (false only for benchmarks against the simulator)
+    parallelism: int | None = None  # crawl.parallelism ("auto" -> None)
+    page_size: int | None = None  # crawl.page_size (None: per endpoint)
+    max_pages: int | None = None  # crawl.max_pages
+    max_items: int | None = None  # crawl.max_items
+    max_credits: int | None = None  # crawl.max_credits
+    data_dir: str = ".crawler"  # crawl.data_dir
+    retry_attempts: int = 5  # retry.attempts
+    retry_base_delay: float = 0.5  # retry.base_delay
+    retry_max_delay: float = 30.0  # retry.max_delay
+    retry_stall_limit: float = 300.0  # retry.stall_limit
+    connect_timeout: float = 5.0  # http.connect_timeout
+    read_timeout: float = 15.0  # http.read_timeout
+    output_bom: bool = False  # output.bom
+    output_raw: bool = False  # output.raw
+    history_url: str | None = None  # history.url (None: SQLite file in the data directory)
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def _bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        return v.lower() in ("true", "1", "yes", "on")
+    raise ValueError("expected true or false")
+
+
+def _number(kind: Callable[[Any], Any], *, low: float, allow_none: bool = False) -> Callable[[Any], Any]:
+    def parse(v: Any) -> Any:
+        if allow_none and (v is None or (isinstance(v, str) and v.lower() in ("none", ""))):
+            return None
+        if isinstance(v, bool):
+            raise ValueError("expected a number")
+        n = kind(v)
+        if n < low:
+            raise ValueError(f"must be at least {low:g}")
+        return n
+
+    return parse
+
+
+def _parallelism(v: Any) -> int | None:
+    if isinstance(v, str) and v.lower() == "auto":
+        return None
+    n: int = _number(int, low=1)(v)
+    return n
+
+
+def _url(v: Any) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError("expected a URL such as https://api.tikliveapi.com")
+    return v.strip().rstrip("/")
+
+
+def _text(v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise ValueError("expected a non-empty string")
+    return v
+
+
+def _optional_text(v: Any) -> str | None:
+    return None if v in (None, "") else _text(v)
+
+
+# config key -> (Settings field, parser)
+KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "api.base_url": ("base_url", _url),
+    "api.allow_insecure_http": ("allow_insecure_http", _bool),
+    "rate.limit": ("rate_limit", _number(int, low=1)),
+    "rate.window": ("rate_window", _number(float, low=0.001)),
+    "rate.burst": ("rate_burst", _number(int, low=1)),
+    "rate.max_per_second": ("rate_max_per_second", _number(int, low=1)),
+    "rate.margin": ("rate_margin", _number(float, low=0, allow_none=True)),
+    "rate.enabled": ("rate_enabled", _bool),
+    "crawl.parallelism": ("parallelism", _parallelism),
+    "crawl.page_size": ("page_size", _number(int, low=1, allow_none=True)),
+    "crawl.max_pages": ("max_pages", _number(int, low=1, allow_none=True)),
+    "crawl.max_items": ("max_items", _number(int, low=1, allow_none=True)),
+    "crawl.max_credits": ("max_credits", _number(int, low=0, allow_none=True)),
+    "crawl.data_dir": ("data_dir", _text),
+    "retry.attempts": ("retry_attempts", _number(int, low=1)),
+    "retry.base_delay": ("retry_base_delay", _number(float, low=0)),
+    "retry.max_delay": ("retry_max_delay", _number(float, low=0)),
+    "retry.stall_limit": ("retry_stall_limit", _number(float, low=0)),
+    "http.connect_timeout": ("connect_timeout", _number(float, low=0.001)),
+    "http.read_timeout": ("read_timeout", _number(float, low=0.001)),
+    "output.bom": ("output_bom", _bool),
+    "output.raw": ("output_raw", _bool),
+    "history.url": ("history_url", _optional_text),
+}
+
+ENV_KEYS = {"TIKLIVE_BASE_URL": "api.base_url"}
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in table.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, key + "."))
+        else:
+            out[key] = value
+    return out
+
+
+def _apply(values: dict[str, Any], layer: Mapping[str, Any], source: Callable[[str], str]) -> None:
+    for key, raw in layer.items():
+        if key == "api.key":
+            raise UsageError(f"{source(key)}: the API key is read only from the {KEY_ENV} environment variable")
+        if key not in KEYS:
+            raise UsageError(f"{source(key)}: unknown setting '{key}' (see config.toml for the known keys)")
+        field, parse = KEYS[key]
+        try:
+            values[field] = parse(raw)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"{source(key)}: invalid value {raw!r} for '{key}': {exc}") from None
+
+
+def config_path(explicit: str | None, environ: Mapping[str, str]) -> Path | None:
+    """The config file to read: --config, else CRAWLER_CONFIG, else ./config.toml if present."""
+    if explicit:
+        return Path(explicit)
+    if environ.get("CRAWLER_CONFIG"):
+        return Path(environ["CRAWLER_CONFIG"])
+    default = Path("config.toml")
+    return default if default.is_file() else None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The flattened keys of a config file, or a UsageError naming the file."""
+    try:
+        with path.open("rb") as fh:
+            return _flatten(tomllib.load(fh))
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist (check --config / CRAWLER_CONFIG)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path}: malformed TOML: {exc}") from None
+
+
+# Flags are given by their config key; this names the flag in error messages.
+FLAG_NAMES = {
+    "api.base_url": "--base-url",
+    "rate.limit": "--rate",
+    "rate.window": "--window",
+    "rate.burst": "--burst",
+    "rate.max_per_second": "--max-per-second",
+    "crawl.parallelism": "--parallelism",
+    "crawl.page_size": "--page-size",
+    "crawl.max_pages": "--max-pages",
+    "crawl.max_items": "--max-items",
+    "crawl.max_credits": "--max-credits",
+    "crawl.data_dir": "--data-dir",
+    "retry.attempts": "--retries",
+    "output.bom": "--bom",
+    "output.raw": "--raw",
+    "history.url": "--history-url",
+}
+
+
+def load_settings(
+    *,
+    config_file: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Resolve settings: built-in defaults < config.toml < environment < flags (given by config key)."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    path = config_path(config_file, env)
+    if path is not None:
+        _apply(values, read_toml(path), lambda key: str(path))
+    env_layer = {ENV_KEYS[name]: env[name] for name in ENV_KEYS if env.get(name)}
+    _apply(values, env_layer, lambda key: next(n for n, k in ENV_KEYS.items() if k == key))
+    _apply(values, {k: v for k, v in (flags or {}).items() if v is not None}, lambda key: FLAG_NAMES.get(key, key))
+    return Settings(**values)
+
+
+def api_key(environ: Mapping[str, str] | None = None) -> Secret:
+    """The API key from TIKLIVE_API_KEY, or a UsageError saying how to set it."""
+    env = os.environ if environ is None else environ
+    value = env.get(KEY_ENV, "").strip()
+    if not value:
+        raise UsageError(f"no API key: set {KEY_ENV} (for the simulator: export {KEY_ENV}=sim-key)")
+    return Secret(value)

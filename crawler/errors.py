@@ -1,0 +1,96 @@
+"""The error tree: every failure the crawler can name, and the exit code it maps to.
+
+    CrawlerError
+    ├── UsageError             bad flag, config value or input form; found before any request (exit 2)
+    ├── RunStopped             the whole run must end
+    │   ├── KeyRejected        missing/unknown key answered by the API (exit 1)
+    │   ├── RateLimitStalled   429s without a break for longer than retry.stall_limit (exit 1)
+    │   ├── BalanceExhausted   the API says the credit balance is empty; resumable (exit 4)
+    │   └── BudgetExhausted    --max-credits reached; resumable (exit 4)
+    ├── ItemFailed             one input item failed; the run goes on (exit 3 at the end)
+    │   ├── NotFound           user / post / music / challenge does not exist   reason not_found
+    │   ├── PrivateAccount     the account is private                           reason private
+    │   └── RetriesExhausted   transient errors outlasted retry.attempts        reason retries_exhausted
+    └── TransientError         retried inside the client, never seen by callers
+        └── RateLimited        HTTP 429 (or a rate-limit message): handled by the shared cooldown
+
+Messages never contain the API key: the client builds them from status, endpoint and the server's text.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class CrawlerError(Exception):
+    """Base of every error the crawler raises on purpose."""
+
+    exit_code: ClassVar[int] = 1
+
+
+class UsageError(CrawlerError):
+    """A user mistake found before any request was sent: flag, config key, value or input."""
+
+    exit_code = 2
+
+
+class RunStopped(CrawlerError):
+    """The run cannot go on."""
+
+    exit_code = 1
+
+
+class KeyRejected(RunStopped):
+    """The API rejected the key (missing, unknown or disabled)."""
+
+
+class RateLimitStalled(RunStopped):
+    """The API answered 429 without a break for longer than the stall limit."""
+
+
+class BalanceExhausted(RunStopped):
+    """The API says the account has no credits left; the job can resume after a top-up."""
+
+    exit_code = 4
+
+
+class BudgetExhausted(RunStopped):
+    """The job's --max-credits budget is spent; the job can resume with a larger budget."""
+
+    exit_code = 4
+
+
+class ItemFailed(CrawlerError):
+    """One input item failed; its reason goes to the failures file and the run goes on."""
+
+    reason: ClassVar[str] = "retries_exhausted"
+
+
+class NotFound(ItemFailed):
+    """The user, post, music or challenge does not exist."""
+
+    reason = "not_found"
+
+
+class PrivateAccount(ItemFailed):
+    """The account is private, so its lists cannot be read."""
+
+    reason = "private"
+
+
+class RetriesExhausted(ItemFailed):
+    """Transient errors (5xx, timeouts, drops, bad JSON, unknown error bodies) outlasted the retries."""
+
+    reason = "retries_exhausted"
+
+
+class TransientError(CrawlerError):
+    """A failure worth retrying: 5xx, timeout, dropped connection, malformed JSON, unknown error body."""
+
+
+class RateLimited(TransientError):
+    """HTTP 429 or a rate-limit message; ``retry_after`` is the server's Retry-After in seconds, if sent."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
