@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -27,6 +27,7 @@ from crawler.config import api_key as key_from_env
 from crawler.errors import (
     BalanceExhausted,
     BudgetExhausted,
+    ItemFailed,
     KeyRejected,
     NotFound,
     PrivateAccount,
@@ -60,6 +61,7 @@ class Counters:
     credits_billed: int = 0
     retries: int = 0
     rate_limited: int = 0
+    latency: float = 0.0  # moving average of request seconds (for parallelism = "auto")
     by_endpoint: Counter[str] = field(default_factory=Counter)
 
 
@@ -265,7 +267,7 @@ class Client:
             log.info("retrying %s after %s (try %d, waiting %.2f s)", path, exc, tries, wait)
 
         try:
-            return await retry_async(
+            body = await retry_async(
                 attempt,
                 retry_on=TransientError,
                 attempts=self.settings.retry_attempts,
@@ -274,7 +276,13 @@ class Client:
                 on_retry=on_retry,
             )
         except TransientError as exc:
-            raise RetriesExhausted(f"{exc} (gave up after {self.settings.retry_attempts} tries)") from None
+            failed = RetriesExhausted(f"{exc} (gave up after {self.settings.retry_attempts} tries)")
+            failed.endpoint = path
+            raise failed from None
+        except ItemFailed as exc:
+            exc.endpoint = path
+            raise
+        return body
 
     async def _send(self, path: str, query: dict[str, str]) -> JsonDict:
         if self._session is None:
@@ -286,6 +294,7 @@ class Client:
         log.debug("GET %s %s", path, query)
         failure: str | None = None
         status, raw, retry_after = 0, b"", None
+        begun = time.monotonic()
         try:
             async with self._session.get(
                 self.base_url + path, params=query, headers={"X-Api-Key": self._key.reveal()}
@@ -298,6 +307,9 @@ class Client:
         except aiohttp.ClientError as exc:
             # Never keep the aiohttp exception: its request_info carries our request headers.
             failure = f"{path}: {type(exc).__name__}"
+        took = time.monotonic() - begun
+        c = self.counters
+        c.latency = took if c.latency == 0.0 else 0.9 * c.latency + 0.1 * took
         if failure is not None:
             raise TransientError(failure)
         body, billed = classify(status, raw, retry_after, path)
@@ -342,59 +354,59 @@ class Client:
         """The region codes `/search-video/` accepts (`/region-list/`)."""
         return ep.parse_regions(await self.get("/region-list/"))
 
-    def pages(self, kind: str, params: Mapping[str, str | int], **options: Any) -> AsyncIterator[ep.Page[Any]]:
+    def pages(self, kind: str, params: Mapping[str, str | int], **options: Any) -> AsyncGenerator[ep.Page[Any], None]:
         """The page-by-page walk of one list (see `endpoints.walk`); the crawl uses this to commit per page."""
         return ep.walk(self, ep.LISTS[kind], params, **options)
 
-    def user_posts(self, user_id: str, **options: Any) -> AsyncIterator[ep.Post]:
+    def user_posts(self, user_id: str, **options: Any) -> AsyncGenerator[ep.Post, None]:
         """A user's posts, newest first (`/user-posts/`)."""
         return ep.items(self.pages("posts", {"userid": user_id}, **options), options.get("max_items"))
 
-    def user_liked(self, user_id: str, **options: Any) -> AsyncIterator[ep.Post]:
+    def user_liked(self, user_id: str, **options: Any) -> AsyncGenerator[ep.Post, None]:
         """Posts a user liked (`/user-liked/`)."""
         return ep.items(self.pages("liked", {"userid": user_id}, **options), options.get("max_items"))
 
-    def user_followers(self, user_id: str, **options: Any) -> AsyncIterator[ep.Follow]:
+    def user_followers(self, user_id: str, **options: Any) -> AsyncGenerator[ep.Follow, None]:
         """A user's followers, most recent first (`/user-followers/`; TikTok ends lists near 5,000)."""
         return ep.items(self.pages("followers", {"userid": user_id}, **options), options.get("max_items"))
 
-    def user_following(self, user_id: str, **options: Any) -> AsyncIterator[ep.Follow]:
+    def user_following(self, user_id: str, **options: Any) -> AsyncGenerator[ep.Follow, None]:
         """Accounts a user follows (`/user-following/`)."""
         return ep.items(self.pages("following", {"userid": user_id}, **options), options.get("max_items"))
 
-    def post_comments(self, video_id: str, **options: Any) -> AsyncIterator[ep.Comment]:
+    def post_comments(self, video_id: str, **options: Any) -> AsyncGenerator[ep.Comment, None]:
         """Top-level comments of a post (`/post-comments/`)."""
         params = {"url": ep.video_url(video_id)}
         return ep.items(self.pages("comments", params, **options), options.get("max_items"))
 
-    def comment_replies(self, video_id: str, comment_id: str, **options: Any) -> AsyncIterator[ep.Comment]:
+    def comment_replies(self, video_id: str, comment_id: str, **options: Any) -> AsyncGenerator[ep.Comment, None]:
         """Replies to one comment (`/post-comment-replies/`)."""
         params = {"video_id": video_id, "comment_id": comment_id}
         return ep.items(self.pages("replies", params, **options), options.get("max_items"))
 
     def search_videos(
         self, keyword: str, *, publish_time: int = 0, sort_by: int = 0, region: str | None = None, **options: Any
-    ) -> AsyncIterator[ep.Post]:
+    ) -> AsyncGenerator[ep.Post, None]:
         """Videos matching a keyword (`/search-video/`)."""
         params: dict[str, str | int] = {"keyword": keyword, "publish_time": publish_time, "sort_by": sort_by}
         if region:
             params["region"] = region
         return ep.items(self.pages("search_videos", params, **options), options.get("max_items"))
 
-    def search_users(self, keyword: str, **options: Any) -> AsyncIterator[ep.UserHit]:
+    def search_users(self, keyword: str, **options: Any) -> AsyncGenerator[ep.UserHit, None]:
         """Users matching a keyword (`/search-user/`)."""
         return ep.items(self.pages("search_users", {"keyword": keyword}, **options), options.get("max_items"))
 
-    def search_challenges(self, keyword: str, **options: Any) -> AsyncIterator[ep.Challenge]:
+    def search_challenges(self, keyword: str, **options: Any) -> AsyncGenerator[ep.Challenge, None]:
         """Hashtags matching a keyword (`/search-challenge/`)."""
         params = {"keyword": keyword}
         return ep.items(self.pages("search_challenges", params, **options), options.get("max_items"))
 
-    def music_posts(self, music_id: str, **options: Any) -> AsyncIterator[ep.Post]:
+    def music_posts(self, music_id: str, **options: Any) -> AsyncGenerator[ep.Post, None]:
         """Posts using a sound (`/music-posts/`)."""
         return ep.items(self.pages("music_posts", {"music_id": music_id}, **options), options.get("max_items"))
 
-    def challenge_posts(self, challenge_id: str, **options: Any) -> AsyncIterator[ep.Post]:
+    def challenge_posts(self, challenge_id: str, **options: Any) -> AsyncGenerator[ep.Post, None]:
         """Posts under a hashtag (`/challenge-posts/`)."""
         params = {"challenge_id": challenge_id}
         return ep.items(self.pages("challenge_posts", params, **options), options.get("max_items"))

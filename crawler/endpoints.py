@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
@@ -437,6 +437,7 @@ class Page(Generic[R]):
     has_more: bool
     stop: str | None = None  # a pagination guard's reason, when one ended the walk early
     capped: bool = False  # the walk ended at the max_pages cap (asked for, so not a failure)
+    last: bool = False  # no page follows this one
     skipped: int = 0  # items dropped because they lacked an id
 
 
@@ -450,7 +451,7 @@ async def walk(
     page_size: int | None = None,
     max_pages: int | None = None,
     max_items: int | None = None,
-) -> AsyncIterator[Page[R]]:
+) -> AsyncGenerator[Page[R], None]:
     """Walk one list page by page, from ``cursor`` (default: the start).
 
     Guards end the walk with a reason on the last page instead of burning credits: a cursor the API
@@ -504,23 +505,21 @@ async def walk(
                 stop = f"repeated cursor {nxt}"
         if skipped:
             log.warning("%s: %d items without an id skipped", spec.path, skipped)
-        page: Page[R] = Page(items, current, nxt, has_more, stop, capped, skipped)
-        yield page
+        enough = max_items is not None and rows >= max_items
+        last = stop is not None or capped or not has_more or enough
         if stop is not None:
             log.warning("%s (%s): walk ended: %s", spec.path, source, stop)
-            return
-        if capped:
+        elif capped:
             log.info("%s (%s): walk ended at the page cap of %d", spec.path, source, max_pages)
+        yield Page(items, current, nxt, has_more, stop, capped, last, skipped)
+        if last or nxt is None:
             return
-        if not has_more or (max_items is not None and rows >= max_items):
-            return
-        assert nxt is not None
         current = nxt
 
 
-async def items(pages: AsyncIterator[Page[R]], max_items: int | None = None) -> AsyncIterator[R]:
+async def items(pages: AsyncGenerator[Page[R], None], max_items: int | None = None) -> AsyncGenerator[R, None]:
     """The rows of a page walk, one by one (closes the walk when the consumer stops)."""
-    async with aclosing(pages) as walk_:  # type: ignore[type-var]
+    async with aclosing(pages) as walk_:
         n = 0
         async for page in walk_:
             for record in page.items:

@@ -5,8 +5,10 @@
     ├── RunStopped             the whole run must end
     │   ├── KeyRejected        missing/unknown key answered by the API (exit 1)
     │   ├── RateLimitStalled   429s without a break for longer than retry.stall_limit (exit 1)
+    │   ├── JobLocked          another process is running the same job (exit 1)
     │   ├── BalanceExhausted   the API says the credit balance is empty; resumable (exit 4)
-    │   └── BudgetExhausted    --max-credits reached; resumable (exit 4)
+    │   ├── BudgetExhausted    --max-credits reached; resumable (exit 4)
+    │   └── Interrupted        SIGINT / SIGTERM: committed what was complete (exit 130 / 143)
     ├── ItemFailed             one input item failed; the run goes on (exit 3 at the end)
     │   ├── NotFound           user / post / music / challenge does not exist   reason not_found
     │   ├── PrivateAccount     the account is private                           reason private
@@ -48,6 +50,18 @@ class RateLimitStalled(RunStopped):
     """The API answered 429 without a break for longer than the stall limit."""
 
 
+class JobLocked(RunStopped):
+    """Another process holds this job's lock."""
+
+
+class Interrupted(RunStopped):
+    """Stopped by a signal after committing what was complete."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class BalanceExhausted(RunStopped):
     """The API says the account has no credits left; the job can resume after a top-up."""
 
@@ -64,6 +78,7 @@ class ItemFailed(CrawlerError):
     """One input item failed; its reason goes to the failures file and the run goes on."""
 
     reason: ClassVar[str] = "retries_exhausted"
+    endpoint: str = ""  # the API path that failed, set by the client
 
 
 class NotFound(ItemFailed):

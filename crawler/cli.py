@@ -1,0 +1,313 @@
+"""The command line: one command per job; errors become one line and CONTRACT.md's exit code."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from crawler import __version__
+from crawler.config import FLAG_NAMES, Settings, api_key, load_settings
+from crawler.crawl import COMMANDS, Crawl, JobOptions, Outcome, failures_path, run_job, state_path
+from crawler.errors import CrawlerError, Interrupted, UsageError
+from crawler.sinks import part_path
+
+log = logging.getLogger("crawler")
+
+PUBLISH_TIME = (0, 1, 7, 30, 90, 180)
+SORT_BY = {"relevance": 0, "likes": 1, "date": 2, "0": 0, "1": 1, "2": 2}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line with exit code 2."""
+
+    def error(self, message: str) -> Any:
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def _settings_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("settings (override config.toml; see CONTRACT in README)")
+    g.add_argument("--config", help="config file (default: $CRAWLER_CONFIG or ./config.toml)")
+    g.add_argument("--base-url", dest="api.base_url", metavar="URL")
+    g.add_argument("--rate", dest="rate.limit", metavar="N", help="requests per rolling window (default 200)")
+    g.add_argument("--window", dest="rate.window", metavar="SECONDS", help="rolling window (default 60)")
+    g.add_argument("--burst", dest="rate.burst", metavar="N")
+    g.add_argument("--max-per-second", dest="rate.max_per_second", metavar="N")
+    g.add_argument("--parallelism", dest="crawl.parallelism", metavar="N|auto")
+    g.add_argument("--page-size", dest="crawl.page_size", metavar="N")
+    g.add_argument("--max-pages", dest="crawl.max_pages", metavar="N", help="pages per item walk")
+    g.add_argument("--max-items", dest="crawl.max_items", metavar="N", help="rows per input item")
+    g.add_argument("--max-credits", dest="crawl.max_credits", metavar="N", help="requests for the whole job")
+    g.add_argument("--data-dir", dest="crawl.data_dir", metavar="DIR")
+    g.add_argument("--retries", dest="retry.attempts", metavar="N")
+    g.add_argument("--bom", dest="output.bom", action="store_const", const=True, help="write a UTF-8 BOM")
+    g.add_argument("--raw", dest="output.raw", action="store_const", const=True,
+                   help="keep formula-like cells as they are")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary")
+    g.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug logging")
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Settings from config.toml, the environment and this command's flags."""
+    flags = {key: getattr(args, key) for key in FLAG_NAMES if hasattr(args, key)}
+    return load_settings(config_file=getattr(args, "config", None), flags=flags)
+
+
+def _job_parser(sub: Any, name: str, help_text: str, input_help: str) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("input", metavar="INPUT" if COMMANDS[name].input_kind != "keyword" else "KEYWORD",
+                   help=input_help)
+    p.add_argument("-o", "--output", help=f"output CSV (default: {name}.csv)")
+    p.add_argument("--restart", action="store_true", help="forget this job's progress and start over")
+    p.add_argument("--retry-failed", action="store_true", help="run only the items that failed before")
+    if COMMANDS[name].input_kind != "keyword":
+        p.add_argument("--column", help="read the input as CSV and take this column")
+    if COMMANDS[name].input_kind == "users":
+        p.add_argument("--by-id", action="store_true", help="input lines are numeric user ids")
+    _settings_flags(p)
+    p.set_defaults(func=cmd_job, command=name)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line."""
+    parser = _Parser(prog="crawler", description="Crawl TikLiveAPI into CSV at the full paid rate, resumably.")
+    parser.add_argument("--version", action="version", version=f"crawler {__version__}")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
+    users = "file of handles (@name, name, profile URL, id:NNN), one per line, or - for stdin"
+    posts = "file of video URLs or numeric video ids, or - for stdin"
+    _job_parser(sub, "profiles", "profile of each handle", users)
+    _job_parser(sub, "posts", "every post of each handle", users)
+    _job_parser(sub, "liked", "posts each handle liked", users)
+    _job_parser(sub, "followers", "followers of each handle (TikTok ends lists near 5,000)", users)
+    _job_parser(sub, "following", "accounts each handle follows", users)
+    _job_parser(sub, "post-details", "details of each post", posts)
+    c = _job_parser(sub, "comments", "comments of each post", posts)
+    c.add_argument("--with-replies", action="store_true", help="also fetch the replies of every comment")
+    _job_parser(sub, "replies", "replies to comments", "CSV with video_id and comment_id columns (a comments CSV)")
+    v = _job_parser(sub, "search-videos", "videos matching a keyword", "the search keyword")
+    v.add_argument("--publish-time", type=int, default=0, help="0 all, 1 day, 7 week, 30, 90, 180 days")
+    v.add_argument("--sort-by", default="relevance", help="relevance, likes or date")
+    v.add_argument("--region", help="two-letter region code (checked against `crawler regions`)")
+    _job_parser(sub, "search-users", "users matching a keyword", "the search keyword")
+    _job_parser(sub, "search-challenges", "hashtags matching a keyword", "the search keyword")
+    _job_parser(sub, "music-posts", "posts using each sound", "file of numeric music ids")
+    _job_parser(sub, "challenge-posts", "posts under each hashtag", "file of challenge ids or hashtag names")
+    _job_parser(sub, "music-info", "metadata of each sound", "file of numeric music ids")
+    _job_parser(sub, "challenge-info", "metadata of each hashtag", "file of challenge ids or hashtag names")
+
+    e = sub.add_parser("estimate", help="expected credits of a job, before running it")
+    e.add_argument("job", metavar="COMMAND", choices=sorted(COMMANDS))
+    e.add_argument("input", metavar="INPUT")
+    e.add_argument("--column")
+    e.add_argument("--by-id", action="store_true")
+    e.add_argument("--with-replies", action="store_true")
+    _settings_flags(e)
+    e.set_defaults(func=cmd_estimate)
+
+    s = sub.add_parser("status", help="progress, failures and credits of a job")
+    s.add_argument("output", metavar="OUT.csv")
+    s.set_defaults(func=cmd_status)
+
+    g = sub.add_parser("get", help="print the raw JSON of one API call (costs one credit)")
+    g.add_argument("endpoint", help="e.g. userinfo-by-username")
+    g.add_argument("params", nargs="*", metavar="key=value")
+    _settings_flags(g)
+    g.set_defaults(func=cmd_get)
+
+    r = sub.add_parser("regions", help="region codes for search-videos --region (one credit, then cached)")
+    _settings_flags(r)
+    r.set_defaults(func=cmd_regions)
+
+    sim = sub.add_parser("sim", help="run the local API simulator (python -m crawler.sim --help)", add_help=False)
+    sim.add_argument("rest", nargs=argparse.REMAINDER)
+    sim.set_defaults(func=cmd_sim)
+    return parser
+
+
+def _logging(verbose: int) -> None:
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _resume_hint(argv: Sequence[str]) -> str:
+    words = [w for w in argv if w not in ("--restart", "--retry-failed")]
+    return "crawler " + shlex.join(words)
+
+
+def cmd_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run (or resume) one crawl job."""
+    settings = settings_from(args)
+    key = api_key()
+    name = args.command
+    job = JobOptions(
+        command=name,
+        input=args.input,
+        output=args.output or f"{name}.csv",
+        column=getattr(args, "column", None),
+        by_id=getattr(args, "by_id", False),
+        with_replies=getattr(args, "with_replies", False),
+        max_items=settings.max_items,
+        max_pages=settings.max_pages,
+        page_size=settings.page_size,
+        **_search_options(args, settings, key),
+    )
+    if not job.output.endswith(".csv"):
+        raise UsageError(f"--output {job.output}: the output must be a .csv file")
+    crawl = Crawl(job, settings, api_key=key, restart=args.restart, retry_failed=args.retry_failed,
+                  quiet=args.quiet)
+    outcome = asyncio.run(run_job(crawl))
+    _report(outcome, args.quiet, argv)
+    return outcome.exit_code
+
+
+def _search_options(args: argparse.Namespace, settings: Settings, key: Any) -> dict[str, Any]:
+    if args.command != "search-videos":
+        return {}
+    if args.publish_time not in PUBLISH_TIME:
+        raise UsageError(f"--publish-time {args.publish_time}: use one of {', '.join(map(str, PUBLISH_TIME))}")
+    sort = SORT_BY.get(str(args.sort_by).lower())
+    if sort is None:
+        raise UsageError(f"--sort-by {args.sort_by}: use relevance, likes or date")
+    region = args.region.upper() if args.region else None
+    if region:
+        codes = {r[0] for r in _regions(settings, key)}
+        if region not in codes:
+            raise UsageError(f"--region {args.region}: not a region the API knows (see `crawler regions`)")
+    return {"publish_time": args.publish_time, "sort_by": sort, "region": region}
+
+
+def _report(outcome: Outcome, quiet: bool, argv: Sequence[str]) -> None:
+    if not quiet:
+        print(outcome.summary.render(), file=sys.stderr)
+    err = outcome.error
+    if err is None:
+        if outcome.summary.items_failed:
+            print(f"crawler: {outcome.summary.items_failed:,} items failed; see {outcome.summary.failures_file}"
+                  f" (re-run with --retry-failed to try them again)", file=sys.stderr)
+        return
+    resumable = isinstance(err, Interrupted) or err.exit_code == 4
+    hint = f"; resume with: {_resume_hint(argv)}" if resumable else ""
+    print(f"crawler: {err}{hint}", file=sys.stderr)
+
+
+def _regions(settings: Settings, key: Any) -> list[tuple[str, str]]:
+    """Region codes, cached in the data directory after the first (one-credit) call."""
+    cache = Path(settings.data_dir) / "regions.json"
+    if cache.is_file():
+        return [(str(r[0]), str(r[1])) for r in json.loads(cache.read_text())]
+    from crawler.client import Client
+
+    async def fetch() -> list[tuple[str, str]]:
+        async with Client(settings, api_key=key) as client:
+            return [(r.code, r.name) for r in await client.regions()]
+
+    print("crawler: fetching the region list (1 credit, cached afterwards)", file=sys.stderr)
+    found = asyncio.run(fetch())
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(found))
+    return found
+
+
+def cmd_regions(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Print the region codes."""
+    for code, name in _regions(settings_from(args), api_key()):
+        print(f"{code}\t{name}")
+    return 0
+
+
+def cmd_get(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Print the raw JSON of one call."""
+    from crawler.client import Client
+
+    params: dict[str, str | int] = {}
+    for pair in args.params:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise UsageError(f"get: {pair!r} is not key=value")
+        params[name] = value
+    settings = settings_from(args).replace(retry_attempts=1)
+    key = api_key()
+
+    async def call() -> Any:
+        async with Client(settings, api_key=key) as client:
+            return await client.get(args.endpoint, params)
+
+    print(f"crawler: GET /{args.endpoint.strip('/')}/ (1 credit)", file=sys.stderr)
+    print(json.dumps(asyncio.run(call()), indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Show a job's progress, failures and credits."""
+    from crawler.state import StateStore
+
+    out = Path(args.output)
+    path = state_path(out)
+    if not path.is_file():
+        raise UsageError(f"no job state for {out} (expected {path}); was the job started with -o {out}?")
+    store = StateStore(path)
+    try:
+        job = store.job()
+        if job is None:
+            raise UsageError(f"{path} holds no job")
+        p = store.progress()
+        fails = store.failure_counts()
+    finally:
+        store.close()
+    where = out if job.status == "done" else part_path(out)
+    print(f"job             {job.command} -> {where} ({'complete' if job.status == 'done' else 'unfinished'})")
+    print(f"items           {p.done:,} done, {p.failed:,} failed, {p.pending:,} pending of {p.total:,}")
+    print(f"rows            {job.rows:,}")
+    print(f"requests_sent   {job.requests_sent:,}")
+    print(f"credits_billed  {job.credits_billed:,}")
+    print(f"runs            {job.runs}")
+    if fails:
+        print("failures        " + ", ".join(f"{k}: {v:,}" for k, v in sorted(fails.items()))
+              + f" (see {failures_path(out)})")
+    return 0
+
+
+def cmd_estimate(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Print the expected credits of a job."""
+    from crawler.estimate import estimate
+
+    settings = settings_from(args)
+    print(estimate(args.job, args.input, settings, column=args.column, by_id=args.by_id,
+                   with_replies=args.with_replies).render())
+    return 0
+
+
+def cmd_sim(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run the simulator."""
+    from crawler.sim.__main__ import main as sim_main
+
+    return sim_main(list(args.rest))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `crawler` console script."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(words)
+        if not hasattr(args, "func"):
+            build_parser().print_help(sys.stderr)
+            return 2
+        _logging(getattr(args, "verbose", 0))
+        func: Callable[[argparse.Namespace, Sequence[str]], int] = args.func
+        return func(args, words)
+    except CrawlerError as exc:
+        print(f"crawler: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("crawler: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        print(f"crawler: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1

@@ -1,0 +1,112 @@
+"""`crawler estimate`: the expected credits_billed of a job before it runs, from what the data dir knows."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from crawler.config import Settings
+from crawler.crawl import COMMANDS, JobOptions, input_items
+from crawler.endpoints import LISTS
+from crawler.state import StateStore, UserDirectory
+
+FOLLOW_CAP = 5000  # TikTok ends follower/following lists near here
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """Expected credits of a job, split into what is known and what is a lower bound."""
+
+    command: str
+    items: int
+    invalid: int
+    lookups: int  # /userid/ calls for handles whose id is unknown
+    known_ids: int
+    pages_known: int  # pages of walks whose length the data directory knows
+    items_known: int
+    items_unknown: int  # walks of unknown length: at least one page each
+    single_calls: int  # one-call commands
+
+    @property
+    def credits(self) -> int:
+        """Expected credits (a lower bound when items_unknown > 0)."""
+        return self.lookups + self.pages_known + self.items_unknown + self.single_calls
+
+    def render(self) -> str:
+        """What to print."""
+        lines = [f"estimate for {self.command}: {self.items:,} items ({self.invalid:,} invalid lines, not billed)"]
+        if self.single_calls:
+            lines.append(f"  one call per item            {self.single_calls:,}")
+        if self.lookups or self.known_ids:
+            lines.append(f"  /userid/ lookups             {self.lookups:,}  ({self.known_ids:,} ids already known)")
+        if self.items_known:
+            lines.append(f"  pages, counts known          {self.pages_known:,}  (for {self.items_known:,} items)")
+        if self.items_unknown:
+            lines.append(f"  pages, counts unknown        >= {self.items_unknown:,}  (one page at least per item;"
+                         f" `crawler profiles` learns the counts for {self.items_unknown:,} credits)")
+        bound = "at least " if self.items_unknown else ""
+        lines.append(f"expected credits_billed: {bound}{self.credits:,}")
+        return "\n".join(lines)
+
+
+def estimate(command: str, input_path: str, settings: Settings, *, column: str | None = None,
+             by_id: bool = False, with_replies: bool = False) -> Estimate:
+    """Price a job: de-duplicate its input (on disk) and add up the calls it will make."""
+    spec = COMMANDS[command]
+    job = JobOptions(command=command, input=input_path, output="estimate.csv", column=column, by_id=by_id,
+                     with_replies=with_replies)
+    lookups = known_ids = pages_known = items_known = unknown = single = invalid = items = 0
+    page_size = settings.page_size
+    users = UserDirectory(Path(settings.data_dir) / "users.db")
+    with tempfile.TemporaryDirectory() as tmp:
+        seen = StateStore(Path(tmp) / "dedupe.db")
+        try:
+            entries, _ = input_items(job, spec)
+            batch: list[tuple[str, str, str | None, str | None]] = []
+            for entry in entries:
+                batch.append(entry)
+                if len(batch) >= 5000:
+                    seen.add_items(batch)
+                    batch.clear()
+            seen.add_items(batch)
+            after = 0
+            invalid = seen.progress().failed
+            while chunk := seen.pending(after, 5000):
+                for seq, key, _raw, _cursor, _rows in chunk:
+                    after = seq
+                    items += 1
+                    if spec.list_kind is None:
+                        single += 1
+                        continue
+                    if spec.input_kind == "users":
+                        if key.startswith("id:") or users.user_id(key):
+                            known_ids += 1
+                        else:
+                            lookups += 1
+                    pages = _pages(spec.list_kind, users.counts(key[3:] if key.startswith("id:") else key),
+                                   page_size or LISTS[spec.list_kind].page_size, settings.max_pages)
+                    if pages is None:
+                        unknown += 1
+                    else:
+                        pages_known += pages
+                        items_known += 1
+        finally:
+            seen.close()
+            users.close()
+    return Estimate(command, items, invalid, lookups, known_ids, pages_known, items_known, unknown, single)
+
+
+def _pages(kind: str, counts: tuple[int | None, int | None, int | None] | None, size: int,
+           max_pages: int | None) -> int | None:
+    if counts is None:
+        return None
+    videos, followers, following = counts
+    n = {"posts": videos, "followers": followers, "following": following}.get(kind)
+    if n is None:
+        return None
+    if kind in ("followers", "following"):
+        n = min(n, FOLLOW_CAP)
+    pages = max(1, math.ceil(n / size))
+    return min(pages, max_pages) if max_pages else pages

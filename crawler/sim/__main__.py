@@ -1,0 +1,105 @@
+"""`python -m crawler.sim`: run the simulator until SIGINT/SIGTERM (also the crawler CLI's `sim` command)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+
+from crawler.sim.data import WorldConfig
+from crawler.sim.server import FAULT_KINDS, SimConfig, Simulator
+
+
+def _key(text: str) -> tuple[str, int | None]:
+    """Parse KEY or KEY:BALANCE."""
+    name, sep, balance = text.rpartition(":")
+    if not sep:
+        return text, None
+    try:
+        return name, int(balance)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--key {text!r}: BALANCE must be an integer") from None
+
+
+def _latency(text: str) -> tuple[float, float]:
+    """Parse MIN,MAX seconds."""
+    try:
+        low, high = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--latency {text!r}: expected MIN,MAX seconds") from None
+    return low, high
+
+
+def _faults(text: str) -> frozenset[str]:
+    kinds = frozenset(k.strip() for k in text.split(",") if k.strip())
+    if not kinds <= FAULT_KINDS:
+        raise argparse.ArgumentTypeError(f"--faults: unknown {sorted(kinds - FAULT_KINDS)}")
+    return kinds
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m crawler.sim", description="Run the TikLiveAPI simulator.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--users", type=int, default=10_000)
+    p.add_argument("--pathological", type=float, default=0.0, metavar="FRACTION")
+    p.add_argument("--rate-limit", type=int, default=200)
+    p.add_argument("--window", type=float, default=60.0, metavar="SECONDS")
+    p.add_argument("--burst-limit", type=int, default=50)
+    p.add_argument("--latency", type=_latency, default=(0.0, 0.0), metavar="MIN,MAX")
+    p.add_argument("--fault-rate", type=float, default=0.0)
+    p.add_argument("--faults", type=_faults, default=FAULT_KINDS, metavar="KIND,...")
+    p.add_argument("--slow-seconds", type=float, default=30.0)
+    p.add_argument("--quirks", action="store_true")
+    p.add_argument("--always-429", action="store_true")
+    p.add_argument("--retry-after", type=float, default=None, metavar="SECONDS")
+    p.add_argument("--key", type=_key, action="append", metavar="KEY[:BALANCE]",
+                   help="repeatable; default: sim-key, unlimited")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> SimConfig:
+    """The SimConfig that parsed command-line arguments describe."""
+    world = WorldConfig(seed=args.seed, users=args.users, pathological_fraction=args.pathological)
+    return SimConfig(
+        world=world, keys=dict(args.key or [("sim-key", None)]), rate_limit=args.rate_limit,
+        rate_window=args.window, burst_limit=args.burst_limit, retry_after=args.retry_after,
+        always_429=args.always_429, latency=args.latency, fault_rate=args.fault_rate, faults=args.faults,
+        slow_seconds=args.slow_seconds, quirks=args.quirks, seed=args.seed,
+    )
+
+
+async def _serve(config: SimConfig, host: str, port: int) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows event loops
+            loop.add_signal_handler(sig, stop.set)
+    async with Simulator(config, host=host, port=port) as sim:
+        print(f"Simulator listening on {sim.url}", flush=True)
+        await stop.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the simulator from command-line arguments until SIGINT/SIGTERM; return the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        asyncio.run(_serve(config, args.host, args.port))
+    except OSError as exc:
+        print(f"simulator: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass  # a second Ctrl-C before the handlers were installed
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""The CSV sink: one writer task (aiocsv) draining a bounded queue, and the job's single commit point.
+
+Workers hand over a page of rows and wait for its commit, so a slow disk slows the workers instead of
+filling memory. The writer takes every batch waiting in the queue (group commit), writes the rows,
+flushes and fsyncs the `.part` file, and only then records the new length and the items' progress in
+the state store. On resume the `.part` file is cut back to the committed length: no row twice, none lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiocsv import AsyncWriter
+
+from crawler.endpoints import Record
+from crawler.state import ItemUpdate, StateStore
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def cell(value: Any, *, raw: bool = False) -> str:
+    """One CSV cell: booleans as true/false, None empty, formula-like text neutralised with a leading '."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        if not raw and value.startswith(FORMULA_START):
+            return "'" + value
+        return value
+    return str(value)
+
+
+def part_path(out: Path) -> Path:
+    """Where rows go until the job completes."""
+    return out.with_name(out.name + ".part")
+
+
+class _Bytes:
+    """The file object aiocsv writes to: encodes to UTF-8 and counts bytes (the committed length)."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+        self.length = 0
+
+    async def write(self, text: str) -> int:
+        data = text.encode("utf-8")
+        self.fh.write(data)
+        self.length += len(data)
+        return len(text)
+
+
+@dataclass(slots=True)
+class Batch:
+    """Rows of one page (or one item) and the progress they complete."""
+
+    rows: Sequence[Record]
+    update: ItemUpdate | None = None
+    ack: asyncio.Future[None] | None = field(default=None, repr=False)
+
+
+class CsvSink:
+    """The single writer of one CSV (and of progress into the state store)."""
+
+    def __init__(
+        self,
+        out: Path,
+        columns: Sequence[str],
+        *,
+        state: StateStore | None,
+        counters: Callable[[], tuple[int, int]],
+        bom: bool = False,
+        raw: bool = False,
+        queue_size: int = 64,
+        durable: bool = True,
+    ) -> None:
+        self.out = out
+        self.part = part_path(out)
+        self.columns = list(columns)
+        self._state = state
+        self._counters = counters
+        self._bom = bom
+        self._raw = raw
+        self._durable = durable
+        self.queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=queue_size)
+        # Flowing while set; tests and operators can clear it to stall the sink (backpressure).
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.rows_written = 0
+        self.commits = 0
+        self._file: _Bytes | None = None
+        self._writer: AsyncWriter | None = None
+
+    async def open(self, committed_length: int) -> None:
+        """Open the `.part` file, cut back to the committed length (a crash may have left more)."""
+        self.part.parent.mkdir(parents=True, exist_ok=True)
+        mode = "r+b" if committed_length > 0 and self.part.exists() else "w+b"
+        fh = self.part.open(mode)
+        fh.truncate(committed_length if mode == "r+b" else 0)
+        fh.seek(0, os.SEEK_END)
+        self._file = _Bytes(fh)
+        self._file.length = fh.tell()
+        self._writer = AsyncWriter(self._file, lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+        if self._file.length == 0:
+            if self._bom:
+                await self._file.write("\ufeff")
+            await self._writer.writerow(self.columns)
+            await self._commit([])
+
+    async def submit(self, batch: Batch) -> None:
+        """Hand over a batch and wait until it is committed."""
+        batch.ack = asyncio.get_running_loop().create_future()
+        await self.queue.put(batch)
+        await batch.ack
+
+    async def close_input(self) -> None:
+        """No more batches: the writer commits what it has and ends."""
+        await self.queue.put(None)
+
+    async def run(self) -> None:
+        """The writer task: group-commit batches until close_input()."""
+        while True:
+            first = await self.queue.get()
+            await self.flowing.wait()
+            group: list[Batch] = []
+            end = first is None
+            if first is not None:
+                group.append(first)
+            while not end and not self.queue.empty() and len(group) < 512:
+                nxt = self.queue.get_nowait()
+                if nxt is None:
+                    end = True
+                else:
+                    group.append(nxt)
+            if group:
+                await self._write(group)
+            if end:
+                return
+
+    async def _write(self, group: list[Batch]) -> None:
+        assert self._writer is not None
+        raw = self._raw
+        rows = [[cell(v, raw=raw) for v in row.values()] for batch in group for row in batch.rows]
+        await self._writer.writerows(rows)
+        self.rows_written += len(rows)
+        await self._commit([b.update for b in group if b.update is not None])
+        for batch in group:
+            if batch.ack is not None and not batch.ack.done():
+                batch.ack.set_result(None)
+
+    async def _commit(self, updates: Iterable[ItemUpdate]) -> None:
+        assert self._file is not None
+        self._file.fh.flush()
+        if self._durable:
+            await asyncio.to_thread(os.fsync, self._file.fh.fileno())
+        if self._state is not None:
+            sent, billed = self._counters()
+            self._state.commit(self._file.length, updates, sent, billed)
+        self.commits += 1
+
+    def close(self) -> None:
+        """Close the file (idempotent); the `.part` stays until finalize()."""
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.fh.close()
+            self._file = None
+
+    def finalize(self) -> None:
+        """The job is complete: rename `.part` to the output name, durably."""
+        self.close()
+        os.replace(self.part, self.out)
+        fsync_dir(self.out.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_failures(path: Path, failures: Iterable[tuple[str, str, str, str]], *, raw: bool = False) -> int:
+    """Write the failures file (input, endpoint, reason, detail) atomically; remove it when empty."""
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    with tmp.open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["input", "endpoint", "reason", "detail"])
+        for row in failures:
+            writer.writerow([cell(v, raw=raw) for v in row])
+            count += 1
+    if count:
+        os.replace(tmp, path)
+    else:
+        tmp.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return count

@@ -1,0 +1,135 @@
+"""What a run reports: the live progress line and the end-of-run summary."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TextIO
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """The end-of-run account of a job (this run, plus the job's totals across resumes)."""
+
+    command: str
+    status: str  # completed, stopped, already complete
+    items_total: int
+    items_done: int
+    items_failed: int
+    items_pending: int
+    rows_written: int  # this run
+    rows_total: int  # the job, across runs
+    requests_sent: int  # the job, across runs
+    credits_billed: int  # the job, across runs
+    run_requests: int
+    rate_limited: int
+    retries: int
+    elapsed: float
+    parallelism: int
+    rate_used: str
+    failures: dict[str, int] = field(default_factory=dict)
+    output: str = ""
+    failures_file: str = ""
+    reason: str = ""
+
+    def render(self) -> str:
+        """A small aligned table for the terminal."""
+        rate = self.run_requests / self.elapsed * 60 if self.elapsed > 0 else 0.0
+        lines = [
+            ("job", f"{self.command}: {self.status}" + (f" ({self.reason})" if self.reason else "")),
+            ("items", f"{self.items_done:,} done, {self.items_failed:,} failed, {self.items_pending:,} pending"
+                      f" of {self.items_total:,}"),
+            ("rows", f"{self.rows_written:,} this run, {self.rows_total:,} in the job"),
+            ("requests_sent", f"{self.requests_sent:,} (this run {self.run_requests:,})"),
+            ("credits_billed", f"{self.credits_billed:,}"),
+            ("429s / retries", f"{self.rate_limited:,} / {self.retries:,}"),
+            ("elapsed", f"{self.elapsed:,.1f} s, {rate:,.1f} requests/min (pacing at {self.rate_used})"),
+            ("parallelism", str(self.parallelism)),
+        ]
+        if self.failures:
+            lines.append(("failures", ", ".join(f"{k}: {v:,}" for k, v in sorted(self.failures.items()))))
+        if self.output:
+            lines.append(("output", self.output))
+        if self.failures_file:
+            lines.append(("failures file", self.failures_file))
+        width = max(len(k) for k, _ in lines)
+        return "\n".join(f"  {k:<{width}}  {v}" for k, v in lines)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What the progress line shows."""
+
+    done: int
+    total: int
+    rows: int
+    requests: int
+    credits: int
+
+
+class ProgressReporter:
+    """A live line on a terminal, a plain log line every `interval` s otherwise, nothing when quiet."""
+
+    def __init__(
+        self,
+        label: str,
+        snapshot: Callable[[], Snapshot],
+        *,
+        stream: TextIO | None = None,
+        quiet: bool = False,
+        interval: float | None = None,
+    ) -> None:
+        self.label = label
+        self._snapshot = snapshot
+        self._stream = stream or sys.stderr
+        self._tty = self._stream.isatty()
+        self._quiet = quiet
+        self._interval = interval if interval is not None else (0.5 if self._tty else 30.0)
+        self._start = time.monotonic()
+        self._first: Snapshot | None = None
+
+    def line(self) -> str:
+        """The current progress text."""
+        snap = self._snapshot()
+        if self._first is None:
+            self._first = snap
+        elapsed = max(time.monotonic() - self._start, 1e-9)
+        rate = (snap.requests - self._first.requests) / elapsed
+        done = snap.done - self._first.done
+        eta = ""
+        if snap.total and done > 0 and snap.done < snap.total:
+            remaining = (snap.total - snap.done) * elapsed / done
+            eta = f" · ETA {_clock(remaining)}"
+        total = f"/{snap.total:,}" if snap.total else ""
+        return (f"[{self.label}] {snap.done:,}{total} items · {snap.rows:,} rows · {rate * 60:,.0f} req/min"
+                f" · {snap.requests:,} requests sent, {snap.credits:,} billed{eta}")
+
+    async def run(self) -> None:
+        """Report until cancelled."""
+        if self._quiet:
+            return
+        self._snapshot()
+        try:
+            while True:
+                await asyncio.sleep(self._interval)
+                self._emit()
+        finally:
+            if self._tty:
+                self._stream.write("\n")
+                self._stream.flush()
+
+    def _emit(self) -> None:
+        text = self.line()
+        if self._tty:
+            self._stream.write("\r\x1b[2K" + text)
+        else:
+            self._stream.write(time.strftime("%H:%M:%S ") + text + "\n")
+        self._stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
