@@ -27,6 +27,7 @@ from crawler.config import api_key as key_from_env
 from crawler.errors import (
     BalanceExhausted,
     BudgetExhausted,
+    CrawlerError,
     ItemFailed,
     KeyRejected,
     NotFound,
@@ -116,31 +117,39 @@ def _message(body: Mapping[str, Any]) -> str:
 
 
 def classify(status: int, raw: bytes, retry_after: str | None, endpoint: str) -> tuple[JsonDict, bool]:
-    """Turn one HTTP answer into (payload, billed) or raise the error it means.
+    """Turn one HTTP answer into (payload, billed) or raise the error it means (see `interpret`)."""
+    result, billed = interpret(status, raw, retry_after, endpoint)
+    if isinstance(result, CrawlerError):
+        raise result
+    return result, billed
+
+
+def interpret(status: int, raw: bytes, retry_after: str | None, endpoint: str) -> tuple[JsonDict | CrawlerError, bool]:
+    """One HTTP answer -> (payload or the error it means, whether the API billed it).
 
     Status first (429 rate limit, 5xx transient), then the body: a bare ``message`` body names a
     rejected key, an empty balance or a rate limit by its words; ``{"status":"error"}`` with
     not-found/private words is a per-item failure; any other error body is transient.
     """
     if status == 429:
-        raise RateLimited(f"{endpoint}: HTTP 429", _retry_after(retry_after))
+        return RateLimited(f"{endpoint}: HTTP 429", _retry_after(retry_after)), False
     if status >= 500:
-        raise TransientError(f"{endpoint}: HTTP {status}")
+        return TransientError(f"{endpoint}: HTTP {status}"), False
     if status in (401, 403):
-        raise KeyRejected(f"the API rejected the key (HTTP {status}): check TIKLIVE_API_KEY")
+        return KeyRejected(f"the API rejected the key (HTTP {status}): check TIKLIVE_API_KEY"), False
     if status == 402:
-        raise BalanceExhausted("the API balance is empty (HTTP 402): top up, then run the same command again")
+        return BalanceExhausted("the API balance is empty (HTTP 402): top up, then run the same command again"), False
     if status == 404:
-        raise NotFound(f"{endpoint}: HTTP 404")
+        return NotFound(f"{endpoint}: HTTP 404"), False
     billed = status == 200
     try:
         body = json.loads(raw)
     except ValueError:
-        raise TransientError(f"{endpoint}: malformed JSON (HTTP {status}, {len(raw)} bytes)") from None
+        return TransientError(f"{endpoint}: malformed JSON (HTTP {status}, {len(raw)} bytes)"), billed
     if status != 200:
-        raise TransientError(f"{endpoint}: HTTP {status}")
+        return TransientError(f"{endpoint}: HTTP {status}"), False
     if not isinstance(body, dict):
-        raise TransientError(f"{endpoint}: unexpected JSON {type(body).__name__}")
+        return TransientError(f"{endpoint}: unexpected JSON {type(body).__name__}"), billed
     body = _unwrap(body)
     bare = "message" in body or "msg" in body or "error" in body
     bare = bare and set(body) <= _ERROR_ONLY_KEYS and body.get("status") != "error"
@@ -150,18 +159,18 @@ def classify(status: int, raw: bytes, retry_after: str | None, endpoint: str) ->
         if bare:
             billed = False  # key, balance and rate answers are never billed
             if _words(low, KEY_WORDS):
-                raise KeyRejected(f"the API rejected the key ({text!r}): check TIKLIVE_API_KEY")
+                return KeyRejected(f"the API rejected the key ({text!r}): check TIKLIVE_API_KEY"), billed
             if _words(low, BALANCE_WORDS):
-                raise BalanceExhausted(
+                return BalanceExhausted(
                     f"the API says the balance is empty ({text!r}): top up, then run the same command again"
-                )
+                ), billed
             if _words(low, RATE_WORDS):
-                raise RateLimited(f"{endpoint}: {text}")
+                return RateLimited(f"{endpoint}: {text}"), billed
         if _words(low, PRIVATE_WORDS):
-            raise PrivateAccount(f"{endpoint}: {text}")
+            return PrivateAccount(f"{endpoint}: {text}"), billed
         if _words(low, NOT_FOUND_WORDS):
-            raise NotFound(f"{endpoint}: {text}")
-        raise TransientError(f"{endpoint}: API error {text!r}")
+            return NotFound(f"{endpoint}: {text}"), billed
+        return TransientError(f"{endpoint}: API error {text!r}"), billed
     return body, billed
 
 
@@ -231,6 +240,9 @@ class Client:
         )
         connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0)
         self._session = aiohttp.ClientSession(timeout=timeout, connector=connector, raise_for_status=False)
+        # aiohttp silently re-sends an idempotent request once when a pooled connection drops; that
+        # second request would bypass the rate gate and the credit counters, so every resend is ours.
+        self._session._retry_connection = False
         return self
 
     async def __aexit__(
@@ -312,10 +324,12 @@ class Client:
         c.latency = took if c.latency == 0.0 else 0.9 * c.latency + 0.1 * took
         if failure is not None:
             raise TransientError(failure)
-        body, billed = classify(status, raw, retry_after, path)
+        result, billed = interpret(status, raw, retry_after, path)
         if billed:
             self.counters.credits_billed += 1
-        return body
+        if isinstance(result, CrawlerError):
+            raise result
+        return result
 
     # --- endpoints (see crawler.endpoints for the records and the paginator) ---
 

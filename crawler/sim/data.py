@@ -24,236 +24,68 @@ from __future__ import annotations
 import base64
 import bisect
 import hashlib
-import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Literal
+
+from crawler.sim.records import Challenge, Comment, Follow, Music, Post, User, WorldConfig
+from crawler.sim.seeded import (
+    DAY,
+    REGION_CUM,
+    REGIONS,
+    Timeline,
+    coprime_stride,
+    decode_id,
+    hash64,
+    make_comment_text,
+    make_music_title,
+    make_nickname,
+    make_signature,
+    make_title,
+    pareto,
+    pick_word,
+    str_hash,
+    unit,
+)
+
+__all__ = [
+    "CHALLENGE_ID_BASE", "MUSIC_ID_BASE", "USER_ID_BASE", "VIDEO_ID_BASE", "VIDEO_SLOTS", "Challenge", "Comment",
+    "Follow", "Music", "Post", "User", "World", "WorldConfig",
+]
 
 USER_ID_BASE = 6_800_000_000_000_000_000
 VIDEO_ID_BASE = 7_000_000_000_000_000_000
 VIDEO_SLOTS = 100_000  # a user's j-th video (oldest = 0) has id VIDEO_ID_BASE + index * VIDEO_SLOTS + j
 MUSIC_ID_BASE = 7_100_000_000_000_000_000
 CHALLENGE_ID_BASE = 1_600_000_000
-DAY = 86_400
 MAX_COMMENTS = 600
 MAX_REPLIES = 60
 
-_MASK = (1 << 64) - 1
 # Hash domains: one constant per kind of derived value, so no two values share a stream.
 (_MISSING, _PRIVATE, _PATHO, _PATHO_KIND, _RENAME, _WORD, _SEP, _NICK, _SIG, _REGION, _VERIFIED,
  _FOLLOWERS, _FOLLOWING, _VIDEOS, _HEARTS, _DIGG, _POST, _COMMENT, _REPLY, _LIST, _MUSIC, _CHALLENGE,
  _SEARCH, _PICK) = range(101, 125)
 
-_WORDS = (
-    "sun", "moon", "river", "pixel", "mango", "tiger", "nova", "lumi", "kiko", "dance", "chef", "vibe",
-    "echo", "zen", "luna", "rio", "maya", "toby", "jade", "ollie", "cosmo", "berry", "noodle", "pepper",
-    "ginger", "sky", "ash", "blaze", "coco", "dash", "frost", "honey", "indigo", "juno", "koala", "lemon",
-    "mochi", "nacho", "otter", "panda", "quinn", "robin", "sage", "taco", "umber", "velvet", "willow", "yuzu",
-)
-_REGIONS = (
-    ("US", "United States", 30), ("GB", "United Kingdom", 8), ("DE", "Germany", 6), ("FR", "France", 5),
-    ("ES", "Spain", 4), ("IT", "Italy", 4), ("BR", "Brazil", 8), ("MX", "Mexico", 6), ("JP", "Japan", 5),
-    ("KR", "South Korea", 3), ("ID", "Indonesia", 7), ("PH", "Philippines", 4), ("VN", "Vietnam", 3),
-    ("TH", "Thailand", 3), ("TR", "Turkey", 3), ("SA", "Saudi Arabia", 2), ("EG", "Egypt", 2),
-    ("NG", "Nigeria", 2), ("CA", "Canada", 4), ("AU", "Australia", 3), ("PL", "Poland", 2),
-)
-_REGION_CUM = tuple(sum(w for _, _, w in _REGIONS[: i + 1]) for i in range(len(_REGIONS)))
 _HANDLE_RE = re.compile(r"^[a-z]+[._]?(\d+)(?:v\d+)?$")
 _CHALLENGE_RE = re.compile(r"^[a-z]+(\d+)$")
 
 
-def _mix(x: int) -> int:
-    """Return the splitmix64 finaliser of x."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
-    return x ^ (x >> 31)
-
-
-def hash64(*parts: int) -> int:
-    """Return a stable 64-bit hash of a sequence of integers."""
-    h = 0x5851F42D4C957F2D
-    for p in parts:
-        h = _mix(h ^ (p & _MASK))
-    return h
-
-
-def str_hash(text: str) -> int:
-    """Return a stable 64-bit hash of a string."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
-
-
-def unit(h: int) -> float:
-    """Map a 64-bit hash to a float in [0, 1)."""
-    return (h >> 11) * (1.0 / (1 << 53))
-
-
-def _pareto(u: float, scale: float, alpha: float, cap: int) -> int:
-    """Return a heavy-tailed count >= 0: mostly below a few `scale`, rarely up to `cap`."""
-    return min(cap, int(scale * ((1.0 - u) ** (-1.0 / alpha) - 1.0)))
-
-
-def _coprime_stride(h: int, n: int) -> int:
-    """Return a step in [1, n) coprime with n, so (base + k * step) % n visits n distinct values."""
-    if n <= 2:
-        return 1
-    s = 1 + h % (n - 1)
-    while math.gcd(s, n) != 1:
-        s = s % (n - 1) + 1
-    return s
-
-
-def _word(h: int) -> str:
-    return _WORDS[h % len(_WORDS)]
-
-
-@dataclass(frozen=True, slots=True)
-class WorldConfig:
-    """Shape of the seeded world."""
-
-    seed: int = 1
-    users: int = 10_000
-    private_fraction: float = 0.05
-    missing_fraction: float = 0.03
-    pathological_fraction: float = 0.0
-    rename_probability: float = 0.02
-    follow_cap: int = 5000
-    start_time: int = 1_767_225_600
-
-
-@dataclass(frozen=True, slots=True)
-class User:
-    """A profile as of the world's current day."""
-
-    index: int
-    user_id: str
-    handle: str
-    nickname: str
-    sec_uid: str
-    verified: bool
-    private: bool
-    followers: int
-    following: int
-    videos: int
-    hearts: int
-    digg_count: int
-    region: str
-    signature: str
-
-
-@dataclass(frozen=True, slots=True)
-class Post:
-    """A video as of the world's current day."""
-
-    video_id: str
-    author_index: int
-    create_time: int
-    region: str
-    title: str | None
-    play_count: int
-    digg_count: int
-    comment_count: int
-    share_count: int
-    collect_count: int
-    duration: int
-    music_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class Comment:
-    """A comment on a video, or a reply to one (then `parent_comment_id` is set)."""
-
-    comment_id: str
-    video_id: str
-    text: str
-    create_time: int
-    digg_count: int
-    reply_total: int
-    user_index: int
-    parent_comment_id: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Follow:
-    """One entry of a follower or following list."""
-
-    user_index: int
-    follow_time: int
-
-
-@dataclass(frozen=True, slots=True)
-class Challenge:
-    """A hashtag."""
-
-    challenge_id: str
-    name: str
-    desc: str
-    user_count: int
-    view_count: int
-
-
-@dataclass(frozen=True, slots=True)
-class Music:
-    """A sound."""
-
-    music_id: str
-    title: str
-    author: str
-    duration: int
-    original: bool
-    video_count: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Timeline:
-    """When the k-th event (0 = oldest) of a growing count happened: strictly increasing in k.
-
-    Day-0 events are spread over `span` seconds before the start; day d's events fall inside day d.
-    """
-
-    cum: tuple[int, ...]  # cum[d]: the count after day d
-    start: int
-    span: int
-    salt: int
-
-    @property
-    def total(self) -> int:
-        return self.cum[-1]
-
-    def time(self, k: int) -> int:
-        c0 = self.cum[0]
-        if k < c0:
-            gap = max(1, self.span // c0)
-            return self.start - self.span + k * gap + hash64(self.salt, k) % max(1, gap // 2)
-        d = bisect.bisect_right(self.cum, k)
-        prev = self.cum[d - 1]
-        step = DAY // (self.cum[d] - prev + 1)
-        return self.start + (d - 1) * DAY + (k - prev + 1) * step
-
-    def first_at_or_after(self, lo: int, hi: int, t: int) -> int:
-        """Return the smallest k in [lo, hi] with time(k) >= t (hi if none)."""
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if self.time(mid) >= t:
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo
-
-
+# Day-0 events (old videos, follows, likes) are spread over this many seconds before day 0.
 _SPANS = {_FOLLOWERS: 3 * 365 * DAY, _FOLLOWING: 3 * 365 * DAY, _VIDEOS: 2 * 365 * DAY, _DIGG: 2 * 365 * DAY}
+_DEFAULT_WORLD = WorldConfig()  # frozen, so one shared default is safe
 
 
 class World:
     """The seeded world as of `day` (0 at creation); `advance` moves it forward."""
 
-    def __init__(self, config: WorldConfig = WorldConfig()) -> None:
+    def __init__(self, config: WorldConfig = _DEFAULT_WORLD) -> None:
         self.config = config
-        self.day = 0
-        self._seed = config.seed & _MASK
+        self._day = 0
+        self._seed = config.seed & ((1 << 64) - 1)
         self._n_music = max(200, config.users // 20)
         self._n_challenges = max(200, config.users // 20)
+        # Lists render the same few users over and over; a small cache, emptied when the day moves.
+        self._users: dict[int, User | None] = {}
 
     # ----- time and identity -------------------------------------------------------------------------
 
@@ -262,6 +94,16 @@ class World:
         if days < 0:
             raise ValueError("days must be >= 0")
         self.day += days
+
+    @property
+    def day(self) -> int:
+        """Days advanced since creation."""
+        return self._day
+
+    @day.setter
+    def day(self, value: int) -> None:
+        self._day = value
+        self._users.clear()
 
     @property
     def now(self) -> int:
@@ -309,7 +151,7 @@ class World:
     def handle(self, index: int) -> str:
         """The user's current handle; it carries the index, and a `v<n>` suffix after the n-th rename."""
         n = self.renames(index)
-        word = _word(self._h(_WORD, index, n))
+        word = pick_word(self._h(_WORD, index, n))
         sep = ("", "", "_", ".")[self._h(_SEP, index) % 4]
         return f"{word}{sep}{index}" + (f"v{n}" if n else "")
 
@@ -336,13 +178,13 @@ class World:
     def _base(self, kind: int, index: int) -> int:
         u = self._u(kind, index)
         if kind == _FOLLOWERS:
-            return _pareto(u, 30, 0.75, 12_000_000)
+            return pareto(u, 30, 0.75, 12_000_000)
         if kind == _FOLLOWING:
-            return _pareto(u, 120, 1.3, 10_000)
+            return pareto(u, 120, 1.3, 10_000)
         if kind == _VIDEOS:
-            return 0 if u < 0.08 else 1 + _pareto(self._u(kind, index, 1), 12, 1.1, 2000)
+            return 0 if u < 0.08 else 1 + pareto(self._u(kind, index, 1), 12, 1.1, 2000)
         if kind == _DIGG:
-            return _pareto(u, 60, 0.9, 200_000)
+            return pareto(u, 60, 0.9, 200_000)
         # hearts: likes received, roughly tied to audience and output
         f, v = self._base(_FOLLOWERS, index), self._base(_VIDEOS, index)
         return min(2_000_000_000, int(f * (1 + 20 * u) + v * 40 * self._u(kind, index, 1)))
@@ -360,23 +202,31 @@ class World:
             return int(u * 6)
         return int(base * 0.002 * u) + int(u < 0.3)
 
-    def _timeline(self, kind: int, index: int) -> _Timeline:
+    def _timeline(self, kind: int, index: int) -> Timeline:
         c = self._base(kind, index)
         cum = [c]
         for d in range(1, self.day + 1):
             c += self._gain(kind, index, cum[0], d)
             cum.append(c)
-        return _Timeline(tuple(cum), self.config.start_time, _SPANS.get(kind, DAY), self._h(kind, index, 7))
+        return Timeline(tuple(cum), self.config.start_time, _SPANS.get(kind, DAY), self._h(kind, index, 7))
 
     def _count(self, kind: int, index: int) -> int:
         return self._timeline(kind, index).total
 
     def _region(self, index: int) -> str:
-        r = self._h(_REGION, index) % _REGION_CUM[-1]
-        return _REGIONS[bisect.bisect_right(_REGION_CUM, r)][0]
+        r = self._h(_REGION, index) % REGION_CUM[-1]
+        return REGIONS[bisect.bisect_right(REGION_CUM, r)][0]
 
     def user(self, index: int) -> User | None:
         """The user as of the current day, None if deleted."""
+        if index in self._users:
+            return self._users[index]
+        if len(self._users) >= 8192:
+            self._users.clear()
+        user = self._users[index] = self._make_user(index)
+        return user
+
+    def _make_user(self, index: int) -> User | None:
         if self.is_missing(index):
             return None
         followers = self._count(_FOLLOWERS, index)
@@ -384,26 +234,26 @@ class World:
         sec = base64.urlsafe_b64encode(digest).decode()
         return User(
             index=index, user_id=self.user_id(index), handle=self.handle(index),
-            nickname=_nickname(self._h(_NICK, index)), sec_uid="MS4wLjABAAAA" + sec,
+            nickname=make_nickname(self._h(_NICK, index)), sec_uid="MS4wLjABAAAA" + sec,
             verified=followers > 1_000_000 or self._u(_VERIFIED, index) < 0.01,
             private=self.is_private(index), followers=followers,
             following=self._count(_FOLLOWING, index), videos=self._count(_VIDEOS, index),
             hearts=self._count(_HEARTS, index), digg_count=self._count(_DIGG, index),
-            region=self._region(index), signature=_signature(self._h(_SIG, index)),
+            region=self._region(index), signature=make_signature(self._h(_SIG, index)),
         )
 
     # ----- posts -------------------------------------------------------------------------------------
 
-    def _post_at(self, index: int, j: int, tl: _Timeline) -> Post:
+    def _post_at(self, index: int, j: int, tl: Timeline) -> Post:
         h = self._h(_POST, index, j)
-        play = _pareto(unit(hash64(h, 1)), 300, 0.8, 400_000_000) + self._base(_FOLLOWERS, index) // 10
+        play = pareto(unit(hash64(h, 1)), 300, 0.8, 400_000_000) + self._base(_FOLLOWERS, index) // 10
         play = play * (1000 + 5 * self.day) // 1000  # counts grow with the world's day
         digg = int(play * (0.02 + 0.13 * unit(hash64(h, 2))))
         return Post(
             video_id=str(VIDEO_ID_BASE + index * VIDEO_SLOTS + j), author_index=index,
-            create_time=tl.time(j), region=self._region(index), title=_title(hash64(h, 3)),
+            create_time=tl.time(j), region=self._region(index), title=make_title(hash64(h, 3)),
             play_count=play, digg_count=digg,
-            comment_count=_pareto(unit(hash64(h, 4)), 3, 0.9, MAX_COMMENTS),
+            comment_count=pareto(unit(hash64(h, 4)), 3, 0.9, MAX_COMMENTS),
             share_count=int(digg * 0.05 * unit(hash64(h, 5))),
             collect_count=int(digg * 0.1 * unit(hash64(h, 6))),
             duration=5 + hash64(h, 7) % 176,
@@ -443,7 +293,7 @@ class World:
         """The user in entry k of a list; None where that entry is skipped (deleted user or self)."""
         n = self.config.users
         h = self._h(_LIST, kind, index)
-        other = (h + k * _coprime_stride(hash64(h, 1), n)) % n
+        other = (h + k * coprime_stride(hash64(h, 1), n)) % n
         return None if other == index or self.is_missing(other) else other
 
     def _follow_page(self, kind: int, index: int, before: int, count: int) -> tuple[list[Follow], bool]:
@@ -485,7 +335,7 @@ class World:
 
     def _initial_post(self, author: int, salt: int) -> Post:
         v0 = self._base(_VIDEOS, author)
-        tl = _Timeline((v0,), self.config.start_time, _SPANS[_VIDEOS], self._h(_VIDEOS, author, 7))
+        tl = Timeline((v0,), self.config.start_time, _SPANS[_VIDEOS], self._h(_VIDEOS, author, 7))
         return self._post_at(author, hash64(salt, author) % v0, tl)
 
     def liked_page(self, index: int, before_ms: int, count: int) -> tuple[list[tuple[Post, int]], bool]:
@@ -525,9 +375,9 @@ class World:
             user = (user + 1) % n
         return Comment(
             comment_id=f"{base}{k:04d}" if parent else f"{base}{k:05d}", video_id=post.video_id,
-            text=_comment_text(hash64(h, 1)), create_time=min(self.now, start + (k + 1) * (30 + h % 90)),
-            digg_count=_pareto(unit(hash64(h, 2)), 2, 0.8, 500_000),
-            reply_total=0 if parent else _pareto(unit(hash64(h, 3)), 1, 1.0, MAX_REPLIES),
+            text=make_comment_text(hash64(h, 1)), create_time=min(self.now, start + (k + 1) * (30 + h % 90)),
+            digg_count=pareto(unit(hash64(h, 2)), 2, 0.8, 500_000),
+            reply_total=0 if parent else pareto(unit(hash64(h, 3)), 1, 1.0, MAX_REPLIES),
             user_index=user, parent_comment_id=parent.comment_id if parent else None,
         )
 
@@ -579,7 +429,7 @@ class World:
     def _pick_posts(self, salt: int, n: int) -> list[Post]:
         """n distinct posts (one per author, public authors only) chosen by `salt`."""
         users = self.config.users
-        stride = _coprime_stride(hash64(salt, 1), users)
+        stride = coprime_stride(hash64(salt, 1), users)
         out: list[Post] = []
         for k in range(users):
             if len(out) >= n:
@@ -611,7 +461,7 @@ class World:
         exact = self.index_by_handle(kw) if kw else None
         out = [exact] if exact is not None else []
         users = self.config.users
-        stride = _coprime_stride(hash64(kh, 1), users)
+        stride = coprime_stride(hash64(kh, 1), users)
         for k in range(users):
             if len(out) >= kh % 201:
                 break
@@ -626,16 +476,16 @@ class World:
 
     def music(self, music_id: str) -> Music | None:
         """The music with this id, else None."""
-        m = _decode(music_id, MUSIC_ID_BASE, self._n_music)
+        m = decode_id(music_id, MUSIC_ID_BASE, self._n_music)
         if m is None:
             return None
         h = self._h(_MUSIC, m)
         original = unit(hash64(h, 1)) < 0.4
         owner = hash64(h, 2) % self.config.users
-        title = f"original sound - {_word(h)}{owner}" if original else _music_title(hash64(h, 3))
-        return Music(music_id=music_id, title=title, author=_nickname(hash64(h, 4)),
+        title = f"original sound - {pick_word(h)}{owner}" if original else make_music_title(hash64(h, 3))
+        return Music(music_id=music_id, title=title, author=make_nickname(hash64(h, 4)),
                      duration=5 + hash64(h, 5) % 56, original=original,
-                     video_count=_pareto(unit(hash64(h, 6)), 8, 0.8, 300))
+                     video_count=pareto(unit(hash64(h, 6)), 8, 0.8, 300))
 
     def music_posts(self, music_id: str) -> list[Post]:
         """Posts listed under a music (its video_count of them, or fewer in tiny worlds)."""
@@ -648,15 +498,15 @@ class World:
 
     def _challenge(self, c: int) -> Challenge:
         h = self._h(_CHALLENGE, c)
-        name = f"{_word(h)}{c}"
-        views = _pareto(unit(hash64(h, 1)), 20_000, 0.7, 50_000_000_000)
+        name = f"{pick_word(h)}{c}"
+        views = pareto(unit(hash64(h, 1)), 20_000, 0.7, 50_000_000_000)
         return Challenge(challenge_id=str(CHALLENGE_ID_BASE + c), name=name,
                          desc=f"Show us your best #{name} moment", user_count=views // 300 + 1,
                          view_count=views)
 
     def challenge_by_id(self, cid: str) -> Challenge | None:
         """The challenge with this id, else None."""
-        c = _decode(cid, CHALLENGE_ID_BASE, self._n_challenges)
+        c = decode_id(cid, CHALLENGE_ID_BASE, self._n_challenges)
         return None if c is None else self._challenge(c)
 
     def challenge_by_name(self, name: str) -> Challenge | None:
@@ -669,7 +519,7 @@ class World:
 
     def challenge_posts(self, cid: str, region: str | None = None) -> list[Post]:
         """Posts listed under a challenge (up to 300), optionally only those of one region."""
-        c = _decode(cid, CHALLENGE_ID_BASE, self._n_challenges)
+        c = decode_id(cid, CHALLENGE_ID_BASE, self._n_challenges)
         if c is None:
             return []
         h = self._h(_CHALLENGE, c, 9)
@@ -682,7 +532,7 @@ class World:
         exact = self.challenge_by_name(keyword) if keyword.strip() else None
         out = [exact] if exact else []
         n, target = self._n_challenges, kh % 61
-        stride = _coprime_stride(hash64(kh, 1), n)
+        stride = coprime_stride(hash64(kh, 1), n)
         for k in range(n):
             if len(out) >= target:
                 break
@@ -693,7 +543,7 @@ class World:
 
     def regions(self) -> dict[str, str]:
         """Region codes and names, as `/region-list/` returns them."""
-        return {code: name for code, name, _ in _REGIONS}
+        return {code: name for code, name, _ in REGIONS}
 
     def sample_handles(self, n: int, start: int = 0) -> list[str]:
         """Current handles of the first n existing users from index `start` (private ones included)."""
@@ -704,64 +554,3 @@ class World:
                 out.append(self.handle(i))
             i += 1
         return out
-
-
-def _decode(text: str, base: int, n: int) -> int | None:
-    if not (text.isascii() and text.isdigit()) or len(text) > 25:
-        return None
-    v = int(text) - base
-    return v if 0 <= v < n else None
-
-
-def _nickname(h: int) -> str:
-    """A display name; some are non-ASCII or formula-like, as real ones are."""
-    a, b = _word(h).capitalize(), _word(h >> 8).capitalize()
-    r = (h >> 16) % 20
-    if r == 0:
-        return f"={a}{b}"
-    if r == 1:
-        return f"Zoë {a} ✨"
-    if r == 2:
-        return f"李{a}"
-    return f"{a} {b}"
-
-
-def _signature(h: int) -> str:
-    r = h % 10
-    if r < 4:
-        return ""
-    if r == 4:
-        return f"📍 {_word(h >> 8)} city\nbusiness: {_word(h >> 16)}@example.com"
-    return f"{_word(h >> 8)} lover, {_word(h >> 16)} fan"
-
-
-def _title(h: int) -> str | None:
-    """A caption: ~5% None, some formula-like, some with commas/quotes/newlines, some non-ASCII."""
-    r = h % 100
-    w1, w2, w3 = _word(h >> 8), _word(h >> 16), _word(h >> 24)
-    if r < 5:
-        return None
-    if r < 10:
-        return ("=HYPERLINK(\"http://example.com\",\"" + w1 + "\")", f"+1 if you love {w1}",
-                f"-10 kg with {w1}", f"@{w1}{w2} look at this")[(h >> 32) % 4]
-    if r < 18:
-        return f'Day {(h >> 32) % 100}, part "{w1}"\n{w2}, {w3} tomorrow'
-    if r < 28:
-        return f"Café con {w1} ☕ とても美味しい 🎉 — ñandú #{w2}"
-    return f"{w1} {w2} #{w3} #fyp"
-
-
-def _comment_text(h: int) -> str:
-    r = h % 20
-    w1, w2 = _word(h >> 8), _word(h >> 16)
-    if r == 0:
-        return f"=1+1 {w1}"
-    if r == 1:
-        return f'"{w1}", she said,\nthen {w2}'
-    if r == 2:
-        return f"😂😂 {w1} がすき"
-    return f"love the {w1} {w2}"
-
-
-def _music_title(h: int) -> str:
-    return f"{_word(h).capitalize()} {_word(h >> 8).capitalize()} (feat. {_word(h >> 16).capitalize()})"

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from crawler.sim.data import Challenge, Comment, Music, Post, User, World, hash64, unit
+from crawler.sim.data import Challenge, Comment, Music, Post, User, World
+from crawler.sim.seeded import hash64, unit
 
 JsonDict = dict[str, Any]
 StatsPlace = Literal["top", "nested", "flat"]

@@ -20,8 +20,9 @@ from typing import Any
 from aiohttp import web
 
 from crawler.sim import render
-from crawler.sim.data import World, WorldConfig, hash64, str_hash, unit
+from crawler.sim.data import World, WorldConfig
 from crawler.sim.endpoints import ENDPOINTS, call_endpoint
+from crawler.sim.seeded import hash64, str_hash, unit
 
 FAULT_KINDS = frozenset({"5xx", "drop", "truncated", "malformed", "slow"})
 MSG_NO_KEY = "Please sign up to tikliveapi.com"  # [C2] live-tested by a third party

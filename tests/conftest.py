@@ -1,0 +1,45 @@
+"""Shared fixtures: a simulator on loopback and fast client settings (retry waits off)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import pytest
+
+from crawler.config import Settings
+from crawler.sim.data import WorldConfig
+from crawler.sim.server import SimConfig, Simulator
+
+KEY = "sim-key"
+
+
+def fast_settings(url: str, **changes: Any) -> Settings:
+    """Settings for tests: the simulator's URL, no pacing, no retry waits, short timeouts."""
+    base = Settings(
+        base_url=url,
+        rate_enabled=False,
+        retry_base_delay=0.0,
+        retry_max_delay=0.0,
+        retry_stall_limit=5.0,
+        read_timeout=2.0,
+        connect_timeout=2.0,
+    )
+    return base.replace(**changes)
+
+
+SimFactory = Callable[..., AbstractAsyncContextManager[Simulator]]
+
+
+@pytest.fixture
+def simulator() -> SimFactory:
+    """Start a simulator with SimConfig fields as keyword arguments (world=WorldConfig(...) for the world)."""
+
+    @asynccontextmanager
+    async def start(**config: Any) -> AsyncIterator[Simulator]:
+        config.setdefault("world", WorldConfig(seed=7, users=2_000))
+        async with Simulator(SimConfig(**config)) as sim:
+            yield sim
+
+    return start
