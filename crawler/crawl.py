@@ -360,6 +360,7 @@ class Crawl:
         quiet: bool = True,
         durable: bool = True,
         progress_interval: float | None = None,
+        flowing: asyncio.Event | None = None,
     ) -> None:
         if job.command not in COMMANDS:
             raise UsageError(f"unknown command {job.command!r}")
@@ -373,6 +374,7 @@ class Crawl:
         self._quiet = quiet
         self._durable = durable
         self._progress_interval = progress_interval
+        self._flowing = flowing  # a test/ops hook: clear it to stall the sink
         self._stop_error: CrawlerError | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._tg: asyncio.TaskGroup | None = None
@@ -453,6 +455,8 @@ class Crawl:
 
             self.sink = CsvSink(self.out, self.spec.record.COLUMNS, state=self.state, counters=counters,
                                 bom=self.settings.output_bom, raw=self.settings.output_raw, durable=self._durable)
+            if self._flowing is not None:
+                self.sink.flowing = self._flowing
             self.state.start_run()
             async with self.client:
                 await self.sink.open(job.csv_length)
@@ -546,7 +550,7 @@ class Crawl:
         if self.settings.parallelism is not None or self._tg is None:
             return
         pace = self.client.pace
-        rate = pace.limit / (pace.window + pace.safety) if pace.enabled else math.inf
+        rate = 1.0 / pace.interval if pace.enabled else math.inf
         latency = self.client.counters.latency
         if latency <= 0:
             return
