@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from crawler import endpoints as ep
+from crawler import killpoints
 from crawler.client import Client
 from crawler.config import Secret, Settings
 from crawler.errors import (
@@ -593,6 +594,7 @@ class Crawl:
     async def _process(self, item: WorkItem) -> None:
         async with aclosing(self.spec.handler(self, item)) as steps:
             async for step in steps:
+                killpoints.reached("fetched")
                 if step.guard is not None:
                     update = ItemUpdate(item.seq, "failed", rows=len(step.rows), reason="pagination_guard",
                                         endpoint=self.spec.endpoint, detail=step.guard)

@@ -136,7 +136,7 @@ class RateGate:
             return
         if started < self._cooldown_set_at:
             return  # part of a burst already answered by the current cooldown
-        self._strikes += 1
+        self._strikes = min(self._strikes + 1, 32)
         self.cooldowns += 1
         delay = min(self._cooldown_max, self._cooldown_base * 2 ** (self._strikes - 1))
         delay = delay / 2 + random.uniform(0, delay / 2)  # equal jitter: never near zero

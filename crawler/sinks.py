@@ -19,6 +19,7 @@ from typing import Any
 
 from aiocsv import AsyncWriter
 
+from crawler import killpoints
 from crawler.endpoints import Record
 from crawler.state import ItemUpdate, StateStore
 
@@ -158,8 +159,10 @@ class CsvSink:
     async def _commit(self, updates: Iterable[ItemUpdate]) -> None:
         assert self._file is not None
         self._file.fh.flush()
+        killpoints.reached("written")
         if self._durable:
             await asyncio.to_thread(os.fsync, self._file.fh.fileno())
+        killpoints.reached("fsynced")
         if self._state is not None:
             sent, billed = self._counters()
             self._state.commit(self._file.length, updates, sent, billed)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from crawler import killpoints
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS job (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -187,6 +189,7 @@ class StateStore:
                 " WHERE id = 1",
                 (csv_length, rows, requests_sent, credits_billed, time.time()),
             )
+            killpoints.reached("committing")
 
     def progress(self) -> Progress:
         """Items by status."""
