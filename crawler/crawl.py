@@ -463,6 +463,7 @@ class Crawl:
                 await self.sink.open(job.csv_length)
                 try:
                     await self._run_workers()
+                    await self.sink.checkpoint()  # requests sent after the last page still count
                 finally:
                     self.sink.close()
             progress = self.state.progress()

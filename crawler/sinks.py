@@ -168,6 +168,11 @@ class CsvSink:
             self._state.commit(self._file.length, updates, sent, billed)
         self.commits += 1
 
+    async def checkpoint(self) -> None:
+        """Commit the counters (and anything written) now, e.g. after the last batch of a stopped run."""
+        if self._file is not None:
+            await self._commit([])
+
     def close(self) -> None:
         """Close the file (idempotent); the `.part` stays until finalize()."""
         if self._file is not None:

@@ -50,7 +50,7 @@ def _handles(world: World, n: int) -> list[str]:
         i = world.index_by_handle(h)
         assert i is not None
         u = world.user(i)
-        if u is not None and u.videos <= 120 and u.followers <= 300:
+        if u is not None and not u.private and u.videos <= 120 and u.followers <= 300:
             out.append(h)
         if len(out) == n:
             break
@@ -148,3 +148,134 @@ async def test_seeded_random_kill_sweep(simulator: SimFactory, tmp_path: Path) -
         assert spent <= baseline + PARALLELISM * done
         total += done
     assert total >= 20
+
+
+# --- job identity, locking, retry-failed, balance: in-process runs ---
+
+from crawler.crawl import Crawl, JobOptions, job_lock, run_job  # noqa: E402
+from crawler.errors import UsageError  # noqa: E402
+from tests.conftest import fast_settings  # noqa: E402
+
+
+def _job(tmp: Path, command: str = "posts", out: str = "out.csv", **options: object) -> JobOptions:
+    return JobOptions(command=command, input=str(tmp / "in.txt"), output=str(tmp / out), **options)  # type: ignore[arg-type]
+
+
+async def test_changed_input_or_options_are_reported_and_restart_starts_over(simulator: SimFactory,
+                                                                            tmp_path: Path) -> None:
+    """A different input or option on the same output is refused with a hint; --restart runs it anew."""
+    async with simulator(world=WORLD) as sim:
+        handles = _handles(sim.world, 5)
+        (tmp_path / "in.txt").write_text("\n".join(handles) + "\n")
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"))
+        first = await run_job(Crawl(_job(tmp_path), settings, api_key=KEY), install_signals=False)
+        assert first.exit_code == 0
+        (tmp_path / "in.txt").write_text("\n".join(handles[:4]) + "\n")
+        with pytest.raises(UsageError, match="input changed.*--restart"):
+            await run_job(Crawl(_job(tmp_path), settings, api_key=KEY), install_signals=False)
+        with pytest.raises(UsageError, match="max_items.*--restart"):
+            await run_job(Crawl(_job(tmp_path, max_items=3), settings, api_key=KEY), install_signals=False)
+        again = await run_job(Crawl(_job(tmp_path), settings, api_key=KEY, restart=True), install_signals=False)
+        assert again.exit_code == 0
+        assert written(tmp_path / "out.csv") == expected(sim.world, "posts", handles[:4])
+
+
+async def test_finished_job_rerun_spends_nothing(simulator: SimFactory, tmp_path: Path) -> None:
+    """Re-running a completed job sends no request and says it is already complete."""
+    async with simulator(world=WORLD) as sim:
+        (tmp_path / "in.txt").write_text("\n".join(_handles(sim.world, 5)) + "\n")
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"))
+        await run_job(Crawl(_job(tmp_path), settings, api_key=KEY), install_signals=False)
+        before = sim.stats.requests
+        outcome = await run_job(Crawl(_job(tmp_path), settings, api_key=KEY), install_signals=False)
+        assert sim.stats.requests == before
+        assert outcome.summary.status == "already complete" and outcome.exit_code == 0
+
+
+async def test_a_second_process_on_the_same_job_is_refused(simulator: SimFactory, tmp_path: Path) -> None:
+    """While one process holds the job's lock, another run of the same job exits 1 with a clear line."""
+    async with simulator(world=WORLD) as sim:
+        (tmp_path / "in.txt").write_text("\n".join(_handles(sim.world, 3)) + "\n")
+        with job_lock(tmp_path / "out.csv"):
+            code, err = await crawler(["posts", "in.txt", "-o", "out.csv"], _env(sim), tmp_path)
+        assert code == 1
+        assert "another crawler process is running" in err and "Traceback" not in err
+        assert sim.stats.requests == 0
+        code, err = await crawler(["posts", "in.txt", "-o", "out.csv", "--data-dir", "d"], _env(sim), tmp_path)
+        assert code == 0, err  # the lock died with its holder
+
+
+async def test_retry_failed_reruns_only_the_failed_items(simulator: SimFactory, tmp_path: Path) -> None:
+    """Items that exhausted their retries are re-run by --retry-failed; done items cost nothing again."""
+    async with simulator(world=WORLD) as healthy:
+        handles = _handles(healthy.world, 6)
+        (tmp_path / "in.txt").write_text("\n".join(handles) + "\n")
+        settings = fast_settings(healthy.url, data_dir=str(tmp_path / "data"), retry_attempts=2)
+        await run_job(Crawl(_job(tmp_path, "profiles", "ids.csv"), settings, api_key=KEY), install_signals=False)
+    async with simulator(world=WORLD, fault_rate=1.0, faults=frozenset({"5xx"})) as broken:
+        settings = fast_settings(broken.url, data_dir=str(tmp_path / "data"), retry_attempts=2)
+        outcome = await run_job(Crawl(_job(tmp_path), settings, api_key=KEY), install_signals=False)
+        assert outcome.exit_code == 3 and outcome.summary.failures == {"retries_exhausted": 6}
+    async with simulator(world=WORLD) as sim:
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"))
+        outcome = await run_job(Crawl(_job(tmp_path), settings, api_key=KEY, retry_failed=True),
+                                install_signals=False)
+        assert outcome.exit_code == 0
+        assert written(tmp_path / "out.csv") == expected(sim.world, "posts", handles)
+        assert not (tmp_path / "out.failures.csv").exists()
+
+
+async def test_balance_exhausted_stops_resumably_then_resumes_after_topup(simulator: SimFactory,
+                                                                         tmp_path: Path) -> None:
+    """An empty balance ends the run with exit 4 keeping the rows; after a top-up the same job completes."""
+    async with simulator(world=WORLD, keys={"small": 6}) as sim:
+        handles = _handles(sim.world, 8)
+        (tmp_path / "in.txt").write_text("\n".join(handles) + "\n")
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"), parallelism=2)
+        outcome = await run_job(Crawl(_job(tmp_path), settings, api_key="small"), install_signals=False)
+        assert outcome.exit_code == 4
+        assert (tmp_path / "out.csv.part").exists() and not (tmp_path / "out.csv").exists()
+        assert outcome.summary.credits_billed == 6
+        sim.topup("small", 1_000)
+        outcome = await run_job(Crawl(_job(tmp_path), settings, api_key="small"), install_signals=False)
+        assert outcome.exit_code == 0
+        assert written(tmp_path / "out.csv") == expected(sim.world, "posts", handles)
+        assert outcome.summary.credits_billed == sim.stats.billed["small"]
+
+
+async def test_sigterm_stops_cleanly_and_the_same_command_resumes(simulator: SimFactory, tmp_path: Path) -> None:
+    """SIGTERM mid-run exits 143 with the resume command; running it completes the job exactly."""
+    async with simulator(world=WORLD, latency=(0.05, 0.05), rate_limit=1_000_000, burst_limit=1_000_000) as sim:
+        handles = _handles(sim.world, 20)
+        (tmp_path / "in.txt").write_text("\n".join(handles) + "\n")
+        (tmp_path / "fast.toml").write_text("[rate]\nenabled = false\n")
+        args = ["posts", "in.txt", "-o", "out.csv", "--parallelism", "2", "--data-dir", "d", "--config", "fast.toml"]
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "crawler", *args, cwd=tmp_path,
+                                                    env=_env(sim), stderr=asyncio.subprocess.PIPE)
+        while sim.stats.requests < 10:  # wait for the crawl to be under way (a condition, not a guess)
+            await asyncio.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+        text = err.decode()
+        assert proc.returncode == 143, text
+        assert "resume with: crawler posts in.txt -o out.csv" in text and "Traceback" not in text
+        code, err2 = await crawler(args, _env(sim), tmp_path)
+        assert code == 0, err2
+        assert written(tmp_path / "out.csv") == expected(sim.world, "posts", handles)
+
+
+async def test_status_shows_progress_failures_and_both_counters(simulator: SimFactory, tmp_path: Path) -> None:
+    """`crawler status OUT.csv` prints items, both credit counters and failures by reason."""
+    async with simulator(world=WORLD) as sim:
+        (tmp_path / "in.txt").write_text("\n".join(_handles(sim.world, 4) + ["bad handle!"]) + "\n")
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"))
+        outcome = await run_job(Crawl(_job(tmp_path), settings, api_key=KEY), install_signals=False)
+        code, _ = await crawler(["status", "out.csv"], _env(sim), tmp_path)
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "crawler", "status", "out.csv",
+                                                    cwd=tmp_path, stdout=asyncio.subprocess.PIPE)
+        out, _ = await proc.communicate()
+        text = out.decode()
+        assert code == 0
+        assert f"requests_sent   {outcome.summary.requests_sent:,}" in text
+        assert f"credits_billed  {outcome.summary.credits_billed:,}" in text
+        assert "4 done, 1 failed, 0 pending of 5" in text and "invalid_input: 1" in text
