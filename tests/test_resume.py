@@ -171,9 +171,9 @@ async def test_changed_input_or_options_are_reported_and_restart_starts_over(sim
         first = await run_job(Crawl(_job(tmp_path), settings, api_key=KEY), install_signals=False)
         assert first.exit_code == 0
         (tmp_path / "in.txt").write_text("\n".join(handles[:4]) + "\n")
-        with pytest.raises(UsageError, match="input changed.*--restart"):
+        with pytest.raises(UsageError, match=r"input changed.*--restart"):
             await run_job(Crawl(_job(tmp_path), settings, api_key=KEY), install_signals=False)
-        with pytest.raises(UsageError, match="max_items.*--restart"):
+        with pytest.raises(UsageError, match=r"max_items.*--restart"):
             await run_job(Crawl(_job(tmp_path, max_items=3), settings, api_key=KEY), install_signals=False)
         again = await run_job(Crawl(_job(tmp_path), settings, api_key=KEY, restart=True), install_signals=False)
         assert again.exit_code == 0
