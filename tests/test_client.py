@@ -210,7 +210,7 @@ async def test_pathological_lists_end_with_a_guard(simulator: SimFactory) -> Non
     world = WorldConfig(seed=5, users=400, pathological_fraction=0.5, private_fraction=0.0)
     async with simulator(world=world) as sim:
         w = sim.world
-        ok = lambda i: not w.is_missing(i) and 0 < w.user(i).videos < 100  # noqa: E731
+        ok = lambda i: not w.is_missing(i) and 0 < w.user(i).videos < 100
         endless = _first(lambda i: ok(i) and w.pathology(i) == "endless", 400)
         repeat = _first(lambda i: ok(i) and w.pathology(i) == "repeat", 400)
         async with Client(fast_settings(sim.url), api_key=KEY) as client:
