@@ -102,6 +102,47 @@ def build_parser() -> argparse.ArgumentParser:
     _job_parser(sub, "music-info", "metadata of each sound", "file of numeric music ids")
     _job_parser(sub, "challenge-info", "metadata of each hashtag", "file of challenge ids or hashtag names")
 
+    i = sub.add_parser("ingest", help="the daily job: profiles of a watch list (+ new posts) and their history",
+                       description="One job per day (UTC; --date for backfills). Writes DIR/profiles-DAY.csv "
+                       "(and DIR/posts-DAY.csv with --posts) and a snapshot per profile in the history store.")
+    i.add_argument("input", metavar="INPUT", help="file of handles (or id:NNN), one per line, or - for stdin")
+    i.add_argument("--out-dir", required=True, metavar="DIR")
+    i.add_argument("--date", metavar="YYYY-MM-DD", help="the day to record (default: today in UTC, or the day"
+                   " of an unfinished run in DIR)")
+    i.add_argument("--posts", action="store_true", help="also fetch posts newer than the newest one stored")
+    i.add_argument("--restart", action="store_true", help="run the day again, replacing its snapshots")
+    i.add_argument("--column")
+    i.add_argument("--by-id", action="store_true")
+    i.add_argument("--history-url", dest="history.url", metavar="URL", help="postgresql://... (default: SQLite)")
+    _settings_flags(i)
+    i.set_defaults(func=cmd_ingest)
+
+    h = sub.add_parser("history", help="follower growth and other queries over the snapshots")
+    hs = h.add_subparsers(title="queries", metavar="QUERY", parser_class=_Parser)
+    g1 = hs.add_parser("growth", help="day, followers and delta for one handle")
+    g1.add_argument("handle")
+    g1.add_argument("--since", metavar="YYYY-MM-DD")
+    g1.add_argument("--until", metavar="YYYY-MM-DD")
+    g2 = hs.add_parser("top", help="users ranked by what they gained")
+    g2.add_argument("--by", default="followers-gained",
+                    help="followers-gained (default), hearts-gained, videos-gained, following-gained")
+    g2.add_argument("--days", type=int, default=7)
+    g2.add_argument("--limit", type=int, default=20)
+    g3 = hs.add_parser("as-of", help="every profile as it stood on a day")
+    g3.add_argument("date", metavar="YYYY-MM-DD")
+    g4 = hs.add_parser("export", help="every snapshot to a CSV")
+    g4.add_argument("-o", "--output", required=True, metavar="FILE.csv")
+    g5 = hs.add_parser("plot", help="follower curves of some handles to a PNG")
+    g5.add_argument("handles", nargs="+", metavar="HANDLE")
+    g5.add_argument("-o", "--output", required=True, metavar="FILE.png")
+    g5.add_argument("--since", metavar="YYYY-MM-DD")
+    g5.add_argument("--until", metavar="YYYY-MM-DD")
+    for q, name in ((g1, "growth"), (g2, "top"), (g3, "as-of"), (g4, "export"), (g5, "plot")):
+        q.add_argument("--history-url", dest="history.url", metavar="URL")
+        q.add_argument("--config")
+        q.add_argument("--data-dir", dest="crawl.data_dir", metavar="DIR")
+        q.set_defaults(func=cmd_history, query=name)
+
     e = sub.add_parser("estimate", help="expected credits of a job, before running it")
     e.add_argument("job", metavar="COMMAND", choices=sorted(COMMANDS))
     e.add_argument("input", metavar="INPUT")
@@ -281,6 +322,57 @@ def cmd_estimate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     settings = settings_from(args)
     print(estimate(args.job, args.input, settings, column=args.column, by_id=args.by_id,
                    with_replies=args.with_replies).render())
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run (or resume) one day's ingest."""
+    from crawler.ingest import ingest
+
+    settings = settings_from(args)
+    key = api_key()
+    result = asyncio.run(ingest(args.input, Path(args.out_dir), settings, api_key=key, date=args.date,
+                                with_posts=args.posts, restart=args.restart, column=args.column, by_id=args.by_id,
+                                quiet=args.quiet))
+    for outcome in result.outcomes:
+        _report(outcome, args.quiet, argv)
+    return result.exit_code
+
+
+def cmd_history(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Answer one history query."""
+    from crawler.history import HistoryStore, export_csv, parse_day, plot_growth
+    from crawler.ingest import history_url
+
+    store = HistoryStore(history_url(settings_from(args)))
+    try:
+        if args.query == "growth":
+            rows = store.growth(args.handle, args.since and parse_day(args.since, "--since"),
+                                args.until and parse_day(args.until, "--until"))
+            print(f"{'day':<10}  {'followers':>12}  {'delta':>9}")
+            for r in rows:
+                delta = "" if r.delta is None else f"{r.delta:+,}"
+                followers = "" if r.followers is None else f"{r.followers:,}"
+                print(f"{r.day:<10}  {followers:>12}  {delta:>9}")
+        elif args.query == "top":
+            print(f"{'handle':<26}  {'start':>12}  {'end':>12}  {'gained':>10}")
+            for t in store.top(args.by, args.days, args.limit):
+                print(f"@{t.handle:<25}  {t.start or 0:>12,}  {t.end or 0:>12,}  {t.gained or 0:>+10,}")
+        elif args.query == "as-of":
+            day = parse_day(args.date, "as-of")
+            print("handle,user_id,day,followers,following,hearts,videos")
+            for row in store.as_of(day):
+                print(f"{row[3]},{row[0]},{row[1]},{row[4]},{row[5]},{row[6]},{row[7]}")
+        elif args.query == "export":
+            n = export_csv(store, Path(args.output))
+            print(f"crawler: wrote {n:,} snapshots to {args.output}", file=sys.stderr)
+        elif args.query == "plot":
+            labels = plot_growth(store, args.handles, Path(args.output),
+                                 since=args.since and parse_day(args.since, "--since"),
+                                 until=args.until and parse_day(args.until, "--until"))
+            print(f"crawler: wrote {args.output} ({', '.join(labels)})", file=sys.stderr)
+    finally:
+        store.close()
     return 0
 
 

@@ -362,11 +362,12 @@ class Crawl:
         durable: bool = True,
         progress_interval: float | None = None,
         flowing: asyncio.Event | None = None,
+        spec: CommandSpec | None = None,
     ) -> None:
-        if job.command not in COMMANDS:
+        if spec is None and job.command not in COMMANDS:
             raise UsageError(f"unknown command {job.command!r}")
         self.job = job
-        self.spec = COMMANDS[job.command]
+        self.spec = spec or COMMANDS[job.command]
         self.settings = settings
         self.out = Path(job.output)
         self._api_key = api_key

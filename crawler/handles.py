@@ -58,7 +58,7 @@ def normalize_user(line: str, *, by_id: bool = False) -> str:
     elif "/" in s or " " in s:
         raise InvalidInput("not a handle or profile URL")
     handle = s.lstrip("@").lower()
-    if not HANDLE.match(handle):
+    if not HANDLE.match(handle) or not handle.strip("."):
         raise InvalidInput("a handle is 2-24 letters, digits, '_' or '.'")
     return handle
 

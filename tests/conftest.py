@@ -39,6 +39,9 @@ def simulator() -> SimFactory:
     @asynccontextmanager
     async def start(**config: Any) -> AsyncIterator[Simulator]:
         config.setdefault("world", WorldConfig(seed=7, users=2_000))
+        # Pacing is off in fast_settings, so the server's limits are raised unless a test sets them.
+        config.setdefault("rate_limit", 1_000_000)
+        config.setdefault("burst_limit", 1_000_000)
         async with Simulator(SimConfig(**config)) as sim:
             yield sim
 
