@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import itertools
 import os
 import uuid
 from collections.abc import Iterator
@@ -101,7 +102,8 @@ async def test_a_week_of_days_answers_growth_top_as_of_and_export(simulator: Sim
             first_handle = World(WORLD).handle(i)
             rows = store.growth(first_handle)
             assert [(r.day, r.followers) for r in rows] == [(d, truth[(uid, d)]) for d in days]
-            assert [r.delta for r in rows[1:]] == [truth[(uid, b)] - truth[(uid, a)] for a, b in zip(days, days[1:])]
+            deltas = [truth[(uid, b)] - truth[(uid, a)] for a, b in itertools.pairwise(days)]
+            assert [r.delta for r in rows[1:]] == deltas
             assert store.count(uid) == len(days)
         top = store.top("followers-gained", days=6, limit=100)
         want = sorted(((truth[(w.user_id(i), days[-1])] - truth[(w.user_id(i), days[0])], w.user_id(i))
