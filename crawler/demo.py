@@ -6,9 +6,11 @@ down 10x (200 requests per 6 s instead of per 60 s) so the demo takes seconds, n
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 from crawler.sim.data import World, WorldConfig
@@ -47,12 +49,44 @@ def main() -> int:
                                     str(out), *common, *extra], env=env)
             if code not in (0, 3):
                 return code
-        print(f"\nCSVs are in {OUT.resolve()}: profiles.csv, posts.csv (+ *.failures.csv for the bad lines).")
-        print("posts reused the user ids learned by profiles: no /userid/ call was needed.")
+        print("\nposts reused the user ids learned by profiles: no /userid/ call was needed.")
+        by_followers = sorted(handles, key=lambda h: -_followers(world, h))
+        code = _daily(url, env, by_followers[:12], common)
+        print(f"\nEverything is in {OUT.resolve()}: profiles.csv, posts.csv (+ *.failures.csv for the bad lines),"
+              " daily/profiles-DAY.csv, growth.png")
         return 0 if code in (0, 3) else code
     finally:
         sim.terminate()
         sim.wait(timeout=10)
+
+
+def _followers(world: World, handle: str) -> int:
+    index = world.index_by_handle(handle)
+    user = None if index is None else world.user(index)
+    return 0 if user is None or user.private else user.followers
+
+
+def _daily(url: str, env: dict[str, str], watch: list[str], common: list[str]) -> int:
+    """Two weeks of the daily job (the simulator's world advances a day between runs), then the history."""
+    (OUT / "watch.txt").write_text("\n".join(watch) + "\n")
+    history = ["--history-url", str(OUT / ".crawler" / "demo-history.db")]
+    start = dt.date(2026, 1, 1)
+    print(f"\n$ crawler ingest {OUT / 'watch.txt'} --out-dir {OUT / 'daily'} --date DAY   # 14 simulated days")
+    for d in range(14):
+        day = (start + dt.timedelta(days=d)).isoformat()
+        code = subprocess.call([sys.executable, "-m", "crawler", "ingest", str(OUT / "watch.txt"), "--out-dir",
+                                str(OUT / "daily"), "--date", day, "--quiet", *common, *history], env=env)
+        if code not in (0, 3):
+            return code
+        urllib.request.urlopen(urllib.request.Request(url + "/__sim/advance?days=1", method="POST")).read()
+    for query in (["top", "--days", "7", "--limit", "5"], ["growth", watch[0], "--since", "2026-01-08"],
+                  ["plot", *watch[:4], "-o", str(OUT / "growth.png")]):
+        print(f"\n$ crawler history {' '.join(query)}")
+        code = subprocess.call([sys.executable, "-m", "crawler", "history", *query, *history,
+                                "--data-dir", str(OUT / ".crawler")], env=env)
+        if code:
+            return code
+    return 0
 
 
 if __name__ == "__main__":

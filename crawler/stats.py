@@ -37,7 +37,7 @@ class Summary:
 
     def render(self) -> str:
         """A small aligned table for the terminal."""
-        rate = self.run_requests / self.elapsed * 60 if self.elapsed > 0 else 0.0
+        rate = self.run_requests / self.elapsed if self.elapsed > 0 else 0.0
         lines = [
             ("job", f"{self.command}: {self.status}" + (f" ({self.reason})" if self.reason else "")),
             ("items", f"{self.items_done:,} done, {self.items_failed:,} failed, {self.items_pending:,} pending"
@@ -46,7 +46,7 @@ class Summary:
             ("requests_sent", f"{self.requests_sent:,} (this run {self.run_requests:,})"),
             ("credits_billed", f"{self.credits_billed:,}"),
             ("429s / retries", f"{self.rate_limited:,} / {self.retries:,}"),
-            ("elapsed", f"{self.elapsed:,.1f} s, {rate:,.1f} requests/min (pacing at {self.rate_used})"),
+            ("elapsed", f"{self.elapsed:,.1f} s, {rate:,.2f} requests/s (paced at most {self.rate_used})"),
             ("parallelism", str(self.parallelism)),
         ]
         if self.failures:
