@@ -28,7 +28,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as one line with exit code 2."""
 
     def error(self, message: str) -> Any:
-        raise UsageError(f"{self.prog}: {message} (see --help)")
+        where = self.prog.removeprefix("crawler").strip()
+        raise UsageError(f"{where + ': ' if where else ''}{message} (see --help)")
 
 
 def _settings_flags(p: argparse.ArgumentParser) -> None:
