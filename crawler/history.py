@@ -288,14 +288,16 @@ class HistoryStore:
         if end is None:
             return []
         start = end - dt.timedelta(days=days)
+        # One pass: number each user's days both ways, keep the first and last, fold them per user.
         rows = self._rows(
-            f"WITH w AS (SELECT user_id, day, {column} AS v,"
+            f"WITH w AS (SELECT user_id, {column} AS v,"
             " ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY day) AS a,"
             " ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY day DESC) AS b"
-            " FROM snapshots WHERE day >= ? AND day <= ?)"
-            " SELECT u.handle, l.user_id, f.v, l.v, l.v - f.v AS gained FROM w l"
-            " JOIN w f ON f.user_id = l.user_id AND f.a = 1 JOIN users u ON u.user_id = l.user_id"
-            " WHERE l.b = 1 ORDER BY gained DESC, u.handle LIMIT ?",
+            " FROM snapshots WHERE day >= ? AND day <= ?),"
+            " g AS (SELECT user_id, MAX(CASE WHEN a = 1 THEN v END) AS first_v,"
+            " MAX(CASE WHEN b = 1 THEN v END) AS last_v FROM w WHERE a = 1 OR b = 1 GROUP BY user_id)"
+            " SELECT u.handle, g.user_id, g.first_v, g.last_v, g.last_v - g.first_v AS gained FROM g"
+            " JOIN users u ON u.user_id = g.user_id ORDER BY gained DESC, u.handle LIMIT ?",
             (start.isoformat(), end.isoformat(), limit))
         return [TopRow(str(h), str(u), s, e, g) for h, u, s, e, g in rows]
 
