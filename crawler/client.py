@@ -49,7 +49,8 @@ KEY_WORDS = ("api-key", "api key", "apikey", "sign up", "signup", "unauthori", "
 BALANCE_WORDS = ("balance", "credit", "purchase", "quota", "exhausted", "insufficient", "top up", "payment")
 RATE_WORDS = ("rate", "too many", "slow down", "limit", "throttl")
 PRIVATE_WORDS = ("private",)
-NOT_FOUND_WORDS = ("not found", "not exist", "doesn't exist", "does not exist", "deleted", "no such")
+NOT_FOUND_WORDS = ("not found", "not exist", "doesn't exist", "does not exist", "deleted", "no such",
+                   "url parsing is failed", "check url", "unavailable")
 # Keys that may appear beside `message` in a bare error body without making it a payload.
 _ERROR_ONLY_KEYS = frozenset({"message", "msg", "error", "detail", "code", "status", "processed_time"})
 
@@ -127,9 +128,9 @@ def classify(status: int, raw: bytes, retry_after: str | None, endpoint: str) ->
 def interpret(status: int, raw: bytes, retry_after: str | None, endpoint: str) -> tuple[JsonDict | CrawlerError, bool]:
     """One HTTP answer -> (payload or the error it means, whether the API billed it).
 
-    Status first (429 rate limit, 5xx transient), then the body: a bare ``message`` body names a
-    rejected key, an empty balance or a rate limit by its words; ``{"status":"error"}`` with
-    not-found/private words is a per-item failure; any other error body is transient.
+    Status first (429 rate limit, 5xx transient), then the body: an error body (a bare ``message`` or
+    ``{"status":"error"}``) names a rejected key, an empty balance, a private account, a missing item
+    or a rate limit by its words, in that order; any other error body is transient.
     """
     if status == 429:
         return RateLimited(f"{endpoint}: HTTP 429", _retry_after(retry_after)), False
@@ -156,20 +157,21 @@ def interpret(status: int, raw: bytes, retry_after: str | None, endpoint: str) -
     if bare or body.get("status") == "error":
         text = _message(body)
         low = text.lower()
-        if bare:
-            billed = False  # key, balance and rate answers are never billed
-            if _words(low, KEY_WORDS):
-                return KeyRejected(f"the API rejected the key ({text!r}): check TIKLIVE_API_KEY"), billed
-            if _words(low, BALANCE_WORDS):
-                return BalanceExhausted(
-                    f"the API says the balance is empty ({text!r}): top up, then run the same command again"
-                ), billed
-            if _words(low, RATE_WORDS):
-                return RateLimited(f"{endpoint}: {text}"), billed
+        # Key, balance and rate answers are never billed, whatever their shape; other error bodies are
+        # billed when they are {"status":"error"} (CONTRACT.md assumes the worse), not when bare.
+        if _words(low, KEY_WORDS):
+            return KeyRejected(f"the API rejected the key ({text!r}): check TIKLIVE_API_KEY"), False
+        if _words(low, BALANCE_WORDS):
+            return BalanceExhausted(
+                f"the API says the balance is empty ({text!r}): top up, then run the same command again"
+            ), False
+        billed = billed and not bare
         if _words(low, PRIVATE_WORDS):
             return PrivateAccount(f"{endpoint}: {text}"), billed
         if _words(low, NOT_FOUND_WORDS):
             return NotFound(f"{endpoint}: {text}"), billed
+        if _words(low, RATE_WORDS):
+            return RateLimited(f"{endpoint}: {text}"), False
         return TransientError(f"{endpoint}: API error {text!r}"), billed
     return body, billed
 

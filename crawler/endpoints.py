@@ -490,8 +490,10 @@ async def walk(
             items = items[: max_items - rows]
         rows += len(items)
         pages += 1
-        has_more = _bool(body.get("hasMore", body.get("has_more")))
         nxt = body.get(spec.cursor_param)
+        flag = body.get("hasMore", body.get("has_more"))
+        # Without a hasMore flag, go on while pages bring rows and a new cursor; an empty page then ends it.
+        has_more = _bool(flag) if flag is not None else bool(raw_items) and nxt is not None and str(nxt) != str(current)
         stop: str | None = None
         capped = False
         if has_more and (max_items is None or rows < max_items):

@@ -153,6 +153,12 @@ def test_classification_of_error_bodies() -> None:
         classify(200, body({"status": "error", "message": "something weird"}), None, "/x/")
     with pytest.raises(TransientError, match="malformed"):
         classify(200, b"<html>", None, "/x/")
+    with pytest.raises(KeyRejected):  # the words decide, whatever the error body's shape
+        classify(200, body({"status": "error", "message": "Api-Key is not available"}), None, "/x/")
+    with pytest.raises(NotFound):  # tikwm's envelope and wording for an unresolvable post URL
+        classify(200, body({"code": -1, "msg": "Url parsing is failed! Please check url."}), None, "/x/")
+    with pytest.raises(RateLimited):
+        classify(200, body({"code": -1, "msg": "Free Api Limit: 1 request/second."}), None, "/x/")
     payload, billed = classify(200, body({"code": 0, "msg": "success", "data": {"id": "1"}}), None, "/x/")
     assert payload == {"id": "1"} and billed
     payload, billed = classify(200, body({"videos": [], "hasMore": 0, "message": "ok"}), None, "/x/")
@@ -295,6 +301,22 @@ async def test_every_record_parses_from_the_simulator(simulator: SimFactory) -> 
             assert videos == [p.video_id for p in w.search_videos("dance")]
             tags = [c.challenge_id async for c in client.search_challenges("dance")]
             assert tags == [c.challenge_id for c in w.search_challenges("dance")]
+
+
+def test_billing_follows_the_contract() -> None:
+    """Key, balance and rate answers are unbilled in any shape; status errors are billed, bare messages not."""
+    from crawler.client import interpret
+
+    def billed(obj: object, status: int = 200) -> bool:
+        return interpret(status, json.dumps(obj).encode(), None, "/x/")[1]
+
+    assert not billed({"message": "Please sign up to tikliveapi.com"})
+    assert not billed({"status": "error", "message": "Api-Key is not available"})
+    assert not billed({"message": "Your credit balance is exhausted"})
+    assert not billed({"message": "Too many requests"}) and not billed({}, 429) and not billed({}, 503)
+    assert billed({"status": "error", "message": "Not found post"})
+    assert not billed({"message": "Not found post"})
+    assert billed({"videos": []})
 
 
 def test_records_expose_stable_columns() -> None:
