@@ -395,6 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _logging(getattr(args, "verbose", 0))
         func: Callable[[argparse.Namespace, Sequence[str]], int] = args.func
         return func(args, words)
+    except Interrupted as exc:  # stopped before the run proper began (e.g. while reading the input)
+        print(f"crawler: {exc}; resume with: {_resume_hint(words)}", file=sys.stderr)
+        return exc.code
     except CrawlerError as exc:
         print(f"crawler: {exc}", file=sys.stderr)
         return exc.exit_code

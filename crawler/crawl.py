@@ -439,7 +439,7 @@ class Crawl:
         data_dir = Path(self.settings.data_dir)
         self.users = UserDirectory(data_dir / "users.db")
         try:
-            record = self._prepare()
+            record = await self._prepare()
             if record == "complete":
                 return self._outcome(started, "already complete", 0, reason="nothing to do; --restart runs it again")
             job = self.state.job()
@@ -478,17 +478,18 @@ class Crawl:
             self.state.close()
             self.users.close()
 
-    def _prepare(self) -> str:
+    async def _prepare(self) -> str:
         """Create, resume or restart the job in the state store; 'complete' when nothing is left to do."""
         options = {k: v for k, v in asdict(self.job).items() if k not in ("input", "output")}
         existing = self.state.job()
         if existing is not None and not self._restart:
             items, digest = input_items(self.job, self.spec)
             if existing.status == "ingesting":
-                self.state.add_items(items)  # a crash during ingestion: finish it (duplicates are ignored)
+                await self._ingest(items)  # a crash during ingestion: finish it (duplicates are ignored)
             else:
-                for _ in items:
-                    pass
+                for n, _ in enumerate(items):
+                    if n % 20_000 == 0:
+                        await self._yield_to_signals()
             if existing.command != self.job.command or existing.options != options:
                 changed = sorted(k for k in options if existing.options.get(k) != options[k])
                 raise UsageError(
@@ -514,16 +515,26 @@ class Crawl:
         part_path(self.out).unlink(missing_ok=True)
         self.state.create_job(self.job.command, "", options, str(self.out))
         items, digest = input_items(self.job, self.spec)
+        await self._ingest(items)
+        self.state.set_input_sha(digest())
+        self.state.set_status("running")
+        return "new"
+
+    async def _ingest(self, items: Iterator[tuple[str, str, str | None, str | None]]) -> None:
+        """Store the input items in batches, letting Ctrl-C / SIGTERM in between."""
         batch: list[tuple[str, str, str | None, str | None]] = []
         for entry in items:
             batch.append(entry)
             if len(batch) >= 5000:
                 self.state.add_items(batch)
                 batch.clear()
+                await self._yield_to_signals()
         self.state.add_items(batch)
-        self.state.set_input_sha(digest())
-        self.state.set_status("running")
-        return "new"
+
+    async def _yield_to_signals(self) -> None:
+        await asyncio.sleep(0)
+        if self._stop_error is not None:
+            raise self._stop_error
 
     async def _run_workers(self) -> None:
         reporter = ProgressReporter(self.job.command, self._snapshot, quiet=self._quiet,

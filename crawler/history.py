@@ -96,6 +96,7 @@ class HistoryStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=10000")
+            self._db.execute("PRAGMA cache_size=-32768")  # 32 MB: index inserts of a big backfill stay in memory
         self._migrate()
 
     def __repr__(self) -> str:
