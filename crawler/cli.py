@@ -407,3 +407,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"crawler: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1
+    except Exception as exc:  # a bug, not a user mistake: one line, the traceback only with -v
+        leaf: BaseException = exc
+        while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:
+            leaf = leaf.exceptions[0]
+        log.debug("unexpected error", exc_info=exc)
+        print(f"crawler: unexpected error: {type(leaf).__name__}: {leaf} (what was committed is kept; the same"
+              " command resumes; -v shows the traceback; please report it)", file=sys.stderr)
+        return 1

@@ -13,10 +13,10 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -43,6 +43,7 @@ from crawler.retry import retry_async
 log = logging.getLogger("crawler.client")
 
 JsonDict = dict[str, Any]
+T = TypeVar("T")
 
 # Words that classify an error body (lower-cased substring match), checked in this order.
 KEY_WORDS = ("api-key", "api key", "apikey", "sign up", "signup", "unauthori", "forbidden")
@@ -261,10 +262,14 @@ class Client:
 
     async def get(self, endpoint: str, params: Mapping[str, str | int] | None = None) -> JsonDict:
         """One API call: paced, retried on transient errors, classified; returns the JSON payload."""
+        return await self.call(endpoint, params, lambda body: body)
+
+    async def call(self, endpoint: str, params: Mapping[str, str | int] | None, parse: Callable[[JsonDict], T]) -> T:
+        """One API call whose answer is parsed inside the retry: an answer of the wrong shape is retried too."""
         path = "/" + endpoint.strip("/") + "/"
         query = {k: str(v) for k, v in (params or {}).items()}
 
-        async def attempt() -> JsonDict:
+        async def attempt() -> T:
             while True:
                 started = await self.gate.acquire()
                 try:
@@ -274,14 +279,17 @@ class Client:
                     self.gate.report_429(started, exc.retry_after)
                     continue
                 self.gate.report_success()
-                return body
+                try:
+                    return parse(body)
+                except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                    raise TransientError(f"{path}: unexpected answer ({exc})") from None
 
         def on_retry(exc: BaseException, tries: int, wait: float) -> None:
             self.counters.retries += 1
             log.info("retrying %s after %s (try %d, waiting %.2f s)", path, exc, tries, wait)
 
         try:
-            body = await retry_async(
+            result = await retry_async(
                 attempt,
                 retry_on=TransientError,
                 attempts=self.settings.retry_attempts,
@@ -296,7 +304,7 @@ class Client:
         except ItemFailed as exc:
             exc.endpoint = path
             raise
-        return body
+        return result
 
     async def _send(self, path: str, query: dict[str, str]) -> JsonDict:
         if self._session is None:
@@ -337,38 +345,37 @@ class Client:
 
     async def user_id(self, handle: str) -> str:
         """The numeric user id of a handle (`/userid/`)."""
-        return ep.parse_user_id(await self.get("/userid/", {"username": handle}))
+        return await self.call("/userid/", {"username": handle}, ep.parse_user_id)
 
     async def user_info(self, handle: str | None = None, *, user_id: str | None = None) -> ep.Profile:
         """A profile by handle (`/userinfo-by-username/`) or by id (`/userinfo-by-id/`)."""
         if user_id is not None:
-            return ep.parse_profile(await self.get("/userinfo-by-id/", {"userid": user_id}))
+            return await self.call("/userinfo-by-id/", {"userid": user_id}, ep.parse_profile)
         if handle is None:
             raise ValueError("user_info needs a handle or user_id")
-        return ep.parse_profile(await self.get("/userinfo-by-username/", {"username": handle}))
+        return await self.call("/userinfo-by-username/", {"username": handle}, ep.parse_profile)
 
     async def post_detail(self, video_id: str, *, source: str = "") -> ep.Post:
         """One post by numeric id (`/post-detail/`)."""
-        body = await self.get("/post-detail/", {"url": ep.video_url(video_id)})
-        return ep.parse_post(body, source or video_id)
+        return await self.call("/post-detail/", {"url": ep.video_url(video_id)},
+                               lambda body: ep.parse_post(body, source or video_id))
 
     async def music_info(self, music_id: str) -> ep.Music:
         """Music metadata (`/music-info/`)."""
-        return ep.parse_music(await self.get("/music-info/", {"music_id": music_id}))
+        return await self.call("/music-info/", {"music_id": music_id}, ep.parse_music)
 
     async def challenge_info(self, challenge_id: str | None = None, *, name: str | None = None) -> ep.Challenge:
         """A hashtag by id (`/challenge-info-id/`) or name (`/challenge-info-name/`)."""
+        source = challenge_id or name or ""
         if challenge_id is not None:
-            body = await self.get("/challenge-info-id/", {"id": challenge_id})
-        elif name is not None:
-            body = await self.get("/challenge-info-name/", {"name": name})
-        else:
-            raise ValueError("challenge_info needs an id or a name")
-        return ep.parse_challenge(body, challenge_id or name or "")
+            return await self.call("/challenge-info-id/", {"id": challenge_id}, lambda b: ep.parse_challenge(b, source))
+        if name is not None:
+            return await self.call("/challenge-info-name/", {"name": name}, lambda b: ep.parse_challenge(b, source))
+        raise ValueError("challenge_info needs an id or a name")
 
     async def regions(self) -> list[ep.Region]:
         """The region codes `/search-video/` accepts (`/region-list/`)."""
-        return ep.parse_regions(await self.get("/region-list/"))
+        return await self.call("/region-list/", None, ep.parse_regions)
 
     def pages(self, kind: str, params: Mapping[str, str | int], **options: Any) -> AsyncGenerator[ep.Page[Any], None]:
         """The page-by-page walk of one list (see `endpoints.walk`); the crawl uses this to commit per page."""

@@ -393,7 +393,7 @@ class Crawl:
     def learn(self, profile: ep.Profile) -> None:
         """Remember a profile's id and counts in the data directory."""
         self.users.learn(profile.handle, profile.user_id, videos=profile.videos, followers=profile.followers,
-                         following=profile.following)
+                         following=profile.following, private=profile.private)
 
     async def resolve_user(self, item: WorkItem) -> str:
         """The user id of an item: given, known from the data directory, or one `/userid/` call."""
@@ -439,7 +439,12 @@ class Crawl:
         data_dir = Path(self.settings.data_dir)
         self.users = UserDirectory(data_dir / "users.db")
         try:
-            record = await self._prepare()
+            try:
+                record = await self._prepare()
+            except RunStopped as exc:
+                if exc is not self._stop_error or self.state.job() is None:
+                    raise
+                return self._outcome(started, "stopped", 0)  # a signal while the input was being read
             if record == "complete":
                 return self._outcome(started, "already complete", 0, reason="nothing to do; --restart runs it again")
             job = self.state.job()
@@ -537,6 +542,9 @@ class Crawl:
             raise self._stop_error
 
     async def _run_workers(self) -> None:
+        await asyncio.sleep(0)
+        if self._stop_error is not None:  # a stop that came while opening the sink: start nothing
+            return
         reporter = ProgressReporter(self.job.command, self._snapshot, quiet=self._quiet,
                                     interval=self._progress_interval)
         async with asyncio.TaskGroup() as outer:
@@ -556,6 +564,8 @@ class Crawl:
 
     def _spawn(self) -> None:
         assert self._tg is not None
+        if self._stop_error is not None:
+            return
         self._workers += 1
         self._tasks.append(self._tg.create_task(self._worker()))
 

@@ -86,7 +86,8 @@ def estimate(command: str, input_path: str, settings: Settings, *, column: str |
                         else:
                             lookups += 1
                     pages = _pages(spec.list_kind, users.counts(key[3:] if key.startswith("id:") else key),
-                                   page_size or LISTS[spec.list_kind].page_size, settings.max_pages)
+                                   page_size or LISTS[spec.list_kind].page_size, settings.max_pages,
+                                   settings.max_items)
                     if pages is None:
                         unknown += 1
                     else:
@@ -98,15 +99,20 @@ def estimate(command: str, input_path: str, settings: Settings, *, column: str |
     return Estimate(command, items, invalid, lookups, known_ids, pages_known, items_known, unknown, single)
 
 
-def _pages(kind: str, counts: tuple[int | None, int | None, int | None] | None, size: int,
-           max_pages: int | None) -> int | None:
+def _pages(kind: str, counts: tuple[int | None, int | None, int | None, bool] | None, size: int,
+           max_pages: int | None, max_items: int | None) -> int | None:
+    """Pages a walk costs, from the counts the data directory knows (None: unknown)."""
     if counts is None:
         return None
-    videos, followers, following = counts
+    videos, followers, following, private = counts
+    if private and kind in ("posts", "liked", "followers", "following"):
+        return 1  # one answer saying the account is private
     n = {"posts": videos, "followers": followers, "following": following}.get(kind)
     if n is None:
         return None
     if kind in ("followers", "following"):
         n = min(n, FOLLOW_CAP)
+    if max_items is not None:
+        n = min(n, max_items)
     pages = max(1, math.ceil(n / size))
     return min(pages, max_pages) if max_pages else pages

@@ -241,6 +241,9 @@ class UserDirectory:
             " videos INTEGER, followers INTEGER, following INTEGER, updated REAL NOT NULL)"
         )
         self._db.execute("CREATE INDEX IF NOT EXISTS users_id ON users(user_id)")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(users)")}
+        if "private" not in columns:  # added after the first release of this file
+            self._db.execute("ALTER TABLE users ADD COLUMN private INTEGER")
 
     def close(self) -> None:
         """Close the database (idempotent)."""
@@ -253,13 +256,14 @@ class UserDirectory:
         row = self._db.execute("SELECT user_id FROM users WHERE handle = ?", (handle,)).fetchone()
         return None if row is None else str(row[0])
 
-    def counts(self, handle_or_id: str) -> tuple[int | None, int | None, int | None] | None:
-        """(videos, followers, following) last seen for a handle or a user id."""
+    def counts(self, handle_or_id: str) -> tuple[int | None, int | None, int | None, bool] | None:
+        """(videos, followers, following, private) last seen for a handle or a user id."""
         row = self._db.execute(
-            "SELECT videos, followers, following FROM users WHERE handle = ? OR user_id = ? ORDER BY updated DESC",
+            "SELECT videos, followers, following, private FROM users WHERE handle = ? OR user_id = ?"
+            " ORDER BY updated DESC",
             (handle_or_id, handle_or_id),
         ).fetchone()
-        return None if row is None else (row[0], row[1], row[2])
+        return None if row is None else (row[0], row[1], row[2], bool(row[3]))
 
     def learn(
         self,
@@ -269,14 +273,17 @@ class UserDirectory:
         videos: int | None = None,
         followers: int | None = None,
         following: int | None = None,
+        private: bool | None = None,
     ) -> None:
         """Remember a handle's id (and counts, when known)."""
         if not handle or not user_id:
             return
         self._db.execute(
-            "INSERT INTO users (handle, user_id, videos, followers, following, updated) VALUES (?, ?, ?, ?, ?, ?)"
+            "INSERT INTO users (handle, user_id, videos, followers, following, private, updated)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT(handle) DO UPDATE SET user_id = excluded.user_id,"
             " videos = COALESCE(excluded.videos, videos), followers = COALESCE(excluded.followers, followers),"
-            " following = COALESCE(excluded.following, following), updated = excluded.updated",
-            (handle, user_id, videos, followers, following, time.time()),
+            " following = COALESCE(excluded.following, following), private = COALESCE(excluded.private, private),"
+            " updated = excluded.updated",
+            (handle, user_id, videos, followers, following, private, time.time()),
         )

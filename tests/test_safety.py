@@ -59,7 +59,8 @@ async def test_key_appears_in_no_log_error_repr_or_file(simulator: SimFactory, t
         (tmp_path / "in.txt").write_text("\n".join(World(world).sample_handles(30)) + "\n")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CRAWLER_", "TIKLIVE_"))}
         env.update(TIKLIVE_API_KEY=LEAK, TIKLIVE_BASE_URL=sim.url)
-        (tmp_path / "c.toml").write_text("[http]\nread_timeout = 0.3\n[retry]\nbase_delay = 0\n[rate]\nenabled = false\n")
+        config = "[http]\nread_timeout = 0.3\n[retry]\nbase_delay = 0\n[rate]\nenabled = false\n"
+        (tmp_path / "c.toml").write_text(config)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "crawler", "posts", "-vv", "in.txt", "-o", "out.csv", "--data-dir", "data",
             "--retries", "3", "--config", "c.toml", cwd=tmp_path, env=env,
