@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -180,7 +181,8 @@ def _logging(verbose: int) -> None:
 
 def _resume_hint(argv: Sequence[str]) -> str:
     words = [w for w in argv if w not in ("--restart", "--retry-failed")]
-    return "crawler " + shlex.join(words)
+    # A database URL may carry a password: never echo it into logs.
+    return "crawler " + re.sub(r"://[^/@\s]+@", "://***@", shlex.join(words))
 
 
 def cmd_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -360,10 +362,12 @@ def cmd_history(args: argparse.Namespace, argv: Sequence[str]) -> int:
             for t in store.top(args.by, args.days, args.limit):
                 print(f"@{t.handle:<25}  {t.start or 0:>12,}  {t.end or 0:>12,}  {t.gained or 0:>+10,}")
         elif args.query == "as-of":
-            day = parse_day(args.date, "as-of")
-            print("handle,user_id,day,followers,following,hearts,videos")
-            for row in store.as_of(day):
-                print(f"{row[3]},{row[0]},{row[1]},{row[4]},{row[5]},{row[6]},{row[7]}")
+            import csv
+
+            out = csv.writer(sys.stdout, lineterminator="\n")
+            out.writerow(["handle", "user_id", "day", "followers", "following", "hearts", "videos"])
+            for row in store.as_of(parse_day(args.date, "as-of")):
+                out.writerow([row[3], row[0], row[1], row[4], row[5], row[6], row[7]])
         elif args.query == "export":
             n = export_csv(store, Path(args.output))
             print(f"crawler: wrote {n:,} snapshots to {args.output}", file=sys.stderr)
@@ -390,8 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(words)
         if not hasattr(args, "func"):
-            build_parser().print_help(sys.stderr)
-            return 2
+            raise UsageError("say which command (or query) to run: see crawler --help")
         _logging(getattr(args, "verbose", 0))
         func: Callable[[argparse.Namespace, Sequence[str]], int] = args.func
         return func(args, words)

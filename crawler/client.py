@@ -46,9 +46,13 @@ JsonDict = dict[str, Any]
 T = TypeVar("T")
 
 # Words that classify an error body (lower-cased substring match), checked in this order.
-KEY_WORDS = ("api-key", "api key", "apikey", "sign up", "signup", "unauthori", "forbidden")
-BALANCE_WORDS = ("balance", "credit", "purchase", "quota", "exhausted", "insufficient", "top up", "payment")
-RATE_WORDS = ("rate", "too many", "slow down", "limit", "throttl")
+# The reference documents rate limits as HTTP 429; a 200 message only counts as one with explicit words.
+# A bare "limit" reads as the credit limit, as the reference's clients read it.
+KEY_WORDS = ("api-key", "api key", "apikey", "sign up", "signup")
+BARE_KEY_WORDS = (*KEY_WORDS, "unauthori", "forbidden")  # only when the whole body is the message
+RATE_WORDS = ("rate limit", "too many", "slow down", "per second", "/second", "throttl", "try again later")
+BALANCE_WORDS = ("balance", "credit", "purchase", "quota", "exhausted", "insufficient", "top up", "payment",
+                 "limit")
 PRIVATE_WORDS = ("private",)
 NOT_FOUND_WORDS = ("not found", "not exist", "doesn't exist", "does not exist", "deleted", "no such",
                    "url parsing is failed", "check url", "unavailable")
@@ -143,6 +147,8 @@ def interpret(status: int, raw: bytes, retry_after: str | None, endpoint: str) -
         return BalanceExhausted("the API balance is empty (HTTP 402): top up, then run the same command again"), False
     if status == 404:
         return NotFound(f"{endpoint}: HTTP 404"), False
+    if 300 <= status < 400:  # redirects are not followed: the key must not travel to another host
+        return TransientError(f"{endpoint}: unexpected redirect (HTTP {status})"), False
     billed = status == 200
     try:
         body = json.loads(raw)
@@ -160,19 +166,19 @@ def interpret(status: int, raw: bytes, retry_after: str | None, endpoint: str) -
         low = text.lower()
         # Key, balance and rate answers are never billed, whatever their shape; other error bodies are
         # billed when they are {"status":"error"} (CONTRACT.md assumes the worse), not when bare.
-        if _words(low, KEY_WORDS):
+        if _words(low, BARE_KEY_WORDS if bare else KEY_WORDS):
             return KeyRejected(f"the API rejected the key ({text!r}): check TIKLIVE_API_KEY"), False
-        if _words(low, BALANCE_WORDS):
-            return BalanceExhausted(
-                f"the API says the balance is empty ({text!r}): top up, then run the same command again"
-            ), False
+        if _words(low, RATE_WORDS):
+            return RateLimited(f"{endpoint}: {text}"), False
         billed = billed and not bare
         if _words(low, PRIVATE_WORDS):
             return PrivateAccount(f"{endpoint}: {text}"), billed
         if _words(low, NOT_FOUND_WORDS):
             return NotFound(f"{endpoint}: {text}"), billed
-        if _words(low, RATE_WORDS):
-            return RateLimited(f"{endpoint}: {text}"), False
+        if _words(low, BALANCE_WORDS):
+            return BalanceExhausted(
+                f"the API says the balance is empty ({text!r}): top up, then run the same command again"
+            ), False
         return TransientError(f"{endpoint}: API error {text!r}"), billed
     return body, billed
 
@@ -180,7 +186,8 @@ def interpret(status: int, raw: bytes, retry_after: str | None, endpoint: str) -
 def _unwrap(body: JsonDict) -> JsonDict:
     """Accept a tikwm-style envelope ``{"code":0,"msg":..,"data":{..}}`` defensively."""
     data = body.get("data")
-    if isinstance(data, dict) and set(body) <= {"data", "code", "msg", "processed_time", "status"}:
+    if isinstance(data, dict) and set(body) <= {"data", "code", "msg", "message", "processed_time", "status",
+                                                "success", "ok"}:
         code = body.get("code", 0)
         if code not in (0, "0", None):
             return {"message": str(body.get("msg") or "error")}
@@ -319,7 +326,7 @@ class Client:
         begun = time.monotonic()
         try:
             async with self._session.get(
-                self.base_url + path, params=query, headers={"X-Api-Key": self._key.reveal()}
+                self.base_url + path, params=query, headers={"X-Api-Key": self._key.reveal()}, allow_redirects=False
             ) as resp:
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After")

@@ -72,6 +72,7 @@ class WorkItem:
     raw: str
     cursor: Any
     rows: int
+    pages: int = 0
 
     @property
     def user_id(self) -> str | None:
@@ -112,7 +113,8 @@ class CommandSpec:
 # --- handlers ---
 
 async def _profiles(crawl: Crawl, item: WorkItem) -> AsyncGenerator[Step, None]:
-    uid = item.user_id or crawl.users.user_id(item.key)
+    # By handle when given one (same price): a handle that changed owner must show its new owner.
+    uid = item.user_id
     profile = await crawl.client.user_info(user_id=uid) if uid else await crawl.client.user_info(item.key)
     crawl.learn(profile)
     yield Step([profile])
@@ -291,8 +293,8 @@ def _pairs(stream: IO[bytes], name: str) -> Iterator[tuple[str, str, str | None,
     for number, row in enumerate(reader, start=2):
         video, comment = (row.get("video_id") or "").strip(), (row.get("comment_id") or "").strip()
         raw = f"{video},{comment}"
-        if row.get("parent_comment_id"):
-            continue  # a reply in a comments CSV: it has no replies of its own
+        if row.get("parent_comment_id") or (row.get("reply_total") or "").strip() == "0":
+            continue  # a reply, or a comment without replies, in a comments CSV: nothing to fetch
         if video.isdigit() and comment.isdigit():
             yield f"{video}:{comment}", raw, None, None
         else:
@@ -329,6 +331,12 @@ def job_lock(out: Path) -> Iterator[None]:
 
 
 # --- the run ---
+
+def _rank(error: CrawlerError) -> int:
+    """CONTRACT.md's precedence when several stops apply: 2, 1, 130/143, 4."""
+    code = error.code if isinstance(error, Interrupted) else error.exit_code
+    return {2: 0, 1: 1, 130: 2, 143: 2, 4: 3}.get(code, 4)
+
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
@@ -410,12 +418,14 @@ class Crawl:
         """Walk a list from the item's committed cursor, one Step per page."""
         job = self.job
         remaining = None if job.max_items is None else max(job.max_items - item.rows, 0)
-        if remaining == 0:
+        cap = job.max_pages or self.settings.max_pages
+        pages_left = None if cap is None else max(cap - item.pages, 0)
+        if remaining == 0 or pages_left == 0:
             yield Step([])
             return
         pages = self.client.pages(kind, params, source=item.source, cursor=item.cursor,
                                   page_size=job.page_size or self.settings.page_size,
-                                  max_pages=job.max_pages or self.settings.max_pages, max_items=remaining)
+                                  max_pages=pages_left, max_items=remaining)
         async with aclosing(pages) as walk:
             async for page in walk:
                 yield Step(page.items, page.next_cursor, page.last, page.stop)
@@ -424,7 +434,7 @@ class Crawl:
 
     def request_stop(self, error: CrawlerError) -> None:
         """End the run: workers stop, what is complete gets committed, `error` decides the exit."""
-        if self._stop_error is None:
+        if self._stop_error is None or _rank(error) < _rank(self._stop_error):
             self._stop_error = error
         current = asyncio.current_task()
         for task in self._tasks:
@@ -487,27 +497,24 @@ class Crawl:
         """Create, resume or restart the job in the state store; 'complete' when nothing is left to do."""
         options = {k: v for k, v in asdict(self.job).items() if k not in ("input", "output")}
         existing = self.state.job()
+        if existing is not None and existing.status == "ingesting":
+            existing = None  # stopped while reading the input: nothing was spent, read it again from scratch
         if existing is not None and not self._restart:
             items, digest = input_items(self.job, self.spec)
-            if existing.status == "ingesting":
-                await self._ingest(items)  # a crash during ingestion: finish it (duplicates are ignored)
-            else:
-                for n, _ in enumerate(items):
-                    if n % 20_000 == 0:
-                        await self._yield_to_signals()
+            for n, _ in enumerate(items):
+                if n % 20_000 == 0:
+                    await self._yield_to_signals()
             if existing.command != self.job.command or existing.options != options:
                 changed = sorted(k for k in options if existing.options.get(k) != options[k])
                 raise UsageError(
                     f"{self.out} belongs to a job with other options ({', '.join(changed) or 'command'} changed):"
                     " add --restart to start over, or write to another output"
                 )
-            if existing.input_sha != digest() and existing.status != "ingesting":
+            if existing.input_sha != digest():
                 raise UsageError(
                     f"the input changed since the job for {self.out} started: add --restart to start over,"
                     " or write to another output"
                 )
-            if existing.status == "ingesting":
-                self.state.set_input_sha(digest())
             if self._retry_failed:
                 n = self.state.retry_failed()
                 log.info("retrying %d failed items", n)
@@ -590,8 +597,8 @@ class Crawl:
             chunk = self.state.pending(after, 500)
             if not chunk:
                 break
-            for seq, key, raw, cursor, rows in chunk:
-                await self.work.put(WorkItem(seq, key, raw, cursor, rows))
+            for seq, key, raw, cursor, rows, pages in chunk:
+                await self.work.put(WorkItem(seq, key, raw, cursor, rows, pages))
                 after = seq
         await self.work.join()
         for task in self._tasks:
@@ -618,13 +625,14 @@ class Crawl:
         async with aclosing(self.spec.handler(self, item)) as steps:
             async for step in steps:
                 killpoints.reached("fetched")
+                n = len(step.rows)
                 if step.guard is not None:
-                    update = ItemUpdate(item.seq, "failed", rows=len(step.rows), reason="pagination_guard",
+                    update = ItemUpdate(item.seq, "failed", rows=n, pages=1, reason="pagination_guard",
                                         endpoint=self.spec.endpoint, detail=step.guard)
                 elif step.last:
-                    update = ItemUpdate(item.seq, "done", rows=len(step.rows))
+                    update = ItemUpdate(item.seq, "done", rows=n, pages=1)
                 else:
-                    update = ItemUpdate(item.seq, "pending", cursor=step.cursor, rows=len(step.rows))
+                    update = ItemUpdate(item.seq, "pending", cursor=step.cursor, rows=n, pages=1)
                 await self.sink.submit(Batch(step.rows, update))
 
     def _snapshot(self) -> Snapshot:

@@ -133,6 +133,7 @@ class Post(Record):
     author_id: str
     author_handle: str
     music_id: str
+    pinned: bool
 
 
 @_columns
@@ -283,6 +284,7 @@ def parse_post(item: Mapping[str, Any], source: str) -> Post:
         author_id=_str(author.get("id")),
         author_handle=_str(author.get("unique_id")).lower(),
         music_id=_str(music.get("id")),
+        pinned=_bool(item.get("is_top")),
     )
 
 
@@ -427,6 +429,17 @@ LISTS: dict[str, ListSpec[Any]] = {
 _VIDEO_ID_IN_URL = re.compile(r"/video/(\d+)")
 
 
+def _page_items(spec: ListSpec[Any], body: JsonDict) -> tuple[JsonDict, list[Any]]:
+    """The page's raw items; an answer with no list and no pagination keys is an unexpected shape."""
+    for key in spec.items_keys:
+        value = body.get(key)
+        if isinstance(value, list):
+            return body, value
+    if any(k in body for k in (*spec.items_keys, "hasMore", "has_more", spec.cursor_param)):
+        return body, []  # an empty list may come as null or be left out
+    raise ValueError(f"no {spec.items_keys[0]!r} list in the answer (keys: {', '.join(sorted(body)[:8])})")
+
+
 @dataclass(frozen=True, slots=True)
 class Page(Generic[R]):
     """One fetched page: its rows, the cursor sent, the cursor to send next, and why the walk stops."""
@@ -469,12 +482,10 @@ async def walk(
     pages = rows = 0
     while True:
         sent.add(str(current))
-        body = await client.get(spec.path, {**params, "count": count, spec.cursor_param: current})
-        raw_items: list[Any] = next(
-            (v for k in spec.items_keys if isinstance(v := body.get(k), list)), []
-        )
+        query = {**params, "count": count, spec.cursor_param: current}
+        body, raw_items = await client.call(spec.path, query, lambda b: _page_items(spec, b))
         items: list[R] = []
-        skipped = 0
+        skipped = repeated = 0
         for raw in raw_items:
             try:
                 record = spec.parse(_dict(raw), source, params)
@@ -483,6 +494,7 @@ async def walk(
                 continue
             key = str(getattr(record, record.COLUMNS[0]))
             if key in seen:
+                repeated += 1
                 continue
             seen.add(key)
             items.append(record)
@@ -501,6 +513,8 @@ async def walk(
                 capped = True
             elif not raw_items:
                 stop = f"empty page claims more (cursor {current})"
+            elif repeated and not items and not skipped:
+                stop = f"page repeats rows already seen (cursor {current})"
             elif nxt is None:
                 stop = "page claims more but sent no cursor"
             elif str(nxt) in sent:

@@ -74,7 +74,7 @@ def estimate(command: str, input_path: str, settings: Settings, *, column: str |
             after = 0
             invalid = seen.progress().failed
             while chunk := seen.pending(after, 5000):
-                for seq, key, _raw, _cursor, _rows in chunk:
+                for seq, key, _raw, _cursor, _rows, _done in chunk:
                     after = seq
                     items += 1
                     if spec.list_kind is None:

@@ -45,10 +45,11 @@ def specs(history: HistoryStore, day: dt.date) -> tuple[CommandSpec, CommandSpec
         uid = await crawl.resolve_user(item)
         newest = history.newest_post_time(uid, before=day)
         async for step in crawl.walk("posts", {"userid": uid}, item):
-            fresh = [p for p in step.rows if isinstance(p, ep.Post)
-                     and (newest is None or (p.create_time or 0) > newest)]
+            rows = [p for p in step.rows if isinstance(p, ep.Post)]
+            fresh = [p for p in rows if newest is None or (p.create_time or 0) > newest]
             history.record_posts(day, uid, fresh)
-            reached_known = len(fresh) < len(step.rows)
+            # A pinned old post at the top of the list does not mean the rest is known.
+            reached_known = any(not p.pinned and p not in fresh for p in rows)
             yield Step(fresh, step.cursor, step.last or reached_known, None if reached_known else step.guard)
             if reached_known:
                 return

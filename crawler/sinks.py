@@ -21,6 +21,7 @@ from aiocsv import AsyncWriter
 
 from crawler import killpoints
 from crawler.endpoints import Record
+from crawler.errors import UsageError
 from crawler.state import ItemUpdate, StateStore
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -102,7 +103,17 @@ class CsvSink:
     async def open(self, committed_length: int) -> None:
         """Open the `.part` file, cut back to the committed length (a crash may have left more)."""
         self.part.parent.mkdir(parents=True, exist_ok=True)
-        mode = "r+b" if committed_length > 0 and self.part.exists() else "w+b"
+        if committed_length > 0 and not self.part.exists():
+            # The job was finalised (or killed right after the rename) and is being resumed, e.g. by
+            # --retry-failed: carry on in the finished file, never start a new one over it.
+            if self.out.exists() and self.out.stat().st_size == committed_length:
+                os.replace(self.out, self.part)
+            else:
+                raise UsageError(
+                    f"{self.part} is missing or {self.out} was changed since the job committed {committed_length:,}"
+                    " bytes: add --restart to start the job over"
+                )
+        mode = "r+b" if committed_length > 0 else "w+b"
         fh = self.part.open(mode)
         fh.truncate(committed_length if mode == "r+b" else 0)
         fh.seek(0, os.SEEK_END)

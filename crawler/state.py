@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS items (
     status TEXT NOT NULL DEFAULT 'pending',   -- pending, done, failed
     cursor TEXT,                              -- JSON of the next cursor of a walk in progress
     rows INTEGER NOT NULL DEFAULT 0,
+    pages INTEGER NOT NULL DEFAULT 0,
     reason TEXT, endpoint TEXT, detail TEXT
 );
 CREATE INDEX IF NOT EXISTS items_status ON items(status, seq);
@@ -79,6 +80,7 @@ class ItemUpdate:
     status: str  # pending (walk goes on), done, failed
     cursor: Any = None  # next cursor when pending
     rows: int = 0
+    pages: int = 0
     reason: str | None = None
     endpoint: str | None = None
     detail: str | None = None
@@ -152,20 +154,26 @@ class StateStore:
                 added += cur.rowcount
         return added
 
-    def pending(self, after: int = 0, limit: int = 1000) -> list[tuple[int, str, str, Any, int]]:
-        """Pending items (seq, key, raw, cursor, rows so far) after ``after``, in input order."""
+    def pending(self, after: int = 0, limit: int = 1000) -> list[tuple[int, str, str, Any, int, int]]:
+        """Pending items (seq, key, raw, cursor, rows and pages so far) after ``after``, in input order."""
         found = self._db.execute(
-            "SELECT seq, key, raw, cursor, rows FROM items WHERE status = 'pending' AND seq > ? ORDER BY seq LIMIT ?",
+            "SELECT seq, key, raw, cursor, rows, pages FROM items WHERE status = 'pending' AND seq > ?"
+            " ORDER BY seq LIMIT ?",
             (after, limit),
         ).fetchall()
-        return [(seq, key, raw, None if cur is None else json.loads(cur), rows) for seq, key, raw, cur, rows in found]
+        return [(seq, key, raw, None if cur is None else json.loads(cur), rows, pages)
+                for seq, key, raw, cur, rows, pages in found]
 
     def retry_failed(self) -> int:
-        """Put failed items (not invalid input) back to pending; return how many."""
+        """Put failed items back to pending (they resume from their last committed cursor); return how many.
+
+        Invalid input stays failed, and so does a walk a pagination guard ended: the API would misbehave
+        the same way again, and the rows before the guard are already in the CSV.
+        """
         with self._tx():
             cur = self._db.execute(
                 "UPDATE items SET status = 'pending', reason = NULL, detail = NULL, endpoint = NULL"
-                " WHERE status = 'failed' AND reason != 'invalid_input'"
+                " WHERE status = 'failed' AND reason NOT IN ('invalid_input', 'pagination_guard')"
             )
             self._db.execute("UPDATE job SET status = 'running' WHERE id = 1")
         return cur.rowcount
@@ -178,11 +186,12 @@ class StateStore:
             rows = 0
             for u in updates:
                 rows += u.rows
+                # A failure keeps the cursor of the last committed page, so a retry resumes there.
                 self._db.execute(
-                    "UPDATE items SET status = ?, cursor = ?, rows = rows + ?, reason = ?, endpoint = ?, detail = ?"
-                    " WHERE seq = ?",
-                    (u.status, None if u.cursor is None else json.dumps(u.cursor), u.rows, u.reason, u.endpoint,
-                     u.detail, u.seq),
+                    "UPDATE items SET status = ?, cursor = CASE WHEN ? = 'failed' THEN cursor ELSE ? END,"
+                    " rows = rows + ?, pages = pages + ?, reason = ?, endpoint = ?, detail = ? WHERE seq = ?",
+                    (u.status, u.status, None if u.cursor is None else json.dumps(u.cursor), u.rows, u.pages,
+                     u.reason, u.endpoint, u.detail, u.seq),
                 )
             self._db.execute(
                 "UPDATE job SET csv_length = ?, rows = rows + ?, requests_sent = ?, credits_billed = ?, updated = ?"

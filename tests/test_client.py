@@ -327,3 +327,107 @@ def test_records_expose_stable_columns() -> None:
                                    "digg_count", "comment_count", "share_count")
     assert ep.Follow.COLUMNS[:3] == ("user_id", "handle", "source_handle")
     assert ep.Comment.COLUMNS[:4] == ("comment_id", "video_id", "text", "parent_comment_id")
+
+
+# --- answers our simulator never gives, served by tiny apps on loopback (real HTTP, no mocks) ---
+
+from collections.abc import AsyncIterator, Awaitable, Callable  # noqa: E402
+from contextlib import asynccontextmanager  # noqa: E402
+
+from aiohttp import web  # noqa: E402
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@asynccontextmanager
+async def serve(handler: Handler) -> AsyncIterator[str]:
+    """Serve one handler for every path on a loopback port; yield its base URL."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_redirects_are_not_followed_so_the_key_stays_home() -> None:
+    """A 302 to another host is an error: the key never reaches the other server and each try is counted."""
+    elsewhere: list[str] = []
+
+    async def other(request: web.Request) -> web.Response:
+        elsewhere.append(request.headers.get("X-Api-Key", ""))
+        return web.json_response({"id": "1"})
+
+    async with serve(other) as other_url:
+        async def redirect(request: web.Request) -> web.Response:
+            raise web.HTTPFound(other_url + request.path_qs)
+
+        async with serve(redirect) as url, Client(fast_settings(url, retry_attempts=2), api_key=KEY) as client:
+            with pytest.raises(RetriesExhausted, match="redirect"):
+                await client.get("/userid/", {"username": "x"})
+            assert client.counters.requests_sent == 2
+    assert elsewhere == []
+
+
+async def test_a_list_that_repeats_its_rows_with_new_cursors_is_stopped() -> None:
+    """hasMore forever with the same rows under moving cursors ends after one repeated page, not never."""
+    calls = 0
+
+    async def same_page(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        cursor = int(request.query.get("cursor", "0")) + 1
+        videos = [{"video_id": str(7_000_000_000_000_000_000 + k), "create_time": 1} for k in range(3)]
+        return web.json_response({"videos": videos, "cursor": str(cursor), "hasMore": True})
+
+    async with serve(same_page) as url, Client(fast_settings(url), api_key=KEY) as client:
+        pages = [p async for p in client.pages("posts", {"userid": "1"})]
+    assert calls == 2 and len(pages) == 2
+    assert [len(p.items) for p in pages] == [3, 0] and pages[-1].stop and "repeats" in pages[-1].stop
+
+
+async def test_a_list_answer_of_unknown_shape_fails_instead_of_looking_empty() -> None:
+    """An answer with no list and no pagination keys is retried and reported, never taken as an empty list."""
+
+    async def odd(request: web.Request) -> web.Response:
+        return web.json_response({"result": "ok", "items_v2": [1, 2]})
+
+    async with serve(odd) as url, Client(fast_settings(url, retry_attempts=2), api_key=KEY) as client:
+        with pytest.raises(RetriesExhausted, match="no 'videos' list"):
+            _ = [p async for p in client.pages("posts", {"userid": "1"})]
+
+
+async def test_envelope_and_missing_has_more_are_understood() -> None:
+    """A {code, message, data} envelope is unwrapped and a list without hasMore ends on an empty page."""
+    pages_served = 0
+
+    async def enveloped(request: web.Request) -> web.Response:
+        nonlocal pages_served
+        cursor = int(request.query.get("cursor", "0"))
+        videos = [] if cursor >= 2 else [{"id": str(7_000_000_000_000_000_000 + cursor), "title": None}]
+        pages_served += 1
+        return web.json_response({"code": 0, "message": "success", "data": {"videos": videos, "cursor": cursor + 1}})
+
+    async with serve(enveloped) as url, Client(fast_settings(url), api_key=KEY) as client:
+        got = [p.video_id async for p in client.user_posts("1")]
+    assert got == ["7000000000000000000", "7000000000000000001"] and pages_served == 3
+
+
+def test_limit_words_mean_the_credit_limit_unless_they_say_rate() -> None:
+    """A 200 'limit' message is the credit limit (resumable); explicit rate words are a rate limit."""
+
+    def body(text: str) -> bytes:
+        return json.dumps({"message": text}).encode()
+
+    with pytest.raises(BalanceExhausted):
+        classify(200, body("Request limit reached for this account"), None, "/x/")
+    with pytest.raises(RateLimited):
+        classify(200, body("Rate limit exceeded, slow down"), None, "/x/")
+    with pytest.raises(NotFound):  # per-item words on a status error never end the run
+        classify(200, json.dumps({"status": "error", "message": "Video not found"}).encode(), None, "/x/")
+    with pytest.raises(TransientError):
+        classify(200, json.dumps({"status": "error", "message": "forbidden in your region"}).encode(), None, "/x/")

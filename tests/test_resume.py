@@ -225,6 +225,29 @@ async def test_retry_failed_reruns_only_the_failed_items(simulator: SimFactory, 
         assert not (tmp_path / "out.failures.csv").exists()
 
 
+async def test_retry_failed_after_a_finished_run_keeps_its_rows_and_adds_nothing_twice(simulator: SimFactory,
+                                                                                      tmp_path: Path) -> None:
+    """A finished run with walks that failed mid-way: --retry-failed continues them into the same CSV, exactly."""
+    async with simulator(world=WORLD) as healthy:
+        handles = _handles(healthy.world, 16)
+        (tmp_path / "in.txt").write_text("\n".join(handles) + "\n")
+        settings = fast_settings(healthy.url, data_dir=str(tmp_path / "data"))
+        await run_job(Crawl(_job(tmp_path, "profiles", "ids.csv"), settings, api_key=KEY), install_signals=False)
+    async with simulator(world=WORLD, fault_rate=0.3, faults=frozenset({"5xx"})) as flaky:
+        settings = fast_settings(flaky.url, data_dir=str(tmp_path / "data"), retry_attempts=1, page_size=10)
+        first = await run_job(Crawl(_job(tmp_path, page_size=10), settings, api_key=KEY), install_signals=False)
+        assert first.exit_code == 3 and first.summary.rows_total > 0
+        partly = written(tmp_path / "out.csv")  # the finished (renamed) output, with some walks cut short
+        assert 0 < sum(partly.values()) < sum(expected(flaky.world, "posts", handles).values())
+    async with simulator(world=WORLD) as sim:
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"), page_size=10)
+        again = await run_job(Crawl(_job(tmp_path, page_size=10), settings, api_key=KEY, retry_failed=True),
+                              install_signals=False)
+        assert again.exit_code == 0
+        got = written(tmp_path / "out.csv")
+        assert got == expected(sim.world, "posts", handles) and max(got.values()) == 1
+
+
 async def test_balance_exhausted_stops_resumably_then_resumes_after_topup(simulator: SimFactory,
                                                                          tmp_path: Path) -> None:
     """An empty balance ends the run with exit 4 keeping the rows; after a top-up the same job completes."""
