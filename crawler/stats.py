@@ -111,7 +111,7 @@ class ProgressReporter:
         """Report until cancelled."""
         if self._quiet:
             return
-        self._snapshot()
+        self._first = self._snapshot()  # rates and the ETA count from here
         try:
             while True:
                 await asyncio.sleep(self._interval)
