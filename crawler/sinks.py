@@ -82,6 +82,7 @@ class CsvSink:
         raw: bool = False,
         queue_size: int = 64,
         durable: bool = True,
+        commit_interval: float = 0.01,
     ) -> None:
         self.out = out
         self.part = part_path(out)
@@ -91,6 +92,7 @@ class CsvSink:
         self._bom = bom
         self._raw = raw
         self._durable = durable
+        self.commit_interval = commit_interval
         self.queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=queue_size)
         # Flowing while set; tests and operators can clear it to stall the sink (backpressure).
         self.flowing = asyncio.Event()
@@ -137,24 +139,36 @@ class CsvSink:
         await self.queue.put(None)
 
     async def run(self) -> None:
-        """The writer task: group-commit batches until close_input()."""
+        """The writer task: group-commit batches until close_input().
+
+        A commit waits until `commit_interval` has passed since the previous one, gathering every page
+        that arrives meanwhile: at most ~1/commit_interval fsyncs a second, however many workers.
+        """
+        loop = asyncio.get_running_loop()
+        last = loop.time()
         while True:
             first = await self.queue.get()
             await self.flowing.wait()
-            group: list[Batch] = []
-            end = first is None
-            if first is not None:
-                group.append(first)
-            while not end and not self.queue.empty() and len(group) < 512:
-                nxt = self.queue.get_nowait()
-                if nxt is None:
-                    end = True
-                else:
-                    group.append(nxt)
+            group: list[Batch] = [] if first is None else [first]
+            end = first is None or self._drain(group)
+            wait = last + self.commit_interval - loop.time()
+            if not end and wait > 0:
+                await asyncio.sleep(wait)  # a batching window, not a synchronisation guess
+                end = self._drain(group)
             if group:
                 await self._write(group)
+                last = loop.time()
             if end:
                 return
+
+    def _drain(self, group: list[Batch]) -> bool:
+        """Move every waiting batch into ``group``; True when the end-of-input marker was among them."""
+        while not self.queue.empty() and len(group) < 1024:
+            nxt = self.queue.get_nowait()
+            if nxt is None:
+                return True
+            group.append(nxt)
+        return False
 
     async def _write(self, group: list[Batch]) -> None:
         assert self._writer is not None

@@ -91,10 +91,10 @@ async def _run_with_kills(
     """Uninterrupted run, then a killed-and-resumed run; (want, got, kills done, baseline answered, answered)."""
     async with simulator(world=WORLD, fault_rate=0.08, faults=FAULTS, quirks=True, latency=(0.0, 0.01),
                          rate_limit=1_000_000, burst_limit=1_000_000) as sim:
-        handles = _handles(sim.world, 24)
+        handles = _handles(sim.world, 48)
         (tmp / "in.txt").write_text("\n".join(handles + ["not a handle!"]) + "\n")
         common = [command, "in.txt", "--parallelism", str(PARALLELISM), "--data-dir", "data", "--retries", "15",
-                  "--config", "fast.toml"]
+                  "--page-size", "10", "--config", "fast.toml"]
         (tmp / "fast.toml").write_text("[rate]\nenabled = false\n[retry]\nbase_delay = 0\nmax_delay = 0\n")
         # Ids are learned once (a /userid/ lookup is not a page): both runs then pay only for pages.
         code, err = await crawler(["profiles", "in.txt", "-o", "ids.csv", "--data-dir", "data", "--config",
@@ -140,7 +140,7 @@ async def test_seeded_random_kill_sweep(simulator: SimFactory, tmp_path: Path) -
     points = ["fetched", "written", "fsynced", "committing"]
     total = 0
     for command in ("posts", "followers"):
-        kills = [(rng.choice(points), rng.randint(1, 6)) for _ in range(12)]
+        kills = [(rng.choice(points), rng.randint(1, 4)) for _ in range(12)]
         work = tmp_path / command
         work.mkdir()
         want, got, done, baseline, spent = await _run_with_kills(simulator, work, command, kills)
