@@ -25,18 +25,23 @@ from crawler.errors import UsageError
 from crawler.state import ItemUpdate, StateStore
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_FORMULA_CHARS = frozenset("".join(FORMULA_START))
 
 
 def cell(value: Any, *, raw: bool = False) -> str:
     """One CSV cell: booleans as true/false, None empty, formula-like text neutralised with a leading '."""
+    kind = type(value)  # exact types first: this runs for every cell of every row
+    if kind is str:
+        text: str = value
+        return "'" + text if not raw and text and text[0] in _FORMULA_CHARS else text
+    if kind is int:
+        return str(value)
     if value is None:
         return ""
-    if isinstance(value, bool):
+    if kind is bool:
         return "true" if value else "false"
     if isinstance(value, str):
-        if not raw and value.startswith(FORMULA_START):
-            return "'" + value
-        return value
+        return cell(str(value), raw=raw)
     return str(value)
 
 
