@@ -382,7 +382,7 @@ def plot_growth(store: HistoryStore, handles: Sequence[str], path: Path, *, sinc
         ax.xaxis.set_major_formatter(mdates.DateFormatter("%b %d"))  # type: ignore[no-untyped-call]
         for side in ("top", "right"):
             ax.spines[side].set_visible(False)
-        ax.legend(frameon=False)
+        ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves, never on them
         fig.autofmt_xdate()
         fig.tight_layout()
         fig.savefig(path, format="png")
