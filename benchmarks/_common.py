@@ -276,3 +276,12 @@ def write_config(path: Path, *, rate_enabled: bool = True, parallelism: int | No
         lines.append(f"parallelism = {parallelism}")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def main_for(run: Callable[[bool], list[Figure]], doc: str | None) -> None:
+    """The command line of one benchmark script: `--quick`, then the figures table."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=(doc or "").splitlines()[0] if doc else None)
+    p.add_argument("--quick", action="store_true", help="a short smoke run")
+    print("\n" + table(run(p.parse_args().quick)))

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import time
@@ -19,7 +18,7 @@ from itertools import cycle, islice
 from typing import Any
 
 import aiohttp
-from _common import FAST, KEY, Arrivals, Figure, Sim, show, spread, table
+from _common import FAST, KEY, Arrivals, Figure, Sim, main_for, show, spread
 from aiolimiter import AsyncLimiter
 
 from crawler.client import Client
@@ -265,12 +264,5 @@ def run(quick: bool = False) -> list[Figure]:
     return throughput(quick) + budget(quick) + gate_pace(quick)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a short smoke run")
-    figures = run(p.parse_args().quick)
-    print("\n" + table(figures))
-
-
 if __name__ == "__main__":
-    main()
+    main_for(run, __doc__)

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import time
@@ -30,11 +29,11 @@ from _common import (
     Figure,
     Sim,
     child_env,
+    main_for,
     read_lines,
     run_child,
     show,
     spread,
-    table,
     workdir,
     write_config,
     write_handles,
@@ -273,12 +272,5 @@ def run(quick: bool = False) -> list[Figure]:
         return fidelity(quick, work) + peak_rss(quick, work) + throughput(quick, work)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a short smoke run")
-    figures = run(p.parse_args().quick)
-    print("\n" + table(figures))
-
-
 if __name__ == "__main__":
-    main()
+    main_for(run, __doc__)

@@ -5,10 +5,9 @@ script; same simulator (zero latency, limiter off), same input, same concurrency
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from _common import FAST, Figure, Sim, show, spread, table, workdir, write_handles
+from _common import FAST, Figure, Sim, main_for, show, spread, workdir, write_handles
 from bench_pipeline import PARALLELISM, Measured, crawl_once, interleaved, plain_once
 
 NAME = "state"
@@ -53,12 +52,5 @@ def run(quick: bool = False) -> list[Figure]:
     ]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a short smoke run")
-    figures = run(p.parse_args().quick)
-    print("\n" + table(figures))
-
-
 if __name__ == "__main__":
-    main()
+    main_for(run, __doc__)

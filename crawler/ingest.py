@@ -15,7 +15,7 @@ from pathlib import Path
 
 from crawler import endpoints as ep
 from crawler.config import Secret, Settings
-from crawler.crawl import CommandSpec, Crawl, JobOptions, Outcome, Step, WorkItem, run_job, state_path
+from crawler.crawl import CommandSpec, Crawl, JobOptions, Outcome, Step, WorkItem, run_job
 from crawler.history import HistoryStore
 from crawler.state import StateStore
 
@@ -138,4 +138,4 @@ async def ingest(
     return IngestResult(day, outcomes)
 
 
-__all__ = ["IngestResult", "choose_day", "history_url", "ingest", "specs", "state_path"]
+__all__ = ["IngestResult", "choose_day", "history_url", "ingest", "specs"]
