@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from crawler import __version__
-from crawler.config import FLAG_NAMES, Settings, api_key, load_settings, masked
+from crawler.config import FLAG_NAMES, Secret, Settings, api_key, load_settings, masked
 from crawler.crawl import COMMANDS, Crawl, JobOptions, Outcome, failures_path, run_job, state_path
 from crawler.errors import CrawlerError, Interrupted, UsageError
 from crawler.sinks import part_path
@@ -196,10 +196,30 @@ def _resume_hint(argv: Sequence[str]) -> str:
     return "crawler " + masked(shlex.join(words))
 
 
+def check_ledger(settings: Settings, key: Secret) -> None:
+    """Open and close the key's rate ledger once: unreachable or disagreeing is exit 2 before anything starts."""
+    from crawler.client import check_base_url
+    from crawler.ledger import open_ledger
+    from crawler.pacing import Pace
+
+    if not settings.rate_enabled:
+        return
+    base = check_base_url(settings.base_url, allow_insecure_http=settings.allow_insecure_http)
+    ledger = open_ledger(settings.rate_shared, key.reveal(), base)
+    rules = Pace.from_settings(settings).rules
+
+    async def check() -> None:
+        await ledger.open(rules)
+        await ledger.aclose()
+
+    asyncio.run(check())
+
+
 def cmd_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run (or resume) one crawl job."""
     settings = settings_from(args)
     key = api_key()
+    check_ledger(settings, key)
     name = args.command
     job = JobOptions(
         command=name,
@@ -385,6 +405,7 @@ def cmd_ingest(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     settings = settings_from(args)
     key = api_key()
+    check_ledger(settings, key)
     result = asyncio.run(ingest(args.input, Path(args.out_dir), settings, api_key=key, date=args.date,
                                 with_posts=args.posts, restart=args.restart, column=args.column, by_id=args.by_id,
                                 quiet=args.quiet))

@@ -221,14 +221,7 @@ class Client:
         if api_key is None:
             api_key = key_from_env()
         self._key = api_key if isinstance(api_key, Secret) else Secret(api_key)
-        self.pace = Pace(
-            limit=s.rate_limit,
-            window=s.rate_window,
-            burst=s.rate_burst,
-            max_per_second=s.rate_max_per_second,
-            margin=s.rate_margin,
-            enabled=s.rate_enabled,
-        )
+        self.pace = Pace.from_settings(s)
         if gate is None:
             # The key's ledger (rate.shared) paces this client with every other one on the key; none when off.
             ledger = open_ledger(s.rate_shared, self._key.reveal(), self.base_url) if s.rate_enabled else None

@@ -19,6 +19,7 @@ from functools import partial
 from types import TracebackType
 from typing import TypeVar
 
+from crawler.config import Settings
 from crawler.errors import LedgerLost, RateLimitStalled
 from crawler.ledger import Ledger, LedgerUnavailable, MemoryLedger, Rules, owner_id
 from crawler.retry import retry_async
@@ -40,6 +41,12 @@ class Pace:
     max_per_second: int = 40
     margin: float | None = None  # None: max(0.05 s, 0.5% of the window)
     enabled: bool = True
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> Pace:
+        """The pace the rate.* settings describe."""
+        return cls(limit=s.rate_limit, window=s.rate_window, burst=s.rate_burst, max_per_second=s.rate_max_per_second,
+                   margin=s.rate_margin, enabled=s.rate_enabled)
 
     @property
     def safety(self) -> float:

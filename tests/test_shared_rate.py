@@ -189,7 +189,8 @@ async def test_a_resume_right_after_ctrl_c_continues_the_same_budget(fleet: Flee
     """Ctrl-C at full pace, then the same command at once: the window across both runs stays within the limit."""
     world = World(WORLD)
     src = handles_file(fleet.root / "h.txt", world, 160)
-    args = ["profiles", str(src), "-o", "out.csv", "--base-url", "", *RATE, "--parallelism", "4"]
+    # A burst allowance lets a run that forgot the last window's starts start 20 at once: the test can fail.
+    args = ["profiles", str(src), "-o", "out.csv", "--base-url", "", *RATE, "--parallelism", "4", "--burst", "20"]
     async with simulator(fleet.key) as sim:
         args[5] = sim.url
         first = await fleet.start("job", args)
@@ -393,3 +394,22 @@ async def test_redis_lost_mid_run_pauses_then_stops_and_a_restart_paces_evenly(f
             codes = [(await fleet.finish(p))[0] for p in procs]
     assert codes == [143, 143]
     assert_within_the_limits(sim)
+
+
+async def test_an_unreachable_ledger_is_exit_2_before_any_request(fleet: Fleet) -> None:
+    """Redis down or an unwritable state directory: one line naming rate.shared (password masked), no request."""
+    async with simulator(fleet.key) as sim:
+        src = handles_file(fleet.root / "h.txt", World(WORLD), 5)
+        dead = f"redis://:s3cret@127.0.0.1:{free_port()}/0"
+        proc = await fleet.start("redis", ["profiles", str(src), "-o", "out.csv", "--base-url", sim.url, *RATE,
+                                           "--rate-shared", dead])
+        code, err = await fleet.finish(proc)
+        assert code == 2 and "s3cret" not in err
+        assert err.strip().splitlines()[-1].startswith("crawler: rate.shared = redis://***@127.0.0.1:")
+        blocked = fleet.root / "not-a-dir"
+        blocked.write_text("")
+        proc = await fleet.start("local", ["profiles", str(src), "-o", "out.csv", "--base-url", sim.url, *RATE],
+                                 env=fleet.env(blocked / "state"))
+        code, err = await fleet.finish(proc)
+        assert code == 2 and 'rate.shared = "local"' in err.strip().splitlines()[-1]
+    assert sim.stats.requests == 0
