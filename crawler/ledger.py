@@ -546,12 +546,17 @@ class RedisLedger:
     async def open(self, rules: Rules | None) -> None:
         try:
             import redis.asyncio as aioredis
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
         except ImportError:
             raise UsageError(f"rate.shared = {masked(self.url)} needs the redis package:"
                              " pip install 'crawler[redis]'") from None
         try:
+            # No retries inside redis-py (its default is 10, with growing sleeps): the gate retries, so that
+            # retry.stall_limit alone decides when a lost Redis ends the run.
             self._redis = aioredis.Redis.from_url(
                 self.url, socket_timeout=self._timeout, socket_connect_timeout=self._timeout, decode_responses=True,
+                retry=Retry(NoBackoff(), 0),
             )
             for name, text in (("reserve", _RESERVE), ("confirm", _CONFIRM), ("report_429", _REPORT_429),
                                ("register", _REGISTER), ("status", _STATUS)):
@@ -583,7 +588,7 @@ class RedisLedger:
             return await self._scripts[name](keys=self._keys, args=args)
         except Exception as exc:  # any failure to reach the server: the gate retries, then stops the run
             if type(exc).__module__.startswith("redis"):
-                raise LedgerUnavailable(f"{self.where}: {type(exc).__name__}") from None
+                raise LedgerUnavailable(f"{self.where}: {type(exc).__name__}: {masked(str(exc))}") from None
             raise
 
     async def reserve(self, rules: Rules, owner: str) -> Slot:

@@ -134,12 +134,12 @@ def requests_sent(stderr: str) -> int:
     return int(match.group(1).replace(",", ""))
 
 
-def assert_within_the_limits(sim: Simulator) -> None:
-    """The server never saw more than the key's limits, and answered no 429."""
+def assert_within_the_limits(sim: Simulator, burst: int = 1) -> None:
+    """The server never saw more than the key's limits (CONTRACT.md's even pacing per second), and no 429."""
     assert sim.stats.served_429 == 0
     assert max_in_window(sim.stats.arrivals, WINDOW) <= LIMIT
     assert sim.stats.max_in_window <= LIMIT
-    assert sim.stats.max_in_second <= min(PER_SECOND_BOUND, 40)
+    assert sim.stats.max_in_second <= min(PER_SECOND_BOUND - 1 + burst, 40)
 
 
 async def test_three_processes_on_one_key_share_one_budget(fleet: Fleet) -> None:
@@ -203,7 +203,7 @@ async def test_a_resume_right_after_ctrl_c_continues_the_same_budget(fleet: Flee
         code, err = await fleet.finish(second, bound=120)
     assert code == 0, err[-300:]
     assert len(sim.stats.arrivals) - before >= LIMIT  # the resumed run fills its first window
-    assert_within_the_limits(sim)
+    assert_within_the_limits(sim, burst=20)
 
 
 async def test_search_region_lookup_and_the_job_share_one_budget(fleet: Fleet) -> None:
@@ -301,22 +301,34 @@ def free_port() -> int:
         return port
 
 
+async def _pong(port: int) -> bool:
+    """True when a Redis answers PING on the port (not merely something listening)."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    try:
+        writer.write(b"PING\r\n")
+        await writer.drain()
+        return (await asyncio.wait_for(reader.readline(), 2)).startswith(b"+PONG")
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
+
+
 @contextlib.asynccontextmanager
 async def private_redis(port: int) -> AsyncIterator[asyncio.subprocess.Process]:
-    """A redis-server of this test's own on a free port (nothing kept on disk); killed when done."""
+    """A redis-server of this test's own on the port (nothing kept on disk); killed when done."""
     proc = await asyncio.create_subprocess_exec(
         "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )
     try:
         async with asyncio.timeout(10):
-            while True:
-                try:
-                    _, writer = await asyncio.open_connection("127.0.0.1", port)
-                    writer.close()
-                    break
-                except OSError:
-                    await asyncio.sleep(0.05)
+            while not await _pong(port):
+                assert proc.returncode is None, f"redis-server could not start on port {port}"
+                await asyncio.sleep(0.05)
         yield proc
     finally:
         if proc.returncode is None:
@@ -357,8 +369,10 @@ async def test_redis_lost_mid_run_pauses_then_stops_and_a_restart_paces_evenly(f
             for n in range(2):
                 env = fleet.env(fleet.root / f"{tag}{n}" / "state")
                 src = handles_file(fleet.root / f"{tag}{n}.txt", world, 200, offset=200 * n)
+                # A burst allowance of 20: a ledger that forgot the last window would let 20 start at once.
                 out.append(await fleet.start(f"{tag}{n}", ["profiles", str(src), "-o", "out.csv", "--base-url",
-                                                           sim.url, *RATE, "--rate-shared", url, "--parallelism", "4"],
+                                                           sim.url, *RATE, "--burst", "20", "--rate-shared", url,
+                                                           "--parallelism", "4"],
                                              env=env, stall_limit=3.0))
             return out
 
@@ -393,7 +407,7 @@ async def test_redis_lost_mid_run_pauses_then_stops_and_a_restart_paces_evenly(f
                 proc.send_signal(signal.SIGTERM)
             codes = [(await fleet.finish(p))[0] for p in procs]
     assert codes == [143, 143]
-    assert_within_the_limits(sim)
+    assert_within_the_limits(sim, burst=20)
 
 
 async def test_an_unreachable_ledger_is_exit_2_before_any_request(fleet: Fleet) -> None:
