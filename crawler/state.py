@@ -6,6 +6,7 @@ only writer of progress: it fsyncs the CSV, then records the committed length he
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -156,6 +157,7 @@ class StateStore:
         with self._tx():
             self._db.execute("DELETE FROM job")
             self._db.execute("DELETE FROM items")
+            self._db.execute("DELETE FROM media")
             self._db.execute(
                 "INSERT INTO job (id, command, input_sha, options, output, status, created, updated)"
                 " VALUES (1, ?, ?, ?, ?, 'ingesting', ?, ?)",
@@ -256,20 +258,35 @@ class StateStore:
 
     # --- media files (`crawler download`) ---
 
+    def add_item(self, key: str, raw: str, reason: str | None = None, detail: str | None = None) -> int | None:
+        """Insert one item unless its key is known; its seq when new, else None."""
+        cur = self._db.execute(
+            "INSERT OR IGNORE INTO items (key, raw, status, reason, detail) VALUES (?, ?, ?, ?, ?)",
+            (key, raw, "failed" if reason else "pending", reason, detail))
+        return cur.lastrowid if cur.rowcount else None
+
+    def begin(self) -> _Transaction:
+        """A write transaction for a batch of `add_item` / `add_media` calls."""
+        return self._tx()
+
     def media(self, seq: int) -> list[MediaFile]:
         """The media files of one item, by image number."""
         return [MediaFile(*row) for row in self._db.execute(
             "SELECT seq, n, name, url, expected, etag, durable, status, refreshed FROM media WHERE seq = ? ORDER BY n",
             (seq,))]
 
-    def add_media(self, files: Iterable[MediaFile], requests_sent: int, credits_billed: int) -> None:
-        """Record an item's files (and the counters of the call that found their URLs) in one transaction."""
-        with self._tx():
+    def add_media(self, files: Iterable[MediaFile], counters: tuple[int, int] | None = None) -> None:
+        """Record an item's files, with the (requests_sent, credits_billed) of the call that found their URLs.
+
+        Inside `begin()` it joins that transaction; alone it is its own.
+        """
+        with contextlib.nullcontext() if self._db.in_transaction else self._tx():
             for f in files:
                 self._db.execute(
                     "INSERT OR IGNORE INTO media (seq, n, name, url, expected, refreshed) VALUES (?, ?, ?, ?, ?, ?)",
                     (f.seq, f.n, f.name, f.url, f.expected, f.refreshed))
-            self._set_counters(requests_sent, credits_billed)
+            if counters is not None:
+                self._set_counters(*counters)
 
     def refresh_media(self, seq: int, urls: dict[int, str], requests_sent: int, credits_billed: int) -> None:
         """Store renewed URLs of an item's files and mark them refreshed, with the counters, in one transaction."""
