@@ -34,6 +34,8 @@ from crawler import killpoints
 from crawler.client import Client
 from crawler.config import Secret, Settings
 from crawler.errors import (
+    BalanceExhausted,
+    BudgetExhausted,
     CrawlerError,
     DiskFull,
     Interrupted,
@@ -59,7 +61,8 @@ EXT: dict[str, str] = {"video": ".mp4", "hd": ".mp4", "watermarked": ".wm.mp4", 
                        "images": ".jpg"}
 URL_COLUMNS = ("play", "hdplay", "wmplay", "cover", "music_url", "images")
 CHUNK = 256 * 1024  # read size: memory per worker stays at a few chunks, whatever the file size
-CHECKPOINT = 4 * 1024 * 1024  # bytes between fsync + recorded length of a .part
+CHECKPOINT = 512 * 1024  # bytes between fsync + recorded length of a .part (or CHECKPOINT_SECONDS)
+CHECKPOINT_SECONDS = 1.0
 MAX_ID = 25  # digits; TikTok ids are 19
 
 
@@ -282,6 +285,7 @@ class Download:
         self._write = write or write_all
         self._interval = progress_interval
         self._stop: CrawlerError | None = None
+        self._spent: CrawlerError | None = None  # the credit budget or balance ran out
         self._tasks: list[asyncio.Task[None]] = []
         self._limiters: dict[str, AsyncLimiter] = {}
         self.files_run = 0
@@ -341,6 +345,8 @@ class Download:
                 self._session = await stack.enter_async_context(self._media_session())
                 await self._run_workers()
             self.state.set_counters(*self.counters())
+            if self._spent is not None and self._stop is None:
+                self._stop = self._spent
             progress = self.state.progress()
             complete = self._stop is None and progress.pending == 0
             write_failures(self.failures_file, self.state.failures(), raw=self.settings.output_raw)
@@ -432,6 +438,11 @@ class Download:
                 await self._item(seq, key)
             except ItemFailed as exc:
                 self.state.fail_item(seq, exc.reason, exc.endpoint or "media", str(exc))
+            except (BudgetExhausted, BalanceExhausted) as exc:
+                # Out of credits: this post stays pending (exit 4), but posts that need none go on, and
+                # renewals already in flight are not thrown away.
+                if self._spent is None:
+                    self._spent = exc
             except RunStopped as exc:
                 self.request_stop(exc)
                 return
@@ -512,7 +523,7 @@ class Download:
             offset = min(os.fstat(fd).st_size, f.durable)
             os.ftruncate(fd, offset)
             os.lseek(fd, offset, os.SEEK_SET)
-            pos = _Position(offset, f.expected, f.etag, offset)
+            pos = _Position(offset, f.expected, f.etag, offset, time.monotonic())
 
             async def attempt() -> None:
                 await self._attempt(seq, f, fd, pos)
@@ -594,9 +605,10 @@ class Download:
                         raise _disk_error(exc, self.dir) from None
                     pos.offset += len(chunk)
                     self.bytes_run += len(chunk)
-                    if pos.offset - pos.synced >= CHECKPOINT:
+                    now = time.monotonic()
+                    if pos.offset - pos.synced >= CHECKPOINT or now - pos.synced_at >= CHECKPOINT_SECONDS:
                         self._checkpoint(seq, f, fd, pos)
-                        pos.synced = pos.offset
+                        pos.synced, pos.synced_at = pos.offset, now
                         killpoints.reached("media_checkpoint")
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise _Transient(f"{f.name}: {type(exc).__name__} at byte {pos.offset}") from None
@@ -645,6 +657,7 @@ class _Position:
     expected: int | None
     etag: str | None
     synced: int
+    synced_at: float
 
 
 def _content_range(value: str | None) -> tuple[int | None, int | None]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from crawler.sim.seeded import hash64, str_hash, unit
@@ -219,7 +220,16 @@ class MediaHost:
             resp.headers["ETag"] = tag
         if ranged:
             resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{total}"
-        await resp.prepare(request)
+        try:
+            await resp.prepare(request)
+            await self._body(request, resp, kind, ident, n, start, end, fault, h)
+        except (ConnectionError, aiohttp.ClientConnectionResetError):
+            pass  # the client went away (a killed downloader): nothing to finish
+        return resp
+
+    async def _body(self, request: web.Request, resp: web.StreamResponse, kind: str, ident: str, n: int,
+                    start: int, end: int, fault: str | None, h: int) -> None:
+        cfg = self.config
         cut_at = start + int((end - start) * unit(hash64(h, 4))) if fault == "cut" else None
         delay = 0.0
         if fault == "slow":
@@ -235,7 +245,7 @@ class MediaHost:
                 self._count(request.path, len(chunk))
                 if request.transport is not None:
                     request.transport.abort()  # the client sees the body end short
-                return resp
+                return
             chunk = content_range(self.seed, kind, ident, n, pos, stop)
             await resp.write(chunk)
             self._count(request.path, len(chunk))
@@ -243,7 +253,6 @@ class MediaHost:
             if delay:
                 await asyncio.sleep(delay)
         await resp.write_eof()
-        return resp
 
     def _count(self, path: str, n: int) -> None:
         self.stats.bytes_sent += n
