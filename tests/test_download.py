@@ -234,7 +234,7 @@ async def test_hostile_csv_writes_nothing_outside_dir(simulator: SimFactory, tmp
         rows = await posts_csv(sim, tmp_path, 3)
         good = rows[0]
         url = good["play"]  # a real, valid URL: a traversal would really write if names were not checked
-        hostile = ["../../etc/x", "/tmp/abs", "../escape", "123\x00456", "٣٣٣", "7000000000000000001/../../y", ".."]
+        hostile = ["../../etc/x", str(tmp_path / "abs"), "../escape", "123\x00456", "٣٣٣", "7000000000000000001/../../y", ".."]
         work = tmp_path / "work"
         work.mkdir()
         with (work / "hostile.csv").open("w", newline="", encoding="utf-8") as fh:
@@ -253,7 +253,6 @@ async def test_hostile_csv_writes_nothing_outside_dir(simulator: SimFactory, tmp
         out = work / "out" / "dir"
         new = files_under(tmp_path) - before
         assert new and all(out in p.parents for p in new), sorted(map(str, new))
-        assert not Path("/etc/x.mp4").exists() and not Path("/tmp/abs.mp4").exists()
         assert (out / f"{good['video_id']}.mp4").read_bytes() == expected(sim, "play", good["video_id"])
         with (out / "download-video.failures.csv").open(newline="", encoding="utf-8") as fh:
             failures = list(csv.DictReader(fh))
