@@ -1,5 +1,6 @@
 """Issue 14: `crawler download` of 1 GB of media at full speed: MB/s and peak RSS (goal < 100 MB), beside a
-plain aiohttp loop (same simulator, same files, same concurrency), interleaved in the same run.
+plain aiohttp loop (same simulator, same files, same concurrency; with and without an fsync per file),
+interleaved in the same run.
 
 The posts CSV comes from a real `crawler posts` run against the simulator; rows are taken until their
 `size` column (the simulator's truth) adds up to the target. Both downloaders run as child processes,
@@ -10,18 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import os
 import shutil
 import sys
 from pathlib import Path
 
-from _common import FAST, PYTHON, ROOT, Figure, Sim, child_env, main_for, run_child, show, spread, workdir
+from _common import FAST, PYTHON, Figure, Sim, child_env, main_for, run_child, show, spread, workdir
 
 NAME = "download"
 PARALLELISM = 8
 
 
-async def _plain(csv_path: str, out: str) -> None:
-    """The baseline: a semaphore of PARALLELISM over every URL, each streamed to its file in chunks."""
+async def _plain(csv_path: str, out: str, fsync: bool = False) -> None:
+    """The baseline: a semaphore of PARALLELISM over every URL, each streamed to its file in chunks.
+
+    With `fsync`, each file is fsynced before it is closed (what durability costs, without any state).
+    """
     import aiohttp
 
     # Blocking file calls on purpose: what a hand-written loop does (and what the crawler's os.write does).
@@ -35,6 +40,9 @@ async def _plain(csv_path: str, out: str) -> None:
                 with open(Path(out) / f"{row['video_id']}.mp4", "wb") as f:  # noqa: ASYNC230
                     async for chunk in resp.content.iter_chunked(256 * 1024):
                         f.write(chunk)
+                    if fsync:
+                        f.flush()
+                        os.fsync(f.fileno())
 
         await asyncio.gather(*(one(r) for r in rows))
 
@@ -91,45 +99,46 @@ def run(quick: bool = False) -> list[Figure]:
     print(f"[download] {target / 1e9:g} GB of media from a posts CSV, {PARALLELISM} in flight, simulator media host"
           f" on loopback, per-host rate off; crawler download vs a plain aiohttp loop, {reps} interleaved"
           " repetitions (child processes)", flush=True)
-    ours_mbps, ours_rss, plain_mbps, plain_rss, ours_cpu, plain_cpu = [], [], [], [], [], []
+    mbps: dict[str, list[float]] = {"ours": [], "plain": [], "plain+fsync": []}
+    rss: dict[str, list[float]] = {k: [] for k in mbps}
+    cpu: dict[str, list[float]] = {k: [] for k in mbps}
     with workdir(NAME) as work, Sim(*FAST) as sim:
         posts, files, total = _posts_csv(sim, work, target)
         env = child_env(TIKLIVE_BASE_URL=sim.url)
+        commands = {
+            "ours": [PYTHON, "-m", "crawler", "download", str(posts), "-o", str(work / "out"), "--what", "video",
+                     "--config", str(work / "fast.toml"), "-q"],
+            "plain": [PYTHON, str(Path(__file__)), "--plain-child", str(posts), str(work / "out")],
+            "plain+fsync": [PYTHON, str(Path(__file__)), "--plain-child-fsync", str(posts), str(work / "out")],
+        }
         for _ in range(reps):
-            out = work / "ours"
-            r = run_child([PYTHON, "-m", "crawler", "download", str(posts), "-o", str(out), "--what", "video",
-                           "--config", str(work / "fast.toml"), "-q"], cwd=work, env=env)
-            if r.code != 0:
-                raise RuntimeError(f"crawler download exited {r.code}: {r.stderr.strip()[-300:]}")
-            _check(out, files, total)
-            ours_mbps.append(total / r.wall / 1e6)
-            ours_rss.append(r.maxrss_mb)
-            ours_cpu.append(r.cpu)
-            shutil.rmtree(out)
-
-            out = work / "plain"
-            out.mkdir()
-            r = run_child([PYTHON, str(Path(__file__)), "--plain-child", str(posts), str(out)], cwd=ROOT, env=env)
-            if r.code != 0:
-                raise RuntimeError(f"plain loop exited {r.code}: {r.stderr.strip()[-300:]}")
-            _check(out, files, total)
-            plain_mbps.append(total / r.wall / 1e6)
-            plain_rss.append(r.maxrss_mb)
-            plain_cpu.append(r.cpu)
-            shutil.rmtree(out)
+            for name, cmd in commands.items():
+                out = work / "out"
+                out.mkdir()
+                r = run_child(cmd, cwd=work, env=env)
+                if r.code != 0:
+                    raise RuntimeError(f"{name} exited {r.code}: {r.stderr.strip()[-300:]}")
+                _check(out, files, total)
+                mbps[name].append(total / r.wall / 1e6)
+                rss[name].append(r.maxrss_mb)
+                cpu[name].append(r.cpu / total * 1e9)
+                shutil.rmtree(out)
+    ours_mbps, plain_mbps = mbps["ours"], mbps["plain"]
     ratio = [a / b for a, b in zip(ours_mbps, plain_mbps, strict=True)]
+    ratio_fsync = [a / b for a, b in zip(ours_mbps, mbps["plain+fsync"], strict=True)]
     return [
         show(Figure(NAME, f"MB/s, {files:,} files, {total / 1e9:.2f} GB", spread(ours_mbps, "{:,.0f}"), "",
                     spread(plain_mbps, "{:,.0f}"))),
+        show(Figure(NAME, "MB/s, plain loop + fsync per file", spread(mbps["plain+fsync"], "{:,.0f}"))),
         show(Figure(NAME, "MB/s ratio, ours / plain", spread(ratio, "{:.2f}"))),
-        show(Figure(NAME, "peak RSS MB (VmHWM)", spread(ours_rss, "{:.0f}"), "< 100", spread(plain_rss, "{:.0f}"))),
-        show(Figure(NAME, "CPU s per GB", spread([c / total * 1e9 for c in ours_cpu], "{:.1f}"), "",
-                    spread([c / total * 1e9 for c in plain_cpu], "{:.1f}"))),
+        show(Figure(NAME, "MB/s ratio, ours / plain + fsync", spread(ratio_fsync, "{:.2f}"))),
+        show(Figure(NAME, "peak RSS MB (VmHWM)", spread(rss["ours"], "{:.0f}"), "< 100",
+                    spread(rss["plain"], "{:.0f}"))),
+        show(Figure(NAME, "CPU s per GB", spread(cpu["ours"], "{:.1f}"), "", spread(cpu["plain"], "{:.1f}"))),
     ]
 
-
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--plain-child":
-        asyncio.run(_plain(sys.argv[2], sys.argv[3]))
+    if len(sys.argv) == 4 and sys.argv[1] in ("--plain-child", "--plain-child-fsync"):
+        asyncio.run(_plain(sys.argv[2], sys.argv[3], fsync=sys.argv[1].endswith("fsync")))
     else:
         main_for(run, __doc__)

@@ -61,7 +61,7 @@ EXT: dict[str, str] = {"video": ".mp4", "hd": ".mp4", "watermarked": ".wm.mp4", 
                        "images": ".jpg"}
 URL_COLUMNS = ("play", "hdplay", "wmplay", "cover", "music_url", "images")
 CHUNK = 256 * 1024  # read size: memory per worker stays at a few chunks, whatever the file size
-CHECKPOINT = 512 * 1024  # bytes between fsync + recorded length of a .part (or CHECKPOINT_SECONDS)
+CHECKPOINT = 4 * 1024 * 1024  # bytes between fsync + recorded length of a .part (or CHECKPOINT_SECONDS)
 CHECKPOINT_SECONDS = 1.0
 MAX_ID = 25  # digits; TikTok ids are 19
 
@@ -218,7 +218,7 @@ def read_input(path: str, what: str) -> Iterator[Entry]:
         first = text.readline()
         header = next(csv.reader([first]), []) if first.strip() else []
         names = [h.strip() for h in header]
-        if "video_id" in names and any(c in names for c in URL_COLUMNS):
+        if "video_id" in names:  # a CSV; rows without a URL of the kind asked cost one /post-detail/ call
             yield from _csv_entries(first, text, what)
         else:
             lines = [first] if first else []
@@ -484,7 +484,7 @@ class Download:
     async def _refresh(self, seq: int, video_id: str, f: MediaFile) -> MediaFile:
         """Renew an item's URLs once through /post-detail/; the same file with its new URL."""
         post = await self._post(video_id)
-        fresh = {m.n: m.url for m in self._files_of(seq, video_id, post, refreshed=1)}
+        fresh = {m.n: (m.url, m.expected) for m in self._files_of(seq, video_id, post, refreshed=1)}
         self.state.refresh_media(seq, fresh, *self.counters())
         log.info("renewed the media URLs of %s (1 credit)", video_id)
         if f.n not in fresh:
@@ -516,13 +516,9 @@ class Download:
     async def _transfer(self, seq: int, f: MediaFile, final: Path) -> None:
         """Stream one file into NAME.part (continuing at its durable length), then rename it into place."""
         part = final.with_name(final.name + ".part")
-        part.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
+        # File-system calls that may wait on the disk run in a thread, so other transfers keep flowing.
+        fd, offset = await asyncio.to_thread(_open_part, part, f.durable)
         try:
-            # Only the fsynced length is trusted: bytes after it may not have survived a power cut.
-            offset = min(os.fstat(fd).st_size, f.durable)
-            os.ftruncate(fd, offset)
-            os.lseek(fd, offset, os.SEEK_SET)
             pos = _Position(offset, f.expected, f.etag, offset, time.monotonic())
 
             async def attempt() -> None:
@@ -545,12 +541,11 @@ class Download:
             except asyncio.CancelledError:
                 self._checkpoint(seq, f, fd, pos)
                 raise
-            os.fsync(fd)
+            await asyncio.to_thread(os.fsync, fd)
         finally:
             os.close(fd)
         killpoints.reached("media_fsynced")
-        os.replace(part, final)
-        _fsync_dir(final.parent)
+        await asyncio.to_thread(_publish, part, final)
         killpoints.reached("media_renamed")
         self.state.media_done(seq, f.n, pos.offset)
         self.files_run += 1
@@ -607,7 +602,9 @@ class Download:
                     self.bytes_run += len(chunk)
                     now = time.monotonic()
                     if pos.offset - pos.synced >= CHECKPOINT or now - pos.synced_at >= CHECKPOINT_SECONDS:
-                        self._checkpoint(seq, f, fd, pos)
+                        await asyncio.to_thread(os.fsync, fd)
+                        self.state.media_progress(seq, f.n, durable=pos.offset, expected=pos.expected,
+                                                  etag=pos.etag)
                         pos.synced, pos.synced_at = pos.offset, now
                         killpoints.reached("media_checkpoint")
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
@@ -676,8 +673,24 @@ def _disk_error(exc: OSError, directory: Path) -> DiskFull:
     return DiskFull(f"cannot write into {directory}: {exc.strerror or exc}")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _open_part(part: Path, durable: int) -> tuple[int, int]:
+    """Open NAME.part cut back to its fsynced length (bytes after it may not have survived a power cut)."""
+    part.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        offset = min(os.fstat(fd).st_size, durable)
+        os.ftruncate(fd, offset)
+        os.lseek(fd, offset, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, offset
+
+
+def _publish(part: Path, final: Path) -> None:
+    """Rename a complete, fsynced NAME.part into place and make the rename durable."""
+    os.replace(part, final)
+    fd = os.open(final.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

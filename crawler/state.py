@@ -288,11 +288,18 @@ class StateStore:
             if counters is not None:
                 self._set_counters(*counters)
 
-    def refresh_media(self, seq: int, urls: dict[int, str], requests_sent: int, credits_billed: int) -> None:
-        """Store renewed URLs of an item's files and mark them refreshed, with the counters, in one transaction."""
+    def refresh_media(self, seq: int, files: dict[int, tuple[str, int | None]], requests_sent: int,
+                      credits_billed: int) -> None:
+        """Store renewed (url, announced length) of an item's files, mark them refreshed, with the counters.
+
+        A partial file without an ETag starts again: nothing proves the new URL serves the same bytes.
+        """
         with self._tx():
-            for n, url in urls.items():
-                self._db.execute("UPDATE media SET url = ?, refreshed = 1 WHERE seq = ? AND n = ?", (url, seq, n))
+            for n, (url, expected) in files.items():
+                self._db.execute(
+                    "UPDATE media SET url = ?, expected = COALESCE(?, expected), refreshed = 1,"
+                    " durable = CASE WHEN etag IS NULL THEN 0 ELSE durable END WHERE seq = ? AND n = ?",
+                    (url, expected, seq, n))
             self._db.execute("UPDATE media SET refreshed = 1 WHERE seq = ?", (seq,))
             self._set_counters(requests_sent, credits_billed)
 

@@ -234,7 +234,8 @@ async def test_hostile_csv_writes_nothing_outside_dir(simulator: SimFactory, tmp
         rows = await posts_csv(sim, tmp_path, 3)
         good = rows[0]
         url = good["play"]  # a real, valid URL: a traversal would really write if names were not checked
-        hostile = ["../../etc/x", str(tmp_path / "abs"), "../escape", "123\x00456", "٣٣٣", "7000000000000000001/../../y", ".."]
+        hostile = ["../../etc/x", str(tmp_path / "abs"), "../escape", "123\x00456", "٣٣٣",
+                   "7000000000000000001/../../y", ".."]
         work = tmp_path / "work"
         work.mkdir()
         with (work / "hostile.csv").open("w", newline="", encoding="utf-8") as fh:
