@@ -274,7 +274,7 @@ class Download:
     def __init__(self, options: DownloadOptions, settings: Settings, *, api_key: Secret | str | None = None,
                  restart: bool = False, retry_failed: bool = False, quiet: bool = True,
                  write: Callable[[int, bytes | memoryview], None] | None = None,
-                 progress_interval: float = 2.0) -> None:
+                 progress_interval: float | None = None) -> None:
         self.options = options
         self.settings = settings
         self.dir = Path(options.directory)
@@ -283,7 +283,8 @@ class Download:
         self._retry_failed = retry_failed
         self._quiet = quiet
         self._write = write or write_all
-        self._interval = progress_interval
+        # A live line every 2 s on a terminal, a log line every 30 s otherwise (as the crawl commands do).
+        self._interval = progress_interval or (2.0 if sys.stderr.isatty() else 30.0)
         self._stop: CrawlerError | None = None
         self._spent: CrawlerError | None = None  # the credit budget or balance ran out
         self._tasks: list[asyncio.Task[None]] = []

@@ -228,6 +228,24 @@ async def test_video_ids_cost_one_detail_each_and_fetch_hd(simulator: SimFactory
             assert [(f["input"], f["reason"]) for f in csv.DictReader(fh)] == [("not-a-video", "invalid_input")]
 
 
+async def test_photo_posts_images_land_in_a_folder_per_post(simulator: SimFactory, tmp_path: Path) -> None:
+    """--what images: DIR/<video_id>/<n>.jpg for every image of a photo post; other posts are skipped, not failed."""
+    async with simulator(world=WORLD) as sim:
+        rows = await posts_csv(sim, tmp_path, 60)
+        photos = {r["video_id"]: media.photo_count(sim.media.seed, r["video_id"]) for r in rows}
+        photos = {k: v for k, v in photos.items() if v}
+        assert photos, "the sample must hold photo posts"
+        code, err = await crawler(["download", "posts.csv", "-o", "img", "--what", "images", "--config", "fast.toml",
+                                   "-q"], sim, tmp_path)
+        assert code == 0, err
+        out = tmp_path / "img"
+        want = {f"{vid}/{n}.jpg" for vid, count in photos.items() for n in range(count)}
+        assert {p.relative_to(out).as_posix() for p in files_under(out) if not p.name.startswith(".")} == want
+        for vid, count in photos.items():
+            for n in range(count):
+                assert (out / vid / f"{n}.jpg").read_bytes() == media.content(sim.media.seed, "image", vid, n)
+
+
 async def test_hostile_csv_writes_nothing_outside_dir(simulator: SimFactory, tmp_path: Path) -> None:
     """Path traversal, absolute paths, NUL bytes and non-http URLs become invalid_input rows; nothing leaves DIR."""
     async with simulator(world=WORLD) as sim:
