@@ -560,8 +560,8 @@ class Download:
         host = urlsplit(f.url).netloc
         limiter = self._limiters.get(host)
         if limiter is None:
-            rate = self.settings.download_per_host_rate
-            limiter = self._limiters[host] = AsyncLimiter(max(1.0, rate), max(1.0, rate) / rate)
+            # Even pacing, no burst: at most per_host_rate requests start in any second (+1 at its edge).
+            limiter = self._limiters[host] = AsyncLimiter(1, 1.0 / self.settings.download_per_host_rate)
         headers = {}
         if pos.offset > 0:
             headers["Range"] = f"bytes={pos.offset}-"

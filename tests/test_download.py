@@ -322,3 +322,75 @@ async def test_disk_full_stops_with_one_line_and_renames_nothing_incomplete(
         assert code == 0, capsys.readouterr().err
         for r in rows:
             assert (out / f"{r['video_id']}.mp4").read_bytes() == expected(sim, "play", r["video_id"])
+
+
+async def test_media_host_sees_bounded_parallelism_and_an_even_per_host_rate(simulator: SimFactory,
+                                                                           tmp_path: Path) -> None:
+    """Counted at the media host: never more than download.parallelism at once, nor per_host_rate (+1) a second."""
+    async with simulator(world=WORLD) as sim:
+        await posts_csv(sim, tmp_path, 30)
+        (tmp_path / "polite.toml").write_text(FAST.replace("per_host_rate = 1000", "per_host_rate = 8")
+                                              + "parallelism = 3\n")
+        code, err = await crawler(["download", "posts.csv", "-o", "covers", "--what", "cover", "--config",
+                                   "polite.toml", "-q"], sim, tmp_path)
+        assert code == 0, err
+        times = sorted(sim.media.stats.arrivals)
+        assert len(times) == 30
+        most = max(sum(1 for t in times[i:] if t < start + 1.0) for i, start in enumerate(times))
+        assert most <= 8 + 1
+        assert sim.media.stats.max_in_flight <= 3
+
+
+async def test_media_gone_for_good_fails_after_one_refresh(simulator: SimFactory, tmp_path: Path) -> None:
+    """A file refused even with a renewed URL: one /post-detail/ credit, then a media_unavailable failure row."""
+    async with simulator(world=WORLD) as sim:
+        rows = await posts_csv(sim, tmp_path, 10)
+        gone = [rows[2]["video_id"], rows[7]["video_id"]]
+        for vid in gone:
+            sim.media.revoke(vid)
+        billed = sim.stats.billed[KEY]
+        code, err = await crawler(["download", "posts.csv", "-o", "media", "--what", "video", "--config", "fast.toml",
+                                   "-q"], sim, tmp_path)
+        assert code == 3, err
+        assert sim.stats.billed[KEY] - billed == len(gone)
+        with (tmp_path / "media" / "download-video.failures.csv").open(newline="", encoding="utf-8") as fh:
+            failures = sorted((f["input"], f["reason"]) for f in csv.DictReader(fh))
+        assert failures == sorted((vid, "media_unavailable") for vid in gone)
+        for r in rows:
+            path = tmp_path / "media" / f"{r['video_id']}.mp4"
+            if r["video_id"] in gone:
+                assert not path.exists()
+            else:
+                assert path.read_bytes() == expected(sim, "play", r["video_id"])
+
+
+async def test_sigterm_stops_cleanly_and_the_same_command_resumes(simulator: SimFactory, tmp_path: Path) -> None:
+    """SIGTERM mid-transfer: exit 143 with a resume line, partial files kept as .part, the re-run completes them."""
+    async with simulator(world=WORLD, media=MediaConfig(bytes_per_second=500_000)) as sim:
+        rows = await posts_csv(sim, tmp_path, 12)
+        args = ["download", "posts.csv", "-o", "media", "--what", "video", "--config", "fast.toml", "-q"]
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "crawler", *args, cwd=tmp_path,
+                                                    env=_env(sim), stdout=asyncio.subprocess.DEVNULL,
+                                                    stderr=asyncio.subprocess.PIPE)
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while sim.media.stats.bytes_sent < 1_000_000:
+                assert loop.time() < deadline and proc.returncode is None, "the download made no progress"
+                await asyncio.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.stderr is not None
+            err = (await asyncio.wait_for(proc.stderr.read(), timeout=30)).decode()
+            code = await asyncio.wait_for(proc.wait(), timeout=30)
+        finally:
+            if proc.returncode is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        assert code == 143, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "SIGTERM" in lines[0] and "resume with: crawler download posts.csv" in lines[0]
+        assert list((tmp_path / "media").glob("*.part"))
+        code, err = await crawler(args, sim, tmp_path)
+        assert code == 0, err
+        for r in rows:
+            assert (tmp_path / "media" / f"{r['video_id']}.mp4").read_bytes() == expected(sim, "play", r["video_id"])

@@ -120,6 +120,9 @@ class MediaStats:
     by_status: Counter[int] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)
     by_file: Counter[str] = field(default_factory=Counter)  # bytes sent per path
+    arrivals: list[float] = field(default_factory=list)  # monotonic arrival time of every request
+    in_flight: int = 0
+    max_in_flight: int = 0  # the most requests being answered at once
 
     def snapshot(self) -> dict[str, Any]:
         """JSON-ready copy."""
@@ -138,6 +141,11 @@ class MediaHost:
         self._clock = clock
         self._shift = 0.0
         self._seen: Counter[int] = Counter()
+        self._revoked: set[str] = set()
+
+    def revoke(self, ident: str) -> None:
+        """Every file of this post (or music) is gone for good: 410, whatever the URL's signature."""
+        self._revoked.add(ident)
 
     def now(self) -> float:
         """The host's clock (wall time plus any `shift`)."""
@@ -166,8 +174,18 @@ class MediaHost:
         """Serve one media request: signature and expiry, Range / If-Range, faults, throttled body."""
         st = self.stats
         st.requests += 1
+        st.arrivals.append(time.monotonic())
         if "X-Api-Key" in request.headers:
             st.with_api_key += 1
+        st.in_flight += 1
+        st.max_in_flight = max(st.max_in_flight, st.in_flight)
+        try:
+            return await self._answer(request)
+        finally:
+            st.in_flight -= 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
+        st = self.stats
         status, response = self._check(request)
         if response is not None:
             st.by_status[status] += 1
@@ -273,6 +291,8 @@ class MediaHost:
             return 403, web.Response(status=403, text="bad signature")
         if expires < self.now():
             return 403, web.Response(status=403, text="URL expired")  # what CDNs answer to a stale signed URL
+        if m.group(2) in self._revoked:
+            return 410, web.Response(status=410, text="gone")
         if m.group(1) == "image" and int(m.group(3) or 0) >= photo_count(self.seed, m.group(2)):
             return 404, web.Response(status=404, text="no such object")
         return 0, None
