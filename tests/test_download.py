@@ -394,3 +394,36 @@ async def test_sigterm_stops_cleanly_and_the_same_command_resumes(simulator: Sim
         assert code == 0, err
         for r in rows:
             assert (tmp_path / "media" / f"{r['video_id']}.mp4").read_bytes() == expected(sim, "play", r["video_id"])
+
+
+async def test_media_host_serves_ranges_and_refuses_stale_or_forged_urls(simulator: SimFactory) -> None:
+    """The simulator's media host: exact bytes, Range/If-Range, 416 past the end, 403 expired or forged, 410 gone."""
+    import aiohttp
+
+    async with simulator(world=WORLD, media=MediaConfig(ttl=60)) as sim, aiohttp.ClientSession() as http:
+        vid = "7000000000000100003"
+        seed = sim.media.seed
+        url = sim.media.url("play", vid)
+        whole = media.content(seed, "play", vid)
+        assert len(whole) == media.size(seed, "play", vid) >= 50_000
+        async with http.get(url) as resp:
+            assert resp.status == 200 and await resp.read() == whole
+            tag = resp.headers["ETag"]
+        async with http.get(url, headers={"Range": "bytes=1000-"}) as resp:
+            assert resp.status == 206 and await resp.read() == whole[1000:]
+            assert resp.headers["Content-Range"] == f"bytes 1000-{len(whole) - 1}/{len(whole)}"
+        async with http.get(url, headers={"Range": "bytes=10-19", "If-Range": tag}) as resp:
+            assert resp.status == 206 and await resp.read() == whole[10:20]
+        async with http.get(url, headers={"Range": "bytes=10-", "If-Range": '"stale"'}) as resp:
+            assert resp.status == 200 and await resp.read() == whole  # validator changed: the whole file
+        async with http.get(url, headers={"Range": f"bytes={len(whole)}-"}) as resp:
+            assert resp.status == 416 and resp.headers["Content-Range"] == f"bytes */{len(whole)}"
+        async with http.get(url.replace("/play/", "/hdplay/")) as resp:
+            assert resp.status == 403  # the signature covers the path
+        sim.media.shift(61)
+        async with http.get(url) as resp:
+            assert resp.status == 403  # expired
+        sim.media.revoke(vid)
+        async with http.get(sim.media.url("play", vid)) as resp:
+            assert resp.status == 410
+        assert sim.stats.requests == 0  # the media host is not the API
