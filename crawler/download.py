@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import csv
 import errno
-import fcntl
 import io
 import logging
 import os
@@ -33,6 +32,7 @@ from crawler import endpoints as ep
 from crawler import killpoints
 from crawler.client import Client
 from crawler.config import Secret, Settings
+from crawler.crawl import _rank, job_lock  # one exit-code precedence, one lock rule for every job
 from crawler.errors import (
     BalanceExhausted,
     BudgetExhausted,
@@ -40,7 +40,6 @@ from crawler.errors import (
     DiskFull,
     Interrupted,
     ItemFailed,
-    JobLocked,
     MediaUnavailable,
     NotFound,
     RunStopped,
@@ -291,7 +290,6 @@ class Download:
         self._limiters: dict[str, AsyncLimiter] = {}
         self.files_run = 0
         self.bytes_run = 0
-        self.skipped = 0
         self.client: Client | None = None
         self.state: StateStore
         self._session: aiohttp.ClientSession
@@ -500,7 +498,6 @@ class Download:
                 raise MediaUnavailable(f"{final} exists with {size:,} bytes, not the {f.expected:,} announced;"
                                        " it was not written by this job: move it away, then run again")
             self.state.media_done(seq, f.n, size)  # complete (a rename whose commit a crash cut off)
-            self.skipped += 1
             return
         try:
             await self._transfer(seq, f, final)
@@ -698,25 +695,6 @@ def _publish(part: Path, final: Path) -> None:
         os.close(fd)
 
 
-def _rank(error: CrawlerError) -> int:
-    code = error.code if isinstance(error, Interrupted) else error.exit_code
-    return {2: 0, 1: 1, 130: 2, 143: 2, 4: 3}.get(code, 4)
-
-
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise JobLocked(f"another crawler process is downloading into {path.parent}; wait for it or stop it"
-                            ) from None
-        yield
-    finally:
-        os.close(fd)
-
-
 async def run_download(download: Download, *, install_signals: bool = True) -> DownloadOutcome:
     """Run a download under its job lock, turning SIGINT/SIGTERM into a clean, resumable stop."""
     if download.dir.exists() and not download.dir.is_dir():
@@ -730,7 +708,7 @@ async def run_download(download: Download, *, install_signals: bool = True) -> D
                 loop.add_signal_handler(sig, download.request_stop, Interrupted(f"stopped by {sig.name}", code))
                 installed.append(sig)
     try:
-        with _lock(download.dir / f".crawler-download-{download.options.what}.lock"):
+        with job_lock(download.dir / f".crawler-download-{download.options.what}"):
             return await download.run()
     finally:
         for signum in installed:
