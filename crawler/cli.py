@@ -403,6 +403,8 @@ def cmd_download(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from crawler.download import Download, DownloadOptions, run_download
 
     settings = settings_from(args)
+    if getattr(args, "crawl.parallelism", None) is not None and settings.parallelism is not None:
+        settings = settings.replace(download_parallelism=settings.parallelism)  # --parallelism N: files in flight
     # A CSV input needs no key; ids and expired URLs do (then the API says so, or the item fails).
     key = api_key() if os.environ.get("TIKLIVE_API_KEY", "").strip() else None
     download = Download(DownloadOptions(args.input, args.output, args.what), settings, api_key=key,

@@ -619,16 +619,17 @@ class Download:
     async def _progress(self) -> None:
         if self._quiet:
             return
-        last_bytes, last_time = 0, time.monotonic()
+        last_bytes, last_files, last_time = 0, 0, time.monotonic()
         while True:
             await asyncio.sleep(self._interval)
             now = time.monotonic()
-            rate = (self.bytes_run - last_bytes) / max(now - last_time, 1e-9) / 1e6
-            last_bytes, last_time = self.bytes_run, now
+            span = max(now - last_time, 1e-9)
+            rate, files = (self.bytes_run - last_bytes) / span / 1e6, (self.files_run - last_files) / span
+            last_bytes, last_files, last_time = self.bytes_run, self.files_run, now
             p = self.state.progress()
-            print(f"download: {p.done + p.failed:,}/{p.total:,} posts, {self.files_run:,} files this run,"
-                  f" {self.bytes_run / 1e6:,.1f} MB, {rate:,.1f} MB/s, {p.failed:,} failed", file=sys.stderr,
-                  flush=True)
+            print(f"download: {p.done + p.failed:,}/{p.total:,} posts, {self.files_run:,} files this run"
+                  f" ({files:,.1f}/s), {self.bytes_run / 1e6:,.1f} MB ({rate:,.1f} MB/s), {p.failed:,} failed",
+                  file=sys.stderr, flush=True)
 
     def _outcome(self, started: float, status: str, reason: str = "") -> DownloadOutcome:
         files, _, refreshed = self.state.media_totals()
