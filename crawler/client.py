@@ -37,6 +37,7 @@ from crawler.errors import (
     TransientError,
     UsageError,
 )
+from crawler.ledger import open_ledger
 from crawler.pacing import Pace, RateGate
 from crawler.retry import retry_async
 
@@ -210,6 +211,7 @@ class Client:
         base_url: str | None = None,
         request_budget: int | None = None,
         max_connections: int = 100,
+        gate: RateGate | None = None,
     ) -> None:
         s = settings or Settings()
         if base_url is not None:
@@ -227,12 +229,17 @@ class Client:
             margin=s.rate_margin,
             enabled=s.rate_enabled,
         )
-        self.gate = RateGate(
-            self.pace,
-            cooldown_base=max(s.retry_base_delay, 0.05) if s.retry_base_delay > 0 else 0.0,
-            cooldown_max=s.retry_max_delay,
-            stall_limit=s.retry_stall_limit,
-        )
+        if gate is None:
+            # The key's ledger (rate.shared) paces this client with every other one on the key; none when off.
+            ledger = open_ledger(s.rate_shared, self._key.reveal(), self.base_url) if s.rate_enabled else None
+            gate = RateGate(
+                self.pace,
+                ledger=ledger,
+                cooldown_base=max(s.retry_base_delay, 0.05) if s.retry_base_delay > 0 else 0.0,
+                cooldown_max=s.retry_max_delay,
+                stall_limit=s.retry_stall_limit,
+            )
+        self.gate = gate
         self.request_budget = request_budget
         self.counters = Counters()
         self._max_connections = max_connections
@@ -245,6 +252,7 @@ class Client:
     async def __aenter__(self) -> Client:
         if self._closed or self._session is not None:
             raise RuntimeError("a Client is opened once; create a new one")
+        await self.gate.__aenter__()  # an unreachable ledger is a usage error before any request
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self.settings.connect_timeout, sock_read=self.settings.read_timeout
         )
@@ -262,10 +270,13 @@ class Client:
 
     async def aclose(self) -> None:
         """Close the session (idempotent)."""
+        if self._closed:
+            return
         self._closed = True
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+            await self.gate.__aexit__(None, None, None)
 
     async def get(self, endpoint: str, params: Mapping[str, str | int] | None = None) -> JsonDict:
         """One API call: paced, retried on transient errors, classified; returns the JSON payload."""
@@ -283,8 +294,11 @@ class Client:
                     body = await self._send(path, query)
                 except RateLimited as exc:
                     self.counters.rate_limited += 1
-                    self.gate.report_429(started, exc.retry_after)
+                    await self.gate.report_429(started, exc.retry_after)
                     continue
+                except CrawlerError:
+                    self.gate.report_success()  # any answer but a rate limit ends a 429 streak
+                    raise
                 self.gate.report_success()
                 try:
                     return parse(body)

@@ -5,6 +5,7 @@
     ├── RunStopped             the whole run must end
     │   ├── KeyRejected        missing/unknown key answered by the API (exit 1)
     │   ├── RateLimitStalled   429s without a break for longer than retry.stall_limit (exit 1)
+    │   ├── LedgerLost         the key's rate ledger stopped answering for retry.stall_limit (exit 1)
     │   ├── JobLocked          another process is running the same job (exit 1)
     │   ├── BalanceExhausted   the API says the credit balance is empty; resumable (exit 4)
     │   ├── BudgetExhausted    --max-credits reached; resumable (exit 4)
@@ -50,6 +51,10 @@ class KeyRejected(RunStopped):
 
 class RateLimitStalled(RunStopped):
     """The API answered 429 without a break for longer than the stall limit."""
+
+
+class LedgerLost(RunStopped):
+    """The key's rate ledger (state file or Redis) did not answer for longer than the stall limit."""
 
 
 class JobLocked(RunStopped):

@@ -29,6 +29,14 @@ def fast_settings(url: str, **changes: Any) -> Settings:
     return base.replace(**changes)
 
 
+@pytest.fixture(autouse=True)
+def private_state_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test gets its own XDG_STATE_HOME (the local rate ledger lives there): nothing under the real home."""
+    home = str(tmp_path_factory.mktemp("state"))
+    monkeypatch.setenv("XDG_STATE_HOME", home)
+    return home
+
+
 SimFactory = Callable[..., AbstractAsyncContextManager[Simulator]]
 
 
