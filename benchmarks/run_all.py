@@ -16,6 +16,7 @@ import traceback
 from collections.abc import Callable
 
 import bench_client
+import bench_download
 import bench_ledger
 import bench_pipeline
 import bench_state
@@ -46,6 +47,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Figure]]] = {
     "pipeline": bench_pipeline.run,
     "state": bench_state.run,
     "history": history,
+    "download": bench_download.run,
 }
 
 

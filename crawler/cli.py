@@ -179,6 +179,21 @@ def build_parser() -> argparse.ArgumentParser:
     _settings_flags(r)
     r.set_defaults(func=cmd_regions)
 
+    from crawler.download import WHATS
+
+    d = sub.add_parser("download", help="media files of posts into a directory, resumably (no credits from a CSV)",
+                       description="Files DIR/<video_id>.<ext> (photo posts: DIR/<video_id>/<n>.jpg) from a posts or"
+                       " post-details CSV (its URL columns; no credits) or from video URLs/ids (one /post-detail/"
+                       " credit each). Expired URLs are renewed once through /post-detail/ (one credit each).")
+    d.add_argument("input", metavar="INPUT", help="a posts/post-details CSV, or video URLs or ids one per line, or -")
+    d.add_argument("-o", "--output", required=True, metavar="DIR")
+    d.add_argument("--what", choices=WHATS, default="hd",
+                   help="hd (default; falls back to video), video, watermarked, cover, music or images")
+    d.add_argument("--restart", action="store_true", help="forget this job's progress (complete files are kept)")
+    d.add_argument("--retry-failed", action="store_true", help="try the failed posts again")
+    _settings_flags(d)
+    d.set_defaults(func=cmd_download)
+
     sim = sub.add_parser("sim", help="run the local API simulator (python -m crawler.sim --help)", add_help=False)
     sim.add_argument("rest", nargs=argparse.REMAINDER)
     sim.set_defaults(func=cmd_sim)
@@ -451,6 +466,34 @@ def cmd_history(args: argparse.Namespace, argv: Sequence[str]) -> int:
     finally:
         store.close()
     return 0
+
+
+def cmd_download(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run (or resume) a media download."""
+    import os
+
+    from crawler.download import Download, DownloadOptions, run_download
+
+    settings = settings_from(args)
+    if getattr(args, "crawl.parallelism", None) is not None and settings.parallelism is not None:
+        settings = settings.replace(download_parallelism=settings.parallelism)  # --parallelism N: files in flight
+    # A CSV input needs no key; ids and expired URLs do (then the API says so, or the item fails).
+    key = api_key() if os.environ.get("TIKLIVE_API_KEY", "").strip() else None
+    download = Download(DownloadOptions(args.input, args.output, args.what), settings, api_key=key,
+                        restart=args.restart, retry_failed=args.retry_failed, quiet=args.quiet)
+    outcome = asyncio.run(run_download(download))
+    if not args.quiet:
+        print(outcome.summary.render(), file=sys.stderr)
+    err = outcome.error
+    if err is None:
+        if outcome.summary.failed:
+            print(f"crawler: {outcome.summary.failed:,} posts failed; see {outcome.summary.failures_file}"
+                  " (re-run with --retry-failed to try them again)", file=sys.stderr)
+    else:
+        resumable = isinstance(err, Interrupted) or err.exit_code == 4
+        hint = f"; resume with: {_resume_hint(argv)}" if resumable else ""
+        print(f"crawler: {err}{hint}", file=sys.stderr)
+    return outcome.exit_code
 
 
 def cmd_sim(args: argparse.Namespace, argv: Sequence[str]) -> int:

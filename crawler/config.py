@@ -70,6 +70,8 @@ class Settings:
     output_bom: bool = False  # output.bom
     output_raw: bool = False  # output.raw
     history_url: str | None = None  # history.url (None: SQLite file in the data directory)
+    download_parallelism: int = 8  # download.parallelism: files in flight at once (media hosts, not the API)
+    download_per_host_rate: float = 10.0  # download.per_host_rate: media requests started per second per host
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed."""
@@ -158,6 +160,8 @@ KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "output.bom": ("output_bom", _bool),
     "output.raw": ("output_raw", _bool),
     "history.url": ("history_url", _optional_text),
+    "download.parallelism": ("download_parallelism", _number(int, low=1)),
+    "download.per_host_rate": ("download_per_host_rate", _number(float, low=0.01)),
 }
 
 ENV_KEYS = {"TIKLIVE_BASE_URL": "api.base_url", "CRAWLER_RATE_SHARED": "rate.shared"}

@@ -53,6 +53,10 @@ def _bool(v: Any) -> bool:
     return bool(v)
 
 
+def _list(v: Any) -> list[Any]:
+    return v if isinstance(v, list) else []
+
+
 def _dict(v: Any) -> JsonDict:
     return v if isinstance(v, dict) else {}
 
@@ -142,6 +146,16 @@ class Post(Record):
     author_handle: str
     music_id: str
     pinned: bool
+    # media (api-reference §3.1-3.3); signed CDN URLs that expire, so `crawler download` refreshes them
+    duration: int | None = None
+    cover: str = ""
+    play: str = ""
+    wmplay: str = ""
+    hdplay: str = ""  # only /post-detail/ gives it
+    size: int | None = None
+    hd_size: int | None = None
+    music_url: str = ""
+    images: str = ""  # photo posts: the image URLs, space-separated
 
 
 @_columns
@@ -293,6 +307,15 @@ def parse_post(item: Mapping[str, Any], source: str) -> Post:
         author_handle=_str(author.get("unique_id")).lower(),
         music_id=_str(music.get("id")),
         pinned=_bool(item.get("is_top")),
+        duration=_int(item.get("duration")),
+        cover=_str(item.get("cover")),
+        play=_str(item.get("play")),
+        wmplay=_str(item.get("wmplay")),
+        hdplay=_str(item.get("hdplay")),
+        size=_int(item.get("size")),
+        hd_size=_int(item.get("hd_size")),
+        music_url=_str(_first(item.get("music"), music.get("play"))),
+        images=" ".join(_str(u) for u in _list(item.get("images")) if _str(u)),
     )
 
 

@@ -9,11 +9,13 @@
     │   ├── JobLocked          another process is running the same job (exit 1)
     │   ├── BalanceExhausted   the API says the credit balance is empty; resumable (exit 4)
     │   ├── BudgetExhausted    --max-credits reached; resumable (exit 4)
+    │   ├── DiskFull           a media file could not be written (ENOSPC and the like); resumable (exit 1)
     │   └── Interrupted        SIGINT / SIGTERM: committed what was complete (exit 130 / 143)
     ├── ItemFailed             one input item failed; the run goes on (exit 3 at the end)
     │   ├── NotFound           user / post / music / challenge does not exist   reason not_found
     │   ├── PrivateAccount     the account is private                           reason private
-    │   └── RetriesExhausted   transient errors outlasted retry.attempts        reason retries_exhausted
+    │   ├── RetriesExhausted   transient errors outlasted retry.attempts        reason retries_exhausted
+    │   └── MediaUnavailable   the media host refused a file even after a refresh  reason media_unavailable
     └── TransientError         retried inside the client, never seen by callers
         └── RateLimited        HTTP 429 (or a rate-limit message): handled by the shared cooldown
 
@@ -79,6 +81,10 @@ class BudgetExhausted(RunStopped):
     exit_code = 4
 
 
+class DiskFull(RunStopped):
+    """A download could not write to disk; what is complete stays complete, the partial file stays .part."""
+
+
 class ItemFailed(CrawlerError):
     """One input item failed; its reason goes to the failures file and the run goes on."""
 
@@ -102,6 +108,12 @@ class RetriesExhausted(ItemFailed):
     """Transient errors (5xx, timeouts, drops, bad JSON, unknown error bodies) outlasted the retries."""
 
     reason = "retries_exhausted"
+
+
+class MediaUnavailable(ItemFailed):
+    """The media host refused a file (403/404/410) even with a URL renewed through /post-detail/."""
+
+    reason = "media_unavailable"
 
 
 class TransientError(CrawlerError):

@@ -6,6 +6,7 @@ only writer of progress: it fsyncs the CSV, then records the committed length he
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -39,6 +40,25 @@ CREATE TABLE IF NOT EXISTS items (
 );
 CREATE INDEX IF NOT EXISTS items_status ON items(status, seq);
 """
+
+# Tables added after the first release; CREATE ... IF NOT EXISTS makes each a migration of older files.
+MIGRATIONS = (
+    # `crawler download`: one row per media file of an item (a post; photo posts have several files).
+    """
+    CREATE TABLE IF NOT EXISTS media (
+        seq INTEGER NOT NULL,                   -- items.seq of the post
+        n INTEGER NOT NULL,                     -- 0, or the image number of a photo post
+        name TEXT NOT NULL UNIQUE,              -- path under DIR, built from digits and a fixed extension
+        url TEXT NOT NULL,
+        expected INTEGER,                       -- the length the API or the CDN announced, when known
+        etag TEXT,                              -- the CDN's validator, sent back as If-Range
+        durable INTEGER NOT NULL DEFAULT 0,     -- bytes of NAME.part fsynced; a resume continues here
+        status TEXT NOT NULL DEFAULT 'pending', -- pending, done
+        refreshed INTEGER NOT NULL DEFAULT 0,   -- 1 once the URL was renewed through /post-detail/
+        PRIMARY KEY (seq, n)
+    );
+    """,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +106,21 @@ class ItemUpdate:
     detail: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class MediaFile:
+    """One media file of a download job, as stored."""
+
+    seq: int
+    n: int
+    name: str
+    url: str
+    expected: int | None = None
+    etag: str | None = None
+    durable: int = 0
+    status: str = "pending"
+    refreshed: int = 0
+
+
 class StateStore:
     """One job's state file. Opened once; `close()` is idempotent."""
 
@@ -97,6 +132,8 @@ class StateStore:
         # last transaction to a power cut only means redoing those pages, never duplicating rows.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        for migration in MIGRATIONS:
+            self._db.executescript(migration)
 
     def close(self) -> None:
         """Close the database (idempotent)."""
@@ -120,6 +157,7 @@ class StateStore:
         with self._tx():
             self._db.execute("DELETE FROM job")
             self._db.execute("DELETE FROM items")
+            self._db.execute("DELETE FROM media")
             self._db.execute(
                 "INSERT INTO job (id, command, input_sha, options, output, status, created, updated)"
                 " VALUES (1, ?, ?, ?, ?, 'ingesting', ?, ?)",
@@ -217,6 +255,89 @@ class StateStore:
         return dict(
             self._db.execute("SELECT reason, COUNT(*) FROM items WHERE status = 'failed' GROUP BY reason").fetchall()
         )
+
+    # --- media files (`crawler download`) ---
+
+    def add_item(self, key: str, raw: str, reason: str | None = None, detail: str | None = None) -> int | None:
+        """Insert one item unless its key is known; its seq when new, else None."""
+        cur = self._db.execute(
+            "INSERT OR IGNORE INTO items (key, raw, status, reason, detail) VALUES (?, ?, ?, ?, ?)",
+            (key, raw, "failed" if reason else "pending", reason, detail))
+        return cur.lastrowid if cur.rowcount else None
+
+    def begin(self) -> _Transaction:
+        """A write transaction for a batch of `add_item` / `add_media` calls."""
+        return self._tx()
+
+    def media(self, seq: int) -> list[MediaFile]:
+        """The media files of one item, by image number."""
+        return [MediaFile(*row) for row in self._db.execute(
+            "SELECT seq, n, name, url, expected, etag, durable, status, refreshed FROM media WHERE seq = ? ORDER BY n",
+            (seq,))]
+
+    def add_media(self, files: Iterable[MediaFile], counters: tuple[int, int] | None = None) -> None:
+        """Record an item's files, with the (requests_sent, credits_billed) of the call that found their URLs.
+
+        Inside `begin()` it joins that transaction; alone it is its own.
+        """
+        with contextlib.nullcontext() if self._db.in_transaction else self._tx():
+            for f in files:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO media (seq, n, name, url, expected, refreshed) VALUES (?, ?, ?, ?, ?, ?)",
+                    (f.seq, f.n, f.name, f.url, f.expected, f.refreshed))
+            if counters is not None:
+                self._set_counters(*counters)
+
+    def refresh_media(self, seq: int, files: dict[int, tuple[str, int | None]], requests_sent: int,
+                      credits_billed: int) -> None:
+        """Store renewed (url, announced length) of an item's files, mark them refreshed, with the counters.
+
+        A partial file without an ETag starts again: nothing proves the new URL serves the same bytes.
+        """
+        with self._tx():
+            for n, (url, expected) in files.items():
+                self._db.execute(
+                    "UPDATE media SET url = ?, expected = COALESCE(?, expected), refreshed = 1,"
+                    " durable = CASE WHEN etag IS NULL THEN 0 ELSE durable END WHERE seq = ? AND n = ?",
+                    (url, expected, seq, n))
+            self._db.execute("UPDATE media SET refreshed = 1 WHERE seq = ?", (seq,))
+            self._set_counters(requests_sent, credits_billed)
+
+    def media_progress(self, seq: int, n: int, *, durable: int, expected: int | None, etag: str | None) -> None:
+        """Record how much of a file's .part is fsynced, and what the CDN said of it."""
+        self._db.execute("UPDATE media SET durable = ?, expected = ?, etag = ? WHERE seq = ? AND n = ?",
+                         (durable, expected, etag, seq, n))
+
+    def media_done(self, seq: int, n: int, length: int) -> None:
+        """A file is complete and renamed into place; its item is done when all its files are."""
+        with self._tx():
+            self._db.execute("UPDATE media SET status = 'done', durable = ?, expected = ? WHERE seq = ? AND n = ?",
+                             (length, length, seq, n))
+            left = self._db.execute("SELECT COUNT(*) FROM media WHERE seq = ? AND status != 'done'",
+                                    (seq,)).fetchone()[0]
+            if left == 0:
+                self._db.execute("UPDATE items SET status = 'done' WHERE seq = ?", (seq,))
+            killpoints.reached("media_committing")
+
+    def fail_item(self, seq: int, reason: str, endpoint: str, detail: str) -> None:
+        """Mark an item failed (its completed files stay done)."""
+        self._db.execute("UPDATE items SET status = 'failed', reason = ?, endpoint = ?, detail = ? WHERE seq = ?",
+                         (reason, endpoint, detail, seq))
+
+    def set_counters(self, requests_sent: int, credits_billed: int) -> None:
+        """Store the job's API counters."""
+        self._set_counters(requests_sent, credits_billed)
+
+    def _set_counters(self, requests_sent: int, credits_billed: int) -> None:
+        self._db.execute("UPDATE job SET requests_sent = ?, credits_billed = ?, updated = ? WHERE id = 1",
+                         (requests_sent, credits_billed, time.time()))
+
+    def media_totals(self) -> tuple[int, int, int]:
+        """(files done, their bytes, items whose URLs were refreshed)."""
+        files, size = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(durable), 0) FROM media WHERE status = 'done'").fetchone()
+        refreshed = self._db.execute("SELECT COUNT(DISTINCT seq) FROM media WHERE refreshed = 1").fetchone()[0]
+        return int(files), int(size), int(refreshed)
 
     def _tx(self) -> _Transaction:
         return _Transaction(self._db)

@@ -9,6 +9,7 @@ import signal
 import sys
 
 from crawler.sim.data import WorldConfig
+from crawler.sim.media import MEDIA_FAULTS, MediaConfig
 from crawler.sim.server import FAULT_KINDS, SimConfig, Simulator
 
 
@@ -56,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quirks", action="store_true")
     p.add_argument("--always-429", action="store_true")
     p.add_argument("--retry-after", type=float, default=None, metavar="SECONDS")
+    p.add_argument("--media-ttl", type=float, default=6 * 3600.0, metavar="SECONDS",
+                   help="how long signed media URLs stay valid")
+    p.add_argument("--media-fault-rate", type=float, default=0.0, help="share of media requests that fail")
+    p.add_argument("--media-faults", default=",".join(sorted(MEDIA_FAULTS)), metavar="KIND,...",
+                   help=f"of {', '.join(sorted(MEDIA_FAULTS))}")
+    p.add_argument("--media-bytes-per-second", type=float, default=None, metavar="N",
+                   help="throttle every media response")
     p.add_argument("--key", type=_key, action="append", metavar="KEY[:BALANCE]",
                    help="repeatable; default: sim-key, unlimited")
     return p
@@ -69,6 +77,9 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         rate_window=args.window, burst_limit=args.burst_limit, retry_after=args.retry_after,
         always_429=args.always_429, latency=args.latency, fault_rate=args.fault_rate, faults=args.faults,
         slow_seconds=args.slow_seconds, quirks=args.quirks, seed=args.seed,
+        media=MediaConfig(ttl=args.media_ttl, fault_rate=args.media_fault_rate,
+                          faults=frozenset(k.strip() for k in args.media_faults.split(",") if k.strip()),
+                          bytes_per_second=args.media_bytes_per_second),
     )
 
 
@@ -80,6 +91,7 @@ async def _serve(config: SimConfig, host: str, port: int) -> None:
             loop.add_signal_handler(sig, stop.set)
     async with Simulator(config, host=host, port=port) as sim:
         print(f"Simulator listening on {sim.url}", flush=True)
+        print(f"Media host listening on {sim.media_url}", flush=True)
         await stop.wait()
 
 

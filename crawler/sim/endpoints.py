@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 
 from crawler.sim import render
 from crawler.sim.data import Post, User, World
+from crawler.sim.media import MediaHost
 from crawler.sim.render import JsonDict, Quirks
 
 MSG_NOT_FOUND_USER = "Not found user"  # [G] by analogy with the post message
@@ -31,10 +32,10 @@ class ErrorAnswer(Exception):
 class _Call:
     """One request's parameters, with the lookups every endpoint shares."""
 
-    __slots__ = ("params", "q", "world")
+    __slots__ = ("media", "params", "q", "world")
 
-    def __init__(self, world: World, params: Mapping[str, str], q: Quirks) -> None:
-        self.world, self.params, self.q = world, params, q
+    def __init__(self, world: World, params: Mapping[str, str], q: Quirks, media: MediaHost | None = None) -> None:
+        self.world, self.params, self.q, self.media = world, params, q, media
 
     def need(self, name: str) -> str:
         value = self.params.get(name, "").strip()
@@ -84,7 +85,7 @@ class _Call:
         return post
 
     def videos(self, posts: list[Post]) -> list[JsonDict]:
-        return [render.video_item(self.world, p, self.q, i) for i, p in enumerate(posts)]
+        return [render.video_item(self.world, p, self.q, i, self.media) for i, p in enumerate(posts)]
 
     def video_page(self, posts: list[Post]) -> JsonDict:
         """An offset-paginated video list (music, challenge, search): small int cursor [T]."""
@@ -162,7 +163,7 @@ def _search_user(c: _Call) -> JsonDict:
 
 
 def _post_detail(c: _Call) -> JsonDict:
-    return render.post_detail(c.world, c.post_from_url("url"), c.q)
+    return render.post_detail(c.world, c.post_from_url("url"), c.q, c.media)
 
 
 def _post_comments(c: _Call) -> JsonDict:
@@ -265,10 +266,14 @@ ENDPOINTS: dict[str, Callable[[_Call], JsonDict]] = {
 }
 """API paths without their trailing slash -> endpoint."""
 
-def call_endpoint(path: str, world: World, params: Mapping[str, str], q: Quirks) -> JsonDict:
-    """The payload `path` answers with: the endpoint's object, or {"status": "error", "message": ...}."""
+def call_endpoint(path: str, world: World, params: Mapping[str, str], q: Quirks,
+                  media: MediaHost | None = None) -> JsonDict:
+    """The payload `path` answers with: the endpoint's object, or {"status": "error", "message": ...}.
+
+    Media URLs are signed by `media` (the simulator's media host) when given.
+    """
     try:
-        payload = ENDPOINTS[path](_Call(world, params, q))
+        payload = ENDPOINTS[path](_Call(world, params, q, media))
     except ErrorAnswer as err:
         return {"status": "error", "message": str(err)}
     return render.finish(payload, q)

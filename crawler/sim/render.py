@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from crawler.sim import media as m
 from crawler.sim.data import Challenge, Comment, Music, Post, User, World
 from crawler.sim.seeded import hash64, unit
 
@@ -119,17 +120,25 @@ def music_info(music: Music | None, music_id: str, q: Quirks) -> JsonDict:
     }
 
 
-def _video_body(world: World, post: Post, q: Quirks) -> JsonDict:
+def _media_url(host: m.MediaHost | None, kind: str, ident: str, n: int | None = None) -> str:
+    """A signed URL on the simulator's media host, or an inert one when no host serves media."""
+    if host is not None:
+        return host.url(kind, ident, n)
+    return f"{_CDN}/{kind}/{ident}" + ("" if n is None else f"/{n}") + f".{m.KINDS[kind]}"
+
+
+def _video_body(world: World, post: Post, q: Quirks, host: m.MediaHost | None = None) -> JsonDict:
     user = world.user(post.author_index)
     assert user is not None  # posts only exist for existing users
     vid = post.video_id
-    size = 200_000 * post.duration
-    return {
+    seed = world.config.seed
+    size = m.size(seed, "play", vid)
+    body: JsonDict = {
         "region": post.region, "title": post.title, "content_desc": [],
-        "cover": f"{_CDN}/cover/{vid}.jpeg", "ai_dynamic_cover": f"{_CDN}/dyn/{vid}.webp",
+        "cover": _media_url(host, "cover", vid), "ai_dynamic_cover": f"{_CDN}/dyn/{vid}.webp",
         "origin_cover": f"{_CDN}/origin/{vid}.jpeg", "duration": post.duration,
-        "play": f"{_CDN}/play/{vid}.mp4", "wmplay": f"{_CDN}/wmplay/{vid}.mp4",
-        "size": size, "wm_size": size + 40_000, "music": f"{_CDN}/music/{post.music_id}.mp3",
+        "play": _media_url(host, "play", vid), "wmplay": _media_url(host, "wmplay", vid),
+        "size": size, "wm_size": m.size(seed, "wmplay", vid), "music": _media_url(host, "music", post.music_id),
         "music_info": music_info(world.music(post.music_id), post.music_id, q),
         "play_count": post.play_count, "digg_count": post.digg_count, "comment_count": post.comment_count,
         "share_count": post.share_count, "download_count": post.share_count // 3,
@@ -140,9 +149,13 @@ def _video_body(world: World, post: Post, q: Quirks) -> JsonDict:
         "commercial_video_info": "", "item_comment_settings": 0, "mentioned_users": "",
         "author": author(user), "is_top": 0,
     }
+    photos = m.photo_count(seed, vid)
+    if photos:  # photo/slideshow posts carry `images` (§3.1)
+        body["images"] = [_media_url(host, "image", vid, k) for k in range(photos)]
+    return body
 
 
-def video_item(world: World, post: Post, q: Quirks, position: int) -> JsonDict:
+def video_item(world: World, post: Post, q: Quirks, position: int, host: m.MediaHost | None = None) -> JsonDict:
     """One item of a video list (§3.1): canonically `video_id` plus an opaque `aweme_id`."""
     variant = q.id_variant(position)
     ids: JsonDict
@@ -152,14 +165,14 @@ def video_item(world: World, post: Post, q: Quirks, position: int) -> JsonDict:
         ids = {"aweme_id": opaque_media_id(post.video_id), "id": post.video_id}
     else:
         ids = {"aweme_id": post.video_id}
-    return ids | _video_body(world, post, q)
+    return ids | _video_body(world, post, q, host)
 
 
-def post_detail(world: World, post: Post, q: Quirks) -> JsonDict:
-    """The flat `/post-detail/` object (§3.2): `id` is the post id, `aweme_id` opaque [C]/[G]."""
-    body = _video_body(world, post, q)
-    body["hdplay"] = f"{_CDN}/hdplay/{post.video_id}.mp4"
-    body["hd_size"] = body["size"] * 2
+def post_detail(world: World, post: Post, q: Quirks, host: m.MediaHost | None = None) -> JsonDict:
+    """The flat `/post-detail/` object (§3.2): `id` is the post id, `aweme_id` opaque [C]/[G]; adds `hdplay`."""
+    body = _video_body(world, post, q, host)
+    body["hdplay"] = _media_url(host, "hdplay", post.video_id)
+    body["hd_size"] = m.size(world.config.seed, "hdplay", post.video_id)
     return {"id": post.video_id, "aweme_id": opaque_media_id(post.video_id)} | body
 
 

@@ -22,6 +22,7 @@ from aiohttp import web
 from crawler.sim import render
 from crawler.sim.data import World, WorldConfig
 from crawler.sim.endpoints import ENDPOINTS, call_endpoint
+from crawler.sim.media import MediaConfig, MediaHost
 from crawler.sim.seeded import hash64, str_hash, unit
 
 FAULT_KINDS = frozenset({"5xx", "drop", "truncated", "malformed", "slow"})
@@ -57,6 +58,7 @@ class SimConfig:
     quirks: bool = False
     seed: int = 1
     record_arrivals: bool = False  # keep every arrival time (sim clock) in stats.arrivals, for rate tests
+    media: MediaConfig = field(default_factory=MediaConfig)  # the media host on its own port
 
     def __post_init__(self) -> None:
         unknown = set(self.faults) - FAULT_KINDS
@@ -119,6 +121,7 @@ class Simulator:
     """The simulator as an async context manager: serves on loopback between enter and exit.
 
     `clock` (default `time.monotonic`) times the rate windows; tests pass a fake clock to move time.
+    Media URLs in answers point at `media_url`, a second listener served by `media` (sim/media.py).
     """
 
     def __init__(self, config: SimConfig = SimConfig(), *, host: str = "127.0.0.1", port: int = 0,
@@ -127,6 +130,9 @@ class Simulator:
         self.world = World(config.world)
         self.stats = Stats()
         self.url = ""
+        self.media = MediaHost(config.world.seed, config.media)
+        self.media_url = ""
+        self._media_runner: web.AppRunner | None = None
         self._host, self._port = host, port
         self._clock = clock or time.monotonic
         self._balances: dict[str, int | None] = dict(config.keys)
@@ -147,6 +153,10 @@ class Simulator:
         port = self._runner.addresses[0][1]
         host = f"[{self._host}]" if ":" in self._host else self._host
         self.url = f"http://{host}:{port}"
+        self._media_runner = web.AppRunner(self.media.app(), shutdown_timeout=0.5)
+        await self._media_runner.setup()
+        await web.TCPSite(self._media_runner, self._host, 0).start()
+        self.media_url = self.media.base = f"http://{host}:{self._media_runner.addresses[0][1]}"
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -154,6 +164,9 @@ class Simulator:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+        media, self._media_runner = self._media_runner, None
+        if media is not None:
+            await media.cleanup()
 
     def balance(self, key: str) -> int | None:
         """Credits left for a key (None = unlimited); in-flight requests hold theirs already."""
@@ -257,7 +270,7 @@ class Simulator:
             await asyncio.sleep(cfg.slow_seconds)
             return web.Response(status=504, text="Gateway Time-out", content_type="text/plain")
         q = render.draw_quirks(hash64(h, 2)) if cfg.quirks else render.CANONICAL
-        payload = call_endpoint(path, self.world, params, q)
+        payload = call_endpoint(path, self.world, params, q, self.media)
         if fault == "malformed":
             return web.Response(text=_MALFORMED, content_type="text/html")
         text = json.dumps(payload, ensure_ascii=False)
@@ -270,7 +283,8 @@ class Simulator:
         path = request.path.rstrip("/")
         try:
             if path == "/__sim/stats" and request.method == "GET":
-                return _json(self.stats.snapshot() | {"day": self.world.day, "balances": self._balances})
+                return _json(self.stats.snapshot() | {"day": self.world.day, "balances": self._balances,
+                                                      "media": self.media.stats.snapshot()})
             if path == "/__sim/advance" and request.method == "POST":
                 self.advance_day(int(request.query.get("days", "1")))
                 return _json({"day": self.world.day})

@@ -1,0 +1,429 @@
+"""`crawler download` against the simulator's media host: exact bytes, no API spend, resume after SIGKILL,
+expired URLs renewed once, hostile input kept inside DIR, a full disk stops cleanly.
+
+Expected bytes come from `crawler.sim.media.content` (the simulator's world), never from the crawler.
+The crawler runs as a real subprocess (killed by pid in a `finally`), except the disk-full test, which
+runs the CLI in a thread to put a failing writer behind the download's write seam.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import errno
+import os
+import random
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from crawler import download
+from crawler.cli import main
+from crawler.sim import media
+from crawler.sim.data import WorldConfig
+from crawler.sim.media import MediaConfig
+from crawler.sim.server import Simulator
+from tests.conftest import KEY, SimFactory
+
+WORLD = WorldConfig(seed=21, users=3_000)
+FAST = "[rate]\nenabled = false\n[retry]\nbase_delay = 0\nmax_delay = 0\n[download]\nper_host_rate = 1000\n"
+
+
+def _env(sim: Simulator) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CRAWLER_", "TIKLIVE_"))}
+    env.update(TIKLIVE_API_KEY=KEY, TIKLIVE_BASE_URL=sim.url)
+    return env
+
+
+async def crawler(args: list[str], sim: Simulator, cwd: Path, *, limit: float = 120) -> tuple[int, str]:
+    """Run `python -m crawler ARGS` to its end (killed by pid if it outlives `limit` seconds); (exit code, stderr)."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "crawler", *args, cwd=cwd, env=_env(sim),
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), timeout=limit)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, err.decode()
+
+
+async def posts_csv(sim: Simulator, tmp: Path, n: int, *, name: str = "posts.csv") -> list[dict[str, str]]:
+    """A posts CSV of exactly n rows, written by `crawler posts` (then cut to n rows); its rows."""
+    (tmp / "fast.toml").write_text(FAST)
+    handles = []
+    total = 0
+    for h in sim.world.sample_handles(300):
+        i = sim.world.index_by_handle(h)
+        u = None if i is None else sim.world.user(i)
+        if u is not None and not u.private and 0 < u.videos <= 60:
+            handles.append(h)
+            total += u.videos
+        if total >= n:
+            break
+    (tmp / "handles.txt").write_text("\n".join(handles) + "\n")
+    code, err = await crawler(["posts", "handles.txt", "-o", "all-posts.csv", "--config", "fast.toml", "-q"], sim, tmp)
+    assert code == 0, err
+    with (tmp / "all-posts.csv").open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        fields = list(reader.fieldnames or [])
+        rows = list(reader)[:n]
+    assert len(rows) == n
+    with (tmp / name).open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def expected(sim: Simulator, kind: str, video_id: str) -> bytes:
+    """The file the media host holds for a post (from the simulator's seeded world)."""
+    return media.content(sim.media.seed, kind, video_id)
+
+
+def files_under(root: Path) -> set[Path]:
+    """Every file below root."""
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+async def test_posts_csv_has_media_columns_matching_the_world(simulator: SimFactory, tmp_path: Path) -> None:
+    """Posts rows carry play/wmplay/cover/size/music_url from the list items, post-details add hdplay and hd_size."""
+    async with simulator(world=WORLD) as sim:
+        rows = await posts_csv(sim, tmp_path, 12)
+        seed = sim.media.seed
+        for r in rows:
+            vid = r["video_id"]
+            assert r["play"].startswith(f"{sim.media_url}/m/play/{vid}.mp4?")
+            assert r["wmplay"].startswith(f"{sim.media_url}/m/wmplay/{vid}.mp4?")
+            assert r["cover"].startswith(f"{sim.media_url}/m/cover/{vid}.jpeg?")
+            assert r["size"] == str(media.size(seed, "play", vid))
+            assert r["hdplay"] == "" and r["hd_size"] == ""  # list items carry no hdplay (§3.1)
+            assert r["duration"] and r["music_url"]
+        (tmp_path / "ids.txt").write_text("\n".join(r["video_id"] for r in rows[:3]) + "\n")
+        code, err = await crawler(["post-details", "ids.txt", "-o", "details.csv", "--config", "fast.toml", "-q"],
+                                  sim, tmp_path)
+        assert code == 0, err
+        with (tmp_path / "details.csv").open(newline="", encoding="utf-8") as fh:
+            details = list(csv.DictReader(fh))
+        assert [d["video_id"] for d in details] == [r["video_id"] for r in rows[:3]]
+        for d in details:
+            assert d["hdplay"].startswith(f"{sim.media_url}/m/hdplay/{d['video_id']}.mp4?")
+            assert d["hd_size"] == str(media.size(seed, "hdplay", d["video_id"]))
+
+
+async def test_two_hundred_posts_with_faults_are_byte_identical_and_cost_nothing(simulator: SimFactory,
+                                                                                 tmp_path: Path) -> None:
+    """200 posts from a CSV with cut bodies, 5xx and slow transfers: every file exact, exit 0, no API request."""
+    faults = MediaConfig(fault_rate=0.2, slow_seconds=0.3)
+    async with simulator(world=WORLD, media=faults) as sim:
+        rows = await posts_csv(sim, tmp_path, 200)
+        api_before = sim.stats.requests
+        code, err = await crawler(["download", "posts.csv", "-o", "media", "--what", "video", "--config", "fast.toml",
+                                   "--retries", "30", "-q"], sim, tmp_path, limit=300)
+        assert code == 0, err
+        assert sim.stats.requests == api_before  # the simulator saw no API request
+        assert sim.media.stats.with_api_key == 0  # and the key never went to the media host
+        assert sum(sim.media.stats.faults.values()) >= 20 and sim.media.stats.faults["cut"] > 0
+        assert sim.media.stats.by_status[206] > 0  # cut bodies were continued with Range
+        out = tmp_path / "media"
+        assert {p.relative_to(out).as_posix() for p in files_under(out) if not p.name.startswith(".")} == {
+            f"{r['video_id']}.mp4" for r in rows}
+        for r in rows:
+            assert (out / f"{r['video_id']}.mp4").read_bytes() == expected(sim, "play", r["video_id"]), r["video_id"]
+
+
+async def test_five_sigkills_resume_without_rewriting_complete_files(simulator: SimFactory, tmp_path: Path) -> None:
+    """Killed five times at random moments: same files, none rewritten once complete, bytes served bounded."""
+    workers = 4
+    throttle = MediaConfig(bytes_per_second=1_000_000)
+    async with simulator(world=WORLD, media=throttle) as sim:
+        rows = await posts_csv(sim, tmp_path, 40)
+        seed = sim.media.seed
+        sizes = {r["video_id"]: media.size(seed, "play", r["video_id"]) for r in rows}
+        total = sum(sizes.values())
+        (tmp_path / "fast.toml").write_text(FAST + f"parallelism = {workers}\n")
+        args = [sys.executable, "-m", "crawler", "download", "posts.csv", "-o", "media", "--what", "video",
+                "--config", "fast.toml", "-q"]
+        out = tmp_path / "media"
+        seen: dict[Path, tuple[int, int]] = {}  # complete file -> (inode, mtime_ns) when first seen after a kill
+        rng = random.Random(14)
+        kills = 0
+        for mark in [rng.uniform(0.08, 0.25) * total for _ in range(5)]:
+            proc = await asyncio.create_subprocess_exec(*args, cwd=tmp_path, env=_env(sim),
+                                                        stdout=asyncio.subprocess.DEVNULL,
+                                                        stderr=asyncio.subprocess.DEVNULL)
+            try:
+                start = sim.media.stats.bytes_sent
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 60
+                # A moment inside the transfer: once the host has sent `mark` bytes more in this run.
+                while sim.media.stats.bytes_sent - start < mark and proc.returncode is None:
+                    assert loop.time() < deadline, "the download made no progress"
+                    await asyncio.sleep(0.01)
+            finally:
+                if proc.returncode is None:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    kills += 1
+                await asyncio.wait_for(proc.wait(), timeout=30)
+            for p in out.glob("*.mp4"):
+                st = p.stat()
+                seen.setdefault(p, (st.st_ino, st.st_mtime_ns))
+        assert kills == 5
+        assert seen, "some files were complete before a kill"
+        code, err = await crawler(args[3:], sim, tmp_path)
+        assert code == 0, err
+        for r in rows:
+            assert (out / f"{r['video_id']}.mp4").read_bytes() == expected(sim, "play", r["video_id"])
+        for p, (ino, mtime) in seen.items():
+            st = p.stat()
+            assert (st.st_ino, st.st_mtime_ns) == (ino, mtime), f"{p.name} was rewritten after it was complete"
+        # At most one partial file per worker per kill is fetched twice; the rest continued with Range.
+        assert sim.media.stats.bytes_sent <= total + kills * workers * max(sizes.values())
+        assert sim.media.stats.by_status[206] > 0
+        assert not list(out.glob("*.part"))
+
+
+async def test_expired_urls_are_renewed_once_each(simulator: SimFactory, tmp_path: Path) -> None:
+    """URLs that expired before the run: one /post-detail/ credit per post, files exact, a re-run spends nothing."""
+    async with simulator(world=WORLD, media=MediaConfig(ttl=3600)) as sim:
+        rows = await posts_csv(sim, tmp_path, 15)
+        sim.media.shift(2 * 3600)  # every URL in the CSV is now stale
+        billed, details = sim.stats.billed[KEY], sim.stats.by_endpoint["/post-detail"]
+        # A budget below the need stops resumably (exit 4) and is honoured across the resume.
+        code, err = await crawler(["download", "posts.csv", "-o", "media", "--what", "video", "--config", "fast.toml",
+                                   "-q", "--max-credits", "6"], sim, tmp_path)
+        assert code == 4, err
+        assert sim.stats.by_endpoint["/post-detail"] - details == 6
+        code, err = await crawler(["download", "posts.csv", "-o", "media", "--what", "video", "--config", "fast.toml",
+                                   "-q"], sim, tmp_path)
+        assert code == 0, err
+        assert sim.stats.billed[KEY] - billed == len(rows)
+        assert sim.stats.by_endpoint["/post-detail"] - details == len(rows)
+        for r in rows:
+            assert (tmp_path / "media" / f"{r['video_id']}.mp4").read_bytes() == expected(sim, "play", r["video_id"])
+        requests = sim.stats.requests
+        code, err = await crawler(["download", "posts.csv", "-o", "media", "--what", "video", "--config", "fast.toml"],
+                                  sim, tmp_path)
+        assert code == 0, err
+        assert "already complete" in err and sim.stats.requests == requests
+
+
+async def test_video_ids_cost_one_detail_each_and_fetch_hd(simulator: SimFactory, tmp_path: Path) -> None:
+    """Ids and URLs as input: one /post-detail/ credit per post, the hd file, bad lines are invalid_input."""
+    async with simulator(world=WORLD) as sim:
+        rows = await posts_csv(sim, tmp_path, 5)
+        ids = [r["video_id"] for r in rows]
+        lines = [ids[0], f"https://www.tiktok.com/@x/video/{ids[1]}?lang=en", *ids[2:], ids[0], "not-a-video"]
+        (tmp_path / "ids.txt").write_text("\n".join(lines) + "\n")
+        billed = sim.stats.billed[KEY]
+        code, err = await crawler(["download", "ids.txt", "-o", "hd", "--config", "fast.toml", "-q"], sim, tmp_path)
+        assert code == 3, err
+        assert sim.stats.billed[KEY] - billed == len(ids)
+        for vid in ids:
+            assert (tmp_path / "hd" / f"{vid}.mp4").read_bytes() == expected(sim, "hdplay", vid)
+        with (tmp_path / "hd" / "download-hd.failures.csv").open(newline="", encoding="utf-8") as fh:
+            assert [(f["input"], f["reason"]) for f in csv.DictReader(fh)] == [("not-a-video", "invalid_input")]
+
+
+async def test_photo_posts_images_land_in_a_folder_per_post(simulator: SimFactory, tmp_path: Path) -> None:
+    """--what images: DIR/<video_id>/<n>.jpg for every image of a photo post; other posts are skipped, not failed."""
+    async with simulator(world=WORLD) as sim:
+        rows = await posts_csv(sim, tmp_path, 60)
+        photos = {r["video_id"]: media.photo_count(sim.media.seed, r["video_id"]) for r in rows}
+        photos = {k: v for k, v in photos.items() if v}
+        assert photos, "the sample must hold photo posts"
+        code, err = await crawler(["download", "posts.csv", "-o", "img", "--what", "images", "--config", "fast.toml",
+                                   "-q"], sim, tmp_path)
+        assert code == 0, err
+        out = tmp_path / "img"
+        want = {f"{vid}/{n}.jpg" for vid, count in photos.items() for n in range(count)}
+        assert {p.relative_to(out).as_posix() for p in files_under(out) if not p.name.startswith(".")} == want
+        for vid, count in photos.items():
+            for n in range(count):
+                assert (out / vid / f"{n}.jpg").read_bytes() == media.content(sim.media.seed, "image", vid, n)
+
+
+async def test_hostile_csv_writes_nothing_outside_dir(simulator: SimFactory, tmp_path: Path) -> None:
+    """Path traversal, absolute paths, NUL bytes and non-http URLs become invalid_input rows; nothing leaves DIR."""
+    async with simulator(world=WORLD) as sim:
+        rows = await posts_csv(sim, tmp_path, 3)
+        good = rows[0]
+        url = good["play"]  # a real, valid URL: a traversal would really write if names were not checked
+        hostile = ["../../etc/x", str(tmp_path / "abs"), "../escape", "123\x00456", "٣٣٣",
+                   "7000000000000000001/../../y", ".."]
+        work = tmp_path / "work"
+        work.mkdir()
+        with (work / "hostile.csv").open("w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh, lineterminator="\n")
+            w.writerow(["video_id", "source_handle", "play", "size"])
+            w.writerow([good["video_id"], "a", url, good["size"]])
+            for h in hostile:
+                w.writerow([h, "a", url, good["size"]])
+            w.writerow([rows[1]["video_id"], "a", "file:///etc/passwd", ""])
+            w.writerow([rows[2]["video_id"], "a", "http://127.0.0.1:1/x\x00y", ""])
+        (work / "fast.toml").write_text(FAST)
+        before = files_under(tmp_path)
+        code, err = await crawler(["download", "hostile.csv", "-o", "out/dir", "--what", "video", "--config",
+                                   "fast.toml", "-q"], sim, work)
+        assert code == 3, err
+        out = work / "out" / "dir"
+        new = files_under(tmp_path) - before
+        assert new and all(out in p.parents for p in new), sorted(map(str, new))
+        assert (out / f"{good['video_id']}.mp4").read_bytes() == expected(sim, "play", good["video_id"])
+        with (out / "download-video.failures.csv").open(newline="", encoding="utf-8") as fh:
+            failures = list(csv.DictReader(fh))
+        assert len(failures) == len(hostile) + 2
+        assert {f["reason"] for f in failures} == {"invalid_input"}
+
+
+async def test_disk_full_stops_with_one_line_and_renames_nothing_incomplete(
+        simulator: SimFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ENOSPC from the write seam: exit 1, one line, every renamed file complete, the partial one kept as .part."""
+    async with simulator(world=WORLD) as sim:
+        rows = await posts_csv(sim, tmp_path, 30)
+        capsys.readouterr()
+        budget = sum(media.size(sim.media.seed, "play", r["video_id"]) for r in rows) // 2
+        written = 0
+        real_write = download.write_all
+
+        def full_disk(fd: int, data: bytes | memoryview) -> None:
+            nonlocal written
+            if written + len(data) > budget:
+                room = budget - written
+                if room > 0:  # a short write first, as a real filling disk does
+                    os.write(fd, bytes(data[:room]))
+                    written = budget
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            real_write(fd, data)
+            written += len(data)
+
+        monkeypatch.setattr(download, "write_all", full_disk)
+        monkeypatch.setenv("TIKLIVE_API_KEY", KEY)
+        monkeypatch.setenv("TIKLIVE_BASE_URL", sim.url)
+        monkeypatch.chdir(tmp_path)
+        args = ["download", "posts.csv", "-o", "media", "--what", "video", "--config", "fast.toml", "-q"]
+        code = await asyncio.wait_for(asyncio.to_thread(main, args), timeout=120)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 1
+        assert len(err) == 1 and "disk" in err[0] and "full" in err[0], err
+        out = tmp_path / "media"
+        done = [r for r in rows if (out / f"{r['video_id']}.mp4").exists()]
+        assert 0 < len(done) < len(rows)
+        for r in done:  # nothing incomplete was renamed into place
+            assert (out / f"{r['video_id']}.mp4").read_bytes() == expected(sim, "play", r["video_id"])
+        assert list(out.glob("*.part"))
+
+        monkeypatch.setattr(download, "write_all", real_write)  # space freed: the same command resumes
+        code = await asyncio.wait_for(asyncio.to_thread(main, args), timeout=120)
+        assert code == 0, capsys.readouterr().err
+        for r in rows:
+            assert (out / f"{r['video_id']}.mp4").read_bytes() == expected(sim, "play", r["video_id"])
+
+
+async def test_media_host_sees_bounded_parallelism_and_an_even_per_host_rate(simulator: SimFactory,
+                                                                           tmp_path: Path) -> None:
+    """Counted at the media host: never more than download.parallelism at once, nor per_host_rate (+1) a second."""
+    async with simulator(world=WORLD) as sim:
+        await posts_csv(sim, tmp_path, 30)
+        (tmp_path / "polite.toml").write_text(FAST.replace("per_host_rate = 1000", "per_host_rate = 8")
+                                              + "parallelism = 3\n")
+        code, err = await crawler(["download", "posts.csv", "-o", "covers", "--what", "cover", "--config",
+                                   "polite.toml", "-q"], sim, tmp_path)
+        assert code == 0, err
+        times = sorted(sim.media.stats.arrivals)
+        assert len(times) == 30
+        most = max(sum(1 for t in times[i:] if t < start + 1.0) for i, start in enumerate(times))
+        assert most <= 8 + 1
+        assert sim.media.stats.max_in_flight <= 3
+
+
+async def test_media_gone_for_good_fails_after_one_refresh(simulator: SimFactory, tmp_path: Path) -> None:
+    """A file refused even with a renewed URL: one /post-detail/ credit, then a media_unavailable failure row."""
+    async with simulator(world=WORLD) as sim:
+        rows = await posts_csv(sim, tmp_path, 10)
+        gone = [rows[2]["video_id"], rows[7]["video_id"]]
+        for vid in gone:
+            sim.media.revoke(vid)
+        billed = sim.stats.billed[KEY]
+        code, err = await crawler(["download", "posts.csv", "-o", "media", "--what", "video", "--config", "fast.toml",
+                                   "-q"], sim, tmp_path)
+        assert code == 3, err
+        assert sim.stats.billed[KEY] - billed == len(gone)
+        with (tmp_path / "media" / "download-video.failures.csv").open(newline="", encoding="utf-8") as fh:
+            failures = sorted((f["input"], f["reason"]) for f in csv.DictReader(fh))
+        assert failures == sorted((vid, "media_unavailable") for vid in gone)
+        for r in rows:
+            path = tmp_path / "media" / f"{r['video_id']}.mp4"
+            if r["video_id"] in gone:
+                assert not path.exists()
+            else:
+                assert path.read_bytes() == expected(sim, "play", r["video_id"])
+
+
+async def test_sigterm_stops_cleanly_and_the_same_command_resumes(simulator: SimFactory, tmp_path: Path) -> None:
+    """SIGTERM mid-transfer: exit 143 with a resume line, partial files kept as .part, the re-run completes them."""
+    async with simulator(world=WORLD, media=MediaConfig(bytes_per_second=500_000)) as sim:
+        rows = await posts_csv(sim, tmp_path, 12)
+        args = ["download", "posts.csv", "-o", "media", "--what", "video", "--config", "fast.toml", "-q"]
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "crawler", *args, cwd=tmp_path,
+                                                    env=_env(sim), stdout=asyncio.subprocess.DEVNULL,
+                                                    stderr=asyncio.subprocess.PIPE)
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while sim.media.stats.bytes_sent < 1_000_000:
+                assert loop.time() < deadline and proc.returncode is None, "the download made no progress"
+                await asyncio.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.stderr is not None
+            err = (await asyncio.wait_for(proc.stderr.read(), timeout=30)).decode()
+            code = await asyncio.wait_for(proc.wait(), timeout=30)
+        finally:
+            if proc.returncode is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        assert code == 143, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "SIGTERM" in lines[0] and "resume with: crawler download posts.csv" in lines[0]
+        assert list((tmp_path / "media").glob("*.part"))
+        code, err = await crawler(args, sim, tmp_path)
+        assert code == 0, err
+        for r in rows:
+            assert (tmp_path / "media" / f"{r['video_id']}.mp4").read_bytes() == expected(sim, "play", r["video_id"])
+
+
+async def test_media_host_serves_ranges_and_refuses_stale_or_forged_urls(simulator: SimFactory) -> None:
+    """The simulator's media host: exact bytes, Range/If-Range, 416 past the end, 403 expired or forged, 410 gone."""
+    import aiohttp
+
+    async with simulator(world=WORLD, media=MediaConfig(ttl=60)) as sim, aiohttp.ClientSession() as http:
+        vid = "7000000000000100003"
+        seed = sim.media.seed
+        url = sim.media.url("play", vid)
+        whole = media.content(seed, "play", vid)
+        assert len(whole) == media.size(seed, "play", vid) >= 50_000
+        async with http.get(url) as resp:
+            assert resp.status == 200 and await resp.read() == whole
+            tag = resp.headers["ETag"]
+        async with http.get(url, headers={"Range": "bytes=1000-"}) as resp:
+            assert resp.status == 206 and await resp.read() == whole[1000:]
+            assert resp.headers["Content-Range"] == f"bytes 1000-{len(whole) - 1}/{len(whole)}"
+        async with http.get(url, headers={"Range": "bytes=10-19", "If-Range": tag}) as resp:
+            assert resp.status == 206 and await resp.read() == whole[10:20]
+        async with http.get(url, headers={"Range": "bytes=10-", "If-Range": '"stale"'}) as resp:
+            assert resp.status == 200 and await resp.read() == whole  # validator changed: the whole file
+        async with http.get(url, headers={"Range": f"bytes={len(whole)}-"}) as resp:
+            assert resp.status == 416 and resp.headers["Content-Range"] == f"bytes */{len(whole)}"
+        async with http.get(url.replace("/play/", "/hdplay/")) as resp:
+            assert resp.status == 403  # the signature covers the path
+        sim.media.shift(61)
+        async with http.get(url) as resp:
+            assert resp.status == 403  # expired
+        sim.media.revoke(vid)
+        async with http.get(sim.media.url("play", vid)) as resp:
+            assert resp.status == 410
+        assert sim.stats.requests == 0  # the media host is not the API
