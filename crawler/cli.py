@@ -68,6 +68,8 @@ def _job_parser(sub: Any, name: str, help_text: str, input_help: str) -> argpars
     p.add_argument("-o", "--output", help=f"output CSV (default: {name}.csv)")
     p.add_argument("--restart", action="store_true", help="forget this job's progress and start over")
     p.add_argument("--retry-failed", action="store_true", help="run only the items that failed before")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output this tool did not write (or the input file itself)")
     if COMMANDS[name].input_kind != "keyword":
         p.add_argument("--column", help="read the input as CSV and take this column")
     if COMMANDS[name].input_kind == "users":
@@ -205,7 +207,7 @@ def cmd_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if not job.output.endswith(".csv"):
         raise UsageError(f"--output {job.output}: the output must be a .csv file")
     crawl = Crawl(job, settings, api_key=key, restart=args.restart, retry_failed=args.retry_failed,
-                  quiet=args.quiet)
+                  overwrite=args.overwrite, quiet=args.quiet)
     outcome = asyncio.run(run_job(crawl))
     _report(outcome, args.quiet, argv)
     return outcome.exit_code
@@ -236,7 +238,7 @@ def _report(outcome: Outcome, quiet: bool, argv: Sequence[str]) -> None:
             print(f"crawler: {outcome.summary.items_failed:,} items failed; see {outcome.summary.failures_file}"
                   f" (re-run with --retry-failed to try them again)", file=sys.stderr)
         return
-    resumable = isinstance(err, Interrupted) or err.exit_code == 4
+    resumable = isinstance(err, Interrupted) or err.exit_code == 4 or getattr(err, "resumable", False)
     hint = f"; resume with: {_resume_hint(argv)}" if resumable else ""
     print(f"crawler: {err}{hint}", file=sys.stderr)
 

@@ -35,7 +35,15 @@ from crawler.errors import (
     RunStopped,
     UsageError,
 )
-from crawler.handles import InvalidInput, normalize_name, normalize_post, normalize_user, open_input, read_lines
+from crawler.handles import (
+    InvalidInput,
+    normalize_name,
+    normalize_post,
+    normalize_user,
+    open_input,
+    read_lines,
+    undecodable,
+)
 from crawler.sinks import Batch, CsvSink, part_path, write_failures
 from crawler.state import ItemUpdate, StateStore, UserDirectory
 from crawler.stats import ProgressReporter, Snapshot, Summary
@@ -270,7 +278,12 @@ def input_items(job: JobOptions, spec: CommandSpec) -> tuple[Iterator[tuple[str,
                 yield from _pairs(buffered, job.input)
                 return
             normalize = normalizer(spec.input_kind, by_id=job.by_id)
-            for number, line in read_lines(buffered, job.column):
+            for number, line in read_lines(buffered, job.column, hashtags=spec.input_kind == "names"):
+                escaped = undecodable(line)
+                if escaped is not None:  # keep the bytes visible (\xfc), never replaced by U+FFFD
+                    yield (f"invalid:{number}", escaped.strip(), "invalid_input",
+                           f"line {number}: bytes that are not text in the input's encoding (save it as UTF-8)")
+                    continue
                 try:
                     yield normalize(line), line.strip(), None, None
                 except InvalidInput as exc:
@@ -314,12 +327,50 @@ def failures_path(out: Path) -> Path:
     return out.with_name(stem + ".failures.csv")
 
 
+def lock_path(out: Path) -> Path:
+    """The job's lock file, next to the output."""
+    return out.with_name(out.name + ".lock")
+
+
+def check_output(job: JobOptions, *, overwrite: bool = False) -> None:
+    """Refuse an output that would destroy something: a path through a file, the input, a file not ours."""
+    out = Path(job.output)
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"--output {out}: {parent} is a file, not a directory; choose an output path"
+                                 " in a directory")
+            break
+    if out.is_dir():
+        raise UsageError(f"--output {out} is a directory: give a file name such as {out / (job.command + '.csv')}")
+    if not out.exists() or overwrite:
+        return
+    if _same_file(job.input, out):
+        raise UsageError(f"--output {out} is the input file; it would be replaced by the results: write to"
+                         " another file (or add --overwrite if you mean it)")
+    if not state_path(out).exists():
+        raise UsageError(f"--output {out} exists and was not written by crawler: choose another output, or add"
+                         " --overwrite to replace it")
+
+
+def _same_file(a: str, b: Path) -> bool:
+    """True when both name one file (same device and inode); a keyword or stdin is no file."""
+    try:
+        return a != "-" and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def job_lock(out: Path) -> Iterator[None]:
     """Hold the job's lock (dies with the process, so a killed run never blocks the next)."""
-    path = out.with_name(out.name + ".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    path = lock_path(out)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise UsageError(f"cannot create files in {path.parent} for --output {out.name} ({exc.strerror}): choose"
+                         " an output in a directory you can write to") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -366,6 +417,7 @@ class Crawl:
         api_key: Secret | str | None = None,
         restart: bool = False,
         retry_failed: bool = False,
+        overwrite: bool = False,
         quiet: bool = True,
         durable: bool = True,
         progress_interval: float | None = None,
@@ -381,6 +433,7 @@ class Crawl:
         self._api_key = api_key
         self._restart = restart
         self._retry_failed = retry_failed
+        self.overwrite = overwrite
         self._quiet = quiet
         self._durable = durable
         self._progress_interval = progress_interval
@@ -446,8 +499,6 @@ class Crawl:
         started = time.monotonic()
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.state = StateStore(state_path(self.out))
-        data_dir = Path(self.settings.data_dir)
-        self.users = UserDirectory(data_dir / "users.db")
         try:
             try:
                 record = await self._prepare()
@@ -457,6 +508,8 @@ class Crawl:
                 return self._outcome(started, "stopped", 0)  # a signal while the input was being read
             if record == "complete":
                 return self._outcome(started, "already complete", 0, reason="nothing to do; --restart runs it again")
+            # Opened only now: a usage error found while preparing leaves no data directory behind.
+            self.users = UserDirectory(Path(self.settings.data_dir) / "users.db")
             job = self.state.job()
             assert job is not None
             budget = None
@@ -491,7 +544,9 @@ class Crawl:
             return self._outcome(started, "completed" if complete else "stopped", self.sink.rows_written)
         finally:
             self.state.close()
-            self.users.close()
+            users = getattr(self, "users", None)
+            if users is not None:
+                users.close()
 
     async def _prepare(self) -> str:
         """Create, resume or restart the job in the state store; 'complete' when nothing is left to do."""
@@ -641,7 +696,7 @@ class Crawl:
         job = self.state.job()
         base = 0 if job is None else job.requests_sent - c.requests_sent
         return Snapshot(p.done + p.failed, p.total, self.sink.rows_written, base + c.requests_sent,
-                        c.credits_billed)
+                        c.credits_billed, failed=p.failed, note=self.client.outage.status())
 
     def _outcome(self, started: float, status: str, rows: int, reason: str = "") -> Outcome:
         job = self.state.job()
@@ -677,6 +732,13 @@ class Crawl:
         return Outcome(summary, error)
 
 
+def _job_files(out: Path) -> list[Path]:
+    """The files a run creates beside its output."""
+    state = state_path(out)
+    return [lock_path(out), state, state.with_name(state.name + "-wal"), state.with_name(state.name + "-shm"),
+            part_path(out)]
+
+
 async def run_job(crawl: Crawl, *, install_signals: bool = True) -> Outcome:
     """Run a crawl under its job lock, turning SIGINT/SIGTERM into a clean, resumable stop."""
     loop = asyncio.get_running_loop()
@@ -686,9 +748,15 @@ async def run_job(crawl: Crawl, *, install_signals: bool = True) -> Outcome:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, crawl.request_stop, Interrupted(f"stopped by {sig.name}", code))
                 installed.append(sig)
+    check_output(crawl.job, overwrite=crawl.overwrite)
+    ours = [p for p in _job_files(crawl.out) if not p.exists()]
     try:
         with job_lock(crawl.out):
             return await crawl.run()
+    except UsageError:
+        for path in ours:  # a usage error leaves nothing behind that was not there before
+            path.unlink(missing_ok=True)
+        raise
     finally:
         for signum in installed:
             loop.remove_signal_handler(signum)

@@ -68,6 +68,8 @@ class Snapshot:
     rows: int
     requests: int
     credits: int
+    failed: int = 0  # items failed so far (part of `done`)
+    note: str = ""  # a pause the run is in (an outage), shown at the end of the line
 
 
 class ProgressReporter:
@@ -104,8 +106,10 @@ class ProgressReporter:
             remaining = (snap.total - snap.done) * elapsed / done
             eta = f" · ETA {_clock(remaining)}"
         total = f"/{snap.total:,}" if snap.total else ""
-        return (f"[{self.label}] {snap.done:,}{total} items · {snap.rows:,} rows · {rate * 60:,.0f} req/min"
-                f" · {snap.requests:,} requests sent, {snap.credits:,} billed{eta}")
+        failed = f" ({snap.failed:,} failed)" if snap.failed else ""
+        note = f" · {snap.note}" if snap.note else ""
+        return (f"[{self.label}] {snap.done:,}{total} items{failed} · {snap.rows:,} rows · {rate * 60:,.0f} req/min"
+                f" · {snap.requests:,} requests sent, {snap.credits:,} billed{eta}{note}")
 
     async def run(self) -> None:
         """Report until cancelled."""
