@@ -212,10 +212,13 @@ async def test_retry_failed_reruns_only_the_failed_items(simulator: SimFactory, 
         (tmp_path / "in.txt").write_text("\n".join(handles) + "\n")
         settings = fast_settings(healthy.url, data_dir=str(tmp_path / "data"), retry_attempts=2)
         await run_job(Crawl(_job(tmp_path, "profiles", "ids.csv"), settings, api_key=KEY), install_signals=False)
-    async with simulator(world=WORLD, fault_rate=1.0, faults=frozenset({"5xx"})) as broken:
-        settings = fast_settings(broken.url, data_dir=str(tmp_path / "data"), retry_attempts=2)
+    # Most answers fail and there is one try each: items fail while the API answers others (a run where
+    # nothing answers is an outage, not item failures: see test_outage.py). One worker keeps it deterministic.
+    async with simulator(world=WORLD, fault_rate=0.9, faults=frozenset({"5xx"})) as broken:
+        settings = fast_settings(broken.url, data_dir=str(tmp_path / "data"), retry_attempts=1, parallelism=1)
         outcome = await run_job(Crawl(_job(tmp_path), settings, api_key=KEY), install_signals=False)
-        assert outcome.exit_code == 3 and outcome.summary.failures == {"retries_exhausted": 6}
+        assert outcome.exit_code == 3 and set(outcome.summary.failures) == {"retries_exhausted"}
+        assert 0 < outcome.summary.items_failed < 6
     async with simulator(world=WORLD) as sim:
         settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"))
         outcome = await run_job(Crawl(_job(tmp_path), settings, api_key=KEY, retry_failed=True),
