@@ -11,9 +11,9 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from crawler.client import Client, Outage
 import pytest
 
+from crawler.client import Client, Outage
 from crawler.errors import NotAnApiAnswer, NotTheApi, OutageStalled, RetriesExhausted, Unreachable
 from crawler.sim.data import World, WorldConfig
 from crawler.sim.server import SimConfig, Simulator
@@ -41,9 +41,9 @@ def free_port() -> int:
         return port
 
 
-async def until(condition: Callable[[], bool], *, timeout: float = 60.0) -> None:
+async def until(condition: Callable[[], bool], *, bound: float = 60.0) -> None:
     """Wait (bounded) until a server-side condition holds."""
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(bound):
         while not condition():
             await asyncio.sleep(0.01)
 
