@@ -55,6 +55,12 @@ def _settings_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug logging")
 
 
+def _retry_choice(value: str) -> str:
+    if value != "all":
+        raise argparse.ArgumentTypeError(f"--retry-failed={value}: the only value is 'all'")
+    return value
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     """Settings from config.toml, the environment and this command's flags."""
     flags = {key: getattr(args, key) for key in FLAG_NAMES if hasattr(args, key)}
@@ -67,7 +73,9 @@ def _job_parser(sub: Any, name: str, help_text: str, input_help: str) -> argpars
                    help=input_help)
     p.add_argument("-o", "--output", help=f"output CSV (default: {name}.csv)")
     p.add_argument("--restart", action="store_true", help="forget this job's progress and start over")
-    p.add_argument("--retry-failed", action="store_true", help="run only the items that failed before")
+    p.add_argument("--retry-failed", nargs="?", const=True, default=False, type=_retry_choice, metavar="all",
+                   help="try again the items that failed for a reason that can change (retries_exhausted, budget);"
+                   " --retry-failed=all also not_found and private")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output this tool did not write (or the input file itself)")
     if COMMANDS[name].input_kind != "keyword":
@@ -236,11 +244,23 @@ def _report(outcome: Outcome, quiet: bool, argv: Sequence[str]) -> None:
     if err is None:
         if outcome.summary.items_failed:
             print(f"crawler: {outcome.summary.items_failed:,} items failed; see {outcome.summary.failures_file}"
-                  f" (re-run with --retry-failed to try them again)", file=sys.stderr)
+                  f"{_failure_hint(outcome.summary.failures)}", file=sys.stderr)
         return
     resumable = isinstance(err, Interrupted) or err.exit_code == 4 or getattr(err, "resumable", False)
     hint = f"; resume with: {_resume_hint(argv)}" if resumable else ""
     print(f"crawler: {err}{hint}", file=sys.stderr)
+
+
+def _failure_hint(failures: dict[str, int]) -> str:
+    """What can be done about these failures, only what applies."""
+    from crawler.state import RETRIABLE
+
+    hints = []
+    if any(failures.get(r) for r in RETRIABLE):
+        hints.append("re-run with --retry-failed to try the retries_exhausted ones again")
+    if failures.get("invalid_input"):
+        hints.append("fix the invalid lines in the input and run the same command: only they are fetched")
+    return f" ({'; '.join(hints)})" if hints else ""
 
 
 def _regions(settings: Settings, key: Any) -> list[tuple[str, str]]:

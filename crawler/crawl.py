@@ -45,7 +45,7 @@ from crawler.handles import (
     undecodable,
 )
 from crawler.sinks import Batch, CsvSink, part_path, write_failures
-from crawler.state import ItemUpdate, StateStore, UserDirectory
+from crawler.state import RETRIABLE, RETRIABLE_ALL, ItemUpdate, StateStore, UserDirectory
 from crawler.stats import ProgressReporter, Snapshot, Summary
 
 log = logging.getLogger("crawler.crawl")
@@ -416,7 +416,7 @@ class Crawl:
         *,
         api_key: Secret | str | None = None,
         restart: bool = False,
-        retry_failed: bool = False,
+        retry_failed: bool | str = False,
         overwrite: bool = False,
         quiet: bool = True,
         durable: bool = True,
@@ -434,6 +434,7 @@ class Crawl:
         self._restart = restart
         self._retry_failed = retry_failed
         self.overwrite = overwrite
+        self.input_change: tuple[int, int] | None = None  # (items added, done items gone) of an edited input
         self._quiet = quiet
         self._durable = durable
         self._progress_interval = progress_interval
@@ -552,29 +553,32 @@ class Crawl:
         """Create, resume or restart the job in the state store; 'complete' when nothing is left to do."""
         options = {k: v for k, v in asdict(self.job).items() if k not in ("input", "output")}
         existing = self.state.job()
+        if existing is None and self._retry_failed and not self._restart:
+            raise UsageError(f"--retry-failed: there is no job for {self.out} yet; run the command without"
+                             " --retry-failed to start it")
         if existing is not None and existing.status == "ingesting":
             existing = None  # stopped while reading the input: nothing was spent, read it again from scratch
         if existing is not None and not self._restart:
-            items, digest = input_items(self.job, self.spec)
-            for n, _ in enumerate(items):
-                if n % 20_000 == 0:
-                    await self._yield_to_signals()
             if existing.command != self.job.command or existing.options != options:
                 changed = sorted(k for k in options if existing.options.get(k) != options[k])
                 raise UsageError(
                     f"{self.out} belongs to a job with other options ({', '.join(changed) or 'command'} changed):"
                     " add --restart to start over, or write to another output"
                 )
+            # Read the input (once: it may be stdin) beside the job; an edited input continues the job.
+            items, digest = input_items(self.job, self.spec)
+            self.state.begin_incoming()
+            await self._ingest(items, self.state.add_incoming)
             if existing.input_sha != digest():
-                raise UsageError(
-                    f"the input changed since the job for {self.out} started: add --restart to start over,"
-                    " or write to another output"
-                )
+                added, gone = self.state.merge_incoming()
+                self.state.set_input_sha(digest())
+                self.input_change = (added, gone)
+                log.info("the input changed: %d items added, %d done items no longer in it", added, gone)
             if self._retry_failed:
-                n = self.state.retry_failed()
+                reasons = RETRIABLE_ALL if self._retry_failed == "all" else RETRIABLE
+                n = self.state.retry_failed(reasons)
                 log.info("retrying %d failed items", n)
-                self.state.set_status("running")
-            elif existing.status == "done" and self.out.exists():
+            elif existing.status == "done" and self.out.exists() and self.input_change is None:
                 return "complete"
             self.state.set_status("running")
             return "resume"
@@ -582,21 +586,22 @@ class Crawl:
         part_path(self.out).unlink(missing_ok=True)
         self.state.create_job(self.job.command, "", options, str(self.out))
         items, digest = input_items(self.job, self.spec)
-        await self._ingest(items)
+        await self._ingest(items, self.state.add_items)
         self.state.set_input_sha(digest())
         self.state.set_status("running")
         return "new"
 
-    async def _ingest(self, items: Iterator[tuple[str, str, str | None, str | None]]) -> None:
+    async def _ingest(self, items: Iterator[tuple[str, str, str | None, str | None]],
+                      store: Callable[[list[tuple[str, str, str | None, str | None]]], object]) -> None:
         """Store the input items in batches, letting Ctrl-C / SIGTERM in between."""
         batch: list[tuple[str, str, str | None, str | None]] = []
         for entry in items:
             batch.append(entry)
             if len(batch) >= 5000:
-                self.state.add_items(batch)
+                store(batch)
                 batch.clear()
                 await self._yield_to_signals()
-        self.state.add_items(batch)
+        store(batch)
 
     async def _yield_to_signals(self) -> None:
         await asyncio.sleep(0)
@@ -728,8 +733,15 @@ class Crawl:
             output=str(self.out if status != "stopped" else part_path(self.out)),
             failures_file=str(failures_path(self.out)) if fails else "",
             reason=reason or (str(error) if error else ""),
+            notes=tuple(self._notes()),
         )
         return Outcome(summary, error)
+
+    def _notes(self) -> Iterator[str]:
+        if self.input_change is not None:
+            added, gone = self.input_change
+            yield (f"the input was edited: {added:,} new items added, {gone:,} done items no longer in it"
+                   " (their rows stay)")
 
 
 def _job_files(out: Path) -> list[Path]:

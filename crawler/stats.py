@@ -34,6 +34,7 @@ class Summary:
     output: str = ""
     failures_file: str = ""
     reason: str = ""
+    notes: tuple[str, ...] = ()  # what else the user should know (an edited input, capped walks)
 
     def render(self) -> str:
         """A small aligned table for the terminal."""
@@ -55,6 +56,7 @@ class Summary:
             lines.append(("output", self.output))
         if self.failures_file:
             lines.append(("failures file", self.failures_file))
+        lines.extend(("note", note) for note in self.notes)
         width = max(len(k) for k, _ in lines)
         return "\n".join(f"  {k:<{width}}  {v}" for k, v in lines)
 
