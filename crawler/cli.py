@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import json
 import logging
 import re
@@ -22,6 +23,14 @@ from crawler.sinks import part_path
 log = logging.getLogger("crawler")
 
 PUBLISH_TIME = (0, 1, 7, 30, 90, 180)
+# TikLiveAPI's paths as its vendor client and third-party clients call them, for `get` to check a name.
+API_PATHS = (
+    "userid", "userinfo-by-username", "userinfo-by-id", "user-posts", "user-liked", "user-followers",
+    "user-following", "user-stories", "user-playlists", "user-collections", "search-user", "search-video",
+    "search-challenge", "post-detail", "post-comments", "post-comment-replies", "music-info", "music-posts",
+    "challenge-info-id", "challenge-info-name", "challenge-posts", "playlist-info", "playlist-posts",
+    "collection-info", "collection-posts", "download-video", "download-music", "region-list", "ads-detail",
+)
 SORT_BY = {"relevance": 0, "likes": 1, "date": 2, "0": 0, "1": 1, "2": 2}
 
 
@@ -34,7 +43,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _settings_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("settings (override config.toml; see CONTRACT in README)")
+    g = p.add_argument_group("settings (override config.toml; see the Settings section of README.md)")
     g.add_argument("--config", help="config file (default: $CRAWLER_CONFIG or ./config.toml)")
     g.add_argument("--base-url", dest="api.base_url", metavar="URL")
     g.add_argument("--rate", dest="rate.limit", metavar="N", help="requests per rolling window (default 200)")
@@ -178,9 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     _settings_flags(r)
     r.set_defaults(func=cmd_regions)
 
-    sim = sub.add_parser("sim", help="run the local API simulator (python -m crawler.sim --help)", add_help=False)
-    sim.add_argument("rest", nargs=argparse.REMAINDER)
-    sim.set_defaults(func=cmd_sim)
+    # Listed for --help only: main() hands `crawler sim ...` to the simulator's own parser.
+    sub.add_parser("sim", help="run the local API simulator (crawler sim --help)", add_help=False)
     return parser
 
 
@@ -292,6 +300,11 @@ def cmd_get(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Print the raw JSON of one call."""
     from crawler.client import Client
 
+    name = args.endpoint.strip().strip("/")
+    if name not in API_PATHS:
+        close = difflib.get_close_matches(name, API_PATHS, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UsageError(f"get: {args.endpoint!r} is not a known API endpoint ({hint}known: {', '.join(API_PATHS)})")
     params: dict[str, str | int] = {}
     for pair in args.params:
         name, sep, value = pair.partition("=")
@@ -315,6 +328,8 @@ def cmd_status(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from crawler.state import StateStore
 
     out = Path(args.output)
+    if out.name.endswith(".csv.part"):  # the path a stopped run's summary printed
+        out = out.with_name(out.name.removesuffix(".part"))
     path = state_path(out)
     if not path.is_file():
         raise UsageError(f"no job state for {out} (expected {path}); was the job started with -o {out}?")
@@ -369,7 +384,12 @@ def cmd_history(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from crawler.history import HistoryStore, export_csv, parse_day, plot_growth
     from crawler.ingest import history_url
 
-    store = HistoryStore(history_url(settings_from(args)))
+    url = history_url(settings_from(args))
+    if not url.startswith(("postgresql://", "postgres://")) and not Path(url.removeprefix("sqlite:///")).is_file():
+        # A query never creates a store: an empty one would only hide a wrong --data-dir or --history-url.
+        raise UsageError(f"no history at {url.removeprefix('sqlite:///')}: run `crawler ingest` first, or point"
+                         " --data-dir / --history-url at the store it wrote")
+    store = HistoryStore(url)
     try:
         if args.query == "growth":
             rows = store.growth(args.handle, args.since and parse_day(args.since, "--since"),
@@ -394,7 +414,19 @@ def cmd_history(args: argparse.Namespace, argv: Sequence[str]) -> int:
             n = export_csv(store, Path(args.output))
             print(f"crawler: wrote {n:,} snapshots to {args.output}", file=sys.stderr)
         elif args.query == "plot":
-            labels = plot_growth(store, args.handles, Path(args.output),
+            known, unknown = [], []
+            for handle in args.handles:
+                try:
+                    store.resolve(handle)
+                    known.append(handle)
+                except UsageError:
+                    unknown.append("@" + handle.strip().lstrip("@").lower())
+            if not known:
+                raise UsageError(f"plot: no history for {', '.join(unknown)} (run `crawler ingest` first, or check"
+                                 " the spelling)")
+            if unknown:
+                print(f"crawler: no history for {', '.join(unknown)}: drawing the others", file=sys.stderr)
+            labels = plot_growth(store, known, Path(args.output),
                                  since=args.since and parse_day(args.since, "--since"),
                                  until=args.until and parse_day(args.until, "--until"))
             print(f"crawler: wrote {args.output} ({', '.join(labels)})", file=sys.stderr)
@@ -403,16 +435,13 @@ def cmd_history(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
-def cmd_sim(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """Run the simulator."""
-    from crawler.sim.__main__ import main as sim_main
-
-    return sim_main(list(args.rest))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `crawler` console script."""
     words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["sim"]:  # every option (--help, --port ...) belongs to the simulator's own parser
+        from crawler.sim.__main__ import main as sim_main
+
+        return sim_main(words[1:], prog="crawler sim")
     try:
         args = build_parser().parse_args(words)
         if not hasattr(args, "func"):

@@ -24,7 +24,7 @@ from urllib.parse import urlencode, urlsplit
 import aiohttp
 
 from crawler import endpoints as ep
-from crawler.config import Secret, Settings
+from crawler.config import Secret, Settings, load_settings
 from crawler.config import api_key as key_from_env
 from crawler.errors import (
     BalanceExhausted,
@@ -317,7 +317,9 @@ class Outage:
 class Client:
     """TikLiveAPI client: ``async with Client() as c: async for post in c.user_posts(user_id): ...``
 
-    Reads the key from TIKLIVE_API_KEY unless ``api_key`` is given. Opened once; reuse after close
+    Reads the key from TIKLIVE_API_KEY unless ``api_key`` is given. Without ``settings`` it resolves them
+    as the command line does (TIKLIVE_BASE_URL, then CRAWLER_CONFIG or ./config.toml, then defaults);
+    ``base_url`` overrides either. Opened once; reuse after close
     is refused. ``request_budget`` caps requests_sent (``--max-credits``), in-flight included.
     """
 
@@ -330,7 +332,8 @@ class Client:
         request_budget: int | None = None,
         max_connections: int = 100,
     ) -> None:
-        s = settings or Settings()
+        # Like the CLI: environment (TIKLIVE_BASE_URL, CRAWLER_CONFIG), then config.toml if present, then defaults.
+        s = settings if settings is not None else load_settings()
         if base_url is not None:
             s = s.replace(base_url=base_url)
         self.settings = s

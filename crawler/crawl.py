@@ -101,6 +101,7 @@ class Step:
     cursor: Any = None  # the next cursor while the walk goes on
     last: bool = True
     guard: str | None = None  # a pagination guard ended the walk early
+    capped: bool = False  # the --max-pages cap ended the walk while the list went on
 
 
 Handler = Callable[["Crawl", WorkItem], AsyncGenerator[Step, None]]
@@ -435,6 +436,7 @@ class Crawl:
         self._retry_failed = retry_failed
         self.overwrite = overwrite
         self.input_change: tuple[int, int] | None = None  # (items added, done items gone) of an edited input
+        self.capped = 0  # walks this run ended at the --max-pages cap
         self._quiet = quiet
         self._durable = durable
         self._progress_interval = progress_interval
@@ -482,7 +484,7 @@ class Crawl:
                                   max_pages=pages_left, max_items=remaining)
         async with aclosing(pages) as walk:
             async for page in walk:
-                yield Step(page.items, page.next_cursor, page.last, page.stop)
+                yield Step(page.items, page.next_cursor, page.last, page.stop, capped=page.capped)
 
     # -- the run --
 
@@ -686,9 +688,13 @@ class Crawl:
             async for step in steps:
                 killpoints.reached("fetched")
                 n = len(step.rows)
-                if step.guard is not None:
+                if step.guard is not None or step.capped:
+                    # A cap is a guard the user set: the rows so far are kept, the item says it is incomplete.
+                    cap = self.job.max_pages or self.settings.max_pages
+                    detail = step.guard or f"stopped at the --max-pages cap of {cap} pages; the list goes on"
+                    self.capped += step.guard is None
                     update = ItemUpdate(item.seq, "failed", rows=n, pages=1, reason="pagination_guard",
-                                        endpoint=self.spec.endpoint, detail=step.guard)
+                                        endpoint=self.spec.endpoint, detail=detail)
                 elif step.last:
                     update = ItemUpdate(item.seq, "done", rows=n, pages=1)
                 else:
@@ -742,6 +748,10 @@ class Crawl:
             added, gone = self.input_change
             yield (f"the input was edited: {added:,} new items added, {gone:,} done items no longer in it"
                    " (their rows stay)")
+        if self.capped:
+            cap = self.job.max_pages or self.settings.max_pages
+            yield (f"{self.capped:,} walks stopped at the --max-pages cap of {cap} while their lists went on"
+                   " (pagination_guard rows in the failures file; their first pages are in the CSV)")
 
 
 def _job_files(out: Path) -> list[Path]:
