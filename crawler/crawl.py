@@ -571,6 +571,9 @@ class Crawl:
             items, digest = input_items(self.job, self.spec)
             self.state.begin_incoming()
             await self._ingest(items, self.state.add_incoming)
+            if existing.input_sha != digest() and self.spec.input_kind == "keyword":
+                raise UsageError(f"{self.out} holds the results of another keyword: add --restart to start over,"
+                                 " or write to another output")
             if existing.input_sha != digest():
                 added, gone = self.state.merge_incoming()
                 self.state.set_input_sha(digest())

@@ -165,3 +165,17 @@ async def test_fixing_bad_lines_spends_exactly_the_fixed_items(simulator: SimFac
         assert "10 new items added, 0 done items no longer in it" in err
     assert sorted(r["handle"] for r in read_csv(tmp_path / "out.csv")) == sorted(names)
     assert not (tmp_path / "out.failures.csv").exists()
+
+
+async def test_another_keyword_on_the_same_output_is_refused(simulator: SimFactory, tmp_path: Path) -> None:
+    """A keyword is the whole input of a search: a different one on the same output is exit 2, not a merge."""
+    async with simulator(world=WORLD) as sim:
+        (tmp_path / "fast.toml").write_text(FAST_TOML)
+        args = ["-o", "s.csv", "--max-pages", "1", *RUN]
+        code, _, err = await crawler(["search-users", "cosmo", *args], environ(sim), tmp_path)
+        assert code in (0, 3), err
+        before = sim.stats.requests
+        code, _, err = await crawler(["search-users", "vibe", *args], environ(sim), tmp_path)
+        assert sim.stats.requests == before
+    line = error_line(err)
+    assert code == 2 and "another keyword" in line and "--restart" in line
