@@ -766,6 +766,11 @@ def _job_files(out: Path) -> list[Path]:
 
 async def run_job(crawl: Crawl, *, install_signals: bool = True) -> Outcome:
     """Run a crawl under its job lock, turning SIGINT/SIGTERM into a clean, resumable stop."""
+    check_output(crawl.job, overwrite=crawl.overwrite)
+    # What a usage error may remove: the files of a job that did not exist before (never an existing job's).
+    ours = [] if state_path(crawl.out).exists() else [p for p in _job_files(crawl.out) if not p.exists()]
+    if not ours and not lock_path(crawl.out).exists():
+        ours = [lock_path(crawl.out)]
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
     if install_signals:
@@ -773,8 +778,6 @@ async def run_job(crawl: Crawl, *, install_signals: bool = True) -> Outcome:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, crawl.request_stop, Interrupted(f"stopped by {sig.name}", code))
                 installed.append(sig)
-    check_output(crawl.job, overwrite=crawl.overwrite)
-    ours = [p for p in _job_files(crawl.out) if not p.exists()]
     try:
         with job_lock(crawl.out):
             return await crawl.run()
