@@ -309,6 +309,8 @@ class Outage:
                 self._probe_until = now + self._probe_timeout  # this caller's request is the probe
                 return
             timeout = max(self._probe_at, self._probe_until) - now
+            if self._since is not None:  # wake up at the stall limit, not at the next probe after it
+                timeout = min(timeout, self._since + self._stall_limit - now)
             recovered = self._recovered
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(recovered.wait(), timeout=max(timeout, 0.01))

@@ -156,3 +156,13 @@ def test_the_progress_line_shows_failures_and_a_pause() -> None:
     snap = Snapshot(10, 100, 9, 40, 38, failed=3, note="PAUSED: no API answer for 12 s (HTTP 503)")
     line = ProgressReporter("profiles", lambda: snap, quiet=True).line()
     assert "(3 failed)" in line and line.endswith("PAUSED: no API answer for 12 s (HTTP 503)")
+
+
+async def test_a_paused_run_ends_at_the_stall_limit_not_at_the_next_probe() -> None:
+    """Workers waiting for a probe 30 s away still stop once the stall limit (0.2 s) has passed."""
+    outage = Outage(base_url="http://x", stall_limit=0.2, attempts=5, base_delay=30, max_delay=30)
+    for target in ("/a?", "/b?", "/c?"):
+        outage.failed(target, Unreachable("HTTP 503"))
+    assert outage.active
+    with pytest.raises(OutageStalled):
+        await asyncio.wait_for(outage.wait(), 5)
