@@ -37,6 +37,7 @@ from crawler.errors import (
 )
 from crawler.handles import (
     InvalidInput,
+    decode_input,
     normalize_name,
     normalize_post,
     normalize_user,
@@ -299,14 +300,14 @@ def input_items(job: JobOptions, spec: CommandSpec) -> tuple[Iterator[tuple[str,
 def _pairs(stream: IO[bytes], name: str) -> Iterator[tuple[str, str, str | None, str | None]]:
     import csv
 
-    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace", newline="")
-    reader = csv.DictReader(text)
+    reader = csv.DictReader(decode_input(stream))
     fields = reader.fieldnames or []
     if "video_id" not in fields or "comment_id" not in fields:
         raise UsageError(f"{name}: replies needs a CSV with video_id and comment_id columns (a comments CSV works)")
     for number, row in enumerate(reader, start=2):
         video, comment = (row.get("video_id") or "").strip(), (row.get("comment_id") or "").strip()
         raw = f"{video},{comment}"
+        raw = undecodable(raw) or raw  # bytes that are not text stay visible, escaped
         if row.get("parent_comment_id") or (row.get("reply_total") or "").strip() == "0":
             continue  # a reply, or a comment without replies, in a comments CSV: nothing to fetch
         if video.isdigit() and comment.isdigit():

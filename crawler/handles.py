@@ -112,7 +112,7 @@ def undecodable(text: str) -> str | None:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _decode(stream: IO[bytes]) -> io.TextIOWrapper:
+def decode_input(stream: IO[bytes]) -> io.TextIOWrapper:
     """Text of the input: UTF-16 when it starts with a UTF-16 BOM, else UTF-8 (BOM optional).
 
     Bytes that are not UTF-8 are kept as surrogate escapes, so `undecodable` can show them, never replaced.
@@ -152,7 +152,7 @@ def read_lines(stream: IO[bytes], column: str | None = None, *, hashtags: bool =
     A line with bytes that are not text in the input's encoding keeps them as surrogate escapes
     (see `undecodable`); our own formula prefix is stripped from CSV cells.
     """
-    text = _decode(stream)
+    text = decode_input(stream)
     if column is None:
         for number, line in enumerate(text, start=1):
             if not skipped(line, hashtags=hashtags):
