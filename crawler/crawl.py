@@ -438,6 +438,7 @@ class Crawl:
         self.overwrite = overwrite
         self.input_change: tuple[int, int] | None = None  # (items added, done items gone) of an edited input
         self.capped = 0  # walks this run ended at the --max-pages cap
+        self._base_counters = (0, 0)  # the job's requests_sent and credits_billed when this run began
         self._quiet = quiet
         self._durable = durable
         self._progress_interval = progress_interval
@@ -522,6 +523,7 @@ class Crawl:
             self.client = Client(self.settings, api_key=self._api_key, request_budget=budget,
                                  max_connections=max(MAX_AUTO_WORKERS, self.settings.parallelism or 0))
             base_sent, base_billed = job.requests_sent, job.credits_billed
+            self._base_counters = (base_sent, base_billed)
 
             def counters() -> tuple[int, int]:
                 c = self.client.counters
@@ -708,10 +710,10 @@ class Crawl:
     def _snapshot(self) -> Snapshot:
         p = self.state.progress()
         c = self.client.counters
-        job = self.state.job()
-        base = 0 if job is None else job.requests_sent - c.requests_sent
-        return Snapshot(p.done + p.failed, p.total, self.sink.rows_written, base + c.requests_sent,
-                        c.credits_billed, failed=p.failed, note=self.client.outage.status())
+        # The job's counters when this run began plus this run's (the committed ones lag behind the requests).
+        sent, billed = self._base_counters
+        return Snapshot(p.done + p.failed, p.total, self.sink.rows_written, sent + c.requests_sent,
+                        billed + c.credits_billed, failed=p.failed, note=self.client.outage.status())
 
     def _outcome(self, started: float, status: str, rows: int, reason: str = "") -> Outcome:
         job = self.state.job()

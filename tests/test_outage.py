@@ -7,6 +7,7 @@ The simulator runs in this process; the crawler is a real subprocess.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from crawler.client import Client, Outage
+from crawler.crawl import Crawl, JobOptions, run_job
 from crawler.errors import NotAnApiAnswer, NotTheApi, OutageStalled, RetriesExhausted, Unreachable
 from crawler.sim.data import World, WorldConfig
 from crawler.sim.server import SimConfig, Simulator
@@ -166,3 +168,24 @@ async def test_a_paused_run_ends_at_the_stall_limit_not_at_the_next_probe() -> N
     assert outage.active
     with pytest.raises(OutageStalled):
         await asyncio.wait_for(outage.wait(), 5)
+
+
+async def test_the_progress_line_shows_the_pause_and_every_request_sent(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """During an outage the live line says PAUSED and counts the requests that found no API, like the summary."""
+    async with Simulator(sim_config(latency=(0.002, 0.01))) as sim:
+        names = existing_handles(sim.world, 2_000)
+        (tmp_path / "in.txt").write_text("\n".join(names) + "\n")
+        settings = fast_settings(sim.url, retry_stall_limit=1.0, parallelism=4, data_dir=str(tmp_path / "d"))
+        job = JobOptions(command="profiles", input=str(tmp_path / "in.txt"), output=str(tmp_path / "out.csv"))
+        crawl = Crawl(job, settings, api_key=KEY, quiet=False, progress_interval=0.05)
+        run = asyncio.create_task(run_job(crawl, install_signals=False))
+        await until(lambda: sim.stats.requests >= 100 or run.done())
+        assert not run.done()
+    outcome = await asyncio.wait_for(run, 60)
+    assert outcome.exit_code == 1 and outcome.summary.items_failed == 0
+    paused = [line for line in capsys.readouterr().err.splitlines() if "PAUSED: no API answer" in line]
+    assert paused
+    last = int(re.search(r"· ([\d,]+) requests sent", paused[-1]).group(1).replace(",", ""))  # type: ignore[union-attr]
+    assert last > sim.stats.requests  # the attempts that found no server are counted too
+    assert last <= outcome.summary.requests_sent
