@@ -29,6 +29,7 @@ from crawler.config import api_key as key_from_env
 from crawler.errors import (
     BalanceExhausted,
     BudgetExhausted,
+    CannotConnect,
     CrawlerError,
     ItemFailed,
     KeyRejected,
@@ -281,7 +282,9 @@ class Outage:
                 f"{self._base_url} does not answer like TikLiveAPI ({exc}): check api.base_url / --base-url /"
                 " TIKLIVE_BASE_URL (no path after the host); nothing was marked failed"
             )
-        if not self.active and self._count >= self._threshold and len(self._targets) >= 2:
+        # Several targets failing together is an outage; so is finding no server at all, even for one item.
+        if not self.active and self._count >= self._threshold and (
+                len(self._targets) >= 2 or isinstance(exc, CannotConnect)):
             self.active = True
             self.pauses += 1
             self._delay = self._base_delay
@@ -475,6 +478,7 @@ class Client:
         self.counters.by_endpoint[path] += 1
         log.debug("GET %s %s", path, query)
         failure: str | None = None
+        refused = False
         status, raw, retry_after = 0, b"", None
         begun = time.monotonic()
         try:
@@ -486,6 +490,9 @@ class Client:
                 raw = await resp.read()
         except TimeoutError:
             failure = f"{path}: timed out"
+        except aiohttp.ClientConnectorError as exc:  # refused, unroutable, DNS: no server at all
+            refused = True
+            failure = f"{path}: cannot connect ({type(exc).__name__})"
         except aiohttp.ClientError as exc:
             # Never keep the aiohttp exception: its request_info carries our request headers.
             failure = f"{path}: {type(exc).__name__}"
@@ -493,7 +500,7 @@ class Client:
         c = self.counters
         c.latency = took if c.latency == 0.0 else 0.9 * c.latency + 0.1 * took
         if failure is not None:
-            raise Unreachable(failure)
+            raise CannotConnect(failure) if refused else Unreachable(failure)
         result, billed = interpret(status, raw, retry_after, path)
         if billed:
             self.counters.credits_billed += 1

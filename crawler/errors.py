@@ -18,10 +18,12 @@
     └── TransientError         retried inside the client, never seen by callers
         ├── RateLimited        HTTP 429 (or a rate-limit message): handled by the shared cooldown
         └── Unreachable        no API answer: transport error, 5xx, truncated body, wrong shape
+            ├── CannotConnect  no connection at all (refused, unroutable, DNS)
             └── NotAnApiAnswer HTTP 404: the server does not know the path (a wrong base URL?)
 
-Unreachable answers on more than one request in a row are an outage (client.Outage), not item failures:
-every worker pauses, and after retry.stall_limit the run ends with OutageStalled, its items still pending.
+Unreachable answers on requests for more than one item in a row (or CannotConnect on any) are an outage
+(client.Outage), not item failures: every worker pauses, and after retry.stall_limit the run ends with
+OutageStalled, its items still pending.
 
 Messages never contain the API key: the client builds them from status, endpoint and the server's text.
 """
@@ -122,6 +124,10 @@ class TransientError(CrawlerError):
 
 class Unreachable(TransientError):
     """No API answer: a transport error, a 5xx, a truncated body or a body without the API's shape."""
+
+
+class CannotConnect(Unreachable):
+    """No connection could be made (refused, unroutable, DNS): never the fault of one item."""
 
 
 class NotAnApiAnswer(Unreachable):

@@ -189,3 +189,21 @@ async def test_the_progress_line_shows_the_pause_and_every_request_sent(tmp_path
     last = int(re.search(r"· ([\d,]+) requests sent", paused[-1]).group(1).replace(",", ""))  # type: ignore[union-attr]
     assert last > sim.stats.requests  # the attempts that found no server are counted too
     assert last <= outcome.summary.requests_sent
+
+
+async def test_a_one_item_search_with_no_server_stops_resumably_then_completes(tmp_path: Path) -> None:
+    """A search is one item: with nothing listening it is not failed but stopped (exit 1); once the API is
+    there the same command completes."""
+    port = free_port()
+    (tmp_path / "outage.toml").write_text(OUTAGE_TOML)
+    args = ["search-users", "cosmo", "-o", "s.csv", "--max-items", "5", "--config", "outage.toml", "--data-dir", "d"]
+    env = environ(None, base_url=f"http://127.0.0.1:{port}")
+    code, _, err = await crawler(args, env, tmp_path)
+    line = error_line(err)
+    assert code == 1 and "no answer from the API" in line and "resume with" in line, err
+    assert not (tmp_path / "s.failures.csv").exists()
+    async with Simulator(sim_config(), port=port) as sim:
+        code, _, err = await crawler(args, env, tmp_path)
+        assert sim.stats.requests >= 1
+    assert code == 0, err
+    assert 1 <= len(read_csv(tmp_path / "s.csv")) <= 5
