@@ -207,3 +207,26 @@ async def test_a_one_item_search_with_no_server_stops_resumably_then_completes(t
         assert sim.stats.requests >= 1
     assert code == 0, err
     assert 1 <= len(read_csv(tmp_path / "s.csv")) <= 5
+
+
+async def test_an_api_back_within_the_stall_limit_resumes_every_worker_and_the_run_completes(
+        tmp_path: Path) -> None:
+    """The simulator stopped, the run paused, the simulator back on the same port: the run goes on by itself and
+    ends exit 0 with one row per handle and no failure."""
+    port = free_port()
+    settings_changes = {"retry_stall_limit": 20.0, "parallelism": 4, "data_dir": str(tmp_path / "d")}
+    async with Simulator(sim_config(latency=(0.002, 0.01)), port=port) as sim:
+        names = existing_handles(sim.world, 1_500)
+        (tmp_path / "in.txt").write_text("\n".join(names) + "\n")
+        job = JobOptions(command="profiles", input=str(tmp_path / "in.txt"), output=str(tmp_path / "out.csv"))
+        crawl = Crawl(job, fast_settings(sim.url, **settings_changes), api_key=KEY)  # type: ignore[arg-type]
+        run = asyncio.create_task(run_job(crawl, install_signals=False))
+        await until(lambda: sim.stats.requests >= 100 or run.done())
+        assert not run.done()
+    await until(lambda: crawl.client.outage.active or run.done())
+    assert not run.done() and crawl.client.outage.pauses == 1
+    async with Simulator(sim_config(), port=port):
+        outcome = await asyncio.wait_for(run, 120)
+    assert outcome.exit_code == 0 and outcome.summary.items_failed == 0
+    assert sorted(r["handle"] for r in read_csv(tmp_path / "out.csv")) == sorted(names)
+    assert not crawl.client.outage.active
