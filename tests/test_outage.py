@@ -214,12 +214,12 @@ async def test_an_api_back_within_the_stall_limit_resumes_every_worker_and_the_r
     """The simulator stopped, the run paused, the simulator back on the same port: the run goes on by itself and
     ends exit 0 with one row per handle and no failure."""
     port = free_port()
-    settings_changes = {"retry_stall_limit": 20.0, "parallelism": 4, "data_dir": str(tmp_path / "d")}
     async with Simulator(sim_config(latency=(0.002, 0.01)), port=port) as sim:
         names = existing_handles(sim.world, 1_500)
         (tmp_path / "in.txt").write_text("\n".join(names) + "\n")
         job = JobOptions(command="profiles", input=str(tmp_path / "in.txt"), output=str(tmp_path / "out.csv"))
-        crawl = Crawl(job, fast_settings(sim.url, **settings_changes), api_key=KEY)  # type: ignore[arg-type]
+        settings = fast_settings(sim.url, retry_stall_limit=20.0, parallelism=4, data_dir=str(tmp_path / "d"))
+        crawl = Crawl(job, settings, api_key=KEY)
         run = asyncio.create_task(run_job(crawl, install_signals=False))
         await until(lambda: sim.stats.requests >= 100 or run.done())
         assert not run.done()
