@@ -16,6 +16,7 @@ import traceback
 from collections.abc import Callable
 
 import bench_client
+import bench_ledger
 import bench_pipeline
 import bench_state
 from _common import ROOT, Figure, table
@@ -41,6 +42,7 @@ def history(quick: bool) -> list[Figure]:
 
 BENCHMARKS: dict[str, Callable[[bool], list[Figure]]] = {
     "client": bench_client.run,
+    "ledger": bench_ledger.run,
     "pipeline": bench_pipeline.run,
     "state": bench_state.run,
     "history": history,

@@ -7,7 +7,6 @@ import asyncio
 import difflib
 import json
 import logging
-import re
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from crawler import __version__
-from crawler.config import FLAG_NAMES, Settings, api_key, load_settings
+from crawler.config import FLAG_NAMES, Secret, Settings, api_key, load_settings, masked
 from crawler.crawl import COMMANDS, Crawl, JobOptions, Outcome, failures_path, run_job, state_path
 from crawler.errors import CrawlerError, Interrupted, UsageError
 from crawler.sinks import part_path
@@ -50,6 +49,8 @@ def _settings_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--window", dest="rate.window", metavar="SECONDS", help="rolling window (default 60)")
     g.add_argument("--burst", dest="rate.burst", metavar="N")
     g.add_argument("--max-per-second", dest="rate.max_per_second", metavar="N")
+    g.add_argument("--rate-shared", dest="rate.shared", metavar="local|off|redis://HOST:PORT/DB",
+                   help="where the key's rate budget is shared (default local: every process of this user)")
     g.add_argument("--parallelism", dest="crawl.parallelism", metavar="N|auto")
     g.add_argument("--page-size", dest="crawl.page_size", metavar="N")
     g.add_argument("--max-pages", dest="crawl.max_pages", metavar="N", help="pages per item walk")
@@ -177,6 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("output", metavar="OUT.csv")
     s.set_defaults(func=cmd_status)
 
+    b = sub.add_parser("budget", help="the key's rate budget: starts in the last window, processes, cooldown"
+                       " (sends no request)")
+    b.add_argument("--json", action="store_true", help="print JSON")
+    b.add_argument("--config")
+    b.add_argument("--base-url", dest="api.base_url", metavar="URL")
+    b.add_argument("--rate-shared", dest="rate.shared", metavar="local|off|redis://HOST:PORT/DB")
+    b.add_argument("--window", dest="rate.window", metavar="SECONDS")
+    b.add_argument("--rate", dest="rate.limit", metavar="N")
+    b.set_defaults(func=cmd_budget)
+
     g = sub.add_parser("get", help="print the raw JSON of one API call (costs one credit)")
     g.add_argument("endpoint", help="e.g. userinfo-by-username")
     g.add_argument("params", nargs="*", metavar="key=value")
@@ -200,13 +211,33 @@ def _logging(verbose: int) -> None:
 def _resume_hint(argv: Sequence[str]) -> str:
     words = [w for w in argv if w not in ("--restart", "--retry-failed")]
     # A database URL may carry a password: never echo it into logs.
-    return "crawler " + re.sub(r"://[^/@\s]+@", "://***@", shlex.join(words))
+    return "crawler " + masked(shlex.join(words))
+
+
+def check_ledger(settings: Settings, key: Secret) -> None:
+    """Open and close the key's rate ledger once: unreachable or disagreeing is exit 2 before anything starts."""
+    from crawler.client import check_base_url
+    from crawler.ledger import open_ledger
+    from crawler.pacing import Pace
+
+    if not settings.rate_enabled:
+        return
+    base = check_base_url(settings.base_url, allow_insecure_http=settings.allow_insecure_http)
+    ledger = open_ledger(settings.rate_shared, key.reveal(), base)
+    rules = Pace.from_settings(settings).rules
+
+    async def check() -> None:
+        await ledger.open(rules)
+        await ledger.aclose()
+
+    asyncio.run(check())
 
 
 def cmd_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run (or resume) one crawl job."""
     settings = settings_from(args)
     key = api_key()
+    check_ledger(settings, key)
     name = args.command
     job = JobOptions(
         command=name,
@@ -355,6 +386,46 @@ def cmd_status(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_budget(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Show the key's rate ledger; sends no API request."""
+    from crawler.client import check_base_url
+    from crawler.ledger import open_ledger
+
+    settings = settings_from(args)
+    if settings.rate_shared == "off":
+        raise UsageError("rate.shared is off: each process keeps its own rate budget, so there is no shared"
+                         " ledger to show (set rate.shared = \"local\" or a redis:// URL)")
+    base = check_base_url(settings.base_url, allow_insecure_http=settings.allow_insecure_http)
+    ledger = open_ledger(settings.rate_shared, api_key().reveal(), base)
+
+    async def read() -> Any:
+        await ledger.open(None)
+        try:
+            return await ledger.status(settings.rate_window)
+        finally:
+            await ledger.aclose()
+
+    st = asyncio.run(read())
+    limit = st.limit or settings.rate_limit
+    window = st.window or settings.rate_window
+    processes = [{"host": who.rpartition(":")[0], "pid": int(who.rpartition(":")[2] or 0), "started": n}
+                 for who, n in sorted(st.processes.items())]
+    if args.json:
+        print(json.dumps({"started": st.started, "limit": limit, "window": window, "processes": processes,
+                          "cooldown_until": st.cooldown_until, "rate_limited_last_hour": st.rate_limited_last_hour,
+                          "at": st.at, "ledger": ledger.where}))
+        return 0
+    print("the key's rate budget (requests per rolling window; --max-credits is about credits: see crawler status)")
+    print(f"ledger          {ledger.where} ({base})")
+    print(f"started         {st.started:,} of {limit:,} in the last {window:g} s")
+    who = ", ".join(f"{p['host']} pid {p['pid']} ({p['started']})" for p in processes) or "none"
+    print(f"processes       {who}")
+    cool = "none" if st.cooldown_until is None else f"{st.cooldown_until - st.at:.1f} s left"
+    print(f"cooldown        {cool}")
+    print(f"429s last hour  {st.rate_limited_last_hour:,}")
+    return 0
+
+
 def cmd_estimate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Print the expected credits of a job."""
     from crawler.estimate import estimate
@@ -371,6 +442,7 @@ def cmd_ingest(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     settings = settings_from(args)
     key = api_key()
+    check_ledger(settings, key)
     result = asyncio.run(ingest(args.input, Path(args.out_dir), settings, api_key=key, date=args.date,
                                 with_posts=args.posts, restart=args.restart, column=args.column, by_id=args.by_id,
                                 quiet=args.quiet))

@@ -44,6 +44,7 @@ from crawler.errors import (
     Unreachable,
     UsageError,
 )
+from crawler.ledger import open_ledger
 from crawler.pacing import Pace, RateGate
 from crawler.retry import retry_async
 
@@ -336,6 +337,7 @@ class Client:
         base_url: str | None = None,
         request_budget: int | None = None,
         max_connections: int = 100,
+        gate: RateGate | None = None,
     ) -> None:
         # Like the CLI: environment (TIKLIVE_BASE_URL, CRAWLER_CONFIG), then config.toml if present, then defaults.
         s = settings if settings is not None else load_settings()
@@ -346,20 +348,18 @@ class Client:
         if api_key is None:
             api_key = key_from_env()
         self._key = api_key if isinstance(api_key, Secret) else Secret(api_key)
-        self.pace = Pace(
-            limit=s.rate_limit,
-            window=s.rate_window,
-            burst=s.rate_burst,
-            max_per_second=s.rate_max_per_second,
-            margin=s.rate_margin,
-            enabled=s.rate_enabled,
-        )
-        self.gate = RateGate(
-            self.pace,
-            cooldown_base=max(s.retry_base_delay, 0.05) if s.retry_base_delay > 0 else 0.0,
-            cooldown_max=s.retry_max_delay,
-            stall_limit=s.retry_stall_limit,
-        )
+        self.pace = Pace.from_settings(s)
+        if gate is None:
+            # The key's ledger (rate.shared) paces this client with every other one on the key; none when off.
+            ledger = open_ledger(s.rate_shared, self._key.reveal(), self.base_url) if s.rate_enabled else None
+            gate = RateGate(
+                self.pace,
+                ledger=ledger,
+                cooldown_base=max(s.retry_base_delay, 0.05) if s.retry_base_delay > 0 else 0.0,
+                cooldown_max=s.retry_max_delay,
+                stall_limit=s.retry_stall_limit,
+            )
+        self.gate = gate
         self.outage = Outage(
             base_url=self.base_url,
             stall_limit=s.retry_stall_limit,
@@ -380,6 +380,7 @@ class Client:
     async def __aenter__(self) -> Client:
         if self._closed or self._session is not None:
             raise RuntimeError("a Client is opened once; create a new one")
+        await self.gate.__aenter__()  # an unreachable ledger is a usage error before any request
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self.settings.connect_timeout, sock_read=self.settings.read_timeout
         )
@@ -397,10 +398,13 @@ class Client:
 
     async def aclose(self) -> None:
         """Close the session (idempotent)."""
+        if self._closed:
+            return
         self._closed = True
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+            await self.gate.__aexit__(None, None, None)
 
     async def get(self, endpoint: str, params: Mapping[str, str | int] | None = None) -> JsonDict:
         """One API call: paced, retried on transient errors, classified; returns the JSON payload."""
@@ -423,7 +427,7 @@ class Client:
                 except RateLimited as exc:
                     outage.answered()
                     self.counters.rate_limited += 1
-                    self.gate.report_429(started, exc.retry_after)
+                    await self.gate.report_429(started, exc.retry_after)
                     continue
                 except Unreachable as exc:
                     if outage.failed(target, exc):
@@ -433,6 +437,7 @@ class Client:
                     raise  # nothing was sent
                 except CrawlerError:
                     outage.answered()
+                    self.gate.report_success()  # any answer but a rate limit ends a 429 streak
                     raise
                 self.gate.report_success()
                 try:

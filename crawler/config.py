@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ class Settings:
     rate_max_per_second: int = 40  # rate.max_per_second
     rate_margin: float | None = None  # rate.margin (None: max(0.05 s, 0.5% of the window))
     rate_enabled: bool = True  # rate.enabled (false only for benchmarks against the simulator)
+    rate_shared: str = "local"  # rate.shared: "local", "off" or redis[s]://host:port/db
     parallelism: int | None = None  # crawl.parallelism ("auto" -> None)
     page_size: int | None = None  # crawl.page_size (None: per endpoint)
     max_pages: int | None = None  # crawl.max_pages
@@ -72,6 +74,11 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+
+def masked(text: str) -> str:
+    """Text with the credentials of any URL in it (``scheme://user:password@``) replaced by ***."""
+    return re.sub(r"://[^/@\s]+@", "://***@", text)
 
 
 def _bool(v: Any) -> bool:
@@ -109,6 +116,12 @@ def _url(v: Any) -> str:
     return v.strip().rstrip("/")
 
 
+def _shared(v: Any) -> str:
+    if isinstance(v, str) and (v.strip().lower() in ("local", "off") or v.strip().startswith(("redis://", "rediss://"))):
+        return v.strip().lower() if v.strip().lower() in ("local", "off") else v.strip()
+    raise ValueError('expected "local", "off" or a redis://host:port/db URL')
+
+
 def _text(v: Any) -> str:
     if not isinstance(v, str) or not v:
         raise ValueError("expected a non-empty string")
@@ -129,6 +142,7 @@ KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "rate.max_per_second": ("rate_max_per_second", _number(int, low=1)),
     "rate.margin": ("rate_margin", _number(float, low=0, allow_none=True)),
     "rate.enabled": ("rate_enabled", _bool),
+    "rate.shared": ("rate_shared", _shared),
     "crawl.parallelism": ("parallelism", _parallelism),
     "crawl.page_size": ("page_size", _number(int, low=1, allow_none=True)),
     "crawl.max_pages": ("max_pages", _number(int, low=1, allow_none=True)),
@@ -146,7 +160,7 @@ KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "history.url": ("history_url", _optional_text),
 }
 
-ENV_KEYS = {"TIKLIVE_BASE_URL": "api.base_url"}
+ENV_KEYS = {"TIKLIVE_BASE_URL": "api.base_url", "CRAWLER_RATE_SHARED": "rate.shared"}
 
 
 def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -170,7 +184,8 @@ def _apply(values: dict[str, Any], layer: Mapping[str, Any], source: Callable[[s
         try:
             values[field] = parse(raw)
         except (ValueError, TypeError) as exc:
-            raise UsageError(f"{source(key)}: invalid value {raw!r} for '{key}': {exc}") from None
+            shown = masked(raw) if isinstance(raw, str) else raw
+            raise UsageError(f"{source(key)}: invalid value {shown!r} for '{key}': {exc}") from None
 
 
 def config_path(explicit: str | None, environ: Mapping[str, str]) -> Path | None:
@@ -201,6 +216,7 @@ FLAG_NAMES = {
     "rate.window": "--window",
     "rate.burst": "--burst",
     "rate.max_per_second": "--max-per-second",
+    "rate.shared": "--rate-shared",
     "crawl.parallelism": "--parallelism",
     "crawl.page_size": "--page-size",
     "crawl.max_pages": "--max-pages",

@@ -741,6 +741,7 @@ class Crawl:
             parallelism=self._workers,
             rate_used=(f"{counters.pace.effective_rate:.1f} per {counters.pace.window:g} s"
                        if counters is not None and counters.pace.enabled else "no limit"),
+            rate_wait_seconds=counters.gate.wait_seconds if counters is not None else 0.0,
             failures=fails,
             output=str(self.out if status != "stopped" else part_path(self.out)),
             failures_file=str(failures_path(self.out)) if fails else "",

@@ -7,6 +7,7 @@
     │   ├── RateLimitStalled   429s without a break for longer than retry.stall_limit (exit 1)
     │   ├── OutageStalled      no API answer (down, 5xx, not the API) for retry.stall_limit; resumable (exit 1)
     │   ├── NotTheApi          the base URL answers, but never like the API (wrong path or host) (exit 1)
+    │   ├── LedgerLost         the key's rate ledger stopped answering for retry.stall_limit (exit 1)
     │   ├── JobLocked          another process is running the same job (exit 1)
     │   ├── BalanceExhausted   the API says the credit balance is empty; resumable (exit 4)
     │   ├── BudgetExhausted    --max-credits reached; resumable (exit 4)
@@ -67,6 +68,10 @@ class OutageStalled(RunStopped):
 
 class NotTheApi(RunStopped):
     """The base URL answers, but every answer is a 404 or a page that is not the API's."""
+
+
+class LedgerLost(RunStopped):
+    """The key's rate ledger (state file or Redis) did not answer for longer than the stall limit."""
 
 
 class JobLocked(RunStopped):

@@ -16,12 +16,13 @@ def retry_async(
     call: Callable[[], Awaitable[T]],
     *,
     retry_on: type[Exception],
-    attempts: int,
+    attempts: int | None,
     base_delay: float,
     max_delay: float,
+    max_time: float | None = None,
     on_retry: Callable[[BaseException, int, float], None] | None = None,
 ) -> Awaitable[T]:
-    """Await ``call()`` up to ``attempts`` times while it raises ``retry_on``.
+    """Await ``call()`` up to ``attempts`` times (None: no count) and ``max_time`` seconds while it raises ``retry_on``.
 
     Waits grow exponentially from ``base_delay`` (capped at ``max_delay``) with full jitter;
     ``base_delay == 0`` turns the waits off (test mode). The last error propagates.
@@ -35,7 +36,8 @@ def retry_async(
     decorated = backoff.on_exception(
         backoff.expo,
         retry_on,
-        max_tries=max(1, attempts),
+        max_tries=None if attempts is None else max(1, attempts),
+        max_time=max_time,
         jitter=backoff.full_jitter if base_delay > 0 else None,
         factor=base_delay,
         max_value=max_delay,

@@ -30,6 +30,7 @@ class Summary:
     elapsed: float
     parallelism: int
     rate_used: str
+    rate_wait_seconds: float = 0.0  # this run: time its starts waited for the key's budget
     failures: dict[str, int] = field(default_factory=dict)
     output: str = ""
     failures_file: str = ""
@@ -48,6 +49,7 @@ class Summary:
             ("credits_billed", f"{self.credits_billed:,}"),
             ("429s / retries", f"{self.rate_limited:,} / {self.retries:,}"),
             ("elapsed", f"{self.elapsed:,.1f} s, {rate:,.2f} requests/s (paced at most {self.rate_used})"),
+            ("rate_wait_seconds", f"{self.rate_wait_seconds:,.1f} (waiting for the key's rate budget)"),
             ("parallelism", str(self.parallelism)),
         ]
         if self.failures:

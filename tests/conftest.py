@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
@@ -27,6 +31,35 @@ def fast_settings(url: str, **changes: Any) -> Settings:
         connect_timeout=2.0,
     )
     return base.replace(**changes)
+
+
+@pytest.fixture(autouse=True)
+def private_state_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test gets its own XDG_STATE_HOME (the local rate ledger lives there): nothing under the real home."""
+    home = str(tmp_path_factory.mktemp("state"))
+    monkeypatch.setenv("XDG_STATE_HOME", home)
+    return home
+
+
+@pytest.fixture(autouse=True)
+def reap_processes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every process a test starts with asyncio is SIGKILLed by pid when the test ends, however it ends."""
+    started: list[asyncio.subprocess.Process] = []
+    real = asyncio.create_subprocess_exec
+
+    async def tracked(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        proc = await real(*args, **kwargs)
+        started.append(proc)
+        return proc
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", tracked)
+    try:
+        yield
+    finally:
+        for proc in started:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
 
 
 SimFactory = Callable[..., AbstractAsyncContextManager[Simulator]]

@@ -178,9 +178,9 @@ async def test_429_with_retry_after_pauses_every_worker_for_exactly_that_long(si
                 starts.append(await acquire())
                 return starts[-1]
 
-            def recording_report(started: float, retry_after: float | None) -> None:
+            async def recording_report(started: float, retry_after: float | None) -> None:
                 answered_429.append(gate.now())
-                report(started, retry_after)
+                await report(started, retry_after)
 
             gate.acquire, gate.report_429 = recording_acquire, recording_report  # type: ignore[method-assign]
             await asyncio.gather(*(client.get("/region-list/") for _ in range(12)))

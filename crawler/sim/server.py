@@ -56,6 +56,7 @@ class SimConfig:
     slow_seconds: float = 30.0
     quirks: bool = False
     seed: int = 1
+    record_arrivals: bool = False  # keep every arrival time (sim clock) in stats.arrivals, for rate tests
 
     def __post_init__(self) -> None:
         unknown = set(self.faults) - FAULT_KINDS
@@ -77,7 +78,7 @@ class Stats:
     arrival with a valid key, 429ed ones included.
     """
 
-    __slots__ = ("billed", "by_endpoint", "faults", "max_in_second", "max_in_window", "requests",
+    __slots__ = ("arrivals", "billed", "by_endpoint", "faults", "max_in_second", "max_in_window", "requests",
                  "served_429")
 
     def __init__(self) -> None:
@@ -88,6 +89,7 @@ class Stats:
         self.billed: Counter[str] = Counter()
         self.max_in_window = 0
         self.max_in_second = 0
+        self.arrivals: list[float] = []  # only with SimConfig.record_arrivals
 
     def snapshot(self) -> dict[str, Any]:
         """A copy of the counters as plain JSON-ready values."""
@@ -177,6 +179,8 @@ class Simulator:
         _trim(w.accepted, now - cfg.rate_window)
         w.in_window.append(now)
         w.in_second.append(now)
+        if cfg.record_arrivals:
+            self.stats.arrivals.append(now)
         self.stats.max_in_window = max(self.stats.max_in_window, len(w.in_window))
         self.stats.max_in_second = max(self.stats.max_in_second, len(w.in_second))
         if cfg.always_429 or len(w.accepted) >= cfg.rate_limit or len(w.in_second) > cfg.burst_limit:

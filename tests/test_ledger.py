@@ -1,0 +1,183 @@
+"""The key's rate ledger: the same rules on every backend (in-process, local file, Redis), and fair turns."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from crawler.errors import UsageError
+from crawler.ledger import FileLedger, Ledger, MemoryLedger, RedisLedger, Rules, ledger_name
+from crawler.pacing import Pace, RateGate
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+BACKENDS = ["memory", "file", "redis"]
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, start: float = 1_000.0) -> None:
+        self.t = start
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(kind: str, name: str, tmp: Path, clock: FakeClock) -> Ledger:
+    """A fresh ledger of one backend (Redis takes its own server's clock; the others the fake one)."""
+    if kind == "memory":
+        return MemoryLedger(name, clock=clock, private=True)
+    if kind == "file":
+        return FileLedger(name, directory=tmp, clock=clock)
+    return RedisLedger(name, REDIS_URL)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """The fake clock of the memory and file ledgers (Redis ignores it)."""
+    return FakeClock()
+
+
+@pytest.fixture(params=BACKENDS)
+async def ledger(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> AsyncIterator[Ledger]:
+    """One opened ledger per backend, under a name no other test uses."""
+    led = make(request.param, f"test-{uuid.uuid4().hex}", tmp_path, clock)
+    await led.open(None)
+    try:
+        yield led
+    finally:
+        await led.aclose()
+
+
+RULES = Rules(limit=20, window=2.0, max_per_second=8, burst=5, margin=0.05)
+
+
+async def test_reservations_keep_every_rule_of_the_key(ledger: Ledger) -> None:
+    """120 starts reserved at once are spread so no window, second or pacing interval ever holds too many."""
+    slots = [await ledger.reserve(RULES, "host:1") for _ in range(120)]
+    starts = [s.start for s in slots]
+    assert starts == sorted(starts)
+    eps = 1e-6
+    # Window: the limit-th start after any start is at least window + margin later.
+    assert all(starts[i + RULES.limit] - starts[i] >= RULES.span - eps for i in range(len(starts) - RULES.limit))
+    # Per-second cap, with its margin.
+    mps = RULES.max_per_second
+    assert all(starts[i + mps] - starts[i] >= 1.0 + RULES.margin - eps for i in range(len(starts) - mps))
+    # Even pacing: never more than `burst` starts ahead of one start per interval.
+    interval = max(RULES.span / RULES.limit, (1 + RULES.margin) / mps)
+    for i, t in enumerate(starts):
+        assert t >= starts[0] + (i - (RULES.burst - 1)) * interval - eps
+    # And it is not slower than the rules require: 120 starts take about 115 intervals after the burst.
+    assert starts[-1] - starts[0] <= (120 - RULES.burst) * interval + RULES.span
+    assert all(abs(s.wait - (s.start - slots[0].start) + slots[0].wait) < 0.5 for s in slots)
+
+
+async def test_a_429_pauses_every_later_start_and_a_burst_counts_once(ledger: Ledger, clock: FakeClock) -> None:
+    """A cooldown holds back later reservations; a backoff 429 of a request older than it is one event."""
+    first = await ledger.reserve(RULES, "host:1")
+    clock.t += 0.01  # the answer comes after the start
+    assert await ledger.report_429(first.start, 30.0, False)
+    assert not await ledger.report_429(first.start, 30.0, False)  # same burst: no new event
+    later = await ledger.reserve(RULES, "host:2")
+    assert later.wait >= 29.0
+    status = await ledger.status(RULES.window)
+    assert status.cooldown_until is not None and status.rate_limited_last_hour == 2
+
+
+async def test_a_slot_that_comes_due_inside_a_new_cooldown_is_given_back(ledger: Ledger) -> None:
+    """confirm() refuses a slot granted before a 429 and removes it from the window's count."""
+    rules = Rules(limit=2, window=10.0, max_per_second=10, burst=1, margin=0.0)
+    a = await ledger.reserve(rules, "host:1")
+    b = await ledger.reserve(rules, "host:1")
+    assert b.wait > 4.0  # the second start is paced one interval (5 s) later
+    assert await ledger.report_429(a.start, 20.0, True)
+    assert await ledger.confirm(b, rules) > 15.0
+    c = await ledger.reserve(rules, "host:1")
+    # b was given back, so c is paced by a and the cooldown only, not pushed a window behind b.
+    assert c.wait >= 19.0 and c.start - a.start < 25.0
+
+
+async def test_processes_that_disagree_on_the_limits_are_refused(tmp_path: Path) -> None:
+    """A process with another rate.limit is refused while the ledger is in use, accepted once it is idle."""
+    clock = FakeClock()
+    name = f"test-{uuid.uuid4().hex}"
+    for kind in BACKENDS:
+        first, second = make(kind, name, tmp_path, clock), make(kind, name, tmp_path, clock)
+        if kind == "memory":  # two clients of one process share the in-process ledger by name
+            first, second = MemoryLedger(name, clock=clock), MemoryLedger(name, clock=clock)
+        await first.open(RULES)
+        await first.reserve(RULES, "host:1")
+        other = Rules(limit=30, window=2.0, max_per_second=8, burst=1, margin=0.05)
+        with pytest.raises(UsageError, match=r"rate\.limit = 30 .*in use with rate\.limit = 20"):
+            await second.open(other)
+        await second.open(RULES)  # the same values are welcome
+        if kind != "redis":  # the fake clock can move: after a quiet window the new values take over
+            clock.t += 10
+            third = make(kind, name, tmp_path, clock) if kind == "file" else MemoryLedger(name, clock=clock)
+            await third.open(other)
+            await third.aclose()
+        await first.aclose()
+        await second.aclose()
+
+
+async def test_unreachable_redis_is_a_usage_error_without_the_password() -> None:
+    """A Redis that does not answer at start is exit 2 naming rate.shared, with the password masked."""
+    led = RedisLedger("x", "redis://:hunter2@127.0.0.1:1/0", timeout=1.0)
+    with pytest.raises(UsageError, match=r"rate\.shared = redis://\*\*\*@127\.0\.0\.1:1/0") as info:
+        await led.open(RULES)
+    assert "hunter2" not in str(info.value)
+
+
+async def test_an_unwritable_state_directory_is_a_usage_error(tmp_path: Path) -> None:
+    """The local ledger's directory cannot be created: exit 2 naming rate.shared and the path."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    led = FileLedger("x", directory=blocker / "crawler")
+    with pytest.raises(UsageError, match=r'rate\.shared = "local".*XDG_STATE_HOME'):
+        await led.open(RULES)
+
+
+def test_ledger_names_hide_the_key_and_separate_apis() -> None:
+    """The name is a hash of key and base URL: the key never appears, another port is another ledger."""
+    a = ledger_name("secret-key-123", "http://127.0.0.1:8000")
+    assert "secret" not in a
+    assert a != ledger_name("secret-key-123", "http://127.0.0.1:8001")
+    assert a == ledger_name("secret-key-123", "http://127.0.0.1:8000/")
+
+
+@pytest.mark.parametrize("kind", ["memory", "file", "redis"])
+async def test_processes_waiting_on_one_key_take_turns(kind: str, tmp_path: Path) -> None:
+    """Three gates (as three processes) with unequal worker counts each get at least 1/6 of the starts."""
+    name = f"test-{uuid.uuid4().hex}"
+    pace = Pace(limit=60, window=0.6, burst=1, max_per_second=1000, margin=0.0)
+    ledgers: list[Callable[[], Ledger]] = [
+        (lambda: MemoryLedger(name)) if kind == "memory"
+        else (lambda: FileLedger(name, directory=tmp_path)) if kind == "file"
+        else (lambda: RedisLedger(name, REDIS_URL))
+    ] * 3
+    gates = [RateGate(pace, ledger=make_ledger(), stall_limit=5.0) for make_ledger in ledgers]
+    for n, gate in enumerate(gates):
+        gate._owner = f"host:{n}"  # three "processes"
+    got: Counter[int] = Counter()
+    total = 90
+
+    async def worker(n: int) -> None:
+        while sum(got.values()) < total:
+            await gates[n].acquire()
+            got[n] += 1
+
+    for gate in gates:
+        await gate.__aenter__()
+    try:
+        async with asyncio.timeout(60):
+            await asyncio.gather(*(worker(n) for n, workers in enumerate((1, 4, 12)) for _ in range(workers)))
+    finally:
+        for gate in gates:
+            await gate.__aexit__(None, None, None)
+    assert sum(got.values()) >= total
+    assert min(got.values()) >= total / 6, got
