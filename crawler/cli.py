@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import json
 import logging
 import shlex
@@ -21,6 +22,14 @@ from crawler.sinks import part_path
 log = logging.getLogger("crawler")
 
 PUBLISH_TIME = (0, 1, 7, 30, 90, 180)
+# TikLiveAPI's paths as its vendor client and third-party clients call them, for `get` to check a name.
+API_PATHS = (
+    "userid", "userinfo-by-username", "userinfo-by-id", "user-posts", "user-liked", "user-followers",
+    "user-following", "user-stories", "user-playlists", "user-collections", "search-user", "search-video",
+    "search-challenge", "post-detail", "post-comments", "post-comment-replies", "music-info", "music-posts",
+    "challenge-info-id", "challenge-info-name", "challenge-posts", "playlist-info", "playlist-posts",
+    "collection-info", "collection-posts", "download-video", "download-music", "region-list", "ads-detail",
+)
 SORT_BY = {"relevance": 0, "likes": 1, "date": 2, "0": 0, "1": 1, "2": 2}
 
 
@@ -33,7 +42,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _settings_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("settings (override config.toml; see CONTRACT in README)")
+    g = p.add_argument_group("settings (override config.toml; see the Settings section of README.md)")
     g.add_argument("--config", help="config file (default: $CRAWLER_CONFIG or ./config.toml)")
     g.add_argument("--base-url", dest="api.base_url", metavar="URL")
     g.add_argument("--rate", dest="rate.limit", metavar="N", help="requests per rolling window (default 200)")
@@ -56,6 +65,12 @@ def _settings_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug logging")
 
 
+def _retry_choice(value: str) -> str:
+    if value != "all":
+        raise argparse.ArgumentTypeError(f"--retry-failed={value}: the only value is 'all'")
+    return value
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     """Settings from config.toml, the environment and this command's flags."""
     flags = {key: getattr(args, key) for key in FLAG_NAMES if hasattr(args, key)}
@@ -68,7 +83,11 @@ def _job_parser(sub: Any, name: str, help_text: str, input_help: str) -> argpars
                    help=input_help)
     p.add_argument("-o", "--output", help=f"output CSV (default: {name}.csv)")
     p.add_argument("--restart", action="store_true", help="forget this job's progress and start over")
-    p.add_argument("--retry-failed", action="store_true", help="run only the items that failed before")
+    p.add_argument("--retry-failed", nargs="?", const=True, default=False, type=_retry_choice, metavar="all",
+                   help="try again the items that failed for a reason that can change (retries_exhausted, budget);"
+                   " --retry-failed=all also not_found and private")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output this tool did not write (or the input file itself)")
     if COMMANDS[name].input_kind != "keyword":
         p.add_argument("--column", help="read the input as CSV and take this column")
     if COMMANDS[name].input_kind == "users":
@@ -194,9 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     _settings_flags(d)
     d.set_defaults(func=cmd_download)
 
-    sim = sub.add_parser("sim", help="run the local API simulator (python -m crawler.sim --help)", add_help=False)
-    sim.add_argument("rest", nargs=argparse.REMAINDER)
-    sim.set_defaults(func=cmd_sim)
+    # Listed for --help only: main() hands `crawler sim ...` to the simulator's own parser.
+    sub.add_parser("sim", help="run the local API simulator (crawler sim --help)", add_help=False)
     return parser
 
 
@@ -251,7 +269,7 @@ def cmd_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if not job.output.endswith(".csv"):
         raise UsageError(f"--output {job.output}: the output must be a .csv file")
     crawl = Crawl(job, settings, api_key=key, restart=args.restart, retry_failed=args.retry_failed,
-                  quiet=args.quiet)
+                  overwrite=args.overwrite, quiet=args.quiet)
     outcome = asyncio.run(run_job(crawl))
     _report(outcome, args.quiet, argv)
     return outcome.exit_code
@@ -280,11 +298,23 @@ def _report(outcome: Outcome, quiet: bool, argv: Sequence[str]) -> None:
     if err is None:
         if outcome.summary.items_failed:
             print(f"crawler: {outcome.summary.items_failed:,} items failed; see {outcome.summary.failures_file}"
-                  f" (re-run with --retry-failed to try them again)", file=sys.stderr)
+                  f"{_failure_hint(outcome.summary.failures)}", file=sys.stderr)
         return
-    resumable = isinstance(err, Interrupted) or err.exit_code == 4
+    resumable = isinstance(err, Interrupted) or err.exit_code == 4 or getattr(err, "resumable", False)
     hint = f"; resume with: {_resume_hint(argv)}" if resumable else ""
     print(f"crawler: {err}{hint}", file=sys.stderr)
+
+
+def _failure_hint(failures: dict[str, int]) -> str:
+    """What can be done about these failures, only what applies."""
+    from crawler.state import RETRIABLE
+
+    hints = []
+    if any(failures.get(r) for r in RETRIABLE):
+        hints.append("re-run with --retry-failed to try the retries_exhausted ones again")
+    if failures.get("invalid_input"):
+        hints.append("fix the invalid lines in the input and run the same command: only they are fetched")
+    return f" ({'; '.join(hints)})" if hints else ""
 
 
 def _regions(settings: Settings, key: Any) -> list[tuple[str, str]]:
@@ -316,6 +346,11 @@ def cmd_get(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Print the raw JSON of one call."""
     from crawler.client import Client
 
+    name = args.endpoint.strip().strip("/")
+    if name not in API_PATHS:
+        close = difflib.get_close_matches(name, API_PATHS, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UsageError(f"get: {args.endpoint!r} is not a known API endpoint ({hint}known: {', '.join(API_PATHS)})")
     params: dict[str, str | int] = {}
     for pair in args.params:
         name, sep, value = pair.partition("=")
@@ -339,6 +374,8 @@ def cmd_status(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from crawler.state import StateStore
 
     out = Path(args.output)
+    if out.name.endswith(".csv.part"):  # the path a stopped run's summary printed
+        out = out.with_name(out.name.removesuffix(".part"))
     path = state_path(out)
     if not path.is_file():
         raise UsageError(f"no job state for {out} (expected {path}); was the job started with -o {out}?")
@@ -434,7 +471,12 @@ def cmd_history(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from crawler.history import HistoryStore, export_csv, parse_day, plot_growth
     from crawler.ingest import history_url
 
-    store = HistoryStore(history_url(settings_from(args)))
+    url = history_url(settings_from(args))
+    if not url.startswith(("postgresql://", "postgres://")) and not Path(url.removeprefix("sqlite:///")).is_file():
+        # A query never creates a store: an empty one would only hide a wrong --data-dir or --history-url.
+        raise UsageError(f"no history at {url.removeprefix('sqlite:///')}: run `crawler ingest` first, or point"
+                         " --data-dir / --history-url at the store it wrote")
+    store = HistoryStore(url)
     try:
         if args.query == "growth":
             rows = store.growth(args.handle, args.since and parse_day(args.since, "--since"),
@@ -459,7 +501,19 @@ def cmd_history(args: argparse.Namespace, argv: Sequence[str]) -> int:
             n = export_csv(store, Path(args.output))
             print(f"crawler: wrote {n:,} snapshots to {args.output}", file=sys.stderr)
         elif args.query == "plot":
-            labels = plot_growth(store, args.handles, Path(args.output),
+            known, unknown = [], []
+            for handle in args.handles:
+                try:
+                    store.resolve(handle)
+                    known.append(handle)
+                except UsageError:
+                    unknown.append("@" + handle.strip().lstrip("@").lower())
+            if not known:
+                raise UsageError(f"plot: no history for {', '.join(unknown)} (run `crawler ingest` first, or check"
+                                 " the spelling)")
+            if unknown:
+                print(f"crawler: no history for {', '.join(unknown)}: drawing the others", file=sys.stderr)
+            labels = plot_growth(store, known, Path(args.output),
                                  since=args.since and parse_day(args.since, "--since"),
                                  until=args.until and parse_day(args.until, "--until"))
             print(f"crawler: wrote {args.output} ({', '.join(labels)})", file=sys.stderr)
@@ -496,16 +550,13 @@ def cmd_download(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return outcome.exit_code
 
 
-def cmd_sim(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """Run the simulator."""
-    from crawler.sim.__main__ import main as sim_main
-
-    return sim_main(list(args.rest))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `crawler` console script."""
     words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["sim"]:  # every option (--help, --port ...) belongs to the simulator's own parser
+        from crawler.sim.__main__ import main as sim_main
+
+        return sim_main(words[1:], prog="crawler sim")
     try:
         args = build_parser().parse_args(words)
         if not hasattr(args, "func"):

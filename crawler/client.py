@@ -7,6 +7,8 @@ Endpoint methods (paginators and single lookups) are thin wrappers over `crawler
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import email.utils
 import ipaddress
 import json
@@ -17,24 +19,29 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 
 from crawler import endpoints as ep
-from crawler.config import Secret, Settings
+from crawler.config import Secret, Settings, load_settings
 from crawler.config import api_key as key_from_env
 from crawler.errors import (
     BalanceExhausted,
     BudgetExhausted,
+    CannotConnect,
     CrawlerError,
     ItemFailed,
     KeyRejected,
+    NotAnApiAnswer,
     NotFound,
+    NotTheApi,
+    OutageStalled,
     PrivateAccount,
     RateLimited,
     RetriesExhausted,
     TransientError,
+    Unreachable,
     UsageError,
 )
 from crawler.ledger import open_ledger
@@ -141,24 +148,27 @@ def interpret(status: int, raw: bytes, retry_after: str | None, endpoint: str) -
     if status == 429:
         return RateLimited(f"{endpoint}: HTTP 429", _retry_after(retry_after)), False
     if status >= 500:
-        return TransientError(f"{endpoint}: HTTP {status}"), False
+        return Unreachable(f"{endpoint}: HTTP {status}"), False
     if status in (401, 403):
         return KeyRejected(f"the API rejected the key (HTTP {status}): check TIKLIVE_API_KEY"), False
     if status == 402:
         return BalanceExhausted("the API balance is empty (HTTP 402): top up, then run the same command again"), False
     if status == 404:
-        return NotFound(f"{endpoint}: HTTP 404"), False
+        # The API says "not found" in a 200 body; a 404 comes from a server that does not know the path.
+        return NotAnApiAnswer(f"{endpoint}: HTTP 404, not an API answer"), False
     if 300 <= status < 400:  # redirects are not followed: the key must not travel to another host
-        return TransientError(f"{endpoint}: unexpected redirect (HTTP {status})"), False
+        return Unreachable(f"{endpoint}: unexpected redirect (HTTP {status})"), False
     billed = status == 200
     try:
         body = json.loads(raw)
     except ValueError:
-        return TransientError(f"{endpoint}: malformed JSON (HTTP {status}, {len(raw)} bytes)"), billed
+        if raw.lstrip()[:1] == b"<":
+            return Unreachable(f"{endpoint}: malformed JSON, an HTML page (HTTP {status})"), billed
+        return Unreachable(f"{endpoint}: malformed JSON (HTTP {status}, {len(raw)} bytes)"), billed
     if status != 200:
         return TransientError(f"{endpoint}: HTTP {status}"), False
     if not isinstance(body, dict):
-        return TransientError(f"{endpoint}: unexpected JSON {type(body).__name__}"), billed
+        return Unreachable(f"{endpoint}: unexpected JSON {type(body).__name__}"), billed
     body = _unwrap(body)
     bare = "message" in body or "msg" in body or "error" in body
     bare = bare and set(body) <= _ERROR_ONLY_KEYS and body.get("status") != "error"
@@ -196,10 +206,126 @@ def _unwrap(body: JsonDict) -> JsonDict:
     return body
 
 
+class Outage:
+    """The shared outage state: when requests to several targets get no API answer, every worker pauses.
+
+    An item's transient failure counts against its own retries only while the API answers other
+    requests; once the unanswered requests of a streak reach `threshold` over at least two targets,
+    workers wait and one probe at a time (backing off from ``base_delay`` to ``max_delay``) checks
+    whether the API is back. After ``stall_limit`` seconds without any answer the run stops with
+    OutageStalled, leaving the items pending. Answers that are never the API's (404, HTML) from the
+    first request on end the run at once with NotTheApi: a wrong base URL is not an outage.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        stall_limit: float,
+        attempts: int,
+        base_delay: float = 0.5,
+        max_delay: float = 30.0,
+        probe_timeout: float = 20.0,
+        threshold: int = 3,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._base_url = base_url
+        self._stall_limit = stall_limit
+        self._attempts = max(1, attempts)
+        self._base_delay = max(base_delay, 0.1)
+        self._max_delay = max(max_delay, self._base_delay)
+        self._probe_timeout = probe_timeout
+        self._threshold = threshold
+        self._clock = clock
+        self._since: float | None = None  # first unanswered request of the current streak
+        self._count = 0
+        self._targets: set[str] = set()
+        self._last_error = ""
+        self._delay = self._base_delay
+        self._probe_at = 0.0
+        self._probe_until = 0.0
+        self._recovered = asyncio.Event()
+        self.active = False
+        self.ever_answered = False
+        self.pauses = 0  # distinct outages met
+
+    def status(self) -> str:
+        """'' when the API answers, else what the progress line shows."""
+        if not self.active or self._since is None:
+            return ""
+        return f"PAUSED: no API answer for {self._clock() - self._since:.0f} s ({self._last_error})"
+
+    def answered(self) -> None:
+        """Any API answer (a payload, an error body, a 429): the API is reachable."""
+        self.ever_answered = True
+        self._probe_until = 0.0
+        if self._since is None:
+            return
+        self._since, self._count, self._targets = None, 0, set()
+        if self.active:
+            self.active = False
+            self._recovered.set()
+            self._recovered = asyncio.Event()
+            log.warning("the API answers again: all workers resume")
+
+    def failed(self, target: str, exc: Unreachable) -> bool:
+        """Count one unanswered request; True when it is part of an outage (the caller waits, not retries)."""
+        now = self._clock()
+        self._probe_until = 0.0
+        if self._since is None:
+            self._since = now
+        self._count += 1
+        if len(self._targets) < 2:
+            self._targets.add(target)
+        self._last_error = str(exc)
+        if isinstance(exc, NotAnApiAnswer) and not self.ever_answered and self._count >= self._attempts:
+            raise NotTheApi(
+                f"{self._base_url} does not answer like TikLiveAPI ({exc}): check api.base_url / --base-url /"
+                " TIKLIVE_BASE_URL (no path after the host); nothing was marked failed"
+            )
+        # Several targets failing together is an outage; so is finding no server at all, even for one item.
+        if not self.active and self._count >= self._threshold and (
+                len(self._targets) >= 2 or isinstance(exc, CannotConnect)):
+            self.active = True
+            self.pauses += 1
+            self._delay = self._base_delay
+            log.warning("no API answer on %d requests (%s): all workers pause", self._count, exc)
+        elif self.active:
+            self._delay = min(self._delay * 2, self._max_delay)
+        if self.active:
+            self._probe_at = now + self._delay
+            self._check(now)
+        return self.active
+
+    def _check(self, now: float) -> None:
+        if self._since is not None and now - self._since >= self._stall_limit:
+            raise OutageStalled(
+                f"no answer from the API at {self._base_url} for {now - self._since:.0f} s ({self._last_error});"
+                " no item was marked failed: check the network and api.base_url, then run the same command again"
+            )
+
+    async def wait(self) -> None:
+        """Return at once while the API answers; during an outage, wait for recovery or a probe turn."""
+        while self.active:
+            now = self._clock()
+            self._check(now)
+            if now >= self._probe_at and now >= self._probe_until:
+                self._probe_until = now + self._probe_timeout  # this caller's request is the probe
+                return
+            timeout = max(self._probe_at, self._probe_until) - now
+            if self._since is not None:  # wake up at the stall limit, not at the next probe after it
+                timeout = min(timeout, self._since + self._stall_limit - now)
+            recovered = self._recovered
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(recovered.wait(), timeout=max(timeout, 0.01))
+
+
 class Client:
     """TikLiveAPI client: ``async with Client() as c: async for post in c.user_posts(user_id): ...``
 
-    Reads the key from TIKLIVE_API_KEY unless ``api_key`` is given. Opened once; reuse after close
+    Reads the key from TIKLIVE_API_KEY unless ``api_key`` is given. Without ``settings`` it resolves them
+    as the command line does (TIKLIVE_BASE_URL, then CRAWLER_CONFIG or ./config.toml, then defaults);
+    ``base_url`` overrides either. Opened once; reuse after close
     is refused. ``request_budget`` caps requests_sent (``--max-credits``), in-flight included.
     """
 
@@ -213,7 +339,8 @@ class Client:
         max_connections: int = 100,
         gate: RateGate | None = None,
     ) -> None:
-        s = settings or Settings()
+        # Like the CLI: environment (TIKLIVE_BASE_URL, CRAWLER_CONFIG), then config.toml if present, then defaults.
+        s = settings if settings is not None else load_settings()
         if base_url is not None:
             s = s.replace(base_url=base_url)
         self.settings = s
@@ -233,6 +360,14 @@ class Client:
                 stall_limit=s.retry_stall_limit,
             )
         self.gate = gate
+        self.outage = Outage(
+            base_url=self.base_url,
+            stall_limit=s.retry_stall_limit,
+            attempts=s.retry_attempts,
+            base_delay=s.retry_base_delay,
+            max_delay=s.retry_max_delay,
+            probe_timeout=s.connect_timeout + s.read_timeout,
+        )
         self.request_budget = request_budget
         self.counters = Counters()
         self._max_connections = max_connections
@@ -280,23 +415,42 @@ class Client:
         path = "/" + endpoint.strip("/") + "/"
         query = {k: str(v) for k, v in (params or {}).items()}
 
+        target = path + "?" + urlencode(sorted(query.items()))
+        outage = self.outage
+
         async def attempt() -> T:
             while True:
+                await outage.wait()
                 started = await self.gate.acquire()
                 try:
                     body = await self._send(path, query)
                 except RateLimited as exc:
+                    outage.answered()
                     self.counters.rate_limited += 1
                     await self.gate.report_429(started, exc.retry_after)
                     continue
+                except Unreachable as exc:
+                    if outage.failed(target, exc):
+                        continue  # an outage, not this item's fault: wait with everyone, spend no try
+                    raise
+                except BudgetExhausted:
+                    raise  # nothing was sent
                 except CrawlerError:
+                    outage.answered()
                     self.gate.report_success()  # any answer but a rate limit ends a 429 streak
                     raise
                 self.gate.report_success()
                 try:
-                    return parse(body)
-                except (ValueError, TypeError, KeyError, AttributeError) as exc:
-                    raise TransientError(f"{path}: unexpected answer ({exc})") from None
+                    result = parse(body)
+                except (TransientError, ValueError, TypeError, KeyError, AttributeError) as exc:
+                    # A body without the API's shape is no API answer either (it counts toward an outage).
+                    text = str(exc) if isinstance(exc, TransientError) else f"{path}: unexpected answer ({exc})"
+                    shape = Unreachable(text)
+                    if outage.failed(target, shape):
+                        continue
+                    raise shape from None
+                outage.answered()
+                return result
 
         def on_retry(exc: BaseException, tries: int, wait: float) -> None:
             self.counters.retries += 1
@@ -329,6 +483,7 @@ class Client:
         self.counters.by_endpoint[path] += 1
         log.debug("GET %s %s", path, query)
         failure: str | None = None
+        refused = False
         status, raw, retry_after = 0, b"", None
         begun = time.monotonic()
         try:
@@ -340,6 +495,9 @@ class Client:
                 raw = await resp.read()
         except TimeoutError:
             failure = f"{path}: timed out"
+        except aiohttp.ClientConnectorError as exc:  # refused, unroutable, DNS: no server at all
+            refused = True
+            failure = f"{path}: cannot connect ({type(exc).__name__})"
         except aiohttp.ClientError as exc:
             # Never keep the aiohttp exception: its request_info carries our request headers.
             failure = f"{path}: {type(exc).__name__}"
@@ -347,7 +505,7 @@ class Client:
         c = self.counters
         c.latency = took if c.latency == 0.0 else 0.9 * c.latency + 0.1 * took
         if failure is not None:
-            raise TransientError(failure)
+            raise CannotConnect(failure) if refused else Unreachable(failure)
         result, billed = interpret(status, raw, retry_after, path)
         if billed:
             self.counters.credits_billed += 1

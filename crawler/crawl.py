@@ -35,9 +35,18 @@ from crawler.errors import (
     RunStopped,
     UsageError,
 )
-from crawler.handles import InvalidInput, normalize_name, normalize_post, normalize_user, open_input, read_lines
+from crawler.handles import (
+    InvalidInput,
+    decode_input,
+    normalize_name,
+    normalize_post,
+    normalize_user,
+    open_input,
+    read_lines,
+    undecodable,
+)
 from crawler.sinks import Batch, CsvSink, part_path, write_failures
-from crawler.state import ItemUpdate, StateStore, UserDirectory
+from crawler.state import RETRIABLE, RETRIABLE_ALL, ItemUpdate, StateStore, UserDirectory
 from crawler.stats import ProgressReporter, Snapshot, Summary
 
 log = logging.getLogger("crawler.crawl")
@@ -93,6 +102,7 @@ class Step:
     cursor: Any = None  # the next cursor while the walk goes on
     last: bool = True
     guard: str | None = None  # a pagination guard ended the walk early
+    capped: bool = False  # the --max-pages cap ended the walk while the list went on
 
 
 Handler = Callable[["Crawl", WorkItem], AsyncGenerator[Step, None]]
@@ -270,7 +280,12 @@ def input_items(job: JobOptions, spec: CommandSpec) -> tuple[Iterator[tuple[str,
                 yield from _pairs(buffered, job.input)
                 return
             normalize = normalizer(spec.input_kind, by_id=job.by_id)
-            for number, line in read_lines(buffered, job.column):
+            for number, line in read_lines(buffered, job.column, hashtags=spec.input_kind == "names"):
+                escaped = undecodable(line)
+                if escaped is not None:  # keep the bytes visible (\xfc), never replaced by U+FFFD
+                    yield (f"invalid:{number}", escaped.strip(), "invalid_input",
+                           f"line {number}: bytes that are not text in the input's encoding (save it as UTF-8)")
+                    continue
                 try:
                     yield normalize(line), line.strip(), None, None
                 except InvalidInput as exc:
@@ -285,14 +300,14 @@ def input_items(job: JobOptions, spec: CommandSpec) -> tuple[Iterator[tuple[str,
 def _pairs(stream: IO[bytes], name: str) -> Iterator[tuple[str, str, str | None, str | None]]:
     import csv
 
-    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace", newline="")
-    reader = csv.DictReader(text)
+    reader = csv.DictReader(decode_input(stream))
     fields = reader.fieldnames or []
     if "video_id" not in fields or "comment_id" not in fields:
         raise UsageError(f"{name}: replies needs a CSV with video_id and comment_id columns (a comments CSV works)")
     for number, row in enumerate(reader, start=2):
         video, comment = (row.get("video_id") or "").strip(), (row.get("comment_id") or "").strip()
         raw = f"{video},{comment}"
+        raw = undecodable(raw) or raw  # bytes that are not text stay visible, escaped
         if row.get("parent_comment_id") or (row.get("reply_total") or "").strip() == "0":
             continue  # a reply, or a comment without replies, in a comments CSV: nothing to fetch
         if video.isdigit() and comment.isdigit():
@@ -314,12 +329,50 @@ def failures_path(out: Path) -> Path:
     return out.with_name(stem + ".failures.csv")
 
 
+def lock_path(out: Path) -> Path:
+    """The job's lock file, next to the output."""
+    return out.with_name(out.name + ".lock")
+
+
+def check_output(job: JobOptions, *, overwrite: bool = False) -> None:
+    """Refuse an output that would destroy something: a path through a file, the input, a file not ours."""
+    out = Path(job.output)
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"--output {out}: {parent} is a file, not a directory; choose an output path"
+                                 " in a directory")
+            break
+    if out.is_dir():
+        raise UsageError(f"--output {out} is a directory: give a file name such as {out / (job.command + '.csv')}")
+    if not out.exists() or overwrite:
+        return
+    if _same_file(job.input, out):
+        raise UsageError(f"--output {out} is the input file; it would be replaced by the results: write to"
+                         " another file (or add --overwrite if you mean it)")
+    if not state_path(out).exists():
+        raise UsageError(f"--output {out} exists and was not written by crawler: choose another output, or add"
+                         " --overwrite to replace it")
+
+
+def _same_file(a: str, b: Path) -> bool:
+    """True when both name one file (same device and inode); a keyword or stdin is no file."""
+    try:
+        return a != "-" and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def job_lock(out: Path) -> Iterator[None]:
     """Hold the job's lock (dies with the process, so a killed run never blocks the next)."""
-    path = out.with_name(out.name + ".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    path = lock_path(out)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise UsageError(f"cannot create files in {path.parent} for --output {out.name} ({exc.strerror}): choose"
+                         " an output in a directory you can write to") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -365,7 +418,8 @@ class Crawl:
         *,
         api_key: Secret | str | None = None,
         restart: bool = False,
-        retry_failed: bool = False,
+        retry_failed: bool | str = False,
+        overwrite: bool = False,
         quiet: bool = True,
         durable: bool = True,
         progress_interval: float | None = None,
@@ -381,6 +435,10 @@ class Crawl:
         self._api_key = api_key
         self._restart = restart
         self._retry_failed = retry_failed
+        self.overwrite = overwrite
+        self.input_change: tuple[int, int] | None = None  # (items added, done items gone) of an edited input
+        self.capped = 0  # walks this run ended at the --max-pages cap
+        self._base_counters = (0, 0)  # the job's requests_sent and credits_billed when this run began
         self._quiet = quiet
         self._durable = durable
         self._progress_interval = progress_interval
@@ -428,7 +486,7 @@ class Crawl:
                                   max_pages=pages_left, max_items=remaining)
         async with aclosing(pages) as walk:
             async for page in walk:
-                yield Step(page.items, page.next_cursor, page.last, page.stop)
+                yield Step(page.items, page.next_cursor, page.last, page.stop, capped=page.capped)
 
     # -- the run --
 
@@ -446,8 +504,6 @@ class Crawl:
         started = time.monotonic()
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.state = StateStore(state_path(self.out))
-        data_dir = Path(self.settings.data_dir)
-        self.users = UserDirectory(data_dir / "users.db")
         try:
             try:
                 record = await self._prepare()
@@ -457,6 +513,8 @@ class Crawl:
                 return self._outcome(started, "stopped", 0)  # a signal while the input was being read
             if record == "complete":
                 return self._outcome(started, "already complete", 0, reason="nothing to do; --restart runs it again")
+            # Opened only now: a usage error found while preparing leaves no data directory behind.
+            self.users = UserDirectory(Path(self.settings.data_dir) / "users.db")
             job = self.state.job()
             assert job is not None
             budget = None
@@ -465,6 +523,7 @@ class Crawl:
             self.client = Client(self.settings, api_key=self._api_key, request_budget=budget,
                                  max_connections=max(MAX_AUTO_WORKERS, self.settings.parallelism or 0))
             base_sent, base_billed = job.requests_sent, job.credits_billed
+            self._base_counters = (base_sent, base_billed)
 
             def counters() -> tuple[int, int]:
                 c = self.client.counters
@@ -491,35 +550,43 @@ class Crawl:
             return self._outcome(started, "completed" if complete else "stopped", self.sink.rows_written)
         finally:
             self.state.close()
-            self.users.close()
+            users = getattr(self, "users", None)
+            if users is not None:
+                users.close()
 
     async def _prepare(self) -> str:
         """Create, resume or restart the job in the state store; 'complete' when nothing is left to do."""
         options = {k: v for k, v in asdict(self.job).items() if k not in ("input", "output")}
         existing = self.state.job()
+        if existing is None and self._retry_failed and not self._restart:
+            raise UsageError(f"--retry-failed: there is no job for {self.out} yet; run the command without"
+                             " --retry-failed to start it")
         if existing is not None and existing.status == "ingesting":
             existing = None  # stopped while reading the input: nothing was spent, read it again from scratch
         if existing is not None and not self._restart:
-            items, digest = input_items(self.job, self.spec)
-            for n, _ in enumerate(items):
-                if n % 20_000 == 0:
-                    await self._yield_to_signals()
             if existing.command != self.job.command or existing.options != options:
                 changed = sorted(k for k in options if existing.options.get(k) != options[k])
                 raise UsageError(
                     f"{self.out} belongs to a job with other options ({', '.join(changed) or 'command'} changed):"
                     " add --restart to start over, or write to another output"
                 )
+            # Read the input (once: it may be stdin) beside the job; an edited input continues the job.
+            items, digest = input_items(self.job, self.spec)
+            self.state.begin_incoming()
+            await self._ingest(items, self.state.add_incoming)
+            if existing.input_sha != digest() and self.spec.input_kind == "keyword":
+                raise UsageError(f"{self.out} holds the results of another keyword: add --restart to start over,"
+                                 " or write to another output")
             if existing.input_sha != digest():
-                raise UsageError(
-                    f"the input changed since the job for {self.out} started: add --restart to start over,"
-                    " or write to another output"
-                )
+                added, gone = self.state.merge_incoming()
+                self.state.set_input_sha(digest())
+                self.input_change = (added, gone)
+                log.info("the input changed: %d items added, %d done items no longer in it", added, gone)
             if self._retry_failed:
-                n = self.state.retry_failed()
+                reasons = RETRIABLE_ALL if self._retry_failed == "all" else RETRIABLE
+                n = self.state.retry_failed(reasons)
                 log.info("retrying %d failed items", n)
-                self.state.set_status("running")
-            elif existing.status == "done" and self.out.exists():
+            elif existing.status == "done" and self.out.exists() and self.input_change is None:
                 return "complete"
             self.state.set_status("running")
             return "resume"
@@ -527,21 +594,22 @@ class Crawl:
         part_path(self.out).unlink(missing_ok=True)
         self.state.create_job(self.job.command, "", options, str(self.out))
         items, digest = input_items(self.job, self.spec)
-        await self._ingest(items)
+        await self._ingest(items, self.state.add_items)
         self.state.set_input_sha(digest())
         self.state.set_status("running")
         return "new"
 
-    async def _ingest(self, items: Iterator[tuple[str, str, str | None, str | None]]) -> None:
+    async def _ingest(self, items: Iterator[tuple[str, str, str | None, str | None]],
+                      store: Callable[[list[tuple[str, str, str | None, str | None]]], object]) -> None:
         """Store the input items in batches, letting Ctrl-C / SIGTERM in between."""
         batch: list[tuple[str, str, str | None, str | None]] = []
         for entry in items:
             batch.append(entry)
             if len(batch) >= 5000:
-                self.state.add_items(batch)
+                store(batch)
                 batch.clear()
                 await self._yield_to_signals()
-        self.state.add_items(batch)
+        store(batch)
 
     async def _yield_to_signals(self) -> None:
         await asyncio.sleep(0)
@@ -626,9 +694,13 @@ class Crawl:
             async for step in steps:
                 killpoints.reached("fetched")
                 n = len(step.rows)
-                if step.guard is not None:
+                if step.guard is not None or step.capped:
+                    # A cap is a guard the user set: the rows so far are kept, the item says it is incomplete.
+                    cap = self.job.max_pages or self.settings.max_pages
+                    detail = step.guard or f"stopped at the --max-pages cap of {cap} pages; the list goes on"
+                    self.capped += step.guard is None
                     update = ItemUpdate(item.seq, "failed", rows=n, pages=1, reason="pagination_guard",
-                                        endpoint=self.spec.endpoint, detail=step.guard)
+                                        endpoint=self.spec.endpoint, detail=detail)
                 elif step.last:
                     update = ItemUpdate(item.seq, "done", rows=n, pages=1)
                 else:
@@ -638,10 +710,10 @@ class Crawl:
     def _snapshot(self) -> Snapshot:
         p = self.state.progress()
         c = self.client.counters
-        job = self.state.job()
-        base = 0 if job is None else job.requests_sent - c.requests_sent
-        return Snapshot(p.done + p.failed, p.total, self.sink.rows_written, base + c.requests_sent,
-                        c.credits_billed)
+        # The job's counters when this run began plus this run's (the committed ones lag behind the requests).
+        sent, billed = self._base_counters
+        return Snapshot(p.done + p.failed, p.total, self.sink.rows_written, sent + c.requests_sent,
+                        billed + c.credits_billed, failed=p.failed, note=self.client.outage.status())
 
     def _outcome(self, started: float, status: str, rows: int, reason: str = "") -> Outcome:
         job = self.state.job()
@@ -674,12 +746,35 @@ class Crawl:
             output=str(self.out if status != "stopped" else part_path(self.out)),
             failures_file=str(failures_path(self.out)) if fails else "",
             reason=reason or (str(error) if error else ""),
+            notes=tuple(self._notes()),
         )
         return Outcome(summary, error)
+
+    def _notes(self) -> Iterator[str]:
+        if self.input_change is not None:
+            added, gone = self.input_change
+            yield (f"the input was edited: {added:,} new items added, {gone:,} done items no longer in it"
+                   " (their rows stay)")
+        if self.capped:
+            cap = self.job.max_pages or self.settings.max_pages
+            yield (f"{self.capped:,} walks stopped at the --max-pages cap of {cap} while their lists went on"
+                   " (pagination_guard rows in the failures file; their first pages are in the CSV)")
+
+
+def _job_files(out: Path) -> list[Path]:
+    """The files a run creates beside its output."""
+    state = state_path(out)
+    return [lock_path(out), state, state.with_name(state.name + "-wal"), state.with_name(state.name + "-shm"),
+            part_path(out)]
 
 
 async def run_job(crawl: Crawl, *, install_signals: bool = True) -> Outcome:
     """Run a crawl under its job lock, turning SIGINT/SIGTERM into a clean, resumable stop."""
+    check_output(crawl.job, overwrite=crawl.overwrite)
+    # What a usage error may remove: the files of a job that did not exist before (never an existing job's).
+    ours = [] if state_path(crawl.out).exists() else [p for p in _job_files(crawl.out) if not p.exists()]
+    if not ours and not lock_path(crawl.out).exists():
+        ours = [lock_path(crawl.out)]
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
     if install_signals:
@@ -690,6 +785,10 @@ async def run_job(crawl: Crawl, *, install_signals: bool = True) -> Outcome:
     try:
         with job_lock(crawl.out):
             return await crawl.run()
+    except UsageError:
+        for path in ours:  # a usage error leaves nothing behind that was not there before
+            path.unlink(missing_ok=True)
+        raise
     finally:
         for signum in installed:
             loop.remove_signal_handler(signum)

@@ -5,6 +5,8 @@
     ├── RunStopped             the whole run must end
     │   ├── KeyRejected        missing/unknown key answered by the API (exit 1)
     │   ├── RateLimitStalled   429s without a break for longer than retry.stall_limit (exit 1)
+    │   ├── OutageStalled      no API answer (down, 5xx, not the API) for retry.stall_limit; resumable (exit 1)
+    │   ├── NotTheApi          the base URL answers, but never like the API (wrong path or host) (exit 1)
     │   ├── LedgerLost         the key's rate ledger stopped answering for retry.stall_limit (exit 1)
     │   ├── JobLocked          another process is running the same job (exit 1)
     │   ├── BalanceExhausted   the API says the credit balance is empty; resumable (exit 4)
@@ -17,7 +19,14 @@
     │   ├── RetriesExhausted   transient errors outlasted retry.attempts        reason retries_exhausted
     │   └── MediaUnavailable   the media host refused a file even after a refresh  reason media_unavailable
     └── TransientError         retried inside the client, never seen by callers
-        └── RateLimited        HTTP 429 (or a rate-limit message): handled by the shared cooldown
+        ├── RateLimited        HTTP 429 (or a rate-limit message): handled by the shared cooldown
+        └── Unreachable        no API answer: transport error, 5xx, truncated body, wrong shape
+            ├── CannotConnect  no connection at all (refused, unroutable, DNS)
+            └── NotAnApiAnswer HTTP 404: the server does not know the path (a wrong base URL?)
+
+Unreachable answers on requests for more than one item in a row (or CannotConnect on any) are an outage
+(client.Outage), not item failures: every worker pauses, and after retry.stall_limit the run ends with
+OutageStalled, its items still pending.
 
 Messages never contain the API key: the client builds them from status, endpoint and the server's text.
 """
@@ -51,6 +60,16 @@ class KeyRejected(RunStopped):
 
 class RateLimitStalled(RunStopped):
     """The API answered 429 without a break for longer than the stall limit."""
+
+
+class OutageStalled(RunStopped):
+    """No request got an API answer for longer than the stall limit; in-flight items stay pending."""
+
+    resumable = True
+
+
+class NotTheApi(RunStopped):
+    """The base URL answers, but every answer is a 404 or a page that is not the API's."""
 
 
 class LedgerLost(RunStopped):
@@ -118,6 +137,18 @@ class MediaUnavailable(ItemFailed):
 
 class TransientError(CrawlerError):
     """A failure worth retrying: 5xx, timeout, dropped connection, malformed JSON, unknown error body."""
+
+
+class Unreachable(TransientError):
+    """No API answer: a transport error, a 5xx, a truncated body or a body without the API's shape."""
+
+
+class CannotConnect(Unreachable):
+    """No connection could be made (refused, unroutable, DNS): never the fault of one item."""
+
+
+class NotAnApiAnswer(Unreachable):
+    """HTTP 404: the API answers "not found" in a 200 body, so a 404 means a server that does not know the path."""
 
 
 class RateLimited(TransientError):

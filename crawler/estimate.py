@@ -13,6 +13,7 @@ from crawler.endpoints import LISTS
 from crawler.state import StateStore, UserDirectory
 
 FOLLOW_CAP = 5000  # TikTok ends follower/following lists near here
+COUNTED = ("posts", "followers", "following")  # lists whose length a profile tells
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +29,10 @@ class Estimate:
     items_known: int
     items_unknown: int  # walks of unknown length: at least one page each
     single_calls: int  # one-call commands
+    list_kind: str | None = None  # the paginated list the command walks
+    page_size: int = 0  # rows asked per page
+    max_pages: int | None = None
+    max_items: int | None = None
 
     @property
     def credits(self) -> int:
@@ -44,11 +49,36 @@ class Estimate:
         if self.items_known:
             lines.append(f"  pages, counts known          {self.pages_known:,}  (for {self.items_known:,} items)")
         if self.items_unknown:
-            lines.append(f"  pages, counts unknown        >= {self.items_unknown:,}  (one page at least per item;"
-                         f" `crawler profiles` learns the counts for {self.items_unknown:,} credits)")
+            lines.append(f"  pages, counts unknown        >= {self.items_unknown:,}  (one page at least per item)")
         bound = "at least " if self.items_unknown else ""
         lines.append(f"expected credits_billed: {bound}{self.credits:,}")
+        lines.extend(self._assumptions())
         return "\n".join(lines)
+
+    def _assumptions(self) -> list[str]:
+        """What the figure rests on, and advice that applies to this command."""
+        kind = self.list_kind
+        if kind is None:
+            return ["assumes: one request per item; a missing item is billed too (the API answers it with 200)"]
+        out = [f"assumes: {self.page_size} rows per page (--page-size; the most {kind.replace('_', ' ')} pages give)"]
+        if kind in COUNTED:
+            out.append("  lengths come from profiles fetched before (the data directory); they grow daily")
+        if kind in ("followers", "following"):
+            out.append(f"  {kind} lists end near {FOLLOW_CAP:,} rows as TikTok's do; a list that goes on costs more")
+        if kind in ("posts", "liked", "followers", "following"):
+            out.append("  a private account costs one request (the answer saying it is private)")
+        if self.max_pages is not None or self.max_items is not None:
+            caps = ", ".join(f"{flag} {v}" for flag, v in (("--max-pages", self.max_pages),
+                                                            ("--max-items", self.max_items)) if v is not None)
+            out.append(f"  each walk stops at {caps}")
+        if self.items_unknown:
+            if kind in COUNTED:
+                out.append(f"advice: `crawler profiles` on this input learns the lengths of {kind} lists for"
+                           f" {self.items_unknown:,} credits, then this estimate is exact")
+            else:
+                out.append(f"advice: the API tells no length of {kind.replace('_', ' ')} lists in advance;"
+                           " cap them with --max-pages or --max-items to bound the cost")
+        return out
 
 
 def estimate(command: str, input_path: str, settings: Settings, *, column: str | None = None,
@@ -96,7 +126,10 @@ def estimate(command: str, input_path: str, settings: Settings, *, column: str |
         finally:
             seen.close()
             users.close()
-    return Estimate(command, items, invalid, lookups, known_ids, pages_known, items_known, unknown, single)
+    kind = spec.list_kind
+    size = (page_size or LISTS[kind].page_size) if kind is not None else 0
+    return Estimate(command, items, invalid, lookups, known_ids, pages_known, items_known, unknown, single,
+                    list_kind=kind, page_size=size, max_pages=settings.max_pages, max_items=settings.max_items)
 
 
 def _pages(kind: str, counts: tuple[int | None, int | None, int | None, bool] | None, size: int,

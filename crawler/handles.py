@@ -6,8 +6,10 @@ store (a disk-backed UNIQUE index), so 1M lines cost no memory.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
+import itertools
 import re
 import sys
 from collections.abc import Iterator
@@ -87,27 +89,87 @@ def open_input(path: str) -> IO[bytes]:
     if path == "-":
         return sys.stdin.buffer
     p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"input {path} is a directory: give a file of handles, one per line (or - for stdin)")
     if not p.is_file():
         raise UsageError(f"input file {path} does not exist (give a file of handles, one per line, or - for stdin)")
     return p.open("rb")
 
 
-def read_lines(stream: IO[bytes], column: str | None = None) -> Iterator[tuple[int, str]]:
-    """(line number, text) for each non-empty input line, or each value of a CSV column."""
-    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace", newline="")
+# Our own CSV neutralisation (sinks.FORMULA_START): a cell "'@name" read back is "@name".
+_OUR_PREFIX = ("'=", "'+", "'-", "'@", "'\t", "'\r")
+
+
+def unneutralise(text: str) -> str:
+    """Undo the leading ' this tool adds to formula-like cells, so its own files read back as written."""
+    return text[1:] if text.startswith(_OUR_PREFIX) else text
+
+
+def undecodable(text: str) -> str | None:
+    """The line with its undecodable bytes shown as \\xNN escapes, or None when it decoded cleanly."""
+    if not any("\udc80" <= ch <= "\udcff" for ch in text):
+        return None
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def decode_input(stream: IO[bytes]) -> io.TextIOWrapper:
+    """Text of the input: UTF-16 when it starts with a UTF-16 BOM, else UTF-8 (BOM optional).
+
+    Bytes that are not UTF-8 are kept as surrogate escapes, so `undecodable` can show them, never replaced.
+    """
+    buffered = stream if isinstance(stream, io.BufferedReader) else io.BufferedReader(stream)  # type: ignore[type-var]
+    head = buffered.peek(4)[:4]
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) and not head.startswith(codecs.BOM_UTF32_LE):
+        return io.TextIOWrapper(buffered, encoding="utf-16", errors="surrogateescape", newline="")
+    return io.TextIOWrapper(buffered, encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
+def skipped(line: str, *, hashtags: bool = False) -> bool:
+    """Blank lines and `#` comment lines are not items (CONTRACT.md: never failures).
+
+    In a list of hashtags, `#dance` is a hashtag: only `#` alone or followed by a space or `#` is a comment.
+    """
+    s = line.strip().lstrip("\ufeff").strip()
+    if not s:
+        return True
+    if hashtags:
+        return s.startswith("#") and (len(s) == 1 or s[1].isspace() or s[1] == "#")
+    return s.startswith("#")
+
+
+def sniff_delimiter(header: str, column: str) -> str:
+    """The delimiter (`,`, `;` or tab) that makes ``column`` one of the header's names."""
+    for delimiter in (",", ";", "\t"):
+        names = [h.strip() for h in next(csv.reader([header], delimiter=delimiter), [])]
+        if column in names:
+            return delimiter
+    return max((",", ";", "\t"), key=header.count)
+
+
+def read_lines(stream: IO[bytes], column: str | None = None, *, hashtags: bool = False) -> Iterator[tuple[int, str]]:
+    """(line number, text) for each line that is not blank or a `#` comment, or each non-empty value of a column.
+
+    A line with bytes that are not text in the input's encoding keeps them as surrogate escapes
+    (see `undecodable`); our own formula prefix is stripped from CSV cells.
+    """
+    text = decode_input(stream)
     if column is None:
         for number, line in enumerate(text, start=1):
-            if line.strip():
+            if not skipped(line, hashtags=hashtags):
                 yield number, line.rstrip("\r\n")
         return
-    reader = csv.reader(text)
+    first = text.readline()
+    if not first:
+        return
+    delimiter = sniff_delimiter(first.lstrip("\ufeff"), column)
+    reader = csv.reader(itertools.chain([first], text), delimiter=delimiter)
     header = next(reader, None)
     if header is None:
         return
-    names = [h.strip() for h in header]
+    names = [h.strip().lstrip("\ufeff") for h in header]
     if column not in names:
         raise UsageError(f"--column {column}: no such column in the input (columns: {', '.join(names)})")
     index = names.index(column)
     for number, row in enumerate(reader, start=2):
-        if index < len(row) and row[index].strip():
-            yield number, row[index]
+        if index < len(row) and row[index].strip():  # a cell is a value: "#tag" is a hashtag, not a comment
+            yield number, unneutralise(row[index].strip())

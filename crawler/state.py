@@ -61,6 +61,12 @@ MIGRATIONS = (
 )
 
 
+# Failure reasons that may change on a later try (`--retry-failed`); `not_found` and `private` need
+# `--retry-failed=all`; `invalid_input` and `pagination_guard` never change by trying again.
+RETRIABLE = ("retries_exhausted", "budget")
+RETRIABLE_ALL = (*RETRIABLE, "not_found", "private")
+
+
 @dataclass(frozen=True, slots=True)
 class JobRecord:
     """The stored job row."""
@@ -202,19 +208,57 @@ class StateStore:
         return [(seq, key, raw, None if cur is None else json.loads(cur), rows, pages)
                 for seq, key, raw, cur, rows, pages in found]
 
-    def retry_failed(self) -> int:
-        """Put failed items back to pending (they resume from their last committed cursor); return how many.
+    def retry_failed(self, reasons: Iterable[str] = RETRIABLE) -> int:
+        """Put items failed for one of ``reasons`` back to pending (they resume from their last committed
+        cursor); return how many.
 
-        Invalid input stays failed, and so does a walk a pagination guard ended: the API would misbehave
-        the same way again, and the rows before the guard are already in the CSV.
+        By default only reasons that can change are retried (RETRIABLE). Invalid input and a walk a
+        pagination guard ended never are: the line or the API would be the same again.
         """
+        wanted = sorted(set(reasons) - {"invalid_input", "pagination_guard"})
+        marks = ", ".join("?" for _ in wanted) or "NULL"
         with self._tx():
             cur = self._db.execute(
                 "UPDATE items SET status = 'pending', reason = NULL, detail = NULL, endpoint = NULL"
-                " WHERE status = 'failed' AND reason NOT IN ('invalid_input', 'pagination_guard')"
+                f" WHERE status = 'failed' AND reason IN ({marks})",
+                wanted,
             )
             self._db.execute("UPDATE job SET status = 'running' WHERE id = 1")
         return cur.rowcount
+
+    def begin_incoming(self) -> None:
+        """Start reading a (possibly edited) input into a scratch table beside the job's items."""
+        self._db.execute("DROP TABLE IF EXISTS temp.incoming")
+        self._db.execute("CREATE TEMP TABLE incoming (pos INTEGER PRIMARY KEY, key TEXT NOT NULL, raw TEXT NOT NULL,"
+                         " reason TEXT, detail TEXT)")
+
+    def add_incoming(self, items: Iterable[tuple[str, str, str | None, str | None]]) -> None:
+        """Append (key, raw, reason, detail) entries of the input being read."""
+        with self._tx():
+            self._db.executemany("INSERT INTO temp.incoming (key, raw, reason, detail) VALUES (?, ?, ?, ?)", items)
+
+    def merge_incoming(self) -> tuple[int, int]:
+        """Make the job's items those of the input read into `incoming`; return (items added, done items gone).
+
+        Done and failed items still in the input are kept as they are (nothing is fetched twice); new items
+        are appended in input order; items no longer in the input are dropped unless done (their rows stay
+        in the CSV). Invalid lines are keyed by line number, so they are replaced by the new input's.
+        """
+        db = self._db
+        with self._tx():
+            db.execute("CREATE INDEX IF NOT EXISTS temp.incoming_key ON incoming(key)")
+            gone = db.execute("SELECT COUNT(*) FROM items WHERE status = 'done' AND key NOT IN"
+                              " (SELECT key FROM temp.incoming)").fetchone()[0]
+            db.execute("DELETE FROM items WHERE (status != 'done' AND key NOT IN (SELECT key FROM temp.incoming))"
+                       " OR reason = 'invalid_input'")
+            before = db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+            db.execute("INSERT OR IGNORE INTO items (key, raw, status, reason, detail)"
+                       " SELECT key, raw, CASE WHEN reason IS NULL THEN 'pending' ELSE 'failed' END, reason, detail"
+                       " FROM temp.incoming ORDER BY pos")
+            after = db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+            new_invalid = db.execute("SELECT COUNT(*) FROM temp.incoming WHERE reason = 'invalid_input'").fetchone()[0]
+        db.execute("DROP TABLE IF EXISTS temp.incoming")
+        return after - before - new_invalid, gone
 
     def commit(
         self, csv_length: int, updates: Iterable[ItemUpdate], requests_sent: int, credits_billed: int

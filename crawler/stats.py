@@ -35,6 +35,7 @@ class Summary:
     output: str = ""
     failures_file: str = ""
     reason: str = ""
+    notes: tuple[str, ...] = ()  # what else the user should know (an edited input, capped walks)
 
     def render(self) -> str:
         """A small aligned table for the terminal."""
@@ -57,6 +58,7 @@ class Summary:
             lines.append(("output", self.output))
         if self.failures_file:
             lines.append(("failures file", self.failures_file))
+        lines.extend(("note", note) for note in self.notes)
         width = max(len(k) for k, _ in lines)
         return "\n".join(f"  {k:<{width}}  {v}" for k, v in lines)
 
@@ -70,6 +72,8 @@ class Snapshot:
     rows: int
     requests: int
     credits: int
+    failed: int = 0  # items failed so far (part of `done`)
+    note: str = ""  # a pause the run is in (an outage), shown at the end of the line
 
 
 class ProgressReporter:
@@ -106,8 +110,10 @@ class ProgressReporter:
             remaining = (snap.total - snap.done) * elapsed / done
             eta = f" · ETA {_clock(remaining)}"
         total = f"/{snap.total:,}" if snap.total else ""
-        return (f"[{self.label}] {snap.done:,}{total} items · {snap.rows:,} rows · {rate * 60:,.0f} req/min"
-                f" · {snap.requests:,} requests sent, {snap.credits:,} billed{eta}")
+        failed = f" ({snap.failed:,} failed)" if snap.failed else ""
+        note = f" · {snap.note}" if snap.note else ""
+        return (f"[{self.label}] {snap.done:,}{total} items{failed} · {snap.rows:,} rows · {rate * 60:,.0f} req/min"
+                f" · {snap.requests:,} requests sent, {snap.credits:,} billed{eta}{note}")
 
     async def run(self) -> None:
         """Report until cancelled."""

@@ -161,9 +161,10 @@ def _job(tmp: Path, command: str = "posts", out: str = "out.csv", **options: obj
     return JobOptions(command=command, input=str(tmp / "in.txt"), output=str(tmp / out), **options)  # type: ignore[arg-type]
 
 
-async def test_changed_input_or_options_are_reported_and_restart_starts_over(simulator: SimFactory,
-                                                                            tmp_path: Path) -> None:
-    """A different input or option on the same output is refused with a hint; --restart runs it anew."""
+async def test_changed_input_continues_changed_options_are_reported_and_restart_starts_over(
+        simulator: SimFactory, tmp_path: Path) -> None:
+    """A shorter input continues the job (nothing fetched, rows kept, said in the summary); a different option is
+    refused with a hint; --restart runs it anew."""
     async with simulator(world=WORLD) as sim:
         handles = _handles(sim.world, 5)
         (tmp_path / "in.txt").write_text("\n".join(handles) + "\n")
@@ -171,8 +172,11 @@ async def test_changed_input_or_options_are_reported_and_restart_starts_over(sim
         first = await run_job(Crawl(_job(tmp_path), settings, api_key=KEY), install_signals=False)
         assert first.exit_code == 0
         (tmp_path / "in.txt").write_text("\n".join(handles[:4]) + "\n")
-        with pytest.raises(UsageError, match=r"input changed.*--restart"):
-            await run_job(Crawl(_job(tmp_path), settings, api_key=KEY), install_signals=False)
+        before = sim.stats.requests
+        shorter = await run_job(Crawl(_job(tmp_path), settings, api_key=KEY), install_signals=False)
+        assert shorter.exit_code == 0 and sim.stats.requests == before
+        assert "0 new items added, 1 done items no longer in it" in shorter.summary.render()
+        assert written(tmp_path / "out.csv") == expected(sim.world, "posts", handles)  # their rows stay
         with pytest.raises(UsageError, match=r"max_items.*--restart"):
             await run_job(Crawl(_job(tmp_path, max_items=3), settings, api_key=KEY), install_signals=False)
         again = await run_job(Crawl(_job(tmp_path), settings, api_key=KEY, restart=True), install_signals=False)
@@ -212,10 +216,13 @@ async def test_retry_failed_reruns_only_the_failed_items(simulator: SimFactory, 
         (tmp_path / "in.txt").write_text("\n".join(handles) + "\n")
         settings = fast_settings(healthy.url, data_dir=str(tmp_path / "data"), retry_attempts=2)
         await run_job(Crawl(_job(tmp_path, "profiles", "ids.csv"), settings, api_key=KEY), install_signals=False)
-    async with simulator(world=WORLD, fault_rate=1.0, faults=frozenset({"5xx"})) as broken:
-        settings = fast_settings(broken.url, data_dir=str(tmp_path / "data"), retry_attempts=2)
+    # Most answers fail and there is one try each: items fail while the API answers others (a run where
+    # nothing answers is an outage, not item failures: see test_outage.py). One worker keeps it deterministic.
+    async with simulator(world=WORLD, fault_rate=0.9, faults=frozenset({"5xx"})) as broken:
+        settings = fast_settings(broken.url, data_dir=str(tmp_path / "data"), retry_attempts=1, parallelism=1)
         outcome = await run_job(Crawl(_job(tmp_path), settings, api_key=KEY), install_signals=False)
-        assert outcome.exit_code == 3 and outcome.summary.failures == {"retries_exhausted": 6}
+        assert outcome.exit_code == 3 and set(outcome.summary.failures) == {"retries_exhausted"}
+        assert 0 < outcome.summary.items_failed < 6
     async with simulator(world=WORLD) as sim:
         settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"))
         outcome = await run_job(Crawl(_job(tmp_path), settings, api_key=KEY, retry_failed=True),

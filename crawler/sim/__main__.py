@@ -40,8 +40,9 @@ def _faults(text: str) -> frozenset[str]:
     return kinds
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m crawler.sim", description="Run the TikLiveAPI simulator.")
+def _parser(prog: str = "python -m crawler.sim") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Run the TikLiveAPI simulator (prints its URL, keys and a"
+                                " few handles of its world, then serves until Ctrl-C).")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
     p.add_argument("--seed", type=int, default=1)
@@ -92,13 +93,29 @@ async def _serve(config: SimConfig, host: str, port: int) -> None:
     async with Simulator(config, host=host, port=port) as sim:
         print(f"Simulator listening on {sim.url}", flush=True)
         print(f"Media host listening on {sim.media_url}", flush=True)
+        print(world_hint(sim), flush=True)
         await stop.wait()
 
 
-def main(argv: list[str] | None = None) -> int:
+def world_hint(sim: Simulator) -> str:
+    """One line naming the keys and a few handles that exist in the simulator's world, to try it with."""
+    w = sim.world
+    public = [h for h in w.sample_handles(40) if not w.is_private(w.index_by_handle(h) or 0)][:5]
+    private = next((w.handle(i) for i in range(w.config.users) if not w.is_missing(i) and w.is_private(i)), None)
+    missing = next((w.handle(i) for i in range(w.config.users) if w.is_missing(i)), None)
+    keys = ", ".join(sim.config.keys)
+    return (f"keys: {keys}; handles that exist: {', '.join(public)}"
+            + (f"; private: {private}" if private else "") + (f"; deleted (not found): {missing}" if missing else "")
+            + f" (users 0..{w.config.users - 1}; seed {w.config.seed})")
+
+
+def main(argv: list[str] | None = None, *, prog: str = "python -m crawler.sim") -> int:
     """Run the simulator from command-line arguments until SIGINT/SIGTERM; return the exit code."""
-    parser = _parser()
-    args = parser.parse_args(argv)
+    parser = _parser(prog)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
+        return int(exc.code or 0)
     try:
         config = config_from_args(args)
     except ValueError as exc:
