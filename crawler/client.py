@@ -13,6 +13,7 @@ import email.utils
 import ipaddress
 import json
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator, Callable, Mapping
@@ -108,9 +109,11 @@ def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:  # a value that is not a finite number is an endless wait: the gate ends the run on it
+        return max(0.0, seconds) if math.isfinite(seconds) else math.inf
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -505,6 +508,8 @@ class Client:
         c = self.counters
         c.latency = took if c.latency == 0.0 else 0.9 * c.latency + 0.1 * took
         if failure is not None:
+            if status == 200:  # the answer began as a 200: the API billed it even if its body never arrived
+                c.credits_billed += 1
             raise CannotConnect(failure) if refused else Unreachable(failure)
         result, billed = interpret(status, raw, retry_after, path)
         if billed:

@@ -7,6 +7,7 @@ from TIKLIVE_API_KEY and is held in a `Secret` that never prints.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -98,6 +99,8 @@ def _number(kind: Callable[[Any], Any], *, low: float, allow_none: bool = False)
         if isinstance(v, bool):
             raise ValueError("expected a number")
         n = kind(v)
+        if isinstance(n, float) and not math.isfinite(n):
+            raise ValueError("must be a finite number")
         if n < low:
             raise ValueError(f"must be at least {low:g}")
         return n
@@ -187,7 +190,7 @@ def _apply(values: dict[str, Any], layer: Mapping[str, Any], source: Callable[[s
         field, parse = KEYS[key]
         try:
             values[field] = parse(raw)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:
             shown = masked(raw) if isinstance(raw, str) else raw
             raise UsageError(f"{source(key)}: invalid value {shown!r} for '{key}': {exc}") from None
 

@@ -67,9 +67,9 @@ async def test_reservations_keep_every_rule_of_the_key(ledger: Ledger) -> None:
     assert all(starts[i + RULES.limit] - starts[i] >= RULES.span - eps for i in range(len(starts) - RULES.limit))
     # Per-second cap, with its margin.
     mps = RULES.max_per_second
-    assert all(starts[i + mps] - starts[i] >= 1.0 + RULES.margin - eps for i in range(len(starts) - mps))
+    assert all(starts[i + mps] - starts[i] >= RULES.second_span - eps for i in range(len(starts) - mps))
     # Even pacing: never more than `burst` starts ahead of one start per interval.
-    interval = max(RULES.span / RULES.limit, (1 + RULES.margin) / mps)
+    interval = max(RULES.span / RULES.limit, RULES.second_span / mps)
     for i, t in enumerate(starts):
         assert t >= starts[0] + (i - (RULES.burst - 1)) * interval - eps
     # And it is not slower than the rules require: 120 starts take about 115 intervals after the burst.

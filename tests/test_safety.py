@@ -88,7 +88,8 @@ def test_secret_hides_itself_and_comes_only_from_the_environment(tmp_path: Path)
     with pytest.raises(CrawlerError) as info:
         load_settings(config_file=str(tmp_path / "c.toml"), environ={})
     assert "TIKLIVE_API_KEY" in str(info.value) and LEAK not in str(info.value)
-    assert isinstance(Secret("x"), Secret)
+    # A Secret is falsy only when empty, and never equal to its text (no accidental comparisons in logs).
+    assert Secret(LEAK) and not Secret("") and Secret(LEAK) != LEAK
 
 
 def test_public_api_is_pinned() -> None:

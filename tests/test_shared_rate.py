@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,8 +51,9 @@ def count_between(times: list[float], start: float, end: float) -> int:
 @contextlib.asynccontextmanager
 async def simulator(key: str, **config: object) -> AsyncIterator[Simulator]:
     """A simulator on loopback enforcing the scaled limit, recording arrivals on the wall clock."""
-    cfg = SimConfig(world=WORLD, keys={key: None}, rate_limit=LIMIT, rate_window=WINDOW, burst_limit=LIMIT,
-                    latency=(0.005, 0.02), record_arrivals=True, **config)  # type: ignore[arg-type]
+    settings: dict[str, Any] = {"world": WORLD, "keys": {key: None}, "rate_limit": LIMIT, "rate_window": WINDOW,
+                                "burst_limit": LIMIT, "latency": (0.005, 0.02), "record_arrivals": True}
+    cfg = SimConfig(**(settings | config))
     async with Simulator(cfg, clock=time.time) as sim:
         yield sim
 
@@ -427,3 +429,19 @@ async def test_an_unreachable_ledger_is_exit_2_before_any_request(fleet: Fleet) 
         code, err = await fleet.finish(proc)
         assert code == 2 and 'rate.shared = "local"' in err.strip().splitlines()[-1]
     assert sim.stats.requests == 0
+
+
+async def test_the_per_second_cap_is_used_where_it_binds(fleet: Fleet) -> None:
+    """At 6,000 per 60 s the 40-per-second cap binds: ≥ 0.97 of it is used, never more than 40 in a second."""
+    async with simulator(fleet.key, rate_limit=6_000, rate_window=60.0, burst_limit=40) as sim:
+        src = handles_file(fleet.root / "h.txt", World(WORLD), 400)
+        proc = await fleet.start("fast", ["profiles", str(src), "-o", "out.csv", "--base-url", sim.url,
+                                          "--rate", "6000", "--window", "60", "--parallelism", "16"])
+        await until(lambda: len(sim.stats.arrivals) >= 200, "five seconds at the cap")
+        proc.send_signal(signal.SIGTERM)
+        await fleet.finish(proc)
+        arrivals = list(sim.stats.arrivals)
+    assert sim.stats.served_429 == 0 and sim.stats.max_in_second <= 40
+    steady = arrivals[20:200]  # after the start-up, while every worker is busy
+    per_second = (len(steady) - 1) / (steady[-1] - steady[0])
+    assert per_second >= 0.97 * 40, per_second

@@ -10,7 +10,7 @@ import sys
 
 from crawler.sim.data import WorldConfig
 from crawler.sim.media import MEDIA_FAULTS, MediaConfig
-from crawler.sim.server import FAULT_KINDS, SimConfig, Simulator
+from crawler.sim.server import EXTRA_FAULT_KINDS, FAULT_KINDS, SimConfig, Simulator
 
 
 def _key(text: str) -> tuple[str, int | None]:
@@ -35,8 +35,8 @@ def _latency(text: str) -> tuple[float, float]:
 
 def _faults(text: str) -> frozenset[str]:
     kinds = frozenset(k.strip() for k in text.split(",") if k.strip())
-    if not kinds <= FAULT_KINDS:
-        raise argparse.ArgumentTypeError(f"--faults: unknown {sorted(kinds - FAULT_KINDS)}")
+    if not kinds <= FAULT_KINDS | EXTRA_FAULT_KINDS:
+        raise argparse.ArgumentTypeError(f"--faults: unknown {sorted(kinds - FAULT_KINDS - EXTRA_FAULT_KINDS)}")
     return kinds
 
 

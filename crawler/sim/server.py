@@ -25,7 +25,9 @@ from crawler.sim.endpoints import ENDPOINTS, call_endpoint
 from crawler.sim.media import MediaConfig, MediaHost
 from crawler.sim.seeded import hash64, str_hash, unit
 
-FAULT_KINDS = frozenset({"5xx", "drop", "truncated", "malformed", "slow"})
+FAULT_KINDS = frozenset({"5xx", "drop", "truncated", "malformed", "slow"})  # "faults on" by default
+# Opt-in kinds: "cut" answers 200 with its headers, then drops the connection halfway through the body.
+EXTRA_FAULT_KINDS = frozenset({"cut"})
 MSG_NO_KEY = "Please sign up to tikliveapi.com"  # [C2] live-tested by a third party
 MSG_BAD_KEY = "Api-Key is not available"  # [C2]
 MSG_RATE = "Too many requests, please slow down"  # [G] body of the 429 is unknown
@@ -49,7 +51,8 @@ class SimConfig:
     rate_limit: int = 200
     rate_window: float = 60.0
     burst_limit: int = 50
-    retry_after: float | None = None  # a simulator extension: the real API documents no Retry-After
+    retry_after: float | str | None = None  # a simulator extension (the real API documents no Retry-After);
+    # a string is sent as it is (e.g. "1e400")
     always_429: bool = False
     latency: tuple[float, float] = (0.0, 0.0)
     fault_rate: float = 0.0
@@ -61,9 +64,10 @@ class SimConfig:
     media: MediaConfig = field(default_factory=MediaConfig)  # the media host on its own port
 
     def __post_init__(self) -> None:
-        unknown = set(self.faults) - FAULT_KINDS
+        unknown = set(self.faults) - FAULT_KINDS - EXTRA_FAULT_KINDS
         if unknown:
-            raise ValueError(f"unknown fault kinds: {sorted(unknown)}; known: {sorted(FAULT_KINDS)}")
+            known = sorted(FAULT_KINDS | EXTRA_FAULT_KINDS)
+            raise ValueError(f"unknown fault kinds: {sorted(unknown)}; known: {known}")
         if self.rate_limit < 0 or self.rate_window <= 0 or self.burst_limit < 0:
             raise ValueError("rate_limit and burst_limit must be >= 0 and rate_window > 0")
         if not 0.0 <= self.fault_rate <= 1.0:
@@ -226,7 +230,8 @@ class Simulator:
             return _json({"message": MSG_BAD_KEY})
         if not self._admit(key):
             self.stats.served_429 += 1
-            headers = {} if self.config.retry_after is None else {"Retry-After": f"{self.config.retry_after:g}"}
+            after = self.config.retry_after
+            headers = {} if after is None else {"Retry-After": after if isinstance(after, str) else f"{after:g}"}
             return _json({"message": MSG_RATE}, status=429, headers=headers)
         balance = self._balances[key]
         if balance is not None:
@@ -276,6 +281,15 @@ class Simulator:
         text = json.dumps(payload, ensure_ascii=False)
         if fault == "truncated":
             text = text[: len(text) // 2]
+        if fault == "cut":  # a billed 200 whose body never fully arrives
+            body = text.encode()
+            resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+            resp.content_length = len(body)
+            await resp.prepare(request)
+            await resp.write(body[: len(body) // 2])
+            if request.transport is not None:
+                request.transport.abort()
+            return resp
         return web.Response(text=text, content_type="application/json")
 
     async def _admin(self, request: web.Request) -> web.StreamResponse:
