@@ -21,6 +21,7 @@ Backends, chosen by ``rate.shared``: ``MemoryLedger`` ("off", this process only)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
@@ -545,24 +546,30 @@ class RedisLedger:
         self._redis: Any = None
         self._scripts: dict[str, Any] = {}
 
+    def _connect(self) -> None:
+        """A new client (a fresh connection pool) with the scripts registered on it."""
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        # No retries inside redis-py (its default is 10, with growing sleeps): the gate retries, so that
+        # retry.stall_limit alone decides when a lost Redis ends the run.
+        self._redis = aioredis.Redis.from_url(
+            self.url, socket_timeout=self._timeout, socket_connect_timeout=self._timeout, decode_responses=True,
+            retry=Retry(NoBackoff(), 0),
+        )
+        for name, text in (("reserve", _RESERVE), ("confirm", _CONFIRM), ("report_429", _REPORT_429),
+                           ("register", _REGISTER), ("status", _STATUS)):
+            self._scripts[name] = self._redis.register_script(text)
+
     async def open(self, rules: Rules | None) -> None:
         try:
-            import redis.asyncio as aioredis
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
+            import redis  # noqa: F401
         except ImportError:
             raise UsageError(f"rate.shared = {masked(self.url)} needs the redis package:"
                              " pip install 'crawler[redis]'") from None
         try:
-            # No retries inside redis-py (its default is 10, with growing sleeps): the gate retries, so that
-            # retry.stall_limit alone decides when a lost Redis ends the run.
-            self._redis = aioredis.Redis.from_url(
-                self.url, socket_timeout=self._timeout, socket_connect_timeout=self._timeout, decode_responses=True,
-                retry=Retry(NoBackoff(), 0),
-            )
-            for name, text in (("reserve", _RESERVE), ("confirm", _CONFIRM), ("report_429", _REPORT_429),
-                               ("register", _REGISTER), ("status", _STATUS)):
-                self._scripts[name] = self._redis.register_script(text)
+            self._connect()
             await self._redis.ping()
             if rules is not None:
                 active, *stored = await self._scripts["register"](
@@ -583,15 +590,19 @@ class RedisLedger:
     async def aclose(self) -> None:
         client, self._redis = self._redis, None
         if client is not None:
-            await client.aclose()
+            with contextlib.suppress(Exception):  # a half-dead connection must not hold the gate
+                await asyncio.wait_for(client.aclose(), 1.0)
 
     async def _script(self, name: str, args: list[Any]) -> Any:
+        if self._redis is None:
+            self._connect()
         try:
             return await self._scripts[name](keys=self._keys, args=args)
         except Exception as exc:  # any failure to reach the server: the gate retries, then stops the run
-            if type(exc).__module__.startswith("redis"):
-                raise LedgerUnavailable(f"{self.where}: {type(exc).__name__}: {masked(str(exc))}") from None
-            raise
+            if not (type(exc).__module__.startswith("redis") or isinstance(exc, (OSError, EOFError))):
+                raise
+            await self.aclose()  # the next step starts from a fresh pool, never from a half-dead connection
+            raise LedgerUnavailable(f"{self.where}: {type(exc).__name__}: {masked(str(exc))}") from None
 
     async def reserve(self, rules: Rules, owner: str) -> Slot:
         t, wait, token = await self._script("reserve", [
