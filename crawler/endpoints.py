@@ -14,12 +14,9 @@ import re
 from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from crawler.errors import TransientError
-
-if TYPE_CHECKING:
-    from crawler.client import Client
 
 log = logging.getLogger("crawler.endpoints")
 JsonDict = dict[str, Any]
@@ -99,6 +96,7 @@ class Record:
 
 
 R = TypeVar("R", bound=Record)
+T = TypeVar("T")
 _GETTERS: dict[type, operator.attrgetter[Any]] = {}
 
 
@@ -485,8 +483,15 @@ class Page(Generic[R]):
     skipped: int = 0  # items dropped because they lacked an id
 
 
+class Caller(Protocol):
+    """What a walk needs of the client: one paced, retried, classified call whose answer is parsed."""
+
+    async def call(self, endpoint: str, params: Mapping[str, str | int] | None,
+                   parse: Callable[[JsonDict], T]) -> T: ...
+
+
 async def walk(
-    client: Client,
+    client: Caller,
     spec: ListSpec[R],
     params: Mapping[str, str | int],
     *,

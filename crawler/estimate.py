@@ -7,9 +7,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from crawler.commands import COMMANDS
 from crawler.config import Settings
-from crawler.crawl import COMMANDS, JobOptions, input_items
 from crawler.endpoints import LISTS
+from crawler.inputs import input_items
+from crawler.job import JobOptions
 from crawler.state import StateStore, UserDirectory
 
 FOLLOW_CAP = 5000  # TikTok ends follower/following lists near here
