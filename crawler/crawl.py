@@ -15,13 +15,14 @@ import time
 from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
 from pathlib import Path
+from typing import Any
 
 from crawler import endpoints as ep
 from crawler import killpoints
 from crawler.client import Client
 from crawler.commands import COMMANDS, CommandSpec
 from crawler.config import Secret, Settings
-from crawler.errors import CrawlerError, Interrupted, ItemFailed, RunStopped, UsageError
+from crawler.errors import BudgetExhausted, CrawlerError, Interrupted, ItemFailed, RunStopped, UsageError
 from crawler.job import (
     JobOptions,
     Prepared,
@@ -41,6 +42,7 @@ from crawler.state import ItemUpdate, StateStore, UserDirectory
 from crawler.stats import ProgressReporter, Snapshot
 
 MAX_AUTO_WORKERS = 64
+LEASE_MAX = 16  # requests a kill may leave reserved but unsent (they count as spent)
 
 
 class Crawl:
@@ -80,6 +82,8 @@ class Crawl:
         self._flowing = flowing  # a test/ops hook: clear it to stall the sink
         self._stop_error: CrawlerError | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._feeder: asyncio.Task[None] | None = None
+        self._idle: set[asyncio.Task[Any]] = set()  # workers waiting for an item (a soft stop cancels only these)
         self._tg: asyncio.TaskGroup | None = None
         self._workers = 0
         self._target = settings.parallelism or 4
@@ -123,15 +127,24 @@ class Crawl:
             async for page in walk:
                 yield Step(page.items, page.next_cursor, page.last, page.stop, capped=page.capped)
 
+    def lease(self) -> int:
+        """Requests reserved in the state store at a time: one per worker, at most LEASE_MAX."""
+        return max(1, min(self._workers, LEASE_MAX))
+
     # -- the run --
 
     def request_stop(self, error: CrawlerError) -> None:
-        """End the run: workers stop, what is complete gets committed, `error` decides the exit."""
+        """End the run: workers stop, what is complete gets committed, `error` decides the exit.
+
+        A spent --max-credits budget stops softly: requests already sent are answered (and probably
+        billed), so the workers sending them finish their page and commit it; only idle tasks are cancelled.
+        """
         if self._stop_error is None or rank(error) < rank(self._stop_error):
             self._stop_error = error
         current = asyncio.current_task()
+        soft = isinstance(error, BudgetExhausted)
         for task in self._tasks:
-            if task is not current:
+            if task is not current and (not soft or task is self._feeder or task in self._idle):
                 task.cancel()
 
     async def run(self) -> Outcome:
@@ -157,9 +170,21 @@ class Crawl:
             budget = None
             if self.settings.max_credits is not None:
                 budget = max(self.settings.max_credits - job.requests_sent, 0)
-            self.client = Client(self.settings, api_key=self._api_key, request_budget=budget,
-                                 max_connections=max(MAX_AUTO_WORKERS, self.settings.parallelism or 0))
             base_sent, base_billed = job.requests_sent, job.credits_billed
+            reserved = base_sent
+
+            def reserve(n: int) -> None:
+                # The n-th request of this run may leave once the state store says so: a kill then
+                # forgets at most the lease, counted as spent (job() reports it in requests_sent).
+                nonlocal reserved
+                if base_sent + n > reserved:
+                    reserved = base_sent + n - 1 + self.lease()
+                    if self.settings.max_credits is not None:
+                        reserved = min(reserved, self.settings.max_credits)
+                    self.state.reserve(reserved)
+
+            self.client = Client(self.settings, api_key=self._api_key, request_budget=budget, reserve=reserve,
+                                 max_connections=max(MAX_AUTO_WORKERS, self.settings.parallelism or 0))
             self._base_counters = (base_sent, base_billed)
 
             def counters() -> tuple[int, int]:
@@ -176,6 +201,7 @@ class Crawl:
                 try:
                     await self._run_workers()
                     await self.sink.checkpoint()  # requests sent after the last page still count
+                    self.state.release()
                 finally:
                     self.sink.close()
             progress = self.state.progress()
@@ -208,7 +234,8 @@ class Crawl:
             try:
                 async with asyncio.TaskGroup() as tg:
                     self._tg = tg
-                    self._tasks.append(tg.create_task(self._feed()))
+                    self._feeder = tg.create_task(self._feed())
+                    self._tasks.append(self._feeder)
                     for _ in range(self._target):
                         self._spawn()
             finally:
@@ -254,8 +281,14 @@ class Crawl:
                 task.cancel()
 
     async def _worker(self) -> None:
-        while True:
-            item = await self.work.get()
+        me = asyncio.current_task()
+        assert me is not None
+        while self._stop_error is None:
+            self._idle.add(me)
+            try:
+                item = await self.work.get()
+            finally:
+                self._idle.discard(me)
             try:
                 await self._process(item)
             except ItemFailed as exc:

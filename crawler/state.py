@@ -140,6 +140,11 @@ class StateStore:
         self._db.executescript(SCHEMA)
         for migration in MIGRATIONS:
             self._db.executescript(migration)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(job)")}
+        if "reserved" not in columns:
+            # Requests reserved before they are sent (--max-credits across kills): a lease unused at a kill
+            # counts as spent, so `job()` reports the larger of the two as requests_sent.
+            self._db.execute("ALTER TABLE job ADD COLUMN reserved INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         """Close the database (idempotent)."""
@@ -150,7 +155,8 @@ class StateStore:
     def job(self) -> JobRecord | None:
         """The stored job, if any."""
         row = self._db.execute(
-            "SELECT command, input_sha, options, output, status, csv_length, failures_length, requests_sent,"
+            "SELECT command, input_sha, options, output, status, csv_length, failures_length,"
+            " MAX(requests_sent, reserved),"
             " credits_billed, rows, runs FROM job WHERE id = 1"
         ).fetchone()
         if row is None:
@@ -161,7 +167,7 @@ class StateStore:
         """Start a fresh job (any previous state is wiped)."""
         now = time.time()
         with self._tx():
-            self._db.execute("DELETE FROM job")
+            self._db.execute("DELETE FROM job")  # the reservation goes with it: --restart starts the budget over
             self._db.execute("DELETE FROM items")
             self._db.execute("DELETE FROM media")
             self._db.execute(
@@ -375,6 +381,14 @@ class StateStore:
     def _set_counters(self, requests_sent: int, credits_billed: int) -> None:
         self._db.execute("UPDATE job SET requests_sent = ?, credits_billed = ?, updated = ? WHERE id = 1",
                          (requests_sent, credits_billed, time.time()))
+
+    def reserve(self, upto: int) -> None:
+        """Record, before they are sent, that requests up to number `upto` of the job may be sent."""
+        self._db.execute("UPDATE job SET reserved = MAX(reserved, ?) WHERE id = 1", (upto,))
+
+    def release(self) -> None:
+        """A run ended cleanly: the requests it reserved but never sent are not spent."""
+        self._db.execute("UPDATE job SET reserved = requests_sent WHERE id = 1")
 
     def media_totals(self) -> tuple[int, int, int]:
         """(files done, their bytes, items whose URLs were refreshed)."""

@@ -588,17 +588,43 @@ async def test_max_credits_caps_server_side_requests_and_a_larger_budget_complet
         users, handles = _budget_case(w)
         out = tmp_path / "posts.csv"
         settings = fast_settings(sim.url, parallelism=4, data_dir=str(tmp_path / "data"), max_credits=15)
-        stopped = await crawl_once(settings, "posts", handles, out)
+        stopped = await crawl_once(settings, "posts", handles, out, page_size=30)
         assert stopped.exit_code == 4
         assert 0 < sim.stats.requests <= 15
         assert not out.exists() and (tmp_path / "posts.csv.part").exists()
 
-        done = await crawl_once(settings.replace(max_credits=1_000), "posts", handles, out)
+        done = await crawl_once(settings.replace(max_credits=1_000), "posts", handles, out, page_size=30)
         assert done.exit_code == 0
-        assert sim.stats.requests <= 1_000
+        # Nothing paid twice: one /userid/ per user and each page once, as an uninterrupted crawl.
+        assert sim.stats.requests == len(users) + sum(_pages(sum(1 for _ in w.posts(i)), 30) for i in users)
     got = post_ids(out)
     assert len(got) == len(set(got))
     assert set(got) == world_post_ids(w, users)
+
+
+def _pages(n: int, size: int) -> int:
+    """Pages of a list of n rows at `size` a page (the simulator's hasMore ends on the last row)."""
+    return max(1, math.ceil(n / size))
+
+
+async def test_a_budget_stop_lets_requests_in_flight_finish_and_commits_their_pages(
+        simulator: SimFactory, tmp_path: Path) -> None:
+    """At --max-credits, requests already sent are answered and counted: the simulator's billed count is the
+    job's credits_billed, and the resumed job pays no page twice."""
+    async with simulator(world=WORLD, latency=(0.02, 0.08)) as sim:
+        w = sim.world
+        users, handles = _budget_case(w)
+        out = tmp_path / "posts.csv"
+        settings = fast_settings(sim.url, parallelism=6, data_dir=str(tmp_path / "data"), max_credits=20)
+        stopped = await crawl_once(settings, "posts", handles, out, page_size=30)
+        assert stopped.exit_code == 4
+        assert sim.stats.requests == 20 == stopped.summary.requests_sent
+        assert stopped.summary.credits_billed == sim.stats.billed[KEY]
+        done = await crawl_once(settings.replace(max_credits=1_000), "posts", handles, out, page_size=30)
+        assert done.exit_code == 0 and done.summary.credits_billed == sim.stats.billed[KEY]
+        assert sim.stats.requests == len(users) + sum(_pages(sum(1 for _ in w.posts(i)), 30) for i in users)
+    got = post_ids(out)
+    assert len(got) == len(set(got)) and set(got) == world_post_ids(w, users)
 
 
 async def test_max_credits_is_one_budget_across_resumes(simulator: SimFactory, tmp_path: Path) -> None:

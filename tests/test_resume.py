@@ -150,6 +150,32 @@ async def test_seeded_random_kill_sweep(simulator: SimFactory, tmp_path: Path) -
     assert total >= 20
 
 
+async def test_max_credits_holds_across_sigkills(simulator: SimFactory, tmp_path: Path) -> None:
+    """Five SIGKILLs of a --max-credits 300 posts job, resumed each time: the simulator never counts more than
+    300 requests, and the job does not stop for budget before it counted 300 - 5 x the lease (one per worker)."""
+    async with simulator(world=WORLD, rate_limit=1_000_000, burst_limit=1_000_000, latency=(0.0, 0.005)) as sim:
+        w = sim.world
+        handles, pages = [], 0
+        for h in w.sample_handles(2_000):
+            i = w.index_by_handle(h)
+            u = w.user(i) if i is not None else None
+            if u is not None and not u.private and 60 <= u.videos <= 120:
+                handles.append(h)
+                pages += u.videos // 10
+        assert pages > 400  # the job needs more than the budget
+        (tmp_path / "in.txt").write_text("\n".join(handles) + "\n")
+        (tmp_path / "fast.toml").write_text("[rate]\nenabled = false\n")
+        args = ["posts", "in.txt", "-o", "out.csv", "--parallelism", str(PARALLELISM), "--data-dir", "data",
+                "--page-size", "10", "--max-credits", "300", "--config", "fast.toml"]
+        for point in ("fetched:15", "written:20", "fetched:30", "fsynced:25", "fetched:40"):
+            code, err = await crawler(args, _env(sim, CRAWLER_TEST_KILL_AT=point), tmp_path)
+            assert code == -signal.SIGKILL, err
+            assert sim.stats.requests <= 300
+        code, err = await crawler(args, _env(sim), tmp_path)
+        assert code == 4, err
+        assert 300 - 5 * PARALLELISM <= sim.stats.requests <= 300
+
+
 # --- job identity, locking, retry-failed, balance: in-process runs ---
 
 from crawler.crawl import Crawl, JobOptions, job_lock, run_job  # noqa: E402
