@@ -83,6 +83,7 @@ class Crawl:
         self._stop_error: CrawlerError | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._feeder: asyncio.Task[None] | None = None
+        self._keyed = self.spec.list_kind in ep.OFFSET_KINDS  # rows checked against the seen keys
         self._idle: set[asyncio.Task[Any]] = set()  # workers waiting for an item (a soft stop cancels only these)
         self._tg: asyncio.TaskGroup | None = None
         self._workers = 0
@@ -318,7 +319,7 @@ class Crawl:
                     update = ItemUpdate(item.seq, "done", rows=n, pages=1)
                 else:
                     update = ItemUpdate(item.seq, "pending", cursor=step.cursor, rows=n, pages=1)
-                await self.sink.submit(Batch(step.rows, update))
+                await self.sink.submit(Batch(step.rows, update, keyed=self._keyed))
 
     def _snapshot(self) -> Snapshot:
         p = self.state.progress()

@@ -455,6 +455,10 @@ LISTS: dict[str, ListSpec[Any]] = {
     )
 }
 
+# Lists paginated by an integer offset: rows move to later offsets when the list grows at its head.
+OFFSET_KINDS = frozenset({"comments", "replies", "search_videos", "search_users", "search_challenges",
+                          "music_posts", "challenge_posts"})
+
 _VIDEO_ID_IN_URL = re.compile(r"/video/(\d+)")
 
 

@@ -13,7 +13,7 @@ import contextlib
 import csv
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,7 @@ class Batch:
 
     rows: Sequence[Record]
     update: ItemUpdate | None = None
+    keyed: bool = False  # rows of an offset-paginated walk: drop those the item already committed
     ack: asyncio.Future[None] | None = field(default=None, repr=False)
 
 
@@ -178,15 +179,36 @@ class CsvSink:
     async def _write(self, group: list[Batch]) -> None:
         assert self._writer is not None
         raw = self._raw
+        seen: list[tuple[int, str]] = []
+        for batch in group:
+            if batch.keyed and batch.update is not None and batch.rows:
+                self._drop_seen(batch, seen)
         rows = [[cell(v, raw=raw) for v in row.values()] for batch in group for row in batch.rows]
         await self._writer.writerows(rows)
         self.rows_written += len(rows)
-        await self._commit([b.update for b in group if b.update is not None])
+        await self._commit([b.update for b in group if b.update is not None], seen)
         for batch in group:
             if batch.ack is not None and not batch.ack.done():
                 batch.ack.set_result(None)
 
-    async def _commit(self, updates: Iterable[ItemUpdate]) -> None:
+    def _drop_seen(self, batch: Batch, seen: list[tuple[int, str]]) -> None:
+        """Keep the batch's rows its item has not committed (nor queued in this group); note their keys."""
+        assert batch.update is not None and self._state is not None
+        seq = batch.update.seq
+        keys = [str(getattr(r, r.COLUMNS[0])) for r in batch.rows]
+        new = self._state.unseen(seq, keys)
+        new.difference_update(k for s, k in seen if s == seq)
+        kept = []
+        for record, key in zip(batch.rows, keys, strict=True):
+            if key in new:
+                new.discard(key)
+                kept.append(record)
+                seen.append((seq, key))
+        if len(kept) < len(batch.rows):
+            batch.update = replace(batch.update, rows=batch.update.rows - (len(batch.rows) - len(kept)))
+            batch.rows = kept
+
+    async def _commit(self, updates: Iterable[ItemUpdate], seen: Iterable[tuple[int, str]] = ()) -> None:
         assert self._file is not None
         self._file.fh.flush()
         killpoints.reached("written")
@@ -195,7 +217,7 @@ class CsvSink:
         killpoints.reached("fsynced")
         if self._state is not None:
             sent, billed = self._counters()
-            self._state.commit(self._file.length, updates, sent, billed)
+            self._state.commit(self._file.length, updates, sent, billed, seen)
         self.commits += 1
 
     async def checkpoint(self) -> None:

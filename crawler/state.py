@@ -10,7 +10,7 @@ import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,16 @@ MIGRATIONS = (
         refreshed INTEGER NOT NULL DEFAULT 0,   -- 1 once the URL was renewed through /post-detail/
         PRIMARY KEY (seq, n)
     );
+    """,
+    # Row keys already committed by an item's offset-paginated walk (comments, replies, search, music and
+    # challenge lists): a list that grew at its head between runs serves them again at later offsets.
+    # Written in the same transaction as the rows; looked up per page, never loaded whole.
+    """
+    CREATE TABLE IF NOT EXISTS seen (
+        seq INTEGER NOT NULL,                   -- items.seq
+        key TEXT NOT NULL,                      -- the row's first column (comment_id, video_id, ...)
+        PRIMARY KEY (seq, key)
+    ) WITHOUT ROWID;
     """,
 )
 
@@ -170,6 +180,7 @@ class StateStore:
             self._db.execute("DELETE FROM job")  # the reservation goes with it: --restart starts the budget over
             self._db.execute("DELETE FROM items")
             self._db.execute("DELETE FROM media")
+            self._db.execute("DELETE FROM seen")
             self._db.execute(
                 "INSERT INTO job (id, command, input_sha, options, output, status, created, updated)"
                 " VALUES (1, ?, ?, ?, ?, 'ingesting', ?, ?)",
@@ -257,6 +268,7 @@ class StateStore:
                               " (SELECT key FROM temp.incoming)").fetchone()[0]
             db.execute("DELETE FROM items WHERE (status != 'done' AND key NOT IN (SELECT key FROM temp.incoming))"
                        " OR reason = 'invalid_input'")
+            db.execute("DELETE FROM seen WHERE seq NOT IN (SELECT seq FROM items)")  # a seq may be reused
             before = db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
             db.execute("INSERT OR IGNORE INTO items (key, raw, status, reason, detail)"
                        " SELECT key, raw, CASE WHEN reason IS NULL THEN 'pending' ELSE 'failed' END, reason, detail"
@@ -266,11 +278,23 @@ class StateStore:
         db.execute("DROP TABLE IF EXISTS temp.incoming")
         return after - before - new_invalid, gone
 
+    def unseen(self, seq: int, keys: Sequence[str]) -> set[str]:
+        """Those of `keys` that item `seq` has not committed yet (one page's keys at a time)."""
+        found: set[str] = set()
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            found.update(k for (k,) in self._db.execute(
+                f"SELECT key FROM seen WHERE seq = ? AND key IN ({marks})", (seq, *chunk)))
+        return set(keys) - found
+
     def commit(
-        self, csv_length: int, updates: Iterable[ItemUpdate], requests_sent: int, credits_billed: int
+        self, csv_length: int, updates: Iterable[ItemUpdate], requests_sent: int, credits_billed: int,
+        seen: Iterable[tuple[int, str]] = (),
     ) -> None:
-        """Record, in one transaction, the fsynced CSV length, item progress and the job's counters."""
+        """Record, in one transaction, the fsynced CSV length, item progress, seen row keys and the counters."""
         with self._tx():
+            self._db.executemany("INSERT OR IGNORE INTO seen (seq, key) VALUES (?, ?)", seen)
             rows = 0
             for u in updates:
                 rows += u.rows

@@ -741,3 +741,54 @@ async def test_an_answer_without_a_user_object_fails_the_item_not_the_run(tmp_pa
     assert outcome.exit_code == 3
     assert read_failures(out) == {"somebody": "retries_exhausted"}
     assert [r["handle"] for r in read_csv(out)] == ["someone_else"]
+
+
+# --- offset-paginated lists that grow between runs ---
+
+def _offset_case(w: World, command: str) -> tuple[str | list[str], str, set[str]]:
+    """(input, key column, every key of the list) of one long offset-paginated list of the world."""
+    if command in ("comments", "replies"):
+        for i in range(w.config.users):
+            if not public(w, i):
+                continue
+            for p in w.posts(i):
+                comments = list(w.comments(p.video_id))
+                if command == "comments" and 30 <= len(comments) <= 80:
+                    return [p.video_id], "comment_id", {c.comment_id for c in comments}
+                for c in comments if command == "replies" else ():
+                    replies = list(w.replies(p.video_id, c.comment_id))
+                    if 30 <= len(replies) <= 80:
+                        return (["video_id,comment_id", f"{p.video_id},{c.comment_id}"], "comment_id",
+                                {r.comment_id for r in replies})
+    if command == "search-videos":
+        return KEYWORD, "video_id", {p.video_id for p in w.search_videos(KEYWORD)}
+    if command == "search-users":
+        return KEYWORD, "user_id", {_u(w, i).user_id for i in w.search_users(KEYWORD)}
+    if command == "search-challenges":
+        return KEYWORD, "challenge_id", {ch.challenge_id for ch in w.search_challenges(KEYWORD)}
+    if command == "music-posts":
+        m = next(m for m in w.music_ids(400) if 30 <= len(w.music_posts(m)) <= 80)
+        return [m], "video_id", {p.video_id for p in w.music_posts(m)}
+    if command == "challenge-posts":
+        cid = next(c for c in w.challenge_ids(400) if 30 <= len(w.challenge_posts(c)) <= 80)
+        return [cid], "video_id", {p.video_id for p in w.challenge_posts(cid)}
+    raise AssertionError(command)
+
+
+@pytest.mark.parametrize("command", ["comments", "replies", "search-videos", "search-users", "search-challenges",
+                                     "music-posts", "challenge-posts"])
+async def test_an_offset_list_that_grows_between_runs_gives_no_row_twice(simulator: SimFactory, tmp_path: Path,
+                                                                         command: str) -> None:
+    """Stopped by --max-credits mid-walk, resumed after 10 new entries arrived at the list's head (rows move to
+    later offsets): every row of the list exactly once."""
+    async with simulator(world=WORLD) as sim:
+        source, key, want = _offset_case(sim.world, command)
+        out = tmp_path / "out.csv"
+        settings = fast_settings(sim.url, parallelism=1, data_dir=str(tmp_path / "data"), max_credits=3)
+        stopped = await crawl_once(settings, command, source, out, page_size=5)
+        assert stopped.exit_code == 4 and stopped.summary.rows_total == 15
+        sim.world.list_shift = 10
+        done = await crawl_once(settings.replace(max_credits=1_000), command, source, out, page_size=5)
+        assert done.exit_code == 0
+    got = [r[key] for r in read_csv(out)]
+    assert len(got) == len(set(got)) and set(got) == want

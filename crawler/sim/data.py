@@ -86,6 +86,9 @@ class World:
         self._n_challenges = max(200, config.users // 20)
         # Lists render the same few users over and over; a small cache, emptied when the day moves.
         self._users: dict[int, User | None] = {}
+        # Offset-paginated lists (comments, replies, search, music, challenge) answer as if this many new
+        # entries had arrived at their head: every row moves to a later offset (the new ones are not served).
+        self.list_shift = 0
 
     # ----- time and identity -------------------------------------------------------------------------
 

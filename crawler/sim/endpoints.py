@@ -58,7 +58,12 @@ class _Call:
         return default if n <= 0 else min(n, cap)
 
     def offset(self) -> int:
-        return max(0, self.integer("cursor", 0))
+        """Where in the list the page starts (the cursor less the world's `list_shift`)."""
+        return max(0, self.integer("cursor", 0) - self.world.list_shift)
+
+    def next_cursor(self, end: int) -> str | int:
+        """The cursor after a page ending at list position `end`, in the shifted offsets the client sees."""
+        return render.offset_cursor(end + self.world.list_shift, self.q)
 
     def user(self, index: int | None) -> User:
         user = None if index is None else self.world.user(index)
@@ -91,7 +96,7 @@ class _Call:
         """An offset-paginated video list (music, challenge, search): small int cursor [T]."""
         start, count = self.offset(), self.count(10, POSTS_CAP)
         page = posts[start:start + count]
-        return {"videos": self.videos(page), "cursor": render.offset_cursor(start + len(page), self.q),
+        return {"videos": self.videos(page), "cursor": self.next_cursor(start + len(page)),
                 "hasMore": start + len(page) < len(posts)}
 
 
@@ -159,7 +164,7 @@ def _search_user(c: _Call) -> JsonDict:
     start, count = c.offset(), c.count(10, POSTS_CAP)
     page = found[start:start + count]
     return {"user_list": [render.search_user_item(c.user(i), c.q) for i in page],
-            "cursor": render.offset_cursor(start + len(page), c.q), "hasMore": start + len(page) < len(found)}
+            "cursor": c.next_cursor(start + len(page)), "hasMore": start + len(page) < len(found)}
 
 
 def _post_detail(c: _Call) -> JsonDict:
@@ -171,7 +176,7 @@ def _post_comments(c: _Call) -> JsonDict:
     start = c.offset()
     comments, more = c.world.comments_page(post.video_id, start, c.count(10, COMMENTS_CAP))
     return {"comments": [render.comment_item(c.world, x) for x in comments], "total": post.comment_count,
-            "cursor": render.offset_cursor(start + len(comments), c.q), "hasMore": more}
+            "cursor": c.next_cursor(start + len(comments)), "hasMore": more}
 
 
 def _post_comment_replies(c: _Call) -> JsonDict:
@@ -186,7 +191,7 @@ def _post_comment_replies(c: _Call) -> JsonDict:
         raise ErrorAnswer(MSG_NOT_FOUND_COMMENT)
     replies, more = page
     return {"comments": [render.comment_item(c.world, x) for x in replies], "total": top.reply_total,
-            "cursor": render.offset_cursor(start + len(replies), c.q), "hasMore": more}
+            "cursor": c.next_cursor(start + len(replies)), "hasMore": more}
 
 
 def _search_video(c: _Call) -> JsonDict:
@@ -236,7 +241,7 @@ def _search_challenge(c: _Call) -> JsonDict:
     start, count = c.offset(), c.count(10, POSTS_CAP)
     page = found[start:start + count]
     return {"challenge_list": [render.challenge_object(ch) for ch in page],
-            "cursor": render.offset_cursor(start + len(page), c.q), "hasMore": start + len(page) < len(found)}
+            "cursor": c.next_cursor(start + len(page)), "hasMore": start + len(page) < len(found)}
 
 
 def _region_list(c: _Call) -> JsonDict:
