@@ -6,14 +6,14 @@ Handlers see the run through `CrawlContext` (client, job, user directory, walk),
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable, Mapping
-from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Protocol
 
 from crawler import endpoints as ep
 from crawler.client import Client
+from crawler.errors import ItemFailed
 from crawler.job import JobOptions, Step, WorkItem
-from crawler.state import UserDirectory
+from crawler.state import UserDirectory, WalkUpdate
 
 
 class CrawlContext(Protocol):
@@ -32,7 +32,10 @@ class CrawlContext(Protocol):
 
     async def resolve_user(self, item: WorkItem) -> str: ...
 
-    def walk(self, kind: str, params: Mapping[str, str | int], item: WorkItem) -> AsyncGenerator[Step, None]: ...
+    def walk(self, kind: str, params: Mapping[str, str | int], item: WorkItem, *,
+             count_rows: bool = True) -> AsyncGenerator[Step, None]: ...
+
+    def reply_walks(self, item: WorkItem) -> list[tuple[str, ep.Cursor | None, int]]: ...
 
 
 Handler = Callable[[CrawlContext, WorkItem], AsyncGenerator[Step, None]]
@@ -71,21 +74,60 @@ async def _post_details(crawl: CrawlContext, item: WorkItem) -> AsyncGenerator[S
     yield Step([await crawl.client.post_detail(item.key, source=item.key)])
 
 
+# The item's cursor once its comment walk has ended while reply walks remain (never an API cursor: those
+# are numeric offsets).
+COMMENTS_WALKED = "comments-walked"
+
+
 async def _comments(crawl: CrawlContext, item: WorkItem) -> AsyncGenerator[Step, None]:
-    async for step in crawl.walk("comments", {"url": ep.video_url(item.key)}, item):
-        if not crawl.job.with_replies:
+    """Comments page by page; with --with-replies each comment page registers a reply walk per comment with
+    replies, in the page's commit, and those walks run (each page committed) before the next comment page."""
+    params = {"url": ep.video_url(item.key)}
+    if not crawl.job.with_replies:
+        async for step in crawl.walk("comments", params, item):
+            yield step
+        return
+    for comment_id, cursor, pages in crawl.reply_walks(item):  # left unfinished by an earlier run
+        async for step in _reply_walk(crawl, item, comment_id, cursor, pages, item.cursor):
+            yield step
+    if item.cursor == COMMENTS_WALKED:
+        yield Step([], item.cursor, last=True)
+        return
+    async for step in crawl.walk("comments", params, item):
+        walks = [WalkUpdate(item.seq, c.comment_id) for c in step.rows if isinstance(c, ep.Comment) and c.reply_total]
+        if not walks:
             yield step
             continue
-        rows: list[ep.Record] = list(step.rows)
-        for comment in step.rows:
-            assert isinstance(comment, ep.Comment)
-            if comment.reply_total:
-                params = {"video_id": item.key, "comment_id": comment.comment_id}
-                async with aclosing(crawl.client.pages("replies", params, source=item.key,
-                                                       page_size=crawl.job.page_size)) as pages:
-                    async for page in pages:
-                        rows.extend(page.items)
-        yield Step(rows, step.cursor, step.last, step.guard)
+        at = COMMENTS_WALKED if step.last else step.cursor
+        yield Step(step.rows, at, last=False, walks=walks)
+        for walk in walks:
+            async for reply_step in _reply_walk(crawl, item, walk.comment_id, None, 0, at):
+                yield reply_step
+        if step.last:
+            yield Step([], at, last=True, guard=step.guard, capped=step.capped)
+
+
+async def _reply_walk(crawl: CrawlContext, item: WorkItem, comment_id: str, cursor: ep.Cursor | None, pages: int,
+                      at: ep.Cursor | None) -> AsyncGenerator[Step, None]:
+    """One comment's replies from `cursor`, each page a Step of the walk (the post stays at cursor `at`);
+    a guard, the page cap or a failed request is a failure row for this comment, not for the post."""
+    params = {"video_id": item.key, "comment_id": comment_id}
+    sub = WorkItem(item.seq, item.key, item.raw, cursor, 0, pages)
+    endpoint = "/post-comment-replies/"
+    try:
+        async for step in crawl.walk("replies", params, sub, count_rows=False):
+            n = len(step.rows)
+            if step.guard is not None or step.capped:
+                detail = step.guard or "stopped at the --max-pages cap; the replies go on"
+                update = WalkUpdate(item.seq, comment_id, "failed", rows=n, pages=1, reason="pagination_guard",
+                                    endpoint=endpoint, detail=detail)
+            else:
+                update = WalkUpdate(item.seq, comment_id, "done" if step.last else "pending", step.cursor, n, 1)
+            yield Step(step.rows, at, last=False, walks=[update], counted=False)
+    except ItemFailed as exc:
+        update = WalkUpdate(item.seq, comment_id, "failed", reason=exc.reason, endpoint=exc.endpoint or endpoint,
+                            detail=str(exc))
+        yield Step([], at, last=False, walks=[update], counted=False)
 
 
 async def _replies(crawl: CrawlContext, item: WorkItem) -> AsyncGenerator[Step, None]:

@@ -112,10 +112,12 @@ class Crawl:
         self.users.learn(item.key, uid)
         return uid
 
-    async def walk(self, kind: str, params: Mapping[str, str | int], item: WorkItem) -> AsyncGenerator[Step, None]:
-        """Walk a list from the item's committed cursor, one Step per page."""
+    async def walk(self, kind: str, params: Mapping[str, str | int], item: WorkItem, *,
+                   count_rows: bool = True) -> AsyncGenerator[Step, None]:
+        """Walk a list from the item's committed cursor, one Step per page (--max-items only if `count_rows`)."""
         job = self.job
-        remaining = None if job.max_items is None else max(job.max_items - item.rows, 0)
+        limit = job.max_items if count_rows else None
+        remaining = None if limit is None else max(limit - item.rows, 0)
         cap = job.max_pages or self.settings.max_pages
         pages_left = None if cap is None else max(cap - item.pages, 0)
         if remaining == 0 or pages_left == 0:
@@ -127,6 +129,10 @@ class Crawl:
         async with aclosing(pages) as walk:
             async for page in walk:
                 yield Step(page.items, page.next_cursor, page.last, page.stop, capped=page.capped)
+
+    def reply_walks(self, item: WorkItem) -> list[tuple[str, ep.Cursor | None, int]]:
+        """The item's reply walks still to do: (comment_id, cursor, pages so far)."""
+        return self.state.reply_walks(item.seq)
 
     def lease(self) -> int:
         """Requests reserved in the state store at a time: one per worker, at most LEASE_MAX."""
@@ -307,8 +313,10 @@ class Crawl:
         async with aclosing(self.spec.handler(self, item)) as steps:
             async for step in steps:
                 killpoints.reached("fetched")
-                n = len(step.rows)
-                if step.guard is not None or step.capped:
+                n = len(step.rows) if step.counted else 0
+                if not step.counted:  # a reply walk's page: the item's own walk is where it was
+                    update = ItemUpdate(item.seq, "done" if step.last else "pending", cursor=step.cursor)
+                elif step.guard is not None or step.capped:
                     # A cap is a guard the user set: the rows so far are kept, the item says it is incomplete.
                     cap = self.job.max_pages or self.settings.max_pages
                     detail = step.guard or f"stopped at the --max-pages cap of {cap} pages; the list goes on"
@@ -319,7 +327,7 @@ class Crawl:
                     update = ItemUpdate(item.seq, "done", rows=n, pages=1)
                 else:
                     update = ItemUpdate(item.seq, "pending", cursor=step.cursor, rows=n, pages=1)
-                await self.sink.submit(Batch(step.rows, update, keyed=self._keyed))
+                await self.sink.submit(Batch(step.rows, update, keyed=self._keyed, walks=step.walks))
 
     def _snapshot(self) -> Snapshot:
         p = self.state.progress()

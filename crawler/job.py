@@ -20,7 +20,7 @@ from crawler import endpoints as ep
 from crawler.errors import JobLocked, UsageError
 from crawler.inputs import InputEntry, input_items
 from crawler.sinks import part_path
-from crawler.state import RETRIABLE, RETRIABLE_ALL, StateStore
+from crawler.state import RETRIABLE, RETRIABLE_ALL, StateStore, WalkUpdate
 
 if TYPE_CHECKING:
     from crawler.commands import CommandSpec
@@ -78,6 +78,8 @@ class Step:
     last: bool = True
     guard: str | None = None  # a pagination guard ended the walk early
     capped: bool = False  # the --max-pages cap ended the walk while the list went on
+    walks: Sequence[WalkUpdate] = ()  # reply walks registered or advanced by this page
+    counted: bool = True  # False: the rows are a reply walk's, not the item's (--max-items, --max-pages)
 
 
 class Prepared(enum.Enum):

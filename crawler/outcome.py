@@ -38,7 +38,7 @@ class Outcome:
             return self.error.code
         if self.error is not None:
             return self.error.exit_code
-        return 3 if self.summary.items_failed else 0
+        return 3 if self.summary.items_failed or self.summary.failures else 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ from aiocsv import AsyncWriter
 from crawler import killpoints
 from crawler.endpoints import Record
 from crawler.errors import UsageError
-from crawler.state import ItemUpdate, StateStore
+from crawler.state import ItemUpdate, StateStore, WalkUpdate
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _FORMULA_CHARS = frozenset("".join(FORMULA_START))
@@ -71,6 +71,7 @@ class Batch:
     rows: Sequence[Record]
     update: ItemUpdate | None = None
     keyed: bool = False  # rows of an offset-paginated walk: drop those the item already committed
+    walks: Sequence[WalkUpdate] = ()  # reply walks this batch registers or advances
     ack: asyncio.Future[None] | None = field(default=None, repr=False)
 
 
@@ -186,7 +187,8 @@ class CsvSink:
         rows = [[cell(v, raw=raw) for v in row.values()] for batch in group for row in batch.rows]
         await self._writer.writerows(rows)
         self.rows_written += len(rows)
-        await self._commit([b.update for b in group if b.update is not None], seen)
+        await self._commit([b.update for b in group if b.update is not None], seen,
+                           [w for b in group for w in b.walks])
         for batch in group:
             if batch.ack is not None and not batch.ack.done():
                 batch.ack.set_result(None)
@@ -204,11 +206,16 @@ class CsvSink:
                 new.discard(key)
                 kept.append(record)
                 seen.append((seq, key))
-        if len(kept) < len(batch.rows):
-            batch.update = replace(batch.update, rows=batch.update.rows - (len(batch.rows) - len(kept)))
-            batch.rows = kept
+        dropped = len(batch.rows) - len(kept)
+        if dropped and batch.update.rows:
+            batch.update = replace(batch.update, rows=batch.update.rows - dropped)
+        elif dropped and batch.walks:  # a reply page: its walk counts the rows
+            first = batch.walks[0]
+            batch.walks = [replace(first, rows=first.rows - dropped), *batch.walks[1:]]
+        batch.rows = kept
 
-    async def _commit(self, updates: Iterable[ItemUpdate], seen: Iterable[tuple[int, str]] = ()) -> None:
+    async def _commit(self, updates: Iterable[ItemUpdate], seen: Iterable[tuple[int, str]] = (),
+                      walks: Iterable[WalkUpdate] = ()) -> None:
         assert self._file is not None
         self._file.fh.flush()
         killpoints.reached("written")
@@ -217,7 +224,7 @@ class CsvSink:
         killpoints.reached("fsynced")
         if self._state is not None:
             sent, billed = self._counters()
-            self._state.commit(self._file.length, updates, sent, billed, seen)
+            self._state.commit(self._file.length, updates, sent, billed, seen, walks)
         self.commits += 1
 
     async def checkpoint(self) -> None:

@@ -68,6 +68,20 @@ MIGRATIONS = (
         PRIMARY KEY (seq, key)
     ) WITHOUT ROWID;
     """,
+    # `comments --with-replies`: one reply walk per comment with replies, registered in the commit of its
+    # comment page and walked with its own cursor, page count and failure (a failure row for the comment).
+    """
+    CREATE TABLE IF NOT EXISTS reply_walks (
+        seq INTEGER NOT NULL,                   -- items.seq of the post
+        comment_id TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending', -- pending, done, failed
+        cursor TEXT,                            -- JSON of the next cursor
+        pages INTEGER NOT NULL DEFAULT 0,
+        rows INTEGER NOT NULL DEFAULT 0,
+        reason TEXT, endpoint TEXT, detail TEXT,
+        PRIMARY KEY (seq, comment_id)
+    ) WITHOUT ROWID;
+    """,
 )
 
 
@@ -115,6 +129,21 @@ class ItemUpdate:
     seq: int
     status: str  # pending (walk goes on), done, failed
     cursor: Any = None  # next cursor when pending
+    rows: int = 0
+    pages: int = 0
+    reason: str | None = None
+    endpoint: str | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WalkUpdate:
+    """What one committed page changes in a reply walk (`reply_walks`); the first one registers it."""
+
+    seq: int
+    comment_id: str
+    status: str = "pending"  # pending, done, failed
+    cursor: Any = None
     rows: int = 0
     pages: int = 0
     reason: str | None = None
@@ -181,6 +210,7 @@ class StateStore:
             self._db.execute("DELETE FROM items")
             self._db.execute("DELETE FROM media")
             self._db.execute("DELETE FROM seen")
+            self._db.execute("DELETE FROM reply_walks")
             self._db.execute(
                 "INSERT INTO job (id, command, input_sha, options, output, status, created, updated)"
                 " VALUES (1, ?, ?, ?, ?, 'ingesting', ?, ?)",
@@ -268,7 +298,8 @@ class StateStore:
                               " (SELECT key FROM temp.incoming)").fetchone()[0]
             db.execute("DELETE FROM items WHERE (status != 'done' AND key NOT IN (SELECT key FROM temp.incoming))"
                        " OR reason = 'invalid_input'")
-            db.execute("DELETE FROM seen WHERE seq NOT IN (SELECT seq FROM items)")  # a seq may be reused
+            for table in ("seen", "reply_walks"):  # a seq may be reused
+                db.execute(f"DELETE FROM {table} WHERE seq NOT IN (SELECT seq FROM items)")
             before = db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
             db.execute("INSERT OR IGNORE INTO items (key, raw, status, reason, detail)"
                        " SELECT key, raw, CASE WHEN reason IS NULL THEN 'pending' ELSE 'failed' END, reason, detail"
@@ -290,12 +321,25 @@ class StateStore:
 
     def commit(
         self, csv_length: int, updates: Iterable[ItemUpdate], requests_sent: int, credits_billed: int,
-        seen: Iterable[tuple[int, str]] = (),
+        seen: Iterable[tuple[int, str]] = (), walks: Iterable[WalkUpdate] = (),
     ) -> None:
-        """Record, in one transaction, the fsynced CSV length, item progress, seen row keys and the counters."""
+        """Record, in one transaction, the fsynced CSV length, item and reply-walk progress, seen row keys and
+        the counters."""
         with self._tx():
             self._db.executemany("INSERT OR IGNORE INTO seen (seq, key) VALUES (?, ?)", seen)
             rows = 0
+            for w in walks:
+                rows += w.rows
+                self._db.execute(
+                    "INSERT INTO reply_walks (seq, comment_id, status, cursor, rows, pages, reason, endpoint, detail)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (seq, comment_id) DO UPDATE SET"
+                    " status = excluded.status,"
+                    " cursor = CASE WHEN excluded.status = 'failed' THEN cursor ELSE excluded.cursor END,"
+                    " rows = rows + excluded.rows, pages = pages + excluded.pages, reason = excluded.reason,"
+                    " endpoint = excluded.endpoint, detail = excluded.detail",
+                    (w.seq, w.comment_id, w.status, None if w.cursor is None else json.dumps(w.cursor), w.rows,
+                     w.pages, w.reason, w.endpoint, w.detail),
+                )
             for u in updates:
                 rows += u.rows
                 # A failure keeps the cursor of the last committed page, so a retry resumes there.
@@ -318,17 +362,30 @@ class StateStore:
         return Progress(counts.get("pending", 0), counts.get("done", 0), counts.get("failed", 0))
 
     def failures(self) -> Iterator[tuple[str, str, str, str]]:
-        """(input, endpoint, reason, detail) of every failed item, in input order."""
+        """(input, endpoint, reason, detail) of every failed item, in input order; a failed reply walk's input
+        is `VIDEO_ID,COMMENT_ID`, after its post's row."""
         for raw, endpoint, reason, detail in self._db.execute(
-            "SELECT raw, endpoint, reason, detail FROM items WHERE status = 'failed' ORDER BY seq"
+            "SELECT raw, endpoint, reason, detail FROM ("
+            " SELECT seq, '' AS sub, raw, endpoint, reason, detail FROM items WHERE status = 'failed'"
+            " UNION ALL SELECT w.seq, w.comment_id, i.key || ',' || w.comment_id, w.endpoint, w.reason, w.detail"
+            " FROM reply_walks w JOIN items i ON i.seq = w.seq WHERE w.status = 'failed') ORDER BY seq, sub"
         ):
             yield raw, endpoint or "", reason or "", detail or ""
 
     def failure_counts(self) -> dict[str, int]:
-        """Failed items by reason."""
-        return dict(
-            self._db.execute("SELECT reason, COUNT(*) FROM items WHERE status = 'failed' GROUP BY reason").fetchall()
-        )
+        """Failed items (and reply walks) by reason."""
+        counts: dict[str, int] = {}
+        for table in ("items", "reply_walks"):
+            for reason, n in self._db.execute(f"SELECT reason, COUNT(*) FROM {table} WHERE status = 'failed'"
+                                              " GROUP BY reason"):
+                counts[reason] = counts.get(reason, 0) + n
+        return counts
+
+    def reply_walks(self, seq: int) -> list[tuple[str, Any, int]]:
+        """(comment_id, cursor, pages so far) of a post's unfinished reply walks, in the order registered."""
+        found = self._db.execute("SELECT comment_id, cursor, pages FROM reply_walks WHERE seq = ? AND"
+                                 " status = 'pending' ORDER BY comment_id", (seq,)).fetchall()
+        return [(cid, None if cur is None else json.loads(cur), pages) for cid, cur, pages in found]
 
     # --- media files (`crawler download`) ---
 

@@ -792,3 +792,28 @@ async def test_an_offset_list_that_grows_between_runs_gives_no_row_twice(simulat
         assert done.exit_code == 0
     got = [r[key] for r in read_csv(out)]
     assert len(got) == len(set(got)) and set(got) == want
+
+
+async def test_a_reply_walk_stopped_by_its_page_cap_is_a_failure_row_for_its_comment(simulator: SimFactory,
+                                                                                    tmp_path: Path) -> None:
+    """`comments --with-replies --max-pages 1`: each reply walk has its own cap; a comment whose replies go on
+    gets its own pagination_guard row (VIDEO_ID,COMMENT_ID), and its first reply page is kept."""
+    async with simulator(world=WORLD) as sim:
+        w = sim.world
+        post = next(p for i in range(w.config.users) if public(w, i) for p in w.posts(i)
+                    if sum(1 for _ in w.comments(p.video_id)) > 20
+                    and any(c.reply_total > 20 for c in list(w.comments(p.video_id))[:20]))
+        first = list(w.comments(post.video_id))[:20]
+        out = tmp_path / "out.csv"
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"))
+        outcome = await crawl_once(settings, "comments", [post.video_id], out, with_replies=True, max_pages=1,
+                                   page_size=20)
+        assert outcome.exit_code == 3
+        want_failures = {post.video_id: "pagination_guard"}
+        want_failures.update({f"{post.video_id},{c.comment_id}": "pagination_guard" for c in first
+                              if c.reply_total > 20})
+        assert read_failures(out) == want_failures
+        want = {c.comment_id for c in first}
+        want |= {r.comment_id for c in first for r in list(w.replies(post.video_id, c.comment_id))[:20]}
+        got = [r["comment_id"] for r in read_csv(out)]
+        assert len(got) == len(set(got)) and set(got) == want

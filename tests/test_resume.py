@@ -176,6 +176,38 @@ async def test_max_credits_holds_across_sigkills(simulator: SimFactory, tmp_path
         assert 300 - 5 * PARALLELISM <= sim.stats.requests <= 300
 
 
+def _comment_rows(path: Path) -> Counter[tuple[str, str]]:
+    """(comment_id, parent_comment_id) of every row of a comments CSV."""
+    with path.open(newline="", encoding="utf-8") as fh:
+        return Counter((r["comment_id"], r["parent_comment_id"]) for r in csv.DictReader(fh))
+
+
+async def test_comments_with_replies_max_items_same_rows_uninterrupted_and_killed(simulator: SimFactory,
+                                                                                 tmp_path: Path) -> None:
+    """`comments --with-replies --max-items 100`: the first 100 comments and all their replies, exactly once,
+    uninterrupted and when killed after the first page (and again mid reply walks) then resumed."""
+    async with simulator(world=WORLD, rate_limit=1_000_000, burst_limit=1_000_000) as sim:
+        w = sim.world
+        video = "7000000000000000010"  # 122 comments; two of its first 100 have more than 50 replies
+        comments = list(w.comments(video))[:100]
+        want = Counter((c.comment_id, "") for c in comments)
+        want.update((r.comment_id, c.comment_id) for c in comments for r in w.replies(video, c.comment_id))
+        assert len(list(w.comments(video))) > 100 and sum(1 for c in comments if c.reply_total > 50) == 2
+        (tmp_path / "in.txt").write_text(video + "\n")
+        (tmp_path / "fast.toml").write_text("[rate]\nenabled = false\n")
+        args = ["comments", "in.txt", "--with-replies", "--max-items", "100", "--parallelism", "2",
+                "--data-dir", "data", "--config", "fast.toml"]
+        code, err = await crawler([*args, "-o", "clean.csv"], _env(sim), tmp_path)
+        assert code == 0, err
+        assert _comment_rows(tmp_path / "clean.csv") == want
+        for point in ("fetched:2", "fetched:4", "written:3", "committing:5"):
+            code, err = await crawler([*args, "-o", "out.csv"], _env(sim, CRAWLER_TEST_KILL_AT=point), tmp_path)
+            assert code == -signal.SIGKILL, err
+        code, err = await crawler([*args, "-o", "out.csv"], _env(sim), tmp_path)
+        assert code == 0, err
+        assert _comment_rows(tmp_path / "out.csv") == want
+
+
 # --- job identity, locking, retry-failed, balance: in-process runs ---
 
 from crawler.crawl import Crawl, JobOptions, job_lock, run_job  # noqa: E402
