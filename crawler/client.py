@@ -37,6 +37,7 @@ from crawler.errors import (
     NotFound,
     NotTheApi,
     OutageStalled,
+    PageSizeRejected,
     PrivateAccount,
     RateLimited,
     RetriesExhausted,
@@ -184,6 +185,8 @@ def interpret(status: int, raw: bytes, retry_after: str | None, endpoint: str) -
         billed = billed and not bare
         if _words(low, PRIVATE_WORDS):
             return PrivateAccount(f"{endpoint}: {text}"), billed
+        if "count" in low and _words(low, ("invalid", "at most", "too large", "maximum")):
+            return PageSizeRejected(f"{endpoint}: {text}"), billed
         if _words(low, NOT_FOUND_WORDS):
             return NotFound(f"{endpoint}: {text}"), billed
         if _words(low, BALANCE_WORDS):

@@ -37,6 +37,7 @@ from crawler.job import (
     state_path,
 )
 from crawler.outcome import Outcome, RunFacts, outcome, rank
+from crawler.pagesizes import PageSizes
 from crawler.sinks import Batch, CsvSink, write_failures
 from crawler.state import ItemUpdate, StateStore, UserDirectory
 from crawler.stats import ProgressReporter, Snapshot
@@ -92,6 +93,7 @@ class Crawl:
         self.client: Client
         self.state: StateStore
         self.users: UserDirectory
+        self.page_sizes: PageSizes | None = None
         self.sink: CsvSink
 
     # -- helpers used by handlers --
@@ -125,7 +127,7 @@ class Crawl:
             return
         pages = self.client.pages(kind, params, source=item.source, cursor=item.cursor,
                                   page_size=job.page_size or self.settings.page_size,
-                                  max_pages=pages_left, max_items=remaining)
+                                  max_pages=pages_left, max_items=remaining, sizes=self.page_sizes)
         async with aclosing(pages) as walk:
             async for page in walk:
                 yield Step(page.items, page.next_cursor, page.last, page.stop, capped=page.capped)
@@ -172,6 +174,7 @@ class Crawl:
                 return self._outcome(started, "already complete", 0, reason="nothing to do; --restart runs it again")
             # Opened only now: a usage error found while preparing leaves no data directory behind.
             self.users = UserDirectory(Path(self.settings.data_dir) / "users.db")
+            self.page_sizes = PageSizes(self.settings.data_dir)
             job = self.state.job()
             assert job is not None
             budget = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import json
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -817,3 +818,81 @@ async def test_a_reply_walk_stopped_by_its_page_cap_is_a_failure_row_for_its_com
         want |= {r.comment_id for c in first for r in list(w.replies(post.video_id, c.comment_id))[:20]}
         got = [r["comment_id"] for r in read_csv(out)]
         assert len(got) == len(set(got)) and set(got) == want
+
+
+# --- page sizes: the most each list gives, caps learned from the answers ---
+
+def _follow_case(w: World) -> tuple[list[int], list[str], set[tuple[str, str]]]:
+    """Ten public users with 300-1,500 followers, and every (source_handle, follower id) row they give."""
+    users = pick(w, lambda i: public(w, i) and 300 <= _u(w, i).followers <= 1_500, 10)
+    handles = [w.handle(i) for i in users]
+    rows = {(w.handle(i), w.user_id(f.user_index)) for i in users for f in w.followers(i)}
+    return users, handles, rows
+
+
+def _follow_rows(out: Path) -> list[tuple[str, str]]:
+    return [(r["source_handle"], r["user_id"]) for r in read_csv(out)]
+
+
+def _learned(data: Path) -> dict[str, int]:
+    path = data / "page-sizes.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+@pytest.mark.parametrize("cap", [200, 50])
+async def test_followers_are_asked_200_a_page_and_a_smaller_cap_costs_at_most_one_request_more(
+        simulator: SimFactory, tmp_path: Path, cap: int) -> None:
+    """Followers at the simulator's cap of 200 cost at most ceil(n/200) + 1 requests a user; at a cap of 50, no
+    more than 50 a page always cost plus one, the cap is learned and kept in the data directory; rows exact."""
+    async with simulator(world=WORLD) as sim:
+        w = sim.world
+        w.page_caps = {"followers": cap}
+        users, handles, want = _follow_case(w)
+        n = [sum(1 for _ in w.followers(i)) for i in users]
+        outcome = await crawl_once(fast_settings(sim.url, data_dir=str(tmp_path / "data")), "followers", handles,
+                                   tmp_path / "out.csv")
+        assert outcome.exit_code == 0
+        got = _follow_rows(tmp_path / "out.csv")
+        assert len(got) == len(set(got)) and set(got) == want
+        asked = sim.stats.by_endpoint["/user-followers"]
+        if cap == 200:
+            assert asked <= sum(math.ceil(k / 200) + 1 for k in n) and asked < sum(math.ceil(k / 50) for k in n)
+            assert _learned(tmp_path / "data") == {}
+        else:
+            assert asked <= sum(math.ceil(k / 50) for k in n) + 1
+            assert _learned(tmp_path / "data") == {"followers": 50}
+
+
+async def test_a_rejected_page_size_costs_one_request_per_data_directory(simulator: SimFactory,
+                                                                        tmp_path: Path) -> None:
+    """An API that refuses counts above its cap: one refused request, then the documented default (50), kept
+    in the data directory, so a second job asks no oversized count; rows exact."""
+    async with simulator(world=WORLD) as sim:
+        w = sim.world
+        w.page_caps, w.reject_oversized = {"followers": 100}, True
+        users, handles, want = _follow_case(w)
+        n = [sum(1 for _ in w.followers(i)) for i in users]
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"), parallelism=1)
+        for out in ("a.csv", "b.csv"):
+            outcome = await crawl_once(settings, "followers", handles, tmp_path / out)
+            assert outcome.exit_code == 0
+            got = _follow_rows(tmp_path / out)
+            assert len(got) == len(set(got)) and set(got) == want
+        assert sim.stats.by_endpoint["/user-followers"] == 2 * sum(math.ceil(k / 50) for k in n) + 1
+        assert _learned(tmp_path / "data") == {"followers": 50}
+
+
+async def test_pages_of_80_to_100_percent_of_the_count_leave_the_page_size_alone(simulator: SimFactory,
+                                                                               tmp_path: Path) -> None:
+    """An API that gives 80-100% of the count asked (short pages that are no cap): nothing is learned, rows
+    exact."""
+    async with simulator(world=WORLD) as sim:
+        w = sim.world
+        w.partial_pages = True
+        _, handles, want = _follow_case(w)
+        outcome = await crawl_once(fast_settings(sim.url, data_dir=str(tmp_path / "data")), "followers", handles,
+                                   tmp_path / "out.csv")
+        assert outcome.exit_code == 0
+        got = _follow_rows(tmp_path / "out.csv")
+        assert len(got) == len(set(got)) and set(got) == want
+        assert _learned(tmp_path / "data") == {}

@@ -89,6 +89,12 @@ class World:
         # Offset-paginated lists (comments, replies, search, music, challenge) answer as if this many new
         # entries had arrived at their head: every row moves to a later offset (the new ones are not served).
         self.list_shift = 0
+        # API behaviour around `count` (tests set these): per-list caps instead of the reference's
+        # (`sim.endpoints.PAGE_CAPS`), a count above the cap answered with an error instead of clamped, and
+        # pages of 80-100% of the count asked (drawn per request) instead of all of it.
+        self.page_caps: dict[str, int] = {}
+        self.reject_oversized = False
+        self.partial_pages = False
 
     # ----- time and identity -------------------------------------------------------------------------
 
