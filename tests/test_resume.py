@@ -278,14 +278,20 @@ async def test_retry_failed_reruns_only_the_failed_items(simulator: SimFactory, 
     # nothing answers is an outage, not item failures: see test_outage.py). One worker keeps it deterministic.
     async with simulator(world=WORLD, fault_rate=0.9, faults=frozenset({"5xx"})) as broken:
         settings = fast_settings(broken.url, data_dir=str(tmp_path / "data"), retry_attempts=1, parallelism=1)
-        outcome = await run_job(Crawl(_job(tmp_path), settings, api_key=KEY), install_signals=False)
+        outcome = await run_job(Crawl(_job(tmp_path, page_size=30), settings, api_key=KEY), install_signals=False)
         assert outcome.exit_code == 3 and set(outcome.summary.failures) == {"retries_exhausted"}
-        assert 0 < outcome.summary.items_failed < 6
+        assert 0 < outcome.summary.items_failed < 6 and outcome.summary.items_done >= 1
+    with (tmp_path / "out.failures.csv").open(newline="", encoding="utf-8") as fh:
+        failed = [r["input"] for r in csv.DictReader(fh)]
     async with simulator(world=WORLD) as sim:
         settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"))
-        outcome = await run_job(Crawl(_job(tmp_path), settings, api_key=KEY, retry_failed=True),
+        outcome = await run_job(Crawl(_job(tmp_path, page_size=30), settings, api_key=KEY, retry_failed=True),
                                 install_signals=False)
         assert outcome.exit_code == 0
+        # Only the failed walks are paid for again (at most all their pages); the done ones cost nothing.
+        w = sim.world
+        pages = [max(1, -(-sum(1 for _ in w.posts(w.index_by_handle(h) or 0)) // 30)) for h in failed]
+        assert sim.stats.requests <= sum(pages)
         assert written(tmp_path / "out.csv") == expected(sim.world, "posts", handles)
         assert not (tmp_path / "out.failures.csv").exists()
 
@@ -340,8 +346,11 @@ async def test_sigterm_stops_cleanly_and_the_same_command_resumes(simulator: Sim
         args = ["posts", "in.txt", "-o", "out.csv", "--parallelism", "2", "--data-dir", "d", "--config", "fast.toml"]
         proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "crawler", *args, cwd=tmp_path,
                                                     env=_env(sim), stderr=asyncio.subprocess.PIPE)
-        while sim.stats.requests < 10:  # wait for the crawl to be under way (a condition, not a guess)
-            await asyncio.sleep(0.01)
+        async def under_way() -> None:  # wait for the crawl to be under way (a condition, not a guess)
+            while sim.stats.requests < 10:
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(under_way(), timeout=30)
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), timeout=30)
         text = err.decode()
@@ -353,17 +362,18 @@ async def test_sigterm_stops_cleanly_and_the_same_command_resumes(simulator: Sim
 
 
 async def test_status_shows_progress_failures_and_both_counters(simulator: SimFactory, tmp_path: Path) -> None:
-    """`crawler status OUT.csv` prints items, both credit counters and failures by reason."""
-    async with simulator(world=WORLD) as sim:
+    """`crawler status OUT.csv` prints items, both credit counters (as the simulator counted them) and failures
+    by reason."""
+    async with simulator(world=WORLD, fault_rate=0.1, faults=frozenset({"5xx"})) as sim:
         (tmp_path / "in.txt").write_text("\n".join(_handles(sim.world, 4) + ["bad handle!"]) + "\n")
-        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"))
-        outcome = await run_job(Crawl(_job(tmp_path), settings, api_key=KEY), install_signals=False)
-        code, _ = await crawler(["status", "out.csv"], _env(sim), tmp_path)
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"), retry_attempts=10)
+        await run_job(Crawl(_job(tmp_path), settings, api_key=KEY), install_signals=False)
+        assert sim.stats.requests > sim.stats.billed[KEY]  # the 5xx answers: sent, not billed
         proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "crawler", "status", "out.csv",
                                                     cwd=tmp_path, stdout=asyncio.subprocess.PIPE)
-        out, _ = await proc.communicate()
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
         text = out.decode()
-        assert code == 0
-        assert f"requests_sent   {outcome.summary.requests_sent:,}" in text
-        assert f"credits_billed  {outcome.summary.credits_billed:,}" in text
+        assert proc.returncode == 0
+        assert f"requests_sent   {sim.stats.requests:,}" in text
+        assert f"credits_billed  {sim.stats.billed[KEY]:,}" in text
         assert "4 done, 1 failed, 0 pending of 5" in text and "invalid_input: 1" in text
