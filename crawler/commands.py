@@ -13,7 +13,7 @@ from crawler import endpoints as ep
 from crawler.client import Client
 from crawler.errors import ItemFailed
 from crawler.job import JobOptions, Step, WorkItem
-from crawler.state import UserDirectory, WalkUpdate
+from crawler.state import COMMENTS_WALKED, UserDirectory, WalkUpdate
 
 
 class CrawlContext(Protocol):
@@ -72,11 +72,6 @@ def _user_list(kind: str) -> Handler:
 
 async def _post_details(crawl: CrawlContext, item: WorkItem) -> AsyncGenerator[Step, None]:
     yield Step([await crawl.client.post_detail(item.key, source=item.key)])
-
-
-# The item's cursor once its comment walk has ended while reply walks remain (never an API cursor: those
-# are numeric offsets).
-COMMENTS_WALKED = "comments-walked"
 
 
 async def _comments(crawl: CrawlContext, item: WorkItem) -> AsyncGenerator[Step, None]:

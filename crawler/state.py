@@ -88,6 +88,10 @@ MIGRATIONS = (
 # Failure reasons that may change on a later try (`--retry-failed`); `not_found` and `private` need
 # `--retry-failed=all`; `invalid_input` and `pagination_guard` never change by trying again.
 RETRIABLE = ("retries_exhausted", "budget")
+
+# A comments item's cursor once its comment walk has ended while reply walks remain (never an API cursor:
+# those are numeric offsets).
+COMMENTS_WALKED = "comments-walked"
 RETRIABLE_ALL = (*RETRIABLE, "not_found", "private")
 
 
@@ -270,8 +274,16 @@ class StateStore:
                 f" WHERE status = 'failed' AND reason IN ({marks})",
                 wanted,
             )
+            walks = self._db.execute(
+                "UPDATE reply_walks SET status = 'pending', reason = NULL, detail = NULL, endpoint = NULL"
+                f" WHERE status = 'failed' AND reason IN ({marks})",
+                wanted,
+            ).rowcount
+            # A done post whose reply walks are tried again resumes after its comment walk.
+            self._db.execute("UPDATE items SET status = 'pending', cursor = ? WHERE status = 'done' AND seq IN"
+                             " (SELECT seq FROM reply_walks WHERE status = 'pending')", (json.dumps(COMMENTS_WALKED),))
             self._db.execute("UPDATE job SET status = 'running' WHERE id = 1")
-        return cur.rowcount
+        return cur.rowcount + walks
 
     def begin_incoming(self) -> None:
         """Start reading a (possibly edited) input into a scratch table beside the job's items."""

@@ -896,3 +896,31 @@ async def test_pages_of_80_to_100_percent_of_the_count_leave_the_page_size_alone
         got = _follow_rows(tmp_path / "out.csv")
         assert len(got) == len(set(got)) and set(got) == want
         assert _learned(tmp_path / "data") == {}
+
+
+async def test_retry_failed_redoes_failed_reply_walks_only(simulator: SimFactory, tmp_path: Path) -> None:
+    """Reply walks that ran out of retries are failure rows VIDEO_ID,COMMENT_ID; --retry-failed walks them
+    again (their posts' comments are not fetched twice) and the job ends with every row exactly once."""
+    async with simulator(world=WORLD) as healthy:
+        w = healthy.world
+        posts = [p for p in _posts_with_comments(w, 12)
+                 if any(c.reply_total for c in w.comments(p.video_id))][:6]
+    want = {c.comment_id for p in posts for c in w.comments(p.video_id)}
+    want |= {r.comment_id for p in posts for c in w.comments(p.video_id) for r in w.replies(p.video_id, c.comment_id)}
+    out = tmp_path / "out.csv"
+    async with simulator(world=WORLD, fault_rate=0.3, faults=frozenset({"5xx"})) as flaky:
+        settings = fast_settings(flaky.url, data_dir=str(tmp_path / "data"), retry_attempts=1, parallelism=1)
+        first = await crawl_once(settings, "comments", [p.video_id for p in posts], out, with_replies=True)
+        assert first.exit_code == 3
+        failed = read_failures(out)
+        assert any("," in key for key in failed) and set(failed.values()) == {"retries_exhausted"}
+    async with simulator(world=WORLD) as sim:
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"))
+        job = JobOptions(command="comments", input=str(out.with_name("out.input.txt")), output=str(out),
+                         with_replies=True)
+        again = await run_job(Crawl(job, settings, api_key=KEY, retry_failed=True), install_signals=False)
+        assert again.exit_code == 0 and not read_failures(out)
+        # One comment page (at most 25 comments) for each post that failed itself; none for the others.
+        assert sim.stats.by_endpoint["/post-comments"] == sum(1 for key in failed if "," not in key)
+    got = [r["comment_id"] for r in read_csv(out)]
+    assert len(got) == len(set(got)) and set(got) == want
