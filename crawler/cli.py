@@ -14,9 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from crawler import __version__
+from crawler.commands import COMMANDS
 from crawler.config import FLAG_NAMES, Secret, Settings, api_key, load_settings, masked
-from crawler.crawl import COMMANDS, Crawl, JobOptions, Outcome, failures_path, run_job, state_path
+from crawler.crawl import Crawl, run_job
 from crawler.errors import CrawlerError, Interrupted, UsageError
+from crawler.job import JobOptions, failures_path, state_path
+from crawler.outcome import Outcome
 from crawler.sinks import part_path
 
 log = logging.getLogger("crawler")

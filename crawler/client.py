@@ -38,6 +38,7 @@ from crawler.errors import (
     NotFound,
     NotTheApi,
     OutageStalled,
+    PageSizeRejected,
     PrivateAccount,
     RateLimited,
     RetriesExhausted,
@@ -187,6 +188,8 @@ def interpret(status: int, raw: bytes, retry_after: str | None, endpoint: str) -
         billed = billed and not bare
         if _words(low, PRIVATE_WORDS):
             return PrivateAccount(f"{endpoint}: {text}"), billed
+        if "count" in low and _words(low, ("invalid", "at most", "too large", "maximum")):
+            return PageSizeRejected(f"{endpoint}: {text}"), billed
         if _words(low, NOT_FOUND_WORDS):
             return NotFound(f"{endpoint}: {text}"), billed
         if _words(low, BALANCE_WORDS):
@@ -329,7 +332,8 @@ class Client:
     Reads the key from TIKLIVE_API_KEY unless ``api_key`` is given. Without ``settings`` it resolves them
     as the command line does (TIKLIVE_BASE_URL, then CRAWLER_CONFIG or ./config.toml, then defaults);
     ``base_url`` overrides either. Opened once; reuse after close
-    is refused. ``request_budget`` caps requests_sent (``--max-credits``), in-flight included.
+    is refused. ``request_budget`` caps requests_sent (``--max-credits``), in-flight included;
+    ``reserve(n)``, when given, is called before the n-th request of this client leaves (a durable reservation).
     """
 
     def __init__(
@@ -341,6 +345,7 @@ class Client:
         request_budget: int | None = None,
         max_connections: int = 100,
         gate: RateGate | None = None,
+        reserve: Callable[[int], None] | None = None,
     ) -> None:
         # Like the CLI: environment (TIKLIVE_BASE_URL, CRAWLER_CONFIG), then config.toml if present, then defaults.
         s = settings if settings is not None else load_settings()
@@ -372,6 +377,7 @@ class Client:
             probe_timeout=s.connect_timeout + s.read_timeout,
         )
         self.request_budget = request_budget
+        self._reserve = reserve
         self.counters = Counters()
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
@@ -482,6 +488,8 @@ class Client:
             raise RuntimeError("use the Client inside 'async with Client(...) as client'")
         if self.request_budget is not None and self.counters.requests_sent >= self.request_budget:
             raise BudgetExhausted(f"the --max-credits budget of {self.request_budget} requests is spent")
+        if self._reserve is not None:
+            self._reserve(self.counters.requests_sent + 1)
         self.counters.requests_sent += 1
         self.counters.by_endpoint[path] += 1
         log.debug("GET %s %s", path, query)

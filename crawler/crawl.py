@@ -1,411 +1,49 @@
-"""The run: input -> state store -> a TaskGroup of workers walking paginators -> the CSV sink.
+"""The run: a TaskGroup of workers walking paginators, feeding the CSV sink, committed page by page.
 
-A job (command, input content, output path) is read into the state store once, de-duplicated there;
-workers take pending items in input order, each page of rows goes to the sink and is committed before
-the worker asks for the next page, so a kill at any moment costs at most one page per worker.
+Flow: `inputs` -> `job.prepare()` (the state store) -> `Crawl.run()` (workers, handlers from `commands`)
+-> `sinks` -> `outcome`. Workers take pending items in input order; each page of rows goes to the sink
+and is committed before the worker asks for the next page.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import hashlib
-import io
-import logging
 import math
-import os
 import signal
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from crawler import endpoints as ep
 from crawler import killpoints
 from crawler.client import Client
+from crawler.commands import COMMANDS, CommandSpec
 from crawler.config import Secret, Settings
-from crawler.errors import (
-    CrawlerError,
-    Interrupted,
-    ItemFailed,
-    JobLocked,
-    RunStopped,
-    UsageError,
+from crawler.errors import BudgetExhausted, CrawlerError, Interrupted, ItemFailed, RunStopped, UsageError
+from crawler.job import (
+    JobOptions,
+    Prepared,
+    Step,
+    WorkItem,
+    check_output,
+    failures_path,
+    job_files,
+    job_lock,
+    lock_path,
+    prepare,
+    state_path,
 )
-from crawler.handles import (
-    InvalidInput,
-    decode_input,
-    normalize_name,
-    normalize_post,
-    normalize_user,
-    open_input,
-    read_lines,
-    undecodable,
-)
-from crawler.sinks import Batch, CsvSink, part_path, write_failures
-from crawler.state import RETRIABLE, RETRIABLE_ALL, ItemUpdate, StateStore, UserDirectory
-from crawler.stats import ProgressReporter, Snapshot, Summary
-
-log = logging.getLogger("crawler.crawl")
+from crawler.outcome import Outcome, RunFacts, outcome, rank
+from crawler.pagesizes import PageSizes
+from crawler.sinks import Batch, CsvSink, write_failures
+from crawler.state import ItemUpdate, StateStore, UserDirectory
+from crawler.stats import ProgressReporter, Snapshot
 
 MAX_AUTO_WORKERS = 64
-
-
-@dataclass(frozen=True, slots=True)
-class JobOptions:
-    """Everything that defines a job's output (a change to any of these is a different job)."""
-
-    command: str
-    input: str  # a file, "-" for stdin, or the keyword of a search command
-    output: str
-    column: str | None = None
-    by_id: bool = False
-    with_replies: bool = False
-    publish_time: int = 0
-    sort_by: int = 0
-    region: str | None = None
-    max_items: int | None = None
-    max_pages: int | None = None
-    page_size: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class WorkItem:
-    """One pending input item, with where its walk stopped last time."""
-
-    seq: int
-    key: str
-    raw: str
-    cursor: Any
-    rows: int
-    pages: int = 0
-
-    @property
-    def user_id(self) -> str | None:
-        """The numeric id of an `id:` item."""
-        return self.key[3:] if self.key.startswith("id:") else None
-
-    @property
-    def source(self) -> str:
-        """What the rows' source column says: the handle, or the numeric id."""
-        return self.user_id or self.key
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    """Rows a handler produced and how far they take the item."""
-
-    rows: Sequence[ep.Record]
-    cursor: Any = None  # the next cursor while the walk goes on
-    last: bool = True
-    guard: str | None = None  # a pagination guard ended the walk early
-    capped: bool = False  # the --max-pages cap ended the walk while the list went on
-
-
-Handler = Callable[["Crawl", WorkItem], AsyncGenerator[Step, None]]
-
-
-@dataclass(frozen=True, slots=True)
-class CommandSpec:
-    """How one command reads its input and turns an item into rows."""
-
-    name: str
-    input_kind: str  # users, posts, names, music, pairs, keyword
-    record: type[ep.Record]
-    endpoint: str
-    handler: Handler
-    list_kind: str | None = None  # the paginated list it walks, for estimate
-
-
-# --- handlers ---
-
-async def _profiles(crawl: Crawl, item: WorkItem) -> AsyncGenerator[Step, None]:
-    # By handle when given one (same price): a handle that changed owner must show its new owner.
-    uid = item.user_id
-    profile = await crawl.client.user_info(user_id=uid) if uid else await crawl.client.user_info(item.key)
-    crawl.learn(profile)
-    yield Step([profile])
-
-
-def _user_list(kind: str) -> Handler:
-    async def handler(crawl: Crawl, item: WorkItem) -> AsyncGenerator[Step, None]:
-        uid = await crawl.resolve_user(item)
-        async for step in crawl.walk(kind, {"userid": uid}, item):
-            yield step
-
-    return handler
-
-
-async def _post_details(crawl: Crawl, item: WorkItem) -> AsyncGenerator[Step, None]:
-    yield Step([await crawl.client.post_detail(item.key, source=item.key)])
-
-
-async def _comments(crawl: Crawl, item: WorkItem) -> AsyncGenerator[Step, None]:
-    async for step in crawl.walk("comments", {"url": ep.video_url(item.key)}, item):
-        if not crawl.job.with_replies:
-            yield step
-            continue
-        rows: list[ep.Record] = list(step.rows)
-        for comment in step.rows:
-            assert isinstance(comment, ep.Comment)
-            if comment.reply_total:
-                params = {"video_id": item.key, "comment_id": comment.comment_id}
-                async with aclosing(crawl.client.pages("replies", params, source=item.key,
-                                                       page_size=crawl.job.page_size)) as pages:
-                    async for page in pages:
-                        rows.extend(page.items)
-        yield Step(rows, step.cursor, step.last, step.guard)
-
-
-async def _replies(crawl: Crawl, item: WorkItem) -> AsyncGenerator[Step, None]:
-    video_id, comment_id = item.key.split(":", 1)
-    async for step in crawl.walk("replies", {"video_id": video_id, "comment_id": comment_id}, item):
-        yield step
-
-
-def _keyword_list(kind: str) -> Handler:
-    async def handler(crawl: Crawl, item: WorkItem) -> AsyncGenerator[Step, None]:
-        params: dict[str, str | int] = {"keyword": item.key}
-        if kind == "search_videos":
-            params.update(publish_time=crawl.job.publish_time, sort_by=crawl.job.sort_by)
-            if crawl.job.region:
-                params["region"] = crawl.job.region
-        async for step in crawl.walk(kind, params, item):
-            yield step
-
-    return handler
-
-
-async def _music_posts(crawl: Crawl, item: WorkItem) -> AsyncGenerator[Step, None]:
-    async for step in crawl.walk("music_posts", {"music_id": item.key}, item):
-        yield step
-
-
-async def _challenge_posts(crawl: Crawl, item: WorkItem) -> AsyncGenerator[Step, None]:
-    cid = item.key if item.key.isdigit() else (await crawl.client.challenge_info(name=item.key)).challenge_id
-    async for step in crawl.walk("challenge_posts", {"challenge_id": cid}, item):
-        yield step
-
-
-async def _music_info(crawl: Crawl, item: WorkItem) -> AsyncGenerator[Step, None]:
-    yield Step([await crawl.client.music_info(item.key)])
-
-
-async def _challenge_info(crawl: Crawl, item: WorkItem) -> AsyncGenerator[Step, None]:
-    if item.key.isdigit():
-        yield Step([await crawl.client.challenge_info(item.key)])
-    else:
-        yield Step([await crawl.client.challenge_info(name=item.key)])
-
-
-COMMANDS: dict[str, CommandSpec] = {
-    c.name: c
-    for c in (
-        CommandSpec("profiles", "users", ep.Profile, "/userinfo-by-username/", _profiles),
-        CommandSpec("posts", "users", ep.Post, "/user-posts/", _user_list("posts"), "posts"),
-        CommandSpec("liked", "users", ep.Post, "/user-liked/", _user_list("liked"), "liked"),
-        CommandSpec("followers", "users", ep.Follow, "/user-followers/", _user_list("followers"), "followers"),
-        CommandSpec("following", "users", ep.Follow, "/user-following/", _user_list("following"), "following"),
-        CommandSpec("post-details", "posts", ep.Post, "/post-detail/", _post_details),
-        CommandSpec("comments", "posts", ep.Comment, "/post-comments/", _comments, "comments"),
-        CommandSpec("replies", "pairs", ep.Comment, "/post-comment-replies/", _replies, "replies"),
-        CommandSpec("search-videos", "keyword", ep.Post, "/search-video/", _keyword_list("search_videos"),
-                    "search_videos"),
-        CommandSpec("search-users", "keyword", ep.UserHit, "/search-user/", _keyword_list("search_users"),
-                    "search_users"),
-        CommandSpec("search-challenges", "keyword", ep.Challenge, "/search-challenge/",
-                    _keyword_list("search_challenges"), "search_challenges"),
-        CommandSpec("music-posts", "music", ep.Post, "/music-posts/", _music_posts, "music_posts"),
-        CommandSpec("challenge-posts", "names", ep.Post, "/challenge-posts/", _challenge_posts, "challenge_posts"),
-        CommandSpec("music-info", "music", ep.Music, "/music-info/", _music_info),
-        CommandSpec("challenge-info", "names", ep.Challenge, "/challenge-info-id/", _challenge_info),
-    )
-}
-
-
-# --- input ---
-
-class _Hashing(io.RawIOBase):
-    """A binary stream that hashes what is read through it (the job's input identity)."""
-
-    def __init__(self, inner: IO[bytes]) -> None:
-        self._inner = inner
-        self.sha = hashlib.sha256()
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._inner.read(len(buffer))
-        n = len(data)
-        buffer[:n] = data
-        self.sha.update(data)
-        return n
-
-
-def normalizer(kind: str, *, by_id: bool) -> Callable[[str], str]:
-    """The line -> item key function of an input kind."""
-    if kind == "users":
-        return lambda line: normalize_user(line, by_id=by_id)
-    if kind == "posts":
-        return normalize_post
-    if kind == "music":
-        def music(line: str) -> str:
-            key = normalize_post(line) if "/" in line else line.strip()
-            if not key.isdigit():
-                raise InvalidInput("not a numeric music id")
-            return key
-        return music
-    return normalize_name
-
-
-def input_items(job: JobOptions, spec: CommandSpec) -> tuple[Iterator[tuple[str, str, str | None, str | None]],
-                                                           Callable[[], str]]:
-    """(key, raw, reason, detail) for every input line, and a function giving the input's hash once read."""
-    if spec.input_kind == "keyword":
-        keyword = job.input.strip()
-        if not keyword:
-            raise UsageError(f"{job.command}: give a non-empty KEYWORD")
-        digest = hashlib.sha256(keyword.encode()).hexdigest()
-        return iter([(keyword, keyword, None, None)]), lambda: digest
-    stream = _Hashing(open_input(job.input))
-    buffered = io.BufferedReader(stream, 1 << 16)
-
-    def generate() -> Iterator[tuple[str, str, str | None, str | None]]:
-        try:
-            if spec.input_kind == "pairs":
-                yield from _pairs(buffered, job.input)
-                return
-            normalize = normalizer(spec.input_kind, by_id=job.by_id)
-            for number, line in read_lines(buffered, job.column, hashtags=spec.input_kind == "names"):
-                escaped = undecodable(line)
-                if escaped is not None:  # keep the bytes visible (\xfc), never replaced by U+FFFD
-                    yield (f"invalid:{number}", escaped.strip(), "invalid_input",
-                           f"line {number}: bytes that are not text in the input's encoding (save it as UTF-8)")
-                    continue
-                try:
-                    yield normalize(line), line.strip(), None, None
-                except InvalidInput as exc:
-                    yield f"invalid:{number}", line.strip(), "invalid_input", f"line {number}: {exc}"
-        finally:
-            if job.input != "-":
-                buffered.close()
-
-    return generate(), lambda: stream.sha.hexdigest()
-
-
-def _pairs(stream: IO[bytes], name: str) -> Iterator[tuple[str, str, str | None, str | None]]:
-    import csv
-
-    reader = csv.DictReader(decode_input(stream))
-    fields = reader.fieldnames or []
-    if "video_id" not in fields or "comment_id" not in fields:
-        raise UsageError(f"{name}: replies needs a CSV with video_id and comment_id columns (a comments CSV works)")
-    for number, row in enumerate(reader, start=2):
-        video, comment = (row.get("video_id") or "").strip(), (row.get("comment_id") or "").strip()
-        raw = f"{video},{comment}"
-        raw = undecodable(raw) or raw  # bytes that are not text stay visible, escaped
-        if row.get("parent_comment_id") or (row.get("reply_total") or "").strip() == "0":
-            continue  # a reply, or a comment without replies, in a comments CSV: nothing to fetch
-        if video.isdigit() and comment.isdigit():
-            yield f"{video}:{comment}", raw, None, None
-        else:
-            yield f"invalid:{number}", raw, "invalid_input", f"line {number}: video_id and comment_id must be numeric"
-
-
-# --- paths ---
-
-def state_path(out: Path) -> Path:
-    """The job's state file, next to the output."""
-    return out.with_name(out.name + ".state.db")
-
-
-def failures_path(out: Path) -> Path:
-    """OUT.failures.csv for OUT.csv."""
-    stem = out.name[:-4] if out.name.endswith(".csv") else out.name
-    return out.with_name(stem + ".failures.csv")
-
-
-def lock_path(out: Path) -> Path:
-    """The job's lock file, next to the output."""
-    return out.with_name(out.name + ".lock")
-
-
-def check_output(job: JobOptions, *, overwrite: bool = False) -> None:
-    """Refuse an output that would destroy something: a path through a file, the input, a file not ours."""
-    out = Path(job.output)
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UsageError(f"--output {out}: {parent} is a file, not a directory; choose an output path"
-                                 " in a directory")
-            break
-    if out.is_dir():
-        raise UsageError(f"--output {out} is a directory: give a file name such as {out / (job.command + '.csv')}")
-    if not out.exists() or overwrite:
-        return
-    if _same_file(job.input, out):
-        raise UsageError(f"--output {out} is the input file; it would be replaced by the results: write to"
-                         " another file (or add --overwrite if you mean it)")
-    if not state_path(out).exists():
-        raise UsageError(f"--output {out} exists and was not written by crawler: choose another output, or add"
-                         " --overwrite to replace it")
-
-
-def _same_file(a: str, b: Path) -> bool:
-    """True when both name one file (same device and inode); a keyword or stdin is no file."""
-    try:
-        return a != "-" and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def job_lock(out: Path) -> Iterator[None]:
-    """Hold the job's lock (dies with the process, so a killed run never blocks the next)."""
-    path = lock_path(out)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise UsageError(f"cannot create files in {path.parent} for --output {out.name} ({exc.strerror}): choose"
-                         " an output in a directory you can write to") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise JobLocked(f"another crawler process is running the job for {out}; wait for it or stop it") from None
-        yield
-    finally:
-        os.close(fd)
-
-
-# --- the run ---
-
-def _rank(error: CrawlerError) -> int:
-    """CONTRACT.md's precedence when several stops apply: 2, 1, 130/143, 4."""
-    code = error.code if isinstance(error, Interrupted) else error.exit_code
-    return {2: 0, 1: 1, 130: 2, 143: 2, 4: 3}.get(code, 4)
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """How a run ended."""
-
-    summary: Summary
-    error: CrawlerError | None
-
-    @property
-    def exit_code(self) -> int:
-        """CONTRACT.md's exit code."""
-        if isinstance(self.error, Interrupted):
-            return self.error.code
-        if self.error is not None:
-            return self.error.exit_code
-        return 3 if self.summary.items_failed else 0
+LEASE_MAX = 16  # requests a kill may leave reserved but unsent (they count as spent)
 
 
 class Crawl:
@@ -445,6 +83,9 @@ class Crawl:
         self._flowing = flowing  # a test/ops hook: clear it to stall the sink
         self._stop_error: CrawlerError | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._feeder: asyncio.Task[None] | None = None
+        self._keyed = self.spec.list_kind in ep.OFFSET_KINDS  # rows checked against the seen keys
+        self._idle: set[asyncio.Task[Any]] = set()  # workers waiting for an item (a soft stop cancels only these)
         self._tg: asyncio.TaskGroup | None = None
         self._workers = 0
         self._target = settings.parallelism or 4
@@ -452,6 +93,7 @@ class Crawl:
         self.client: Client
         self.state: StateStore
         self.users: UserDirectory
+        self.page_sizes: PageSizes | None = None
         self.sink: CsvSink
 
     # -- helpers used by handlers --
@@ -472,10 +114,12 @@ class Crawl:
         self.users.learn(item.key, uid)
         return uid
 
-    async def walk(self, kind: str, params: dict[str, str | int], item: WorkItem) -> AsyncGenerator[Step, None]:
-        """Walk a list from the item's committed cursor, one Step per page."""
+    async def walk(self, kind: str, params: Mapping[str, str | int], item: WorkItem, *,
+                   count_rows: bool = True) -> AsyncGenerator[Step, None]:
+        """Walk a list from the item's committed cursor, one Step per page (--max-items only if `count_rows`)."""
         job = self.job
-        remaining = None if job.max_items is None else max(job.max_items - item.rows, 0)
+        limit = job.max_items if count_rows else None
+        remaining = None if limit is None else max(limit - item.rows, 0)
         cap = job.max_pages or self.settings.max_pages
         pages_left = None if cap is None else max(cap - item.pages, 0)
         if remaining == 0 or pages_left == 0:
@@ -483,20 +127,33 @@ class Crawl:
             return
         pages = self.client.pages(kind, params, source=item.source, cursor=item.cursor,
                                   page_size=job.page_size or self.settings.page_size,
-                                  max_pages=pages_left, max_items=remaining)
+                                  max_pages=pages_left, max_items=remaining, sizes=self.page_sizes)
         async with aclosing(pages) as walk:
             async for page in walk:
                 yield Step(page.items, page.next_cursor, page.last, page.stop, capped=page.capped)
 
+    def reply_walks(self, item: WorkItem) -> list[tuple[str, ep.Cursor | None, int]]:
+        """The item's reply walks still to do: (comment_id, cursor, pages so far)."""
+        return self.state.reply_walks(item.seq)
+
+    def lease(self) -> int:
+        """Requests reserved in the state store at a time: one per worker, at most LEASE_MAX."""
+        return max(1, min(self._workers, LEASE_MAX))
+
     # -- the run --
 
     def request_stop(self, error: CrawlerError) -> None:
-        """End the run: workers stop, what is complete gets committed, `error` decides the exit."""
-        if self._stop_error is None or _rank(error) < _rank(self._stop_error):
+        """End the run: workers stop, what is complete gets committed, `error` decides the exit.
+
+        A spent --max-credits budget stops softly: requests already sent are answered (and probably
+        billed), so the workers sending them finish their page and commit it; only idle tasks are cancelled.
+        """
+        if self._stop_error is None or rank(error) < rank(self._stop_error):
             self._stop_error = error
         current = asyncio.current_task()
+        soft = isinstance(error, BudgetExhausted)
         for task in self._tasks:
-            if task is not current:
+            if task is not current and (not soft or task is self._feeder or task in self._idle):
                 task.cancel()
 
     async def run(self) -> Outcome:
@@ -506,23 +163,38 @@ class Crawl:
         self.state = StateStore(state_path(self.out))
         try:
             try:
-                record = await self._prepare()
+                prepared = await prepare(self.state, self.job, self.spec, restart=self._restart,
+                                         retry_failed=self._retry_failed, pause=self._yield_to_signals)
             except RunStopped as exc:
                 if exc is not self._stop_error or self.state.job() is None:
                     raise
                 return self._outcome(started, "stopped", 0)  # a signal while the input was being read
-            if record == "complete":
+            self.input_change = prepared.input_change
+            if prepared.state is Prepared.COMPLETE:
                 return self._outcome(started, "already complete", 0, reason="nothing to do; --restart runs it again")
             # Opened only now: a usage error found while preparing leaves no data directory behind.
             self.users = UserDirectory(Path(self.settings.data_dir) / "users.db")
+            self.page_sizes = PageSizes(self.settings.data_dir)
             job = self.state.job()
             assert job is not None
             budget = None
             if self.settings.max_credits is not None:
                 budget = max(self.settings.max_credits - job.requests_sent, 0)
-            self.client = Client(self.settings, api_key=self._api_key, request_budget=budget,
-                                 max_connections=max(MAX_AUTO_WORKERS, self.settings.parallelism or 0))
             base_sent, base_billed = job.requests_sent, job.credits_billed
+            reserved = base_sent
+
+            def reserve(n: int) -> None:
+                # The n-th request of this run may leave once the state store says so: a kill then
+                # forgets at most the lease, counted as spent (job() reports it in requests_sent).
+                nonlocal reserved
+                if base_sent + n > reserved:
+                    reserved = base_sent + n - 1 + self.lease()
+                    if self.settings.max_credits is not None:
+                        reserved = min(reserved, self.settings.max_credits)
+                    self.state.reserve(reserved)
+
+            self.client = Client(self.settings, api_key=self._api_key, request_budget=budget, reserve=reserve,
+                                 max_connections=max(MAX_AUTO_WORKERS, self.settings.parallelism or 0))
             self._base_counters = (base_sent, base_billed)
 
             def counters() -> tuple[int, int]:
@@ -539,6 +211,7 @@ class Crawl:
                 try:
                     await self._run_workers()
                     await self.sink.checkpoint()  # requests sent after the last page still count
+                    self.state.release()
                 finally:
                     self.sink.close()
             progress = self.state.progress()
@@ -553,63 +226,6 @@ class Crawl:
             users = getattr(self, "users", None)
             if users is not None:
                 users.close()
-
-    async def _prepare(self) -> str:
-        """Create, resume or restart the job in the state store; 'complete' when nothing is left to do."""
-        options = {k: v for k, v in asdict(self.job).items() if k not in ("input", "output")}
-        existing = self.state.job()
-        if existing is None and self._retry_failed and not self._restart:
-            raise UsageError(f"--retry-failed: there is no job for {self.out} yet; run the command without"
-                             " --retry-failed to start it")
-        if existing is not None and existing.status == "ingesting":
-            existing = None  # stopped while reading the input: nothing was spent, read it again from scratch
-        if existing is not None and not self._restart:
-            if existing.command != self.job.command or existing.options != options:
-                changed = sorted(k for k in options if existing.options.get(k) != options[k])
-                raise UsageError(
-                    f"{self.out} belongs to a job with other options ({', '.join(changed) or 'command'} changed):"
-                    " add --restart to start over, or write to another output"
-                )
-            # Read the input (once: it may be stdin) beside the job; an edited input continues the job.
-            items, digest = input_items(self.job, self.spec)
-            self.state.begin_incoming()
-            await self._ingest(items, self.state.add_incoming)
-            if existing.input_sha != digest() and self.spec.input_kind == "keyword":
-                raise UsageError(f"{self.out} holds the results of another keyword: add --restart to start over,"
-                                 " or write to another output")
-            if existing.input_sha != digest():
-                added, gone = self.state.merge_incoming()
-                self.state.set_input_sha(digest())
-                self.input_change = (added, gone)
-                log.info("the input changed: %d items added, %d done items no longer in it", added, gone)
-            if self._retry_failed:
-                reasons = RETRIABLE_ALL if self._retry_failed == "all" else RETRIABLE
-                n = self.state.retry_failed(reasons)
-                log.info("retrying %d failed items", n)
-            elif existing.status == "done" and self.out.exists() and self.input_change is None:
-                return "complete"
-            self.state.set_status("running")
-            return "resume"
-        # A fresh job (or --restart): forget everything, ingest the input in one pass.
-        part_path(self.out).unlink(missing_ok=True)
-        self.state.create_job(self.job.command, "", options, str(self.out))
-        items, digest = input_items(self.job, self.spec)
-        await self._ingest(items, self.state.add_items)
-        self.state.set_input_sha(digest())
-        self.state.set_status("running")
-        return "new"
-
-    async def _ingest(self, items: Iterator[tuple[str, str, str | None, str | None]],
-                      store: Callable[[list[tuple[str, str, str | None, str | None]]], object]) -> None:
-        """Store the input items in batches, letting Ctrl-C / SIGTERM in between."""
-        batch: list[tuple[str, str, str | None, str | None]] = []
-        for entry in items:
-            batch.append(entry)
-            if len(batch) >= 5000:
-                store(batch)
-                batch.clear()
-                await self._yield_to_signals()
-        store(batch)
 
     async def _yield_to_signals(self) -> None:
         await asyncio.sleep(0)
@@ -628,7 +244,8 @@ class Crawl:
             try:
                 async with asyncio.TaskGroup() as tg:
                     self._tg = tg
-                    self._tasks.append(tg.create_task(self._feed()))
+                    self._feeder = tg.create_task(self._feed())
+                    self._tasks.append(self._feeder)
                     for _ in range(self._target):
                         self._spawn()
             finally:
@@ -674,8 +291,14 @@ class Crawl:
                 task.cancel()
 
     async def _worker(self) -> None:
-        while True:
-            item = await self.work.get()
+        me = asyncio.current_task()
+        assert me is not None
+        while self._stop_error is None:
+            self._idle.add(me)
+            try:
+                item = await self.work.get()
+            finally:
+                self._idle.discard(me)
             try:
                 await self._process(item)
             except ItemFailed as exc:
@@ -693,8 +316,10 @@ class Crawl:
         async with aclosing(self.spec.handler(self, item)) as steps:
             async for step in steps:
                 killpoints.reached("fetched")
-                n = len(step.rows)
-                if step.guard is not None or step.capped:
+                n = len(step.rows) if step.counted else 0
+                if not step.counted:  # a reply walk's page: the item's own walk is where it was
+                    update = ItemUpdate(item.seq, "done" if step.last else "pending", cursor=step.cursor)
+                elif step.guard is not None or step.capped:
                     # A cap is a guard the user set: the rows so far are kept, the item says it is incomplete.
                     cap = self.job.max_pages or self.settings.max_pages
                     detail = step.guard or f"stopped at the --max-pages cap of {cap} pages; the list goes on"
@@ -705,7 +330,7 @@ class Crawl:
                     update = ItemUpdate(item.seq, "done", rows=n, pages=1)
                 else:
                     update = ItemUpdate(item.seq, "pending", cursor=step.cursor, rows=n, pages=1)
-                await self.sink.submit(Batch(step.rows, update))
+                await self.sink.submit(Batch(step.rows, update, keyed=self._keyed, walks=step.walks))
 
     def _snapshot(self) -> Snapshot:
         p = self.state.progress()
@@ -716,63 +341,17 @@ class Crawl:
                         billed + c.credits_billed, failed=p.failed, note=self.client.outage.status())
 
     def _outcome(self, started: float, status: str, rows: int, reason: str = "") -> Outcome:
-        job = self.state.job()
-        assert job is not None
-        progress = self.state.progress()
-        counters = getattr(self, "client", None)
-        c = counters.counters if counters is not None else None
-        error = self._stop_error
-        fails = self.state.failure_counts()
-        summary = Summary(
-            command=self.job.command,
-            status=status,
-            items_total=progress.total,
-            items_done=progress.done,
-            items_failed=progress.failed,
-            items_pending=progress.pending,
-            rows_written=rows,
-            rows_total=job.rows,
-            requests_sent=job.requests_sent,
-            credits_billed=job.credits_billed,
-            run_requests=c.requests_sent if c else 0,
-            rate_limited=c.rate_limited if c else 0,
-            retries=c.retries if c else 0,
-            elapsed=time.monotonic() - started,
-            parallelism=self._workers,
-            rate_used=(f"{counters.pace.effective_rate:.1f} per {counters.pace.window:g} s"
-                       if counters is not None and counters.pace.enabled else "no limit"),
-            rate_wait_seconds=counters.gate.wait_seconds if counters is not None else 0.0,
-            failures=fails,
-            output=str(self.out if status != "stopped" else part_path(self.out)),
-            failures_file=str(failures_path(self.out)) if fails else "",
-            reason=reason or (str(error) if error else ""),
-            notes=tuple(self._notes()),
-        )
-        return Outcome(summary, error)
-
-    def _notes(self) -> Iterator[str]:
-        if self.input_change is not None:
-            added, gone = self.input_change
-            yield (f"the input was edited: {added:,} new items added, {gone:,} done items no longer in it"
-                   " (their rows stay)")
-        if self.capped:
-            cap = self.job.max_pages or self.settings.max_pages
-            yield (f"{self.capped:,} walks stopped at the --max-pages cap of {cap} while their lists went on"
-                   " (pagination_guard rows in the failures file; their first pages are in the CSV)")
-
-
-def _job_files(out: Path) -> list[Path]:
-    """The files a run creates beside its output."""
-    state = state_path(out)
-    return [lock_path(out), state, state.with_name(state.name + "-wal"), state.with_name(state.name + "-shm"),
-            part_path(out)]
+        facts = RunFacts(started, self._workers, self.job.max_pages or self.settings.max_pages,
+                         self.input_change, self.capped)
+        return outcome(self.job, self.state, getattr(self, "client", None), facts, status=status, rows=rows,
+                       error=self._stop_error, reason=reason)
 
 
 async def run_job(crawl: Crawl, *, install_signals: bool = True) -> Outcome:
     """Run a crawl under its job lock, turning SIGINT/SIGTERM into a clean, resumable stop."""
     check_output(crawl.job, overwrite=crawl.overwrite)
     # What a usage error may remove: the files of a job that did not exist before (never an existing job's).
-    ours = [] if state_path(crawl.out).exists() else [p for p in _job_files(crawl.out) if not p.exists()]
+    ours = [] if state_path(crawl.out).exists() else [p for p in job_files(crawl.out) if not p.exists()]
     if not ours and not lock_path(crawl.out).exists():
         ours = [lock_path(crawl.out)]
     loop = asyncio.get_running_loop()

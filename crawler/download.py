@@ -32,7 +32,6 @@ from crawler import endpoints as ep
 from crawler import killpoints
 from crawler.client import Client
 from crawler.config import Secret, Settings
-from crawler.crawl import _rank, job_lock  # one exit-code precedence, one lock rule for every job
 from crawler.errors import (
     BalanceExhausted,
     BudgetExhausted,
@@ -47,6 +46,8 @@ from crawler.errors import (
     UsageError,
 )
 from crawler.handles import InvalidInput, normalize_post, open_input
+from crawler.job import job_lock
+from crawler.outcome import rank  # one exit-code precedence, one lock rule for every job
 from crawler.retry import retry_async
 from crawler.sinks import write_failures
 from crawler.state import MediaFile, StateStore
@@ -308,7 +309,7 @@ class Download:
 
     def request_stop(self, error: CrawlerError) -> None:
         """End the run: workers stop, what is complete stays complete, `error` decides the exit."""
-        if self._stop is None or _rank(error) < _rank(self._stop):
+        if self._stop is None or rank(error) < rank(self._stop):
             self._stop = error
         current = asyncio.current_task()
         for task in self._tasks:

@@ -14,12 +14,10 @@ import re
 from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
-from crawler.errors import TransientError
-
-if TYPE_CHECKING:
-    from crawler.client import Client
+from crawler.errors import PageSizeRejected, TransientError
+from crawler.pagesizes import PageSizes
 
 log = logging.getLogger("crawler.endpoints")
 JsonDict = dict[str, Any]
@@ -99,6 +97,7 @@ class Record:
 
 
 R = TypeVar("R", bound=Record)
+T = TypeVar("T")
 _GETTERS: dict[type, operator.attrgetter[Any]] = {}
 
 
@@ -418,8 +417,8 @@ class ListSpec(Generic[R]):
     path: str
     items_keys: tuple[str, ...]
     cursor_param: str  # request parameter and response key ("cursor" or "time")
-    page_size: int  # default `count`
-    max_page_size: int
+    default_size: int  # the documented default `count` (never asked below it)
+    max_page_size: int  # the most the reference says one page gives: what is asked for
     parse: Callable[[Mapping[str, Any], str, Mapping[str, Any]], R]
     record: type[R]
     source_param: str  # request parameter that names the input item (row's source column)
@@ -436,26 +435,30 @@ _posts = _ignore_params(parse_post)
 LISTS: dict[str, ListSpec[Any]] = {
     s.kind: s
     for s in (
-        ListSpec("posts", "/user-posts/", ("videos",), "cursor", 30, 35, _posts, Post, "userid"),
-        ListSpec("liked", "/user-liked/", ("videos",), "cursor", 30, 35, _posts, Post, "userid"),
+        ListSpec("posts", "/user-posts/", ("videos",), "cursor", 10, 35, _posts, Post, "userid"),
+        ListSpec("liked", "/user-liked/", ("videos",), "cursor", 2, 35, _posts, Post, "userid"),
         ListSpec("followers", "/user-followers/", ("followers",), "time", 50, 200,
                  _ignore_params(parse_follow), Follow, "userid"),
         ListSpec("following", "/user-following/", ("followings", "following"), "time", 50, 200,
                  _ignore_params(parse_follow), Follow, "userid"),
-        ListSpec("comments", "/post-comments/", ("comments",), "cursor", 50, 50,
+        ListSpec("comments", "/post-comments/", ("comments",), "cursor", 10, 50,
                  _comment_parser(None), Comment, "url"),
-        ListSpec("replies", "/post-comment-replies/", ("comments", "replies"), "cursor", 50, 50,
+        ListSpec("replies", "/post-comment-replies/", ("comments", "replies"), "cursor", 10, 50,
                  _comment_parser("comment_id"), Comment, "comment_id"),
-        ListSpec("search_videos", "/search-video/", ("videos",), "cursor", 30, 35, _posts, Post, "keyword"),
-        ListSpec("search_users", "/search-user/", ("user_list", "users"), "cursor", 30, 35,
+        ListSpec("search_videos", "/search-video/", ("videos",), "cursor", 10, 30, _posts, Post, "keyword"),
+        ListSpec("search_users", "/search-user/", ("user_list", "users"), "cursor", 10, 30,
                  _ignore_params(parse_user_hit), UserHit, "keyword"),
-        ListSpec("search_challenges", "/search-challenge/", ("challenge_list",), "cursor", 30, 35,
+        ListSpec("search_challenges", "/search-challenge/", ("challenge_list",), "cursor", 10, 30,
                  _ignore_params(parse_challenge), Challenge, "keyword"),
-        ListSpec("music_posts", "/music-posts/", ("videos",), "cursor", 30, 35, _posts, Post, "music_id"),
-        ListSpec("challenge_posts", "/challenge-posts/", ("videos",), "cursor", 30, 35, _posts, Post,
+        ListSpec("music_posts", "/music-posts/", ("videos",), "cursor", 10, 30, _posts, Post, "music_id"),
+        ListSpec("challenge_posts", "/challenge-posts/", ("videos",), "cursor", 10, 30, _posts, Post,
                  "challenge_id"),
     )
 }
+
+# Lists paginated by an integer offset: rows move to later offsets when the list grows at its head.
+OFFSET_KINDS = frozenset({"comments", "replies", "search_videos", "search_users", "search_challenges",
+                          "music_posts", "challenge_posts"})
 
 _VIDEO_ID_IN_URL = re.compile(r"/video/(\d+)")
 
@@ -485,8 +488,15 @@ class Page(Generic[R]):
     skipped: int = 0  # items dropped because they lacked an id
 
 
+class Caller(Protocol):
+    """What a walk needs of the client: one paced, retried, classified call whose answer is parsed."""
+
+    async def call(self, endpoint: str, params: Mapping[str, str | int] | None,
+                   parse: Callable[[JsonDict], T]) -> T: ...
+
+
 async def walk(
-    client: Client,
+    client: Caller,
     spec: ListSpec[R],
     params: Mapping[str, str | int],
     *,
@@ -495,8 +505,14 @@ async def walk(
     page_size: int | None = None,
     max_pages: int | None = None,
     max_items: int | None = None,
+    sizes: PageSizes | None = None,
 ) -> AsyncGenerator[Page[R], None]:
     """Walk one list page by page, from ``cursor`` (default: the start).
+
+    Without ``page_size`` it asks for the most the list gives (or the size learned in ``sizes``) and
+    learns from the answers: a short page alone is no cap, three pages in a row with more to come at one
+    smaller count are (never below the documented default); an error about the size falls back to the
+    documented default, once.
 
     Guards end the walk with a reason on the last page instead of burning credits: a cursor the API
     already sent, an empty page that claims more, and the ``max_pages`` cap. Rows already seen in
@@ -506,7 +522,10 @@ async def walk(
         raw_source = str(params.get(spec.source_param, ""))
         match = _VIDEO_ID_IN_URL.search(raw_source)
         source = match.group(1) if match else raw_source
-    count = min(page_size or spec.page_size, spec.max_page_size)
+    learned = sizes.get(spec.kind) if sizes is not None and page_size is None else None
+    count = min(page_size or learned or spec.max_page_size, spec.max_page_size)
+    fell_back = False
+    short, in_a_row = 0, 0  # the count of the latest short pages that claimed more, and how many in a row
     current: Cursor = 0 if cursor is None else cursor
     sent: set[str] = set()
     seen: set[str] = set()
@@ -514,7 +533,15 @@ async def walk(
     while True:
         sent.add(str(current))
         query = {**params, "count": count, spec.cursor_param: current}
-        body, raw_items = await client.call(spec.path, query, lambda b: _page_items(spec, b))
+        try:
+            body, raw_items = await client.call(spec.path, query, lambda b: _page_items(spec, b))
+        except PageSizeRejected:
+            if fell_back or count <= spec.default_size:
+                raise
+            fell_back, count = True, spec.default_size
+            if sizes is not None:
+                sizes.learn(spec.kind, count, f"the API refused a larger count at {spec.path}")
+            continue
         items: list[R] = []
         skipped = repeated = 0
         for raw in raw_items:
@@ -537,6 +564,15 @@ async def walk(
         flag = body.get("hasMore", body.get("has_more"))
         # Without a hasMore flag, go on while pages bring rows and a new cursor; an empty page then ends it.
         has_more = _bool(flag) if flag is not None else bool(raw_items) and nxt is not None and str(nxt) != str(current)
+        if has_more and 0 < len(raw_items) < count:
+            in_a_row = in_a_row + 1 if len(raw_items) == short else 1
+            short = len(raw_items)
+            if in_a_row >= 3 and page_size is None and max(short, spec.default_size) < count:
+                count = max(short, spec.default_size)
+                if sizes is not None:
+                    sizes.learn(spec.kind, count, f"{spec.path} gave {count} a page three times in a row")
+        else:
+            in_a_row = 0
         stop: str | None = None
         capped = False
         if has_more and (max_items is None or rows < max_items):

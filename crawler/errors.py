@@ -17,6 +17,7 @@
     │   ├── NotFound           user / post / music / challenge does not exist   reason not_found
     │   ├── PrivateAccount     the account is private                           reason private
     │   ├── RetriesExhausted   transient errors outlasted retry.attempts        reason retries_exhausted
+    │   ├── PageSizeRejected   the API refused the `count` asked for (the paginator falls back once)
     │   └── MediaUnavailable   the media host refused a file even after a refresh  reason media_unavailable
     └── TransientError         retried inside the client, never seen by callers
         ├── RateLimited        HTTP 429 (or a rate-limit message): handled by the shared cooldown
@@ -125,6 +126,12 @@ class PrivateAccount(ItemFailed):
 
 class RetriesExhausted(ItemFailed):
     """Transient errors (5xx, timeouts, drops, bad JSON, unknown error bodies) outlasted the retries."""
+
+    reason = "retries_exhausted"
+
+
+class PageSizeRejected(ItemFailed):
+    """The API answered an error about the page size (`count`); the paginator retries at the default once."""
 
     reason = "retries_exhausted"
 

@@ -7,9 +7,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from crawler.commands import COMMANDS
 from crawler.config import Settings
-from crawler.crawl import COMMANDS, JobOptions, input_items
 from crawler.endpoints import LISTS
+from crawler.inputs import input_items
+from crawler.job import JobOptions
+from crawler.pagesizes import PageSizes
 from crawler.state import StateStore, UserDirectory
 
 FOLLOW_CAP = 5000  # TikTok ends follower/following lists near here
@@ -88,7 +91,11 @@ def estimate(command: str, input_path: str, settings: Settings, *, column: str |
     job = JobOptions(command=command, input=input_path, output="estimate.csv", column=column, by_id=by_id,
                      with_replies=with_replies)
     lookups = known_ids = pages_known = items_known = unknown = single = invalid = items = 0
-    page_size = settings.page_size
+    learned = PageSizes(settings.data_dir)
+    kind = spec.list_kind
+    # What the walk will ask for: --page-size, else a size learned from earlier answers, else the most it gives.
+    size = min(settings.page_size or learned.get(kind) or LISTS[kind].max_page_size,
+               LISTS[kind].max_page_size) if kind is not None else 0
     users = UserDirectory(Path(settings.data_dir) / "users.db")
     with tempfile.TemporaryDirectory() as tmp:
         seen = StateStore(Path(tmp) / "dedupe.db")
@@ -116,7 +123,7 @@ def estimate(command: str, input_path: str, settings: Settings, *, column: str |
                         else:
                             lookups += 1
                     pages = _pages(spec.list_kind, users.counts(key[3:] if key.startswith("id:") else key),
-                                   page_size or LISTS[spec.list_kind].page_size, settings.max_pages,
+                                   size, settings.max_pages,
                                    settings.max_items)
                     if pages is None:
                         unknown += 1
@@ -126,8 +133,6 @@ def estimate(command: str, input_path: str, settings: Settings, *, column: str |
         finally:
             seen.close()
             users.close()
-    kind = spec.list_kind
-    size = (page_size or LISTS[kind].page_size) if kind is not None else 0
     return Estimate(command, items, invalid, lookups, known_ids, pages_known, items_known, unknown, single,
                     list_kind=kind, page_size=size, max_pages=settings.max_pages, max_items=settings.max_items)
 

@@ -14,9 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from crawler import endpoints as ep
+from crawler.commands import CommandSpec, CrawlContext
 from crawler.config import Secret, Settings
-from crawler.crawl import CommandSpec, Crawl, JobOptions, Outcome, Step, WorkItem, run_job
+from crawler.crawl import Crawl, run_job
 from crawler.history import HistoryStore
+from crawler.job import JobOptions, Step, WorkItem
+from crawler.outcome import Outcome
 from crawler.state import StateStore
 
 # CONTRACT.md's precedence when several exits apply: 2, 1, 130/143, 4, 3, 0.
@@ -31,7 +34,7 @@ def history_url(settings: Settings) -> str:
 def specs(history: HistoryStore, day: dt.date) -> tuple[CommandSpec, CommandSpec]:
     """The two command specs of a day's ingest, bound to its history store and day."""
 
-    async def profiles(crawl: Crawl, item: WorkItem) -> AsyncGenerator[Step, None]:
+    async def profiles(crawl: CrawlContext, item: WorkItem) -> AsyncGenerator[Step, None]:
         uid = item.user_id or crawl.users.user_id(item.key)
         client = crawl.client
         profile = await client.user_info(user_id=uid) if uid else await client.user_info(item.key)
@@ -41,7 +44,7 @@ def specs(history: HistoryStore, day: dt.date) -> tuple[CommandSpec, CommandSpec
         history.record_snapshot(day, profile, also_handle=None if item.user_id else item.key)
         yield Step([profile])
 
-    async def posts(crawl: Crawl, item: WorkItem) -> AsyncGenerator[Step, None]:
+    async def posts(crawl: CrawlContext, item: WorkItem) -> AsyncGenerator[Step, None]:
         uid = await crawl.resolve_user(item)
         newest = history.newest_post_time(uid, before=day)
         async for step in crawl.walk("posts", {"userid": uid}, item):

@@ -13,7 +13,7 @@ import contextlib
 import csv
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from aiocsv import AsyncWriter
 from crawler import killpoints
 from crawler.endpoints import Record
 from crawler.errors import UsageError
-from crawler.state import ItemUpdate, StateStore
+from crawler.state import ItemUpdate, StateStore, WalkUpdate
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _FORMULA_CHARS = frozenset("".join(FORMULA_START))
@@ -70,6 +70,8 @@ class Batch:
 
     rows: Sequence[Record]
     update: ItemUpdate | None = None
+    keyed: bool = False  # rows of an offset-paginated walk: drop those the item already committed
+    walks: Sequence[WalkUpdate] = ()  # reply walks this batch registers or advances
     ack: asyncio.Future[None] | None = field(default=None, repr=False)
 
 
@@ -178,15 +180,42 @@ class CsvSink:
     async def _write(self, group: list[Batch]) -> None:
         assert self._writer is not None
         raw = self._raw
+        seen: list[tuple[int, str]] = []
+        for batch in group:
+            if batch.keyed and batch.update is not None and batch.rows:
+                self._drop_seen(batch, seen)
         rows = [[cell(v, raw=raw) for v in row.values()] for batch in group for row in batch.rows]
         await self._writer.writerows(rows)
         self.rows_written += len(rows)
-        await self._commit([b.update for b in group if b.update is not None])
+        await self._commit([b.update for b in group if b.update is not None], seen,
+                           [w for b in group for w in b.walks])
         for batch in group:
             if batch.ack is not None and not batch.ack.done():
                 batch.ack.set_result(None)
 
-    async def _commit(self, updates: Iterable[ItemUpdate]) -> None:
+    def _drop_seen(self, batch: Batch, seen: list[tuple[int, str]]) -> None:
+        """Keep the batch's rows its item has not committed (nor queued in this group); note their keys."""
+        assert batch.update is not None and self._state is not None
+        seq = batch.update.seq
+        keys = [str(getattr(r, r.COLUMNS[0])) for r in batch.rows]
+        new = self._state.unseen(seq, keys)
+        new.difference_update(k for s, k in seen if s == seq)
+        kept = []
+        for record, key in zip(batch.rows, keys, strict=True):
+            if key in new:
+                new.discard(key)
+                kept.append(record)
+                seen.append((seq, key))
+        dropped = len(batch.rows) - len(kept)
+        if dropped and batch.update.rows:
+            batch.update = replace(batch.update, rows=batch.update.rows - dropped)
+        elif dropped and batch.walks:  # a reply page: its walk counts the rows
+            first = batch.walks[0]
+            batch.walks = [replace(first, rows=first.rows - dropped), *batch.walks[1:]]
+        batch.rows = kept
+
+    async def _commit(self, updates: Iterable[ItemUpdate], seen: Iterable[tuple[int, str]] = (),
+                      walks: Iterable[WalkUpdate] = ()) -> None:
         assert self._file is not None
         self._file.fh.flush()
         killpoints.reached("written")
@@ -195,7 +224,7 @@ class CsvSink:
         killpoints.reached("fsynced")
         if self._state is not None:
             sent, billed = self._counters()
-            self._state.commit(self._file.length, updates, sent, billed)
+            self._state.commit(self._file.length, updates, sent, billed, seen, walks)
         self.commits += 1
 
     async def checkpoint(self) -> None:

@@ -10,7 +10,7 @@ import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,12 +58,40 @@ MIGRATIONS = (
         PRIMARY KEY (seq, n)
     );
     """,
+    # Row keys already committed by an item's offset-paginated walk (comments, replies, search, music and
+    # challenge lists): a list that grew at its head between runs serves them again at later offsets.
+    # Written in the same transaction as the rows; looked up per page, never loaded whole.
+    """
+    CREATE TABLE IF NOT EXISTS seen (
+        seq INTEGER NOT NULL,                   -- items.seq
+        key TEXT NOT NULL,                      -- the row's first column (comment_id, video_id, ...)
+        PRIMARY KEY (seq, key)
+    ) WITHOUT ROWID;
+    """,
+    # `comments --with-replies`: one reply walk per comment with replies, registered in the commit of its
+    # comment page and walked with its own cursor, page count and failure (a failure row for the comment).
+    """
+    CREATE TABLE IF NOT EXISTS reply_walks (
+        seq INTEGER NOT NULL,                   -- items.seq of the post
+        comment_id TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending', -- pending, done, failed
+        cursor TEXT,                            -- JSON of the next cursor
+        pages INTEGER NOT NULL DEFAULT 0,
+        rows INTEGER NOT NULL DEFAULT 0,
+        reason TEXT, endpoint TEXT, detail TEXT,
+        PRIMARY KEY (seq, comment_id)
+    ) WITHOUT ROWID;
+    """,
 )
 
 
 # Failure reasons that may change on a later try (`--retry-failed`); `not_found` and `private` need
 # `--retry-failed=all`; `invalid_input` and `pagination_guard` never change by trying again.
 RETRIABLE = ("retries_exhausted", "budget")
+
+# A comments item's cursor once its comment walk has ended while reply walks remain (never an API cursor:
+# those are numeric offsets).
+COMMENTS_WALKED = "comments-walked"
 RETRIABLE_ALL = (*RETRIABLE, "not_found", "private")
 
 
@@ -113,6 +141,21 @@ class ItemUpdate:
 
 
 @dataclass(frozen=True, slots=True)
+class WalkUpdate:
+    """What one committed page changes in a reply walk (`reply_walks`); the first one registers it."""
+
+    seq: int
+    comment_id: str
+    status: str = "pending"  # pending, done, failed
+    cursor: Any = None
+    rows: int = 0
+    pages: int = 0
+    reason: str | None = None
+    endpoint: str | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class MediaFile:
     """One media file of a download job, as stored."""
 
@@ -140,6 +183,11 @@ class StateStore:
         self._db.executescript(SCHEMA)
         for migration in MIGRATIONS:
             self._db.executescript(migration)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(job)")}
+        if "reserved" not in columns:
+            # Requests reserved before they are sent (--max-credits across kills): a lease unused at a kill
+            # counts as spent, so `job()` reports the larger of the two as requests_sent.
+            self._db.execute("ALTER TABLE job ADD COLUMN reserved INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         """Close the database (idempotent)."""
@@ -150,7 +198,8 @@ class StateStore:
     def job(self) -> JobRecord | None:
         """The stored job, if any."""
         row = self._db.execute(
-            "SELECT command, input_sha, options, output, status, csv_length, failures_length, requests_sent,"
+            "SELECT command, input_sha, options, output, status, csv_length, failures_length,"
+            " MAX(requests_sent, reserved),"
             " credits_billed, rows, runs FROM job WHERE id = 1"
         ).fetchone()
         if row is None:
@@ -161,9 +210,11 @@ class StateStore:
         """Start a fresh job (any previous state is wiped)."""
         now = time.time()
         with self._tx():
-            self._db.execute("DELETE FROM job")
+            self._db.execute("DELETE FROM job")  # the reservation goes with it: --restart starts the budget over
             self._db.execute("DELETE FROM items")
             self._db.execute("DELETE FROM media")
+            self._db.execute("DELETE FROM seen")
+            self._db.execute("DELETE FROM reply_walks")
             self._db.execute(
                 "INSERT INTO job (id, command, input_sha, options, output, status, created, updated)"
                 " VALUES (1, ?, ?, ?, ?, 'ingesting', ?, ?)",
@@ -223,8 +274,16 @@ class StateStore:
                 f" WHERE status = 'failed' AND reason IN ({marks})",
                 wanted,
             )
+            walks = self._db.execute(
+                "UPDATE reply_walks SET status = 'pending', reason = NULL, detail = NULL, endpoint = NULL"
+                f" WHERE status = 'failed' AND reason IN ({marks})",
+                wanted,
+            ).rowcount
+            # A done post whose reply walks are tried again resumes after its comment walk.
+            self._db.execute("UPDATE items SET status = 'pending', cursor = ? WHERE status = 'done' AND seq IN"
+                             " (SELECT seq FROM reply_walks WHERE status = 'pending')", (json.dumps(COMMENTS_WALKED),))
             self._db.execute("UPDATE job SET status = 'running' WHERE id = 1")
-        return cur.rowcount
+        return cur.rowcount + walks
 
     def begin_incoming(self) -> None:
         """Start reading a (possibly edited) input into a scratch table beside the job's items."""
@@ -251,6 +310,8 @@ class StateStore:
                               " (SELECT key FROM temp.incoming)").fetchone()[0]
             db.execute("DELETE FROM items WHERE (status != 'done' AND key NOT IN (SELECT key FROM temp.incoming))"
                        " OR reason = 'invalid_input'")
+            for table in ("seen", "reply_walks"):  # a seq may be reused
+                db.execute(f"DELETE FROM {table} WHERE seq NOT IN (SELECT seq FROM items)")
             before = db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
             db.execute("INSERT OR IGNORE INTO items (key, raw, status, reason, detail)"
                        " SELECT key, raw, CASE WHEN reason IS NULL THEN 'pending' ELSE 'failed' END, reason, detail"
@@ -260,12 +321,37 @@ class StateStore:
         db.execute("DROP TABLE IF EXISTS temp.incoming")
         return after - before - new_invalid, gone
 
+    def unseen(self, seq: int, keys: Sequence[str]) -> set[str]:
+        """Those of `keys` that item `seq` has not committed yet (one page's keys at a time)."""
+        found: set[str] = set()
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            found.update(k for (k,) in self._db.execute(
+                f"SELECT key FROM seen WHERE seq = ? AND key IN ({marks})", (seq, *chunk)))
+        return set(keys) - found
+
     def commit(
-        self, csv_length: int, updates: Iterable[ItemUpdate], requests_sent: int, credits_billed: int
+        self, csv_length: int, updates: Iterable[ItemUpdate], requests_sent: int, credits_billed: int,
+        seen: Iterable[tuple[int, str]] = (), walks: Iterable[WalkUpdate] = (),
     ) -> None:
-        """Record, in one transaction, the fsynced CSV length, item progress and the job's counters."""
+        """Record, in one transaction, the fsynced CSV length, item and reply-walk progress, seen row keys and
+        the counters."""
         with self._tx():
+            self._db.executemany("INSERT OR IGNORE INTO seen (seq, key) VALUES (?, ?)", seen)
             rows = 0
+            for w in walks:
+                rows += w.rows
+                self._db.execute(
+                    "INSERT INTO reply_walks (seq, comment_id, status, cursor, rows, pages, reason, endpoint, detail)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (seq, comment_id) DO UPDATE SET"
+                    " status = excluded.status,"
+                    " cursor = CASE WHEN excluded.status = 'failed' THEN cursor ELSE excluded.cursor END,"
+                    " rows = rows + excluded.rows, pages = pages + excluded.pages, reason = excluded.reason,"
+                    " endpoint = excluded.endpoint, detail = excluded.detail",
+                    (w.seq, w.comment_id, w.status, None if w.cursor is None else json.dumps(w.cursor), w.rows,
+                     w.pages, w.reason, w.endpoint, w.detail),
+                )
             for u in updates:
                 rows += u.rows
                 # A failure keeps the cursor of the last committed page, so a retry resumes there.
@@ -288,17 +374,30 @@ class StateStore:
         return Progress(counts.get("pending", 0), counts.get("done", 0), counts.get("failed", 0))
 
     def failures(self) -> Iterator[tuple[str, str, str, str]]:
-        """(input, endpoint, reason, detail) of every failed item, in input order."""
+        """(input, endpoint, reason, detail) of every failed item, in input order; a failed reply walk's input
+        is `VIDEO_ID,COMMENT_ID`, after its post's row."""
         for raw, endpoint, reason, detail in self._db.execute(
-            "SELECT raw, endpoint, reason, detail FROM items WHERE status = 'failed' ORDER BY seq"
+            "SELECT raw, endpoint, reason, detail FROM ("
+            " SELECT seq, '' AS sub, raw, endpoint, reason, detail FROM items WHERE status = 'failed'"
+            " UNION ALL SELECT w.seq, w.comment_id, i.key || ',' || w.comment_id, w.endpoint, w.reason, w.detail"
+            " FROM reply_walks w JOIN items i ON i.seq = w.seq WHERE w.status = 'failed') ORDER BY seq, sub"
         ):
             yield raw, endpoint or "", reason or "", detail or ""
 
     def failure_counts(self) -> dict[str, int]:
-        """Failed items by reason."""
-        return dict(
-            self._db.execute("SELECT reason, COUNT(*) FROM items WHERE status = 'failed' GROUP BY reason").fetchall()
-        )
+        """Failed items (and reply walks) by reason."""
+        counts: dict[str, int] = {}
+        for table in ("items", "reply_walks"):
+            for reason, n in self._db.execute(f"SELECT reason, COUNT(*) FROM {table} WHERE status = 'failed'"
+                                              " GROUP BY reason"):
+                counts[reason] = counts.get(reason, 0) + n
+        return counts
+
+    def reply_walks(self, seq: int) -> list[tuple[str, Any, int]]:
+        """(comment_id, cursor, pages so far) of a post's unfinished reply walks, in the order registered."""
+        found = self._db.execute("SELECT comment_id, cursor, pages FROM reply_walks WHERE seq = ? AND"
+                                 " status = 'pending' ORDER BY comment_id", (seq,)).fetchall()
+        return [(cid, None if cur is None else json.loads(cur), pages) for cid, cur, pages in found]
 
     # --- media files (`crawler download`) ---
 
@@ -375,6 +474,14 @@ class StateStore:
     def _set_counters(self, requests_sent: int, credits_billed: int) -> None:
         self._db.execute("UPDATE job SET requests_sent = ?, credits_billed = ?, updated = ? WHERE id = 1",
                          (requests_sent, credits_billed, time.time()))
+
+    def reserve(self, upto: int) -> None:
+        """Record, before they are sent, that requests up to number `upto` of the job may be sent."""
+        self._db.execute("UPDATE job SET reserved = MAX(reserved, ?) WHERE id = 1", (upto,))
+
+    def release(self) -> None:
+        """A run ended cleanly: the requests it reserved but never sent are not spent."""
+        self._db.execute("UPDATE job SET reserved = requests_sent WHERE id = 1")
 
     def media_totals(self) -> tuple[int, int, int]:
         """(files done, their bytes, items whose URLs were refreshed)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import json
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -588,17 +589,43 @@ async def test_max_credits_caps_server_side_requests_and_a_larger_budget_complet
         users, handles = _budget_case(w)
         out = tmp_path / "posts.csv"
         settings = fast_settings(sim.url, parallelism=4, data_dir=str(tmp_path / "data"), max_credits=15)
-        stopped = await crawl_once(settings, "posts", handles, out)
+        stopped = await crawl_once(settings, "posts", handles, out, page_size=30)
         assert stopped.exit_code == 4
         assert 0 < sim.stats.requests <= 15
         assert not out.exists() and (tmp_path / "posts.csv.part").exists()
 
-        done = await crawl_once(settings.replace(max_credits=1_000), "posts", handles, out)
+        done = await crawl_once(settings.replace(max_credits=1_000), "posts", handles, out, page_size=30)
         assert done.exit_code == 0
-        assert sim.stats.requests <= 1_000
+        # Nothing paid twice: one /userid/ per user and each page once, as an uninterrupted crawl.
+        assert sim.stats.requests == len(users) + sum(_pages(sum(1 for _ in w.posts(i)), 30) for i in users)
     got = post_ids(out)
     assert len(got) == len(set(got))
     assert set(got) == world_post_ids(w, users)
+
+
+def _pages(n: int, size: int) -> int:
+    """Pages of a list of n rows at `size` a page (the simulator's hasMore ends on the last row)."""
+    return max(1, math.ceil(n / size))
+
+
+async def test_a_budget_stop_lets_requests_in_flight_finish_and_commits_their_pages(
+        simulator: SimFactory, tmp_path: Path) -> None:
+    """At --max-credits, requests already sent are answered and counted: the simulator's billed count is the
+    job's credits_billed, and the resumed job pays no page twice."""
+    async with simulator(world=WORLD, latency=(0.02, 0.08)) as sim:
+        w = sim.world
+        users, handles = _budget_case(w)
+        out = tmp_path / "posts.csv"
+        settings = fast_settings(sim.url, parallelism=6, data_dir=str(tmp_path / "data"), max_credits=20)
+        stopped = await crawl_once(settings, "posts", handles, out, page_size=30)
+        assert stopped.exit_code == 4
+        assert sim.stats.requests == 20 == stopped.summary.requests_sent
+        assert stopped.summary.credits_billed == sim.stats.billed[KEY]
+        done = await crawl_once(settings.replace(max_credits=1_000), "posts", handles, out, page_size=30)
+        assert done.exit_code == 0 and done.summary.credits_billed == sim.stats.billed[KEY]
+        assert sim.stats.requests == len(users) + sum(_pages(sum(1 for _ in w.posts(i)), 30) for i in users)
+    got = post_ids(out)
+    assert len(got) == len(set(got)) and set(got) == world_post_ids(w, users)
 
 
 async def test_max_credits_is_one_budget_across_resumes(simulator: SimFactory, tmp_path: Path) -> None:
@@ -715,3 +742,185 @@ async def test_an_answer_without_a_user_object_fails_the_item_not_the_run(tmp_pa
     assert outcome.exit_code == 3
     assert read_failures(out) == {"somebody": "retries_exhausted"}
     assert [r["handle"] for r in read_csv(out)] == ["someone_else"]
+
+
+# --- offset-paginated lists that grow between runs ---
+
+def _offset_case(w: World, command: str) -> tuple[str | list[str], str, set[str]]:
+    """(input, key column, every key of the list) of one long offset-paginated list of the world."""
+    if command in ("comments", "replies"):
+        for i in range(w.config.users):
+            if not public(w, i):
+                continue
+            for p in w.posts(i):
+                comments = list(w.comments(p.video_id))
+                if command == "comments" and 30 <= len(comments) <= 80:
+                    return [p.video_id], "comment_id", {c.comment_id for c in comments}
+                for c in comments if command == "replies" else ():
+                    replies = list(w.replies(p.video_id, c.comment_id))
+                    if 30 <= len(replies) <= 80:
+                        return (["video_id,comment_id", f"{p.video_id},{c.comment_id}"], "comment_id",
+                                {r.comment_id for r in replies})
+    if command == "search-videos":
+        return KEYWORD, "video_id", {p.video_id for p in w.search_videos(KEYWORD)}
+    if command == "search-users":
+        return KEYWORD, "user_id", {_u(w, i).user_id for i in w.search_users(KEYWORD)}
+    if command == "search-challenges":
+        return KEYWORD, "challenge_id", {ch.challenge_id for ch in w.search_challenges(KEYWORD)}
+    if command == "music-posts":
+        m = next(m for m in w.music_ids(400) if 30 <= len(w.music_posts(m)) <= 80)
+        return [m], "video_id", {p.video_id for p in w.music_posts(m)}
+    if command == "challenge-posts":
+        cid = next(c for c in w.challenge_ids(400) if 30 <= len(w.challenge_posts(c)) <= 80)
+        return [cid], "video_id", {p.video_id for p in w.challenge_posts(cid)}
+    raise AssertionError(command)
+
+
+@pytest.mark.parametrize("command", ["comments", "replies", "search-videos", "search-users", "search-challenges",
+                                     "music-posts", "challenge-posts"])
+async def test_an_offset_list_that_grows_between_runs_gives_no_row_twice(simulator: SimFactory, tmp_path: Path,
+                                                                         command: str) -> None:
+    """Stopped by --max-credits mid-walk, resumed after 10 new entries arrived at the list's head (rows move to
+    later offsets): every row of the list exactly once."""
+    async with simulator(world=WORLD) as sim:
+        source, key, want = _offset_case(sim.world, command)
+        out = tmp_path / "out.csv"
+        settings = fast_settings(sim.url, parallelism=1, data_dir=str(tmp_path / "data"), max_credits=3)
+        stopped = await crawl_once(settings, command, source, out, page_size=5)
+        assert stopped.exit_code == 4 and stopped.summary.rows_total == 15
+        sim.world.list_shift = 10
+        done = await crawl_once(settings.replace(max_credits=1_000), command, source, out, page_size=5)
+        assert done.exit_code == 0
+    got = [r[key] for r in read_csv(out)]
+    assert len(got) == len(set(got)) and set(got) == want
+
+
+async def test_a_reply_walk_stopped_by_its_page_cap_is_a_failure_row_for_its_comment(simulator: SimFactory,
+                                                                                    tmp_path: Path) -> None:
+    """`comments --with-replies --max-pages 1`: each reply walk has its own cap; a comment whose replies go on
+    gets its own pagination_guard row (VIDEO_ID,COMMENT_ID), and its first reply page is kept."""
+    async with simulator(world=WORLD) as sim:
+        w = sim.world
+        post = next(p for i in range(w.config.users) if public(w, i) for p in w.posts(i)
+                    if sum(1 for _ in w.comments(p.video_id)) > 20
+                    and any(c.reply_total > 20 for c in list(w.comments(p.video_id))[:20]))
+        first = list(w.comments(post.video_id))[:20]
+        out = tmp_path / "out.csv"
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"))
+        outcome = await crawl_once(settings, "comments", [post.video_id], out, with_replies=True, max_pages=1,
+                                   page_size=20)
+        assert outcome.exit_code == 3
+        want_failures = {post.video_id: "pagination_guard"}
+        want_failures.update({f"{post.video_id},{c.comment_id}": "pagination_guard" for c in first
+                              if c.reply_total > 20})
+        assert read_failures(out) == want_failures
+        want = {c.comment_id for c in first}
+        want |= {r.comment_id for c in first for r in list(w.replies(post.video_id, c.comment_id))[:20]}
+        got = [r["comment_id"] for r in read_csv(out)]
+        assert len(got) == len(set(got)) and set(got) == want
+
+
+# --- page sizes: the most each list gives, caps learned from the answers ---
+
+def _follow_case(w: World) -> tuple[list[int], list[str], set[tuple[str, str]]]:
+    """Ten public users with 300-1,500 followers, and every (source_handle, follower id) row they give."""
+    users = pick(w, lambda i: public(w, i) and 300 <= _u(w, i).followers <= 1_500, 10)
+    handles = [w.handle(i) for i in users]
+    rows = {(w.handle(i), w.user_id(f.user_index)) for i in users for f in w.followers(i)}
+    return users, handles, rows
+
+
+def _follow_rows(out: Path) -> list[tuple[str, str]]:
+    return [(r["source_handle"], r["user_id"]) for r in read_csv(out)]
+
+
+def _learned(data: Path) -> dict[str, int]:
+    path = data / "page-sizes.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+@pytest.mark.parametrize("cap", [200, 50])
+async def test_followers_are_asked_200_a_page_and_a_smaller_cap_costs_at_most_one_request_more(
+        simulator: SimFactory, tmp_path: Path, cap: int) -> None:
+    """Followers at the simulator's cap of 200 cost at most ceil(n/200) + 1 requests a user; at a cap of 50, no
+    more than 50 a page always cost plus one, the cap is learned and kept in the data directory; rows exact."""
+    async with simulator(world=WORLD) as sim:
+        w = sim.world
+        w.page_caps = {"followers": cap}
+        users, handles, want = _follow_case(w)
+        n = [sum(1 for _ in w.followers(i)) for i in users]
+        outcome = await crawl_once(fast_settings(sim.url, data_dir=str(tmp_path / "data")), "followers", handles,
+                                   tmp_path / "out.csv")
+        assert outcome.exit_code == 0
+        got = _follow_rows(tmp_path / "out.csv")
+        assert len(got) == len(set(got)) and set(got) == want
+        asked = sim.stats.by_endpoint["/user-followers"]
+        if cap == 200:
+            assert asked <= sum(math.ceil(k / 200) + 1 for k in n) and asked < sum(math.ceil(k / 50) for k in n)
+            assert _learned(tmp_path / "data") == {}
+        else:
+            assert asked <= sum(math.ceil(k / 50) for k in n) + 1
+            assert _learned(tmp_path / "data") == {"followers": 50}
+
+
+async def test_a_rejected_page_size_costs_one_request_per_data_directory(simulator: SimFactory,
+                                                                        tmp_path: Path) -> None:
+    """An API that refuses counts above its cap: one refused request, then the documented default (50), kept
+    in the data directory, so a second job asks no oversized count; rows exact."""
+    async with simulator(world=WORLD) as sim:
+        w = sim.world
+        w.page_caps, w.reject_oversized = {"followers": 100}, True
+        users, handles, want = _follow_case(w)
+        n = [sum(1 for _ in w.followers(i)) for i in users]
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"), parallelism=1)
+        for out in ("a.csv", "b.csv"):
+            outcome = await crawl_once(settings, "followers", handles, tmp_path / out)
+            assert outcome.exit_code == 0
+            got = _follow_rows(tmp_path / out)
+            assert len(got) == len(set(got)) and set(got) == want
+        assert sim.stats.by_endpoint["/user-followers"] == 2 * sum(math.ceil(k / 50) for k in n) + 1
+        assert _learned(tmp_path / "data") == {"followers": 50}
+
+
+async def test_pages_of_80_to_100_percent_of_the_count_leave_the_page_size_alone(simulator: SimFactory,
+                                                                               tmp_path: Path) -> None:
+    """An API that gives 80-100% of the count asked (short pages that are no cap): nothing is learned, rows
+    exact."""
+    async with simulator(world=WORLD) as sim:
+        w = sim.world
+        w.partial_pages = True
+        _, handles, want = _follow_case(w)
+        outcome = await crawl_once(fast_settings(sim.url, data_dir=str(tmp_path / "data")), "followers", handles,
+                                   tmp_path / "out.csv")
+        assert outcome.exit_code == 0
+        got = _follow_rows(tmp_path / "out.csv")
+        assert len(got) == len(set(got)) and set(got) == want
+        assert _learned(tmp_path / "data") == {}
+
+
+async def test_retry_failed_redoes_failed_reply_walks_only(simulator: SimFactory, tmp_path: Path) -> None:
+    """Reply walks that ran out of retries are failure rows VIDEO_ID,COMMENT_ID; --retry-failed walks them
+    again (their posts' comments are not fetched twice) and the job ends with every row exactly once."""
+    async with simulator(world=WORLD) as healthy:
+        w = healthy.world
+        posts = [p for p in _posts_with_comments(w, 12)
+                 if any(c.reply_total for c in w.comments(p.video_id))][:6]
+    want = {c.comment_id for p in posts for c in w.comments(p.video_id)}
+    want |= {r.comment_id for p in posts for c in w.comments(p.video_id) for r in w.replies(p.video_id, c.comment_id)}
+    out = tmp_path / "out.csv"
+    async with simulator(world=WORLD, fault_rate=0.3, faults=frozenset({"5xx"})) as flaky:
+        settings = fast_settings(flaky.url, data_dir=str(tmp_path / "data"), retry_attempts=1, parallelism=1)
+        first = await crawl_once(settings, "comments", [p.video_id for p in posts], out, with_replies=True)
+        assert first.exit_code == 3
+        failed = read_failures(out)
+        assert any("," in key for key in failed) and set(failed.values()) == {"retries_exhausted"}
+    async with simulator(world=WORLD) as sim:
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"))
+        job = JobOptions(command="comments", input=str(out.with_name("out.input.txt")), output=str(out),
+                         with_replies=True)
+        again = await run_job(Crawl(job, settings, api_key=KEY, retry_failed=True), install_signals=False)
+        assert again.exit_code == 0 and not read_failures(out)
+        # One comment page (at most 25 comments) for each post that failed itself; none for the others.
+        assert sim.stats.by_endpoint["/post-comments"] == sum(1 for key in failed if "," not in key)
+    got = [r["comment_id"] for r in read_csv(out)]
+    assert len(got) == len(set(got)) and set(got) == want

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import re
+import select
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -426,6 +427,8 @@ def test_cli_prints_its_url_and_stops_on_sigterm() -> None:
                             cwd=root, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 30)  # a bound: a silent simulator fails the test
+        assert ready, "the simulator printed nothing within 30 s"
         line = proc.stdout.readline()
         m = re.fullmatch(r"Simulator listening on (http://127\.0\.0\.1:\d+)\n", line)
         assert m, line

@@ -86,6 +86,15 @@ class World:
         self._n_challenges = max(200, config.users // 20)
         # Lists render the same few users over and over; a small cache, emptied when the day moves.
         self._users: dict[int, User | None] = {}
+        # Offset-paginated lists (comments, replies, search, music, challenge) answer as if this many new
+        # entries had arrived at their head: every row moves to a later offset (the new ones are not served).
+        self.list_shift = 0
+        # API behaviour around `count` (tests set these): per-list caps instead of the reference's
+        # (`sim.endpoints.PAGE_CAPS`), a count above the cap answered with an error instead of clamped, and
+        # pages of 80-100% of the count asked (drawn per request) instead of all of it.
+        self.page_caps: dict[str, int] = {}
+        self.reject_oversized = False
+        self.partial_pages = False
 
     # ----- time and identity -------------------------------------------------------------------------
 

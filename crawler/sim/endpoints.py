@@ -7,6 +7,7 @@ and cursor kinds follow §4. Error texts marked [G] are guesses: the vendor docu
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Callable, Mapping
 
 from crawler.sim import render
@@ -22,7 +23,12 @@ MSG_NOT_FOUND_CHALLENGE = "Not found challenge"  # [G]
 MSG_PRIVATE = "This account is private"  # [G]
 MSG_BAD_URL = "Url parsing is failed! Please check url."  # [T] tikwm's text (T4)
 _VIDEO_URL = re.compile(r"/video/(\d+)")
-POSTS_CAP, FOLLOWS_CAP, COMMENTS_CAP = 35, 200, 50
+POSTS_CAP, FOLLOWS_CAP, COMMENTS_CAP, SEARCH_CAP = 35, 200, 50, 30
+# The most `count` each list gives (api-reference §2 and §4: tikwm's maxima; music and challenge lists 30).
+PAGE_CAPS = {"posts": POSTS_CAP, "liked": POSTS_CAP, "followers": FOLLOWS_CAP, "following": FOLLOWS_CAP,
+             "comments": COMMENTS_CAP, "replies": COMMENTS_CAP, "search_videos": SEARCH_CAP,
+             "search_users": SEARCH_CAP, "search_challenges": SEARCH_CAP, "music_posts": SEARCH_CAP,
+             "challenge_posts": SEARCH_CAP}
 
 
 class ErrorAnswer(Exception):
@@ -52,13 +58,26 @@ class _Call:
         except ValueError:
             raise ErrorAnswer(f"Invalid parameter: {name}") from None  # [G]
 
-    def count(self, default: int, cap: int) -> int:
-        """The page size asked for: non-positive means the default; larger than the cap is clamped."""
+    def count(self, default: int, kind: str) -> int:
+        """The page size served: non-positive means the default; larger than the list's cap is clamped (or
+        rejected, with the world's `reject_oversized`); 80-100% of it with the world's `partial_pages`."""
+        cap = self.world.page_caps.get(kind, PAGE_CAPS[kind])
         n = self.integer("count", default)
-        return default if n <= 0 else min(n, cap)
+        if n > cap and self.world.reject_oversized:
+            raise ErrorAnswer(f"Invalid parameter: count (at most {cap})")  # [G]
+        n = default if n <= 0 else min(n, cap)
+        if self.world.partial_pages:
+            draw = zlib.crc32(repr(sorted(self.params.items())).encode()) % 21  # 0..20, fixed per request
+            n = max(1, n * (80 + draw) // 100)
+        return n
 
     def offset(self) -> int:
-        return max(0, self.integer("cursor", 0))
+        """Where in the list the page starts (the cursor less the world's `list_shift`)."""
+        return max(0, self.integer("cursor", 0) - self.world.list_shift)
+
+    def next_cursor(self, end: int) -> str | int:
+        """The cursor after a page ending at list position `end`, in the shifted offsets the client sees."""
+        return render.offset_cursor(end + self.world.list_shift, self.q)
 
     def user(self, index: int | None) -> User:
         user = None if index is None else self.world.user(index)
@@ -87,11 +106,11 @@ class _Call:
     def videos(self, posts: list[Post]) -> list[JsonDict]:
         return [render.video_item(self.world, p, self.q, i, self.media) for i, p in enumerate(posts)]
 
-    def video_page(self, posts: list[Post]) -> JsonDict:
+    def video_page(self, posts: list[Post], kind: str) -> JsonDict:
         """An offset-paginated video list (music, challenge, search): small int cursor [T]."""
-        start, count = self.offset(), self.count(10, POSTS_CAP)
+        start, count = self.offset(), self.count(10, kind)
         page = posts[start:start + count]
-        return {"videos": self.videos(page), "cursor": render.offset_cursor(start + len(page), self.q),
+        return {"videos": self.videos(page), "cursor": self.next_cursor(start + len(page)),
                 "hasMore": start + len(page) < len(posts)}
 
 
@@ -122,7 +141,7 @@ def _userinfo_by_id(c: _Call) -> JsonDict:
 def _user_posts(c: _Call) -> JsonDict:
     user = c.user_by_id(public=True)
     sent = c.integer("cursor", 0)
-    posts, more = c.world.posts_page(user.index, sent, c.count(10, POSTS_CAP))
+    posts, more = c.world.posts_page(user.index, sent, c.count(10, "posts"))
     nxt = posts[-1].create_time * 1000 if posts else sent
     nxt, more = _walk_end(c.world.pathology(user.index), sent, nxt, more, bool(posts),
                           c.world.now * 1000, 1000)
@@ -133,7 +152,7 @@ def _user_liked(c: _Call) -> JsonDict:
     # The cursor is the ms epoch of the oldest *like* returned (the order of the list), not a create_time.
     user = c.user_by_id(public=True)
     sent = c.integer("cursor", 0)
-    liked, more = c.world.liked_page(user.index, sent, c.count(2, POSTS_CAP))
+    liked, more = c.world.liked_page(user.index, sent, c.count(2, "liked"))
     nxt = liked[-1][1] * 1000 if liked else sent
     return {"videos": c.videos([p for p, _ in liked]), "cursor": render.ms_cursor(nxt, c.q),
             "hasMore": more}
@@ -143,7 +162,7 @@ def _follow_list(c: _Call, key: str) -> JsonDict:
     user = c.user_by_id(public=True)
     sent = c.integer("time", 0)
     page = c.world.followers_page if key == "followers" else c.world.following_page
-    follows, more = page(user.index, sent, c.count(50, FOLLOWS_CAP))
+    follows, more = page(user.index, sent, c.count(50, "followers" if key == "followers" else "following"))
     nxt = follows[-1].follow_time if follows else sent
     if key == "followers":
         nxt, more = _walk_end(c.world.pathology(user.index), sent, nxt, more, bool(follows),
@@ -156,10 +175,10 @@ def _follow_list(c: _Call, key: str) -> JsonDict:
 
 def _search_user(c: _Call) -> JsonDict:
     found = c.world.search_users(c.need("keyword"))
-    start, count = c.offset(), c.count(10, POSTS_CAP)
+    start, count = c.offset(), c.count(10, "search_users")
     page = found[start:start + count]
     return {"user_list": [render.search_user_item(c.user(i), c.q) for i in page],
-            "cursor": render.offset_cursor(start + len(page), c.q), "hasMore": start + len(page) < len(found)}
+            "cursor": c.next_cursor(start + len(page)), "hasMore": start + len(page) < len(found)}
 
 
 def _post_detail(c: _Call) -> JsonDict:
@@ -169,9 +188,9 @@ def _post_detail(c: _Call) -> JsonDict:
 def _post_comments(c: _Call) -> JsonDict:
     post = c.post_from_url("url")
     start = c.offset()
-    comments, more = c.world.comments_page(post.video_id, start, c.count(10, COMMENTS_CAP))
+    comments, more = c.world.comments_page(post.video_id, start, c.count(10, "comments"))
     return {"comments": [render.comment_item(c.world, x) for x in comments], "total": post.comment_count,
-            "cursor": render.offset_cursor(start + len(comments), c.q), "hasMore": more}
+            "cursor": c.next_cursor(start + len(comments)), "hasMore": more}
 
 
 def _post_comment_replies(c: _Call) -> JsonDict:
@@ -180,20 +199,20 @@ def _post_comment_replies(c: _Call) -> JsonDict:
     if post is None or c.world.is_private(post.author_index):
         raise ErrorAnswer(MSG_NOT_FOUND_POST)
     start = c.offset()
-    page = c.world.replies_page(video_id, comment_id, start, c.count(10, COMMENTS_CAP))
+    page = c.world.replies_page(video_id, comment_id, start, c.count(10, "replies"))
     top = c.world.comment(comment_id)
     if page is None or top is None:
         raise ErrorAnswer(MSG_NOT_FOUND_COMMENT)
     replies, more = page
     return {"comments": [render.comment_item(c.world, x) for x in replies], "total": top.reply_total,
-            "cursor": render.offset_cursor(start + len(replies), c.q), "hasMore": more}
+            "cursor": c.next_cursor(start + len(replies)), "hasMore": more}
 
 
 def _search_video(c: _Call) -> JsonDict:
     days = c.integer("publish_time", 0)
     posts = c.world.search_videos(c.need("keyword"), days, c.integer("sort_by", 0),
                                   c.params.get("region", "").strip() or None)
-    return c.video_page(posts)
+    return c.video_page(posts, "search_videos")
 
 
 def _music_info(c: _Call) -> JsonDict:
@@ -207,7 +226,7 @@ def _music_posts(c: _Call) -> JsonDict:
     music_id = c.need("music_id")
     if c.world.music(music_id) is None:
         raise ErrorAnswer(MSG_NOT_FOUND_MUSIC)
-    return c.video_page(c.world.music_posts(music_id))
+    return c.video_page(c.world.music_posts(music_id), "music_posts")
 
 
 def _challenge_info_id(c: _Call) -> JsonDict:
@@ -228,15 +247,16 @@ def _challenge_posts(c: _Call) -> JsonDict:
     cid = c.need("challenge_id")
     if c.world.challenge_by_id(cid) is None:
         raise ErrorAnswer(MSG_NOT_FOUND_CHALLENGE)
-    return c.video_page(c.world.challenge_posts(cid, c.params.get("region", "").strip() or None))
+    return c.video_page(c.world.challenge_posts(cid, c.params.get("region", "").strip() or None),
+                        "challenge_posts")
 
 
 def _search_challenge(c: _Call) -> JsonDict:
     found = c.world.search_challenges(c.need("keyword"))
-    start, count = c.offset(), c.count(10, POSTS_CAP)
+    start, count = c.offset(), c.count(10, "search_challenges")
     page = found[start:start + count]
     return {"challenge_list": [render.challenge_object(ch) for ch in page],
-            "cursor": render.offset_cursor(start + len(page), c.q), "hasMore": start + len(page) < len(found)}
+            "cursor": c.next_cursor(start + len(page)), "hasMore": start + len(page) < len(found)}
 
 
 def _region_list(c: _Call) -> JsonDict:
