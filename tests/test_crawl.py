@@ -628,6 +628,19 @@ async def test_a_budget_stop_lets_requests_in_flight_finish_and_commits_their_pa
     assert len(got) == len(set(got)) and set(got) == world_post_ids(w, users)
 
 
+async def test_a_budget_stop_bills_exactly_when_answers_are_cut_after_their_headers(
+        simulator: SimFactory, tmp_path: Path) -> None:
+    """With 200s cut mid-body on, a --max-credits stop still reports exactly what the simulator billed."""
+    async with simulator(world=WORLD, latency=(0.02, 0.08), faults=frozenset({"cut"}), fault_rate=0.3) as sim:
+        _, handles = _budget_case(sim.world)
+        settings = fast_settings(sim.url, parallelism=6, data_dir=str(tmp_path / "data"), max_credits=30,
+                                 retry_attempts=8)
+        stopped = await crawl_once(settings, "posts", handles, tmp_path / "posts.csv", page_size=30)
+    assert stopped.exit_code == 4 and sim.stats.faults["cut"] > 0
+    assert sim.stats.requests == 30 == stopped.summary.requests_sent
+    assert stopped.summary.credits_billed == sim.stats.billed[KEY]
+
+
 async def test_max_credits_is_one_budget_across_resumes(simulator: SimFactory, tmp_path: Path) -> None:
     """A job stopped by --max-credits N counts all N requests it sent, and a re-run with the same N sends none."""
     async with simulator(world=WORLD) as sim:
