@@ -22,7 +22,7 @@ from crawler import killpoints
 from crawler.client import Client
 from crawler.commands import COMMANDS, CommandSpec
 from crawler.config import Secret, Settings
-from crawler.errors import BudgetExhausted, CrawlerError, Interrupted, ItemFailed, RunStopped, UsageError
+from crawler.errors import BudgetExhausted, CrawlerError, Interrupted, ItemFailed, RunStopped, UsageError, rank
 from crawler.job import (
     JobOptions,
     Prepared,
@@ -36,7 +36,7 @@ from crawler.job import (
     prepare,
     state_path,
 )
-from crawler.outcome import Outcome, RunFacts, outcome, rank
+from crawler.outcome import Outcome, RunFacts, outcome
 from crawler.pagesizes import PageSizes
 from crawler.sinks import Batch, CsvSink, write_failures
 from crawler.state import ItemUpdate, StateStore, UserDirectory

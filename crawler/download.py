@@ -44,10 +44,11 @@ from crawler.errors import (
     RunStopped,
     TransientError,
     UsageError,
+    rank,
+    run_exit_code,
 )
 from crawler.handles import InvalidInput, normalize_post, open_input
 from crawler.job import job_lock
-from crawler.outcome import rank  # one exit-code precedence, one lock rule for every job
 from crawler.retry import retry_async
 from crawler.sinks import write_failures
 from crawler.state import MediaFile, StateStore
@@ -146,11 +147,7 @@ class DownloadOutcome:
     @property
     def exit_code(self) -> int:
         """CONTRACT.md's exit code."""
-        if isinstance(self.error, Interrupted):
-            return self.error.code
-        if self.error is not None:
-            return self.error.exit_code
-        return 3 if self.summary.failed else 0
+        return run_exit_code(self.error, failed=bool(self.summary.failed))
 
 
 # --- names and URLs: only digits and fixed extensions ever reach the file system ---

@@ -164,3 +164,25 @@ class RateLimited(TransientError):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+# ----- CONTRACT.md's exit codes, in one place ------------------------------------------------------------
+
+
+EXIT_PRECEDENCE = (2, 1, 130, 143, 4, 3, 0)  # when several exit codes apply, the first in this order wins
+
+
+def rank(error: CrawlerError) -> int:
+    """CONTRACT.md's precedence when several stops apply: 2, 1, 130/143, 4 (lower wins)."""
+    code = error.code if isinstance(error, Interrupted) else error.exit_code
+    return {2: 0, 1: 1, 130: 2, 143: 2, 4: 3}.get(code, 4)
+
+
+def run_exit_code(error: CrawlerError | None, *, failed: bool) -> int:
+    """The exit code of a run that ended with ``error`` (None: it completed), with or without failed items."""
+    if isinstance(error, Interrupted):
+        return error.code
+    if error is not None:
+        return error.exit_code
+    return 3 if failed else 0
+

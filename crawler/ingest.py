@@ -17,13 +17,13 @@ from crawler import endpoints as ep
 from crawler.commands import CommandSpec, CrawlContext
 from crawler.config import Secret, Settings
 from crawler.crawl import Crawl, run_job
+from crawler.errors import EXIT_PRECEDENCE
 from crawler.history import HistoryStore
 from crawler.job import JobOptions, Step, WorkItem
 from crawler.outcome import Outcome
 from crawler.state import StateStore
 
 # CONTRACT.md's precedence when several exits apply: 2, 1, 130/143, 4, 3, 0.
-_PRECEDENCE = (2, 1, 130, 143, 4, 3, 0)
 
 
 def history_url(settings: Settings) -> str:
@@ -100,7 +100,7 @@ class IngestResult:
     def exit_code(self) -> int:
         """The most serious exit of the day's jobs."""
         codes = [o.exit_code for o in self.outcomes]
-        return min(codes, key=_PRECEDENCE.index) if codes else 0
+        return min(codes, key=EXIT_PRECEDENCE.index) if codes else 0
 
 
 async def ingest(

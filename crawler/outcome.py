@@ -11,17 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from crawler.client import Client
-from crawler.errors import CrawlerError, Interrupted
+from crawler.errors import CrawlerError, run_exit_code
 from crawler.job import JobOptions, failures_path
 from crawler.sinks import part_path
 from crawler.state import StateStore
 from crawler.stats import Summary
-
-
-def rank(error: CrawlerError) -> int:
-    """CONTRACT.md's precedence when several stops apply: 2, 1, 130/143, 4."""
-    code = error.code if isinstance(error, Interrupted) else error.exit_code
-    return {2: 0, 1: 1, 130: 2, 143: 2, 4: 3}.get(code, 4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,11 +28,7 @@ class Outcome:
     @property
     def exit_code(self) -> int:
         """CONTRACT.md's exit code."""
-        if isinstance(self.error, Interrupted):
-            return self.error.code
-        if self.error is not None:
-            return self.error.exit_code
-        return 3 if self.summary.items_failed or self.summary.failures else 0
+        return run_exit_code(self.error, failed=bool(self.summary.items_failed or self.summary.failures))
 
 
 @dataclass(frozen=True, slots=True)
