@@ -95,6 +95,21 @@ class Fleet:
         assert proc.returncode is not None
         return proc.returncode, err.decode()
 
+    async def profiles(self, sim_url: str, count: int, *, per: int = 300, tag: str = "p",
+                       extra: tuple[str, ...] = (), hosts: list[dict[str, str]] | None = None,
+                       stall_limit: float = 5.0) -> list[asyncio.subprocess.Process]:
+        """`count` profiles jobs on disjoint handle lists, each in its own directory; with `hosts` (extra
+        environment per process) each also gets its own HOME and state directory, as separate hosts would."""
+        world = World(WORLD)
+        procs = []
+        for n in range(count):
+            src = handles_file(self.root / f"{tag}{n}.txt", world, per, offset=per * n)
+            env = None if hosts is None else self.env(self.root / f"{tag}{n}" / "state", **hosts[n])
+            procs.append(await self.start(f"{tag}{n}", ["profiles", str(src), "-o", "out.csv", "--base-url", sim_url,
+                                                        *RATE, "--parallelism", "4", *extra],
+                                          env=env, stall_limit=stall_limit))
+        return procs
+
     def kill_all(self) -> None:
         for proc in self.procs:
             if proc.returncode is None:
@@ -147,12 +162,7 @@ def assert_within_the_limits(sim: Simulator, burst: int = 1) -> None:
 async def test_three_processes_on_one_key_share_one_budget(fleet: Fleet) -> None:
     """Three processes started together are paced like one: within every limit, ~all of the budget, fair shares."""
     async with simulator(fleet.key) as sim:
-        world = World(WORLD)
-        procs = []
-        for n in range(3):
-            src = handles_file(fleet.root / f"h{n}.txt", world, 300, offset=300 * n)
-            procs.append(await fleet.start(f"p{n}", ["profiles", str(src), "-o", "out.csv", "--base-url", sim.url,
-                                                     *RATE, "--parallelism", "4"]))
+        procs = await fleet.profiles(sim.url, 3)
         await until(lambda: len(sim.stats.arrivals) >= 5 * LIMIT, "five windows of requests")
         stopped = time.time()
         for proc in procs:
@@ -227,12 +237,7 @@ async def test_search_region_lookup_and_the_job_share_one_budget(fleet: Fleet) -
 async def test_one_of_three_killed_leaves_its_share_to_the_others(fleet: Fleet) -> None:
     """A process SIGKILLed mid-run costs the others nothing: within a window they use ≥ 0.95 of the budget."""
     async with simulator(fleet.key) as sim:
-        world = World(WORLD)
-        procs = []
-        for n in range(3):
-            src = handles_file(fleet.root / f"h{n}.txt", world, 300, offset=300 * n)
-            procs.append(await fleet.start(f"p{n}", ["profiles", str(src), "-o", "out.csv", "--base-url", sim.url,
-                                                     *RATE, "--parallelism", "4"]))
+        procs = await fleet.profiles(sim.url, 3)
         await until(lambda: len(sim.stats.arrivals) >= 2 * LIMIT, "two windows of requests")
         procs[0].kill()
         killed = time.time()
@@ -249,12 +254,7 @@ async def test_one_of_three_killed_leaves_its_share_to_the_others(fleet: Fleet) 
 async def test_budget_lists_the_processes_and_counts_like_the_server(fleet: Fleet) -> None:
     """`crawler budget --json` with two processes running lists both; its count matches the server's window."""
     async with simulator(fleet.key) as sim:
-        world = World(WORLD)
-        procs = []
-        for n in range(2):
-            src = handles_file(fleet.root / f"h{n}.txt", world, 200, offset=200 * n)
-            procs.append(await fleet.start(f"p{n}", ["profiles", str(src), "-o", "out.csv", "--base-url", sim.url,
-                                                     *RATE, "--parallelism", "4"]))
+        procs = await fleet.profiles(sim.url, 2, per=200)
         await until(lambda: len(sim.stats.arrivals) >= LIMIT + 10, "a full window")
         budget = await fleet.start("budget", ["budget", "--json", "--base-url", sim.url, "--window", str(WINDOW)])
         out, err = await asyncio.wait_for(budget.communicate(), 60)
@@ -342,14 +342,8 @@ async def test_two_hosts_through_redis_one_clock_fast_stay_within_the_limit(flee
     """Two "hosts" (own HOME, state and data directories) share the key through Redis; one clock runs 2 s fast."""
     redis_url = "redis://127.0.0.1:6379/0"
     async with simulator(fleet.key) as sim:
-        world = World(WORLD)
-        procs = []
-        for n, skew in enumerate(("0", "2")):
-            env = fleet.env(fleet.root / f"host{n}" / "state", CRAWLER_TEST_CLOCK_SKEW=skew)
-            src = handles_file(fleet.root / f"h{n}.txt", world, 300, offset=300 * n)
-            procs.append(await fleet.start(f"host{n}", ["profiles", str(src), "-o", "out.csv", "--base-url", sim.url,
-                                                        *RATE, "--rate-shared", redis_url, "--parallelism", "4"],
-                                           env=env))
+        procs = await fleet.profiles(sim.url, 2, tag="host", extra=("--rate-shared", redis_url),
+                                     hosts=[{"CRAWLER_TEST_CLOCK_SKEW": "0"}, {"CRAWLER_TEST_CLOCK_SKEW": "2"}])
         await until(lambda: len(sim.stats.arrivals) >= 3 * LIMIT, "three windows of requests")
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
@@ -364,19 +358,11 @@ async def test_redis_lost_mid_run_pauses_then_stops_and_a_restart_paces_evenly(f
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     async with simulator(fleet.key) as sim:
-        world = World(WORLD)
 
         async def start_two(tag: str) -> list[asyncio.subprocess.Process]:
-            out = []
-            for n in range(2):
-                env = fleet.env(fleet.root / f"{tag}{n}" / "state")
-                src = handles_file(fleet.root / f"{tag}{n}.txt", world, 200, offset=200 * n)
-                # A burst allowance of 20: a ledger that forgot the last window would let 20 start at once.
-                out.append(await fleet.start(f"{tag}{n}", ["profiles", str(src), "-o", "out.csv", "--base-url",
-                                                           sim.url, *RATE, "--burst", "20", "--rate-shared", url,
-                                                           "--parallelism", "4", "-v"],
-                                             env=env, stall_limit=5.0))
-            return out
+            # A burst allowance of 20: a ledger that forgot the last window would let 20 start at once.
+            return await fleet.profiles(sim.url, 2, per=200, tag=tag, extra=("--burst", "20", "--rate-shared", url),
+                                        hosts=[{}, {}])
 
         # 1. Lost for good: both processes stop with exit 1 and one line, and nothing is sent meanwhile.
         async with private_redis(port) as redis:
