@@ -18,7 +18,7 @@ from typing import Any
 from crawler.endpoints import Post, Profile
 from crawler.errors import UsageError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Migrations by version; {date}/{ts}/{bool}/{int} are filled per database.
 MIGRATIONS: dict[int, list[str]] = {
@@ -35,6 +35,11 @@ MIGRATIONS: dict[int, list[str]] = {
         " first_day {date} NOT NULL)",
         "CREATE INDEX IF NOT EXISTS posts_user ON posts (user_id, create_time)",
     ],
+    # Version 2 (scheduled crawls): renames seen by ingest, one row per change of handle.
+    2: [
+        "CREATE TABLE IF NOT EXISTS renames (user_id TEXT NOT NULL, old_handle TEXT NOT NULL,"
+        " new_handle TEXT NOT NULL, day {date} NOT NULL, PRIMARY KEY (user_id, day, old_handle, new_handle))",
+    ],
 }
 
 SNAPSHOT_COLUMNS = ("user_id", "day", "fetched_at", "handle", "followers", "following", "hearts", "videos", "likes",
@@ -50,6 +55,16 @@ class GrowthRow:
     day: str
     followers: int | None
     delta: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class RenameRow:
+    """A user's handle changed from ``old`` to ``new``, first seen on ``day``."""
+
+    user_id: str
+    old: str
+    new: str
+    day: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +208,11 @@ class HistoryStore:
             self._db.execute("ROLLBACK")
             raise
 
+    def record_rename(self, user_id: str, old: str, new: str, day: dt.date) -> None:
+        """Remember that ``user_id`` went from handle ``old`` to ``new`` on ``day`` (idempotent)."""
+        self._exec("INSERT INTO renames (user_id, old_handle, new_handle, day) VALUES (?, ?, ?, ?)"
+                   " ON CONFLICT DO NOTHING", (user_id, old, new, day.isoformat()))
+
     def newest_post_time(self, user_id: str, before: dt.date) -> int | None:
         """create_time of the newest post of a user first stored before ``before`` (the incremental stop)."""
         rows = self._rows("SELECT MAX(create_time) FROM posts WHERE user_id = ? AND first_day < ?",
@@ -273,6 +293,13 @@ class HistoryStore:
             out.append(GrowthRow(self._day(day), followers, delta))
             previous = followers
         return out
+
+    def renames(self, user_id: str | None = None) -> list[RenameRow]:
+        """Every rename (of one user, or all), oldest first."""
+        where, params = ("WHERE user_id = ?", (user_id,)) if user_id is not None else ("", ())
+        rows = self._rows(f"SELECT user_id, old_handle, new_handle, day FROM renames {where}"
+                          " ORDER BY day, user_id", params)
+        return [RenameRow(str(u), str(o), str(n), self._day(d)) for u, o, n, d in rows]
 
     def last_day(self) -> dt.date | None:
         """The newest snapshot day."""
