@@ -78,6 +78,33 @@ class TopRow:
     gained: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class OverviewRow:
+    """A user on the overview: latest snapshot (of ``day``) and the gain over each window (None: no snapshot)."""
+
+    user_id: str
+    handle: str
+    nickname: str
+    day: str
+    followers: int | None
+    following: int | None
+    videos: int | None
+    hearts: int | None
+    gains: dict[int, int | None]
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesRow:
+    """One snapshot of one user."""
+
+    day: str
+    handle: str
+    followers: int | None
+    following: int | None
+    videos: int | None
+    hearts: int | None
+
+
 def parse_day(text: str, flag: str = "--date") -> dt.date:
     """A YYYY-MM-DD date, or a UsageError naming the flag."""
     try:
@@ -352,6 +379,133 @@ class HistoryStore:
             return int(self._rows("SELECT COUNT(*) FROM snapshots")[0][0])
         return int(self._rows("SELECT COUNT(*) FROM snapshots WHERE user_id = ?", (user_id,))[0][0])
 
+    # --- read-only opening and the web page's queries (crawler history serve) ---
+
+    version: int = SCHEMA_VERSION  # of the store's schema; a read-only store keeps the one it found
+
+    @classmethod
+    def open_readonly(cls, url: str) -> HistoryStore:
+        """Open an existing store for reading only: no migration, and the database itself refuses writes.
+
+        SQLite opens the file with ``mode=ro``; PostgreSQL sessions are ``default_transaction_read_only``.
+        The connection may be used from another thread (one at a time: the caller serialises).
+        """
+        store = cls.__new__(cls)
+        store.url = url
+        store.postgres = url.startswith(("postgresql://", "postgres://"))
+        if store.postgres:
+            try:
+                import psycopg
+            except ImportError:
+                raise UsageError("history.url is PostgreSQL but psycopg is not installed: pip install "
+                                 "'crawler[postgres]'") from None
+            try:
+                store._db = psycopg.connect(url, autocommit=True)
+                # After connecting, not as a connect option: that would replace the URL's own options.
+                store._db.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+            except psycopg.OperationalError as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else "connection failed"
+                raise UsageError(f"cannot connect to the history database: {first}") from None
+        else:
+            path = Path(url.removeprefix("sqlite:///")).resolve()
+            if not path.is_file():
+                raise UsageError(f"no history at {path}: run `crawler ingest` first, or point --data-dir /"
+                                 " --history-url at the store it wrote")
+            store._db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, isolation_level=None,
+                                        check_same_thread=False)
+            store._db.execute("PRAGMA busy_timeout=10000")
+            store._db.execute("PRAGMA cache_size=-32768")
+        try:
+            store.version = store._schema_version()
+        except Exception:
+            store.close()
+            raise
+        return store
+
+    def _schema_version(self) -> int:
+        """The store's schema version; UsageError if this is not a history store or a newer one."""
+        try:
+            version = int(self._rows("SELECT MAX(version) FROM schema_version")[0][0] or 0)
+        except Exception:  # no such table: sqlite3.OperationalError / psycopg.errors.UndefinedTable
+            version = 0
+        if not version:
+            raise UsageError(f"{self!r} holds no history (no schema_version): point --data-dir / --history-url"
+                             " at the store `crawler ingest` wrote")
+        if version > SCHEMA_VERSION:
+            raise UsageError(f"the history store has schema version {version}, newer than this crawler's"
+                             f" {SCHEMA_VERSION}: upgrade crawler")
+        return version
+
+    def overview(self, days: Sequence[int] = (1, 7, 30), until: dt.date | None = None) -> list[OverviewRow]:
+        """Every user with their latest snapshot and what they gained over each of ``days``.
+
+        The gain over N days is `top`'s: the user's last minus first value among their snapshots in
+        [end - N, end], end being the newest snapshot day of the store (None if neither exists there).
+        """
+        end = until or self.last_day()
+        if end is None:
+            return []
+        longest = max(days)
+        starts = [(end - dt.timedelta(days=n)).isoformat() for n in days]
+        # Per user, the first snapshot day inside each window and the last one; then those rows by key.
+        firsts = ", ".join(f"MIN(CASE WHEN day >= ? THEN day END) AS f{i}" for i in range(len(days)))
+        joins = " ".join(f"LEFT JOIN snapshots s{i} ON s{i}.user_id = w.user_id AND s{i}.day = w.f{i}"
+                         for i in range(len(days)))
+        gains = ", ".join(f"wl.followers - s{i}.followers" for i in range(len(days)))
+        rows = self._rows(
+            f"WITH w AS (SELECT user_id, MAX(day) AS l, {firsts} FROM snapshots WHERE day >= ? AND day <= ?"
+            " GROUP BY user_id)"
+            " SELECT u.user_id, u.handle, u.nickname, u.last_day, s.followers, s.following, s.videos, s.hearts,"
+            f" {gains} FROM users u JOIN snapshots s ON s.user_id = u.user_id AND s.day = u.last_day"
+            f" LEFT JOIN w ON w.user_id = u.user_id LEFT JOIN snapshots wl ON wl.user_id = w.user_id"
+            f" AND wl.day = w.l {joins}",
+            (*starts, (end - dt.timedelta(days=longest)).isoformat(), end.isoformat()))
+        n = len(days)
+        return [OverviewRow(str(r[0]), str(r[1]), "" if r[2] is None else str(r[2]), self._day(r[3]),
+                            r[4], r[5], r[6], r[7], dict(zip(days, r[8:8 + n], strict=True))) for r in rows]
+
+    def series(self, user_id: str, since: dt.date | None = None, until: dt.date | None = None
+               ) -> list[SeriesRow]:
+        """One user's snapshots in a date range, oldest first."""
+        rows = self._rows(
+            "SELECT day, handle, followers, following, videos, hearts FROM snapshots WHERE user_id = ?"
+            " AND day >= ? AND day <= ? ORDER BY day",
+            (user_id, (since or dt.date(1970, 1, 1)).isoformat(), (until or dt.date(9999, 12, 31)).isoformat()))
+        return [SeriesRow(self._day(d), str(h), f, fg, v, he) for d, h, f, fg, v, he in rows]
+
+    def followers_since(self, user_ids: Sequence[str], since: dt.date) -> dict[str, list[tuple[str, int | None]]]:
+        """(day, followers) per user from ``since`` on, for a page of users (the sparklines)."""
+        out: dict[str, list[tuple[str, int | None]]] = {u: [] for u in user_ids}
+        if not user_ids:
+            return out
+        marks = ", ".join("?" * len(user_ids))
+        for u, d, f in self._rows(f"SELECT user_id, day, followers FROM snapshots WHERE user_id IN ({marks})"
+                                  " AND day >= ? ORDER BY user_id, day", (*user_ids, since.isoformat())):
+            out[str(u)].append((self._day(d), f))
+        return out
+
+    def posts_per_day(self, user_id: str, since: dt.date | None = None, until: dt.date | None = None
+                      ) -> dict[str, int]:
+        """How many of a user's stored posts were published on each UTC day of a range."""
+        lo = dt.datetime.combine(since or dt.date(1970, 1, 1), dt.time(), dt.UTC)
+        hi = dt.datetime.combine((until or dt.date(9998, 12, 31)) + dt.timedelta(days=1), dt.time(), dt.UTC)
+        rows = self._rows("SELECT create_time FROM posts WHERE user_id = ? AND create_time >= ? AND create_time < ?",
+                          (user_id, int(lo.timestamp()), int(hi.timestamp())))
+        out: dict[str, int] = {}
+        for (t,) in rows:
+            day = dt.datetime.fromtimestamp(int(t), dt.UTC).date().isoformat()
+            out[day] = out.get(day, 0) + 1
+        return out
+
+    def user(self, user_id: str) -> tuple[str, str] | None:
+        """(current handle, nickname) of a user id, None if unknown."""
+        rows = self._rows("SELECT handle, nickname FROM users WHERE user_id = ?", (user_id,))
+        return None if not rows else (str(rows[0][0]), "" if rows[0][1] is None else str(rows[0][1]))
+
+    def safe_renames(self, user_id: str) -> list[RenameRow]:
+        """`renames` of one user, or none on a version 1 store (which has no renames table)."""
+        return self.renames(user_id) if self.version >= 2 else []
+
     def _normal(self, row: Sequence[Any]) -> tuple[Any, ...]:
         """Portable values: days as text, times as ISO text, booleans as bool."""
         values = list(row)
@@ -378,9 +532,29 @@ def export_csv(store: HistoryStore, path: Path) -> int:
     return n
 
 
+def _with_gaps(rows: Sequence[GrowthRow]) -> tuple[list[dt.date], list[float]]:
+    """Days and followers, with a NaN on each missing day so a line breaks there instead of bridging it."""
+    days: list[dt.date] = []
+    values: list[float] = []
+    for r in rows:
+        day = dt.date.fromisoformat(r.day)
+        if days and (day - days[-1]).days > 1:
+            days.append(days[-1] + dt.timedelta(days=1))
+            values.append(float("nan"))
+        days.append(day)
+        values.append(float("nan") if r.followers is None else float(r.followers))
+    return days, values
+
+
 def plot_growth(store: HistoryStore, handles: Sequence[str], path: Path, *, since: dt.date | None = None,
-                until: dt.date | None = None) -> list[str]:
-    """Draw the follower curve of each handle into a PNG; return the series labels in drawing order."""
+                until: dt.date | None = None, style: str = "small") -> list[str]:
+    """Draw the handles' follower curves into a PNG; return the series labels in drawing order.
+
+    ``small``: one panel per handle on its own scale (growth shows whatever the account's size);
+    ``indexed``: one panel, each curve as 100 x followers / its first value. Missing days are gaps.
+    """
+    if style not in ("small", "indexed"):
+        raise UsageError(f"--style {style}: use small or indexed")
     try:
         import matplotlib
 
@@ -390,26 +564,45 @@ def plot_growth(store: HistoryStore, handles: Sequence[str], path: Path, *, sinc
         from matplotlib.ticker import FuncFormatter
     except ImportError:
         raise UsageError("plot needs matplotlib: pip install 'crawler[plot]'") from None
-    fig, ax = plt.subplots(figsize=(10, 5.5), dpi=110)
+    series = []
+    for handle in handles:
+        _, current = store.resolve(handle)
+        label = f"@{current}" if current == handle.strip().lstrip("@").lower() else f"@{current} (was @{handle})"
+        series.append((label, *_with_gaps(store.growth(handle, since, until))))
+    if style == "indexed":
+        fig, ax0 = plt.subplots(figsize=(10, 5.5), dpi=110)
+        axes = [ax0] * len(series)
+    else:
+        cols = min(3, len(series))
+        nrows = -(-len(series) // cols)
+        fig, grid = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), dpi=110, squeeze=False)
+        axes = [a for row in grid for a in row]
+        for extra in axes[len(series):]:
+            extra.set_visible(False)
     labels: list[str] = []
     try:
-        for n, handle in enumerate(handles):
-            rows = store.growth(handle, since, until)
-            _, current = store.resolve(handle)
-            days = [dt.date.fromisoformat(r.day) for r in rows]
-            values = [r.followers if r.followers is not None else float("nan") for r in rows]
-            label = f"@{current}" if current == handle.lstrip("@").lower() else f"@{current} (was @{handle})"
-            ax.plot(days, values, marker="o", markersize=3.5, linewidth=2.2,  # type: ignore[arg-type]
+        for n, (label, days, values) in enumerate(series):
+            ax = axes[n]
+            if style == "indexed":
+                base = next((v for v in values if v == v and v), None)
+                values = [v * 100 / base for v in values] if base else values
+            ax.plot(days, values, marker="o", markersize=3, linewidth=2,  # type: ignore[arg-type]
                     color=f"C{n % 10}", label=label)
             labels.append(label)
-        ax.set_title("Followers per day")
-        ax.set_ylabel("followers")
-        ax.grid(True, alpha=0.3)
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
-        ax.xaxis.set_major_formatter(mdates.DateFormatter("%b %d"))  # type: ignore[no-untyped-call]
-        for side in ("top", "right"):
-            ax.spines[side].set_visible(False)
-        ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves, never on them
+            ax.grid(True, alpha=0.3)
+            ax.xaxis.set_major_formatter(mdates.DateFormatter("%b %d"))  # type: ignore[no-untyped-call]
+            for side in ("top", "right"):
+                ax.spines[side].set_visible(False)
+            if style == "small":
+                ax.set_title(label, fontsize=10)
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+                ax.tick_params(labelsize=8)
+        if style == "indexed":
+            ax0.set_title("Followers, indexed (100 = first day shown)")
+            ax0.set_ylabel("index")
+            ax0.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves
+        else:
+            fig.suptitle("Followers per day (each panel on its own scale)")
         fig.autofmt_xdate()
         fig.tight_layout()
         fig.savefig(path, format="png")
