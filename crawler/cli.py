@@ -162,7 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     g5.add_argument("-o", "--output", required=True, metavar="FILE.png")
     g5.add_argument("--since", metavar="YYYY-MM-DD")
     g5.add_argument("--until", metavar="YYYY-MM-DD")
-    for q, name in ((g1, "growth"), (g2, "top"), (g3, "as-of"), (g4, "export"), (g5, "plot")):
+    g5.add_argument("--style", choices=("small", "indexed"), default="small",
+                    help="small: one panel per handle, each on its own scale (default); indexed: one panel,"
+                    " every curve as 100 x followers / its first value")
+    g6 = hs.add_parser("serve", help="the history as a local web page (read-only)",
+                       description="Overview, a page per user, CSV and compare over the history store, opened"
+                       " read-only. Binds to 127.0.0.1 by default: the page has no login.")
+    g6.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    g6.add_argument("--port", type=int, default=8050, help="port (default 8050; 0 picks a free one)")
+    for q, name in ((g1, "growth"), (g2, "top"), (g3, "as-of"), (g4, "export"), (g5, "plot"), (g6, "serve")):
         q.add_argument("--history-url", dest="history.url", metavar="URL")
         q.add_argument("--config")
         q.add_argument("--data-dir", dest="crawl.data_dir", metavar="DIR")
@@ -479,6 +487,12 @@ def cmd_history(args: argparse.Namespace, argv: Sequence[str]) -> int:
         # A query never creates a store: an empty one would only hide a wrong --data-dir or --history-url.
         raise UsageError(f"no history at {url.removeprefix('sqlite:///')}: run `crawler ingest` first, or point"
                          " --data-dir / --history-url at the store it wrote")
+    if args.query == "serve":
+        from crawler.serve import serve
+
+        if not 0 <= args.port <= 65535:
+            raise UsageError(f"--port {args.port}: use a port from 0 to 65535")
+        return asyncio.run(serve(url, args.host, args.port))
     store = HistoryStore(url)
     try:
         if args.query == "growth":
@@ -516,7 +530,7 @@ def cmd_history(args: argparse.Namespace, argv: Sequence[str]) -> int:
                                  " the spelling)")
             if unknown:
                 print(f"crawler: no history for {', '.join(unknown)}: drawing the others", file=sys.stderr)
-            labels = plot_growth(store, known, Path(args.output),
+            labels = plot_growth(store, known, Path(args.output), style=args.style,
                                  since=args.since and parse_day(args.since, "--since"),
                                  until=args.until and parse_day(args.until, "--until"))
             print(f"crawler: wrote {args.output} ({', '.join(labels)})", file=sys.stderr)

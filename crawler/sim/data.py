@@ -95,6 +95,8 @@ class World:
         self.page_caps: dict[str, int] = {}
         self.reject_oversized = False
         self.partial_pages = False
+        # Nicknames are user-controlled text: tests set hostile ones here (user index -> nickname).
+        self.nicknames: dict[int, str] = {}
 
     # ----- time and identity -------------------------------------------------------------------------
 
@@ -243,7 +245,7 @@ class World:
         sec = base64.urlsafe_b64encode(digest).decode()
         return User(
             index=index, user_id=self.user_id(index), handle=self.handle(index),
-            nickname=make_nickname(self._h(_NICK, index)), sec_uid="MS4wLjABAAAA" + sec,
+            nickname=self.nicknames.get(index) or make_nickname(self._h(_NICK, index)), sec_uid="MS4wLjABAAAA" + sec,
             verified=followers > 1_000_000 or self._u(_VERIFIED, index) < 0.01,
             private=self.is_private(index), followers=followers,
             following=self._count(_FOLLOWING, index), videos=self._count(_VIDEOS, index),
