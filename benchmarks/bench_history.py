@@ -91,12 +91,16 @@ def run(url: str, label: str, handles: int, days: int) -> dict[str, float]:
         as_of = _timed(lambda: store.as_of(DAY0 + dt.timedelta(days=days // 2)), repeat=1)
     finally:
         store.close()
+    import bench_serve
+
+    serve = bench_serve.measure(url, handles)  # issue 13: the web page over the same store
+    print(bench_serve.line(label, serve), flush=True)
     total = handles * days
     print(f"{label:<10} load {total:,} rows: {load:7.1f} s ({total / load:,.0f} rows/s; bare insert {base:.1f} s,"
           f" ratio {load / base:.2f}x) | growth {growth * 1000:.1f} ms (30 days {growth_month * 1000:.1f} ms)"
           f" | top 7d {top * 1000:.0f} ms, top 30d {top_month * 1000:.0f} ms | as-of {as_of:.2f} s")
     return {"load_s": load, "baseline_s": base, "growth_ms": growth * 1000, "top7_ms": top * 1000,
-            "top30_ms": top_month * 1000, "as_of_s": as_of}
+            "top30_ms": top_month * 1000, "as_of_s": as_of, **{f"serve_{k}": v for k, v in serve.items()}}
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:

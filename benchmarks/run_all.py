@@ -24,7 +24,8 @@ from _common import ROOT, Figure, table
 
 
 def history(quick: bool) -> list[Figure]:
-    """Issue 5's bench_history.py (its own script; SQLite and PostgreSQL) as rows of the table."""
+    """Issue 5's bench_history.py (its own script; SQLite and PostgreSQL) as rows of the table, with issue 13's
+    history page measured over the same stores (bench_serve.py)."""
     import bench_history
 
     handles, days = (1_000, 60) if quick else (10_000, 365)
@@ -37,6 +38,11 @@ def history(quick: bool) -> list[Figure]:
                    "", f"{r['baseline_s']:.1f}"),
             Figure("history", f"{backend}: growth ms / top 7 d ms / top 30 d ms",
                    f"{r['growth_ms']:.1f} / {r['top7_ms']:.0f} / {r['top30_ms']:.0f}"),
+            Figure("serve", f"{backend}: overview first page, median of 5 warm requests, ms",
+                   f"{r['serve_overview_warm_s'] * 1000:.0f}", "< 1000",
+                   f"top --days 7 --limit 50: {r['serve_top7_s'] * 1000:.0f}"),
+            Figure("serve", f"{backend}: largest page KiB (overview, user, CSV, compare x10)",
+                   f"{max(v for k, v in r.items() if k.startswith('serve_bytes:')) / 1024:.0f}", "< 2048"),
         ]
     return figures
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from crawler.sim.data import World, WorldConfig
 
 OUT = Path("demo-out")
+HISTORY = OUT / ".crawler" / "demo-history.db"
 SEED, USERS = 42, 50_000
 
 
@@ -54,10 +55,20 @@ def main() -> int:
         code = _daily(url, env, by_followers[:12], common)
         print(f"\nEverything is in {OUT.resolve()}: profiles.csv, posts.csv (+ *.failures.csv for the bad lines),"
               " daily/profiles-DAY.csv, growth.png")
+        if code in (0, 3):
+            print("\nTo look at the demo's history in a browser (http://127.0.0.1:8050/, Ctrl-C to stop):\n"
+                  f"  {serve_command()}")
         return 0 if code in (0, 3) else code
     finally:
         sim.terminate()
         sim.wait(timeout=10)
+
+
+def serve_command() -> str:
+    """The command that serves the demo's history (this environment's `crawler` script when it has one)."""
+    script = Path(sys.executable).parent / "crawler"
+    shown = os.path.relpath(script) if script.is_file() else "crawler"
+    return f"{shown} history serve --history-url {HISTORY}"
 
 
 def _followers(world: World, handle: str) -> int:
@@ -69,7 +80,7 @@ def _followers(world: World, handle: str) -> int:
 def _daily(url: str, env: dict[str, str], watch: list[str], common: list[str]) -> int:
     """Two weeks of the daily job (the simulator's world advances a day between runs), then the history."""
     (OUT / "watch.txt").write_text("\n".join(watch) + "\n")
-    history = ["--history-url", str(OUT / ".crawler" / "demo-history.db")]
+    history = ["--history-url", str(HISTORY)]
     start = dt.date(2026, 1, 1)
     print(f"\n$ crawler ingest {OUT / 'watch.txt'} --out-dir {OUT / 'daily'} --date DAY   # 14 simulated days")
     for d in range(14):

@@ -437,29 +437,29 @@ class HistoryStore:
         return version
 
     def overview(self, days: Sequence[int] = (1, 7, 30), until: dt.date | None = None) -> list[OverviewRow]:
-        """Every user with their latest snapshot and what they gained over each of ``days``.
+        """Every user with their newest snapshot up to ``until`` and what they gained over each of ``days``.
 
         The gain over N days is `top`'s: the user's last minus first value among their snapshots in
-        [end - N, end], end being the newest snapshot day of the store (None if neither exists there).
+        [end - N, end], end being ``until`` or the newest snapshot day of the store (None if there is none).
         """
         end = until or self.last_day()
         if end is None:
             return []
-        longest = max(days)
+        e = end.isoformat()
         starts = [(end - dt.timedelta(days=n)).isoformat() for n in days]
-        # Per user, the first snapshot day inside each window and the last one; then those rows by key.
-        firsts = ", ".join(f"MIN(CASE WHEN day >= ? THEN day END) AS f{i}" for i in range(len(days)))
-        joins = " ".join(f"LEFT JOIN snapshots s{i} ON s{i}.user_id = w.user_id AND s{i}.day = w.f{i}"
-                         for i in range(len(days)))
-        gains = ", ".join(f"wl.followers - s{i}.followers" for i in range(len(days)))
+        # Index seeks on the (user_id, day) key only: per user, the newest snapshot up to the end and the first
+        # one inside each window. (Grouping a month of every user's rows instead took 1.4 s at 10k users.)
+        firsts = ", ".join(f"(SELECT f.followers FROM snapshots f WHERE f.user_id = u.user_id AND f.day >= ?"
+                           f" AND f.day <= ? ORDER BY f.day LIMIT 1) AS f{i}" for i in range(len(days)))
+        gains = ", ".join(f"CASE WHEN s.day >= ? THEN s.followers - g.f{i} END" for i in range(len(days)))
         rows = self._rows(
-            f"WITH w AS (SELECT user_id, MAX(day) AS l, {firsts} FROM snapshots WHERE day >= ? AND day <= ?"
-            " GROUP BY user_id)"
-            " SELECT u.user_id, u.handle, u.nickname, u.last_day, s.followers, s.following, s.videos, s.hearts,"
-            f" {gains} FROM users u JOIN snapshots s ON s.user_id = u.user_id AND s.day = u.last_day"
-            f" LEFT JOIN w ON w.user_id = u.user_id LEFT JOIN snapshots wl ON wl.user_id = w.user_id"
-            f" AND wl.day = w.l {joins}",
-            (*starts, (end - dt.timedelta(days=longest)).isoformat(), end.isoformat()))
+            "WITH g AS (SELECT u.user_id, u.handle, u.nickname, (SELECT MAX(l.day) FROM snapshots l"
+            f" WHERE l.user_id = u.user_id AND l.day <= ?) AS last, {firsts} FROM users u)"
+            " SELECT g.user_id, g.handle, g.nickname, s.day, s.followers, s.following, s.videos, s.hearts,"
+            # LEFT JOIN: users stay the outer loop (SQLite would otherwise walk all of snapshots first).
+            f" {gains} FROM g LEFT JOIN snapshots s ON s.user_id = g.user_id AND s.day = g.last"
+            " WHERE g.last IS NOT NULL",
+            (e, *[x for start in starts for x in (start, e)], *starts))
         n = len(days)
         return [OverviewRow(str(r[0]), str(r[1]), "" if r[2] is None else str(r[2]), self._day(r[3]),
                             r[4], r[5], r[6], r[7], dict(zip(days, r[8:8 + n], strict=True))) for r in rows]
