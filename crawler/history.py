@@ -573,7 +573,7 @@ def plot_growth(store: HistoryStore, handles: Sequence[str], path: Path, *, sinc
         fig, ax0 = plt.subplots(figsize=(10, 5.5), dpi=110)
         axes = [ax0] * len(series)
     else:
-        cols = min(3, len(series))
+        cols = 2 if len(series) == 4 else min(3, len(series))
         nrows = -(-len(series) // cols)
         fig, grid = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), dpi=110, squeeze=False)
         axes = [a for row in grid for a in row]
@@ -597,13 +597,14 @@ def plot_growth(store: HistoryStore, handles: Sequence[str], path: Path, *, sinc
                 ax.set_title(label, fontsize=10)
                 ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
                 ax.tick_params(labelsize=8)
+                ax.tick_params(axis="x", labelrotation=30)  # every panel keeps its dates
         if style == "indexed":
             ax0.set_title("Followers, indexed (100 = first day shown)")
             ax0.set_ylabel("index")
             ax0.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves
+            fig.autofmt_xdate()
         else:
             fig.suptitle("Followers per day (each panel on its own scale)")
-        fig.autofmt_xdate()
         fig.tight_layout()
         fig.savefig(path, format="png")
     finally:

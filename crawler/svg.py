@@ -79,14 +79,15 @@ def tick_label(value: float, step: float) -> str:
     """An axis label precise enough that neighbouring ticks differ (11.35k, 11.40k; 2.5; 1.2M)."""
     unit, suffix = next(((u, x) for u, x in ((1e9, "B"), (1e6, "M"), (1e3, "k")) if abs(value) >= u
                          or step >= u), (1.0, ""))
-    decimals = max(0, math.ceil(-math.log10(step / unit) - 1e-9)) if step > 0 else 0
+    scaled = step / unit
+    decimals = next((d for d in range(7) if abs(round(scaled * 10 ** d) - scaled * 10 ** d) < 1e-6), 6)
     return f"{value / unit:,.{decimals}f}{suffix}"
 
 
-def _nice_ticks(lo: float, hi: float, n: int = 4) -> list[float]:
+def _nice_ticks(lo: float, hi: float, n: int = 4, *, whole: bool = False) -> list[float]:
     if hi <= lo:
         hi = lo + 1
-    raw = (hi - lo) / n
+    raw = max((hi - lo) / n, 1.0 if whole else 0.0)  # counts: no tick between two whole numbers
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
     first = math.floor(lo / step) * step
@@ -100,7 +101,7 @@ def _frame(days: Sequence[str], values: Sequence[float], width: int, height: int
         lo, hi = min(lo, 0.0), max(hi, 0.0)
     if lo == hi:
         lo, hi = lo - 1, hi + 1
-    ticks = _nice_ticks(lo, hi)
+    ticks = _nice_ticks(lo, hi, whole=all(float(v).is_integer() for v in values))
     lo, hi = min(lo, ticks[0]), max(hi, ticks[-1])
     ords = [_ordinal(d) for d in days] or [dt.date.today().toordinal()]
     return _Frame(width, height, min(ords), max(ords), lo, hi, left=left, ticks=ticks)
@@ -156,7 +157,7 @@ def line_chart(series: Sequence[Series], *, width: int = 720, height: int = 220,
         x = f.x(m.day)
         out.append(f'<g class="rename" data-day="{escape(m.day)}"><line x1="{x:.1f}" x2="{x:.1f}" y1="{f.top}"'
                    f' y2="{height - f.bottom}" stroke="#b00" stroke-dasharray="4 3"/><text x="{x + 3:.1f}"'
-                   f' y="{f.top + 10}" font-size="11" fill="#b00">{escape(m.text)}</text></g>')
+                   f' y="{height - f.bottom - 5}" font-size="11" fill="#b00">{escape(m.text)}</text></g>')
     for s in series:
         label = escape(s.label)
         out.append(f'<g class="series" data-series="{label}" fill="none" stroke="{s.colour}">')
