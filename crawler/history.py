@@ -532,7 +532,7 @@ def export_csv(store: HistoryStore, path: Path) -> int:
     return n
 
 
-def _with_gaps(rows: Sequence[GrowthRow]) -> tuple[list[dt.date], list[float]]:
+def with_gaps(rows: Sequence[GrowthRow]) -> tuple[list[dt.date], list[float]]:
     """Days and followers, with a NaN on each missing day so a line breaks there instead of bridging it."""
     days: list[dt.date] = []
     values: list[float] = []
@@ -568,7 +568,7 @@ def plot_growth(store: HistoryStore, handles: Sequence[str], path: Path, *, sinc
     for handle in handles:
         _, current = store.resolve(handle)
         label = f"@{current}" if current == handle.strip().lstrip("@").lower() else f"@{current} (was @{handle})"
-        series.append((label, *_with_gaps(store.growth(handle, since, until))))
+        series.append((label, *with_gaps(store.growth(handle, since, until))))
     if style == "indexed":
         fig, ax0 = plt.subplots(figsize=(10, 5.5), dpi=110)
         axes = [ax0] * len(series)

@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 
 from crawler.cli import main
-from crawler.history import HistoryStore
+from crawler.history import HistoryStore, with_gaps
 from crawler.serve import History
 from crawler.sim.data import World
 from tests.cdp import Page, chromium
@@ -320,6 +320,17 @@ def test_plot_styles_draw_small_multiples_and_indexed_curves(sqlite_built: Built
     assert Image.open(default).size != Image.open(tmp_path / "indexed.png").size
     assert main(["history", "plot", *handles, "-o", str(default), "--style", "flat", "--history-url",
                  sqlite_built.url]) == 2
+    # A missing day is a break in the curve (NaN), never a line drawn across it.
+    store = HistoryStore(sqlite_built.url)
+    try:
+        days, values = with_gaps(store.growth(sqlite_built.handle(sqlite_built.gap_user)))
+    finally:
+        store.close()
+    truth = sqlite_built.truth[sqlite_built.gap_user]
+    first = dt.date.fromisoformat(min(truth))
+    assert [d.isoformat() for d, v in zip(days, values, strict=True) if v == v] == sorted(truth)
+    assert all(v != v for d, v in zip(days, values, strict=True) if d.isoformat() not in truth)
+    assert len(days) >= len(truth) + 2 and days[0] == first  # a NaN in each of the two gaps
 
 
 # --- headless Chromium ---
@@ -350,6 +361,7 @@ async def test_browser_overview_sorts_and_filters_without_javascript(sqlite_buil
         assert [r[0] for r in await _rows(page)] == _order(list(want.values()), 3)
         await _navigate(page, page.type("form.filter input[name=q]", needle, enter=True))
         assert f"q={needle}" in await page.js("location.search")
+        assert "sort=-followers" in await page.js("location.search")  # the filter keeps the sort
         matching = [r for r in want.values() if needle in r[1] or needle in r[2].lower()]
         assert len(matching) < len(want)
         assert [r[0] for r in await _rows(page)] == _order(matching, 3)  # still by followers
