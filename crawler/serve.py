@@ -223,15 +223,14 @@ async def static(request: web.Request) -> web.Response:
     raise _error(404, "no such file")
 
 
-_LOCAL_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
+_LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 
 @web.middleware
 async def guard(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
     """Security headers on every answer; on a loopback bind, only loopback Host names (no DNS rebinding)."""
     if request.app[LOOPBACK]:
-        host = (request.host or "").rsplit(":", 1)[0] if not (request.host or "").startswith("[") else \
-            (request.host or "").split("]")[0] + "]"
+        host = request.url.host or ""
         if host.lower() not in _LOCAL_NAMES:
             raise _error(421, f"this page answers only to localhost, not to {host!r}")
     try:

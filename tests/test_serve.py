@@ -265,6 +265,10 @@ async def test_unknown_handles_are_escaped_and_foreign_hosts_refused(sqlite_buil
         assert status == 404 and "<script>alert" not in html and "&lt;script&gt;alert(3)" in html
         status, _, _ = await _get(base + "/", headers={"Host": "evil.example:8050"})
         assert status == 421
+        for host in ("localhost:8050", "[::1]:8050", "127.0.0.1"):
+            assert (await _get(base + "/", headers={"Host": host}))[0] == 200
+        status, html, _ = await _get(f"{base}/u/{sqlite_built.handle(sqlite_built.gap_user)}?from=2026-13-01")
+        assert status == 400 and "from '2026-13-01': expected a date as YYYY-MM-DD" in html.replace("&#x27;", "'")
         status, html, _ = await _get(base + "/compare?u=%22%3E%3Cimg%20src=x%3E&u=" + sqlite_built.handle(
             sqlite_built.gap_user))
         assert status == 200 and "<img" not in html and "&quot;&gt;&lt;img src=x&gt;" in html
