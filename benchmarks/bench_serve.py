@@ -29,7 +29,7 @@ async def _measure(url: str, handles: int) -> dict[str, float]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
     out: dict[str, float] = {}
     try:
         async with aiohttp.ClientSession() as s:

@@ -282,9 +282,7 @@ async def serve(url: str, host: str, port: int, *, out: Any = sys.stderr) -> int
         except OSError as exc:
             raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --port"
                              ) from None
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        bound = sockets[0].getsockname()[1] if sockets else port
+        bound = runner.addresses[0][1] if runner.addresses else port  # --port 0: the one the system picked
         shown = f"[{host}]" if ":" in host else host
         if not is_loopback(host):
             print(f"crawler: warning: serving on {host}, reachable from other machines; the page has no login:"
