@@ -506,18 +506,18 @@ def ingest_line(result: Any, argv: Sequence[str]) -> str:
             failures[reason] = failures.get(reason, 0) + n
     if not failures:
         return ""
-    hints = []
-    if any(failures.get(r) for r in RETRIABLE):
-        hints.append(f"try them again today with: {again} --retry-failed")
+    files = ", ".join(result.failures_files) or "the failures files"
+    counts = ", ".join(f"{k}: {v:,}" for k, v in sorted(failures.items()))
+    hints = [f"crawler: some items failed on {result.day.isoformat()} ({counts}); see {files}"]
+    if failures.get("invalid_input"):
+        hints.append("fix the invalid lines in the watch list")
     if failures.get("pagination_guard"):
         hints.append("walks a pagination guard ended go on in the next run")
     if failures.get("not_found") or failures.get("private"):
-        hints.append(f"not_found ones are tried again tomorrow (or now with: {again} --retry-failed=all)")
-    if failures.get("invalid_input"):
-        hints.append("fix the invalid lines in the watch list")
-    files = ", ".join(result.failures_files) or "the failures files"
-    counts = ", ".join(f"{k}: {v:,}" for k, v in sorted(failures.items()))
-    return f"crawler: some items failed on {result.day.isoformat()} ({counts}); see {files} ({'; '.join(hints)})"
+        hints.append("not_found users are tried again on the next day (--retry-failed=all tries them now)")
+    if any(failures.get(r) for r in RETRIABLE):  # the command goes last, so the line ends with it
+        hints.append(f"try them again today with: {again} --retry-failed")
+    return "; ".join(hints)
 
 
 def cmd_history(args: argparse.Namespace, argv: Sequence[str]) -> int:

@@ -208,7 +208,8 @@ class Ingest:
             if self.restart:
                 self.store.restart_day(today, [self._key(PROFILES, today)])
             self._record_invalid(watch, today)
-            self.users = UserDirectory(Path(self.settings.data_dir) / "users.db", ttl_days=self.settings.id_ttl_days)
+            self.users = UserDirectory(Path(self.settings.data_dir) / "users.db", ttl_days=self.settings.id_ttl_days,
+                                       clock=lambda: self.clock().timestamp())
             self.sizes = PageSizes(self.settings.data_dir)
             self.client = Client(self.settings, api_key=self._api_key, request_budget=self.settings.max_credits,
                                  max_connections=max(WORKERS * 2, self.settings.parallelism or 0))
