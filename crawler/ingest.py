@@ -205,6 +205,7 @@ class Ingest:
         try:
             today = self.day_now()
             self.watch_users = watch.progress().pending
+            self._repair_files()
             if self.restart:
                 self.store.restart_day(today, [self._key(PROFILES, today)])
             self._record_invalid(watch, today)
@@ -235,6 +236,18 @@ class Ingest:
                 with contextlib.suppress(OSError):
                     f.fh.close()
             self.store.close()
+
+    def _repair_files(self) -> None:
+        """Cut every day file back to its committed length: a killed run may have written rows it never committed
+        (to a day no later run reopens)."""
+        for path in sorted(self.out_dir.glob("*-????-??-??.csv")):
+            if not path.name.startswith((f"{PROFILES}-", f"{POSTS}-")):
+                continue
+            length = self.store.file_length(str(path.resolve()))
+            if length is not None and path.stat().st_size > length:
+                with path.open("r+b") as fh:
+                    fh.truncate(length)
+                    os.fsync(fh.fileno())
 
     def _record_invalid(self, watch: StateStore, today: dt.date) -> None:
         """Invalid watch-list lines are today's failures (reason invalid_input)."""
