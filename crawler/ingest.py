@@ -206,6 +206,9 @@ class Ingest:
             today = self.day_now()
             self.watch_users = watch.progress().pending
             self._repair_files()
+            with self.store.transaction():  # the run is on record for today even if it fetches nothing
+                self.store.put_run_day(self.run_id, today, by_date=self.override is not None, started_at=self.started,
+                                       requests_sent=0, credits_billed=0, watch_users=self.watch_users)
             if self.restart:
                 self.store.restart_day(today, [self._key(PROFILES, today)])
             self._record_invalid(watch, today)

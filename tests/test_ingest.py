@@ -291,6 +291,12 @@ async def test_each_exit_line_prints_a_command_that_makes_progress(simulator: Si
         assert code == 0 and err.strip().splitlines() == [
             "crawler: the out-dir is held by a running ingest (pid 4242, started 2026-01-05T01:00:00+00:00); it"
             " covers today's users, so this run has nothing to do"]
+        code, out, err = await crawler(["history", "days", "--history-url", url], env, tmp_path)
+        assert code == 0, err
+        lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+        assert list(lines) == [day(0), day(1), day(2), day(3)]
+        assert lines[day(0)].split()[1] == "8" and lines[day(0)].endswith("exit 4, exit 0")
+        assert lines[day(1)].endswith("exit 4") and lines[day(2)].endswith("exit 3, exit 0")
 
 
 # --- item 7: names are bound to users in the history store; the shared cache expires ---
@@ -359,6 +365,9 @@ async def test_posts_by_name_after_the_ttl_resolves_the_name_again(simulator: Si
         code, _, err = await crawler(["ingest", "watch.txt", "--out-dir", "out", "-q"],
                                      env | {TEST_NOW_ENV: "2026-01-11T03:00:00"}, tmp_path)
         assert code == 0, err
+        code, out, err = await crawler(["history", "growth", name], env, tmp_path)
+        assert code == 0, err
+        assert out.splitlines()[-1].endswith(f"renamed @{name} -> @{w.handle(i)}") and day(10) in out.splitlines()[-1]
         (tmp_path / "name.txt").write_text(name + "\n")
         code, _, err = await crawler(["posts", "name.txt", "-o", "p.csv", "-q"], environ(sim), tmp_path)
         assert code == 3, err  # the name is nobody's now: not found, never the old owner's posts
