@@ -15,7 +15,7 @@ from crawler.sim.data import VIDEO_ID_BASE, VIDEO_SLOTS, World, WorldConfig
 from crawler.sim.server import FAULT_KINDS
 from tests.conftest import KEY, SimFactory, fast_settings
 from tests.test_cli import FAST_TOML, crawler, environ
-from tests.test_ingest import day, night, posts_union, rows
+from tests.test_ingest import day, night, posts_union, rows, store_url  # noqa: F401  (the fixture)
 
 WORLD = WorldConfig(seed=77, users=4_000, missing_fraction=0.0, rename_probability=0.02, delete_probability=0.08)
 NIGHTS = 30
@@ -46,10 +46,11 @@ def _watch(w: World) -> tuple[list[int], list[int]]:
     return big + small, later
 
 
-async def test_thirty_nights_hold_every_snapshot_and_post_exactly_once(simulator: SimFactory, tmp_path: Path) -> None:
+async def test_thirty_nights_hold_every_snapshot_and_post_exactly_once(simulator: SimFactory, tmp_path: Path,
+                                                                       store_url: str) -> None:  # noqa: F811
     """After 30 nights every snapshot has the world's counts of its day, every post the world shows is in the
     posts files exactly once, no night blocked another, and `history days`, growth and top match the world."""
-    url = str(tmp_path / "history.db")
+    url = store_url
     out = tmp_path / "out"
     (tmp_path / "config.toml").write_text(FAST_TOML)
     async with simulator(world=WORLD, faults=FAULTS) as sim:
@@ -117,8 +118,8 @@ async def test_thirty_nights_hold_every_snapshot_and_post_exactly_once(simulator
         assert budget.runs == ("exit 4",) and budget.requests_sent == BUDGET
         assert budget.credits_billed == billed_on[BUDGET_NIGHT]
         assert "killed or still running" in runs_on[day(4)].runs
-        assert runs_on[day(13)].runs[0] == "killed or still running" and runs_on[day(13)].runs[-1] in ("exit 0",
-                                                                                                         "exit 3")
+        assert sorted(runs_on[day(13)].runs) in (["exit 0", "killed or still running"],
+                                                 ["exit 3", "killed or still running"])
         # every post the world shows is in the posts files exactly once, and in the file of the day it was stored
         union = posts_union(out)
         assert shown <= set(union)
