@@ -392,3 +392,45 @@ async def test_v1_store_is_migrated_and_its_names_stay_bound(tmp_path: Path, sto
     finally:
         store.close()
 
+
+
+async def test_max_pages_bounds_a_day_per_user_and_max_items_is_the_horizon(simulator: SimFactory, tmp_path: Path,
+                                                                            store_url: str) -> None:
+    """--max-pages 2: two pages per user and day (a re-run the same day adds none), later days go on to the end;
+    --max-items 40: the newest 40 make a user complete, and later days walk only what is new."""
+    async with simulator(world=WORLD) as sim:
+        w = sim.world
+        big = public_users(w, 2, min_videos=200, max_videos=400)
+        write_watch(tmp_path / "watch.txt", [w.handle(i) for i in big])
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"), history_url=store_url, max_pages=2)
+        first = await run(tmp_path, settings, 0)
+        assert first.exit_code == 0 and first.capped == 2
+        assert sim.stats.by_endpoint["/user-posts"] == 4
+        await run(tmp_path, settings, 0)  # the same day again: the day's pages are spent
+        assert sim.stats.by_endpoint["/user-posts"] == 4
+        d = 0
+        while not {p.video_id for i in big for p in w.posts(i)} <= set(posts_union(tmp_path / "out")):
+            d += 1
+            assert d < 20, "the walks must reach the end of the lists"
+            sim.advance_day()
+            await run(tmp_path, settings, d)
+        assert max(posts_union(tmp_path / "out").values()) == 1
+        # the horizon: a fresh out-dir and store would be another watch list; here a new user joins
+        small = public_users(w, 40, min_videos=100, max_videos=150)[-1]
+        write_watch(tmp_path / "watch.txt", [w.handle(small)])
+        horizon = settings.replace(max_pages=None, max_items=40)
+        sim.advance_day()
+        await run(tmp_path, horizon, d + 1)
+        newest = list(w.posts(small))[:40]
+        got = posts_union(tmp_path / "out")
+        mine = {p.video_id for p in w.posts(small)}
+        assert {v for v in got if v in mine} == {p.video_id for p in newest}
+        mark = max(p.create_time for p in newest)
+        before = sim.stats.by_endpoint["/user-posts"]
+        while not any(p.create_time > mark for p in w.posts(small)):  # a day with a new post
+            sim.advance_day()
+        await run(tmp_path, horizon, d + 2)
+        assert sim.stats.by_endpoint["/user-posts"] - before == 1  # only the new posts' page, not the old ones
+        fresh = {p.video_id for p in w.posts(small) if p.create_time > mark}
+        got = posts_union(tmp_path / "out")
+        assert {v for v in got if v in {p.video_id for p in w.posts(small)}} == {p.video_id for p in newest} | fresh
