@@ -51,7 +51,7 @@ from crawler.outcome import Outcome
 from crawler.pagesizes import PageSizes
 from crawler.sinks import cell, fsync_dir, write_failures
 from crawler.state import RETRIABLE, RETRIABLE_ALL, StateStore, UserDirectory
-from crawler.stats import Summary
+from crawler.stats import ProgressReporter, Snapshot, Summary
 
 # Test-only clock seam (like killpoints): an ISO time that "now" is, for tests that run ingest as a process.
 TEST_NOW_ENV = "CRAWLER_TEST_NOW"
@@ -174,6 +174,9 @@ class Ingest:
         self.walks: Counter[str] = Counter()  # done, cut (--max-pages), failed
         self.fetched = 0
         self.queued = 0  # users given to the workers
+        self.done = 0  # users the workers finished (fetched or failed)
+        self.skipped = 0  # users with nothing to do today
+        self.failed = 0  # profiles or walks that failed in this run
 
     # -- the day --
 
@@ -260,9 +263,17 @@ class Ingest:
                 for raw, detail in rows:
                     self.store.put_failure(today, raw, PROFILES, "", "invalid_input", detail or "")
 
+    def _progress(self) -> Snapshot:
+        c = self.client.counters
+        return Snapshot(done=self.skipped + self.done, total=self.watch_users,
+                        rows=self.rows[PROFILES] + self.rows[POSTS], requests=c.requests_sent,
+                        credits=c.credits_billed, failed=self.failed, note=self.client.outage.status())
+
     async def _work_all(self, watch: StateStore) -> None:
+        reporter = ProgressReporter("ingest", self._progress, quiet=self.quiet)
         async with asyncio.TaskGroup() as outer:
             writer = outer.create_task(self._writer())
+            progress = outer.create_task(reporter.run())
             try:
                 async with asyncio.TaskGroup() as tg:
                     self._feeder = tg.create_task(self._feed(watch))
@@ -270,6 +281,7 @@ class Ingest:
                     for _ in range(max(1, self.settings.parallelism or WORKERS)):
                         self._tasks.append(tg.create_task(self._worker()))
             finally:
+                progress.cancel()
                 if not writer.done():
                     await self._queue.put(None)  # the writer commits what is queued, then ends
         await self._commit([])  # requests after the last page (failures, the budget stop) still count
@@ -288,11 +300,13 @@ class Ingest:
             for key in keys:
                 uid = ids[key]
                 if (key, PROFILES) in failed and not self._retry(failed[(key, PROFILES)]):
+                    self.skipped += 1
                     continue  # fetched today already (it failed): --retry-failed tries it again
                 has = uid is not None and uid in snaps
                 private = uid is not None and snaps.get(uid, False)
                 posts = self.with_posts and not ((key, POSTS) in failed and not self._retry(failed[(key, POSTS)]))
                 if has and (not posts or private):  # snapshotted today; no posts to walk
+                    self.skipped += 1
                     continue
                 self.queued += 1
                 await self._work.put(UserTask(key, uid, profile=not has, private=private))
@@ -312,6 +326,7 @@ class Ingest:
                 self._idle.discard(me)
             try:
                 await self._user(task)
+                self.done += 1
             except RunStopped as exc:
                 self.request_stop(exc)
                 return
@@ -319,6 +334,7 @@ class Ingest:
                 self._work.task_done()
 
     async def _submit(self, commit: _Commit) -> None:
+        self.failed += commit.failure is not None and commit.failure[1] != "pagination_guard"
         commit.ack = asyncio.get_running_loop().create_future()
         await self._queue.put(commit)
         await commit.ack
