@@ -81,8 +81,9 @@ class Settings:
 
 
 def masked(text: str) -> str:
-    """Text with the credentials of any URL in it (``scheme://user:password@``) replaced by ***."""
-    return re.sub(r"://[^/@\s]+@", "://***@", text)
+    """Text with the credentials of any URL in it (``scheme://user:password@``) replaced by ***; a user name
+    alone (``scheme://user@``) is no secret and stays, so a printed command still runs."""
+    return re.sub(r"://[^/@\s]*:[^/@\s]*@", "://***@", text)
 
 
 def _bool(v: Any) -> bool:

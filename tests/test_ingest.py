@@ -227,7 +227,8 @@ def _printed_command(line: str) -> list[str]:
     return shlex.split(line.split(": crawler ", 1)[1])
 
 
-async def test_each_exit_line_prints_a_command_that_makes_progress(simulator: SimFactory, tmp_path: Path) -> None:
+async def test_each_exit_line_prints_a_command_that_makes_progress(simulator: SimFactory, tmp_path: Path,
+                                                                   store_url: str) -> None:
     """Budget stops, failed users, an empty balance and a held out-dir: each printed command moves on."""
     async with simulator(world=WORLD, keys={KEY: None, "small": 4}) as sim:
         w = sim.world
@@ -235,7 +236,7 @@ async def test_each_exit_line_prints_a_command_that_makes_progress(simulator: Si
         write_watch(tmp_path / "watch.txt", [w.handle(i) for i in watch])
         (tmp_path / "config.toml").write_text(FAST_TOML)
         env = environ(sim) | {TEST_NOW_ENV: "2026-01-01T03:00:00"}
-        url = str(tmp_path / "h.db")
+        url = store_url
         base = ["ingest", "watch.txt", "--out-dir", "out", "--posts", "-q", "--history-url", url]
 
         def stored() -> tuple[int, int]:
