@@ -128,14 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
     _job_parser(sub, "challenge-info", "metadata of each hashtag", "file of challenge ids or hashtag names")
 
     i = sub.add_parser("ingest", help="the daily job: profiles of a watch list (+ new posts) and their history",
-                       description="One job per day (UTC; --date for backfills). Writes DIR/profiles-DAY.csv "
-                       "(and DIR/posts-DAY.csv with --posts) and a snapshot per profile in the history store.")
+                       description="Covers today (UTC): every watch-list user without a snapshot today, plus posts"
+                       " walks earlier runs cut short. Each profile goes to DIR/profiles-DAY.csv and the history"
+                       " store under the UTC day it was fetched; with --posts, posts first stored on DAY go to"
+                       " DIR/posts-DAY.csv. A missed night is a gap, never filled with another day's data.")
     i.add_argument("input", metavar="INPUT", help="file of handles (or id:NNN), one per line, or - for stdin")
     i.add_argument("--out-dir", required=True, metavar="DIR")
-    i.add_argument("--date", metavar="YYYY-MM-DD", help="the day to record (default: today in UTC, or the day"
-                   " of an unfinished run in DIR)")
-    i.add_argument("--posts", action="store_true", help="also fetch posts newer than the newest one stored")
-    i.add_argument("--restart", action="store_true", help="run the day again, replacing its snapshots")
+    i.add_argument("--date", metavar="YYYY-MM-DD", help="record everything under this day instead of the UTC fetch"
+                   " day (tests, deliberate backfills; `history days` marks it)")
+    i.add_argument("--posts", action="store_true", help="also walk each user's posts down to what is stored"
+                   " (--max-items N: only the newest N; --max-pages: pages per user and night)")
+    i.add_argument("--restart", action="store_true", help="refetch today's users, replacing today's snapshots")
+    i.add_argument("--retry-failed", nargs="?", const=True, default=False, type=_retry_choice, metavar="all",
+                   help="try today's failed users again (retries_exhausted, budget); =all also not_found and"
+                   " private")
     i.add_argument("--column")
     i.add_argument("--by-id", action="store_true")
     i.add_argument("--history-url", dest="history.url", metavar="URL", help="postgresql://... (default: SQLite)")
@@ -170,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                        " read-only. Binds to 127.0.0.1 by default: the page has no login.")
     g6.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     g6.add_argument("--port", type=int, default=8050, help="port (default 8050; 0 picks a free one)")
-    for q, name in ((g1, "growth"), (g2, "top"), (g3, "as-of"), (g4, "export"), (g5, "plot"), (g6, "serve")):
+    g7 = hs.add_parser("days", help="per day: users snapshotted and missing, credits, how the runs ended, gaps")
+    for q, name in ((g1, "growth"), (g2, "top"), (g3, "as-of"), (g4, "export"), (g5, "plot"), (g6, "serve"),
+                    (g7, "days")):
         q.add_argument("--history-url", dest="history.url", metavar="URL")
         q.add_argument("--config")
         q.add_argument("--data-dir", dest="crawl.data_dir", metavar="DIR")
@@ -235,7 +243,7 @@ def _logging(verbose: int) -> None:
 
 
 def _resume_hint(argv: Sequence[str]) -> str:
-    words = [w for w in argv if w not in ("--restart", "--retry-failed")]
+    words = [w for w in argv if w != "--restart" and w.split("=", 1)[0] != "--retry-failed"]
     # A database URL may carry a password: never echo it into logs.
     return "crawler " + masked(shlex.join(words))
 
@@ -470,11 +478,54 @@ def cmd_ingest(args: argparse.Namespace, argv: Sequence[str]) -> int:
     key = api_key()
     check_ledger(settings, key)
     result = asyncio.run(ingest(args.input, Path(args.out_dir), settings, api_key=key, date=args.date,
-                                with_posts=args.posts, restart=args.restart, column=args.column, by_id=args.by_id,
-                                quiet=args.quiet))
-    for outcome in result.outcomes:
-        _report(outcome, args.quiet, argv)
+                                with_posts=args.posts, restart=args.restart, retry_failed=args.retry_failed,
+                                column=args.column, by_id=args.by_id, quiet=args.quiet))
+    if not args.quiet:
+        for outcome in result.outcomes:
+            print(outcome.summary.render(), file=sys.stderr)
+    line = ingest_line(result, argv)
+    if line:
+        print(line, file=sys.stderr)
     return result.exit_code
+
+
+def ingest_line(result: Any, argv: Sequence[str]) -> str:
+    """The one line an ingest run ends with: why it stopped or what failed, and what to run next."""
+    from crawler.errors import BalanceExhausted, BudgetExhausted
+    from crawler.state import RETRIABLE
+
+    if result.held_by is not None:
+        return (f"crawler: the out-dir is held by a running ingest ({result.held_by}); it covers today's users,"
+                " so this run has nothing to do")
+    err = result.error
+    again = _resume_hint(argv)
+    if isinstance(err, BudgetExhausted):
+        if not result.budget:
+            return "crawler: --max-credits is 0, so nothing can be fetched: raise it (or drop it) and run again"
+        return (f"crawler: {err}; each run has its own budget and goes on where this one stopped: {again}")
+    if isinstance(err, BalanceExhausted):
+        return f"crawler: {err}; top up the account, then go on with: {again}"
+    if err is not None:
+        resumable = isinstance(err, Interrupted) or getattr(err, "resumable", False)
+        return f"crawler: {err}" + (f"; go on with: {again}" if resumable else "")
+    failures: dict[str, int] = {}
+    for o in result.outcomes:
+        for reason, n in o.summary.failures.items():
+            failures[reason] = failures.get(reason, 0) + n
+    if not failures:
+        return ""
+    files = ", ".join(result.failures_files) or "the failures files"
+    counts = ", ".join(f"{k}: {v:,}" for k, v in sorted(failures.items()))
+    hints = [f"crawler: some items failed on {result.day.isoformat()} ({counts}); see {files}"]
+    if failures.get("invalid_input"):
+        hints.append("fix the invalid lines in the watch list")
+    if failures.get("pagination_guard"):
+        hints.append("walks a pagination guard ended go on in the next run")
+    if failures.get("not_found") or failures.get("private"):
+        hints.append("not_found users are tried again on the next day (--retry-failed=all tries them now)")
+    if any(failures.get(r) for r in RETRIABLE):  # the command goes last, so the line ends with it
+        hints.append(f"try them again today with: {again} --retry-failed")
+    return "; ".join(hints)
 
 
 def cmd_history(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -498,11 +549,13 @@ def cmd_history(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if args.query == "growth":
             rows = store.growth(args.handle, args.since and parse_day(args.since, "--since"),
                                 args.until and parse_day(args.until, "--until"))
+            renamed = {r.day: r for r in store.renames(store.resolve(args.handle)[0])}
             print(f"{'day':<10}  {'followers':>12}  {'delta':>9}")
             for r in rows:
                 delta = "" if r.delta is None else f"{r.delta:+,}"
                 followers = "" if r.followers is None else f"{r.followers:,}"
-                print(f"{r.day:<10}  {followers:>12}  {delta:>9}")
+                note = f"  renamed @{renamed[r.day].old} -> @{renamed[r.day].new}" if r.day in renamed else ""
+                print(f"{r.day:<10}  {followers:>12}  {delta:>9}{note}")
         elif args.query == "top":
             print(f"{'handle':<26}  {'start':>12}  {'end':>12}  {'gained':>10}")
             for t in store.top(args.by, args.days, args.limit):
@@ -514,6 +567,18 @@ def cmd_history(args: argparse.Namespace, argv: Sequence[str]) -> int:
             out.writerow(["handle", "user_id", "day", "followers", "following", "hearts", "videos"])
             for row in store.as_of(parse_day(args.date, "as-of")):
                 out.writerow([row[3], row[0], row[1], row[4], row[5], row[6], row[7]])
+        elif args.query == "days":
+            print(f"{'day':<10}  {'snapshotted':>11}  {'missing':>7}  {'failed':>6}  {'credits':>8}  runs")
+            for d in store.days():
+                if d.gap:
+                    print(f"{d.day:<10}  {'':>11}  {'':>7}  {'':>6}  {'':>8}  gap: no run")
+                    continue
+                missing = "" if d.missing is None else f"{d.missing:,}"
+                runs = ", ".join(d.runs) or "no run recorded"
+                notes = [" (--date: a backfill)" if d.by_date else ""]
+                notes += [f"; renamed @{r.old} -> @{r.new}" for r in d.renames]
+                print(f"{d.day:<10}  {d.snapshotted:>11,}  {missing:>7}  {d.failures:>6,}  {d.credits_billed:>8,}"
+                      f"  {runs}{''.join(notes)}")
         elif args.query == "export":
             n = export_csv(store, Path(args.output))
             print(f"crawler: wrote {n:,} snapshots to {args.output}", file=sys.stderr)

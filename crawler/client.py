@@ -79,7 +79,8 @@ class Counters:
     retries: int = 0
     rate_limited: int = 0
     latency: float = 0.0  # moving average of request seconds (for parallelism = "auto")
-    by_endpoint: Counter[str] = field(default_factory=Counter)
+    by_endpoint: Counter[str] = field(default_factory=Counter)  # requests sent per path
+    billed_by_endpoint: Counter[str] = field(default_factory=Counter)  # credits billed per path
 
 
 def check_base_url(url: str, *, allow_insecure_http: bool = False) -> str:
@@ -518,10 +519,12 @@ class Client:
         if failure is not None:
             if status == 200:  # the answer began as a 200: the API billed it even if its body never arrived
                 c.credits_billed += 1
+                c.billed_by_endpoint[path] += 1
             raise CannotConnect(failure) if refused else Unreachable(failure)
         result, billed = interpret(status, raw, retry_after, path)
         if billed:
             self.counters.credits_billed += 1
+            self.counters.billed_by_endpoint[path] += 1
         if isinstance(result, CrawlerError):
             raise result
         return result

@@ -62,6 +62,7 @@ class Settings:
     max_items: int | None = None  # crawl.max_items
     max_credits: int | None = None  # crawl.max_credits
     data_dir: str = ".crawler"  # crawl.data_dir
+    id_ttl_days: float = 7.0  # crawl.id_ttl_days: days a handle -> id mapping from a profile is trusted
     retry_attempts: int = 5  # retry.attempts
     retry_base_delay: float = 0.5  # retry.base_delay
     retry_max_delay: float = 30.0  # retry.max_delay
@@ -80,8 +81,9 @@ class Settings:
 
 
 def masked(text: str) -> str:
-    """Text with the credentials of any URL in it (``scheme://user:password@``) replaced by ***."""
-    return re.sub(r"://[^/@\s]+@", "://***@", text)
+    """Text with the credentials of any URL in it (``scheme://user:password@``) replaced by ***; a user name
+    alone (``scheme://user@``) is no secret and stays, so a printed command still runs."""
+    return re.sub(r"://[^/@\s]*:[^/@\s]*@", "://***@", text)
 
 
 def _bool(v: Any) -> bool:
@@ -154,6 +156,7 @@ KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "crawl.max_items": ("max_items", _number(int, low=1, allow_none=True)),
     "crawl.max_credits": ("max_credits", _number(int, low=0, allow_none=True)),
     "crawl.data_dir": ("data_dir", _text),
+    "crawl.id_ttl_days": ("id_ttl_days", _number(float, low=0)),
     "retry.attempts": ("retry_attempts", _number(int, low=1)),
     "retry.base_delay": ("retry_base_delay", _number(float, low=0)),
     "retry.max_delay": ("retry_max_delay", _number(float, low=0)),

@@ -173,7 +173,7 @@ class Crawl:
             if prepared.state is Prepared.COMPLETE:
                 return self._outcome(started, "already complete", 0, reason="nothing to do; --restart runs it again")
             # Opened only now: a usage error found while preparing leaves no data directory behind.
-            self.users = UserDirectory(Path(self.settings.data_dir) / "users.db")
+            self.users = UserDirectory(Path(self.settings.data_dir) / "users.db", ttl_days=self.settings.id_ttl_days)
             self.page_sizes = PageSizes(self.settings.data_dir)
             job = self.state.job()
             assert job is not None

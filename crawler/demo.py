@@ -90,7 +90,7 @@ def _daily(url: str, env: dict[str, str], watch: list[str], common: list[str]) -
         if code not in (0, 3):
             return code
         urllib.request.urlopen(urllib.request.Request(url + "/__sim/advance?days=1", method="POST")).read()
-    for query in (["top", "--days", "7", "--limit", "5"], ["growth", watch[0], "--since", "2026-01-08"],
+    for query in (["days"], ["top", "--days", "7", "--limit", "5"], ["growth", watch[0], "--since", "2026-01-08"],
                   ["plot", *watch[:4], "-o", str(OUT / "growth.png")]):
         print(f"\n$ crawler history {' '.join(query)}")
         code = subprocess.call([sys.executable, "-m", "crawler", "history", *query, *history,

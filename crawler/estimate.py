@@ -96,7 +96,7 @@ def estimate(command: str, input_path: str, settings: Settings, *, column: str |
     # What the walk will ask for: --page-size, else a size learned from earlier answers, else the most it gives.
     size = min(settings.page_size or learned.get(kind) or LISTS[kind].max_page_size,
                LISTS[kind].max_page_size) if kind is not None else 0
-    users = UserDirectory(Path(settings.data_dir) / "users.db")
+    users = UserDirectory(Path(settings.data_dir) / "users.db", ttl_days=settings.id_ttl_days)
     with tempfile.TemporaryDirectory() as tmp:
         seen = StateStore(Path(tmp) / "dedupe.db")
         try:

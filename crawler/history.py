@@ -7,8 +7,10 @@ psycopg) and only the connection, the DDL types and the bulk path differ. Snapsh
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
+import json
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -39,6 +41,27 @@ MIGRATIONS: dict[int, list[str]] = {
     2: [
         "CREATE TABLE IF NOT EXISTS renames (user_id TEXT NOT NULL, old_handle TEXT NOT NULL,"
         " new_handle TEXT NOT NULL, day {date} NOT NULL, PRIMARY KEY (user_id, day, old_handle, new_handle))",
+        # Ingest follows users, not names: a watch-list name stays bound to the user it first resolved to.
+        "CREATE TABLE IF NOT EXISTS watch_names (name TEXT PRIMARY KEY, user_id TEXT NOT NULL, day {date} NOT NULL)",
+        # A v1 store's names: each handle's latest user (v1 resolved watch-list names into `handles`).
+        "INSERT INTO watch_names (name, user_id, day) SELECT h.handle, h.user_id, h.first_day FROM handles h"
+        " WHERE NOT EXISTS (SELECT 1 FROM handles g WHERE g.handle = h.handle AND (g.last_day > h.last_day"
+        " OR (g.last_day = h.last_day AND g.user_id > h.user_id))) ON CONFLICT DO NOTHING",
+        # Each user's posts walk: complete through `through` (create_time of the newest post of the last
+        # complete walk); a walk cut short keeps its cursor, the watermark it walks down to (`stop_at`) and
+        # the newest post it started from (`top`, the next watermark). v1 stores start with no watermark:
+        # their next walk goes to the end once, repairing posts v1's incremental stop may have skipped.
+        "CREATE TABLE IF NOT EXISTS walks (user_id TEXT PRIMARY KEY, through {int}, cursor TEXT, stop_at {int},"
+        " top {int}, rows {int} NOT NULL DEFAULT 0, day {date}, day_pages {int} NOT NULL DEFAULT 0, walked {date})",
+        # What ingest could not fetch on a day (the day's failures files are written from here).
+        "CREATE TABLE IF NOT EXISTS ingest_failures (day {date} NOT NULL, input TEXT NOT NULL, part TEXT NOT NULL,"
+        " endpoint TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL, PRIMARY KEY (day, input, part))",
+        # One row per ingest run and day it wrote to: its spend that day and how it ended (NULL: killed or running).
+        "CREATE TABLE IF NOT EXISTS ingest_runs (run_id TEXT NOT NULL, day {date} NOT NULL, by_date {bool} NOT NULL,"
+        " started_at {ts} NOT NULL, ended_at {ts}, exit_code {int}, requests_sent {int} NOT NULL DEFAULT 0,"
+        " credits_billed {int} NOT NULL DEFAULT 0, watch_users {int} NOT NULL DEFAULT 0, PRIMARY KEY (run_id, day))",
+        # The committed length of each day file: rows past it (a kill between write and commit) are cut off.
+        "CREATE TABLE IF NOT EXISTS ingest_files (path TEXT PRIMARY KEY, length {int} NOT NULL)",
     ],
 }
 
@@ -65,6 +88,36 @@ class RenameRow:
     old: str
     new: str
     day: str
+
+
+@dataclass(frozen=True, slots=True)
+class WalkState:
+    """Where a user's posts walk stands (see the `walks` table)."""
+
+    through: int | None = None
+    cursor: Any = None  # the next cursor of a walk cut short, None when no walk is pending
+    stop_at: int | None = None
+    top: int | None = None
+    rows: int = 0
+    day: str | None = None  # the day `day_pages` counts
+    day_pages: int = 0
+    walked: str | None = None  # the day of the last complete walk
+
+
+@dataclass(frozen=True, slots=True)
+class DayRow:
+    """One day of `history days`."""
+
+    day: str
+    snapshotted: int
+    missing: int | None  # watch-list users without a snapshot (None: no run recorded its list)
+    requests_sent: int
+    credits_billed: int
+    runs: tuple[str, ...]  # how each run that wrote to the day ended
+    by_date: bool  # a run wrote this day with --date (a backfill, not the fetch day)
+    failures: int
+    renames: tuple[RenameRow, ...] = ()
+    gap: bool = False  # no run wrote this day
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,53 +245,221 @@ class HistoryStore:
 
     # --- writes ---
 
-    def record_snapshot(self, day: dt.date, profile: Profile, *, also_handle: str | None = None,
-                        fetched_at: dt.datetime | None = None) -> None:
-        """Store (or replace) the user's snapshot for ``day``; remember its handle(s)."""
-        when = (fetched_at or dt.datetime.now(dt.UTC)).isoformat()
-        d = day.isoformat()
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One transaction around the `put_*` writes (ingest's commit point)."""
         self._begin()
         try:
-            self._exec(
-                "INSERT INTO snapshots (user_id, day, fetched_at, handle, followers, following, hearts, videos,"
-                " likes, verified, private) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (user_id, day) DO UPDATE SET fetched_at = excluded.fetched_at,"
-                " handle = excluded.handle, followers = excluded.followers, following = excluded.following,"
-                " hearts = excluded.hearts, videos = excluded.videos, likes = excluded.likes,"
-                " verified = excluded.verified, private = excluded.private",
-                (profile.user_id, d, when, profile.handle, profile.followers, profile.following, profile.hearts,
-                 profile.videos, profile.likes, profile.verified, profile.private),
-            )
-            self._exec(
-                "INSERT INTO users (user_id, handle, nickname, first_day, last_day) VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT (user_id) DO UPDATE SET"
-                " handle = CASE WHEN excluded.last_day >= users.last_day THEN excluded.handle ELSE users.handle END,"
-                " nickname = excluded.nickname,"
-                " first_day = CASE WHEN excluded.first_day < users.first_day THEN excluded.first_day"
-                " ELSE users.first_day END,"
-                " last_day = CASE WHEN excluded.last_day > users.last_day THEN excluded.last_day"
-                " ELSE users.last_day END",
-                (profile.user_id, profile.handle, profile.nickname, d, d),
-            )
-            for handle in {profile.handle, also_handle or profile.handle}:
-                self._exec(
-                    "INSERT INTO handles (handle, user_id, first_day, last_day) VALUES (?, ?, ?, ?)"
-                    " ON CONFLICT (handle, user_id) DO UPDATE SET"
-                    " first_day = CASE WHEN excluded.first_day < handles.first_day THEN excluded.first_day"
-                    " ELSE handles.first_day END,"
-                    " last_day = CASE WHEN excluded.last_day > handles.last_day THEN excluded.last_day"
-                    " ELSE handles.last_day END",
-                    (handle, profile.user_id, d, d),
-                )
-            self._commit()
+            yield
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
+        self._commit()
+
+    def record_snapshot(self, day: dt.date, profile: Profile, *, also_handle: str | None = None,
+                        fetched_at: dt.datetime | None = None) -> None:
+        """Store (or replace) the user's snapshot for ``day``; remember its handle(s)."""
+        with self.transaction():
+            self.put_snapshot(day, profile, also_handle=also_handle, fetched_at=fetched_at)
+
+    def put_snapshot(self, day: dt.date, profile: Profile, *, also_handle: str | None = None,
+                     fetched_at: dt.datetime | None = None) -> None:
+        """`record_snapshot` inside the caller's transaction."""
+        when = (fetched_at or dt.datetime.now(dt.UTC)).isoformat()
+        d = day.isoformat()
+        self._exec(
+            "INSERT INTO snapshots (user_id, day, fetched_at, handle, followers, following, hearts, videos,"
+            " likes, verified, private) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (user_id, day) DO UPDATE SET fetched_at = excluded.fetched_at,"
+            " handle = excluded.handle, followers = excluded.followers, following = excluded.following,"
+            " hearts = excluded.hearts, videos = excluded.videos, likes = excluded.likes,"
+            " verified = excluded.verified, private = excluded.private",
+            (profile.user_id, d, when, profile.handle, profile.followers, profile.following, profile.hearts,
+             profile.videos, profile.likes, profile.verified, profile.private),
+        )
+        self._exec(
+            "INSERT INTO users (user_id, handle, nickname, first_day, last_day) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (user_id) DO UPDATE SET"
+            " handle = CASE WHEN excluded.last_day >= users.last_day THEN excluded.handle ELSE users.handle END,"
+            " nickname = excluded.nickname,"
+            " first_day = CASE WHEN excluded.first_day < users.first_day THEN excluded.first_day"
+            " ELSE users.first_day END,"
+            " last_day = CASE WHEN excluded.last_day > users.last_day THEN excluded.last_day"
+            " ELSE users.last_day END",
+            (profile.user_id, profile.handle, profile.nickname, d, d),
+        )
+        for handle in {profile.handle, also_handle or profile.handle}:
+            self._exec(
+                "INSERT INTO handles (handle, user_id, first_day, last_day) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (handle, user_id) DO UPDATE SET"
+                " first_day = CASE WHEN excluded.first_day < handles.first_day THEN excluded.first_day"
+                " ELSE handles.first_day END,"
+                " last_day = CASE WHEN excluded.last_day > handles.last_day THEN excluded.last_day"
+                " ELSE handles.last_day END",
+                (handle, profile.user_id, d, d),
+            )
 
     def record_rename(self, user_id: str, old: str, new: str, day: dt.date) -> None:
         """Remember that ``user_id`` went from handle ``old`` to ``new`` on ``day`` (idempotent)."""
         self._exec("INSERT INTO renames (user_id, old_handle, new_handle, day) VALUES (?, ?, ?, ?)"
                    " ON CONFLICT DO NOTHING", (user_id, old, new, day.isoformat()))
+
+    # --- ingest's bookkeeping (see crawler/ingest.py); put_* run inside the caller's transaction ---
+
+    def bound_ids(self, names: Sequence[str]) -> dict[str, str]:
+        """The user each watch-list name is bound to, for the names that have one."""
+        return dict(self._in("SELECT name, user_id FROM watch_names WHERE name IN ({})", names))
+
+    def bind(self, name: str, user_id: str, day: dt.date) -> None:
+        """Bind a watch-list name to the user it resolved to (the first binding stays)."""
+        self._exec("INSERT INTO watch_names (name, user_id, day) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                   (name, user_id, day.isoformat()))
+
+    def snapshotted(self, user_ids: Sequence[str], day: dt.date) -> dict[str, bool]:
+        """Users with a snapshot on ``day``, and whether it says private."""
+        rows = self._in("SELECT user_id, private FROM snapshots WHERE day = ? AND user_id IN ({})", user_ids,
+                        day.isoformat())
+        return {str(u): bool(p) for u, p in rows}
+
+    def handle_of(self, user_id: str) -> str | None:
+        """The user's handle as last stored."""
+        rows = self._rows("SELECT handle FROM users WHERE user_id = ?", (user_id,))
+        return str(rows[0][0]) if rows else None
+
+    def day_failures(self, day: dt.date, inputs: Sequence[str]) -> dict[tuple[str, str], str]:
+        """(input, part) -> reason of what failed on ``day`` among ``inputs``."""
+        rows = self._in("SELECT input, part, reason FROM ingest_failures WHERE day = ? AND input IN ({})", inputs,
+                        day.isoformat())
+        return {(str(i), str(p)): str(r) for i, p, r in rows}
+
+    def put_failure(self, day: dt.date, input_key: str, part: str, endpoint: str, reason: str, detail: str) -> None:
+        """Record (or replace) what failed for an input on ``day``."""
+        self._exec("INSERT INTO ingest_failures (day, input, part, endpoint, reason, detail) VALUES (?, ?, ?, ?, ?, ?)"
+                   " ON CONFLICT (day, input, part) DO UPDATE SET endpoint = excluded.endpoint,"
+                   " reason = excluded.reason, detail = excluded.detail",
+                   (day.isoformat(), input_key, part, endpoint, reason, detail))
+
+    def clear_failure(self, day: dt.date, input_key: str, part: str) -> None:
+        """An input that failed earlier on ``day`` succeeded."""
+        self._exec("DELETE FROM ingest_failures WHERE day = ? AND input = ? AND part = ?",
+                   (day.isoformat(), input_key, part))
+
+    def failures(self, day: dt.date, part: str) -> list[tuple[str, str, str, str]]:
+        """(input, endpoint, reason, detail) of what is still failed on ``day`` (one part)."""
+        rows = self._rows("SELECT input, endpoint, reason, detail FROM ingest_failures WHERE day = ? AND part = ?"
+                          " ORDER BY input", (day.isoformat(), part))
+        return [(str(a), str(b), str(c), str(d)) for a, b, c, d in rows]
+
+    def walk_state(self, user_id: str) -> WalkState:
+        """Where the user's posts walk stands (a fresh state for a user never walked)."""
+        rows = self._rows("SELECT through, cursor, stop_at, top, rows, day, day_pages, walked FROM walks"
+                          " WHERE user_id = ?", (user_id,))
+        if not rows:
+            return WalkState()
+        through, cursor, stop_at, top, n, day, pages, walked = rows[0]
+        return WalkState(through, None if cursor is None else json.loads(cursor), stop_at, top, int(n),
+                         None if day is None else self._day(day), int(pages),
+                         None if walked is None else self._day(walked))
+
+    def put_walk(self, user_id: str, w: WalkState) -> None:
+        """Store where the user's posts walk stands."""
+        self._exec(
+            "INSERT INTO walks (user_id, through, cursor, stop_at, top, rows, day, day_pages, walked)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET through = excluded.through,"
+            " cursor = excluded.cursor, stop_at = excluded.stop_at, top = excluded.top, rows = excluded.rows,"
+            " day = excluded.day, day_pages = excluded.day_pages, walked = excluded.walked",
+            (user_id, w.through, None if w.cursor is None else json.dumps(w.cursor), w.stop_at, w.top, w.rows,
+             w.day, w.day_pages, w.walked))
+
+    def known_posts(self, video_ids: Sequence[str]) -> set[str]:
+        """Those of ``video_ids`` already stored."""
+        return {str(v) for (v,) in self._in("SELECT video_id FROM posts WHERE video_id IN ({})", video_ids)}
+
+    def put_posts(self, day: dt.date, user_id: str, posts: Iterable[Post]) -> None:
+        """`record_posts` inside the caller's transaction."""
+        rows = [(p.video_id, user_id, p.create_time, day.isoformat()) for p in posts]
+        if not rows:
+            return
+        sql = self._sql("INSERT INTO posts (video_id, user_id, create_time, first_day) VALUES (?, ?, ?, ?)"
+                        " ON CONFLICT (video_id) DO NOTHING")
+        if self.postgres:
+            with self._db.cursor() as cur:
+                cur.executemany(sql, rows)
+        else:
+            self._db.executemany(sql, rows)
+
+    def file_length(self, path: str) -> int | None:
+        """The committed length of a day file, None if it was never opened by ingest."""
+        rows = self._rows("SELECT length FROM ingest_files WHERE path = ?", (path,))
+        return int(rows[0][0]) if rows else None
+
+    def put_file_length(self, path: str, length: int) -> None:
+        """Record a day file's committed length."""
+        self._exec("INSERT INTO ingest_files (path, length) VALUES (?, ?)"
+                   " ON CONFLICT (path) DO UPDATE SET length = excluded.length", (path, length))
+
+    def put_run_day(self, run_id: str, day: dt.date, *, by_date: bool, started_at: dt.datetime, requests_sent: int,
+                    credits_billed: int, watch_users: int) -> None:
+        """Add a run's spend on ``day`` (the row appears with the run's first commit that day)."""
+        self._exec(
+            "INSERT INTO ingest_runs (run_id, day, by_date, started_at, requests_sent, credits_billed, watch_users)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, day) DO UPDATE SET"
+            " requests_sent = ingest_runs.requests_sent + excluded.requests_sent,"
+            " credits_billed = ingest_runs.credits_billed + excluded.credits_billed,"
+            " watch_users = excluded.watch_users",
+            (run_id, day.isoformat(), by_date, started_at.isoformat(), requests_sent, credits_billed, watch_users))
+
+    def end_run(self, run_id: str, exit_code: int, ended_at: dt.datetime) -> None:
+        """Record how a run ended on every day it wrote to."""
+        self._exec("UPDATE ingest_runs SET exit_code = ?, ended_at = ? WHERE run_id = ?",
+                   (exit_code, ended_at.isoformat(), run_id))
+
+    def restart_day(self, day: dt.date, files: Sequence[str]) -> None:
+        """`ingest --restart`: forget ``day``'s snapshots and profile failures; its profiles file starts over."""
+        with self.transaction():
+            self._exec("DELETE FROM snapshots WHERE day = ?", (day.isoformat(),))
+            self._exec("DELETE FROM ingest_failures WHERE day = ? AND part = 'profiles'", (day.isoformat(),))
+            for path in files:
+                self.put_file_length(path, 0)
+
+    def days(self) -> list[DayRow]:
+        """Every day from the first to the last one with snapshots or runs, gaps included."""
+        snaps = {self._day(d): int(n) for d, n in self._rows("SELECT day, COUNT(*) FROM snapshots GROUP BY day")}
+        fails = {self._day(d): int(n)
+                 for d, n in self._rows("SELECT day, COUNT(DISTINCT input) FROM ingest_failures GROUP BY day")}
+        runs: dict[str, list[tuple[Any, ...]]] = {}
+        for row in self._rows("SELECT day, started_at, exit_code, requests_sent, credits_billed, watch_users, by_date"
+                              " FROM ingest_runs ORDER BY day, started_at"):
+            runs.setdefault(self._day(row[0]), []).append(row)
+        renames: dict[str, list[RenameRow]] = {}
+        for r in self.renames():
+            renames.setdefault(r.day, []).append(r)
+        known = sorted(set(snaps) | set(runs))
+        if not known:
+            return []
+        out: list[DayRow] = []
+        day, last = dt.date.fromisoformat(known[0]), dt.date.fromisoformat(known[-1])
+        while day <= last:
+            d = day.isoformat()
+            mine = runs.get(d, [])
+            watch = max((int(r[5]) for r in mine), default=0)
+            ended = tuple("killed or still running" if r[2] is None else f"exit {r[2]}" for r in mine)
+            out.append(DayRow(
+                day=d, snapshotted=snaps.get(d, 0),
+                missing=max(watch - snaps.get(d, 0), 0) if mine else None,
+                requests_sent=sum(int(r[3]) for r in mine), credits_billed=sum(int(r[4]) for r in mine),
+                runs=ended, by_date=any(bool(r[6]) for r in mine), failures=fails.get(d, 0),
+                renames=tuple(renames.get(d, ())), gap=not mine and d not in snaps))
+            day += dt.timedelta(days=1)
+        return out
+
+    def _in(self, sql: str, values: Sequence[str], *params: Any) -> list[tuple[Any, ...]]:
+        """Run ``sql`` whose `IN ({})` takes ``values`` (in chunks), after the fixed ``params``."""
+        out: list[tuple[Any, ...]] = []
+        for start in range(0, len(values), 500):
+            chunk = list(values[start:start + 500])
+            out.extend(self._rows(sql.format(", ".join("?" * len(chunk))), (*params, *chunk)))
+        return out
 
     def newest_post_time(self, user_id: str, before: dt.date) -> int | None:
         """create_time of the newest post of a user first stored before ``before`` (the incremental stop)."""
@@ -565,8 +786,10 @@ def plot_growth(store: HistoryStore, handles: Sequence[str], path: Path, *, sinc
     except ImportError:
         raise UsageError("plot needs matplotlib: pip install 'crawler[plot]'") from None
     series = []
+    user_ids: list[str] = []
     for handle in handles:
-        _, current = store.resolve(handle)
+        user_id, current = store.resolve(handle)
+        user_ids.append(user_id)
         label = f"@{current}" if current == handle.strip().lstrip("@").lower() else f"@{current} (was @{handle})"
         series.append((label, *with_gaps(store.growth(handle, since, until))))
     if style == "indexed":
@@ -589,6 +812,12 @@ def plot_growth(store: HistoryStore, handles: Sequence[str], path: Path, *, sinc
             ax.plot(days, values, marker="o", markersize=3, linewidth=2,  # type: ignore[arg-type]
                     color=f"C{n % 10}", label=label)
             labels.append(label)
+            by_day = {d: v for d, v in zip(days, values, strict=True) if v == v}
+            for rename in store.renames(user_ids[n]):  # mark the day the handle changed
+                when = dt.date.fromisoformat(rename.day)
+                if when in by_day:
+                    ax.annotate(f"@{rename.old} → @{rename.new}", (when, by_day[when]),
+                                textcoords="offset points", xytext=(4, 8), fontsize=8, color=f"C{n % 10}")
             ax.grid(True, alpha=0.3)
             ax.xaxis.set_major_formatter(mdates.DateFormatter("%b %d"))  # type: ignore[no-untyped-call]
             for side in ("top", "right"):

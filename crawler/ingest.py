@@ -1,29 +1,71 @@
-"""`crawler ingest`: the daily job. Profiles (and, with --posts, new posts) of a watch list, one job per day.
+"""`crawler ingest`: the scheduled job. Profiles (and, with --posts, posts) of a watch list into day files.
 
-Each day is two ordinary crawl jobs (so resume, locking and exactly-once come from crawl.py):
-`DIR/profiles-DAY.csv` and, with --posts, `DIR/posts-DAY.csv`. Every profile is also stored as the
-day's snapshot in the history store; users are fetched by id once their id is known, so a renamed
-account stays one user. Posts stop at the newest post stored on an earlier day.
+A run covers today (UTC): every watch-list user without a snapshot today, plus the posts walks earlier
+runs cut short. Each profile is stored under the UTC day it was fetched (`--date` overrides that, marked
+in `history days`), so a run may span midnight and no run ever resumes, blocks or fills another day.
+The history store is the commit point: one writer task appends a group of rows to `DIR/profiles-DAY.csv`
+/ `DIR/posts-DAY.csv`, fsyncs them, then records the snapshots, posts, walk watermarks, the files'
+committed lengths and the run's spend in one transaction; a killed run's uncommitted tail is cut off
+when the next run opens the file. Watch-list names are bound to user ids in the store, never re-resolved.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import csv
 import datetime as dt
-from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
+import fcntl
+import io
+import os
+import signal
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 from crawler import endpoints as ep
-from crawler.commands import CommandSpec, CrawlContext
+from crawler import killpoints
+from crawler.client import Client
+from crawler.commands import COMMANDS
 from crawler.config import Secret, Settings
-from crawler.crawl import Crawl, run_job
-from crawler.errors import EXIT_PRECEDENCE
-from crawler.history import HistoryStore
-from crawler.job import JobOptions, Step, WorkItem
+from crawler.errors import (
+    EXIT_PRECEDENCE,
+    BudgetExhausted,
+    CrawlerError,
+    Interrupted,
+    ItemFailed,
+    RunStopped,
+    UsageError,
+    rank,
+)
+from crawler.history import HistoryStore, WalkState, parse_day
+from crawler.inputs import input_items
+from crawler.job import JobOptions
 from crawler.outcome import Outcome
-from crawler.state import StateStore
+from crawler.pagesizes import PageSizes
+from crawler.sinks import cell, fsync_dir, write_failures
+from crawler.state import RETRIABLE, RETRIABLE_ALL, StateStore, UserDirectory
+from crawler.stats import ProgressReporter, Snapshot, Summary
 
-# CONTRACT.md's precedence when several exits apply: 2, 1, 130/143, 4, 3, 0.
+# Test-only clock seam (like killpoints): an ISO time that "now" is, for tests that run ingest as a process.
+TEST_NOW_ENV = "CRAWLER_TEST_NOW"
+PROFILES, POSTS = "profiles", "posts"
+WORKERS = 8
+
+
+def utc_now() -> dt.datetime:
+    """The current UTC time (or CRAWLER_TEST_NOW's)."""
+    fixed = os.environ.get(TEST_NOW_ENV, "").strip()
+    if fixed:
+        when = dt.datetime.fromisoformat(fixed)
+        return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+    return dt.datetime.now(dt.UTC)
 
 
 def history_url(settings: Settings) -> str:
@@ -31,76 +73,606 @@ def history_url(settings: Settings) -> str:
     return settings.history_url or str(Path(settings.data_dir) / "history.db")
 
 
-def specs(history: HistoryStore, day: dt.date) -> tuple[CommandSpec, CommandSpec]:
-    """The two command specs of a day's ingest, bound to its history store and day."""
-
-    async def profiles(crawl: CrawlContext, item: WorkItem) -> AsyncGenerator[Step, None]:
-        uid = item.user_id or crawl.users.user_id(item.key)
-        client = crawl.client
-        profile = await client.user_info(user_id=uid) if uid else await client.user_info(item.key)
-        crawl.learn(profile)
-        if not item.user_id:
-            crawl.users.learn(item.key, profile.user_id)  # the watch list's name keeps pointing at this user
-        history.record_snapshot(day, profile, also_handle=None if item.user_id else item.key)
-        yield Step([profile])
-
-    async def posts(crawl: CrawlContext, item: WorkItem) -> AsyncGenerator[Step, None]:
-        uid = await crawl.resolve_user(item)
-        newest = history.newest_post_time(uid, before=day)
-        async for step in crawl.walk("posts", {"userid": uid}, item):
-            rows = [p for p in step.rows if isinstance(p, ep.Post)]
-            fresh = [p for p in rows if newest is None or (p.create_time or 0) > newest]
-            history.record_posts(day, uid, fresh)
-            # A pinned old post at the top of the list does not mean the rest is known.
-            reached_known = any(not p.pinned and p not in fresh for p in rows)
-            yield Step(fresh, step.cursor, step.last or reached_known, None if reached_known else step.guard)
-            if reached_known:
-                return
-
-    return (CommandSpec("ingest-profiles", "users", ep.Profile, "/userinfo-by-id/", profiles),
-            CommandSpec("ingest-posts", "users", ep.Post, "/user-posts/", posts, "posts"))
-
-
-def choose_day(out_dir: Path, date: str | None, *, restart: bool) -> dt.date:
-    """--date, else the day of an unfinished ingest in DIR (a resumed run keeps its day), else today (UTC)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if date:
-        from crawler.history import parse_day
-
-        return parse_day(date)
-    if not restart:
-        unfinished: list[dt.date] = []
-        for kind in ("profiles", "posts"):
-            for state in out_dir.glob(f"{kind}-*.csv.state.db"):
-                day = state.name[len(kind) + 1:len(kind) + 11]
-                try:
-                    parsed = dt.date.fromisoformat(day)
-                except ValueError:
-                    continue
-                store = StateStore(state)
-                try:
-                    job = store.job()
-                finally:
-                    store.close()
-                if job is not None and job.status != "done":
-                    unfinished.append(parsed)
-        if unfinished:
-            return max(unfinished)
-    return dt.datetime.now(dt.UTC).date()
-
-
 @dataclass(frozen=True, slots=True)
 class IngestResult:
-    """The day ingested and each job's outcome."""
+    """What a run did: the day it started on, each part's outcome, and every day it wrote to."""
 
     day: dt.date
     outcomes: list[Outcome]
+    days: tuple[dt.date, ...] = ()
+    held_by: str | None = None  # the running ingest that holds the out-dir (this run did nothing)
+    by_date: bool = False
+    failures_files: tuple[str, ...] = ()
+    capped: int = 0  # walks this run stopped at --max-pages (they go on next run)
+    budget: int | None = None  # the run's --max-credits
 
     @property
     def exit_code(self) -> int:
-        """The most serious exit of the day's jobs."""
+        """The most serious exit of the parts (0 when another ingest holds the out-dir)."""
         codes = [o.exit_code for o in self.outcomes]
         return min(codes, key=EXIT_PRECEDENCE.index) if codes else 0
+
+    @property
+    def error(self) -> CrawlerError | None:
+        """The stop that ended the run, if any."""
+        return next((o.error for o in self.outcomes if o.error is not None), None)
+
+
+@dataclass(frozen=True, slots=True)
+class UserTask:
+    """One watch-list item to work on in this run."""
+
+    key: str  # the watch-list item: a handle or id:NNN
+    user_id: str | None  # bound in the history store (or given)
+    profile: bool  # fetch the profile (no snapshot today yet)
+    private: bool = False  # today's snapshot says private (no posts walk)
+
+
+@dataclass(slots=True)
+class _Commit:
+    """What one worker hands the writer: rows for a day file and the store changes that go with them."""
+
+    day: dt.date
+    key: str
+    part: str  # PROFILES or POSTS
+    profile: ep.Profile | None = None
+    fetched_at: dt.datetime | None = None
+    bind: bool = False
+    user_id: str = ""
+    posts: list[ep.Post] = field(default_factory=list)
+    walk: WalkState | None = None
+    failure: tuple[str, str, str] | None = None  # (endpoint, reason, detail)
+    written: int = 0
+    ack: asyncio.Future[None] | None = None
+
+
+class _DayFile:
+    """One day file opened for appending at its committed length."""
+
+    def __init__(self, key: str, path: Path, fh: IO[bytes], length: int) -> None:
+        self.key = key
+        self.path = path
+        self.fh = fh
+        self.length = length
+
+
+class Ingest:
+    """One ingest run. `await Ingest(...).run()`."""
+
+    def __init__(self, input_path: str, out_dir: Path, settings: Settings, *, api_key: Secret | str | None,
+                 date: str | None, with_posts: bool, restart: bool, retry_failed: bool | str, column: str | None,
+                 by_id: bool, quiet: bool, clock: Callable[[], dt.datetime] | None) -> None:
+        self.input_path = input_path
+        self.out_dir = out_dir
+        self.settings = settings
+        self._api_key = api_key
+        self.override = parse_day(date) if date else None
+        self.with_posts = with_posts
+        self.restart = restart
+        self.retry_failed = retry_failed
+        self.column = column
+        self.by_id = by_id
+        self.quiet = quiet
+        self.clock = clock or utc_now
+        self.run_id = uuid.uuid4().hex
+        self.started = self.clock()
+        self.watch_users = 0
+        self.store: HistoryStore
+        self.client: Client
+        self.users: UserDirectory
+        self.sizes: PageSizes | None = None
+        self._files: dict[tuple[str, dt.date], _DayFile] = {}
+        self._days: set[dt.date] = set()
+        self._queue: asyncio.Queue[_Commit | None] = asyncio.Queue(maxsize=64)
+        self._work: asyncio.Queue[UserTask] = asyncio.Queue(maxsize=WORKERS * 4)
+        self._stop: CrawlerError | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._idle: set[asyncio.Task[Any]] = set()
+        self._feeder: asyncio.Task[None] | None = None
+        self._committed = (0, 0)  # the client's counters at the last commit
+        self.rows: Counter[str] = Counter()
+        self.walks: Counter[str] = Counter()  # done, cut (--max-pages), failed
+        self.fetched = 0
+        self.queued = 0  # users given to the workers
+        self.done = 0  # users the workers finished (fetched or failed)
+        self.skipped = 0  # users with nothing to do today
+        self.failed = 0  # profiles or walks that failed in this run
+
+    # -- the day --
+
+    def day_now(self) -> dt.date:
+        """The day a profile or post fetched now belongs to: --date, else today in UTC."""
+        return self.override or self.clock().astimezone(dt.UTC).date()
+
+    def _retry(self, reason: str) -> bool:
+        if not self.retry_failed:
+            return False
+        return reason in (RETRIABLE_ALL if self.retry_failed == "all" else RETRIABLE)
+
+    # -- the run --
+
+    def request_stop(self, error: CrawlerError) -> None:
+        """End the run; a spent budget lets busy workers finish the page in flight, anything else cancels them."""
+        if self._stop is None or rank(error) < rank(self._stop):
+            self._stop = error
+        soft = isinstance(error, BudgetExhausted)
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current and (not soft or task is self._feeder or task in self._idle):
+                task.cancel()
+
+    async def run(self, watch: StateStore) -> IngestResult:
+        """Work the watch list (already read into ``watch``) to the end of today's work or to a stop."""
+        began = time.monotonic()
+        self.store = HistoryStore(history_url(self.settings))
+        try:
+            today = self.day_now()
+            self.watch_users = watch.progress().pending
+            self._repair_files()
+            with self.store.transaction():  # the run is on record for today even if it fetches nothing
+                self.store.put_run_day(self.run_id, today, by_date=self.override is not None, started_at=self.started,
+                                       requests_sent=0, credits_billed=0, watch_users=self.watch_users)
+            if self.restart:
+                self.store.restart_day(today, [self._key(PROFILES, today)])
+            self._record_invalid(watch, today)
+            self.users = UserDirectory(Path(self.settings.data_dir) / "users.db", ttl_days=self.settings.id_ttl_days,
+                                       clock=lambda: self.clock().timestamp())
+            self.sizes = PageSizes(self.settings.data_dir)
+            self.client = Client(self.settings, api_key=self._api_key, request_budget=self.settings.max_credits,
+                                 max_connections=max(WORKERS * 2, self.settings.parallelism or 0))
+            try:
+                async with self.client:
+                    await self._work_all(watch)
+            finally:
+                self.users.close()
+            days = sorted(self._days | {today})
+            for day in days:  # every day the run covered has its files, if only a header
+                self._file(PROFILES, day)
+                if self.with_posts:
+                    self._file(POSTS, day)
+            files = self._write_failures(days)
+            outcomes = self._outcomes(watch, today, began, files)
+            code = min((o.exit_code for o in outcomes), key=EXIT_PRECEDENCE.index)
+            self.store.end_run(self.run_id, code, self.clock())
+            return IngestResult(today, outcomes, tuple(days), by_date=self.override is not None,
+                                failures_files=tuple(files), capped=self.walks["cut"],
+                                budget=self.settings.max_credits)
+        finally:
+            for f in self._files.values():
+                with contextlib.suppress(OSError):
+                    f.fh.close()
+            self.store.close()
+
+    def _repair_files(self) -> None:
+        """Cut every day file back to its committed length: a killed run may have written rows it never committed
+        (to a day no later run reopens)."""
+        for path in sorted(self.out_dir.glob("*-????-??-??.csv")):
+            if not path.name.startswith((f"{PROFILES}-", f"{POSTS}-")):
+                continue
+            length = self.store.file_length(str(path.resolve()))
+            if length is not None and path.stat().st_size > length:
+                with path.open("r+b") as fh:
+                    fh.truncate(length)
+                    os.fsync(fh.fileno())
+
+    def _record_invalid(self, watch: StateStore, today: dt.date) -> None:
+        """Invalid watch-list lines are today's failures (reason invalid_input)."""
+        rows = [(raw, detail) for raw, _, reason, detail in watch.failures() if reason == "invalid_input"]
+        if rows:
+            with self.store.transaction():
+                for raw, detail in rows:
+                    self.store.put_failure(today, raw, PROFILES, "", "invalid_input", detail or "")
+
+    def _progress(self) -> Snapshot:
+        c = self.client.counters
+        return Snapshot(done=self.skipped + self.done, total=self.watch_users,
+                        rows=self.rows[PROFILES] + self.rows[POSTS], requests=c.requests_sent,
+                        credits=c.credits_billed, failed=self.failed, note=self.client.outage.status())
+
+    async def _work_all(self, watch: StateStore) -> None:
+        reporter = ProgressReporter("ingest", self._progress, quiet=self.quiet)
+        async with asyncio.TaskGroup() as outer:
+            writer = outer.create_task(self._writer())
+            progress = outer.create_task(reporter.run())
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    self._feeder = tg.create_task(self._feed(watch))
+                    self._tasks.append(self._feeder)
+                    for _ in range(max(1, self.settings.parallelism or WORKERS)):
+                        self._tasks.append(tg.create_task(self._worker()))
+            finally:
+                progress.cancel()
+                if not writer.done():
+                    await self._queue.put(None)  # the writer commits what is queued, then ends
+        await self._commit([])  # requests after the last page (failures, the budget stop) still count
+
+    async def _feed(self, watch: StateStore) -> None:
+        """Queue today's work in watch-list order, a chunk at a time, then let the workers go."""
+        after = 0
+        while chunk := watch.pending(after, 500):
+            after = chunk[-1][0]
+            today = self.day_now()
+            keys = [key for _, key, *_ in chunk]
+            bound = self.store.bound_ids([k for k in keys if not k.startswith("id:")])
+            ids = {k: k[3:] if k.startswith("id:") else bound.get(k) for k in keys}
+            snaps = self.store.snapshotted([u for u in ids.values() if u], today)
+            failed = self.store.day_failures(today, keys)
+            for key in keys:
+                uid = ids[key]
+                if (key, PROFILES) in failed and not self._retry(failed[(key, PROFILES)]):
+                    self.skipped += 1
+                    continue  # fetched today already (it failed): --retry-failed tries it again
+                has = uid is not None and uid in snaps
+                private = uid is not None and snaps.get(uid, False)
+                posts = self.with_posts and not ((key, POSTS) in failed and not self._retry(failed[(key, POSTS)]))
+                if has and (not posts or private):  # snapshotted today; no posts to walk
+                    self.skipped += 1
+                    continue
+                self.queued += 1
+                await self._work.put(UserTask(key, uid, profile=not has, private=private))
+        await self._work.join()
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+
+    async def _worker(self) -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        while self._stop is None:
+            self._idle.add(me)
+            try:
+                task = await self._work.get()
+            finally:
+                self._idle.discard(me)
+            try:
+                await self._user(task)
+                self.done += 1
+            except RunStopped as exc:
+                self.request_stop(exc)
+                return
+            finally:
+                self._work.task_done()
+
+    async def _submit(self, commit: _Commit) -> None:
+        self.failed += commit.failure is not None and commit.failure[1] != "pagination_guard"
+        commit.ack = asyncio.get_running_loop().create_future()
+        await self._queue.put(commit)
+        await commit.ack
+
+    async def _user(self, task: UserTask) -> None:
+        """One watch-list user: the profile (unless snapshotted today), then the posts walk."""
+        uid, private, source = task.user_id, task.private, task.key
+        if task.profile:
+            endpoint = "/userinfo-by-id/" if uid else "/userinfo-by-username/"
+            try:
+                profile = await (self.client.user_info(user_id=uid) if uid else self.client.user_info(task.key))
+            except ItemFailed as exc:
+                await self._submit(_Commit(self.day_now(), task.key, PROFILES, user_id=uid or "",
+                                           failure=(exc.endpoint or endpoint, exc.reason, str(exc))))
+                return
+            killpoints.reached("fetched")
+            await self._submit(_Commit(self.day_now(), task.key, PROFILES, profile=profile, fetched_at=self.clock(),
+                                       bind=uid is None, user_id=profile.user_id))
+            counts = dict(videos=profile.videos, followers=profile.followers, following=profile.following,
+                          private=profile.private)
+            if uid is None:  # fetched by handle: the shared cache may learn this handle's id
+                self.users.learn(task.key, profile.user_id, **counts)  # type: ignore[arg-type]
+            else:
+                self.users.update_counts(profile.user_id, **counts)  # type: ignore[arg-type]
+            uid, private, source = profile.user_id, profile.private, profile.handle
+        elif uid is not None:
+            source = self.store.handle_of(uid) or task.key
+        if self.with_posts and uid is not None and not private:
+            await self._walk(task.key, uid, source)
+
+    async def _walk(self, key: str, uid: str, source: str) -> None:
+        """Continue a walk cut short, then walk from the newest post down to the watermark.
+
+        A walk is complete when it reaches a post at or below the watermark, the end of the list or the
+        --max-items horizon; only then does the watermark move (to the newest post the walk started from).
+        --max-pages bounds the pages of one day per user; a cut walk keeps its cursor for the next run.
+        """
+        cap = self.settings.max_pages
+        while True:
+            day = self.day_now()
+            st = self.store.walk_state(uid)
+            spent = st.day_pages if st.day == day.isoformat() else 0
+            head = st.cursor is None
+            if head and st.walked == day.isoformat():
+                return  # walked today already
+            if cap is not None and spent >= cap:
+                self.walks["cut"] += 1
+                return
+            cursor, stop_at, top, rows = (None, st.through, None, 0) if head else (st.cursor, st.stop_at, st.top,
+                                                                                  st.rows)
+            horizon = self.settings.max_items
+            pages = self.client.pages("posts", {"userid": uid}, source=source, cursor=cursor,
+                                      page_size=self.settings.page_size, sizes=self.sizes,
+                                      max_pages=None if cap is None else cap - spent,
+                                      max_items=None if horizon is None else max(horizon - rows, 1))
+            complete = False
+            try:
+                async with aclosing(pages) as walk:
+                    async for page in walk:
+                        killpoints.reached("fetched")
+                        day = self.day_now()
+                        posts = [p for p in page.items if isinstance(p, ep.Post)]
+                        if top is None:  # the head of a fresh walk: the watermark once it is complete
+                            times = [p.create_time for p in posts if not p.pinned and p.create_time is not None]
+                            top = max(times) if times else stop_at
+                        reached = stop_at is not None and any(
+                            not p.pinned and (p.create_time or 0) <= stop_at for p in posts)
+                        fresh = [p for p in posts if stop_at is None or p.pinned or (p.create_time or 0) > stop_at]
+                        rows += len(fresh)
+                        spent += 1
+                        complete = reached or (page.last and page.stop is None and not page.capped)
+                        failure = None
+                        if complete:
+                            state = WalkState(top if top is not None else st.through, None, None, None, 0,
+                                              day.isoformat(), spent, day.isoformat() if head else st.walked)
+                        else:
+                            nxt = page.next_cursor if page.next_cursor is not None else page.cursor
+                            if page.stop is not None:
+                                nxt = page.cursor  # the guard's page is asked again next run
+                                failure = ("/user-posts/", "pagination_guard",
+                                           f"{page.stop}; the walk goes on in the next run")
+                            state = WalkState(st.through, nxt, stop_at, top, rows, day.isoformat(), spent, st.walked)
+                        await self._submit(_Commit(day, key, POSTS, user_id=uid, posts=fresh, walk=state,
+                                                   failure=failure))
+                        if page.capped and not complete:
+                            self.walks["cut"] += 1
+                        if complete or page.last:
+                            break
+            except ItemFailed as exc:
+                self.walks["failed"] += 1
+                await self._submit(_Commit(self.day_now(), key, POSTS, user_id=uid,
+                                           failure=(exc.endpoint or "/user-posts/", exc.reason, str(exc))))
+                return
+            if not complete:
+                return
+            if head:
+                self.walks["done"] += 1
+                return
+            # a walk from an earlier run is complete: today's head walk follows
+
+    # -- the single writer: day files, then one transaction in the history store --
+
+    async def _writer(self) -> None:
+        while True:
+            first = await self._queue.get()
+            group = [] if first is None else [first]
+            end = first is None
+            while not end and not self._queue.empty():
+                nxt = self._queue.get_nowait()
+                if nxt is None:
+                    end = True
+                else:
+                    group.append(nxt)
+            if group:
+                try:
+                    await self._commit(group)
+                except BaseException as exc:
+                    for c in group:
+                        if c.ack is not None and not c.ack.done():
+                            c.ack.set_exception(exc if isinstance(exc, Exception) else RuntimeError("stopped"))
+                    raise
+                for c in group:
+                    if c.ack is not None and not c.ack.done():
+                        c.ack.set_result(None)
+            if end:
+                return
+
+    def _key(self, kind: str, day: dt.date) -> str:
+        return str((self.out_dir / f"{kind}-{day.isoformat()}.csv").resolve())
+
+    def _file(self, kind: str, day: dt.date) -> _DayFile:
+        """The day file, opened once per run at its committed length (a kill's uncommitted tail is cut off)."""
+        got = self._files.get((kind, day))
+        if got is not None:
+            return got
+        # The name is built from a date only: no input text ever reaches a path.
+        path = self.out_dir / f"{kind}-{day.isoformat()}.csv"
+        key = self._key(kind, day)
+        length = self.store.file_length(key)
+        if length is None:
+            # A file ingest never recorded: one an earlier version wrote whole (kept), or none yet.
+            length = path.stat().st_size if path.exists() else 0
+            with self.store.transaction():
+                self.store.put_file_length(key, length)
+        fh = path.open("r+b" if path.exists() else "w+b")
+        fh.truncate(length)
+        fh.seek(length)
+        f = self._files[(kind, day)] = _DayFile(key, path, fh, length)
+        if length == 0:
+            record = ep.Profile if kind == PROFILES else ep.Post
+            self._append(f, [record.COLUMNS])
+            fh.flush()
+            os.fsync(fh.fileno())
+            fsync_dir(self.out_dir)
+            with self.store.transaction():
+                self.store.put_file_length(key, f.length)
+        return f
+
+    def _append(self, f: _DayFile, rows: list[Any]) -> None:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        raw = self.settings.output_raw
+        for row in rows:
+            writer.writerow([cell(v, raw=raw) for v in row])
+        data = ((b"\xef\xbb\xbf" if self.settings.output_bom and f.length == 0 else b"")
+                + buf.getvalue().encode("utf-8"))
+        f.fh.write(data)
+        f.length += len(data)
+
+    async def _commit(self, group: list[_Commit]) -> None:
+        """Write the group's new rows, fsync them, then record everything in one store transaction."""
+        touched: dict[int, _DayFile] = {}
+        seen_posts: set[str] = set()
+        seen_users: set[tuple[str, dt.date]] = set()
+        for c in group:
+            if c.profile is not None:
+                uid = c.profile.user_id
+                if (uid, c.day) in seen_users or self.store.snapshotted([uid], c.day):
+                    c.profile = None  # at most one snapshot per user and day: this one came second
+                    continue
+                seen_users.add((uid, c.day))
+                f = self._file(PROFILES, c.day)
+                self._append(f, [[getattr(c.profile, k) for k in ep.Profile.COLUMNS]])
+                touched[id(f)] = f
+                c.written = 1
+            elif c.posts:
+                known = self.store.known_posts([p.video_id for p in c.posts]) | seen_posts
+                c.posts = [p for p in c.posts if p.video_id not in known]
+                seen_posts.update(p.video_id for p in c.posts)
+                if c.posts:
+                    f = self._file(POSTS, c.day)
+                    self._append(f, [[getattr(p, k) for k in ep.Post.COLUMNS] for p in c.posts])
+                    touched[id(f)] = f
+                    c.written = len(c.posts)
+        for f in touched.values():
+            f.fh.flush()
+        killpoints.reached("written")
+        if touched:
+            await asyncio.to_thread(_fsync, [f.fh for f in touched.values()])
+        killpoints.reached("fsynced")
+        c_now = self.client.counters
+        sent, billed = c_now.requests_sent - self._committed[0], c_now.credits_billed - self._committed[1]
+        if not group and not sent and not billed:
+            return
+        store = self.store
+        with store.transaction():
+            for c in group:
+                self._days.add(c.day)
+                if c.profile is not None:
+                    p = c.profile
+                    old = store.handle_of(p.user_id)
+                    if old is not None and old != p.handle:
+                        store.record_rename(p.user_id, old, p.handle, c.day)
+                    if c.bind:
+                        store.bind(c.key, p.user_id, c.day)
+                    store.put_snapshot(c.day, p, fetched_at=c.fetched_at)
+                    store.clear_failure(c.day, c.key, PROFILES)
+                    self.fetched += 1
+                if c.part == POSTS and c.user_id:
+                    store.put_posts(c.day, c.user_id, c.posts)
+                    if c.walk is not None:
+                        store.put_walk(c.user_id, c.walk)
+                    if c.failure is None and c.walk is not None:  # the walk moved on: no longer failed today
+                        store.clear_failure(c.day, c.key, POSTS)
+                if c.failure is not None:
+                    store.put_failure(c.day, c.key, c.part, *c.failure)
+                self.rows[c.part] += c.written
+            for f in touched.values():
+                store.put_file_length(f.key, f.length)
+            killpoints.reached("committing")
+            store.put_run_day(self.run_id, self.day_now(), by_date=self.override is not None,
+                              started_at=self.started, requests_sent=sent, credits_billed=billed,
+                              watch_users=self.watch_users)
+        self._committed = (c_now.requests_sent, c_now.credits_billed)
+
+    # -- the end --
+
+    def _write_failures(self, days: list[dt.date]) -> list[str]:
+        files = []
+        for day in days:
+            for part in (PROFILES, POSTS):
+                path = self.out_dir / f"{part}-{day.isoformat()}.failures.csv"
+                if write_failures(path, self.store.failures(day, part), raw=self.settings.output_raw):
+                    files.append(str(path))
+        return files
+
+    def _outcomes(self, watch: StateStore, today: dt.date, began: float, files: list[str]) -> list[Outcome]:
+        """One outcome per part, from the store (what today holds) and the client (what this run spent)."""
+        today = max(self._days | {today})
+        total = done = 0
+        after = 0
+        while chunk := watch.pending(after, 500):
+            after = chunk[-1][0]
+            keys = [key for _, key, *_ in chunk]
+            bound = self.store.bound_ids([k for k in keys if not k.startswith("id:")])
+            ids = [k[3:] if k.startswith("id:") else bound.get(k) for k in keys]
+            total += len(keys)
+            done += len(self.store.snapshotted([u for u in ids if u], today))
+        invalid = watch.progress().failed
+        fails: dict[str, Counter[str]] = {PROFILES: Counter(), POSTS: Counter()}
+        for part in (PROFILES, POSTS):
+            for _, _, reason, _ in self.store.failures(today, part):
+                fails[part][reason] += 1
+        c = self.client.counters
+        error = self._stop
+        status = "stopped" if error is not None else "completed" if self.queued else "already complete"
+        elapsed = time.monotonic() - began
+        rate = (f"{self.client.pace.effective_rate:.1f} per {self.client.pace.window:g} s"
+                if self.client.pace.enabled else "no limit")
+
+        def part_counts(paths: tuple[str, ...]) -> tuple[int, int]:
+            return (sum(c.by_endpoint[p] for p in paths), sum(c.billed_by_endpoint[p] for p in paths))
+
+        p_sent, p_billed = part_counts(("/userinfo-by-id/", "/userinfo-by-username/", "/userid/"))
+        w_sent, w_billed = part_counts(("/user-posts/",))
+        failed_profiles = sum(fails[PROFILES].values())
+        profiles = Summary(
+            command="ingest-profiles", status=status, items_total=total + invalid, items_done=done,
+            items_failed=failed_profiles, items_pending=max(total + invalid - done - failed_profiles, 0),
+            rows_written=self.rows[PROFILES], rows_total=done, requests_sent=p_sent, credits_billed=p_billed,
+            run_requests=p_sent, rate_limited=c.rate_limited, retries=c.retries, elapsed=elapsed,
+            parallelism=self.settings.parallelism or WORKERS, rate_used=rate,
+            rate_wait_seconds=self.client.gate.wait_seconds, failures=dict(fails[PROFILES]),
+            output=str(self.out_dir / f"{PROFILES}-{today.isoformat()}.csv"),
+            failures_file=next((f for f in files if Path(f).name.startswith(f"{PROFILES}-{today}")), ""),
+            reason=str(error) if error else "",
+            notes=(f"day {today.isoformat()} set by --date (a backfill)",) if self.override else ())
+        outcomes = [Outcome(profiles, error)]
+        if self.with_posts:
+            notes = []
+            if self.walks["cut"]:
+                notes.append(f"{self.walks['cut']:,} walks stopped at --max-pages {self.settings.max_pages} for"
+                             " today; they go on in the next run")
+            posts = Summary(
+                command="ingest-posts", status=status, items_total=sum(self.walks.values()),
+                items_done=self.walks["done"], items_failed=sum(fails[POSTS].values()),
+                items_pending=self.walks["cut"], rows_written=self.rows[POSTS], rows_total=self.rows[POSTS],
+                requests_sent=w_sent, credits_billed=w_billed, run_requests=w_sent, rate_limited=0, retries=0,
+                elapsed=elapsed, parallelism=self.settings.parallelism or WORKERS, rate_used=rate,
+                failures=dict(fails[POSTS]), output=str(self.out_dir / f"{POSTS}-{today.isoformat()}.csv"),
+                failures_file=next((f for f in files if Path(f).name.startswith(f"{POSTS}-{today}")), ""),
+                reason=str(error) if error else "", notes=tuple(notes))
+            outcomes.append(Outcome(posts, error))
+        return outcomes
+
+
+def _fsync(files: list[IO[bytes]]) -> None:
+    for fh in files:
+        os.fsync(fh.fileno())
+
+
+def _make_out_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out-dir {out_dir}: cannot create it ({exc.strerror}); choose a directory you can"
+                         " write to") from None
+    if not out_dir.is_dir():
+        raise UsageError(f"--out-dir {out_dir} is not a directory")
+
+
+@contextlib.contextmanager
+def _out_dir_lock(out_dir: Path, started: dt.datetime) -> Any:
+    """Hold DIR's ingest lock (it dies with the process); yield None, or who holds it."""
+    path = out_dir / ".ingest.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+            yield holder
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, started {started.isoformat(timespec='seconds')}\n".encode(), 0)
+        yield None
+    finally:
+        os.close(fd)
 
 
 async def ingest(
@@ -112,33 +684,50 @@ async def ingest(
     date: str | None = None,
     with_posts: bool = False,
     restart: bool = False,
+    retry_failed: bool | str = False,
     column: str | None = None,
     by_id: bool = False,
     quiet: bool = True,
     install_signals: bool = True,
+    clock: Callable[[], dt.datetime] | None = None,
 ) -> IngestResult:
-    """Run (or resume) one day's ingest."""
-    day = choose_day(out_dir, date, restart=restart)
-    history = HistoryStore(history_url(settings))
-    outcomes: list[Outcome] = []
-    try:
-        profile_spec, posts_spec = specs(history, day)
-        jobs: Sequence[tuple[CommandSpec, str]] = [(profile_spec, "profiles")]
-        if with_posts:
-            jobs = [*jobs, (posts_spec, "posts")]
-        for spec, kind in jobs:
-            # The name is built from a parsed date only: no input text ever reaches a path.
-            out = out_dir / f"{kind}-{day.isoformat()}.csv"
-            job = JobOptions(command=spec.name, input=input_path, output=str(out), column=column, by_id=by_id,
-                             max_items=settings.max_items, max_pages=settings.max_pages, page_size=settings.page_size)
-            crawl = Crawl(job, settings, api_key=api_key, restart=restart, quiet=quiet, spec=spec)
-            outcome = await run_job(crawl, install_signals=install_signals)
-            outcomes.append(outcome)
-            if outcome.error is not None:
-                break  # a stopped day resumes from here next time
-    finally:
-        history.close()
-    return IngestResult(day, outcomes)
+    """One ingest run: today's watch-list users without a snapshot today, and the posts walks cut short."""
+    run = Ingest(input_path, out_dir, settings, api_key=api_key, date=date, with_posts=with_posts, restart=restart,
+                 retry_failed=retry_failed, column=column, by_id=by_id, quiet=quiet, clock=clock)
+    _make_out_dir(out_dir)
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    with _out_dir_lock(out_dir, run.started) as holder:
+        if holder is not None:
+            return IngestResult(run.day_now(), [], held_by=holder)
+        if install_signals:
+            for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(sig, run.request_stop, Interrupted(f"stopped by {sig.name}", code))
+                    installed.append(sig)
+        try:
+            with tempfile.TemporaryDirectory(prefix="crawler-ingest-") as tmp:
+                watch = StateStore(Path(tmp) / "watch.db")
+                try:
+                    job = JobOptions(command="profiles", input=input_path, output=str(out_dir / "watch.csv"),
+                                     column=column, by_id=by_id)
+                    entries, _ = input_items(job, COMMANDS["profiles"])
+                    batch: list[tuple[str, str, str | None, str | None]] = []
+                    for entry in entries:  # de-duplicated on disk: a 1M watch list costs no memory
+                        batch.append(entry)
+                        if len(batch) >= 5000:
+                            watch.add_items(batch)
+                            batch.clear()
+                            await asyncio.sleep(0)
+                            if run._stop is not None:
+                                raise run._stop
+                    watch.add_items(batch)
+                    return await run.run(watch)
+                finally:
+                    watch.close()
+        finally:
+            for signum in installed:
+                loop.remove_signal_handler(signum)
 
 
-__all__ = ["IngestResult", "choose_day", "history_url", "ingest", "specs"]
+__all__ = ["TEST_NOW_ENV", "Ingest", "IngestResult", "UserTask", "history_url", "ingest", "utc_now"]

@@ -10,7 +10,7 @@ import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -511,8 +511,10 @@ class UserDirectory:
     Lets later jobs skip `/userid/` calls and lets `estimate` price walks it has counts for.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, ttl_days: float = 7.0, clock: Callable[[], float] = time.time) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._ttl = ttl_days * 86400.0
+        self._clock = clock
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -525,6 +527,11 @@ class UserDirectory:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(users)")}
         if "private" not in columns:  # added after the first release of this file
             self._db.execute("ALTER TABLE users ADD COLUMN private INTEGER")
+        if "bound" not in columns:
+            # When the handle -> id binding was last confirmed by the API (a profile or /userid/ fetched by
+            # handle); `updated` also moves when counts alone are refreshed. Older rows start from `updated`.
+            self._db.execute("ALTER TABLE users ADD COLUMN bound REAL")
+            self._db.execute("UPDATE users SET bound = updated")
 
     def close(self) -> None:
         """Close the database (idempotent)."""
@@ -533,9 +540,19 @@ class UserDirectory:
             self._db = None  # type: ignore[assignment]
 
     def user_id(self, handle: str) -> str | None:
-        """The known id of a handle."""
-        row = self._db.execute("SELECT user_id FROM users WHERE handle = ?", (handle,)).fetchone()
+        """The known id of a handle, unless its binding is older than `crawl.id_ttl_days` (a handle can change
+        hands: an expired entry is resolved again, one `/userid/` call)."""
+        row = self._db.execute("SELECT user_id FROM users WHERE handle = ? AND bound > ?",
+                               (handle, self._clock() - self._ttl)).fetchone()
         return None if row is None else str(row[0])
+
+    def update_counts(self, user_id: str, *, videos: int | None = None, followers: int | None = None,
+                      following: int | None = None, private: bool | None = None) -> None:
+        """Refresh the counts of a user fetched by id, without touching (or confirming) any handle binding."""
+        self._db.execute(
+            "UPDATE users SET videos = COALESCE(?, videos), followers = COALESCE(?, followers),"
+            " following = COALESCE(?, following), private = COALESCE(?, private), updated = ? WHERE user_id = ?",
+            (videos, followers, following, private, self._clock(), user_id))
 
     def counts(self, handle_or_id: str) -> tuple[int | None, int | None, int | None, bool] | None:
         """(videos, followers, following, private) last seen for a handle or a user id."""
@@ -556,15 +573,20 @@ class UserDirectory:
         following: int | None = None,
         private: bool | None = None,
     ) -> None:
-        """Remember a handle's id (and counts, when known)."""
+        """Remember a handle's id as the API just answered it for that handle (and counts, when known).
+
+        Only answers to a request made by handle belong here: a profile fetched by id says nothing about
+        who owns a name a watch list once had (use `update_counts`).
+        """
         if not handle or not user_id:
             return
+        now = self._clock()
         self._db.execute(
-            "INSERT INTO users (handle, user_id, videos, followers, following, private, updated)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)"
+            "INSERT INTO users (handle, user_id, videos, followers, following, private, updated, bound)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT(handle) DO UPDATE SET user_id = excluded.user_id,"
             " videos = COALESCE(excluded.videos, videos), followers = COALESCE(excluded.followers, followers),"
             " following = COALESCE(excluded.following, following), private = COALESCE(excluded.private, private),"
-            " updated = excluded.updated",
-            (handle, user_id, videos, followers, following, private, time.time()),
+            " updated = excluded.updated, bound = excluded.bound",
+            (handle, user_id, videos, followers, following, private, now, now),
         )

@@ -181,7 +181,7 @@ async def test_three_processes_on_one_key_share_one_budget(fleet: Fleet) -> None
 
 
 async def test_ingest_posts_hands_the_budget_from_profiles_to_posts(fleet: Fleet) -> None:
-    """ingest --posts runs two clients in turn; the window spanning the hand-over holds no more than the limit."""
+    """ingest --posts fetches profiles, then walks posts; every window of the run holds no more than the limit."""
     world = World(WORLD)
     heavy = [h for h in world.sample_handles(600) if (u := world.user(world.index_by_handle(h) or 0))
              and not u.private and u.videos >= 150][:8]

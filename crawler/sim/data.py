@@ -64,7 +64,7 @@ MAX_REPLIES = 60
 # Hash domains: one constant per kind of derived value, so no two values share a stream.
 (_MISSING, _PRIVATE, _PATHO, _PATHO_KIND, _RENAME, _WORD, _SEP, _NICK, _SIG, _REGION, _VERIFIED,
  _FOLLOWERS, _FOLLOWING, _VIDEOS, _HEARTS, _DIGG, _POST, _COMMENT, _REPLY, _LIST, _MUSIC, _CHALLENGE,
- _SEARCH, _PICK) = range(101, 125)
+ _SEARCH, _PICK, _DELETE) = range(101, 126)
 
 _HANDLE_RE = re.compile(r"^[a-z]+[._]?(\d+)(?:v\d+)?$")
 _CHALLENGE_RE = re.compile(r"^[a-z]+(\d+)$")
@@ -248,7 +248,8 @@ class World:
             nickname=self.nicknames.get(index) or make_nickname(self._h(_NICK, index)), sec_uid="MS4wLjABAAAA" + sec,
             verified=followers > 1_000_000 or self._u(_VERIFIED, index) < 0.01,
             private=self.is_private(index), followers=followers,
-            following=self._count(_FOLLOWING, index), videos=self._count(_VIDEOS, index),
+            following=self._count(_FOLLOWING, index),
+            videos=self._count(_VIDEOS, index) - len(self.deleted_posts(index)),
             hearts=self._count(_HEARTS, index), digg_count=self._count(_DIGG, index),
             region=self._region(index), signature=make_signature(self._h(_SIG, index)),
         )
@@ -271,22 +272,47 @@ class World:
             music_id=str(MUSIC_ID_BASE + hash64(h, 8) % self._n_music),
         )
 
+    def deleted_posts(self, index: int) -> frozenset[int]:
+        """Positions (0 = oldest) of the user's posts deleted by the current day: on a day drawn with
+        `delete_probability`, one post that existed the day before disappears for good."""
+        p = self.config.delete_probability
+        if p <= 0 or self.is_missing(index):
+            return frozenset()
+        tl = self._timeline(_VIDEOS, index)
+        gone = set()
+        for d in range(1, self.day + 1):
+            h = self._h(_DELETE, index, d)
+            if unit(h) < p and tl.cum[d - 1] > 0:
+                gone.add(hash64(h, 1) % tl.cum[d - 1])
+        return frozenset(gone)
+
     def posts(self, index: int) -> Iterator[Post]:
         """The user's posts, newest first, as of the current day (as many as `user.videos`)."""
         if self.is_missing(index):
             return
         tl = self._timeline(_VIDEOS, index)
+        gone = self.deleted_posts(index)
         for j in range(tl.total - 1, -1, -1):
-            yield self._post_at(index, j, tl)
+            if j not in gone:
+                yield self._post_at(index, j, tl)
 
     def posts_page(self, index: int, cursor_ms: int, count: int) -> tuple[list[Post], bool]:
         """Up to `count` posts with create_time * 1000 < cursor_ms (0: from the newest); and has-more."""
         if self.is_missing(index):
             return [], False
         tl = self._timeline(_VIDEOS, index)
+        gone = self.deleted_posts(index)
         hi = tl.total if cursor_ms <= 0 else tl.first_at_or_after(0, tl.total, -(-cursor_ms // 1000))
-        lo = max(0, hi - count)
-        return [self._post_at(index, j, tl) for j in range(hi - 1, lo - 1, -1)], lo > 0
+        if not gone:
+            lo = max(0, hi - count)
+            return [self._post_at(index, j, tl) for j in range(hi - 1, lo - 1, -1)], lo > 0
+        out: list[Post] = []
+        j = hi - 1
+        while j >= 0 and len(out) < count:
+            if j not in gone:
+                out.append(self._post_at(index, j, tl))
+            j -= 1
+        return out, (j + 1) - sum(1 for g in gone if g <= j) > 0
 
     def post(self, video_id: str) -> Post | None:
         """The post with this id, None if it does not exist today."""
@@ -296,7 +322,7 @@ class World:
         if self.is_missing(index):
             return None
         tl = self._timeline(_VIDEOS, index)
-        return self._post_at(index, j, tl) if j < tl.total else None
+        return self._post_at(index, j, tl) if j < tl.total and j not in self.deleted_posts(index) else None
 
     # ----- follower, following and liked lists ---------------------------------------------------------
 

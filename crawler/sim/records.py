@@ -18,6 +18,7 @@ class WorldConfig:
     missing_fraction: float = 0.03
     pathological_fraction: float = 0.0
     rename_probability: float = 0.02
+    delete_probability: float = 0.0  # chance per user and day that one of the user's older posts is deleted
     follow_cap: int = 5000
     start_time: int = 1_767_225_600
 
