@@ -414,10 +414,15 @@ class HistoryStore:
         self._exec("UPDATE ingest_runs SET exit_code = ?, ended_at = ? WHERE run_id = ?",
                    (exit_code, ended_at.isoformat(), run_id))
 
-    def restart_day(self, day: dt.date, files: Sequence[str]) -> None:
-        """`ingest --restart`: forget ``day``'s snapshots and profile failures; its profiles file starts over."""
+    def restart_day(self, day: dt.date, files: Sequence[str], user_ids: Sequence[str]) -> None:
+        """`ingest --restart`: forget ``day``'s snapshots of the watch list's users (others sharing the store keep
+        theirs) and its profile failures; its profiles file starts over."""
         with self.transaction():
-            self._exec("DELETE FROM snapshots WHERE day = ?", (day.isoformat(),))
+            ids = list(user_ids)
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                self._exec(f"DELETE FROM snapshots WHERE day = ? AND user_id IN ({', '.join('?' * len(chunk))})",
+                           (day.isoformat(), *chunk))
             self._exec("DELETE FROM ingest_failures WHERE day = ? AND part = 'profiles'", (day.isoformat(),))
             for path in files:
                 self.put_file_length(path, 0)

@@ -17,6 +17,7 @@ import csv
 import datetime as dt
 import fcntl
 import io
+import logging
 import os
 import signal
 import tempfile
@@ -52,6 +53,8 @@ from crawler.pagesizes import PageSizes
 from crawler.sinks import cell, fsync_dir, write_failures
 from crawler.state import RETRIABLE, RETRIABLE_ALL, StateStore, UserDirectory
 from crawler.stats import ProgressReporter, Snapshot, Summary
+
+log = logging.getLogger(__name__)
 
 # Test-only clock seam (like killpoints): an ISO time that "now" is, for tests that run ingest as a process.
 TEST_NOW_ENV = "CRAWLER_TEST_NOW"
@@ -176,6 +179,7 @@ class Ingest:
         self.queued = 0  # users given to the workers
         self.done = 0  # users the workers finished (fetched or failed)
         self.skipped = 0  # users with nothing to do today
+        self._queued_users: set[str] = set()  # user ids queued this run
         self.failed = 0  # profiles or walks that failed in this run
 
     # -- the day --
@@ -213,7 +217,7 @@ class Ingest:
                 self.store.put_run_day(self.run_id, today, by_date=self.override is not None, started_at=self.started,
                                        requests_sent=0, credits_billed=0, watch_users=self.watch_users)
             if self.restart:
-                self.store.restart_day(today, [self._key(PROFILES, today)])
+                self.store.restart_day(today, [self._key(PROFILES, today)], self._watch_ids(watch))
             self._record_invalid(watch, today)
             self.users = UserDirectory(Path(self.settings.data_dir) / "users.db", ttl_days=self.settings.id_ttl_days,
                                        clock=lambda: self.clock().timestamp())
@@ -242,6 +246,17 @@ class Ingest:
                 with contextlib.suppress(OSError):
                     f.fh.close()
             self.store.close()
+
+    def _watch_ids(self, watch: StateStore) -> list[str]:
+        """The user ids the watch list stands for: its `id:` entries and the names bound in the store."""
+        ids: list[str] = []
+        after = 0
+        while chunk := watch.pending(after, 500):
+            after = chunk[-1][0]
+            keys = [key for _, key, *_ in chunk]
+            bound = self.store.bound_ids([k for k in keys if not k.startswith("id:")])
+            ids += [k[3:] if k.startswith("id:") else bound[k] for k in keys if k.startswith("id:") or k in bound]
+        return ids
 
     def _repair_files(self) -> None:
         """Cut every day file back to its committed length: a killed run may have written rows it never committed
@@ -308,6 +323,11 @@ class Ingest:
                 if has and (not posts or private):  # snapshotted today; no posts to walk
                     self.skipped += 1
                     continue
+                if uid is not None:
+                    if uid in self._queued_users:  # one user under two names (`name` and `id:N`): once a run
+                        self.skipped += 1
+                        continue
+                    self._queued_users.add(uid)
                 self.queued += 1
                 await self._work.put(UserTask(key, uid, profile=not has, private=private))
         await self._work.join()
@@ -351,7 +371,9 @@ class Ingest:
                                            failure=(exc.endpoint or endpoint, exc.reason, str(exc))))
                 return
             killpoints.reached("fetched")
-            await self._submit(_Commit(self.day_now(), task.key, PROFILES, profile=profile, fetched_at=self.clock(),
+            now = self.clock()  # read once: the snapshot's day is its fetch time's UTC day, even at midnight
+            day = self.override or now.astimezone(dt.UTC).date()
+            await self._submit(_Commit(day, task.key, PROFILES, profile=profile, fetched_at=now,
                                        bind=uid is None, user_id=profile.user_id))
             counts = dict(videos=profile.videos, followers=profile.followers, following=profile.following,
                           private=profile.private)
@@ -391,6 +413,7 @@ class Ingest:
                                       max_pages=None if cap is None else cap - spent,
                                       max_items=None if horizon is None else max(horizon - rows, 1))
             complete = False
+            first = True
             try:
                 async with aclosing(pages) as walk:
                     async for page in walk:
@@ -405,7 +428,12 @@ class Ingest:
                         fresh = [p for p in posts if stop_at is None or p.pinned or (p.create_time or 0) > stop_at]
                         rows += len(fresh)
                         spent += 1
-                        complete = reached or (page.last and page.stop is None and not page.capped)
+                        # A continued walk whose first page trips the guard again (an empty page claiming more,
+                        # the cursor sent back) has reached the end of the list, as the reference reads those
+                        # answers: finish it rather than ask the same dead page every night.
+                        dead_end = page.stop is not None and not head and first
+                        first = False
+                        complete = reached or dead_end or (page.last and page.stop is None and not page.capped)
                         failure = None
                         if complete:
                             state = WalkState(top if top is not None else st.through, None, None, None, 0,
@@ -474,6 +502,14 @@ class Ingest:
         path = self.out_dir / f"{kind}-{day.isoformat()}.csv"
         key = self._key(kind, day)
         length = self.store.file_length(key)
+        size = path.stat().st_size if path.exists() else None
+        if length is not None and (size or 0) < length:
+            # Shorter than what was committed (deleted, rotated, restored from an old copy): never pad it with
+            # zero bytes; the day's file starts again with this run's rows.
+            log.warning("%s is shorter than the %d bytes committed to it: starting it again", path.name, length)
+            length = 0
+            with self.store.transaction():
+                self.store.put_file_length(key, 0)
         if length is None:
             # A file ingest never recorded: one an earlier version wrote whole (kept), or none yet.
             length = path.stat().st_size if path.exists() else 0
@@ -514,7 +550,7 @@ class Ingest:
                 uid = c.profile.user_id
                 if (uid, c.day) in seen_users or self.store.snapshotted([uid], c.day):
                     c.profile = None  # at most one snapshot per user and day: this one came second
-                    continue
+                    continue  # (its name is still bound below, so it is not fetched again)
                 seen_users.add((uid, c.day))
                 f = self._file(PROFILES, c.day)
                 self._append(f, [[getattr(c.profile, k) for k in ep.Profile.COLUMNS]])
@@ -553,6 +589,8 @@ class Ingest:
                     store.put_snapshot(c.day, p, fetched_at=c.fetched_at)
                     store.clear_failure(c.day, c.key, PROFILES)
                     self.fetched += 1
+                elif c.bind and c.user_id:  # a second name of a user snapshotted today: bind it all the same
+                    store.bind(c.key, c.user_id, c.day)
                 if c.part == POSTS and c.user_id:
                     store.put_posts(c.day, c.user_id, c.posts)
                     if c.walk is not None:

@@ -226,12 +226,20 @@ async def static(request: web.Request) -> web.Response:
 _LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 
+def _is_loopback_ip(host: str) -> bool:
+    """127.0.0.2 and the like: a loopback address literal (a name never is, so DNS rebinding stays out)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 @web.middleware
 async def guard(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
     """Security headers on every answer; on a loopback bind, only loopback Host names (no DNS rebinding)."""
     if request.app[LOOPBACK]:
-        host = request.url.host or ""
-        if host.lower() not in _LOCAL_NAMES:
+        host = (request.url.host or "").lower()
+        if host not in _LOCAL_NAMES and not _is_loopback_ip(host):
             raise _error(421, f"this page answers only to localhost, not to {host!r}")
     try:
         response: web.StreamResponse = await handler(request)

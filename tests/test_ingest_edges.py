@@ -1,0 +1,89 @@
+"""Ingest edges found in review: dead-end walks, day files shorter than committed, one user under two names,
+and `--restart` with a store shared beyond the watch list. Expected values come from the simulator's world."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from crawler.sim.data import WorldConfig
+from tests.conftest import SimFactory, fast_settings
+from tests.test_cli import public_users
+from tests.test_ingest import day, posts_union, run, snapshots, write_watch
+
+WORLD = WorldConfig(seed=41, users=400, missing_fraction=0.0, private_fraction=0.0)
+
+
+async def test_a_user_whose_list_ends_in_a_guard_still_gets_every_new_post(simulator: SimFactory,
+                                                                             tmp_path: Path) -> None:
+    """A posts list that ends the way the reference describes (an empty page claiming more, the cursor sent back)
+    must not leave the walk stuck on that page: 15 nights later every post the world shows is in the day files."""
+    world = WorldConfig(seed=41, users=400, missing_fraction=0.0, pathological_fraction=1.0, private_fraction=0.0)
+    async with simulator(world=world) as sim:
+        w = sim.world
+        watch = public_users(w, 2, min_videos=40, max_videos=120)
+        write_watch(tmp_path / "watch.txt", [w.handle(i) for i in watch])
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"), history_url=str(tmp_path / "h.db"))
+        await run(tmp_path, settings, 0)
+        for d in range(1, 15):
+            sim.advance_day()
+            await run(tmp_path, settings, d)
+        got = posts_union(tmp_path / "out")
+        for i in watch:
+            want = {p.video_id for p in w.posts(i)}
+            assert want <= set(got), (w.pathology(i), len(want - set(got)))
+
+
+async def test_a_day_file_shorter_than_committed_starts_again_never_padded(simulator: SimFactory,
+                                                                            tmp_path: Path) -> None:
+    """A deleted day file is written again with a header and the run's rows, never padded with zero bytes."""
+    async with simulator(world=WORLD) as sim:
+        w = sim.world
+        watch = public_users(w, 3, min_videos=1, max_videos=40)
+        write_watch(tmp_path / "watch.txt", [w.handle(i) for i in watch[:2]])
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"), history_url=str(tmp_path / "h.db"))
+        await run(tmp_path, settings, 0, with_posts=False)
+        f = tmp_path / "out" / f"profiles-{day(0)}.csv"
+        f.unlink()
+        write_watch(tmp_path / "watch.txt", [w.handle(i) for i in watch])
+        await run(tmp_path, settings, 0, with_posts=False)
+        data = f.read_bytes()
+        assert b"\x00" not in data
+        lines = data.decode().splitlines()
+        assert lines[0].startswith("user_id,")
+        assert [line.split(",")[0] for line in lines[1:]] == [w.user_id(watch[2])]  # the run's one new user
+
+
+async def test_one_user_under_two_names_is_fetched_once_a_day(simulator: SimFactory, tmp_path: Path) -> None:
+    """`id:N` and the user's name on one list: one profile request a day once the name is bound (day 0 cannot
+    know they are one user), none on a second run the same day."""
+    async with simulator(world=WORLD) as sim:
+        w = sim.world
+        (i,) = public_users(w, 1, min_videos=1, max_videos=40)
+        write_watch(tmp_path / "watch.txt", [f"id:{w.user_id(i)}", w.handle(i)])
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"), history_url=str(tmp_path / "h.db"),
+                                 parallelism=1)
+        counts = []
+        for d in range(3):
+            for _ in range(2):  # two runs a day
+                before = sim.stats.requests
+                await run(tmp_path, settings, d, with_posts=False)
+                counts.append(sim.stats.requests - before)
+            sim.advance_day()
+        assert counts == [2, 0, 1, 0, 1, 0]
+
+
+async def test_restart_replaces_the_watch_lists_snapshots_only(simulator: SimFactory, tmp_path: Path) -> None:
+    """`--restart` after a list edit refetches today's users and keeps the snapshot of a user no longer listed."""
+    async with simulator(world=WORLD) as sim:
+        w = sim.world
+        a, b = public_users(w, 2, min_videos=1, max_videos=40)
+        url = str(tmp_path / "h.db")
+        write_watch(tmp_path / "watch.txt", [w.handle(a), w.handle(b)])
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"), history_url=url)
+        await run(tmp_path, settings, 0, with_posts=False)
+        write_watch(tmp_path / "watch.txt", [w.handle(a)])
+        before = sim.stats.requests
+        await run(tmp_path, settings, 0, with_posts=False, restart=True)
+        assert sim.stats.requests - before == 1  # a refetched, b not asked
+        snaps = snapshots(url)
+        assert (w.user_id(a), day(0)) in snaps and (w.user_id(b), day(0)) in snaps
