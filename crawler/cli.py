@@ -17,7 +17,7 @@ from crawler import __version__
 from crawler.commands import COMMANDS
 from crawler.config import FLAG_NAMES, Secret, Settings, api_key, load_settings, masked
 from crawler.crawl import Crawl, run_job
-from crawler.errors import CrawlerError, Interrupted, UsageError
+from crawler.errors import BudgetExhausted, CrawlerError, Interrupted, UsageError
 from crawler.job import JobOptions, failures_path, state_path
 from crawler.outcome import Outcome
 from crawler.sinks import part_path
@@ -226,8 +226,24 @@ def _logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def _resume_hint(argv: Sequence[str]) -> str:
-    words = [w for w in argv if w not in ("--restart", "--retry-failed")]
+def _resume_hint(argv: Sequence[str], *, max_credits: int | None = None, retry_failed: bool = False) -> str:
+    """The command that goes on from here: the same one without --restart/--retry-failed, with a new
+    --max-credits (replacing the flag, or added when the cap came from config.toml), or with --retry-failed."""
+    words: list[str] = []
+    skip = False
+    for w in argv:
+        if skip:
+            skip = False
+        elif w in ("--restart", "--retry-failed") or w.startswith("--retry-failed="):
+            pass
+        elif max_credits is not None and w == "--max-credits":
+            skip = True
+        elif max_credits is None or not w.startswith("--max-credits="):
+            words.append(w)
+    if max_credits is not None:
+        words += ["--max-credits", str(max_credits)]
+    if retry_failed:
+        words.append("--retry-failed")
     # A database URL may carry a password: never echo it into logs.
     return "crawler " + masked(shlex.join(words))
 
@@ -274,7 +290,7 @@ def cmd_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
     crawl = Crawl(job, settings, api_key=key, restart=args.restart, retry_failed=args.retry_failed,
                   overwrite=args.overwrite, quiet=args.quiet)
     outcome = asyncio.run(run_job(crawl))
-    _report(outcome, args.quiet, argv)
+    _report(outcome, args.quiet, argv, max_credits=settings.max_credits)
     return outcome.exit_code
 
 
@@ -294,30 +310,43 @@ def _search_options(args: argparse.Namespace, settings: Settings, key: Any) -> d
     return {"publish_time": args.publish_time, "sort_by": sort, "region": region}
 
 
-def _report(outcome: Outcome, quiet: bool, argv: Sequence[str]) -> None:
+def _report(outcome: Outcome, quiet: bool, argv: Sequence[str], *, max_credits: int | None = None) -> None:
+    """The summary, then one line saying why the run ended that way and the command that goes on.
+
+    ``max_credits``: the job's cap (job commands only), so a budget stop prints a command with a higher one
+    (the same command would stop again at once).
+    """
     if not quiet:
         print(outcome.summary.render(), file=sys.stderr)
     err = outcome.error
     if err is None:
         if outcome.summary.items_failed:
             print(f"crawler: {outcome.summary.items_failed:,} items failed; see {outcome.summary.failures_file}"
-                  f"{_failure_hint(outcome.summary.failures)}", file=sys.stderr)
+                  f"{_failure_hint(outcome.summary.failures, argv)}", file=sys.stderr)
+        return
+    if isinstance(err, BudgetExhausted) and max_credits is not None:
+        spent = outcome.summary.requests_sent
+        raised = max(spent, max_credits) + max(max_credits, 1)
+        print(f"crawler: --max-credits {max_credits:,} reached (the job has sent {spent:,} requests, "
+              f"{outcome.summary.credits_billed:,} billed); to go on, raise the cap: "
+              f"{_resume_hint(argv, max_credits=raised)}", file=sys.stderr)
         return
     resumable = isinstance(err, Interrupted) or err.exit_code == 4 or getattr(err, "resumable", False)
     hint = f"; resume with: {_resume_hint(argv)}" if resumable else ""
     print(f"crawler: {err}{hint}", file=sys.stderr)
 
 
-def _failure_hint(failures: dict[str, int]) -> str:
-    """What can be done about these failures, only what applies."""
+def _failure_hint(failures: dict[str, int], argv: Sequence[str]) -> str:
+    """What can be done about these failures, only what applies (a command to run comes last)."""
     from crawler.state import RETRIABLE
 
     hints = []
-    if any(failures.get(r) for r in RETRIABLE):
-        hints.append("re-run with --retry-failed to try the retries_exhausted ones again")
     if failures.get("invalid_input"):
         hints.append("fix the invalid lines in the input and run the same command: only they are fetched")
-    return f" ({'; '.join(hints)})" if hints else ""
+    if any(failures.get(r) for r in RETRIABLE):
+        hints.append(f"to try the {'/'.join(r for r in RETRIABLE if failures.get(r))} ones again: "
+                     f"{_resume_hint(argv, retry_failed=True)}")
+    return f"; {'; '.join(hints)}" if hints else ""
 
 
 def _regions(settings: Settings, key: Any) -> list[tuple[str, str]]:
