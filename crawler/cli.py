@@ -68,6 +68,22 @@ def _settings_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug logging")
 
 
+def _report_flags(p: argparse.ArgumentParser) -> None:
+    """--metrics-file and --summary-json (job commands and ingest): what a scheduler reads after the run."""
+    g = p.add_argument_group("reports for schedulers (written at every end but exit 2)")
+    g.add_argument("--metrics-file", dest="output.metrics_file", metavar="PATH.prom",
+                   help="Prometheus text format for node_exporter's textfile collector (config output.metrics_file)")
+    g.add_argument("--summary-json", dest="output.summary_json", metavar="PATH",
+                   help="the end-of-run summary as JSON, with exit_code (config output.summary_json)")
+
+
+def _reports(settings: Settings, command: str) -> Any:
+    """The metrics file and summary JSON of this run (see crawler.metrics.run_reports)."""
+    from crawler.metrics import run_reports
+
+    return run_reports(command, metrics_file=settings.metrics_file, summary_json=settings.summary_json)
+
+
 def _retry_choice(value: str) -> str:
     if value != "all":
         raise argparse.ArgumentTypeError(f"--retry-failed={value}: the only value is 'all'")
@@ -96,6 +112,7 @@ def _job_parser(sub: Any, name: str, help_text: str, input_help: str) -> argpars
     if COMMANDS[name].input_kind == "users":
         p.add_argument("--by-id", action="store_true", help="input lines are numeric user ids")
     _settings_flags(p)
+    _report_flags(p)
     p.set_defaults(func=cmd_job, command=name)
     return p
 
@@ -140,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--by-id", action="store_true")
     i.add_argument("--history-url", dest="history.url", metavar="URL", help="postgresql://... (default: SQLite)")
     _settings_flags(i)
+    _report_flags(i)
     i.set_defaults(func=cmd_ingest)
 
     h = sub.add_parser("history", help="follower growth and other queries over the snapshots")
@@ -289,7 +307,9 @@ def cmd_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise UsageError(f"--output {job.output}: the output must be a .csv file")
     crawl = Crawl(job, settings, api_key=key, restart=args.restart, retry_failed=args.retry_failed,
                   overwrite=args.overwrite, quiet=args.quiet)
-    outcome = asyncio.run(run_job(crawl))
+    with _reports(settings, name) as reports:
+        outcome = asyncio.run(run_job(crawl))
+        reports.done(outcome.exit_code, [outcome.summary])
     _report(outcome, args.quiet, argv, max_credits=settings.max_credits)
     return outcome.exit_code
 
@@ -486,13 +506,16 @@ def cmd_estimate(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def cmd_ingest(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run (or resume) one day's ingest."""
     from crawler.ingest import ingest
+    from crawler.metrics import ingest_record
 
     settings = settings_from(args)
     key = api_key()
     check_ledger(settings, key)
-    result = asyncio.run(ingest(args.input, Path(args.out_dir), settings, api_key=key, date=args.date,
-                                with_posts=args.posts, restart=args.restart, column=args.column, by_id=args.by_id,
-                                quiet=args.quiet))
+    with _reports(settings, "ingest") as reports:
+        result = asyncio.run(ingest(args.input, Path(args.out_dir), settings, api_key=key, date=args.date,
+                                    with_posts=args.posts, restart=args.restart, column=args.column,
+                                    by_id=args.by_id, quiet=args.quiet))
+        reports.done(result.exit_code, [o.summary for o in result.outcomes], ingest_record(result))
     for outcome in result.outcomes:
         _report(outcome, args.quiet, argv)
     return result.exit_code

@@ -220,3 +220,18 @@ async def test_the_progress_line_after_a_resume_shows_job_totals(simulator: SimF
               for a, b in re.findall(r"· ([\d,]+) requests sent, ([\d,]+) billed", capsys.readouterr().err)]
     assert len(counts) >= 2
     assert all(15 <= sent <= 40 and 15 <= billed <= 40 for sent, billed in counts), counts
+
+
+async def test_a_budget_stop_with_automatic_parallelism_ends(simulator: SimFactory, tmp_path: Path) -> None:
+    """With parallelism "auto", a worker that ends its item after a --max-credits stop starts no new worker and the
+    run ends with exit 4 after exactly the budget (it once spun forever here: a subprocess, so a hang is bounded)."""
+    (tmp_path / "fast.toml").write_text(FAST_TOML)
+    async with simulator(world=WORLD) as sim:
+        names = handles(sim.world, 6)
+        (tmp_path / "in.txt").write_text("\n".join(names) + "\n")
+        run = ["--config", "fast.toml", "--data-dir", "d", "-q"]
+        code, err = await crawler(["profiles", "in.txt", "-o", "p.csv", *run], environ(sim), tmp_path)
+        assert code == 0, err
+        code, err = await crawler(["posts", "in.txt", "-o", "posts.csv", "--max-credits", "3", *run], environ(sim),
+                                  tmp_path)
+        assert code == 4 and sim.stats.requests == 6 + 3, err
