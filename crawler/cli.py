@@ -78,9 +78,11 @@ def _report_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _reports(settings: Settings, command: str) -> Any:
-    """The metrics file and summary JSON of this run (see crawler.metrics.run_reports)."""
-    from crawler.metrics import run_reports
+    """The metrics file and summary JSON of this run (see crawler.metrics.run_reports); their directories are
+    checked now, before anything (a region lookup) is spent."""
+    from crawler.metrics import check_report_paths, run_reports
 
+    check_report_paths(settings.metrics_file, settings.summary_json)
     return run_reports(command, metrics_file=settings.metrics_file, summary_json=settings.summary_json)
 
 
@@ -288,6 +290,7 @@ def check_ledger(settings: Settings, key: Secret) -> None:
 def cmd_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run (or resume) one crawl job."""
     settings = settings_from(args)
+    reports = _reports(settings, args.command)
     key = api_key()
     check_ledger(settings, key)
     name = args.command
@@ -307,9 +310,9 @@ def cmd_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise UsageError(f"--output {job.output}: the output must be a .csv file")
     crawl = Crawl(job, settings, api_key=key, restart=args.restart, retry_failed=args.retry_failed,
                   overwrite=args.overwrite, quiet=args.quiet)
-    with _reports(settings, name) as reports:
+    with reports as report:
         outcome = asyncio.run(run_job(crawl))
-        reports.done(outcome.exit_code, [outcome.summary])
+        report.done(outcome.exit_code, [outcome.summary])
     _report(outcome, args.quiet, argv, max_credits=settings.max_credits)
     return outcome.exit_code
 
