@@ -17,7 +17,7 @@ from crawler import __version__
 from crawler.commands import COMMANDS
 from crawler.config import FLAG_NAMES, Secret, Settings, api_key, load_settings, masked
 from crawler.crawl import Crawl, run_job
-from crawler.errors import CrawlerError, Interrupted, UsageError
+from crawler.errors import BudgetExhausted, CrawlerError, Interrupted, UsageError
 from crawler.job import JobOptions, failures_path, state_path
 from crawler.outcome import Outcome
 from crawler.sinks import part_path
@@ -68,6 +68,24 @@ def _settings_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug logging")
 
 
+def _report_flags(p: argparse.ArgumentParser) -> None:
+    """--metrics-file and --summary-json (job commands and ingest): what a scheduler reads after the run."""
+    g = p.add_argument_group("reports for schedulers (written at every end but exit 2)")
+    g.add_argument("--metrics-file", dest="output.metrics_file", metavar="PATH.prom",
+                   help="Prometheus text format for node_exporter's textfile collector (config output.metrics_file)")
+    g.add_argument("--summary-json", dest="output.summary_json", metavar="PATH",
+                   help="the end-of-run summary as JSON, with exit_code (config output.summary_json)")
+
+
+def _reports(settings: Settings, command: str) -> Any:
+    """The metrics file and summary JSON of this run (see crawler.metrics.run_reports); their directories are
+    checked now, before anything (a region lookup) is spent."""
+    from crawler.metrics import check_report_paths, run_reports
+
+    check_report_paths(settings.metrics_file, settings.summary_json)
+    return run_reports(command, metrics_file=settings.metrics_file, summary_json=settings.summary_json)
+
+
 def _retry_choice(value: str) -> str:
     if value != "all":
         raise argparse.ArgumentTypeError(f"--retry-failed={value}: the only value is 'all'")
@@ -96,6 +114,7 @@ def _job_parser(sub: Any, name: str, help_text: str, input_help: str) -> argpars
     if COMMANDS[name].input_kind == "users":
         p.add_argument("--by-id", action="store_true", help="input lines are numeric user ids")
     _settings_flags(p)
+    _report_flags(p)
     p.set_defaults(func=cmd_job, command=name)
     return p
 
@@ -146,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--by-id", action="store_true")
     i.add_argument("--history-url", dest="history.url", metavar="URL", help="postgresql://... (default: SQLite)")
     _settings_flags(i)
+    _report_flags(i)
     i.set_defaults(func=cmd_ingest)
 
     h = sub.add_parser("history", help="follower growth and other queries over the snapshots")
@@ -242,8 +262,23 @@ def _logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def _resume_hint(argv: Sequence[str]) -> str:
-    words = [w for w in argv if w != "--restart" and w.split("=", 1)[0] != "--retry-failed"]
+def _resume_hint(argv: Sequence[str], *, max_credits: int | None = None, retry_failed: bool = False) -> str:
+    """The command that goes on from here: the same one without --restart/--retry-failed, with a new
+    --max-credits (replacing the flag, or added when the cap came from config.toml), or with --retry-failed."""
+    words: list[str] = []
+    pending: str | None = None  # the flag just dropped, whose value may follow
+    for w in argv:
+        flag, pending = pending, None
+        if flag == "--max-credits" or (flag == "--retry-failed" and w == "all"):
+            continue  # the dropped flag's value
+        if w in ("--retry-failed", "--restart") or (max_credits is not None and w == "--max-credits"):
+            pending = w
+        elif not w.startswith("--retry-failed=") and (max_credits is None or not w.startswith("--max-credits=")):
+            words.append(w)
+    if max_credits is not None:
+        words += ["--max-credits", str(max_credits)]
+    if retry_failed:
+        words.append("--retry-failed")
     # A database URL may carry a password: never echo it into logs.
     return "crawler " + masked(shlex.join(words))
 
@@ -270,6 +305,7 @@ def check_ledger(settings: Settings, key: Secret) -> None:
 def cmd_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run (or resume) one crawl job."""
     settings = settings_from(args)
+    reports = _reports(settings, args.command)
     key = api_key()
     check_ledger(settings, key)
     name = args.command
@@ -289,8 +325,10 @@ def cmd_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise UsageError(f"--output {job.output}: the output must be a .csv file")
     crawl = Crawl(job, settings, api_key=key, restart=args.restart, retry_failed=args.retry_failed,
                   overwrite=args.overwrite, quiet=args.quiet)
-    outcome = asyncio.run(run_job(crawl))
-    _report(outcome, args.quiet, argv)
+    with reports as report:
+        outcome = asyncio.run(run_job(crawl))
+        report.done(outcome.exit_code, [outcome.summary])
+    _report(outcome, args.quiet, argv, max_credits=settings.max_credits)
     return outcome.exit_code
 
 
@@ -310,30 +348,43 @@ def _search_options(args: argparse.Namespace, settings: Settings, key: Any) -> d
     return {"publish_time": args.publish_time, "sort_by": sort, "region": region}
 
 
-def _report(outcome: Outcome, quiet: bool, argv: Sequence[str]) -> None:
+def _report(outcome: Outcome, quiet: bool, argv: Sequence[str], *, max_credits: int | None = None) -> None:
+    """The summary, then one line saying why the run ended that way and the command that goes on.
+
+    ``max_credits``: the job's cap (job commands only), so a budget stop prints a command with a higher one
+    (the same command would stop again at once).
+    """
     if not quiet:
         print(outcome.summary.render(), file=sys.stderr)
     err = outcome.error
     if err is None:
         if outcome.summary.items_failed:
             print(f"crawler: {outcome.summary.items_failed:,} items failed; see {outcome.summary.failures_file}"
-                  f"{_failure_hint(outcome.summary.failures)}", file=sys.stderr)
+                  f"{_failure_hint(outcome.summary.failures, argv)}", file=sys.stderr)
+        return
+    if isinstance(err, BudgetExhausted) and max_credits is not None:
+        spent = outcome.summary.requests_sent
+        raised = max(spent, max_credits) + max(max_credits, 1)
+        print(f"crawler: --max-credits {max_credits:,} reached (the job has sent {spent:,} requests, "
+              f"{outcome.summary.credits_billed:,} billed); to go on, raise the cap: "
+              f"{_resume_hint(argv, max_credits=raised)}", file=sys.stderr)
         return
     resumable = isinstance(err, Interrupted) or err.exit_code == 4 or getattr(err, "resumable", False)
     hint = f"; resume with: {_resume_hint(argv)}" if resumable else ""
     print(f"crawler: {err}{hint}", file=sys.stderr)
 
 
-def _failure_hint(failures: dict[str, int]) -> str:
-    """What can be done about these failures, only what applies."""
+def _failure_hint(failures: dict[str, int], argv: Sequence[str]) -> str:
+    """What can be done about these failures, only what applies (a command to run comes last)."""
     from crawler.state import RETRIABLE
 
     hints = []
-    if any(failures.get(r) for r in RETRIABLE):
-        hints.append("re-run with --retry-failed to try the retries_exhausted ones again")
     if failures.get("invalid_input"):
         hints.append("fix the invalid lines in the input and run the same command: only they are fetched")
-    return f" ({'; '.join(hints)})" if hints else ""
+    if any(failures.get(r) for r in RETRIABLE):
+        hints.append(f"to try the {'/'.join(r for r in RETRIABLE if failures.get(r))} ones again: "
+                     f"{_resume_hint(argv, retry_failed=True)}")
+    return f"; {'; '.join(hints)}" if hints else ""
 
 
 def _regions(settings: Settings, key: Any) -> list[tuple[str, str]]:
@@ -473,13 +524,16 @@ def cmd_estimate(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def cmd_ingest(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run (or resume) one day's ingest."""
     from crawler.ingest import ingest
+    from crawler.metrics import ingest_record
 
     settings = settings_from(args)
     key = api_key()
     check_ledger(settings, key)
-    result = asyncio.run(ingest(args.input, Path(args.out_dir), settings, api_key=key, date=args.date,
-                                with_posts=args.posts, restart=args.restart, retry_failed=args.retry_failed,
-                                column=args.column, by_id=args.by_id, quiet=args.quiet))
+    with _reports(settings, "ingest") as reports:
+        result = asyncio.run(ingest(args.input, Path(args.out_dir), settings, api_key=key, date=args.date,
+                                    with_posts=args.posts, restart=args.restart, retry_failed=args.retry_failed,
+                                    column=args.column, by_id=args.by_id, quiet=args.quiet))
+        reports.done(result.exit_code, [o.summary for o in result.outcomes], ingest_record(result))
     if not args.quiet:
         for outcome in result.outcomes:
             print(outcome.summary.render(), file=sys.stderr)

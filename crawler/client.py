@@ -81,6 +81,7 @@ class Counters:
     latency: float = 0.0  # moving average of request seconds (for parallelism = "auto")
     by_endpoint: Counter[str] = field(default_factory=Counter)  # requests sent per path
     billed_by_endpoint: Counter[str] = field(default_factory=Counter)  # credits billed per path
+    responses: Counter[str] = field(default_factory=Counter)  # every request sent, by `response_kind()`
 
 
 def check_base_url(url: str, *, allow_insecure_http: bool = False) -> str:
@@ -199,6 +200,31 @@ def interpret(status: int, raw: bytes, retry_after: str | None, endpoint: str) -
             ), False
         return TransientError(f"{endpoint}: API error {text!r}"), billed
     return body, billed
+
+
+RESPONSE_KINDS = ("ok", "not_found", "private", "rate_limited", "server_error", "no_answer", "malformed",
+                  "api_error", "key_rejected", "balance_empty", "not_the_api")
+
+
+def response_kind(status: int, result: JsonDict | CrawlerError | None) -> str:
+    """What one request met, for the metrics (`crawler_responses{outcome}`): one of RESPONSE_KINDS.
+
+    ``result`` is `interpret()`'s verdict, None when no whole answer arrived (timeout, dropped or refused
+    connection, a body cut short).
+    """
+    if result is None:
+        return "no_answer"
+    if not isinstance(result, CrawlerError):
+        return "ok"
+    kinds: tuple[tuple[type[CrawlerError], str], ...] = (
+        (RateLimited, "rate_limited"), (NotAnApiAnswer, "not_the_api"), (KeyRejected, "key_rejected"),
+        (BalanceExhausted, "balance_empty"), (NotFound, "not_found"), (PrivateAccount, "private"))
+    for kind, name in kinds:
+        if isinstance(result, kind):
+            return name
+    if status >= 500:
+        return "server_error"
+    return "malformed" if isinstance(result, Unreachable) else "api_error"
 
 
 def _unwrap(body: JsonDict) -> JsonDict:
@@ -517,11 +543,13 @@ class Client:
         c = self.counters
         c.latency = took if c.latency == 0.0 else 0.9 * c.latency + 0.1 * took
         if failure is not None:
+            c.responses[response_kind(status, None)] += 1
             if status == 200:  # the answer began as a 200: the API billed it even if its body never arrived
                 c.credits_billed += 1
                 c.billed_by_endpoint[path] += 1
             raise CannotConnect(failure) if refused else Unreachable(failure)
         result, billed = interpret(status, raw, retry_after, path)
+        c.responses[response_kind(status, result)] += 1
         if billed:
             self.counters.credits_billed += 1
             self.counters.billed_by_endpoint[path] += 1

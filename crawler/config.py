@@ -72,6 +72,8 @@ class Settings:
     output_bom: bool = False  # output.bom
     output_raw: bool = False  # output.raw
     history_url: str | None = None  # history.url (None: SQLite file in the data directory)
+    metrics_file: str | None = None  # output.metrics_file: a .prom file for node_exporter's textfile collector
+    summary_json: str | None = None  # output.summary_json: the end-of-run summary as JSON
     download_parallelism: int = 8  # download.parallelism: files in flight at once (media hosts, not the API)
     download_per_host_rate: float = 10.0  # download.per_host_rate: media requests started per second per host
 
@@ -139,6 +141,42 @@ def _optional_text(v: Any) -> str | None:
     return None if v in (None, "") else _text(v)
 
 
+HISTORY_SCHEMES = ("postgresql://", "postgres://", "sqlite:///")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+
+
+def check_history_url(url: str) -> str:
+    """The history store's URL if it is one we open (postgresql://, postgres://, sqlite:///PATH or a plain
+    path), else ValueError naming only the scheme (the rest may hold a password).
+
+    Anything that starts like ``scheme://`` is a URL, so ``postgresql+psycopg://...`` or a typo such as
+    ``postgresq://`` is refused rather than taken for a directory name; ``./a:b.db`` stays a path.
+    """
+    match = _SCHEME.match(url)
+    if match is None:
+        return url
+    if url.startswith(("postgresql://", "postgres://")):
+        return url
+    if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+        return url
+    if match.group(1) == "sqlite":
+        raise ValueError("a SQLite URL is sqlite:///PATH (three slashes, then the path)")
+    raise ValueError(f"{match.group(0)!r} is not supported: use postgresql://, postgres://, sqlite:///PATH"
+                     " or a plain path")
+
+
+def _history_url(v: Any) -> str | None:
+    text = _optional_text(v)
+    return None if text is None else check_history_url(text.strip())
+
+
+def _metrics_file(v: Any) -> str | None:
+    text = _optional_text(v)
+    if text is not None and not text.endswith(".prom"):
+        raise ValueError("must end in .prom (node_exporter's textfile collector reads only *.prom files)")
+    return text
+
+
 # config key -> (Settings field, parser)
 KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "api.base_url": ("base_url", _url),
@@ -165,12 +203,16 @@ KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "http.read_timeout": ("read_timeout", _number(float, low=0.001)),
     "output.bom": ("output_bom", _bool),
     "output.raw": ("output_raw", _bool),
-    "history.url": ("history_url", _optional_text),
+    "output.metrics_file": ("metrics_file", _metrics_file),
+    "output.summary_json": ("summary_json", _optional_text),
+    "history.url": ("history_url", _history_url),
     "download.parallelism": ("download_parallelism", _number(int, low=1)),
     "download.per_host_rate": ("download_per_host_rate", _number(float, low=0.01)),
 }
 
 ENV_KEYS = {"TIKLIVE_BASE_URL": "api.base_url", "CRAWLER_RATE_SHARED": "rate.shared"}
+# Values that may carry a password: an error about them never repeats them.
+HIDDEN_VALUES = frozenset({"history.url"})
 
 
 def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -194,6 +236,8 @@ def _apply(values: dict[str, Any], layer: Mapping[str, Any], source: Callable[[s
         try:
             values[field] = parse(raw)
         except (ValueError, TypeError, OverflowError) as exc:
+            if key in HIDDEN_VALUES:
+                raise UsageError(f"{source(key)}: invalid value for '{key}': {exc}") from None
             shown = masked(raw) if isinstance(raw, str) else raw
             raise UsageError(f"{source(key)}: invalid value {shown!r} for '{key}': {exc}") from None
 
@@ -237,6 +281,8 @@ FLAG_NAMES = {
     "output.bom": "--bom",
     "output.raw": "--raw",
     "history.url": "--history-url",
+    "output.metrics_file": "--metrics-file",
+    "output.summary_json": "--summary-json",
 }
 
 

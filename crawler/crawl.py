@@ -263,7 +263,8 @@ class Crawl:
 
     def _grow(self) -> None:
         """parallelism = "auto": enough workers to keep the rate busy at the latency seen so far."""
-        if self.settings.parallelism is not None or self._tg is None:
+        # Stopping: _spawn() starts nobody, so the loop below would never end.
+        if self.settings.parallelism is not None or self._tg is None or self._stop_error is not None:
             return
         pace = self.client.pace
         rate = 1.0 / pace.interval if pace.enabled else math.inf

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from crawler.config import check_history_url
 from crawler.endpoints import Post, Profile
 from crawler.errors import UsageError
 
@@ -170,6 +171,10 @@ class HistoryStore:
     """Profile snapshots in SQLite (a path) or PostgreSQL (a postgresql:// URL). Opened once, closed idempotently."""
 
     def __init__(self, url: str) -> None:
+        try:
+            check_history_url(url)
+        except ValueError as exc:
+            raise UsageError(f"history.url: {exc}") from None
         self.url = url
         self.postgres = url.startswith(("postgresql://", "postgres://"))
         self._db: Any
@@ -578,7 +583,7 @@ class HistoryStore:
             " g AS (SELECT user_id, MAX(CASE WHEN a = 1 THEN v END) AS first_v,"
             " MAX(CASE WHEN b = 1 THEN v END) AS last_v FROM w WHERE a = 1 OR b = 1 GROUP BY user_id)"
             " SELECT u.handle, g.user_id, g.first_v, g.last_v, g.last_v - g.first_v AS gained FROM g"
-            " JOIN users u ON u.user_id = g.user_id ORDER BY gained DESC, u.handle LIMIT ?",
+            " JOIN users u ON u.user_id = g.user_id ORDER BY gained DESC NULLS LAST, u.handle LIMIT ?",
             (start.isoformat(), end.isoformat(), limit))
         return [TopRow(str(h), str(u), s, e, g) for h, u, s, e, g in rows]
 

@@ -75,6 +75,8 @@ def outcome(job: JobOptions, state: StateStore, client: Client | None, facts: Ru
         failures_file=str(failures_path(out)) if fails else "",
         reason=reason or (str(error) if error else ""),
         notes=tuple(_notes(facts)),
+        run_credits_billed=c.credits_billed if c else 0,
+        responses=dict(c.responses) if c else {},
     )
     return Outcome(summary, error)
 

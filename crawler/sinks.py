@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import csv
 import os
+import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -113,10 +114,11 @@ class CsvSink:
         """Open the `.part` file, cut back to the committed length (a crash may have left more)."""
         self.part.parent.mkdir(parents=True, exist_ok=True)
         if committed_length > 0 and not self.part.exists():
-            # The job was finalised (or killed right after the rename) and is being resumed, e.g. by
-            # --retry-failed: carry on in the finished file, never start a new one over it.
+            # The job was finalised and is being continued (--retry-failed, an edited input): carry on in a
+            # copy of the finished file. OUT.csv stays the complete previous deliverable until finalize()
+            # replaces it, however this run ends.
             if self.out.exists() and self.out.stat().st_size == committed_length:
-                os.replace(self.out, self.part)
+                copy_durably(self.out, self.part)
             else:
                 raise UsageError(
                     f"{self.part} is missing or {self.out} was changed since the job committed {committed_length:,}"
@@ -244,6 +246,16 @@ class CsvSink:
         self.close()
         os.replace(self.part, self.out)
         fsync_dir(self.out.parent)
+
+
+def copy_durably(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` through a temporary name: ``target`` appears whole, fsynced, or not at all."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.copyfile(source, tmp)
+    with tmp.open("rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
 
 
 def fsync_dir(path: Path) -> None:

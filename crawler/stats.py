@@ -36,6 +36,8 @@ class Summary:
     failures_file: str = ""
     reason: str = ""
     notes: tuple[str, ...] = ()  # what else the user should know (an edited input, capped walks)
+    run_credits_billed: int = 0  # this run
+    responses: dict[str, int] = field(default_factory=dict)  # this run's requests by what they met
 
     def render(self) -> str:
         """A small aligned table for the terminal."""
@@ -46,7 +48,7 @@ class Summary:
                       f" of {self.items_total:,}"),
             ("rows", f"{self.rows_written:,} this run, {self.rows_total:,} in the job"),
             ("requests_sent", f"{self.requests_sent:,} (this run {self.run_requests:,})"),
-            ("credits_billed", f"{self.credits_billed:,}"),
+            ("credits_billed", f"{self.credits_billed:,} (this run {self.run_credits_billed:,})"),
             ("429s / retries", f"{self.rate_limited:,} / {self.retries:,}"),
             ("elapsed", f"{self.elapsed:,.1f} s, {rate:,.2f} requests/s (paced at most {self.rate_used})"),
             ("rate_wait_seconds", f"{self.rate_wait_seconds:,.1f} (waiting for the key's rate budget)"),

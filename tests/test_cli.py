@@ -213,7 +213,8 @@ async def test_exit_4_at_max_credits_counted_on_the_server_then_a_larger_budget_
                 "--parallelism", "3"]
         code, _, err = await crawler([*base, "--max-credits", "7"], environ(sim), tmp_path)
         assert code == 4, err
-        assert "resume with: crawler posts in.txt" in error_line(err)
+        line = error_line(err)  # the same cap would stop again at once: the printed command raises it
+        assert "raise the cap: crawler posts in.txt" in line and line.endswith("--max-credits 14")
         assert 0 < sim.stats.requests <= 7
         assert (tmp_path / "out.csv.part").exists() and not (tmp_path / "out.csv").exists()
 

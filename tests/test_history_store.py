@@ -1,0 +1,115 @@
+"""The history store's URL rules and `history top`'s order, on SQLite and on the PostgreSQL server (never skipped)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from crawler.cli import main
+from crawler.endpoints import Profile
+from crawler.errors import UsageError
+from crawler.history import HistoryStore
+
+PG_URL = os.environ.get("CRAWLER_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+DAY0 = dt.date(2026, 3, 1)
+BAD_URLS = (
+    "postgresql+psycopg://alice:s3cr3t-pw@db.example/crawl",
+    "mysql://alice:s3cr3t-pw@db.example/crawl",
+    "postgresq://alice:s3cr3t-pw@db.example/crawl",
+    "sqlite://s3cr3t-pw.db",
+)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh history store URL: a SQLite file, or a private schema on the PostgreSQL server."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'history.db'}"
+        return
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_URL, autocommit=True) as conn:  # unreachable server: the test errors, never skips
+        conn.execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in PG_URL else "?"
+    try:
+        yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def _profile(user_id: str, handle: str, followers: int | None) -> Profile:
+    return Profile(user_id=user_id, handle=handle, nickname=handle, sec_uid="", verified=False, private=False,
+                   followers=followers, following=1, videos=1, hearts=1, likes=1, signature="")
+
+
+@pytest.mark.parametrize("url", BAD_URLS)
+def test_an_unsupported_history_url_is_exit_2_naming_the_key_without_the_password(
+        url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """history.url with another scheme (a driver suffix, another database, a typo) is exit 2 with one line naming
+    the key, never the password, from the flag or config.toml, and nothing is created on disk."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TIKLIVE_API_KEY", "sim-key")
+    monkeypatch.setenv("TIKLIVE_BASE_URL", "http://127.0.0.1:9")  # were the URL accepted, nothing would answer
+    monkeypatch.delenv("CRAWLER_CONFIG", raising=False)
+    (tmp_path / "watch.txt").write_text("alice\n")
+    (tmp_path / "c.toml").write_text(f'[history]\nurl = "{url}"\n[retry]\nstall_limit = 0.5\n')
+    before = sorted(p.name for p in tmp_path.iterdir())
+    runs = (["ingest", "watch.txt", "--out-dir", "out", "--history-url", url],
+            ["ingest", "watch.txt", "--out-dir", "out", "--config", "c.toml"],
+            ["history", "top", "--history-url", url],
+            ["history", "growth", "alice", "--config", "c.toml"])
+    for argv in runs:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "history.url" in lines[0], err
+        assert "s3cr3t-pw" not in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    with pytest.raises(UsageError) as caught:
+        HistoryStore(url)
+    assert "history.url" in str(caught.value) and "s3cr3t-pw" not in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_plain_path_with_a_colon_and_a_sqlite_url_are_sqlite_files(tmp_path: Path) -> None:
+    """A plain path (even with a ':' in it) and sqlite:///PATH open a SQLite file at exactly that path."""
+    for url, path in ((str(tmp_path / "a:b.db"), tmp_path / "a:b.db"),
+                      (f"sqlite:///{tmp_path / 'c.db'}", tmp_path / "c.db")):
+        store = HistoryStore(url)
+        store.record_snapshot(DAY0, _profile("1", "alice", 10))
+        store.close()
+        assert path.is_file()
+
+
+def test_top_ranks_unknown_gains_last_on_both_stores(store_url: str) -> None:
+    """Users whose first or last count in the window is unknown rank after every known gain (NULLS LAST), ties by
+    handle, the same on SQLite and PostgreSQL."""
+    store = HistoryStore(store_url)
+    try:
+        counts = {  # handle: followers on day 0 and day 3 (None: the API gave no count)
+            "aa_unknown_end": (100, None),
+            "bb_grew": (100, 150),
+            "cc_unknown_start": (None, 500),
+            "dd_shrank": (100, 90),
+            "ee_grew_most": (10, 1_000),
+            "ff_never_known": (None, None),
+            "gg_flat": (5, 5),
+        }
+        for n, (handle, (first, last)) in enumerate(counts.items()):
+            store.record_snapshot(DAY0, _profile(str(n + 1), handle, first))
+            store.record_snapshot(DAY0 + dt.timedelta(days=3), _profile(str(n + 1), handle, last))
+        top = store.top("followers-gained", days=7)
+        assert [(t.handle, t.gained) for t in top] == [
+            ("ee_grew_most", 990), ("bb_grew", 50), ("gg_flat", 0), ("dd_shrank", -10),
+            ("aa_unknown_end", None), ("cc_unknown_start", None), ("ff_never_known", None)]
+        assert [t.handle for t in store.top("followers-gained", days=7, limit=4)] == [
+            "ee_grew_most", "bb_grew", "gg_flat", "dd_shrank"]
+    finally:
+        store.close()
