@@ -71,6 +71,8 @@ class Settings:
     output_bom: bool = False  # output.bom
     output_raw: bool = False  # output.raw
     history_url: str | None = None  # history.url (None: SQLite file in the data directory)
+    jobs_url: str | None = None  # jobs.url: postgresql://... (None: the job's state in SQLite beside its output)
+    jobs_heartbeat_timeout: float = 30.0  # jobs.heartbeat_timeout: seconds before a silent worker's items move
     download_parallelism: int = 8  # download.parallelism: files in flight at once (media hosts, not the API)
     download_per_host_rate: float = 10.0  # download.per_host_rate: media requests started per second per host
 
@@ -127,6 +129,14 @@ def _shared(v: Any) -> str:
     raise ValueError('expected "local", "off" or a redis://host:port/db URL')
 
 
+def _jobs_url(v: Any) -> str | None:
+    if v in (None, ""):
+        return None
+    if isinstance(v, str) and v.strip().startswith(("postgresql://", "postgres://")):
+        return v.strip()
+    raise ValueError("expected a postgresql:// URL")
+
+
 def _text(v: Any) -> str:
     if not isinstance(v, str) or not v:
         raise ValueError("expected a non-empty string")
@@ -163,11 +173,13 @@ KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "output.bom": ("output_bom", _bool),
     "output.raw": ("output_raw", _bool),
     "history.url": ("history_url", _optional_text),
+    "jobs.url": ("jobs_url", _jobs_url),
+    "jobs.heartbeat_timeout": ("jobs_heartbeat_timeout", _number(float, low=0.1)),
     "download.parallelism": ("download_parallelism", _number(int, low=1)),
     "download.per_host_rate": ("download_per_host_rate", _number(float, low=0.01)),
 }
 
-ENV_KEYS = {"TIKLIVE_BASE_URL": "api.base_url", "CRAWLER_RATE_SHARED": "rate.shared"}
+ENV_KEYS = {"TIKLIVE_BASE_URL": "api.base_url", "CRAWLER_RATE_SHARED": "rate.shared", "CRAWLER_JOBS_URL": "jobs.url"}
 
 
 def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -234,6 +246,7 @@ FLAG_NAMES = {
     "output.bom": "--bom",
     "output.raw": "--raw",
     "history.url": "--history-url",
+    "jobs.url": "--jobs-url",
 }
 
 
