@@ -205,8 +205,9 @@ class PgJobStore:
             await self.aclose()
             if not _is_connection_error(exc) and "psycopg" not in type(exc).__module__:
                 raise
-            raise UsageError(f"{self.where}: cannot use PostgreSQL ({type(exc).__name__}: "
-                             f"{masked(str(exc)).strip()}); start it or fix the URL") from None
+            why = " ".join(masked(str(exc)).split())  # one line: libpq's messages span several
+            raise UsageError(f"{self.where}: cannot use PostgreSQL ({type(exc).__name__}: {why}); start it or fix"
+                             " the URL") from None
 
     async def _connect(self) -> None:
         import psycopg
