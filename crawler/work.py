@@ -611,7 +611,8 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
                     result = await _work_session(store, pg, settings, api_key, worker_id, stopper, stopped)
                     if not quiet:
                         print(f"crawler: job {pg.id}: {result.items:,} items worked here, {result.rows:,} rows,"
-                              f" {result.requests_sent:,} requests", file=sys.stderr)
+                              f" {result.requests_sent:,} requests, {result.lost} taken over by other workers",
+                              file=sys.stderr)
                     err = result.error
                     if isinstance(err, BudgetExhausted):
                         continue  # that job is stopped; others may go on
