@@ -327,3 +327,26 @@ async def test_a_worker_stopped_past_its_lease_has_its_late_page_discarded(hosts
     assert taken_over(werr) >= 1, werr[-800:]
     got = rows(hosts.root / "starter" / "out.csv")
     assert len(got) == len(set(got)) and set(got) == set(expected)
+
+
+async def test_max_credits_is_the_whole_jobs_budget_across_workers_and_kills(hosts: Hosts, schema: str) -> None:
+    """--max-credits 300 over three workers, two of them SIGKILLed and restarted: the simulator counts ≤ 300; the
+    starter stops resumable (exit 4)."""
+    src = handles(hosts.root, 300)
+    url = pg_url(schema)
+    async with simulator(hosts.key) as sim:
+        starter = await hosts.start("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", url,
+                                                *common(sim.url, "--max-items", "30", "--max-credits", "300")])
+        jid = await hosts.job_id(starter)
+        work = ["work", "--jobs-url", url, "--job", jid, "--until-idle", *common(sim.url)]
+        workers = [await hosts.start(f"w{n}", work) for n in range(2)]
+        for n, mark in ((0, 80), (1, 160)):
+            await until(lambda m=mark: sim.stats.requests >= m, "requests", 60)  # type: ignore[misc]
+            workers[n].kill()
+            await workers[n].wait()
+            workers[n] = await hosts.start(f"w{n}", work)
+        code, err = await hosts.finish(starter)
+        for w in workers:
+            await hosts.finish(w)
+    assert code == 4, err[-800:]
+    assert 250 <= sim.stats.requests <= 300, sim.stats.requests
