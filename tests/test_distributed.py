@@ -350,3 +350,27 @@ async def test_max_credits_is_the_whole_jobs_budget_across_workers_and_kills(hos
             await hosts.finish(w)
     assert code == 4, err[-800:]
     assert 250 <= sim.stats.requests <= 300, sim.stats.requests
+
+
+async def test_the_starter_killed_then_run_again_resumes_and_exports(hosts: Hosts, schema: str) -> None:
+    """The starting process SIGKILLed mid-run: the same command again resumes the job (same id) and writes OUT.csv
+    with a single-host run's rows, once each."""
+    src = handles(hosts.root, 60, offset=700)
+    opts = ("--max-items", "60", "--page-size", "20")
+    url = pg_url(schema)
+    async with simulator(hosts.key) as sim:
+        expected, _ = await single_host(hosts, src, sim, *opts)
+        args = ["posts", str(src), "-o", "out.csv", "--jobs-url", url, *common(sim.url, *opts)]
+        first = await hosts.start("starter", args)
+        jid = await hosts.job_id(first)
+        mark = sim.stats.requests + 60
+        await until(lambda: sim.stats.requests >= mark, "the job under way")
+        first.kill()
+        await first.wait()
+        assert await pg_value(schema, "SELECT count(*) FROM crawler_items WHERE status = 'pending'") > 0
+        again = await hosts.start("starter", args)
+        assert await hosts.job_id(again) == jid
+        code, err = await hosts.finish(again)
+    assert code == SINGLE_CODE[src], err[-800:]
+    got = rows(hosts.root / "starter" / "out.csv")
+    assert len(got) == len(set(got)) and set(got) == set(expected)
