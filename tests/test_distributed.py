@@ -374,3 +374,91 @@ async def test_the_starter_killed_then_run_again_resumes_and_exports(hosts: Host
     assert code == SINGLE_CODE[src], err[-800:]
     got = rows(hosts.root / "starter" / "out.csv")
     assert len(got) == len(set(got)) and set(got) == set(expected)
+
+
+class Proxy:
+    """A TCP proxy to PostgreSQL that the test controls: `cut()` drops every connection and refuses new ones."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.up = True
+        self._pipes: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Proxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cut()
+        assert self._server is not None
+        self._server.close()
+
+    def cut(self) -> None:
+        self.up = False
+        for w in list(self._pipes):
+            w.transport.abort()
+        self._pipes.clear()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.up:
+            writer.transport.abort()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", 5432)
+        self._pipes.update((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+async def test_postgresql_cut_mid_run_workers_wait_and_lose_nothing(hosts: Hosts, schema: str) -> None:
+    """The connections to PostgreSQL cut for a few seconds mid-run (within retry.stall_limit): the starter and a
+    worker wait and go on; the rows are a single-host run's, once each."""
+    src = handles(hosts.root, 80, offset=900)
+    opts = ("--max-items", "60", "--page-size", "20")
+    async with simulator(hosts.key) as sim, Proxy() as proxy:
+        expected, _ = await single_host(hosts, src, sim, *opts)
+        url = pg_url(schema, proxy.port)
+        starter = await hosts.start("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", url,
+                                                *common(sim.url, *opts)], stall_limit=30)
+        jid = await hosts.job_id(starter)
+        worker = await hosts.start("w", ["work", "--jobs-url", url, "--job", jid, "--until-idle", *common(sim.url)],
+                                   stall_limit=30)
+        mark = sim.stats.requests + 80
+        await until(lambda: sim.stats.requests >= mark, "both under way")
+        proxy.cut()
+        cut_at = sim.stats.requests
+        await asyncio.sleep(4)  # the outage itself (not a synchronisation)
+        proxy.up = True
+        code, err = await hosts.finish(starter)
+        wcode, werr = await hosts.finish(worker)
+    assert code == SINGLE_CODE[src], err[-800:]
+    assert wcode == 0, werr[-800:]
+    assert cut_at < sim.stats.requests  # the run went on after the outage
+    got = rows(hosts.root / "starter" / "out.csv")
+    assert len(got) == len(set(got)) and set(got) == set(expected)
+
+
+async def test_postgresql_lost_for_good_ends_the_run_with_one_line(hosts: Hosts, schema: str) -> None:
+    """PostgreSQL gone past retry.stall_limit: the starter exits 1 with one line naming jobs.url."""
+    src = handles(hosts.root, 80, offset=900)
+    async with simulator(hosts.key) as sim, Proxy() as proxy:
+        url = pg_url(schema, proxy.port)
+        starter = await hosts.start("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", url,
+                                                *common(sim.url, "--max-items", "60", "--page-size", "20")],
+                                    stall_limit=3)
+        await hosts.job_id(starter)
+        mark = sim.stats.requests + 40
+        await until(lambda: sim.stats.requests >= mark, "under way")
+        proxy.cut()
+        code, err = await hosts.finish(starter, bound=60)
+    assert code == 1, err[-800:]
+    last = err.strip().splitlines()[-1]
+    assert "jobs.url = postgresql://" in last and "has not answered" in last, last
