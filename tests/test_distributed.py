@@ -17,7 +17,6 @@ import random
 import re
 import signal
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -280,7 +279,8 @@ async def test_ten_sigkills_of_random_workers_lose_and_duplicate_nothing(hosts: 
         workers = [await hosts.start(f"w{n}", work) for n in range(2)]
         while kills < 10 and starter.returncode is None:
             mark = sim.stats.requests + rng.randint(5, 25)
-            await until(lambda: sim.stats.requests >= mark or starter.returncode is not None, "requests", 60)
+            await until(lambda m=mark: sim.stats.requests >= m or starter.returncode is not None,  # type: ignore[misc]
+                        "requests", 60)
             n = rng.randrange(2)
             if workers[n].returncode is None:
                 workers[n].kill()
@@ -462,3 +462,25 @@ async def test_postgresql_lost_for_good_ends_the_run_with_one_line(hosts: Hosts,
     assert code == 1, err[-800:]
     last = err.strip().splitlines()[-1]
     assert "jobs.url = postgresql://" in last and "has not answered" in last, last
+
+
+async def test_a_key_worked_from_another_host_needs_one_redis_ledger(hosts: Hosts, schema: str) -> None:
+    """While host A works the key through a local ledger, a worker on host B exits 2 naming rate.shared and the
+    fix, before taking any item."""
+    src = handles(hosts.root, 60, offset=1100)
+    url = pg_url(schema)
+    async with simulator(hosts.key, latency=(0.05, 0.1)) as sim:
+        local = ["--base-url", sim.url, *RATE, "--rate-shared", "local", "--parallelism", "2"]
+        starter = await hosts.start("a", ["posts", str(src), "-o", "out.csv", "--jobs-url", url, *local],
+                                    extra_env={"CRAWLER_TEST_HOSTNAME": "host-a"})
+        jid = await hosts.job_id(starter)
+        other = await hosts.start("b", ["work", "--jobs-url", url, "--job", jid, "--until-idle", *local],
+                                  extra_env={"CRAWLER_TEST_HOSTNAME": "host-b"})
+        code, err = await hosts.finish(other)
+        taken = await pg_value(schema, "SELECT count(*) FROM crawler_items WHERE owner LIKE 'host-b:%%'")
+        starter.kill()
+        await starter.wait()
+    assert code == 2, err[-800:]
+    last = err.strip().splitlines()[-1]
+    assert "rate.shared = 'local'" in last and "host-a" in last and "redis://" in last, last
+    assert taken == 0
