@@ -300,7 +300,7 @@ def cmd_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
         from crawler.work import start_job
 
         outcome = asyncio.run(start_job(job, settings, api_key=key, url=settings.jobs_url, restart=args.restart,
-                                        retry_failed=args.retry_failed, quiet=args.quiet))
+                                        retry_failed=args.retry_failed, overwrite=args.overwrite, quiet=args.quiet))
         _report(outcome, args.quiet, argv)
         return outcome.exit_code
     crawl = Crawl(job, settings, api_key=key, restart=args.restart, retry_failed=args.retry_failed,

@@ -224,7 +224,14 @@ class PgJobStore:
                 await asyncio.wait_for(conn.close(), 2.0)
 
     async def _run(self, fn: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
-        """Run `fn` in one transaction; a lost server is retried with backoff until the stall limit."""
+        """Run `fn` in one transaction; a lost server is retried with backoff until the stall limit.
+
+        Shielded: a caller cancelled (a stop) leaves the transaction to finish or roll back on its own, never the
+        connection half-way through a query for the next caller.
+        """
+        return await asyncio.shield(self._run_now(fn))
+
+    async def _run_now(self, fn: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
         delay = 0.1
         async with self._lock:
             while True:

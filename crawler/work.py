@@ -452,7 +452,7 @@ async def _work_session(store: PgJobStore, pg: PgJob, settings: Settings, key: S
 
 
 async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url: str, restart: bool = False,
-                    retry_failed: bool | str = False, quiet: bool = False) -> Outcome:
+                    retry_failed: bool | str = False, overwrite: bool = False, quiet: bool = False) -> Outcome:
     """`crawler COMMAND INPUT -o OUT.csv --jobs-url URL`: create or resume the job, work it, export it."""
     started = time.monotonic()
     spec = COMMANDS[job.command]
@@ -466,9 +466,14 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
             print(f"crawler: job {jid} ({masked(url)})", file=sys.stderr)
             if restart:
                 await store.delete_job(jid)
-            await store.create_job(jid, job.command, options, _spooled(spool))
+            created = await store.create_job(jid, job.command, options, _spooled(spool))
         finally:
             spool.unlink(missing_ok=True)
+        # A new job never replaces a file it did not write (the input, someone's CSV) unless told to.
+        if created and not (overwrite or restart) and await asyncio.to_thread(out.exists):
+            await store.delete_job(jid)
+            raise UsageError(f"--output {out} exists and is not this job's output: choose another output, or add"
+                             " --overwrite to replace it")
         retry = RETRIABLE_ALL if retry_failed == "all" else RETRIABLE if retry_failed else ()
         await store.resume(jid, settings.max_credits, retry=retry)
         pg = await store.job(jid)

@@ -485,3 +485,33 @@ async def test_a_key_worked_from_another_host_needs_one_redis_ledger(hosts: Host
     last = err.strip().splitlines()[-1]
     assert "rate.shared = 'local'" in last and "host-a" in last and "redis://" in last, last
     assert taken == 0
+
+
+async def test_sigterm_stops_a_worker_and_the_starter_cleanly_and_the_job_resumes(hosts: Hosts, schema: str) -> None:
+    """SIGTERM: a worker exits 143 and hands its items back at once (none left held by it); the starter exits 143
+    saying how to resume; the same command then finishes the job with a single-host run's rows."""
+    src = handles(hosts.root, 60, offset=1300)
+    opts = ("--max-items", "60", "--page-size", "10")
+    url = pg_url(schema)
+    async with simulator(hosts.key, latency=(0.02, 0.05)) as sim:
+        expected, _ = await single_host(hosts, src, sim, *opts)
+        args = ["posts", str(src), "-o", "out.csv", "--jobs-url", url, *common(sim.url, *opts)]
+        starter = await hosts.start("starter", args)
+        jid = await hosts.job_id(starter)
+        worker = await hosts.start("w", ["work", "--jobs-url", url, "--job", jid, "--until-idle", *common(sim.url)])
+        mine = f"%:{worker.pid}:%"
+        held = "SELECT count(*) FROM crawler_items WHERE status = 'pending' AND owner LIKE %s"
+        await until(lambda: pg_value(schema, held, mine), "the worker holding items")
+        worker.send_signal(signal.SIGTERM)
+        wcode, werr = await hosts.finish(worker, bound=60)
+        left = await pg_value(schema, held, mine)
+        starter.send_signal(signal.SIGTERM)
+        code, err = await hosts.finish(starter, bound=60)
+        again = await hosts.start("starter", args)
+        final, ferr = await hosts.finish(again)
+    assert wcode == 143, werr[-800:]
+    assert left == 0
+    assert code == 143 and "resume with: crawler posts" in err.strip().splitlines()[-1], err[-800:]
+    assert final == SINGLE_CODE[src], ferr[-800:]
+    got = rows(hosts.root / "starter" / "out.csv")
+    assert len(got) == len(set(got)) and set(got) == set(expected)
