@@ -24,8 +24,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("crawler.queue")
 
-# pgqueuer logs every job it dispatches at INFO and every retry at WARNING: ours are enough.
-logging.getLogger("pgqueuer").setLevel(logging.ERROR)
+# pgqueuer logs each lost connection with a traceback (a PostgreSQL outage is no bug): our one-line warnings say
+# it; -vv (debug) shows the library's own.
+if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+    logging.getLogger("pgqueuer").setLevel(logging.CRITICAL)
 
 
 def entrypoint(jid: str) -> str:
