@@ -347,9 +347,10 @@ class JobWorker:
             rows = [(str(getattr(r, r.COLUMNS[0])), json.dumps(r.values(), ensure_ascii=False)) for r in b.rows]
             pages.append(PageCommit(seq, self._held.get(seq, -1), rows, b.update, b.walks))
         c = self.client.counters
-        sent, billed = c.requests_sent - self._committed[0], c.credits_billed - self._committed[1]
-        await self.store.commit(self.jid, pages, sent, billed)
-        self._committed = (c.requests_sent, c.credits_billed)
+        # Taken before the commit: requests answered while it runs go into the next one, never lost between.
+        now = (c.requests_sent, c.credits_billed)
+        await self.store.commit(self.jid, pages, now[0] - self._committed[0], now[1] - self._committed[1])
+        self._committed = now
         for page in pages:
             if page.committed:
                 self._held[page.seq] = self._held.get(page.seq, 0) + 1
