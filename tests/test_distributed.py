@@ -331,7 +331,7 @@ async def test_a_worker_stopped_past_its_lease_has_its_late_page_discarded(hosts
 
 async def test_max_credits_is_the_whole_jobs_budget_across_workers_and_kills(hosts: Hosts, schema: str) -> None:
     """--max-credits 300 over three workers, two of them SIGKILLed and restarted: the simulator counts ≤ 300; the
-    starter stops resumable (exit 4)."""
+    starter stops resumable (exit 4); exporting the unfinished job is exit 2 with its pending count."""
     src = handles(hosts.root, 300)
     url = pg_url(schema)
     async with simulator(hosts.key) as sim:
@@ -350,6 +350,9 @@ async def test_max_credits_is_the_whole_jobs_budget_across_workers_and_kills(hos
             await hosts.finish(w)
     assert code == 4, err[-800:]
     assert 250 <= sim.stats.requests <= 300, sim.stats.requests
+    code, _, err = await hosts.run("export", ["export", jid, "-o", str(hosts.root / "x.csv"), "--jobs-url", url])
+    assert code == 2 and re.search(r"not finished \([\d,]+ items pending\)", err), err
+    assert not (hosts.root / "x.csv").exists()
 
 
 async def test_the_starter_killed_then_run_again_resumes_and_exports(hosts: Hosts, schema: str) -> None:
