@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import bench_client
 import bench_download
+import bench_jobs
 import bench_ledger
 import bench_pipeline
 import bench_state
@@ -54,6 +55,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Figure]]] = {
     "state": bench_state.run,
     "history": history,
     "download": bench_download.run,
+    "jobs": bench_jobs.run,
 }
 
 

@@ -109,6 +109,8 @@ def _job_parser(sub: Any, name: str, help_text: str, input_help: str) -> argpars
                    " --retry-failed=all also not_found and private")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output this tool did not write (or the input file itself)")
+    p.add_argument("--jobs-url", dest="jobs.url", metavar="URL",
+                   help="postgresql://...: the job in PostgreSQL, worked by this and any `crawler work` process")
     if COMMANDS[name].input_kind != "keyword":
         p.add_argument("--column", help="read the input as CSV and take this column")
     if COMMANDS[name].input_kind == "users":
@@ -252,6 +254,29 @@ def build_parser() -> argparse.ArgumentParser:
     _settings_flags(d)
     d.set_defaults(func=cmd_download)
 
+    # PostgreSQL jobs (jobs.url): workers, the list of jobs, a finished job's output.
+    w = sub.add_parser("work", help="join open PostgreSQL jobs as a worker (jobs.url)",
+                       description="Take items of open jobs in jobs.url and work them with this host's key and"
+                       " settings; without --until-idle, wait for new jobs (a service).")
+    w.add_argument("--job", metavar="ID", help="only this job (its id, as the starter printed it)")
+    w.add_argument("--until-idle", action="store_true", help="exit when no item of any open job is left")
+    w.add_argument("--jobs-url", dest="jobs.url", metavar="URL")
+    _settings_flags(w)
+    w.set_defaults(func=cmd_work)
+    j = sub.add_parser("jobs", help="PostgreSQL jobs: id, progress, failures, credits, workers")
+    j.add_argument("--jobs-url", dest="jobs.url", metavar="URL")
+    j.add_argument("--json", action="store_true", help="print JSON")
+    j.add_argument("--config")
+    j.set_defaults(func=cmd_jobs)
+    x = sub.add_parser("export", help="a finished PostgreSQL job's output (byte for byte the starter's)")
+    x.add_argument("job", metavar="JOB")
+    x.add_argument("-o", "--output", required=True, metavar="OUT.csv")
+    x.add_argument("--jobs-url", dest="jobs.url", metavar="URL")
+    x.add_argument("--bom", dest="output.bom", action="store_const", const=True)
+    x.add_argument("--raw", dest="output.raw", action="store_const", const=True)
+    x.add_argument("--config")
+    x.set_defaults(func=cmd_export)
+
     # Listed for --help only: main() hands `crawler sim ...` to the simulator's own parser.
     sub.add_parser("sim", help="run the local API simulator (crawler sim --help)", add_help=False)
     return parser
@@ -323,6 +348,16 @@ def cmd_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
     )
     if not job.output.endswith(".csv"):
         raise UsageError(f"--output {job.output}: the output must be a .csv file")
+    if settings.jobs_url:
+        from crawler.work import start_job
+
+        with reports as report:  # the job-level figures from PostgreSQL
+            outcome = asyncio.run(start_job(job, settings, api_key=key, url=settings.jobs_url,
+                                            restart=args.restart, retry_failed=args.retry_failed,
+                                            overwrite=args.overwrite, quiet=args.quiet))
+            report.done(outcome.exit_code, [outcome.summary])
+        _report(outcome, args.quiet, argv, max_credits=settings.max_credits)
+        return outcome.exit_code
     crawl = Crawl(job, settings, api_key=key, restart=args.restart, retry_failed=args.retry_failed,
                   overwrite=args.overwrite, quiet=args.quiet)
     with reports as report:
@@ -468,6 +503,46 @@ def cmd_status(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if fails:
         print("failures        " + ", ".join(f"{k}: {v:,}" for k, v in sorted(fails.items()))
               + f" (see {failures_path(out)})")
+    return 0
+
+
+def _jobs_url(settings: Settings, command: str) -> str:
+    if not settings.jobs_url:
+        raise UsageError(f"{command}: say where the jobs are: --jobs-url postgresql://... (or CRAWLER_JOBS_URL,"
+                         " or jobs.url in config.toml)")
+    return settings.jobs_url
+
+
+def cmd_work(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Work open PostgreSQL jobs."""
+    from crawler.work import work
+
+    settings = settings_from(args)
+    url = _jobs_url(settings, "work")
+    key = api_key()
+    check_ledger(settings, key)
+    return asyncio.run(work(settings, api_key=key, url=url, job=args.job, until_idle=args.until_idle,
+                            quiet=args.quiet))
+
+
+def cmd_jobs(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """List PostgreSQL jobs."""
+    from crawler.work import jobs_report
+
+    settings = settings_from(args)
+    print(asyncio.run(jobs_report(settings, url=_jobs_url(settings, "jobs"), as_json=args.json)))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Write a finished PostgreSQL job's output."""
+    from crawler.work import export_job
+
+    settings = settings_from(args)
+    if not args.output.endswith(".csv"):
+        raise UsageError(f"--output {args.output}: the output must be a .csv file")
+    n = asyncio.run(export_job(settings, url=_jobs_url(settings, "export"), jid=args.job, out=Path(args.output)))
+    print(f"crawler: wrote {n:,} rows to {args.output}", file=sys.stderr)
     return 0
 
 

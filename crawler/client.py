@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar
@@ -372,7 +372,7 @@ class Client:
         request_budget: int | None = None,
         max_connections: int = 100,
         gate: RateGate | None = None,
-        reserve: Callable[[int], None] | None = None,
+        reserve: Callable[[int], Awaitable[None] | None] | None = None,
     ) -> None:
         # Like the CLI: environment (TIKLIVE_BASE_URL, CRAWLER_CONFIG), then config.toml if present, then defaults.
         s = settings if settings is not None else load_settings()
@@ -516,7 +516,9 @@ class Client:
         if self.request_budget is not None and self.counters.requests_sent >= self.request_budget:
             raise BudgetExhausted(f"the --max-credits budget of {self.request_budget} requests is spent")
         if self._reserve is not None:
-            self._reserve(self.counters.requests_sent + 1)
+            reserving = self._reserve(self.counters.requests_sent + 1)
+            if reserving is not None:  # a reservation in a shared store (a PostgreSQL job's budget)
+                await reserving
         self.counters.requests_sent += 1
         self.counters.by_endpoint[path] += 1
         log.debug("GET %s %s", path, query)

@@ -74,6 +74,8 @@ class Settings:
     history_url: str | None = None  # history.url (None: SQLite file in the data directory)
     metrics_file: str | None = None  # output.metrics_file: a .prom file for node_exporter's textfile collector
     summary_json: str | None = None  # output.summary_json: the end-of-run summary as JSON
+    jobs_url: str | None = None  # jobs.url: postgresql://... (None: the job's state in SQLite beside its output)
+    jobs_heartbeat_timeout: float = 30.0  # jobs.heartbeat_timeout: seconds before a silent worker's items move
     download_parallelism: int = 8  # download.parallelism: files in flight at once (media hosts, not the API)
     download_per_host_rate: float = 10.0  # download.per_host_rate: media requests started per second per host
 
@@ -129,6 +131,14 @@ def _shared(v: Any) -> str:
     if isinstance(v, str) and (v.strip().lower() in ("local", "off") or v.strip().startswith(("redis://", "rediss://"))):
         return v.strip().lower() if v.strip().lower() in ("local", "off") else v.strip()
     raise ValueError('expected "local", "off" or a redis://host:port/db URL')
+
+
+def _jobs_url(v: Any) -> str | None:
+    if v in (None, ""):
+        return None
+    if isinstance(v, str) and v.strip().startswith(("postgresql://", "postgres://")):
+        return v.strip()
+    raise ValueError("expected a postgresql:// URL")
 
 
 def _text(v: Any) -> str:
@@ -206,11 +216,13 @@ KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "output.metrics_file": ("metrics_file", _metrics_file),
     "output.summary_json": ("summary_json", _optional_text),
     "history.url": ("history_url", _history_url),
+    "jobs.url": ("jobs_url", _jobs_url),
+    "jobs.heartbeat_timeout": ("jobs_heartbeat_timeout", _number(float, low=0.1)),
     "download.parallelism": ("download_parallelism", _number(int, low=1)),
     "download.per_host_rate": ("download_per_host_rate", _number(float, low=0.01)),
 }
 
-ENV_KEYS = {"TIKLIVE_BASE_URL": "api.base_url", "CRAWLER_RATE_SHARED": "rate.shared"}
+ENV_KEYS = {"TIKLIVE_BASE_URL": "api.base_url", "CRAWLER_RATE_SHARED": "rate.shared", "CRAWLER_JOBS_URL": "jobs.url"}
 # Values that may carry a password: an error about them never repeats them.
 HIDDEN_VALUES = frozenset({"history.url"})
 
@@ -283,6 +295,7 @@ FLAG_NAMES = {
     "history.url": "--history-url",
     "output.metrics_file": "--metrics-file",
     "output.summary_json": "--summary-json",
+    "jobs.url": "--jobs-url",
 }
 
 

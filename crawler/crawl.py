@@ -36,6 +36,7 @@ from crawler.job import (
     prepare,
     state_path,
 )
+from crawler.jobstore import step_update
 from crawler.outcome import Outcome, RunFacts, outcome
 from crawler.pagesizes import PageSizes
 from crawler.sinks import Batch, CsvSink, write_failures
@@ -317,20 +318,10 @@ class Crawl:
         async with aclosing(self.spec.handler(self, item)) as steps:
             async for step in steps:
                 killpoints.reached("fetched")
-                n = len(step.rows) if step.counted else 0
-                if not step.counted:  # a reply walk's page: the item's own walk is where it was
-                    update = ItemUpdate(item.seq, "done" if step.last else "pending", cursor=step.cursor)
-                elif step.guard is not None or step.capped:
-                    # A cap is a guard the user set: the rows so far are kept, the item says it is incomplete.
-                    cap = self.job.max_pages or self.settings.max_pages
-                    detail = step.guard or f"stopped at the --max-pages cap of {cap} pages; the list goes on"
-                    self.capped += step.guard is None
-                    update = ItemUpdate(item.seq, "failed", rows=n, pages=1, reason="pagination_guard",
-                                        endpoint=self.spec.endpoint, detail=detail)
-                elif step.last:
-                    update = ItemUpdate(item.seq, "done", rows=n, pages=1)
-                else:
-                    update = ItemUpdate(item.seq, "pending", cursor=step.cursor, rows=n, pages=1)
+                cap = self.job.max_pages or self.settings.max_pages
+                update = step_update(step, item.seq, endpoint=self.spec.endpoint, max_pages=cap)
+                # A cap is a guard the user set: the rows so far are kept, the item says it is incomplete.
+                self.capped += step.counted and step.capped and step.guard is None
                 await self.sink.submit(Batch(step.rows, update, keyed=self._keyed, walks=step.walks))
 
     def _snapshot(self) -> Snapshot:

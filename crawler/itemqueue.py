@@ -1,0 +1,167 @@
+"""The work queue of PostgreSQL jobs: pgqueuer, wrapped once (as retry.py wraps backoff).
+
+The queue hands items out and takes a dead worker's items back: pgqueuer heartbeats every picked job from a
+background task on the database clock, and a job whose heartbeat is older than `jobs.heartbeat_timeout` is
+picked again by any worker. It is not the record of what is done: that is `crawler_items` (pgjobs.py), and
+only items not done there are enqueued. Pinned version and measured edges: tests/test_pgqueuer_edges.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from crawler.config import masked
+from crawler.errors import UsageError
+from crawler.pgjobs import _INSTALL_LOCK
+
+if TYPE_CHECKING:
+    import psycopg
+
+log = logging.getLogger("crawler.queue")
+
+# pgqueuer logs each lost connection with a traceback (a PostgreSQL outage is no bug): our one-line warnings say
+# it; -vv (debug) shows the library's own.
+if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+    logging.getLogger("pgqueuer").setLevel(logging.CRITICAL)
+
+
+def entrypoint(jid: str) -> str:
+    """The queue entrypoint of a job: one per job, so a worker asks only for the jobs it works on."""
+    return f"crawler_{jid}"
+
+
+def dedupe_key(jid: str, seq: int) -> str:
+    """At most one queued or picked queue job per item."""
+    return f"{jid}:{seq}"
+
+
+async def _connect(url: str) -> psycopg.AsyncConnection[Any]:
+    import psycopg
+
+    # pgqueuer's psycopg driver needs an autocommit connection.
+    return await psycopg.AsyncConnection.connect(url, autocommit=True, application_name="crawler-queue")
+
+
+async def install(url: str) -> None:
+    """Create pgqueuer's tables once per schema (under the same lock as ours)."""
+    from pgqueuer.db import PsycopgDriver
+    from pgqueuer.queries import Queries
+
+    conn = await _connect(url)
+    try:
+        await conn.execute("SELECT pg_advisory_lock(%s)", (_INSTALL_LOCK,))
+        queries = Queries(PsycopgDriver(conn))
+        if not await queries.schema_is_installed():
+            await queries.install()
+    finally:
+        await conn.close()
+
+
+async def enqueue(url: str, jid: str, seqs: Sequence[int]) -> None:
+    """Put items on the queue; items already queued or picked are skipped (dedupe key)."""
+    from pgqueuer.db import PsycopgDriver
+    from pgqueuer.queries import Queries
+
+    if not seqs:
+        return
+    conn = await _connect(url)
+    try:
+        queries = Queries(PsycopgDriver(conn))
+        for start in range(0, len(seqs), 5000):
+            chunk = list(seqs[start:start + 5000])
+            await queries.enqueue([entrypoint(jid)] * len(chunk), [str(s).encode() for s in chunk], [0] * len(chunk),
+                                  dedupe_key=[dedupe_key(jid, s) for s in chunk], on_conflict="skip")
+    finally:
+        await conn.close()
+
+
+def _driver(listen: psycopg.AsyncConnection[Any], queries: psycopg.AsyncConnection[Any]) -> Any:
+    """pgqueuer's psycopg driver with its queries on a connection of their own.
+
+    The driver reads notifications with `notifies(timeout=1.0)`, which holds its connection for up to a second
+    at a time, and runs every query on that same connection: measured, 1.9 queue jobs a second with batch size 1
+    (tests/test_pgqueuer_edges.py). LISTEN and the reader keep the first connection; queries take the second.
+    """
+    from pgqueuer.db import PsycopgDriver
+    from psycopg import AsyncRawCursor
+    from psycopg.rows import dict_row
+
+    class TwoConnections(PsycopgDriver):
+        async def fetch(self, query: str, *args: object) -> list[dict[str, object]]:
+            cursor = AsyncRawCursor(queries, row_factory=dict_row)
+            await cursor.execute(query, args or None)
+            return await cursor.fetchall()
+
+        async def execute(self, query: str, *args: object) -> str:
+            cursor = AsyncRawCursor(queries)
+            await cursor.execute(query, args or None)
+            return cursor.statusmessage or ""
+
+    return TwoConnections(listen)
+
+
+class ItemQueue:
+    """One worker's consumer of one job's queue: `await q.run(handler)` until `q.stop()`.
+
+    `handler(seq)` runs for each item handed out, at most `concurrency` at a time in this process; the
+    heartbeat of a picked item stops with the process (a kill, a SIGSTOP), and after `heartbeat_timeout`
+    another worker gets it.
+    """
+
+    def __init__(self, url: str, jid: str, *, concurrency: int, heartbeat_timeout: float, poll: float) -> None:
+        self.url = url
+        self.jid = jid
+        self.concurrency = max(2, concurrency)
+        self.heartbeat_timeout = heartbeat_timeout
+        self.poll = poll
+        self._qm: Any = None
+        self._stopping = False
+
+    def stop(self) -> None:
+        """Take no more items; `run()` returns once the items in hand are done."""
+        self._stopping = True
+        if self._qm is not None:
+            self._qm.shutdown.set()
+
+    async def run(self, handler: Callable[[int], Awaitable[None]]) -> None:
+        """Take items until stopped; a lost connection ends it with the driver's error (the caller retries)."""
+        from pgqueuer.models import Job
+        from pgqueuer.qm import QueueManager
+        from pgqueuer.queries import Queries
+
+        if self._stopping:
+            return
+        try:
+            conn = await _connect(self.url)
+        except Exception as exc:
+            raise UsageError(f"jobs.url = {masked(self.url)}: {type(exc).__name__}") from exc
+        try:
+            conn2 = await _connect(self.url)
+        except BaseException:
+            await conn.close()
+            raise
+        try:
+            qm = QueueManager(Queries(_driver(conn, conn2)))
+            self._qm = qm
+
+            @qm.entrypoint(entrypoint(self.jid), accepts_context=False)
+            async def on_item(job: Job) -> None:
+                await handler(int((job.payload or b"0").decode()))
+
+            if self._stopping:
+                return
+            # batch_size 1: an item waits in the queue, not in a worker that is busy with another one.
+            await qm.run(dequeue_timeout=timedelta(seconds=self.poll), batch_size=1,
+                         max_concurrent_tasks=self.concurrency,
+                         heartbeat_timeout=timedelta(seconds=self.heartbeat_timeout),
+                         log_aggregation_interval=timedelta(0))
+        finally:
+            self._qm = None
+            for c in (conn, conn2):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(c.close(), 2.0)

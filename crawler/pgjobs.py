@@ -1,0 +1,577 @@
+"""The PostgreSQL job store (`jobs.url`): a job's items, cursors, counters and rows, shared by every worker.
+
+Sits where `state.py` + the CSV sit for a local job. Workers take items handed out by the queue (`queue.py`,
+pgqueuer), and commit each page's rows with the item's new cursor in one transaction that holds only if
+the item's version is still the one the worker took (a taker bumps it), so a worker that lost its item to a
+takeover writes nothing. Rows carry a natural key (job, item, row id) with ON CONFLICT DO NOTHING as a
+second net. Every wait on a lost server is bounded by `retry.stall_limit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from crawler.config import masked
+from crawler.errors import RunStopped, UsageError
+from crawler.state import ItemUpdate, Progress, WalkUpdate
+
+if TYPE_CHECKING:
+    import psycopg
+
+log = logging.getLogger("crawler.pgjobs")
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS crawler_jobs (
+    id TEXT PRIMARY KEY,                       -- first 12 hex digits of hash(command, options, input)
+    command TEXT NOT NULL,
+    options TEXT NOT NULL,                     -- JSON of the JobOptions that define the output
+    status TEXT NOT NULL DEFAULT 'running',    -- running, budget (--max-credits spent), done
+    max_credits BIGINT,                        -- the whole job's budget (requests), across workers
+    reserved BIGINT NOT NULL DEFAULT 0,        -- requests granted to workers before they were sent
+    requests_sent BIGINT NOT NULL DEFAULT 0,
+    credits_billed BIGINT NOT NULL DEFAULT 0,
+    rows BIGINT NOT NULL DEFAULT 0,
+    created TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS crawler_items (
+    job TEXT NOT NULL REFERENCES crawler_jobs(id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    raw TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',    -- pending, done, failed
+    cursor TEXT,                               -- JSON of the next cursor of a walk in progress
+    rows INTEGER NOT NULL DEFAULT 0,
+    pages INTEGER NOT NULL DEFAULT 0,
+    reason TEXT, endpoint TEXT, detail TEXT,
+    version INTEGER NOT NULL DEFAULT 0,        -- bumped by every take and every commit
+    owner TEXT,                                -- the worker that took it last
+    token TEXT,                                -- the last commit's token (an unknown COMMIT outcome is checked)
+    PRIMARY KEY (job, seq)
+);
+CREATE INDEX IF NOT EXISTS crawler_items_pending ON crawler_items (job, seq) WHERE status = 'pending';
+CREATE TABLE IF NOT EXISTS crawler_walks (
+    job TEXT NOT NULL, seq INTEGER NOT NULL, comment_id TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending', cursor TEXT,
+    pages INTEGER NOT NULL DEFAULT 0, rows INTEGER NOT NULL DEFAULT 0,
+    reason TEXT, endpoint TEXT, detail TEXT,
+    PRIMARY KEY (job, seq, comment_id),
+    FOREIGN KEY (job, seq) REFERENCES crawler_items (job, seq) ON DELETE CASCADE
+);
+CREATE TABLE IF NOT EXISTS crawler_rows (
+    job TEXT NOT NULL, seq INTEGER NOT NULL,
+    rid TEXT NOT NULL,                         -- the row's first column (video_id, user_id, comment_id...)
+    n BIGINT GENERATED ALWAYS AS IDENTITY,     -- commit order within the item, for a stable export
+    cells TEXT NOT NULL,                      -- JSON array of the row's values (types kept for the cell rules)
+    PRIMARY KEY (job, seq, rid),
+    FOREIGN KEY (job, seq) REFERENCES crawler_items (job, seq) ON DELETE CASCADE
+);
+CREATE TABLE IF NOT EXISTS crawler_workers (
+    id TEXT PRIMARY KEY,                       -- host:pid:random
+    host TEXT NOT NULL, pid INTEGER NOT NULL,
+    key_hash TEXT NOT NULL,                    -- the rate ledger's name (a hash of key and base URL)
+    ledger TEXT NOT NULL,                      -- rate.shared, password masked
+    job TEXT,
+    started TIMESTAMPTZ NOT NULL DEFAULT now(),
+    seen TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+"""
+
+# One schema install at a time (the advisory lock's key is arbitrary but fixed).
+_INSTALL_LOCK = 0x63726177
+
+
+class StoreLost(RunStopped):
+    """PostgreSQL (jobs.url) did not answer for retry.stall_limit seconds."""
+
+
+class LeaseLost(Exception):
+    """Another worker took the item over (its version moved on): this worker's page is discarded."""
+
+
+def job_id(command: str, options: dict[str, Any], input_sha: str) -> str:
+    """A PostgreSQL job's id: the first 12 hex digits of the hash of its command, options and input."""
+    text = json.dumps({"command": command, "options": options, "input": input_sha}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True, slots=True)
+class PgJob:
+    """A job row."""
+
+    id: str
+    command: str
+    options: dict[str, Any]
+    status: str
+    max_credits: int | None
+    requests_sent: int  # the conservative count: requests granted to workers are counted as sent
+    credits_billed: int
+    rows: int
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """An item this worker now holds at `version`, with its unfinished reply walks."""
+
+    seq: int
+    key: str
+    raw: str
+    cursor: Any
+    rows: int
+    pages: int
+    version: int
+    walks: list[tuple[str, Any, int]]
+
+
+@dataclass(slots=True)
+class PageCommit:
+    """One page (or one item's end) to commit: its rows (cell texts) and the item's new state."""
+
+    seq: int
+    version: int  # the version this worker holds
+    rows: Sequence[tuple[str, str]]  # (row id, JSON of the row's values)
+    update: ItemUpdate
+    walks: Sequence[WalkUpdate] = ()
+    token: str = ""
+    committed: bool = False  # set when the commit held
+    inserted: int = 0  # rows new to the item (the others were committed before: ON CONFLICT DO NOTHING)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """A worker as registered."""
+
+    id: str
+    host: str
+    pid: int
+    key_hash: str
+    ledger: str
+    job: str | None
+    live: bool
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    import psycopg
+
+    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError, OSError))
+
+
+class PgJobStore:
+    """The job tables in PostgreSQL. `async with PgJobStore(url, ...)`; every call retries a lost server."""
+
+    def __init__(self, url: str, *, stall_limit: float = 300.0, heartbeat_timeout: float = 30.0,
+                 connect_timeout: float = 5.0) -> None:
+        self.url = url
+        self.where = f"jobs.url = {masked(url)}"
+        self.stall_limit = stall_limit
+        self.heartbeat_timeout = heartbeat_timeout
+        self._connect_timeout = connect_timeout
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._lock = asyncio.Lock()
+        self._down_since: float | None = None
+
+    async def __aenter__(self) -> PgJobStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:
+        """Connect and create the tables; unreachable is a usage error naming jobs.url (exit 2)."""
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise UsageError(f"{self.where} needs psycopg: pip install 'crawler[distributed]'") from None
+        try:
+            await self._connect()
+            conn = self._conn
+            assert conn is not None
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_INSTALL_LOCK,))
+                await conn.execute(SCHEMA)
+        except Exception as exc:
+            await self.aclose()
+            if not _is_connection_error(exc) and "psycopg" not in type(exc).__module__:
+                raise
+            why = " ".join(masked(str(exc)).split())  # one line: libpq's messages span several
+            raise UsageError(f"{self.where}: cannot use PostgreSQL ({type(exc).__name__}: {why}); start it or fix"
+                             " the URL") from None
+
+    async def _connect(self) -> None:
+        import psycopg
+
+        self._conn = await psycopg.AsyncConnection.connect(
+            self.url, autocommit=True, connect_timeout=max(1, round(self._connect_timeout)),
+            application_name="crawler")
+
+    async def aclose(self) -> None:
+        """Close the connection (idempotent)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):  # a half-dead connection must not hold the run
+                await asyncio.wait_for(conn.close(), 2.0)
+
+    async def _run(self, fn: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
+        """Run `fn` in one transaction; a lost server is retried with backoff until the stall limit.
+
+        Shielded: a caller cancelled (a stop) leaves the transaction to finish or roll back on its own, never the
+        connection half-way through a query for the next caller.
+        """
+        return await asyncio.shield(self._run_now(fn))
+
+    async def _run_now(self, fn: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
+        delay = 0.1
+        async with self._lock:
+            while True:
+                try:
+                    if self._conn is None or self._conn.closed:
+                        await self._connect()
+                    conn = self._conn
+                    assert conn is not None
+                    async with conn.transaction():
+                        result = await fn(conn)
+                    if self._down_since is not None:
+                        log.warning("%s answers again", self.where)
+                    self._down_since = None
+                    return result
+                except Exception as exc:
+                    if not _is_connection_error(exc):
+                        raise
+                    await self.aclose()
+                    now = time.monotonic()
+                    if self._down_since is None:
+                        self._down_since = now
+                        log.warning("%s: lost (%s); retrying", self.where, type(exc).__name__)
+                    if now - self._down_since >= self.stall_limit:
+                        raise StoreLost(f"{self.where} has not answered for {self.stall_limit:g} s (retry.stall_limit);"
+                                        " what was committed is kept: start PostgreSQL and run the same command"
+                                        " again") from None
+                    await asyncio.sleep(min(delay, max(self._down_since + self.stall_limit - now, 0.01)))
+                    delay = min(delay * 2, 2.0)
+
+    # --- jobs ---
+
+    async def create_job(self, jid: str, command: str, options: dict[str, Any],
+                         entries: Iterable[tuple[str, str, str | None, str | None]]) -> bool:
+        """Create the job with its items (one transaction: a job is never seen half-read); False if it exists."""
+
+        async def run(conn: psycopg.AsyncConnection[Any]) -> bool:
+            cur = await conn.execute(
+                "INSERT INTO crawler_jobs (id, command, options) VALUES (%s, %s, %s) ON CONFLICT (id) DO NOTHING",
+                (jid, command, json.dumps(options, sort_keys=True)))
+            if cur.rowcount == 0:
+                return False
+            await conn.execute("CREATE TEMP TABLE crawler_incoming (pos SERIAL, key TEXT, raw TEXT, reason TEXT,"
+                               " detail TEXT) ON COMMIT DROP")
+            async with conn.cursor() as c, c.copy("COPY crawler_incoming (key, raw, reason, detail) FROM STDIN") as cp:
+                for entry in entries:
+                    await cp.write_row(entry)
+            # Exact de-duplication of the input: the first occurrence of a key keeps its place.
+            await conn.execute(
+                "INSERT INTO crawler_items (job, seq, key, raw, status, reason, detail)"
+                " SELECT %s, row_number() OVER (ORDER BY pos), key, raw,"
+                " CASE WHEN reason IS NULL THEN 'pending' ELSE 'failed' END, reason, detail FROM"
+                " (SELECT DISTINCT ON (key) pos, key, raw, reason, detail FROM crawler_incoming ORDER BY key, pos) d",
+                (jid,))
+            return True
+
+        return await self._run(run)
+
+    async def job(self, jid: str) -> PgJob | None:
+        """A job by id (or a unique id prefix)."""
+        found = await self._jobs("WHERE id LIKE %s", (jid + "%",))
+        return found[0] if len(found) == 1 else None
+
+    async def jobs(self) -> list[PgJob]:
+        """Every job, oldest first."""
+        return await self._jobs("", ())
+
+    async def open_jobs(self) -> list[PgJob]:
+        """Jobs with items left to work on (not done, budget not spent), oldest first."""
+        return await self._jobs("WHERE status = 'running'", ())
+
+    async def _jobs(self, where: str, args: tuple[Any, ...]) -> list[PgJob]:
+        async def run(conn: psycopg.AsyncConnection[Any]) -> list[PgJob]:
+            cur = await conn.execute(
+                "SELECT id, command, options, status, max_credits, GREATEST(requests_sent, reserved), credits_billed,"
+                f" rows, extract(epoch FROM created) FROM crawler_jobs {where} ORDER BY created, id", args)
+            return [PgJob(r[0], r[1], json.loads(r[2]), r[3], r[4], int(r[5]), int(r[6]), int(r[7]), float(r[8]))
+                    for r in await cur.fetchall()]
+
+        return await self._run(run)
+
+    async def resume(self, jid: str, max_credits: int | None, *, retry: Sequence[str] = ()) -> None:
+        """The starter (re)opens a job: its budget is the one given now; items failed for `retry` go back."""
+
+        async def run(conn: psycopg.AsyncConnection[Any]) -> None:
+            if retry:
+                await conn.execute("UPDATE crawler_items SET status = 'pending', reason = NULL, endpoint = NULL,"
+                                   " detail = NULL WHERE job = %s AND status = 'failed' AND reason = ANY(%s)",
+                                   (jid, list(retry)))
+            await conn.execute(
+                "UPDATE crawler_jobs SET max_credits = %s, updated = now(), status = CASE WHEN EXISTS"
+                " (SELECT 1 FROM crawler_items WHERE job = %s AND status = 'pending') THEN 'running' ELSE status END"
+                " WHERE id = %s", (max_credits, jid, jid))
+
+        await self._run(run)
+
+    async def set_status(self, jid: str, status: str, *, when: str | None = None) -> None:
+        """Set a job's status (only from `when`, if given)."""
+
+        async def run(conn: psycopg.AsyncConnection[Any]) -> None:
+            extra = " AND status = %s" if when else ""
+            await conn.execute(f"UPDATE crawler_jobs SET status = %s, updated = now() WHERE id = %s{extra}",
+                               (status, jid, *((when,) if when else ())))
+
+        await self._run(run)
+
+    async def delete_job(self, jid: str) -> None:
+        """Forget a job (`--restart`)."""
+
+        async def run(conn: psycopg.AsyncConnection[Any]) -> None:
+            await conn.execute("DELETE FROM crawler_jobs WHERE id = %s", (jid,))
+
+        await self._run(run)
+
+    # --- items ---
+
+    async def take(self, jid: str, seq: int, owner: str) -> Taken | None:
+        """Hold a pending item from now on (its version moves on, so an earlier holder's commits fail)."""
+
+        async def run(conn: psycopg.AsyncConnection[Any]) -> Taken | None:
+            cur = await conn.execute(
+                "UPDATE crawler_items SET version = version + 1, owner = %s WHERE job = %s AND seq = %s"
+                " AND status = 'pending' RETURNING key, raw, cursor, rows, pages, version", (owner, jid, seq))
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            cur = await conn.execute("SELECT comment_id, cursor, pages FROM crawler_walks WHERE job = %s AND seq = %s"
+                                     " AND status = 'pending' ORDER BY comment_id", (jid, seq))
+            walks = [(c, None if w is None else json.loads(w), p) for c, w, p in await cur.fetchall()]
+            return Taken(seq, row[0], row[1], None if row[2] is None else json.loads(row[2]), row[3], row[4], row[5],
+                         walks)
+
+        return await self._run(run)
+
+    async def commit(self, jid: str, pages: Sequence[PageCommit], sent: int, billed: int) -> None:
+        """Commit pages in one transaction: each only if its item is still at the version held (`committed`),
+        its rows new to the item (`inserted`), and this worker's requests/credits since its last commit."""
+        for page in pages:
+            page.token = secrets.token_hex(8)
+
+        attempts = 0
+
+        async def run(conn: psycopg.AsyncConnection[Any]) -> None:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1 and pages:
+                # The server went away during an earlier try, perhaps during COMMIT: if it held, the tokens
+                # it wrote say so, and nothing is written twice (the versions would refuse it anyway).
+                cur = await conn.execute("SELECT seq, token FROM crawler_items WHERE job = %s AND seq = ANY(%s)",
+                                         (jid, [p.seq for p in pages]))
+                tokens = dict(await cur.fetchall())
+                if any(tokens.get(p.seq) == p.token for p in pages):
+                    for p in pages:
+                        p.committed = tokens.get(p.seq) == p.token
+                    return
+            rows_total = 0
+            for page in pages:
+                page.committed, page.inserted = False, 0
+                cur = await conn.execute("SELECT version FROM crawler_items WHERE job = %s AND seq = %s FOR UPDATE",
+                                         (jid, page.seq))
+                found = await cur.fetchone()
+                if found is None or found[0] != page.version:
+                    continue
+                if page.rows:
+                    async with conn.cursor() as c:
+                        await c.executemany(
+                            "INSERT INTO crawler_rows (job, seq, rid, cells) VALUES (%s, %s, %s, %s)"
+                            " ON CONFLICT DO NOTHING", [(jid, page.seq, rid, cells) for rid, cells in page.rows])
+                        page.inserted = max(c.rowcount, 0)
+                rows_total += page.inserted
+                walk_rows = page.inserted if not page.update.rows else 0
+                for w in page.walks:
+                    await conn.execute(
+                        "INSERT INTO crawler_walks (job, seq, comment_id, status, cursor, rows, pages, reason,"
+                        " endpoint, detail) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                        " ON CONFLICT (job, seq, comment_id)"
+                        " DO UPDATE SET status = excluded.status, cursor = CASE WHEN excluded.status = 'failed' THEN"
+                        " crawler_walks.cursor ELSE excluded.cursor END, rows = crawler_walks.rows + excluded.rows,"
+                        " pages = crawler_walks.pages + excluded.pages, reason = excluded.reason,"
+                        " endpoint = excluded.endpoint, detail = excluded.detail",
+                        (jid, w.seq, w.comment_id, w.status, None if w.cursor is None else json.dumps(w.cursor),
+                         walk_rows if w is page.walks[0] else 0, w.pages, w.reason, w.endpoint, w.detail))
+                u = page.update
+                await conn.execute(
+                    "UPDATE crawler_items SET status = %s, cursor = CASE WHEN %s = 'failed' THEN cursor ELSE %s END,"
+                    " rows = rows + %s, pages = pages + %s, reason = %s, endpoint = %s, detail = %s,"
+                    " version = version + 1, token = %s WHERE job = %s AND seq = %s",
+                    (u.status, u.status, None if u.cursor is None else json.dumps(u.cursor),
+                     page.inserted if u.rows else 0, u.pages, u.reason, u.endpoint, u.detail, page.token, jid,
+                     page.seq))
+                page.committed = True
+            await conn.execute("UPDATE crawler_jobs SET requests_sent = requests_sent + %s, credits_billed ="
+                               " credits_billed + %s, rows = rows + %s, updated = now() WHERE id = %s",
+                               (sent, billed, rows_total, jid))
+
+        await self._run(run)
+
+    async def grant(self, jid: str, want: int) -> int:
+        """Reserve up to `want` requests of the job's budget before sending them; how many were granted."""
+
+        async def run(conn: psycopg.AsyncConnection[Any]) -> int:
+            cur = await conn.execute("SELECT max_credits, reserved FROM crawler_jobs WHERE id = %s FOR UPDATE", (jid,))
+            row = await cur.fetchone()
+            assert row is not None
+            n = want if row[0] is None else max(0, min(want, int(row[0]) - int(row[1])))
+            if n:
+                await conn.execute("UPDATE crawler_jobs SET reserved = reserved + %s WHERE id = %s", (n, jid))
+            return n
+
+        return await self._run(run)
+
+    async def give_back(self, jid: str, unused: int) -> None:
+        """A worker ends cleanly: requests it was granted but never sent go back to the budget."""
+        if unused <= 0:
+            return
+
+        async def run(conn: psycopg.AsyncConnection[Any]) -> None:
+            await conn.execute("UPDATE crawler_jobs SET reserved = GREATEST(reserved - %s, 0) WHERE id = %s",
+                               (unused, jid))
+
+        await self._run(run)
+
+    async def progress(self, jid: str) -> Progress:
+        """Items by status."""
+
+        async def run(conn: psycopg.AsyncConnection[Any]) -> Progress:
+            cur = await conn.execute("SELECT status, count(*) FROM crawler_items WHERE job = %s GROUP BY status",
+                                     (jid,))
+            counts = {s: int(n) for s, n in await cur.fetchall()}
+            return Progress(counts.get("pending", 0), counts.get("done", 0), counts.get("failed", 0))
+
+        return await self._run(run)
+
+    async def held_by_live(self, jid: str) -> int:
+        """Pending items held by a worker that is alive (heartbeat within jobs.heartbeat_timeout)."""
+
+        async def run(conn: psycopg.AsyncConnection[Any]) -> int:
+            cur = await conn.execute(
+                "SELECT count(*) FROM crawler_items i JOIN crawler_workers w ON w.id = i.owner WHERE i.job = %s"
+                " AND i.status = 'pending' AND w.seen > now() - make_interval(secs => %s)",
+                (jid, self.heartbeat_timeout))
+            row = await cur.fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._run(run)
+
+    async def orphans(self, jid: str, limit: int = 5000) -> list[int]:
+        """Pending items no live worker holds (never taken, or their holder is gone), in input order."""
+
+        async def run(conn: psycopg.AsyncConnection[Any]) -> list[int]:
+            cur = await conn.execute(
+                "SELECT i.seq FROM crawler_items i LEFT JOIN crawler_workers w ON w.id = i.owner"
+                " AND w.seen > now() - make_interval(secs => %s) WHERE i.job = %s AND i.status = 'pending'"
+                " AND w.id IS NULL ORDER BY i.seq LIMIT %s", (self.heartbeat_timeout, jid, limit))
+            return [int(r[0]) for r in await cur.fetchall()]
+
+        return await self._run(run)
+
+    async def failure_counts(self, jid: str) -> dict[str, int]:
+        """Failed items and reply walks by reason."""
+
+        async def run(conn: psycopg.AsyncConnection[Any]) -> dict[str, int]:
+            cur = await conn.execute(
+                "SELECT reason, count(*) FROM (SELECT reason FROM crawler_items WHERE job = %s AND status = 'failed'"
+                " UNION ALL SELECT reason FROM crawler_walks WHERE job = %s AND status = 'failed') f GROUP BY reason",
+                (jid, jid))
+            return {r: int(n) for r, n in await cur.fetchall()}
+
+        return await self._run(run)
+
+    async def failures(self, jid: str) -> list[tuple[str, str, str, str]]:
+        """(input, endpoint, reason, detail) of every failed item and reply walk, in input order."""
+
+        async def run(conn: psycopg.AsyncConnection[Any]) -> list[tuple[str, str, str, str]]:
+            cur = await conn.execute(
+                "SELECT raw, endpoint, reason, detail FROM ("
+                " SELECT seq, '' AS sub, raw, endpoint, reason, detail FROM crawler_items WHERE job = %s"
+                " AND status = 'failed' UNION ALL SELECT w.seq, w.comment_id, i.key || ',' || w.comment_id,"
+                " w.endpoint, w.reason, w.detail FROM crawler_walks w JOIN crawler_items i ON i.job = w.job"
+                " AND i.seq = w.seq WHERE w.job = %s AND w.status = 'failed') f ORDER BY seq, sub", (jid, jid))
+            return [(r or "", e or "", s or "", d or "") for r, e, s, d in await cur.fetchall()]
+
+        return await self._run(run)
+
+    async def rows(self, jid: str, batch: int = 2000) -> AsyncIterator[list[Any]]:
+        """Every row's cells in a stable order (input order, then commit order), streamed."""
+        import psycopg
+
+        # A separate connection: the export streams through a server-side cursor while nothing else runs.
+        async with await psycopg.AsyncConnection.connect(self.url) as conn, conn.cursor(name="crawler_export") as cur:
+            await cur.execute("SELECT cells FROM crawler_rows WHERE job = %s ORDER BY seq, n", (jid,))
+            while True:
+                chunk = await cur.fetchmany(batch)
+                if not chunk:
+                    break
+                for (cells,) in chunk:
+                    yield list(json.loads(cells))
+
+    # --- workers ---
+
+    async def register(self, worker: WorkerInfo) -> list[WorkerInfo]:
+        """Record a worker; the live workers of the same key on other hosts, for the ledger check."""
+
+        async def run(conn: psycopg.AsyncConnection[Any]) -> list[WorkerInfo]:
+            await conn.execute(
+                "INSERT INTO crawler_workers (id, host, pid, key_hash, ledger, job) VALUES (%s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (id) DO UPDATE SET job = excluded.job, seen = now()",
+                (worker.id, worker.host, worker.pid, worker.key_hash, worker.ledger, worker.job))
+            cur = await conn.execute(
+                "SELECT id, host, pid, key_hash, ledger, job FROM crawler_workers WHERE key_hash = %s AND host != %s"
+                " AND seen > now() - make_interval(secs => %s)", (worker.key_hash, worker.host, self.heartbeat_timeout))
+            return [WorkerInfo(r[0], r[1], r[2], r[3], r[4], r[5], live=True) for r in await cur.fetchall()]
+
+        return await self._run(run)
+
+    async def beat(self, worker_id: str, job: str | None) -> None:
+        """This worker is alive (the database's clock)."""
+
+        async def run(conn: psycopg.AsyncConnection[Any]) -> None:
+            await conn.execute("UPDATE crawler_workers SET seen = now(), job = %s WHERE id = %s", (job, worker_id))
+
+        await self._run(run)
+
+    async def leave(self, worker_id: str) -> None:
+        """A worker ends cleanly: the items it held are free at once (no heartbeat timeout to wait for)."""
+
+        async def run(conn: psycopg.AsyncConnection[Any]) -> None:
+            await conn.execute("UPDATE crawler_items SET owner = NULL WHERE owner = %s", (worker_id,))
+            await conn.execute("UPDATE crawler_workers SET seen = now() - interval '1 day' WHERE id = %s",
+                               (worker_id,))
+
+        await self._run(run)
+
+    async def workers(self, jid: str | None = None) -> list[WorkerInfo]:
+        """Workers seen (of one job, or all), most recent first."""
+
+        async def run(conn: psycopg.AsyncConnection[Any]) -> list[WorkerInfo]:
+            where = "WHERE job = %s" if jid else ""
+            cur = await conn.execute(
+                "SELECT id, host, pid, key_hash, ledger, job, seen > now() - make_interval(secs => %s)"
+                f" FROM crawler_workers {where} ORDER BY seen DESC", (self.heartbeat_timeout, *((jid,) if jid else ())))
+            return [WorkerInfo(*r) for r in await cur.fetchall()]
+
+        return await self._run(run)

@@ -1,0 +1,696 @@
+"""PostgreSQL jobs (`jobs.url`): the starter, `crawler work`, `crawler jobs` and `crawler export`.
+
+Flow: the starter reads the input into the job store (pgjobs.py) and enqueues the items not done
+(itemqueue.py); every worker, the starter included, takes items from the queue and runs the same command
+handlers (commands.py) a local run does; each page is committed to PostgreSQL by one writer task per worker;
+when no item is left the starter writes OUT.csv from the database with the local sink's cell rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
+from contextlib import aclosing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crawler import endpoints as ep
+from crawler import itemqueue
+from crawler.client import Client
+from crawler.commands import COMMANDS, CommandSpec
+from crawler.config import Secret, Settings, masked
+from crawler.errors import (
+    BudgetExhausted,
+    CrawlerError,
+    Interrupted,
+    ItemFailed,
+    RunStopped,
+    UsageError,
+    rank,
+)
+from crawler.inputs import input_items
+from crawler.job import JobOptions, Step, WorkItem, failures_path
+from crawler.jobstore import step_update
+from crawler.ledger import ledger_name
+from crawler.outcome import Outcome
+from crawler.pagesizes import PageSizes
+from crawler.pgjobs import LeaseLost, PageCommit, PgJob, PgJobStore, StoreLost, WorkerInfo, job_id
+from crawler.sinks import Batch, cell, fsync_dir, write_failures
+from crawler.state import RETRIABLE, RETRIABLE_ALL, ItemUpdate, UserDirectory
+from crawler.stats import Summary
+
+log = logging.getLogger("crawler.work")
+
+LEASE_MAX = 16  # requests granted to a worker at a time (a kill may leave them unsent: counted as spent)
+
+
+def host_name() -> str:
+    """This host as workers are registered (a test may pose as another host)."""
+    return os.environ.get("CRAWLER_TEST_HOSTNAME") or socket.gethostname()
+
+
+def job_options(pg: PgJob) -> JobOptions:
+    """The job's options as its starter gave them (input and output are the starter's own)."""
+    return JobOptions(**{**pg.options, "command": pg.command, "input": "", "output": ""})
+
+
+class Budget:
+    """The job's --max-credits budget, drawn from PostgreSQL a lease at a time before requests leave."""
+
+    def __init__(self, store: PgJobStore, jid: str, lease: int) -> None:
+        self.store = store
+        self.jid = jid
+        self.lease = lease
+        self.granted = 0
+        self.used = 0
+        self._lock = asyncio.Lock()
+
+    async def reserve(self, _n: int) -> None:
+        """Called by the client before each request; BudgetExhausted when the job's budget is spent."""
+        async with self._lock:
+            if self.used >= self.granted:
+                got = await self.store.grant(self.jid, self.lease)
+                if got == 0:
+                    await self.store.set_status(self.jid, "budget", when="running")
+                    raise BudgetExhausted("the job's --max-credits budget is spent")
+                self.granted += got
+            self.used += 1
+
+
+@dataclass(slots=True)
+class _Pending:
+    batch: Batch
+    ack: asyncio.Future[None]
+
+
+@dataclass(slots=True)
+class SessionResult:
+    """What one worker did on one job."""
+
+    items: int = 0  # items this worker finished (done or failed)
+    rows: int = 0
+    lost: int = 0  # items taken over by another worker while this one held them
+    requests_sent: int = 0
+    credits_billed: int = 0
+    rate_limited: int = 0
+    retries: int = 0
+    rate_wait_seconds: float = 0.0
+    error: CrawlerError | None = None
+    held: list[int] = field(default_factory=list)
+
+
+class JobWorker:
+    """One worker process on one PostgreSQL job: the `CrawlContext` handlers see, over the queue and the store."""
+
+    def __init__(self, store: PgJobStore, pg: PgJob, settings: Settings, *, api_key: Secret, worker_id: str,
+                 stop_when_idle: bool = True) -> None:
+        self.store = store
+        self.pg = pg
+        self.jid = pg.id
+        self.job = job_options(pg)
+        self.spec: CommandSpec = COMMANDS[pg.command]
+        self.settings = settings
+        self._key = api_key
+        self.worker_id = worker_id
+        self.parallelism = settings.parallelism or 8
+        self._keyed = self.spec.list_kind in ep.OFFSET_KINDS
+        self._held: dict[int, int] = {}  # seq -> the item's version this worker holds
+        self._walks: dict[int, list[tuple[str, ep.Cursor | None, int]]] = {}
+        self._stop_error: CrawlerError | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._tg: asyncio.TaskGroup | None = None
+        self._commits: asyncio.Queue[_Pending | None] = asyncio.Queue(maxsize=self.parallelism * 2)
+        self._committed = (0, 0)  # this worker's requests/credits already added to the job's counters
+        self.result = SessionResult()
+        self._finished = asyncio.Event()  # an item of this worker ended: the job may be complete
+        self.queue = itemqueue.ItemQueue(store.url, self.jid, concurrency=self.parallelism,
+                                         heartbeat_timeout=store.heartbeat_timeout,
+                                         poll=min(1.0, store.heartbeat_timeout / 4))
+        self.client: Client
+        self.users: UserDirectory
+        self.page_sizes: PageSizes | None = None
+        self.budget = Budget(store, self.jid, max(1, min(self.parallelism, LEASE_MAX)))
+
+    # -- CrawlContext --
+
+    def learn(self, profile: ep.Profile) -> None:
+        """Remember a profile's id and counts in this host's data directory."""
+        self.users.learn(profile.handle, profile.user_id, videos=profile.videos, followers=profile.followers,
+                         following=profile.following, private=profile.private)
+
+    async def resolve_user(self, item: WorkItem) -> str:
+        """The user id of an item: given, known from the data directory, or one `/userid/` call."""
+        if item.user_id:
+            return item.user_id
+        known = self.users.user_id(item.key)
+        if known:
+            return known
+        uid = await self.client.user_id(item.key)
+        self.users.learn(item.key, uid)
+        return uid
+
+    async def walk(self, kind: str, params: Mapping[str, str | int], item: WorkItem, *,
+                   count_rows: bool = True) -> AsyncGenerator[Step, None]:
+        """Walk a list from the item's committed cursor, one Step per page (as `Crawl.walk`)."""
+        job = self.job
+        limit = job.max_items if count_rows else None
+        remaining = None if limit is None else max(limit - item.rows, 0)
+        cap = job.max_pages or self.settings.max_pages
+        pages_left = None if cap is None else max(cap - item.pages, 0)
+        if remaining == 0 or pages_left == 0:
+            yield Step([])
+            return
+        pages = self.client.pages(kind, params, source=item.source, cursor=item.cursor,
+                                  page_size=job.page_size or self.settings.page_size,
+                                  max_pages=pages_left, max_items=remaining, sizes=self.page_sizes)
+        async with aclosing(pages) as walk:
+            async for page in walk:
+                yield Step(page.items, page.next_cursor, page.last, page.stop, capped=page.capped)
+
+    def reply_walks(self, item: WorkItem) -> list[tuple[str, ep.Cursor | None, int]]:
+        """The item's reply walks still to do, as read when the item was taken."""
+        return self._walks.get(item.seq, [])
+
+    # -- the session --
+
+    def request_stop(self, error: CrawlerError) -> None:
+        """Stop taking items; a signal or a lost store also cancels the items in hand (a spent budget does not:
+        requests already granted are answered and committed)."""
+        if self._stop_error is None or rank(error) < rank(self._stop_error):
+            self._stop_error = error
+        self.queue.stop()
+        if not isinstance(error, BudgetExhausted):
+            for task in self._tasks:
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+    async def run(self) -> SessionResult:
+        """Work the job's items until none is left (or a stop); then hand back what this worker held."""
+        self.users = UserDirectory(Path(self.settings.data_dir) / "users.db")
+        self.page_sizes = PageSizes(self.settings.data_dir)
+        self.client = Client(self.settings, api_key=self._key, reserve=self.budget.reserve,
+                             max_connections=max(64, self.parallelism))
+        try:
+            async with self.client:
+                async with asyncio.TaskGroup() as outer:
+                    writer = outer.create_task(self._writer())
+                    monitor = outer.create_task(self._monitor())
+                    try:
+                        async with asyncio.TaskGroup() as tg:
+                            self._tg = tg
+                            await self._take_items()
+                    finally:
+                        self._tg = None
+                        monitor.cancel()
+                        await self._commits.put(None)
+                        await writer
+                if self._stop_error is None or not isinstance(self._stop_error, StoreLost):
+                    await self._commit([])  # requests sent after the last page still count
+        except StoreLost as exc:
+            self._stop_error = exc
+        finally:
+            self.users.close()
+        c = self.client.counters
+        r = self.result
+        r.requests_sent, r.credits_billed, r.rate_limited, r.retries = (c.requests_sent, c.credits_billed,
+                                                                       c.rate_limited, c.retries)
+        r.rate_wait_seconds = self.client.gate.wait_seconds
+        r.error = self._stop_error
+        r.held = sorted(self._held)
+        if not isinstance(self._stop_error, StoreLost):
+            with contextlib.suppress(StoreLost):
+                await self.store.give_back(self.jid, self.budget.granted - self.budget.used)
+                await self.store.leave(self.worker_id)
+                await itemqueue.enqueue(self.store.url, self.jid, await self.store.orphans(self.jid))
+        return r
+
+    async def _take_items(self) -> None:
+        """Run the queue consumer; a lost connection is retried until retry.stall_limit (then StoreLost)."""
+        down: float | None = None
+        delay = 0.1
+        while self._stop_error is None:
+            try:
+                await self.queue.run(self._on_item)
+                return
+            except Exception as exc:
+                if self._stop_error is not None:
+                    return
+                now = time.monotonic()
+                down = down or now
+                log.warning("the job queue (%s) failed: %s; retrying", self.store.where, type(exc).__name__)
+                if now - down >= self.settings.retry_stall_limit:
+                    self.request_stop(StoreLost(
+                        f"{self.store.where} has not answered for {self.settings.retry_stall_limit:g} s"
+                        " (retry.stall_limit); what was committed is kept: start PostgreSQL and run the same"
+                        " command again"))
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _on_item(self, seq: int) -> None:
+        """The queue's handler: work the item in a task of ours (a stop cancels ours, never the library's)."""
+        if self._stop_error is not None or self._tg is None:
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        task = self._tg.create_task(self._item(seq, done))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        await asyncio.shield(done)
+
+    async def _item(self, seq: int, done: asyncio.Future[None]) -> None:
+        try:
+            taken = await self.store.take(self.jid, seq, self.worker_id)
+            if taken is None:
+                return  # done meanwhile, or enqueued twice
+            self._held[seq] = taken.version
+            self._walks[seq] = taken.walks
+            item = WorkItem(seq, taken.key, taken.raw, taken.cursor, taken.rows, taken.pages)
+            try:
+                await self._process(item)
+            except ItemFailed as exc:
+                update = ItemUpdate(seq, "failed", reason=exc.reason, endpoint=exc.endpoint or self.spec.endpoint,
+                                    detail=str(exc))
+                await self._submit(Batch([], update))
+            self._held.pop(seq, None)
+            self.result.items += 1
+        except LeaseLost:
+            self._held.pop(seq, None)
+            self.result.lost += 1
+            log.info("item %d of job %s was taken over by another worker: its late page is discarded", seq, self.jid)
+        except RunStopped as exc:
+            self.request_stop(exc)
+        finally:
+            self._walks.pop(seq, None)
+            self._finished.set()
+            if not done.done():
+                done.set_result(None)
+
+    async def _process(self, item: WorkItem) -> None:
+        async with aclosing(self.spec.handler(self, item)) as steps:
+            async for step in steps:
+                update = step_update(step, item.seq, endpoint=self.spec.endpoint,
+                                     max_pages=self.job.max_pages or self.settings.max_pages)
+                await self._submit(Batch(step.rows, update, keyed=self._keyed, walks=step.walks))
+
+    async def _submit(self, batch: Batch) -> None:
+        ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await self._commits.put(_Pending(batch, ack))
+        await ack
+
+    async def _writer(self) -> None:
+        """The worker's single committer: every page waiting goes into one transaction (group commit)."""
+        while True:
+            first = await self._commits.get()
+            group = [] if first is None else [first]
+            end = first is None
+            while not end and not self._commits.empty():
+                nxt = self._commits.get_nowait()
+                if nxt is None:
+                    end = True
+                else:
+                    group.append(nxt)
+            if group:
+                try:
+                    pages = await self._commit([p.batch for p in group])
+                except StoreLost as exc:
+                    self.request_stop(exc)
+                    for p in group:
+                        if not p.ack.done():
+                            p.ack.set_exception(exc)
+                else:
+                    for p, page in zip(group, pages, strict=True):
+                        if p.ack.done():
+                            continue
+                        if page.committed:
+                            p.ack.set_result(None)
+                        else:
+                            p.ack.set_exception(LeaseLost())
+            if end:
+                return
+
+    async def _commit(self, batches: Sequence[Batch]) -> list[PageCommit]:
+        pages = []
+        for b in batches:
+            assert b.update is not None
+            seq = b.update.seq
+            rows = [(str(getattr(r, r.COLUMNS[0])), json.dumps(r.values(), ensure_ascii=False)) for r in b.rows]
+            pages.append(PageCommit(seq, self._held.get(seq, -1), rows, b.update, b.walks))
+        c = self.client.counters
+        # Taken before the commit: requests answered while it runs go into the next one, never lost between.
+        now = (c.requests_sent, c.credits_billed)
+        await self.store.commit(self.jid, pages, now[0] - self._committed[0], now[1] - self._committed[1])
+        self._committed = now
+        for page in pages:
+            if page.committed:
+                self._held[page.seq] = self._held.get(page.seq, 0) + 1
+                self.result.rows += page.inserted
+        return pages
+
+    async def _monitor(self) -> None:
+        """Heartbeat of this worker; stop taking items when none is left or the job stopped; every heartbeat
+        timeout, put back on the queue the items a dead worker held whose queue entry is gone."""
+        every = min(max(self.store.heartbeat_timeout / 4, 0.05), 1.0)  # another worker may end the job
+        swept = time.monotonic()
+        while True:
+            try:
+                await self.store.beat(self.worker_id, self.jid)
+                pg = await self.store.job(self.jid)
+                progress = await self.store.progress(self.jid)
+                if pg is None or pg.status != "running" or progress.pending == 0:
+                    self.queue.stop()
+                    return
+                if time.monotonic() - swept >= self.store.heartbeat_timeout:
+                    swept = time.monotonic()
+                    await itemqueue.enqueue(self.store.url, self.jid,
+                                            [s for s in await self.store.orphans(self.jid) if s not in self._held])
+            except StoreLost as exc:
+                self.request_stop(exc)
+                return
+            except Exception as exc:  # the queue's own connection failing: the next beat tries again
+                log.warning("job monitor: %s", type(exc).__name__)
+            # Look again at the next heartbeat, or soon after one of our items ends (the last one ends the job).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._finished.wait(), every)
+            self._finished.clear()
+            await asyncio.sleep(0.05)  # at most ~20 looks a second however many items end
+
+
+# --- the starter, `work`, `jobs`, `export` ---
+
+
+def _store(settings: Settings, url: str) -> PgJobStore:
+    return PgJobStore(url, stall_limit=settings.retry_stall_limit, heartbeat_timeout=settings.jobs_heartbeat_timeout,
+                      connect_timeout=settings.connect_timeout)
+
+
+def _spool(job: JobOptions, spec: CommandSpec) -> tuple[Path, str]:
+    """The input read once into a temporary file (stdin can be read only once); its path and hash."""
+    entries, digest = input_items(job, spec)
+    fd, name = tempfile.mkstemp(prefix="crawler-input-", suffix=".jsonl")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        for entry in entries:
+            fh.write(json.dumps(entry) + "\n")
+    return Path(name), digest()
+
+
+def _spooled(path: Path) -> Iterator[tuple[str, str, str | None, str | None]]:
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            key, raw, reason, detail = json.loads(line)
+            yield key, raw, reason, detail
+
+
+async def _register(store: PgJobStore, settings: Settings, key: Secret, jid: str | None) -> str:
+    """Register this worker; a key worked from another host through another (or a non-Redis) ledger is exit 2."""
+    from crawler.client import check_base_url
+
+    base = check_base_url(settings.base_url, allow_insecure_http=settings.allow_insecure_http)
+    me = WorkerInfo(f"{host_name()}:{os.getpid()}:{os.urandom(3).hex()}", host_name(), os.getpid(),
+                    ledger_name(key.reveal(), base), masked(settings.rate_shared), jid, True)
+    others = await store.register(me)
+    clash = [w for w in others if not (w.ledger == me.ledger and me.ledger.startswith(("redis://", "rediss://")))]
+    if clash and settings.rate_enabled:
+        await store.leave(me.id)
+        w = clash[0]
+        raise UsageError(
+            f"rate.shared = {me.ledger!r}: this key is already worked from host {w.host} (pid {w.pid}) through"
+            f" rate.shared = {w.ledger!r}; workers of one key on several hosts must share one Redis ledger: set"
+            " rate.shared = \"redis://HOST:PORT/DB\" on every worker")
+    return me.id
+
+
+def _install_signals(stop: Any) -> list[signal.Signals]:
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop, Interrupted(f"stopped by {sig.name}", code))
+            installed.append(sig)
+    return installed
+
+
+def _remove_signals(installed: list[signal.Signals]) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in installed:
+        loop.remove_signal_handler(sig)
+
+
+async def _work_session(store: PgJobStore, pg: PgJob, settings: Settings, key: Secret, worker_id: str,
+                        stopper: list[JobWorker | None], stopped: list[CrawlerError]) -> SessionResult:
+    worker = JobWorker(store, pg, settings, api_key=key, worker_id=worker_id)
+    stopper[0] = worker
+    if stopped:
+        worker.request_stop(stopped[0])
+    try:
+        return await worker.run()
+    finally:
+        stopper[0] = None
+
+
+async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url: str, restart: bool = False,
+                    retry_failed: bool | str = False, overwrite: bool = False, quiet: bool = False) -> Outcome:
+    """`crawler COMMAND INPUT -o OUT.csv --jobs-url URL`: create or resume the job, work it, export it."""
+    started = time.monotonic()
+    spec = COMMANDS[job.command]
+    out = Path(job.output)
+    options = {k: v for k, v in asdict(job).items() if k not in ("input", "output", "command")}
+    async with _store(settings, url) as store:
+        await itemqueue.install(url)
+        spool, digest = _spool(job, spec)
+        try:
+            jid = job_id(job.command, options, digest)
+            print(f"crawler: job {jid} ({masked(url)})", file=sys.stderr)
+            if restart:
+                await store.delete_job(jid)
+            created = await store.create_job(jid, job.command, options, _spooled(spool))
+        finally:
+            spool.unlink(missing_ok=True)
+        # A new job never replaces a file it did not write (the input, someone's CSV) unless told to.
+        if created and not (overwrite or restart) and await asyncio.to_thread(out.exists):
+            await store.delete_job(jid)
+            raise UsageError(f"--output {out} exists and is not this job's output: choose another output, or add"
+                             " --overwrite to replace it")
+        retry = RETRIABLE_ALL if retry_failed == "all" else RETRIABLE if retry_failed else ()
+        await store.resume(jid, settings.max_credits, retry=retry)
+        pg = await store.job(jid)
+        assert pg is not None
+        if pg.status == "done" and await asyncio.to_thread(out.exists) and not restart and not retry:
+            return _summary(job, store, pg, await store.progress(jid), None, started, status="already complete",
+                            result=SessionResult(), settings=settings, reason="nothing to do; --restart runs it again")
+        await itemqueue.enqueue(url, jid, await store.orphans(jid))
+        worker_id = await _register(store, settings, api_key, jid)
+        stopper: list[JobWorker | None] = [None]
+        stopped: list[CrawlerError] = []
+
+        def stop(error: CrawlerError) -> None:
+            stopped[:] = [error]
+            if stopper[0] is not None:
+                stopper[0].request_stop(error)
+
+        installed = _install_signals(stop)
+        try:
+            result = await _work_session(store, pg, settings, api_key, worker_id, stopper, stopped)
+            error = result.error
+            # Other workers may still hold items: wait for them (a dead one's items come back to the queue).
+            while error is None:
+                progress = await store.progress(jid)
+                pg = await store.job(jid)
+                assert pg is not None
+                if progress.pending == 0:
+                    break
+                if pg.status == "budget":
+                    if await store.held_by_live(jid) == 0:
+                        error = BudgetExhausted("the job's --max-credits budget is spent")
+                        break
+                    await asyncio.sleep(0.2)
+                    continue
+                # Items came back (a worker died or stopped): work them too.
+                more = await _work_session(store, pg, settings, api_key, worker_id, stopper, stopped)
+                _merge(result, more)
+                error = more.error
+                if stopped and error is None:
+                    error = stopped[0]
+            progress = await store.progress(jid)
+            pg = await store.job(jid)
+            assert pg is not None
+            complete = error is None and progress.pending == 0
+            if complete:
+                await store.set_status(jid, "done")
+                await export(store, jid, out, spec, bom=settings.output_bom, raw=settings.output_raw)
+            write_failures(failures_path(out), await store.failures(jid), raw=settings.output_raw)
+            return _summary(job, store, pg, progress, error, started, status="completed" if complete else "stopped",
+                            result=result, settings=settings)
+        finally:
+            _remove_signals(installed)
+
+
+def _merge(a: SessionResult, b: SessionResult) -> None:
+    a.items += b.items
+    a.rows += b.rows
+    a.lost += b.lost
+    a.requests_sent += b.requests_sent
+    a.credits_billed += b.credits_billed
+    a.rate_limited += b.rate_limited
+    a.retries += b.retries
+    a.rate_wait_seconds += b.rate_wait_seconds
+
+
+def _summary(job: JobOptions, store: PgJobStore, pg: PgJob, progress: Any, error: CrawlerError | None,
+             started: float, *, status: str, result: SessionResult, settings: Settings, reason: str = "") -> Outcome:
+    out = Path(job.output)
+    failures_file = failures_path(out)
+    summary = Summary(
+        command=job.command, status=status, items_total=progress.total, items_done=progress.done,
+        items_failed=progress.failed, items_pending=progress.pending, rows_written=result.rows, rows_total=pg.rows,
+        requests_sent=pg.requests_sent, credits_billed=pg.credits_billed, run_requests=result.requests_sent,
+        rate_limited=result.rate_limited, retries=result.retries, elapsed=time.monotonic() - started,
+        parallelism=settings.parallelism or 8,
+        rate_used=f"{settings.rate_limit} per {settings.rate_window:g} s" if settings.rate_enabled else "no limit",
+        rate_wait_seconds=result.rate_wait_seconds, failures={},
+        output=str(out) if status != "stopped" else f"job {pg.id} in {store.where}",
+        failures_file=str(failures_file) if progress.failed else "",
+        reason=reason or (str(error) if error else ""),
+        notes=(f"job {pg.id}: {result.items:,} items worked here, {result.lost} taken over by other workers",),
+    )
+    return Outcome(summary, error)
+
+
+async def export(store: PgJobStore, jid: str, out: Path, spec: CommandSpec, *, bom: bool, raw: bool) -> int:
+    """Write the job's rows to `out` (temporary file, fsync, rename) with the local sink's cell rules."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".export.tmp")
+    n = 0
+    try:
+        with tmp.open("w", encoding="utf-8", newline="") as fh:
+            if bom:
+                fh.write("\ufeff")
+            writer = csv.writer(fh, lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+            writer.writerow(spec.record.COLUMNS)
+            async for values in store.rows(jid):
+                writer.writerow([cell(v, raw=raw) for v in values])
+                n += 1
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n
+
+
+async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None, until_idle: bool,
+               quiet: bool = False) -> int:
+    """`crawler work`: join open jobs (or one) as a worker; with `until_idle`, exit when none has items left."""
+    async with _store(settings, url) as store:
+        await itemqueue.install(url)
+        if job is not None and await store.job(job) is None:
+            raise UsageError(f"--job {job}: no such job in {store.where} (see crawler jobs --jobs-url URL)")
+        worker_id = await _register(store, settings, api_key, None)
+        stopper: list[JobWorker | None] = [None]
+        stopped: list[CrawlerError] = []
+        wake = asyncio.Event()
+
+        def stop(error: CrawlerError) -> None:
+            stopped[:] = [error]
+            wake.set()
+            if stopper[0] is not None:
+                stopper[0].request_stop(error)
+
+        installed = _install_signals(stop)
+        worst: CrawlerError | None = None
+        try:
+            while not stopped:
+                jobs = [j for j in await store.open_jobs() if job is None or j.id.startswith(job)]
+                todo = [j for j in jobs if (await store.progress(j.id)).pending]
+                if not todo:
+                    if until_idle:
+                        break
+                    await store.beat(worker_id, None)
+                    await _sleep_or_stop(min(5.0, store.heartbeat_timeout / 2), wake)
+                    continue
+                for pg in todo:
+                    result = await _work_session(store, pg, settings, api_key, worker_id, stopper, stopped)
+                    if not quiet:
+                        print(f"crawler: job {pg.id}: {result.items:,} items worked here, {result.rows:,} rows,"
+                              f" {result.requests_sent:,} requests, {result.lost} taken over by other workers",
+                              file=sys.stderr)
+                    err = result.error
+                    if isinstance(err, BudgetExhausted):
+                        continue  # that job is stopped; others may go on
+                    if err is not None:
+                        worst = err
+                        break
+                    if stopped:
+                        break
+                if worst is not None:
+                    break
+        finally:
+            _remove_signals(installed)
+            with contextlib.suppress(StoreLost):
+                await store.leave(worker_id)
+        error = worst or (stopped[0] if stopped else None)
+        if error is not None:
+            print(f"crawler: {error}", file=sys.stderr)
+            return error.exit_code if not isinstance(error, Interrupted) else error.code
+        return 0
+
+
+async def _sleep_or_stop(seconds: float, wake: asyncio.Event) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(wake.wait(), seconds)
+
+
+async def jobs_report(settings: Settings, *, url: str, as_json: bool = False) -> str:
+    """`crawler jobs`: every job with its id, progress, failures, both credit counters and workers."""
+    async with _store(settings, url) as store:
+        found: list[dict[str, Any]] = []
+        for pg in await store.jobs():
+            p = await store.progress(pg.id)
+            found.append({
+                "id": pg.id, "command": pg.command, "status": pg.status, "items": p.total, "done": p.done,
+                "failed": p.failed, "pending": p.pending, "failures": await store.failure_counts(pg.id),
+                "rows": pg.rows, "requests_sent": pg.requests_sent, "credits_billed": pg.credits_billed,
+                "max_credits": pg.max_credits,
+                "workers": [{"host": w.host, "pid": w.pid, "key_hash": w.key_hash, "ledger": w.ledger, "live": w.live}
+                            for w in await store.workers(pg.id)],
+            })
+    if as_json:
+        return json.dumps(found, indent=2)
+    lines = []
+    for j in found:
+        fails = ", ".join(f"{k}: {v}" for k, v in sorted(j["failures"].items())) or "none"
+        lines.append(f"{j['id']}  {j['command']:<14} {j['status']:<8} {j['done']:,} done, {j['failed']:,} failed,"
+                     f" {j['pending']:,} pending of {j['items']:,}; rows {j['rows']:,};"
+                     f" requests_sent {j['requests_sent']:,}; credits_billed {j['credits_billed']:,}")
+        lines.append(f"    failures: {fails}")
+        for w in j["workers"]:
+            lines.append(f"    worker {w['host']} pid {w['pid']} key {w['key_hash'][:8]} ledger {w['ledger']}"
+                         f"{' (live)' if w['live'] else ''}")
+    return "\n".join(lines) if lines else "no jobs"
+
+
+async def export_job(settings: Settings, *, url: str, jid: str, out: Path) -> int:
+    """`crawler export JOB -o OUT.csv`: a finished job's output again, byte for byte."""
+    async with _store(settings, url) as store:
+        pg = await store.job(jid)
+        if pg is None:
+            raise UsageError(f"export: no job {jid} in {store.where} (see crawler jobs --jobs-url URL)")
+        progress = await store.progress(pg.id)
+        if progress.pending:
+            raise UsageError(f"export: job {pg.id} is not finished ({progress.pending:,} items pending): run"
+                             " `crawler work --jobs-url URL` or its starting command to finish it")
+        spec = COMMANDS[pg.command]
+        n = await export(store, pg.id, out, spec, bom=settings.output_bom, raw=settings.output_raw)
+        write_failures(failures_path(out), await store.failures(pg.id), raw=settings.output_raw)
+        return n

@@ -1,0 +1,521 @@
+"""One job, several hosts: a PostgreSQL job (jobs.url) worked by a starter and `crawler work` processes.
+
+Every process is a real subprocess in its own working, data and state directory (as separate hosts would
+be), on one key whose ledger is in Redis; the job lives in a PostgreSQL schema of this test's own (dropped
+after). The simulator runs in this process and counts every request. Rate and heartbeat are scaled down
+(a 2 s heartbeat timeout) so the tests take seconds; PostgreSQL and Redis missing is a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import json
+import os
+import random
+import re
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from crawler.sim.data import World, WorldConfig
+from crawler.sim.server import SimConfig, Simulator
+
+PG = "postgresql://postgres@127.0.0.1:5432/test"
+REDIS = "redis://127.0.0.1:6379/0"
+WORLD = WorldConfig(seed=7, users=2_000)
+RATE = ["--rate", "2400", "--window", "60"]  # 40 a second: the per-second cap
+HEARTBEAT = 2.0
+FAULTS = frozenset({"5xx", "drop", "truncated", "malformed"})
+KEY_COLUMNS = ("video_id", "source_handle", "create_time", "region", "title", "play_count", "digg_count",
+               "comment_count", "share_count")  # CONTRACT.md's posts columns (the media URLs are signed per call)
+
+
+def pg_url(schema: str, port: int = 5432) -> str:
+    """The jobs URL of a schema (its tables and pgqueuer's go there through the search path)."""
+    return f"postgresql://postgres@127.0.0.1:{port}/test?options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture
+def schema() -> Iterator[str]:
+    """A PostgreSQL schema of this test's own, dropped when it ends."""
+    name = f"crawler_t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {name}")
+    try:
+        yield name
+    finally:
+        with psycopg.connect(PG, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {name} CASCADE")
+
+
+@contextlib.asynccontextmanager
+async def simulator(key: str, **config: Any) -> AsyncIterator[Simulator]:
+    """The simulator on loopback, limits above our pace (so no 429), small latency."""
+    settings: dict[str, Any] = {"world": WORLD, "keys": {key: None}, "rate_limit": 1_000_000, "burst_limit": 1_000_000,
+                                "latency": (0.005, 0.02)}
+    async with Simulator(SimConfig(**(settings | config))) as sim:
+        yield sim
+
+
+class Hosts:
+    """Crawler subprocesses, each in its own directory tree (cwd, data, state, HOME) as a separate host."""
+
+    def __init__(self, root: Path, key: str) -> None:
+        self.root = root
+        self.key = key
+        self.procs: list[asyncio.subprocess.Process] = []
+        self.stderr: dict[int, list[str]] = {}
+
+    def env(self, name: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CRAWLER_", "TIKLIVE_"))}
+        home = self.root / name / "home"
+        env.update(TIKLIVE_API_KEY=self.key, HOME=str(home), XDG_STATE_HOME=str(home / "state"))
+        return env
+
+    async def start(self, name: str, args: list[str], *, stall_limit: float = 10.0,
+                    extra_env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+        cwd = self.root / name
+        cwd.mkdir(parents=True, exist_ok=True)
+        (cwd / "config.toml").write_text(
+            f"[retry]\nstall_limit = {stall_limit}\nbase_delay = 0.05\nmax_delay = 0.5\n"
+            f"[jobs]\nheartbeat_timeout = {HEARTBEAT}\n")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "crawler", *args, cwd=cwd, env=self.env(name) | (extra_env or {}),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        self.procs.append(proc)
+        lines: list[str] = []
+        self.stderr[proc.pid] = lines
+
+        async def drain() -> None:
+            assert proc.stderr is not None
+            async for line in proc.stderr:
+                lines.append(line.decode())
+
+        asyncio.get_running_loop().create_task(drain())
+        return proc
+
+    async def job_id(self, proc: asyncio.subprocess.Process, bound: float = 60) -> str:
+        """The job id the starter printed."""
+        async with asyncio.timeout(bound):
+            while True:
+                for line in self.stderr[proc.pid]:
+                    found = re.match(r"crawler: job ([0-9a-f]{12}) ", line)
+                    if found:
+                        return found.group(1)
+                assert proc.returncode is None, "".join(self.stderr[proc.pid])
+                await asyncio.sleep(0.05)
+
+    async def finish(self, proc: asyncio.subprocess.Process, bound: float = 180) -> tuple[int, str]:
+        """Wait for a process (bounded): its exit code and stderr."""
+        code = await asyncio.wait_for(proc.wait(), bound)
+        await asyncio.sleep(0.1)  # the stderr reader catches up
+        return code, "".join(self.stderr[proc.pid])
+
+    async def run(self, name: str, args: list[str], bound: float = 120) -> tuple[int, str, str]:
+        """Run a short command to its end: exit code, stdout, stderr."""
+        proc = await self.start(name, args)
+        assert proc.stdout is not None
+        out = await asyncio.wait_for(proc.stdout.read(), bound)
+        code, err = await self.finish(proc, bound)
+        return code, out.decode(), err
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+
+
+@pytest.fixture
+async def hosts(tmp_path: Path) -> AsyncIterator[Hosts]:
+    """Processes under a key no other test uses (so the Redis ledger is this test's own)."""
+    h = Hosts(tmp_path, f"key-{uuid.uuid4().hex}")
+    try:
+        yield h
+    finally:
+        h.kill_all()
+        for proc in h.procs:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(proc.wait(), 10)
+
+
+def handles(root: Path, n: int, offset: int = 0) -> Path:
+    """n existing handles of the world (private ones included), one per line."""
+    path = root / f"handles-{n}-{offset}.txt"
+    path.write_text("\n".join(World(WORLD).sample_handles(offset + n)[offset:]) + "\n")
+    return path
+
+
+def rows(path: Path) -> list[tuple[str, ...]]:
+    """The CONTRACT columns of every row (one header checked)."""
+    text = path.read_text(encoding="utf-8")
+    with path.open(encoding="utf-8", newline="") as fh:
+        found = [tuple(r[c] for c in KEY_COLUMNS) for r in csv.DictReader(fh)]
+    assert text.count("video_id,source_handle") == 1
+    return found
+
+
+def worked(stderr: str) -> int:
+    """Items a process worked, from its lines."""
+    return sum(int(m.replace(",", "")) for m in re.findall(r"([\d,]+) items worked here", stderr))
+
+
+def taken_over(stderr: str) -> int:
+    """Items a process lost to a takeover (their late pages discarded), from its lines."""
+    return sum(int(m) for m in re.findall(r"(\d+) taken over by other workers", stderr))
+
+
+def common(sim_url: str, *extra: str) -> list[str]:
+    return ["--base-url", sim_url, *RATE, "--rate-shared", REDIS, "--parallelism", "4", *extra]
+
+
+SINGLE_CODE: dict[Path, int] = {}
+
+
+async def single_host(hosts: Hosts, src: Path, sim: Simulator, *extra: str) -> tuple[list[tuple[str, ...]], int]:
+    """The same job on one host with local SQLite state: its rows and the requests it sent (its exit code, 0 or 3
+    for private accounts, in SINGLE_CODE)."""
+    before = sim.stats.requests
+    code, _, err = await hosts.run("single", ["posts", str(src), "-o", "out.csv", *common(sim.url, *extra)], 180)
+    assert code == 0 or (code == 3 and re.search(r"failures +private: \d+$", err, re.M)), err[-800:]
+    SINGLE_CODE[src] = code
+    return rows(hosts.root / "single" / "out.csv"), sim.stats.requests - before
+
+
+async def until(condition: Callable[[], Any], what: str, bound: float = 60.0) -> None:
+    """Poll a condition, bounded."""
+    async with asyncio.timeout(bound):
+        while not await _value(condition()):
+            await asyncio.sleep(0.05)
+
+
+async def _value(v: Any) -> Any:
+    return await v if asyncio.iscoroutine(v) else v
+
+
+async def pg_value(schema: str, sql: str, *args: Any) -> Any:
+    """One value from the test's schema."""
+    async with await psycopg.AsyncConnection.connect(pg_url(schema)) as conn:
+        cur = await conn.execute(sql, args)
+        row = await cur.fetchone()
+        return None if row is None else row[0]
+
+
+async def test_three_hosts_one_job_equal_a_single_host_run(hosts: Hosts, schema: str) -> None:
+    """Starter + two `work` processes on 300 handles with faults: OUT.csv's rows are a single-host run's, once each;
+    every process worked items; `crawler jobs` counts what the simulator counted; `crawler export` is OUT.csv."""
+    src = handles(hosts.root, 300)
+    url = pg_url(schema)
+    async with simulator(hosts.key, fault_rate=0.1, faults=FAULTS) as sim:
+        expected, _ = await single_host(hosts, src, sim, "--max-items", "30")
+        before, billed_before = sim.stats.requests, sum(sim.stats.billed.values())
+        starter = await hosts.start("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", url,
+                                                *common(sim.url, "--max-items", "30")])
+        jid = await hosts.job_id(starter)
+        workers = [await hosts.start(f"w{n}", ["work", "--jobs-url", url, "--job", jid, "--until-idle",
+                                               *common(sim.url)]) for n in range(2)]
+        code, err = await hosts.finish(starter)
+        assert code == SINGLE_CODE[src], err[-800:]  # the same exit code as the single-host run
+        results = [await hosts.finish(w) for w in workers]
+        sent, billed = sim.stats.requests - before, sum(sim.stats.billed.values()) - billed_before
+        assert sim.stats.faults, "the faults were on"
+    for code, werr in results:
+        assert code == 0, werr[-800:]
+    out = hosts.root / "starter" / "out.csv"
+    got = rows(out)
+    assert len(got) == len(set(got))  # none twice
+    assert set(got) == set(expected) and len(got) == len(expected)
+    single_failures = (hosts.root / "single" / "out.failures.csv").read_text()
+    assert (hosts.root / "starter" / "out.failures.csv").read_text() == single_failures
+    counts = [worked(err)] + [worked(e) for _, e in results]
+    assert all(c > 0 for c in counts), counts
+    assert sum(counts) >= 300 - 5  # private accounts fail fast; every item was worked by someone
+    code, listing, err = await hosts.run("jobs", ["jobs", "--jobs-url", url, "--json"])
+    assert code == 0, err
+    (job,) = json.loads(listing)
+    assert job["id"] == jid and job["pending"] == 0 and job["items"] == 300
+    assert job["requests_sent"] == sent and job["credits_billed"] == billed
+    assert len(job["workers"]) == 3
+    code, _, err = await hosts.run("export", ["export", jid, "-o", str(hosts.root / "again.csv"), "--jobs-url", url])
+    assert code == 0, err
+    assert (hosts.root / "again.csv").read_bytes() == out.read_bytes()
+
+
+async def test_an_unreachable_jobs_url_is_exit_2_before_any_request(hosts: Hosts) -> None:
+    """PostgreSQL not there: one line naming jobs.url with the password masked, exit 2, no request sent."""
+    src = handles(hosts.root, 5)
+    async with simulator(hosts.key) as sim:
+        dead = "postgresql://postgres:s3cret@127.0.0.1:1/test"
+        code, _, err = await hosts.run("dead", ["posts", str(src), "-o", "out.csv", "--jobs-url", dead,
+                                               *common(sim.url)])
+    assert code == 2 and "s3cret" not in err
+    assert err.strip().splitlines()[-1].startswith("crawler: jobs.url = postgresql://***@127.0.0.1:1/test")
+    assert sim.stats.requests == 0
+
+
+async def test_ten_sigkills_of_random_workers_lose_and_duplicate_nothing(hosts: Hosts, schema: str) -> None:
+    """Ten SIGKILLs of random `work` processes at random moments, each restarted: rows exact, none twice, the killed
+    workers' items finish, and the simulator saw at most a single-host run's requests plus kills × parallelism."""
+    rng = random.Random(12)
+    src = handles(hosts.root, 60, offset=300)
+    opts = ("--max-items", "60", "--page-size", "5")  # walks of many pages: a takeover must go on from the cursor
+    url = pg_url(schema)
+    kills = 0
+    async with simulator(hosts.key) as sim:
+        expected, baseline = await single_host(hosts, src, sim, *opts)
+        before = sim.stats.requests
+        starter = await hosts.start("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", url,
+                                                *common(sim.url, *opts)])
+        jid = await hosts.job_id(starter)
+        work = ["work", "--jobs-url", url, "--job", jid, "--until-idle", *common(sim.url)]
+        workers = [await hosts.start(f"w{n}", work) for n in range(2)]
+        while kills < 10 and starter.returncode is None:
+            mark = sim.stats.requests + rng.randint(5, 25)
+            await until(lambda m=mark: sim.stats.requests >= m or starter.returncode is not None,  # type: ignore[misc]
+                        "requests", 60)
+            n = rng.randrange(2)
+            if workers[n].returncode is None:
+                workers[n].kill()
+                await workers[n].wait()
+                kills += 1
+            workers[n] = await hosts.start(f"w{n}", work)
+        code, err = await hosts.finish(starter)
+        for w in workers:
+            await hosts.finish(w)
+        sent = sim.stats.requests - before
+    assert kills >= 5, kills  # most kills landed while the job ran
+    assert code == SINGLE_CODE[src], err[-800:]
+    got = rows(hosts.root / "starter" / "out.csv")
+    assert len(got) == len(set(got)) and set(got) == set(expected)
+    print(f"ten kills: {sent} requests against a single-host run's {baseline}, {kills} kills")
+    assert sent <= baseline + kills * 4, (sent, baseline, kills)
+
+
+async def test_a_worker_stopped_past_its_lease_has_its_late_page_discarded(hosts: Hosts, schema: str) -> None:
+    """SIGSTOP a worker holding an item until another worker has taken the item over and finished it, then SIGCONT:
+    its late page is discarded (it reports the item taken over) and no row is there twice."""
+    src = handles(hosts.root, 40, offset=500)
+    opts = ("--max-items", "60", "--page-size", "10")
+    url = pg_url(schema)
+    async with simulator(hosts.key, latency=(0.1, 0.2)) as sim:
+        expected, _ = await single_host(hosts, src, sim, *opts)
+        starter = await hosts.start("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", url,
+                                                *common(sim.url, *opts)])
+        jid = await hosts.job_id(starter)
+        worker = await hosts.start("w", ["work", "--jobs-url", url, "--job", jid, "--until-idle", *common(sim.url)])
+        mine = f"%:{worker.pid}:%"
+        held = "SELECT min(seq) FROM crawler_items WHERE status = 'pending' AND owner LIKE %s AND pages > 0"
+        await until(lambda: pg_value(schema, held, mine), "the worker holding an item it has committed pages of")
+        worker.send_signal(signal.SIGSTOP)
+        seq = await pg_value(schema, held, mine)
+        assert seq is not None
+        done = "SELECT status = 'done' AND owner NOT LIKE %s FROM crawler_items WHERE seq = %s"
+        await until(lambda: pg_value(schema, done, mine, seq), "the item taken over and finished", 60)
+        worker.send_signal(signal.SIGCONT)
+        code, err = await hosts.finish(starter)
+        wcode, werr = await hosts.finish(worker)
+    assert code == SINGLE_CODE[src], err[-800:]
+    assert wcode == 0, werr[-800:]
+    assert taken_over(werr) >= 1, werr[-800:]
+    got = rows(hosts.root / "starter" / "out.csv")
+    assert len(got) == len(set(got)) and set(got) == set(expected)
+
+
+async def test_max_credits_is_the_whole_jobs_budget_across_workers_and_kills(hosts: Hosts, schema: str) -> None:
+    """--max-credits 300 over three workers, two of them SIGKILLed and restarted: the simulator counts ≤ 300; the
+    starter stops resumable (exit 4); exporting the unfinished job is exit 2 with its pending count."""
+    src = handles(hosts.root, 300)
+    url = pg_url(schema)
+    async with simulator(hosts.key) as sim:
+        starter = await hosts.start("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", url,
+                                                *common(sim.url, "--max-items", "30", "--max-credits", "300")])
+        jid = await hosts.job_id(starter)
+        work = ["work", "--jobs-url", url, "--job", jid, "--until-idle", *common(sim.url)]
+        workers = [await hosts.start(f"w{n}", work) for n in range(2)]
+        for n, mark in ((0, 80), (1, 160)):
+            await until(lambda m=mark: sim.stats.requests >= m, "requests", 60)  # type: ignore[misc]
+            workers[n].kill()
+            await workers[n].wait()
+            workers[n] = await hosts.start(f"w{n}", work)
+        code, err = await hosts.finish(starter)
+        for w in workers:
+            await hosts.finish(w)
+    assert code == 4, err[-800:]
+    assert 250 <= sim.stats.requests <= 300, sim.stats.requests
+    code, _, err = await hosts.run("export", ["export", jid, "-o", str(hosts.root / "x.csv"), "--jobs-url", url])
+    assert code == 2 and re.search(r"not finished \([\d,]+ items pending\)", err), err
+    assert not (hosts.root / "x.csv").exists()
+
+
+async def test_the_starter_killed_then_run_again_resumes_and_exports(hosts: Hosts, schema: str) -> None:
+    """The starting process SIGKILLed mid-run: the same command again resumes the job (same id) and writes OUT.csv
+    with a single-host run's rows, once each."""
+    src = handles(hosts.root, 60, offset=700)
+    opts = ("--max-items", "60", "--page-size", "20")
+    url = pg_url(schema)
+    async with simulator(hosts.key) as sim:
+        expected, _ = await single_host(hosts, src, sim, *opts)
+        args = ["posts", str(src), "-o", "out.csv", "--jobs-url", url, *common(sim.url, *opts)]
+        first = await hosts.start("starter", args)
+        jid = await hosts.job_id(first)
+        mark = sim.stats.requests + 60
+        await until(lambda: sim.stats.requests >= mark, "the job under way")
+        first.kill()
+        await first.wait()
+        assert await pg_value(schema, "SELECT count(*) FROM crawler_items WHERE status = 'pending'") > 0
+        again = await hosts.start("starter", args)
+        assert await hosts.job_id(again) == jid
+        code, err = await hosts.finish(again)
+    assert code == SINGLE_CODE[src], err[-800:]
+    got = rows(hosts.root / "starter" / "out.csv")
+    assert len(got) == len(set(got)) and set(got) == set(expected)
+
+
+class Proxy:
+    """A TCP proxy to PostgreSQL that the test controls: `cut()` drops every connection and refuses new ones."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.up = True
+        self._pipes: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Proxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cut()
+        assert self._server is not None
+        self._server.close()
+
+    def cut(self) -> None:
+        self.up = False
+        for w in list(self._pipes):
+            w.transport.abort()
+        self._pipes.clear()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.up:
+            writer.transport.abort()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", 5432)
+        self._pipes.update((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+async def test_postgresql_cut_mid_run_workers_wait_and_lose_nothing(hosts: Hosts, schema: str) -> None:
+    """The connections to PostgreSQL cut for a few seconds mid-run (within retry.stall_limit): the starter and a
+    worker wait and go on; the rows are a single-host run's, once each."""
+    src = handles(hosts.root, 80, offset=900)
+    opts = ("--max-items", "60", "--page-size", "20")
+    async with simulator(hosts.key) as sim, Proxy() as proxy:
+        expected, _ = await single_host(hosts, src, sim, *opts)
+        url = pg_url(schema, proxy.port)
+        starter = await hosts.start("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", url,
+                                                *common(sim.url, *opts)], stall_limit=30)
+        jid = await hosts.job_id(starter)
+        worker = await hosts.start("w", ["work", "--jobs-url", url, "--job", jid, "--until-idle", *common(sim.url)],
+                                   stall_limit=30)
+        mark = sim.stats.requests + 80
+        await until(lambda: sim.stats.requests >= mark, "both under way")
+        proxy.cut()
+        cut_at = sim.stats.requests
+        await asyncio.sleep(4)  # the outage itself (not a synchronisation)
+        proxy.up = True
+        code, err = await hosts.finish(starter)
+        wcode, werr = await hosts.finish(worker)
+    assert code == SINGLE_CODE[src], err[-800:]
+    assert wcode == 0, werr[-800:]
+    assert "Traceback" not in err + werr, (err + werr)[-3000:]  # warnings of one line, nothing a user can't read
+    assert cut_at < sim.stats.requests  # the run went on after the outage
+    got = rows(hosts.root / "starter" / "out.csv")
+    assert len(got) == len(set(got)) and set(got) == set(expected)
+
+
+async def test_postgresql_lost_for_good_ends_the_run_with_one_line(hosts: Hosts, schema: str) -> None:
+    """PostgreSQL gone past retry.stall_limit: the starter exits 1 with one line naming jobs.url."""
+    src = handles(hosts.root, 80, offset=900)
+    async with simulator(hosts.key) as sim, Proxy() as proxy:
+        url = pg_url(schema, proxy.port)
+        starter = await hosts.start("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", url,
+                                                *common(sim.url, "--max-items", "60", "--page-size", "20")],
+                                    stall_limit=3)
+        await hosts.job_id(starter)
+        mark = sim.stats.requests + 40
+        await until(lambda: sim.stats.requests >= mark, "under way")
+        proxy.cut()
+        code, err = await hosts.finish(starter, bound=60)
+    assert code == 1, err[-800:]
+    last = err.strip().splitlines()[-1]
+    assert "jobs.url = postgresql://" in last and "has not answered" in last, last
+
+
+async def test_a_key_worked_from_another_host_needs_one_redis_ledger(hosts: Hosts, schema: str) -> None:
+    """While host A works the key through a local ledger, a worker on host B exits 2 naming rate.shared and the
+    fix, before taking any item."""
+    src = handles(hosts.root, 60, offset=1100)
+    url = pg_url(schema)
+    async with simulator(hosts.key, latency=(0.05, 0.1)) as sim:
+        local = ["--base-url", sim.url, *RATE, "--rate-shared", "local", "--parallelism", "2"]
+        starter = await hosts.start("a", ["posts", str(src), "-o", "out.csv", "--jobs-url", url, *local],
+                                    extra_env={"CRAWLER_TEST_HOSTNAME": "host-a"})
+        jid = await hosts.job_id(starter)
+        other = await hosts.start("b", ["work", "--jobs-url", url, "--job", jid, "--until-idle", *local],
+                                  extra_env={"CRAWLER_TEST_HOSTNAME": "host-b"})
+        code, err = await hosts.finish(other)
+        taken = await pg_value(schema, "SELECT count(*) FROM crawler_items WHERE owner LIKE 'host-b:%%'")
+        with contextlib.suppress(ProcessLookupError):
+            starter.kill()
+        await starter.wait()
+    assert code == 2, err[-800:]
+    last = err.strip().splitlines()[-1]
+    assert "rate.shared = 'local'" in last and "host-a" in last and "redis://" in last, last
+    assert taken == 0
+
+
+async def test_sigterm_stops_a_worker_and_the_starter_cleanly_and_the_job_resumes(hosts: Hosts, schema: str) -> None:
+    """SIGTERM: a worker exits 143 and hands its items back at once (none left held by it); the starter exits 143
+    saying how to resume; the same command then finishes the job with a single-host run's rows."""
+    src = handles(hosts.root, 60, offset=1300)
+    opts = ("--max-items", "60", "--page-size", "10")
+    url = pg_url(schema)
+    async with simulator(hosts.key, latency=(0.02, 0.05)) as sim:
+        expected, _ = await single_host(hosts, src, sim, *opts)
+        args = ["posts", str(src), "-o", "out.csv", "--jobs-url", url, *common(sim.url, *opts)]
+        starter = await hosts.start("starter", args)
+        jid = await hosts.job_id(starter)
+        worker = await hosts.start("w", ["work", "--jobs-url", url, "--job", jid, "--until-idle", *common(sim.url)])
+        mine = f"%:{worker.pid}:%"
+        held = "SELECT count(*) FROM crawler_items WHERE status = 'pending' AND owner LIKE %s"
+        await until(lambda: pg_value(schema, held, mine), "the worker holding items")
+        worker.send_signal(signal.SIGTERM)
+        wcode, werr = await hosts.finish(worker, bound=60)
+        left = await pg_value(schema, held, mine)
+        starter.send_signal(signal.SIGTERM)
+        code, err = await hosts.finish(starter, bound=60)
+        again = await hosts.start("starter", args)
+        final, ferr = await hosts.finish(again)
+    assert wcode == 143, werr[-800:]
+    assert left == 0
+    assert code == 143 and "resume with: crawler posts" in err.strip().splitlines()[-1], err[-800:]
+    assert final == SINGLE_CODE[src], ferr[-800:]
+    got = rows(hosts.root / "starter" / "out.csv")
+    assert len(got) == len(set(got)) and set(got) == set(expected)
