@@ -825,9 +825,11 @@ def plot_growth(store: HistoryStore, handles: Sequence[str], path: Path, *, sinc
             by_day = {d: v for d, v in zip(days, values, strict=True) if v == v}
             for rename in store.renames(user_ids[n]):  # mark the day the handle changed
                 when = dt.date.fromisoformat(rename.day)
-                if when in by_day:
-                    ax.annotate(f"@{rename.old} → @{rename.new}", (when, by_day[when]),
-                                textcoords="offset points", xytext=(4, 8), fontsize=8, color=f"C{n % 10}")
+                if when in by_day:  # a dotted line on that day, the names written up along it
+                    ax.axvline(when, linestyle=":", linewidth=1, color="0.45")  # type: ignore[arg-type]
+                    ax.annotate(f"@{rename.old} → @{rename.new}", xy=(when, 0),
+                                xycoords=("data", "axes fraction"), xytext=(3, 4), textcoords="offset points",
+                                rotation=90, va="bottom", fontsize=7, color="0.35")
             ax.grid(True, alpha=0.3)
             ax.xaxis.set_major_formatter(mdates.DateFormatter("%b %d"))  # type: ignore[no-untyped-call]
             for side in ("top", "right"):
