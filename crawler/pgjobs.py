@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from crawler import killpoints
 from crawler.config import masked
 from crawler.errors import RunStopped, UsageError
 from crawler.state import ItemUpdate, Progress, WalkUpdate
@@ -54,7 +55,7 @@ CREATE TABLE IF NOT EXISTS crawler_items (
     rows INTEGER NOT NULL DEFAULT 0,
     pages INTEGER NOT NULL DEFAULT 0,
     reason TEXT, endpoint TEXT, detail TEXT,
-    version INTEGER NOT NULL DEFAULT 0,        -- bumped by every take and every commit
+    version BIGINT NOT NULL DEFAULT 0,         -- crawler_version's next value at every take and every commit
     owner TEXT,                                -- the worker that took it last
     token TEXT,                                -- the last commit's token (an unknown COMMIT outcome is checked)
     PRIMARY KEY (job, seq)
@@ -75,6 +76,21 @@ CREATE TABLE IF NOT EXISTS crawler_rows (
     cells TEXT NOT NULL,                      -- JSON array of the row's values (types kept for the cell rules)
     PRIMARY KEY (job, seq, rid),
     FOREIGN KEY (job, seq) REFERENCES crawler_items (job, seq) ON DELETE CASCADE
+);
+-- Versions come from one sequence for every job: a job run again (--restart) never hands out a version a
+-- worker of its earlier run may still hold, so that worker's late page cannot commit into the new job.
+CREATE SEQUENCE IF NOT EXISTS crawler_version AS BIGINT;
+-- A worker's counters on a job, one row per worker session (summed for the job): a commit touches only its own
+-- row (never one row every worker waits on), with absolute values, so a retried transaction writes nothing twice.
+CREATE TABLE IF NOT EXISTS crawler_sessions (
+    job TEXT NOT NULL REFERENCES crawler_jobs(id) ON DELETE CASCADE,
+    session TEXT NOT NULL,                     -- worker id:random, one per JobWorker
+    reserved BIGINT NOT NULL DEFAULT 0,        -- requests of the budget granted to this session (unsent ones
+                                               -- handed back at a clean end)
+    requests_sent BIGINT NOT NULL DEFAULT 0,
+    credits_billed BIGINT NOT NULL DEFAULT 0,
+    rows BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (job, session)
 );
 CREATE TABLE IF NOT EXISTS crawler_workers (
     id TEXT PRIMARY KEY,                       -- host:pid:random
@@ -162,9 +178,28 @@ class WorkerInfo:
 
 
 def _is_connection_error(exc: BaseException) -> bool:
+    """A lost server, or a lock not granted within lock_timeout (a frozen worker holds it): retried."""
     import psycopg
 
-    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError, OSError))
+    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError, OSError,
+                            psycopg.errors.IdleInTransactionSessionTimeout))
+
+
+def connect_kwargs(heartbeat_timeout: float, connect_timeout: float) -> dict[str, Any]:
+    """libpq parameters of every connection of a worker: TCP keepalives so a peer gone silent (a cut network,
+    a frozen host) is found dead within about the heartbeat timeout, and a connect timeout."""
+    every = max(1, round(heartbeat_timeout / 3))
+    return {"connect_timeout": max(1, round(connect_timeout)), "keepalives": 1, "keepalives_idle": every,
+            "keepalives_interval": every, "keepalives_count": 3}
+
+
+async def bound_session(conn: psycopg.AsyncConnection[Any], heartbeat_timeout: float) -> None:
+    """A frozen worker (SIGSTOP, a swapped-out VM) must not hold a lock others wait on for longer than the
+    heartbeat timeout: the server ends its session once it sits idle in a transaction that long, and a statement
+    waiting for a lock gives up after it (LockNotAvailable, retried like a lost connection)."""
+    ms = max(1000, round(heartbeat_timeout * 1000))
+    await conn.execute(f"SET idle_in_transaction_session_timeout = {ms}")
+    await conn.execute(f"SET lock_timeout = {ms}")
 
 
 class PgJobStore:
@@ -212,9 +247,15 @@ class PgJobStore:
     async def _connect(self) -> None:
         import psycopg
 
-        self._conn = await psycopg.AsyncConnection.connect(
-            self.url, autocommit=True, connect_timeout=max(1, round(self._connect_timeout)),
-            application_name="crawler")
+        conn = await psycopg.AsyncConnection.connect(
+            self.url, autocommit=True, application_name="crawler",
+            **connect_kwargs(self.heartbeat_timeout, self._connect_timeout))
+        try:
+            await bound_session(conn, self.heartbeat_timeout)
+        except BaseException:
+            await conn.close()
+            raise
+        self._conn = conn
 
     async def aclose(self) -> None:
         """Close the connection (idempotent)."""
@@ -305,8 +346,12 @@ class PgJobStore:
     async def _jobs(self, where: str, args: tuple[Any, ...]) -> list[PgJob]:
         async def run(conn: psycopg.AsyncConnection[Any]) -> list[PgJob]:
             cur = await conn.execute(
-                "SELECT id, command, options, status, max_credits, GREATEST(requests_sent, reserved), credits_billed,"
-                f" rows, extract(epoch FROM created) FROM crawler_jobs {where} ORDER BY created, id", args)
+                "SELECT id, command, options, status, max_credits, GREATEST(j.requests_sent + COALESCE(s.sent, 0),"
+                " j.reserved + COALESCE(s.reserved, 0)), j.credits_billed + COALESCE(s.billed, 0),"
+                " j.rows + COALESCE(s.rows, 0), extract(epoch FROM created) FROM crawler_jobs j LEFT JOIN"
+                " (SELECT job, sum(requests_sent) AS sent, sum(reserved) AS reserved, sum(credits_billed) AS billed,"
+                " sum(rows) AS rows FROM crawler_sessions GROUP BY job) s ON s.job = j.id"
+                f" {where} ORDER BY created, id", args)
             return [PgJob(r[0], r[1], json.loads(r[2]), r[3], r[4], int(r[5]), int(r[6]), int(r[7]), float(r[8]))
                     for r in await cur.fetchall()]
 
@@ -352,7 +397,7 @@ class PgJobStore:
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> Taken | None:
             cur = await conn.execute(
-                "UPDATE crawler_items SET version = version + 1, owner = %s WHERE job = %s AND seq = %s"
+                "UPDATE crawler_items SET version = nextval('crawler_version'), owner = %s WHERE job = %s AND seq = %s"
                 " AND status = 'pending' RETURNING key, raw, cursor, rows, pages, version", (owner, jid, seq))
             row = await cur.fetchone()
             if row is None:
@@ -365,9 +410,10 @@ class PgJobStore:
 
         return await self._run(run)
 
-    async def commit(self, jid: str, pages: Sequence[PageCommit], sent: int, billed: int) -> None:
-        """Commit pages in one transaction: each only if its item is still at the version held (`committed`),
-        its rows new to the item (`inserted`), and this worker's requests/credits since its last commit."""
+    async def commit(self, jid: str, session: str, pages: Sequence[PageCommit], sent: int, billed: int) -> None:
+        """Commit pages in one transaction: each only if its item is still at the version held (`committed`, the
+        item's new version in `version`), its rows new to the item (`inserted`), and this worker session's
+        requests/credits so far (absolute: a transaction run again after a lost COMMIT reply counts nothing twice)."""
         for page in pages:
             page.token = secrets.token_hex(8)
 
@@ -383,8 +429,14 @@ class PgJobStore:
                                          (jid, [p.seq for p in pages]))
                 tokens = dict(await cur.fetchall())
                 if any(tokens.get(p.seq) == p.token for p in pages):
+                    cur = await conn.execute("SELECT seq, version FROM crawler_items WHERE job = %s AND seq = ANY(%s)"
+                                             " AND token = ANY(%s)", (jid, [p.seq for p in pages],
+                                                                      [p.token for p in pages]))
+                    versions = dict(await cur.fetchall())
                     for p in pages:
                         p.committed = tokens.get(p.seq) == p.token
+                        if p.committed:
+                            p.version = int(versions[p.seq])
                     return
             rows_total = 0
             for page in pages:
@@ -414,42 +466,63 @@ class PgJobStore:
                         (jid, w.seq, w.comment_id, w.status, None if w.cursor is None else json.dumps(w.cursor),
                          walk_rows if w is page.walks[0] else 0, w.pages, w.reason, w.endpoint, w.detail))
                 u = page.update
-                await conn.execute(
+                cur = await conn.execute(
                     "UPDATE crawler_items SET status = %s, cursor = CASE WHEN %s = 'failed' THEN cursor ELSE %s END,"
                     " rows = rows + %s, pages = pages + %s, reason = %s, endpoint = %s, detail = %s,"
-                    " version = version + 1, token = %s WHERE job = %s AND seq = %s",
+                    " version = nextval('crawler_version'), token = %s WHERE job = %s AND seq = %s RETURNING version",
                     (u.status, u.status, None if u.cursor is None else json.dumps(u.cursor),
                      page.inserted if u.rows else 0, u.pages, u.reason, u.endpoint, u.detail, page.token, jid,
                      page.seq))
+                bumped = await cur.fetchone()
+                assert bumped is not None
+                page.version = int(bumped[0])
                 page.committed = True
-            await conn.execute("UPDATE crawler_jobs SET requests_sent = requests_sent + %s, credits_billed ="
-                               " credits_billed + %s, rows = rows + %s, updated = now() WHERE id = %s",
-                               (sent, billed, rows_total, jid))
+            await conn.execute(
+                "INSERT INTO crawler_sessions AS s (job, session, requests_sent, credits_billed, rows)"
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (job, session) DO UPDATE SET requests_sent ="
+                " GREATEST(s.requests_sent, excluded.requests_sent), credits_billed = GREATEST(s.credits_billed,"
+                " excluded.credits_billed), rows = s.rows + excluded.rows", (jid, session, sent, billed, rows_total))
 
         await self._run(run)
 
-    async def grant(self, jid: str, want: int) -> int:
-        """Reserve up to `want` requests of the job's budget before sending them; how many were granted."""
+    async def grant(self, jid: str, session: str, have: int, want: int) -> int:
+        """Reserve up to `want` more requests of the job's budget for a session already granted `have`, before
+        sending them; how many were granted. Idempotent: run again after a lost COMMIT reply, it finds the
+        session's grant already above `have` and hands that back instead of reserving twice."""
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> int:
+            # The job row is the budget's lock (a short transaction; a frozen holder is ended by the server).
             cur = await conn.execute("SELECT max_credits, reserved FROM crawler_jobs WHERE id = %s FOR UPDATE", (jid,))
             row = await cur.fetchone()
             assert row is not None
-            n = want if row[0] is None else max(0, min(want, int(row[0]) - int(row[1])))
+            cur = await conn.execute("SELECT reserved FROM crawler_sessions WHERE job = %s AND session = %s",
+                                     (jid, session))
+            mine = await cur.fetchone()
+            if mine is not None and int(mine[0]) > have:
+                return int(mine[0]) - have
+            killpoints.reached("granting")
+            n = want
+            if row[0] is not None:
+                cur = await conn.execute("SELECT COALESCE(sum(reserved), 0) FROM crawler_sessions WHERE job = %s",
+                                         (jid,))
+                total = await cur.fetchone()
+                assert total is not None
+                n = max(0, min(want, int(row[0]) - int(row[1]) - int(total[0])))
             if n:
-                await conn.execute("UPDATE crawler_jobs SET reserved = reserved + %s WHERE id = %s", (n, jid))
+                await conn.execute(
+                    "INSERT INTO crawler_sessions (job, session, reserved) VALUES (%s, %s, %s)"
+                    " ON CONFLICT (job, session) DO UPDATE SET reserved = excluded.reserved", (jid, session, have + n))
             return n
 
         return await self._run(run)
 
-    async def give_back(self, jid: str, unused: int) -> None:
-        """A worker ends cleanly: requests it was granted but never sent go back to the budget."""
-        if unused <= 0:
-            return
+    async def give_back(self, jid: str, session: str, used: int) -> None:
+        """A session ends cleanly: of the requests it was granted, only the `used` ones stay spent (absolute, so
+        run twice it gives back nothing more)."""
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> None:
-            await conn.execute("UPDATE crawler_jobs SET reserved = GREATEST(reserved - %s, 0) WHERE id = %s",
-                               (unused, jid))
+            await conn.execute("UPDATE crawler_sessions SET reserved = LEAST(reserved, %s) WHERE job = %s"
+                               " AND session = %s", (used, jid, session))
 
         await self._run(run)
 

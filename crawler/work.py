@@ -68,9 +68,10 @@ def job_options(pg: PgJob) -> JobOptions:
 class Budget:
     """The job's --max-credits budget, drawn from PostgreSQL a lease at a time before requests leave."""
 
-    def __init__(self, store: PgJobStore, jid: str, lease: int) -> None:
+    def __init__(self, store: PgJobStore, jid: str, session: str, lease: int) -> None:
         self.store = store
         self.jid = jid
+        self.session = session
         self.lease = lease
         self.granted = 0
         self.used = 0
@@ -80,7 +81,7 @@ class Budget:
         """Called by the client before each request; BudgetExhausted when the job's budget is spent."""
         async with self._lock:
             if self.used >= self.granted:
-                got = await self.store.grant(self.jid, self.lease)
+                got = await self.store.grant(self.jid, self.session, self.granted, self.lease)
                 if got == 0:
                     await self.store.set_status(self.jid, "budget", when="running")
                     raise BudgetExhausted("the job's --max-credits budget is spent")
@@ -123,6 +124,7 @@ class JobWorker:
         self.settings = settings
         self._key = api_key
         self.worker_id = worker_id
+        self.session = f"{worker_id}:{os.urandom(3).hex()}"  # this worker's counters on this job (crawler_sessions)
         self.parallelism = settings.parallelism or 8
         self._keyed = self.spec.list_kind in ep.OFFSET_KINDS
         self._held: dict[int, int] = {}  # seq -> the item's version this worker holds
@@ -131,7 +133,6 @@ class JobWorker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._tg: asyncio.TaskGroup | None = None
         self._commits: asyncio.Queue[_Pending | None] = asyncio.Queue(maxsize=self.parallelism * 2)
-        self._committed = (0, 0)  # this worker's requests/credits already added to the job's counters
         self.result = SessionResult()
         self._finished = asyncio.Event()  # an item of this worker ended: the job may be complete
         self.queue = itemqueue.ItemQueue(store.url, self.jid, concurrency=self.parallelism,
@@ -140,7 +141,7 @@ class JobWorker:
         self.client: Client
         self.users: UserDirectory
         self.page_sizes: PageSizes | None = None
-        self.budget = Budget(store, self.jid, max(1, min(self.parallelism, LEASE_MAX)))
+        self.budget = Budget(store, self.jid, self.session, max(1, min(self.parallelism, LEASE_MAX)))
 
     # -- CrawlContext --
 
@@ -166,13 +167,13 @@ class JobWorker:
         job = self.job
         limit = job.max_items if count_rows else None
         remaining = None if limit is None else max(limit - item.rows, 0)
-        cap = job.max_pages or self.settings.max_pages
+        cap = job.max_pages  # the job's own options only: a worker's config never changes the job's output
         pages_left = None if cap is None else max(cap - item.pages, 0)
         if remaining == 0 or pages_left == 0:
             yield Step([])
             return
         pages = self.client.pages(kind, params, source=item.source, cursor=item.cursor,
-                                  page_size=job.page_size or self.settings.page_size,
+                                  page_size=job.page_size,
                                   max_pages=pages_left, max_items=remaining, sizes=self.page_sizes)
         async with aclosing(pages) as walk:
             async for page in walk:
@@ -230,7 +231,7 @@ class JobWorker:
         r.held = sorted(self._held)
         if not isinstance(self._stop_error, StoreLost):
             with contextlib.suppress(StoreLost):
-                await self.store.give_back(self.jid, self.budget.granted - self.budget.used)
+                await self.store.give_back(self.jid, self.session, self.budget.used)
                 await self.store.leave(self.worker_id)
                 await itemqueue.enqueue(self.store.url, self.jid, await self.store.orphans(self.jid))
         return r
@@ -240,6 +241,7 @@ class JobWorker:
         down: float | None = None
         delay = 0.1
         while self._stop_error is None:
+            self.queue.ran = False
             try:
                 await self.queue.run(self._on_item)
                 return
@@ -247,6 +249,8 @@ class JobWorker:
                 if self._stop_error is not None:
                     return
                 now = time.monotonic()
+                if self.queue.ran:  # it ran again since the last failure: a new outage, with its own stall limit
+                    down, delay = None, 0.1
                 down = down or now
                 log.warning("the job queue (%s) failed: %s; retrying", self.store.where, type(exc).__name__)
                 if now - down >= self.settings.retry_stall_limit:
@@ -300,7 +304,7 @@ class JobWorker:
         async with aclosing(self.spec.handler(self, item)) as steps:
             async for step in steps:
                 update = step_update(step, item.seq, endpoint=self.spec.endpoint,
-                                     max_pages=self.job.max_pages or self.settings.max_pages)
+                                     max_pages=self.job.max_pages)
                 await self._submit(Batch(step.rows, update, keyed=self._keyed, walks=step.walks))
 
     async def _submit(self, batch: Batch) -> None:
@@ -347,13 +351,12 @@ class JobWorker:
             rows = [(str(getattr(r, r.COLUMNS[0])), json.dumps(r.values(), ensure_ascii=False)) for r in b.rows]
             pages.append(PageCommit(seq, self._held.get(seq, -1), rows, b.update, b.walks))
         c = self.client.counters
-        # Taken before the commit: requests answered while it runs go into the next one, never lost between.
-        now = (c.requests_sent, c.credits_billed)
-        await self.store.commit(self.jid, pages, now[0] - self._committed[0], now[1] - self._committed[1])
-        self._committed = now
+        # This session's totals so far (taken before the commit: requests answered while it runs go into the next).
+        await self.store.commit(self.jid, self.session, pages, c.requests_sent, c.credits_billed)
         for page in pages:
             if page.committed:
-                self._held[page.seq] = self._held.get(page.seq, 0) + 1
+                if page.seq in self._held:
+                    self._held[page.seq] = page.version
                 self.result.rows += page.inserted
         return pages
 
