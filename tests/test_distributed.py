@@ -336,9 +336,9 @@ async def test_a_worker_stopped_past_its_lease_has_its_late_page_discarded(hosts
 
 async def test_a_worker_frozen_holding_the_job_row_lock_does_not_stop_the_others(hosts: Hosts, schema: str) -> None:
     """A worker SIGSTOPped inside its budget transaction, holding the job row's lock, and never woken: the server
-    ends its session after the heartbeat timeout, the starter and another worker finish the job with a single-host
-    run's rows once each, and the simulator saw at most a single-host run's requests plus one parallelism's worth
-    (the frozen worker's pages in flight, done again)."""
+    ends its session after the heartbeat timeout, the starter and another worker (whose own --max-pages and
+    --page-size differ from the job's) finish the job with a single-host run's rows once each, and the simulator
+    saw at most a single-host run's requests plus one parallelism's worth (the frozen worker's pages in flight)."""
     src = handles(hosts.root, 40, offset=1500)
     opts = ("--max-items", "60", "--page-size", "10")
     url = pg_url(schema)
@@ -352,7 +352,8 @@ async def test_a_worker_frozen_holding_the_job_row_lock_does_not_stop_the_others
         frozen = await hosts.start("frozen", work, extra_env={"CRAWLER_TEST_STOP_AT": "granting:3"})
         await until(lambda: frozen.returncode is not None or _stopped(frozen.pid), "the worker frozen at its grant")
         assert frozen.returncode is None, hosts.stderr[frozen.pid]
-        other = await hosts.start("w", work)
+        # Its own --max-pages/--page-size must not change the job's output (the job's options are the starter's).
+        other = await hosts.start("w", [*work, "--max-pages", "2", "--page-size", "3"])
         code, err = await hosts.finish(starter)
         wcode, werr = await hosts.finish(other)
         sent = sim.stats.requests - before
