@@ -473,7 +473,6 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
         spool, digest = _spool(job, spec)
         try:
             jid = job_id(job.command, options, digest)
-            print(f"crawler: job {jid} ({masked(url)})", file=sys.stderr)
             if restart:
                 await store.delete_job(jid)
             created = await store.create_job(jid, job.command, options, _spooled(spool))
@@ -484,6 +483,8 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
             await store.delete_job(jid)
             raise UsageError(f"--output {out} exists and is not this job's output: choose another output, or add"
                              " --overwrite to replace it")
+        # Printed once the job exists (and stays): `crawler work --job ID` started on seeing it finds it.
+        print(f"crawler: job {jid} ({masked(url)})", file=sys.stderr)
         retry = RETRIABLE_ALL if retry_failed == "all" else RETRIABLE if retry_failed else ()
         await store.resume(jid, settings.max_credits, retry=retry)
         pg = await store.job(jid)

@@ -251,14 +251,18 @@ async def test_three_hosts_one_job_equal_a_single_host_run(hosts: Hosts, schema:
 
 
 async def test_an_unreachable_jobs_url_is_exit_2_before_any_request(hosts: Hosts) -> None:
-    """PostgreSQL not there: one line naming jobs.url with the password masked, exit 2, no request sent."""
+    """PostgreSQL not there: one line naming jobs.url with the password masked (in the URL's user part or in its
+    `password=` parameter, which libpq accepts; the user name stays), exit 2, no request sent."""
     src = handles(hosts.root, 5)
+    shown = {"postgresql://postgres:s3cret@127.0.0.1:1/test": "postgresql://***@127.0.0.1:1/test",
+             "postgresql://postgres@127.0.0.1:1/test?password=s3cret": "postgresql://postgres@127.0.0.1:1/test"
+                                                                       "?password=***"}
     async with simulator(hosts.key) as sim:
-        dead = "postgresql://postgres:s3cret@127.0.0.1:1/test"
-        code, _, err = await hosts.run("dead", ["posts", str(src), "-o", "out.csv", "--jobs-url", dead,
-                                               *common(sim.url)])
-    assert code == 2 and "s3cret" not in err
-    assert err.strip().splitlines()[-1].startswith("crawler: jobs.url = postgresql://***@127.0.0.1:1/test")
+        for dead, masked in shown.items():
+            code, _, err = await hosts.run("dead", ["posts", str(src), "-o", "out.csv", "--jobs-url", dead,
+                                                   *common(sim.url)])
+            assert code == 2 and "s3cret" not in err, err
+            assert err.strip().splitlines()[-1].startswith(f"crawler: jobs.url = {masked}"), err
     assert sim.stats.requests == 0
 
 
