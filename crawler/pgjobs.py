@@ -45,6 +45,10 @@ CREATE TABLE IF NOT EXISTS crawler_jobs (
     created TIMESTAMPTZ NOT NULL DEFAULT now(),
     updated TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+-- The starter's settings every worker of the job uses (a worker's own config never changes them).
+ALTER TABLE crawler_jobs ADD COLUMN IF NOT EXISTS heartbeat_timeout DOUBLE PRECISION;  -- jobs.heartbeat_timeout
+ALTER TABLE crawler_jobs ADD COLUMN IF NOT EXISTS bom BOOLEAN NOT NULL DEFAULT false;   -- output.bom
+ALTER TABLE crawler_jobs ADD COLUMN IF NOT EXISTS raw BOOLEAN NOT NULL DEFAULT false;   -- output.raw
 CREATE TABLE IF NOT EXISTS crawler_items (
     job TEXT NOT NULL REFERENCES crawler_jobs(id) ON DELETE CASCADE,
     seq INTEGER NOT NULL,
@@ -134,6 +138,9 @@ class PgJob:
     credits_billed: int
     rows: int
     created: float
+    heartbeat_timeout: float | None = None  # the starter's jobs.heartbeat_timeout (None: a job from before)
+    bom: bool = False  # the starter's output.bom
+    raw: bool = False  # the starter's output.raw
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,13 +312,15 @@ class PgJobStore:
     # --- jobs ---
 
     async def create_job(self, jid: str, command: str, options: dict[str, Any],
-                         entries: Iterable[tuple[str, str, str | None, str | None]]) -> bool:
+                         entries: Iterable[tuple[str, str, str | None, str | None]], *,
+                         heartbeat_timeout: float | None = None, bom: bool = False, raw: bool = False) -> bool:
         """Create the job with its items (one transaction: a job is never seen half-read); False if it exists."""
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> bool:
             cur = await conn.execute(
-                "INSERT INTO crawler_jobs (id, command, options) VALUES (%s, %s, %s) ON CONFLICT (id) DO NOTHING",
-                (jid, command, json.dumps(options, sort_keys=True)))
+                "INSERT INTO crawler_jobs (id, command, options, heartbeat_timeout, bom, raw)"
+                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+                (jid, command, json.dumps(options, sort_keys=True), heartbeat_timeout, bom, raw))
             if cur.rowcount == 0:
                 return False
             await conn.execute("CREATE TEMP TABLE crawler_incoming (pos SERIAL, key TEXT, raw TEXT, reason TEXT,"
@@ -348,17 +357,21 @@ class PgJobStore:
             cur = await conn.execute(
                 "SELECT id, command, options, status, max_credits, GREATEST(j.requests_sent + COALESCE(s.sent, 0),"
                 " j.reserved + COALESCE(s.reserved, 0)), j.credits_billed + COALESCE(s.billed, 0),"
-                " j.rows + COALESCE(s.rows, 0), extract(epoch FROM created) FROM crawler_jobs j LEFT JOIN"
+                " j.rows + COALESCE(s.rows, 0), extract(epoch FROM created), heartbeat_timeout, bom, raw"
+                " FROM crawler_jobs j LEFT JOIN"
                 " (SELECT job, sum(requests_sent) AS sent, sum(reserved) AS reserved, sum(credits_billed) AS billed,"
                 " sum(rows) AS rows FROM crawler_sessions GROUP BY job) s ON s.job = j.id"
                 f" {where} ORDER BY created, id", args)
-            return [PgJob(r[0], r[1], json.loads(r[2]), r[3], r[4], int(r[5]), int(r[6]), int(r[7]), float(r[8]))
+            return [PgJob(r[0], r[1], json.loads(r[2]), r[3], r[4], int(r[5]), int(r[6]), int(r[7]), float(r[8]),
+                          None if r[9] is None else float(r[9]), bool(r[10]), bool(r[11]))
                     for r in await cur.fetchall()]
 
         return await self._run(run)
 
-    async def resume(self, jid: str, max_credits: int | None, *, retry: Sequence[str] = ()) -> None:
-        """The starter (re)opens a job: its budget is the one given now; items failed for `retry` go back."""
+    async def resume(self, jid: str, max_credits: int | None, *, retry: Sequence[str] = (), bom: bool = False,
+                     raw: bool = False) -> None:
+        """The starter (re)opens a job: its budget and output.bom/output.raw (what `crawler export` writes with)
+        are the ones given now; items failed for `retry` go back."""
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> None:
             if retry:
@@ -366,9 +379,9 @@ class PgJobStore:
                                    " detail = NULL WHERE job = %s AND status = 'failed' AND reason = ANY(%s)",
                                    (jid, list(retry)))
             await conn.execute(
-                "UPDATE crawler_jobs SET max_credits = %s, updated = now(), status = CASE WHEN EXISTS"
-                " (SELECT 1 FROM crawler_items WHERE job = %s AND status = 'pending') THEN 'running' ELSE status END"
-                " WHERE id = %s", (max_credits, jid, jid))
+                "UPDATE crawler_jobs SET max_credits = %s, bom = %s, raw = %s, updated = now(), status = CASE WHEN"
+                " EXISTS (SELECT 1 FROM crawler_items WHERE job = %s AND status = 'pending') THEN 'running'"
+                " ELSE status END WHERE id = %s", (max_credits, bom, raw, jid, jid))
 
         await self._run(run)
 
@@ -537,27 +550,29 @@ class PgJobStore:
 
         return await self._run(run)
 
-    async def held_by_live(self, jid: str) -> int:
-        """Pending items held by a worker that is alive (heartbeat within jobs.heartbeat_timeout)."""
+    async def held_by_live(self, jid: str, heartbeat_timeout: float | None = None) -> int:
+        """Pending items held by a worker that is alive (heartbeat within the job's jobs.heartbeat_timeout)."""
+        timeout = heartbeat_timeout or self.heartbeat_timeout
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> int:
             cur = await conn.execute(
                 "SELECT count(*) FROM crawler_items i JOIN crawler_workers w ON w.id = i.owner WHERE i.job = %s"
                 " AND i.status = 'pending' AND w.seen > now() - make_interval(secs => %s)",
-                (jid, self.heartbeat_timeout))
+                (jid, timeout))
             row = await cur.fetchone()
             return int(row[0]) if row else 0
 
         return await self._run(run)
 
-    async def orphans(self, jid: str, limit: int = 5000) -> list[int]:
+    async def orphans(self, jid: str, limit: int = 5000, heartbeat_timeout: float | None = None) -> list[int]:
         """Pending items no live worker holds (never taken, or their holder is gone), in input order."""
+        timeout = heartbeat_timeout or self.heartbeat_timeout
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> list[int]:
             cur = await conn.execute(
                 "SELECT i.seq FROM crawler_items i LEFT JOIN crawler_workers w ON w.id = i.owner"
                 " AND w.seen > now() - make_interval(secs => %s) WHERE i.job = %s AND i.status = 'pending'"
-                " AND w.id IS NULL ORDER BY i.seq LIMIT %s", (self.heartbeat_timeout, jid, limit))
+                " AND w.id IS NULL ORDER BY i.seq LIMIT %s", (timeout, jid, limit))
             return [int(r[0]) for r in await cur.fetchall()]
 
         return await self._run(run)

@@ -135,9 +135,11 @@ class JobWorker:
         self._commits: asyncio.Queue[_Pending | None] = asyncio.Queue(maxsize=self.parallelism * 2)
         self.result = SessionResult()
         self._finished = asyncio.Event()  # an item of this worker ended: the job may be complete
+        # The job's heartbeat timeout (its starter's), the same on every host: it decides when an item moves.
+        self.heartbeat_timeout = pg.heartbeat_timeout or store.heartbeat_timeout
         self.queue = itemqueue.ItemQueue(store.url, self.jid, concurrency=self.parallelism,
-                                         heartbeat_timeout=store.heartbeat_timeout,
-                                         poll=min(1.0, store.heartbeat_timeout / 4))
+                                         heartbeat_timeout=self.heartbeat_timeout,
+                                         poll=min(1.0, self.heartbeat_timeout / 4))
         self.client: Client
         self.users: UserDirectory
         self.page_sizes: PageSizes | None = None
@@ -233,7 +235,8 @@ class JobWorker:
             with contextlib.suppress(StoreLost):
                 await self.store.give_back(self.jid, self.session, self.budget.used)
                 await self.store.leave(self.worker_id)
-                await itemqueue.enqueue(self.store.url, self.jid, await self.store.orphans(self.jid))
+                await itemqueue.enqueue(self.store.url, self.jid,
+                                        await self.store.orphans(self.jid, heartbeat_timeout=self.heartbeat_timeout))
         return r
 
     async def _take_items(self) -> None:
@@ -363,7 +366,7 @@ class JobWorker:
     async def _monitor(self) -> None:
         """Heartbeat of this worker; stop taking items when none is left or the job stopped; every heartbeat
         timeout, put back on the queue the items a dead worker held whose queue entry is gone."""
-        every = min(max(self.store.heartbeat_timeout / 4, 0.05), 1.0)  # another worker may end the job
+        every = min(max(self.heartbeat_timeout / 4, 0.05), 1.0)  # another worker may end the job
         swept = time.monotonic()
         while True:
             try:
@@ -373,10 +376,12 @@ class JobWorker:
                 if pg is None or pg.status != "running" or progress.pending == 0:
                     self.queue.stop()
                     return
-                if time.monotonic() - swept >= self.store.heartbeat_timeout:
+                if time.monotonic() - swept >= self.heartbeat_timeout:
                     swept = time.monotonic()
                     await itemqueue.enqueue(self.store.url, self.jid,
-                                            [s for s in await self.store.orphans(self.jid) if s not in self._held])
+                                            [s for s in await self.store.orphans(
+                                                self.jid, heartbeat_timeout=self.heartbeat_timeout)
+                                             if s not in self._held])
             except StoreLost as exc:
                 self.request_stop(exc)
                 return
@@ -475,7 +480,9 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
             jid = job_id(job.command, options, digest)
             if restart:
                 await store.delete_job(jid)
-            created = await store.create_job(jid, job.command, options, _spooled(spool))
+            created = await store.create_job(jid, job.command, options, _spooled(spool),
+                                             heartbeat_timeout=settings.jobs_heartbeat_timeout,
+                                             bom=settings.output_bom, raw=settings.output_raw)
         finally:
             spool.unlink(missing_ok=True)
         # A new job never replaces a file it did not write (the input, someone's CSV) unless told to.
@@ -486,13 +493,13 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
         # Printed once the job exists (and stays): `crawler work --job ID` started on seeing it finds it.
         print(f"crawler: job {jid} ({masked(url)})", file=sys.stderr)
         retry = RETRIABLE_ALL if retry_failed == "all" else RETRIABLE if retry_failed else ()
-        await store.resume(jid, settings.max_credits, retry=retry)
+        await store.resume(jid, settings.max_credits, retry=retry, bom=settings.output_bom, raw=settings.output_raw)
         pg = await store.job(jid)
         assert pg is not None
         if pg.status == "done" and await asyncio.to_thread(out.exists) and not restart and not retry:
             return _summary(job, store, pg, await store.progress(jid), None, started, status="already complete",
                             result=SessionResult(), settings=settings, reason="nothing to do; --restart runs it again")
-        await itemqueue.enqueue(url, jid, await store.orphans(jid))
+        await itemqueue.enqueue(url, jid, await store.orphans(jid, heartbeat_timeout=pg.heartbeat_timeout))
         worker_id = await _register(store, settings, api_key, jid)
         stopper: list[JobWorker | None] = [None]
         stopped: list[CrawlerError] = []
@@ -514,7 +521,7 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
                 if progress.pending == 0:
                     break
                 if pg.status == "budget":
-                    if await store.held_by_live(jid) == 0:
+                    if await store.held_by_live(jid, pg.heartbeat_timeout) == 0:
                         error = BudgetExhausted("the job's --max-credits budget is spent")
                         break
                     await asyncio.sleep(0.2)
@@ -684,8 +691,10 @@ async def jobs_report(settings: Settings, *, url: str, as_json: bool = False) ->
     return "\n".join(lines) if lines else "no jobs"
 
 
-async def export_job(settings: Settings, *, url: str, jid: str, out: Path) -> int:
-    """`crawler export JOB -o OUT.csv`: a finished job's output again, byte for byte."""
+async def export_job(settings: Settings, *, url: str, jid: str, out: Path, bom: bool | None = None,
+                     raw: bool | None = None) -> int:
+    """`crawler export JOB -o OUT.csv`: a finished job's output again, byte for byte (the output.bom/output.raw
+    its starter wrote with, unless `bom`/`raw` are given: the --bom/--raw flags)."""
     async with _store(settings, url) as store:
         pg = await store.job(jid)
         if pg is None:
@@ -695,6 +704,8 @@ async def export_job(settings: Settings, *, url: str, jid: str, out: Path) -> in
             raise UsageError(f"export: job {pg.id} is not finished ({progress.pending:,} items pending): run"
                              " `crawler work --jobs-url URL` or its starting command to finish it")
         spec = COMMANDS[pg.command]
-        n = await export(store, pg.id, out, spec, bom=settings.output_bom, raw=settings.output_raw)
-        write_failures(failures_path(out), await store.failures(pg.id), raw=settings.output_raw)
+        bom = pg.bom if bom is None else bom
+        raw = pg.raw if raw is None else raw
+        n = await export(store, pg.id, out, spec, bom=bom, raw=raw)
+        write_failures(failures_path(out), await store.failures(pg.id), raw=raw)
         return n

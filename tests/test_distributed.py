@@ -156,9 +156,9 @@ def handles(root: Path, n: int, offset: int = 0) -> Path:
 
 
 def rows(path: Path) -> list[tuple[str, ...]]:
-    """The CONTRACT columns of every row (one header checked)."""
-    text = path.read_text(encoding="utf-8")
-    with path.open(encoding="utf-8", newline="") as fh:
+    """The CONTRACT columns of every row (one header checked; a BOM skipped)."""
+    text = path.read_text(encoding="utf-8-sig")
+    with path.open(encoding="utf-8-sig", newline="") as fh:
         found = [tuple(r[c] for c in KEY_COLUMNS) for r in csv.DictReader(fh)]
     assert text.count("video_id,source_handle") == 1
     return found
@@ -212,13 +212,14 @@ async def pg_value(schema: str, sql: str, *args: Any) -> Any:
 
 async def test_three_hosts_one_job_equal_a_single_host_run(hosts: Hosts, schema: str) -> None:
     """Starter + two `work` processes on 300 handles with faults: OUT.csv's rows are a single-host run's, once each;
-    every process worked items; `crawler jobs` counts what the simulator counted; `crawler export` is OUT.csv."""
+    every process worked items; `crawler jobs` counts what the simulator counted; `crawler export` is OUT.csv (its
+    BOM too, without --bom: the job keeps its starter's output.bom)."""
     src = handles(hosts.root, 300)
     url = pg_url(schema)
     async with simulator(hosts.key, fault_rate=0.1, faults=FAULTS) as sim:
         expected, _ = await single_host(hosts, src, sim, "--max-items", "30")
         before, billed_before = sim.stats.requests, sum(sim.stats.billed.values())
-        starter = await hosts.start("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", url,
+        starter = await hosts.start("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", url, "--bom",
                                                 *common(sim.url, "--max-items", "30")])
         jid = await hosts.job_id(starter)
         workers = [await hosts.start(f"w{n}", ["work", "--jobs-url", url, "--job", jid, "--until-idle",
@@ -247,6 +248,7 @@ async def test_three_hosts_one_job_equal_a_single_host_run(hosts: Hosts, schema:
     assert len(job["workers"]) == 3
     code, _, err = await hosts.run("export", ["export", jid, "-o", str(hosts.root / "again.csv"), "--jobs-url", url])
     assert code == 0, err
+    assert out.read_bytes().startswith("\ufeff".encode())
     assert (hosts.root / "again.csv").read_bytes() == out.read_bytes()
 
 
