@@ -91,3 +91,17 @@ async def test_budget_and_counters_run_twice_count_once(store: Replaying) -> Non
     assert (job.requests_sent, job.credits_billed, job.rows) == (16, 11, 1)  # s1's 12 sent + s2's 4 granted
     assert await store.grant("j2", "s3", 0, 16) == 4  # exactly the 4 given back
     assert await store.grant("j2", "s3", 4, 16) == 0
+
+
+async def test_every_worker_uses_the_jobs_heartbeat_timeout_not_its_hosts(store: Replaying) -> None:
+    """A job created with a 2 s heartbeat timeout, worked from a host whose jobs.heartbeat_timeout is 600 s: the
+    worker's queue and its sweep of dead workers' items use the job's 2 s."""
+    from crawler.config import Secret, Settings
+    from crawler.work import JobWorker
+
+    assert await store.create_job("j3", "posts", {}, ENTRIES, heartbeat_timeout=2.0)
+    pg = await store.job("j3")
+    assert pg is not None and pg.heartbeat_timeout == 2.0
+    store.heartbeat_timeout = 600.0
+    worker = JobWorker(store, pg, Settings(jobs_heartbeat_timeout=600.0), api_key=Secret("k"), worker_id="w")
+    assert worker.queue.heartbeat_timeout == 2.0 and worker.heartbeat_timeout == 2.0
