@@ -303,11 +303,13 @@ class PgJobStore:
                         self._down_since = now
                         log.warning("%s: lost (%s); retrying", self.where, type(exc).__name__)
                     if now - self._down_since >= self.stall_limit:
-                        raise StoreLost(f"{self.where} has not answered for {self.stall_limit:g} s (retry.stall_limit);"
-                                        " what was committed is kept: start PostgreSQL and run the same command"
-                                        " again") from None
+                        raise self._lost() from None
                     await asyncio.sleep(min(delay, max(self._down_since + self.stall_limit - now, 0.01)))
                     delay = min(delay * 2, 2.0)
+
+    def _lost(self) -> StoreLost:
+        return StoreLost(f"{self.where} has not answered for {self.stall_limit:g} s (retry.stall_limit); what was"
+                         " committed is kept: start PostgreSQL and run the same command again")
 
     # --- jobs ---
 
@@ -604,18 +606,46 @@ class PgJobStore:
         return await self._run(run)
 
     async def rows(self, jid: str, batch: int = 2000) -> AsyncIterator[list[Any]]:
-        """Every row's cells in a stable order (input order, then commit order), streamed."""
+        """Every row's cells in a stable order (input order, then commit order), streamed. A lost server is
+        retried until the stall limit (then StoreLost): the stream goes on after the rows already given."""
         import psycopg
 
-        # A separate connection: the export streams through a server-side cursor while nothing else runs.
-        async with await psycopg.AsyncConnection.connect(self.url) as conn, conn.cursor(name="crawler_export") as cur:
-            await cur.execute("SELECT cells FROM crawler_rows WHERE job = %s ORDER BY seq, n", (jid,))
-            while True:
-                chunk = await cur.fetchmany(batch)
-                if not chunk:
-                    break
-                for (cells,) in chunk:
-                    yield list(json.loads(cells))
+        given = 0
+        delay = 0.1
+        down: float | None = None
+        while True:
+            try:
+                # A separate connection: the export streams through a server-side cursor while nothing else runs.
+                conn = await psycopg.AsyncConnection.connect(
+                    self.url, application_name="crawler-export",
+                    **connect_kwargs(self.heartbeat_timeout, self._connect_timeout))
+                try:
+                    async with conn.cursor(name="crawler_export") as cur:
+                        # (seq, n) is unique: the order is the same every time, so OFFSET skips exactly those given.
+                        await cur.execute("SELECT cells FROM crawler_rows WHERE job = %s ORDER BY seq, n OFFSET %s",
+                                          (jid, given))
+                        while True:
+                            chunk = await cur.fetchmany(batch)
+                            down, delay = None, 0.1
+                            if not chunk:
+                                return
+                            for (cells,) in chunk:
+                                yield list(json.loads(cells))
+                                given += 1
+                finally:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(conn.close(), 2.0)
+            except Exception as exc:
+                if not _is_connection_error(exc):
+                    raise
+                now = time.monotonic()
+                if down is None:
+                    down = now
+                    log.warning("%s: lost during the export (%s); retrying", self.where, type(exc).__name__)
+                if now - down >= self.stall_limit:
+                    raise self._lost() from None
+                await asyncio.sleep(min(delay, max(down + self.stall_limit - now, 0.01)))
+                delay = min(delay * 2, 2.0)
 
     # --- workers ---
 

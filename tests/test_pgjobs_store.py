@@ -6,6 +6,7 @@ connection): `Replaying` runs every transaction twice, as that retry does, to sh
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -105,3 +106,35 @@ async def test_every_worker_uses_the_jobs_heartbeat_timeout_not_its_hosts(store:
     store.heartbeat_timeout = 600.0
     worker = JobWorker(store, pg, Settings(jobs_heartbeat_timeout=600.0), api_key=Secret("k"), worker_id="w")
     assert worker.queue.heartbeat_timeout == 2.0 and worker.heartbeat_timeout == 2.0
+
+
+async def test_an_export_goes_on_after_a_postgresql_blip_and_a_loss_is_store_lost(store: Replaying) -> None:
+    """The connections cut mid-export: the row stream goes on after the rows already given (each once, in order);
+    PostgreSQL gone past the stall limit: StoreLost (the one-line exit 1), not a driver error."""
+    from crawler.pgjobs import StoreLost
+    from tests.test_distributed import Proxy
+
+    assert await store.create_job("j4", "posts", {}, ENTRIES)
+    taken = await store.take("j4", 1, "w")
+    assert taken is not None
+    rows = [(f"r{i:02}", json.dumps([f"r{i:02}"])) for i in range(10)]
+    p = PageCommit(1, taken.version, rows, ItemUpdate(1, "done", rows=10, pages=1))
+    await store.commit("j4", "s", [p], 1, 1)
+    assert p.committed
+    schema_url = store.url.replace("127.0.0.1:5432", "127.0.0.1:{port}")
+    async with Proxy() as proxy, PgJobStore(schema_url.format(port=proxy.port), stall_limit=30,
+                                            heartbeat_timeout=2) as through:
+        got = []
+        async for values in through.rows("j4", batch=3):
+            got.append(values[0])
+            if len(got) == 4:
+                proxy.cut()  # every connection dropped; new ones refused until up again
+                proxy.up = True
+        assert got == [rid for rid, _ in rows]
+        gone = PgJobStore(schema_url.format(port=proxy.port), stall_limit=0.5, heartbeat_timeout=2)
+        seen = 0
+        with pytest.raises(StoreLost, match="has not answered"):
+            async for _ in gone.rows("j4", batch=3):
+                seen += 1
+                proxy.cut()  # and stays down
+    assert seen == 3
