@@ -500,6 +500,37 @@ async def test_postgresql_cut_mid_run_workers_wait_and_lose_nothing(hosts: Hosts
     assert len(got) == len(set(got)) and set(got) == set(expected)
 
 
+async def test_two_postgresql_outages_further_apart_than_the_stall_limit_each_get_the_whole_limit(
+        hosts: Hosts, schema: str) -> None:
+    """Two short outages (each well within retry.stall_limit = 5 s), the second more than the stall limit after the
+    first: the run waits out both and finishes with a single-host run's rows (the first outage's clock is reset
+    once the queue runs again)."""
+    src = handles(hosts.root, 160, offset=1700)
+    opts = ("--max-items", "60", "--page-size", "10")  # ~20 s of requests at 40 a second: both outages fall in it
+    async with simulator(hosts.key) as sim, Proxy() as proxy:
+        expected, _ = await single_host(hosts, src, sim, *opts)
+        url = pg_url(schema, proxy.port)
+        starter = await hosts.start("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", url,
+                                                *common(sim.url, *opts)], stall_limit=5)
+        await hosts.job_id(starter)
+        mark = sim.stats.requests + 40
+        await until(lambda: sim.stats.requests >= mark, "under way")
+        for n in range(2):
+            proxy.cut()
+            await asyncio.sleep(1.5)  # the outage itself (not a synchronisation)
+            proxy.up = True
+            mark = sim.stats.requests + 40
+            await until(lambda m=mark: sim.stats.requests >= m or starter.returncode is not None,  # type: ignore[misc]
+                        "going again")
+            if n == 0:
+                await asyncio.sleep(5)  # the gap between the outages: longer than the stall limit
+        assert starter.returncode is None, "the job outlasted both outages"
+        code, err = await hosts.finish(starter)
+    assert code == SINGLE_CODE[src], err[-800:]
+    got = rows(hosts.root / "starter" / "out.csv")
+    assert len(got) == len(set(got)) and set(got) == set(expected)
+
+
 async def test_postgresql_lost_for_good_ends_the_run_with_one_line(hosts: Hosts, schema: str) -> None:
     """PostgreSQL gone past retry.stall_limit: the starter exits 1 with one line naming jobs.url."""
     src = handles(hosts.root, 80, offset=900)
