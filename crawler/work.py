@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from crawler import endpoints as ep
-from crawler import itemqueue
+from crawler import itemqueue, killpoints
 from crawler.client import Client
 from crawler.commands import COMMANDS, CommandSpec
 from crawler.config import Secret, Settings, masked
@@ -492,6 +492,7 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
                              " --overwrite to replace it")
         # Printed once the job exists (and stays): `crawler work --job ID` started on seeing it finds it.
         print(f"crawler: job {jid} ({masked(url)})", file=sys.stderr)
+        killpoints.reached("job_printed")
         retry = RETRIABLE_ALL if retry_failed == "all" else RETRIABLE if retry_failed else ()
         await store.resume(jid, settings.max_credits, retry=retry, bom=settings.output_bom, raw=settings.output_raw)
         pg = await store.job(jid)

@@ -268,6 +268,22 @@ async def test_an_unreachable_jobs_url_is_exit_2_before_any_request(hosts: Hosts
     assert sim.stats.requests == 0
 
 
+async def test_the_job_id_is_printed_once_the_job_exists(hosts: Hosts, schema: str) -> None:
+    """The starter frozen the moment it prints the job id: the job is already in PostgreSQL, so `crawler work --job
+    ID` started on seeing the line finds it."""
+    src = handles(hosts.root, 5, offset=1900)
+    async with simulator(hosts.key) as sim:
+        starter = await hosts.start("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", pg_url(schema),
+                                                *common(sim.url)], extra_env={"CRAWLER_TEST_STOP_AT": "job_printed:1"})
+        jid = await hosts.job_id(starter)
+        await until(lambda: _stopped(starter.pid), "the starter frozen after printing")
+        exists = await pg_value(schema, "SELECT count(*) FROM crawler_items WHERE job = %s", jid)
+        starter.send_signal(signal.SIGCONT)
+        code, err = await hosts.finish(starter)
+    assert exists == 5
+    assert code in (0, 3), err[-800:]
+
+
 async def test_ten_sigkills_of_random_workers_lose_and_duplicate_nothing(hosts: Hosts, schema: str) -> None:
     """Ten SIGKILLs of random `work` processes at random moments, each restarted: rows exact, none twice, the killed
     workers' items finish, and the simulator saw at most a single-host run's requests plus kills × parallelism."""
