@@ -168,6 +168,7 @@ class PageCommit:
     walks: Sequence[WalkUpdate] = ()
     token: str = ""
     committed: bool = False  # set when the commit held
+    new_version: int = 0  # the item's version after the commit (the one this worker holds from then on)
     inserted: int = 0  # rows new to the item (the others were committed before: ON CONFLICT DO NOTHING)
 
 
@@ -427,7 +428,7 @@ class PgJobStore:
 
     async def commit(self, jid: str, session: str, pages: Sequence[PageCommit], sent: int, billed: int) -> None:
         """Commit pages in one transaction: each only if its item is still at the version held (`committed`, the
-        item's new version in `version`), its rows new to the item (`inserted`), and this worker session's
+        item's new version in `new_version`), its rows new to the item (`inserted`), and this worker session's
         requests/credits so far (absolute: a transaction run again after a lost COMMIT reply counts nothing twice)."""
         for page in pages:
             page.token = secrets.token_hex(8)
@@ -451,7 +452,7 @@ class PgJobStore:
                     for p in pages:
                         p.committed = tokens.get(p.seq) == p.token
                         if p.committed:
-                            p.version = int(versions[p.seq])
+                            p.new_version = int(versions[p.seq])
                     return
             rows_total = 0
             for page in pages:
@@ -490,7 +491,7 @@ class PgJobStore:
                      page.seq))
                 bumped = await cur.fetchone()
                 assert bumped is not None
-                page.version = int(bumped[0])
+                page.new_version = int(bumped[0])
                 page.committed = True
             await conn.execute(
                 "INSERT INTO crawler_sessions AS s (job, session, requests_sent, credits_billed, rows)"

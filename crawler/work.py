@@ -359,7 +359,7 @@ class JobWorker:
         for page in pages:
             if page.committed:
                 if page.seq in self._held:
-                    self._held[page.seq] = page.version
+                    self._held[page.seq] = page.new_version
                 self.result.rows += page.inserted
         return pages
 

@@ -23,11 +23,21 @@ ENTRIES = [("alice", "alice", None, None), ("bob", "bob", None, None)]
 
 
 class Replaying(PgJobStore):
-    """Every transaction run twice, the second as `_run`'s retry after a COMMIT whose reply was lost."""
+    """Every transaction run twice, the second as `_run`'s retry after a COMMIT whose reply was lost (`replay`:
+    the first held; `roll_back_first`: the first was rolled back, as when the connection died before COMMIT)."""
 
     replay = False
+    roll_back_first = False
 
     async def _run(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+        if self.roll_back_first:
+            self.roll_back_first = False
+            conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+            try:
+                async with conn.transaction(force_rollback=True):
+                    await fn(conn)
+            finally:
+                await conn.close()
         first = await super()._run(fn)
         return await super()._run(fn) if self.replay else first
 
@@ -138,3 +148,18 @@ async def test_an_export_goes_on_after_a_postgresql_blip_and_a_loss_is_store_los
                 seen += 1
                 proxy.cut()  # and stays down
     assert seen == 3
+
+
+async def test_a_commit_tried_again_after_a_try_that_did_not_hold_commits(store: Replaying) -> None:
+    """The first try of a commit rolled back (the connection died before COMMIT): the retry commits the page, and
+    the worker's next page (at the version the retry gave) commits too."""
+    assert await store.create_job("j5", "posts", {}, ENTRIES)
+    taken = await store.take("j5", 1, "w")
+    assert taken is not None
+    store.roll_back_first = True
+    first = page(1, taken.version, "a")
+    await store.commit("j5", "s", [first], 1, 1)
+    assert first.committed
+    second = page(1, first.new_version, "b")
+    await store.commit("j5", "s", [second], 2, 2)
+    assert second.committed
