@@ -541,7 +541,9 @@ def cmd_export(args: argparse.Namespace, argv: Sequence[str]) -> int:
     settings = settings_from(args)
     if not args.output.endswith(".csv"):
         raise UsageError(f"--output {args.output}: the output must be a .csv file")
-    n = asyncio.run(export_job(settings, url=_jobs_url(settings, "export"), jid=args.job, out=Path(args.output)))
+    # The job's own output.bom/output.raw (its starter's) unless --bom/--raw are given here.
+    n = asyncio.run(export_job(settings, url=_jobs_url(settings, "export"), jid=args.job, out=Path(args.output),
+                               bom=getattr(args, "output.bom", None), raw=getattr(args, "output.raw", None)))
     print(f"crawler: wrote {n:,} rows to {args.output}", file=sys.stderr)
     return 0
 

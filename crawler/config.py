@@ -85,9 +85,11 @@ class Settings:
 
 
 def masked(text: str) -> str:
-    """Text with the credentials of any URL in it (``scheme://user:password@``) replaced by ***; a user name
-    alone (``scheme://user@``) is no secret and stays, so a printed command still runs."""
-    return re.sub(r"://[^/@\s]*:[^/@\s]*@", "://***@", text)
+    """Text with the credentials of any URL in it (``scheme://user:password@``) replaced by ***, and the value of
+    any ``password=`` parameter (``?password=...``, which libpq and redis accept, or a ``key=value`` conninfo);
+    a user name alone (``scheme://user@``, ``user=``) is no secret and stays, so a printed command still runs."""
+    text = re.sub(r"://[^/@\s]*:[^/@\s]*@", "://***@", text)
+    return re.sub(r"(?i)(?<![\w.-])(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s]*)", r"\1***", text)
 
 
 def _bool(v: Any) -> bool:

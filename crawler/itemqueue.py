@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from crawler.config import masked
 from crawler.errors import UsageError
-from crawler.pgjobs import _INSTALL_LOCK
+from crawler.pgjobs import _INSTALL_LOCK, bound_session, connect_kwargs
 
 if TYPE_CHECKING:
     import psycopg
@@ -40,11 +40,18 @@ def dedupe_key(jid: str, seq: int) -> str:
     return f"{jid}:{seq}"
 
 
-async def _connect(url: str) -> psycopg.AsyncConnection[Any]:
+async def _connect(url: str, heartbeat_timeout: float = 30.0) -> psycopg.AsyncConnection[Any]:
     import psycopg
 
-    # pgqueuer's psycopg driver needs an autocommit connection.
-    return await psycopg.AsyncConnection.connect(url, autocommit=True, application_name="crawler-queue")
+    # pgqueuer's psycopg driver needs an autocommit connection; keepalives and lock bounds as the store's.
+    conn = await psycopg.AsyncConnection.connect(url, autocommit=True, application_name="crawler-queue",
+                                                 **connect_kwargs(heartbeat_timeout, 5.0))
+    try:
+        await bound_session(conn, heartbeat_timeout)
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
 
 
 async def install(url: str) -> None:
@@ -121,6 +128,7 @@ class ItemQueue:
         self.poll = poll
         self._qm: Any = None
         self._stopping = False
+        self.ran = False  # set once `run()` is connected and taking items (the caller's outage clock resets)
 
     def stop(self) -> None:
         """Take no more items; `run()` returns once the items in hand are done."""
@@ -137,11 +145,11 @@ class ItemQueue:
         if self._stopping:
             return
         try:
-            conn = await _connect(self.url)
+            conn = await _connect(self.url, self.heartbeat_timeout)
         except Exception as exc:
             raise UsageError(f"jobs.url = {masked(self.url)}: {type(exc).__name__}") from exc
         try:
-            conn2 = await _connect(self.url)
+            conn2 = await _connect(self.url, self.heartbeat_timeout)
         except BaseException:
             await conn.close()
             raise
@@ -155,6 +163,7 @@ class ItemQueue:
 
             if self._stopping:
                 return
+            self.ran = True
             # batch_size 1: an item waits in the queue, not in a worker that is busy with another one.
             await qm.run(dequeue_timeout=timedelta(seconds=self.poll), batch_size=1,
                          max_concurrent_tasks=self.concurrency,

@@ -2,7 +2,10 @@
 
 Points: `fetched` (a page is in memory, not yet handed to the sink), `written` (rows are in the
 `.part` file, not yet fsynced), `fsynced` (the file is durable, the state not yet updated),
-`committing` (inside the state transaction, before COMMIT). Unset, a call costs one comparison.
+`committing` (inside the state transaction, before COMMIT), `granting` (inside a PostgreSQL job's budget
+transaction, holding the job row's lock), `job_printed` (a PostgreSQL job's id just printed).
+`CRAWLER_TEST_STOP_AT=point:n` SIGSTOPs the process there instead (a frozen worker: it holds what it holds
+until someone ends it). Unset, a call costs one comparison.
 """
 
 from __future__ import annotations
@@ -14,11 +17,18 @@ _SPEC = os.environ.get("CRAWLER_TEST_KILL_AT", "")
 _POINT, _, _N = _SPEC.partition(":")
 _TARGET = int(_N) if _N.isdigit() else 0
 _seen = 0
+_STOP_POINT, _, _STOP_N = os.environ.get("CRAWLER_TEST_STOP_AT", "").partition(":")
+_STOP_TARGET = int(_STOP_N) if _STOP_N.isdigit() else 0
+_stop_seen = 0
 
 
 def reached(point: str) -> None:
-    """Die here (SIGKILL, no cleanup) if this is the configured point's n-th arrival."""
-    global _seen
+    """Die here (SIGKILL, no cleanup) if this is the configured point's n-th arrival (or freeze: SIGSTOP)."""
+    global _seen, _stop_seen
+    if point == _STOP_POINT:
+        _stop_seen += 1
+        if _stop_seen == _STOP_TARGET:
+            os.kill(os.getpid(), signal.SIGSTOP)
     if point != _POINT:
         return
     _seen += 1

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from crawler import killpoints
 from crawler.config import masked
 from crawler.errors import RunStopped, UsageError
 from crawler.state import ItemUpdate, Progress, WalkUpdate
@@ -44,6 +45,10 @@ CREATE TABLE IF NOT EXISTS crawler_jobs (
     created TIMESTAMPTZ NOT NULL DEFAULT now(),
     updated TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+-- The starter's settings every worker of the job uses (a worker's own config never changes them).
+ALTER TABLE crawler_jobs ADD COLUMN IF NOT EXISTS heartbeat_timeout DOUBLE PRECISION;  -- jobs.heartbeat_timeout
+ALTER TABLE crawler_jobs ADD COLUMN IF NOT EXISTS bom BOOLEAN NOT NULL DEFAULT false;   -- output.bom
+ALTER TABLE crawler_jobs ADD COLUMN IF NOT EXISTS raw BOOLEAN NOT NULL DEFAULT false;   -- output.raw
 CREATE TABLE IF NOT EXISTS crawler_items (
     job TEXT NOT NULL REFERENCES crawler_jobs(id) ON DELETE CASCADE,
     seq INTEGER NOT NULL,
@@ -54,7 +59,7 @@ CREATE TABLE IF NOT EXISTS crawler_items (
     rows INTEGER NOT NULL DEFAULT 0,
     pages INTEGER NOT NULL DEFAULT 0,
     reason TEXT, endpoint TEXT, detail TEXT,
-    version INTEGER NOT NULL DEFAULT 0,        -- bumped by every take and every commit
+    version BIGINT NOT NULL DEFAULT 0,         -- crawler_version's next value at every take and every commit
     owner TEXT,                                -- the worker that took it last
     token TEXT,                                -- the last commit's token (an unknown COMMIT outcome is checked)
     PRIMARY KEY (job, seq)
@@ -75,6 +80,21 @@ CREATE TABLE IF NOT EXISTS crawler_rows (
     cells TEXT NOT NULL,                      -- JSON array of the row's values (types kept for the cell rules)
     PRIMARY KEY (job, seq, rid),
     FOREIGN KEY (job, seq) REFERENCES crawler_items (job, seq) ON DELETE CASCADE
+);
+-- Versions come from one sequence for every job: a job run again (--restart) never hands out a version a
+-- worker of its earlier run may still hold, so that worker's late page cannot commit into the new job.
+CREATE SEQUENCE IF NOT EXISTS crawler_version AS BIGINT;
+-- A worker's counters on a job, one row per worker session (summed for the job): a commit touches only its own
+-- row (never one row every worker waits on), with absolute values, so a retried transaction writes nothing twice.
+CREATE TABLE IF NOT EXISTS crawler_sessions (
+    job TEXT NOT NULL REFERENCES crawler_jobs(id) ON DELETE CASCADE,
+    session TEXT NOT NULL,                     -- worker id:random, one per JobWorker
+    reserved BIGINT NOT NULL DEFAULT 0,        -- requests of the budget granted to this session (unsent ones
+                                               -- handed back at a clean end)
+    requests_sent BIGINT NOT NULL DEFAULT 0,
+    credits_billed BIGINT NOT NULL DEFAULT 0,
+    rows BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (job, session)
 );
 CREATE TABLE IF NOT EXISTS crawler_workers (
     id TEXT PRIMARY KEY,                       -- host:pid:random
@@ -118,6 +138,9 @@ class PgJob:
     credits_billed: int
     rows: int
     created: float
+    heartbeat_timeout: float | None = None  # the starter's jobs.heartbeat_timeout (None: a job from before)
+    bom: bool = False  # the starter's output.bom
+    raw: bool = False  # the starter's output.raw
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +168,7 @@ class PageCommit:
     walks: Sequence[WalkUpdate] = ()
     token: str = ""
     committed: bool = False  # set when the commit held
+    new_version: int = 0  # the item's version after the commit (the one this worker holds from then on)
     inserted: int = 0  # rows new to the item (the others were committed before: ON CONFLICT DO NOTHING)
 
 
@@ -162,9 +186,28 @@ class WorkerInfo:
 
 
 def _is_connection_error(exc: BaseException) -> bool:
+    """A lost server, or a lock not granted within lock_timeout (a frozen worker holds it): retried."""
     import psycopg
 
-    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError, OSError))
+    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError, OSError,
+                            psycopg.errors.IdleInTransactionSessionTimeout))
+
+
+def connect_kwargs(heartbeat_timeout: float, connect_timeout: float) -> dict[str, Any]:
+    """libpq parameters of every connection of a worker: TCP keepalives so a peer gone silent (a cut network,
+    a frozen host) is found dead within about the heartbeat timeout, and a connect timeout."""
+    every = max(1, round(heartbeat_timeout / 3))
+    return {"connect_timeout": max(1, round(connect_timeout)), "keepalives": 1, "keepalives_idle": every,
+            "keepalives_interval": every, "keepalives_count": 3}
+
+
+async def bound_session(conn: psycopg.AsyncConnection[Any], heartbeat_timeout: float) -> None:
+    """A frozen worker (SIGSTOP, a swapped-out VM) must not hold a lock others wait on for longer than the
+    heartbeat timeout: the server ends its session once it sits idle in a transaction that long, and a statement
+    waiting for a lock gives up after it (LockNotAvailable, retried like a lost connection)."""
+    ms = max(1000, round(heartbeat_timeout * 1000))
+    await conn.execute(f"SET idle_in_transaction_session_timeout = {ms}")
+    await conn.execute(f"SET lock_timeout = {ms}")
 
 
 class PgJobStore:
@@ -212,9 +255,15 @@ class PgJobStore:
     async def _connect(self) -> None:
         import psycopg
 
-        self._conn = await psycopg.AsyncConnection.connect(
-            self.url, autocommit=True, connect_timeout=max(1, round(self._connect_timeout)),
-            application_name="crawler")
+        conn = await psycopg.AsyncConnection.connect(
+            self.url, autocommit=True, application_name="crawler",
+            **connect_kwargs(self.heartbeat_timeout, self._connect_timeout))
+        try:
+            await bound_session(conn, self.heartbeat_timeout)
+        except BaseException:
+            await conn.close()
+            raise
+        self._conn = conn
 
     async def aclose(self) -> None:
         """Close the connection (idempotent)."""
@@ -255,22 +304,26 @@ class PgJobStore:
                         self._down_since = now
                         log.warning("%s: lost (%s); retrying", self.where, type(exc).__name__)
                     if now - self._down_since >= self.stall_limit:
-                        raise StoreLost(f"{self.where} has not answered for {self.stall_limit:g} s (retry.stall_limit);"
-                                        " what was committed is kept: start PostgreSQL and run the same command"
-                                        " again") from None
+                        raise self._lost() from None
                     await asyncio.sleep(min(delay, max(self._down_since + self.stall_limit - now, 0.01)))
                     delay = min(delay * 2, 2.0)
+
+    def _lost(self) -> StoreLost:
+        return StoreLost(f"{self.where} has not answered for {self.stall_limit:g} s (retry.stall_limit); what was"
+                         " committed is kept: start PostgreSQL and run the same command again")
 
     # --- jobs ---
 
     async def create_job(self, jid: str, command: str, options: dict[str, Any],
-                         entries: Iterable[tuple[str, str, str | None, str | None]]) -> bool:
+                         entries: Iterable[tuple[str, str, str | None, str | None]], *,
+                         heartbeat_timeout: float | None = None, bom: bool = False, raw: bool = False) -> bool:
         """Create the job with its items (one transaction: a job is never seen half-read); False if it exists."""
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> bool:
             cur = await conn.execute(
-                "INSERT INTO crawler_jobs (id, command, options) VALUES (%s, %s, %s) ON CONFLICT (id) DO NOTHING",
-                (jid, command, json.dumps(options, sort_keys=True)))
+                "INSERT INTO crawler_jobs (id, command, options, heartbeat_timeout, bom, raw)"
+                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+                (jid, command, json.dumps(options, sort_keys=True), heartbeat_timeout, bom, raw))
             if cur.rowcount == 0:
                 return False
             await conn.execute("CREATE TEMP TABLE crawler_incoming (pos SERIAL, key TEXT, raw TEXT, reason TEXT,"
@@ -305,15 +358,23 @@ class PgJobStore:
     async def _jobs(self, where: str, args: tuple[Any, ...]) -> list[PgJob]:
         async def run(conn: psycopg.AsyncConnection[Any]) -> list[PgJob]:
             cur = await conn.execute(
-                "SELECT id, command, options, status, max_credits, GREATEST(requests_sent, reserved), credits_billed,"
-                f" rows, extract(epoch FROM created) FROM crawler_jobs {where} ORDER BY created, id", args)
-            return [PgJob(r[0], r[1], json.loads(r[2]), r[3], r[4], int(r[5]), int(r[6]), int(r[7]), float(r[8]))
+                "SELECT id, command, options, status, max_credits, GREATEST(j.requests_sent + COALESCE(s.sent, 0),"
+                " j.reserved + COALESCE(s.reserved, 0)), j.credits_billed + COALESCE(s.billed, 0),"
+                " j.rows + COALESCE(s.rows, 0), extract(epoch FROM created), heartbeat_timeout, bom, raw"
+                " FROM crawler_jobs j LEFT JOIN"
+                " (SELECT job, sum(requests_sent) AS sent, sum(reserved) AS reserved, sum(credits_billed) AS billed,"
+                " sum(rows) AS rows FROM crawler_sessions GROUP BY job) s ON s.job = j.id"
+                f" {where} ORDER BY created, id", args)
+            return [PgJob(r[0], r[1], json.loads(r[2]), r[3], r[4], int(r[5]), int(r[6]), int(r[7]), float(r[8]),
+                          None if r[9] is None else float(r[9]), bool(r[10]), bool(r[11]))
                     for r in await cur.fetchall()]
 
         return await self._run(run)
 
-    async def resume(self, jid: str, max_credits: int | None, *, retry: Sequence[str] = ()) -> None:
-        """The starter (re)opens a job: its budget is the one given now; items failed for `retry` go back."""
+    async def resume(self, jid: str, max_credits: int | None, *, retry: Sequence[str] = (), bom: bool = False,
+                     raw: bool = False) -> None:
+        """The starter (re)opens a job: its budget and output.bom/output.raw (what `crawler export` writes with)
+        are the ones given now; items failed for `retry` go back."""
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> None:
             if retry:
@@ -321,9 +382,9 @@ class PgJobStore:
                                    " detail = NULL WHERE job = %s AND status = 'failed' AND reason = ANY(%s)",
                                    (jid, list(retry)))
             await conn.execute(
-                "UPDATE crawler_jobs SET max_credits = %s, updated = now(), status = CASE WHEN EXISTS"
-                " (SELECT 1 FROM crawler_items WHERE job = %s AND status = 'pending') THEN 'running' ELSE status END"
-                " WHERE id = %s", (max_credits, jid, jid))
+                "UPDATE crawler_jobs SET max_credits = %s, bom = %s, raw = %s, updated = now(), status = CASE WHEN"
+                " EXISTS (SELECT 1 FROM crawler_items WHERE job = %s AND status = 'pending') THEN 'running'"
+                " ELSE status END WHERE id = %s", (max_credits, bom, raw, jid, jid))
 
         await self._run(run)
 
@@ -352,7 +413,7 @@ class PgJobStore:
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> Taken | None:
             cur = await conn.execute(
-                "UPDATE crawler_items SET version = version + 1, owner = %s WHERE job = %s AND seq = %s"
+                "UPDATE crawler_items SET version = nextval('crawler_version'), owner = %s WHERE job = %s AND seq = %s"
                 " AND status = 'pending' RETURNING key, raw, cursor, rows, pages, version", (owner, jid, seq))
             row = await cur.fetchone()
             if row is None:
@@ -365,9 +426,10 @@ class PgJobStore:
 
         return await self._run(run)
 
-    async def commit(self, jid: str, pages: Sequence[PageCommit], sent: int, billed: int) -> None:
-        """Commit pages in one transaction: each only if its item is still at the version held (`committed`),
-        its rows new to the item (`inserted`), and this worker's requests/credits since its last commit."""
+    async def commit(self, jid: str, session: str, pages: Sequence[PageCommit], sent: int, billed: int) -> None:
+        """Commit pages in one transaction: each only if its item is still at the version held (`committed`, the
+        item's new version in `new_version`), its rows new to the item (`inserted`), and this worker session's
+        requests/credits so far (absolute: a transaction run again after a lost COMMIT reply counts nothing twice)."""
         for page in pages:
             page.token = secrets.token_hex(8)
 
@@ -383,8 +445,14 @@ class PgJobStore:
                                          (jid, [p.seq for p in pages]))
                 tokens = dict(await cur.fetchall())
                 if any(tokens.get(p.seq) == p.token for p in pages):
+                    cur = await conn.execute("SELECT seq, version FROM crawler_items WHERE job = %s AND seq = ANY(%s)"
+                                             " AND token = ANY(%s)", (jid, [p.seq for p in pages],
+                                                                      [p.token for p in pages]))
+                    versions = dict(await cur.fetchall())
                     for p in pages:
                         p.committed = tokens.get(p.seq) == p.token
+                        if p.committed:
+                            p.new_version = int(versions[p.seq])
                     return
             rows_total = 0
             for page in pages:
@@ -414,42 +482,63 @@ class PgJobStore:
                         (jid, w.seq, w.comment_id, w.status, None if w.cursor is None else json.dumps(w.cursor),
                          walk_rows if w is page.walks[0] else 0, w.pages, w.reason, w.endpoint, w.detail))
                 u = page.update
-                await conn.execute(
+                cur = await conn.execute(
                     "UPDATE crawler_items SET status = %s, cursor = CASE WHEN %s = 'failed' THEN cursor ELSE %s END,"
                     " rows = rows + %s, pages = pages + %s, reason = %s, endpoint = %s, detail = %s,"
-                    " version = version + 1, token = %s WHERE job = %s AND seq = %s",
+                    " version = nextval('crawler_version'), token = %s WHERE job = %s AND seq = %s RETURNING version",
                     (u.status, u.status, None if u.cursor is None else json.dumps(u.cursor),
                      page.inserted if u.rows else 0, u.pages, u.reason, u.endpoint, u.detail, page.token, jid,
                      page.seq))
+                bumped = await cur.fetchone()
+                assert bumped is not None
+                page.new_version = int(bumped[0])
                 page.committed = True
-            await conn.execute("UPDATE crawler_jobs SET requests_sent = requests_sent + %s, credits_billed ="
-                               " credits_billed + %s, rows = rows + %s, updated = now() WHERE id = %s",
-                               (sent, billed, rows_total, jid))
+            await conn.execute(
+                "INSERT INTO crawler_sessions AS s (job, session, requests_sent, credits_billed, rows)"
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (job, session) DO UPDATE SET requests_sent ="
+                " GREATEST(s.requests_sent, excluded.requests_sent), credits_billed = GREATEST(s.credits_billed,"
+                " excluded.credits_billed), rows = s.rows + excluded.rows", (jid, session, sent, billed, rows_total))
 
         await self._run(run)
 
-    async def grant(self, jid: str, want: int) -> int:
-        """Reserve up to `want` requests of the job's budget before sending them; how many were granted."""
+    async def grant(self, jid: str, session: str, have: int, want: int) -> int:
+        """Reserve up to `want` more requests of the job's budget for a session already granted `have`, before
+        sending them; how many were granted. Idempotent: run again after a lost COMMIT reply, it finds the
+        session's grant already above `have` and hands that back instead of reserving twice."""
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> int:
+            # The job row is the budget's lock (a short transaction; a frozen holder is ended by the server).
             cur = await conn.execute("SELECT max_credits, reserved FROM crawler_jobs WHERE id = %s FOR UPDATE", (jid,))
             row = await cur.fetchone()
             assert row is not None
-            n = want if row[0] is None else max(0, min(want, int(row[0]) - int(row[1])))
+            cur = await conn.execute("SELECT reserved FROM crawler_sessions WHERE job = %s AND session = %s",
+                                     (jid, session))
+            mine = await cur.fetchone()
+            if mine is not None and int(mine[0]) > have:
+                return int(mine[0]) - have
+            killpoints.reached("granting")
+            n = want
+            if row[0] is not None:
+                cur = await conn.execute("SELECT COALESCE(sum(reserved), 0) FROM crawler_sessions WHERE job = %s",
+                                         (jid,))
+                total = await cur.fetchone()
+                assert total is not None
+                n = max(0, min(want, int(row[0]) - int(row[1]) - int(total[0])))
             if n:
-                await conn.execute("UPDATE crawler_jobs SET reserved = reserved + %s WHERE id = %s", (n, jid))
+                await conn.execute(
+                    "INSERT INTO crawler_sessions (job, session, reserved) VALUES (%s, %s, %s)"
+                    " ON CONFLICT (job, session) DO UPDATE SET reserved = excluded.reserved", (jid, session, have + n))
             return n
 
         return await self._run(run)
 
-    async def give_back(self, jid: str, unused: int) -> None:
-        """A worker ends cleanly: requests it was granted but never sent go back to the budget."""
-        if unused <= 0:
-            return
+    async def give_back(self, jid: str, session: str, used: int) -> None:
+        """A session ends cleanly: of the requests it was granted, only the `used` ones stay spent (absolute, so
+        run twice it gives back nothing more)."""
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> None:
-            await conn.execute("UPDATE crawler_jobs SET reserved = GREATEST(reserved - %s, 0) WHERE id = %s",
-                               (unused, jid))
+            await conn.execute("UPDATE crawler_sessions SET reserved = LEAST(reserved, %s) WHERE job = %s"
+                               " AND session = %s", (used, jid, session))
 
         await self._run(run)
 
@@ -464,27 +553,29 @@ class PgJobStore:
 
         return await self._run(run)
 
-    async def held_by_live(self, jid: str) -> int:
-        """Pending items held by a worker that is alive (heartbeat within jobs.heartbeat_timeout)."""
+    async def held_by_live(self, jid: str, heartbeat_timeout: float | None = None) -> int:
+        """Pending items held by a worker that is alive (heartbeat within the job's jobs.heartbeat_timeout)."""
+        timeout = heartbeat_timeout or self.heartbeat_timeout
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> int:
             cur = await conn.execute(
                 "SELECT count(*) FROM crawler_items i JOIN crawler_workers w ON w.id = i.owner WHERE i.job = %s"
                 " AND i.status = 'pending' AND w.seen > now() - make_interval(secs => %s)",
-                (jid, self.heartbeat_timeout))
+                (jid, timeout))
             row = await cur.fetchone()
             return int(row[0]) if row else 0
 
         return await self._run(run)
 
-    async def orphans(self, jid: str, limit: int = 5000) -> list[int]:
+    async def orphans(self, jid: str, limit: int = 5000, heartbeat_timeout: float | None = None) -> list[int]:
         """Pending items no live worker holds (never taken, or their holder is gone), in input order."""
+        timeout = heartbeat_timeout or self.heartbeat_timeout
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> list[int]:
             cur = await conn.execute(
                 "SELECT i.seq FROM crawler_items i LEFT JOIN crawler_workers w ON w.id = i.owner"
                 " AND w.seen > now() - make_interval(secs => %s) WHERE i.job = %s AND i.status = 'pending'"
-                " AND w.id IS NULL ORDER BY i.seq LIMIT %s", (self.heartbeat_timeout, jid, limit))
+                " AND w.id IS NULL ORDER BY i.seq LIMIT %s", (timeout, jid, limit))
             return [int(r[0]) for r in await cur.fetchall()]
 
         return await self._run(run)
@@ -516,18 +607,46 @@ class PgJobStore:
         return await self._run(run)
 
     async def rows(self, jid: str, batch: int = 2000) -> AsyncIterator[list[Any]]:
-        """Every row's cells in a stable order (input order, then commit order), streamed."""
+        """Every row's cells in a stable order (input order, then commit order), streamed. A lost server is
+        retried until the stall limit (then StoreLost): the stream goes on after the rows already given."""
         import psycopg
 
-        # A separate connection: the export streams through a server-side cursor while nothing else runs.
-        async with await psycopg.AsyncConnection.connect(self.url) as conn, conn.cursor(name="crawler_export") as cur:
-            await cur.execute("SELECT cells FROM crawler_rows WHERE job = %s ORDER BY seq, n", (jid,))
-            while True:
-                chunk = await cur.fetchmany(batch)
-                if not chunk:
-                    break
-                for (cells,) in chunk:
-                    yield list(json.loads(cells))
+        given = 0
+        delay = 0.1
+        down: float | None = None
+        while True:
+            try:
+                # A separate connection: the export streams through a server-side cursor while nothing else runs.
+                conn = await psycopg.AsyncConnection.connect(
+                    self.url, application_name="crawler-export",
+                    **connect_kwargs(self.heartbeat_timeout, self._connect_timeout))
+                try:
+                    async with conn.cursor(name="crawler_export") as cur:
+                        # (seq, n) is unique: the order is the same every time, so OFFSET skips exactly those given.
+                        await cur.execute("SELECT cells FROM crawler_rows WHERE job = %s ORDER BY seq, n OFFSET %s",
+                                          (jid, given))
+                        while True:
+                            chunk = await cur.fetchmany(batch)
+                            down, delay = None, 0.1
+                            if not chunk:
+                                return
+                            for (cells,) in chunk:
+                                yield list(json.loads(cells))
+                                given += 1
+                finally:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(conn.close(), 2.0)
+            except Exception as exc:
+                if not _is_connection_error(exc):
+                    raise
+                now = time.monotonic()
+                if down is None:
+                    down = now
+                    log.warning("%s: lost during the export (%s); retrying", self.where, type(exc).__name__)
+                if now - down >= self.stall_limit:
+                    raise self._lost() from None
+                await asyncio.sleep(min(delay, max(down + self.stall_limit - now, 0.01)))
+                delay = min(delay * 2, 2.0)
 
     # --- workers ---
 

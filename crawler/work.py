@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from crawler import endpoints as ep
-from crawler import itemqueue
+from crawler import itemqueue, killpoints
 from crawler.client import Client
 from crawler.commands import COMMANDS, CommandSpec
 from crawler.config import Secret, Settings, masked
@@ -68,9 +68,10 @@ def job_options(pg: PgJob) -> JobOptions:
 class Budget:
     """The job's --max-credits budget, drawn from PostgreSQL a lease at a time before requests leave."""
 
-    def __init__(self, store: PgJobStore, jid: str, lease: int) -> None:
+    def __init__(self, store: PgJobStore, jid: str, session: str, lease: int) -> None:
         self.store = store
         self.jid = jid
+        self.session = session
         self.lease = lease
         self.granted = 0
         self.used = 0
@@ -80,7 +81,7 @@ class Budget:
         """Called by the client before each request; BudgetExhausted when the job's budget is spent."""
         async with self._lock:
             if self.used >= self.granted:
-                got = await self.store.grant(self.jid, self.lease)
+                got = await self.store.grant(self.jid, self.session, self.granted, self.lease)
                 if got == 0:
                     await self.store.set_status(self.jid, "budget", when="running")
                     raise BudgetExhausted("the job's --max-credits budget is spent")
@@ -123,6 +124,7 @@ class JobWorker:
         self.settings = settings
         self._key = api_key
         self.worker_id = worker_id
+        self.session = f"{worker_id}:{os.urandom(3).hex()}"  # this worker's counters on this job (crawler_sessions)
         self.parallelism = settings.parallelism or 8
         self._keyed = self.spec.list_kind in ep.OFFSET_KINDS
         self._held: dict[int, int] = {}  # seq -> the item's version this worker holds
@@ -131,16 +133,17 @@ class JobWorker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._tg: asyncio.TaskGroup | None = None
         self._commits: asyncio.Queue[_Pending | None] = asyncio.Queue(maxsize=self.parallelism * 2)
-        self._committed = (0, 0)  # this worker's requests/credits already added to the job's counters
         self.result = SessionResult()
         self._finished = asyncio.Event()  # an item of this worker ended: the job may be complete
+        # The job's heartbeat timeout (its starter's), the same on every host: it decides when an item moves.
+        self.heartbeat_timeout = pg.heartbeat_timeout or store.heartbeat_timeout
         self.queue = itemqueue.ItemQueue(store.url, self.jid, concurrency=self.parallelism,
-                                         heartbeat_timeout=store.heartbeat_timeout,
-                                         poll=min(1.0, store.heartbeat_timeout / 4))
+                                         heartbeat_timeout=self.heartbeat_timeout,
+                                         poll=min(1.0, self.heartbeat_timeout / 4))
         self.client: Client
         self.users: UserDirectory
         self.page_sizes: PageSizes | None = None
-        self.budget = Budget(store, self.jid, max(1, min(self.parallelism, LEASE_MAX)))
+        self.budget = Budget(store, self.jid, self.session, max(1, min(self.parallelism, LEASE_MAX)))
 
     # -- CrawlContext --
 
@@ -166,13 +169,13 @@ class JobWorker:
         job = self.job
         limit = job.max_items if count_rows else None
         remaining = None if limit is None else max(limit - item.rows, 0)
-        cap = job.max_pages or self.settings.max_pages
+        cap = job.max_pages  # the job's own options only: a worker's config never changes the job's output
         pages_left = None if cap is None else max(cap - item.pages, 0)
         if remaining == 0 or pages_left == 0:
             yield Step([])
             return
         pages = self.client.pages(kind, params, source=item.source, cursor=item.cursor,
-                                  page_size=job.page_size or self.settings.page_size,
+                                  page_size=job.page_size,
                                   max_pages=pages_left, max_items=remaining, sizes=self.page_sizes)
         async with aclosing(pages) as walk:
             async for page in walk:
@@ -230,9 +233,10 @@ class JobWorker:
         r.held = sorted(self._held)
         if not isinstance(self._stop_error, StoreLost):
             with contextlib.suppress(StoreLost):
-                await self.store.give_back(self.jid, self.budget.granted - self.budget.used)
+                await self.store.give_back(self.jid, self.session, self.budget.used)
                 await self.store.leave(self.worker_id)
-                await itemqueue.enqueue(self.store.url, self.jid, await self.store.orphans(self.jid))
+                await itemqueue.enqueue(self.store.url, self.jid,
+                                        await self.store.orphans(self.jid, heartbeat_timeout=self.heartbeat_timeout))
         return r
 
     async def _take_items(self) -> None:
@@ -240,6 +244,7 @@ class JobWorker:
         down: float | None = None
         delay = 0.1
         while self._stop_error is None:
+            self.queue.ran = False
             try:
                 await self.queue.run(self._on_item)
                 return
@@ -247,6 +252,8 @@ class JobWorker:
                 if self._stop_error is not None:
                     return
                 now = time.monotonic()
+                if self.queue.ran:  # it ran again since the last failure: a new outage, with its own stall limit
+                    down, delay = None, 0.1
                 down = down or now
                 log.warning("the job queue (%s) failed: %s; retrying", self.store.where, type(exc).__name__)
                 if now - down >= self.settings.retry_stall_limit:
@@ -300,7 +307,7 @@ class JobWorker:
         async with aclosing(self.spec.handler(self, item)) as steps:
             async for step in steps:
                 update = step_update(step, item.seq, endpoint=self.spec.endpoint,
-                                     max_pages=self.job.max_pages or self.settings.max_pages)
+                                     max_pages=self.job.max_pages)
                 await self._submit(Batch(step.rows, update, keyed=self._keyed, walks=step.walks))
 
     async def _submit(self, batch: Batch) -> None:
@@ -347,20 +354,19 @@ class JobWorker:
             rows = [(str(getattr(r, r.COLUMNS[0])), json.dumps(r.values(), ensure_ascii=False)) for r in b.rows]
             pages.append(PageCommit(seq, self._held.get(seq, -1), rows, b.update, b.walks))
         c = self.client.counters
-        # Taken before the commit: requests answered while it runs go into the next one, never lost between.
-        now = (c.requests_sent, c.credits_billed)
-        await self.store.commit(self.jid, pages, now[0] - self._committed[0], now[1] - self._committed[1])
-        self._committed = now
+        # This session's totals so far (taken before the commit: requests answered while it runs go into the next).
+        await self.store.commit(self.jid, self.session, pages, c.requests_sent, c.credits_billed)
         for page in pages:
             if page.committed:
-                self._held[page.seq] = self._held.get(page.seq, 0) + 1
+                if page.seq in self._held:
+                    self._held[page.seq] = page.new_version
                 self.result.rows += page.inserted
         return pages
 
     async def _monitor(self) -> None:
         """Heartbeat of this worker; stop taking items when none is left or the job stopped; every heartbeat
         timeout, put back on the queue the items a dead worker held whose queue entry is gone."""
-        every = min(max(self.store.heartbeat_timeout / 4, 0.05), 1.0)  # another worker may end the job
+        every = min(max(self.heartbeat_timeout / 4, 0.05), 1.0)  # another worker may end the job
         swept = time.monotonic()
         while True:
             try:
@@ -370,10 +376,12 @@ class JobWorker:
                 if pg is None or pg.status != "running" or progress.pending == 0:
                     self.queue.stop()
                     return
-                if time.monotonic() - swept >= self.store.heartbeat_timeout:
+                if time.monotonic() - swept >= self.heartbeat_timeout:
                     swept = time.monotonic()
                     await itemqueue.enqueue(self.store.url, self.jid,
-                                            [s for s in await self.store.orphans(self.jid) if s not in self._held])
+                                            [s for s in await self.store.orphans(
+                                                self.jid, heartbeat_timeout=self.heartbeat_timeout)
+                                             if s not in self._held])
             except StoreLost as exc:
                 self.request_stop(exc)
                 return
@@ -470,10 +478,11 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
         spool, digest = _spool(job, spec)
         try:
             jid = job_id(job.command, options, digest)
-            print(f"crawler: job {jid} ({masked(url)})", file=sys.stderr)
             if restart:
                 await store.delete_job(jid)
-            created = await store.create_job(jid, job.command, options, _spooled(spool))
+            created = await store.create_job(jid, job.command, options, _spooled(spool),
+                                             heartbeat_timeout=settings.jobs_heartbeat_timeout,
+                                             bom=settings.output_bom, raw=settings.output_raw)
         finally:
             spool.unlink(missing_ok=True)
         # A new job never replaces a file it did not write (the input, someone's CSV) unless told to.
@@ -481,14 +490,17 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
             await store.delete_job(jid)
             raise UsageError(f"--output {out} exists and is not this job's output: choose another output, or add"
                              " --overwrite to replace it")
+        # Printed once the job exists (and stays): `crawler work --job ID` started on seeing it finds it.
+        print(f"crawler: job {jid} ({masked(url)})", file=sys.stderr)
+        killpoints.reached("job_printed")
         retry = RETRIABLE_ALL if retry_failed == "all" else RETRIABLE if retry_failed else ()
-        await store.resume(jid, settings.max_credits, retry=retry)
+        await store.resume(jid, settings.max_credits, retry=retry, bom=settings.output_bom, raw=settings.output_raw)
         pg = await store.job(jid)
         assert pg is not None
         if pg.status == "done" and await asyncio.to_thread(out.exists) and not restart and not retry:
             return _summary(job, store, pg, await store.progress(jid), None, started, status="already complete",
                             result=SessionResult(), settings=settings, reason="nothing to do; --restart runs it again")
-        await itemqueue.enqueue(url, jid, await store.orphans(jid))
+        await itemqueue.enqueue(url, jid, await store.orphans(jid, heartbeat_timeout=pg.heartbeat_timeout))
         worker_id = await _register(store, settings, api_key, jid)
         stopper: list[JobWorker | None] = [None]
         stopped: list[CrawlerError] = []
@@ -510,7 +522,7 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
                 if progress.pending == 0:
                     break
                 if pg.status == "budget":
-                    if await store.held_by_live(jid) == 0:
+                    if await store.held_by_live(jid, pg.heartbeat_timeout) == 0:
                         error = BudgetExhausted("the job's --max-credits budget is spent")
                         break
                     await asyncio.sleep(0.2)
@@ -680,8 +692,10 @@ async def jobs_report(settings: Settings, *, url: str, as_json: bool = False) ->
     return "\n".join(lines) if lines else "no jobs"
 
 
-async def export_job(settings: Settings, *, url: str, jid: str, out: Path) -> int:
-    """`crawler export JOB -o OUT.csv`: a finished job's output again, byte for byte."""
+async def export_job(settings: Settings, *, url: str, jid: str, out: Path, bom: bool | None = None,
+                     raw: bool | None = None) -> int:
+    """`crawler export JOB -o OUT.csv`: a finished job's output again, byte for byte (the output.bom/output.raw
+    its starter wrote with, unless `bom`/`raw` are given: the --bom/--raw flags)."""
     async with _store(settings, url) as store:
         pg = await store.job(jid)
         if pg is None:
@@ -691,6 +705,8 @@ async def export_job(settings: Settings, *, url: str, jid: str, out: Path) -> in
             raise UsageError(f"export: job {pg.id} is not finished ({progress.pending:,} items pending): run"
                              " `crawler work --jobs-url URL` or its starting command to finish it")
         spec = COMMANDS[pg.command]
-        n = await export(store, pg.id, out, spec, bom=settings.output_bom, raw=settings.output_raw)
-        write_failures(failures_path(out), await store.failures(pg.id), raw=settings.output_raw)
+        bom = pg.bom if bom is None else bom
+        raw = pg.raw if raw is None else raw
+        n = await export(store, pg.id, out, spec, bom=bom, raw=raw)
+        write_failures(failures_path(out), await store.failures(pg.id), raw=raw)
         return n

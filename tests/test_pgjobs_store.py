@@ -1,0 +1,165 @@
+"""The PostgreSQL job store's transactions on a real server: a job run again, and transactions run again.
+
+A transaction whose COMMIT held but whose reply was lost is run again by the store (`_run` retries a lost
+connection): `Replaying` runs every transaction twice, as that retry does, to show each one idempotent.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import psycopg
+import pytest
+
+from crawler.pgjobs import PageCommit, PgJobStore
+from crawler.state import ItemUpdate
+
+PG = "postgresql://postgres@127.0.0.1:5432/test"
+T = TypeVar("T")
+ENTRIES = [("alice", "alice", None, None), ("bob", "bob", None, None)]
+
+
+class Replaying(PgJobStore):
+    """Every transaction run twice, the second as `_run`'s retry after a COMMIT whose reply was lost (`replay`:
+    the first held; `roll_back_first`: the first was rolled back, as when the connection died before COMMIT)."""
+
+    replay = False
+    roll_back_first = False
+
+    async def _run(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+        if self.roll_back_first:
+            self.roll_back_first = False
+            conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+            try:
+                async with conn.transaction(force_rollback=True):
+                    await fn(conn)
+            finally:
+                await conn.close()
+        first = await super()._run(fn)
+        return await super()._run(fn) if self.replay else first
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[Replaying]:
+    name = f"crawler_s_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {name}")
+    try:
+        async with Replaying(f"{PG}?options=-csearch_path%3D{name}", stall_limit=10, heartbeat_timeout=2) as s:
+            yield s
+    finally:
+        with psycopg.connect(PG, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {name} CASCADE")
+
+
+def page(seq: int, version: int, cursor: str) -> PageCommit:
+    return PageCommit(seq, version, [(f"v-{cursor}", '["x"]')], ItemUpdate(seq, "pending", cursor={"c": cursor},
+                                                                            rows=1, pages=1))
+
+
+async def test_a_late_page_of_a_job_run_before_restart_does_not_commit_into_the_new_run(store: Replaying) -> None:
+    """A worker holds item 1 of job J; J is run again (--restart: deleted, created anew) and item 1 taken by a new
+    worker; the old worker's late page is refused and the item keeps the new worker's cursor."""
+    assert await store.create_job("j1", "posts", {}, ENTRIES)
+    old = await store.take("j1", 1, "old")
+    assert old is not None
+    await store.delete_job("j1")
+    assert await store.create_job("j1", "posts", {}, ENTRIES)
+    new = await store.take("j1", 1, "new")
+    assert new is not None
+    late = page(1, old.version, "old")
+    await store.commit("j1", "old-session", [late], 1, 1)
+    assert not late.committed
+    mine = page(1, new.version, "new")
+    await store.commit("j1", "new-session", [mine], 1, 1)
+    assert mine.committed
+    again = await store.take("j1", 1, "next")
+    assert again is not None and again.cursor == {"c": "new"} and again.rows == 1
+
+
+async def test_budget_and_counters_run_twice_count_once(store: Replaying) -> None:
+    """grant, give_back and commit each run twice (a lost COMMIT reply): the job's budget and counters are as if
+    each ran once, so --max-credits holds and `crawler jobs` equals what was sent."""
+    assert await store.create_job("j2", "posts", {}, ENTRIES)
+    await store.resume("j2", 20)
+    taken = await store.take("j2", 1, "w")
+    assert taken is not None
+    store.replay = True
+    assert await store.grant("j2", "s1", 0, 16) == 16
+    assert await store.grant("j2", "s2", 0, 16) == 4  # the rest of the 20
+    assert await store.grant("j2", "s2", 4, 16) == 0
+    p = page(1, taken.version, "a")
+    await store.commit("j2", "s1", [p], 10, 9)  # s1 sent 10 requests, 9 billed
+    assert p.committed
+    await store.commit("j2", "s1", [], 12, 11)  # and 2 more after its last page
+    await store.give_back("j2", "s1", 12)  # of 16 granted, 12 used: 4 back
+    store.replay = False
+    job = await store.job("j2")
+    assert job is not None
+    assert (job.requests_sent, job.credits_billed, job.rows) == (16, 11, 1)  # s1's 12 sent + s2's 4 granted
+    assert await store.grant("j2", "s3", 0, 16) == 4  # exactly the 4 given back
+    assert await store.grant("j2", "s3", 4, 16) == 0
+
+
+async def test_every_worker_uses_the_jobs_heartbeat_timeout_not_its_hosts(store: Replaying) -> None:
+    """A job created with a 2 s heartbeat timeout, worked from a host whose jobs.heartbeat_timeout is 600 s: the
+    worker's queue and its sweep of dead workers' items use the job's 2 s."""
+    from crawler.config import Secret, Settings
+    from crawler.work import JobWorker
+
+    assert await store.create_job("j3", "posts", {}, ENTRIES, heartbeat_timeout=2.0)
+    pg = await store.job("j3")
+    assert pg is not None and pg.heartbeat_timeout == 2.0
+    store.heartbeat_timeout = 600.0
+    worker = JobWorker(store, pg, Settings(jobs_heartbeat_timeout=600.0), api_key=Secret("k"), worker_id="w")
+    assert worker.queue.heartbeat_timeout == 2.0 and worker.heartbeat_timeout == 2.0
+
+
+async def test_an_export_goes_on_after_a_postgresql_blip_and_a_loss_is_store_lost(store: Replaying) -> None:
+    """The connections cut mid-export: the row stream goes on after the rows already given (each once, in order);
+    PostgreSQL gone past the stall limit: StoreLost (the one-line exit 1), not a driver error."""
+    from crawler.pgjobs import StoreLost
+    from tests.test_distributed import Proxy
+
+    assert await store.create_job("j4", "posts", {}, ENTRIES)
+    taken = await store.take("j4", 1, "w")
+    assert taken is not None
+    rows = [(f"r{i:02}", json.dumps([f"r{i:02}"])) for i in range(10)]
+    p = PageCommit(1, taken.version, rows, ItemUpdate(1, "done", rows=10, pages=1))
+    await store.commit("j4", "s", [p], 1, 1)
+    assert p.committed
+    schema_url = store.url.replace("127.0.0.1:5432", "127.0.0.1:{port}")
+    async with Proxy() as proxy, PgJobStore(schema_url.format(port=proxy.port), stall_limit=30,
+                                            heartbeat_timeout=2) as through:
+        got = []
+        async for values in through.rows("j4", batch=3):
+            got.append(values[0])
+            if len(got) == 4:
+                proxy.cut()  # every connection dropped; new ones refused until up again
+                proxy.up = True
+        assert got == [rid for rid, _ in rows]
+        gone = PgJobStore(schema_url.format(port=proxy.port), stall_limit=0.5, heartbeat_timeout=2)
+        seen = 0
+        with pytest.raises(StoreLost, match="has not answered"):
+            async for _ in gone.rows("j4", batch=3):
+                seen += 1
+                proxy.cut()  # and stays down
+    assert seen == 3
+
+
+async def test_a_commit_tried_again_after_a_try_that_did_not_hold_commits(store: Replaying) -> None:
+    """The first try of a commit rolled back (the connection died before COMMIT): the retry commits the page, and
+    the worker's next page (at the version the retry gave) commits too."""
+    assert await store.create_job("j5", "posts", {}, ENTRIES)
+    taken = await store.take("j5", 1, "w")
+    assert taken is not None
+    store.roll_back_first = True
+    first = page(1, taken.version, "a")
+    await store.commit("j5", "s", [first], 1, 1)
+    assert first.committed
+    second = page(1, first.new_version, "b")
+    await store.commit("j5", "s", [second], 2, 2)
+    assert second.committed
