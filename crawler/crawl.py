@@ -12,7 +12,6 @@ import contextlib
 import math
 import signal
 import time
-from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,6 @@ from crawler.errors import BudgetExhausted, CrawlerError, Interrupted, ItemFaile
 from crawler.job import (
     JobOptions,
     Prepared,
-    Step,
     WorkItem,
     check_output,
     failures_path,
@@ -36,7 +34,7 @@ from crawler.job import (
     prepare,
     state_path,
 )
-from crawler.jobstore import step_update
+from crawler.jobstore import ItemWalker, step_update
 from crawler.outcome import Outcome, RunFacts, outcome
 from crawler.pagesizes import PageSizes
 from crawler.sinks import Batch, CsvSink, write_failures
@@ -47,7 +45,7 @@ MAX_AUTO_WORKERS = 64
 LEASE_MAX = 16  # requests a kill may leave reserved but unsent (they count as spent)
 
 
-class Crawl:
+class Crawl(ItemWalker):
     """One run of one job. Build it, then `await crawl.run()` (inside `job_lock`)."""
 
     def __init__(
@@ -99,39 +97,9 @@ class Crawl:
 
     # -- helpers used by handlers --
 
-    def learn(self, profile: ep.Profile) -> None:
-        """Remember a profile's id and counts in the data directory."""
-        self.users.learn(profile.handle, profile.user_id, videos=profile.videos, followers=profile.followers,
-                         following=profile.following, private=profile.private)
-
-    async def resolve_user(self, item: WorkItem) -> str:
-        """The user id of an item: given, known from the data directory, or one `/userid/` call."""
-        if item.user_id:
-            return item.user_id
-        known = self.users.user_id(item.key)
-        if known:
-            return known
-        uid = await self.client.user_id(item.key)
-        self.users.learn(item.key, uid)
-        return uid
-
-    async def walk(self, kind: str, params: Mapping[str, str | int], item: WorkItem, *,
-                   count_rows: bool = True) -> AsyncGenerator[Step, None]:
-        """Walk a list from the item's committed cursor, one Step per page (--max-items only if `count_rows`)."""
-        job = self.job
-        limit = job.max_items if count_rows else None
-        remaining = None if limit is None else max(limit - item.rows, 0)
-        cap = job.max_pages or self.settings.max_pages
-        pages_left = None if cap is None else max(cap - item.pages, 0)
-        if remaining == 0 or pages_left == 0:
-            yield Step([])
-            return
-        pages = self.client.pages(kind, params, source=item.source, cursor=item.cursor,
-                                  page_size=job.page_size or self.settings.page_size,
-                                  max_pages=pages_left, max_items=remaining, sizes=self.page_sizes)
-        async with aclosing(pages) as walk:
-            async for page in walk:
-                yield Step(page.items, page.next_cursor, page.last, page.stop, capped=page.capped)
+    def limits(self) -> tuple[int | None, int | None]:
+        """(--max-pages, page size): the job's options, else the settings'."""
+        return self.job.max_pages or self.settings.max_pages, self.job.page_size or self.settings.page_size
 
     def reply_walks(self, item: WorkItem) -> list[tuple[str, ep.Cursor | None, int]]:
         """The item's reply walks still to do: (comment_id, cursor, pages so far)."""

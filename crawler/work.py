@@ -19,7 +19,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,8 +40,8 @@ from crawler.errors import (
     rank,
 )
 from crawler.inputs import input_items
-from crawler.job import JobOptions, Step, WorkItem, failures_path
-from crawler.jobstore import step_update
+from crawler.job import JobOptions, WorkItem, failures_path
+from crawler.jobstore import ItemWalker, step_update
 from crawler.ledger import ledger_name
 from crawler.outcome import Outcome
 from crawler.pagesizes import PageSizes
@@ -111,7 +111,7 @@ class SessionResult:
     held: list[int] = field(default_factory=list)
 
 
-class JobWorker:
+class JobWorker(ItemWalker):
     """One worker process on one PostgreSQL job: the `CrawlContext` handlers see, over the queue and the store."""
 
     def __init__(self, store: PgJobStore, pg: PgJob, settings: Settings, *, api_key: Secret, worker_id: str,
@@ -145,41 +145,7 @@ class JobWorker:
         self.page_sizes: PageSizes | None = None
         self.budget = Budget(store, self.jid, self.session, max(1, min(self.parallelism, LEASE_MAX)))
 
-    # -- CrawlContext --
-
-    def learn(self, profile: ep.Profile) -> None:
-        """Remember a profile's id and counts in this host's data directory."""
-        self.users.learn(profile.handle, profile.user_id, videos=profile.videos, followers=profile.followers,
-                         following=profile.following, private=profile.private)
-
-    async def resolve_user(self, item: WorkItem) -> str:
-        """The user id of an item: given, known from the data directory, or one `/userid/` call."""
-        if item.user_id:
-            return item.user_id
-        known = self.users.user_id(item.key)
-        if known:
-            return known
-        uid = await self.client.user_id(item.key)
-        self.users.learn(item.key, uid)
-        return uid
-
-    async def walk(self, kind: str, params: Mapping[str, str | int], item: WorkItem, *,
-                   count_rows: bool = True) -> AsyncGenerator[Step, None]:
-        """Walk a list from the item's committed cursor, one Step per page (as `Crawl.walk`)."""
-        job = self.job
-        limit = job.max_items if count_rows else None
-        remaining = None if limit is None else max(limit - item.rows, 0)
-        cap = job.max_pages  # the job's own options only: a worker's config never changes the job's output
-        pages_left = None if cap is None else max(cap - item.pages, 0)
-        if remaining == 0 or pages_left == 0:
-            yield Step([])
-            return
-        pages = self.client.pages(kind, params, source=item.source, cursor=item.cursor,
-                                  page_size=job.page_size,
-                                  max_pages=pages_left, max_items=remaining, sizes=self.page_sizes)
-        async with aclosing(pages) as walk:
-            async for page in walk:
-                yield Step(page.items, page.next_cursor, page.last, page.stop, capped=page.capped)
+    # -- CrawlContext (learn, resolve_user and walk come from ItemWalker) --
 
     def reply_walks(self, item: WorkItem) -> list[tuple[str, ep.Cursor | None, int]]:
         """The item's reply walks still to do, as read when the item was taken."""
