@@ -398,15 +398,19 @@ def _report(outcome: Outcome, quiet: bool, argv: Sequence[str], *, max_credits: 
                   f"{_failure_hint(outcome.summary.failures, argv)}", file=sys.stderr)
         return
     if isinstance(err, BudgetExhausted) and max_credits is not None:
-        spent = outcome.summary.requests_sent
-        raised = max(spent, max_credits) + max(max_credits, 1)
-        print(f"crawler: --max-credits {max_credits:,} reached (the job has sent {spent:,} requests, "
-              f"{outcome.summary.credits_billed:,} billed); to go on, raise the cap: "
-              f"{_resume_hint(argv, max_credits=raised)}", file=sys.stderr)
+        print(_budget_line(max_credits, outcome.summary.requests_sent, outcome.summary.credits_billed, argv),
+              file=sys.stderr)
         return
     resumable = isinstance(err, Interrupted) or err.exit_code == 4 or getattr(err, "resumable", False)
     hint = f"; resume with: {_resume_hint(argv)}" if resumable else ""
     print(f"crawler: {err}{hint}", file=sys.stderr)
+
+
+def _budget_line(max_credits: int, spent: int, billed: int, argv: Sequence[str]) -> str:
+    """A job's --max-credits stop: the same command would stop again at once, so print one with a higher cap."""
+    raised = max(spent, max_credits) + max(max_credits, 1)
+    return (f"crawler: --max-credits {max_credits:,} reached (the job has sent {spent:,} requests, {billed:,}"
+            f" billed); to go on, raise the cap: {_resume_hint(argv, max_credits=raised)}")
 
 
 def _failure_hint(failures: dict[str, int], argv: Sequence[str]) -> str:
@@ -756,6 +760,9 @@ def cmd_download(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if outcome.summary.failed:
             print(f"crawler: {outcome.summary.failed:,} posts failed; see {outcome.summary.failures_file}"
                   " (re-run with --retry-failed to try them again)", file=sys.stderr)
+    elif isinstance(err, BudgetExhausted) and settings.max_credits is not None:  # the cap spans the job's runs
+        print(_budget_line(settings.max_credits, outcome.summary.requests_sent, outcome.summary.credits_billed,
+                           argv), file=sys.stderr)
     else:
         resumable = isinstance(err, Interrupted) or err.exit_code == 4
         hint = f"; resume with: {_resume_hint(argv)}" if resumable else ""

@@ -13,6 +13,7 @@ import csv
 import errno
 import os
 import random
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -197,6 +198,12 @@ async def test_expired_urls_are_renewed_once_each(simulator: SimFactory, tmp_pat
                                    "-q", "--max-credits", "6"], sim, tmp_path)
         assert code == 4, err
         assert sim.stats.by_endpoint["/post-detail"] - details == 6
+        # The printed command raises the cap (the same command would stop again at once): it makes progress.
+        printed = shlex.split(err.strip().splitlines()[-1].split("raise the cap: ", 1)[1])
+        assert printed[0] == "crawler" and "--max-credits" in printed, err
+        code, err = await crawler(printed[1:], sim, tmp_path)
+        assert code in (0, 4), err
+        assert sim.stats.by_endpoint["/post-detail"] - details > 6
         code, err = await crawler(["download", "posts.csv", "-o", "media", "--what", "video", "--config", "fast.toml",
                                    "-q"], sim, tmp_path)
         assert code == 0, err
