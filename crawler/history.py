@@ -381,7 +381,7 @@ class HistoryStore:
         return {str(v) for (v,) in self._in("SELECT video_id FROM posts WHERE video_id IN ({})", video_ids)}
 
     def put_posts(self, day: dt.date, user_id: str, posts: Iterable[Post]) -> None:
-        """`record_posts` inside the caller's transaction."""
+        """Remember posts (the first day seen is kept on conflict), inside the caller's transaction."""
         rows = [(p.video_id, user_id, p.create_time, day.isoformat()) for p in posts]
         if not rows:
             return
@@ -470,28 +470,6 @@ class HistoryStore:
             chunk = list(values[start:start + 500])
             out.extend(self._rows(sql.format(", ".join("?" * len(chunk))), (*params, *chunk)))
         return out
-
-    def newest_post_time(self, user_id: str, before: dt.date) -> int | None:
-        """create_time of the newest post of a user first stored before ``before`` (the incremental stop)."""
-        rows = self._rows("SELECT MAX(create_time) FROM posts WHERE user_id = ? AND first_day < ?",
-                          (user_id, before.isoformat()))
-        value = rows[0][0] if rows else None
-        return None if value is None else int(value)
-
-    def record_posts(self, day: dt.date, user_id: str, posts: Iterable[Post]) -> None:
-        """Remember posts (first day seen is kept on conflict)."""
-        rows = [(p.video_id, user_id, p.create_time, day.isoformat()) for p in posts]
-        if not rows:
-            return
-        sql = self._sql("INSERT INTO posts (video_id, user_id, create_time, first_day) VALUES (?, ?, ?, ?)"
-                        " ON CONFLICT (video_id) DO NOTHING")
-        if self.postgres:
-            with self._db.cursor() as cur:
-                cur.executemany(sql, rows)
-        else:
-            self._begin()
-            self._db.executemany(sql, rows)
-            self._commit()
 
     def bulk_snapshots(self, rows: Iterable[tuple[Any, ...]]) -> int:
         """Load snapshot rows (SNAPSHOT_COLUMNS order) fast: COPY on PostgreSQL, one transaction on SQLite."""

@@ -50,7 +50,7 @@ from crawler.inputs import input_items
 from crawler.job import JobOptions
 from crawler.outcome import Outcome
 from crawler.pagesizes import PageSizes
-from crawler.sinks import cell, fsync_dir, write_failures
+from crawler.sinks import cell, drain, fsync_dir, write_failures
 from crawler.state import RETRIABLE, RETRIABLE_ALL, StateStore, UserDirectory
 from crawler.stats import ProgressReporter, Snapshot, Summary
 
@@ -469,13 +469,7 @@ class Ingest:
         while True:
             first = await self._queue.get()
             group = [] if first is None else [first]
-            end = first is None
-            while not end and not self._queue.empty():
-                nxt = self._queue.get_nowait()
-                if nxt is None:
-                    end = True
-                else:
-                    group.append(nxt)
+            end = first is None or drain(self._queue, group)
             if group:
                 try:
                     await self._commit(group)

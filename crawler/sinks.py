@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiocsv import AsyncWriter
 
@@ -74,6 +74,20 @@ class Batch:
     keyed: bool = False  # rows of an offset-paginated walk: drop those the item already committed
     walks: Sequence[WalkUpdate] = ()  # reply walks this batch registers or advances
     ack: asyncio.Future[None] | None = field(default=None, repr=False)
+
+
+T = TypeVar("T")
+
+
+def drain(queue: asyncio.Queue[T | None], group: list[T], limit: int = 1024) -> bool:
+    """Move what waits in ``queue`` into ``group`` (a group commit, at most ``limit``); True when the end marker
+    (None) was among it."""
+    while not queue.empty() and len(group) < limit:
+        nxt = queue.get_nowait()
+        if nxt is None:
+            return True
+        group.append(nxt)
+    return False
 
 
 class CsvSink:
@@ -159,25 +173,16 @@ class CsvSink:
             first = await self.queue.get()
             await self.flowing.wait()
             group: list[Batch] = [] if first is None else [first]
-            end = first is None or self._drain(group)
+            end = first is None or drain(self.queue, group)
             wait = last + self.commit_interval - loop.time()
             if not end and wait > 0:
                 await asyncio.sleep(wait)  # a batching window, not a synchronisation guess
-                end = self._drain(group)
+                end = drain(self.queue, group)
             if group:
                 await self._write(group)
                 last = loop.time()
             if end:
                 return
-
-    def _drain(self, group: list[Batch]) -> bool:
-        """Move every waiting batch into ``group``; True when the end-of-input marker was among them."""
-        while not self.queue.empty() and len(group) < 1024:
-            nxt = self.queue.get_nowait()
-            if nxt is None:
-                return True
-            group.append(nxt)
-        return False
 
     async def _write(self, group: list[Batch]) -> None:
         assert self._writer is not None

@@ -46,7 +46,7 @@ from crawler.ledger import ledger_name
 from crawler.outcome import Outcome
 from crawler.pagesizes import PageSizes
 from crawler.pgjobs import LeaseLost, PageCommit, PgJob, PgJobStore, StoreLost, WorkerInfo, job_id
-from crawler.sinks import Batch, cell, fsync_dir, write_failures
+from crawler.sinks import Batch, cell, drain, fsync_dir, write_failures
 from crawler.state import RETRIABLE, RETRIABLE_ALL, ItemUpdate, UserDirectory
 from crawler.stats import Summary
 
@@ -286,13 +286,7 @@ class JobWorker(ItemWalker):
         while True:
             first = await self._commits.get()
             group = [] if first is None else [first]
-            end = first is None
-            while not end and not self._commits.empty():
-                nxt = self._commits.get_nowait()
-                if nxt is None:
-                    end = True
-                else:
-                    group.append(nxt)
+            end = first is None or drain(self._commits, group)
             if group:
                 try:
                     pages = await self._commit([p.batch for p in group])
