@@ -239,6 +239,8 @@ class JobWorker(ItemWalker):
         task = self._tg.create_task(self._item(seq, done))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        # A task a stop cancels before its first step never runs `_item`'s finally: release the queue anyway.
+        task.add_done_callback(lambda _: None if done.done() else done.set_result(None))
         await asyncio.shield(done)
 
     async def _item(self, seq: int, done: asyncio.Future[None]) -> None:

@@ -6,6 +6,7 @@ connection): `Replaying` runs every transaction twice, as that retry does, to sh
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -163,3 +164,24 @@ async def test_a_commit_tried_again_after_a_try_that_did_not_hold_commits(store:
     second = page(1, first.new_version, "b")
     await store.commit("j5", "s", [second], 2, 2)
     assert second.committed
+
+
+async def test_an_item_cancelled_before_it_starts_still_releases_the_queue() -> None:
+    """A stop (SIGTERM) that cancels an item's task before its first step: the queue's handler returns instead of
+    waiting forever (pgqueuer's shutdown waits for its handlers, so the process would never exit)."""
+    from crawler.work import JobWorker
+
+    worker = object.__new__(JobWorker)  # only the handler's own state: the item never reaches the store
+    worker._stop_error = None
+    worker._tasks = set()
+    async with asyncio.TaskGroup() as tg:
+        worker._tg = tg
+        handler = asyncio.create_task(worker._on_item(1))
+        for _ in range(100):  # until the handler has made the item's task (a few loop turns, bounded)
+            if worker._tasks:
+                break
+            await asyncio.sleep(0)
+        assert worker._tasks
+        for task in list(worker._tasks):
+            task.cancel()
+        await asyncio.wait_for(handler, 5)
