@@ -33,6 +33,11 @@ def retry_async(
         if on_retry is not None and isinstance(exc, BaseException):
             on_retry(exc, int(details["tries"]), float(details.get("wait") or 0.0))
 
+    async def once() -> T:
+        # backoff picks its synchronous retry loop unless the target is a coroutine *function*: a lambda or a
+        # partial returning a coroutine would be "called" once, succeed, and never be retried when awaited.
+        return await call()
+
     decorated = backoff.on_exception(
         backoff.expo,
         retry_on,
@@ -43,6 +48,6 @@ def retry_async(
         max_value=max_delay,
         on_backoff=_backed_off,
         logger=None,
-    )(call)
+    )(once)
     result: Awaitable[T] = decorated()
     return result

@@ -10,8 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from crawler.errors import UsageError
-from crawler.ledger import FileLedger, Ledger, MemoryLedger, RedisLedger, Rules, ledger_name
+from crawler.errors import LedgerLost, UsageError
+from crawler.ledger import (
+    FileLedger,
+    Ledger,
+    LedgerUnavailable,
+    MemoryLedger,
+    RedisLedger,
+    Rules,
+    Slot,
+    ledger_name,
+)
 from crawler.pacing import Pace, RateGate
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -181,3 +190,35 @@ async def test_processes_waiting_on_one_key_take_turns(kind: str, tmp_path: Path
             await gate.__aexit__(None, None, None)
     assert sum(got.values()) >= total
     assert min(got.values()) >= total / 6, got
+
+
+class FlakyLedger(MemoryLedger):
+    """A ledger whose server is away for its first `down` reservations (as a restarting Redis would be)."""
+
+    def __init__(self, name: str, down: int) -> None:
+        super().__init__(name, private=True)
+        self.down = down
+        self.calls = 0
+
+    async def reserve(self, rules: Rules, owner: str) -> Slot:
+        self.calls += 1
+        if self.calls <= self.down:
+            raise LedgerUnavailable(f"away ({self.calls})")
+        return await super().reserve(rules, owner)
+
+
+async def test_a_ledger_away_for_a_moment_pauses_the_gate_and_it_goes_on() -> None:
+    """A few failed reservations inside the stall limit are retried; only a lasting one ends the run."""
+    pace = Pace(limit=60, window=1.0, burst=1, max_per_second=1000, margin=0.0)
+    flaky = FlakyLedger(f"test-{uuid.uuid4().hex}", down=3)
+    async with RateGate(pace, ledger=flaky, cooldown_base=0.1, cooldown_max=0.2, stall_limit=30.0) as gate:
+        async with asyncio.timeout(20):
+            await gate.acquire()
+    assert flaky.calls == 4  # three failures retried, the fourth reservation admitted
+
+    gone = FlakyLedger(f"test-{uuid.uuid4().hex}", down=10**9)
+    async with RateGate(pace, ledger=gone, cooldown_base=0.1, cooldown_max=0.2, stall_limit=1.0) as gate:
+        with pytest.raises(LedgerLost, match="has not answered for 1 s"):
+            async with asyncio.timeout(20):
+                await gate.acquire()
+    assert gone.calls > 2  # retried until the stall limit, not given up at the first retry
