@@ -617,3 +617,29 @@ async def test_sigterm_stops_a_worker_and_the_starter_cleanly_and_the_job_resume
     assert final == SINGLE_CODE[src], ferr[-800:]
     got = rows(hosts.root / "starter" / "out.csv")
     assert len(got) == len(set(got)) and set(got) == set(expected)
+
+
+async def test_a_postgresql_job_resolves_names_again_after_crawl_id_ttl_days(hosts: Hosts, schema: str) -> None:
+    """crawl.id_ttl_days = 0 holds for a PostgreSQL job's workers too: a handle -> id binding already in the data
+    directory (here a wrong one) is expired, so every name is asked of /userid/ again and no other user's posts are
+    taken for it."""
+    from crawler.state import UserDirectory
+
+    src = handles(hosts.root, 4, offset=1700)
+    names = src.read_text().split()
+    world = World(WORLD)
+    cwd = hosts.root / "starter"
+    users = UserDirectory(cwd / ".crawler" / "users.db")
+    for name in names:
+        users.learn(name, world.user_id(0))  # bound now, to somebody else's id
+    users.close()
+    (cwd / "ttl.toml").write_text(f"[retry]\nstall_limit = 10\nbase_delay = 0.05\nmax_delay = 0.5\n"
+                                  f"[jobs]\nheartbeat_timeout = {HEARTBEAT}\n[crawl]\nid_ttl_days = 0\n")
+    async with simulator(hosts.key) as sim:
+        code, _, err = await hosts.run("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", pg_url(schema),
+                                                   "--config", "ttl.toml", *common(sim.url, "--max-items", "5")])
+        asked = sim.stats.by_endpoint["/userid"]
+    assert code in (0, 3), err[-800:]
+    assert asked == len(names), (asked, err[-800:])
+    videos = [r[0] for r in rows(cwd / "out.csv")]
+    assert len(videos) == len(set(videos))  # four names, never one other user's posts four times
