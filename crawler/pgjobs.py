@@ -194,11 +194,15 @@ def _is_connection_error(exc: BaseException) -> bool:
 
 
 def connect_kwargs(heartbeat_timeout: float, connect_timeout: float) -> dict[str, Any]:
-    """libpq parameters of every connection of a worker: TCP keepalives so a peer gone silent (a cut network,
-    a frozen host) is found dead within about the heartbeat timeout, and a connect timeout."""
+    """libpq parameters of every connection of a worker: TCP keepalives (an idle connection) and a TCP user
+    timeout (data in flight) so a peer gone silent (a cut network, a frozen host) is found dead within about the
+    heartbeat timeout, and a connect timeout."""
     every = max(1, round(heartbeat_timeout / 3))
+    # Keepalives only probe an idle connection: a query sent into a silent network waits on TCP's retransmissions
+    # (about 15 minutes), so tcp_user_timeout bounds how long sent data may go unacknowledged.
     return {"connect_timeout": max(1, round(connect_timeout)), "keepalives": 1, "keepalives_idle": every,
-            "keepalives_interval": every, "keepalives_count": 3}
+            "keepalives_interval": every, "keepalives_count": 3,
+            "tcp_user_timeout": max(1000, round(heartbeat_timeout * 1000))}
 
 
 async def bound_session(conn: psycopg.AsyncConnection[Any], heartbeat_timeout: float) -> None:

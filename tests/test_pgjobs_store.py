@@ -185,3 +185,34 @@ async def test_an_item_cancelled_before_it_starts_still_releases_the_queue() -> 
         for task in list(worker._tasks):
             task.cancel()
         await asyncio.wait_for(handler, 5)
+
+
+async def test_a_call_sent_into_a_silent_network_ends_at_the_stall_limit() -> None:
+    """The network to PostgreSQL goes silent (every packet lost, nothing refused) while the store talks to it: the
+    store's call ends with StoreLost about retry.stall_limit later, not after TCP's retransmissions (~15 minutes);
+    keepalives alone never probe a connection with data in flight. Runs in a network namespace of its own."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    probe = await asyncio.create_subprocess_exec("unshare", "-n", "true", stderr=asyncio.subprocess.DEVNULL)
+    if shutil.which("ip") is None or await asyncio.wait_for(probe.wait(), 10) != 0:
+        pytest.skip("needs `unshare -n` (root or user namespaces) and `ip` to cut a network of its own")
+    name = f"crawler_s_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG, autocommit=True) as conn:
+        row = conn.execute("SHOW unix_socket_directories").fetchone()
+        assert row is not None
+        sockets = str(row[0]).split(",")[0].strip()
+        conn.execute(f"CREATE SCHEMA {name}")
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "unshare", "-n", sys.executable, str(Path(__file__).with_name("silent_network.py")), sockets, name,
+            "3", "2", "60", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 90)
+    finally:
+        with psycopg.connect(PG, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {name} CASCADE")
+    assert proc.returncode == 0, err.decode()[-2000:]
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    assert result["outcome"] == "StoreLost", result
+    assert result["seconds"] < 3 + 2 + 5, result  # the stall limit, one heartbeat timeout, and slack
