@@ -32,6 +32,7 @@ from crawler import endpoints as ep
 from crawler import killpoints
 from crawler.client import Client
 from crawler.config import Secret, Settings
+from crawler.crawl import LEASE_MAX
 from crawler.errors import (
     BalanceExhausted,
     BudgetExhausted,
@@ -333,8 +334,20 @@ class Download:
             budget = None
             if self.settings.max_credits is not None:
                 budget = max(self.settings.max_credits - job.requests_sent, 0)
+            base_sent = reserved = job.requests_sent
+
+            def reserve(n: int) -> None:
+                # As a crawl's: the n-th request of this run leaves once the state store counts it (a lease at a
+                # time), so a kill forgets no request (the lease left unsent counts as spent).
+                nonlocal reserved
+                if base_sent + n > reserved:
+                    reserved = base_sent + n - 1 + max(1, min(self.settings.download_parallelism, LEASE_MAX))
+                    if self.settings.max_credits is not None:
+                        reserved = min(reserved, self.settings.max_credits)
+                    self.state.reserve(reserved)
+
             if self._api_key is not None:
-                self.client = Client(self.settings, api_key=self._api_key, request_budget=budget)
+                self.client = Client(self.settings, api_key=self._api_key, request_budget=budget, reserve=reserve)
             self.state.start_run()
             async with contextlib.AsyncExitStack() as stack:
                 if self.client is not None:
@@ -342,6 +355,7 @@ class Download:
                 self._session = await stack.enter_async_context(self._media_session())
                 await self._run_workers()
             self.state.set_counters(*self.counters())
+            self.state.release()  # the run ended cleanly: what it reserved but never sent is not spent
             if self._spent is not None and self._stop is None:
                 self._stop = self._spent
             progress = self.state.progress()

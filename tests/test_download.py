@@ -434,3 +434,33 @@ async def test_media_host_serves_ranges_and_refuses_stale_or_forged_urls(simulat
         async with http.get(sim.media.url("play", vid)) as resp:
             assert resp.status == 410
         assert sim.stats.requests == 0  # the media host is not the API
+
+
+async def test_max_credits_spans_a_sigkill_when_the_posts_fail(simulator: SimFactory, tmp_path: Path) -> None:
+    """--max-credits 30 on ids of posts that do not exist (each one /post-detail/ request, then a failure), the
+    download SIGKILLed after 10 requests and run again: the simulator sees at most 30 requests in all, and the
+    second run stops resumable (exit 4) once the rest of the budget is spent."""
+    async with simulator(world=WORLD, latency=(0.02, 0.04)) as sim:
+        (tmp_path / "fast.toml").write_text(FAST)
+        (tmp_path / "ids.txt").write_text("".join(f"79990000000000{n:05d}\n" for n in range(60)))
+        args = ["download", "ids.txt", "-o", "gone", "--config", "fast.toml", "--parallelism", "2",
+                "--max-credits", "30", "-q"]
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "crawler", *args, cwd=tmp_path,
+                                                    env=_env(sim), stdout=asyncio.subprocess.DEVNULL,
+                                                    stderr=asyncio.subprocess.DEVNULL)
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while sim.stats.requests < 10:
+                assert loop.time() < deadline and proc.returncode is None, "the download sent nothing"
+                await asyncio.sleep(0.005)
+        finally:
+            if proc.returncode is None:
+                os.kill(proc.pid, signal.SIGKILL)
+            await proc.wait()
+        first = sim.stats.requests
+        code, err = await crawler(args, sim, tmp_path)
+        total = sim.stats.requests
+    assert 10 <= first < 30
+    assert code == 4, err
+    assert total <= 30, (first, total)
