@@ -434,7 +434,7 @@ def _regions(settings: Settings, key: Any) -> list[tuple[str, str]]:
     from crawler.client import Client
 
     async def fetch() -> list[tuple[str, str]]:
-        async with Client(settings, api_key=key) as client:
+        async with Client(settings, api_key=key, request_budget=settings.max_credits) as client:
             return [(r.code, r.name) for r in await client.regions()]
 
     print("crawler: fetching the region list (1 credit, cached afterwards)", file=sys.stderr)
@@ -470,7 +470,7 @@ def cmd_get(args: argparse.Namespace, argv: Sequence[str]) -> int:
     key = api_key()
 
     async def call() -> Any:
-        async with Client(settings, api_key=key) as client:
+        async with Client(settings, api_key=key, request_budget=settings.max_credits) as client:
             return await client.get(args.endpoint, params)
 
     print(f"crawler: GET /{args.endpoint.strip('/')}/ (1 credit)", file=sys.stderr)

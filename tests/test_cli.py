@@ -452,3 +452,16 @@ async def test_get_prints_the_raw_json_and_says_it_costs_one_credit(simulator: S
         assert body["user"]["id"] == sim.world.user_id(i)
         assert body["user"]["uniqueId"] == sim.world.handle(i)
         assert sim.stats.requests == 1 and sim.stats.by_endpoint["/userinfo-by-username"] == 1
+
+
+async def test_get_and_regions_keep_max_credits(simulator: SimFactory, tmp_path: Path) -> None:
+    """`crawler get` and `crawler regions` with --max-credits 0 send nothing: exit 4 saying the budget is spent."""
+    async with simulator(world=WORLD) as sim:
+        setup_dir(tmp_path, [])
+        for args in (["get", "region-list"], ["regions"]):
+            code, out, err = await crawler([*args, "--max-credits", "0", "--config", "fast.toml"], environ(sim),
+                                           tmp_path)
+            assert code == 4, err
+            assert "--max-credits budget of 0 requests is spent" in error_line(err)
+            assert not out
+        assert sim.stats.requests == 0
