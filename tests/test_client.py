@@ -445,3 +445,15 @@ def test_limit_words_mean_the_credit_limit_unless_they_say_rate() -> None:
         classify(200, json.dumps({"status": "error", "message": "Video not found"}).encode(), None, "/x/")
     with pytest.raises(TransientError):
         classify(200, json.dumps({"status": "error", "message": "forbidden in your region"}).encode(), None, "/x/")
+
+
+async def test_a_dropped_pooled_connection_is_never_resent_behind_the_gate(simulator: SimFactory) -> None:
+    """Connections dropped with no answer on a reused pooled connection: every request the server saw went through
+    the gate and is in requests_sent (aiohttp's own silent resend of an idempotent request stays off)."""
+    async with simulator(faults=frozenset({"drop"}), fault_rate=0.3) as sim:
+        settings = fast_settings(sim.url, retry_attempts=10)
+        async with Client(settings, api_key=KEY, max_connections=1) as client:
+            for n in range(60):
+                await client.get("/region-list/", {"n": n})
+        assert sim.stats.faults["drop"] > 0
+        assert client.counters.requests_sent == sim.stats.requests
