@@ -321,7 +321,12 @@ class PgJobStore:
     async def create_job(self, jid: str, command: str, options: dict[str, Any],
                          entries: Iterable[tuple[str, str, str | None, str | None]], *,
                          heartbeat_timeout: float | None = None, bom: bool = False, raw: bool = False) -> bool:
-        """Create the job with its items (one transaction: a job is never seen half-read); False if it exists."""
+        """Create the job with its items (one transaction: a job is never seen half-read); False if it exists.
+
+        `entries` is read once per try (a lost connection runs the transaction again): a list or another
+        re-iterable, never a one-shot iterator, which would give the retry only the entries after the cut."""
+        if iter(entries) is entries:
+            raise TypeError("create_job needs re-iterable entries (a retried transaction reads them again)")
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> bool:
             cur = await conn.execute(

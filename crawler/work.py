@@ -374,11 +374,18 @@ def _spool(job: JobOptions, spec: CommandSpec) -> tuple[Path, str]:
     return Path(name), digest()
 
 
-def _spooled(path: Path) -> Iterator[tuple[str, str, str | None, str | None]]:
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            key, raw, reason, detail = json.loads(line)
-            yield key, raw, reason, detail
+class _Spooled:
+    """The spooled input's entries, read from the start each time it is iterated: a job's creation retried after
+    a lost connection reads every entry again (a generator would give the retry only those after the cut)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __iter__(self) -> Iterator[tuple[str, str, str | None, str | None]]:
+        with self.path.open(encoding="utf-8") as fh:
+            for line in fh:
+                key, raw, reason, detail = json.loads(line)
+                yield key, raw, reason, detail
 
 
 async def _register(store: PgJobStore, settings: Settings, key: Secret, jid: str | None) -> str:
@@ -442,7 +449,7 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
             jid = job_id(job.command, options, digest)
             if restart:
                 await store.delete_job(jid)
-            created = await store.create_job(jid, job.command, options, _spooled(spool),
+            created = await store.create_job(jid, job.command, options, _Spooled(spool),
                                              heartbeat_timeout=settings.jobs_heartbeat_timeout,
                                              bom=settings.output_bom, raw=settings.output_raw)
         finally:

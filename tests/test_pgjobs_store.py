@@ -216,3 +216,30 @@ async def test_a_call_sent_into_a_silent_network_ends_at_the_stall_limit() -> No
     result = json.loads(out.decode().strip().splitlines()[-1])
     assert result["outcome"] == "StoreLost", result
     assert result["seconds"] < 3 + 2 + 5, result  # the stall limit, one heartbeat timeout, and slack
+
+
+async def test_a_job_created_across_a_lost_connection_has_every_item(store: Replaying, tmp_path: Any) -> None:
+    """The store's connection killed while it creates a job from a spooled input (the COPY under way): the retried
+    transaction reads the input again from its start, so the job holds every item, not only those after the cut."""
+    from crawler.work import _Spooled
+
+    n = 200_000
+    spool = tmp_path / "input.jsonl"
+    spool.write_text("".join(json.dumps([f"user{i}", f"user{i}", None, None]) + "\n" for i in range(n)))
+    assert store._conn is not None
+    pid = store._conn.info.backend_pid
+    creating = asyncio.get_running_loop().create_task(store.create_job("j6", "posts", {}, _Spooled(spool)))
+    async with await psycopg.AsyncConnection.connect(PG, autocommit=True) as watcher:
+        async with asyncio.timeout(60):
+            while True:  # kill the store's session once its COPY is under way
+                cur = await watcher.execute("SELECT query FROM pg_stat_activity WHERE pid = %s AND state = 'active'",
+                                            (pid,))
+                row = await cur.fetchone()
+                if row is not None and str(row[0]).startswith("COPY"):
+                    await watcher.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                    break
+                assert not creating.done(), "the job was created before its COPY was seen"
+                await asyncio.sleep(0.001)
+    assert await asyncio.wait_for(creating, 60)
+    progress = await store.progress("j6")
+    assert progress.total == n, progress
