@@ -197,7 +197,7 @@ async def test_a_call_sent_into_a_silent_network_ends_at_the_stall_limit() -> No
 
     probe = await asyncio.create_subprocess_exec("unshare", "-n", "true", stderr=asyncio.subprocess.DEVNULL)
     if shutil.which("ip") is None or await asyncio.wait_for(probe.wait(), 10) != 0:
-        pytest.skip("needs `unshare -n` (root or user namespaces) and `ip` to cut a network of its own")
+        pytest.fail("needs `unshare -n` (root or user namespaces) and `ip` (iproute2) to cut a network of its own")
     name = f"crawler_s_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(PG, autocommit=True) as conn:
         row = conn.execute("SHOW unix_socket_directories").fetchone()
