@@ -295,6 +295,8 @@ class Ingest:
                     self._tasks.append(self._feeder)
                     for _ in range(max(1, self.settings.parallelism or WORKERS)):
                         self._tasks.append(tg.create_task(self._worker()))
+                    if self._stop is not None:  # a signal handled before these tasks existed (the ledger's
+                        self.request_stop(self._stop)  # open awaits): without this the feeder waits forever
             finally:
                 progress.cancel()
                 if not writer.done():

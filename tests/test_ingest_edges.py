@@ -3,12 +3,16 @@ and `--restart` with a store shared beyond the watch list. Expected values come 
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+from crawler.errors import Interrupted
+from crawler.ingest import Ingest
 from crawler.sim.data import WorldConfig
-from tests.conftest import SimFactory, fast_settings
+from crawler.state import StateStore
+from tests.conftest import KEY, SimFactory, fast_settings
 from tests.test_cli import public_users
-from tests.test_ingest import day, posts_union, run, snapshots, write_watch
+from tests.test_ingest import day, night, posts_union, run, snapshots, write_watch
 
 WORLD = WorldConfig(seed=41, users=400, missing_fraction=0.0, private_fraction=0.0)
 
@@ -87,3 +91,24 @@ async def test_restart_replaces_the_watch_lists_snapshots_only(simulator: SimFac
         assert sim.stats.requests - before == 1  # a refetched, b not asked
         snaps = snapshots(url)
         assert (w.user_id(a), day(0)) in snaps and (w.user_id(b), day(0)) in snaps
+
+
+async def test_a_stop_requested_before_the_workers_start_ends_the_run(simulator: SimFactory, tmp_path: Path) -> None:
+    """SIGTERM handled while the run still opens its rate ledger (an await, before any worker exists) ends the run
+    with 143 and no request; it used to leave the feeder waiting for workers that had already returned."""
+    async with simulator(world=WORLD) as sim:
+        w = sim.world
+        watch = public_users(w, 4, max_videos=40)
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"), history_url=str(tmp_path / "h.db"))
+        (tmp_path / "out").mkdir()
+        run = Ingest(str(tmp_path / "watch.txt"), tmp_path / "out", settings, api_key=KEY, date=None,
+                     with_posts=True, restart=False, retry_failed=False, column=None, by_id=False, quiet=True,
+                     clock=night(0))
+        watch_list = StateStore(tmp_path / "watch.db")
+        try:
+            watch_list.add_items([(w.handle(i), w.handle(i), None, None) for i in watch])
+            run.request_stop(Interrupted("stopped by SIGTERM", 143))  # what the signal handler does
+            result = await asyncio.wait_for(run.run(watch_list), 30)
+        finally:
+            watch_list.close()
+        assert result.exit_code == 143 and sim.stats.requests == 0
