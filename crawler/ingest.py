@@ -616,22 +616,36 @@ class Ingest:
         return files
 
     def _outcomes(self, watch: StateStore, today: dt.date, began: float, files: list[str]) -> list[Outcome]:
-        """One outcome per part, from the store (what today holds) and the client (what this run spent)."""
-        today = max(self._days | {today})
+        """One outcome per part, from the store (what the run's days hold) and the client (what this run spent).
+
+        A run that spans midnight covers both days: a user snapshotted on either is done, and a failure on
+        either counts (the exit code and the summary would otherwise forget what failed before midnight).
+        """
+        covered = sorted(self._days | {today})
+        today = covered[-1]
         total = done = 0
         after = 0
+        done_keys: set[str] = set()
         while chunk := watch.pending(after, 500):
             after = chunk[-1][0]
             keys = [key for _, key, *_ in chunk]
             bound = self.store.bound_ids([k for k in keys if not k.startswith("id:")])
-            ids = [k[3:] if k.startswith("id:") else bound.get(k) for k in keys]
+            ids = {k: k[3:] if k.startswith("id:") else bound.get(k) for k in keys}
             total += len(keys)
-            done += len(self.store.snapshotted([u for u in ids if u], today))
+            snapped: set[str] = set()
+            for d in covered:
+                snapped.update(self.store.snapshotted([u for u in ids.values() if u], d))
+            done += len(snapped)
+            done_keys.update(k for k, u in ids.items() if u in snapped)
         invalid = watch.progress().failed
         fails: dict[str, Counter[str]] = {PROFILES: Counter(), POSTS: Counter()}
         for part in (PROFILES, POSTS):
-            for _, _, reason, _ in self.store.failures(today, part):
-                fails[part][reason] += 1
+            latest: dict[str, str] = {}  # input -> reason on the latest covered day it failed
+            for d in covered:
+                latest.update((key, reason) for key, _, reason, _ in self.store.failures(d, part))
+            for key, reason in latest.items():
+                if part == POSTS or key not in done_keys or len(covered) == 1:
+                    fails[part][reason] += 1
         c = self.client.counters
         error = self._stop
         status = "stopped" if error is not None else "completed" if self.queued else "already complete"

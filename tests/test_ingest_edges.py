@@ -4,15 +4,16 @@ and `--restart` with a store shared beyond the watch list. Expected values come 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from pathlib import Path
 
 from crawler.errors import Interrupted
-from crawler.ingest import Ingest
+from crawler.ingest import Ingest, ingest
 from crawler.sim.data import WorldConfig
 from crawler.state import StateStore
 from tests.conftest import KEY, SimFactory, fast_settings
 from tests.test_cli import public_users
-from tests.test_ingest import day, night, posts_union, run, snapshots, write_watch
+from tests.test_ingest import day, night, posts_union, rows, run, snapshots, write_watch
 
 WORLD = WorldConfig(seed=41, users=400, missing_fraction=0.0, private_fraction=0.0)
 
@@ -112,3 +113,32 @@ async def test_a_stop_requested_before_the_workers_start_ends_the_run(simulator:
         finally:
             watch_list.close()
         assert result.exit_code == 143 and sim.stats.requests == 0
+
+
+async def test_a_run_across_midnight_counts_what_failed_before_it(simulator: SimFactory, tmp_path: Path) -> None:
+    """A user not found at 23:59:59 and the rest fetched after midnight: exit 3 with the failure in the summary, and
+    every fetched user done (the outcome used to read the last day only: exit 0, one user left "pending")."""
+    async with simulator(world=WORLD) as sim:
+        w = sim.world
+        watch = public_users(w, 4, max_videos=40)
+        write_watch(tmp_path / "watch.txt", ["nosuchuserzz9"] + [w.handle(i) for i in watch])
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"), history_url=str(tmp_path / "h.db"),
+                                 parallelism=1)
+        calls = 0
+
+        def clock() -> dt.datetime:  # midnight passes once the first profile (the unknown name) has failed
+            nonlocal calls
+            calls += 1
+            base = dt.datetime(2026, 1, 1, 23, 59, 59, tzinfo=dt.UTC)
+            return base if calls < 6 else base + dt.timedelta(seconds=2)
+
+        result = await ingest(str(tmp_path / "watch.txt"), tmp_path / "out", settings, api_key=KEY,
+                              install_signals=False, clock=clock, with_posts=False)
+        failed = rows(tmp_path / "out" / f"profiles-{day(0)}.failures.csv")
+        assert [(f["input"], f["reason"]) for f in failed] == [("nosuchuserzz9", "not_found")]
+        fetched = sum(len(rows(tmp_path / "out" / f"profiles-{day(d)}.csv")) for d in (0, 1))
+        assert fetched == len(watch) and sim.stats.requests == len(watch) + 1
+        summary = result.outcomes[0].summary
+        assert result.exit_code == 3
+        assert summary.failures == {"not_found": 1}
+        assert (summary.items_done, summary.items_pending) == (len(watch), 0)
