@@ -166,7 +166,7 @@ class JobWorker(ItemWalker):
 
     async def run(self) -> SessionResult:
         """Work the job's items until none is left (or a stop); then hand back what this worker held."""
-        self.users = UserDirectory(Path(self.settings.data_dir) / "users.db")
+        self.users = UserDirectory(Path(self.settings.data_dir) / "users.db", ttl_days=self.settings.id_ttl_days)
         self.page_sizes = PageSizes(self.settings.data_dir)
         self.client = Client(self.settings, api_key=self._key, reserve=self.budget.reserve,
                              max_connections=max(64, self.parallelism))
