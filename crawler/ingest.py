@@ -165,6 +165,7 @@ class Ingest:
         self.users: UserDirectory
         self.sizes: PageSizes | None = None
         self._files: dict[tuple[str, dt.date], _DayFile] = {}
+        self._dir_id = ""  # the out-dir's id (DIR/.ingest-id), read when the run starts
         self._days: set[dt.date] = set()
         self._queue: asyncio.Queue[_Commit | None] = asyncio.Queue(maxsize=64)
         self._work: asyncio.Queue[UserTask] = asyncio.Queue(maxsize=WORKERS * 4)
@@ -212,6 +213,7 @@ class Ingest:
         try:
             today = self.day_now()
             self.watch_users = watch.progress().pending
+            self._dir_id = _out_dir_id(self.out_dir)
             self._repair_files()
             with self.store.transaction():  # the run is on record for today even if it fetches nothing
                 self.store.put_run_day(self.run_id, today, by_date=self.override is not None, started_at=self.started,
@@ -264,7 +266,7 @@ class Ingest:
         for path in sorted(self.out_dir.glob("*-????-??-??.csv")):
             if not path.name.startswith((f"{PROFILES}-", f"{POSTS}-")):
                 continue
-            length = self.store.file_length(str(path.resolve()))
+            length = self._committed_length(path.name)
             if length is not None and path.stat().st_size > length:
                 with path.open("r+b") as fh:
                     fh.truncate(length)
@@ -487,7 +489,22 @@ class Ingest:
                 return
 
     def _key(self, kind: str, day: dt.date) -> str:
-        return str((self.out_dir / f"{kind}-{day.isoformat()}.csv").resolve())
+        return self._name_key(f"{kind}-{day.isoformat()}.csv")
+
+    def _name_key(self, name: str) -> str:
+        # The out-dir's own id, not its path: stores are shared, and two hosts may both write to /data/out.
+        return f"{self._dir_id}/{name}"
+
+    def _committed_length(self, name: str) -> int | None:
+        """A day file's committed length; a length an earlier version recorded under the file's path moves to
+        the out-dir's id the first time it is read."""
+        length = self.store.file_length(self._name_key(name))
+        if length is None:
+            length = self.store.file_length(str((self.out_dir / name).resolve()))
+            if length is not None:
+                with self.store.transaction():
+                    self.store.put_file_length(self._name_key(name), length)
+        return length
 
     def _file(self, kind: str, day: dt.date) -> _DayFile:
         """The day file, opened once per run at its committed length (a kill's uncommitted tail is cut off)."""
@@ -497,7 +514,7 @@ class Ingest:
         # The name is built from a date only: no input text ever reaches a path.
         path = self.out_dir / f"{kind}-{day.isoformat()}.csv"
         key = self._key(kind, day)
-        length = self.store.file_length(key)
+        length = self._committed_length(path.name)
         size = path.stat().st_size if path.exists() else None
         if length is not None and (size or 0) < length:
             # Shorter than what was committed (deleted, rotated, restored from an old copy): never pad it with
@@ -694,6 +711,25 @@ class Ingest:
 def _fsync(files: list[IO[bytes]]) -> None:
     for fh in files:
         os.fsync(fh.fileno())
+
+
+def _out_dir_id(out_dir: Path) -> str:
+    """The out-dir's identity in the history store (``DIR/.ingest-id``, made on first use): committed lengths of
+    day files are keyed by it, so out-dirs at one path on several hosts sharing a store never cut each other's."""
+    path = out_dir / ".ingest-id"
+    with contextlib.suppress(FileNotFoundError):
+        text = path.read_text(encoding="ascii").strip()
+        if text:
+            return text
+    new = uuid.uuid4().hex
+    tmp = out_dir / f".ingest-id.{os.getpid()}.tmp"
+    with tmp.open("w", encoding="ascii") as fh:
+        fh.write(new + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(out_dir)
+    return new
 
 
 def _make_out_dir(out_dir: Path) -> None:

@@ -142,3 +142,54 @@ async def test_a_run_across_midnight_counts_what_failed_before_it(simulator: Sim
         assert result.exit_code == 3
         assert summary.failures == {"not_found": 1}
         assert (summary.items_done, summary.items_pending) == (len(watch), 0)
+
+
+async def test_two_out_dirs_at_one_path_sharing_a_store_keep_each_others_rows(simulator: SimFactory,
+                                                                               tmp_path: Path) -> None:
+    """Two hosts sharing one history store, each with its out-dir at the same path (one image, `/data/out`): each
+    run keeps every row of its own day file (committed lengths are per out-dir, not per path)."""
+    async with simulator(world=WORLD) as sim:
+        w = sim.world
+        a1, a2, a3, a4, b1 = public_users(w, 5, max_videos=40)
+        url = str(tmp_path / "h.db")
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"), history_url=url)
+        out = tmp_path / "out"
+        write_watch(tmp_path / "watch.txt", [w.handle(i) for i in (a1, a2, a3)])
+        await run(tmp_path, settings, 0, with_posts=False)  # host A
+        out.rename(tmp_path / "host-a")
+        write_watch(tmp_path / "watch.txt", [w.handle(b1)])
+        await run(tmp_path, settings, 0, with_posts=False)  # host B: the same path, its own files
+        out.rename(tmp_path / "host-b")
+        (tmp_path / "host-a").rename(out)
+        write_watch(tmp_path / "watch.txt", [w.handle(i) for i in (a1, a2, a3, a4)])
+        await run(tmp_path, settings, 0, with_posts=False)  # host A again, an edited list
+        got = rows(out / f"profiles-{day(0)}.csv")
+        assert [r["user_id"] for r in got] == [w.user_id(i) for i in (a1, a2, a3, a4)]
+        assert [r["user_id"] for r in rows(tmp_path / "host-b" / f"profiles-{day(0)}.csv")] == [w.user_id(b1)]
+
+
+async def test_lengths_an_earlier_version_kept_by_path_still_cut_an_uncommitted_tail(simulator: SimFactory,
+                                                                                     tmp_path: Path) -> None:
+    """A store whose committed lengths are keyed by the day file's path (before `DIR/.ingest-id`) still cuts a
+    killed run's uncommitted tail off the file."""
+    import sqlite3
+
+    async with simulator(world=WORLD) as sim:
+        w = sim.world
+        a, b = public_users(w, 2, max_videos=40)
+        url = str(tmp_path / "h.db")
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"), history_url=url)
+        write_watch(tmp_path / "watch.txt", [w.handle(a)])
+        await run(tmp_path, settings, 0, with_posts=False)
+        out = tmp_path / "out"
+        dir_id = (out / ".ingest-id").read_text().strip()
+        with sqlite3.connect(url) as db:  # what the earlier version stored
+            db.execute("UPDATE ingest_files SET path = ? || substr(path, ?)",
+                       (str(out.resolve()), len(dir_id) + 1))
+        (out / ".ingest-id").unlink()
+        f = out / f"profiles-{day(0)}.csv"
+        with f.open("a") as fh:
+            fh.write("999,uncommitted,")  # a killed run's tail
+        write_watch(tmp_path / "watch.txt", [w.handle(a), w.handle(b)])
+        await run(tmp_path, settings, 0, with_posts=False)
+        assert [r["user_id"] for r in rows(f)] == [w.user_id(a), w.user_id(b)]
