@@ -214,12 +214,13 @@ class Ingest:
             today = self.day_now()
             self.watch_users = watch.progress().pending
             self._dir_id = _out_dir_id(self.out_dir)
+            self._finish_restarts()
             self._repair_files()
             with self.store.transaction():  # the run is on record for today even if it fetches nothing
                 self.store.put_run_day(self.run_id, today, by_date=self.override is not None, started_at=self.started,
                                        requests_sent=0, credits_billed=0, watch_users=self.watch_users)
             if self.restart:
-                self.store.restart_day(today, [self._key(PROFILES, today)], self._watch_ids(watch))
+                self._restart_day(today, self._watch_ids(watch))
             self._record_invalid(watch, today)
             self.users = UserDirectory(Path(self.settings.data_dir) / "users.db", ttl_days=self.settings.id_ttl_days,
                                        clock=lambda: self.clock().timestamp())
@@ -259,6 +260,46 @@ class Ingest:
             bound = self.store.bound_ids([k for k in keys if not k.startswith("id:")])
             ids += [k[3:] if k.startswith("id:") else bound[k] for k in keys if k.startswith("id:") or k in bound]
         return ids
+
+    def _restart_day(self, today: dt.date, ids: list[str]) -> None:
+        """`--restart`: today's snapshots of the watch list's users go, and so do their rows; the profiles file
+        keeps the rows of users whose snapshots stay (one dropped from an edited list), so it still holds exactly
+        the day's snapshots.
+
+        The kept rows go to `DIR/.restart-profiles-DAY.csv` first (fsynced); one transaction then drops the
+        snapshots and records that file's length as the day file's; the rename follows. A kill before the
+        transaction leaves a length that differs from the copy's (the copy is dropped), after it the same length
+        (the rename is finished): `_finish_restarts` tells them apart at the next start.
+        """
+        name = f"{PROFILES}-{today.isoformat()}.csv"
+        path, copy = self.out_dir / name, self.out_dir / f".restart-{name}"
+        gone = set(ids)
+        with copy.open("w", encoding="utf-8", newline="") as out:
+            if self.settings.output_bom:
+                out.write("\ufeff")
+            writer = csv.writer(out, lineterminator="\n")
+            writer.writerow(ep.Profile.COLUMNS)
+            if path.exists() and self._committed_length(name):  # cut to its committed length by _repair_files
+                with path.open(encoding="utf-8-sig", newline="") as text:
+                    rows = csv.reader(text)
+                    next(rows, None)  # the header
+                    writer.writerows(r for r in rows if r and r[0] not in gone)
+            out.flush()
+            os.fsync(out.fileno())
+        self.store.restart_day(today, {self._key(PROFILES, today): copy.stat().st_size}, ids)
+        killpoints.reached("restarted")
+        os.replace(copy, path)
+        fsync_dir(self.out_dir)
+
+    def _finish_restarts(self) -> None:
+        """Finish (or drop) a `--restart` a kill interrupted (see `_restart_day`)."""
+        for copy in sorted(self.out_dir.glob(f".restart-{PROFILES}-????-??-??.csv")):
+            name = copy.name.removeprefix(".restart-")
+            if self._committed_length(name) == copy.stat().st_size:
+                os.replace(copy, self.out_dir / name)
+                fsync_dir(self.out_dir)
+            else:
+                copy.unlink()
 
     def _repair_files(self) -> None:
         """Cut every day file back to its committed length: a killed run may have written rows it never committed

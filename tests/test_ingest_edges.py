@@ -8,11 +8,11 @@ import datetime as dt
 from pathlib import Path
 
 from crawler.errors import Interrupted
-from crawler.ingest import Ingest, ingest
+from crawler.ingest import TEST_NOW_ENV, Ingest, ingest
 from crawler.sim.data import WorldConfig
 from crawler.state import StateStore
 from tests.conftest import KEY, SimFactory, fast_settings
-from tests.test_cli import public_users
+from tests.test_cli import FAST_TOML, crawler, environ, public_users
 from tests.test_ingest import day, night, posts_union, rows, run, snapshots, write_watch
 
 WORLD = WorldConfig(seed=41, users=400, missing_fraction=0.0, private_fraction=0.0)
@@ -193,3 +193,46 @@ async def test_lengths_an_earlier_version_kept_by_path_still_cut_an_uncommitted_
         write_watch(tmp_path / "watch.txt", [w.handle(a), w.handle(b)])
         await run(tmp_path, settings, 0, with_posts=False)
         assert [r["user_id"] for r in rows(f)] == [w.user_id(a), w.user_id(b)]
+
+
+async def test_restart_after_a_list_edit_keeps_the_day_file_equal_to_the_days_snapshots(simulator: SimFactory,
+                                                                                         tmp_path: Path) -> None:
+    """`--restart` after a user left the list keeps that user's row in profiles-DAY.csv (its snapshot stays, so
+    the file holds exactly the day's snapshots); the listed user's row is replaced, once."""
+    async with simulator(world=WORLD) as sim:
+        w = sim.world
+        a, b = public_users(w, 2, min_videos=1, max_videos=40)
+        url = str(tmp_path / "h.db")
+        write_watch(tmp_path / "watch.txt", [w.handle(a), w.handle(b)])
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"), history_url=url)
+        await run(tmp_path, settings, 0, with_posts=False)
+        write_watch(tmp_path / "watch.txt", [w.handle(a)])
+        sim.advance_day()  # a's counts move: the replaced row shows the new ones
+        await run(tmp_path, settings, 0, with_posts=False, restart=True)
+        got = {r["user_id"]: int(r["followers"]) for r in rows(tmp_path / "out" / f"profiles-{day(0)}.csv")}
+        assert len(rows(tmp_path / "out" / f"profiles-{day(0)}.csv")) == 2
+        assert got == {u: f for (u, d), f in snapshots(url).items() if d == day(0)}
+        assert got[w.user_id(a)] == w.user(a).followers  # type: ignore[union-attr]
+
+
+async def test_a_restart_killed_before_its_day_file_is_replaced_is_finished_by_the_next_run(simulator: SimFactory,
+                                                                                           tmp_path: Path) -> None:
+    """`ingest --restart` SIGKILLed after dropping the day's snapshots but before replacing the day file: the next
+    run finishes the replacement, so the file holds each of the day's snapshots once, the kept user's row too."""
+    async with simulator(world=WORLD) as sim:
+        w = sim.world
+        a, b = public_users(w, 2, min_videos=1, max_videos=40)
+        url = str(tmp_path / "h.db")
+        write_watch(tmp_path / "watch.txt", [w.handle(a), w.handle(b)])
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"), history_url=url)
+        await run(tmp_path, settings, 0, with_posts=False)
+        write_watch(tmp_path / "watch.txt", [w.handle(a)])
+        (tmp_path / "fast.toml").write_text(FAST_TOML)
+        env = environ(sim) | {TEST_NOW_ENV: night(0)().isoformat(), "CRAWLER_TEST_KILL_AT": "restarted:1"}
+        code, _, err = await crawler(["ingest", "watch.txt", "--out-dir", "out", "--restart", "--config", "fast.toml",
+                                      "--data-dir", "data", "--history-url", url, "-q"], env, tmp_path)
+        assert code == -9, err  # killed at the point
+        await run(tmp_path, settings, 0, with_posts=False)
+        got = [r["user_id"] for r in rows(tmp_path / "out" / f"profiles-{day(0)}.csv")]
+        assert sorted(got) == sorted([w.user_id(a), w.user_id(b)])
+        assert sorted(got) == sorted(u for u, d in snapshots(url) if d == day(0))
