@@ -614,7 +614,8 @@ def cmd_ingest(args: argparse.Namespace, argv: Sequence[str]) -> int:
         result = asyncio.run(ingest(args.input, Path(args.out_dir), settings, api_key=key, date=args.date,
                                     with_posts=args.posts, restart=args.restart, retry_failed=args.retry_failed,
                                     column=args.column, by_id=args.by_id, quiet=args.quiet))
-        reports.done(result.exit_code, [o.summary for o in result.outcomes], ingest_record(result))
+        reports.done(result.exit_code, [o.summary for o in result.outcomes], ingest_record(result),
+                     completed=result.held_by is None)
     if not args.quiet:
         for outcome in result.outcomes:
             print(outcome.summary.render(), file=sys.stderr)

@@ -139,8 +139,24 @@ def _jobs_url(v: Any) -> str | None:
     if v in (None, ""):
         return None
     if isinstance(v, str) and v.strip().startswith(("postgresql://", "postgres://")):
-        return v.strip()
+        return check_postgres_url(v.strip())
     raise ValueError("expected a postgresql:// URL")
+
+
+def check_postgres_url(url: str) -> str:
+    """The URL if libpq can parse it, else ValueError without libpq's words: they quote the URL or the token it
+    stopped at (`invalid percent-encoded token: "PASSWORD%zz"`), which may be the password."""
+    try:
+        from psycopg import ProgrammingError
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:  # without psycopg the store says so when it opens
+        return url
+    try:
+        conninfo_to_dict(url)
+    except ProgrammingError:
+        raise ValueError("not a PostgreSQL URL libpq can read: check the %-escapes in the user name and password"
+                         " (a literal % is %25) and the [] around an IPv6 host") from None
+    return url
 
 
 def _text(v: Any) -> str:
@@ -168,7 +184,7 @@ def check_history_url(url: str) -> str:
     if match is None:
         return url
     if url.startswith(("postgresql://", "postgres://")):
-        return url
+        return check_postgres_url(url)
     if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
         return url
     if match.group(1) == "sqlite":

@@ -12,7 +12,7 @@ import csv
 import datetime as dt
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -419,9 +419,10 @@ class HistoryStore:
         self._exec("UPDATE ingest_runs SET exit_code = ?, ended_at = ? WHERE run_id = ?",
                    (exit_code, ended_at.isoformat(), run_id))
 
-    def restart_day(self, day: dt.date, files: Sequence[str], user_ids: Sequence[str]) -> None:
+    def restart_day(self, day: dt.date, files: Mapping[str, int], user_ids: Sequence[str]) -> None:
         """`ingest --restart`: forget ``day``'s snapshots of the watch list's users (others sharing the store keep
-        theirs) and its profile failures; its profiles file starts over."""
+        theirs) and its profile failures; each of ``files`` (its profiles file) gets the committed length given
+        (the rows it keeps)."""
         with self.transaction():
             ids = list(user_ids)
             for start in range(0, len(ids), 500):
@@ -429,8 +430,8 @@ class HistoryStore:
                 self._exec(f"DELETE FROM snapshots WHERE day = ? AND user_id IN ({', '.join('?' * len(chunk))})",
                            (day.isoformat(), *chunk))
             self._exec("DELETE FROM ingest_failures WHERE day = ? AND part = 'profiles'", (day.isoformat(),))
-            for path in files:
-                self.put_file_length(path, 0)
+            for path, length in files.items():
+                self.put_file_length(path, length)
 
     def days(self) -> list[DayRow]:
         """Every day from the first to the last one with snapshots or runs, gaps included."""

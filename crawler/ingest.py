@@ -165,6 +165,7 @@ class Ingest:
         self.users: UserDirectory
         self.sizes: PageSizes | None = None
         self._files: dict[tuple[str, dt.date], _DayFile] = {}
+        self._dir_id = ""  # the out-dir's id (DIR/.ingest-id), read when the run starts
         self._days: set[dt.date] = set()
         self._queue: asyncio.Queue[_Commit | None] = asyncio.Queue(maxsize=64)
         self._work: asyncio.Queue[UserTask] = asyncio.Queue(maxsize=WORKERS * 4)
@@ -212,12 +213,14 @@ class Ingest:
         try:
             today = self.day_now()
             self.watch_users = watch.progress().pending
+            self._dir_id = _out_dir_id(self.out_dir)
+            self._finish_restarts()
             self._repair_files()
             with self.store.transaction():  # the run is on record for today even if it fetches nothing
                 self.store.put_run_day(self.run_id, today, by_date=self.override is not None, started_at=self.started,
                                        requests_sent=0, credits_billed=0, watch_users=self.watch_users)
             if self.restart:
-                self.store.restart_day(today, [self._key(PROFILES, today)], self._watch_ids(watch))
+                self._restart_day(today, self._watch_ids(watch))
             self._record_invalid(watch, today)
             self.users = UserDirectory(Path(self.settings.data_dir) / "users.db", ttl_days=self.settings.id_ttl_days,
                                        clock=lambda: self.clock().timestamp())
@@ -258,13 +261,53 @@ class Ingest:
             ids += [k[3:] if k.startswith("id:") else bound[k] for k in keys if k.startswith("id:") or k in bound]
         return ids
 
+    def _restart_day(self, today: dt.date, ids: list[str]) -> None:
+        """`--restart`: today's snapshots of the watch list's users go, and so do their rows; the profiles file
+        keeps the rows of users whose snapshots stay (one dropped from an edited list), so it still holds exactly
+        the day's snapshots.
+
+        The kept rows go to `DIR/.restart-profiles-DAY.csv` first (fsynced); one transaction then drops the
+        snapshots and records that file's length as the day file's; the rename follows. A kill before the
+        transaction leaves a length that differs from the copy's (the copy is dropped), after it the same length
+        (the rename is finished): `_finish_restarts` tells them apart at the next start.
+        """
+        name = f"{PROFILES}-{today.isoformat()}.csv"
+        path, copy = self.out_dir / name, self.out_dir / f".restart-{name}"
+        gone = set(ids)
+        with copy.open("w", encoding="utf-8", newline="") as out:
+            if self.settings.output_bom:
+                out.write("\ufeff")
+            writer = csv.writer(out, lineterminator="\n")
+            writer.writerow(ep.Profile.COLUMNS)
+            if path.exists() and self._committed_length(name):  # cut to its committed length by _repair_files
+                with path.open(encoding="utf-8-sig", newline="") as text:
+                    rows = csv.reader(text)
+                    next(rows, None)  # the header
+                    writer.writerows(r for r in rows if r and r[0] not in gone)
+            out.flush()
+            os.fsync(out.fileno())
+        self.store.restart_day(today, {self._key(PROFILES, today): copy.stat().st_size}, ids)
+        killpoints.reached("restarted")
+        os.replace(copy, path)
+        fsync_dir(self.out_dir)
+
+    def _finish_restarts(self) -> None:
+        """Finish (or drop) a `--restart` a kill interrupted (see `_restart_day`)."""
+        for copy in sorted(self.out_dir.glob(f".restart-{PROFILES}-????-??-??.csv")):
+            name = copy.name.removeprefix(".restart-")
+            if self._committed_length(name) == copy.stat().st_size:
+                os.replace(copy, self.out_dir / name)
+                fsync_dir(self.out_dir)
+            else:
+                copy.unlink()
+
     def _repair_files(self) -> None:
         """Cut every day file back to its committed length: a killed run may have written rows it never committed
         (to a day no later run reopens)."""
         for path in sorted(self.out_dir.glob("*-????-??-??.csv")):
             if not path.name.startswith((f"{PROFILES}-", f"{POSTS}-")):
                 continue
-            length = self.store.file_length(str(path.resolve()))
+            length = self._committed_length(path.name)
             if length is not None and path.stat().st_size > length:
                 with path.open("r+b") as fh:
                     fh.truncate(length)
@@ -295,6 +338,8 @@ class Ingest:
                     self._tasks.append(self._feeder)
                     for _ in range(max(1, self.settings.parallelism or WORKERS)):
                         self._tasks.append(tg.create_task(self._worker()))
+                    if self._stop is not None:  # a signal handled before these tasks existed (the ledger's
+                        self.request_stop(self._stop)  # open awaits): without this the feeder waits forever
             finally:
                 progress.cancel()
                 if not writer.done():
@@ -485,7 +530,22 @@ class Ingest:
                 return
 
     def _key(self, kind: str, day: dt.date) -> str:
-        return str((self.out_dir / f"{kind}-{day.isoformat()}.csv").resolve())
+        return self._name_key(f"{kind}-{day.isoformat()}.csv")
+
+    def _name_key(self, name: str) -> str:
+        # The out-dir's own id, not its path: stores are shared, and two hosts may both write to /data/out.
+        return f"{self._dir_id}/{name}"
+
+    def _committed_length(self, name: str) -> int | None:
+        """A day file's committed length; a length an earlier version recorded under the file's path moves to
+        the out-dir's id the first time it is read."""
+        length = self.store.file_length(self._name_key(name))
+        if length is None:
+            length = self.store.file_length(str((self.out_dir / name).resolve()))
+            if length is not None:
+                with self.store.transaction():
+                    self.store.put_file_length(self._name_key(name), length)
+        return length
 
     def _file(self, kind: str, day: dt.date) -> _DayFile:
         """The day file, opened once per run at its committed length (a kill's uncommitted tail is cut off)."""
@@ -495,7 +555,7 @@ class Ingest:
         # The name is built from a date only: no input text ever reaches a path.
         path = self.out_dir / f"{kind}-{day.isoformat()}.csv"
         key = self._key(kind, day)
-        length = self.store.file_length(key)
+        length = self._committed_length(path.name)
         size = path.stat().st_size if path.exists() else None
         if length is not None and (size or 0) < length:
             # Shorter than what was committed (deleted, rotated, restored from an old copy): never pad it with
@@ -614,22 +674,36 @@ class Ingest:
         return files
 
     def _outcomes(self, watch: StateStore, today: dt.date, began: float, files: list[str]) -> list[Outcome]:
-        """One outcome per part, from the store (what today holds) and the client (what this run spent)."""
-        today = max(self._days | {today})
+        """One outcome per part, from the store (what the run's days hold) and the client (what this run spent).
+
+        A run that spans midnight covers both days: a user snapshotted on either is done, and a failure on
+        either counts (the exit code and the summary would otherwise forget what failed before midnight).
+        """
+        covered = sorted(self._days | {today})
+        today = covered[-1]
         total = done = 0
         after = 0
+        done_keys: set[str] = set()
         while chunk := watch.pending(after, 500):
             after = chunk[-1][0]
             keys = [key for _, key, *_ in chunk]
             bound = self.store.bound_ids([k for k in keys if not k.startswith("id:")])
-            ids = [k[3:] if k.startswith("id:") else bound.get(k) for k in keys]
+            ids = {k: k[3:] if k.startswith("id:") else bound.get(k) for k in keys}
             total += len(keys)
-            done += len(self.store.snapshotted([u for u in ids if u], today))
+            snapped: set[str] = set()
+            for d in covered:
+                snapped.update(self.store.snapshotted([u for u in ids.values() if u], d))
+            done += len(snapped)
+            done_keys.update(k for k, u in ids.items() if u in snapped)
         invalid = watch.progress().failed
         fails: dict[str, Counter[str]] = {PROFILES: Counter(), POSTS: Counter()}
         for part in (PROFILES, POSTS):
-            for _, _, reason, _ in self.store.failures(today, part):
-                fails[part][reason] += 1
+            latest: dict[str, str] = {}  # input -> reason on the latest covered day it failed
+            for d in covered:
+                latest.update((key, reason) for key, _, reason, _ in self.store.failures(d, part))
+            for key, reason in latest.items():
+                if part == POSTS or key not in done_keys or len(covered) == 1:
+                    fails[part][reason] += 1
         c = self.client.counters
         error = self._stop
         status = "stopped" if error is not None else "completed" if self.queued else "already complete"
@@ -678,6 +752,25 @@ class Ingest:
 def _fsync(files: list[IO[bytes]]) -> None:
     for fh in files:
         os.fsync(fh.fileno())
+
+
+def _out_dir_id(out_dir: Path) -> str:
+    """The out-dir's identity in the history store (``DIR/.ingest-id``, made on first use): committed lengths of
+    day files are keyed by it, so out-dirs at one path on several hosts sharing a store never cut each other's."""
+    path = out_dir / ".ingest-id"
+    with contextlib.suppress(FileNotFoundError):
+        text = path.read_text(encoding="ascii").strip()
+        if text:
+            return text
+    new = uuid.uuid4().hex
+    tmp = out_dir / f".ingest-id.{os.getpid()}.tmp"
+    with tmp.open("w", encoding="ascii") as fh:
+        fh.write(new + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(out_dir)
+    return new
 
 
 def _make_out_dir(out_dir: Path) -> None:

@@ -64,14 +64,16 @@ class RunMetrics:
     rate_limited: int = 0
     rate_wait_seconds: float = 0.0
 
+    completed: bool = True  # False: the run did no work (ingest found its out-dir held by a running ingest)
+
     @property
     def succeeded(self) -> bool:
         """The job completed (CONTRACT.md exit 0 or 3)."""
-        return self.exit_code in SUCCESS_CODES
+        return self.completed and self.exit_code in SUCCESS_CODES
 
     @classmethod
     def from_summaries(cls, command: str, exit_code: int, summaries: Sequence[Summary], *, finished_at: float,
-                       duration_seconds: float) -> RunMetrics:
+                       duration_seconds: float, completed: bool = True) -> RunMetrics:
         """This run's values, summed over the jobs it ran (ingest runs one or two)."""
         responses: dict[str, int] = {}
         for s in summaries:
@@ -86,6 +88,7 @@ class RunMetrics:
             responses=responses,
             rate_limited=sum(s.rate_limited for s in summaries),
             rate_wait_seconds=sum(s.rate_wait_seconds for s in summaries),
+            completed=completed,
         )
 
 
@@ -196,9 +199,12 @@ class RunReports:
         self.started = time.monotonic()
         self._written = False
 
-    def done(self, exit_code: int, summaries: Sequence[Summary], record: Mapping[str, Any] | None = None) -> None:
+    def done(self, exit_code: int, summaries: Sequence[Summary], record: Mapping[str, Any] | None = None, *,
+             completed: bool = True) -> None:
         """Write both reports for a run that ended with ``exit_code``; ``record`` replaces the summary JSON
-        (ingest: ``{day, exit_code, parts}``), else it is the one summary's record."""
+        (ingest: ``{day, exit_code, parts}``), else it is the one summary's record. A run that did no work
+        (``completed=False``: ingest's out-dir held by a running ingest, exit 0) keeps the last-success time,
+        so an alert on a stale last success still fires while a hung ingest holds the out-dir."""
         self._written = True
         if self.summary_json is not None:
             if record is None:
@@ -208,7 +214,7 @@ class RunReports:
             self._try(write_json, self.summary_json, record)
         if self.metrics_file is not None:
             run = RunMetrics.from_summaries(self.command, exit_code, summaries, finished_at=time.time(),
-                                            duration_seconds=time.monotonic() - self.started)
+                                            duration_seconds=time.monotonic() - self.started, completed=completed)
             self._try(write_metrics, self.metrics_file, run)
 
     def failed(self, exit_code: int, reason: str) -> None:

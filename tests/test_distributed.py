@@ -17,6 +17,7 @@ import random
 import re
 import signal
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -643,3 +644,34 @@ async def test_a_postgresql_job_resolves_names_again_after_crawl_id_ttl_days(hos
     assert asked == len(names), (asked, err[-800:])
     videos = [r[0] for r in rows(cwd / "out.csv")]
     assert len(videos) == len(set(videos))  # four names, never one other user's posts four times
+
+
+async def test_a_worker_resolves_again_a_handle_older_than_its_id_ttl_days(hosts: Hosts, schema: str) -> None:
+    """`crawler work` trusts a cached handle -> id no longer than its crawl.id_ttl_days: with 1 day, handles
+    learned two days ago cost one `/userid/` call each (the worker used the 7-day default whatever the setting)."""
+    from crawler.state import UserDirectory
+
+    world = World(WORLD)
+    indexes = [i for i in range(200) if (u := world.user(i)) is not None and not u.private][:3]
+    names = [world.handle(i) for i in indexes]
+    src = hosts.root / "three.txt"
+    src.write_text("\n".join(names) + "\n")
+    cache = UserDirectory(hosts.root / "w" / ".crawler" / "users.db", clock=lambda: time.time() - 2 * 86400)
+    try:
+        for i in indexes:
+            cache.learn(world.handle(i), world.user_id(i))
+    finally:
+        cache.close()
+    (hosts.root / "ttl.toml").write_text(f"[crawl]\nid_ttl_days = 1\n[jobs]\nheartbeat_timeout = {HEARTBEAT}\n")
+    url = pg_url(schema)
+    async with simulator(hosts.key) as sim:
+        starter = await hosts.start("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", url, "--max-items",
+                                                "5", *common(sim.url)],
+                                    extra_env={"CRAWLER_TEST_KILL_AT": "job_printed:1"})
+        jid = await hosts.job_id(starter)
+        await starter.wait()
+        worker = await hosts.start("w", ["work", "--jobs-url", url, "--job", jid, "--until-idle", *common(sim.url)],
+                                   extra_env={"CRAWLER_CONFIG": str(hosts.root / "ttl.toml")})
+        code, err = await hosts.finish(worker)
+        assert code == 0, err[-800:]
+        assert sim.stats.by_endpoint["/userid"] == len(names)

@@ -198,7 +198,7 @@ async def test_hostile_handles_never_write_outside_the_output_directory(simulato
         assert result.exit_code == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
     assert sorted(p.name for p in work.iterdir()) == ["data", "out", "watch.txt"]
-    names = sorted(p.name for p in (work / "out").iterdir() if p.name != ".ingest.lock")
+    names = sorted(p.name for p in (work / "out").iterdir() if p.name not in (".ingest.lock", ".ingest-id"))
     assert all(n.startswith(("profiles-2026-03-01.", "posts-2026-03-01.")) for n in names), names
     failures = _rows(work / "out" / "profiles-2026-03-01.failures.csv")
     assert sum(r["reason"] == "invalid_input" for r in failures) == len(hostile) - 1

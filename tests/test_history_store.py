@@ -22,6 +22,9 @@ BAD_URLS = (
     "mysql://alice:s3cr3t-pw@db.example/crawl",
     "postgresq://alice:s3cr3t-pw@db.example/crawl",
     "sqlite://s3cr3t-pw.db",
+    # postgresql:// but not parseable: libpq's own message quotes the token it stopped at, here the password
+    "postgresql://alice:s3cr3t-pw%zz@db.example/crawl",
+    "postgresql://alice:s3cr3t-pw@[::1/crawl",
 )
 
 
@@ -113,3 +116,18 @@ def test_top_ranks_unknown_gains_last_on_both_stores(store_url: str) -> None:
             "ee_grew_most", "bb_grew", "gg_flat", "dd_shrank"]
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("url", BAD_URLS[-2:])
+def test_an_unparseable_jobs_url_is_exit_2_without_the_password(
+        url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """jobs.url that libpq cannot parse is exit 2 with one line naming the key, never the password."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TIKLIVE_API_KEY", "sim-key")
+    monkeypatch.setenv("TIKLIVE_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.delenv("CRAWLER_CONFIG", raising=False)
+    (tmp_path / "in.txt").write_text("alice\n")
+    assert main(["profiles", "in.txt", "-o", "out.csv", "--jobs-url", url]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "jobs.url" in err, err
+    assert "s3cr3t-pw" not in err

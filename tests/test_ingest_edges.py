@@ -3,12 +3,17 @@ and `--restart` with a store shared beyond the watch list. Expected values come 
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 from pathlib import Path
 
+from crawler.errors import Interrupted
+from crawler.ingest import TEST_NOW_ENV, Ingest, ingest
 from crawler.sim.data import WorldConfig
-from tests.conftest import SimFactory, fast_settings
-from tests.test_cli import public_users
-from tests.test_ingest import day, posts_union, run, snapshots, write_watch
+from crawler.state import StateStore
+from tests.conftest import KEY, SimFactory, fast_settings
+from tests.test_cli import FAST_TOML, crawler, environ, public_users
+from tests.test_ingest import day, night, posts_union, rows, run, snapshots, write_watch
 
 WORLD = WorldConfig(seed=41, users=400, missing_fraction=0.0, private_fraction=0.0)
 
@@ -87,3 +92,147 @@ async def test_restart_replaces_the_watch_lists_snapshots_only(simulator: SimFac
         assert sim.stats.requests - before == 1  # a refetched, b not asked
         snaps = snapshots(url)
         assert (w.user_id(a), day(0)) in snaps and (w.user_id(b), day(0)) in snaps
+
+
+async def test_a_stop_requested_before_the_workers_start_ends_the_run(simulator: SimFactory, tmp_path: Path) -> None:
+    """SIGTERM handled while the run still opens its rate ledger (an await, before any worker exists) ends the run
+    with 143 and no request; it used to leave the feeder waiting for workers that had already returned."""
+    async with simulator(world=WORLD) as sim:
+        w = sim.world
+        watch = public_users(w, 4, max_videos=40)
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"), history_url=str(tmp_path / "h.db"))
+        (tmp_path / "out").mkdir()
+        run = Ingest(str(tmp_path / "watch.txt"), tmp_path / "out", settings, api_key=KEY, date=None,
+                     with_posts=True, restart=False, retry_failed=False, column=None, by_id=False, quiet=True,
+                     clock=night(0))
+        watch_list = StateStore(tmp_path / "watch.db")
+        try:
+            watch_list.add_items([(w.handle(i), w.handle(i), None, None) for i in watch])
+            run.request_stop(Interrupted("stopped by SIGTERM", 143))  # what the signal handler does
+            result = await asyncio.wait_for(run.run(watch_list), 30)
+        finally:
+            watch_list.close()
+        assert result.exit_code == 143 and sim.stats.requests == 0
+
+
+async def test_a_run_across_midnight_counts_what_failed_before_it(simulator: SimFactory, tmp_path: Path) -> None:
+    """A user not found at 23:59:59 and the rest fetched after midnight: exit 3 with the failure in the summary, and
+    every fetched user done (the outcome used to read the last day only: exit 0, one user left "pending")."""
+    async with simulator(world=WORLD) as sim:
+        w = sim.world
+        watch = public_users(w, 4, max_videos=40)
+        write_watch(tmp_path / "watch.txt", ["nosuchuserzz9"] + [w.handle(i) for i in watch])
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"), history_url=str(tmp_path / "h.db"),
+                                 parallelism=1)
+        calls = 0
+
+        def clock() -> dt.datetime:  # midnight passes once the first profile (the unknown name) has failed
+            nonlocal calls
+            calls += 1
+            base = dt.datetime(2026, 1, 1, 23, 59, 59, tzinfo=dt.UTC)
+            return base if calls < 6 else base + dt.timedelta(seconds=2)
+
+        result = await ingest(str(tmp_path / "watch.txt"), tmp_path / "out", settings, api_key=KEY,
+                              install_signals=False, clock=clock, with_posts=False)
+        failed = rows(tmp_path / "out" / f"profiles-{day(0)}.failures.csv")
+        assert [(f["input"], f["reason"]) for f in failed] == [("nosuchuserzz9", "not_found")]
+        fetched = sum(len(rows(tmp_path / "out" / f"profiles-{day(d)}.csv")) for d in (0, 1))
+        assert fetched == len(watch) and sim.stats.requests == len(watch) + 1
+        summary = result.outcomes[0].summary
+        assert result.exit_code == 3
+        assert summary.failures == {"not_found": 1}
+        assert (summary.items_done, summary.items_pending) == (len(watch), 0)
+
+
+async def test_two_out_dirs_at_one_path_sharing_a_store_keep_each_others_rows(simulator: SimFactory,
+                                                                               tmp_path: Path) -> None:
+    """Two hosts sharing one history store, each with its out-dir at the same path (one image, `/data/out`): each
+    run keeps every row of its own day file (committed lengths are per out-dir, not per path)."""
+    async with simulator(world=WORLD) as sim:
+        w = sim.world
+        a1, a2, a3, a4, b1 = public_users(w, 5, max_videos=40)
+        url = str(tmp_path / "h.db")
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"), history_url=url)
+        out = tmp_path / "out"
+        write_watch(tmp_path / "watch.txt", [w.handle(i) for i in (a1, a2, a3)])
+        await run(tmp_path, settings, 0, with_posts=False)  # host A
+        out.rename(tmp_path / "host-a")
+        write_watch(tmp_path / "watch.txt", [w.handle(b1)])
+        await run(tmp_path, settings, 0, with_posts=False)  # host B: the same path, its own files
+        out.rename(tmp_path / "host-b")
+        (tmp_path / "host-a").rename(out)
+        write_watch(tmp_path / "watch.txt", [w.handle(i) for i in (a1, a2, a3, a4)])
+        await run(tmp_path, settings, 0, with_posts=False)  # host A again, an edited list
+        got = rows(out / f"profiles-{day(0)}.csv")
+        assert [r["user_id"] for r in got] == [w.user_id(i) for i in (a1, a2, a3, a4)]
+        assert [r["user_id"] for r in rows(tmp_path / "host-b" / f"profiles-{day(0)}.csv")] == [w.user_id(b1)]
+
+
+async def test_lengths_an_earlier_version_kept_by_path_still_cut_an_uncommitted_tail(simulator: SimFactory,
+                                                                                     tmp_path: Path) -> None:
+    """A store whose committed lengths are keyed by the day file's path (before `DIR/.ingest-id`) still cuts a
+    killed run's uncommitted tail off the file."""
+    import sqlite3
+
+    async with simulator(world=WORLD) as sim:
+        w = sim.world
+        a, b = public_users(w, 2, max_videos=40)
+        url = str(tmp_path / "h.db")
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"), history_url=url)
+        write_watch(tmp_path / "watch.txt", [w.handle(a)])
+        await run(tmp_path, settings, 0, with_posts=False)
+        out = tmp_path / "out"
+        dir_id = (out / ".ingest-id").read_text().strip()
+        with sqlite3.connect(url) as db:  # what the earlier version stored
+            db.execute("UPDATE ingest_files SET path = ? || substr(path, ?)",
+                       (str(out.resolve()), len(dir_id) + 1))
+        (out / ".ingest-id").unlink()
+        f = out / f"profiles-{day(0)}.csv"
+        with f.open("a") as fh:
+            fh.write("999,uncommitted,")  # a killed run's tail
+        write_watch(tmp_path / "watch.txt", [w.handle(a), w.handle(b)])
+        await run(tmp_path, settings, 0, with_posts=False)
+        assert [r["user_id"] for r in rows(f)] == [w.user_id(a), w.user_id(b)]
+
+
+async def test_restart_after_a_list_edit_keeps_the_day_file_equal_to_the_days_snapshots(simulator: SimFactory,
+                                                                                         tmp_path: Path) -> None:
+    """`--restart` after a user left the list keeps that user's row in profiles-DAY.csv (its snapshot stays, so
+    the file holds exactly the day's snapshots); the listed user's row is replaced, once."""
+    async with simulator(world=WORLD) as sim:
+        w = sim.world
+        a, b = public_users(w, 2, min_videos=1, max_videos=40)
+        url = str(tmp_path / "h.db")
+        write_watch(tmp_path / "watch.txt", [w.handle(a), w.handle(b)])
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"), history_url=url)
+        await run(tmp_path, settings, 0, with_posts=False)
+        write_watch(tmp_path / "watch.txt", [w.handle(a)])
+        sim.advance_day()  # a's counts move: the replaced row shows the new ones
+        await run(tmp_path, settings, 0, with_posts=False, restart=True)
+        got = {r["user_id"]: int(r["followers"]) for r in rows(tmp_path / "out" / f"profiles-{day(0)}.csv")}
+        assert len(rows(tmp_path / "out" / f"profiles-{day(0)}.csv")) == 2
+        assert got == {u: f for (u, d), f in snapshots(url).items() if d == day(0)}
+        assert got[w.user_id(a)] == w.user(a).followers  # type: ignore[union-attr]
+
+
+async def test_a_restart_killed_before_its_day_file_is_replaced_is_finished_by_the_next_run(simulator: SimFactory,
+                                                                                           tmp_path: Path) -> None:
+    """`ingest --restart` SIGKILLed after dropping the day's snapshots but before replacing the day file: the next
+    run finishes the replacement, so the file holds each of the day's snapshots once, the kept user's row too."""
+    async with simulator(world=WORLD) as sim:
+        w = sim.world
+        a, b = public_users(w, 2, min_videos=1, max_videos=40)
+        url = str(tmp_path / "h.db")
+        write_watch(tmp_path / "watch.txt", [w.handle(a), w.handle(b)])
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"), history_url=url)
+        await run(tmp_path, settings, 0, with_posts=False)
+        write_watch(tmp_path / "watch.txt", [w.handle(a)])
+        (tmp_path / "fast.toml").write_text(FAST_TOML)
+        env = environ(sim) | {TEST_NOW_ENV: night(0)().isoformat(), "CRAWLER_TEST_KILL_AT": "restarted:1"}
+        code, _, err = await crawler(["ingest", "watch.txt", "--out-dir", "out", "--restart", "--config", "fast.toml",
+                                      "--data-dir", "data", "--history-url", url, "-q"], env, tmp_path)
+        assert code == -9, err  # killed at the point
+        await run(tmp_path, settings, 0, with_posts=False)
+        got = [r["user_id"] for r in rows(tmp_path / "out" / f"profiles-{day(0)}.csv")]
+        assert sorted(got) == sorted([w.user_id(a), w.user_id(b)])
+        assert sorted(got) == sorted(u for u, d in snapshots(url) if d == day(0))

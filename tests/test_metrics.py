@@ -206,3 +206,31 @@ async def test_a_metrics_file_without_prom_is_exit_2_and_writes_nothing(simulato
                                       environ(sim), tmp_path)
             assert code == 2 and len(err.strip().splitlines()) == 1 and flags[0] in err, err
             assert sim.stats.requests == 0 and sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+async def test_an_ingest_turned_away_by_a_held_out_dir_keeps_the_last_success(simulator: SimFactory,
+                                                                              tmp_path: Path) -> None:
+    """An ingest that finds its out-dir held (exit 0, nothing done) records its run but keeps the last success: a
+    hung ingest holding the out-dir must not look like a nightly success to the stale-success alert."""
+    import fcntl
+
+    (tmp_path / "fast.toml").write_text(FAST_TOML)
+    args = ["ingest", "watch.txt", "--out-dir", "out", "--config", "fast.toml", "--data-dir", "d", "--metrics-file",
+            "m.prom", "-q"]
+    async with simulator(world=WORLD) as sim:
+        (tmp_path / "watch.txt").write_text("\n".join(handles(sim.world, 2)) + "\n")
+        code, err = await crawler(args, environ(sim), tmp_path)
+        assert code == 0, err
+        first = series(tmp_path / "m.prom")
+        success = value(first, "crawler_last_success_timestamp_seconds", "ingest")
+        fd = os.open(tmp_path / "out" / ".ingest.lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a running (or hung) ingest
+            before = sim.stats.requests
+            code, err = await crawler(args, environ(sim), tmp_path)
+        finally:
+            os.close(fd)
+        assert code == 0 and "held by a running ingest" in err and sim.stats.requests == before
+        held = series(tmp_path / "m.prom")
+        assert value(held, "crawler_last_run_timestamp_seconds", "ingest") > success
+        assert value(held, "crawler_last_success_timestamp_seconds", "ingest") == success
