@@ -40,7 +40,7 @@ from crawler.errors import (
     rank,
 )
 from crawler.inputs import input_items
-from crawler.job import JobOptions, WorkItem, failures_path
+from crawler.job import JobOptions, WorkItem, check_output_path, failures_path
 from crawler.jobstore import ItemWalker, step_update
 from crawler.ledger import ledger_name
 from crawler.outcome import Outcome
@@ -435,6 +435,8 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
     spec = COMMANDS[job.command]
     out = Path(job.output)
     options = {k: v for k, v in asdict(job).items() if k not in ("input", "output", "command")}
+    # Never the input file (nor a path through a file), new job, --restart or resumed alike.
+    check_output_path(job, overwrite=overwrite)
     async with _store(settings, url) as store:
         await itemqueue.install(url)
         spool, digest = _spool(job, spec)

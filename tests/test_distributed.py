@@ -617,3 +617,26 @@ async def test_sigterm_stops_a_worker_and_the_starter_cleanly_and_the_job_resume
     assert final == SINGLE_CODE[src], ferr[-800:]
     got = rows(hosts.root / "starter" / "out.csv")
     assert len(got) == len(set(got)) and set(got) == set(expected)
+
+
+async def test_the_input_file_is_never_the_output_of_a_postgresql_job(hosts: Hosts, schema: str) -> None:
+    """`-o` naming the input file: exit 2 before any request, the input untouched, whether the job is new, run again
+    with --restart, or resumed (created by an earlier run to another output); --overwrite is the way to mean it."""
+    src = hosts.root / "handles.csv"  # a list of handles, one a line, that happens to end in .csv
+    src.write_bytes(handles(hosts.root, 5, offset=1950).read_bytes())
+    before = src.read_bytes()
+    url = pg_url(schema)
+    async with simulator(hosts.key) as sim:
+        first = await hosts.start("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", url,
+                                              *common(sim.url)], extra_env={"CRAWLER_TEST_STOP_AT": "job_printed:1"})
+        jid = await hosts.job_id(first)
+        await until(lambda: _stopped(first.pid), "the starter frozen once the job exists")
+        first.kill()
+        await first.wait()
+        for extra in ([], ["--restart"]):
+            code, _, err = await hosts.run("starter", ["posts", str(src), "-o", str(src), "--jobs-url", url,
+                                                       *common(sim.url), *extra])
+            assert code == 2 and "is the input file" in err.strip().splitlines()[-1], err[-800:]
+            assert src.read_bytes() == before
+        assert sim.stats.requests == 0
+        assert await pg_value(schema, "SELECT count(*) FROM crawler_items WHERE job = %s", jid) > 0  # kept
