@@ -107,6 +107,7 @@ class SessionResult:
     rate_limited: int = 0
     retries: int = 0
     rate_wait_seconds: float = 0.0
+    responses: dict[str, int] = field(default_factory=dict)  # this worker's requests by what they met
     error: CrawlerError | None = None
     held: list[int] = field(default_factory=list)
 
@@ -195,6 +196,7 @@ class JobWorker(ItemWalker):
         r.requests_sent, r.credits_billed, r.rate_limited, r.retries = (c.requests_sent, c.credits_billed,
                                                                        c.rate_limited, c.retries)
         r.rate_wait_seconds = self.client.gate.wait_seconds
+        r.responses = dict(c.responses)
         r.error = self._stop_error
         r.held = sorted(self._held)
         if not isinstance(self._stop_error, StoreLost):
@@ -462,8 +464,9 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
         pg = await store.job(jid)
         assert pg is not None
         if pg.status == "done" and await asyncio.to_thread(out.exists) and not restart and not retry:
-            return _summary(job, store, pg, await store.progress(jid), None, started, status="already complete",
-                            result=SessionResult(), settings=settings, reason="nothing to do; --restart runs it again")
+            return _summary(job, store, pg, await store.progress(jid), await store.failure_counts(jid), None, started,
+                            status="already complete", result=SessionResult(), settings=settings,
+                            reason="nothing to do; --restart runs it again")
         await itemqueue.enqueue(url, jid, await store.orphans(jid, heartbeat_timeout=pg.heartbeat_timeout))
         worker_id = await _register(store, settings, api_key, jid)
         stopper: list[JobWorker | None] = [None]
@@ -505,7 +508,8 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
                 await store.set_status(jid, "done")
                 await export(store, jid, out, spec, bom=settings.output_bom, raw=settings.output_raw)
             write_failures(failures_path(out), await store.failures(jid), raw=settings.output_raw)
-            return _summary(job, store, pg, progress, error, started, status="completed" if complete else "stopped",
+            return _summary(job, store, pg, progress, await store.failure_counts(jid), error, started,
+                            status="completed" if complete else "stopped",
                             result=result, settings=settings)
         finally:
             _remove_signals(installed)
@@ -520,10 +524,13 @@ def _merge(a: SessionResult, b: SessionResult) -> None:
     a.rate_limited += b.rate_limited
     a.retries += b.retries
     a.rate_wait_seconds += b.rate_wait_seconds
+    for kind, n in b.responses.items():
+        a.responses[kind] = a.responses.get(kind, 0) + n
 
 
-def _summary(job: JobOptions, store: PgJobStore, pg: PgJob, progress: Any, error: CrawlerError | None,
-             started: float, *, status: str, result: SessionResult, settings: Settings, reason: str = "") -> Outcome:
+def _summary(job: JobOptions, store: PgJobStore, pg: PgJob, progress: Any, fails: dict[str, int],
+             error: CrawlerError | None, started: float, *, status: str, result: SessionResult, settings: Settings,
+             reason: str = "") -> Outcome:
     out = Path(job.output)
     failures_file = failures_path(out)
     summary = Summary(
@@ -533,7 +540,8 @@ def _summary(job: JobOptions, store: PgJobStore, pg: PgJob, progress: Any, error
         rate_limited=result.rate_limited, retries=result.retries, elapsed=time.monotonic() - started,
         parallelism=settings.parallelism or 8,
         rate_used=f"{settings.rate_limit} per {settings.rate_window:g} s" if settings.rate_enabled else "no limit",
-        rate_wait_seconds=result.rate_wait_seconds, failures={},
+        rate_wait_seconds=result.rate_wait_seconds, failures=fails, run_credits_billed=result.credits_billed,
+        responses=dict(result.responses),
         output=str(out) if status != "stopped" else f"job {pg.id} in {store.where}",
         failures_file=str(failures_file) if progress.failed else "",
         reason=reason or (str(error) if error else ""),

@@ -623,7 +623,7 @@ async def test_the_input_file_is_never_the_output_of_a_postgresql_job(hosts: Hos
     """`-o` naming the input file: exit 2 before any request, the input untouched, whether the job is new, run again
     with --restart, or resumed (created by an earlier run to another output); --overwrite is the way to mean it."""
     src = hosts.root / "handles.csv"  # a list of handles, one a line, that happens to end in .csv
-    src.write_bytes(handles(hosts.root, 5, offset=1950).read_bytes())
+    src.write_bytes(handles(hosts.root, 5, offset=1940).read_bytes())
     before = src.read_bytes()
     url = pg_url(schema)
     async with simulator(hosts.key) as sim:
@@ -639,4 +639,26 @@ async def test_the_input_file_is_never_the_output_of_a_postgresql_job(hosts: Hos
             assert code == 2 and "is the input file" in err.strip().splitlines()[-1], err[-800:]
             assert src.read_bytes() == before
         assert sim.stats.requests == 0
-        assert await pg_value(schema, "SELECT count(*) FROM crawler_items WHERE job = %s", jid) > 0  # kept
+        assert await pg_value(schema, "SELECT count(*) FROM crawler_items WHERE job = %s", jid) == 5  # kept
+
+
+async def test_the_starters_summary_and_metrics_count_what_it_billed(hosts: Hosts, schema: str) -> None:
+    """The starter alone on a small job (two private accounts), with --summary-json and --metrics-file: this run's
+    credits_billed and responses are the simulator's (not 0 and none) and its failures by reason the failures file's,
+    as a local run reports them."""
+    src = handles(hosts.root, 10, offset=400)
+    async with simulator(hosts.key) as sim:
+        code, _, err = await hosts.run("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", pg_url(schema),
+                                                   "--summary-json", "s.json", "--metrics-file", "m.prom",
+                                                   *common(sim.url, "--max-items", "20")])
+        sent, billed = sim.stats.requests, sum(sim.stats.billed.values())
+    assert code == 3, err[-800:]
+    summary = json.loads((hosts.root / "starter" / "s.json").read_text())
+    with (hosts.root / "starter" / "out.failures.csv").open(newline="") as fh:
+        reasons = [r["reason"] for r in csv.DictReader(fh)]
+    assert summary["failures"] == {"private": 2} and reasons == ["private", "private"], summary
+    assert (summary["run_requests"], summary["run_credits_billed"]) == (sent, billed), summary
+    assert sum(summary["responses"].values()) == sent, summary
+    prom = (hosts.root / "starter" / "m.prom").read_text()
+    assert re.search(rf'^crawler_credits_billed{{command="posts"}} {billed}\.0$', prom, re.M), prom
+    assert re.search(r'^crawler_responses{command="posts",outcome="ok"} [1-9]', prom, re.M), prom
