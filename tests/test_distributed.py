@@ -662,3 +662,29 @@ async def test_the_starters_summary_and_metrics_count_what_it_billed(hosts: Host
     prom = (hosts.root / "starter" / "m.prom").read_text()
     assert re.search(rf'^crawler_credits_billed{{command="posts"}} {billed}\.0$', prom, re.M), prom
     assert re.search(r'^crawler_responses{command="posts",outcome="ok"} [1-9]', prom, re.M), prom
+
+
+async def test_crawler_jobs_lists_a_service_worker_that_worked_the_job_after_it_goes_idle(hosts: Hosts,
+                                                                                         schema: str) -> None:
+    """A `crawler work` service (no --until-idle) works items of a job, then idles waiting for new jobs: `crawler
+    jobs` still lists it among the job's workers seen, beside the starter."""
+    src = handles(hosts.root, 40, offset=1000)
+    url = pg_url(schema)
+    async with simulator(hosts.key, latency=(0.02, 0.05)) as sim:
+        starter = await hosts.start("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", url,
+                                                *common(sim.url, "--max-items", "30", "--page-size", "10")])
+        jid = await hosts.job_id(starter)
+        service = await hosts.start("w", ["work", "--jobs-url", url, *common(sim.url)])
+        code, err = await hosts.finish(starter)
+        idle = "SELECT count(*) FROM crawler_workers WHERE pid = %s AND job IS NULL"
+        await until(lambda: pg_value(schema, idle, service.pid), "the service idle, waiting for new jobs")
+        jcode, listing, jerr = await hosts.run("jobs", ["jobs", "--jobs-url", url, "--json"])
+        service.send_signal(signal.SIGTERM)
+        wcode, werr = await hosts.finish(service, bound=60)
+    assert code in (0, 3), err[-800:]
+    assert worked(werr) > 0, werr[-800:]
+    assert jcode == 0, jerr
+    (job,) = json.loads(listing)
+    assert job["id"] == jid
+    assert sorted(w["pid"] for w in job["workers"]) == sorted([starter.pid, service.pid]), job["workers"]
+    assert wcode == 143, werr[-800:]
