@@ -460,13 +460,16 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
         print(f"crawler: job {jid} ({masked(url)})", file=sys.stderr)
         killpoints.reached("job_printed")
         retry = RETRIABLE_ALL if retry_failed == "all" else RETRIABLE if retry_failed else ()
-        await store.resume(jid, settings.max_credits, retry=retry, bom=settings.output_bom, raw=settings.output_raw)
         pg = await store.job(jid)
         assert pg is not None
         if pg.status == "done" and await asyncio.to_thread(out.exists) and not restart and not retry:
+            # Before resume(): the job keeps the output.bom/output.raw its OUT.csv was written with (export's).
             return _summary(job, store, pg, await store.progress(jid), await store.failure_counts(jid), None, started,
                             status="already complete", result=SessionResult(), settings=settings,
                             reason="nothing to do; --restart runs it again")
+        await store.resume(jid, settings.max_credits, retry=retry, bom=settings.output_bom, raw=settings.output_raw)
+        pg = await store.job(jid)
+        assert pg is not None
         await itemqueue.enqueue(url, jid, await store.orphans(jid, heartbeat_timeout=pg.heartbeat_timeout))
         worker_id = await _register(store, settings, api_key, jid)
         stopper: list[JobWorker | None] = [None]

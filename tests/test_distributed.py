@@ -688,3 +688,23 @@ async def test_crawler_jobs_lists_a_service_worker_that_worked_the_job_after_it_
     assert job["id"] == jid
     assert sorted(w["pid"] for w in job["workers"]) == sorted([starter.pid, service.pid]), job["workers"]
     assert wcode == 143, werr[-800:]
+
+
+async def test_a_finished_job_run_again_without_bom_still_exports_its_output_byte_for_byte(hosts: Hosts,
+                                                                                          schema: str) -> None:
+    """A job finished with --bom, its command run again without --bom ("already complete", nothing written): `crawler
+    export` still reproduces OUT.csv byte for byte (the BOM it was written with)."""
+    src = handles(hosts.root, 5, offset=1400)
+    url = pg_url(schema)
+    args = ["posts", str(src), "-o", "out.csv", "--jobs-url", url]
+    async with simulator(hosts.key) as sim:
+        first, _, err = await hosts.run("starter", [*args, "--bom", *common(sim.url, "--max-items", "10")])
+        assert first in (0, 3), err[-800:]
+        again, _, err = await hosts.run("starter", [*args, *common(sim.url, "--max-items", "10")])
+        assert again == first and "already complete" in err, err[-800:]
+    out = hosts.root / "starter" / "out.csv"
+    jid = await pg_value(schema, "SELECT id FROM crawler_jobs")
+    code, _, err = await hosts.run("export", ["export", jid, "-o", str(hosts.root / "again.csv"), "--jobs-url", url])
+    assert code == 0, err
+    assert out.read_bytes().startswith("\ufeff".encode())
+    assert (hosts.root / "again.csv").read_bytes() == out.read_bytes()
