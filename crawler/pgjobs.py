@@ -493,24 +493,29 @@ class PgJobStore:
                 assert bumped is not None
                 page.new_version = int(bumped[0])
                 page.committed = True
+            # Only while the job exists: a --restart deletes it before creating it anew (its pages are refused above).
             await conn.execute(
                 "INSERT INTO crawler_sessions AS s (job, session, requests_sent, credits_billed, rows)"
-                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (job, session) DO UPDATE SET requests_sent ="
+                " SELECT %s, %s, %s, %s, %s WHERE EXISTS (SELECT 1 FROM crawler_jobs WHERE id = %s)"
+                " ON CONFLICT (job, session) DO UPDATE SET requests_sent ="
                 " GREATEST(s.requests_sent, excluded.requests_sent), credits_billed = GREATEST(s.credits_billed,"
-                " excluded.credits_billed), rows = s.rows + excluded.rows", (jid, session, sent, billed, rows_total))
+                " excluded.credits_billed), rows = s.rows + excluded.rows",
+                (jid, session, sent, billed, rows_total, jid))
 
         await self._run(run)
 
     async def grant(self, jid: str, session: str, have: int, want: int) -> int:
         """Reserve up to `want` more requests of the job's budget for a session already granted `have`, before
         sending them; how many were granted. Idempotent: run again after a lost COMMIT reply, it finds the
-        session's grant already above `have` and hands that back instead of reserving twice."""
+        session's grant already above `have` and hands that back instead of reserving twice. The job gone (deleted by
+        --restart): LeaseLost."""
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> int:
             # The job row is the budget's lock (a short transaction; a frozen holder is ended by the server).
             cur = await conn.execute("SELECT max_credits, reserved FROM crawler_jobs WHERE id = %s FOR UPDATE", (jid,))
             row = await cur.fetchone()
-            assert row is not None
+            if row is None:  # deleted (--restart): the item this request is for is no longer this worker's
+                raise LeaseLost()
             cur = await conn.execute("SELECT reserved FROM crawler_sessions WHERE job = %s AND session = %s",
                                      (jid, session))
             mine = await cur.fetchone()

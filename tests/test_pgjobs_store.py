@@ -185,3 +185,22 @@ async def test_an_item_cancelled_before_it_starts_still_releases_the_queue() -> 
         for task in list(worker._tasks):
             task.cancel()
         await asyncio.wait_for(handler, 5)
+
+
+async def test_a_worker_whose_job_is_deleted_by_a_restart_loses_its_item_instead_of_crashing(store: Replaying) -> None:
+    """--restart deletes the job before it creates it anew (two transactions; the new one copies the whole input): a
+    worker's commit or budget grant in between finds no job. Its page is refused and its grant is a lost lease (the
+    item dropped, as on a takeover), not a foreign-key violation or an assertion that ends the worker."""
+    from crawler.pgjobs import LeaseLost
+
+    assert await store.create_job("j6", "posts", {}, ENTRIES)
+    taken = await store.take("j6", 1, "w")
+    assert taken is not None
+    await store.delete_job("j6")
+    late = page(1, taken.version, "a")
+    await store.commit("j6", "s", [late], 3, 3)
+    assert not late.committed
+    with pytest.raises(LeaseLost):
+        await store.grant("j6", "s", 0, 4)
+    await store.give_back("j6", "s", 0)
+    assert await store.job("j6") is None
