@@ -193,6 +193,11 @@ def _is_connection_error(exc: BaseException) -> bool:
                             psycopg.errors.IdleInTransactionSessionTimeout))
 
 
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 def connect_kwargs(heartbeat_timeout: float, connect_timeout: float) -> dict[str, Any]:
     """libpq parameters of every connection of a worker: TCP keepalives so a peer gone silent (a cut network,
     a frozen host) is found dead within about the heartbeat timeout, and a connect timeout."""
@@ -223,6 +228,8 @@ class PgJobStore:
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._lock = asyncio.Lock()
         self._down_since: float | None = None
+        self._abandon: RunStopped | None = None
+        self._abandoned = asyncio.Event()
 
     async def __aenter__(self) -> PgJobStore:
         await self.open()
@@ -252,6 +259,13 @@ class PgJobStore:
             raise UsageError(f"{self.where}: cannot use PostgreSQL ({type(exc).__name__}: {why}); start it or fix"
                              " the URL") from None
 
+    def abandon(self, error: RunStopped) -> None:
+        """A stop (SIGTERM/SIGINT): from now on a call that finds the server away raises `error` at once instead of
+        retrying until retry.stall_limit (nothing more can be committed; what was is kept). A server that answers
+        still gets the calls of a clean end."""
+        self._abandon = error
+        self._abandoned.set()
+
     async def _connect(self) -> None:
         import psycopg
 
@@ -278,7 +292,9 @@ class PgJobStore:
         Shielded: a caller cancelled (a stop) leaves the transaction to finish or roll back on its own, never the
         connection half-way through a query for the next caller.
         """
-        return await asyncio.shield(self._run_now(fn))
+        task = asyncio.ensure_future(self._run_now(fn))
+        task.add_done_callback(_retrieved)  # a caller cancelled meanwhile never reads its error: no "never retrieved"
+        return await asyncio.shield(task)
 
     async def _run_now(self, fn: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
         delay = 0.1
@@ -299,13 +315,18 @@ class PgJobStore:
                     if not _is_connection_error(exc):
                         raise
                     await self.aclose()
+                    if self._abandon is not None:
+                        raise self._abandon from None
                     now = time.monotonic()
                     if self._down_since is None:
                         self._down_since = now
                         log.warning("%s: lost (%s); retrying", self.where, type(exc).__name__)
                     if now - self._down_since >= self.stall_limit:
                         raise self._lost() from None
-                    await asyncio.sleep(min(delay, max(self._down_since + self.stall_limit - now, 0.01)))
+                    # The backoff, cut short by a stop.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._abandoned.wait(),
+                                               min(delay, max(self._down_since + self.stall_limit - now, 0.01)))
                     delay = min(delay * 2, 2.0)
 
     def _lost(self) -> StoreLost:

@@ -187,8 +187,9 @@ class JobWorker(ItemWalker):
                         await writer
                 if self._stop_error is None or not isinstance(self._stop_error, StoreLost):
                     await self._commit([])  # requests sent after the last page still count
-        except StoreLost as exc:
-            self._stop_error = exc
+        except RunStopped as exc:  # StoreLost, or a stop while the store is away
+            if self._stop_error is None or rank(exc) <= rank(self._stop_error):
+                self._stop_error = exc
         finally:
             self.users.close()
         c = self.client.counters
@@ -200,7 +201,7 @@ class JobWorker(ItemWalker):
         r.error = self._stop_error
         r.held = sorted(self._held)
         if not isinstance(self._stop_error, StoreLost):
-            with contextlib.suppress(StoreLost):
+            with contextlib.suppress(RunStopped):  # StoreLost, or a stop while the store is away
                 await self.store.give_back(self.jid, self.session, self.budget.used)
                 await self.store.leave(self.worker_id)
                 await itemqueue.enqueue(self.store.url, self.jid,
@@ -294,7 +295,7 @@ class JobWorker(ItemWalker):
             if group:
                 try:
                     pages = await self._commit([p.batch for p in group])
-                except StoreLost as exc:
+                except RunStopped as exc:  # the store lost, or a stop while it is away (PgJobStore.abandon)
                     self.request_stop(exc)
                     for p in group:
                         if not p.ack.done():
@@ -346,7 +347,7 @@ class JobWorker(ItemWalker):
                                             [s for s in await self.store.orphans(
                                                 self.jid, heartbeat_timeout=self.heartbeat_timeout)
                                              if s not in self._held])
-            except StoreLost as exc:
+            except RunStopped as exc:
                 self.request_stop(exc)
                 return
             except Exception as exc:  # the queue's own connection failing: the next beat tries again
@@ -477,6 +478,8 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
 
         def stop(error: CrawlerError) -> None:
             stopped[:] = [error]
+            if isinstance(error, RunStopped):
+                store.abandon(error)  # a store away no longer holds the stop for retry.stall_limit
             if stopper[0] is not None:
                 stopper[0].request_stop(error)
 
@@ -591,6 +594,8 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
         def stop(error: CrawlerError) -> None:
             stopped[:] = [error]
             wake.set()
+            if isinstance(error, RunStopped):
+                store.abandon(error)  # a store away no longer holds the stop for retry.stall_limit
             if stopper[0] is not None:
                 stopper[0].request_stop(error)
 
@@ -624,7 +629,7 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
                     break
         finally:
             _remove_signals(installed)
-            with contextlib.suppress(StoreLost):
+            with contextlib.suppress(RunStopped):
                 await store.leave(worker_id)
         error = worst or (stopped[0] if stopped else None)
         if error is not None:

@@ -708,3 +708,38 @@ async def test_a_finished_job_run_again_without_bom_still_exports_its_output_byt
     assert code == 0, err
     assert out.read_bytes().startswith("\ufeff".encode())
     assert (hosts.root / "again.csv").read_bytes() == out.read_bytes()
+
+
+async def test_sigterm_while_postgresql_is_away_stops_a_worker_at_once(hosts: Hosts, schema: str) -> None:
+    """PostgreSQL cut mid-run and a `crawler work` (a systemd service) sent SIGTERM while it waits for it: it exits 143
+    within a few seconds, not after retry.stall_limit (60 s here; systemd kills a unit after 90 s by default), and the
+    job, resumed, has a single-host run's rows once each."""
+    src = handles(hosts.root, 60, offset=1300)
+    opts = ("--max-items", "60", "--page-size", "10")
+    async with simulator(hosts.key, latency=(0.02, 0.05)) as sim, Proxy() as proxy:
+        expected, _ = await single_host(hosts, src, sim, *opts)
+        url = pg_url(schema, proxy.port)
+        args = ["posts", str(src), "-o", "out.csv", "--jobs-url", url, *common(sim.url, *opts)]
+        starter = await hosts.start("starter", args, stall_limit=60)
+        jid = await hosts.job_id(starter)
+        worker = await hosts.start("w", ["work", "--jobs-url", url, "--job", jid, *common(sim.url)], stall_limit=60)
+        mine = f"%:{worker.pid}:%"
+        held = "SELECT count(*) FROM crawler_items WHERE status = 'pending' AND owner LIKE %s"
+        await until(lambda: worker.returncode is not None or pg_value(schema, held, mine), "the worker holding items")
+        assert worker.returncode is None, hosts.stderr[worker.pid]
+        proxy.cut()
+        await until(lambda: any("lost" in line or "failed" in line for line in hosts.stderr[worker.pid]),
+                    "the worker noticing the outage", 30)
+        worker.send_signal(signal.SIGTERM)
+        starter.send_signal(signal.SIGTERM)
+        wcode, werr = await hosts.finish(worker, bound=15)
+        code, err = await hosts.finish(starter, bound=15)
+        proxy.up = True
+        again = await hosts.start("starter", args, stall_limit=60)
+        final, ferr = await hosts.finish(again)
+    assert wcode == 143, werr[-800:]
+    assert code == 143 and "resume with: crawler posts" in err.strip().splitlines()[-1], err[-800:]
+    assert "Traceback" not in werr + err, (werr + err)[-3000:]
+    assert final == SINGLE_CODE[src], ferr[-800:]
+    got = rows(hosts.root / "starter" / "out.csv")
+    assert len(got) == len(set(got)) and set(got) == set(expected)
