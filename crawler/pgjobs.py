@@ -338,7 +338,12 @@ class PgJobStore:
     async def create_job(self, jid: str, command: str, options: dict[str, Any],
                          entries: Iterable[tuple[str, str, str | None, str | None]], *,
                          heartbeat_timeout: float | None = None, bom: bool = False, raw: bool = False) -> bool:
-        """Create the job with its items (one transaction: a job is never seen half-read); False if it exists."""
+        """Create the job with its items (one transaction: a job is never seen half-read); False if it exists.
+
+        `entries` is iterated once per try (a lost connection runs the transaction again): a list, or an iterable
+        that starts over at each `iter()`, never a one-shot iterator."""
+        if iter(entries) is entries:
+            raise TypeError("create_job needs entries it can read again (a lost connection retries the transaction)")
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> bool:
             cur = await conn.execute(

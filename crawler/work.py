@@ -377,11 +377,22 @@ def _spool(job: JobOptions, spec: CommandSpec) -> tuple[Path, str]:
     return Path(name), digest()
 
 
-def _spooled(path: Path) -> Iterator[tuple[str, str, str | None, str | None]]:
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            key, raw, reason, detail = json.loads(line)
-            yield key, raw, reason, detail
+class _Spooled:
+    """The spooled input, read from the start at every iteration: create_job's transaction run again after a lost
+    connection copies every item again (a generator, read once, left the job only the items after the break)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __iter__(self) -> Iterator[tuple[str, str, str | None, str | None]]:
+        with self.path.open(encoding="utf-8") as fh:
+            for line in fh:
+                key, raw, reason, detail = json.loads(line)
+                yield key, raw, reason, detail
+
+
+def _spooled(path: Path) -> _Spooled:
+    return _Spooled(path)
 
 
 async def _register(store: PgJobStore, settings: Settings, key: Secret, jid: str | None) -> str:

@@ -204,3 +204,17 @@ async def test_a_worker_whose_job_is_deleted_by_a_restart_loses_its_item_instead
         await store.grant("j6", "s", 0, 4)
     await store.give_back("j6", "s", 0)
     assert await store.job("j6") is None
+
+
+async def test_a_job_created_again_after_a_lost_connection_has_every_item(store: Replaying, tmp_path: Any) -> None:
+    """The starter's create_job copies the input from its spool file; the connection lost mid-way runs the
+    transaction again (`_run`'s retry): the job then has every input item, not only those after where the first try
+    stopped reading (a spool read once was exhausted by the first try)."""
+    from crawler.work import _spooled
+
+    spool = tmp_path / "spool.jsonl"
+    spool.write_text("".join(json.dumps([f"h{i}", f"@h{i}", None, None]) + "\n" for i in range(5)))
+    store.roll_back_first = True  # the first try rolled back, as when the connection died before COMMIT
+    assert await store.create_job("j7", "posts", {}, _spooled(spool))
+    progress = await store.progress("j7")
+    assert (progress.total, progress.pending) == (5, 5)
