@@ -329,6 +329,30 @@ class PgJobStore:
                                                min(delay, max(self._down_since + self.stall_limit - now, 0.01)))
                     delay = min(delay * 2, 2.0)
 
+    async def outside(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Run `call()` (a new try each time: an idempotent piece of work on a connection of its own, such as putting
+        items on the queue) until it gets an answer: a lost server is retried with backoff like the store's own
+        calls, StoreLost after the stall limit, the stop at once after `abandon()`."""
+        delay = 0.1
+        down: float | None = None
+        while True:
+            try:
+                return await call()
+            except Exception as exc:
+                if not _is_connection_error(exc):
+                    raise
+                if self._abandon is not None:
+                    raise self._abandon from None
+                now = time.monotonic()
+                if down is None:
+                    down = now
+                    log.warning("%s: lost (%s); retrying", self.where, type(exc).__name__)
+                if now - down >= self.stall_limit:
+                    raise self._lost() from None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._abandoned.wait(), min(delay, max(down + self.stall_limit - now, 0.01)))
+                delay = min(delay * 2, 2.0)
+
     def _lost(self) -> StoreLost:
         return StoreLost(f"{self.where} has not answered for {self.stall_limit:g} s (retry.stall_limit); what was"
                          " committed is kept: start PostgreSQL and run the same command again")

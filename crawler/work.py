@@ -204,8 +204,8 @@ class JobWorker(ItemWalker):
             with contextlib.suppress(RunStopped):  # StoreLost, or a stop while the store is away
                 await self.store.give_back(self.jid, self.session, self.budget.used)
                 await self.store.leave(self.worker_id)
-                await itemqueue.enqueue(self.store.url, self.jid,
-                                        await self.store.orphans(self.jid, heartbeat_timeout=self.heartbeat_timeout))
+                orphans = await self.store.orphans(self.jid, heartbeat_timeout=self.heartbeat_timeout)
+                await self.store.outside(lambda: itemqueue.enqueue(self.store.url, self.jid, orphans))
         return r
 
     async def _take_items(self) -> None:
@@ -452,7 +452,7 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
     # Never the input file (nor a path through a file), new job, --restart or resumed alike.
     check_output_path(job, overwrite=overwrite)
     async with _store(settings, url) as store:
-        await itemqueue.install(url)
+        await store.outside(lambda: itemqueue.install(url))
         spool, digest = _spool(job, spec)
         try:
             jid = job_id(job.command, options, digest)
@@ -482,7 +482,8 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
         await store.resume(jid, settings.max_credits, retry=retry, bom=settings.output_bom, raw=settings.output_raw)
         pg = await store.job(jid)
         assert pg is not None
-        await itemqueue.enqueue(url, jid, await store.orphans(jid, heartbeat_timeout=pg.heartbeat_timeout))
+        orphans = await store.orphans(jid, heartbeat_timeout=pg.heartbeat_timeout)
+        await store.outside(lambda: itemqueue.enqueue(url, jid, orphans))
         worker_id = await _register(store, settings, api_key, jid)
         stopper: list[JobWorker | None] = [None]
         stopped: list[CrawlerError] = []
@@ -594,7 +595,7 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
                quiet: bool = False) -> int:
     """`crawler work`: join open jobs (or one) as a worker; with `until_idle`, exit when none has items left."""
     async with _store(settings, url) as store:
-        await itemqueue.install(url)
+        await store.outside(lambda: itemqueue.install(url))
         if job is not None and await store.job(job) is None:
             raise UsageError(f"--job {job}: no such job in {store.where} (see crawler jobs --jobs-url URL)")
         worker_id = await _register(store, settings, api_key, None)

@@ -452,6 +452,7 @@ class Proxy:
     def __init__(self) -> None:
         self.port = 0
         self.up = True
+        self.refused = 0  # connections refused while down
         self._pipes: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
 
@@ -473,6 +474,7 @@ class Proxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self.up:
+            self.refused += 1
             writer.transport.abort()
             return
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", 5432)

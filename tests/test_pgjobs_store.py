@@ -218,3 +218,34 @@ async def test_a_job_created_again_after_a_lost_connection_has_every_item(store:
     assert await store.create_job("j7", "posts", {}, _spooled(spool))
     progress = await store.progress("j7")
     assert (progress.total, progress.pending) == (5, 5)
+
+
+async def test_putting_items_on_the_queue_waits_out_a_postgresql_blip(store: Replaying) -> None:
+    """The queue's own connection (enqueue: the starter's items, a session's items handed back) refused for a while:
+    the store retries it like its own calls, the items are queued once PostgreSQL answers; gone past the stall limit,
+    StoreLost (the one-line exit 1), not a driver error that ends the process as an unexpected one."""
+    from crawler import itemqueue
+    from crawler.pgjobs import StoreLost
+    from tests.test_distributed import Proxy
+
+    await itemqueue.install(store.url)
+    assert await store.create_job("j8", "posts", {}, ENTRIES)
+    schema_url = store.url.replace("127.0.0.1:5432", "127.0.0.1:{port}")
+    async with Proxy() as proxy:
+        through = schema_url.format(port=proxy.port)
+        proxy.up = False
+        queued = asyncio.create_task(store.outside(lambda: itemqueue.enqueue(through, "j8", [1, 2])))
+        async with asyncio.timeout(10):
+            while proxy.refused < 2 and not queued.done():  # two tries refused (bounded)
+                await asyncio.sleep(0.01)
+        assert not queued.done()
+        proxy.up = True
+        await asyncio.wait_for(queued, 10)
+        proxy.up = False
+        store.stall_limit = 0.5
+        with pytest.raises(StoreLost, match="has not answered"):
+            await asyncio.wait_for(store.outside(lambda: itemqueue.enqueue(through, "j8", [1])), 10)
+    async with await psycopg.AsyncConnection.connect(store.url) as conn:
+        cur = await conn.execute("SELECT count(*) FROM pgqueuer WHERE entrypoint = 'crawler_j8'")
+        row = await cur.fetchone()
+    assert row is not None and row[0] == 2
