@@ -118,6 +118,17 @@ def job_files(out: Path) -> list[Path]:
 def check_output(job: JobOptions, *, overwrite: bool = False) -> None:
     """Refuse an output that would destroy something: a path through a file, the input, a file not ours."""
     out = Path(job.output)
+    check_output_path(job, overwrite=overwrite)
+    if not out.exists() or overwrite:
+        return
+    if not state_path(out).exists():
+        raise UsageError(f"--output {out} exists and was not written by crawler: choose another output, or add"
+                         " --overwrite to replace it")
+
+
+def check_output_path(job: JobOptions, *, overwrite: bool = False) -> None:
+    """Refuse an output path through a file, a directory, or the input file (whoever wrote the output before)."""
+    out = Path(job.output)
     for parent in out.parents:
         if parent.exists():
             if not parent.is_dir():
@@ -131,9 +142,6 @@ def check_output(job: JobOptions, *, overwrite: bool = False) -> None:
     if _same_file(job.input, out):
         raise UsageError(f"--output {out} is the input file; it would be replaced by the results: write to"
                          " another file (or add --overwrite if you mean it)")
-    if not state_path(out).exists():
-        raise UsageError(f"--output {out} exists and was not written by crawler: choose another output, or add"
-                         " --overwrite to replace it")
 
 
 def _same_file(a: str, b: Path) -> bool:

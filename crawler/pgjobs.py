@@ -193,6 +193,11 @@ def _is_connection_error(exc: BaseException) -> bool:
                             psycopg.errors.IdleInTransactionSessionTimeout))
 
 
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 def connect_kwargs(heartbeat_timeout: float, connect_timeout: float) -> dict[str, Any]:
     """libpq parameters of every connection of a worker: TCP keepalives (an idle connection) and a TCP user
     timeout (data in flight) so a peer gone silent (a cut network, a frozen host) is found dead within about the
@@ -227,6 +232,8 @@ class PgJobStore:
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._lock = asyncio.Lock()
         self._down_since: float | None = None
+        self._abandon: RunStopped | None = None
+        self._abandoned = asyncio.Event()
 
     async def __aenter__(self) -> PgJobStore:
         await self.open()
@@ -256,6 +263,13 @@ class PgJobStore:
             raise UsageError(f"{self.where}: cannot use PostgreSQL ({type(exc).__name__}: {why}); start it or fix"
                              " the URL") from None
 
+    def abandon(self, error: RunStopped) -> None:
+        """A stop (SIGTERM/SIGINT): from now on a call that finds the server away raises `error` at once instead of
+        retrying until retry.stall_limit (nothing more can be committed; what was is kept). A server that answers
+        still gets the calls of a clean end."""
+        self._abandon = error
+        self._abandoned.set()
+
     async def _connect(self) -> None:
         import psycopg
 
@@ -282,7 +296,9 @@ class PgJobStore:
         Shielded: a caller cancelled (a stop) leaves the transaction to finish or roll back on its own, never the
         connection half-way through a query for the next caller.
         """
-        return await asyncio.shield(self._run_now(fn))
+        task = asyncio.ensure_future(self._run_now(fn))
+        task.add_done_callback(_retrieved)  # a caller cancelled meanwhile never reads its error: no "never retrieved"
+        return await asyncio.shield(task)
 
     async def _run_now(self, fn: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
         delay = 0.1
@@ -303,14 +319,43 @@ class PgJobStore:
                     if not _is_connection_error(exc):
                         raise
                     await self.aclose()
+                    if self._abandon is not None:
+                        raise self._abandon from None
                     now = time.monotonic()
                     if self._down_since is None:
                         self._down_since = now
                         log.warning("%s: lost (%s); retrying", self.where, type(exc).__name__)
                     if now - self._down_since >= self.stall_limit:
                         raise self._lost() from None
-                    await asyncio.sleep(min(delay, max(self._down_since + self.stall_limit - now, 0.01)))
+                    # The backoff, cut short by a stop.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._abandoned.wait(),
+                                               min(delay, max(self._down_since + self.stall_limit - now, 0.01)))
                     delay = min(delay * 2, 2.0)
+
+    async def outside(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Run `call()` (a new try each time: an idempotent piece of work on a connection of its own, such as putting
+        items on the queue) until it gets an answer: a lost server is retried with backoff like the store's own
+        calls, StoreLost after the stall limit, the stop at once after `abandon()`."""
+        delay = 0.1
+        down: float | None = None
+        while True:
+            try:
+                return await call()
+            except Exception as exc:
+                if not _is_connection_error(exc):
+                    raise
+                if self._abandon is not None:
+                    raise self._abandon from None
+                now = time.monotonic()
+                if down is None:
+                    down = now
+                    log.warning("%s: lost (%s); retrying", self.where, type(exc).__name__)
+                if now - down >= self.stall_limit:
+                    raise self._lost() from None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._abandoned.wait(), min(delay, max(down + self.stall_limit - now, 0.01)))
+                delay = min(delay * 2, 2.0)
 
     def _lost(self) -> StoreLost:
         return StoreLost(f"{self.where} has not answered for {self.stall_limit:g} s (retry.stall_limit); what was"
@@ -502,24 +547,29 @@ class PgJobStore:
                 assert bumped is not None
                 page.new_version = int(bumped[0])
                 page.committed = True
+            # Only while the job exists: a --restart deletes it before creating it anew (its pages are refused above).
             await conn.execute(
                 "INSERT INTO crawler_sessions AS s (job, session, requests_sent, credits_billed, rows)"
-                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (job, session) DO UPDATE SET requests_sent ="
+                " SELECT %s, %s, %s, %s, %s WHERE EXISTS (SELECT 1 FROM crawler_jobs WHERE id = %s)"
+                " ON CONFLICT (job, session) DO UPDATE SET requests_sent ="
                 " GREATEST(s.requests_sent, excluded.requests_sent), credits_billed = GREATEST(s.credits_billed,"
-                " excluded.credits_billed), rows = s.rows + excluded.rows", (jid, session, sent, billed, rows_total))
+                " excluded.credits_billed), rows = s.rows + excluded.rows",
+                (jid, session, sent, billed, rows_total, jid))
 
         await self._run(run)
 
     async def grant(self, jid: str, session: str, have: int, want: int) -> int:
         """Reserve up to `want` more requests of the job's budget for a session already granted `have`, before
         sending them; how many were granted. Idempotent: run again after a lost COMMIT reply, it finds the
-        session's grant already above `have` and hands that back instead of reserving twice."""
+        session's grant already above `have` and hands that back instead of reserving twice. The job gone (deleted by
+        --restart): LeaseLost."""
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> int:
             # The job row is the budget's lock (a short transaction; a frozen holder is ended by the server).
             cur = await conn.execute("SELECT max_credits, reserved FROM crawler_jobs WHERE id = %s FOR UPDATE", (jid,))
             row = await cur.fetchone()
-            assert row is not None
+            if row is None:  # deleted (--restart): the item this request is for is no longer this worker's
+                raise LeaseLost()
             cur = await conn.execute("SELECT reserved FROM crawler_sessions WHERE job = %s AND session = %s",
                                      (jid, session))
             mine = await cur.fetchone()
@@ -693,13 +743,16 @@ class PgJobStore:
         await self._run(run)
 
     async def workers(self, jid: str | None = None) -> list[WorkerInfo]:
-        """Workers seen (of one job, or all), most recent first."""
+        """Workers seen (of one job, or all), most recent first. A worker of a job is one that works it now or had a
+        session on it (`crawler_workers.job` is only the job it works now: NULL once a service idles)."""
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> list[WorkerInfo]:
-            where = "WHERE job = %s" if jid else ""
+            where = ("WHERE w.job = %s OR EXISTS (SELECT 1 FROM crawler_sessions s WHERE s.job = %s"
+                     " AND left(s.session, length(w.id) + 1) = w.id || ':')") if jid else ""
             cur = await conn.execute(
                 "SELECT id, host, pid, key_hash, ledger, job, seen > now() - make_interval(secs => %s)"
-                f" FROM crawler_workers {where} ORDER BY seen DESC", (self.heartbeat_timeout, *((jid,) if jid else ())))
+                f" FROM crawler_workers w {where} ORDER BY seen DESC",
+                (self.heartbeat_timeout, *((jid, jid) if jid else ())))
             return [WorkerInfo(*r) for r in await cur.fetchall()]
 
         return await self._run(run)

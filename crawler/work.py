@@ -40,7 +40,7 @@ from crawler.errors import (
     rank,
 )
 from crawler.inputs import input_items
-from crawler.job import JobOptions, WorkItem, failures_path
+from crawler.job import JobOptions, WorkItem, check_output_path, failures_path
 from crawler.jobstore import ItemWalker, step_update
 from crawler.ledger import ledger_name
 from crawler.outcome import Outcome
@@ -107,6 +107,7 @@ class SessionResult:
     rate_limited: int = 0
     retries: int = 0
     rate_wait_seconds: float = 0.0
+    responses: dict[str, int] = field(default_factory=dict)  # this worker's requests by what they met
     error: CrawlerError | None = None
     held: list[int] = field(default_factory=list)
 
@@ -186,8 +187,9 @@ class JobWorker(ItemWalker):
                         await writer
                 if self._stop_error is None or not isinstance(self._stop_error, StoreLost):
                     await self._commit([])  # requests sent after the last page still count
-        except StoreLost as exc:
-            self._stop_error = exc
+        except RunStopped as exc:  # StoreLost, or a stop while the store is away
+            if self._stop_error is None or rank(exc) <= rank(self._stop_error):
+                self._stop_error = exc
         finally:
             self.users.close()
         c = self.client.counters
@@ -195,14 +197,15 @@ class JobWorker(ItemWalker):
         r.requests_sent, r.credits_billed, r.rate_limited, r.retries = (c.requests_sent, c.credits_billed,
                                                                        c.rate_limited, c.retries)
         r.rate_wait_seconds = self.client.gate.wait_seconds
+        r.responses = dict(c.responses)
         r.error = self._stop_error
         r.held = sorted(self._held)
         if not isinstance(self._stop_error, StoreLost):
-            with contextlib.suppress(StoreLost):
+            with contextlib.suppress(RunStopped):  # StoreLost, or a stop while the store is away
                 await self.store.give_back(self.jid, self.session, self.budget.used)
                 await self.store.leave(self.worker_id)
-                await itemqueue.enqueue(self.store.url, self.jid,
-                                        await self.store.orphans(self.jid, heartbeat_timeout=self.heartbeat_timeout))
+                orphans = await self.store.orphans(self.jid, heartbeat_timeout=self.heartbeat_timeout)
+                await self.store.outside(lambda: itemqueue.enqueue(self.store.url, self.jid, orphans))
         return r
 
     async def _take_items(self) -> None:
@@ -292,7 +295,7 @@ class JobWorker(ItemWalker):
             if group:
                 try:
                     pages = await self._commit([p.batch for p in group])
-                except StoreLost as exc:
+                except RunStopped as exc:  # the store lost, or a stop while it is away (PgJobStore.abandon)
                     self.request_stop(exc)
                     for p in group:
                         if not p.ack.done():
@@ -344,7 +347,7 @@ class JobWorker(ItemWalker):
                                             [s for s in await self.store.orphans(
                                                 self.jid, heartbeat_timeout=self.heartbeat_timeout)
                                              if s not in self._held])
-            except StoreLost as exc:
+            except RunStopped as exc:
                 self.request_stop(exc)
                 return
             except Exception as exc:  # the queue's own connection failing: the next beat tries again
@@ -442,8 +445,10 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
     spec = COMMANDS[job.command]
     out = Path(job.output)
     options = {k: v for k, v in asdict(job).items() if k not in ("input", "output", "command")}
+    # Never the input file (nor a path through a file), new job, --restart or resumed alike.
+    check_output_path(job, overwrite=overwrite)
     async with _store(settings, url) as store:
-        await itemqueue.install(url)
+        await store.outside(lambda: itemqueue.install(url))
         spool, digest = _spool(job, spec)
         try:
             jid = job_id(job.command, options, digest)
@@ -463,19 +468,26 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
         print(f"crawler: job {jid} ({masked(url)})", file=sys.stderr)
         killpoints.reached("job_printed")
         retry = RETRIABLE_ALL if retry_failed == "all" else RETRIABLE if retry_failed else ()
-        await store.resume(jid, settings.max_credits, retry=retry, bom=settings.output_bom, raw=settings.output_raw)
         pg = await store.job(jid)
         assert pg is not None
         if pg.status == "done" and await asyncio.to_thread(out.exists) and not restart and not retry:
-            return _summary(job, store, pg, await store.progress(jid), None, started, status="already complete",
-                            result=SessionResult(), settings=settings, reason="nothing to do; --restart runs it again")
-        await itemqueue.enqueue(url, jid, await store.orphans(jid, heartbeat_timeout=pg.heartbeat_timeout))
+            # Before resume(): the job keeps the output.bom/output.raw its OUT.csv was written with (export's).
+            return _summary(job, store, pg, await store.progress(jid), await store.failure_counts(jid), None, started,
+                            status="already complete", result=SessionResult(), settings=settings,
+                            reason="nothing to do; --restart runs it again")
+        await store.resume(jid, settings.max_credits, retry=retry, bom=settings.output_bom, raw=settings.output_raw)
+        pg = await store.job(jid)
+        assert pg is not None
+        orphans = await store.orphans(jid, heartbeat_timeout=pg.heartbeat_timeout)
+        await store.outside(lambda: itemqueue.enqueue(url, jid, orphans))
         worker_id = await _register(store, settings, api_key, jid)
         stopper: list[JobWorker | None] = [None]
         stopped: list[CrawlerError] = []
 
         def stop(error: CrawlerError) -> None:
             stopped[:] = [error]
+            if isinstance(error, RunStopped):
+                store.abandon(error)  # a store away no longer holds the stop for retry.stall_limit
             if stopper[0] is not None:
                 stopper[0].request_stop(error)
 
@@ -510,7 +522,8 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
                 await store.set_status(jid, "done")
                 await export(store, jid, out, spec, bom=settings.output_bom, raw=settings.output_raw)
             write_failures(failures_path(out), await store.failures(jid), raw=settings.output_raw)
-            return _summary(job, store, pg, progress, error, started, status="completed" if complete else "stopped",
+            return _summary(job, store, pg, progress, await store.failure_counts(jid), error, started,
+                            status="completed" if complete else "stopped",
                             result=result, settings=settings)
         finally:
             _remove_signals(installed)
@@ -525,10 +538,13 @@ def _merge(a: SessionResult, b: SessionResult) -> None:
     a.rate_limited += b.rate_limited
     a.retries += b.retries
     a.rate_wait_seconds += b.rate_wait_seconds
+    for kind, n in b.responses.items():
+        a.responses[kind] = a.responses.get(kind, 0) + n
 
 
-def _summary(job: JobOptions, store: PgJobStore, pg: PgJob, progress: Any, error: CrawlerError | None,
-             started: float, *, status: str, result: SessionResult, settings: Settings, reason: str = "") -> Outcome:
+def _summary(job: JobOptions, store: PgJobStore, pg: PgJob, progress: Any, fails: dict[str, int],
+             error: CrawlerError | None, started: float, *, status: str, result: SessionResult, settings: Settings,
+             reason: str = "") -> Outcome:
     out = Path(job.output)
     failures_file = failures_path(out)
     summary = Summary(
@@ -538,7 +554,8 @@ def _summary(job: JobOptions, store: PgJobStore, pg: PgJob, progress: Any, error
         rate_limited=result.rate_limited, retries=result.retries, elapsed=time.monotonic() - started,
         parallelism=settings.parallelism or 8,
         rate_used=f"{settings.rate_limit} per {settings.rate_window:g} s" if settings.rate_enabled else "no limit",
-        rate_wait_seconds=result.rate_wait_seconds, failures={},
+        rate_wait_seconds=result.rate_wait_seconds, failures=fails, run_credits_billed=result.credits_billed,
+        responses=dict(result.responses),
         output=str(out) if status != "stopped" else f"job {pg.id} in {store.where}",
         failures_file=str(failures_file) if progress.failed else "",
         reason=reason or (str(error) if error else ""),
@@ -574,7 +591,7 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
                quiet: bool = False) -> int:
     """`crawler work`: join open jobs (or one) as a worker; with `until_idle`, exit when none has items left."""
     async with _store(settings, url) as store:
-        await itemqueue.install(url)
+        await store.outside(lambda: itemqueue.install(url))
         if job is not None and await store.job(job) is None:
             raise UsageError(f"--job {job}: no such job in {store.where} (see crawler jobs --jobs-url URL)")
         worker_id = await _register(store, settings, api_key, None)
@@ -585,6 +602,8 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
         def stop(error: CrawlerError) -> None:
             stopped[:] = [error]
             wake.set()
+            if isinstance(error, RunStopped):
+                store.abandon(error)  # a store away no longer holds the stop for retry.stall_limit
             if stopper[0] is not None:
                 stopper[0].request_stop(error)
 
@@ -618,7 +637,7 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
                     break
         finally:
             _remove_signals(installed)
-            with contextlib.suppress(StoreLost):
+            with contextlib.suppress(RunStopped):
                 await store.leave(worker_id)
         error = worst or (stopped[0] if stopped else None)
         if error is not None:

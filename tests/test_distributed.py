@@ -453,6 +453,7 @@ class Proxy:
     def __init__(self) -> None:
         self.port = 0
         self.up = True
+        self.refused = 0  # connections refused while down
         self._pipes: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
 
@@ -474,6 +475,7 @@ class Proxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self.up:
+            self.refused += 1
             writer.transport.abort()
             return
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", 5432)
@@ -675,3 +677,129 @@ async def test_a_worker_resolves_again_a_handle_older_than_its_id_ttl_days(hosts
         code, err = await hosts.finish(worker)
         assert code == 0, err[-800:]
         assert sim.stats.by_endpoint["/userid"] == len(names)
+
+
+async def test_the_input_file_is_never_the_output_of_a_postgresql_job(hosts: Hosts, schema: str) -> None:
+    """`-o` naming the input file: exit 2 before any request, the input untouched, whether the job is new, run again
+    with --restart, or resumed (created by an earlier run to another output); --overwrite is the way to mean it."""
+    src = hosts.root / "handles.csv"  # a list of handles, one a line, that happens to end in .csv
+    src.write_bytes(handles(hosts.root, 5, offset=1940).read_bytes())
+    before = src.read_bytes()
+    url = pg_url(schema)
+    async with simulator(hosts.key) as sim:
+        first = await hosts.start("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", url,
+                                              *common(sim.url)], extra_env={"CRAWLER_TEST_STOP_AT": "job_printed:1"})
+        jid = await hosts.job_id(first)
+        await until(lambda: _stopped(first.pid), "the starter frozen once the job exists")
+        first.kill()
+        await first.wait()
+        for extra in ([], ["--restart"]):
+            code, _, err = await hosts.run("starter", ["posts", str(src), "-o", str(src), "--jobs-url", url,
+                                                       *common(sim.url), *extra])
+            assert code == 2 and "is the input file" in err.strip().splitlines()[-1], err[-800:]
+            assert src.read_bytes() == before
+        assert sim.stats.requests == 0
+        assert await pg_value(schema, "SELECT count(*) FROM crawler_items WHERE job = %s", jid) == 5  # kept
+
+
+async def test_the_starters_summary_and_metrics_count_what_it_billed(hosts: Hosts, schema: str) -> None:
+    """The starter alone on a small job (two private accounts), with --summary-json and --metrics-file: this run's
+    credits_billed and responses are the simulator's (not 0 and none) and its failures by reason the failures file's,
+    as a local run reports them."""
+    src = handles(hosts.root, 10, offset=400)
+    async with simulator(hosts.key) as sim:
+        code, _, err = await hosts.run("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", pg_url(schema),
+                                                   "--summary-json", "s.json", "--metrics-file", "m.prom",
+                                                   *common(sim.url, "--max-items", "20")])
+        sent, billed = sim.stats.requests, sum(sim.stats.billed.values())
+    assert code == 3, err[-800:]
+    summary = json.loads((hosts.root / "starter" / "s.json").read_text())
+    with (hosts.root / "starter" / "out.failures.csv").open(newline="") as fh:
+        reasons = [r["reason"] for r in csv.DictReader(fh)]
+    assert summary["failures"] == {"private": 2} and reasons == ["private", "private"], summary
+    assert (summary["run_requests"], summary["run_credits_billed"]) == (sent, billed), summary
+    assert sum(summary["responses"].values()) == sent, summary
+    prom = (hosts.root / "starter" / "m.prom").read_text()
+    assert re.search(rf'^crawler_credits_billed{{command="posts"}} {billed}\.0$', prom, re.M), prom
+    assert re.search(r'^crawler_responses{command="posts",outcome="ok"} [1-9]', prom, re.M), prom
+
+
+async def test_crawler_jobs_lists_a_service_worker_that_worked_the_job_after_it_goes_idle(hosts: Hosts,
+                                                                                         schema: str) -> None:
+    """A `crawler work` service (no --until-idle) works items of a job, then idles waiting for new jobs: `crawler
+    jobs` still lists it among the job's workers seen, beside the starter."""
+    src = handles(hosts.root, 40, offset=1000)
+    url = pg_url(schema)
+    async with simulator(hosts.key, latency=(0.02, 0.05)) as sim:
+        starter = await hosts.start("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", url,
+                                                *common(sim.url, "--max-items", "30", "--page-size", "10")])
+        jid = await hosts.job_id(starter)
+        service = await hosts.start("w", ["work", "--jobs-url", url, *common(sim.url)])
+        code, err = await hosts.finish(starter)
+        idle = "SELECT count(*) FROM crawler_workers WHERE pid = %s AND job IS NULL"
+        await until(lambda: pg_value(schema, idle, service.pid), "the service idle, waiting for new jobs")
+        jcode, listing, jerr = await hosts.run("jobs", ["jobs", "--jobs-url", url, "--json"])
+        service.send_signal(signal.SIGTERM)
+        wcode, werr = await hosts.finish(service, bound=60)
+    assert code in (0, 3), err[-800:]
+    assert worked(werr) > 0, werr[-800:]
+    assert jcode == 0, jerr
+    (job,) = json.loads(listing)
+    assert job["id"] == jid
+    assert sorted(w["pid"] for w in job["workers"]) == sorted([starter.pid, service.pid]), job["workers"]
+    assert wcode == 143, werr[-800:]
+
+
+async def test_a_finished_job_run_again_without_bom_still_exports_its_output_byte_for_byte(hosts: Hosts,
+                                                                                          schema: str) -> None:
+    """A job finished with --bom, its command run again without --bom ("already complete", nothing written): `crawler
+    export` still reproduces OUT.csv byte for byte (the BOM it was written with)."""
+    src = handles(hosts.root, 5, offset=1400)
+    url = pg_url(schema)
+    args = ["posts", str(src), "-o", "out.csv", "--jobs-url", url]
+    async with simulator(hosts.key) as sim:
+        first, _, err = await hosts.run("starter", [*args, "--bom", *common(sim.url, "--max-items", "10")])
+        assert first in (0, 3), err[-800:]
+        again, _, err = await hosts.run("starter", [*args, *common(sim.url, "--max-items", "10")])
+        assert again == first and "already complete" in err, err[-800:]
+    out = hosts.root / "starter" / "out.csv"
+    jid = await pg_value(schema, "SELECT id FROM crawler_jobs")
+    code, _, err = await hosts.run("export", ["export", jid, "-o", str(hosts.root / "again.csv"), "--jobs-url", url])
+    assert code == 0, err
+    assert out.read_bytes().startswith("\ufeff".encode())
+    assert (hosts.root / "again.csv").read_bytes() == out.read_bytes()
+
+
+async def test_sigterm_while_postgresql_is_away_stops_a_worker_at_once(hosts: Hosts, schema: str) -> None:
+    """PostgreSQL cut mid-run and a `crawler work` (a systemd service) sent SIGTERM while it waits for it: it exits 143
+    within a few seconds, not after retry.stall_limit (60 s here; systemd kills a unit after 90 s by default), and the
+    job, resumed, has a single-host run's rows once each."""
+    src = handles(hosts.root, 60, offset=1300)
+    opts = ("--max-items", "60", "--page-size", "10")
+    async with simulator(hosts.key, latency=(0.02, 0.05)) as sim, Proxy() as proxy:
+        expected, _ = await single_host(hosts, src, sim, *opts)
+        url = pg_url(schema, proxy.port)
+        args = ["posts", str(src), "-o", "out.csv", "--jobs-url", url, *common(sim.url, *opts)]
+        starter = await hosts.start("starter", args, stall_limit=60)
+        jid = await hosts.job_id(starter)
+        worker = await hosts.start("w", ["work", "--jobs-url", url, "--job", jid, *common(sim.url)], stall_limit=60)
+        mine = f"%:{worker.pid}:%"
+        held = "SELECT count(*) FROM crawler_items WHERE status = 'pending' AND owner LIKE %s"
+        await until(lambda: worker.returncode is not None or pg_value(schema, held, mine), "the worker holding items")
+        assert worker.returncode is None, hosts.stderr[worker.pid]
+        proxy.cut()
+        await until(lambda: any("lost" in line or "failed" in line for line in hosts.stderr[worker.pid]),
+                    "the worker noticing the outage", 30)
+        worker.send_signal(signal.SIGTERM)
+        starter.send_signal(signal.SIGTERM)
+        wcode, werr = await hosts.finish(worker, bound=15)
+        code, err = await hosts.finish(starter, bound=15)
+        proxy.up = True
+        again = await hosts.start("starter", args, stall_limit=60)
+        final, ferr = await hosts.finish(again)
+    assert wcode == 143, werr[-800:]
+    assert code == 143 and "resume with: crawler posts" in err.strip().splitlines()[-1], err[-800:]
+    assert "Traceback" not in werr + err, (werr + err)[-3000:]
+    assert final == SINGLE_CODE[src], ferr[-800:]
+    got = rows(hosts.root / "starter" / "out.csv")
+    assert len(got) == len(set(got)) and set(got) == set(expected)

@@ -243,3 +243,67 @@ async def test_a_job_created_across_a_lost_connection_has_every_item(store: Repl
     assert await asyncio.wait_for(creating, 60)
     progress = await store.progress("j6")
     assert progress.total == n, progress
+
+
+async def test_a_worker_whose_job_is_deleted_by_a_restart_loses_its_item_instead_of_crashing(store: Replaying) -> None:
+    """--restart deletes the job before it creates it anew (two transactions; the new one copies the whole input): a
+    worker's commit or budget grant in between finds no job. Its page is refused and its grant is a lost lease (the
+    item dropped, as on a takeover), not a foreign-key violation or an assertion that ends the worker."""
+    from crawler.pgjobs import LeaseLost
+
+    assert await store.create_job("j6", "posts", {}, ENTRIES)
+    taken = await store.take("j6", 1, "w")
+    assert taken is not None
+    await store.delete_job("j6")
+    late = page(1, taken.version, "a")
+    await store.commit("j6", "s", [late], 3, 3)
+    assert not late.committed
+    with pytest.raises(LeaseLost):
+        await store.grant("j6", "s", 0, 4)
+    await store.give_back("j6", "s", 0)
+    assert await store.job("j6") is None
+
+
+async def test_a_job_created_again_after_a_lost_connection_has_every_item(store: Replaying, tmp_path: Any) -> None:
+    """The starter's create_job copies the input from its spool file; the connection lost mid-way runs the
+    transaction again (`_run`'s retry): the job then has every input item, not only those after where the first try
+    stopped reading (a spool read once was exhausted by the first try)."""
+    from crawler.work import _Spooled
+
+    spool = tmp_path / "spool.jsonl"
+    spool.write_text("".join(json.dumps([f"h{i}", f"@h{i}", None, None]) + "\n" for i in range(5)))
+    store.roll_back_first = True  # the first try rolled back, as when the connection died before COMMIT
+    assert await store.create_job("j7", "posts", {}, _Spooled(spool))
+    progress = await store.progress("j7")
+    assert (progress.total, progress.pending) == (5, 5)
+
+
+async def test_putting_items_on_the_queue_waits_out_a_postgresql_blip(store: Replaying) -> None:
+    """The queue's own connection (enqueue: the starter's items, a session's items handed back) refused for a while:
+    the store retries it like its own calls, the items are queued once PostgreSQL answers; gone past the stall limit,
+    StoreLost (the one-line exit 1), not a driver error that ends the process as an unexpected one."""
+    from crawler import itemqueue
+    from crawler.pgjobs import StoreLost
+    from tests.test_distributed import Proxy
+
+    await itemqueue.install(store.url)
+    assert await store.create_job("j8", "posts", {}, ENTRIES)
+    schema_url = store.url.replace("127.0.0.1:5432", "127.0.0.1:{port}")
+    async with Proxy() as proxy:
+        through = schema_url.format(port=proxy.port)
+        proxy.up = False
+        queued = asyncio.create_task(store.outside(lambda: itemqueue.enqueue(through, "j8", [1, 2])))
+        async with asyncio.timeout(10):
+            while proxy.refused < 2 and not queued.done():  # two tries refused (bounded)
+                await asyncio.sleep(0.01)
+        assert not queued.done()
+        proxy.up = True
+        await asyncio.wait_for(queued, 10)
+        proxy.up = False
+        store.stall_limit = 0.5
+        with pytest.raises(StoreLost, match="has not answered"):
+            await asyncio.wait_for(store.outside(lambda: itemqueue.enqueue(through, "j8", [1])), 10)
+    async with await psycopg.AsyncConnection.connect(store.url) as conn:
+        cur = await conn.execute("SELECT count(*) FROM pgqueuer WHERE entrypoint = 'crawler_j8'")
+        row = await cur.fetchone()
+    assert row is not None and row[0] == 2
