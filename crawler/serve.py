@@ -113,7 +113,7 @@ async def overview(request: web.Request) -> web.Response:
         if q:
             needle = q.lower().lstrip("@")
             rows = [r for r in rows if needle in r.handle.lower() or needle in r.nickname.lower()]
-        rows.sort(key=_sort_key(sort))
+        rows.sort(key=_sort_key(sort), reverse=sort == "-handle")  # names: the key cannot be negated
         count = max(1, math.ceil(len(rows) / pages.PAGE_SIZE))
         shown = rows[(min(page, count) - 1) * pages.PAGE_SIZE:][:pages.PAGE_SIZE]
         sparks = {} if end is None else store.followers_since([r.user_id for r in shown],

@@ -490,3 +490,64 @@ async def test_browser_pages_stay_on_their_origin_and_hostile_nicknames_stay_tex
 async def _nick_texts(page: Page, base: str, hostile: list[str], b: Built) -> list[str]:
     await page.goto(base + "/")
     return [await page.js(f"document.querySelector('tr[data-user-id=\"{u}\"] .nick').textContent") for u in hostile]
+
+
+# --- HTTP: odd requests, both stores (a few of the world's users over a few days, no simulator run) ---
+
+SMALL_DAYS = (0, 1, 2, 4, 5)  # day 3 is a gap
+
+
+def _small_store(url: str) -> dict[str, tuple[str, int]]:
+    """Six of the world's users snapshotted on SMALL_DAYS; returns user id -> (handle, latest followers)."""
+    from crawler.endpoints import Profile
+
+    world = World(WORLD)
+    store = HistoryStore(url)
+    users = [u for i in range(1, 40) if (u := world.user(i)) is not None][:6]
+    try:
+        for d in SMALL_DAYS:
+            for u in users:
+                store.record_snapshot(DAY0 + dt.timedelta(days=d), Profile(
+                    u.user_id, u.handle, u.nickname, u.sec_uid, u.verified, u.private, u.followers + d, u.following,
+                    u.videos, u.hearts, u.digg_count, u.signature))
+    finally:
+        store.close()
+    return {u.user_id: (u.handle, u.followers + SMALL_DAYS[-1]) for u in users}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def small(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, dict[str, tuple[str, int]]]]:
+    """A small store (SQLite, then PostgreSQL with its own application_name) and its users."""
+    if request.param == "sqlite":
+        url = str(tmp_path / "small.db")
+        yield url, _small_store(url)
+        return
+    with pg_schema() as url:
+        url += f"&application_name=serve_{os.getpid()}_{threading.get_ident()}"
+        yield url, _small_store(url)
+
+
+async def test_odd_dates_and_handles_are_answered_never_a_500(small: tuple[str, dict[str, tuple[str, int]]]) -> None:
+    """The widest date range answers; a handle with a NUL byte (PostgreSQL refuses it in a query) is a 404."""
+    url, users = small
+    handle = next(iter(users.values()))[0]
+    async with served(url) as base:
+        for path in (f"/u/{handle}?to=9999-12-31", f"/u/{handle}.csv?from=0001-01-01&to=9999-12-31",
+                     f"/u/{handle}?from=0001-01-01"):
+            status, text, _ = await _get(base + path)
+            assert status == 200, (path, text[-300:])
+        for path in ("/u/a%00b", f"/u/{handle}%00.csv", f"/u/{handle}.csv%00"):
+            status, text, _ = await _get(base + path)
+            assert status == 404 and "no history for" in text, (path, status)
+        status, text, _ = await _get(f"{base}/compare?u=%00&u={handle}")
+        assert status == 200 and f'data-series="@{handle}"' in text
+
+
+async def test_handle_sorts_both_ways(small: tuple[str, dict[str, tuple[str, int]]]) -> None:
+    """sort=handle lists a..z, sort=-handle (the header's second click) z..a."""
+    url, users = small
+    handles = sorted(h for h, _ in users.values())
+    async with served(url) as base:
+        up = [r[1] for r in _parse((await _get(base + "/?sort=handle"))[1])]
+        down = [r[1] for r in _parse((await _get(base + "/?sort=-handle"))[1])]
+    assert up == handles and down == handles[::-1]
