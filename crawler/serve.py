@@ -41,12 +41,37 @@ class History:
     """The read-only store behind one thread: every query of a request runs there, one at a time."""
 
     def __init__(self, url: str) -> None:
+        self._url = url
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="history")
         self.store = HistoryStore.open_readonly(url)
 
     async def run(self, fn: Callable[[HistoryStore], T]) -> T:
         """Run ``fn(store)`` in the store's thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, self.store)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._call, fn)
+
+    def _call(self, fn: Callable[[HistoryStore], T]) -> T:
+        # A PostgreSQL session can end under a long-lived page (a server restart): open a new one and ask
+        # again once (every query only reads, so asking twice is safe) instead of failing every later request.
+        if self._lost():
+            self._reopen()
+        try:
+            return fn(self.store)
+        except Exception:
+            if not self._lost():
+                raise
+        self._reopen()
+        return fn(self.store)
+
+    def _lost(self) -> bool:
+        db = self.store._db
+        return db is None or (self.store.postgres and bool(db.closed))
+
+    def _reopen(self) -> None:
+        self.store.close()
+        try:
+            self.store = HistoryStore.open_readonly(self._url)
+        except UsageError as exc:
+            raise _error(503, f"{exc}; the page answers again once the database is back") from None
 
     def close(self) -> None:
         """Close the store (in its thread) and the thread (idempotent)."""
@@ -87,7 +112,7 @@ def _query_day(request: web.Request, name: str) -> dt.date | None:
 
 def _error(status: int, message: str) -> web.HTTPException:
     kinds: dict[int, type[web.HTTPException]] = {400: web.HTTPBadRequest, 404: web.HTTPNotFound,
-                                                  421: web.HTTPMisdirectedRequest}
+                                                  421: web.HTTPMisdirectedRequest, 503: web.HTTPServiceUnavailable}
     return kinds[status](text=pages.error(status, message), content_type="text/html")
 
 

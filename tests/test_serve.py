@@ -515,16 +515,21 @@ def _small_store(url: str) -> dict[str, tuple[str, int]]:
     return {u.user_id: (u.handle, u.followers + SMALL_DAYS[-1]) for u in users}
 
 
+@pytest.fixture
+def pg_small() -> Iterator[tuple[str, dict[str, tuple[str, int]]]]:
+    """A small store in PostgreSQL, its sessions named by an application_name of their own."""
+    with pg_schema() as url:
+        url += f"&application_name=serve_{os.getpid()}_{id(url)}"
+        yield url, _small_store(url)
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
-def small(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, dict[str, tuple[str, int]]]]:
-    """A small store (SQLite, then PostgreSQL with its own application_name) and its users."""
+def small(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, tuple[str, int]]]:
+    """A small store (SQLite, then PostgreSQL) and its users."""
     if request.param == "sqlite":
         url = str(tmp_path / "small.db")
-        yield url, _small_store(url)
-        return
-    with pg_schema() as url:
-        url += f"&application_name=serve_{os.getpid()}_{threading.get_ident()}"
-        yield url, _small_store(url)
+        return url, _small_store(url)
+    return request.getfixturevalue("pg_small")  # type: ignore[no-any-return]
 
 
 async def test_odd_dates_and_handles_are_answered_never_a_500(small: tuple[str, dict[str, tuple[str, int]]]) -> None:
@@ -551,3 +556,23 @@ async def test_handle_sorts_both_ways(small: tuple[str, dict[str, tuple[str, int
         up = [r[1] for r in _parse((await _get(base + "/?sort=handle"))[1])]
         down = [r[1] for r in _parse((await _get(base + "/?sort=-handle"))[1])]
     assert up == handles and down == handles[::-1]
+
+
+async def test_a_lost_postgresql_connection_is_opened_again(pg_small: tuple[str, dict[str, tuple[str, int]]]) -> None:
+    """The server's database session ends (a PostgreSQL restart, an admin): the next request opens a new one."""
+    url, users = pg_small
+    import psycopg
+
+    from tests.serve_history import PG_URL
+
+    name = url.rsplit("application_name=", 1)[1]
+    async with served(url) as base:
+        assert len(_parse((await _get(base + "/"))[1])) == len(users)
+        with psycopg.connect(PG_URL, autocommit=True) as admin:
+            ended = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+                                  (name,)).fetchall()
+        assert ended == [(True,)]
+        for path in ("/", f"/u/{next(iter(users.values()))[0]}"):
+            status, _, _ = await _get(base + path)
+            assert status == 200, (path, status)
+        assert {r[0]: (r[1], r[3]) for r in _parse((await _get(base + "/"))[1])} == users
