@@ -14,6 +14,7 @@ import datetime as dt
 import io
 import ipaddress
 import math
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -123,13 +124,13 @@ def _html(body: str) -> web.Response:
 async def overview(request: web.Request) -> web.Response:
     """`/`: every user, sorted, filtered and paged."""
     sort = request.query.get("sort", pages.DEFAULT_SORT)
-    if sort.lstrip("-") not in pages.SORTS:
-        sort = pages.DEFAULT_SORT
+    if sort.removeprefix("-") not in pages.SORTS:
+        raise _error(400, f"sort {sort!r}: use one of {', '.join(pages.SORTS)} (a leading - reverses the order)")
     q = request.query.get("q", "").strip()
-    try:
-        page = max(1, int(request.query.get("page", "1")))
-    except ValueError:
-        page = 1
+    text = request.query.get("page", "1")
+    if not re.fullmatch(r"[0-9]{1,9}", text) or int(text) < 1:
+        raise _error(400, f"page {text!r}: expected a page number (1, 2, ...)")
+    page = int(text)  # past the last page: the last page
 
     def load(store: HistoryStore) -> pages.OverviewView:
         end = store.last_day()
@@ -263,7 +264,10 @@ def _is_loopback_ip(host: str) -> bool:
 async def guard(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
     """Security headers on every answer; on a loopback bind, only loopback Host names (no DNS rebinding)."""
     if request.app[LOOPBACK]:
-        host = (request.url.host or "").lower()
+        try:
+            host = (request.url.host or "").lower()
+        except ValueError:  # yarl refuses the Host header (a port that is no number, or out of range)
+            raise _error(400, f"malformed Host header {request.host!r}") from None
         if host not in _LOCAL_NAMES and not _is_loopback_ip(host):
             raise _error(421, f"this page answers only to localhost, not to {host!r}")
     try:

@@ -576,3 +576,25 @@ async def test_a_lost_postgresql_connection_is_opened_again(pg_small: tuple[str,
             status, _, _ = await _get(base + path)
             assert status == 200, (path, status)
         assert {r[0]: (r[1], r[3]) for r in _parse((await _get(base + "/"))[1])} == users
+
+
+async def test_bad_page_sort_and_host_values_are_a_400_naming_them(small: tuple[str, dict[str, tuple[str, int]]]
+                                                                   ) -> None:
+    """page/sort values the overview cannot use, and a Host header that is no host, get a 400 saying which."""
+    url, _ = small
+    async with served(url) as base:
+        for query, says in (("page=abc", "page 'abc'"), ("page=0", "page '0'"), ("page=2.5", "page '2.5'"),
+                            ("sort=zzz", "sort 'zzz'"), ("sort=--gain7", "sort '--gain7'"),
+                            ("sort=gain7&page=-1", "page '-1'")):
+            status, html, _ = await _get(f"{base}/?{query}")
+            assert status == 400 and says in html.replace("&#x27;", "'"), (query, status)
+        assert "use one of handle, followers, gain1, gain7, gain30" in (await _get(f"{base}/?sort=x"))[1]
+        host, port = base.removeprefix("http://").split(":")
+        for bad in ("127.0.0.1:abc", "127.0.0.1:99999"):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(f"GET / HTTP/1.1\r\nHost: {bad}\r\nConnection: close\r\n\r\n".encode())
+            async with asyncio.timeout(10):
+                answer = await reader.read()
+            writer.close()
+            assert answer.split(b"\r\n", 1)[0] == b"HTTP/1.1 400 Bad Request", (bad, answer[:200])
+            assert b"Host header" in answer
