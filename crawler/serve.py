@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -208,8 +209,10 @@ def _csv(view: pages.UserView) -> web.Response:
                                            r.hearts)])
     span = "-".join(x for x in (view.since, view.until) if x)
     filename = f"{view.handle}{'-' + span if span else ''}.csv"
-    return web.Response(text=out.getvalue(), content_type="text/csv", charset="utf-8",
-                        headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+    # A handle is the API's text: the quoted name only in safe ASCII, the exact one as RFC 6266's filename*.
+    plain = re.sub(r"[^A-Za-z0-9._-]", "_", filename)
+    return web.Response(text=out.getvalue(), content_type="text/csv", charset="utf-8", headers={
+        "Content-Disposition": f"attachment; filename=\"{plain}\"; filename*=UTF-8''{quote(filename, safe='')}"})
 
 
 async def compare(request: web.Request) -> web.Response:

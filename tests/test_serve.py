@@ -598,3 +598,27 @@ async def test_bad_page_sort_and_host_values_are_a_400_naming_them(small: tuple[
             writer.close()
             assert answer.split(b"\r\n", 1)[0] == b"HTTP/1.1 400 Bad Request", (bad, answer[:200])
             assert b"Host header" in answer
+
+
+async def test_csv_file_name_survives_odd_handles(tmp_path: Path) -> None:
+    """A handle with a quote or a non-ASCII letter (the API's text) still names the CSV whole, in a valid header."""
+    from urllib.parse import quote, unquote
+
+    from crawler.endpoints import Profile
+
+    url = str(tmp_path / "odd.db")
+    store = HistoryStore(url)
+    odd = ['a"b', "tëst", "a;b=c"]
+    try:
+        for n, h in enumerate(odd):
+            store.record_snapshot(DAY0, Profile(str(900 + n), h, "", "s", False, False, 1, 2, 3, 4, 5, ""))
+    finally:
+        store.close()
+    async with served(url) as base:
+        for h in odd:
+            status, text, headers = await _get(f"{base}/u/{quote(h, safe='')}.csv?from=2026-01-01")
+            assert status == 200 and text.splitlines()[1].startswith("2026-01-01,")
+            value = headers["Content-Disposition"]
+            m = re.fullmatch(r'attachment; filename="([^"\\]*)"; filename\*=UTF-8\'\'([!-~]+)', value)
+            assert m is not None, value
+            assert unquote(m.group(2)) == f"{h}-2026-01-01.csv" and m.group(1).isascii()
