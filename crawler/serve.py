@@ -266,14 +266,14 @@ def _is_loopback_ip(host: str) -> bool:
 @web.middleware
 async def guard(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
     """Security headers on every answer; on a loopback bind, only loopback Host names (no DNS rebinding)."""
-    if request.app[LOOPBACK]:
-        try:
-            host = (request.url.host or "").lower()
-        except ValueError:  # yarl refuses the Host header (a port that is no number, or out of range)
-            raise _error(400, f"malformed Host header {request.host!r}") from None
-        if host not in _LOCAL_NAMES and not _is_loopback_ip(host):
-            raise _error(421, f"this page answers only to localhost, not to {host!r}")
     try:
+        if request.app[LOOPBACK]:
+            try:
+                host = (request.url.host or "").lower()
+            except ValueError:  # yarl refuses the Host header (a port that is no number, or out of range)
+                raise _error(400, f"malformed Host header {request.host!r}") from None
+            if host not in _LOCAL_NAMES and not _is_loopback_ip(host):
+                raise _error(421, f"this page answers only to localhost, not to {host!r}")
         response: web.StreamResponse = await handler(request)
     except web.HTTPException as exc:
         exc.headers.update(SECURITY_HEADERS)

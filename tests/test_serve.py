@@ -597,7 +597,9 @@ async def test_bad_page_sort_and_host_values_are_a_400_naming_them(small: tuple[
                 answer = await reader.read()
             writer.close()
             assert answer.split(b"\r\n", 1)[0] == b"HTTP/1.1 400 Bad Request", (bad, answer[:200])
-            assert b"Host header" in answer
+            assert b"Host header" in answer and b"\r\nContent-Security-Policy: default-src 'none'" in answer
+        status, _, headers = await _get(base + "/", headers={"Host": "evil.example"})
+        assert status == 421 and "default-src 'none'" in headers.get("Content-Security-Policy", "")
 
 
 async def test_csv_file_name_survives_odd_handles(tmp_path: Path) -> None:
