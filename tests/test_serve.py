@@ -566,16 +566,30 @@ async def test_a_lost_postgresql_connection_is_opened_again(pg_small: tuple[str,
     from tests.serve_history import PG_URL
 
     name = url.rsplit("application_name=", 1)[1]
+    schema = re.search(r"search_path%3D(\w+)", url).group(1)  # type: ignore[union-attr]
+
+    def end_session(admin: Any) -> None:
+        ended = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+                              (name,)).fetchall()
+        assert ended == [(True,)]
+
     async with served(url) as base:
         assert len(_parse((await _get(base + "/"))[1])) == len(users)
         with psycopg.connect(PG_URL, autocommit=True) as admin:
-            ended = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
-                                  (name,)).fetchall()
-        assert ended == [(True,)]
-        for path in ("/", f"/u/{next(iter(users.values()))[0]}"):
-            status, _, _ = await _get(base + path)
-            assert status == 200, (path, status)
-        assert {r[0]: (r[1], r[3]) for r in _parse((await _get(base + "/"))[1])} == users
+            end_session(admin)
+            for path in ("/", f"/u/{next(iter(users.values()))[0]}"):
+                status, _, _ = await _get(base + path)
+                assert status == 200, (path, status)
+            assert {r[0]: (r[1], r[3]) for r in _parse((await _get(base + "/"))[1])} == users
+            # While the store cannot be reached the page says so (503), and answers again once it can.
+            end_session(admin)
+            admin.execute(f"ALTER SCHEMA {schema} RENAME TO {schema}_away")
+            try:
+                status, html, _ = await _get(base + "/")
+            finally:
+                admin.execute(f"ALTER SCHEMA {schema}_away RENAME TO {schema}")
+            assert status == 503 and "holds no history" in html and "once the database is back" in html
+            assert {r[0]: (r[1], r[3]) for r in _parse((await _get(base + "/"))[1])} == users
 
 
 async def test_bad_page_sort_and_host_values_are_a_400_naming_them(small: tuple[str, dict[str, tuple[str, int]]]
