@@ -638,3 +638,25 @@ async def test_csv_file_name_survives_odd_handles(tmp_path: Path) -> None:
             m = re.fullmatch(r'attachment; filename="([^"\\]*)"; filename\*=UTF-8\'\'([!-~]+)', value)
             assert m is not None, value
             assert unquote(m.group(2)) == f"{h}-2026-01-01.csv" and m.group(1).isascii()
+
+
+async def test_an_unknown_gain_is_empty_on_the_page_and_in_history_top(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A snapshot without a follower count (the API left it out): no gain on the page, none printed by `top` (not 0)."""
+    from crawler.endpoints import Profile
+
+    url = str(tmp_path / "none.db")
+    store = HistoryStore(url)
+    try:
+        for d, (known, hidden) in enumerate(((100, 50), (130, None))):
+            for uid, handle, followers in (("1", "known", known), ("2", "hidden", hidden)):
+                store.record_snapshot(DAY0 + dt.timedelta(days=d),
+                                      Profile(uid, handle, "", "s", False, False, followers, 1, 2, 3, 4, ""))
+    finally:
+        store.close()
+    async with served(url) as base:
+        rows = {r[1]: r[4:] for r in _parse((await _get(base + "/"))[1])}
+    assert rows == {"known": (30, 30, 30), "hidden": (None, None, None)}
+    assert main(["history", "top", "--days", "7", "--history-url", url]) == 0
+    printed = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert printed == {"@known": ["100", "130", "+30"], "@hidden": ["50"]}
