@@ -695,7 +695,10 @@ def cmd_history(args: argparse.Namespace, argv: Sequence[str]) -> int:
         elif args.query == "top":
             print(f"{'handle':<26}  {'start':>12}  {'end':>12}  {'gained':>10}")
             for t in store.top(args.by, args.days, args.limit):
-                print(f"@{t.handle:<25}  {t.start or 0:>12,}  {t.end or 0:>12,}  {t.gained or 0:>+10,}")
+                # An unknown count (the API left it out) is a blank, not a 0, as on `history serve`'s page.
+                start, end = ("" if v is None else f"{v:,}" for v in (t.start, t.end))
+                gained = "" if t.gained is None else f"{t.gained:+,}"
+                print(f"@{t.handle:<25}  {start:>12}  {end:>12}  {gained:>10}".rstrip())
         elif args.query == "as-of":
             import csv
 

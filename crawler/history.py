@@ -510,7 +510,8 @@ class HistoryStore:
     def resolve(self, handle: str) -> tuple[str, str]:
         """(user id, current handle) for any handle the user has had; UsageError if unknown."""
         h = handle.strip().lstrip("@").lower()
-        rows = self._rows(
+        # No handle holds a NUL byte, and PostgreSQL refuses one in a query: unknown without asking.
+        rows = [] if "\x00" in h else self._rows(
             "SELECT h.user_id, u.handle FROM handles h JOIN users u ON u.user_id = h.user_id"
             " WHERE h.handle = ? ORDER BY h.last_day DESC LIMIT 1", (h,))
         if not rows:
@@ -697,8 +698,9 @@ class HistoryStore:
     def posts_per_day(self, user_id: str, since: dt.date | None = None, until: dt.date | None = None
                       ) -> dict[str, int]:
         """How many of a user's stored posts were published on each UTC day of a range."""
+        last = min(until or dt.date.max, dt.date(9998, 12, 31))  # the day after date.max does not exist
         lo = dt.datetime.combine(since or dt.date(1970, 1, 1), dt.time(), dt.UTC)
-        hi = dt.datetime.combine((until or dt.date(9998, 12, 31)) + dt.timedelta(days=1), dt.time(), dt.UTC)
+        hi = dt.datetime.combine(last + dt.timedelta(days=1), dt.time(), dt.UTC)
         rows = self._rows("SELECT create_time FROM posts WHERE user_id = ? AND create_time >= ? AND create_time < ?",
                           (user_id, int(lo.timestamp()), int(hi.timestamp())))
         out: dict[str, int] = {}

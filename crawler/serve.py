@@ -14,11 +14,13 @@ import datetime as dt
 import io
 import ipaddress
 import math
+import re
 import signal
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -41,12 +43,37 @@ class History:
     """The read-only store behind one thread: every query of a request runs there, one at a time."""
 
     def __init__(self, url: str) -> None:
+        self._url = url
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="history")
         self.store = HistoryStore.open_readonly(url)
 
     async def run(self, fn: Callable[[HistoryStore], T]) -> T:
         """Run ``fn(store)`` in the store's thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, self.store)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._call, fn)
+
+    def _call(self, fn: Callable[[HistoryStore], T]) -> T:
+        # A PostgreSQL session can end under a long-lived page (a server restart): open a new one and ask
+        # again once (every query only reads, so asking twice is safe) instead of failing every later request.
+        if self._lost():
+            self._reopen()
+        try:
+            return fn(self.store)
+        except Exception:
+            if not self._lost():
+                raise
+        self._reopen()
+        return fn(self.store)
+
+    def _lost(self) -> bool:
+        db = self.store._db
+        return db is None or (self.store.postgres and bool(db.closed))
+
+    def _reopen(self) -> None:
+        self.store.close()
+        try:
+            self.store = HistoryStore.open_readonly(self._url)
+        except UsageError as exc:
+            raise _error(503, f"{exc}; the page answers again once the database is back") from None
 
     def close(self) -> None:
         """Close the store (in its thread) and the thread (idempotent)."""
@@ -87,7 +114,7 @@ def _query_day(request: web.Request, name: str) -> dt.date | None:
 
 def _error(status: int, message: str) -> web.HTTPException:
     kinds: dict[int, type[web.HTTPException]] = {400: web.HTTPBadRequest, 404: web.HTTPNotFound,
-                                                  421: web.HTTPMisdirectedRequest}
+                                                  421: web.HTTPMisdirectedRequest, 503: web.HTTPServiceUnavailable}
     return kinds[status](text=pages.error(status, message), content_type="text/html")
 
 
@@ -98,13 +125,13 @@ def _html(body: str) -> web.Response:
 async def overview(request: web.Request) -> web.Response:
     """`/`: every user, sorted, filtered and paged."""
     sort = request.query.get("sort", pages.DEFAULT_SORT)
-    if sort.lstrip("-") not in pages.SORTS:
-        sort = pages.DEFAULT_SORT
+    if sort.removeprefix("-") not in pages.SORTS:
+        raise _error(400, f"sort {sort!r}: use one of {', '.join(pages.SORTS)} (a leading - reverses the order)")
     q = request.query.get("q", "").strip()
-    try:
-        page = max(1, int(request.query.get("page", "1")))
-    except ValueError:
-        page = 1
+    text = request.query.get("page", "1")
+    if not re.fullmatch(r"[0-9]{1,9}", text) or int(text) < 1:
+        raise _error(400, f"page {text!r}: expected a page number (1, 2, ...)")
+    page = int(text)  # past the last page: the last page
 
     def load(store: HistoryStore) -> pages.OverviewView:
         end = store.last_day()
@@ -113,7 +140,7 @@ async def overview(request: web.Request) -> web.Response:
         if q:
             needle = q.lower().lstrip("@")
             rows = [r for r in rows if needle in r.handle.lower() or needle in r.nickname.lower()]
-        rows.sort(key=_sort_key(sort))
+        rows.sort(key=_sort_key(sort), reverse=sort == "-handle")  # names: the key cannot be negated
         count = max(1, math.ceil(len(rows) / pages.PAGE_SIZE))
         shown = rows[(min(page, count) - 1) * pages.PAGE_SIZE:][:pages.PAGE_SIZE]
         sparks = {} if end is None else store.followers_since([r.user_id for r in shown],
@@ -182,8 +209,10 @@ def _csv(view: pages.UserView) -> web.Response:
                                            r.hearts)])
     span = "-".join(x for x in (view.since, view.until) if x)
     filename = f"{view.handle}{'-' + span if span else ''}.csv"
-    return web.Response(text=out.getvalue(), content_type="text/csv", charset="utf-8",
-                        headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+    # A handle is the API's text: the quoted name only in safe ASCII, the exact one as RFC 6266's filename*.
+    plain = re.sub(r"[^A-Za-z0-9._-]", "_", filename)
+    return web.Response(text=out.getvalue(), content_type="text/csv", charset="utf-8", headers={
+        "Content-Disposition": f"attachment; filename=\"{plain}\"; filename*=UTF-8''{quote(filename, safe='')}"})
 
 
 async def compare(request: web.Request) -> web.Response:
@@ -237,11 +266,14 @@ def _is_loopback_ip(host: str) -> bool:
 @web.middleware
 async def guard(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
     """Security headers on every answer; on a loopback bind, only loopback Host names (no DNS rebinding)."""
-    if request.app[LOOPBACK]:
-        host = (request.url.host or "").lower()
-        if host not in _LOCAL_NAMES and not _is_loopback_ip(host):
-            raise _error(421, f"this page answers only to localhost, not to {host!r}")
     try:
+        if request.app[LOOPBACK]:
+            try:
+                host = (request.url.host or "").lower()
+            except ValueError:  # yarl refuses the Host header (a port that is no number, or out of range)
+                raise _error(400, f"malformed Host header {request.host!r}") from None
+            if host not in _LOCAL_NAMES and not _is_loopback_ip(host):
+                raise _error(421, f"this page answers only to localhost, not to {host!r}")
         response: web.StreamResponse = await handler(request)
     except web.HTTPException as exc:
         exc.headers.update(SECURITY_HEADERS)

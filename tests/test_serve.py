@@ -490,3 +490,173 @@ async def test_browser_pages_stay_on_their_origin_and_hostile_nicknames_stay_tex
 async def _nick_texts(page: Page, base: str, hostile: list[str], b: Built) -> list[str]:
     await page.goto(base + "/")
     return [await page.js(f"document.querySelector('tr[data-user-id=\"{u}\"] .nick').textContent") for u in hostile]
+
+
+# --- HTTP: odd requests, both stores (a few of the world's users over a few days, no simulator run) ---
+
+SMALL_DAYS = (0, 1, 2, 4, 5)  # day 3 is a gap
+
+
+def _small_store(url: str) -> dict[str, tuple[str, int]]:
+    """Six of the world's users snapshotted on SMALL_DAYS; returns user id -> (handle, latest followers)."""
+    from crawler.endpoints import Profile
+
+    world = World(WORLD)
+    store = HistoryStore(url)
+    users = [u for i in range(1, 40) if (u := world.user(i)) is not None][:6]
+    try:
+        for d in SMALL_DAYS:
+            for u in users:
+                store.record_snapshot(DAY0 + dt.timedelta(days=d), Profile(
+                    u.user_id, u.handle, u.nickname, u.sec_uid, u.verified, u.private, u.followers + d, u.following,
+                    u.videos, u.hearts, u.digg_count, u.signature))
+    finally:
+        store.close()
+    return {u.user_id: (u.handle, u.followers + SMALL_DAYS[-1]) for u in users}
+
+
+@pytest.fixture
+def pg_small() -> Iterator[tuple[str, dict[str, tuple[str, int]]]]:
+    """A small store in PostgreSQL, its sessions named by an application_name of their own."""
+    with pg_schema() as url:
+        url += f"&application_name=serve_{os.getpid()}_{id(url)}"
+        yield url, _small_store(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def small(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, tuple[str, int]]]:
+    """A small store (SQLite, then PostgreSQL) and its users."""
+    if request.param == "sqlite":
+        url = str(tmp_path / "small.db")
+        return url, _small_store(url)
+    return request.getfixturevalue("pg_small")  # type: ignore[no-any-return]
+
+
+async def test_odd_dates_and_handles_are_answered_never_a_500(small: tuple[str, dict[str, tuple[str, int]]]) -> None:
+    """The widest date range answers; a handle with a NUL byte (PostgreSQL refuses it in a query) is a 404."""
+    url, users = small
+    handle = next(iter(users.values()))[0]
+    async with served(url) as base:
+        for path in (f"/u/{handle}?to=9999-12-31", f"/u/{handle}.csv?from=0001-01-01&to=9999-12-31",
+                     f"/u/{handle}?from=0001-01-01"):
+            status, text, _ = await _get(base + path)
+            assert status == 200, (path, text[-300:])
+        for path in ("/u/a%00b", f"/u/{handle}%00.csv", f"/u/{handle}.csv%00"):
+            status, text, _ = await _get(base + path)
+            assert status == 404 and "no history for" in text, (path, status)
+        status, text, _ = await _get(f"{base}/compare?u=%00&u={handle}")
+        assert status == 200 and f'data-series="@{handle}"' in text
+
+
+async def test_handle_sorts_both_ways(small: tuple[str, dict[str, tuple[str, int]]]) -> None:
+    """sort=handle lists a..z, sort=-handle (the header's second click) z..a."""
+    url, users = small
+    handles = sorted(h for h, _ in users.values())
+    async with served(url) as base:
+        up = [r[1] for r in _parse((await _get(base + "/?sort=handle"))[1])]
+        down = [r[1] for r in _parse((await _get(base + "/?sort=-handle"))[1])]
+    assert up == handles and down == handles[::-1]
+
+
+async def test_a_lost_postgresql_connection_is_opened_again(pg_small: tuple[str, dict[str, tuple[str, int]]]) -> None:
+    """The server's database session ends (a PostgreSQL restart, an admin): the next request opens a new one."""
+    url, users = pg_small
+    import psycopg
+
+    from tests.serve_history import PG_URL
+
+    name = url.rsplit("application_name=", 1)[1]
+    schema = re.search(r"search_path%3D(\w+)", url).group(1)  # type: ignore[union-attr]
+
+    def end_session(admin: Any) -> None:
+        ended = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+                              (name,)).fetchall()
+        assert ended == [(True,)]
+
+    async with served(url) as base:
+        assert len(_parse((await _get(base + "/"))[1])) == len(users)
+        with psycopg.connect(PG_URL, autocommit=True) as admin:
+            end_session(admin)
+            for path in ("/", f"/u/{next(iter(users.values()))[0]}"):
+                status, _, _ = await _get(base + path)
+                assert status == 200, (path, status)
+            assert {r[0]: (r[1], r[3]) for r in _parse((await _get(base + "/"))[1])} == users
+            # While the store cannot be reached the page says so (503), and answers again once it can.
+            end_session(admin)
+            admin.execute(f"ALTER SCHEMA {schema} RENAME TO {schema}_away")
+            try:
+                status, html, _ = await _get(base + "/")
+            finally:
+                admin.execute(f"ALTER SCHEMA {schema}_away RENAME TO {schema}")
+            assert status == 503 and "holds no history" in html and "once the database is back" in html
+            assert {r[0]: (r[1], r[3]) for r in _parse((await _get(base + "/"))[1])} == users
+
+
+async def test_bad_page_sort_and_host_values_are_a_400_naming_them(small: tuple[str, dict[str, tuple[str, int]]]
+                                                                   ) -> None:
+    """page/sort values the overview cannot use, and a Host header that is no host, get a 400 saying which."""
+    url, _ = small
+    async with served(url) as base:
+        for query, says in (("page=abc", "page 'abc'"), ("page=0", "page '0'"), ("page=2.5", "page '2.5'"),
+                            ("sort=zzz", "sort 'zzz'"), ("sort=--gain7", "sort '--gain7'"),
+                            ("sort=gain7&page=-1", "page '-1'")):
+            status, html, _ = await _get(f"{base}/?{query}")
+            assert status == 400 and says in html.replace("&#x27;", "'"), (query, status)
+        assert "use one of handle, followers, gain1, gain7, gain30" in (await _get(f"{base}/?sort=x"))[1]
+        host, port = base.removeprefix("http://").split(":")
+        for bad in ("127.0.0.1:abc", "127.0.0.1:99999"):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(f"GET / HTTP/1.1\r\nHost: {bad}\r\nConnection: close\r\n\r\n".encode())
+            async with asyncio.timeout(10):
+                answer = await reader.read()
+            writer.close()
+            assert answer.split(b"\r\n", 1)[0] == b"HTTP/1.1 400 Bad Request", (bad, answer[:200])
+            assert b"Host header" in answer and b"\r\nContent-Security-Policy: default-src 'none'" in answer
+        status, _, headers = await _get(base + "/", headers={"Host": "evil.example"})
+        assert status == 421 and "default-src 'none'" in headers.get("Content-Security-Policy", "")
+
+
+async def test_csv_file_name_survives_odd_handles(tmp_path: Path) -> None:
+    """A handle with a quote or a non-ASCII letter (the API's text) still names the CSV whole, in a valid header."""
+    from urllib.parse import quote, unquote
+
+    from crawler.endpoints import Profile
+
+    url = str(tmp_path / "odd.db")
+    store = HistoryStore(url)
+    odd = ['a"b', "tëst", "a;b=c"]
+    try:
+        for n, h in enumerate(odd):
+            store.record_snapshot(DAY0, Profile(str(900 + n), h, "", "s", False, False, 1, 2, 3, 4, 5, ""))
+    finally:
+        store.close()
+    async with served(url) as base:
+        for h in odd:
+            status, text, headers = await _get(f"{base}/u/{quote(h, safe='')}.csv?from=2026-01-01")
+            assert status == 200 and text.splitlines()[1].startswith("2026-01-01,")
+            value = headers["Content-Disposition"]
+            m = re.fullmatch(r'attachment; filename="([^"\\]*)"; filename\*=UTF-8\'\'([!-~]+)', value)
+            assert m is not None, value
+            assert unquote(m.group(2)) == f"{h}-2026-01-01.csv" and m.group(1).isascii()
+
+
+async def test_an_unknown_gain_is_empty_on_the_page_and_in_history_top(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A snapshot without a follower count (the API left it out): no gain on the page, none printed by `top` (not 0)."""
+    from crawler.endpoints import Profile
+
+    url = str(tmp_path / "none.db")
+    store = HistoryStore(url)
+    try:
+        for d, (known, hidden) in enumerate(((100, 50), (130, None))):
+            for uid, handle, followers in (("1", "known", known), ("2", "hidden", hidden)):
+                store.record_snapshot(DAY0 + dt.timedelta(days=d),
+                                      Profile(uid, handle, "", "s", False, False, followers, 1, 2, 3, 4, ""))
+    finally:
+        store.close()
+    async with served(url) as base:
+        rows = {r[1]: r[4:] for r in _parse((await _get(base + "/"))[1])}
+    assert rows == {"known": (30, 30, 30), "hidden": (None, None, None)}
+    assert main(["history", "top", "--days", "7", "--history-url", url]) == 0
+    printed = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert printed == {"@known": ["100", "130", "+30"], "@hidden": ["50"]}
