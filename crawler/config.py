@@ -83,12 +83,20 @@ class Settings:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
+    def __repr__(self) -> str:
+        # URLs may carry a password (history.url, jobs.url, rate.shared): a repr shows them masked.
+        def show(value: object) -> str:
+            return repr(masked(value)) if isinstance(value, str) else repr(value)
+
+        return f"Settings({', '.join(f'{f.name}={show(getattr(self, f.name))}' for f in dataclasses.fields(self))})"
+
 
 def masked(text: str) -> str:
     """Text with the credentials of any URL in it (``scheme://user:password@``) replaced by ***, and the value of
     any ``password=`` parameter (``?password=...``, which libpq and redis accept, or a ``key=value`` conninfo);
     a user name alone (``scheme://user@``, ``user=``) is no secret and stays, so a printed command still runs."""
-    text = re.sub(r"://[^/@\s]*:[^/@\s]*@", "://***@", text)
+    # Up to the last @ before the path: a password may hold a raw @ (libpq and redis-py split there too).
+    text = re.sub(r"://[^/\s]*:[^/\s]*@", "://***@", text)
     return re.sub(r"(?i)(?<![\w.-])(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s]*)", r"\1***", text)
 
 

@@ -106,3 +106,18 @@ def test_public_api_is_pinned() -> None:
                "user_posts", "user_liked", "user_followers", "user_following", "post_comments", "comment_replies",
                "search_videos", "search_users", "search_challenges", "music_posts", "challenge_posts"}
     assert methods <= set(dir(crawler.Client))
+
+
+def test_url_passwords_stay_out_of_settings_reprs_and_masked_text() -> None:
+    """A password in history.url, jobs.url or rate.shared (even one holding a raw @) never shows in a repr or in
+    masked text; a user name alone stays, so a printed command still runs."""
+    from crawler.config import Settings, masked
+
+    s = Settings(history_url="postgresql://team:s3cr@t@db.example/hist", jobs_url="postgres://u:pw@h/j?password=p4ss",
+                 rate_shared="redis://:r3dis@127.0.0.1:6379/0")
+    shown = repr(s)
+    for secret in ("s3cr", "@t@", "pw@", "p4ss", "r3dis"):
+        assert secret not in shown, shown
+    assert "postgresql://***@db.example/hist" in shown and "max_credits=None" in shown
+    assert masked("postgresql://team:s3cr@t@db.example/hist") == "postgresql://***@db.example/hist"
+    assert masked("postgresql://team@db.example/hist") == "postgresql://team@db.example/hist"
