@@ -285,32 +285,47 @@ class PgJobStore:
         return await asyncio.shield(self._run_now(fn))
 
     async def _run_now(self, fn: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
-        delay = 0.1
         async with self._lock:
-            while True:
-                try:
-                    if self._conn is None or self._conn.closed:
-                        await self._connect()
-                    conn = self._conn
-                    assert conn is not None
-                    async with conn.transaction():
-                        result = await fn(conn)
-                    if self._down_since is not None:
-                        log.warning("%s answers again", self.where)
-                    self._down_since = None
-                    return result
-                except Exception as exc:
-                    if not _is_connection_error(exc):
-                        raise
-                    await self.aclose()
-                    now = time.monotonic()
-                    if self._down_since is None:
-                        self._down_since = now
-                        log.warning("%s: lost (%s); retrying", self.where, type(exc).__name__)
-                    if now - self._down_since >= self.stall_limit:
-                        raise self._lost() from None
-                    await asyncio.sleep(min(delay, max(self._down_since + self.stall_limit - now, 0.01)))
-                    delay = min(delay * 2, 2.0)
+            return await self._retrying(lambda: self._attempt(fn))
+
+    async def _attempt(self, fn: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
+        try:
+            if self._conn is None or self._conn.closed:
+                await self._connect()
+            conn = self._conn
+            assert conn is not None
+            async with conn.transaction():
+                return await fn(conn)
+        except Exception as exc:
+            if _is_connection_error(exc):
+                await self.aclose()
+            raise
+
+    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run `fn`, which uses connections of its own (the queue's install and enqueue), retried on a lost server
+        with backoff until the stall limit like the store's own calls (then StoreLost)."""
+        return await self._retrying(fn)
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        delay = 0.1
+        while True:
+            try:
+                result = await attempt()
+                if self._down_since is not None:
+                    log.warning("%s answers again", self.where)
+                self._down_since = None
+                return result
+            except Exception as exc:
+                if not _is_connection_error(exc):
+                    raise
+                now = time.monotonic()
+                if self._down_since is None:
+                    self._down_since = now
+                    log.warning("%s: lost (%s); retrying", self.where, type(exc).__name__)
+                if now - self._down_since >= self.stall_limit:
+                    raise self._lost() from None
+                await asyncio.sleep(min(delay, max(self._down_since + self.stall_limit - now, 0.01)))
+                delay = min(delay * 2, 2.0)
 
     def _lost(self) -> StoreLost:
         return StoreLost(f"{self.where} has not answered for {self.stall_limit:g} s (retry.stall_limit); what was"

@@ -201,8 +201,8 @@ class JobWorker(ItemWalker):
             with contextlib.suppress(StoreLost):
                 await self.store.give_back(self.jid, self.session, self.budget.used)
                 await self.store.leave(self.worker_id)
-                await itemqueue.enqueue(self.store.url, self.jid,
-                                        await self.store.orphans(self.jid, heartbeat_timeout=self.heartbeat_timeout))
+                orphans = await self.store.orphans(self.jid, heartbeat_timeout=self.heartbeat_timeout)
+                await self.store.call(lambda: itemqueue.enqueue(self.store.url, self.jid, orphans))
         return r
 
     async def _take_items(self) -> None:
@@ -443,7 +443,7 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
     out = Path(job.output)
     options = {k: v for k, v in asdict(job).items() if k not in ("input", "output", "command")}
     async with _store(settings, url) as store:
-        await itemqueue.install(url)
+        await store.call(lambda: itemqueue.install(url))
         spool, digest = _spool(job, spec)
         try:
             jid = job_id(job.command, options, digest)
@@ -469,7 +469,9 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
         if pg.status == "done" and await asyncio.to_thread(out.exists) and not restart and not retry:
             return _summary(job, store, pg, await store.progress(jid), None, started, status="already complete",
                             result=SessionResult(), settings=settings, reason="nothing to do; --restart runs it again")
-        await itemqueue.enqueue(url, jid, await store.orphans(jid, heartbeat_timeout=pg.heartbeat_timeout))
+        orphans = await store.orphans(jid, heartbeat_timeout=pg.heartbeat_timeout)
+        killpoints.reached("enqueuing")
+        await store.call(lambda: itemqueue.enqueue(url, jid, orphans))
         worker_id = await _register(store, settings, api_key, jid)
         stopper: list[JobWorker | None] = [None]
         stopped: list[CrawlerError] = []
@@ -574,7 +576,7 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
                quiet: bool = False) -> int:
     """`crawler work`: join open jobs (or one) as a worker; with `until_idle`, exit when none has items left."""
     async with _store(settings, url) as store:
-        await itemqueue.install(url)
+        await store.call(lambda: itemqueue.install(url))
         if job is not None and await store.job(job) is None:
             raise UsageError(f"--job {job}: no such job in {store.where} (see crawler jobs --jobs-url URL)")
         worker_id = await _register(store, settings, api_key, None)
