@@ -644,6 +644,66 @@ async def test_sigterm_stops_a_worker_and_the_starter_cleanly_and_the_job_resume
     assert len(got) == len(set(got)) and set(got) == set(expected)
 
 
+async def test_sigterm_during_the_export_leaves_no_output_and_the_same_command_exports(hosts: Hosts,
+                                                                                       schema: str) -> None:
+    """SIGTERM while the starter writes OUT.csv: exit 143 saying how to resume, no OUT.csv and no temporary file
+    left; the same command then writes OUT.csv with a single-host run's rows."""
+    src = handles(hosts.root, 20, offset=1880)
+    opts = ("--max-items", "20", "--page-size", "10")
+    async with simulator(hosts.key) as sim:
+        expected, _ = await single_host(hosts, src, sim, *opts)
+        args = ["posts", str(src), "-o", "out.csv", "--jobs-url", pg_url(schema), *common(sim.url, *opts)]
+        starter = await hosts.start("starter", args, extra_env={"CRAWLER_TEST_STOP_AT": "exporting:1"})
+        await until(lambda: _stopped(starter.pid), "the starter exporting", bound=120)
+        starter.send_signal(signal.SIGTERM)
+        starter.send_signal(signal.SIGCONT)
+        code, err = await hosts.finish(starter, bound=30)
+        left = sorted(p.name for p in (hosts.root / "starter").iterdir() if p.name.startswith("out.csv"))
+        again = await hosts.start("starter", args)
+        final, ferr = await hosts.finish(again)
+    assert code == 143 and "resume with: crawler posts" in err.strip().splitlines()[-1], err[-800:]
+    assert left == [], left
+    assert final == SINGLE_CODE[src], ferr[-800:]
+    got = rows(hosts.root / "starter" / "out.csv")
+    assert expected and len(got) == len(set(got)) and set(got) == set(expected)
+
+
+async def test_sigterm_while_the_starter_waits_for_workers_past_the_budget_stops_it(hosts: Hosts, schema: str) -> None:
+    """The job stopped for its budget while another worker still holds items (its requests hang on a slow
+    simulator): the starter waiting for that worker stops at once on SIGTERM with exit 143 (which outranks the
+    budget's 4), not a heartbeat timeout later."""
+    src = handles(hosts.root, 40, offset=1840)
+    url = pg_url(schema)
+    cwd = hosts.root / "starter"
+    cwd.mkdir(parents=True)
+    # A long heartbeat timeout (the job's: the starter's): the worker counts as live for the starter's whole wait.
+    (cwd / "long.toml").write_text("[retry]\nstall_limit = 10\n[jobs]\nheartbeat_timeout = 20\n")
+    async with simulator(hosts.key) as sim, simulator(hosts.key, fault_rate=1.0, faults=frozenset({"slow"}),
+                                                       slow_seconds=60) as slow:
+        # The starter paced at 2 requests a second: the worker takes items long before the starter is done.
+        args = ["posts", str(src), "-o", "out.csv", "--jobs-url", url, "--config", "long.toml", "--base-url", sim.url,
+                "--rate", "120", "--window", "60", "--rate-shared", REDIS, "--parallelism", "4"]
+        starter = await hosts.start("starter", args)
+        jid = await hosts.job_id(starter)
+        worker = await hosts.start("w", ["work", "--jobs-url", url, "--job", jid, *common(slow.url)])
+        held = "SELECT count(*) FROM crawler_items WHERE status = 'pending' AND owner LIKE %s"
+        await until(lambda: pg_value(schema, held, f"%:{worker.pid}:%"), "the worker holding items")
+        # What a worker whose --max-credits lease came back empty writes (Budget.reserve): the job stopped for its
+        # budget. The starter finishes the items in hand (no cap of its own) and then waits for the worker's.
+        async with await psycopg.AsyncConnection.connect(pg_url(schema), autocommit=True) as conn:
+            await conn.execute("UPDATE crawler_jobs SET status = 'budget' WHERE id = %s", (jid,))
+        # The starter's session ended (it left: its worker row aged by a day): it is waiting for the worker.
+        left = "SELECT count(*) FROM crawler_workers WHERE pid = %s AND seen < now() - interval '1 hour'"
+        await until(lambda: starter.returncode is not None or pg_value(schema, left, starter.pid),
+                    "the starter waiting")
+        still = await pg_value(schema, held, f"%:{worker.pid}:%")
+        starter.send_signal(signal.SIGTERM)
+        code, err = await hosts.finish(starter, bound=60)
+    assert still > 0  # the starter was waiting for the worker when it got SIGTERM
+    assert code == 143 and "resume with: crawler posts" in err.strip().splitlines()[-1], err[-800:]
+    assert not (cwd / "out.csv").exists()
+
+
 async def test_a_postgresql_job_resolves_names_again_after_crawl_id_ttl_days(hosts: Hosts, schema: str) -> None:
     """crawl.id_ttl_days = 0 holds for a PostgreSQL job's workers too: a handle -> id binding already in the data
     directory (here a wrong one) is expired, so every name is asked of /userid/ again and no other user's posts are
