@@ -704,6 +704,21 @@ async def test_sigterm_while_the_starter_waits_for_workers_past_the_budget_stops
     assert not (cwd / "out.csv").exists()
 
 
+async def test_work_warns_once_about_the_job_options_it_ignores(hosts: Hosts, schema: str) -> None:
+    """`crawler work` given --max-credits, --page-size or --raw (the job's options, its starter's) prints one warning
+    line naming them; without them, no warning."""
+    url = pg_url(schema)
+    code, _, err = await hosts.run("w", ["work", "--jobs-url", url, "--until-idle", "--max-credits", "5",
+                                         "--page-size", "10", "--raw"])
+    plain, _, perr = await hosts.run("w", ["work", "--jobs-url", url, "--until-idle"])
+    assert code == 0 and plain == 0, err + perr
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1, err
+    assert all(flag in warnings[0] for flag in ("--max-credits", "--page-size", "--raw")), warnings
+    assert "--max-items" not in warnings[0] and "--bom" not in warnings[0], warnings
+    assert "warning" not in perr, perr
+
+
 async def test_a_postgresql_job_resolves_names_again_after_crawl_id_ttl_days(hosts: Hosts, schema: str) -> None:
     """crawl.id_ttl_days = 0 holds for a PostgreSQL job's workers too: a handle -> id binding already in the data
     directory (here a wrong one) is expired, so every name is asked of /userid/ again and no other user's posts are
