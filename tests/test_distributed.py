@@ -566,16 +566,19 @@ async def test_postgresql_lost_for_good_ends_the_run_with_one_line(hosts: Hosts,
     assert "jobs.url = postgresql://" in last and "has not answered" in last, last
 
 
-async def test_postgresql_cut_as_the_starter_enqueues_is_waited_out(hosts: Hosts, schema: str) -> None:
+@pytest.mark.parametrize("back", [True, False], ids=["back", "gone"])
+async def test_postgresql_cut_as_the_starter_enqueues_is_retried_like_any_store_call(hosts: Hosts, schema: str,
+                                                                                     back: bool) -> None:
     """PostgreSQL cut just as the starter puts the job's items on the queue (pgqueuer's own connection): the starter
-    pauses and retries like at any store call, and once PostgreSQL is back finishes with a single-host run's rows."""
+    pauses and retries like at any store call; PostgreSQL back, it finishes with a single-host run's rows; gone past
+    retry.stall_limit, it exits 1 with the one line naming jobs.url."""
     src = handles(hosts.root, 20, offset=1920)
     opts = ("--max-items", "20", "--page-size", "10")
     async with simulator(hosts.key) as sim, Proxy() as proxy:
         expected, _ = await single_host(hosts, src, sim, *opts)
         url = pg_url(schema, proxy.port)
         starter = await hosts.start("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", url,
-                                                *common(sim.url, *opts)], stall_limit=30,
+                                                *common(sim.url, *opts)], stall_limit=30 if back else 3,
                                     extra_env={"CRAWLER_TEST_STOP_AT": "enqueuing:1"})
         await until(lambda: _stopped(starter.pid), "the starter about to enqueue")
         proxy.cut()
@@ -583,10 +586,14 @@ async def test_postgresql_cut_as_the_starter_enqueues_is_waited_out(hosts: Hosts
         lines = hosts.stderr[starter.pid]
         await until(lambda: starter.returncode is not None or any("retrying" in line for line in lines),
                     "the starter retrying")
-        proxy.up = True
+        proxy.up = back
         code, err = await hosts.finish(starter)
-    assert code == SINGLE_CODE[src], err[-800:]
     assert "Traceback" not in err, err[-3000:]
+    if not back:
+        last = err.strip().splitlines()[-1]
+        assert code == 1 and "jobs.url = postgresql://" in last and "has not answered" in last, err[-800:]
+        return
+    assert code == SINGLE_CODE[src], err[-800:]
     got = rows(hosts.root / "starter" / "out.csv")
     assert expected and len(got) == len(set(got)) and set(got) == set(expected)
 
