@@ -202,6 +202,7 @@ class JobWorker(ItemWalker):
                 await self.store.give_back(self.jid, self.session, self.budget.used)
                 await self.store.leave(self.worker_id)
                 orphans = await self.store.orphans(self.jid, heartbeat_timeout=self.heartbeat_timeout)
+                killpoints.reached("enqueuing")
                 await self.store.call(lambda: itemqueue.enqueue(self.store.url, self.jid, orphans))
         return r
 

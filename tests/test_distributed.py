@@ -598,6 +598,41 @@ async def test_postgresql_cut_as_the_starter_enqueues_is_retried_like_any_store_
     assert expected and len(got) == len(set(got)) and set(got) == set(expected)
 
 
+async def test_postgresql_cut_as_a_stopped_worker_puts_its_items_back_is_retried(hosts: Hosts, schema: str) -> None:
+    """A worker stopped by SIGTERM, PostgreSQL cut just as its session puts the items it leaves back on the queue:
+    it retries like at any store call and, PostgreSQL back, exits 143 with its one line; the starter finishes with
+    a single-host run's rows."""
+    src = handles(hosts.root, 60, offset=1300)
+    opts = ("--max-items", "60", "--page-size", "10")
+    async with simulator(hosts.key, latency=(0.02, 0.05)) as sim, Proxy() as proxy:
+        expected, _ = await single_host(hosts, src, sim, *opts)
+        url = pg_url(schema, proxy.port)
+        starter = await hosts.start("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", url,
+                                                *common(sim.url, *opts)], stall_limit=30)
+        jid = await hosts.job_id(starter)
+        worker = await hosts.start("w", ["work", "--jobs-url", url, "--job", jid, "--until-idle", *common(sim.url)],
+                                   stall_limit=30, extra_env={"CRAWLER_TEST_STOP_AT": "enqueuing:1"})
+        held = "SELECT count(*) FROM crawler_items WHERE status = 'pending' AND owner LIKE %s"
+        await until(lambda: pg_value(schema, held, f"%:{worker.pid}:%"), "the worker holding items")
+        worker.send_signal(signal.SIGTERM)
+        await until(lambda: _stopped(worker.pid) or worker.returncode is not None, "the worker putting items back")
+        pending = await pg_value(schema, "SELECT count(*) FROM crawler_items WHERE status = 'pending'")
+        proxy.cut()
+        worker.send_signal(signal.SIGCONT)
+        lines = hosts.stderr[worker.pid]
+        await until(lambda: worker.returncode is not None or any("retrying" in line for line in lines),
+                    "the worker retrying")
+        proxy.up = True
+        wcode, werr = await hosts.finish(worker)
+        code, err = await hosts.finish(starter)
+    assert pending > 0  # items to put back (an empty list needs no connection)
+    assert wcode == 143 and "SIGTERM" in werr.strip().splitlines()[-1], werr[-800:]
+    assert "Traceback" not in err + werr, (err + werr)[-3000:]
+    assert code == SINGLE_CODE[src], err[-800:]
+    got = rows(hosts.root / "starter" / "out.csv")
+    assert len(got) == len(set(got)) and set(got) == set(expected)
+
+
 async def test_a_key_worked_from_another_host_needs_one_redis_ledger(hosts: Hosts, schema: str) -> None:
     """While host A works the key through a local ledger, a worker on host B exits 2 naming rate.shared and the
     fix, before taking any item."""
