@@ -724,7 +724,8 @@ async def test_sigterm_while_the_starter_waits_for_workers_past_the_budget_stops
                                                        slow_seconds=60) as slow:
         # The starter paced at 2 requests a second: the worker takes items long before the starter is done.
         args = ["posts", str(src), "-o", "out.csv", "--jobs-url", url, "--config", "long.toml", "--base-url", sim.url,
-                "--rate", "120", "--window", "60", "--rate-shared", REDIS, "--parallelism", "4"]
+                "--rate", "120", "--window", "60", "--rate-shared", REDIS, "--parallelism", "4", "--max-items", "20",
+                "--page-size", "10"]
         starter = await hosts.start("starter", args)
         jid = await hosts.job_id(starter)
         worker = await hosts.start("w", ["work", "--jobs-url", url, "--job", jid, *common(slow.url)])
