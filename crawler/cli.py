@@ -517,6 +517,12 @@ def _jobs_url(settings: Settings, command: str) -> str:
     return settings.jobs_url
 
 
+# Settings flags `crawler work` takes (shared with the job commands) that a job's own options override.
+_JOB_OPTION_FLAGS = (("--max-credits", "crawl.max_credits"), ("--max-pages", "crawl.max_pages"),
+                     ("--page-size", "crawl.page_size"), ("--max-items", "crawl.max_items"),
+                     ("--bom", "output.bom"), ("--raw", "output.raw"))
+
+
 def cmd_work(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Work open PostgreSQL jobs."""
     from crawler.work import work
@@ -525,6 +531,10 @@ def cmd_work(args: argparse.Namespace, argv: Sequence[str]) -> int:
     url = _jobs_url(settings, "work")
     key = api_key()
     check_ledger(settings, key)
+    ignored = [flag for flag, dest in _JOB_OPTION_FLAGS if getattr(args, dest, None) is not None]
+    if ignored:
+        print(f"crawler: warning: work ignores {', '.join(ignored)}: each job is worked with the options its starter"
+              " gave (caps, page size, output cells); set them on the job's starting command", file=sys.stderr)
     return asyncio.run(work(settings, api_key=key, url=url, job=args.job, until_idle=args.until_idle,
                             quiet=args.quiet))
 

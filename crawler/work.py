@@ -19,7 +19,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -205,6 +205,7 @@ class JobWorker(ItemWalker):
                 await self.store.give_back(self.jid, self.session, self.budget.used)
                 await self.store.leave(self.worker_id)
                 orphans = await self.store.orphans(self.jid, heartbeat_timeout=self.heartbeat_timeout)
+                killpoints.reached("enqueuing")
                 await self.store.outside(lambda: itemqueue.enqueue(self.store.url, self.jid, orphans))
         return r
 
@@ -479,15 +480,21 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
         pg = await store.job(jid)
         assert pg is not None
         orphans = await store.orphans(jid, heartbeat_timeout=pg.heartbeat_timeout)
+        killpoints.reached("enqueuing")
         await store.outside(lambda: itemqueue.enqueue(url, jid, orphans))
         worker_id = await _register(store, settings, api_key, jid)
         stopper: list[JobWorker | None] = [None]
         stopped: list[CrawlerError] = []
+        wake = asyncio.Event()  # set by a signal: also ends the wait for other workers
+        exporting: list[asyncio.Task[Any]] = []  # and the export, cancelled
 
         def stop(error: CrawlerError) -> None:
             stopped[:] = [error]
             if isinstance(error, RunStopped):
                 store.abandon(error)  # a store away no longer holds the stop for retry.stall_limit
+            wake.set()
+            for task in exporting:
+                task.cancel()
             if stopper[0] is not None:
                 stopper[0].request_stop(error)
 
@@ -506,7 +513,9 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
                     if await store.held_by_live(jid, pg.heartbeat_timeout) == 0:
                         error = BudgetExhausted("the job's --max-credits budget is spent")
                         break
-                    await asyncio.sleep(0.2)
+                    await _sleep_or_stop(0.2, wake)
+                    if stopped:
+                        error = stopped[0]
                     continue
                 # Items came back (a worker died or stopped): work them too.
                 more = await _work_session(store, pg, settings, api_key, worker_id, stopper, stopped)
@@ -520,7 +529,10 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
             complete = error is None and progress.pending == 0
             if complete:
                 await store.set_status(jid, "done")
-                await export(store, jid, out, spec, bom=settings.output_bom, raw=settings.output_raw)
+                # A signal stops the export too (its temporary file removed); run again, the job exports.
+                if stopped or not await _stoppable(export(store, jid, out, spec, bom=settings.output_bom,
+                                                          raw=settings.output_raw), exporting):
+                    error, complete = stopped[0], False
             write_failures(failures_path(out), await store.failures(jid), raw=settings.output_raw)
             return _summary(job, store, pg, progress, await store.failure_counts(jid), error, started,
                             status="completed" if complete else "stopped",
@@ -578,6 +590,7 @@ async def export(store: PgJobStore, jid: str, out: Path, spec: CommandSpec, *, b
             async for values in store.rows(jid):
                 writer.writerow([cell(v, raw=raw) for v in values])
                 n += 1
+                killpoints.reached("exporting")
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, out)
@@ -649,6 +662,24 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
 async def _sleep_or_stop(seconds: float, wake: asyncio.Event) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(wake.wait(), seconds)
+
+
+async def _stoppable(work: Coroutine[Any, Any, object], running: list[asyncio.Task[Any]]) -> bool:
+    """Run `work` as a task in `running`, which a stop cancels (at its next await): True if it ran to its end."""
+    task = asyncio.ensure_future(work)
+    running.append(task)
+    try:
+        await asyncio.wait((task,))
+    finally:
+        running.remove(task)
+        if not task.done():  # we were cancelled ourselves
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        return False
+    task.result()  # its error, if it failed
+    return True
 
 
 async def jobs_report(settings: Settings, *, url: str, as_json: bool = False) -> str:

@@ -569,6 +569,73 @@ async def test_postgresql_lost_for_good_ends_the_run_with_one_line(hosts: Hosts,
     assert "jobs.url = postgresql://" in last and "has not answered" in last, last
 
 
+@pytest.mark.parametrize("back", [True, False], ids=["back", "gone"])
+async def test_postgresql_cut_as_the_starter_enqueues_is_retried_like_any_store_call(hosts: Hosts, schema: str,
+                                                                                     back: bool) -> None:
+    """PostgreSQL cut just as the starter puts the job's items on the queue (pgqueuer's own connection): the starter
+    pauses and retries like at any store call; PostgreSQL back, it finishes with a single-host run's rows; gone past
+    retry.stall_limit, it exits 1 with the one line naming jobs.url."""
+    src = handles(hosts.root, 20, offset=1920)
+    opts = ("--max-items", "20", "--page-size", "10")
+    async with simulator(hosts.key) as sim, Proxy() as proxy:
+        expected, _ = await single_host(hosts, src, sim, *opts)
+        url = pg_url(schema, proxy.port)
+        starter = await hosts.start("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", url,
+                                                *common(sim.url, *opts)], stall_limit=30 if back else 3,
+                                    extra_env={"CRAWLER_TEST_STOP_AT": "enqueuing:1"})
+        await until(lambda: _stopped(starter.pid), "the starter about to enqueue")
+        proxy.cut()
+        starter.send_signal(signal.SIGCONT)
+        lines = hosts.stderr[starter.pid]
+        await until(lambda: starter.returncode is not None or any("retrying" in line for line in lines),
+                    "the starter retrying")
+        proxy.up = back
+        code, err = await hosts.finish(starter)
+    assert "Traceback" not in err, err[-3000:]
+    if not back:
+        last = err.strip().splitlines()[-1]
+        assert code == 1 and "jobs.url = postgresql://" in last and "has not answered" in last, err[-800:]
+        return
+    assert code == SINGLE_CODE[src], err[-800:]
+    got = rows(hosts.root / "starter" / "out.csv")
+    assert expected and len(got) == len(set(got)) and set(got) == set(expected)
+
+
+async def test_postgresql_cut_as_a_stopped_worker_puts_its_items_back_is_retried(hosts: Hosts, schema: str) -> None:
+    """A worker stopped by SIGTERM, PostgreSQL cut just as its session puts the items it leaves back on the queue:
+    it retries like at any store call and, PostgreSQL back, exits 143 with its one line; the starter finishes with
+    a single-host run's rows."""
+    src = handles(hosts.root, 60, offset=1300)
+    opts = ("--max-items", "60", "--page-size", "10")
+    async with simulator(hosts.key, latency=(0.02, 0.05)) as sim, Proxy() as proxy:
+        expected, _ = await single_host(hosts, src, sim, *opts)
+        url = pg_url(schema, proxy.port)
+        starter = await hosts.start("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", url,
+                                                *common(sim.url, *opts)], stall_limit=30)
+        jid = await hosts.job_id(starter)
+        worker = await hosts.start("w", ["work", "--jobs-url", url, "--job", jid, "--until-idle", *common(sim.url)],
+                                   stall_limit=30, extra_env={"CRAWLER_TEST_STOP_AT": "enqueuing:1"})
+        held = "SELECT count(*) FROM crawler_items WHERE status = 'pending' AND owner LIKE %s"
+        await until(lambda: pg_value(schema, held, f"%:{worker.pid}:%"), "the worker holding items")
+        worker.send_signal(signal.SIGTERM)
+        await until(lambda: _stopped(worker.pid) or worker.returncode is not None, "the worker putting items back")
+        pending = await pg_value(schema, "SELECT count(*) FROM crawler_items WHERE status = 'pending'")
+        proxy.cut()
+        worker.send_signal(signal.SIGCONT)
+        lines = hosts.stderr[worker.pid]
+        await until(lambda: worker.returncode is not None or any("retrying" in line for line in lines),
+                    "the worker retrying")
+        proxy.up = True
+        wcode, werr = await hosts.finish(worker)
+        code, err = await hosts.finish(starter)
+    assert pending > 0  # items to put back (an empty list needs no connection)
+    assert wcode == 143 and "SIGTERM" in werr.strip().splitlines()[-1], werr[-800:]
+    assert "Traceback" not in err + werr, (err + werr)[-3000:]
+    assert code == SINGLE_CODE[src], err[-800:]
+    got = rows(hosts.root / "starter" / "out.csv")
+    assert len(got) == len(set(got)) and set(got) == set(expected)
+
+
 async def test_a_key_worked_from_another_host_needs_one_redis_ledger(hosts: Hosts, schema: str) -> None:
     """While host A works the key through a local ledger, a worker on host B exits 2 naming rate.shared and the
     fix, before taking any item."""
@@ -620,6 +687,82 @@ async def test_sigterm_stops_a_worker_and_the_starter_cleanly_and_the_job_resume
     assert final == SINGLE_CODE[src], ferr[-800:]
     got = rows(hosts.root / "starter" / "out.csv")
     assert len(got) == len(set(got)) and set(got) == set(expected)
+
+
+async def test_sigterm_during_the_export_leaves_no_output_and_the_same_command_exports(hosts: Hosts,
+                                                                                       schema: str) -> None:
+    """SIGTERM while the starter writes OUT.csv: exit 143 saying how to resume, no OUT.csv and no temporary file
+    left; the same command then writes OUT.csv with a single-host run's rows."""
+    src = handles(hosts.root, 20, offset=1880)
+    opts = ("--max-items", "20", "--page-size", "10")
+    async with simulator(hosts.key) as sim:
+        expected, _ = await single_host(hosts, src, sim, *opts)
+        args = ["posts", str(src), "-o", "out.csv", "--jobs-url", pg_url(schema), *common(sim.url, *opts)]
+        starter = await hosts.start("starter", args, extra_env={"CRAWLER_TEST_STOP_AT": "exporting:1"})
+        await until(lambda: _stopped(starter.pid), "the starter exporting", bound=120)
+        starter.send_signal(signal.SIGTERM)
+        starter.send_signal(signal.SIGCONT)
+        code, err = await hosts.finish(starter, bound=30)
+        left = sorted(p.name for p in (hosts.root / "starter").iterdir() if p.name.startswith("out.csv"))
+        again = await hosts.start("starter", args)
+        final, ferr = await hosts.finish(again)
+    assert code == 143 and "resume with: crawler posts" in err.strip().splitlines()[-1], err[-800:]
+    assert left == [], left
+    assert final == SINGLE_CODE[src], ferr[-800:]
+    got = rows(hosts.root / "starter" / "out.csv")
+    assert expected and len(got) == len(set(got)) and set(got) == set(expected)
+
+
+async def test_sigterm_while_the_starter_waits_for_workers_past_the_budget_stops_it(hosts: Hosts, schema: str) -> None:
+    """The job stopped for its budget while another worker still holds items (its requests hang on a slow
+    simulator): the starter waiting for that worker stops at once on SIGTERM with exit 143 (which outranks the
+    budget's 4), not a heartbeat timeout later."""
+    src = handles(hosts.root, 40, offset=1840)
+    url = pg_url(schema)
+    cwd = hosts.root / "starter"
+    cwd.mkdir(parents=True)
+    # A long heartbeat timeout (the job's: the starter's): the worker counts as live for the starter's whole wait.
+    (cwd / "long.toml").write_text("[retry]\nstall_limit = 10\n[jobs]\nheartbeat_timeout = 20\n")
+    async with simulator(hosts.key) as sim, simulator(hosts.key, fault_rate=1.0, faults=frozenset({"slow"}),
+                                                       slow_seconds=60) as slow:
+        # The starter paced at 2 requests a second: the worker takes items long before the starter is done.
+        args = ["posts", str(src), "-o", "out.csv", "--jobs-url", url, "--config", "long.toml", "--base-url", sim.url,
+                "--rate", "120", "--window", "60", "--rate-shared", REDIS, "--parallelism", "4", "--max-items", "20",
+                "--page-size", "10"]
+        starter = await hosts.start("starter", args)
+        jid = await hosts.job_id(starter)
+        worker = await hosts.start("w", ["work", "--jobs-url", url, "--job", jid, *common(slow.url)])
+        held = "SELECT count(*) FROM crawler_items WHERE status = 'pending' AND owner LIKE %s"
+        await until(lambda: pg_value(schema, held, f"%:{worker.pid}:%"), "the worker holding items")
+        # What a worker whose --max-credits lease came back empty writes (Budget.reserve): the job stopped for its
+        # budget. The starter finishes the items in hand (no cap of its own) and then waits for the worker's.
+        async with await psycopg.AsyncConnection.connect(pg_url(schema), autocommit=True) as conn:
+            await conn.execute("UPDATE crawler_jobs SET status = 'budget' WHERE id = %s", (jid,))
+        # The starter's session ended (it left: its worker row aged by a day): it is waiting for the worker.
+        left = "SELECT count(*) FROM crawler_workers WHERE pid = %s AND seen < now() - interval '1 hour'"
+        await until(lambda: starter.returncode is not None or pg_value(schema, left, starter.pid),
+                    "the starter waiting")
+        still = await pg_value(schema, held, f"%:{worker.pid}:%")
+        starter.send_signal(signal.SIGTERM)
+        code, err = await hosts.finish(starter, bound=60)
+    assert still > 0  # the starter was waiting for the worker when it got SIGTERM
+    assert code == 143 and "resume with: crawler posts" in err.strip().splitlines()[-1], err[-800:]
+    assert not (cwd / "out.csv").exists()
+
+
+async def test_work_warns_once_about_the_job_options_it_ignores(hosts: Hosts, schema: str) -> None:
+    """`crawler work` given --max-credits, --page-size or --raw (the job's options, its starter's) prints one warning
+    line naming them; without them, no warning."""
+    url = pg_url(schema)
+    code, _, err = await hosts.run("w", ["work", "--jobs-url", url, "--until-idle", "--max-credits", "5",
+                                         "--page-size", "10", "--raw"])
+    plain, _, perr = await hosts.run("w", ["work", "--jobs-url", url, "--until-idle"])
+    assert code == 0 and plain == 0, err + perr
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1, err
+    assert all(flag in warnings[0] for flag in ("--max-credits", "--page-size", "--raw")), warnings
+    assert "--max-items" not in warnings[0] and "--bom" not in warnings[0], warnings
+    assert "warning" not in perr, perr
 
 
 async def test_a_postgresql_job_resolves_names_again_after_crawl_id_ttl_days(hosts: Hosts, schema: str) -> None:
