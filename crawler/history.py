@@ -159,6 +159,16 @@ class SeriesRow:
     hearts: int | None
 
 
+def pg_connect_kwargs(stall_limit: float, connect_timeout: float) -> dict[str, Any]:
+    """libpq parameters of the history store's PostgreSQL connection: the job store's (crawler/pgjobs.py), bounded
+    by ``retry.stall_limit`` (how long an unreachable store may hold a run): keepalives probe an idle connection,
+    ``tcp_user_timeout`` ends one whose sent data goes unacknowledged that long (a cut network, a frozen host, a
+    proxy that stops forwarding), and a connect gives up after ``http.connect_timeout``."""
+    from crawler.pgjobs import connect_kwargs
+
+    return connect_kwargs(stall_limit, connect_timeout)
+
+
 def parse_day(text: str, flag: str = "--date") -> dt.date:
     """A YYYY-MM-DD date, or a UsageError naming the flag."""
     try:
@@ -170,7 +180,7 @@ def parse_day(text: str, flag: str = "--date") -> dt.date:
 class HistoryStore:
     """Profile snapshots in SQLite (a path) or PostgreSQL (a postgresql:// URL). Opened once, closed idempotently."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, stall_limit: float = 300.0, connect_timeout: float = 5.0) -> None:
         try:
             check_history_url(url)
         except ValueError as exc:
@@ -185,7 +195,7 @@ class HistoryStore:
                 raise UsageError("history.url is PostgreSQL but psycopg is not installed: pip install "
                                  "'crawler[postgres]'") from None
             try:
-                self._db = psycopg.connect(url, autocommit=True)
+                self._db = psycopg.connect(url, autocommit=True, **pg_connect_kwargs(stall_limit, connect_timeout))
             except psycopg.OperationalError as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else "connection failed"
                 raise UsageError(f"cannot connect to the history database: {first}") from None
@@ -595,7 +605,7 @@ class HistoryStore:
     version: int = SCHEMA_VERSION  # of the store's schema; a read-only store keeps the one it found
 
     @classmethod
-    def open_readonly(cls, url: str) -> HistoryStore:
+    def open_readonly(cls, url: str, *, stall_limit: float = 300.0, connect_timeout: float = 5.0) -> HistoryStore:
         """Open an existing store for reading only: no migration, and the database itself refuses writes.
 
         SQLite opens the file with ``mode=ro``; PostgreSQL sessions are ``default_transaction_read_only``.
@@ -611,7 +621,7 @@ class HistoryStore:
                 raise UsageError("history.url is PostgreSQL but psycopg is not installed: pip install "
                                  "'crawler[postgres]'") from None
             try:
-                store._db = psycopg.connect(url, autocommit=True)
+                store._db = psycopg.connect(url, autocommit=True, **pg_connect_kwargs(stall_limit, connect_timeout))
                 # After connecting, not as a connect option: that would replace the URL's own options.
                 store._db.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
             except psycopg.OperationalError as exc:
