@@ -18,7 +18,6 @@ import re
 import signal
 import sys
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -26,7 +25,7 @@ from aiohttp import web
 
 from crawler import pages
 from crawler.errors import UsageError
-from crawler.history import HistoryStore, OverviewRow, SeriesRow, parse_day
+from crawler.history import HistoryStore, OverviewRow, SeriesRow, StoreThread, parse_day
 
 T = TypeVar("T")
 MAX_COMPARE = 10
@@ -44,12 +43,12 @@ class History:
 
     def __init__(self, url: str) -> None:
         self._url = url
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="history")
+        self._thread = StoreThread("history")  # ingest's too: a query stuck on a silent server never holds exit
         self.store = HistoryStore.open_readonly(url)
 
     async def run(self, fn: Callable[[HistoryStore], T]) -> T:
         """Run ``fn(store)`` in the store's thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._call, fn)
+        return await self._thread.run(self._call, fn)
 
     def _call(self, fn: Callable[[HistoryStore], T]) -> T:
         # A PostgreSQL session can end under a long-lived page (a server restart): open a new one and ask
@@ -78,8 +77,8 @@ class History:
     def close(self) -> None:
         """Close the store (in its thread) and the thread (idempotent)."""
         if self.store._db is not None:
-            self._pool.submit(self.store.close).result()
-        self._pool.shutdown(wait=True)
+            self._thread.submit(self.store.close).result()
+        self._thread.close()
 
 
 HISTORY = web.AppKey("history", History)
