@@ -41,10 +41,11 @@ SECURITY_HEADERS = {
 class History:
     """The read-only store behind one thread: every query of a request runs there, one at a time."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, stall_limit: float = 300.0, connect_timeout: float = 5.0) -> None:
         self._url = url
-        self._thread = StoreThread("history")  # ingest's too: a query stuck on a silent server never holds exit
-        self.store = HistoryStore.open_readonly(url)
+        self._bounds = {"stall_limit": stall_limit, "connect_timeout": connect_timeout}
+        self._thread = StoreThread("history")  # the store-thread mechanism ingest uses too
+        self.store = HistoryStore.open_readonly(url, **self._bounds)
 
     async def run(self, fn: Callable[[HistoryStore], T]) -> T:
         """Run ``fn(store)`` in the store's thread."""
@@ -70,7 +71,7 @@ class History:
     def _reopen(self) -> None:
         self.store.close()
         try:
-            self.store = HistoryStore.open_readonly(self._url)
+            self.store = HistoryStore.open_readonly(self._url, **self._bounds)
         except UsageError as exc:
             raise _error(503, f"{exc}; the page answers again once the database is back") from None
 
@@ -291,9 +292,11 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def make_app(url: str, *, host: str = "127.0.0.1") -> web.Application:
-    """The web application over the store at ``url`` (opened read-only now, closed with the app)."""
-    history = History(url)
+def make_app(url: str, *, host: str = "127.0.0.1", stall_limit: float = 300.0, connect_timeout: float = 5.0
+             ) -> web.Application:
+    """The web application over the store at ``url`` (opened read-only now, closed with the app); a PostgreSQL
+    connection is found dead after ``stall_limit`` seconds of silence (retry.stall_limit)."""
+    history = History(url, stall_limit=stall_limit, connect_timeout=connect_timeout)
     app = web.Application(middlewares=[guard])
     app[HISTORY] = history
     app[LOOPBACK] = is_loopback(host)
@@ -309,9 +312,10 @@ def make_app(url: str, *, host: str = "127.0.0.1") -> web.Application:
     return app
 
 
-async def serve(url: str, host: str, port: int, *, out: Any = sys.stderr) -> int:
+async def serve(url: str, host: str, port: int, *, out: Any = sys.stderr, stall_limit: float = 300.0,
+                connect_timeout: float = 5.0) -> int:
     """Serve until SIGINT/SIGTERM; print where (and a warning when other hosts can reach the page)."""
-    app = make_app(url, host=host)
+    app = make_app(url, host=host, stall_limit=stall_limit, connect_timeout=connect_timeout)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
