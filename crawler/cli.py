@@ -679,7 +679,9 @@ def cmd_history(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from crawler.history import HistoryStore, export_csv, parse_day, plot_growth
     from crawler.ingest import history_url
 
-    url = history_url(settings_from(args))
+    settings = settings_from(args)
+    url = history_url(settings)
+    bounds = {"stall_limit": settings.retry_stall_limit, "connect_timeout": settings.connect_timeout}
     if not url.startswith(("postgresql://", "postgres://")) and not Path(url.removeprefix("sqlite:///")).is_file():
         # A query never creates a store: an empty one would only hide a wrong --data-dir or --history-url.
         raise UsageError(f"no history at {url.removeprefix('sqlite:///')}: run `crawler ingest` first, or point"
@@ -689,8 +691,8 @@ def cmd_history(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
         if not 0 <= args.port <= 65535:
             raise UsageError(f"--port {args.port}: use a port from 0 to 65535")
-        return asyncio.run(serve(url, args.host, args.port))
-    store = HistoryStore(url)
+        return asyncio.run(serve(url, args.host, args.port, **bounds))
+    store = HistoryStore(url, **bounds)
     try:
         if args.query == "growth":
             rows = store.growth(args.handle, args.since and parse_day(args.since, "--since"),

@@ -7,21 +7,27 @@ psycopg) and only the connection, the DDL types and the bulk path differ. Snapsh
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import csv
 import datetime as dt
+import functools
 import json
+import queue
 import sqlite3
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from crawler.config import check_history_url
 from crawler.endpoints import Post, Profile
 from crawler.errors import UsageError
 
 SCHEMA_VERSION = 2
+T = TypeVar("T")
 
 # Migrations by version; {date}/{ts}/{bool}/{int} are filled per database.
 MIGRATIONS: dict[int, list[str]] = {
@@ -159,6 +165,59 @@ class SeriesRow:
     hearts: int | None
 
 
+def pg_connect_kwargs(stall_limit: float, connect_timeout: float) -> dict[str, Any]:
+    """libpq parameters of the history store's PostgreSQL connection: the job store's (crawler/pgjobs.py), bounded
+    by ``retry.stall_limit`` (how long an unreachable store may hold a run): keepalives probe an idle connection,
+    ``tcp_user_timeout`` ends one whose sent data goes unacknowledged that long (a cut network, a frozen host, a
+    proxy that stops forwarding), and a connect gives up after ``http.connect_timeout``."""
+    from crawler.pgjobs import connect_kwargs
+
+    return connect_kwargs(stall_limit, connect_timeout)
+
+
+class StoreThread:
+    """One thread that runs every call on a store, one at a time, in order (a connection used from one thread).
+
+    A daemon thread, not a ThreadPoolExecutor: the executor's threads are joined at interpreter exit, so a call
+    stuck on a silent database would keep a stopped process alive. Here the process exits; the stuck call dies
+    with it (for a database, as if the process had been killed: the transaction is the commit point).
+    """
+
+    def __init__(self, name: str = "history") -> None:
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None] = (
+            queue.SimpleQueue())
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+        """Queue ``fn(*args, **kwargs)`` for the thread; its future."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._calls.put((functools.partial(fn, *args, **kwargs), future))
+        return future
+
+    async def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(*args, **kwargs)`` in the thread and await it (a cancelled caller stops waiting, no more)."""
+        return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
+
+    def _serve(self) -> None:
+        while (call := self._calls.get()) is not None:
+            fn, future = call
+            if not future.set_running_or_notify_cancel():
+                continue  # its caller stopped waiting before it began
+            try:
+                result = fn()
+            except BaseException as exc:  # handed to the caller, whatever it is
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+    def close(self, *, wait: bool = True) -> None:
+        """End the thread once the calls queued before are done (``wait``: and wait for that). Idempotent."""
+        self._calls.put(None)
+        if wait and self._thread is not threading.current_thread():
+            self._thread.join()
+
+
 def parse_day(text: str, flag: str = "--date") -> dt.date:
     """A YYYY-MM-DD date, or a UsageError naming the flag."""
     try:
@@ -170,7 +229,7 @@ def parse_day(text: str, flag: str = "--date") -> dt.date:
 class HistoryStore:
     """Profile snapshots in SQLite (a path) or PostgreSQL (a postgresql:// URL). Opened once, closed idempotently."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, stall_limit: float = 300.0, connect_timeout: float = 5.0) -> None:
         try:
             check_history_url(url)
         except ValueError as exc:
@@ -185,7 +244,7 @@ class HistoryStore:
                 raise UsageError("history.url is PostgreSQL but psycopg is not installed: pip install "
                                  "'crawler[postgres]'") from None
             try:
-                self._db = psycopg.connect(url, autocommit=True)
+                self._db = psycopg.connect(url, autocommit=True, **pg_connect_kwargs(stall_limit, connect_timeout))
             except psycopg.OperationalError as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else "connection failed"
                 raise UsageError(f"cannot connect to the history database: {first}") from None
@@ -595,7 +654,7 @@ class HistoryStore:
     version: int = SCHEMA_VERSION  # of the store's schema; a read-only store keeps the one it found
 
     @classmethod
-    def open_readonly(cls, url: str) -> HistoryStore:
+    def open_readonly(cls, url: str, *, stall_limit: float = 300.0, connect_timeout: float = 5.0) -> HistoryStore:
         """Open an existing store for reading only: no migration, and the database itself refuses writes.
 
         SQLite opens the file with ``mode=ro``; PostgreSQL sessions are ``default_transaction_read_only``.
@@ -611,7 +670,7 @@ class HistoryStore:
                 raise UsageError("history.url is PostgreSQL but psycopg is not installed: pip install "
                                  "'crawler[postgres]'") from None
             try:
-                store._db = psycopg.connect(url, autocommit=True)
+                store._db = psycopg.connect(url, autocommit=True, **pg_connect_kwargs(stall_limit, connect_timeout))
                 # After connecting, not as a connect option: that would replace the URL's own options.
                 store._db.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
             except psycopg.OperationalError as exc:

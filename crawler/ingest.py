@@ -7,6 +7,7 @@ The history store is the commit point: one writer task appends a group of rows t
 / `DIR/posts-DAY.csv`, fsyncs them, then records the snapshots, posts, walk watermarks, the files'
 committed lengths and the run's spend in one transaction; a killed run's uncommitted tail is cut off
 when the next run opens the file. Watch-list names are bound to user ids in the store, never re-resolved.
+Every store call runs in the store's own thread (`StoreThread`), so a silent database never holds the loop.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from crawler import endpoints as ep
 from crawler import killpoints
@@ -45,7 +46,7 @@ from crawler.errors import (
     UsageError,
     rank,
 )
-from crawler.history import HistoryStore, WalkState, parse_day
+from crawler.history import HistoryStore, StoreThread, WalkState, parse_day
 from crawler.inputs import input_items
 from crawler.job import JobOptions
 from crawler.outcome import Outcome
@@ -60,6 +61,10 @@ log = logging.getLogger(__name__)
 TEST_NOW_ENV = "CRAWLER_TEST_NOW"
 PROFILES, POSTS = "profiles", "posts"
 WORKERS = 8
+# After SIGINT/SIGTERM, how long a history-store call may take before the run stops waiting for it (a silent
+# server): the run then ends as a kill would leave it, and the next run cuts the day files back to what committed.
+STOP_GRACE = 5.0
+T = TypeVar("T")
 
 
 def utc_now() -> dt.datetime:
@@ -160,7 +165,11 @@ class Ingest:
         self.run_id = uuid.uuid4().hex
         self.started = self.clock()
         self.watch_users = 0
-        self.store: HistoryStore
+        self.store: HistoryStore  # used only in self._thread (see _call)
+        self._thread: StoreThread | None = None
+        self._signalled: Interrupted | None = None  # SIGINT/SIGTERM: store calls get STOP_GRACE to answer
+        self._stopping = asyncio.Event()  # set with _signalled
+        self._lost: Interrupted | None = None  # a store call that did not answer in time: no more calls
         self.client: Client
         self.users: UserDirectory
         self.sizes: PageSizes | None = None
@@ -200,6 +209,9 @@ class Ingest:
         """End the run; a spent budget lets busy workers finish the page in flight, anything else cancels them."""
         if self._stop is None or rank(error) < rank(self._stop):
             self._stop = error
+        if isinstance(error, Interrupted):
+            self._signalled = self._signalled or error
+            self._stopping.set()
         soft = isinstance(error, BudgetExhausted)
         current = asyncio.current_task()
         for task in self._tasks:
@@ -209,19 +221,22 @@ class Ingest:
     async def run(self, watch: StateStore) -> IngestResult:
         """Work the watch list (already read into ``watch``) to the end of today's work or to a stop."""
         began = time.monotonic()
-        self.store = HistoryStore(history_url(self.settings))
+        self._thread = StoreThread("history")
+        opened = False
         try:
+            # Opened in its thread: a SQLite connection stays in the thread that made it.
+            self.store = await self._call(HistoryStore, history_url(self.settings),
+                                          stall_limit=self.settings.retry_stall_limit,
+                                          connect_timeout=self.settings.connect_timeout)
+            opened = True
             today = self.day_now()
             self.watch_users = watch.progress().pending
             self._dir_id = _out_dir_id(self.out_dir)
-            self._finish_restarts()
-            self._repair_files()
-            with self.store.transaction():  # the run is on record for today even if it fetches nothing
-                self.store.put_run_day(self.run_id, today, by_date=self.override is not None, started_at=self.started,
-                                       requests_sent=0, credits_billed=0, watch_users=self.watch_users)
+            await self._call(self._open_day, today)
             if self.restart:
-                self._restart_day(today, self._watch_ids(watch))
-            self._record_invalid(watch, today)
+                await self._call(self._restart_day, today, await self._watch_ids(watch))
+            invalid = [(raw, detail) for raw, _, reason, detail in watch.failures() if reason == "invalid_input"]
+            await self._call(self._record_invalid, invalid, today)
             self.users = UserDirectory(Path(self.settings.data_dir) / "users.db", ttl_days=self.settings.id_ttl_days,
                                        clock=lambda: self.clock().timestamp())
             self.sizes = PageSizes(self.settings.data_dir)
@@ -233,38 +248,93 @@ class Ingest:
             finally:
                 self.users.close()
             days = sorted(self._days | {today})
-            for day in days:  # every day the run covered has its files, if only a header
-                self._file(PROFILES, day)
-                if self.with_posts:
-                    self._file(POSTS, day)
-            files = self._write_failures(days)
-            outcomes = self._outcomes(watch, today, began, files)
+            files = await self._call(self._close_days, days)
+            outcomes = await self._outcomes(watch, today, began, files)
             code = min((o.exit_code for o in outcomes), key=EXIT_PRECEDENCE.index)
-            self.store.end_run(self.run_id, code, self.clock())
+            await self._call(self.store.end_run, self.run_id, code, self.clock())
             return IngestResult(today, outcomes, tuple(days), by_date=self.override is not None,
                                 failures_files=tuple(files), capped=self.walks["cut"],
                                 budget=self.settings.max_credits)
+        except BaseException:
+            if self._lost is not None:  # whatever the abandoned call broke on the way out (a TaskGroup's group)
+                raise self._lost from None
+            raise
         finally:
-            for f in self._files.values():
-                with contextlib.suppress(OSError):
-                    f.fh.close()
-            self.store.close()
+            if self._lost is None:  # else the thread is stuck in a call: the files and the store go with the process
+                for f in self._files.values():
+                    with contextlib.suppress(OSError):
+                        f.fh.close()
+                if opened:
+                    with contextlib.suppress(Exception):
+                        await self._call(self.store.close)
+            self._thread.close(wait=False)
 
-    def _watch_ids(self, watch: StateStore) -> list[str]:
+    async def _call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Run a history-store call in the store's thread and await it: the loop stays free (requests go on, a
+        signal is handled) whatever the database does.
+
+        After SIGINT/SIGTERM a call gets STOP_GRACE seconds to answer; one that does not (a silent server) is
+        given up, and so is the store: the run ends with the signal's exit, as a kill would leave it (the store's
+        transaction is the commit point; the next run cuts the day files back to what committed).
+        """
+        if self._lost is not None:
+            raise self._lost
+        assert self._thread is not None
+        call = asyncio.wrap_future(self._thread.submit(fn, *args, **kwargs))
+        try:
+            if not self._stopping.is_set():
+                stopping = asyncio.ensure_future(self._stopping.wait())
+                try:
+                    await asyncio.wait((call, stopping), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stopping.cancel()
+            if not call.done():
+                await asyncio.wait((call,), timeout=STOP_GRACE)
+        except BaseException:
+            call.cancel()  # a call not begun yet is dropped; one under way finishes in its thread
+            raise
+        if not call.done():
+            call.cancel()
+            stop = self._signalled
+            assert stop is not None
+            self._lost = Interrupted(f"{stop}; the history store did not answer within {STOP_GRACE:g} s, so what it"
+                                     " had not committed is fetched again", stop.code)
+            log.warning("the history store did not answer within %g s of the stop: giving it up", STOP_GRACE)
+            raise self._lost
+        return call.result()
+
+    def _open_day(self, today: dt.date) -> None:
+        """The start of a run, in the store's thread: finish or drop an interrupted --restart, cut the day files
+        back to their committed lengths, and put the run on record for today (even if it fetches nothing)."""
+        self._finish_restarts()
+        self._repair_files()
+        with self.store.transaction():
+            self.store.put_run_day(self.run_id, today, by_date=self.override is not None, started_at=self.started,
+                                   requests_sent=0, credits_billed=0, watch_users=self.watch_users)
+
+    def _close_days(self, days: list[dt.date]) -> list[str]:
+        """Every day the run covered has its files, if only a header, and its failures files (store's thread)."""
+        for day in days:
+            self._file(PROFILES, day)
+            if self.with_posts:
+                self._file(POSTS, day)
+        return self._write_failures(days)
+
+    async def _watch_ids(self, watch: StateStore) -> list[str]:
         """The user ids the watch list stands for: its `id:` entries and the names bound in the store."""
         ids: list[str] = []
         after = 0
         while chunk := watch.pending(after, 500):
             after = chunk[-1][0]
             keys = [key for _, key, *_ in chunk]
-            bound = self.store.bound_ids([k for k in keys if not k.startswith("id:")])
+            bound = await self._call(self.store.bound_ids, [k for k in keys if not k.startswith("id:")])
             ids += [k[3:] if k.startswith("id:") else bound[k] for k in keys if k.startswith("id:") or k in bound]
         return ids
 
     def _restart_day(self, today: dt.date, ids: list[str]) -> None:
         """`--restart`: today's snapshots of the watch list's users go, and so do their rows; the profiles file
         keeps the rows of users whose snapshots stay (one dropped from an edited list), so it still holds exactly
-        the day's snapshots.
+        the day's snapshots. In the store's thread.
 
         The kept rows go to `DIR/.restart-profiles-DAY.csv` first (fsynced); one transaction then drops the
         snapshots and records that file's length as the day file's; the rename follows. A kill before the
@@ -313,9 +383,8 @@ class Ingest:
                     fh.truncate(length)
                     os.fsync(fh.fileno())
 
-    def _record_invalid(self, watch: StateStore, today: dt.date) -> None:
-        """Invalid watch-list lines are today's failures (reason invalid_input)."""
-        rows = [(raw, detail) for raw, _, reason, detail in watch.failures() if reason == "invalid_input"]
+    def _record_invalid(self, rows: list[tuple[str, str | None]], today: dt.date) -> None:
+        """Invalid watch-list lines are today's failures (reason invalid_input). In the store's thread."""
         if rows:
             with self.store.transaction():
                 for raw, detail in rows:
@@ -346,6 +415,14 @@ class Ingest:
                     await self._queue.put(None)  # the writer commits what is queued, then ends
         await self._commit([])  # requests after the last page (failures, the budget stop) still count
 
+    def _lookup(self, keys: list[str], today: dt.date
+                ) -> tuple[dict[str, str | None], dict[str, bool], dict[tuple[str, str], str]]:
+        """A chunk of the watch list in the store (its thread): each key's user, today's snapshots, failures."""
+        bound = self.store.bound_ids([k for k in keys if not k.startswith("id:")])
+        ids = {k: k[3:] if k.startswith("id:") else bound.get(k) for k in keys}
+        snaps = self.store.snapshotted([u for u in ids.values() if u], today)
+        return ids, snaps, self.store.day_failures(today, keys)
+
     async def _feed(self, watch: StateStore) -> None:
         """Queue today's work in watch-list order, a chunk at a time, then let the workers go."""
         after = 0
@@ -353,10 +430,7 @@ class Ingest:
             after = chunk[-1][0]
             today = self.day_now()
             keys = [key for _, key, *_ in chunk]
-            bound = self.store.bound_ids([k for k in keys if not k.startswith("id:")])
-            ids = {k: k[3:] if k.startswith("id:") else bound.get(k) for k in keys}
-            snaps = self.store.snapshotted([u for u in ids.values() if u], today)
-            failed = self.store.day_failures(today, keys)
+            ids, snaps, failed = await self._call(self._lookup, keys, today)
             for key in keys:
                 uid = ids[key]
                 if (key, PROFILES) in failed and not self._retry(failed[(key, PROFILES)]):
@@ -428,7 +502,8 @@ class Ingest:
                 self.users.update_counts(profile.user_id, **counts)  # type: ignore[arg-type]
             uid, private, source = profile.user_id, profile.private, profile.handle
         elif uid is not None:
-            source = self.store.handle_of(uid) or task.key
+            handle = await self._call(self.store.handle_of, uid)
+            source = handle or task.key
         if self.with_posts and uid is not None and not private:
             await self._walk(task.key, uid, source)
 
@@ -442,7 +517,7 @@ class Ingest:
         cap = self.settings.max_pages
         while True:
             day = self.day_now()
-            st = self.store.walk_state(uid)
+            st = await self._call(self.store.walk_state, uid)
             spent = st.day_pages if st.day == day.isoformat() else 0
             head = st.cursor is None
             if head and st.walked == day.isoformat():
@@ -595,7 +670,19 @@ class Ingest:
         f.length += len(data)
 
     async def _commit(self, group: list[_Commit]) -> None:
-        """Write the group's new rows, fsync them, then record everything in one store transaction."""
+        """Write the group's new rows, fsync them, then record everything in one store transaction: all of it in
+        the store's thread, in that order (the transaction is the commit point)."""
+        counters = self.client.counters
+        totals = (counters.requests_sent, counters.credits_billed)
+        sent, billed = totals[0] - self._committed[0], totals[1] - self._committed[1]
+        days, rows, fetched = await self._call(self._commit_now, group, sent, billed)
+        self._days |= days
+        self.rows.update(rows)
+        self.fetched += fetched
+        self._committed = totals
+
+    def _commit_now(self, group: list[_Commit], sent: int, billed: int) -> tuple[set[dt.date], Counter[str], int]:
+        """`_commit` in the store's thread; the days, rows per part and profiles it committed."""
         touched: dict[int, _DayFile] = {}
         seen_posts: set[str] = set()
         seen_users: set[tuple[str, dt.date]] = set()
@@ -622,17 +709,17 @@ class Ingest:
         for f in touched.values():
             f.fh.flush()
         killpoints.reached("written")
-        if touched:
-            await asyncio.to_thread(_fsync, [f.fh for f in touched.values()])
+        _fsync([f.fh for f in touched.values()])
         killpoints.reached("fsynced")
-        c_now = self.client.counters
-        sent, billed = c_now.requests_sent - self._committed[0], c_now.credits_billed - self._committed[1]
+        days: set[dt.date] = set()
+        rows: Counter[str] = Counter()
+        fetched = 0
         if not group and not sent and not billed:
-            return
+            return days, rows, fetched
         store = self.store
         with store.transaction():
             for c in group:
-                self._days.add(c.day)
+                days.add(c.day)
                 if c.profile is not None:
                     p = c.profile
                     old = store.handle_of(p.user_id)
@@ -642,7 +729,7 @@ class Ingest:
                         store.bind(c.key, p.user_id, c.day)
                     store.put_snapshot(c.day, p, fetched_at=c.fetched_at)
                     store.clear_failure(c.day, c.key, PROFILES)
-                    self.fetched += 1
+                    fetched += 1
                 elif c.bind and c.user_id:  # a second name of a user snapshotted today: bind it all the same
                     store.bind(c.key, c.user_id, c.day)
                 if c.part == POSTS and c.user_id:
@@ -653,16 +740,26 @@ class Ingest:
                         store.clear_failure(c.day, c.key, POSTS)
                 if c.failure is not None:
                     store.put_failure(c.day, c.key, c.part, *c.failure)
-                self.rows[c.part] += c.written
+                rows[c.part] += c.written
             for f in touched.values():
                 store.put_file_length(f.key, f.length)
             killpoints.reached("committing")
             store.put_run_day(self.run_id, self.day_now(), by_date=self.override is not None,
                               started_at=self.started, requests_sent=sent, credits_billed=billed,
                               watch_users=self.watch_users)
-        self._committed = (c_now.requests_sent, c_now.credits_billed)
+        return days, rows, fetched
 
     # -- the end --
+
+    def _snapped(self, keys: list[str], covered: list[dt.date]) -> tuple[dict[str, str | None], set[str]]:
+        """A chunk of the watch list in the store (its thread): each key's user, and the users snapshotted on any
+        covered day."""
+        bound = self.store.bound_ids([k for k in keys if not k.startswith("id:")])
+        ids = {k: k[3:] if k.startswith("id:") else bound.get(k) for k in keys}
+        snapped: set[str] = set()
+        for d in covered:
+            snapped.update(self.store.snapshotted([u for u in ids.values() if u], d))
+        return ids, snapped
 
     def _write_failures(self, days: list[dt.date]) -> list[str]:
         files = []
@@ -673,7 +770,7 @@ class Ingest:
                     files.append(str(path))
         return files
 
-    def _outcomes(self, watch: StateStore, today: dt.date, began: float, files: list[str]) -> list[Outcome]:
+    async def _outcomes(self, watch: StateStore, today: dt.date, began: float, files: list[str]) -> list[Outcome]:
         """One outcome per part, from the store (what the run's days hold) and the client (what this run spent).
 
         A run that spans midnight covers both days: a user snapshotted on either is done, and a failure on
@@ -687,20 +784,18 @@ class Ingest:
         while chunk := watch.pending(after, 500):
             after = chunk[-1][0]
             keys = [key for _, key, *_ in chunk]
-            bound = self.store.bound_ids([k for k in keys if not k.startswith("id:")])
-            ids = {k: k[3:] if k.startswith("id:") else bound.get(k) for k in keys}
+            ids, snapped = await self._call(self._snapped, keys, covered)
             total += len(keys)
-            snapped: set[str] = set()
-            for d in covered:
-                snapped.update(self.store.snapshotted([u for u in ids.values() if u], d))
             done += len(snapped)
             done_keys.update(k for k, u in ids.items() if u in snapped)
         invalid = watch.progress().failed
         fails: dict[str, Counter[str]] = {PROFILES: Counter(), POSTS: Counter()}
+        stored = await self._call(lambda: {part: [self.store.failures(d, part) for d in covered]
+                                           for part in (PROFILES, POSTS)})
         for part in (PROFILES, POSTS):
             latest: dict[str, str] = {}  # input -> reason on the latest covered day it failed
-            for d in covered:
-                latest.update((key, reason) for key, _, reason, _ in self.store.failures(d, part))
+            for day_failures in stored[part]:
+                latest.update((key, reason) for key, _, reason, _ in day_failures)
             for key, reason in latest.items():
                 if part == POSTS or key not in done_keys or len(covered) == 1:
                     fails[part][reason] += 1
@@ -750,6 +845,7 @@ class Ingest:
 
 
 def _fsync(files: list[IO[bytes]]) -> None:
+    """fsync each file (in the store's thread, before the transaction that commits their lengths)."""
     for fh in files:
         os.fsync(fh.fileno())
 

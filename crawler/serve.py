@@ -18,7 +18,6 @@ import re
 import signal
 import sys
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -26,7 +25,7 @@ from aiohttp import web
 
 from crawler import pages
 from crawler.errors import UsageError
-from crawler.history import HistoryStore, OverviewRow, SeriesRow, parse_day
+from crawler.history import HistoryStore, OverviewRow, SeriesRow, StoreThread, parse_day
 
 T = TypeVar("T")
 MAX_COMPARE = 10
@@ -42,14 +41,15 @@ SECURITY_HEADERS = {
 class History:
     """The read-only store behind one thread: every query of a request runs there, one at a time."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, stall_limit: float = 300.0, connect_timeout: float = 5.0) -> None:
         self._url = url
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="history")
-        self.store = HistoryStore.open_readonly(url)
+        self._bounds = {"stall_limit": stall_limit, "connect_timeout": connect_timeout}
+        self._thread = StoreThread("history")  # the store-thread mechanism ingest uses too
+        self.store = HistoryStore.open_readonly(url, **self._bounds)
 
     async def run(self, fn: Callable[[HistoryStore], T]) -> T:
         """Run ``fn(store)`` in the store's thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._call, fn)
+        return await self._thread.run(self._call, fn)
 
     def _call(self, fn: Callable[[HistoryStore], T]) -> T:
         # A PostgreSQL session can end under a long-lived page (a server restart): open a new one and ask
@@ -71,15 +71,15 @@ class History:
     def _reopen(self) -> None:
         self.store.close()
         try:
-            self.store = HistoryStore.open_readonly(self._url)
+            self.store = HistoryStore.open_readonly(self._url, **self._bounds)
         except UsageError as exc:
             raise _error(503, f"{exc}; the page answers again once the database is back") from None
 
     def close(self) -> None:
         """Close the store (in its thread) and the thread (idempotent)."""
         if self.store._db is not None:
-            self._pool.submit(self.store.close).result()
-        self._pool.shutdown(wait=True)
+            self._thread.submit(self.store.close).result()
+        self._thread.close()
 
 
 HISTORY = web.AppKey("history", History)
@@ -292,9 +292,11 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def make_app(url: str, *, host: str = "127.0.0.1") -> web.Application:
-    """The web application over the store at ``url`` (opened read-only now, closed with the app)."""
-    history = History(url)
+def make_app(url: str, *, host: str = "127.0.0.1", stall_limit: float = 300.0, connect_timeout: float = 5.0
+             ) -> web.Application:
+    """The web application over the store at ``url`` (opened read-only now, closed with the app); a PostgreSQL
+    connection is found dead after ``stall_limit`` seconds of silence (retry.stall_limit)."""
+    history = History(url, stall_limit=stall_limit, connect_timeout=connect_timeout)
     app = web.Application(middlewares=[guard])
     app[HISTORY] = history
     app[LOOPBACK] = is_loopback(host)
@@ -310,9 +312,10 @@ def make_app(url: str, *, host: str = "127.0.0.1") -> web.Application:
     return app
 
 
-async def serve(url: str, host: str, port: int, *, out: Any = sys.stderr) -> int:
+async def serve(url: str, host: str, port: int, *, out: Any = sys.stderr, stall_limit: float = 300.0,
+                connect_timeout: float = 5.0) -> int:
     """Serve until SIGINT/SIGTERM; print where (and a warning when other hosts can reach the page)."""
-    app = make_app(url, host=host)
+    app = make_app(url, host=host, stall_limit=stall_limit, connect_timeout=connect_timeout)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:

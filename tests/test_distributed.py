@@ -448,12 +448,17 @@ async def test_the_starter_killed_then_run_again_resumes_and_exports(hosts: Host
 
 
 class Proxy:
-    """A TCP proxy to PostgreSQL that the test controls: `cut()` drops every connection and refuses new ones."""
+    """A TCP proxy to PostgreSQL that the test controls: `cut()` drops every connection and refuses new ones;
+    `freeze()` stops forwarding but keeps every connection open (a server that stops answering), `thaw()` goes on."""
 
     def __init__(self) -> None:
         self.port = 0
         self.up = True
         self.refused = 0  # connections refused while down
+        self.held = 0  # chunks of data received while frozen and not forwarded yet
+        self.held_event = asyncio.Event()  # set when a chunk is held
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self._pipes: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
 
@@ -466,6 +471,13 @@ class Proxy:
         self.cut()
         assert self._server is not None
         self._server.close()
+
+    def freeze(self) -> None:
+        self.held_event.clear()
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
 
     def cut(self) -> None:
         self.up = False
@@ -484,6 +496,11 @@ class Proxy:
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(Exception):
                 while data := await src.read(65536):
+                    if not self._flowing.is_set():
+                        self.held += 1
+                        self.held_event.set()
+                        await self._flowing.wait()
+                        self.held -= 1
                     dst.write(data)
                     await dst.drain()
             dst.transport.abort()

@@ -131,3 +131,25 @@ def test_an_unparseable_jobs_url_is_exit_2_without_the_password(
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "jobs.url" in err, err
     assert "s3cr3t-pw" not in err
+
+
+def test_the_postgresql_connection_finds_a_silent_peer_dead_within_the_stall_limit(store_url: str) -> None:
+    """Every opening of a PostgreSQL store (ingest's, the read-only one and `history serve`'s) connects with a
+    connect timeout, TCP keepalives and a TCP user timeout of retry.stall_limit (libpq's parameters of the session)."""
+    if not store_url.startswith("postgresql://"):
+        return  # a SQLite file has no connection to lose
+    from crawler.serve import HISTORY, make_app
+
+    store = HistoryStore(store_url, stall_limit=42, connect_timeout=3)
+    readonly = HistoryStore.open_readonly(store_url, stall_limit=42, connect_timeout=3)
+    served = make_app(store_url, stall_limit=42, connect_timeout=3)[HISTORY]
+    try:
+        for s in (store, readonly, served.store):
+            params = s._db.info.get_parameters()
+            assert params["connect_timeout"] == "3"
+            assert params["keepalives"] == "1" and params["keepalives_idle"] == "14"
+            assert params["tcp_user_timeout"] == "42000"
+    finally:
+        store.close()
+        readonly.close()
+        served.close()

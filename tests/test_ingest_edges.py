@@ -236,3 +236,76 @@ async def test_a_restart_killed_before_its_day_file_is_replaced_is_finished_by_t
         got = [r["user_id"] for r in rows(tmp_path / "out" / f"profiles-{day(0)}.csv")]
         assert sorted(got) == sorted([w.user_id(a), w.user_id(b)])
         assert sorted(got) == sorted(u for u, d in snapshots(url) if d == day(0))
+
+
+async def test_sigterm_while_the_postgresql_history_store_is_silent_stops_at_once_and_resumes_exactly(
+        simulator: SimFactory, tmp_path: Path) -> None:
+    """The history database stops answering mid-run (a proxy that keeps its connections open but forwards nothing):
+    SIGTERM still ends ingest within 15 s with exit 143 and its resume line; once the database answers again, that
+    command completes the day with every watch-list user snapshotted once and every post of theirs stored once."""
+    import signal
+    import sys
+    import uuid
+
+    import psycopg
+
+    from tests.test_cli import _wait_for
+    from tests.test_distributed import Proxy
+    from tests.test_ingest import PG_URL, _printed_command
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    direct = f"{PG_URL}?options=-csearch_path%3D{schema}"  # the test's own view, never through the proxy
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+
+    def stored(table: str) -> int:
+        with psycopg.connect(direct, autocommit=True) as conn:
+            try:
+                row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+            except psycopg.errors.UndefinedTable:
+                return 0
+        return int(row[0]) if row else 0
+
+    try:
+        async with simulator(world=WORLD, latency=(0.05, 0.05)) as sim, Proxy() as proxy:
+            w = sim.world
+            watch = public_users(w, 12, min_videos=30, max_videos=90)
+            write_watch(tmp_path / "watch.txt", [w.handle(i) for i in watch])
+            (tmp_path / "config.toml").write_text(FAST_TOML)
+            env = environ(sim) | {TEST_NOW_ENV: "2026-01-01T03:00:00"}
+            url = f"postgresql://postgres@127.0.0.1:{proxy.port}/test?options=-csearch_path%3D{schema}"
+            args = ["ingest", "watch.txt", "--out-dir", "out", "--posts", "-q", "--history-url", url,
+                    "--page-size", "10", "--parallelism", "2"]
+            proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "crawler", *args, cwd=tmp_path, env=env,
+                                                        stdout=asyncio.subprocess.DEVNULL,
+                                                        stderr=asyncio.subprocess.PIPE)
+            await _wait_for(lambda: stored("snapshots") >= 2, proc, "two committed snapshots")
+            proxy.freeze()
+            await asyncio.wait_for(proxy.held_event.wait(), 30)  # a store call is on its way and goes unanswered
+            assert proc.returncode is None
+            proc.send_signal(signal.SIGTERM)
+            try:
+                _, raw = await asyncio.wait_for(proc.communicate(), 15)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+                raise AssertionError("ingest did not end within 15 s of SIGTERM while the store was silent") from None
+            err = raw.decode()
+            assert proc.returncode == 143 and "Traceback" not in err, err
+            line = err.strip().splitlines()[-1]
+            assert "SIGTERM" in line and "the history store did not answer" in line, err
+            again = _printed_command(line)
+            assert again[0] == "ingest" and url in again
+            proxy.thaw()
+            code, _, err = await crawler(again, env, tmp_path)
+            assert code == 0, err
+        ids = sorted(w.user_id(i) for i in watch)
+        assert sorted(r["user_id"] for r in rows(tmp_path / "out" / f"profiles-{day(0)}.csv")) == ids
+        assert sorted(u for u, d in snapshots(direct) if d == day(0)) == ids
+        want = {p.video_id for i in watch for p in w.posts(i)}
+        got = posts_union(tmp_path / "out")
+        assert set(got) == want and set(got.values()) == {1}
+        assert stored("posts") == len(want)
+    finally:
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
