@@ -274,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--jobs-url", dest="jobs.url", metavar="URL")
     x.add_argument("--bom", dest="output.bom", action="store_const", const=True)
     x.add_argument("--raw", dest="output.raw", action="store_const", const=True)
+    x.add_argument("--overwrite", action="store_true", help="replace an existing OUT.csv")
     x.add_argument("--config")
     x.set_defaults(func=cmd_export)
 
@@ -555,6 +556,11 @@ def cmd_export(args: argparse.Namespace, argv: Sequence[str]) -> int:
     settings = settings_from(args)
     if not args.output.endswith(".csv"):
         raise UsageError(f"--output {args.output}: the output must be a .csv file")
+    out = Path(args.output)
+    if out.is_dir():
+        raise UsageError(f"--output {out} is a directory: give a file name such as {out / 'export.csv'}")
+    if out.exists() and not args.overwrite:  # never a file this tool did not write (a re-export too: say so)
+        raise UsageError(f"--output {out} exists: choose another output, or add --overwrite to replace it")
     # The job's own output.bom/output.raw (its starter's) unless --bom/--raw are given here.
     n = asyncio.run(export_job(settings, url=_jobs_url(settings, "export"), jid=args.job, out=Path(args.output),
                                bom=getattr(args, "output.bom", None), raw=getattr(args, "output.raw", None)))

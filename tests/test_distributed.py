@@ -251,6 +251,14 @@ async def test_three_hosts_one_job_equal_a_single_host_run(hosts: Hosts, schema:
     assert code == 0, err
     assert out.read_bytes().startswith("\ufeff".encode())
     assert (hosts.root / "again.csv").read_bytes() == out.read_bytes()
+    # An existing file is replaced only with --overwrite (CONTRACT: never a file this tool did not write).
+    mine = hosts.root / "mine.csv"
+    mine.write_text("someone's,data\n")
+    code, _, err = await hosts.run("export", ["export", jid, "-o", str(mine), "--jobs-url", url])
+    assert code == 2 and "--overwrite" in err.strip().splitlines()[-1], err
+    assert mine.read_text() == "someone's,data\n"
+    code, _, err = await hosts.run("export", ["export", jid, "-o", str(mine), "--jobs-url", url, "--overwrite"])
+    assert code == 0 and mine.read_bytes() == out.read_bytes(), err
 
 
 async def test_an_unreachable_jobs_url_is_exit_2_before_any_request(hosts: Hosts) -> None:
