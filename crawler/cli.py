@@ -626,6 +626,11 @@ def cmd_ingest(args: argparse.Namespace, argv: Sequence[str]) -> int:
     settings = settings_from(args)
     key = api_key()
     check_ledger(settings, key)
+    url = settings.history_url or ""
+    if url.startswith(("postgresql://", "postgres://")):  # unreachable: exit 2 before the out-dir is created
+        from crawler.history import HistoryStore
+
+        HistoryStore(url, stall_limit=settings.retry_stall_limit, connect_timeout=settings.connect_timeout).close()
     with _reports(settings, "ingest") as reports:
         result = asyncio.run(ingest(args.input, Path(args.out_dir), settings, api_key=key, date=args.date,
                                     with_posts=args.posts, restart=args.restart, retry_failed=args.retry_failed,

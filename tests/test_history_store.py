@@ -81,6 +81,27 @@ def test_an_unsupported_history_url_is_exit_2_naming_the_key_without_the_passwor
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+def test_an_unreachable_postgresql_history_is_exit_2_before_the_out_dir_exists(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A well-formed postgresql:// history.url nobody answers at: one line, exit 2, no password, and ingest
+    creates nothing (no out-dir, no lock file)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TIKLIVE_API_KEY", "sim-key")
+    monkeypatch.setenv("TIKLIVE_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.delenv("CRAWLER_CONFIG", raising=False)
+    (tmp_path / "watch.txt").write_text("alice\n")
+    url = f"postgresql://alice:s3cr3t-pw@127.0.0.1:{port}/crawl"
+    assert main(["ingest", "watch.txt", "--out-dir", "out", "--history-url", url, "--rate-shared", "off"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "history database" in err and "s3cr3t-pw" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_plain_path_with_a_colon_and_a_sqlite_url_are_sqlite_files(tmp_path: Path) -> None:
     """A plain path (even with a ':' in it) and sqlite:///PATH open a SQLite file at exactly that path."""
     for url, path in ((str(tmp_path / "a:b.db"), tmp_path / "a:b.db"),
