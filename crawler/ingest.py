@@ -35,7 +35,7 @@ from crawler import endpoints as ep
 from crawler import killpoints
 from crawler.client import Client
 from crawler.commands import COMMANDS
-from crawler.config import Secret, Settings
+from crawler.config import Secret, Settings, masked
 from crawler.errors import (
     EXIT_PRECEDENCE,
     BudgetExhausted,
@@ -169,7 +169,7 @@ class Ingest:
         self._thread: StoreThread | None = None
         self._signalled: Interrupted | None = None  # SIGINT/SIGTERM: store calls get STOP_GRACE to answer
         self._stopping = asyncio.Event()  # set with _signalled
-        self._lost: Interrupted | None = None  # a store call that did not answer in time: no more calls
+        self._lost: RunStopped | None = None  # a store call that did not answer in time: no more calls
         self.client: Client
         self.users: UserDirectory
         self.sizes: PageSizes | None = None
@@ -301,7 +301,16 @@ class Ingest:
                                      " had not committed is fetched again", stop.code)
             log.warning("the history store did not answer within %g s of the stop: giving it up", STOP_GRACE)
             raise self._lost
-        return call.result()
+        try:
+            return call.result()
+        except Exception as exc:
+            if not _connection_lost(exc):
+                raise
+            # What committed is kept; the next run cuts the day files back to it and goes on from there.
+            self._lost = RunStopped(
+                f"history.url = {masked(history_url(self.settings))}: the connection was lost ({type(exc).__name__}:"
+                f" {_first_line(exc)}); what was committed is kept: run the same command again once it answers")
+            raise self._lost from None
 
     def _open_day(self, today: dt.date) -> None:
         """The start of a run, in the store's thread: finish or drop an interrupted --restart, cut the day files
@@ -867,6 +876,20 @@ def _out_dir_id(out_dir: Path) -> str:
     os.replace(tmp, path)
     fsync_dir(out_dir)
     return new
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """A PostgreSQL history store's connection ended (server restart, network, terminated session)."""
+    if not type(exc).__module__.startswith("psycopg"):
+        return False
+    from crawler.pgjobs import _is_connection_error
+
+    return _is_connection_error(exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return masked(text.splitlines()[0]) if text else "no message"
 
 
 def _make_out_dir(out_dir: Path) -> None:

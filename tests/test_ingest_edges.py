@@ -309,3 +309,65 @@ async def test_sigterm_while_the_postgresql_history_store_is_silent_stops_at_onc
     finally:
         with psycopg.connect(PG_URL, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+async def test_a_lost_postgresql_history_connection_is_one_line_and_the_same_command_goes_on(
+        simulator: SimFactory, tmp_path: Path) -> None:
+    """The history database ends ingest's session mid-run (a server restart): exit 1 with one line naming
+    history.url, no traceback; the same command then completes the day with every snapshot and post once."""
+    import sys
+    import uuid
+
+    import psycopg
+
+    from tests.test_cli import _wait_for
+    from tests.test_ingest import PG_URL
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    app = f"ingest_{schema}"
+    direct = f"{PG_URL}?options=-csearch_path%3D{schema}"
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+
+    def stored(table: str) -> int:
+        with psycopg.connect(direct, autocommit=True) as conn:
+            try:
+                row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+            except psycopg.errors.UndefinedTable:
+                return 0
+        return int(row[0]) if row else 0
+
+    try:
+        async with simulator(world=WORLD, latency=(0.05, 0.05)) as sim:
+            w = sim.world
+            watch = public_users(w, 12, min_videos=30, max_videos=90)
+            write_watch(tmp_path / "watch.txt", [w.handle(i) for i in watch])
+            (tmp_path / "config.toml").write_text(FAST_TOML)
+            env = environ(sim) | {TEST_NOW_ENV: "2026-01-01T03:00:00"}
+            url = f"{direct}&application_name={app}"
+            args = ["ingest", "watch.txt", "--out-dir", "out", "--posts", "-q", "--history-url", url,
+                    "--page-size", "10", "--parallelism", "2"]
+            proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "crawler", *args, cwd=tmp_path, env=env,
+                                                        stdout=asyncio.subprocess.DEVNULL,
+                                                        stderr=asyncio.subprocess.PIPE)
+            await _wait_for(lambda: stored("snapshots") >= 2, proc, "two committed snapshots")
+            with psycopg.connect(PG_URL, autocommit=True) as conn:
+                ended = conn.execute("SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                                     " WHERE application_name = %s) t", (app,)).fetchone()
+            assert ended is not None and ended[0] >= 1
+            _, raw = await asyncio.wait_for(proc.communicate(), 30)
+            err = raw.decode()
+            assert proc.returncode == 1 and "Traceback" not in err and "unexpected error" not in err, err
+            line = err.strip().splitlines()[-1]
+            assert line.startswith("crawler: history.url = ") and "connection was lost" in line, err
+            code, _, err = await crawler(args, env, tmp_path)
+            assert code == 0, err
+        ids = sorted(w.user_id(i) for i in watch)
+        assert sorted(r["user_id"] for r in rows(tmp_path / "out" / f"profiles-{day(0)}.csv")) == ids
+        assert sorted(u for u, d in snapshots(direct) if d == day(0)) == ids
+        want = {p.video_id for i in watch for p in w.posts(i)}
+        got = posts_union(tmp_path / "out")
+        assert set(got) == want and set(got.values()) == {1}
+    finally:
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
