@@ -4,7 +4,9 @@ and `--restart` with a store shared beyond the watch list. Expected values come 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from crawler.errors import Interrupted
@@ -16,6 +18,36 @@ from tests.test_cli import FAST_TOML, crawler, environ, public_users
 from tests.test_ingest import day, night, posts_union, rows, run, snapshots, write_watch
 
 WORLD = WorldConfig(seed=41, users=400, missing_fraction=0.0, private_fraction=0.0)
+
+
+@contextlib.contextmanager
+def pg_history() -> Iterator[tuple[str, Callable[[str], int]]]:
+    """A private schema on the PostgreSQL server for a history store: its URL (the test's own view) and a count
+    of a table's rows (0 before the store created it); dropped afterwards."""
+    import uuid
+
+    import psycopg
+
+    from tests.test_ingest import PG_URL
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    direct = f"{PG_URL}?options=-csearch_path%3D{schema}"
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+
+    def stored(table: str) -> int:
+        with psycopg.connect(direct, autocommit=True) as conn:
+            try:
+                row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+            except psycopg.errors.UndefinedTable:
+                return 0
+        return int(row[0]) if row else 0
+
+    try:
+        yield direct, stored
+    finally:
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 async def test_a_user_whose_list_ends_in_a_guard_still_gets_every_new_post(simulator: SimFactory,
@@ -245,35 +277,19 @@ async def test_sigterm_while_the_postgresql_history_store_is_silent_stops_at_onc
     command completes the day with every watch-list user snapshotted once and every post of theirs stored once."""
     import signal
     import sys
-    import uuid
-
-    import psycopg
 
     from tests.test_cli import _wait_for
     from tests.test_distributed import Proxy
-    from tests.test_ingest import PG_URL, _printed_command
+    from tests.test_ingest import _printed_command
 
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    direct = f"{PG_URL}?options=-csearch_path%3D{schema}"  # the test's own view, never through the proxy
-    with psycopg.connect(PG_URL, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-
-    def stored(table: str) -> int:
-        with psycopg.connect(direct, autocommit=True) as conn:
-            try:
-                row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
-            except psycopg.errors.UndefinedTable:
-                return 0
-        return int(row[0]) if row else 0
-
-    try:
+    with pg_history() as (direct, stored):  # direct: the test's own view, never through the proxy
         async with simulator(world=WORLD, latency=(0.05, 0.05)) as sim, Proxy() as proxy:
             w = sim.world
             watch = public_users(w, 12, min_videos=30, max_videos=90)
             write_watch(tmp_path / "watch.txt", [w.handle(i) for i in watch])
             (tmp_path / "config.toml").write_text(FAST_TOML)
             env = environ(sim) | {TEST_NOW_ENV: "2026-01-01T03:00:00"}
-            url = f"postgresql://postgres@127.0.0.1:{proxy.port}/test?options=-csearch_path%3D{schema}"
+            url = f"postgresql://postgres@127.0.0.1:{proxy.port}/test?{direct.rpartition('?')[2]}"  # the same schema
             args = ["ingest", "watch.txt", "--out-dir", "out", "--posts", "-q", "--history-url", url,
                     "--page-size", "10", "--parallelism", "2"]
             proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "crawler", *args, cwd=tmp_path, env=env,
@@ -306,9 +322,6 @@ async def test_sigterm_while_the_postgresql_history_store_is_silent_stops_at_onc
         got = posts_union(tmp_path / "out")
         assert set(got) == want and set(got.values()) == {1}
         assert stored("posts") == len(want)
-    finally:
-        with psycopg.connect(PG_URL, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 async def test_a_lost_postgresql_history_connection_is_one_line_and_the_same_command_goes_on(
@@ -323,21 +336,8 @@ async def test_a_lost_postgresql_history_connection_is_one_line_and_the_same_com
     from tests.test_cli import _wait_for
     from tests.test_ingest import PG_URL
 
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    app = f"ingest_{schema}"
-    direct = f"{PG_URL}?options=-csearch_path%3D{schema}"
-    with psycopg.connect(PG_URL, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-
-    def stored(table: str) -> int:
-        with psycopg.connect(direct, autocommit=True) as conn:
-            try:
-                row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
-            except psycopg.errors.UndefinedTable:
-                return 0
-        return int(row[0]) if row else 0
-
-    try:
+    app = f"ingest_{uuid.uuid4().hex[:12]}"
+    with pg_history() as (direct, stored):
         async with simulator(world=WORLD, latency=(0.05, 0.05)) as sim:
             w = sim.world
             watch = public_users(w, 12, min_videos=30, max_videos=90)
@@ -368,6 +368,3 @@ async def test_a_lost_postgresql_history_connection_is_one_line_and_the_same_com
         want = {p.video_id for i in watch for p in w.posts(i)}
         got = posts_union(tmp_path / "out")
         assert set(got) == want and set(got.values()) == {1}
-    finally:
-        with psycopg.connect(PG_URL, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
