@@ -319,18 +319,7 @@ class PgJobStore:
                     if not _is_connection_error(exc):
                         raise
                     await self.aclose()
-                    if self._abandon is not None:
-                        raise self._abandon from None
-                    now = time.monotonic()
-                    if self._down_since is None:
-                        self._down_since = now
-                        log.warning("%s: lost (%s); retrying", self.where, type(exc).__name__)
-                    if now - self._down_since >= self.stall_limit:
-                        raise self._lost() from None
-                    # The backoff, cut short by a stop.
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._abandoned.wait(),
-                                               min(delay, max(self._down_since + self.stall_limit - now, 0.01)))
+                    self._down_since = await self._pause(exc, self._down_since, delay)
                     delay = min(delay * 2, 2.0)
 
     async def outside(self, call: Callable[[], Awaitable[T]]) -> T:
@@ -345,17 +334,24 @@ class PgJobStore:
             except Exception as exc:
                 if not _is_connection_error(exc):
                     raise
-                if self._abandon is not None:
-                    raise self._abandon from None
-                now = time.monotonic()
-                if down is None:
-                    down = now
-                    log.warning("%s: lost (%s); retrying", self.where, type(exc).__name__)
-                if now - down >= self.stall_limit:
-                    raise self._lost() from None
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._abandoned.wait(), min(delay, max(down + self.stall_limit - now, 0.01)))
+                down = await self._pause(exc, down, delay)
                 delay = min(delay * 2, 2.0)
+
+    async def _pause(self, exc: BaseException, down: float | None, delay: float, what: str = "lost") -> float:
+        """The step every retry here takes after a lost server: the stop at once after `abandon()`, StoreLost once
+        the outage (begun at `down`; None: now) reaches the stall limit, else the backoff `delay`, cut short by a
+        stop. Returns when the outage began."""
+        if self._abandon is not None:
+            raise self._abandon from None
+        now = time.monotonic()
+        if down is None:
+            down = now
+            log.warning("%s: %s (%s); retrying", self.where, what, type(exc).__name__)
+        if now - down >= self.stall_limit:
+            raise self._lost() from None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._abandoned.wait(), min(delay, max(down + self.stall_limit - now, 0.01)))
+        return down
 
     def _lost(self) -> StoreLost:
         return StoreLost(f"{self.where} has not answered for {self.stall_limit:g} s (retry.stall_limit); what was"
@@ -698,13 +694,7 @@ class PgJobStore:
             except Exception as exc:
                 if not _is_connection_error(exc):
                     raise
-                now = time.monotonic()
-                if down is None:
-                    down = now
-                    log.warning("%s: lost during the export (%s); retrying", self.where, type(exc).__name__)
-                if now - down >= self.stall_limit:
-                    raise self._lost() from None
-                await asyncio.sleep(min(delay, max(down + self.stall_limit - now, 0.01)))
+                down = await self._pause(exc, down, delay, "lost during the export")
                 delay = min(delay * 2, 2.0)
 
     # --- workers ---

@@ -110,7 +110,9 @@ async def test_one_user_under_two_names_is_fetched_once_a_day(simulator: SimFact
 
 
 async def test_restart_replaces_the_watch_lists_snapshots_only(simulator: SimFactory, tmp_path: Path) -> None:
-    """`--restart` after a list edit refetches today's users and keeps the snapshot of a user no longer listed."""
+    """`--restart` after a list edit refetches today's users and keeps the snapshot of a user no longer listed,
+    and its row in profiles-DAY.csv (the file holds exactly the day's snapshots); the listed user's row is
+    replaced, once."""
     async with simulator(world=WORLD) as sim:
         w = sim.world
         a, b = public_users(w, 2, min_videos=1, max_videos=40)
@@ -119,11 +121,17 @@ async def test_restart_replaces_the_watch_lists_snapshots_only(simulator: SimFac
         settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"), history_url=url)
         await run(tmp_path, settings, 0, with_posts=False)
         write_watch(tmp_path / "watch.txt", [w.handle(a)])
+        sim.advance_day()  # a's counts move: the replaced row shows the new ones
         before = sim.stats.requests
         await run(tmp_path, settings, 0, with_posts=False, restart=True)
         assert sim.stats.requests - before == 1  # a refetched, b not asked
         snaps = snapshots(url)
         assert (w.user_id(a), day(0)) in snaps and (w.user_id(b), day(0)) in snaps
+        day_file = rows(tmp_path / "out" / f"profiles-{day(0)}.csv")
+        got = {r["user_id"]: int(r["followers"]) for r in day_file}
+        assert len(day_file) == 2
+        assert got == {u: f for (u, d), f in snaps.items() if d == day(0)}
+        assert got[w.user_id(a)] == w.user(a).followers  # type: ignore[union-attr]
 
 
 async def test_a_stop_requested_before_the_workers_start_ends_the_run(simulator: SimFactory, tmp_path: Path) -> None:
@@ -225,26 +233,6 @@ async def test_lengths_an_earlier_version_kept_by_path_still_cut_an_uncommitted_
         write_watch(tmp_path / "watch.txt", [w.handle(a), w.handle(b)])
         await run(tmp_path, settings, 0, with_posts=False)
         assert [r["user_id"] for r in rows(f)] == [w.user_id(a), w.user_id(b)]
-
-
-async def test_restart_after_a_list_edit_keeps_the_day_file_equal_to_the_days_snapshots(simulator: SimFactory,
-                                                                                         tmp_path: Path) -> None:
-    """`--restart` after a user left the list keeps that user's row in profiles-DAY.csv (its snapshot stays, so
-    the file holds exactly the day's snapshots); the listed user's row is replaced, once."""
-    async with simulator(world=WORLD) as sim:
-        w = sim.world
-        a, b = public_users(w, 2, min_videos=1, max_videos=40)
-        url = str(tmp_path / "h.db")
-        write_watch(tmp_path / "watch.txt", [w.handle(a), w.handle(b)])
-        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"), history_url=url)
-        await run(tmp_path, settings, 0, with_posts=False)
-        write_watch(tmp_path / "watch.txt", [w.handle(a)])
-        sim.advance_day()  # a's counts move: the replaced row shows the new ones
-        await run(tmp_path, settings, 0, with_posts=False, restart=True)
-        got = {r["user_id"]: int(r["followers"]) for r in rows(tmp_path / "out" / f"profiles-{day(0)}.csv")}
-        assert len(rows(tmp_path / "out" / f"profiles-{day(0)}.csv")) == 2
-        assert got == {u: f for (u, d), f in snapshots(url).items() if d == day(0)}
-        assert got[w.user_id(a)] == w.user(a).followers  # type: ignore[union-attr]
 
 
 async def test_a_restart_killed_before_its_day_file_is_replaced_is_finished_by_the_next_run(simulator: SimFactory,
