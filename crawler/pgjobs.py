@@ -245,16 +245,26 @@ class PgJobStore:
     async def open(self) -> None:
         """Connect and create the tables; unreachable is a usage error naming jobs.url (exit 2)."""
         try:
-            import psycopg  # noqa: F401
+            import psycopg
         except ImportError:
             raise UsageError(f"{self.where} needs psycopg: pip install 'crawler[distributed]'") from None
         try:
-            await self._connect()
-            conn = self._conn
-            assert conn is not None
-            async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_INSTALL_LOCK,))
-                await conn.execute(SCHEMA)
+            for tries in range(1, 6):
+                await self._connect()
+                conn = self._conn
+                assert conn is not None
+                try:
+                    async with conn.transaction():
+                        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_INSTALL_LOCK,))
+                        await conn.execute(SCHEMA)
+                    break
+                except psycopg.errors.DeadlockDetected:
+                    # The schema's DDL met another worker's transactions on the same tables: PostgreSQL rolled
+                    # this one back; trying again is what it asks for.
+                    await self.aclose()
+                    if tries == 5:
+                        raise
+                    await asyncio.sleep(0.1 * tries)
         except Exception as exc:
             await self.aclose()
             if not _is_connection_error(exc) and "psycopg" not in type(exc).__module__:
