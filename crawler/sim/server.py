@@ -85,7 +85,7 @@ class Stats:
     """
 
     __slots__ = ("arrivals", "billed", "by_endpoint", "faults", "max_in_second", "max_in_window", "requests",
-                 "served_429")
+                 "served_429", "targets")
 
     def __init__(self) -> None:
         self.requests = 0
@@ -96,6 +96,7 @@ class Stats:
         self.max_in_window = 0
         self.max_in_second = 0
         self.arrivals: list[float] = []  # only with SimConfig.record_arrivals
+        self.targets: list[str] = []  # path and query of every API request, only with SimConfig.record_arrivals
 
     def snapshot(self) -> dict[str, Any]:
         """A copy of the counters as plain JSON-ready values."""
@@ -219,6 +220,8 @@ class Simulator:
         path = request.path.rstrip("/") or "/"
         self.stats.requests += 1
         self.stats.by_endpoint[path] += 1
+        if self.config.record_arrivals:
+            self.stats.targets.append(request.path_qs)
         if path not in ENDPOINTS:
             return _json({"message": "Endpoint not found"}, status=404)  # [G]
         if request.method != "GET":
