@@ -9,9 +9,12 @@ earliest moment that keeps every rule for the key as a whole, records it, and sa
 - the shared 429 cooldown: nothing starts before it ends (a slot that comes due inside a cooldown that
   began after it was granted is given back with `confirm`).
 
+`confirm` also moves a slot that starts late (a wake-up held up by a busy CPU, a slow store) to its actual
+start, so the starts reserved after it count the window from when the request really went out.
+
 Because slots are handed out in order, several processes sharing a ledger are paced like one crawler,
 each process holding at most one reservation at a time (its gate's lock) gets its turn in every round,
-and a late wake-up never shifts later slots. Times are the ledger's own clock: the wall clock of this
+and a late wake-up never shifts the slots already handed out. Times are the ledger's own clock: the wall clock of this
 machine for the local file, the server's ``TIME`` for Redis, so hosts' clocks never matter.
 
 Backends, chosen by ``rate.shared``: ``MemoryLedger`` ("off", this process only), ``FileLedger``
@@ -21,6 +24,7 @@ Backends, chosen by ``rate.shared``: ``MemoryLedger`` ("off", this process only)
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import hashlib
 import os
@@ -167,7 +171,8 @@ class Ledger(Protocol):
         """Record the next start for ``owner`` and return it."""
 
     async def confirm(self, slot: Slot, rules: Rules) -> float:
-        """0 if ``slot`` may start now; else give it back and return the seconds a cooldown still runs.
+        """0 if ``slot`` may start now (recorded from now if that is later than planned); else give it back and
+        return the seconds a cooldown still runs.
 
         A negative answer means the ledger no longer knows the slot: it lost its state (see `Slot.seq`).
         """
@@ -258,10 +263,14 @@ class MemoryLedger:
 
     async def confirm(self, slot: Slot, rules: Rules) -> float:
         s, now = self._s, self._clock()
-        if s.cooldown_until <= now:
-            return 0.0
-        s.starts[:] = [e for e in s.starts if e[1] != slot.token]
-        return s.cooldown_until - now
+        entry = next((e for e in s.starts if e[1] == slot.token), None)
+        if entry is not None:
+            s.starts.remove(entry)
+        if s.cooldown_until > now:
+            return s.cooldown_until - now
+        if entry is not None:
+            bisect.insort(s.starts, (max(entry[0], now), slot.token))  # kept in start order
+        return 0.0
 
     async def report_429(self, started: float, seconds: float, exact: bool) -> bool:
         s, now = self._s, self._clock()
@@ -408,6 +417,7 @@ class FileLedger:
                 row = db.execute("SELECT v FROM state WHERE k = 'cooldown_until'").fetchone()
                 until = row[0] if row else 0.0
                 if until <= now:
+                    db.execute("UPDATE starts SET t = max(t, ?) WHERE token = ?", (now, slot.token))
                     return 0.0
                 db.execute("DELETE FROM starts WHERE token = ?", (slot.token,))
                 return float(until - now)
@@ -497,7 +507,9 @@ if cool > now then
   redis.call('ZREM', KEYS[1], ARGV[1])
   return num(cool - now)
 end
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return '-1' end  -- the ledger lost its state
+local planned = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not planned then return '-1' end  -- the ledger lost its state
+if now > tonumber(planned) then redis.call('ZADD', KEYS[1], 'XX', num(now), ARGV[1]) end  -- started late
 return '0'
 """
 

@@ -111,6 +111,24 @@ async def test_a_slot_that_comes_due_inside_a_new_cooldown_is_given_back(ledger:
     assert c.wait >= 19.0 and c.start - a.start < 25.0
 
 
+async def test_a_slot_started_late_counts_from_its_actual_start(ledger: Ledger, clock: FakeClock) -> None:
+    """A slot confirmed after its planned start (a busy CPU) is recorded when it really went out, so the start
+    the window rule sets after it keeps the whole window from the actual start, not from the planned one."""
+    rules = Rules(limit=1, window=1.0, max_per_second=10, burst=1, margin=0.0)
+    await ledger.reserve(rules, "host:1")  # now: the next one is a window later
+    a = await ledger.reserve(rules, "host:1")
+    assert a.wait > 0.9
+    late = 0.3
+    if isinstance(ledger, RedisLedger):  # the server's clock: really be late
+        await asyncio.sleep(a.wait + late)
+    else:
+        clock.t += a.wait + late
+    assert await ledger.confirm(a, rules) == 0
+    assert (await ledger.status(10.0)).started == 2  # moved, not added
+    b = await ledger.reserve(rules, "host:1")
+    assert b.start >= a.start + late + rules.span - 1e-6  # a window after a's actual start (planned: 0.3 s sooner)
+
+
 async def test_processes_that_disagree_on_the_limits_are_refused(tmp_path: Path) -> None:
     """A process with another rate.limit is refused while the ledger is in use, accepted once it is idle."""
     clock = FakeClock()
