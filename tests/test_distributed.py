@@ -422,10 +422,13 @@ async def test_max_credits_is_the_whole_jobs_budget_across_workers_and_kills(hos
             await workers[n].wait()
             workers[n] = await hosts.start(f"w{n}", work)
         code, err = await hosts.finish(starter)
-        for w in workers:
-            await hosts.finish(w)
+        ends = [await hosts.finish(w) for w in workers]
     assert code == 4, err[-800:]
     assert 250 <= sim.stats.requests <= 300, sim.stats.requests
+    # The workers are idle only because the job may not spend more: resumable, 4, and the line says how to go on.
+    for wcode, werr in ends:
+        assert wcode == 4 and f"job {jid}" in werr.strip().splitlines()[-1], werr[-800:]
+        assert "higher --max-credits" in werr.strip().splitlines()[-1]
     code, _, err = await hosts.run("export", ["export", jid, "-o", str(hosts.root / "x.csv"), "--jobs-url", url])
     assert code == 2 and re.search(r"not finished \([\d,]+ items pending\)", err), err
     assert not (hosts.root / "x.csv").exists()
