@@ -622,7 +622,7 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
 
         installed = _install_signals(stop)
         worst: CrawlerError | None = None
-        spent: dict[str, PgJob] = {}  # jobs this worker saw stop for their --max-credits budget
+        spent: set[str] = set()  # jobs this worker saw stop for their --max-credits budget
         try:
             while not stopped:
                 jobs = [j for j in await store.open_jobs() if job is None or j.id.startswith(job)]
@@ -631,7 +631,7 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
                     if until_idle:
                         named = await store.job(job) if job is not None else None
                         if named is not None and named.status == "budget":
-                            spent[named.id] = named
+                            spent.add(named.id)
                         break
                     await store.beat(worker_id, None)
                     await _sleep_or_stop(min(5.0, store.heartbeat_timeout / 2), wake)
@@ -644,7 +644,7 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
                               file=sys.stderr)
                     err = result.error
                     if isinstance(err, BudgetExhausted):
-                        spent[pg.id] = pg
+                        spent.add(pg.id)
                         continue  # that job is stopped; others may go on
                     if err is not None:
                         worst = err
@@ -661,8 +661,10 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
         if error is not None:
             print(f"crawler: {error}", file=sys.stderr)
             return error.exit_code if not isinstance(error, Interrupted) else error.code
-        if spent and until_idle:  # idle only because those jobs may not spend more: resumable, as the starter's 4
-            for pg in spent.values():
+        # Idle because jobs may not spend more (unless a starter has raised the cap since): resumable, 4.
+        held = [now for jid in spent if (now := await store.job(jid)) is not None and now.status == "budget"]
+        if held and until_idle:
+            for pg in held:
                 cap = f" ({pg.max_credits:,})" if pg.max_credits is not None else ""
                 print(f"crawler: job {pg.id}: its --max-credits budget{cap} is spent with items pending; run its"
                       " starter's command again with a higher --max-credits, then workers go on", file=sys.stderr)
