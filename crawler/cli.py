@@ -44,28 +44,37 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{where + ': ' if where else ''}{message} (see --help)")
 
 
-def _settings_flags(p: argparse.ArgumentParser) -> None:
+ROW_FLAGS = frozenset({"--page-size", "--max-pages", "--max-items", "--bom", "--raw"})  # what shapes CSV rows
+
+
+def _settings_flags(p: argparse.ArgumentParser, omit: frozenset[str] = frozenset()) -> None:
+    """The settings flags; ``omit`` leaves out those that mean nothing to the command (its --help stays true)."""
     g = p.add_argument_group("settings (override config.toml; see the Settings section of README.md)")
-    g.add_argument("--config", help="config file (default: $CRAWLER_CONFIG or ./config.toml)")
-    g.add_argument("--base-url", dest="api.base_url", metavar="URL")
-    g.add_argument("--rate", dest="rate.limit", metavar="N", help="requests per rolling window (default 200)")
-    g.add_argument("--window", dest="rate.window", metavar="SECONDS", help="rolling window (default 60)")
-    g.add_argument("--burst", dest="rate.burst", metavar="N")
-    g.add_argument("--max-per-second", dest="rate.max_per_second", metavar="N")
-    g.add_argument("--rate-shared", dest="rate.shared", metavar="local|off|redis://HOST:PORT/DB",
-                   help="where the key's rate budget is shared (default local: every process of this user)")
-    g.add_argument("--parallelism", dest="crawl.parallelism", metavar="N|auto")
-    g.add_argument("--page-size", dest="crawl.page_size", metavar="N")
-    g.add_argument("--max-pages", dest="crawl.max_pages", metavar="N", help="pages per item walk")
-    g.add_argument("--max-items", dest="crawl.max_items", metavar="N", help="rows per input item")
-    g.add_argument("--max-credits", dest="crawl.max_credits", metavar="N", help="requests for the whole job")
-    g.add_argument("--data-dir", dest="crawl.data_dir", metavar="DIR")
-    g.add_argument("--retries", dest="retry.attempts", metavar="N")
-    g.add_argument("--bom", dest="output.bom", action="store_const", const=True, help="write a UTF-8 BOM")
-    g.add_argument("--raw", dest="output.raw", action="store_const", const=True,
-                   help="keep formula-like cells as they are")
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary")
-    g.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug logging")
+
+    def add(*names: str, **kw: Any) -> None:
+        if not omit.intersection(names):
+            g.add_argument(*names, **kw)
+
+    add("--config", help="config file (default: $CRAWLER_CONFIG or ./config.toml)")
+    add("--base-url", dest="api.base_url", metavar="URL")
+    add("--rate", dest="rate.limit", metavar="N", help="requests per rolling window (default 200)")
+    add("--window", dest="rate.window", metavar="SECONDS", help="rolling window (default 60)")
+    add("--burst", dest="rate.burst", metavar="N")
+    add("--max-per-second", dest="rate.max_per_second", metavar="N")
+    add("--rate-shared", dest="rate.shared", metavar="local|off|redis://HOST:PORT/DB",
+        help="where the key's rate budget is shared (default local: every process of this user)")
+    add("--parallelism", dest="crawl.parallelism", metavar="N|auto")
+    add("--page-size", dest="crawl.page_size", metavar="N")
+    add("--max-pages", dest="crawl.max_pages", metavar="N", help="pages per item walk")
+    add("--max-items", dest="crawl.max_items", metavar="N", help="rows per input item")
+    add("--max-credits", dest="crawl.max_credits", metavar="N", help="requests for the whole job")
+    add("--data-dir", dest="crawl.data_dir", metavar="DIR")
+    add("--retries", dest="retry.attempts", metavar="N")
+    add("--bom", dest="output.bom", action="store_const", const=True, help="write a UTF-8 BOM")
+    add("--raw", dest="output.raw", action="store_const", const=True,
+        help="keep formula-like cells as they are")
+    add("-q", "--quiet", action="store_true", help="no progress and no summary")
+    add("-v", "--verbose", action="count", default=0, help="-v info, -vv debug logging")
 
 
 def _report_flags(p: argparse.ArgumentParser) -> None:
@@ -251,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hd (default; falls back to video), video, watermarked, cover, music or images")
     d.add_argument("--restart", action="store_true", help="forget this job's progress (complete files are kept)")
     d.add_argument("--retry-failed", action="store_true", help="try the failed posts again")
-    _settings_flags(d)
+    _settings_flags(d, omit=ROW_FLAGS)
     d.set_defaults(func=cmd_download)
 
     # PostgreSQL jobs (jobs.url): workers, the list of jobs, a finished job's output.

@@ -465,3 +465,14 @@ async def test_get_and_regions_keep_max_credits(simulator: SimFactory, tmp_path:
             assert "--max-credits budget of 0 requests is spent" in error_line(err)
             assert not out
         assert sim.stats.requests == 0
+
+
+async def test_download_takes_no_row_shaping_flags(tmp_path: Path) -> None:
+    """`download` writes files, not CSV rows: its --help does not offer --page-size, --max-pages, --max-items,
+    --bom or --raw, and one of them given is exit 2 naming it (it would have been silently ignored)."""
+    code, out, _ = await crawler(["download", "--help"], environ(None), tmp_path)
+    assert code == 0 and "--rate-shared" in out and "--max-credits" in out
+    assert not [flag for flag in ("--page-size", "--max-pages", "--max-items", "--bom", "--raw") if flag in out], out
+    code, _, err = await crawler(["download", "in.txt", "-o", "media", "--page-size", "5"], environ(None), tmp_path)
+    assert code == 2 and "--page-size" in error_line(err), err
+    assert not (tmp_path / "media").exists()
