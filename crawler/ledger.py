@@ -9,8 +9,10 @@ earliest moment that keeps every rule for the key as a whole, records it, and sa
 - the shared 429 cooldown: nothing starts before it ends (a slot that comes due inside a cooldown that
   began after it was granted is given back with `confirm`).
 
-`confirm` also moves a slot that starts late (a wake-up held up by a busy CPU, a slow store) to its actual
-start, so the starts reserved after it count the window from when the request really went out.
+`confirm` also moves a slot that starts later than half the margin after its plan (a wake-up held up by a
+busy CPU, a slow store) to its actual start, so the starts reserved after it count the window from when the
+request really went out. Smaller lateness (a millisecond of wake-up jitter on every start) is left to the
+margin: recording it would push the whole schedule back by its sum and waste budget.
 
 Because slots are handed out in order, several processes sharing a ledger are paced like one crawler,
 each process holding at most one reservation at a time (its gate's lock) gets its turn in every round,
@@ -88,6 +90,11 @@ class Rules:
     def tolerance(self) -> float:
         """How far ahead of the even schedule a start may come (``burst - 1`` intervals)."""
         return (self.burst - 1) * self.interval
+
+    @property
+    def late(self) -> float:
+        """A start later than this after its planned moment is recorded at its actual moment (`confirm`)."""
+        return self.margin / 2
 
     @property
     def keep(self) -> float:
@@ -269,7 +276,8 @@ class MemoryLedger:
         if s.cooldown_until > now:
             return s.cooldown_until - now
         if entry is not None:
-            bisect.insort(s.starts, (max(entry[0], now), slot.token))  # kept in start order
+            start = now if now - entry[0] > rules.late else entry[0]
+            bisect.insort(s.starts, (start, slot.token))  # kept in start order
         return 0.0
 
     async def report_429(self, started: float, seconds: float, exact: bool) -> bool:
@@ -417,7 +425,7 @@ class FileLedger:
                 row = db.execute("SELECT v FROM state WHERE k = 'cooldown_until'").fetchone()
                 until = row[0] if row else 0.0
                 if until <= now:
-                    db.execute("UPDATE starts SET t = max(t, ?) WHERE token = ?", (now, slot.token))
+                    db.execute("UPDATE starts SET t = ? WHERE token = ? AND t < ?", (now, slot.token, now - rules.late))
                     return 0.0
                 db.execute("DELETE FROM starts WHERE token = ?", (slot.token,))
                 return float(until - now)
@@ -509,7 +517,7 @@ if cool > now then
 end
 local planned = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not planned then return '-1' end  -- the ledger lost its state
-if now > tonumber(planned) then redis.call('ZADD', KEYS[1], 'XX', num(now), ARGV[1]) end  -- started late
+if now - tonumber(planned) > tonumber(ARGV[2]) then redis.call('ZADD', KEYS[1], 'XX', num(now), ARGV[1]) end  -- late
 return '0'
 """
 
@@ -623,7 +631,7 @@ class RedisLedger:
         return Slot(float(t), float(wait), str(token))
 
     async def confirm(self, slot: Slot, rules: Rules) -> float:
-        return float(await self._script("confirm", [slot.token]))
+        return float(await self._script("confirm", [slot.token, repr(rules.late)]))
 
     async def report_429(self, started: float, seconds: float, exact: bool) -> bool:
         return bool(int(await self._script("report_429", [started, seconds, "1" if exact else "0"])))
