@@ -25,6 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from crawler.ledger import SECOND_MARGIN
 from crawler.sim.data import World, WorldConfig
 from crawler.sim.server import SimConfig, Simulator
 
@@ -32,6 +33,11 @@ LIMIT, WINDOW = 50, 5.0
 PER_SECOND_BOUND = 2 * math.ceil(LIMIT / WINDOW) + 1  # CONTRACT.md's even pacing at burst 1
 WORLD = WorldConfig(seed=7, users=2_000)
 RATE = ["--rate", str(LIMIT), "--window", str(WINDOW)]
+# rate.margin of every process: 0.1 s, not the default 50 ms of a 5 s window. Interpreters starting together on two
+# busy cores can hold a granted start (or the simulator's stamp of it) back by more than 50 ms (seen: one 429 in about
+# ten runs); the real API's 60 s window gets 0.3 s. The share of a window the key can use is WINDOW / (WINDOW + MARGIN).
+MARGIN = 0.1
+BEST = WINDOW / (WINDOW + MARGIN)
 
 
 def max_in_window(times: list[float], width: float) -> int:
@@ -78,13 +84,13 @@ class Fleet:
         return env
 
     async def start(self, name: str, args: list[str], *, env: dict[str, str] | None = None,
-                    stall_limit: float = 5.0, margin: float | None = None) -> asyncio.subprocess.Process:
-        """`python -m crawler ARGS` in its own directory (with a config.toml setting the stall limit, and
-        rate.margin when given)."""
+                    stall_limit: float = 5.0, margin: float = MARGIN) -> asyncio.subprocess.Process:
+        """`python -m crawler ARGS` in its own directory (with a config.toml setting the stall limit and
+        rate.margin)."""
         cwd = self.root / name
         cwd.mkdir(parents=True, exist_ok=True)
-        rate = "" if margin is None else f"[rate]\nmargin = {margin}\n"
-        (cwd / "config.toml").write_text(f"[retry]\nstall_limit = {stall_limit}\nbase_delay = 0.05\n{rate}")
+        (cwd / "config.toml").write_text(f"[retry]\nstall_limit = {stall_limit}\nbase_delay = 0.05\n"
+                                         f"[rate]\nmargin = {margin}\n")
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "crawler", *args, cwd=cwd, env=env or self.env(),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -100,7 +106,7 @@ class Fleet:
 
     async def profiles(self, sim_url: str, count: int, *, per: int = 300, tag: str = "p",
                        extra: tuple[str, ...] = (), hosts: list[dict[str, str]] | None = None,
-                       stall_limit: float = 5.0, margin: float | None = None) -> list[asyncio.subprocess.Process]:
+                       stall_limit: float = 5.0, margin: float = MARGIN) -> list[asyncio.subprocess.Process]:
         """`count` profiles jobs on disjoint handle lists, each in its own directory; with `hosts` (extra
         environment per process) each also gets its own HOME and state directory, as separate hosts would."""
         world = World(WORLD)
@@ -165,9 +171,7 @@ def assert_within_the_limits(sim: Simulator, burst: int = 1) -> None:
 async def test_three_processes_on_one_key_share_one_budget(fleet: Fleet) -> None:
     """Three processes started together are paced like one: within every limit, ~all of the budget, fair shares."""
     async with simulator(fleet.key) as sim:
-        # rate.margin 0.1 s: three interpreters starting at once on two cores can hold a granted start for more than
-        # the default 50 ms of a 5 s window (seen: one 429 in about ten runs); the real API's 60 s window gets 0.3 s.
-        procs = await fleet.profiles(sim.url, 3, margin=0.1)
+        procs = await fleet.profiles(sim.url, 3)
         await until(lambda: len(sim.stats.arrivals) >= 5 * LIMIT, "five windows of requests")
         stopped = time.time()
         for proc in procs:
@@ -179,7 +183,7 @@ async def test_three_processes_on_one_key_share_one_budget(fleet: Fleet) -> None
     first = arrivals[0]
     span = stopped - (first + WINDOW)
     used = count_between(arrivals, first + WINDOW, stopped) / (LIMIT * span / WINDOW)
-    assert used >= 0.97, used
+    assert used >= BEST - 0.03, used  # of the best the margin leaves (0.98), a slot of drift per process per window
     total = sim.stats.requests
     for _, err in results:
         assert requests_sent(err) >= total / 6
@@ -240,7 +244,8 @@ async def test_search_region_lookup_and_the_job_share_one_budget(fleet: Fleet) -
 
 
 async def test_one_of_three_killed_leaves_its_share_to_the_others(fleet: Fleet) -> None:
-    """A process SIGKILLed mid-run costs the others nothing: within a window they use ≥ 0.95 of the budget."""
+    """A process SIGKILLed mid-run costs the others nothing: within a window they use all of the budget but a few
+    slots."""
     async with simulator(fleet.key) as sim:
         procs = await fleet.profiles(sim.url, 3)
         await until(lambda: len(sim.stats.arrivals) >= 2 * LIMIT, "two windows of requests")
@@ -253,7 +258,8 @@ async def test_one_of_three_killed_leaves_its_share_to_the_others(fleet: Fleet) 
         arrivals = list(sim.stats.arrivals)
     assert codes == [143, 143]
     assert_within_the_limits(sim)
-    assert count_between(arrivals, killed, killed + WINDOW) >= 0.95 * LIMIT
+    # the killed process's held slot, a slot at each end of the window, a slot of drift: 46 at least of 49
+    assert count_between(arrivals, killed, killed + WINDOW) >= LIMIT * BEST - 3
 
 
 async def test_budget_lists_the_processes_and_counts_like_the_server(fleet: Fleet) -> None:
@@ -273,7 +279,9 @@ async def test_budget_lists_the_processes_and_counts_like_the_server(fleet: Flee
     pids = {p["pid"] for p in report["processes"]}
     assert pids == {p.pid for p in procs}
     assert report["limit"] == LIMIT and report["window"] == WINDOW
-    assert abs(report["started"] - count_between(arrivals, report["at"] - WINDOW, report["at"])) <= 2
+    # The ledger counts starts, the server arrivals: a start at each edge of the window may be on either side of it,
+    # and each process may hold a start the ledger has counted that has not reached the server yet.
+    assert abs(report["started"] - count_between(arrivals, report["at"] - WINDOW, report["at"])) <= len(procs) + 2
     assert report["cooldown_until"] is None and report["rate_limited_last_hour"] == 0
     assert sim.stats.requests == len(arrivals) or sim.stats.requests >= len(arrivals)  # budget sent nothing
     assert "/userinfo-by-username" in sim.stats.by_endpoint and len(sim.stats.by_endpoint) == 1
@@ -435,7 +443,8 @@ async def test_an_unreachable_ledger_is_exit_2_before_any_request(fleet: Fleet) 
 
 
 async def test_the_per_second_cap_is_used_where_it_binds(fleet: Fleet) -> None:
-    """At 6,000 per 60 s the 40-per-second cap binds: ≥ 0.97 of it is used, never more than 40 in a second."""
+    """At 6,000 per 60 s the 40-per-second cap binds: ≥ 0.95 of what it allows is used, never more than 40 in a
+    second."""
     async with simulator(fleet.key, rate_limit=6_000, rate_window=60.0, burst_limit=40) as sim:
         src = handles_file(fleet.root / "h.txt", World(WORLD), 400)
         proc = await fleet.start("fast", ["profiles", str(src), "-o", "out.csv", "--base-url", sim.url,
@@ -447,4 +456,4 @@ async def test_the_per_second_cap_is_used_where_it_binds(fleet: Fleet) -> None:
     assert sim.stats.served_429 == 0 and sim.stats.max_in_second <= 40
     steady = arrivals[20:200]  # after the start-up, while every worker is busy
     per_second = (len(steady) - 1) / (steady[-1] - steady[0])
-    assert per_second >= 0.97 * 40, per_second
+    assert per_second >= 0.95 * 40 / (1 + SECOND_MARGIN), per_second  # the cap's own margin: 39.0 a second at best
