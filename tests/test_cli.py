@@ -192,7 +192,7 @@ async def test_exit_1_on_a_permanent_429_stall(simulator: SimFactory, tmp_path: 
     """A server answering only 429 ends the run after retry.stall_limit with exit 1 and one line."""
     async with simulator(world=WORLD, always_429=True, retry_after=0.05) as sim:
         setup_dir(tmp_path, [sim.world.handle(i) for i in public_users(sim.world, 3)],
-                  {"stall.toml": FAST_TOML + "stall_limit = 0.3\n"})
+                  {"stall.toml": FAST_TOML + "stall_limit = 1.0\n"})
         code, _, err = await crawler(["posts", "in.txt", "-o", "out.csv", "-q", "--config", "stall.toml",
                                       "--data-dir", "d"], environ(sim), tmp_path)
         assert code == 1, err
