@@ -295,7 +295,8 @@ async def test_the_job_id_is_printed_once_the_job_exists(hosts: Hosts, schema: s
 
 async def test_ten_sigkills_of_random_workers_lose_and_duplicate_nothing(hosts: Hosts, schema: str) -> None:
     """Ten SIGKILLs of random `work` processes at random moments, each restarted: rows exact, none twice, the killed
-    workers' items finish, and the simulator saw at most a single-host run's requests plus kills × parallelism."""
+    workers' items finish, and the simulator saw at most a single-host run's requests plus two a held item
+    (a page, a /userid/) for each of the at most --parallelism items a kill leaves."""
     rng = random.Random(12)
     src = handles(hosts.root, 60, offset=300)
     opts = ("--max-items", "60", "--page-size", "5")  # walks of many pages: a takeover must go on from the cursor
@@ -328,7 +329,9 @@ async def test_ten_sigkills_of_random_workers_lose_and_duplicate_nothing(hosts: 
     got = rows(hosts.root / "starter" / "out.csv")
     assert len(got) == len(set(got)) and set(got) == set(expected)
     print(f"ten kills: {sent} requests against a single-host run's {baseline}, {kills} kills")
-    assert sent <= baseline + kills * 4, (sent, baseline, kills)
+    # Each kill leaves at most --parallelism (4) items in hand; each costs its taker the page in flight again and,
+    # when the taker is another host, its own /userid/ lookup (user ids are learned per data directory).
+    assert sent <= baseline + kills * 2 * 4, (sent, baseline, kills)
 
 
 async def test_a_worker_stopped_past_its_lease_has_its_late_page_discarded(hosts: Hosts, schema: str) -> None:
