@@ -32,6 +32,7 @@ from crawler.errors import (
     BudgetExhausted,
     CannotConnect,
     CrawlerError,
+    Interrupted,
     ItemFailed,
     KeyRejected,
     NotAnApiAnswer,
@@ -227,6 +228,12 @@ def response_kind(status: int, result: JsonDict | CrawlerError | None) -> str:
     return "malformed" if isinstance(result, Unreachable) else "api_error"
 
 
+def drain_note(error: CrawlerError, in_flight: int) -> str:
+    """What a first signal's stop says while the requests already sent are answered (`Client.stop_sending`)."""
+    return (f"{error}: waiting for the {in_flight} requests already sent (paid for) to be answered and written;"
+            " send it again to stop at once")
+
+
 def _unwrap(body: JsonDict) -> JsonDict:
     """Accept a tikwm-style envelope ``{"code":0,"msg":..,"data":{..}}`` defensively."""
     data = body.get("data")
@@ -409,6 +416,19 @@ class Client:
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+        self._refusing: Interrupted | None = None  # set by stop_sending(): no request leaves any more
+        self.on_wire: set[asyncio.Task[Any]] = set()  # tasks whose request has left and awaits its answer
+
+    def stop_sending(self, error: Interrupted) -> set[asyncio.Task[Any]]:
+        """From now on every call raises a copy of ``error`` before anything is sent (a retry, a page, a 429's
+        next try); returns the tasks whose request is already out: their answer is paid for, so a graceful stop
+        lets them finish and commit it."""
+        self._refusing = error
+        return set(self.on_wire)
+
+    def _refuse(self) -> None:
+        if self._refusing is not None:
+            raise Interrupted(str(self._refusing), self._refusing.code)
 
     def __repr__(self) -> str:
         return f"Client(base_url={self.base_url!r}, requests_sent={self.counters.requests_sent})"
@@ -456,6 +476,7 @@ class Client:
 
         async def attempt() -> T:
             while True:
+                self._refuse()
                 await outage.wait()
                 started = await self.gate.acquire()
                 try:
@@ -469,7 +490,7 @@ class Client:
                     if outage.failed(target, exc):
                         continue  # an outage, not this item's fault: wait with everyone, spend no try
                     raise
-                except BudgetExhausted:
+                except (BudgetExhausted, Interrupted):
                     raise  # nothing was sent
                 except CrawlerError:
                     outage.answered()
@@ -513,12 +534,17 @@ class Client:
     async def _send(self, path: str, query: dict[str, str]) -> JsonDict:
         if self._session is None:
             raise RuntimeError("use the Client inside 'async with Client(...) as client'")
+        self._refuse()
         if self.request_budget is not None and self.counters.requests_sent >= self.request_budget:
             raise BudgetExhausted(f"the --max-credits budget of {self.request_budget} requests is spent")
         if self._reserve is not None:
             reserving = self._reserve(self.counters.requests_sent + 1)
             if reserving is not None:  # a reservation in a shared store (a PostgreSQL job's budget)
                 await reserving
+            self._refuse()
+        me = asyncio.current_task()
+        if me is not None:
+            self.on_wire.add(me)
         self.counters.requests_sent += 1
         self.counters.by_endpoint[path] += 1
         log.debug("GET %s %s", path, query)
@@ -541,6 +567,9 @@ class Client:
         except aiohttp.ClientError as exc:
             # Never keep the aiohttp exception: its request_info carries our request headers.
             failure = f"{path}: {type(exc).__name__}"
+        finally:
+            if me is not None:
+                self.on_wire.discard(me)
         took = time.monotonic() - begun
         c = self.counters
         c.latency = took if c.latency == 0.0 else 0.9 * c.latency + 0.1 * took

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import math
 import signal
+import sys
 import time
 from contextlib import aclosing
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 from crawler import endpoints as ep
 from crawler import killpoints
-from crawler.client import Client
+from crawler.client import Client, drain_note
 from crawler.commands import COMMANDS, CommandSpec
 from crawler.config import Secret, Settings
 from crawler.errors import BudgetExhausted, CrawlerError, Interrupted, ItemFailed, RunStopped, UsageError, rank
@@ -81,6 +82,7 @@ class Crawl(ItemWalker):
         self._progress_interval = progress_interval
         self._flowing = flowing  # a test/ops hook: clear it to stall the sink
         self._stop_error: CrawlerError | None = None
+        self._draining = False  # a first signal: the requests in flight are being answered and committed
         self._tasks: list[asyncio.Task[None]] = []
         self._feeder: asyncio.Task[None] | None = None
         self._keyed = self.spec.list_kind in ep.OFFSET_KINDS  # rows checked against the seen keys
@@ -116,14 +118,32 @@ class Crawl(ItemWalker):
 
         A spent --max-credits budget stops softly: requests already sent are answered (and probably
         billed), so the workers sending them finish their page and commit it; only idle tasks are cancelled.
+        A signal is `signalled`'s: its own refusals, seen by the workers, stop nothing more.
         """
         if self._stop_error is None or rank(error) < rank(self._stop_error):
             self._stop_error = error
         current = asyncio.current_task()
-        soft = isinstance(error, BudgetExhausted)
+        soft = isinstance(error, BudgetExhausted) or (isinstance(error, Interrupted) and self._draining)
         for task in self._tasks:
             if task is not current and (not soft or task is self._feeder or task in self._idle):
                 task.cancel()
+
+    def signalled(self, error: Interrupted) -> None:
+        """SIGINT/SIGTERM: the first lets the requests already sent be answered and committed (they are paid for;
+        nothing else is sent, whatever waits for the rate gate, a retry or an item stops at once); a second
+        stops at once."""
+        if self._draining or not hasattr(self, "client"):
+            self._draining = False
+            self.request_stop(error)
+            return
+        self._draining = True
+        wire = self.client.stop_sending(error)
+        self.request_stop(error)  # soft now: cancels the feeder and the idle workers
+        for task in self._tasks:
+            if task is not asyncio.current_task() and task not in wire:
+                task.cancel()
+        if wire and not self._quiet:
+            print(f"crawler: {drain_note(error, len(wire))}", file=sys.stderr)
 
     async def run(self) -> Outcome:
         """Run (or resume) the job to completion or to a stop."""
@@ -319,7 +339,7 @@ async def run_job(crawl: Crawl, *, install_signals: bool = True) -> Outcome:
     if install_signals:
         for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, crawl.request_stop, Interrupted(f"stopped by {sig.name}", code))
+                loop.add_signal_handler(sig, crawl.signalled, Interrupted(f"stopped by {sig.name}", code))
                 installed.append(sig)
     try:
         with job_lock(crawl.out):

@@ -21,6 +21,7 @@ import io
 import logging
 import os
 import signal
+import sys
 import tempfile
 import time
 import uuid
@@ -33,7 +34,7 @@ from typing import IO, Any, TypeVar
 
 from crawler import endpoints as ep
 from crawler import killpoints
-from crawler.client import Client
+from crawler.client import Client, drain_note
 from crawler.commands import COMMANDS
 from crawler.config import Secret, Settings, masked
 from crawler.errors import (
@@ -169,6 +170,7 @@ class Ingest:
         self._thread: StoreThread | None = None
         self._signalled: Interrupted | None = None  # SIGINT/SIGTERM: store calls get STOP_GRACE to answer
         self._stopping = asyncio.Event()  # set with _signalled
+        self._draining = False  # a first signal: the requests in flight are being answered and committed
         self._lost: RunStopped | None = None  # a store call that did not answer in time: no more calls
         self.client: Client
         self.users: UserDirectory
@@ -212,11 +214,27 @@ class Ingest:
         if isinstance(error, Interrupted):
             self._signalled = self._signalled or error
             self._stopping.set()
-        soft = isinstance(error, BudgetExhausted)
+        soft = isinstance(error, BudgetExhausted) or (isinstance(error, Interrupted) and self._draining)
         current = asyncio.current_task()
         for task in self._tasks:
             if task is not current and (not soft or task is self._feeder or task in self._idle):
                 task.cancel()
+
+    def signalled(self, error: Interrupted) -> None:
+        """SIGINT/SIGTERM: the first lets the requests already sent (paid for) be answered and committed, as a
+        crawl's does (`Crawl.signalled`); a second stops at once."""
+        if self._draining or not hasattr(self, "client"):
+            self._draining = False
+            self.request_stop(error)
+            return
+        self._draining = True
+        wire = self.client.stop_sending(error)
+        self.request_stop(error)  # soft now: cancels the feeder and the idle workers
+        for task in self._tasks:
+            if task is not asyncio.current_task() and task not in wire:
+                task.cancel()
+        if wire and not self.quiet:
+            print(f"crawler: {drain_note(error, len(wire))}", file=sys.stderr)
 
     async def run(self, watch: StateStore) -> IngestResult:
         """Work the watch list (already read into ``watch``) to the end of today's work or to a stop."""
@@ -949,7 +967,7 @@ async def ingest(
         if install_signals:
             for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
-                    loop.add_signal_handler(sig, run.request_stop, Interrupted(f"stopped by {sig.name}", code))
+                    loop.add_signal_handler(sig, run.signalled, Interrupted(f"stopped by {sig.name}", code))
                     installed.append(sig)
         try:
             with tempfile.TemporaryDirectory(prefix="crawler-ingest-") as tmp:

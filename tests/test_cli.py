@@ -283,6 +283,74 @@ async def test_a_signal_stops_cleanly_and_the_printed_resume_command_completes(
     assert len(rows) == len(set(rows)) and set(rows) == {sim.world.user_id(i) for i in users}
 
 
+def summary_count(err: str, name: str) -> int:
+    """A job counter from the end-of-run summary (the job's, across runs)."""
+    match = re.search(rf"{name}\s+([\d,]+)", err)
+    assert match, err
+    return int(match.group(1).replace(",", ""))
+
+
+async def test_a_first_signal_lets_the_requests_in_flight_be_answered_and_written(
+        simulator: SimFactory, tmp_path: Path) -> None:
+    """SIGTERM while four requests are out: they are paid for, so they are answered and their rows committed before
+    exit 143; nothing else is sent. The job's two counters equal what the simulator saw and billed, and the .part
+    file holds a row for every request sent (none is fetched again on resume)."""
+    async with simulator(world=WORLD, latency=(1.0, 1.0)) as sim:
+        users = public_users(sim.world, 12)
+        setup_dir(tmp_path, [sim.world.handle(i) for i in users])
+        args = ["profiles", "in.txt", "-o", "out.csv", "--config", "fast.toml", "--data-dir", "d",
+                "--parallelism", "4"]
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "crawler", *args, cwd=tmp_path,
+                                                    env=environ(sim), stdout=asyncio.subprocess.DEVNULL,
+                                                    stderr=asyncio.subprocess.PIPE)
+        await _wait_for(lambda: sim.stats.requests >= 6, proc, "a second round of requests out")
+        proc.send_signal(signal.SIGTERM)
+        _, raw_err = await asyncio.wait_for(proc.communicate(), timeout=30)
+        err = raw_err.decode()
+        sent, billed = sim.stats.requests, sum(sim.stats.billed.values())
+    assert proc.returncode == 143, err
+    assert "SIGTERM" in error_line(err)
+    assert sent < len(users)  # it stopped, not finished
+    assert summary_count(err, "requests_sent") == sent
+    assert summary_count(err, "credits_billed") == billed
+    assert len(read_csv(tmp_path / "out.csv.part")) == billed == sent  # every request out was answered and kept
+    assert "waiting for the" in err and "requests already sent" in err  # it said why the stop takes a moment
+
+
+async def test_a_second_signal_stops_at_once_without_the_answers_in_flight(simulator: SimFactory,
+                                                                          tmp_path: Path) -> None:
+    """SIGTERM while four slow requests are out, then SIGTERM again once the crawler says it is waiting for them: it
+    exits 143 without their answers (no row for them) and the resume command still completes exactly."""
+    async with simulator(world=WORLD, latency=(5.0, 5.0)) as sim:
+        users = public_users(sim.world, 6)
+        setup_dir(tmp_path, [sim.world.handle(i) for i in users])
+        args = ["profiles", "in.txt", "-o", "out.csv", "--config", "fast.toml", "--data-dir", "d",
+                "--parallelism", "4"]
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "crawler", *args, cwd=tmp_path,
+                                                    env=environ(sim), stdout=asyncio.subprocess.DEVNULL,
+                                                    stderr=asyncio.subprocess.PIPE)
+        assert proc.stderr is not None
+        await _wait_for(lambda: sim.stats.requests >= 4, proc, "four requests out")
+        proc.send_signal(signal.SIGTERM)
+        said = b""
+        while b"requests already sent" not in said:
+            line = await asyncio.wait_for(proc.stderr.readline(), timeout=30)
+            assert line, "the crawler ended without saying it waits for the requests in flight"
+            said += line
+        proc.send_signal(signal.SIGTERM)
+        rest = await asyncio.wait_for(proc.stderr.read(), timeout=30)
+        await asyncio.wait_for(proc.wait(), timeout=30)
+        err = (said + rest).decode()
+        sent = sim.stats.requests
+        assert proc.returncode == 143, err
+        assert "SIGTERM" in error_line(err)
+        assert len(read_csv(tmp_path / "out.csv.part")) == 0 < sent  # the answers in flight were not waited for
+        again, _, err2 = await crawler(args, environ(sim), tmp_path)
+        assert again == 0, err2
+    rows = [r["user_id"] for r in read_csv(tmp_path / "out.csv")]
+    assert len(rows) == len(set(rows)) and set(rows) == {sim.world.user_id(i) for i in users}
+
+
 async def test_ctrl_c_while_the_input_is_read_stops_before_any_request(simulator: SimFactory,
                                                                        tmp_path: Path) -> None:
     """SIGINT while a long input is being stored exits 130 with a resume line and no request; resuming completes."""

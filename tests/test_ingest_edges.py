@@ -356,3 +356,39 @@ async def test_a_lost_postgresql_history_connection_is_one_line_and_the_same_com
         want = {p.video_id for i in watch for p in w.posts(i)}
         got = posts_union(tmp_path / "out")
         assert set(got) == want and set(got.values()) == {1}
+
+
+async def test_a_first_sigterm_lets_the_profiles_in_flight_be_answered_and_kept(simulator: SimFactory,
+                                                                                 tmp_path: Path) -> None:
+    """SIGTERM while four slow profile requests are out: they are paid for, so ingest waits for their answers and
+    commits them (exit 143); the day file holds a row for every request the simulator saw, and the printed command
+    then fetches only the others: each watch-list user once, no request twice."""
+    import signal
+    import sys
+
+    from tests.test_cli import _wait_for
+    from tests.test_ingest import _printed_command
+
+    async with simulator(world=WORLD, latency=(1.0, 1.0)) as sim:
+        w = sim.world
+        watch = public_users(w, 12)
+        write_watch(tmp_path / "watch.txt", [w.handle(i) for i in watch])
+        (tmp_path / "config.toml").write_text(FAST_TOML)
+        env = environ(sim) | {TEST_NOW_ENV: "2026-01-01T03:00:00"}
+        args = ["ingest", "watch.txt", "--out-dir", "out", "--parallelism", "4"]
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "crawler", *args, cwd=tmp_path, env=env,
+                                                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        await _wait_for(lambda: sim.stats.requests >= 6, proc, "a second round of requests out")
+        proc.send_signal(signal.SIGTERM)
+        _, raw = await asyncio.wait_for(proc.communicate(), 30)
+        err = raw.decode()
+        sent = sim.stats.requests
+        assert proc.returncode == 143, err
+        assert sent < len(watch)  # it stopped, not finished
+        assert len(rows(tmp_path / "out" / f"profiles-{day(0)}.csv")) == sent  # every request out: answered, kept
+        assert "requests already sent" in err
+        code, _, err = await crawler(_printed_command(err.strip().splitlines()[-1]), env, tmp_path)
+        assert code == 0, err
+        assert sim.stats.requests == len(watch)  # the resume fetched only the users not kept
+    assert sorted(r["user_id"] for r in rows(tmp_path / "out" / f"profiles-{day(0)}.csv")) == sorted(
+        w.user_id(i) for i in watch)
