@@ -18,6 +18,7 @@ from crawler.history import OverviewRow, RenameRow, SeriesRow
 
 PAGE_SIZE = 50
 WINDOWS = (1, 7, 30)
+MAX_COMPARE = 10  # users on one compare chart
 # Sort keys of the overview: column name -> what it sorts by. A leading '-' means descending.
 SORTS = ("handle", "followers", "gain1", "gain7", "gain30")
 DEFAULT_SORT = "-gain7"
@@ -230,6 +231,7 @@ class CompareView:
     unknown: Sequence[str]
     since: str
     until: str
+    left_out: Sequence[str] = ()  # asked for past the page's limit of users
 
 
 def indexed(rows: Sequence[SeriesRow]) -> list[svg.Point]:
@@ -250,6 +252,9 @@ def compare(view: CompareView) -> str:
                      + "</li>" for n, (h, rows) in enumerate(view.series))
     unknown = (f'<p class="unknown">No history for {", ".join("@" + e(u) for u in view.unknown)}.</p>'
                if view.unknown else "")
+    if view.left_out:
+        unknown += (f'<p class="unknown">One chart compares at most {MAX_COMPARE} users; left out:'
+                    f' {", ".join("@" + e(u) for u in view.left_out)}.</p>')
     inputs = "".join(f'<input type="hidden" name="u" value="{e(h)}">' for h, _ in view.series)
     body = (
         "<h1>Compare</h1><p>Followers indexed to 100 at each user's first snapshot in the range.</p>" + unknown

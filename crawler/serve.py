@@ -28,7 +28,6 @@ from crawler.errors import UsageError
 from crawler.history import HistoryStore, OverviewRow, SeriesRow, StoreThread, parse_day
 
 T = TypeVar("T")
-MAX_COMPARE = 10
 SECURITY_HEADERS = {
     # Nothing from another origin, no inline script: a nickname that slipped through escaping could not run.
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:;"
@@ -223,7 +222,7 @@ async def compare(request: web.Request) -> web.Response:
         h = u.strip().lstrip("@").lower()
         if h and h not in wanted:
             wanted.append(h)
-    wanted = wanted[:MAX_COMPARE]
+    wanted, left_out = wanted[:pages.MAX_COMPARE], wanted[pages.MAX_COMPARE:]
 
     def load(store: HistoryStore) -> pages.CompareView:
         series: list[tuple[str, list[SeriesRow]]] = []
@@ -237,7 +236,7 @@ async def compare(request: web.Request) -> web.Response:
             if all(current != c for c, _ in series):
                 series.append((current, store.series(user_id, since, until)))
         return pages.CompareView(series, unknown, since.isoformat() if since else "",
-                                 until.isoformat() if until else "")
+                                 until.isoformat() if until else "", left_out)
 
     return _html(pages.compare(await request.app[HISTORY].run(load)))
 

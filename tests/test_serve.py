@@ -274,6 +274,20 @@ async def test_unknown_handles_are_escaped_and_foreign_hosts_refused(sqlite_buil
         assert status == 200 and "<img" not in html and "&quot;&gt;&lt;img src=x&gt;" in html
 
 
+async def test_compare_says_which_users_past_its_limit_it_left_out(sqlite_built: Built) -> None:
+    """Twelve users asked for: the chart holds the first ten, and the page names the two it left out."""
+    b = sqlite_built
+    users = sorted(b.truth)[:12]
+    assert len(users) == 12
+    async with served(b.url) as base:
+        status, html, _ = await _get(base + "/compare?" + "&".join(f"u={b.handle(u)}" for u in users))
+    assert status == 200
+    shown = re.findall(r'<g class="series" data-series="@([^"]+)"', html)
+    assert shown == [b.handle(u) for u in users[:10]], shown
+    note = re.search(r"left out: ([^<]*)\.</p>", html)
+    assert note is not None and note.group(1) == ", ".join(f"@{b.handle(u)}" for u in users[10:]), html[:2000]
+
+
 # --- the command line ---
 
 async def test_serve_command_prints_its_address_warns_off_loopback_and_stops_on_sigterm(sqlite_built: Built,
