@@ -707,7 +707,7 @@ async def jobs_report(settings: Settings, *, url: str, as_json: bool = False) ->
                 "rows": pg.rows, "requests_sent": pg.requests_sent, "credits_billed": pg.credits_billed,
                 "max_credits": pg.max_credits,
                 "workers": [{"host": w.host, "pid": w.pid, "key_hash": w.key_hash, "ledger": w.ledger, "live": w.live}
-                            for w in await store.workers(pg.id)],
+                            for w in await store.workers(pg.id, pg.heartbeat_timeout)],
             })
     if as_json:
         return json.dumps(found, indent=2)

@@ -119,6 +119,25 @@ async def test_every_worker_uses_the_jobs_heartbeat_timeout_not_its_hosts(store:
     assert worker.queue.heartbeat_timeout == 2.0 and worker.heartbeat_timeout == 2.0
 
 
+async def test_crawler_jobs_calls_a_worker_live_by_the_jobs_heartbeat_timeout(store: Replaying) -> None:
+    """`crawler jobs` on a host whose jobs.heartbeat_timeout is 600 s, over a job with a 2 s one: a worker last seen
+    5 s ago is not live, one seen now is."""
+    from crawler.config import Settings
+    from crawler.pgjobs import WorkerInfo
+    from crawler.work import jobs_report
+
+    assert await store.create_job("j5", "posts", {}, ENTRIES, heartbeat_timeout=2.0)
+    for pid in (1, 2):
+        await store.register(WorkerInfo(f"w{pid}", "h", pid, "k" * 16, "redis", "j5", live=True))
+    conn = await psycopg.AsyncConnection.connect(store.url, autocommit=True)
+    try:
+        await conn.execute("UPDATE crawler_workers SET seen = now() - interval '5 seconds' WHERE id = 'w1'")
+    finally:
+        await conn.close()
+    listing = json.loads(await jobs_report(Settings(jobs_heartbeat_timeout=600.0), url=store.url, as_json=True))
+    assert {w["pid"]: w["live"] for w in listing[0]["workers"]} == {1: False, 2: True}
+
+
 async def test_an_export_goes_on_after_a_postgresql_blip_and_a_loss_is_store_lost(store: Replaying) -> None:
     """The connections cut mid-export: the row stream goes on after the rows already given (each once, in order);
     PostgreSQL gone past the stall limit: StoreLost (the one-line exit 1), not a driver error."""
