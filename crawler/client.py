@@ -417,14 +417,17 @@ class Client:
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
         self._refusing: Interrupted | None = None  # set by stop_sending(): no request leaves any more
-        self.on_wire: set[asyncio.Task[Any]] = set()  # tasks whose request has left and awaits its answer
+        self._calling: set[asyncio.Task[Any]] = set()  # tasks inside call()
+        # Tasks whose request is under way (connecting, sent, or its answer being read): an answer is paid for.
+        self.on_wire: set[asyncio.Task[Any]] = set()
 
-    def stop_sending(self, error: Interrupted) -> set[asyncio.Task[Any]]:
-        """From now on every call raises a copy of ``error`` before anything is sent (a retry, a page, a 429's
-        next try); returns the tasks whose request is already out: their answer is paid for, so a graceful stop
-        lets them finish and commit it."""
+    def stop_sending(self, error: Interrupted) -> tuple[set[asyncio.Task[Any]], int]:
+        """From now on every call raises a copy of ``error`` before anything more is sent (a retry, a page, a 429's
+        next try). Returns the tasks inside a call whose request is not under way (waiting for the rate gate, an
+        outage or a retry's backoff: a graceful stop cancels them) and how many requests are under way (their
+        answers are paid for: a graceful stop lets them come and be committed)."""
         self._refusing = error
-        return set(self.on_wire)
+        return self._calling - self.on_wire, len(self.on_wire)
 
     def _refuse(self) -> None:
         if self._refusing is not None:
@@ -509,13 +512,23 @@ class Client:
                 outage.answered()
                 return result
 
+        async def attempt_or_stop() -> T:
+            try:
+                return await attempt()
+            except TransientError:
+                self._refuse()  # stopping: the answer under way failed; no backoff, no other try
+                raise
+
         def on_retry(exc: BaseException, tries: int, wait: float) -> None:
             self.counters.retries += 1
             log.info("retrying %s after %s (try %d, waiting %.2f s)", path, exc, tries, wait)
 
+        me = asyncio.current_task()
+        if me is not None:
+            self._calling.add(me)
         try:
             result = await retry_async(
-                attempt,
+                attempt_or_stop,
                 retry_on=TransientError,
                 attempts=self.settings.retry_attempts,
                 base_delay=self.settings.retry_base_delay,
@@ -529,6 +542,9 @@ class Client:
         except ItemFailed as exc:
             exc.endpoint = path
             raise
+        finally:
+            if me is not None:
+                self._calling.discard(me)
         return result
 
     async def _send(self, path: str, query: dict[str, str]) -> JsonDict:

@@ -83,6 +83,7 @@ class Crawl(ItemWalker):
         self._flowing = flowing  # a test/ops hook: clear it to stall the sink
         self._stop_error: CrawlerError | None = None
         self._draining = False  # a first signal: the requests in flight are being answered and committed
+        self._signals = 0  # SIGINT/SIGTERM received
         self._tasks: list[asyncio.Task[None]] = []
         self._feeder: asyncio.Task[None] | None = None
         self._keyed = self.spec.list_kind in ep.OFFSET_KINDS  # rows checked against the seen keys
@@ -129,21 +130,21 @@ class Crawl(ItemWalker):
                 task.cancel()
 
     def signalled(self, error: Interrupted) -> None:
-        """SIGINT/SIGTERM: the first lets the requests already sent be answered and committed (they are paid for;
-        nothing else is sent, whatever waits for the rate gate, a retry or an item stops at once); a second
-        stops at once."""
-        if self._draining or not hasattr(self, "client"):
+        """SIGINT/SIGTERM: the first lets the requests under way be answered and committed (they are paid for).
+        Nothing else is sent: whatever waits for an item, the rate gate, an outage or a retry's backoff stops at
+        once, and a worker committing a page is refused at its next request. A second signal stops at once."""
+        self._signals += 1
+        if self._signals > 1 or not hasattr(self, "client"):
             self._draining = False
             self.request_stop(error)
             return
         self._draining = True
-        wire = self.client.stop_sending(error)
+        waiting, in_flight = self.client.stop_sending(error)
         self.request_stop(error)  # soft now: cancels the feeder and the idle workers
-        for task in self._tasks:
-            if task is not asyncio.current_task() and task not in wire:
-                task.cancel()
-        if wire and not self._quiet:
-            print(f"crawler: {drain_note(error, len(wire))}", file=sys.stderr)
+        for task in waiting:  # the rate gate, an outage, a retry's backoff: nothing sent, nothing to wait for
+            task.cancel()
+        if in_flight and not self._quiet:
+            print(f"crawler: {drain_note(error, in_flight)}", file=sys.stderr)
 
     async def run(self) -> Outcome:
         """Run (or resume) the job to completion or to a stop."""

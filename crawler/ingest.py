@@ -171,6 +171,7 @@ class Ingest:
         self._signalled: Interrupted | None = None  # SIGINT/SIGTERM: store calls get STOP_GRACE to answer
         self._stopping = asyncio.Event()  # set with _signalled
         self._draining = False  # a first signal: the requests in flight are being answered and committed
+        self._signals = 0  # SIGINT/SIGTERM received
         self._lost: RunStopped | None = None  # a store call that did not answer in time: no more calls
         self.client: Client
         self.users: UserDirectory
@@ -223,18 +224,18 @@ class Ingest:
     def signalled(self, error: Interrupted) -> None:
         """SIGINT/SIGTERM: the first lets the requests already sent (paid for) be answered and committed, as a
         crawl's does (`Crawl.signalled`); a second stops at once."""
-        if self._draining or not hasattr(self, "client"):
+        self._signals += 1
+        if self._signals > 1 or not hasattr(self, "client"):
             self._draining = False
             self.request_stop(error)
             return
         self._draining = True
-        wire = self.client.stop_sending(error)
+        waiting, in_flight = self.client.stop_sending(error)
         self.request_stop(error)  # soft now: cancels the feeder and the idle workers
-        for task in self._tasks:
-            if task is not asyncio.current_task() and task not in wire:
-                task.cancel()
-        if wire and not self.quiet:
-            print(f"crawler: {drain_note(error, len(wire))}", file=sys.stderr)
+        for task in waiting:  # the rate gate, an outage, a retry's backoff: nothing sent, nothing to wait for
+            task.cancel()
+        if in_flight and not self.quiet:
+            print(f"crawler: {drain_note(error, in_flight)}", file=sys.stderr)
 
     async def run(self, watch: StateStore) -> IngestResult:
         """Work the watch list (already read into ``watch``) to the end of today's work or to a stop."""

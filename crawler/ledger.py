@@ -93,8 +93,10 @@ class Rules:
 
     @property
     def late(self) -> float:
-        """A start later than this after its planned moment is recorded at its actual moment (`confirm`)."""
-        return self.margin / 2
+        """A start later than this after its planned moment is recorded at its actual moment (`confirm`): half the
+        margin of the rule that spaces the starts (the per-second cap's is its own, smaller one)."""
+        per_second_binds = self.burst > 1 or self.second_span / self.max_per_second >= self.span / self.limit
+        return (self.second_span - 1.0 if per_second_binds else self.margin) / 2
 
     @property
     def keep(self) -> float:
@@ -328,6 +330,7 @@ def _status(now: float, recent: list[tuple[float, str]], cooldown_until: float, 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS starts (id INTEGER PRIMARY KEY, t REAL NOT NULL, token TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS starts_t ON starts (t);
+CREATE INDEX IF NOT EXISTS starts_token ON starts (token);
 CREATE TABLE IF NOT EXISTS state (k TEXT PRIMARY KEY, v REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS limited (t REAL NOT NULL);
 """

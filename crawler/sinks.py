@@ -141,7 +141,7 @@ class CsvSink:
         mode = "r+b" if committed_length > 0 else "w+b"
         fh = self.part.open(mode)
         fh.truncate(committed_length if mode == "r+b" else 0)
-        if mode == "w+b":  # the new name itself survives a power cut before the first commit records its length
+        if mode == "w+b" and self._durable:  # the new name survives a power cut before a commit records its length
             fsync_dir(self.part.parent)
         fh.seek(0, os.SEEK_END)
         self._file = _Bytes(fh)

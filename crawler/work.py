@@ -622,7 +622,7 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
 
         installed = _install_signals(stop)
         worst: CrawlerError | None = None
-        spent: set[str] = set()  # jobs this worker saw stop for their --max-credits budget
+        worked: set[str] = set()  # jobs this worker took part in: one stopped for its budget makes the exit 4
         try:
             while not stopped:
                 jobs = [j for j in await store.open_jobs() if job is None or j.id.startswith(job)]
@@ -630,13 +630,14 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
                 if not todo:
                     if until_idle:
                         named = await store.job(job) if job is not None else None
-                        if named is not None and named.status == "budget":
-                            spent.add(named.id)
+                        if named is not None:
+                            worked.add(named.id)
                         break
                     await store.beat(worker_id, None)
                     await _sleep_or_stop(min(5.0, store.heartbeat_timeout / 2), wake)
                     continue
                 for pg in todo:
+                    worked.add(pg.id)
                     result = await _work_session(store, pg, settings, api_key, worker_id, stopper, stopped)
                     if not quiet:
                         print(f"crawler: job {pg.id}: {result.items:,} items worked here, {result.rows:,} rows,"
@@ -644,7 +645,6 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
                               file=sys.stderr)
                     err = result.error
                     if isinstance(err, BudgetExhausted):
-                        spent.add(pg.id)
                         continue  # that job is stopped; others may go on
                     if err is not None:
                         worst = err
@@ -662,7 +662,7 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
             print(f"crawler: {error}", file=sys.stderr)
             return error.exit_code if not isinstance(error, Interrupted) else error.code
         # Idle because jobs may not spend more (unless a starter has raised the cap since): resumable, 4.
-        held = [now for jid in spent if (now := await store.job(jid)) is not None and now.status == "budget"]
+        held = [now for jid in sorted(worked) if (now := await store.job(jid)) is not None and now.status == "budget"]
         if held and until_idle:
             for pg in held:
                 cap = f" ({pg.max_credits:,})" if pg.max_credits is not None else ""

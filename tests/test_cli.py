@@ -317,6 +317,35 @@ async def test_a_first_signal_lets_the_requests_in_flight_be_answered_and_writte
     assert "waiting for the" in err and "requests already sent" in err  # it said why the stop takes a moment
 
 
+async def test_after_a_first_signal_no_walk_asks_for_another_page(simulator: SimFactory, tmp_path: Path) -> None:
+    """Posts walks of many pages, SIGTERM mid-walk: the requests under way are answered and committed, and not one
+    more leaves (a drained worker's next page is refused): the simulator sees at most the requests the crawler said
+    it waits for, both counters equal the simulator's, and the resume completes every walk exactly once."""
+    async with simulator(world=WORLD, latency=(1.0, 1.0)) as sim:
+        users = public_users(sim.world, 6, min_videos=40, max_videos=60)
+        setup_dir(tmp_path, [sim.world.handle(i) for i in users])
+        args = ["posts", "in.txt", "-o", "out.csv", "--config", "fast.toml", "--data-dir", "d",
+                "--parallelism", "4", "--page-size", "5"]
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "crawler", *args, cwd=tmp_path,
+                                                    env=environ(sim), stdout=asyncio.subprocess.DEVNULL,
+                                                    stderr=asyncio.subprocess.PIPE)
+        await _wait_for(lambda: sim.stats.requests >= 10, proc, "walks a few pages in")
+        before = sim.stats.requests
+        proc.send_signal(signal.SIGTERM)
+        _, raw_err = await asyncio.wait_for(proc.communicate(), timeout=60)
+        err = raw_err.decode()
+        after, billed = sim.stats.requests, sum(sim.stats.billed.values())
+        assert proc.returncode == 143, err
+        waited = re.search(r"waiting for the (\d+) requests already sent", err)
+        assert waited, err
+        assert after - before <= int(waited.group(1))  # only what was under way at the signal
+        assert summary_count(err, "requests_sent") == after
+        assert summary_count(err, "credits_billed") == billed
+        again, _, err2 = await crawler(args, environ(sim), tmp_path)
+        assert again == 0, err2
+    assert sorted(written_posts(tmp_path / "out.csv")) == sorted(post_keys(sim.world, users))
+
+
 async def test_a_second_signal_stops_at_once_without_the_answers_in_flight(simulator: SimFactory,
                                                                           tmp_path: Path) -> None:
     """SIGTERM while four slow requests are out, then SIGTERM again once the crawler says it is waiting for them: it

@@ -417,13 +417,14 @@ async def test_max_credits_is_the_whole_jobs_budget_across_workers_and_kills(hos
         starter = await hosts.start("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", url,
                                                 *common(sim.url, "--max-items", "30", "--max-credits", "300")])
         jid = await hosts.job_id(starter)
-        work = ["work", "--jobs-url", url, "--job", jid, "--until-idle", *common(sim.url)]
-        workers = [await hosts.start(f"w{n}", work) for n in range(2)]
+        # One worker is given the job, the other takes whatever job is open: both end on the job's budget.
+        work = [["work", "--jobs-url", url, *job, "--until-idle", *common(sim.url)] for job in (["--job", jid], [])]
+        workers = [await hosts.start(f"w{n}", work[n]) for n in range(2)]
         for n, mark in ((0, 80), (1, 160)):
             await until(lambda m=mark: sim.stats.requests >= m, "requests", 60)  # type: ignore[misc]
             workers[n].kill()
             await workers[n].wait()
-            workers[n] = await hosts.start(f"w{n}", work)
+            workers[n] = await hosts.start(f"w{n}", work[n])
         code, err = await hosts.finish(starter)
         ends = [await hosts.finish(w) for w in workers]
     assert code == 4, err[-800:]
@@ -742,6 +743,27 @@ async def test_sigterm_during_the_export_leaves_no_output_and_the_same_command_e
     assert final == SINGLE_CODE[src], ferr[-800:]
     got = rows(hosts.root / "starter" / "out.csv")
     assert expected and len(got) == len(set(got)) and set(got) == set(expected)
+
+
+async def test_a_worker_whose_job_another_stopped_for_its_budget_exits_4(hosts: Hosts, schema: str) -> None:
+    """`crawler work --until-idle` (no --job) working a job that another worker stops for its --max-credits (what a
+    worker whose budget lease came back empty writes): idle only because that job may not spend more, it exits 4
+    with the line naming the job, not 0 as if the work were done."""
+    src = handles(hosts.root, 40, offset=1900)
+    url = pg_url(schema)
+    async with simulator(hosts.key) as sim:
+        starter = await hosts.start("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", url,
+                                                *common(sim.url, "--max-items", "20", "--page-size", "10")])
+        jid = await hosts.job_id(starter)
+        worker = await hosts.start("w", ["work", "--jobs-url", url, "--until-idle", *common(sim.url)])
+        held = "SELECT count(*) FROM crawler_items WHERE status = 'pending' AND owner LIKE %s"
+        await until(lambda: pg_value(schema, held, f"%:{worker.pid}:%"), "the worker holding items")
+        async with await psycopg.AsyncConnection.connect(pg_url(schema), autocommit=True) as conn:
+            await conn.execute("UPDATE crawler_jobs SET status = 'budget' WHERE id = %s", (jid,))
+        wcode, werr = await hosts.finish(worker)
+        await hosts.finish(starter)
+    assert wcode == 4, werr[-800:]
+    assert f"job {jid}" in werr.strip().splitlines()[-1] and "higher --max-credits" in werr, werr[-800:]
 
 
 async def test_sigterm_while_the_starter_waits_for_workers_past_the_budget_stops_it(hosts: Hosts, schema: str) -> None:

@@ -136,6 +136,23 @@ async def test_a_slot_started_late_counts_from_its_actual_start(ledger: Ledger, 
         assert b.start - (a.start + rules.span) < late / 2
 
 
+async def test_where_the_per_second_cap_spaces_the_starts_its_own_margin_sets_what_is_late(
+        ledger: Ledger, clock: FakeClock) -> None:
+    """One start a second (the per-second cap binds, its margin 25 ms): a start 0.05 s late is recorded at its
+    actual moment (half the window's 0.3 s margin would have let it pass), so the next one keeps a whole capped
+    second from it."""
+    rules = Rules(limit=100, window=1.0, max_per_second=1, burst=1, margin=0.3)
+    await ledger.reserve(rules, "host:1")
+    a = await ledger.reserve(rules, "host:1")
+    if isinstance(ledger, RedisLedger):
+        await asyncio.sleep(a.wait + 0.05)
+    else:
+        clock.t += a.wait + 0.05
+    assert await ledger.confirm(a, rules) == 0
+    b = await ledger.reserve(rules, "host:1")
+    assert b.start >= a.start + 0.05 + rules.second_span - 1e-6
+
+
 async def test_processes_that_disagree_on_the_limits_are_refused(tmp_path: Path) -> None:
     """A process with another rate.limit is refused while the ledger is in use, accepted once it is idle."""
     clock = FakeClock()

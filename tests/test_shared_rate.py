@@ -183,7 +183,7 @@ async def test_three_processes_on_one_key_share_one_budget(fleet: Fleet) -> None
     first = arrivals[0]
     span = stopped - (first + WINDOW)
     used = count_between(arrivals, first + WINDOW, stopped) / (LIMIT * span / WINDOW)
-    assert used >= BEST - 0.03, used  # of the best the margin leaves (0.98), a slot of drift per process per window
+    assert used >= BEST - 0.03, used  # the best the margin leaves (0.98), less 1.5 slots of drift a window
     total = sim.stats.requests
     for _, err in results:
         assert requests_sent(err) >= total / 6
@@ -258,7 +258,7 @@ async def test_one_of_three_killed_leaves_its_share_to_the_others(fleet: Fleet) 
         arrivals = list(sim.stats.arrivals)
     assert codes == [143, 143]
     assert_within_the_limits(sim)
-    # the killed process's held slot, a slot at each end of the window, a slot of drift: 46 at least of 49
+    # 49 the margin leaves, less the killed process's held slot, a slot at each end of the window and one of drift
     assert count_between(arrivals, killed, killed + WINDOW) >= LIMIT * BEST - 3
 
 
