@@ -27,7 +27,7 @@ from typing import Any
 
 from crawler import endpoints as ep
 from crawler import itemqueue, killpoints
-from crawler.client import Client
+from crawler.client import Client, drain_note
 from crawler.commands import COMMANDS, CommandSpec
 from crawler.config import Secret, Settings, masked
 from crawler.errors import (
@@ -131,6 +131,8 @@ class JobWorker(ItemWalker):
         self._held: dict[int, int] = {}  # seq -> the item's version this worker holds
         self._walks: dict[int, list[tuple[str, ep.Cursor | None, int]]] = {}
         self._stop_error: CrawlerError | None = None
+        self._draining = False  # a first signal: the requests in flight are being answered and committed
+        self._signals = 0  # SIGINT/SIGTERM received
         self._tasks: set[asyncio.Task[None]] = set()
         self._tg: asyncio.TaskGroup | None = None
         self._commits: asyncio.Queue[_Pending | None] = asyncio.Queue(maxsize=self.parallelism * 2)
@@ -155,15 +157,31 @@ class JobWorker(ItemWalker):
     # -- the session --
 
     def request_stop(self, error: CrawlerError) -> None:
-        """Stop taking items; a signal or a lost store also cancels the items in hand (a spent budget does not:
-        requests already granted are answered and committed)."""
+        """Stop taking items; a lost store or a second signal also cancels the items in hand (a spent budget or a
+        first signal does not: requests already under way are answered and committed, see `signalled`)."""
         if self._stop_error is None or rank(error) < rank(self._stop_error):
             self._stop_error = error
         self.queue.stop()
-        if not isinstance(error, BudgetExhausted):
+        if not (isinstance(error, BudgetExhausted) or (isinstance(error, Interrupted) and self._draining)):
             for task in self._tasks:
                 if task is not asyncio.current_task():
                     task.cancel()
+
+    def signalled(self, error: Interrupted) -> int:
+        """SIGINT/SIGTERM: the first lets the requests under way be answered and committed (paid for) and sends
+        nothing more, as a crawl's does (`Crawl.signalled`); the items then go back as at any stop. A second stops
+        at once. Returns how many answers the stop waits for."""
+        self._signals += 1
+        if self._signals > 1 or not hasattr(self, "client"):
+            self._draining = False
+            self.request_stop(error)
+            return 0
+        self._draining = True
+        waiting, in_flight = self.client.stop_sending(error)
+        self.request_stop(error)  # soft now: stops taking items
+        for task in waiting:  # the rate gate, an outage, a retry's backoff: nothing sent, nothing to wait for
+            task.cancel()
+        return in_flight
 
     async def run(self) -> SessionResult:
         """Work the job's items until none is left (or a stop); then hand back what this worker held."""
@@ -411,6 +429,16 @@ async def _register(store: PgJobStore, settings: Settings, key: Secret, jid: str
     return me.id
 
 
+def _stop_session(worker: JobWorker, error: CrawlerError, quiet: bool) -> None:
+    """A stop for the session running: a signal lets its requests under way be answered and committed first."""
+    if not isinstance(error, Interrupted):
+        worker.request_stop(error)
+        return
+    in_flight = worker.signalled(error)
+    if in_flight and not quiet:
+        print(f"crawler: {drain_note(error, in_flight)}", file=sys.stderr)
+
+
 def _install_signals(stop: Any) -> list[signal.Signals]:
     loop = asyncio.get_running_loop()
     installed = []
@@ -496,7 +524,7 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
             for task in exporting:
                 task.cancel()
             if stopper[0] is not None:
-                stopper[0].request_stop(error)
+                _stop_session(stopper[0], error, quiet)
 
         installed = _install_signals(stop)
         try:
@@ -618,7 +646,7 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
             if isinstance(error, RunStopped):
                 store.abandon(error)  # a store away no longer holds the stop for retry.stall_limit
             if stopper[0] is not None:
-                stopper[0].request_stop(error)
+                _stop_session(stopper[0], error, quiet)
 
         installed = _install_signals(stop)
         worst: CrawlerError | None = None

@@ -766,6 +766,36 @@ async def test_a_worker_whose_job_another_stopped_for_its_budget_exits_4(hosts: 
     assert f"job {jid}" in werr.strip().splitlines()[-1] and "higher --max-credits" in werr, werr[-800:]
 
 
+async def test_a_first_sigterm_to_a_worker_commits_the_pages_under_way(hosts: Hosts, schema: str) -> None:
+    """The starter of a PostgreSQL job, walking posts against a slow API, gets SIGTERM: nothing leaves but what was
+    under way (at most the requests it says it waits for), those pages are committed, so the same command then
+    completes the job with no request more than a single-host run of the same job (the answers were not lost)."""
+    src = handles(hosts.root, 6, offset=1700)
+    opts = ("--max-items", "30", "--page-size", "5")
+    url = pg_url(schema)
+    async with simulator(hosts.key) as fast:
+        expected, baseline = await single_host(hosts, src, fast, *opts)
+    args = ["posts", str(src), "-o", "out.csv", "--jobs-url", url]
+    async with simulator(hosts.key, latency=(1.0, 1.0)) as sim:
+        starter = await hosts.start("starter", [*args, *common(sim.url, *opts)])
+        await until(lambda: sim.stats.requests >= 10 or starter.returncode is not None, "walks a few pages in")
+        assert starter.returncode is None, "".join(hosts.stderr[starter.pid])
+        before = sim.stats.requests
+        starter.send_signal(signal.SIGTERM)
+        code, err = await hosts.finish(starter, bound=60)
+        after = sim.stats.requests
+        waited = re.search(r"waiting for the (\d+) requests already sent", err)
+        assert code == 143 and waited, err[-800:]
+        assert after - before <= int(waited.group(1))  # only what was under way at the signal
+        again = await hosts.start("starter", [*args, *common(sim.url, *opts)])
+        code, err = await hosts.finish(again)
+        total = sim.stats.requests
+    assert code == SINGLE_CODE[src], err[-800:]
+    got = rows(hosts.root / "starter" / "out.csv")
+    assert len(got) == len(set(got)) and set(got) == set(expected)
+    assert total <= baseline, (total, baseline)  # no answer under way at the signal was fetched again
+
+
 async def test_sigterm_while_the_starter_waits_for_workers_past_the_budget_stops_it(hosts: Hosts, schema: str) -> None:
     """The job stopped for its budget while another worker still holds items (its requests hang on a slow
     simulator): the starter waiting for that worker stops at once on SIGTERM with exit 143 (which outranks the
