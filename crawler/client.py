@@ -14,6 +14,7 @@ import ipaddress
 import json
 import logging
 import math
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
@@ -232,6 +233,40 @@ def drain_note(error: CrawlerError, in_flight: int) -> str:
     """What a first signal's stop says while the requests already sent are answered (`Client.stop_sending`)."""
     return (f"{error}: waiting for the {in_flight} requests already sent (paid for) to be answered and written;"
             " send it again to stop at once")
+
+
+class GracefulStop:
+    """SIGINT/SIGTERM for a worker pool (crawl, ingest, a PostgreSQL job's worker), over its `request_stop`.
+
+    The first signal lets the requests under way be answered and committed: they are paid for. Nothing else is
+    sent: the pool's `request_stop` (soft while ``_draining``) stops taking items; whatever waits inside a call
+    with nothing under way (the rate gate, an outage, a retry's backoff) is cancelled; a worker committing a page
+    is refused at its next request. A second signal stops at once.
+    """
+
+    _draining = False  # a first signal: the requests under way are being answered and committed
+    _signals = 0
+    quiet = True  # False: the first signal says how many answers it waits for
+    client: Client
+
+    def request_stop(self, error: CrawlerError) -> None:
+        raise NotImplementedError
+
+    def signalled(self, error: Interrupted) -> int:
+        """Handle one signal; the number of answers the stop waits for."""
+        self._signals += 1
+        if self._signals > 1 or not hasattr(self, "client"):
+            self._draining = False
+            self.request_stop(error)
+            return 0
+        self._draining = True
+        waiting, in_flight = self.client.stop_sending(error)
+        self.request_stop(error)
+        for task in waiting:
+            task.cancel()
+        if in_flight and not self.quiet:
+            print(f"crawler: {drain_note(error, in_flight)}", file=sys.stderr)
+        return in_flight
 
 
 def _unwrap(body: JsonDict) -> JsonDict:

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import math
 import signal
-import sys
 import time
 from contextlib import aclosing
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 from crawler import endpoints as ep
 from crawler import killpoints
-from crawler.client import Client, drain_note
+from crawler.client import Client, GracefulStop
 from crawler.commands import COMMANDS, CommandSpec
 from crawler.config import Secret, Settings
 from crawler.errors import BudgetExhausted, CrawlerError, Interrupted, ItemFailed, RunStopped, UsageError, rank
@@ -46,7 +45,7 @@ MAX_AUTO_WORKERS = 64
 LEASE_MAX = 16  # requests a kill may leave reserved but unsent (they count as spent)
 
 
-class Crawl(ItemWalker):
+class Crawl(ItemWalker, GracefulStop):
     """One run of one job. Build it, then `await crawl.run()` (inside `job_lock`)."""
 
     def __init__(
@@ -77,13 +76,11 @@ class Crawl(ItemWalker):
         self.input_change: tuple[int, int] | None = None  # (items added, done items gone) of an edited input
         self.capped = 0  # walks this run ended at the --max-pages cap
         self._base_counters = (0, 0)  # the job's requests_sent and credits_billed when this run began
-        self._quiet = quiet
+        self.quiet = quiet
         self._durable = durable
         self._progress_interval = progress_interval
         self._flowing = flowing  # a test/ops hook: clear it to stall the sink
         self._stop_error: CrawlerError | None = None
-        self._draining = False  # a first signal: the requests in flight are being answered and committed
-        self._signals = 0  # SIGINT/SIGTERM received
         self._tasks: list[asyncio.Task[None]] = []
         self._feeder: asyncio.Task[None] | None = None
         self._keyed = self.spec.list_kind in ep.OFFSET_KINDS  # rows checked against the seen keys
@@ -119,7 +116,7 @@ class Crawl(ItemWalker):
 
         A spent --max-credits budget stops softly: requests already sent are answered (and probably
         billed), so the workers sending them finish their page and commit it; only idle tasks are cancelled.
-        A signal is `signalled`'s: its own refusals, seen by the workers, stop nothing more.
+        So does a first signal (`GracefulStop.signalled`): the workers' refused requests stop nothing more.
         """
         if self._stop_error is None or rank(error) < rank(self._stop_error):
             self._stop_error = error
@@ -128,23 +125,6 @@ class Crawl(ItemWalker):
         for task in self._tasks:
             if task is not current and (not soft or task is self._feeder or task in self._idle):
                 task.cancel()
-
-    def signalled(self, error: Interrupted) -> None:
-        """SIGINT/SIGTERM: the first lets the requests under way be answered and committed (they are paid for).
-        Nothing else is sent: whatever waits for an item, the rate gate, an outage or a retry's backoff stops at
-        once, and a worker committing a page is refused at its next request. A second signal stops at once."""
-        self._signals += 1
-        if self._signals > 1 or not hasattr(self, "client"):
-            self._draining = False
-            self.request_stop(error)
-            return
-        self._draining = True
-        waiting, in_flight = self.client.stop_sending(error)
-        self.request_stop(error)  # soft now: cancels the feeder and the idle workers
-        for task in waiting:  # the rate gate, an outage, a retry's backoff: nothing sent, nothing to wait for
-            task.cancel()
-        if in_flight and not self._quiet:
-            print(f"crawler: {drain_note(error, in_flight)}", file=sys.stderr)
 
     async def run(self) -> Outcome:
         """Run (or resume) the job to completion or to a stop."""
@@ -226,7 +206,7 @@ class Crawl(ItemWalker):
         await asyncio.sleep(0)
         if self._stop_error is not None:  # a stop that came while opening the sink: start nothing
             return
-        reporter = ProgressReporter(self.job.command, self._snapshot, quiet=self._quiet,
+        reporter = ProgressReporter(self.job.command, self._snapshot, quiet=self.quiet,
                                     interval=self._progress_interval)
         async with asyncio.TaskGroup() as outer:
             writer = outer.create_task(self.sink.run())

@@ -21,7 +21,6 @@ import io
 import logging
 import os
 import signal
-import sys
 import tempfile
 import time
 import uuid
@@ -34,7 +33,7 @@ from typing import IO, Any, TypeVar
 
 from crawler import endpoints as ep
 from crawler import killpoints
-from crawler.client import Client, drain_note
+from crawler.client import Client, GracefulStop
 from crawler.commands import COMMANDS
 from crawler.config import Secret, Settings, masked
 from crawler.errors import (
@@ -145,7 +144,7 @@ class _DayFile:
         self.length = length
 
 
-class Ingest:
+class Ingest(GracefulStop):
     """One ingest run. `await Ingest(...).run()`."""
 
     def __init__(self, input_path: str, out_dir: Path, settings: Settings, *, api_key: Secret | str | None,
@@ -170,8 +169,6 @@ class Ingest:
         self._thread: StoreThread | None = None
         self._signalled: Interrupted | None = None  # SIGINT/SIGTERM: store calls get STOP_GRACE to answer
         self._stopping = asyncio.Event()  # set with _signalled
-        self._draining = False  # a first signal: the requests in flight are being answered and committed
-        self._signals = 0  # SIGINT/SIGTERM received
         self._lost: RunStopped | None = None  # a store call that did not answer in time: no more calls
         self.client: Client
         self.users: UserDirectory
@@ -220,22 +217,6 @@ class Ingest:
         for task in self._tasks:
             if task is not current and (not soft or task is self._feeder or task in self._idle):
                 task.cancel()
-
-    def signalled(self, error: Interrupted) -> None:
-        """SIGINT/SIGTERM: the first lets the requests already sent (paid for) be answered and committed, as a
-        crawl's does (`Crawl.signalled`); a second stops at once."""
-        self._signals += 1
-        if self._signals > 1 or not hasattr(self, "client"):
-            self._draining = False
-            self.request_stop(error)
-            return
-        self._draining = True
-        waiting, in_flight = self.client.stop_sending(error)
-        self.request_stop(error)  # soft now: cancels the feeder and the idle workers
-        for task in waiting:  # the rate gate, an outage, a retry's backoff: nothing sent, nothing to wait for
-            task.cancel()
-        if in_flight and not self.quiet:
-            print(f"crawler: {drain_note(error, in_flight)}", file=sys.stderr)
 
     async def run(self, watch: StateStore) -> IngestResult:
         """Work the watch list (already read into ``watch``) to the end of today's work or to a stop."""

@@ -27,7 +27,7 @@ from typing import Any
 
 from crawler import endpoints as ep
 from crawler import itemqueue, killpoints
-from crawler.client import Client, drain_note
+from crawler.client import Client, GracefulStop
 from crawler.commands import COMMANDS, CommandSpec
 from crawler.config import Secret, Settings, masked
 from crawler.errors import (
@@ -112,7 +112,7 @@ class SessionResult:
     held: list[int] = field(default_factory=list)
 
 
-class JobWorker(ItemWalker):
+class JobWorker(ItemWalker, GracefulStop):
     """One worker process on one PostgreSQL job: the `CrawlContext` handlers see, over the queue and the store."""
 
     def __init__(self, store: PgJobStore, pg: PgJob, settings: Settings, *, api_key: Secret, worker_id: str,
@@ -131,8 +131,6 @@ class JobWorker(ItemWalker):
         self._held: dict[int, int] = {}  # seq -> the item's version this worker holds
         self._walks: dict[int, list[tuple[str, ep.Cursor | None, int]]] = {}
         self._stop_error: CrawlerError | None = None
-        self._draining = False  # a first signal: the requests in flight are being answered and committed
-        self._signals = 0  # SIGINT/SIGTERM received
         self._tasks: set[asyncio.Task[None]] = set()
         self._tg: asyncio.TaskGroup | None = None
         self._commits: asyncio.Queue[_Pending | None] = asyncio.Queue(maxsize=self.parallelism * 2)
@@ -158,7 +156,7 @@ class JobWorker(ItemWalker):
 
     def request_stop(self, error: CrawlerError) -> None:
         """Stop taking items; a lost store or a second signal also cancels the items in hand (a spent budget or a
-        first signal does not: requests already under way are answered and committed, see `signalled`)."""
+        first signal does not: requests already under way are answered and committed, see `GracefulStop`)."""
         if self._stop_error is None or rank(error) < rank(self._stop_error):
             self._stop_error = error
         self.queue.stop()
@@ -166,22 +164,6 @@ class JobWorker(ItemWalker):
             for task in self._tasks:
                 if task is not asyncio.current_task():
                     task.cancel()
-
-    def signalled(self, error: Interrupted) -> int:
-        """SIGINT/SIGTERM: the first lets the requests under way be answered and committed (paid for) and sends
-        nothing more, as a crawl's does (`Crawl.signalled`); the items then go back as at any stop. A second stops
-        at once. Returns how many answers the stop waits for."""
-        self._signals += 1
-        if self._signals > 1 or not hasattr(self, "client"):
-            self._draining = False
-            self.request_stop(error)
-            return 0
-        self._draining = True
-        waiting, in_flight = self.client.stop_sending(error)
-        self.request_stop(error)  # soft now: stops taking items
-        for task in waiting:  # the rate gate, an outage, a retry's backoff: nothing sent, nothing to wait for
-            task.cancel()
-        return in_flight
 
     async def run(self) -> SessionResult:
         """Work the job's items until none is left (or a stop); then hand back what this worker held."""
@@ -431,12 +413,11 @@ async def _register(store: PgJobStore, settings: Settings, key: Secret, jid: str
 
 def _stop_session(worker: JobWorker, error: CrawlerError, quiet: bool) -> None:
     """A stop for the session running: a signal lets its requests under way be answered and committed first."""
-    if not isinstance(error, Interrupted):
+    if isinstance(error, Interrupted):
+        worker.quiet = quiet
+        worker.signalled(error)
+    else:
         worker.request_stop(error)
-        return
-    in_flight = worker.signalled(error)
-    if in_flight and not quiet:
-        print(f"crawler: {drain_note(error, in_flight)}", file=sys.stderr)
 
 
 def _install_signals(stop: Any) -> list[signal.Signals]:
