@@ -242,6 +242,12 @@ async def test_exit_4_when_the_balance_is_empty(simulator: SimFactory, tmp_path:
 
 # --- 130 / 143 ---
 
+async def started(args: list[str], sim: Simulator, cwd: Path) -> asyncio.subprocess.Process:
+    """`python -m crawler ARGS` running against the simulator, its stderr piped (for a test to signal it)."""
+    return await asyncio.create_subprocess_exec(sys.executable, "-m", "crawler", *args, cwd=cwd, env=environ(sim),
+                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+
+
 async def _wait_for(predicate: Callable[[], bool], proc: asyncio.subprocess.Process, what: str) -> None:
     """Poll a condition (bounded) while the crawler runs."""
     for _ in range(3_000):
@@ -260,9 +266,7 @@ async def test_a_signal_stops_cleanly_and_the_printed_resume_command_completes(
         setup_dir(tmp_path, [sim.world.handle(i) for i in users])
         args = ["profiles", "in.txt", "-o", "out.csv", "--config", "fast.toml", "--data-dir", "d",
                 "--parallelism", "2"]
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "crawler", *args, cwd=tmp_path,
-                                                    env=environ(sim), stdout=asyncio.subprocess.DEVNULL,
-                                                    stderr=asyncio.subprocess.PIPE)
+        proc = await started(args, sim, tmp_path)
         # A worker asks for its next item only after committing its last: 3 requests mean a committed row.
         await _wait_for(lambda: sim.stats.requests >= 3, proc, "a committed row")
         proc.send_signal(sig)
@@ -300,9 +304,7 @@ async def test_a_first_signal_lets_the_requests_in_flight_be_answered_and_writte
         setup_dir(tmp_path, [sim.world.handle(i) for i in users])
         args = ["profiles", "in.txt", "-o", "out.csv", "--config", "fast.toml", "--data-dir", "d",
                 "--parallelism", "4"]
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "crawler", *args, cwd=tmp_path,
-                                                    env=environ(sim), stdout=asyncio.subprocess.DEVNULL,
-                                                    stderr=asyncio.subprocess.PIPE)
+        proc = await started(args, sim, tmp_path)
         await _wait_for(lambda: sim.stats.requests >= 6, proc, "a second round of requests out")
         proc.send_signal(signal.SIGTERM)
         _, raw_err = await asyncio.wait_for(proc.communicate(), timeout=30)
@@ -326,9 +328,7 @@ async def test_after_a_first_signal_no_walk_asks_for_another_page(simulator: Sim
         setup_dir(tmp_path, [sim.world.handle(i) for i in users])
         args = ["posts", "in.txt", "-o", "out.csv", "--config", "fast.toml", "--data-dir", "d",
                 "--parallelism", "4", "--page-size", "5"]
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "crawler", *args, cwd=tmp_path,
-                                                    env=environ(sim), stdout=asyncio.subprocess.DEVNULL,
-                                                    stderr=asyncio.subprocess.PIPE)
+        proc = await started(args, sim, tmp_path)
         await _wait_for(lambda: sim.stats.requests >= 10, proc, "walks a few pages in")
         before = sim.stats.requests
         proc.send_signal(signal.SIGTERM)
@@ -355,9 +355,7 @@ async def test_a_second_signal_stops_at_once_without_the_answers_in_flight(simul
         setup_dir(tmp_path, [sim.world.handle(i) for i in users])
         args = ["profiles", "in.txt", "-o", "out.csv", "--config", "fast.toml", "--data-dir", "d",
                 "--parallelism", "4"]
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "crawler", *args, cwd=tmp_path,
-                                                    env=environ(sim), stdout=asyncio.subprocess.DEVNULL,
-                                                    stderr=asyncio.subprocess.PIPE)
+        proc = await started(args, sim, tmp_path)
         assert proc.stderr is not None
         await _wait_for(lambda: sim.stats.requests >= 4, proc, "four requests out")
         proc.send_signal(signal.SIGTERM)
@@ -388,9 +386,7 @@ async def test_ctrl_c_while_the_input_is_read_stops_before_any_request(simulator
         handles = [sim.world.handle(i) for i in users]
         setup_dir(tmp_path, [handles[n % len(handles)] for n in range(60_000)])  # long, but ten items
         args = ["profiles", "in.txt", "-o", "out.csv", "-q", "--config", "fast.toml", "--data-dir", "d"]
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "crawler", *args, cwd=tmp_path,
-                                                    env=environ(sim), stdout=asyncio.subprocess.DEVNULL,
-                                                    stderr=asyncio.subprocess.PIPE)
+        proc = await started(args, sim, tmp_path)
         state = tmp_path / "out.csv.state.db"
         await _wait_for(state.exists, proc, "the start of ingestion")
         proc.send_signal(signal.SIGINT)
