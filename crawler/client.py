@@ -559,8 +559,9 @@ class Client:
             log.info("retrying %s after %s (try %d, waiting %.2f s)", path, exc, tries, wait)
 
         me = asyncio.current_task()
-        if me is not None:
-            self._calling.add(me)
+        mark = me if me is not None and me not in self._calling else None  # a call inside a call: the outer's
+        if mark is not None:
+            self._calling.add(mark)
         try:
             result = await retry_async(
                 attempt_or_stop,
@@ -578,8 +579,8 @@ class Client:
             exc.endpoint = path
             raise
         finally:
-            if me is not None:
-                self._calling.discard(me)
+            if mark is not None:
+                self._calling.discard(mark)
         return result
 
     async def _send(self, path: str, query: dict[str, str]) -> JsonDict:

@@ -670,8 +670,9 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
         if error is not None:
             print(f"crawler: {error}", file=sys.stderr)
             return error.exit_code if not isinstance(error, Interrupted) else error.code
-        # Idle because jobs may not spend more (unless a starter has raised the cap since): resumable, 4.
-        held = [now for jid in sorted(worked) if (now := await store.job(jid)) is not None and now.status == "budget"]
+        # Idle because jobs with items left may not spend more (unless a starter has raised the cap since): 4.
+        held = [now for jid in sorted(worked) if (now := await store.job(jid)) is not None and now.status == "budget"
+                and (await store.progress(jid)).pending > 0]
         if held and until_idle:
             for pg in held:
                 cap = f" ({pg.max_credits:,})" if pg.max_credits is not None else ""

@@ -751,7 +751,9 @@ async def test_a_worker_whose_job_another_stopped_for_its_budget_exits_4(hosts: 
     with the line naming the job, not 0 as if the work were done."""
     src = handles(hosts.root, 40, offset=1900)
     url = pg_url(schema)
-    async with simulator(hosts.key) as sim:
+    # Half-second answers: the job (about 120 requests) lasts far longer than a worker takes to start on a busy
+    # machine, and the budget stop below comes while many items are left (it is refused otherwise).
+    async with simulator(hosts.key, latency=(0.5, 0.5)) as sim:
         starter = await hosts.start("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", url,
                                                 *common(sim.url, "--max-items", "20", "--page-size", "10")])
         jid = await hosts.job_id(starter)
@@ -759,7 +761,10 @@ async def test_a_worker_whose_job_another_stopped_for_its_budget_exits_4(hosts: 
         held = "SELECT count(*) FROM crawler_items WHERE status = 'pending' AND owner LIKE %s"
         await until(lambda: pg_value(schema, held, f"%:{worker.pid}:%"), "the worker holding items")
         async with await psycopg.AsyncConnection.connect(pg_url(schema), autocommit=True) as conn:
-            await conn.execute("UPDATE crawler_jobs SET status = 'budget' WHERE id = %s", (jid,))
+            stopped = await conn.execute(
+                "UPDATE crawler_jobs SET status = 'budget' WHERE id = %s AND (SELECT count(*) FROM crawler_items"
+                " WHERE job = %s AND status = 'pending') > 16", (jid, jid))
+            assert stopped.rowcount == 1  # more items left than both processes hold at a time
         wcode, werr = await hosts.finish(worker)
         await hosts.finish(starter)
     assert wcode == 4, werr[-800:]
