@@ -229,12 +229,6 @@ def response_kind(status: int, result: JsonDict | CrawlerError | None) -> str:
     return "malformed" if isinstance(result, Unreachable) else "api_error"
 
 
-def drain_note(error: CrawlerError, in_flight: int) -> str:
-    """What a first signal's stop says while the requests already sent are answered (`Client.stop_sending`)."""
-    return (f"{error}: waiting for the {in_flight} requests already sent (paid for) to be answered and written;"
-            " send it again to stop at once")
-
-
 class GracefulStop:
     """SIGINT/SIGTERM for a worker pool (crawl, ingest, a PostgreSQL job's worker), over its `request_stop`.
 
@@ -265,7 +259,8 @@ class GracefulStop:
         for task in waiting:
             task.cancel()
         if in_flight and not self.quiet:
-            print(f"crawler: {drain_note(error, in_flight)}", file=sys.stderr)
+            print(f"crawler: {error}: waiting for the {in_flight} requests already sent (paid for) to be answered and"
+                  " written; send it again to stop at once", file=sys.stderr)
         return in_flight
 
 

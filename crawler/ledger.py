@@ -16,8 +16,8 @@ margin: recording it would push the whole schedule back by its sum and waste bud
 
 Because slots are handed out in order, several processes sharing a ledger are paced like one crawler,
 each process holding at most one reservation at a time (its gate's lock) gets its turn in every round,
-and a late wake-up never shifts the slots already handed out. Times are the ledger's own clock: the wall clock of this
-machine for the local file, the server's ``TIME`` for Redis, so hosts' clocks never matter.
+and a late wake-up never shifts the slots already handed out. Times are the ledger's own clock: the wall
+clock of this machine for the local file, the server's ``TIME`` for Redis, so hosts' clocks never matter.
 
 Backends, chosen by ``rate.shared``: ``MemoryLedger`` ("off", this process only), ``FileLedger``
 ("local", SQLite in the user's state directory, every process of the user), ``RedisLedger`` (any host).
@@ -272,14 +272,12 @@ class MemoryLedger:
 
     async def confirm(self, slot: Slot, rules: Rules) -> float:
         s, now = self._s, self._clock()
-        entry = next((e for e in s.starts if e[1] == slot.token), None)
-        if entry is not None:
-            s.starts.remove(entry)
         if s.cooldown_until > now:
+            s.starts[:] = [e for e in s.starts if e[1] != slot.token]
             return s.cooldown_until - now
-        if entry is not None:
-            start = now if now - entry[0] > rules.late else entry[0]
-            bisect.insort(s.starts, (start, slot.token))  # kept in start order
+        if now - slot.start > rules.late and (slot.start, slot.token) in s.starts:  # late: the only case with work
+            s.starts.remove((slot.start, slot.token))
+            bisect.insort(s.starts, (now, slot.token))  # kept in start order
         return 0.0
 
     async def report_429(self, started: float, seconds: float, exact: bool) -> bool:
@@ -428,7 +426,8 @@ class FileLedger:
                 row = db.execute("SELECT v FROM state WHERE k = 'cooldown_until'").fetchone()
                 until = row[0] if row else 0.0
                 if until <= now:
-                    db.execute("UPDATE starts SET t = ? WHERE token = ? AND t < ?", (now, slot.token, now - rules.late))
+                    if now - slot.start > rules.late:  # late: recorded where it really starts (no write otherwise)
+                        db.execute("UPDATE starts SET t = ? WHERE token = ?", (now, slot.token))
                     return 0.0
                 db.execute("DELETE FROM starts WHERE token = ?", (slot.token,))
                 return float(until - now)

@@ -670,10 +670,12 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
         if error is not None:
             print(f"crawler: {error}", file=sys.stderr)
             return error.exit_code if not isinstance(error, Interrupted) else error.code
+        if not until_idle:
+            return 0
         # Idle because jobs with items left may not spend more (unless a starter has raised the cap since): 4.
         held = [now for jid in sorted(worked) if (now := await store.job(jid)) is not None and now.status == "budget"
                 and (await store.progress(jid)).pending > 0]
-        if held and until_idle:
+        if held:
             for pg in held:
                 cap = f" ({pg.max_credits:,})" if pg.max_credits is not None else ""
                 print(f"crawler: job {pg.id}: its --max-credits budget{cap} is spent with items pending; run its"
