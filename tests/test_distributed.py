@@ -104,6 +104,15 @@ class Hosts:
         self.readers[proc.pid] = asyncio.get_running_loop().create_task(drain())
         return proc
 
+    async def cut_and_go_on(self, proxy: Proxy, proc: asyncio.subprocess.Process) -> None:
+        """PostgreSQL cut under a process stopped at a kill point; the process continued until it says it retries
+        (or ends)."""
+        proxy.cut()
+        proc.send_signal(signal.SIGCONT)
+        lines = self.stderr[proc.pid]
+        await until(lambda: proc.returncode is not None or any("retrying" in line for line in lines),
+                    "the process retrying")
+
     async def job_id(self, proc: asyncio.subprocess.Process, bound: float = 60) -> str:
         """The job id the starter printed."""
         async with asyncio.timeout(bound):
@@ -616,11 +625,7 @@ async def test_postgresql_cut_as_the_starter_enqueues_is_retried_like_any_store_
                                                 *common(sim.url, *opts)], stall_limit=30 if back else 3,
                                     extra_env={"CRAWLER_TEST_STOP_AT": "enqueuing:1"})
         await until(lambda: _stopped(starter.pid), "the starter about to enqueue")
-        proxy.cut()
-        starter.send_signal(signal.SIGCONT)
-        lines = hosts.stderr[starter.pid]
-        await until(lambda: starter.returncode is not None or any("retrying" in line for line in lines),
-                    "the starter retrying")
+        await hosts.cut_and_go_on(proxy, starter)
         proxy.up = back
         code, err = await hosts.finish(starter)
     assert "Traceback" not in err, err[-3000:]
@@ -652,11 +657,7 @@ async def test_postgresql_cut_as_a_stopped_worker_puts_its_items_back_is_retried
         worker.send_signal(signal.SIGTERM)
         await until(lambda: _stopped(worker.pid) or worker.returncode is not None, "the worker putting items back")
         pending = await pg_value(schema, "SELECT count(*) FROM crawler_items WHERE status = 'pending'")
-        proxy.cut()
-        worker.send_signal(signal.SIGCONT)
-        lines = hosts.stderr[worker.pid]
-        await until(lambda: worker.returncode is not None or any("retrying" in line for line in lines),
-                    "the worker retrying")
+        await hosts.cut_and_go_on(proxy, worker)
         proxy.up = True
         wcode, werr = await hosts.finish(worker)
         code, err = await hosts.finish(starter)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from crawler.errors import Interrupted
 from crawler.ingest import TEST_NOW_ENV, Ingest, ingest
-from crawler.sim.data import WorldConfig
+from crawler.sim.data import World, WorldConfig
+from crawler.sim.server import Simulator
 from crawler.state import StateStore
 from tests.conftest import KEY, SimFactory, fast_settings
 from tests.test_cli import FAST_TOML, crawler, environ, public_users
@@ -258,32 +259,58 @@ async def test_a_restart_killed_before_its_day_file_is_replaced_is_finished_by_t
         assert sorted(got) == sorted(u for u, d in snapshots(url) if d == day(0))
 
 
+def night_0_watch(sim: Simulator, cwd: Path) -> tuple[list[int], dict[str, str]]:
+    """Twelve public users with 30-90 posts as `watch.txt` in ``cwd``, fast retries in its config.toml, and the
+    environment of an ingest run at 03:00 on night 0."""
+    watch = public_users(sim.world, 12, min_videos=30, max_videos=90)
+    write_watch(cwd / "watch.txt", [sim.world.handle(i) for i in watch])
+    (cwd / "config.toml").write_text(FAST_TOML)
+    return watch, environ(sim) | {TEST_NOW_ENV: "2026-01-01T03:00:00"}
+
+
+async def ingest_until_two_snapshots(url: str, env: dict[str, str], cwd: Path, stored: Callable[[str], int]
+                                     ) -> tuple[list[str], asyncio.subprocess.Process]:
+    """`crawler ingest watch.txt --posts` over the history at ``url``, running, once two snapshots are committed;
+    its arguments and the process."""
+    import sys
+
+    from tests.test_cli import _wait_for
+
+    args = ["ingest", "watch.txt", "--out-dir", "out", "--posts", "-q", "--history-url", url,
+            "--page-size", "10", "--parallelism", "2"]
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "crawler", *args, cwd=cwd, env=env,
+                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    await _wait_for(lambda: stored("snapshots") >= 2, proc, "two committed snapshots")
+    return args, proc
+
+
+def assert_day_0_complete(w: World, watch: list[int], out: Path, history: str) -> int:
+    """Day 0 holds every watch-list user once (day file and store), and every post of theirs once; their count."""
+    ids = sorted(w.user_id(i) for i in watch)
+    assert sorted(r["user_id"] for r in rows(out / f"profiles-{day(0)}.csv")) == ids
+    assert sorted(u for u, d in snapshots(history) if d == day(0)) == ids
+    want = {p.video_id for i in watch for p in w.posts(i)}
+    got = posts_union(out)
+    assert set(got) == want and set(got.values()) == {1}
+    return len(want)
+
+
 async def test_sigterm_while_the_postgresql_history_store_is_silent_stops_at_once_and_resumes_exactly(
         simulator: SimFactory, tmp_path: Path) -> None:
     """The history database stops answering mid-run (a proxy that keeps its connections open but forwards nothing):
     SIGTERM still ends ingest within 15 s with exit 143 and its resume line; once the database answers again, that
     command completes the day with every watch-list user snapshotted once and every post of theirs stored once."""
     import signal
-    import sys
 
-    from tests.test_cli import _wait_for
     from tests.test_distributed import Proxy
     from tests.test_ingest import _printed_command
 
     with pg_history() as (direct, stored):  # direct: the test's own view, never through the proxy
         async with simulator(world=WORLD, latency=(0.05, 0.05)) as sim, Proxy() as proxy:
             w = sim.world
-            watch = public_users(w, 12, min_videos=30, max_videos=90)
-            write_watch(tmp_path / "watch.txt", [w.handle(i) for i in watch])
-            (tmp_path / "config.toml").write_text(FAST_TOML)
-            env = environ(sim) | {TEST_NOW_ENV: "2026-01-01T03:00:00"}
+            watch, env = night_0_watch(sim, tmp_path)
             url = f"postgresql://postgres@127.0.0.1:{proxy.port}/test?{direct.rpartition('?')[2]}"  # the same schema
-            args = ["ingest", "watch.txt", "--out-dir", "out", "--posts", "-q", "--history-url", url,
-                    "--page-size", "10", "--parallelism", "2"]
-            proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "crawler", *args, cwd=tmp_path, env=env,
-                                                        stdout=asyncio.subprocess.DEVNULL,
-                                                        stderr=asyncio.subprocess.PIPE)
-            await _wait_for(lambda: stored("snapshots") >= 2, proc, "two committed snapshots")
+            _, proc = await ingest_until_two_snapshots(url, env, tmp_path, stored)
             proxy.freeze()
             await asyncio.wait_for(proxy.held_event.wait(), 30)  # a store call is on its way and goes unanswered
             assert proc.returncode is None
@@ -303,42 +330,26 @@ async def test_sigterm_while_the_postgresql_history_store_is_silent_stops_at_onc
             proxy.thaw()
             code, _, err = await crawler(again, env, tmp_path)
             assert code == 0, err
-        ids = sorted(w.user_id(i) for i in watch)
-        assert sorted(r["user_id"] for r in rows(tmp_path / "out" / f"profiles-{day(0)}.csv")) == ids
-        assert sorted(u for u, d in snapshots(direct) if d == day(0)) == ids
-        want = {p.video_id for i in watch for p in w.posts(i)}
-        got = posts_union(tmp_path / "out")
-        assert set(got) == want and set(got.values()) == {1}
-        assert stored("posts") == len(want)
+        assert stored("posts") == assert_day_0_complete(w, watch, tmp_path / "out", direct)
 
 
 async def test_a_lost_postgresql_history_connection_is_one_line_and_the_same_command_goes_on(
         simulator: SimFactory, tmp_path: Path) -> None:
     """The history database ends ingest's session mid-run (a server restart): exit 1 with one line naming
     history.url, no traceback; the same command then completes the day with every snapshot and post once."""
-    import sys
     import uuid
 
     import psycopg
 
-    from tests.test_cli import _wait_for
     from tests.test_ingest import PG_URL
 
     app = f"ingest_{uuid.uuid4().hex[:12]}"
     with pg_history() as (direct, stored):
         async with simulator(world=WORLD, latency=(0.05, 0.05)) as sim:
             w = sim.world
-            watch = public_users(w, 12, min_videos=30, max_videos=90)
-            write_watch(tmp_path / "watch.txt", [w.handle(i) for i in watch])
-            (tmp_path / "config.toml").write_text(FAST_TOML)
-            env = environ(sim) | {TEST_NOW_ENV: "2026-01-01T03:00:00"}
+            watch, env = night_0_watch(sim, tmp_path)
             url = f"{direct}&application_name={app}"
-            args = ["ingest", "watch.txt", "--out-dir", "out", "--posts", "-q", "--history-url", url,
-                    "--page-size", "10", "--parallelism", "2"]
-            proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "crawler", *args, cwd=tmp_path, env=env,
-                                                        stdout=asyncio.subprocess.DEVNULL,
-                                                        stderr=asyncio.subprocess.PIPE)
-            await _wait_for(lambda: stored("snapshots") >= 2, proc, "two committed snapshots")
+            args, proc = await ingest_until_two_snapshots(url, env, tmp_path, stored)
             with psycopg.connect(PG_URL, autocommit=True) as conn:
                 ended = conn.execute("SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                                      " WHERE application_name = %s) t", (app,)).fetchone()
@@ -350,12 +361,7 @@ async def test_a_lost_postgresql_history_connection_is_one_line_and_the_same_com
             assert line.startswith("crawler: history.url = ") and "connection was lost" in line, err
             code, _, err = await crawler(args, env, tmp_path)
             assert code == 0, err
-        ids = sorted(w.user_id(i) for i in watch)
-        assert sorted(r["user_id"] for r in rows(tmp_path / "out" / f"profiles-{day(0)}.csv")) == ids
-        assert sorted(u for u, d in snapshots(direct) if d == day(0)) == ids
-        want = {p.video_id for i in watch for p in w.posts(i)}
-        got = posts_union(tmp_path / "out")
-        assert set(got) == want and set(got.values()) == {1}
+        assert_day_0_complete(w, watch, tmp_path / "out", direct)
 
 
 async def test_a_first_sigterm_lets_the_profiles_in_flight_be_answered_and_kept(simulator: SimFactory,
