@@ -218,6 +218,15 @@ class StoreThread:
             self._thread.join()
 
 
+def connection_lost(exc: BaseException) -> bool:
+    """A PostgreSQL history store's connection ended (server restart, network, terminated session)."""
+    if not type(exc).__module__.startswith("psycopg"):
+        return False
+    from crawler.pgjobs import _is_connection_error
+
+    return _is_connection_error(exc)
+
+
 def parse_day(text: str, flag: str = "--date") -> dt.date:
     """A YYYY-MM-DD date, or a UsageError naming the flag."""
     try:

@@ -46,7 +46,7 @@ from crawler.errors import (
     UsageError,
     rank,
 )
-from crawler.history import HistoryStore, StoreThread, WalkState, parse_day
+from crawler.history import HistoryStore, StoreThread, WalkState, connection_lost, parse_day
 from crawler.inputs import input_items
 from crawler.job import JobOptions
 from crawler.outcome import Outcome
@@ -304,7 +304,7 @@ class Ingest(GracefulStop):
         try:
             return call.result()
         except Exception as exc:
-            if not _connection_lost(exc):
+            if not connection_lost(exc):
                 raise
             # What committed is kept; the next run cuts the day files back to it and goes on from there.
             self._lost = RunStopped(
@@ -876,15 +876,6 @@ def _out_dir_id(out_dir: Path) -> str:
     os.replace(tmp, path)
     fsync_dir(out_dir)
     return new
-
-
-def _connection_lost(exc: BaseException) -> bool:
-    """A PostgreSQL history store's connection ended (server restart, network, terminated session)."""
-    if not type(exc).__module__.startswith("psycopg"):
-        return False
-    from crawler.pgjobs import _is_connection_error
-
-    return _is_connection_error(exc)
 
 
 def _first_line(exc: BaseException) -> str:

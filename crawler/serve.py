@@ -25,7 +25,7 @@ from aiohttp import web
 
 from crawler import pages
 from crawler.errors import UsageError
-from crawler.history import HistoryStore, OverviewRow, SeriesRow, StoreThread, parse_day
+from crawler.history import HistoryStore, OverviewRow, SeriesRow, StoreThread, connection_lost, parse_day
 
 T = TypeVar("T")
 SECURITY_HEADERS = {
@@ -57,8 +57,10 @@ class History:
             self._reopen()
         try:
             return fn(self.store)
-        except Exception:
-            if not self._lost():
+        except Exception as exc:
+            # psycopg's "connection socket closed" on an ended session can come while the connection still says it
+            # is open: any connection error counts as a lost session.
+            if not (self._lost() or connection_lost(exc)):
                 raise
         self._reopen()
         return fn(self.store)
