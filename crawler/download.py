@@ -431,7 +431,9 @@ class Download:
     async def _feed(self) -> None:
         after = 0
         while True:
-            chunk = self.state.pending(after, 500)
+            # Once the credits are spent, only posts whose files are known go on: the others need a credit each.
+            spent = self._spent is not None
+            chunk = self.state.pending_media(after, 500) if spent else self.state.pending(after, 500)
             if not chunk:
                 break
             for seq, key, *_ in chunk:
@@ -473,6 +475,8 @@ class Download:
         if self.client is None:
             raise MediaUnavailable(f"{video_id}: no usable media URL, and no API key to renew it"
                                    " (set TIKLIVE_API_KEY; one /post-detail/ credit per post)")
+        if self._spent is not None:  # out of credits: a call would only wait for a rate slot to be refused
+            raise BudgetExhausted(str(self._spent))
         try:
             return await self.client.post_detail(video_id, source=video_id)
         except NotFound as exc:

@@ -418,6 +418,14 @@ class StateStore:
             "SELECT seq, n, name, url, expected, etag, durable, status, refreshed FROM media WHERE seq = ? ORDER BY n",
             (seq,))]
 
+    def pending_media(self, after: int = 0, limit: int = 1000) -> list[tuple[int, str]]:
+        """Pending items whose media files are known (seq, key) after ``after``, in input order."""
+        return self._db.execute(
+            "SELECT seq, key FROM items WHERE status = 'pending' AND seq > ?"
+            " AND EXISTS (SELECT 1 FROM media WHERE media.seq = items.seq) ORDER BY seq LIMIT ?",
+            (after, limit),
+        ).fetchall()
+
     def add_media(self, files: Iterable[MediaFile], counters: tuple[int, int] | None = None) -> None:
         """Record an item's files, with the (requests_sent, credits_billed) of the call that found their URLs.
 

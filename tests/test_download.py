@@ -16,6 +16,7 @@ import random
 import shlex
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -478,3 +479,39 @@ def test_the_readme_states_the_chunk_and_checkpoint_download_uses() -> None:
     assert int(chunk[1]) * unit[chunk[2]] == download.CHUNK
     assert int(every[1]) * unit[every[2]] == download.CHECKPOINT
     assert download.CHECKPOINT_SECONDS == 1.0
+
+
+async def _until(predicate: Callable[[], bool], what: str, *, bound: float = 60) -> None:
+    """Poll a condition until it holds, at most `bound` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + bound
+    while not predicate():
+        assert loop.time() < deadline, f"never reached: {what}"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_spent_budget_ends_a_long_download_promptly(simulator: SimFactory, tmp_path: Path) -> None:
+    """--max-credits 5 over 100,000 ids at the key's default pace: exactly 5 /post-detail/ requests, then the process
+    ends by itself within seconds with exit 4 and one line."""
+    async with simulator(world=WORLD) as sim:
+        (tmp_path / "paced.toml").write_text("[retry]\nbase_delay = 0\nmax_delay = 0\n")  # rate.enabled: default
+        (tmp_path / "ids.txt").write_text("".join(f"7999000000000{n:06d}\n" for n in range(100_000)))
+        args = ["download", "ids.txt", "-o", "gone", "--config", "paced.toml", "--max-credits", "5", "-q"]
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "crawler", *args, cwd=tmp_path,
+                                                    env=_env(sim), stdout=asyncio.subprocess.DEVNULL,
+                                                    stderr=asyncio.subprocess.PIPE)
+        try:
+            await _until(lambda: sim.stats.requests >= 5 or proc.returncode is not None, "five requests", bound=120)
+            try:
+                _, raw = await asyncio.wait_for(proc.communicate(), timeout=60)
+            except TimeoutError:
+                pytest.fail(f"the download still ran 60 s after its fifth request ({sim.stats.requests} requests)")
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+        code, err = proc.returncode, raw.decode()
+    assert code == 4, err
+    assert sim.stats.requests == sim.stats.by_endpoint["/post-detail"] == 5
+    assert len(err.strip().splitlines()) == 1 and "--max-credits" in err, err
+
