@@ -385,31 +385,29 @@ class Download:
             self.state.create_job("download", "", options, str(self.dir))
         elif self._retry_failed:
             self.state.retry_failed()
-        # Read the input on every run: an edited input adds its new items, known ones keep their state.
-        added = await self._ingest()
-        if existing is not None and existing.status == "done" and not added and not self._retry_failed:
+        # Read the input on every run: an edited input adds its new items, known ones keep their state. Complete
+        # is what the items say (none pending): a stop while reading may leave new items beside a "done" status.
+        await self._ingest()
+        if existing is not None and existing.status == "done" and self.state.progress().pending == 0:
             return "complete"
         self.state.set_status("running")
         return "resume" if existing is not None else "new"
 
-    async def _ingest(self) -> int:
+    async def _ingest(self) -> None:
         """Store the input's items (and, from a CSV, their files) in batches, letting signals in between."""
-        added = 0
         what = self.options.what
         entries = read_input(self.options.input, what)
         while True:
             batch = [e for _, e in zip(range(5000), entries, strict=False)]
             if not batch:
-                return added
+                return
             with self.state.begin():
                 for key, raw, reason, detail, files in batch:
                     seq = self.state.add_item(key, raw, reason, detail)
-                    if seq is None:
-                        continue
-                    added += 1
-                    if files:
+                    if seq is not None and files:
                         self.state.add_media(MediaFile(seq, n, file_name(key, what, n), url, size)
                                              for n, url, size in files)
+            killpoints.reached("input_read")
             await asyncio.sleep(0)
             if self._stop is not None:
                 raise self._stop

@@ -9,6 +9,7 @@ runs the CLI in a thread to put a failing writer behind the download's write sea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import errno
 import os
@@ -481,6 +482,13 @@ def test_the_readme_states_the_chunk_and_checkpoint_download_uses() -> None:
     assert download.CHECKPOINT_SECONDS == 1.0
 
 
+def _stopped(pid: int) -> bool:
+    """The process is stopped (SIGSTOP from a stop point): state T in /proc."""
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    return False
+
+
 async def _until(predicate: Callable[[], bool], what: str, *, bound: float = 60) -> None:
     """Poll a condition until it holds, at most `bound` seconds."""
     loop = asyncio.get_running_loop()
@@ -514,4 +522,33 @@ async def test_a_spent_budget_ends_a_long_download_promptly(simulator: SimFactor
     assert code == 4, err
     assert sim.stats.requests == sim.stats.by_endpoint["/post-detail"] == 5
     assert len(err.strip().splitlines()) == 1 and "--max-credits" in err, err
+
+async def test_a_sigint_while_reading_an_edited_input_leaves_its_new_items_to_fetch(simulator: SimFactory,
+                                                                                     tmp_path: Path) -> None:
+    """A completed download, its input edited, SIGINT while the edited input is read: the same command then
+    fetches exactly the new posts (one /post-detail/ each, server-side count) and their files."""
+    async with simulator(world=WORLD) as sim:
+        rows = await posts_csv(sim, tmp_path, 8)
+        ids = [r["video_id"] for r in rows]
+        old, new = ids[:3], ids[3:]
+        (tmp_path / "ids.txt").write_text("\n".join(old) + "\n")
+        args = ["download", "ids.txt", "-o", "hd", "--config", "fast.toml", "-q"]
+        code, err = await crawler(args, sim, tmp_path)
+        assert code == 0, err
+        # Several batches of input lines (5,000 each), the new posts in the first: the stop comes a batch or two on.
+        (tmp_path / "ids.txt").write_text("\n".join(old + new + [old[0]] * 30_000) + "\n")
+        env = _env(sim) | {"CRAWLER_TEST_STOP_AT": "input_read:1"}
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "crawler", *args, cwd=tmp_path, env=env,
+                                                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        await _until(lambda: _stopped(proc.pid) or proc.returncode is not None, "the first batch of input read")
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGCONT)
+        _, raw = await asyncio.wait_for(proc.communicate(), timeout=60)
+        assert proc.returncode == 130, raw.decode()
+        details = sim.stats.by_endpoint["/post-detail"]
+        code, err = await crawler(args, sim, tmp_path)
+        assert code == 0, err
+        assert sim.stats.by_endpoint["/post-detail"] - details == len(new)
+        for vid in ids:
+            assert (tmp_path / "hd" / f"{vid}.mp4").read_bytes() == expected(sim, "hdplay", vid)
 
