@@ -30,7 +30,7 @@ from aiolimiter import AsyncLimiter
 
 from crawler import endpoints as ep
 from crawler import killpoints
-from crawler.client import Client
+from crawler.client import Client, GracefulStop
 from crawler.config import Secret, Settings
 from crawler.crawl import LEASE_MAX
 from crawler.errors import (
@@ -266,7 +266,7 @@ def _csv_entries(first: str, text: IO[str], what: str) -> Iterator[Entry]:
 
 # --- the run ---
 
-class Download:
+class Download(GracefulStop):
     """One run of one download job. Build it, then `await run_download(download)`."""
 
     def __init__(self, options: DownloadOptions, settings: Settings, *, api_key: Secret | str | None = None,
@@ -279,7 +279,7 @@ class Download:
         self._api_key = api_key
         self._restart = restart
         self._retry_failed = retry_failed
-        self._quiet = quiet
+        self.quiet = quiet
         self._write = write or write_all
         # A live line every 2 s on a terminal, a log line every 30 s otherwise (as the crawl commands do).
         self._interval = progress_interval or (2.0 if sys.stderr.isatty() else 30.0)
@@ -289,7 +289,7 @@ class Download:
         self._limiters: dict[str, AsyncLimiter] = {}
         self.files_run = 0
         self.bytes_run = 0
-        self.client: Client | None = None
+        self.client: Client  # set only with an API key: then a first signal drains its answers (GracefulStop)
         self.state: StateStore
         self._session: aiohttp.ClientSession
         self._base_counters = (0, 0)
@@ -306,17 +306,27 @@ class Download:
         return self.dir / f"download-{self.options.what}.failures.csv"
 
     def request_stop(self, error: CrawlerError) -> None:
-        """End the run: workers stop, what is complete stays complete, `error` decides the exit."""
+        """End the run: workers stop, what is complete stays complete, `error` decides the exit.
+
+        After a first signal (`GracefulStop.signalled`) a `/post-detail/` request under way is answered and its
+        URLs committed (it is paid for); media transfers stop at once (they are free, and continue with Range).
+        """
         if self._stop is None or rank(error) < rank(self._stop):
             self._stop = error
         current = asyncio.current_task()
+        api = self._api()
+        paid = api.on_wire if api is not None and isinstance(error, Interrupted) and self._draining else set()
         for task in self._tasks:
-            if task is not current:
+            if task is not current and task not in paid:
                 task.cancel()
+
+    def _api(self) -> Client | None:
+        return getattr(self, "client", None)
 
     def counters(self) -> tuple[int, int]:
         """The job's (requests_sent, credits_billed) including this run's."""
-        c = self.client.counters if self.client is not None else None
+        api = self._api()
+        c = api.counters if api is not None else None
         return (self._base_counters[0] + (c.requests_sent if c else 0),
                 self._base_counters[1] + (c.credits_billed if c else 0))
 
@@ -350,7 +360,7 @@ class Download:
                 self.client = Client(self.settings, api_key=self._api_key, request_budget=budget, reserve=reserve)
             self.state.start_run()
             async with contextlib.AsyncExitStack() as stack:
-                if self.client is not None:
+                if self._api_key is not None:
                     await stack.enter_async_context(self.client)
                 self._session = await stack.enter_async_context(self._media_session())
                 await self._run_workers()
@@ -443,7 +453,7 @@ class Download:
                 task.cancel()
 
     async def _worker(self) -> None:
-        while True:
+        while self._stop is None:
             seq, key = await self._queue.get()
             try:
                 await self._item(seq, key)
@@ -470,13 +480,14 @@ class Download:
             await self._file(seq, video_id, f)
 
     async def _post(self, video_id: str) -> ep.Post:
-        if self.client is None:
+        api = self._api()
+        if api is None:
             raise MediaUnavailable(f"{video_id}: no usable media URL, and no API key to renew it"
                                    " (set TIKLIVE_API_KEY; one /post-detail/ credit per post)")
         if self._spent is not None:  # out of credits: a call would only wait for a rate slot to be refused
             raise BudgetExhausted(str(self._spent))
         try:
-            return await self.client.post_detail(video_id, source=video_id)
+            return await api.post_detail(video_id, source=video_id)
         except NotFound as exc:
             raise MediaUnavailable(f"{video_id}: {exc}") from None
 
@@ -527,6 +538,8 @@ class Download:
 
     async def _transfer(self, seq: int, f: MediaFile, final: Path) -> None:
         """Stream one file into NAME.part (continuing at its durable length), then rename it into place."""
+        if self._stop is not None:  # a drain: the /post-detail/ answer that found this URL is committed; no more
+            raise self._stop
         part = final.with_name(final.name + ".part")
         # File-system calls that may wait on the disk run in a thread, so other transfers keep flowing.
         fd, offset = await asyncio.to_thread(_open_part, part, f.durable)
@@ -631,7 +644,7 @@ class Download:
         pos.etag = None
 
     async def _progress(self) -> None:
-        if self._quiet:
+        if self.quiet:
             return
         last_bytes, last_files, last_time = 0, 0, time.monotonic()
         while True:
@@ -720,7 +733,7 @@ async def run_download(download: Download, *, install_signals: bool = True) -> D
     if install_signals:
         for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, download.request_stop, Interrupted(f"stopped by {sig.name}", code))
+                loop.add_signal_handler(sig, download.signalled, Interrupted(f"stopped by {sig.name}", code))
                 installed.append(sig)
     try:
         with job_lock(download.dir / f".crawler-download-{download.options.what}"):

@@ -14,6 +14,7 @@ import csv
 import errno
 import os
 import random
+import re
 import shlex
 import signal
 import sys
@@ -523,6 +524,7 @@ async def test_a_spent_budget_ends_a_long_download_promptly(simulator: SimFactor
     assert sim.stats.requests == sim.stats.by_endpoint["/post-detail"] == 5
     assert len(err.strip().splitlines()) == 1 and "--max-credits" in err, err
 
+
 async def test_a_sigint_while_reading_an_edited_input_leaves_its_new_items_to_fetch(simulator: SimFactory,
                                                                                      tmp_path: Path) -> None:
     """A completed download, its input edited, SIGINT while the edited input is read: the same command then
@@ -552,3 +554,75 @@ async def test_a_sigint_while_reading_an_edited_input_leaves_its_new_items_to_fe
         for vid in ids:
             assert (tmp_path / "hd" / f"{vid}.mp4").read_bytes() == expected(sim, "hdplay", vid)
 
+
+async def test_a_first_signal_lets_the_detail_answers_in_flight_be_kept(simulator: SimFactory, tmp_path: Path) -> None:
+    """SIGTERM while four slow /post-detail/ requests are out: they are paid for, so their answers are committed
+    before exit 143 and nothing more is sent; the job's counters equal the simulator's, and the resume fetches
+    every other post once (no post is asked for twice across the two runs)."""
+    async with simulator(world=WORLD, latency=(1.0, 1.0)) as sim:
+        rows = await posts_csv(sim, tmp_path, 12)
+        ids = [r["video_id"] for r in rows]
+        (tmp_path / "ids.txt").write_text("\n".join(ids) + "\n")
+        args = ["download", "ids.txt", "-o", "hd", "--config", "fast.toml", "--parallelism", "4"]
+        details, billed = sim.stats.by_endpoint["/post-detail"], sim.stats.billed[KEY]
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "crawler", *args, cwd=tmp_path,
+                                                    env=_env(sim), stdout=asyncio.subprocess.DEVNULL,
+                                                    stderr=asyncio.subprocess.PIPE)
+        await _until(lambda: sim.stats.by_endpoint["/post-detail"] - details >= 6 or proc.returncode is not None,
+                     "a second round of requests out")
+        before = sim.stats.by_endpoint["/post-detail"] - details
+        proc.send_signal(signal.SIGTERM)
+        _, raw = await asyncio.wait_for(proc.communicate(), timeout=30)
+        err = raw.decode()
+        sent = sim.stats.by_endpoint["/post-detail"] - details
+        assert proc.returncode == 143, err
+        waited = re.search(r"waiting for the (\d+) requests already sent", err)
+        assert waited, err
+        assert sent - before <= int(waited.group(1)) and sent < len(ids)  # only what was under way at the signal
+        assert _summary(err, "requests_sent") == sent
+        assert _summary(err, "credits_billed") == sim.stats.billed[KEY] - billed == sent  # each answer came
+        code, err = await crawler(args + ["-q"], sim, tmp_path)
+        assert code == 0, err
+        assert sim.stats.by_endpoint["/post-detail"] - details == len(ids)  # none was lost, none asked again
+        for vid in ids:
+            assert (tmp_path / "hd" / f"{vid}.mp4").read_bytes() == expected(sim, "hdplay", vid)
+
+
+async def test_a_second_signal_stops_the_download_at_once(simulator: SimFactory, tmp_path: Path) -> None:
+    """SIGTERM while four slow /post-detail/ requests are out, then SIGTERM again once the download says it waits
+    for them: exit 143 without their answers, and the same command then completes every file."""
+    async with simulator(world=WORLD, latency=(5.0, 5.0)) as sim:
+        rows = await posts_csv(sim, tmp_path, 6)
+        ids = [r["video_id"] for r in rows]
+        (tmp_path / "ids.txt").write_text("\n".join(ids) + "\n")
+        args = ["download", "ids.txt", "-o", "hd", "--config", "fast.toml", "--parallelism", "4"]
+        details = sim.stats.by_endpoint["/post-detail"]
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "crawler", *args, cwd=tmp_path,
+                                                    env=_env(sim), stdout=asyncio.subprocess.DEVNULL,
+                                                    stderr=asyncio.subprocess.PIPE)
+        assert proc.stderr is not None
+        await _until(lambda: sim.stats.by_endpoint["/post-detail"] - details >= 4 or proc.returncode is not None,
+                     "four requests out")
+        proc.send_signal(signal.SIGTERM)
+        said = b""
+        while b"requests already sent" not in said:
+            line = await asyncio.wait_for(proc.stderr.readline(), timeout=30)
+            assert line, "the download ended without saying it waits for the requests in flight"
+            said += line
+        proc.send_signal(signal.SIGTERM)
+        rest = await asyncio.wait_for(proc.stderr.read(), timeout=4)  # the answers would take 5 s
+        code = await asyncio.wait_for(proc.wait(), timeout=30)
+        err = (said + rest).decode()
+        assert code == 143, err
+        assert _summary(err, "files") == 0 and not list((tmp_path / "hd").glob("*.mp4"))
+        code, err = await crawler(args + ["-q"], sim, tmp_path)
+        assert code == 0, err
+        for vid in ids:
+            assert (tmp_path / "hd" / f"{vid}.mp4").read_bytes() == expected(sim, "hdplay", vid)
+
+
+def _summary(err: str, name: str) -> int:
+    """A job counter from the end-of-run summary table."""
+    match = re.search(rf"{name}\s+([\d,]+)", err)
+    assert match, err
+    return int(match.group(1).replace(",", ""))
