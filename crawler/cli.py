@@ -581,6 +581,7 @@ def cmd_budget(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Show the key's rate ledger; sends no API request."""
     from crawler.client import check_base_url
     from crawler.ledger import open_ledger
+    from crawler.pacing import Pace
 
     settings = settings_from(args)
     if settings.rate_shared == "off":
@@ -592,7 +593,7 @@ def cmd_budget(args: argparse.Namespace, argv: Sequence[str]) -> int:
     async def read() -> Any:
         await ledger.open(None)
         try:
-            return await ledger.status(settings.rate_window)
+            return await ledger.status(Pace.from_settings(settings).rules)
         finally:
             await ledger.aclose()
 
@@ -604,7 +605,8 @@ def cmd_budget(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.json:
         print(json.dumps({"started": st.started, "limit": limit, "window": window, "processes": processes,
                           "cooldown_until": st.cooldown_until, "rate_limited_last_hour": st.rate_limited_last_hour,
-                          "at": st.at, "ledger": ledger.where}))
+                          "at": st.at, "ledger": ledger.where,
+                          "dated_ahead": {"starts": st.ahead, "cooldown": st.ahead_cooldown}}))
         return 0
     print("the key's rate budget (requests per rolling window; --max-credits is about credits: see crawler status)")
     print(f"ledger          {ledger.where} ({base})")
@@ -614,6 +616,10 @@ def cmd_budget(args: argparse.Namespace, argv: Sequence[str]) -> int:
     cool = "none" if st.cooldown_until is None else f"{st.cooldown_until - st.at:.1f} s left"
     print(f"cooldown        {cool}")
     print(f"429s last hour  {st.rate_limited_last_hour:,}")
+    if st.ahead or st.ahead_cooldown:
+        what = " and ".join([f"{st.ahead:,} starts"] * bool(st.ahead) + ["a cooldown"] * st.ahead_cooldown)
+        print(f"dated ahead     {what} dated more than a window in the future (a clock that ran ahead was set back):"
+              " not counted; the next request drops them and the key pauses one window")
     return 0
 
 

@@ -14,6 +14,10 @@ busy CPU, a slow store) to its actual start, so the starts reserved after it cou
 request really went out. Smaller lateness (a millisecond of wake-up jitter on every start) is left to the
 margin: recording it would push the whole schedule back by its sum and waste budget.
 
+No time more than a window ahead of the chain of honest ones is trusted (`ahead`): starts or a cooldown dated by a
+clock that ran ahead and was set back since are dropped with a warning, and the key pauses one window, so such a
+clock costs at most that window instead of holding the key for as long as it ran ahead.
+
 Because slots are handed out in order, several processes sharing a ledger are paced like one crawler,
 each process holding at most one reservation at a time (its gate's lock) gets its turn in every round,
 and a late wake-up never shifts the slots already handed out. Times are the ledger's own clock: the wall
@@ -29,6 +33,7 @@ import asyncio
 import bisect
 import contextlib
 import hashlib
+import logging
 import os
 import socket
 import sqlite3
@@ -44,6 +49,7 @@ from crawler.config import masked
 from crawler.errors import UsageError
 
 T = TypeVar("T")
+log = logging.getLogger("crawler.ledger")
 
 HOUR = 3600.0
 SECOND_MARGIN = 0.025  # seconds of arrival jitter allowed for in the per-second cap
@@ -134,6 +140,8 @@ class Status:
     limit: int | None
     window: float | None
     max_per_second: int | None
+    ahead: int = 0  # starts dated beyond the `horizon` (a clock set back): the next reservation drops them
+    ahead_cooldown: bool = False  # likewise a cooldown set ahead
 
 
 def next_start(rules: Rules, now: float, tat: float, cooldown_until: float,
@@ -164,6 +172,60 @@ def apply_429(now: float, cooldown_until: float, set_at: float, started: float, 
     return max(cooldown_until, now + seconds), (now if new_event else set_at), new_event
 
 
+def cooldown_trusted(rules: Rules, now: float, set_at: float) -> bool:
+    """Whether a cooldown set at ``set_at`` can be trusted: a cooldown is set at the ledger's ``now``, so one set
+    more than `Rules.keep` ahead of it was written by a clock that ran ahead and has been set back since."""
+    return set_at <= now + rules.keep
+
+
+def horizon(rules: Rules, now: float, cooldown_until: float, set_at: float, future: list[float]) -> float:
+    """The latest start the ledger trusts; ``future`` holds the starts dated after ``now``, earliest first.
+
+    `next_start` places a start at most `Rules.keep` after the latest of now, the cooldown's end and the starts
+    already recorded, so honest starts ahead of now form a chain with no gap wider than that. A start beyond the
+    chain was dated by a clock since set back: trusted, it would hold the key back by as much as that clock ran ahead.
+    """
+    reach = max(now, cooldown_until) if cooldown_trusted(rules, now, set_at) else now
+    for t in future:
+        if t > reach + rules.keep:
+            break
+        reach = max(reach, t)
+    return reach + rules.keep
+
+
+@dataclass(frozen=True, slots=True)
+class Ahead:
+    """What a clock since set back left in the ledger (see `ahead`): the starts dated after ``after`` are dropped
+    (``dropped`` of them) and the ledger's state becomes ``tat``, ``cooldown_until`` and ``set_at``."""
+
+    after: float
+    dropped: int
+    tat: float
+    cooldown_until: float
+    set_at: float
+
+
+def ahead(rules: Rules, now: float, tat: float, cooldown_until: float, set_at: float,
+          future: list[float]) -> Ahead | None:
+    """None when the ledger's times can be trusted; else what replaces them (one rule for every backend but Redis's
+    Lua, which mirrors it): starts beyond the `horizon`, a cooldown set ahead and a schedule beyond the last trusted
+    start are dropped, and the key pauses one window from now, since the requests those starts stood for went out
+    before now, perhaps within the last window. A clock set back costs at most that window."""
+    after = horizon(rules, now, cooldown_until, set_at, future)
+    dropped = len(future) - bisect.bisect_right(future, after)
+    cool_ok, tat_ok = cooldown_trusted(rules, now, set_at), tat - rules.tolerance <= after
+    if not dropped and cool_ok and tat_ok:
+        return None
+    return Ahead(after, dropped, tat if tat_ok else now, max(cooldown_until if cool_ok else 0.0, now + rules.span),
+                 min(set_at, now))
+
+
+def _warn_ahead(where: str, dropped: int, rules: Rules) -> None:
+    log.warning("the key's rate ledger (%s) held %d starts or a cooldown dated more than a window ahead (a clock"
+                " that ran ahead was set back): dropped; the key pauses one window (%.1f s) so the API's limit holds",
+                where, dropped, rules.span)
+
+
 class Ledger(Protocol):
     """One key's ledger; every method is atomic for every process sharing it."""
 
@@ -189,8 +251,8 @@ class Ledger(Protocol):
     async def report_429(self, started: float, seconds: float, exact: bool) -> bool:
         """Start or extend the shared cooldown; True when this 429 is a new event."""
 
-    async def status(self, window: float) -> Status:
-        """Starts in the last ``window`` seconds and the rest of `Status`."""
+    async def status(self, rules: Rules) -> Status:
+        """Starts in the last window of ``rules`` and the rest of `Status` (read only: nothing is dropped)."""
 
 
 def ledger_name(api_key: str, base_url: str) -> str:
@@ -251,6 +313,7 @@ class MemoryLedger:
     async def open(self, rules: Rules | None) -> None:
         if rules is not None:
             s = self._s
+            self._forget_ahead(rules, self._clock())
             if s.starts and s.starts[-1][0] > self._clock() - rules.span:
                 _mismatch(rules, s.rules, self.where)
             s.rules = _rules_record(rules)
@@ -258,8 +321,20 @@ class MemoryLedger:
     async def aclose(self) -> None:
         return None
 
+    def _forget_ahead(self, rules: Rules, now: float) -> None:
+        s = self._s
+        n = len(s.starts)
+        while n and s.starts[n - 1][0] > now:
+            n -= 1
+        found = ahead(rules, now, s.tat, s.cooldown_until, s.set_at, [t for t, _ in s.starts[n:]])
+        if found is not None:
+            del s.starts[len(s.starts) - found.dropped:]
+            s.tat, s.cooldown_until, s.set_at = found.tat, found.cooldown_until, found.set_at
+            _warn_ahead(self.where, found.dropped, rules)
+
     async def reserve(self, rules: Rules, owner: str) -> Slot:
         s, now = self._s, self._clock()
+        self._forget_ahead(rules, now)
         _drop_before(s.starts, now - rules.keep)
         starts = s.starts
         nth_w = starts[-rules.limit][0] if len(starts) >= rules.limit else None
@@ -272,6 +347,8 @@ class MemoryLedger:
 
     async def confirm(self, slot: Slot, rules: Rules) -> float:
         s, now = self._s, self._clock()
+        if s.cooldown_until > now and not cooldown_trusted(rules, now, s.set_at):
+            self._forget_ahead(rules, now)
         if s.cooldown_until > now:
             s.starts[:] = [e for e in s.starts if e[1] != slot.token]
             return s.cooldown_until - now
@@ -286,10 +363,11 @@ class MemoryLedger:
         s.cooldown_until, s.set_at, new = apply_429(now, s.cooldown_until, s.set_at, started, seconds, exact)
         return new
 
-    async def status(self, window: float) -> Status:
+    async def status(self, rules: Rules) -> Status:
         s, now = self._s, self._clock()
-        recent = [(t, o) for t, o in s.starts if t > now - window]
-        return _status(now, recent, s.cooldown_until, sum(t > now - HOUR for t in s.rate_limited), s.rules)
+        recent = [(t, o) for t, o in s.starts if t > now - rules.window]
+        return _status(rules, now, recent, s.cooldown_until, s.set_at, sum(t > now - HOUR for t in s.rate_limited),
+                       s.rules)
 
 
 def _drop_before(starts: list[tuple[float, str]], cutoff: float) -> None:
@@ -305,21 +383,24 @@ def _rules_record(rules: Rules) -> dict[str, float]:
             "rate.max_per_second": float(rules.max_per_second)}
 
 
-def _status(now: float, recent: list[tuple[float, str]], cooldown_until: float, limited: int,
-            rules: dict[str, float]) -> Status:
+def _status(rules: Rules, now: float, recent: list[tuple[float, str]], cooldown_until: float, set_at: float,
+            limited: int, stored: dict[str, float]) -> Status:
+    after = horizon(rules, now, cooldown_until, set_at, sorted(t for t, _ in recent if t > now))
+    trusted = cooldown_trusted(rules, now, set_at)
     processes: Counter[str] = Counter()
     started = 0
     for t, token in recent:
         process = token.rpartition("|")[0]
         processes[process] += t <= now
         started += t <= now
-    limit, window, per_second = (rules.get(k) for k in ("rate.limit", "rate.window", "rate.max_per_second"))
+    limit, window, per_second = (stored.get(k) for k in ("rate.limit", "rate.window", "rate.max_per_second"))
     return Status(
         at=now, started=started, processes=dict(processes),
-        cooldown_until=cooldown_until if cooldown_until > now else None,
+        cooldown_until=cooldown_until if cooldown_until > now and trusted else None,
         rate_limited_last_hour=limited,
         limit=int(limit) if limit is not None else None, window=window,
         max_per_second=int(per_second) if per_second is not None else None,
+        ahead=sum(t > after for t, _ in recent), ahead_cooldown=cooldown_until > now and not trusted,
     )
 
 
@@ -373,6 +454,7 @@ class FileLedger:
     def _register(self, db: sqlite3.Connection, rules: Rules) -> None:
         with _immediate(db):
             now = self._clock()
+            self._forget_ahead(db, rules, now)
             latest = db.execute("SELECT max(t) FROM starts").fetchone()[0]
             stored = dict(db.execute("SELECT k, v FROM state WHERE k LIKE 'rate.%'").fetchall())
             if latest is not None and latest > now - rules.span:
@@ -403,9 +485,21 @@ class FileLedger:
     async def reserve(self, rules: Rules, owner: str) -> Slot:
         return await self._run(lambda db: self._reserve(db, rules, owner))
 
+    def _forget_ahead(self, db: sqlite3.Connection, rules: Rules, now: float) -> None:
+        future = [row[0] for row in db.execute("SELECT t FROM starts WHERE t > ? ORDER BY t", (now,))]
+        state = dict(db.execute("SELECT k, v FROM state WHERE k IN ('tat', 'cooldown_until', 'set_at')"))
+        found = ahead(rules, now, state.get("tat", 0.0), state.get("cooldown_until", 0.0),
+                      state.get("set_at", float("-inf")), future)
+        if found is not None:
+            db.execute("DELETE FROM starts WHERE t > ?", (found.after,))
+            db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?)", (
+                ("tat", found.tat), ("cooldown_until", found.cooldown_until), ("set_at", found.set_at)))
+            _warn_ahead(self.where, found.dropped, rules)
+
     def _reserve(self, db: sqlite3.Connection, rules: Rules, owner: str) -> Slot:
         with _immediate(db):
             now = self._clock()
+            self._forget_ahead(db, rules, now)
             db.execute("DELETE FROM starts WHERE t < ?", (now - rules.keep,))
             state = dict(db.execute("SELECT k, v FROM state WHERE k IN ('tat', 'cooldown_until', 'seq')"))
             nth = "SELECT t FROM starts ORDER BY t DESC LIMIT 1 OFFSET ?"
@@ -423,8 +517,11 @@ class FileLedger:
         def run(db: sqlite3.Connection) -> float:
             with _immediate(db):
                 now = self._clock()
-                row = db.execute("SELECT v FROM state WHERE k = 'cooldown_until'").fetchone()
-                until = row[0] if row else 0.0
+                state = dict(db.execute("SELECT k, v FROM state WHERE k IN ('cooldown_until', 'set_at')"))
+                until = state.get("cooldown_until", 0.0)
+                if until > now and not cooldown_trusted(rules, now, state.get("set_at", float("-inf"))):
+                    self._forget_ahead(db, rules, now)
+                    until = db.execute("SELECT v FROM state WHERE k = 'cooldown_until'").fetchone()[0]
                 if until <= now:
                     if now - slot.start > rules.late:  # late: recorded where it really starts (no write otherwise)
                         db.execute("UPDATE starts SET t = ? WHERE token = ?", (now, slot.token))
@@ -449,13 +546,14 @@ class FileLedger:
 
         return await self._run(run)
 
-    async def status(self, window: float) -> Status:
+    async def status(self, rules: Rules) -> Status:
         def run(db: sqlite3.Connection) -> Status:
             now = self._clock()
-            recent = db.execute("SELECT t, token FROM starts WHERE t > ?", (now - window,)).fetchall()
+            recent = db.execute("SELECT t, token FROM starts WHERE t > ?", (now - rules.window,)).fetchall()
             state = dict(db.execute("SELECT k, v FROM state").fetchall())
             limited = db.execute("SELECT count(*) FROM limited WHERE t > ?", (now - HOUR,)).fetchone()[0]
-            return _status(now, recent, state.get("cooldown_until", 0.0), limited, state)
+            return _status(rules, now, recent, state.get("cooldown_until", 0.0), state.get("set_at", float("-inf")),
+                           limited, state)
 
         return await self._run(run)
 
@@ -482,12 +580,37 @@ _LUA_NOW = """
 local function num(x) return string.format('%.6f', x) end
 local tm = redis.call('TIME')
 local now = tonumber(tm[1]) + tonumber(tm[2]) / 1000000
+-- `ahead` in ledger.py: what a clock since set back left ahead is dropped and the key pauses one window;
+-- returns how many starts were dropped, -1 when every time is trusted.
+local function forget(span, keep, tol)
+  local st = redis.call('HMGET', KEYS[2], 'tat', 'cooldown_until', 'set_at')
+  local tat, cool, set_at = tonumber(st[1] or '0'), tonumber(st[2] or '0'), tonumber(st[3] or '-1e300')
+  local cool_ok = set_at <= now + keep
+  local reach = now
+  if cool_ok then reach = math.max(now, cool) end
+  local future = redis.call('ZRANGE', KEYS[1], '(' .. num(now), '+inf', 'BYSCORE', 'WITHSCORES')
+  local trusted = 0
+  for i = 2, #future, 2 do
+    local t = tonumber(future[i])
+    if t > reach + keep then break end
+    reach, trusted = math.max(reach, t), trusted + 1
+  end
+  local after, dropped = reach + keep, #future / 2 - trusted
+  if dropped == 0 and cool_ok and tat - tol <= after then return -1 end
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '(' .. num(after), '+inf')
+  if tat - tol > after then redis.call('HSET', KEYS[2], 'tat', num(now)) end
+  if not cool_ok then cool = 0 end
+  redis.call('HSET', KEYS[2], 'cooldown_until', num(math.max(cool, now + span)))
+  if set_at > now then redis.call('HSET', KEYS[2], 'set_at', num(now)) end
+  return dropped
+end
 """
 
 _RESERVE = _LUA_NOW + """
 local limit, span = tonumber(ARGV[1]), tonumber(ARGV[2])
 local mps, sspan = tonumber(ARGV[3]), tonumber(ARGV[4])
 local interval, tol, keep = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local dropped = forget(span, keep, tol)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. num(now - keep))
 local st = redis.call('HMGET', KEYS[2], 'tat', 'cooldown_until')
 local tat, cool = tonumber(st[1] or '0'), tonumber(st[2] or '0')
@@ -508,19 +631,24 @@ redis.call('HSET', KEYS[2], 'tat', num(math.max(tat, t) + interval))
 redis.call('PEXPIRE', KEYS[2], 86400000)
 local ttl = math.ceil((keep + (t - now)) * 1000) + 60000
 redis.call('PEXPIRE', KEYS[1], ttl)
-return {num(t), num(t - now), token}
+return {num(t), num(t - now), token, dropped}
 """
 
 _CONFIRM = _LUA_NOW + """
-local cool = tonumber(redis.call('HGET', KEYS[2], 'cooldown_until') or '0')
+local st = redis.call('HMGET', KEYS[2], 'cooldown_until', 'set_at')
+local cool, dropped = tonumber(st[1] or '0'), -1
+if cool > now and tonumber(st[2] or '-1e300') > now + tonumber(ARGV[4]) then  -- a cooldown set ahead
+  dropped = forget(tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]))
+  cool = tonumber(redis.call('HGET', KEYS[2], 'cooldown_until'))
+end
 if cool > now then
   redis.call('ZREM', KEYS[1], ARGV[1])
-  return num(cool - now)
+  return {num(cool - now), dropped}
 end
 local planned = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not planned then return '-1' end  -- the ledger lost its state
+if not planned then return {'-1', dropped} end  -- the ledger lost its state
 if now - tonumber(planned) > tonumber(ARGV[2]) then redis.call('ZADD', KEYS[1], 'XX', num(now), ARGV[1]) end  -- late
-return '0'
+return {'0', dropped}
 """
 
 _REPORT_429 = _LUA_NOW + """
@@ -538,6 +666,7 @@ return new and 1 or 0
 """
 
 _REGISTER = _LUA_NOW + """
+local dropped = forget(tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]))
 local latest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
 local stored = redis.call('HMGET', KEYS[2], 'rate.limit', 'rate.window', 'rate.max_per_second')
 local active = latest[2] ~= nil and tonumber(latest[2]) > now - tonumber(ARGV[4])
@@ -545,14 +674,14 @@ if not active then
   redis.call('HSET', KEYS[2], 'rate.limit', ARGV[1], 'rate.window', ARGV[2], 'rate.max_per_second', ARGV[3])
   redis.call('PEXPIRE', KEYS[2], 86400000)
 end
-return {active and 1 or 0, stored[1] or '', stored[2] or '', stored[3] or ''}
+return {active and 1 or 0, stored[1] or '', stored[2] or '', stored[3] or '', dropped}
 """
 
 _STATUS = _LUA_NOW + """
 local recent = redis.call('ZRANGE', KEYS[1], '(' .. num(now - tonumber(ARGV[1])), '+inf', 'BYSCORE', 'WITHSCORES')
 local limited = redis.call('ZCOUNT', KEYS[3], '(' .. num(now - 3600), '+inf')
-local st = redis.call('HMGET', KEYS[2], 'cooldown_until', 'rate.limit', 'rate.window', 'rate.max_per_second')
-return {num(now), recent, limited, st[1] or '', st[2] or '', st[3] or '', st[4] or ''}
+local st = redis.call('HMGET', KEYS[2], 'cooldown_until', 'rate.limit', 'rate.window', 'rate.max_per_second', 'set_at')
+return {num(now), recent, limited, st[1] or '', st[2] or '', st[3] or '', st[4] or '', st[5] or '-1e300'}
 """
 
 
@@ -594,8 +723,11 @@ class RedisLedger:
             self._connect()
             await self._redis.ping()
             if rules is not None:
-                active, *stored = await self._scripts["register"](
-                    keys=self._keys, args=[rules.limit, rules.window, rules.max_per_second, rules.span])
+                active, *stored, dropped = await self._scripts["register"](
+                    keys=self._keys, args=[rules.limit, rules.window, rules.max_per_second, rules.span, rules.keep,
+                                           rules.tolerance])
+                if int(dropped) >= 0:
+                    _warn_ahead(self.where, int(dropped), rules)
                 if int(active):
                     names = ("rate.limit", "rate.window", "rate.max_per_second")
                     _mismatch(rules, {k: float(v) for k, v in zip(names, stored, strict=True) if v}, self.where)
@@ -627,23 +759,29 @@ class RedisLedger:
             raise LedgerUnavailable(f"{self.where}: {type(exc).__name__}: {masked(str(exc))}") from None
 
     async def reserve(self, rules: Rules, owner: str) -> Slot:
-        t, wait, token = await self._script("reserve", [
+        t, wait, token, dropped = await self._script("reserve", [
             rules.limit, rules.span, rules.max_per_second, rules.second_span, rules.interval, rules.tolerance,
             rules.keep, owner])
+        if int(dropped) >= 0:
+            _warn_ahead(self.where, int(dropped), rules)
         return Slot(float(t), float(wait), str(token))
 
     async def confirm(self, slot: Slot, rules: Rules) -> float:
-        return float(await self._script("confirm", [slot.token, repr(rules.late)]))
+        pause, dropped = await self._script("confirm", [slot.token, repr(rules.late), rules.span, rules.keep,
+                                                        rules.tolerance])
+        if int(dropped) >= 0:
+            _warn_ahead(self.where, int(dropped), rules)
+        return float(pause)
 
     async def report_429(self, started: float, seconds: float, exact: bool) -> bool:
         return bool(int(await self._script("report_429", [started, seconds, "1" if exact else "0"])))
 
-    async def status(self, window: float) -> Status:
-        now, recent, limited, cool, limit, win, mps = await self._script("status", [window])
+    async def status(self, rules: Rules) -> Status:
+        now, recent, limited, cool, limit, win, mps, set_at = await self._script("status", [rules.window])
         pairs = [(float(recent[i + 1]), str(recent[i])) for i in range(0, len(recent), 2)]
-        rules = {k: float(v) for k, v in (("rate.limit", limit), ("rate.window", win),
-                                          ("rate.max_per_second", mps)) if v}
-        return _status(float(now), pairs, float(cool or 0), int(limited), rules)
+        stored = {k: float(v) for k, v in (("rate.limit", limit), ("rate.window", win),
+                                           ("rate.max_per_second", mps)) if v}
+        return _status(rules, float(now), pairs, float(cool or 0), float(set_at), int(limited), stored)
 
 
 def open_ledger(shared: str, api_key: str, base_url: str) -> Ledger:

@@ -109,6 +109,8 @@ CREATE TABLE IF NOT EXISTS crawler_workers (
 
 # One schema install at a time (the advisory lock's key is arbitrary but fixed).
 _INSTALL_LOCK = 0x63726177
+# With a hash of the key's ledger name: one worker registration of a key at a time.
+_REGISTER_LOCK = 0x72656769
 
 
 class StoreLost(RunStopped):
@@ -710,9 +712,14 @@ class PgJobStore:
     # --- workers ---
 
     async def register(self, worker: WorkerInfo) -> list[WorkerInfo]:
-        """Record a worker; the live workers of the same key on other hosts, for the ledger check."""
+        """Record a worker; the live workers of the same key on other hosts, for the ledger check.
+
+        One registration of a key at a time (a lock held to the commit): each sees every worker registered before
+        it, so two hosts starting together never both pass the check.
+        """
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> list[WorkerInfo]:
+            await conn.execute("SELECT pg_advisory_xact_lock(%s::int, hashtext(%s))", (_REGISTER_LOCK, worker.key_hash))
             await conn.execute(
                 "INSERT INTO crawler_workers (id, host, pid, key_hash, ledger, job) VALUES (%s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (id) DO UPDATE SET job = excluded.job, seen = now()",
@@ -720,7 +727,9 @@ class PgJobStore:
             cur = await conn.execute(
                 "SELECT id, host, pid, key_hash, ledger, job FROM crawler_workers WHERE key_hash = %s AND host != %s"
                 " AND seen > now() - make_interval(secs => %s)", (worker.key_hash, worker.host, self.heartbeat_timeout))
-            return [WorkerInfo(r[0], r[1], r[2], r[3], r[4], r[5], live=True) for r in await cur.fetchall()]
+            others = [WorkerInfo(r[0], r[1], r[2], r[3], r[4], r[5], live=True) for r in await cur.fetchall()]
+            killpoints.reached("registering")
+            return others
 
         return await self._run(run)
 

@@ -26,6 +26,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from crawler.pgjobs import _REGISTER_LOCK
 from crawler.sim.data import World, WorldConfig
 from crawler.sim.server import SimConfig, Simulator
 
@@ -82,13 +83,13 @@ class Hosts:
         env.update(TIKLIVE_API_KEY=self.key, HOME=str(home), XDG_STATE_HOME=str(home / "state"))
         return env
 
-    async def start(self, name: str, args: list[str], *, stall_limit: float = 10.0,
+    async def start(self, name: str, args: list[str], *, stall_limit: float = 10.0, heartbeat: float = HEARTBEAT,
                     extra_env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
         cwd = self.root / name
         cwd.mkdir(parents=True, exist_ok=True)
         (cwd / "config.toml").write_text(
             f"[retry]\nstall_limit = {stall_limit}\nbase_delay = 0.05\nmax_delay = 0.5\n"
-            f"[jobs]\nheartbeat_timeout = {HEARTBEAT}\n")
+            f"[jobs]\nheartbeat_timeout = {heartbeat}\n")
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "crawler", *args, cwd=cwd, env=self.env(name) | (extra_env or {}),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
@@ -690,6 +691,33 @@ async def test_a_key_worked_from_another_host_needs_one_redis_ledger(hosts: Host
     last = err.strip().splitlines()[-1]
     assert "rate.shared = 'local'" in last and "host-a" in last and "redis://" in last, last
     assert taken == 0
+
+
+async def test_two_hosts_registering_together_on_one_key_with_local_ledgers_one_is_refused(hosts: Hosts,
+                                                                                         schema: str) -> None:
+    """Host B's worker checks the key's workers while host A's has checked but not yet committed its registration
+    (both through local ledgers): B waits for A's and exits 2 naming host A and the fix; A works on."""
+    url = pg_url(schema)
+    async with simulator(hosts.key) as sim:
+        local = ["--jobs-url", url, "--base-url", sim.url, *RATE, "--rate-shared", "local"]
+        # A heartbeat far longer than A stays frozen: A counts as live however slowly B starts.
+        first = await hosts.start("a", ["work", *local], heartbeat=120, extra_env={
+            "CRAWLER_TEST_HOSTNAME": "host-a", "CRAWLER_TEST_STOP_AT": "registering:1"})
+        await until(lambda: _stopped(first.pid) or first.returncode is not None, "host A inside its registration")
+        second = await hosts.start("b", ["work", "--until-idle", *local], heartbeat=120,
+                                   extra_env={"CRAWLER_TEST_HOSTNAME": "host-b"})
+        waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s AND NOT granted"
+        await until(lambda: second.returncode is not None or pg_value(schema, waiting, _REGISTER_LOCK),
+                    "host B past its check, or waiting for A's registration")
+        first.send_signal(signal.SIGCONT)
+        code, err = await hosts.finish(second, bound=60)
+        alive = first.returncode is None
+        first.send_signal(signal.SIGTERM)
+        fcode, ferr = await hosts.finish(first, bound=60)
+    assert code == 2, err[-800:]
+    last = err.strip().splitlines()[-1]
+    assert "host-a" in last and "redis://" in last, last
+    assert alive and fcode == 143, ferr[-800:]
 
 
 async def test_sigterm_stops_a_worker_and_the_starter_cleanly_and_the_job_resumes(hosts: Hosts, schema: str) -> None:

@@ -94,7 +94,7 @@ async def test_a_429_pauses_every_later_start_and_a_burst_counts_once(ledger: Le
     assert not await ledger.report_429(first.start, 30.0, False)  # same burst: no new event
     later = await ledger.reserve(RULES, "host:2")
     assert later.wait >= 29.0
-    status = await ledger.status(RULES.window)
+    status = await ledger.status(RULES)
     assert status.cooldown_until is not None and status.rate_limited_last_hour == 2
 
 
@@ -128,7 +128,8 @@ async def test_a_slot_started_late_counts_from_its_actual_start(ledger: Ledger, 
     else:
         clock.t += a.wait + late
     assert await ledger.confirm(a, rules) == 0
-    assert (await ledger.status(10.0)).started == 2  # moved or not, never added
+    wide = Rules(limit=1, window=10.0, max_per_second=10, burst=1, margin=margin)  # a window holding both starts
+    assert (await ledger.status(wide)).started == 2  # moved or not, never added
     b = await ledger.reserve(rules, "host:1")
     if moved:  # a window after a's actual start (its plan was 0.3 s sooner)
         assert b.start >= a.start + late + rules.span - 1e-6
@@ -264,3 +265,46 @@ async def test_a_ledger_away_for_a_moment_pauses_the_gate_and_it_goes_on() -> No
             async with asyncio.timeout(20):
                 await gate.acquire()
     assert gone.calls > 2  # retried until the stall limit, not given up at the first retry
+
+
+DAY = 86_400.0
+
+
+async def _write_a_day_ahead(ledger: Ledger, clock: FakeClock, rules: Rules) -> Slot:
+    """What a run with the clock a day ahead leaves: a full window of starts, the schedule after them and a cooldown,
+    all a day ahead; returns one of those starts (a slot a process still holds as the clock is set back)."""
+    if not isinstance(ledger, RedisLedger):
+        clock.t += DAY
+        slots = [await ledger.reserve(rules, "fast:1") for _ in range(rules.limit)]
+        clock.t += 0.01
+        assert await ledger.report_429(slots[0].start, 30.0, False)
+        clock.t -= DAY + 0.01
+        return slots[-1]
+    import redis.asyncio as aioredis  # the ledger's own layout: a sorted set of starts and a hash of state
+
+    client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        secs, micros = await client.time()
+        ahead = secs + micros / 1e6 + DAY
+        starts, state = (f"crawler:ledger:{{{ledger.name}}}:{part}" for part in ("starts", "state"))
+        await client.zadd(starts, {f"fast:1|{n + 1}": ahead + n * rules.interval for n in range(rules.limit)})
+        await client.hset(state, mapping={"tat": ahead + rules.limit * rules.interval, "seq": rules.limit,
+                                          "cooldown_until": ahead + 30.0, "set_at": ahead})
+    finally:
+        await client.aclose()
+    return Slot(ahead + (rules.limit - 1) * rules.interval, 0.0, f"fast:1|{rules.limit}")
+
+
+async def test_starts_and_a_cooldown_a_day_ahead_cost_at_most_one_window(ledger: Ledger, clock: FakeClock) -> None:
+    """A ledger holding a window of starts and a cooldown dated a day ahead (a clock that ran fast, set back since)
+    holds the key back one window at most: a slot held across the change comes back within a window, the next
+    start is due within a window, and the window after it is the key's whole budget again."""
+    held = await _write_a_day_ahead(ledger, clock, RULES)
+    assert (await ledger.status(RULES)).ahead == RULES.limit  # `crawler budget` shows them before they are dropped
+    assert 0 <= await ledger.confirm(held, RULES) <= RULES.span + 0.01
+    first = await ledger.reserve(RULES, "host:1")
+    assert first.wait <= RULES.span + 0.01
+    rest = [await ledger.reserve(RULES, "host:1") for _ in range(RULES.limit - 1)]
+    assert rest[-1].start - first.start <= RULES.span  # the day-ahead starts count no more
+    status = await ledger.status(RULES)
+    assert status.ahead == 0 and (status.cooldown_until is None or status.cooldown_until <= first.start + 0.01)

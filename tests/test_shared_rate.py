@@ -309,6 +309,33 @@ async def test_a_process_with_other_limits_is_refused_before_any_request(fleet: 
     assert not asked & set(theirs.read_text().split())  # not one request for the refused process's handles
 
 
+async def test_a_run_with_the_clock_a_day_ahead_costs_the_next_run_at_most_one_window(fleet: Fleet) -> None:
+    """After a run whose clock was a day ahead, `crawler budget` shows the starts it dated in the future; the next run
+    on the right clock drops them with one warning, pauses one window (so no window holds both runs' requests) and
+    finishes within the limits."""
+    world = World(WORLD)
+    state = fleet.root / "state"  # one host: both runs share the local ledger
+    async with simulator(fleet.key) as sim:
+        fast = await fleet.start("fast", ["profiles", str(handles_file(fleet.root / "a.txt", world, 60)), "-o",
+                                          "out.csv", "--base-url", sim.url, *RATE],
+                                 env=fleet.env(state, CRAWLER_TEST_CLOCK_SKEW=str(24 * 3600)))
+        code, err = await fleet.finish(fast)
+        assert code == 0, err[-500:]
+        budget = await fleet.start("budget", ["budget", "--base-url", sim.url, *RATE], env=fleet.env(state))
+        out, _ = await asyncio.wait_for(budget.communicate(), 60)
+        before = len(sim.stats.arrivals)
+        late = await fleet.start("next", ["profiles", str(handles_file(fleet.root / "b.txt", world, 60, 60)), "-o",
+                                          "out.csv", "--base-url", sim.url, *RATE], env=fleet.env(state))
+        code, err = await fleet.finish(late)
+        arrivals = list(sim.stats.arrivals)
+    assert re.search(r"dated ahead +\d+ starts", out.decode()), out.decode()
+    assert code == 0, err[-500:]
+    assert err.count("dated more than a window ahead") == 1, err[-1500:]
+    assert len(arrivals) - before == 60
+    assert arrivals[before] - arrivals[before - 1] >= WINDOW
+    assert_within_the_limits(sim)
+
+
 # ----- across hosts: Redis ------------------------------------------------------------------------------
 
 
