@@ -6,10 +6,15 @@ Mounting needs root. CI runs as root, so these tests fail (never skip) where mou
 meets a full disk mid-run is frozen at a kill point (SIGSTOP), the disk is filled, then it is let go: no timing.
 A read-only remount is refused while a process holds a file open for writing (EBUSY), so a directory turned
 read-only is staged before a run, never during one.
+
+A power cut cannot be staged here: that every file renamed into place is fsynced (its bytes, then its directory)
+is checked by reading the source for renames outside the one helper, `sinks.replace_durably`, and by watching the
+failures file, `history export` and the learned page sizes go through it.
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import errno
@@ -22,6 +27,9 @@ from pathlib import Path
 
 import pytest
 
+from crawler import sinks
+from crawler.history import HistoryStore, export_csv
+from crawler.pagesizes import PageSizes
 from crawler.sim.data import WorldConfig
 from crawler.sim.server import Simulator
 from tests.conftest import SimFactory
@@ -168,3 +176,67 @@ async def test_a_full_disk_under_a_download_is_one_line_and_the_same_command_the
             assert got == 0, err
             for r in rows:
                 assert (disk / "covers" / f"{r['video_id']}.jpg").read_bytes() == expected(sim, "cover", r["video_id"])
+
+
+# Renames into place that other modules still make themselves, each after fsyncing the file and before fsyncing
+# the directory (read in the source): ingest's day-file restart and its out-dir id, the PostgreSQL job's export,
+# a finished media file.
+SELF_SYNCED = {("ingest.py", "_restart_day"), ("ingest.py", "_finish_restarts"), ("ingest.py", "_out_dir_id"),
+               ("work.py", "export"), ("download.py", "_publish")}
+
+
+def renames(source: str) -> Iterator[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef | None]]:
+    """(call text, innermost enclosing function) of each rename in a module: os.replace/rename, shutil.move, and
+    a path's .replace(x)/.rename(x) (str.replace takes two arguments, dataclasses' replace keywords)."""
+    def visit(node: ast.AST, func: ast.FunctionDef | ast.AsyncFunctionDef | None) -> Iterator[
+            tuple[str, ast.FunctionDef | ast.AsyncFunctionDef | None]]:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            func = node
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            name, owner = node.func.attr, node.func.value
+            by_module = isinstance(owner, ast.Name) and (owner.id, name) in {
+                ("os", "replace"), ("os", "rename"), ("os", "renames"), ("shutil", "move")}
+            by_path = name in ("replace", "rename") and len(node.args) == 1 and not node.keywords
+            if by_module or by_path:
+                yield ast.unparse(node), func
+        for child in ast.iter_child_nodes(node):
+            yield from visit(child, func)
+    return visit(ast.parse(source), None)
+
+
+def test_every_rename_into_place_goes_through_the_durable_helper() -> None:
+    """The only renames in crawler/ are sinks.replace_durably's (fsync, rename, fsync the directory) and those
+    of SELF_SYNCED, each of which fsyncs itself."""
+    root = Path(sinks.__file__).parent
+    found: dict[tuple[str, str], str] = {}
+    for path in sorted(root.rglob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        for call, func in renames(source):
+            where = (str(path.relative_to(root)), func.name if func is not None else "<module>")
+            found[where] = ast.get_source_segment(source, func) or "" if func is not None else call
+    assert ("sinks.py", "replace_durably") in found
+    assert set(found) - {("sinks.py", "replace_durably")} <= SELF_SYNCED, found.keys()
+    for where in set(found) & SELF_SYNCED:
+        assert "fsync" in found[where], where
+
+
+def test_failures_export_and_page_sizes_are_renamed_into_place_durably(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The failures file, `history export` and the learned page sizes are each written through replace_durably."""
+    real = sinks.replace_durably
+    targets: list[str] = []
+
+    def watched(tmp: Path, target: Path) -> None:
+        targets.append(target.name)
+        real(tmp, target)
+
+    monkeypatch.setattr(sinks, "replace_durably", watched)
+    assert sinks.write_failures(tmp_path / "out.failures.csv", [("ghost", "/api/user/info/", "not_found", "")]) == 1
+    store = HistoryStore(f"sqlite:///{tmp_path / 'history.db'}")
+    try:
+        assert export_csv(store, tmp_path / "export.csv") == 0
+    finally:
+        store.close()
+    PageSizes(tmp_path / "data").learn("posts", 20, "a test")
+    assert targets == ["out.failures.csv", "export.csv", "page-sizes.json"]
+    assert [p.name for p in sorted(tmp_path.rglob("*.tmp")) + sorted(tmp_path.rglob("*.part"))] == []
