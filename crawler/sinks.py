@@ -286,16 +286,18 @@ def write_failures(path: Path, failures: Iterable[tuple[str, str, str, str]], *,
     """Write the failures file (input, endpoint, reason, detail) atomically; remove it when empty."""
     tmp = path.with_name(path.name + ".tmp")
     count = 0
-    with tmp.open("w", encoding="utf-8", newline="") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(["input", "endpoint", "reason", "detail"])
-        for row in failures:
-            writer.writerow([cell(v, raw=raw) for v in row])
-            count += 1
-    if count:
-        replace_durably(tmp, path)
-    else:
-        tmp.unlink()
+    try:
+        with tmp.open("w", encoding="utf-8", newline="") as fh:
+            writer = csv.writer(fh, lineterminator="\n")
+            writer.writerow(["input", "endpoint", "reason", "detail"])
+            for row in failures:
+                writer.writerow([cell(v, raw=raw) for v in row])
+                count += 1
+        if count:
+            replace_durably(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a full disk keeps no half-written copy
+    if not count:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     return count
