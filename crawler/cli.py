@@ -7,6 +7,7 @@ import asyncio
 import difflib
 import json
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -17,7 +18,7 @@ from crawler import __version__
 from crawler.commands import COMMANDS
 from crawler.config import FLAG_NAMES, Secret, Settings, api_key, load_settings, masked
 from crawler.crawl import Crawl, run_job
-from crawler.errors import BudgetExhausted, CrawlerError, Interrupted, UsageError
+from crawler.errors import BudgetExhausted, CrawlerError, Interrupted, UsageError, disk_error
 from crawler.job import JobOptions, failures_path, state_path
 from crawler.outcome import Outcome
 from crawler.sinks import part_path
@@ -783,8 +784,6 @@ def cmd_history(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def cmd_download(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run (or resume) a media download."""
-    import os
-
     from crawler.download import Download, DownloadOptions, run_download
 
     settings = settings_from(args)
@@ -819,6 +818,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from crawler.sim.__main__ import main as sim_main
 
         return sim_main(words[1:], prog="crawler sim")
+    args: argparse.Namespace | None = None
     try:
         args = build_parser().parse_args(words)
         if not hasattr(args, "func"):
@@ -835,14 +835,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("crawler: interrupted", file=sys.stderr)
         return 130
-    except OSError as exc:
+    except Exception as exc:
+        return _failed(exc, args)
+
+
+def _failed(exc: Exception, args: argparse.Namespace | None) -> int:
+    """The one line of a run that ended by an exception the run did not name: a full disk or a read-only
+    directory (the path and the fix), another OS error, else a bug (exit 1)."""
+    where = getattr(args, "output", None) or getattr(args, "out_dir", None) or os.getcwd()
+    problem = disk_error(exc, where)
+    if problem is not None:
+        print(f"crawler: {problem}", file=sys.stderr)
+        return problem.exit_code
+    if isinstance(exc, OSError):
         print(f"crawler: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1
-    except Exception as exc:  # a bug, not a user mistake: one line, the traceback only with -v
-        leaf: BaseException = exc
-        while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:
-            leaf = leaf.exceptions[0]
-        log.debug("unexpected error", exc_info=exc)
-        print(f"crawler: unexpected error: {type(leaf).__name__}: {leaf} (what was committed is kept; the same"
-              " command resumes; -v shows the traceback; please report it)", file=sys.stderr)
-        return 1
+    # a bug, not a user mistake: one line, the traceback only with -v
+    leaf: BaseException = exc
+    while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:
+        leaf = leaf.exceptions[0]
+    log.debug("unexpected error", exc_info=exc)
+    print(f"crawler: unexpected error: {type(leaf).__name__}: {leaf} (what was committed is kept; the same"
+          " command resumes; -v shows the traceback; please report it)", file=sys.stderr)
+    return 1

@@ -21,7 +21,16 @@ from crawler import killpoints
 from crawler.client import Client, GracefulStop
 from crawler.commands import COMMANDS, CommandSpec
 from crawler.config import Secret, Settings
-from crawler.errors import BudgetExhausted, CrawlerError, Interrupted, ItemFailed, RunStopped, UsageError, rank
+from crawler.errors import (
+    BudgetExhausted,
+    CrawlerError,
+    Interrupted,
+    ItemFailed,
+    RunStopped,
+    UsageError,
+    disk_problems,
+    rank,
+)
 from crawler.job import (
     JobOptions,
     Prepared,
@@ -143,7 +152,9 @@ class Crawl(ItemWalker, GracefulStop):
             if prepared.state is Prepared.COMPLETE:
                 return self._outcome(started, "already complete", 0, reason="nothing to do; --restart runs it again")
             # Opened only now: a usage error found while preparing leaves no data directory behind.
-            self.users = UserDirectory(Path(self.settings.data_dir) / "users.db", ttl_days=self.settings.id_ttl_days)
+            data_dir = Path(self.settings.data_dir)
+            with disk_problems(data_dir, started=self.sent_any):
+                self.users = UserDirectory(data_dir / "users.db", ttl_days=self.settings.id_ttl_days)
             self.page_sizes = PageSizes(self.settings.data_dir)
             job = self.state.job()
             assert job is not None
@@ -196,6 +207,11 @@ class Crawl(ItemWalker, GracefulStop):
             users = getattr(self, "users", None)
             if users is not None:
                 users.close()
+
+    def sent_any(self) -> bool:
+        """Whether this run has sent a request (a full disk found before one is a usage error, exit 2)."""
+        client: Client | None = getattr(self, "client", None)
+        return client is not None and client.counters.requests_sent > 0
 
     async def _yield_to_signals(self) -> None:
         await asyncio.sleep(0)
@@ -323,11 +339,12 @@ async def run_job(crawl: Crawl, *, install_signals: bool = True) -> Outcome:
                 loop.add_signal_handler(sig, crawl.signalled, Interrupted(f"stopped by {sig.name}", code))
                 installed.append(sig)
     try:
-        with job_lock(crawl.out):
+        with job_lock(crawl.out), disk_problems(crawl.out.parent, started=crawl.sent_any):
             return await crawl.run()
     except UsageError:
         for path in ours:  # a usage error leaves nothing behind that was not there before
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # (a read-only directory has nothing to remove)
+                path.unlink(missing_ok=True)
         raise
     finally:
         for signum in installed:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
-import errno
 import io
 import logging
 import os
@@ -45,6 +44,8 @@ from crawler.errors import (
     RunStopped,
     TransientError,
     UsageError,
+    disk_error,
+    disk_problems,
     rank,
     run_exit_code,
 )
@@ -692,11 +693,8 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
     return (int(first) if first.isdigit() else None), (int(total) if total.isdigit() else None)
 
 
-def _disk_error(exc: OSError, directory: Path) -> DiskFull:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFull(f"the disk holding {directory} is full: free some space, then run the same command"
-                        " (complete files are kept; partial ones continue)")
-    return DiskFull(f"cannot write into {directory}: {exc.strerror or exc}")
+def _disk_error(exc: OSError, directory: Path) -> CrawlerError:
+    return disk_error(exc, directory) or DiskFull(f"cannot write into {directory}: {exc.strerror or exc}")
 
 
 def _open_part(part: Path, durable: int) -> tuple[int, int]:
@@ -736,7 +734,11 @@ async def run_download(download: Download, *, install_signals: bool = True) -> D
                 loop.add_signal_handler(sig, download.signalled, Interrupted(f"stopped by {sig.name}", code))
                 installed.append(sig)
     try:
-        with job_lock(download.dir / f".crawler-download-{download.options.what}"):
+        def started() -> bool:
+            return download.bytes_run > 0 or download.counters() != download._base_counters
+
+        with (job_lock(download.dir / f".crawler-download-{download.options.what}"),
+              disk_problems(download.dir, started=started)):
             return await download.run()
     finally:
         for signum in installed:

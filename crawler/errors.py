@@ -11,7 +11,7 @@
     │   ├── JobLocked          another process is running the same job (exit 1)
     │   ├── BalanceExhausted   the API says the credit balance is empty; resumable (exit 4)
     │   ├── BudgetExhausted    --max-credits reached; resumable (exit 4)
-    │   ├── DiskFull           a media file could not be written (ENOSPC and the like); resumable (exit 1)
+    │   ├── DiskFull           a file could not be written: full disk or read-only directory; resumable (exit 1)
     │   └── Interrupted        SIGINT / SIGTERM: committed what was complete (exit 130 / 143)
     ├── ItemFailed             one input item failed; the run goes on (exit 3 at the end)
     │   ├── NotFound           user / post / music / challenge does not exist   reason not_found
@@ -34,6 +34,12 @@ Messages never contain the API key: the client builds them from status, endpoint
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import ClassVar
 
 
@@ -102,7 +108,10 @@ class BudgetExhausted(RunStopped):
 
 
 class DiskFull(RunStopped):
-    """A download could not write to disk; what is complete stays complete, the partial file stays .part."""
+    """A file could not be written (a full disk, a read-only directory): what was committed stays committed.
+
+    Made by `disk_error` only, which names the path and the fix; before any request it is a UsageError.
+    """
 
 
 class ItemFailed(CrawlerError):
@@ -186,3 +195,48 @@ def run_exit_code(error: CrawlerError | None, *, failed: bool) -> int:
         return error.exit_code
     return 3 if failed else 0
 
+
+# ----- the disk: a full or read-only file system is the user's to fix, never a bug ---------------------------
+
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+_READ_ONLY = frozenset({errno.EROFS, errno.EACCES})
+# CANTOPEN: every store's directory is made before its file is opened, so it means one we may not write to
+_SQLITE_READ_ONLY = frozenset({sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN})
+
+
+def disk_error(exc: BaseException, where: str | Path, *, before_requests: bool = False) -> CrawlerError | None:
+    """The error a full disk or an unwritable directory is, or None for any other exception.
+
+    ``exc`` may be an exception group (a task group's), an OSError or SQLite's own error (which names no
+    file: ``where`` does). One line naming the path and the fix: a UsageError (exit 2) before any request
+    was sent, else DiskFull (exit 1; the same command resumes).
+    """
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    number = exc.errno if isinstance(exc, OSError) else None
+    code = getattr(exc, "sqlite_errorcode", None) if isinstance(exc, sqlite3.Error) else None
+    code = code & 0xFF if isinstance(code, int) else None  # SQLite's primary result code
+    full = number in _FULL or code == sqlite3.SQLITE_FULL
+    read_only = number in _READ_ONLY or code in _SQLITE_READ_ONLY
+    if not (full or read_only):
+        return None
+    path = os.path.abspath(getattr(exc, "filename", None) or where)
+    if full:
+        message = f"the disk holding {path} is full: free some space there, then run the same command"
+    else:
+        message = (f"cannot write to {path} (a read-only file system or no permission): make it writable, then"
+                   " run the same command")
+    return UsageError(message) if before_requests else DiskFull(message)
+
+
+@contextlib.contextmanager
+def disk_problems(where: str | Path, *, started: Callable[[], bool]) -> Iterator[None]:
+    """Raise a full disk or an unwritable directory met inside as `disk_error` names it; ``started()`` says
+    whether a request was sent."""
+    try:
+        yield
+    except Exception as exc:
+        problem = disk_error(exc, where, before_requests=not started())
+        if problem is None:
+            raise
+        raise problem from None

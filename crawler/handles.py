@@ -24,6 +24,14 @@ _PROFILE_URL = re.compile(r"tiktok\.com/@([^/?#\s]+)", re.IGNORECASE)
 _VIDEO_URL = re.compile(r"/(?:video|photo)/(\d{5,25})")
 _DIGITS = re.compile(r"^\d{5,25}$")
 
+MAX_LINE = 2_048  # characters: more than any handle, id or URL a user pastes; a longer line is invalid_input
+SHOWN = 64  # characters of a too-long line kept in the failures file (never the whole line)
+_SKIP = 1 << 16  # characters read at a time while passing the rest of a too-long line
+
+# Every CSV this tool reads must take any field it wrote (a failures file, an output fed back): the default
+# limit (128 KiB) made a long cell "unexpected error: field larger than field limit" on every run.
+csv.field_size_limit(2**31 - 1)
+
 
 @dataclass(frozen=True, slots=True)
 class Item:
@@ -112,6 +120,22 @@ def undecodable(text: str) -> str | None:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def too_long(text: str, length: int, number: int) -> tuple[str, str]:
+    """(input, detail) of the failures file for a line of ``length`` characters beginning with ``text``."""
+    return (text.strip()[:SHOWN] + "…",
+            f"line {number}: {length:,} characters, longer than any handle, id or URL (at most {MAX_LINE:,})")
+
+
+def _bounded(text: IO[str]) -> Iterator[tuple[str, int]]:
+    """(line, its length without the line end) of each line, the line cut to MAX_LINE + 1 characters: a line
+    of any length costs no more memory than that (the rest is read in pieces and passed)."""
+    while line := text.readline(MAX_LINE + 1):
+        length, last = len(line), line
+        while length > MAX_LINE and not last.endswith(("\n", "\r")) and (last := text.readline(_SKIP)):
+            length += len(last)
+        yield line, length - (len(last) - len(last.rstrip("\r\n")))
+
+
 def decode_input(stream: IO[bytes]) -> io.TextIOWrapper:
     """Text of the input: UTF-16 when it starts with a UTF-16 BOM, else UTF-8 (BOM optional).
 
@@ -146,17 +170,19 @@ def sniff_delimiter(header: str, column: str) -> str:
     return max((",", ";", "\t"), key=header.count)
 
 
-def read_lines(stream: IO[bytes], column: str | None = None, *, hashtags: bool = False) -> Iterator[tuple[int, str]]:
-    """(line number, text) for each line that is not blank or a `#` comment, or each non-empty value of a column.
+def read_lines(stream: IO[bytes], column: str | None = None, *,
+               hashtags: bool = False) -> Iterator[tuple[int, str, int]]:
+    """(line number, text, length) for each line that is not blank or a `#` comment, or each non-empty value of
+    a column; a text longer than MAX_LINE is cut to MAX_LINE + 1 characters (``length`` is the whole one's).
 
     A line with bytes that are not text in the input's encoding keeps them as surrogate escapes
     (see `undecodable`); our own formula prefix is stripped from CSV cells.
     """
     text = decode_input(stream)
     if column is None:
-        for number, line in enumerate(text, start=1):
+        for number, (line, length) in enumerate(_bounded(text), start=1):
             if not skipped(line, hashtags=hashtags):
-                yield number, line.rstrip("\r\n")
+                yield number, line.rstrip("\r\n"), length
         return
     first = text.readline()
     if not first:
@@ -172,4 +198,5 @@ def read_lines(stream: IO[bytes], column: str | None = None, *, hashtags: bool =
     index = names.index(column)
     for number, row in enumerate(reader, start=2):
         if index < len(row) and row[index].strip():  # a cell is a value: "#tag" is a hashtag, not a comment
-            yield number, unneutralise(row[index].strip())
+            value = unneutralise(row[index].strip())
+            yield number, value[:MAX_LINE + 1], len(value)

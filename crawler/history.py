@@ -798,7 +798,7 @@ class HistoryStore:
 
 def export_csv(store: HistoryStore, path: Path) -> int:
     """Write every snapshot to a CSV (atomically); return the row count."""
-    from crawler.sinks import cell
+    from crawler.sinks import cell, replace_durably
 
     tmp = path.with_name(path.name + ".part")
     n = 0
@@ -808,7 +808,7 @@ def export_csv(store: HistoryStore, path: Path) -> int:
         for row in store.snapshots():
             writer.writerow([cell(v) for v in row])
             n += 1
-    tmp.replace(path)
+    replace_durably(tmp, path)
     return n
 
 

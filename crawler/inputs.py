@@ -13,6 +13,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from crawler.errors import UsageError
 from crawler.handles import (
+    MAX_LINE,
     InvalidInput,
     decode_input,
     normalize_name,
@@ -20,6 +21,7 @@ from crawler.handles import (
     normalize_user,
     open_input,
     read_lines,
+    too_long,
     undecodable,
 )
 
@@ -81,7 +83,11 @@ def input_items(job: JobOptions, spec: CommandSpec) -> tuple[Iterator[InputEntry
                 yield from _pairs(buffered, job.input)
                 return
             normalize = normalizer(spec.input_kind, by_id=job.by_id)
-            for number, line in read_lines(buffered, job.column, hashtags=spec.input_kind == "names"):
+            for number, line, length in read_lines(buffered, job.column, hashtags=spec.input_kind == "names"):
+                if length > MAX_LINE:  # its first characters shown, never copied whole (state, failures file)
+                    shown, detail = too_long(undecodable(line) or line, length, number)
+                    yield f"invalid:{number}", shown, "invalid_input", detail
+                    continue
                 escaped = undecodable(line)
                 if escaped is not None:  # keep the bytes visible (\xfc), never replaced by U+FFFD
                     yield (f"invalid:{number}", escaped.strip(), "invalid_input",
@@ -109,7 +115,10 @@ def _pairs(stream: IO[bytes], name: str) -> Iterator[InputEntry]:
         raw = undecodable(raw) or raw  # bytes that are not text stay visible, escaped
         if row.get("parent_comment_id") or (row.get("reply_total") or "").strip() == "0":
             continue  # a reply, or a comment without replies, in a comments CSV: nothing to fetch
-        if video.isdigit() and comment.isdigit():
+        if len(raw) > MAX_LINE:
+            shown, detail = too_long(raw, len(raw), number)
+            yield f"invalid:{number}", shown, "invalid_input", detail
+        elif video.isdigit() and comment.isdigit():
             yield f"{video}:{comment}", raw, None, None
         else:
             yield f"invalid:{number}", raw, "invalid_input", f"line {number}: video_id and comment_id must be numeric"

@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 from prometheus_client.parser import text_string_to_metric_families
 
 from crawler.errors import CrawlerError, Interrupted, UsageError
+from crawler.sinks import replace_durably
 from crawler.stats import Summary
 
 log = logging.getLogger("crawler.metrics")
@@ -175,16 +176,14 @@ def ingest_record(result: Any) -> dict[str, Any]:
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Write JSON atomically: a temporary file beside it, fsynced, renamed over ``path``."""
+    """Write JSON atomically and durably: a temporary file beside it, renamed over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2, ensure_ascii=False)
             fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -43,10 +43,12 @@ class PageSizes:
         log.info("%s pages: asking for %d from now on (%s)", kind, size, why)
         if self.path is None:
             return
+        from crawler.sinks import replace_durably  # (sinks imports endpoints, which imports this module)
+
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(self._sizes, sort_keys=True) + "\n", encoding="utf-8")
-            os.replace(tmp, self.path)
+            replace_durably(tmp, self.path)
         except OSError as exc:  # a cache: the crawl goes on without it
             log.warning("cannot write %s (%s): learned page sizes are kept for this run only", self.path, exc)

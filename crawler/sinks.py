@@ -251,18 +251,26 @@ class CsvSink:
     def finalize(self) -> None:
         """The job is complete: rename `.part` to the output name, durably."""
         self.close()
-        os.replace(self.part, self.out)
-        fsync_dir(self.out.parent)
+        replace_durably(self.part, self.out)
+
+
+def replace_durably(tmp: Path, target: Path) -> None:
+    """Rename the complete file ``tmp`` over ``target``: a power cut leaves the old file or the whole new one.
+
+    ``tmp``'s bytes are fsynced, then renamed, then the rename is fsynced (its directory). Every file this
+    tool writes aside and renames into place goes through here (tests/test_disk.py checks it).
+    """
+    with tmp.open("rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
 
 
 def copy_durably(source: Path, target: Path) -> None:
     """Copy ``source`` to ``target`` through a temporary name: ``target`` appears whole, fsynced, or not at all."""
     tmp = target.with_name(target.name + ".tmp")
     shutil.copyfile(source, tmp)
-    with tmp.open("rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
-    fsync_dir(target.parent)
+    replace_durably(tmp, target)
 
 
 def fsync_dir(path: Path) -> None:
@@ -278,16 +286,18 @@ def write_failures(path: Path, failures: Iterable[tuple[str, str, str, str]], *,
     """Write the failures file (input, endpoint, reason, detail) atomically; remove it when empty."""
     tmp = path.with_name(path.name + ".tmp")
     count = 0
-    with tmp.open("w", encoding="utf-8", newline="") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(["input", "endpoint", "reason", "detail"])
-        for row in failures:
-            writer.writerow([cell(v, raw=raw) for v in row])
-            count += 1
-    if count:
-        os.replace(tmp, path)
-    else:
-        tmp.unlink()
+    try:
+        with tmp.open("w", encoding="utf-8", newline="") as fh:
+            writer = csv.writer(fh, lineterminator="\n")
+            writer.writerow(["input", "endpoint", "reason", "detail"])
+            for row in failures:
+                writer.writerow([cell(v, raw=raw) for v in row])
+                count += 1
+        if count:
+            replace_durably(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a full disk keeps no half-written copy
+    if not count:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     return count

@@ -179,3 +179,32 @@ async def test_another_keyword_on_the_same_output_is_refused(simulator: SimFacto
         assert sim.stats.requests == before
     line = error_line(err)
     assert code == 2 and "another keyword" in line and "--restart" in line
+
+
+async def test_a_20_mb_line_round_trips_through_the_failures_file(simulator: SimFactory, tmp_path: Path) -> None:
+    """A 20 MB line is invalid_input with its first characters shown; the failures file stays small and, fed
+    back with --column input (as is a CSV with 20 MB cells), fails the same items the same way."""
+    huge = "x" * 20_000_000
+    async with simulator(world=WORLD) as sim:
+        good = handles(sim.world, 2)
+        (tmp_path / "in.txt").write_text(f"{good[0]}\n{huge}\nghost_account_404\n")
+        (tmp_path / "fast.toml").write_text(FAST_TOML)
+        code, _, err = await crawler(["profiles", "in.txt", "-o", "out.csv", *RUN], environ(sim), tmp_path)
+        assert code == 3, err
+        assert (tmp_path / "out.failures.csv").stat().st_size < 4_000
+        first = read_csv(tmp_path / "out.failures.csv")
+        assert [r["reason"] for r in first] == ["invalid_input", "not_found"]
+        assert first[0]["input"].startswith("xxxxxxxx") and "20,000,000 characters" in first[0]["detail"]
+        code, _, err = await crawler(["profiles", "out.failures.csv", "--column", "input", "-o", "again.csv", *RUN],
+                                     environ(sim), tmp_path)
+        assert code == 3, err
+        again = read_csv(tmp_path / "again.failures.csv")
+        assert [(r["input"], r["reason"]) for r in again] == [(r["input"], r["reason"]) for r in first]
+        # A CSV with 20 MB cells (one in another column, one in the column read) is read too.
+        (tmp_path / "big.csv").write_text(f"handle,note\n{good[1]},{huge}\n{huge},note\n")
+        code, _, err = await crawler(["profiles", "big.csv", "--column", "handle", "-o", "big_out.csv", *RUN],
+                                     environ(sim), tmp_path)
+        assert code == 3, err
+    assert [r["handle"] for r in read_csv(tmp_path / "big_out.csv")] == [good[1]]
+    big = read_csv(tmp_path / "big_out.failures.csv")
+    assert [r["reason"] for r in big] == ["invalid_input"] and len(big[0]["input"]) < 200
