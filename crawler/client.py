@@ -86,6 +86,16 @@ class Counters:
     billed_by_endpoint: Counter[str] = field(default_factory=Counter)  # credits billed per path
     responses: Counter[str] = field(default_factory=Counter)  # every request sent, by `response_kind()`
 
+    def add(self, other: Counters) -> None:
+        """Count another client's requests as this one's (a lookup the command made before its job's client)."""
+        self.requests_sent += other.requests_sent
+        self.credits_billed += other.credits_billed
+        self.retries += other.retries
+        self.rate_limited += other.rate_limited
+        self.by_endpoint.update(other.by_endpoint)
+        self.billed_by_endpoint.update(other.billed_by_endpoint)
+        self.responses.update(other.responses)
+
 
 def check_base_url(url: str, *, allow_insecure_http: bool = False) -> str:
     """The base URL if it is safe to send the key to, else a UsageError (before any connection)."""

@@ -956,6 +956,23 @@ async def test_the_starters_summary_and_metrics_count_what_it_billed(hosts: Host
     assert re.search(r'^crawler_responses{command="posts",outcome="ok"} [1-9]', prom, re.M), prom
 
 
+async def test_the_region_lookup_of_a_postgresql_job_counts_under_its_max_credits(hosts: Hosts, schema: str) -> None:
+    """`search-videos --region --max-credits 3 --jobs-url` with no region list cached: the simulator receives 3
+    requests in all, the region lookup included (exit 4), and the job's requests_sent is that count."""
+    w = World(WORLD)
+    region = max(sorted(w.regions()), key=lambda r: len(w.search_videos("dance", region=r)))
+    assert len(w.search_videos("dance", region=region)) >= 6, "the search needs 3 pages of 2"
+    async with simulator(hosts.key) as sim:
+        code, _, err = await hosts.run("starter", ["search-videos", "dance", "-o", "out.csv", "--region", region,
+                                                   "--jobs-url", pg_url(schema), "--summary-json", "s.json",
+                                                   *common(sim.url, "--parallelism", "1", "--page-size", "2",
+                                                           "--max-credits", "3")])
+    assert code == 4, err[-800:]
+    assert sim.stats.requests == 3 and sim.stats.by_endpoint["/region-list"] == 1, sim.stats.snapshot()
+    summary = json.loads((hosts.root / "starter" / "s.json").read_text())
+    assert (summary["requests_sent"], summary["run_requests"]) == (3, 3), summary
+
+
 async def test_crawler_jobs_lists_a_service_worker_that_worked_the_job_after_it_goes_idle(hosts: Hosts,
                                                                                          schema: str) -> None:
     """A `crawler work` service (no --until-idle) works items of a job, then idles waiting for new jobs: `crawler
