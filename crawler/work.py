@@ -584,7 +584,8 @@ def _summary(job: JobOptions, store: PgJobStore, pg: PgJob, progress: Any, fails
     failures_file = failures_path(out)
     summary = Summary(
         command=job.command, status=status, items_total=progress.total, items_done=progress.done,
-        items_failed=progress.failed, items_pending=progress.pending, rows_written=result.rows, rows_total=pg.rows,
+        items_failed=sum(fails.values()),  # failed items and failed reply walks: the failures file's rows
+        items_pending=progress.pending, rows_written=result.rows, rows_total=pg.rows,
         requests_sent=pg.requests_sent, credits_billed=pg.credits_billed, run_requests=result.requests_sent,
         rate_limited=result.rate_limited, retries=result.retries, elapsed=time.monotonic() - started,
         parallelism=settings.parallelism or 8,
@@ -592,7 +593,7 @@ def _summary(job: JobOptions, store: PgJobStore, pg: PgJob, progress: Any, fails
         rate_wait_seconds=result.rate_wait_seconds, failures=fails, run_credits_billed=result.credits_billed,
         responses=dict(result.responses),
         output=str(out) if status != "stopped" else f"job {pg.id} in {store.where}",
-        failures_file=str(failures_file) if progress.failed else "",
+        failures_file=str(failures_file) if fails else "",
         reason=reason or (str(error) if error else ""),
         notes=(f"job {pg.id}: {result.items:,} items worked here, {result.lost} taken over by other workers",),
     )
