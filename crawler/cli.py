@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from crawler import __version__
+from crawler.client import Counters
 from crawler.commands import COMMANDS
 from crawler.config import FLAG_NAMES, Secret, Settings, api_key, load_settings, masked
 from crawler.crawl import Crawl, run_job
@@ -345,6 +346,7 @@ def cmd_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
     key = api_key()
     check_ledger(settings, key)
     name = args.command
+    search, lookup = _search_options(args, settings, key)
     job = JobOptions(
         command=name,
         input=args.input,
@@ -355,7 +357,7 @@ def cmd_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
         max_items=settings.max_items,
         max_pages=settings.max_pages,
         page_size=settings.page_size,
-        **_search_options(args, settings, key),
+        **search,
     )
     if not job.output.endswith(".csv"):
         raise UsageError(f"--output {job.output}: the output must be a .csv file")
@@ -365,12 +367,12 @@ def cmd_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
         with reports as report:  # the job-level figures from PostgreSQL
             outcome = asyncio.run(start_job(job, settings, api_key=key, url=settings.jobs_url,
                                             restart=args.restart, retry_failed=args.retry_failed,
-                                            overwrite=args.overwrite, quiet=args.quiet))
+                                            overwrite=args.overwrite, quiet=args.quiet, earlier=lookup))
             report.done(outcome.exit_code, [outcome.summary])
         _report(outcome, args.quiet, argv, max_credits=settings.max_credits)
         return outcome.exit_code
     crawl = Crawl(job, settings, api_key=key, restart=args.restart, retry_failed=args.retry_failed,
-                  overwrite=args.overwrite, quiet=args.quiet)
+                  overwrite=args.overwrite, quiet=args.quiet, earlier=lookup)
     with reports as report:
         outcome = asyncio.run(run_job(crawl))
         report.done(outcome.exit_code, [outcome.summary])
@@ -378,20 +380,24 @@ def cmd_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return outcome.exit_code
 
 
-def _search_options(args: argparse.Namespace, settings: Settings, key: Any) -> dict[str, Any]:
+def _search_options(args: argparse.Namespace, settings: Settings, key: Any
+                    ) -> tuple[dict[str, Any], Counters | None]:
+    """The job options of `search-videos`, and the counters of the region lookup made to check --region (None
+    when the region list was cached): the job counts that request as its own, under --max-credits."""
     if args.command != "search-videos":
-        return {}
+        return {}, None
     if args.publish_time not in PUBLISH_TIME:
         raise UsageError(f"--publish-time {args.publish_time}: use one of {', '.join(map(str, PUBLISH_TIME))}")
     sort = SORT_BY.get(str(args.sort_by).lower())
     if sort is None:
         raise UsageError(f"--sort-by {args.sort_by}: use relevance, likes or date")
     region = args.region.upper() if args.region else None
+    lookup = None
     if region:
-        codes = {r[0] for r in _regions(settings, key)}
-        if region not in codes:
+        found, lookup = _fetch_regions(settings, key)
+        if region not in {r[0] for r in found}:
             raise UsageError(f"--region {args.region}: not a region the API knows (see `crawler regions`)")
-    return {"publish_time": args.publish_time, "sort_by": sort, "region": region}
+    return {"publish_time": args.publish_time, "sort_by": sort, "region": region}, lookup
 
 
 def _report(outcome: Outcome, quiet: bool, argv: Sequence[str], *, max_credits: int | None = None) -> None:
@@ -439,20 +445,26 @@ def _failure_hint(failures: dict[str, int], argv: Sequence[str]) -> str:
 
 def _regions(settings: Settings, key: Any) -> list[tuple[str, str]]:
     """Region codes, cached in the data directory after the first (one-credit) call."""
+    return _fetch_regions(settings, key)[0]
+
+
+def _fetch_regions(settings: Settings, key: Any) -> tuple[list[tuple[str, str]], Counters | None]:
+    """Region codes (cached in the data directory after the first, one-credit, call) and the counters of the client
+    that fetched them (None when cached)."""
     cache = Path(settings.data_dir) / "regions.json"
     if cache.is_file():
-        return [(str(r[0]), str(r[1])) for r in json.loads(cache.read_text())]
+        return [(str(r[0]), str(r[1])) for r in json.loads(cache.read_text())], None
     from crawler.client import Client
 
-    async def fetch() -> list[tuple[str, str]]:
+    async def fetch() -> tuple[list[tuple[str, str]], Counters]:
         async with Client(settings, api_key=key, request_budget=settings.max_credits) as client:
-            return [(r.code, r.name) for r in await client.regions()]
+            return [(r.code, r.name) for r in await client.regions()], client.counters
 
     print("crawler: fetching the region list (1 credit, cached afterwards)", file=sys.stderr)
-    found = asyncio.run(fetch())
+    found, counters = asyncio.run(fetch())
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(found))
-    return found
+    return found, counters
 
 
 def cmd_regions(args: argparse.Namespace, argv: Sequence[str]) -> int:

@@ -14,6 +14,7 @@ import ipaddress
 import json
 import logging
 import math
+import re
 import sys
 import time
 from collections import Counter
@@ -85,6 +86,16 @@ class Counters:
     billed_by_endpoint: Counter[str] = field(default_factory=Counter)  # credits billed per path
     responses: Counter[str] = field(default_factory=Counter)  # every request sent, by `response_kind()`
 
+    def add(self, other: Counters) -> None:
+        """Count another client's requests as this one's (a lookup the command made before its job's client)."""
+        self.requests_sent += other.requests_sent
+        self.credits_billed += other.credits_billed
+        self.retries += other.retries
+        self.rate_limited += other.rate_limited
+        self.by_endpoint.update(other.by_endpoint)
+        self.billed_by_endpoint.update(other.billed_by_endpoint)
+        self.responses.update(other.responses)
+
 
 def check_base_url(url: str, *, allow_insecure_http: bool = False) -> str:
     """The base URL if it is safe to send the key to, else a UsageError (before any connection)."""
@@ -138,6 +149,35 @@ def _message(body: Mapping[str, Any]) -> str:
     return "error without a message"
 
 
+# Text no sink can write: a UTF-16 surrogate (UTF-8 files, SQLite and PostgreSQL refuse one) or NUL (PostgreSQL).
+_UNWRITABLE = re.compile("[\x00\ud800-\udfff]")
+# Where such text can come from in a raw body: an escaped half or NUL, a half as UTF-8 bytes (json.loads decodes
+# with surrogatepass), or any zero byte (a UTF-16/32 body). A body without any of these is not walked.
+_ESCAPED = re.compile(rb"\\u(?:[dD][89a-fA-F]|0000)")
+
+
+def clean_text(value: Any) -> Any:
+    """Decoded JSON with every string writable: the two halves of a surrogate pair joined into their character,
+    a half alone replaced by U+FFFD, NUL removed (a title or nickname cut in the middle of an emoji)."""
+    if isinstance(value, str):
+        if _UNWRITABLE.search(value) is None:
+            return value
+        return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace").replace("\x00", "")
+    if isinstance(value, dict):
+        return {clean_text(k): clean_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [clean_text(v) for v in value]
+    return value
+
+
+def _loads(raw: bytes) -> Any:
+    """json.loads, every string of the result writable (`clean_text`): the one place API text is decoded."""
+    body = json.loads(raw)
+    if b"\xed" in raw or b"\x00" in raw or _ESCAPED.search(raw) is not None:
+        body = clean_text(body)
+    return body
+
+
 def classify(status: int, raw: bytes, retry_after: str | None, endpoint: str) -> tuple[JsonDict, bool]:
     """Turn one HTTP answer into (payload, billed) or raise the error it means (see `interpret`)."""
     result, billed = interpret(status, raw, retry_after, endpoint)
@@ -168,7 +208,7 @@ def interpret(status: int, raw: bytes, retry_after: str | None, endpoint: str) -
         return Unreachable(f"{endpoint}: unexpected redirect (HTTP {status})"), False
     billed = status == 200
     try:
-        body = json.loads(raw)
+        body = _loads(raw)
     except ValueError:
         if raw.lstrip()[:1] == b"<":
             return Unreachable(f"{endpoint}: malformed JSON, an HTML page (HTTP {status})"), billed

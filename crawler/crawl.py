@@ -18,7 +18,7 @@ from typing import Any
 
 from crawler import endpoints as ep
 from crawler import killpoints
-from crawler.client import Client, GracefulStop
+from crawler.client import Client, Counters, GracefulStop
 from crawler.commands import COMMANDS, CommandSpec
 from crawler.config import Secret, Settings
 from crawler.errors import (
@@ -71,6 +71,7 @@ class Crawl(ItemWalker, GracefulStop):
         progress_interval: float | None = None,
         flowing: asyncio.Event | None = None,
         spec: CommandSpec | None = None,
+        earlier: Counters | None = None,
     ) -> None:
         if spec is None and job.command not in COMMANDS:
             raise UsageError(f"unknown command {job.command!r}")
@@ -85,6 +86,7 @@ class Crawl(ItemWalker, GracefulStop):
         self.input_change: tuple[int, int] | None = None  # (items added, done items gone) of an edited input
         self.capped = 0  # walks this run ended at the --max-pages cap
         self._base_counters = (0, 0)  # the job's requests_sent and credits_billed when this run began
+        self._earlier = earlier  # requests this command sent for the job before its client (the region lookup)
         self.quiet = quiet
         self._durable = durable
         self._progress_interval = progress_interval
@@ -176,6 +178,8 @@ class Crawl(ItemWalker, GracefulStop):
 
             self.client = Client(self.settings, api_key=self._api_key, request_budget=budget, reserve=reserve,
                                  max_connections=max(MAX_AUTO_WORKERS, self.settings.parallelism or 0))
+            if self._earlier is not None:  # this run's first requests: in requests_sent and under the budget
+                self.client.counters.add(self._earlier)
             self._base_counters = (base_sent, base_billed)
 
             def counters() -> tuple[int, int]:

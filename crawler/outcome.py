@@ -56,7 +56,7 @@ def outcome(job: JobOptions, state: StateStore, client: Client | None, facts: Ru
         status=status,
         items_total=progress.total,
         items_done=progress.done,
-        items_failed=progress.failed,
+        items_failed=sum(fails.values()),  # failed items and failed reply walks: the failures file's rows
         items_pending=progress.pending,
         rows_written=rows,
         rows_total=record.rows,

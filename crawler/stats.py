@@ -18,7 +18,7 @@ class Summary:
     status: str  # completed, stopped, already complete
     items_total: int
     items_done: int
-    items_failed: int
+    items_failed: int  # the failures file's rows: failed items and failed reply walks (VIDEO_ID,COMMENT_ID)
     items_pending: int
     rows_written: int  # this run
     rows_total: int  # the job, across runs

@@ -27,7 +27,7 @@ from typing import Any
 
 from crawler import endpoints as ep
 from crawler import itemqueue, killpoints
-from crawler.client import Client, GracefulStop
+from crawler.client import Client, Counters, GracefulStop
 from crawler.commands import COMMANDS, CommandSpec
 from crawler.config import Secret, Settings, masked
 from crawler.errors import (
@@ -116,8 +116,9 @@ class JobWorker(ItemWalker, GracefulStop):
     """One worker process on one PostgreSQL job: the `CrawlContext` handlers see, over the queue and the store."""
 
     def __init__(self, store: PgJobStore, pg: PgJob, settings: Settings, *, api_key: Secret, worker_id: str,
-                 stop_when_idle: bool = True) -> None:
+                 stop_when_idle: bool = True, earlier: Counters | None = None) -> None:
         self.store = store
+        self._earlier = earlier  # requests the starter sent for the job before its client (the region lookup)
         self.pg = pg
         self.jid = pg.id
         self.job = job_options(pg)
@@ -172,6 +173,7 @@ class JobWorker(ItemWalker, GracefulStop):
         self.client = Client(self.settings, api_key=self._key, reserve=self.budget.reserve,
                              max_connections=max(64, self.parallelism))
         try:
+            await self._count_earlier()
             async with self.client:
                 async with asyncio.TaskGroup() as outer:
                     writer = outer.create_task(self._writer())
@@ -208,6 +210,15 @@ class JobWorker(ItemWalker, GracefulStop):
                 killpoints.reached("enqueuing")
                 await self.store.outside(lambda: itemqueue.enqueue(self.store.url, self.jid, orphans))
         return r
+
+    async def _count_earlier(self) -> None:
+        """The requests sent before this session's client are its first: in its counters and the job's budget."""
+        if self._earlier is None:
+            return
+        self.client.counters.add(self._earlier)
+        with contextlib.suppress(BudgetExhausted):  # spent either way; the next request stops the run
+            for _ in range(self._earlier.requests_sent):
+                await self.budget.reserve(0)
 
     async def _take_items(self) -> None:
         """Run the queue consumer; a lost connection is retried until retry.stall_limit (then StoreLost)."""
@@ -437,8 +448,9 @@ def _remove_signals(installed: list[signal.Signals]) -> None:
 
 
 async def _work_session(store: PgJobStore, pg: PgJob, settings: Settings, key: Secret, worker_id: str,
-                        stopper: list[JobWorker | None], stopped: list[CrawlerError]) -> SessionResult:
-    worker = JobWorker(store, pg, settings, api_key=key, worker_id=worker_id)
+                        stopper: list[JobWorker | None], stopped: list[CrawlerError], *,
+                        earlier: Counters | None = None) -> SessionResult:
+    worker = JobWorker(store, pg, settings, api_key=key, worker_id=worker_id, earlier=earlier)
     stopper[0] = worker
     if stopped:
         worker.request_stop(stopped[0])
@@ -449,8 +461,10 @@ async def _work_session(store: PgJobStore, pg: PgJob, settings: Settings, key: S
 
 
 async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url: str, restart: bool = False,
-                    retry_failed: bool | str = False, overwrite: bool = False, quiet: bool = False) -> Outcome:
-    """`crawler COMMAND INPUT -o OUT.csv --jobs-url URL`: create or resume the job, work it, export it."""
+                    retry_failed: bool | str = False, overwrite: bool = False, quiet: bool = False,
+                    earlier: Counters | None = None) -> Outcome:
+    """`crawler COMMAND INPUT -o OUT.csv --jobs-url URL`: create or resume the job, work it, export it; `earlier`:
+    the requests this command sent for it before (the region lookup), counted as the starter's first."""
     started = time.monotonic()
     spec = COMMANDS[job.command]
     out = Path(job.output)
@@ -509,7 +523,7 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
 
         installed = _install_signals(stop)
         try:
-            result = await _work_session(store, pg, settings, api_key, worker_id, stopper, stopped)
+            result = await _work_session(store, pg, settings, api_key, worker_id, stopper, stopped, earlier=earlier)
             error = result.error
             # Other workers may still hold items: wait for them (a dead one's items come back to the queue).
             while error is None:
@@ -570,7 +584,8 @@ def _summary(job: JobOptions, store: PgJobStore, pg: PgJob, progress: Any, fails
     failures_file = failures_path(out)
     summary = Summary(
         command=job.command, status=status, items_total=progress.total, items_done=progress.done,
-        items_failed=progress.failed, items_pending=progress.pending, rows_written=result.rows, rows_total=pg.rows,
+        items_failed=sum(fails.values()),  # failed items and failed reply walks: the failures file's rows
+        items_pending=progress.pending, rows_written=result.rows, rows_total=pg.rows,
         requests_sent=pg.requests_sent, credits_billed=pg.credits_billed, run_requests=result.requests_sent,
         rate_limited=result.rate_limited, retries=result.retries, elapsed=time.monotonic() - started,
         parallelism=settings.parallelism or 8,
@@ -578,7 +593,7 @@ def _summary(job: JobOptions, store: PgJobStore, pg: PgJob, progress: Any, fails
         rate_wait_seconds=result.rate_wait_seconds, failures=fails, run_credits_billed=result.credits_billed,
         responses=dict(result.responses),
         output=str(out) if status != "stopped" else f"job {pg.id} in {store.where}",
-        failures_file=str(failures_file) if progress.failed else "",
+        failures_file=str(failures_file) if fails else "",
         reason=reason or (str(error) if error else ""),
         notes=(f"job {pg.id}: {result.items:,} items worked here, {result.lost} taken over by other workers",),
     )

@@ -227,6 +227,28 @@ async def test_exit_4_at_max_credits_counted_on_the_server_then_a_larger_budget_
         assert f"requests_sent   {sim.stats.requests:,}" in out  # the job counted every request the server saw
 
 
+async def test_the_region_lookup_is_counted_in_requests_sent_and_under_max_credits(simulator: SimFactory,
+                                                                                  tmp_path: Path) -> None:
+    """`search-videos --region` with --max-credits 3 and no region list cached: the server receives 3 requests in
+    all, the region lookup included (exit 4), and the job's requests_sent is the server's count, then too after a
+    larger budget completes it."""
+    async with simulator(world=WORLD) as sim:
+        region = max(sorted(sim.world.regions()), key=lambda r: len(sim.world.search_videos("dance", region=r)))
+        assert len(sim.world.search_videos("dance", region=region)) >= 6, "the search needs 3 pages of 2"
+        setup_dir(tmp_path, [])
+        base = ["search-videos", "dance", "-o", "out.csv", "-q", "--config", "fast.toml", "--data-dir", "d",
+                "--parallelism", "1", "--page-size", "2", "--region", region]
+        code, _, err = await crawler([*base, "--max-credits", "3"], environ(sim), tmp_path)
+        assert code == 4, err
+        assert sim.stats.requests == 3 and sim.stats.by_endpoint["/region-list"] == 1
+        code, out, _ = await crawler(["status", "out.csv"], environ(sim), tmp_path)
+        assert code == 0 and f"requests_sent   {sim.stats.requests:,}" in out, out
+        code, _, err = await crawler([*base, "--max-credits", "1000"], environ(sim), tmp_path)
+        assert code == 0, err
+        code, out, _ = await crawler(["status", "out.csv"], environ(sim), tmp_path)
+        assert code == 0 and f"requests_sent   {sim.stats.requests:,}" in out, out
+
+
 async def test_exit_4_when_the_balance_is_empty(simulator: SimFactory, tmp_path: Path) -> None:
     """A key with 5 credits: five billed answers, then exit 4 with one line saying to top up and how to resume."""
     async with simulator(world=WORLD, keys={"small": 5}) as sim:

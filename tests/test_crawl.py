@@ -833,6 +833,25 @@ async def test_a_reply_walk_stopped_by_its_page_cap_is_a_failure_row_for_its_com
         assert len(got) == len(set(got)) and set(got) == want
 
 
+async def test_failed_reply_walks_are_counted_in_items_failed(simulator: SimFactory, tmp_path: Path) -> None:
+    """`comments --with-replies --max-pages 1` on a post whose comments fit one page but some of whose replies do
+    not: the post is done, and each capped reply walk (a failures file row) is counted in items_failed."""
+    async with simulator(world=WORLD) as sim:
+        w = sim.world
+        post = next(p for i in range(w.config.users) if public(w, i) for p in w.posts(i)
+                    if 0 < len(list(w.comments(p.video_id))) <= 20
+                    and any(c.reply_total > 20 for c in w.comments(p.video_id)))
+        capped = [c for c in w.comments(post.video_id) if c.reply_total > 20]
+        out = tmp_path / "out.csv"
+        outcome = await crawl_once(fast_settings(sim.url, data_dir=str(tmp_path / "data")), "comments",
+                                   [post.video_id], out, with_replies=True, max_pages=1, page_size=20)
+    assert outcome.exit_code == 3
+    assert read_failures(out) == {f"{post.video_id},{c.comment_id}": "pagination_guard" for c in capped}
+    s = outcome.summary
+    assert (s.items_done, s.items_failed, s.items_pending, s.failures_file) == (1, len(capped), 0, str(
+        out.with_name("out.failures.csv"))), s
+
+
 # --- page sizes: the most each list gives, caps learned from the answers ---
 
 def _follow_case(w: World) -> tuple[list[int], list[str], set[tuple[str, str]]]:

@@ -984,6 +984,45 @@ async def test_the_starters_summary_and_metrics_count_what_it_billed(hosts: Host
     assert re.search(r'^crawler_responses{command="posts",outcome="ok"} [1-9]', prom, re.M), prom
 
 
+async def test_the_region_lookup_of_a_postgresql_job_counts_under_its_max_credits(hosts: Hosts, schema: str) -> None:
+    """`search-videos --region --max-credits 3 --jobs-url` with no region list cached: the simulator receives 3
+    requests in all, the region lookup included (exit 4), and the job's requests_sent is that count."""
+    w = World(WORLD)
+    region = max(sorted(w.regions()), key=lambda r: len(w.search_videos("dance", region=r)))
+    assert len(w.search_videos("dance", region=region)) >= 6, "the search needs 3 pages of 2"
+    async with simulator(hosts.key) as sim:
+        code, _, err = await hosts.run("starter", ["search-videos", "dance", "-o", "out.csv", "--region", region,
+                                                   "--jobs-url", pg_url(schema), "--summary-json", "s.json",
+                                                   *common(sim.url, "--parallelism", "1", "--page-size", "2",
+                                                           "--max-credits", "3")])
+    assert code == 4, err[-800:]
+    assert sim.stats.requests == 3 and sim.stats.by_endpoint["/region-list"] == 1, sim.stats.snapshot()
+    summary = json.loads((hosts.root / "starter" / "s.json").read_text())
+    assert (summary["requests_sent"], summary["run_requests"]) == (3, 3), summary
+
+
+async def test_a_postgresql_job_counts_failed_reply_walks_in_items_failed(hosts: Hosts, schema: str) -> None:
+    """`comments --with-replies --max-pages 1 --jobs-url` on a post whose comments fit one page but some of whose
+    replies do not: exit 3, and each capped reply walk (a failures file row) is counted in items_failed."""
+    w = World(WORLD)
+    post = next(p for i in range(WORLD.users) if not w.is_missing(i) and not w.is_private(i) for p in w.posts(i)
+                if 0 < len(list(w.comments(p.video_id))) <= 20
+                and any(c.reply_total > 20 for c in w.comments(p.video_id)))
+    capped = {f"{post.video_id},{c.comment_id}" for c in w.comments(post.video_id) if c.reply_total > 20}
+    (hosts.root / "in.txt").write_text(post.video_id + "\n")
+    async with simulator(hosts.key) as sim:
+        code, _, err = await hosts.run("starter", ["comments", str(hosts.root / "in.txt"), "-o", "out.csv",
+                                                   "--with-replies", "--jobs-url", pg_url(schema),
+                                                   "--summary-json", "s.json",
+                                                   *common(sim.url, "--max-pages", "1", "--page-size", "20")])
+    assert code == 3, err[-800:]
+    with (hosts.root / "starter" / "out.failures.csv").open(newline="") as fh:
+        assert {r["input"] for r in csv.DictReader(fh)} == capped
+    summary = json.loads((hosts.root / "starter" / "s.json").read_text())
+    assert (summary["items_done"], summary["items_failed"]) == (1, len(capped)), summary
+    assert f"crawler: {len(capped)} items failed; see " in err, err[-800:]
+
+
 async def test_crawler_jobs_lists_a_service_worker_that_worked_the_job_after_it_goes_idle(hosts: Hosts,
                                                                                          schema: str) -> None:
     """A `crawler work` service (no --until-idle) works items of a job, then idles waiting for new jobs: `crawler

@@ -48,6 +48,8 @@ def _parser(prog: str = "python -m crawler.sim") -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--users", type=int, default=10_000)
     p.add_argument("--pathological", type=float, default=0.0, metavar="FRACTION")
+    p.add_argument("--broken-text", type=float, default=0.0, metavar="FRACTION",
+                   help="users whose nickname and titles end in half an emoji and a NUL")
     p.add_argument("--rate-limit", type=int, default=200)
     p.add_argument("--window", type=float, default=60.0, metavar="SECONDS")
     p.add_argument("--burst-limit", type=int, default=50)
@@ -72,7 +74,8 @@ def _parser(prog: str = "python -m crawler.sim") -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
     """The SimConfig that parsed command-line arguments describe."""
-    world = WorldConfig(seed=args.seed, users=args.users, pathological_fraction=args.pathological)
+    world = WorldConfig(seed=args.seed, users=args.users, pathological_fraction=args.pathological,
+                        broken_text_fraction=args.broken_text)
     return SimConfig(
         world=world, keys=dict(args.key or [("sim-key", None)]), rate_limit=args.rate_limit,
         rate_window=args.window, burst_limit=args.burst_limit, retry_after=args.retry_after,

@@ -64,7 +64,9 @@ MAX_REPLIES = 60
 # Hash domains: one constant per kind of derived value, so no two values share a stream.
 (_MISSING, _PRIVATE, _PATHO, _PATHO_KIND, _RENAME, _WORD, _SEP, _NICK, _SIG, _REGION, _VERIFIED,
  _FOLLOWERS, _FOLLOWING, _VIDEOS, _HEARTS, _DIGG, _POST, _COMMENT, _REPLY, _LIST, _MUSIC, _CHALLENGE,
- _SEARCH, _PICK, _DELETE) = range(101, 126)
+ _SEARCH, _PICK, _DELETE, _BROKEN) = range(101, 127)
+# What `broken_text_fraction` appends to a nickname and a title: a whole emoji, a NUL, half an emoji.
+BROKEN_TAIL = " \U0001F600\x00 \ud83d"
 
 _HANDLE_RE = re.compile(r"^[a-z]+[._]?(\d+)(?:v\d+)?$")
 _CHALLENGE_RE = re.compile(r"^[a-z]+(\d+)$")
@@ -143,6 +145,11 @@ class World:
         if self.is_missing(index) or self.is_private(index):
             return False
         return self._u(_PATHO, index) < self.config.pathological_fraction
+
+    def has_broken_text(self, index: int) -> bool:
+        """True if this user's nickname and post titles end in BROKEN_TAIL (WorldConfig.broken_text_fraction)."""
+        fraction = self.config.broken_text_fraction
+        return fraction > 0 and self._u(_BROKEN, index) < fraction
 
     def pathology(self, index: int) -> Literal["endless", "repeat"] | None:
         """Which misbehaviour a pathological user shows (module docstring), None for normal users."""
@@ -245,7 +252,8 @@ class World:
         sec = base64.urlsafe_b64encode(digest).decode()
         return User(
             index=index, user_id=self.user_id(index), handle=self.handle(index),
-            nickname=self.nicknames.get(index) or make_nickname(self._h(_NICK, index)), sec_uid="MS4wLjABAAAA" + sec,
+            nickname=self.nicknames.get(index) or make_nickname(self._h(_NICK, index)) + self._tail(index),
+            sec_uid="MS4wLjABAAAA" + sec,
             verified=followers > 1_000_000 or self._u(_VERIFIED, index) < 0.01,
             private=self.is_private(index), followers=followers,
             following=self._count(_FOLLOWING, index),
@@ -254,6 +262,9 @@ class World:
             region=self._region(index), signature=make_signature(self._h(_SIG, index)),
         )
 
+    def _tail(self, index: int) -> str:
+        return BROKEN_TAIL if self.has_broken_text(index) else ""
+
     # ----- posts -------------------------------------------------------------------------------------
 
     def _post_at(self, index: int, j: int, tl: Timeline) -> Post:
@@ -261,9 +272,10 @@ class World:
         play = pareto(unit(hash64(h, 1)), 300, 0.8, 400_000_000) + self._base(_FOLLOWERS, index) // 10
         play = play * (1000 + 5 * self.day) // 1000  # counts grow with the world's day
         digg = int(play * (0.02 + 0.13 * unit(hash64(h, 2))))
+        title, tail = make_title(hash64(h, 3)), self._tail(index)
         return Post(
             video_id=str(VIDEO_ID_BASE + index * VIDEO_SLOTS + j), author_index=index,
-            create_time=tl.time(j), region=self._region(index), title=make_title(hash64(h, 3)),
+            create_time=tl.time(j), region=self._region(index), title=(title or "") + tail if tail else title,
             play_count=play, digg_count=digg,
             comment_count=pareto(unit(hash64(h, 4)), 3, 0.9, MAX_COMMENTS),
             share_count=int(digg * 0.05 * unit(hash64(h, 5))),

@@ -17,6 +17,9 @@ class WorldConfig:
     private_fraction: float = 0.05
     missing_fraction: float = 0.03
     pathological_fraction: float = 0.0
+    # Users whose nickname and post titles carry text sinks refuse: an emoji cut in half (a lone UTF-16
+    # surrogate, sent as an escaped half) and a NUL, beside a whole emoji sent as two escaped halves.
+    broken_text_fraction: float = 0.0
     rename_probability: float = 0.02
     delete_probability: float = 0.0  # chance per user and day that one of the user's older posts is deleted
     follow_cap: int = 5000

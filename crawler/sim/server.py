@@ -281,7 +281,8 @@ class Simulator:
         payload = call_endpoint(path, self.world, params, q, self.media)
         if fault == "malformed":
             return web.Response(text=_MALFORMED, content_type="text/html")
-        text = json.dumps(payload, ensure_ascii=False)
+        # Half an emoji cannot be UTF-8: it is sent as an escaped half (`\ud83d`), as JSON encoders write it.
+        text = json.dumps(payload, ensure_ascii=cfg.world.broken_text_fraction > 0)
         if fault == "truncated":
             text = text[: len(text) // 2]
         if fault == "cut":  # a billed 200 whose body never fully arrives
