@@ -192,6 +192,7 @@ class Ingest(GracefulStop):
         self.skipped = 0  # users with nothing to do today
         self._queued_users: set[str] = set()  # user ids queued this run
         self.failed = 0  # profiles or walks that failed in this run
+        self.elsewhere = 0  # users left to another run on the same history store (it held their claim)
 
     # -- the day --
 
@@ -510,22 +511,24 @@ class Ingest(GracefulStop):
         if the store shows the user's day done once claimed (another run committed it); released when done."""
         day = self.day_now()
         subject = f"user:{task.user_id}" if task.user_id else f"name:{task.key}"
-        mine = await self._call(self._claim, task, day, subject)
+        claimed, mine = await self._call(self._claim, task, day, subject)
+        self.elsewhere += not claimed
         if mine is None:
             return
         await self._user(mine)
         await self._call(self.store.release_claim, day, subject, self.run_id)
 
-    def _claim(self, task: UserTask, day: dt.date, subject: str) -> UserTask | None:
-        """Claim the user's day (the store's thread) and plan its work from what the store holds once claimed."""
+    def _claim(self, task: UserTask, day: dt.date, subject: str) -> tuple[bool, UserTask | None]:
+        """Claim the user's day (the store's thread): whether it was free, and the work the store shows left once
+        claimed (None: none)."""
         with self.store.transaction():
             if not self.store.claim(day, subject, self.run_id, self._claim_ttl):
-                return None  # another run is on it
+                return False, None  # another run is on it
             ids, snaps, failed = self._lookup([task.key], day)
             mine = self._plan(task.key, ids[task.key] or task.user_id, snaps, failed)
             if mine is None:
                 self.store.release_claim(day, subject, self.run_id)
-            return mine
+            return True, mine
 
     async def _submit(self, commit: _Commit) -> None:
         self.failed += commit.failure is not None and commit.failure[1] != "pagination_guard"
@@ -879,7 +882,9 @@ class Ingest(GracefulStop):
             output=str(self.out_dir / f"{PROFILES}-{today.isoformat()}.csv"),
             failures_file=next((f for f in files if Path(f).name.startswith(f"{PROFILES}-{today}")), ""),
             reason=str(error) if error else "",
-            notes=(f"day {today.isoformat()} set by --date (a backfill)",) if self.override else ())
+            notes=((f"day {today.isoformat()} set by --date (a backfill)",) if self.override else ())
+            + ((f"{self.elsewhere:,} users were being fetched by another run on this history store",)
+               if self.elsewhere else ()))
         outcomes = [Outcome(profiles, error)]
         if self.with_posts:
             notes = []

@@ -107,8 +107,8 @@ def test_a_claim_keeps_other_runs_off_until_it_expires_on_the_stores_clock(store
 
 async def test_a_user_claimed_by_a_live_run_is_left_to_it_and_a_dead_runs_claim_is_taken_over(
         simulator: SimFactory, tmp_path: Path, store_url: str) -> None:  # noqa: F811
-    """A user another run holds a live claim on is not fetched; once that claim has expired (its run died without
-    committing), the next run fetches the user, once, and leaves no claim behind."""
+    """A user another run holds a live claim on is not fetched (the summary says so); once that claim has expired
+    (its run died without committing), the next run fetches the user, once, and leaves no claim behind."""
     async with simulator(world=WORLD, record_arrivals=True) as sim:
         w = sim.world
         users = public_users(w, 6)
@@ -123,6 +123,7 @@ async def test_a_user_claimed_by_a_live_run_is_left_to_it_and_a_dead_runs_claim_
         settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"), history_url=store_url)
         first = await run(tmp_path, settings, 0, with_posts=False)
         assert first.exit_code == 0
+        assert "1 users were being fetched by another run on this history store" in first.outcomes[0].summary.notes
         assert set(profile_requests(sim)) == {w.handle(i) for i in users} - {held}
         store = HistoryStore(store_url)
         try:
@@ -131,7 +132,7 @@ async def test_a_user_claimed_by_a_live_run_is_left_to_it_and_a_dead_runs_claim_
         finally:
             store.close()
         second = await run(tmp_path, settings, 0, with_posts=False)
-        assert second.exit_code == 0
+        assert second.exit_code == 0 and not second.outcomes[0].summary.notes
         assert profile_requests(sim) == Counter({w.handle(i): 1 for i in users})
     assert sorted(u for u, d in snapshots(store_url) if d == day(0)) == sorted(w.user_id(i) for i in users)
     store = HistoryStore(store_url)
