@@ -26,7 +26,7 @@ from crawler.config import check_history_url
 from crawler.endpoints import Post, Profile
 from crawler.errors import UsageError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 T = TypeVar("T")
 
 # Migrations by version; {date}/{ts}/{bool}/{int} are filled per database.
@@ -69,6 +69,11 @@ MIGRATIONS: dict[int, list[str]] = {
         " credits_billed {int} NOT NULL DEFAULT 0, watch_users {int} NOT NULL DEFAULT 0, PRIMARY KEY (run_id, day))",
         # The committed length of each day file: rows past it (a kill between write and commit) are cut off.
         "CREATE TABLE IF NOT EXISTS ingest_files (path TEXT PRIMARY KEY, length {int} NOT NULL)",
+    ],
+    # Version 3 (several runs on one store): the user-days runs are working on (see HistoryStore.claim).
+    3: [
+        "CREATE TABLE IF NOT EXISTS claims (day {date} NOT NULL, subject TEXT NOT NULL, owner TEXT NOT NULL,"
+        " expires {int} NOT NULL, PRIMARY KEY (day, subject))",
     ],
 }
 
@@ -289,7 +294,9 @@ class HistoryStore:
         return list(self._exec(sql, params).fetchall())
 
     def _begin(self) -> None:
-        self._db.execute("BEGIN")
+        # SQLite: take the write lock at BEGIN. A deferred transaction that reads, then writes, fails at once with
+        # "database is locked" when another process wrote meanwhile (busy_timeout cannot help it); IMMEDIATE waits.
+        self._db.execute("BEGIN" if self.postgres else "BEGIN IMMEDIATE")
 
     def _commit(self) -> None:
         self._db.execute("COMMIT")
@@ -450,7 +457,7 @@ class HistoryStore:
 
     def put_posts(self, day: dt.date, user_id: str, posts: Iterable[Post]) -> None:
         """Remember posts (the first day seen is kept on conflict), inside the caller's transaction."""
-        rows = [(p.video_id, user_id, p.create_time, day.isoformat()) for p in posts]
+        rows = sorted((p.video_id, user_id, p.create_time, day.isoformat()) for p in posts)  # key order: no deadlock
         if not rows:
             return
         sql = self._sql("INSERT INTO posts (video_id, user_id, create_time, first_day) VALUES (?, ?, ?, ?)"
@@ -486,6 +493,42 @@ class HistoryStore:
         """Record how a run ended on every day it wrote to."""
         self._exec("UPDATE ingest_runs SET exit_code = ?, ended_at = ? WHERE run_id = ?",
                    (exit_code, ended_at.isoformat(), run_id))
+
+    # --- claims: several runs on one store fetch each user once a day (see crawler/ingest.py) ---
+
+    def _clock(self) -> str:
+        """The store's own clock in whole seconds, as SQL: every run sharing the store reads the same one."""
+        return ("CAST(EXTRACT(EPOCH FROM now()) AS BIGINT)" if self.postgres
+                else "CAST(strftime('%s', 'now') AS INTEGER)")
+
+    def claim(self, day: dt.date, subject: str, owner: str, ttl: int) -> bool:
+        """Claim ``subject`` (a user, or a name not bound yet) on ``day`` for run ``owner`` for ``ttl`` seconds of the
+        store's clock; False while another run's claim on it is alive. Inside the caller's transaction, so the
+        caller reads what the user needs after the claim, never before it (the holder's commit is then seen)."""
+        now = self._clock()
+        rows = self._rows(
+            f"INSERT INTO claims (day, subject, owner, expires) VALUES (?, ?, ?, {now} + ?)"
+            " ON CONFLICT (day, subject) DO UPDATE SET owner = excluded.owner, expires = excluded.expires"
+            f" WHERE claims.owner = excluded.owner OR claims.expires < {now} RETURNING owner",
+            (day.isoformat(), subject, owner, ttl))
+        return bool(rows)
+
+    def renew_claims(self, owner: str, ttl: int) -> None:
+        """Keep run ``owner``'s claims alive another ``ttl`` seconds (its heartbeat)."""
+        self._exec(f"UPDATE claims SET expires = {self._clock()} + ? WHERE owner = ?", (ttl, owner))
+
+    def release_claim(self, day: dt.date, subject: str, owner: str) -> None:
+        """Run ``owner`` is done with ``subject`` on ``day`` (what it fetched is committed)."""
+        self._exec("DELETE FROM claims WHERE day = ? AND subject = ? AND owner = ?", (day.isoformat(), subject, owner))
+
+    def release_claims(self, owner: str) -> None:
+        """Run ``owner`` ends: its claims go, and so do the expired claims of runs that died."""
+        self._exec(f"DELETE FROM claims WHERE owner = ? OR expires < {self._clock()}", (owner,))
+
+    def claims(self) -> list[tuple[str, str, str]]:
+        """(day, subject, owner) of every claim, alive or expired."""
+        return [(self._day(d), str(s), str(o))
+                for d, s, o in self._rows("SELECT day, subject, owner FROM claims ORDER BY day, subject")]
 
     def restart_day(self, day: dt.date, files: Mapping[str, int], user_ids: Sequence[str]) -> None:
         """`ingest --restart`: forget ``day``'s snapshots of the watch list's users (others sharing the store keep

@@ -19,6 +19,7 @@ import datetime as dt
 import fcntl
 import io
 import logging
+import math
 import os
 import signal
 import tempfile
@@ -191,6 +192,7 @@ class Ingest(GracefulStop):
         self.skipped = 0  # users with nothing to do today
         self._queued_users: set[str] = set()  # user ids queued this run
         self.failed = 0  # profiles or walks that failed in this run
+        self.elsewhere = 0  # users left to another run on the same history store (it held their claim)
 
     # -- the day --
 
@@ -236,7 +238,7 @@ class Ingest(GracefulStop):
             if self.restart:
                 await self._call(self._restart_day, today, await self._watch_ids(watch))
             invalid = [(raw, detail) for raw, _, reason, detail in watch.failures() if reason == "invalid_input"]
-            await self._call(self._record_invalid, invalid, today)
+            await self._call(self._record_invalid, sorted(invalid), today)
             self.users = UserDirectory(Path(self.settings.data_dir) / "users.db", ttl_days=self.settings.id_ttl_days,
                                        clock=lambda: self.clock().timestamp())
             self.sizes = PageSizes(self.settings.data_dir)
@@ -251,6 +253,7 @@ class Ingest(GracefulStop):
             files = await self._call(self._close_days, days)
             outcomes = await self._outcomes(watch, today, began, files)
             code = min((o.exit_code for o in outcomes), key=EXIT_PRECEDENCE.index)
+            await self._call(self.store.release_claims, self.run_id)
             await self._call(self.store.end_run, self.run_id, code, self.clock())
             return IngestResult(today, outcomes, tuple(days), by_date=self.override is not None,
                                 failures_files=tuple(files), capped=self.walks["cut"],
@@ -410,6 +413,7 @@ class Ingest(GracefulStop):
         async with asyncio.TaskGroup() as outer:
             writer = outer.create_task(self._writer())
             progress = outer.create_task(reporter.run())
+            heartbeat = outer.create_task(self._heartbeat())
             try:
                 async with asyncio.TaskGroup() as tg:
                     self._feeder = tg.create_task(self._feed(watch))
@@ -420,6 +424,7 @@ class Ingest(GracefulStop):
                         self.request_stop(self._stop)  # open awaits): without this the feeder waits forever
             finally:
                 progress.cancel()
+                heartbeat.cancel()
                 if not writer.done():
                     await self._queue.put(None)  # the writer commits what is queued, then ends
         await self._commit([])  # requests after the last page (failures, the budget stop) still count
@@ -432,6 +437,18 @@ class Ingest(GracefulStop):
         snaps = self.store.snapshotted([u for u in ids.values() if u], today)
         return ids, snaps, self.store.day_failures(today, keys)
 
+    def _plan(self, key: str, uid: str | None, snaps: dict[str, bool], failed: dict[tuple[str, str], str]
+              ) -> UserTask | None:
+        """Today's work for a watch-list item from the store's view of it (`_lookup`); None: nothing to do."""
+        if (key, PROFILES) in failed and not self._retry(failed[(key, PROFILES)]):
+            return None  # fetched today already (it failed): --retry-failed tries it again
+        has = uid is not None and uid in snaps
+        private = uid is not None and snaps.get(uid, False)
+        posts = self.with_posts and not ((key, POSTS) in failed and not self._retry(failed[(key, POSTS)]))
+        if has and (not posts or private):  # snapshotted today; no posts to walk
+            return None
+        return UserTask(key, uid, profile=not has, private=private)
+
     async def _feed(self, watch: StateStore) -> None:
         """Queue today's work in watch-list order, a chunk at a time, then let the workers go."""
         after = 0
@@ -442,13 +459,8 @@ class Ingest(GracefulStop):
             ids, snaps, failed = await self._call(self._lookup, keys, today)
             for key in keys:
                 uid = ids[key]
-                if (key, PROFILES) in failed and not self._retry(failed[(key, PROFILES)]):
-                    self.skipped += 1
-                    continue  # fetched today already (it failed): --retry-failed tries it again
-                has = uid is not None and uid in snaps
-                private = uid is not None and snaps.get(uid, False)
-                posts = self.with_posts and not ((key, POSTS) in failed and not self._retry(failed[(key, POSTS)]))
-                if has and (not posts or private):  # snapshotted today; no posts to walk
+                work = self._plan(key, uid, snaps, failed)
+                if work is None:
                     self.skipped += 1
                     continue
                 if uid is not None:
@@ -457,7 +469,7 @@ class Ingest(GracefulStop):
                         continue
                     self._queued_users.add(uid)
                 self.queued += 1
-                await self._work.put(UserTask(key, uid, profile=not has, private=private))
+                await self._work.put(work)
         await self._work.join()
         for task in self._tasks:
             if task is not asyncio.current_task():
@@ -473,13 +485,50 @@ class Ingest(GracefulStop):
             finally:
                 self._idle.discard(me)
             try:
-                await self._user(task)
+                await self._claimed(task)
                 self.done += 1
             except RunStopped as exc:
                 self.request_stop(exc)
                 return
             finally:
                 self._work.task_done()
+
+    # -- claims: several runs on one history store fetch each user once a day --
+
+    @property
+    def _claim_ttl(self) -> int:
+        """Seconds a claim outlives a silent run (jobs.heartbeat_timeout, as a silent job worker's items)."""
+        return max(1, math.ceil(self.settings.jobs_heartbeat_timeout))
+
+    async def _heartbeat(self) -> None:
+        """Keep this run's claims alive while it works: a run that dies stops renewing them, and they expire."""
+        while True:
+            await asyncio.sleep(self._claim_ttl / 3)
+            await self._call(self.store.renew_claims, self.run_id, self._claim_ttl)
+
+    async def _claimed(self, task: UserTask) -> None:
+        """`_user` under the store's claim of the user for today: skipped while another run's claim is alive, or
+        if the store shows the user's day done once claimed (another run committed it); released when done."""
+        day = self.day_now()
+        subject = f"user:{task.user_id}" if task.user_id else f"name:{task.key}"
+        claimed, mine = await self._call(self._claim, task, day, subject)
+        self.elsewhere += not claimed
+        if mine is None:
+            return
+        await self._user(mine)
+        await self._call(self.store.release_claim, day, subject, self.run_id)
+
+    def _claim(self, task: UserTask, day: dt.date, subject: str) -> tuple[bool, UserTask | None]:
+        """Claim the user's day (the store's thread): whether it was free, and the work the store shows left once
+        claimed (None: none)."""
+        with self.store.transaction():
+            if not self.store.claim(day, subject, self.run_id, self._claim_ttl):
+                return False, None  # another run is on it
+            ids, snaps, failed = self._lookup([task.key], day)
+            mine = self._plan(task.key, ids[task.key] or task.user_id, snaps, failed)
+            if mine is None:
+                self.store.release_claim(day, subject, self.run_id)
+            return True, mine
 
     async def _submit(self, commit: _Commit) -> None:
         self.failed += commit.failure is not None and commit.failure[1] != "pagination_guard"
@@ -684,6 +733,7 @@ class Ingest(GracefulStop):
         counters = self.client.counters
         totals = (counters.requests_sent, counters.credits_billed)
         sent, billed = totals[0] - self._committed[0], totals[1] - self._committed[1]
+        group.sort(key=lambda c: c.key)  # rows in key order (stable: a user's pages keep theirs): no deadlock
         days, rows, fetched = await self._call(self._commit_now, group, sent, billed)
         self._days |= days
         self.rows.update(rows)
@@ -832,7 +882,9 @@ class Ingest(GracefulStop):
             output=str(self.out_dir / f"{PROFILES}-{today.isoformat()}.csv"),
             failures_file=next((f for f in files if Path(f).name.startswith(f"{PROFILES}-{today}")), ""),
             reason=str(error) if error else "",
-            notes=(f"day {today.isoformat()} set by --date (a backfill)",) if self.override else ())
+            notes=((f"day {today.isoformat()} set by --date (a backfill)",) if self.override else ())
+            + ((f"{self.elsewhere:,} users were being fetched by another run on this history store",)
+               if self.elsewhere else ()))
         outcomes = [Outcome(profiles, error)]
         if self.with_posts:
             notes = []

@@ -380,8 +380,8 @@ async def test_v1_store_is_migrated_and_its_names_stay_bound(tmp_path: Path, sto
     """A version-1 store gains the v2 tables; names v1 resolved are bound to their users."""
     store = HistoryStore(store_url)
     try:
-        store._exec("DELETE FROM schema_version WHERE version = 2")
-        for table in ("renames", "watch_names", "walks", "ingest_failures", "ingest_runs", "ingest_files"):
+        store._exec("DELETE FROM schema_version WHERE version >= 2")
+        for table in ("renames", "watch_names", "walks", "ingest_failures", "ingest_runs", "ingest_files", "claims"):
             store._exec(f"DROP TABLE {table}")
         store.bulk_users([("6800000000000000001", "alice", "2026-01-01", "2026-01-05")])
     finally:

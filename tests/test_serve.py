@@ -186,7 +186,8 @@ async def test_a_version_1_store_is_served_without_migrating_it(sqlite_built: Bu
     old.write_bytes(Path(sqlite_built.url).read_bytes())
     db = sqlite3.connect(old)
     db.execute("DROP TABLE renames")
-    db.execute("DELETE FROM schema_version WHERE version = 2")
+    db.execute("DROP TABLE claims")
+    db.execute("DELETE FROM schema_version WHERE version >= 2")
     db.commit()
     db.close()
     uid = sqlite_built.renames[0][0]
