@@ -6,7 +6,8 @@ Points: `fetched` (a page is in memory, not yet handed to the sink), `written` (
 transaction, holding the job row's lock), `job_printed` (a PostgreSQL job's id just printed), `restarted`
 (ingest --restart: the day's snapshots dropped, the day file not yet replaced by the rows it keeps),
 `enqueuing` (a PostgreSQL job's starter about to put its items on the queue, or a worker's session about to
-put back the items it leaves), `exporting` (a row of a PostgreSQL job written to the export's temporary file).
+put back the items it leaves), `exporting` (a row of a PostgreSQL job written to the export's temporary file),
+`merged` (an edited input merged into a local job's items, before the run starts).
 `CRAWLER_TEST_STOP_AT=point:n` SIGSTOPs the process there instead (a frozen worker: it holds what it holds
 until someone ends it). Unset, a call costs one comparison.
 """
