@@ -20,7 +20,7 @@ from crawler.commands import COMMANDS
 from crawler.config import FLAG_NAMES, Secret, Settings, api_key, load_settings, masked
 from crawler.crawl import Crawl, run_job
 from crawler.errors import BudgetExhausted, CrawlerError, Interrupted, UsageError, disk_error
-from crawler.job import JobOptions, failures_path, state_path
+from crawler.job import JobOptions, failures_path, finished, state_path
 from crawler.outcome import Outcome
 from crawler.sinks import part_path
 
@@ -518,10 +518,11 @@ def cmd_status(args: argparse.Namespace, argv: Sequence[str]) -> int:
             raise UsageError(f"{path} holds no job")
         p = store.progress()
         fails = store.failure_counts()
+        complete = finished(store, out)
     finally:
         store.close()
-    where = out if job.status == "done" else part_path(out)
-    print(f"job             {job.command} -> {where} ({'complete' if job.status == 'done' else 'unfinished'})")
+    where = out if complete else part_path(out)
+    print(f"job             {job.command} -> {where} ({'complete' if complete else 'unfinished'})")
     print(f"items           {p.done:,} done, {p.failed:,} failed, {p.pending:,} pending of {p.total:,}")
     print(f"rows            {job.rows:,}")
     print(f"requests_sent   {job.requests_sent:,}")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from crawler import endpoints as ep
+from crawler import killpoints
 from crawler.errors import JobLocked, UsageError
 from crawler.inputs import InputEntry, input_items
 from crawler.sinks import part_path
@@ -216,13 +217,13 @@ async def prepare(
                              " or write to another output")
         change = None
         if existing.input_sha != digest():
-            change = state.merge_incoming()
-            state.set_input_sha(digest())
+            change = state.merge_incoming(digest())
             log.info("the input changed: %d items added, %d done items no longer in it", *change)
+            killpoints.reached("merged")
         if retry_failed:
             n = state.retry_failed(RETRIABLE_ALL if retry_failed == "all" else RETRIABLE)
             log.info("retrying %d failed items", n)
-        elif existing.status == "done" and change is None and _written(out):
+        elif change is None and finished(state, out):
             return Preparation(Prepared.COMPLETE)
         state.set_status("running")
         return Preparation(Prepared.RESUME, change)
@@ -236,9 +237,10 @@ async def prepare(
     return Preparation(Prepared.NEW)
 
 
-def _written(out: Path) -> bool:
-    """The finished output is in place (a done job whose CSV was removed runs again)."""
-    return out.exists()
+def finished(state: StateStore, out: Path) -> bool:
+    """The job is complete: no item pending and its output finalized (a job whose CSV was removed, or whose
+    `.part` holds rows not yet renamed into place, runs again). Never decided from the status flag."""
+    return state.complete() and out.exists() and not part_path(out).exists()
 
 
 async def _ingest(items: Iterator[InputEntry], store: Callable[[list[InputEntry]], object],

@@ -8,7 +8,8 @@ transaction, holding the job row's lock), `job_printed` (a PostgreSQL job's id j
 `enqueuing` (a PostgreSQL job's starter about to put its items on the queue, or a worker's session about to
 put back the items it leaves), `exporting` (a row of a PostgreSQL job written to the export's temporary file),
 `input_read` (a batch of `download`'s input committed, the next not yet read), `registering` (a PostgreSQL
-worker checked the key's other workers, its own row not yet committed).
+worker checked the key's other workers, its own row not yet committed), `merged` (an edited input merged into
+a local job's items, before the run starts).
 `CRAWLER_TEST_STOP_AT=point:n` SIGSTOPs the process there instead (a frozen worker: it holds what it holds
 until someone ends it). Unset, a call costs one comparison.
 """

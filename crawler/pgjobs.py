@@ -49,6 +49,8 @@ CREATE TABLE IF NOT EXISTS crawler_jobs (
 ALTER TABLE crawler_jobs ADD COLUMN IF NOT EXISTS heartbeat_timeout DOUBLE PRECISION;  -- jobs.heartbeat_timeout
 ALTER TABLE crawler_jobs ADD COLUMN IF NOT EXISTS bom BOOLEAN NOT NULL DEFAULT false;   -- output.bom
 ALTER TABLE crawler_jobs ADD COLUMN IF NOT EXISTS raw BOOLEAN NOT NULL DEFAULT false;   -- output.raw
+-- host:path of the starter's OUT.csv: a starter whose input was edited continues the job of that output.
+ALTER TABLE crawler_jobs ADD COLUMN IF NOT EXISTS output TEXT;
 CREATE TABLE IF NOT EXISTS crawler_items (
     job TEXT NOT NULL REFERENCES crawler_jobs(id) ON DELETE CASCADE,
     seq INTEGER NOT NULL,
@@ -146,6 +148,15 @@ class PgJob:
 
 
 @dataclass(frozen=True, slots=True)
+class Created:
+    """A job just created; `supersedes`: the job of the same output it replaced (an edited input), now gone."""
+
+    supersedes: str | None = None
+    added: int = 0  # items new to the job it continues
+    gone: int = 0  # done items of that job no longer in the input (their rows kept)
+
+
+@dataclass(frozen=True, slots=True)
 class Taken:
     """An item this worker now holds at `version`, with its unfinished reply walks."""
 
@@ -219,6 +230,62 @@ async def bound_session(conn: psycopg.AsyncConnection[Any], heartbeat_timeout: f
     ms = max(1000, round(heartbeat_timeout * 1000))
     await conn.execute(f"SET idle_in_transaction_session_timeout = {ms}")
     await conn.execute(f"SET lock_timeout = {ms}")
+
+
+async def _add_items(conn: psycopg.AsyncConnection[Any], jid: str, after: int) -> int:
+    """Add the input's items (`crawler_wanted`) that job `jid` does not have, numbered from `after` + 1 in input
+    order; how many of them are to be fetched (invalid lines are stored failed)."""
+    cur = await conn.execute(
+        "INSERT INTO crawler_items (job, seq, key, raw, status, reason, detail)"
+        " SELECT %s, %s + row_number() OVER (ORDER BY pos), key, raw,"
+        " CASE WHEN reason IS NULL THEN 'pending' ELSE 'failed' END, reason, detail FROM crawler_wanted w"
+        " WHERE NOT EXISTS (SELECT 1 FROM crawler_items i WHERE i.job = %s AND i.key = w.key) RETURNING status",
+        (jid, after, jid))
+    return sum(1 for (status,) in await cur.fetchall() if status == "pending")
+
+
+async def _hold(conn: psycopg.AsyncConnection[Any], jid: str) -> bool:
+    """Lock a job about to be deleted in the order a worker's commit takes its locks (items, then the job row):
+    commits and grants under way end first; later ones wait, then find the job gone (never a deadlock). False: the
+    job is gone already (another starter)."""
+    await conn.execute("SELECT count(*) FROM (SELECT 1 FROM crawler_items WHERE job = %s ORDER BY seq FOR UPDATE) l",
+                       (jid,))
+    cur = await conn.execute("SELECT 1 FROM crawler_jobs WHERE id = %s FOR UPDATE", (jid,))
+    return await cur.fetchone() is not None
+
+
+async def _continue_job(conn: psycopg.AsyncConnection[Any], old: str, new: str) -> Created:
+    """Job `new` (just created, its input in `crawler_wanted`) continues job `old` as a local job merges an edited
+    input: done items and those still in the input keep their state, reply walks and rows (nothing is fetched
+    twice); the input's other items are added after them; the counters (and so --max-credits) carry on. Then `old`
+    is deleted: its workers' later pages and grants find nothing to write to. `old` is held (`_hold`)."""
+    await conn.execute(
+        "INSERT INTO crawler_items (job, seq, key, raw, status, cursor, rows, pages, reason, endpoint, detail)"
+        " SELECT %s, seq, key, raw, status, cursor, rows, pages, reason, endpoint, detail FROM crawler_items"
+        " WHERE job = %s AND reason IS DISTINCT FROM 'invalid_input'"
+        " AND (status = 'done' OR key IN (SELECT key FROM crawler_wanted))", (new, old))
+    await conn.execute(
+        "INSERT INTO crawler_walks (job, seq, comment_id, status, cursor, pages, rows, reason, endpoint, detail)"
+        " SELECT %s, w.seq, comment_id, w.status, w.cursor, w.pages, w.rows, w.reason, w.endpoint, w.detail"
+        " FROM crawler_walks w JOIN crawler_items i ON i.job = %s AND i.seq = w.seq WHERE w.job = %s", (new, new, old))
+    cur = await conn.execute(
+        "INSERT INTO crawler_rows (job, seq, rid, cells) SELECT %s, r.seq, rid, cells FROM crawler_rows r"
+        " JOIN crawler_items i ON i.job = %s AND i.seq = r.seq WHERE r.job = %s ORDER BY r.seq, r.n", (new, new, old))
+    rows = max(cur.rowcount, 0)
+    cur = await conn.execute("SELECT count(*) FILTER (WHERE status = 'done' AND key NOT IN"
+                             " (SELECT key FROM crawler_wanted)), COALESCE(max(seq), 0) FROM crawler_items"
+                             " WHERE job = %s", (old,))
+    counts = await cur.fetchone()
+    assert counts is not None
+    added = await _add_items(conn, new, int(counts[1]))
+    await conn.execute(
+        "UPDATE crawler_jobs SET (requests_sent, reserved, credits_billed, rows) = (SELECT"
+        " j.requests_sent + COALESCE(sum(s.requests_sent), 0), GREATEST(j.requests_sent"
+        " + COALESCE(sum(s.requests_sent), 0), j.reserved + COALESCE(sum(s.reserved), 0)),"
+        " j.credits_billed + COALESCE(sum(s.credits_billed), 0), %s FROM crawler_jobs j LEFT JOIN crawler_sessions s"
+        " ON s.job = j.id WHERE j.id = %s GROUP BY j.id) WHERE id = %s", (rows, old, new))
+    await conn.execute("DELETE FROM crawler_jobs WHERE id = %s", (old,))
+    return Created(old, added, int(counts[0]))
 
 
 class PgJobStore:
@@ -372,35 +439,48 @@ class PgJobStore:
     # --- jobs ---
 
     async def create_job(self, jid: str, command: str, options: dict[str, Any],
-                         entries: Iterable[tuple[str, str, str | None, str | None]], *,
-                         heartbeat_timeout: float | None = None, bom: bool = False, raw: bool = False) -> bool:
-        """Create the job with its items (one transaction: a job is never seen half-read); False if it exists.
+                         entries: Iterable[tuple[str, str, str | None, str | None]], *, output: str | None = None,
+                         inherit: bool = True, heartbeat_timeout: float | None = None, bom: bool = False,
+                         raw: bool = False) -> Created | None:
+        """Create the job with its items (one transaction: a job is never seen half-read); None if it exists.
+
+        Another job of the same command, options and `output` (host:path of OUT.csv) is the one an edited input
+        supersedes: in the same transaction the new job continues it (`inherit`; False: --restart, it starts over)
+        and it is deleted, so no worker spends on it any more.
 
         `entries` is read once per try (a lost connection runs the transaction again): a list or another
         re-iterable, never a one-shot iterator, which would give the retry only the entries after the cut."""
         if iter(entries) is entries:
             raise TypeError("create_job needs re-iterable entries (a retried transaction reads them again)")
+        text = json.dumps(options, sort_keys=True)
 
-        async def run(conn: psycopg.AsyncConnection[Any]) -> bool:
+        async def run(conn: psycopg.AsyncConnection[Any]) -> Created | None:
             cur = await conn.execute(
-                "INSERT INTO crawler_jobs (id, command, options, heartbeat_timeout, bom, raw)"
-                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
-                (jid, command, json.dumps(options, sort_keys=True), heartbeat_timeout, bom, raw))
+                "INSERT INTO crawler_jobs (id, command, options, heartbeat_timeout, bom, raw, output)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+                (jid, command, text, heartbeat_timeout, bom, raw, output))
             if cur.rowcount == 0:
-                return False
+                return None
             await conn.execute("CREATE TEMP TABLE crawler_incoming (pos SERIAL, key TEXT, raw TEXT, reason TEXT,"
                                " detail TEXT) ON COMMIT DROP")
             async with conn.cursor() as c, c.copy("COPY crawler_incoming (key, raw, reason, detail) FROM STDIN") as cp:
                 for entry in entries:
                     await cp.write_row(entry)
             # Exact de-duplication of the input: the first occurrence of a key keeps its place.
-            await conn.execute(
-                "INSERT INTO crawler_items (job, seq, key, raw, status, reason, detail)"
-                " SELECT %s, row_number() OVER (ORDER BY pos), key, raw,"
-                " CASE WHEN reason IS NULL THEN 'pending' ELSE 'failed' END, reason, detail FROM"
-                " (SELECT DISTINCT ON (key) pos, key, raw, reason, detail FROM crawler_incoming ORDER BY key, pos) d",
-                (jid,))
-            return True
+            await conn.execute("CREATE TEMP TABLE crawler_wanted ON COMMIT DROP AS SELECT DISTINCT ON (key) pos, key,"
+                               " raw, reason, detail FROM crawler_incoming ORDER BY key, pos")
+            cur = await conn.execute("SELECT id FROM crawler_jobs WHERE output = %s AND command = %s AND options = %s"
+                                     " AND id != %s ORDER BY created DESC, id LIMIT 1", (output, command, text, jid))
+            found = await cur.fetchone()
+            old = None if found is None else str(found[0])
+            if old is not None and await _hold(conn, old):
+                if inherit:
+                    return await _continue_job(conn, old, jid)
+                await conn.execute("DELETE FROM crawler_jobs WHERE id = %s", (old,))
+            else:
+                old = None
+            await _add_items(conn, jid, 0)
+            return Created(old)
 
         return await self._run(run)
 

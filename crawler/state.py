@@ -221,6 +221,14 @@ class StateStore:
                 (command, input_sha, json.dumps(options, sort_keys=True), output, now, now),
             )
 
+    def complete(self) -> bool:
+        """No item is pending: the job has nothing left to fetch.
+
+        Decided from the items, never from the job's status flag: a flag written in a transaction of its
+        own stays "done" when new items arrive in another (an edited input, a stop while reading it).
+        """
+        return self._db.execute("SELECT 1 FROM items WHERE status = 'pending' LIMIT 1").fetchone() is None
+
     def set_input_sha(self, input_sha: str) -> None:
         """Record the input's hash once it has been read whole."""
         self._db.execute("UPDATE job SET input_sha = ?, updated = ? WHERE id = 1", (input_sha, time.time()))
@@ -296,8 +304,9 @@ class StateStore:
         with self._tx():
             self._db.executemany("INSERT INTO temp.incoming (key, raw, reason, detail) VALUES (?, ?, ?, ?)", items)
 
-    def merge_incoming(self) -> tuple[int, int]:
-        """Make the job's items those of the input read into `incoming`; return (items added, done items gone).
+    def merge_incoming(self, input_sha: str) -> tuple[int, int]:
+        """Make the job's items those of the input read into `incoming`, whose hash is `input_sha`, and mark the
+        job running, in one transaction; return (items added, done items gone).
 
         Done and failed items still in the input are kept as they are (nothing is fetched twice); new items
         are appended in input order; items no longer in the input are dropped unless done (their rows stay
@@ -318,6 +327,8 @@ class StateStore:
                        " FROM temp.incoming ORDER BY pos")
             after = db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
             new_invalid = db.execute("SELECT COUNT(*) FROM temp.incoming WHERE reason = 'invalid_input'").fetchone()[0]
+            db.execute("UPDATE job SET input_sha = ?, status = 'running', updated = ? WHERE id = 1",
+                       (input_sha, time.time()))
         db.execute("DROP TABLE IF EXISTS temp.incoming")
         return after - before - new_invalid, gone
 

@@ -468,35 +468,20 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
     started = time.monotonic()
     spec = COMMANDS[job.command]
     out = Path(job.output)
-    options = {k: v for k, v in asdict(job).items() if k not in ("input", "output", "command")}
     # Never the input file (nor a path through a file), new job, --restart or resumed alike.
     check_output_path(job, overwrite=overwrite)
     async with _store(settings, url) as store:
         await store.outside(lambda: itemqueue.install(url))
-        spool, digest = _spool(job, spec)
-        try:
-            jid = job_id(job.command, options, digest)
-            if restart:
-                await store.delete_job(jid)
-            created = await store.create_job(jid, job.command, options, _Spooled(spool),
-                                             heartbeat_timeout=settings.jobs_heartbeat_timeout,
-                                             bom=settings.output_bom, raw=settings.output_raw)
-        finally:
-            spool.unlink(missing_ok=True)
-        # A new job never replaces a file it did not write (the input, someone's CSV) unless told to.
-        if created and not (overwrite or restart) and await asyncio.to_thread(out.exists):
-            await store.delete_job(jid)
-            raise UsageError(f"--output {out} exists and is not this job's output: choose another output, or add"
-                             " --overwrite to replace it")
-        # Printed once the job exists (and stays): `crawler work --job ID` started on seeing it finds it.
-        print(f"crawler: job {jid} ({masked(url)})", file=sys.stderr)
+        jid = await _create(store, job, settings, restart=restart, overwrite=overwrite)
         killpoints.reached("job_printed")
         retry = RETRIABLE_ALL if retry_failed == "all" else RETRIABLE if retry_failed else ()
         pg = await store.job(jid)
         assert pg is not None
-        if pg.status == "done" and await asyncio.to_thread(out.exists) and not restart and not retry:
+        progress = await store.progress(jid)
+        if (pg.status == "done" and progress.pending == 0 and await asyncio.to_thread(out.exists) and not restart
+                and not retry):
             # Before resume(): the job keeps the output.bom/output.raw its OUT.csv was written with (export's).
-            return _summary(job, store, pg, await store.progress(jid), await store.failure_counts(jid), None, started,
+            return _summary(job, store, pg, progress, await store.failure_counts(jid), None, started,
                             status="already complete", result=SessionResult(), settings=settings,
                             reason="nothing to do; --restart runs it again")
         await store.resume(jid, settings.max_credits, retry=retry, bom=settings.output_bom, raw=settings.output_raw)
@@ -562,6 +547,35 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
                             result=result, settings=settings)
         finally:
             _remove_signals(installed)
+
+
+async def _create(store: PgJobStore, job: JobOptions, settings: Settings, *, restart: bool, overwrite: bool) -> str:
+    """Create the starter's job (or find it), print its id; the job of an edited input continues the one of this
+    output on this host, which is closed."""
+    out = Path(job.output)
+    options = {k: v for k, v in asdict(job).items() if k not in ("input", "output", "command")}
+    spool, digest = _spool(job, COMMANDS[job.command])
+    try:
+        jid = job_id(job.command, options, digest)
+        if restart:
+            await store.delete_job(jid)
+        where = f"{host_name()}:{await asyncio.to_thread(out.resolve)}"
+        created = await store.create_job(jid, job.command, options, _Spooled(spool), output=where, inherit=not restart,
+                                         heartbeat_timeout=settings.jobs_heartbeat_timeout, bom=settings.output_bom,
+                                         raw=settings.output_raw)
+    finally:
+        spool.unlink(missing_ok=True)
+    # A new job never replaces a file it did not write (the input, someone's CSV) unless told to.
+    if created and created.supersedes is None and not (overwrite or restart) and await asyncio.to_thread(out.exists):
+        await store.delete_job(jid)
+        raise UsageError(f"--output {out} exists and is not this job's output: choose another output, or add"
+                         " --overwrite to replace it")
+    # Printed once the job exists (and stays): `crawler work --job ID` started on seeing it finds it.
+    print(f"crawler: job {jid} ({masked(store.url)})", file=sys.stderr)
+    if created and created.supersedes and not restart:
+        print(f"crawler: the input changed: this job continues job {created.supersedes} ({created.added:,} items"
+              f" added, {created.gone:,} done items no longer in it)", file=sys.stderr)
+    return jid
 
 
 def _merge(a: SessionResult, b: SessionResult) -> None:

@@ -22,6 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import psycopg
 import pytest
@@ -1102,3 +1103,46 @@ async def test_sigterm_while_postgresql_is_away_stops_a_worker_at_once(hosts: Ho
     assert final == SINGLE_CODE[src], ferr[-800:]
     got = rows(hosts.root / "starter" / "out.csv")
     assert len(got) == len(set(got)) and set(got) == set(expected)
+
+
+async def test_an_edited_input_continues_its_postgresql_job_and_closes_the_one_it_supersedes(hosts: Hosts,
+                                                                                            schema: str) -> None:
+    """A starter stopped part-way, its input edited (items added) and started again: its rows are kept, no done
+    item is fetched again, the output is a single-host run's, and `crawler jobs` lists no open old job."""
+    world = World(WORLD)
+    names = world.sample_handles(1530)[1500:]
+    src = hosts.root / "in.txt"
+    src.write_text("\n".join(names[:20]) + "\n")
+    opts = ("--max-items", "20", "--page-size", "10")
+    url = pg_url(schema)
+    async with simulator(hosts.key, latency=(0.3, 0.3), record_arrivals=True) as sim:
+        args = ["posts", str(src), "-o", "out.csv", "--jobs-url", url, *common(sim.url, *opts)]
+        starter = await hosts.start("starter", args)
+        old = await hosts.job_id(starter)
+        done_sql = "SELECT count(*) FROM crawler_items WHERE job = %s AND status = 'done'"
+        await until(lambda: _at_least(pg_value(schema, done_sql, old), 4), "the starter finishing some items")
+        starter.send_signal(signal.SIGTERM)
+        code, err = await hosts.finish(starter, bound=60)
+        assert code == 143, err[-800:]
+        async with await psycopg.AsyncConnection.connect(url) as conn:
+            cur = await conn.execute("SELECT key FROM crawler_items WHERE job = %s AND status = 'done'", (old,))
+            done = [k for (k,) in await cur.fetchall()]
+        src.write_text("\n".join(names) + "\n")  # ten handles added
+        since = len(sim.stats.targets)
+        again = await hosts.start("starter", args)
+        code, err = await hosts.finish(again)
+        asked = {v for t in sim.stats.targets[since:] for vs in parse_qs(urlsplit(t).query).values() for v in vs}
+        expected, _ = await single_host(hosts, src, sim, *opts)
+    assert code == SINGLE_CODE[src], err[-800:]
+    done_ids = {v for h in done for v in (h, world.user_id(world.index_by_handle(h) or 0))}
+    assert done and not asked & done_ids  # not one request for an item the stopped job had done
+    assert set(names[20:]) <= asked  # the added ones were fetched
+    got = rows(hosts.root / "starter" / "out.csv")
+    assert len(got) == len(set(got)) and set(got) == set(expected)
+    code, listing, err = await hosts.run("jobs", ["jobs", "--jobs-url", url, "--json"])
+    assert code == 0, err
+    assert [(j["id"] == old, j["status"]) for j in json.loads(listing)] == [(False, "done")]
+
+
+async def _at_least(value: Any, n: int) -> bool:
+    return int(await value or 0) >= n

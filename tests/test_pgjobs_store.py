@@ -326,3 +326,32 @@ async def test_putting_items_on_the_queue_waits_out_a_postgresql_blip(store: Rep
         cur = await conn.execute("SELECT count(*) FROM pgqueuer WHERE entrypoint = 'crawler_j8'")
         row = await cur.fetchone()
     assert row is not None and row[0] == 2
+
+
+async def test_a_job_of_an_edited_input_continues_the_one_of_its_output_in_one_transaction(store: Replaying) -> None:
+    """The job of an edited input (same command, options and output) takes over the committed state of the job it
+    supersedes (done items with their rows, a walk's cursor, the counters) and adds only the new items; the old job
+    is gone and a late page of its worker writes nothing; a first try rolled back changes nothing."""
+    assert await store.create_job("old", "posts", {}, [*ENTRIES, ("carol", "carol", None, None)], output="h:/o.csv")
+    first, second = await store.take("old", 1, "w"), await store.take("old", 2, "w")
+    assert first is not None and second is not None
+    await store.commit("old", "s", [PageCommit(1, first.version, [("v1", '["v1"]')],
+                                               ItemUpdate(1, "done", rows=1, pages=1)), page(2, second.version, "b")],
+                       3, 3)
+    store.roll_back_first = True
+    entries = [("bob", "bob", None, None), ("alice", "alice", None, None), ("dave", "dave", None, None)]
+    created = await store.create_job("new", "posts", {}, entries, output="h:/o.csv")
+    assert created is not None and (created.supersedes, created.added, created.gone) == ("old", 1, 0)
+    assert await store.job("old") is None and [j.id for j in await store.open_jobs()] == ["new"]
+    job = await store.job("new")
+    assert job is not None and (job.requests_sent, job.credits_billed, job.rows) == (3, 3, 2)
+    assert [rows[0] async for rows in store.rows("new")] == ["v1", "x"]
+    late = page(2, second.version, "late")
+    await store.commit("old", "s", [late], 4, 4)
+    assert not late.committed
+    bob = await store.take("new", 2, "w2")
+    assert bob is not None and bob.cursor == {"c": "b"}  # the walk goes on where it was
+    assert await store.take("new", 1, "w2") is None  # alice is done
+    assert (await store.progress("new")).pending == 2  # bob and dave; carol (not done, not in the input) left
+    assert await store.create_job("other", "posts", {}, entries, output="h:/other.csv") is not None
+    assert await store.job("new") is not None  # another output: another job

@@ -14,6 +14,7 @@ import signal
 import sys
 from collections import Counter
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -206,6 +207,34 @@ async def test_comments_with_replies_max_items_same_rows_uninterrupted_and_kille
         code, err = await crawler([*args, "-o", "out.csv"], _env(sim), tmp_path)
         assert code == 0, err
         assert _comment_rows(tmp_path / "out.csv") == want
+
+
+
+def _asked(sim: Simulator, since: int) -> list[str]:
+    """The query values of the API requests the simulator received after its `since`-th one, sorted."""
+    return sorted(v for target in sim.stats.targets[since:] for vs in parse_qs(urlsplit(target).query).values()
+                  for v in vs)
+
+
+async def test_kill_after_an_edited_input_is_merged_then_the_same_command_fetches_exactly_the_new_items(
+        simulator: SimFactory, tmp_path: Path) -> None:
+    """A finished job whose edited input was merged when the run was killed fetches exactly the new items next."""
+    async with simulator(world=WORLD, record_arrivals=True) as sim:
+        handles = _handles(sim.world, 8)
+        (tmp_path / "in.txt").write_text("\n".join(handles[:5]) + "\n")
+        (tmp_path / "fast.toml").write_text("[rate]\nenabled = false\n")
+        args = ["profiles", "in.txt", "-o", "out.csv", "--data-dir", "data", "--config", "fast.toml"]
+        code, err = await crawler(args, _env(sim), tmp_path)
+        assert code == 0, err
+        (tmp_path / "in.txt").write_text("\n".join(handles) + "\n")
+        code, err = await crawler(args, _env(sim, CRAWLER_TEST_KILL_AT="merged:1"), tmp_path)
+        assert code == -signal.SIGKILL, err
+        since = len(sim.stats.targets)
+        code, err = await crawler(args, _env(sim), tmp_path)
+        assert code == 0, err
+        assert _asked(sim, since) == sorted(handles[5:])
+        with (tmp_path / "out.csv").open(newline="", encoding="utf-8") as fh:
+            assert sorted(r["handle"] for r in csv.DictReader(fh)) == sorted(handles)
 
 
 # --- job identity, locking, retry-failed, balance: in-process runs ---
