@@ -399,7 +399,7 @@ class Download(GracefulStop):
         # Read the input on every run: an edited input adds its new items, known ones keep their state. Complete
         # is what the items say (none pending): a stop while reading may leave new items beside a "done" status.
         await self._ingest()
-        if existing is not None and existing.status == "done" and self.state.progress().pending == 0:
+        if existing is not None and existing.status == "done" and self.state.complete():
             return "complete"
         self.state.set_status("running")
         return "resume" if existing is not None else "new"
