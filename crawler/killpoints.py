@@ -6,9 +6,11 @@ Points: `fetched` (a page is in memory, not yet handed to the sink), `written` (
 transaction, holding the job row's lock), `job_printed` (a PostgreSQL job's id just printed), `restarted`
 (ingest --restart: the day's snapshots dropped, the day file not yet replaced by the rows it keeps),
 `enqueuing` (a PostgreSQL job's starter about to put its items on the queue, or a worker's session about to
-put back the items it leaves), `exporting` (a row of a PostgreSQL job written to the export's temporary file).
+put back the items it leaves), `exporting` (a row of a PostgreSQL job written to the export's temporary file),
+`job_commit` (a PostgreSQL job worker's group of pages about to be committed).
 `CRAWLER_TEST_STOP_AT=point:n` SIGSTOPs the process there instead (a frozen worker: it holds what it holds
-until someone ends it). Unset, a call costs one comparison.
+until someone ends it). `CRAWLER_TEST_FAIL_AT=point:n` raises `RuntimeError` there (an error no rule expects: a bug,
+a string the database refuses). Unset, a call costs one comparison.
 """
 
 from __future__ import annotations
@@ -23,11 +25,19 @@ _seen = 0
 _STOP_POINT, _, _STOP_N = os.environ.get("CRAWLER_TEST_STOP_AT", "").partition(":")
 _STOP_TARGET = int(_STOP_N) if _STOP_N.isdigit() else 0
 _stop_seen = 0
+_FAIL_POINT, _, _FAIL_N = os.environ.get("CRAWLER_TEST_FAIL_AT", "").partition(":")
+_FAIL_TARGET = int(_FAIL_N) if _FAIL_N.isdigit() else 0
+_fail_seen = 0
 
 
 def reached(point: str) -> None:
-    """Die here (SIGKILL, no cleanup) if this is the configured point's n-th arrival (or freeze: SIGSTOP)."""
-    global _seen, _stop_seen
+    """Die here (SIGKILL, no cleanup) if this is the configured point's n-th arrival (or freeze: SIGSTOP; or fail:
+    RuntimeError)."""
+    global _seen, _stop_seen, _fail_seen
+    if point == _FAIL_POINT:
+        _fail_seen += 1
+        if _fail_seen == _FAIL_TARGET:
+            raise RuntimeError(f"test failure at {point}:{_fail_seen} (CRAWLER_TEST_FAIL_AT)")
     if point == _STOP_POINT:
         _stop_seen += 1
         if _stop_seen == _STOP_TARGET:

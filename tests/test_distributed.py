@@ -417,6 +417,35 @@ def _stopped(pid: int) -> bool:
     return False
 
 
+async def test_a_worker_whose_commit_fails_stops_at_once_and_the_job_ends_once(hosts: Hosts, schema: str) -> None:
+    """A `crawler work` whose commit writer fails with an error no rule expects (CRAWLER_TEST_FAIL_AT: a bug, a string
+    the database refuses) exits 1 within 10 s of holding items, its last line naming the error, no traceback; the
+    starter takes its items over and ends the job with a single-host run's rows once each."""
+    src = handles(hosts.root, 60, offset=1700)
+    opts = ("--max-items", "60", "--page-size", "10")
+    url = pg_url(schema)
+    async with simulator(hosts.key, latency=(0.02, 0.05)) as sim:
+        expected, _ = await single_host(hosts, src, sim, *opts)
+        starter = await hosts.start("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", url,
+                                                *common(sim.url, *opts)])
+        jid = await hosts.job_id(starter)
+        worker = await hosts.start("w", ["work", "--jobs-url", url, "--job", jid, "--until-idle", *common(sim.url)],
+                                   extra_env={"CRAWLER_TEST_FAIL_AT": "job_commit:1"})
+        held = "SELECT count(*) FROM crawler_items WHERE owner LIKE %s"
+        await until(lambda: worker.returncode is not None or pg_value(schema, held, f"%:{worker.pid}:%"),
+                    "the worker holding items")
+        wcode, werr = await hosts.finish(worker, bound=10)
+        code, err = await hosts.finish(starter)
+    assert wcode == 1, werr[-800:]
+    last = werr.strip().splitlines()[-1]
+    assert last.startswith("crawler: ") and "RuntimeError: test failure at job_commit:1" in last, werr[-800:]
+    assert "Traceback" not in werr, werr[-3000:]
+    assert code == SINGLE_CODE[src], err[-800:]
+    assert worked(werr) == 0 and worked(err) == 60, (werr[-800:], err[-800:])  # the starter took the worker's items
+    got = rows(hosts.root / "starter" / "out.csv")
+    assert len(got) == len(set(got)) and set(got) == set(expected)
+
+
 async def test_max_credits_is_the_whole_jobs_budget_across_workers_and_kills(hosts: Hosts, schema: str) -> None:
     """--max-credits 300 over three workers, two of them SIGKILLed and restarted: the simulator counts ≤ 300; the
     starter stops resumable (exit 4); exporting the unfinished job is exit 2 with its pending count."""
@@ -534,7 +563,7 @@ class Proxy:
 
 async def test_postgresql_cut_mid_run_workers_wait_and_lose_nothing(hosts: Hosts, schema: str) -> None:
     """The connections to PostgreSQL cut for a few seconds mid-run (within retry.stall_limit): the starter and a
-    worker wait and go on; the rows are a single-host run's, once each."""
+    worker wait and go on, pgqueuer's errors logged on one line each; the rows are a single-host run's, once each."""
     src = handles(hosts.root, 80, offset=900)
     opts = ("--max-items", "60", "--page-size", "20")
     async with simulator(hosts.key) as sim, Proxy() as proxy:
@@ -556,6 +585,8 @@ async def test_postgresql_cut_mid_run_workers_wait_and_lose_nothing(hosts: Hosts
     assert code == SINGLE_CODE[src], err[-800:]
     assert wcode == 0, werr[-800:]
     assert "Traceback" not in err + werr, (err + werr)[-3000:]  # warnings of one line, nothing a user can't read
+    # pgqueuer's own errors are seen at the default level, with their message (they were hidden below -vv).
+    assert re.search(r" ERROR pgqueuer: .+: OperationalError: \S", err + werr), (err + werr)[-3000:]
     assert cut_at < sim.stats.requests  # the run went on after the outage
     got = rows(hosts.root / "starter" / "out.csv")
     assert len(got) == len(set(got)) and set(got) == set(expected)
