@@ -7,14 +7,18 @@ transaction, holding the job row's lock), `job_printed` (a PostgreSQL job's id j
 (ingest --restart: the day's snapshots dropped, the day file not yet replaced by the rows it keeps),
 `enqueuing` (a PostgreSQL job's starter about to put its items on the queue, or a worker's session about to
 put back the items it leaves), `exporting` (a row of a PostgreSQL job written to the export's temporary file),
-`job_commit` (a PostgreSQL job worker's group of pages about to be committed).
+`job_commit` (a PostgreSQL job worker's group of pages about to be committed), `grant` (a PostgreSQL job
+worker about to ask the job for credits).
 `CRAWLER_TEST_STOP_AT=point:n` SIGSTOPs the process there instead (a frozen worker: it holds what it holds
 until someone ends it). `CRAWLER_TEST_FAIL_AT=point:n` raises `RuntimeError` there (an error no rule expects: a bug,
-a string the database refuses). Unset, a call costs one comparison.
+a string the database refuses). `CRAWLER_TEST_HOLD_AT=point:seconds` makes every arrival at an awaited point
+(`held`) wait that long: a slow step (a grant behind a row lock, an outage) that holds up only what waits on it.
+Unset, a call costs one comparison.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 
@@ -28,6 +32,7 @@ _stop_seen = 0
 _FAIL_POINT, _, _FAIL_N = os.environ.get("CRAWLER_TEST_FAIL_AT", "").partition(":")
 _FAIL_TARGET = int(_FAIL_N) if _FAIL_N.isdigit() else 0
 _fail_seen = 0
+_HOLD_POINT, _, _HOLD_S = os.environ.get("CRAWLER_TEST_HOLD_AT", "").partition(":")
 
 
 def reached(point: str) -> None:
@@ -47,3 +52,9 @@ def reached(point: str) -> None:
     _seen += 1
     if _seen == _TARGET:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+async def held(point: str) -> None:
+    """Wait here (asyncio) the seconds `CRAWLER_TEST_HOLD_AT` gives if it names this point."""
+    if point == _HOLD_POINT:
+        await asyncio.sleep(float(_HOLD_S))

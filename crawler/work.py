@@ -81,6 +81,7 @@ class Budget:
         """Called by the client before each request; BudgetExhausted when the job's budget is spent."""
         async with self._lock:
             if self.used >= self.granted:
+                await killpoints.held("grant")
                 got = await self.store.grant(self.jid, self.session, self.granted, self.lease)
                 if got == 0:
                     await self.store.set_status(self.jid, "budget", when="running")
@@ -217,7 +218,9 @@ class JobWorker(ItemWalker, GracefulStop):
         r.held = sorted(self._held)
         if not isinstance(self._stop_error, StoreLost):
             with contextlib.suppress(RunStopped):  # StoreLost, or a stop while the store is away
-                await self.store.give_back(self.jid, self.session, self.budget.used)
+                # Only the requests sent stay spent: a credit is drawn before the request waits for its rate slot,
+                # and a stop may end that wait.
+                await self.store.give_back(self.jid, self.session, r.requests_sent)
                 await self.store.leave(self.worker_id)
                 orphans = await self.store.orphans(self.jid, heartbeat_timeout=self.heartbeat_timeout)
                 killpoints.reached("enqueuing")

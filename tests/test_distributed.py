@@ -83,12 +83,12 @@ class Hosts:
         return env
 
     async def start(self, name: str, args: list[str], *, stall_limit: float = 10.0,
-                    extra_env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+                    extra_env: dict[str, str] | None = None, config: str = "") -> asyncio.subprocess.Process:
         cwd = self.root / name
         cwd.mkdir(parents=True, exist_ok=True)
         (cwd / "config.toml").write_text(
             f"[retry]\nstall_limit = {stall_limit}\nbase_delay = 0.05\nmax_delay = 0.5\n"
-            f"[jobs]\nheartbeat_timeout = {HEARTBEAT}\n")
+            f"[jobs]\nheartbeat_timeout = {HEARTBEAT}\n{config}")
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "crawler", *args, cwd=cwd, env=self.env(name) | (extra_env or {}),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
@@ -444,6 +444,29 @@ async def test_a_worker_whose_commit_fails_stops_at_once_and_the_job_ends_once(h
     assert worked(werr) == 0 and worked(err) == 60, (werr[-800:], err[-800:])  # the starter took the worker's items
     got = rows(hosts.root / "starter" / "out.csv")
     assert len(got) == len(set(got)) and set(got) == set(expected)
+
+
+async def test_a_slow_credit_grant_keeps_every_window_of_the_key_within_its_limit(hosts: Hosts, schema: str) -> None:
+    """A starter and a worker of one PostgreSQL job on one key (one Redis ledger), every credit grant held 2 s
+    (CRAWLER_TEST_HOLD_AT): the simulator, at 20 requests per 2 s, counts at most 20 in any 2 s and answers no 429
+    (a request waits for its grant before it takes its rate slot, so it leaves at its slot, not 2 s after)."""
+    src = handles(hosts.root, 160, offset=200)
+    url = pg_url(schema)
+    # rate.margin 0.2 s, not the default 50 ms: interpreters on a busy machine can hold a start back by more.
+    flags = ["--base-url", "", "--rate", "20", "--window", "2", "--rate-shared", REDIS, "--parallelism", "16"]
+    env, config = {"CRAWLER_TEST_HOLD_AT": "grant:2"}, "[rate]\nmargin = 0.2\n"
+    async with simulator(hosts.key, rate_limit=20, rate_window=2.0, burst_limit=20) as sim:
+        flags[1] = sim.url
+        starter = await hosts.start("starter", ["profiles", str(src), "-o", "out.csv", "--jobs-url", url, *flags],
+                                    extra_env=env, config=config)
+        jid = await hosts.job_id(starter)
+        worker = await hosts.start("w", ["work", "--jobs-url", url, "--job", jid, "--until-idle", *flags],
+                                   extra_env=env, config=config)
+        code, err = await hosts.finish(starter)
+        wcode, werr = await hosts.finish(worker)
+    assert code == 0 and wcode == 0, (err[-800:], werr[-800:])
+    assert worked(err) > 0 and worked(werr) > 0, (err[-800:], werr[-800:])  # both sent requests
+    assert sim.stats.served_429 == 0 and sim.stats.max_in_window <= 20, sim.stats.snapshot()
 
 
 async def test_max_credits_is_the_whole_jobs_budget_across_workers_and_kills(hosts: Hosts, schema: str) -> None:
