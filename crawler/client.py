@@ -437,7 +437,8 @@ class Client:
     as the command line does (TIKLIVE_BASE_URL, then CRAWLER_CONFIG or ./config.toml, then defaults);
     ``base_url`` overrides either. Opened once; reuse after close
     is refused. ``request_budget`` caps requests_sent (``--max-credits``), in-flight included;
-    ``reserve(n)``, when given, is called before the n-th request of this client leaves (a durable reservation).
+    ``reserve(n)``, when given, is called before the n-th request of this client leaves (a durable reservation),
+    before the request waits for its rate slot.
     """
 
     def __init__(
@@ -482,6 +483,7 @@ class Client:
         )
         self.request_budget = request_budget
         self._reserve = reserve
+        self._admitted = 0  # requests reserved but not yet sent (see `_admit`)
         self.counters = Counters()
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
@@ -551,7 +553,7 @@ class Client:
             while True:
                 self._refuse()
                 await outage.wait()
-                started = await self.gate.acquire()
+                started = await self._admit()
                 try:
                     body = await self._send(path, query)
                 except RateLimited as exc:
@@ -618,17 +620,30 @@ class Client:
                 self._calling.discard(mark)
         return result
 
+    async def _admit(self) -> float:
+        """Wait for the request's credit (``reserve``), then for its rate slot; its start on the ledger's clock.
+        In that order: a slot taken first and then held up by a slow grant (a row lock, an outage) would leave late,
+        into a window the key's other processes have filled. `_send` follows at once, with no wait between."""
+        if self._reserve is None:
+            return await self.gate.acquire()
+        self._admitted += 1  # reserved (or being reserved) and not yet sent: each reservation gets its own number
+        try:
+            reserving = self._reserve(self.counters.requests_sent + self._admitted)
+            if reserving is not None:  # a reservation in a shared store (a PostgreSQL job's budget)
+                await reserving
+            return await self.gate.acquire()
+        except BaseException:
+            self._admitted -= 1
+            raise
+
     async def _send(self, path: str, query: dict[str, str]) -> JsonDict:
+        if self._reserve is not None:
+            self._admitted -= 1  # from here to requests_sent += 1 nothing waits: sent (or refused) now
         if self._session is None:
             raise RuntimeError("use the Client inside 'async with Client(...) as client'")
         self._refuse()
         if self.request_budget is not None and self.counters.requests_sent >= self.request_budget:
             raise BudgetExhausted(f"the --max-credits budget of {self.request_budget} requests is spent")
-        if self._reserve is not None:
-            reserving = self._reserve(self.counters.requests_sent + 1)
-            if reserving is not None:  # a reservation in a shared store (a PostgreSQL job's budget)
-                await reserving
-            self._refuse()
         me = asyncio.current_task()
         if me is not None:
             self.on_wire.add(me)

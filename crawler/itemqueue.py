@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -24,10 +25,42 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("crawler.queue")
 
-# pgqueuer logs each lost connection with a traceback (a PostgreSQL outage is no bug): our one-line warnings say
-# it; -vv (debug) shows the library's own.
-if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-    logging.getLogger("pgqueuer").setLevel(logging.CRITICAL)
+
+def one_line(exc: BaseException) -> str:
+    """An error as one line: its type and message (libpq's span several lines; a URL's password masked)."""
+    return f"{type(exc).__name__}: {' '.join(masked(str(exc)).split())}"
+
+
+class _OneLine(logging.Filter):
+    """pgqueuer's warnings and errors at the default level, each on one line with its error's message (it logs each
+    lost connection with a traceback, and a PostgreSQL outage is no bug), and each kind at most once every
+    `REPEAT` seconds (during an outage it logs a failed flush a few times a second); -vv (debug) shows all it logs,
+    as it logs it."""
+
+    REPEAT = 10.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: dict[tuple[object, str], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            return True
+        if record.levelno < logging.WARNING:
+            return False
+        exc = record.exc_info[1] if record.exc_info else None
+        kind = (record.msg, type(exc).__name__)
+        now = time.monotonic()
+        if now - self._last.get(kind, -self.REPEAT) < self.REPEAT:
+            return False
+        self._last[kind] = now
+        if exc is not None:
+            record.msg, record.args = f"{record.getMessage()}: {one_line(exc)}", None
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("pgqueuer").addFilter(_OneLine())
 
 
 def entrypoint(jid: str) -> str:

@@ -9,13 +9,18 @@ transaction, holding the job row's lock), `job_printed` (a PostgreSQL job's id j
 put back the items it leaves), `exporting` (a row of a PostgreSQL job written to the export's temporary file),
 `input_read` (a batch of `download`'s input committed, the next not yet read), `registering` (a PostgreSQL
 worker checked the key's other workers, its own row not yet committed), `merged` (an edited input merged into
-a local job's items, before the run starts).
+a local job's items, before the run starts), `job_commit` (a PostgreSQL job worker's group of pages about to be
+committed), `grant` (a PostgreSQL job worker about to ask the job for credits).
 `CRAWLER_TEST_STOP_AT=point:n` SIGSTOPs the process there instead (a frozen worker: it holds what it holds
-until someone ends it). Unset, a call costs one comparison.
+until someone ends it). `CRAWLER_TEST_FAIL_AT=point:n` raises `RuntimeError` there (an error no rule expects: a bug,
+a string the database refuses). `CRAWLER_TEST_HOLD_AT=point:seconds` makes every arrival at an awaited point
+(`held`) wait that long: a slow step (a grant behind a row lock, an outage) that holds up only what waits on it.
+Unset, a call costs one comparison.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 
@@ -26,11 +31,20 @@ _seen = 0
 _STOP_POINT, _, _STOP_N = os.environ.get("CRAWLER_TEST_STOP_AT", "").partition(":")
 _STOP_TARGET = int(_STOP_N) if _STOP_N.isdigit() else 0
 _stop_seen = 0
+_FAIL_POINT, _, _FAIL_N = os.environ.get("CRAWLER_TEST_FAIL_AT", "").partition(":")
+_FAIL_TARGET = int(_FAIL_N) if _FAIL_N.isdigit() else 0
+_fail_seen = 0
+_HOLD_POINT, _, _HOLD_S = os.environ.get("CRAWLER_TEST_HOLD_AT", "").partition(":")
 
 
 def reached(point: str) -> None:
-    """Die here (SIGKILL, no cleanup) if this is the configured point's n-th arrival (or freeze: SIGSTOP)."""
-    global _seen, _stop_seen
+    """Die here (SIGKILL, no cleanup) if this is the configured point's n-th arrival (or freeze: SIGSTOP; or fail:
+    RuntimeError)."""
+    global _seen, _stop_seen, _fail_seen
+    if point == _FAIL_POINT:
+        _fail_seen += 1
+        if _fail_seen == _FAIL_TARGET:
+            raise RuntimeError(f"test failure at {point}:{_fail_seen} (CRAWLER_TEST_FAIL_AT)")
     if point == _STOP_POINT:
         _stop_seen += 1
         if _stop_seen == _STOP_TARGET:
@@ -40,3 +54,9 @@ def reached(point: str) -> None:
     _seen += 1
     if _seen == _TARGET:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+async def held(point: str) -> None:
+    """Wait here (asyncio) the seconds `CRAWLER_TEST_HOLD_AT` gives if it names this point."""
+    if point == _HOLD_POINT:
+        await asyncio.sleep(float(_HOLD_S))

@@ -81,12 +81,25 @@ class Budget:
         """Called by the client before each request; BudgetExhausted when the job's budget is spent."""
         async with self._lock:
             if self.used >= self.granted:
+                await killpoints.held("grant")
                 got = await self.store.grant(self.jid, self.session, self.granted, self.lease)
                 if got == 0:
                     await self.store.set_status(self.jid, "budget", when="running")
                     raise BudgetExhausted("the job's --max-credits budget is spent")
                 self.granted += got
             self.used += 1
+
+
+class CommitFailed(RunStopped):
+    """A worker's commit failed with an error no rule expects (a bug, a value the database refuses): the run stops,
+    what was committed is kept, and the same command resumes."""
+
+    @classmethod
+    def of(cls, exc: Exception, where: str) -> CommitFailed:
+        """The stop for `exc`, in one line; its traceback is logged for -v."""
+        log.info("the commit to %s failed", where, exc_info=exc)
+        return cls(f"the commit to {where} failed: {itemqueue.one_line(exc)} (what was committed is kept; the same"
+                   " command resumes; -v shows the traceback; please report it)")
 
 
 @dataclass(slots=True)
@@ -187,7 +200,10 @@ class JobWorker(ItemWalker, GracefulStop):
                         monitor.cancel()
                         await self._commits.put(None)
                         await writer
-                if self._stop_error is None or not isinstance(self._stop_error, StoreLost):
+                if isinstance(self._stop_error, CommitFailed):
+                    with contextlib.suppress(Exception):  # reported already; the requests' count is worth a try
+                        await self._commit([])
+                elif not isinstance(self._stop_error, StoreLost):
                     await self._commit([])  # requests sent after the last page still count
         except RunStopped as exc:  # StoreLost, or a stop while the store is away
             if self._stop_error is None or rank(exc) <= rank(self._stop_error):
@@ -204,7 +220,9 @@ class JobWorker(ItemWalker, GracefulStop):
         r.held = sorted(self._held)
         if not isinstance(self._stop_error, StoreLost):
             with contextlib.suppress(RunStopped):  # StoreLost, or a stop while the store is away
-                await self.store.give_back(self.jid, self.session, self.budget.used)
+                # Only the requests sent stay spent: a credit is drawn before the request waits for its rate slot,
+                # and a stop may end that wait.
+                await self.store.give_back(self.jid, self.session, r.requests_sent)
                 await self.store.leave(self.worker_id)
                 orphans = await self.store.orphans(self.jid, heartbeat_timeout=self.heartbeat_timeout)
                 killpoints.reached("enqueuing")
@@ -236,7 +254,7 @@ class JobWorker(ItemWalker, GracefulStop):
                 if self.queue.ran:  # it ran again since the last failure: a new outage, with its own stall limit
                     down, delay = None, 0.1
                 down = down or now
-                log.warning("the job queue (%s) failed: %s; retrying", self.store.where, type(exc).__name__)
+                log.warning("the job queue (%s) failed: %s; retrying", self.store.where, itemqueue.one_line(exc))
                 if now - down >= self.settings.retry_stall_limit:
                     self.request_stop(StoreLost(
                         f"{self.store.where} has not answered for {self.settings.retry_stall_limit:g} s"
@@ -299,19 +317,27 @@ class JobWorker(ItemWalker, GracefulStop):
         await ack
 
     async def _writer(self) -> None:
-        """The worker's single committer: every page waiting goes into one transaction (group commit)."""
+        """The worker's single committer: every page waiting goes into one transaction (group commit). On any error
+        it fails every waiting commit and stops the run (Ingest._writer's rule): no item waits for ever on a commit
+        that will not come. After an error no rule knows (a bug, a value the database refuses) none is tried again."""
+        failed: CommitFailed | None = None
         while True:
             first = await self._commits.get()
             group = [] if first is None else [first]
             end = first is None or drain(self._commits, group)
             if group:
                 try:
+                    if failed is not None:
+                        raise failed
+                    killpoints.reached("job_commit")
                     pages = await self._commit([p.batch for p in group])
-                except RunStopped as exc:  # the store lost, or a stop while it is away (PgJobStore.abandon)
-                    self.request_stop(exc)
+                except Exception as exc:  # the store lost, a stop while it is away (PgJobStore.abandon), or any other
+                    stop = exc if isinstance(exc, RunStopped) else CommitFailed.of(exc, self.store.where)
+                    failed = stop if isinstance(stop, CommitFailed) else failed
+                    self.request_stop(stop)
                     for p in group:
                         if not p.ack.done():
-                            p.ack.set_exception(exc)
+                            p.ack.set_exception(stop)
                 else:
                     for p, page in zip(group, pages, strict=True):
                         if p.ack.done():
@@ -363,7 +389,7 @@ class JobWorker(ItemWalker, GracefulStop):
                 self.request_stop(exc)
                 return
             except Exception as exc:  # the queue's own connection failing: the next beat tries again
-                log.warning("job monitor: %s", type(exc).__name__)
+                log.warning("job monitor: %s", itemqueue.one_line(exc))
             # Look again at the next heartbeat, or soon after one of our items ends (the last one ends the job).
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._finished.wait(), every)
