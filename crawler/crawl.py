@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import signal
 import time
 from contextlib import aclosing
@@ -45,12 +44,12 @@ from crawler.job import (
 )
 from crawler.jobstore import ItemWalker, step_update
 from crawler.outcome import Outcome, RunFacts, outcome
+from crawler.pacing import MAX_AUTO_WORKERS, auto_workers
 from crawler.pagesizes import PageSizes
 from crawler.sinks import Batch, CsvSink, write_failures
 from crawler.state import ItemUpdate, StateStore, UserDirectory
 from crawler.stats import ProgressReporter, Snapshot
 
-MAX_AUTO_WORKERS = 64
 LEASE_MAX = 16  # requests a kill may leave reserved but unsent (they count as spent)
 
 
@@ -256,13 +255,7 @@ class Crawl(ItemWalker, GracefulStop):
         # Stopping: _spawn() starts nobody, so the loop below would never end.
         if self.settings.parallelism is not None or self._tg is None or self._stop_error is not None:
             return
-        pace = self.client.pace
-        rate = 1.0 / pace.interval if pace.enabled else math.inf
-        latency = self.client.counters.latency
-        if latency <= 0:
-            return
-        want = MAX_AUTO_WORKERS if math.isinf(rate) else math.ceil(rate * latency * 1.5) + 1
-        self._target = max(self._target, min(MAX_AUTO_WORKERS, want))
+        self._target = auto_workers(self.client.pace, self.client.counters.latency, self._target)
         while self._workers < self._target:
             self._spawn()
 

@@ -72,6 +72,22 @@ class Pace:
         return self.window / self.interval if self.enabled else float("inf")
 
 
+
+MAX_AUTO_WORKERS = 64  # parallelism = "auto" never starts more workers than this
+
+
+def auto_workers(pace: Pace, latency: float, current: int) -> int:
+    """parallelism = "auto": workers enough to keep the key's rate busy at the latency seen so far.
+
+    Never fewer than `current` (a pool only grows); `latency` is the moving average of a request's seconds (0:
+    nothing measured yet). Every kind of run sizes its pool by this one rule.
+    """
+    if latency <= 0:
+        return current
+    rate = 1.0 / pace.interval if pace.enabled else math.inf
+    want = MAX_AUTO_WORKERS if math.isinf(rate) else math.ceil(rate * latency * 1.5) + 1
+    return max(current, min(MAX_AUTO_WORKERS, want))
+
 class RateGate:
     """Admits request starts from the key's ledger and runs the shared 429 cooldown.
 
