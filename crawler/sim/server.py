@@ -1,7 +1,8 @@
 """The simulated TikLiveAPI server: key, rate, balance, faults and billing around the seeded world.
 
 Every API request goes through, in order: method/path, key, rate (429), balance, latency, fault,
-endpoint. Billing follows CONTRACT.md "Credits": an answer is billed when it is HTTP 200 without a
+endpoint; a test that clears `Simulator.answering` holds every answer before the latency until it sets it.
+Billing follows CONTRACT.md "Credits": an answer is billed when it is HTTP 200 without a
 bare-`message` body (successes, `{"status":"error"}` answers, truncated and malformed 200s).
 Admin paths under `/__sim/` are not API requests: not counted, not billed, no key.
 """
@@ -143,6 +144,8 @@ class Simulator:
         self._balances: dict[str, int | None] = dict(config.keys)
         self._windows: dict[str, _KeyWindows] = {}
         self._seen: Counter[int] = Counter()  # n-th time each exact request arrived, for fault draws
+        self.answering = asyncio.Event()  # cleared by a test: requests arrive (counted) but get no answer until set
+        self.answering.set()
         self._runner: web.AppRunner | None = None
         self._used = False
 
@@ -261,6 +264,7 @@ class Simulator:
         n = self._seen[sig]
         self._seen[sig] = n + 1
         h = hash64(cfg.seed, sig, n)
+        await self.answering.wait()
         low, high = cfg.latency
         if high > 0:
             await asyncio.sleep(render.jitter(hash64(h, 1), low, high))
