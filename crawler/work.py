@@ -44,6 +44,7 @@ from crawler.job import JobOptions, WorkItem, check_output_path, failures_path
 from crawler.jobstore import ItemWalker, step_update
 from crawler.ledger import ledger_name
 from crawler.outcome import Outcome
+from crawler.pacing import MAX_AUTO_WORKERS, auto_workers
 from crawler.pagesizes import PageSizes
 from crawler.pgjobs import LeaseLost, PageCommit, PgJob, PgJobStore, StoreLost, WorkerInfo, job_id
 from crawler.sinks import Batch, cell, drain, fsync_dir, write_failures
@@ -53,6 +54,7 @@ from crawler.stats import Summary
 log = logging.getLogger("crawler.work")
 
 LEASE_MAX = 16  # requests granted to a worker at a time (a kill may leave them unsent: counted as spent)
+AUTO_START = 8  # items a worker takes at a time with parallelism = "auto" until a latency is measured
 
 
 def host_name() -> str:
@@ -123,6 +125,7 @@ class SessionResult:
     responses: dict[str, int] = field(default_factory=dict)  # this worker's requests by what they met
     error: CrawlerError | None = None
     held: list[int] = field(default_factory=list)
+    parallelism: int = 0  # the most items this worker took at a time (parallelism = "auto" grows it)
 
 
 class JobWorker(ItemWalker, GracefulStop):
@@ -140,15 +143,16 @@ class JobWorker(ItemWalker, GracefulStop):
         self._key = api_key
         self.worker_id = worker_id
         self.session = f"{worker_id}:{os.urandom(3).hex()}"  # this worker's counters on this job (crawler_sessions)
-        self.parallelism = settings.parallelism or 8
+        self.parallelism = settings.parallelism or AUTO_START  # "auto": grows with the latency (`_grow`)
         self._keyed = self.spec.list_kind in ep.OFFSET_KINDS
         self._held: dict[int, int] = {}  # seq -> the item's version this worker holds
         self._walks: dict[int, list[tuple[str, ep.Cursor | None, int]]] = {}
         self._stop_error: CrawlerError | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._tg: asyncio.TaskGroup | None = None
-        self._commits: asyncio.Queue[_Pending | None] = asyncio.Queue(maxsize=self.parallelism * 2)
-        self.result = SessionResult()
+        self._commits: asyncio.Queue[_Pending | None] = asyncio.Queue(
+            maxsize=2 * (settings.parallelism or MAX_AUTO_WORKERS))
+        self.result = SessionResult(parallelism=self.parallelism)
         self._finished = asyncio.Event()  # an item of this worker ended: the job may be complete
         # The job's heartbeat timeout (its starter's), the same on every host: it decides when an item moves.
         self.heartbeat_timeout = pg.heartbeat_timeout or store.heartbeat_timeout
@@ -184,7 +188,7 @@ class JobWorker(ItemWalker, GracefulStop):
         self.users = UserDirectory(Path(self.settings.data_dir) / "users.db", ttl_days=self.settings.id_ttl_days)
         self.page_sizes = PageSizes(self.settings.data_dir)
         self.client = Client(self.settings, api_key=self._key, reserve=self.budget.reserve,
-                             max_connections=max(64, self.parallelism))
+                             max_connections=max(MAX_AUTO_WORKERS, self.parallelism))
         try:
             await self._count_earlier()
             async with self.client:
@@ -246,7 +250,10 @@ class JobWorker(ItemWalker, GracefulStop):
             self.queue.ran = False
             try:
                 await self.queue.run(self._on_item)
-                return
+                if not self.queue.resized:
+                    return
+                down, delay = None, 0.1  # grown (`_grow`): the queue runs again with the new cap; no outage
+                continue
             except Exception as exc:
                 if self._stop_error is not None:
                     return
@@ -292,6 +299,7 @@ class JobWorker(ItemWalker, GracefulStop):
                 await self._submit(Batch([], update))
             self._held.pop(seq, None)
             self.result.items += 1
+            self._grow()
         except LeaseLost:
             self._held.pop(seq, None)
             self.result.lost += 1
@@ -303,6 +311,19 @@ class JobWorker(ItemWalker, GracefulStop):
             self._finished.set()
             if not done.done():
                 done.set_result(None)
+
+    def _grow(self) -> None:
+        """parallelism = "auto": take items enough to keep the rate busy at the latency seen so far (the rule every
+        kind of run sizes its pool by); the queue's cap and the credit lease follow."""
+        if self.settings.parallelism is not None or self._stop_error is not None:
+            return
+        target = auto_workers(self.client.pace, self.client.counters.latency, self.parallelism)
+        if target > self.parallelism:
+            log.debug("parallelism auto: %d -> %d items at a time (latency %.3f s)", self.parallelism, target,
+                      self.client.counters.latency)
+            self.parallelism = self.result.parallelism = target
+            self.budget.lease = max(1, min(target, LEASE_MAX))
+            self.queue.grow(target)
 
     async def _process(self, item: WorkItem) -> None:
         async with aclosing(self.spec.handler(self, item)) as steps:
@@ -613,6 +634,7 @@ def _merge(a: SessionResult, b: SessionResult) -> None:
     a.rate_limited += b.rate_limited
     a.retries += b.retries
     a.rate_wait_seconds += b.rate_wait_seconds
+    a.parallelism = max(a.parallelism, b.parallelism)
     for kind, n in b.responses.items():
         a.responses[kind] = a.responses.get(kind, 0) + n
 
@@ -628,7 +650,7 @@ def _summary(job: JobOptions, store: PgJobStore, pg: PgJob, progress: Any, fails
         items_pending=progress.pending, rows_written=result.rows, rows_total=pg.rows,
         requests_sent=pg.requests_sent, credits_billed=pg.credits_billed, run_requests=result.requests_sent,
         rate_limited=result.rate_limited, retries=result.retries, elapsed=time.monotonic() - started,
-        parallelism=settings.parallelism or 8,
+        parallelism=result.parallelism or settings.parallelism or AUTO_START,
         rate_used=f"{settings.rate_limit} per {settings.rate_window:g} s" if settings.rate_enabled else "no limit",
         rate_wait_seconds=result.rate_wait_seconds, failures=fails, run_credits_billed=result.credits_billed,
         responses=dict(result.responses),

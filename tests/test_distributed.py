@@ -1212,3 +1212,31 @@ async def test_an_edited_input_continues_its_postgresql_job_and_closes_the_one_i
 
 async def _at_least(value: Any, n: int) -> bool:
     return int(await value or 0) >= n
+
+
+async def test_auto_parallelism_grows_a_postgresql_worker_with_the_latency(hosts: Hosts, schema: str) -> None:
+    """parallelism = "auto" in a PostgreSQL job at 100 requests per second keeps few items at a time at no latency and
+    grows to rate × latency at 0.3 s (the server sees that many requests at once), each item worked once, no 429."""
+    chosen: dict[float, int] = {}
+    at_once: dict[float, int] = {}
+    for n, latency in enumerate((0.0, 0.3)):
+        src = handles(hosts.root, 300, offset=1300 + 300 * n)  # two jobs: each input its own
+        async with simulator(hosts.key, latency=(latency, latency), rate_limit=100, rate_window=1.0,
+                             burst_limit=100) as sim:
+            code, _, err = await hosts.run(f"starter{n}", [
+                "profiles", str(src), "-o", "out.csv", "--jobs-url", pg_url(schema), "--summary-json", "s.json",
+                "--base-url", sim.url, "--rate", "100", "--window", "1", "--max-per-second", "100",
+                "--rate-shared", REDIS], 180)
+            assert code == 0, err[-800:]
+            assert sim.stats.served_429 == 0, sim.stats.snapshot()
+            # One request per profile: an item worked twice would ask twice.
+            assert sim.stats.by_endpoint["/userinfo-by-username"] == 300, sim.stats.snapshot()
+            at_once[latency] = sim.stats.max_in_flight
+        with (hosts.root / f"starter{n}" / "out.csv").open(encoding="utf-8", newline="") as fh:
+            names = [r["handle"] for r in csv.DictReader(fh)]
+        assert sorted(names) == sorted(src.read_text().split())
+        chosen[latency] = json.loads((hosts.root / f"starter{n}" / "s.json").read_text())["parallelism"]
+    assert chosen[0.3] > chosen[0.0], chosen
+    assert chosen[0.3] >= 100 * 0.3, chosen  # enough items at a time to keep 100/s busy at 0.3 s each
+    # Server-side: well past the 8 a fixed default holds at once (rate × latency is ~28 at the ledger's margin).
+    assert at_once[0.3] > 16 and at_once[0.3] > at_once[0.0], at_once

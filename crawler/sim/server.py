@@ -82,11 +82,12 @@ class Stats:
 
     `requests` and `by_endpoint` count every API request (not admin ones), key errors included;
     `max_in_window` / `max_in_second` are exact per key (the largest over keys) and count every
-    arrival with a valid key, 429ed ones included.
+    arrival with a valid key, 429ed ones included. `max_in_flight` is the most requests being answered at once
+    (past the key, rate and balance checks: in their latency).
     """
 
-    __slots__ = ("arrivals", "billed", "by_endpoint", "faults", "max_in_second", "max_in_window", "requests",
-                 "served_429", "targets")
+    __slots__ = ("arrivals", "billed", "by_endpoint", "faults", "in_flight", "max_in_flight", "max_in_second",
+                 "max_in_window", "requests", "served_429", "targets")
 
     def __init__(self) -> None:
         self.requests = 0
@@ -96,6 +97,8 @@ class Stats:
         self.billed: Counter[str] = Counter()
         self.max_in_window = 0
         self.max_in_second = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.arrivals: list[float] = []  # only with SimConfig.record_arrivals
         self.targets: list[str] = []  # path and query of every API request, only with SimConfig.record_arrivals
 
@@ -103,7 +106,8 @@ class Stats:
         """A copy of the counters as plain JSON-ready values."""
         return {"requests": self.requests, "by_endpoint": dict(self.by_endpoint),
                 "served_429": self.served_429, "faults": dict(self.faults), "billed": dict(self.billed),
-                "max_in_window": self.max_in_window, "max_in_second": self.max_in_second}
+                "max_in_window": self.max_in_window, "max_in_second": self.max_in_second,
+                "max_in_flight": self.max_in_flight}
 
 
 class _KeyWindows:
@@ -246,11 +250,15 @@ class Simulator:
             # Hold the credit now so concurrent requests cannot overdraw; refunded unless billed.
             self._balances[key] = balance - 1
         billed = False
+        st = self.stats
+        st.in_flight += 1
+        st.max_in_flight = max(st.max_in_flight, st.in_flight)
         try:
             response = await self._serve(request, path, key)
             billed = response.status == 200
             return response
         finally:
+            st.in_flight -= 1
             if billed:
                 self.stats.billed[key] += 1
             elif balance is not None:
