@@ -51,6 +51,7 @@ from crawler.history import HistoryStore, StoreThread, WalkState, connection_los
 from crawler.inputs import input_items
 from crawler.job import JobOptions
 from crawler.outcome import Outcome
+from crawler.pacing import MAX_AUTO_WORKERS, auto_workers
 from crawler.pagesizes import PageSizes
 from crawler.sinks import cell, drain, fsync_dir, write_failures
 from crawler.state import RETRIABLE, RETRIABLE_ALL, StateStore, UserDirectory
@@ -183,6 +184,8 @@ class Ingest(GracefulStop):
         self._tasks: list[asyncio.Task[None]] = []
         self._idle: set[asyncio.Task[Any]] = set()
         self._feeder: asyncio.Task[None] | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._workers = 0  # workers started; parallelism = "auto" grows them (`_grow`)
         self._committed = (0, 0)  # the client's counters at the last commit
         self.rows: Counter[str] = Counter()
         self.walks: Counter[str] = Counter()  # done, cut (--max-pages), failed
@@ -243,7 +246,7 @@ class Ingest(GracefulStop):
                                        clock=lambda: self.clock().timestamp())
             self.sizes = PageSizes(self.settings.data_dir)
             self.client = Client(self.settings, api_key=self._api_key, request_budget=self.settings.max_credits,
-                                 max_connections=max(WORKERS * 2, self.settings.parallelism or 0))
+                                 max_connections=max(MAX_AUTO_WORKERS, self.settings.parallelism or 0))
             try:
                 async with self.client:
                     await self._work_all(watch)
@@ -418,11 +421,12 @@ class Ingest(GracefulStop):
                 async with asyncio.TaskGroup() as tg:
                     self._feeder = tg.create_task(self._feed(watch))
                     self._tasks.append(self._feeder)
-                    for _ in range(max(1, self.settings.parallelism or WORKERS)):
-                        self._tasks.append(tg.create_task(self._worker()))
+                    self._tg = tg
+                    self._spawn(max(1, self.settings.parallelism or WORKERS))
                     if self._stop is not None:  # a signal handled before these tasks existed (the ledger's
                         self.request_stop(self._stop)  # open awaits): without this the feeder waits forever
             finally:
+                self._tg = None
                 progress.cancel()
                 heartbeat.cancel()
                 if not writer.done():
@@ -487,11 +491,24 @@ class Ingest(GracefulStop):
             try:
                 await self._claimed(task)
                 self.done += 1
+                self._grow()
             except RunStopped as exc:
                 self.request_stop(exc)
                 return
             finally:
                 self._work.task_done()
+
+    def _spawn(self, target: int) -> None:
+        """Start workers until `target` run (none once stopping)."""
+        while self._tg is not None and self._stop is None and self._workers < target:
+            self._workers += 1
+            self._tasks.append(self._tg.create_task(self._worker()))
+
+    def _grow(self) -> None:
+        """parallelism = "auto": workers enough to keep the rate busy at the latency seen so far (the one rule,
+        `pacing.auto_workers`, every kind of run sizes its pool by)."""
+        if self.settings.parallelism is None:
+            self._spawn(auto_workers(self.client.pace, self.client.counters.latency, self._workers))
 
     # -- claims: several runs on one history store fetch each user once a day --
 
@@ -877,7 +894,7 @@ class Ingest(GracefulStop):
             rows_written=self.rows[PROFILES], rows_total=done, requests_sent=p_sent, credits_billed=p_billed,
             run_requests=p_sent, run_credits_billed=p_billed, rate_limited=c.rate_limited, retries=c.retries,
             elapsed=elapsed, responses=dict(c.responses),  # one client for both parts: its answers are told here
-            parallelism=self.settings.parallelism or WORKERS, rate_used=rate,
+            parallelism=self._workers or self.settings.parallelism or WORKERS, rate_used=rate,
             rate_wait_seconds=self.client.gate.wait_seconds, failures=dict(fails[PROFILES]),
             output=str(self.out_dir / f"{PROFILES}-{today.isoformat()}.csv"),
             failures_file=next((f for f in files if Path(f).name.startswith(f"{PROFILES}-{today}")), ""),
@@ -897,7 +914,7 @@ class Ingest(GracefulStop):
                 items_pending=self.walks["cut"], rows_written=self.rows[POSTS], rows_total=self.rows[POSTS],
                 requests_sent=w_sent, credits_billed=w_billed, run_requests=w_sent, run_credits_billed=w_billed,
                 rate_limited=0, retries=0,
-                elapsed=elapsed, parallelism=self.settings.parallelism or WORKERS, rate_used=rate,
+                elapsed=elapsed, parallelism=self._workers or self.settings.parallelism or WORKERS, rate_used=rate,
                 failures=dict(fails[POSTS]), output=str(self.out_dir / f"{POSTS}-{today.isoformat()}.csv"),
                 failures_file=next((f for f in files if Path(f).name.startswith(f"{POSTS}-{today}")), ""),
                 reason=str(error) if error else "", notes=tuple(notes))

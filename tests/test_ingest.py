@@ -435,3 +435,31 @@ async def test_max_pages_bounds_a_day_per_user_and_max_items_is_the_horizon(simu
         fresh = {p.video_id for p in w.posts(small) if p.create_time > mark}
         got = posts_union(tmp_path / "out")
         assert {v for v in got if v in {p.video_id for p in w.posts(small)}} == {p.video_id for p in newest} | fresh
+
+
+async def test_auto_parallelism_grows_ingest_workers_with_the_latency(simulator: SimFactory, tmp_path: Path) -> None:
+    """parallelism = "auto" in ingest at 100 requests per second: few workers at no latency, enough at 0.3 s to keep
+    100/s busy (more than the 8 it starts with, counted at the simulator), every user snapshotted once, no 429."""
+    chosen: dict[float, int] = {}
+    in_flight: dict[float, int] = {}
+    for latency in (0.0, 0.3):
+        async with simulator(world=WORLD, latency=(latency, latency), rate_limit=100, rate_window=1.0,
+                             burst_limit=100) as sim:
+            w = sim.world
+            watch = public_users(w, 150, max_videos=30)
+            write_watch(tmp_path / "watch.txt", [w.handle(i) for i in watch])
+            settings = fast_settings(sim.url, rate_enabled=True, rate_limit=100, rate_window=1.0,
+                                     rate_max_per_second=100, parallelism=None,
+                                     data_dir=str(tmp_path / f"data{latency}"),
+                                     history_url=str(tmp_path / f"history{latency}.db"))
+            result = await ingest(str(tmp_path / "watch.txt"), tmp_path / f"out{latency}", settings, api_key=KEY,
+                                  install_signals=False, clock=night(0), with_posts=False)
+            assert result.exit_code == 0
+            assert sim.stats.served_429 == 0
+            profiles = sim.stats.by_endpoint["/userinfo-by-username"] + sim.stats.by_endpoint["/userinfo-by-id"]
+            assert profiles == len(watch)  # each user once
+            chosen[latency] = result.outcomes[0].summary.parallelism
+            in_flight[latency] = sim.stats.max_in_flight
+    assert chosen[0.3] > chosen[0.0]
+    assert chosen[0.3] >= 100 * 0.3  # enough requests in flight to keep 100/s busy at 0.3 s each
+    assert in_flight[0.3] > 8, in_flight  # the simulator saw more at once than the fixed pool of 8 could send
