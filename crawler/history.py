@@ -263,7 +263,9 @@ class HistoryStore:
             self._db = sqlite3.connect(path, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA busy_timeout=10000")
+            # Another process's transaction (an ingest's commit, a big `history import`) is waited for, as long
+            # as an unreachable store may hold a run.
+            self._db.execute(f"PRAGMA busy_timeout={round(max(10.0, stall_limit) * 1000)}")
             self._db.execute("PRAGMA cache_size=-32768")  # 32 MB: index inserts of a big backfill stay in memory
         self._migrate()
 
@@ -289,7 +291,9 @@ class HistoryStore:
         return list(self._exec(sql, params).fetchall())
 
     def _begin(self) -> None:
-        self._db.execute("BEGIN")
+        # SQLite: take the write lock at BEGIN. A deferred transaction that reads, then writes, fails at once with
+        # "database is locked" when another process wrote meanwhile (busy_timeout cannot help it); IMMEDIATE waits.
+        self._db.execute("BEGIN" if self.postgres else "BEGIN IMMEDIATE")
 
     def _commit(self) -> None:
         self._db.execute("COMMIT")
