@@ -301,10 +301,10 @@ class HistoryStore:
     def _migrate(self) -> None:
         types = ({"date": "DATE", "ts": "TIMESTAMPTZ", "bool": "BOOLEAN", "int": "BIGINT"} if self.postgres
                  else {"date": "TEXT", "ts": "TEXT", "bool": "INTEGER", "int": "INTEGER"})
-        self._exec("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        if self.postgres:  # several ingest processes may start together: one migrates at a time
-            self._exec("SELECT pg_advisory_lock(7426001)")
+        if self.postgres:  # several ingest processes may start together: one migrates at a time, all DDL under
+            self._exec("SELECT pg_advisory_lock(7426001)")  # the lock (two CREATE IF NOT EXISTS can collide)
         try:
+            self._exec("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             row = self._rows("SELECT MAX(version) FROM schema_version")
             current = row[0][0] or 0
             for version in sorted(v for v in MIGRATIONS if v > current):
