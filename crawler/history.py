@@ -398,10 +398,12 @@ class HistoryStore:
                         day.isoformat())
         return {str(u): bool(p) for u, p in rows}
 
-    def handle_of(self, user_id: str) -> str | None:
-        """The user's handle as last stored."""
-        rows = self._rows("SELECT handle FROM users WHERE user_id = ?", (user_id,))
-        return str(rows[0][0]) if rows else None
+    def handle_of(self, user_id: str, *, until: dt.date | None = None) -> str | None:
+        """The user's handle as last stored (``until``: None when that handle is of a later day than this one)."""
+        rows = self._rows("SELECT handle, last_day FROM users WHERE user_id = ?", (user_id,))
+        if not rows or (until is not None and self._day(rows[0][1]) > until.isoformat()):
+            return None
+        return str(rows[0][0])
 
     def day_failures(self, day: dt.date, inputs: Sequence[str]) -> dict[tuple[str, str], str]:
         """(input, part) -> reason of what failed on ``day`` among ``inputs``."""

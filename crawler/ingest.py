@@ -731,7 +731,7 @@ class Ingest(GracefulStop):
                 days.add(c.day)
                 if c.profile is not None:
                     p = c.profile
-                    old = store.handle_of(p.user_id)
+                    old = store.handle_of(p.user_id, until=c.day)  # a backfill never renames back from a later name
                     if old is not None and old != p.handle:
                         store.record_rename(p.user_id, old, p.handle, c.day)
                     if c.bind:

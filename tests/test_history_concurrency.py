@@ -99,3 +99,47 @@ def test_processes_opening_a_fresh_postgresql_history_together_never_fail() -> N
         with psycopg.connect(PG_URL, autocommit=True) as conn:
             for name in names:
                 conn.execute(f"DROP SCHEMA {name} CASCADE")
+
+
+async def test_ingesting_an_earlier_day_again_records_no_rename(simulator: SimFactory, tmp_path: Path) -> None:
+    """Days 1-5 ingested as the world renames users, then day 3 ingested again (`--date`, `--restart`), with the
+    world as it is now and as it was on day 3 (`make demo` run twice): the store holds exactly the renames the world
+    made."""
+    from crawler.history import HistoryStore
+    from crawler.ingest import ingest
+    from crawler.sim.data import World
+    from tests.conftest import KEY, fast_settings
+
+    world = WorldConfig(seed=41, users=3_000, missing_fraction=0.0, private_fraction=0.0, rename_probability=0.3)
+    async with simulator(world=world) as sim:
+        w = sim.world
+        watch = public_users(w, 30)
+        write_watch(tmp_path / "watch.txt", [w.handle(i) for i in watch])
+        url = str(tmp_path / "history.db")
+        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"), history_url=url)
+
+        async def ingest_day(d: int, *, restart: bool = False) -> None:
+            result = await ingest(str(tmp_path / "watch.txt"), tmp_path / "out", settings, api_key=KEY,
+                                  date=day(d), restart=restart, install_signals=False)
+            assert result.exit_code == 0, result.outcomes
+
+        for d in range(5):
+            await ingest_day(d)
+            if d < 4:
+                sim.advance_day()
+        await ingest_day(2)  # already snapshotted: nothing to fetch
+        await ingest_day(2, restart=True)  # fetched again, the world as it is now (day 4)
+        w.day = 2
+        await ingest_day(2, restart=True)  # fetched again, the world as it was on day 2 (`make demo` twice)
+    then = World(world)
+    made = set()
+    for d in range(1, 5):
+        before = {i: then.handle(i) for i in watch}
+        then.advance()
+        made |= {(then.user_id(i), before[i], then.handle(i), day(d)) for i in watch if then.handle(i) != before[i]}
+    assert made  # the world did rename some of them
+    store = HistoryStore(url)
+    try:
+        assert {(r.user_id, r.old, r.new, r.day) for r in store.renames()} == made
+    finally:
+        store.close()
