@@ -219,12 +219,23 @@ class StoreThread:
 
 
 def connection_lost(exc: BaseException) -> bool:
-    """A PostgreSQL history store's connection ended (server restart, network, terminated session)."""
+    """A PostgreSQL history store's connection ended (server restart, network, terminated session); a transaction
+    the server rolled back (a deadlock, a serialization failure) is not that."""
     if not type(exc).__module__.startswith("psycopg"):
         return False
-    from crawler.pgjobs import _is_connection_error
+    from crawler.pgjobs import _is_connection_error, rolled_back
 
-    return _is_connection_error(exc)
+    return _is_connection_error(exc) and not rolled_back(exc)
+
+
+def transient(exc: BaseException) -> bool:
+    """A PostgreSQL history store's call worth making again: its connection was lost, or its transaction was
+    rolled back for another's sake (a deadlock, a serialization failure)."""
+    if not type(exc).__module__.startswith("psycopg"):
+        return False
+    from crawler.pgjobs import rolled_back
+
+    return connection_lost(exc) or rolled_back(exc)
 
 
 def parse_day(text: str, flag: str = "--date") -> dt.date:
@@ -245,6 +256,7 @@ class HistoryStore:
             raise UsageError(f"history.url: {exc}") from None
         self.url = url
         self.postgres = url.startswith(("postgresql://", "postgres://"))
+        self._limits = (stall_limit, connect_timeout)
         self._db: Any
         if self.postgres:
             try:
@@ -278,6 +290,13 @@ class HistoryStore:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+    def reopen(self) -> None:
+        """A PostgreSQL store whose connection was lost connects again (the schema is there: no migration)."""
+        if self.postgres and self._db.closed:
+            import psycopg
+
+            self._db = psycopg.connect(self.url, autocommit=True, **pg_connect_kwargs(*self._limits))
 
     # --- plumbing ---
 

@@ -143,3 +143,47 @@ async def test_ingesting_an_earlier_day_again_records_no_rename(simulator: SimFa
         assert {(r.user_id, r.old, r.new, r.day) for r in store.renames()} == made
     finally:
         store.close()
+
+
+STAGED_ROLLBACKS = """
+CREATE SEQUENCE staged_rollbacks;
+CREATE FUNCTION staged_rollback() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    CASE nextval('staged_rollbacks')
+        WHEN 1 THEN RAISE EXCEPTION 'staged deadlock' USING ERRCODE = 'deadlock_detected';
+        WHEN 2 THEN RAISE EXCEPTION 'staged conflict' USING ERRCODE = 'serialization_failure';
+        ELSE NULL;
+    END CASE;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER staged_rollback BEFORE INSERT ON snapshots FOR EACH ROW EXECUTE FUNCTION staged_rollback();
+"""
+
+
+async def test_a_deadlock_and_a_serialization_failure_on_a_postgresql_history_are_retried(
+        simulator: SimFactory, tmp_path: Path) -> None:
+    """The PostgreSQL history rolls back ingest's first two commits (a deadlock, then a serialization failure, as
+    another run's commits would cause): ingest asks again, never calls it a lost connection, exits 0, and every
+    watch-list user is fetched once and snapshotted once."""
+    import psycopg
+
+    from crawler.history import HistoryStore
+    from tests.test_cli import crawler
+    from tests.test_ingest_edges import assert_day_0_complete, night_0_watch, pg_history
+
+    with pg_history() as (direct, _):
+        HistoryStore(direct).close()
+        with psycopg.connect(direct, autocommit=True) as conn:
+            conn.execute(STAGED_ROLLBACKS)
+        async with simulator(world=WORLD) as sim:
+            w = sim.world
+            watch, env = night_0_watch(sim, tmp_path)
+            code, _, err = await crawler(["ingest", "watch.txt", "--out-dir", "out", "--posts", "-q",
+                                          "--history-url", direct], env, tmp_path)
+            assert code == 0 and "Traceback" not in err, err
+            assert "transaction rolled back (DeadlockDetected); retrying" in err and "lost" not in err, err
+            assert sim.stats.by_endpoint["/userinfo-by-username"] == len(watch)
+        with psycopg.connect(direct, autocommit=True) as conn:
+            assert conn.execute("SELECT last_value FROM staged_rollbacks").fetchone() == (len(watch) + 2,)
+        assert_day_0_complete(w, watch, tmp_path / "out", direct)
+
