@@ -291,6 +291,13 @@ class HistoryStore:
             self._db.close()
             self._db = None
 
+    def shut_down(self) -> None:
+        """End a PostgreSQL store's connection from another thread: the call waiting on it fails (pgjobs.shut_down)."""
+        if self.postgres and self._db is not None:
+            from crawler.pgjobs import shut_down
+
+            shut_down(self._db)
+
     def reopen(self) -> None:
         """A PostgreSQL store whose connection was lost connects again (the schema is there: no migration)."""
         if self.postgres and self._db.closed:

@@ -52,7 +52,7 @@ from crawler.inputs import input_items
 from crawler.job import JobOptions
 from crawler.outcome import Outcome
 from crawler.pagesizes import PageSizes
-from crawler.pgjobs import Outage
+from crawler.pgjobs import Outage, deadline
 from crawler.sinks import cell, drain, fsync_dir, write_failures
 from crawler.state import RETRIABLE, RETRIABLE_ALL, StateStore, UserDirectory
 from crawler.stats import ProgressReporter, Snapshot, Summary
@@ -295,11 +295,16 @@ class Ingest(GracefulStop):
                     " again once it answers")
                 raise self._lost from None
         try:
-            return await self._outage.retry(functools.partial(self._call_once, self._again, fn, *args, **kwargs),
-                                            transient)
+            return await self._outage.retry(functools.partial(self._call_by_deadline, fn, *args, **kwargs), transient)
         except RunStopped as exc:  # the stall limit, or a signal during the outage: no more calls
             self._lost = self._lost or exc
             raise
+
+    async def _call_by_deadline(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """One try of a PostgreSQL store's call: a server that accepts it but never answers has the connection
+        ended after ``retry.stall_limit`` (the call then fails as on a lost connection)."""
+        with deadline(self.settings.retry_stall_limit, self.store.shut_down):
+            return await self._call_once(self._again, fn, *args, **kwargs)
 
     def _again(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """``fn`` in the store's thread, made so that it can be made again: the store first connects again if its

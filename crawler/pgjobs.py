@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
+import os
 import secrets
+import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -256,6 +259,24 @@ class Outage:
                 delay = min(delay * 2, 2.0)
 
 
+def shut_down(conn: Any) -> None:
+    """End a PostgreSQL connection's stream from outside: a call waiting on it (a server that accepts TCP but never
+    answers) fails at once, as on a lost connection. Closing the connection object stays its owner's part."""
+    with contextlib.suppress(Exception), socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:  # closed: none
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+@contextlib.contextmanager
+def deadline(seconds: float, expire: Callable[[], None]) -> Iterator[None]:
+    """The per-call deadline of PostgreSQL calls: ``expire()`` (a `shut_down`) if the block takes longer than
+    ``seconds`` (``retry.stall_limit``), so the call fails as on a lost connection and is retried on a new one."""
+    timer = asyncio.get_running_loop().call_later(seconds, expire)
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def _retrieved(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()
@@ -388,8 +409,9 @@ class PgJobStore:
                         await self._connect()
                     conn = self._conn
                     assert conn is not None
-                    async with conn.transaction():
-                        result = await fn(conn)
+                    with deadline(self.stall_limit, functools.partial(shut_down, conn)):
+                        async with conn.transaction():
+                            result = await fn(conn)
                     if self._down_since is not None:
                         log.warning("%s answers again", self.where)
                     self._down_since = None

@@ -187,3 +187,63 @@ async def test_a_deadlock_and_a_serialization_failure_on_a_postgresql_history_ar
             assert conn.execute("SELECT last_value FROM staged_rollbacks").fetchone() == (len(watch) + 2,)
         assert_day_0_complete(w, watch, tmp_path / "out", direct)
 
+
+async def test_a_job_store_call_to_a_server_that_never_answers_ends_at_the_stall_limit() -> None:
+    """PostgreSQL accepts the job store's connection, then stops answering (a proxy that forwards nothing, so TCP
+    still acknowledges every packet): the store's call ends with StoreLost within about twice retry.stall_limit."""
+    import time
+
+    import pytest
+
+    from crawler.pgjobs import PgJobStore, StoreLost
+    from tests.test_distributed import Proxy
+    from tests.test_ingest_edges import pg_history
+
+    with pg_history() as (direct, _):
+        async with Proxy() as proxy:
+            url = f"postgresql://postgres@127.0.0.1:{proxy.port}/test?{direct.rpartition('?')[2]}"
+            store = PgJobStore(url, stall_limit=2.0, heartbeat_timeout=30.0, connect_timeout=1.0)
+            await store.open()
+            try:
+                await store.workers()
+                proxy.freeze()
+                began = time.monotonic()
+                with pytest.raises(StoreLost):
+                    await asyncio.wait_for(store.workers(), 30)
+                assert time.monotonic() - began < 2 * 2.0 + 5
+            finally:
+                proxy.thaw()
+                await store.aclose()
+
+
+async def test_ingest_on_a_postgresql_history_that_never_answers_ends_at_the_stall_limit(
+        simulator: SimFactory, tmp_path: Path) -> None:
+    """The history database accepts ingest's connection, then stops answering mid-run (a proxy that forwards
+    nothing): ingest ends within about twice retry.stall_limit with one line naming history.url (exit 1); once it
+    answers again, the same command completes the day with every snapshot and post stored once."""
+    import time
+
+    from tests.test_cli import crawler
+    from tests.test_distributed import Proxy
+    from tests.test_ingest_edges import assert_day_0_complete, ingest_until_two_snapshots, night_0_watch, pg_history
+
+    with pg_history() as (direct, stored):
+        async with simulator(world=WORLD, latency=(0.05, 0.05)) as sim, Proxy() as proxy:
+            w = sim.world
+            watch, env = night_0_watch(sim, tmp_path)
+            with (tmp_path / "config.toml").open("a") as fh:
+                fh.write("stall_limit = 2\n[http]\nconnect_timeout = 1\n")
+            url = f"postgresql://postgres@127.0.0.1:{proxy.port}/test?{direct.rpartition('?')[2]}"  # the same schema
+            args, proc = await ingest_until_two_snapshots(url, env, tmp_path, stored)
+            proxy.freeze()
+            began = time.monotonic()
+            _, raw = await asyncio.wait_for(proc.communicate(), 60)
+            err = raw.decode()
+            assert proc.returncode == 1 and "Traceback" not in err, err
+            assert time.monotonic() - began < 2 * 2 + 8, err
+            line = err.strip().splitlines()[-1]
+            assert line.startswith("crawler: history.url = ") and "has not answered for 2 s" in line, err
+            proxy.thaw()
+            code, _, err = await crawler(args, env, tmp_path)
+            assert code == 0, err
+        assert_day_0_complete(w, watch, tmp_path / "out", direct)
