@@ -274,7 +274,7 @@ class Ingest(GracefulStop):
                         f.fh.close()
                 if opened:
                     with contextlib.suppress(Exception):
-                        await self._call(self.store.close)
+                        await self._call_once(self.store.close)  # never retried: nothing is left to keep
             self._thread.close(wait=False)
 
     async def _call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
