@@ -247,3 +247,35 @@ async def test_ingest_on_a_postgresql_history_that_never_answers_ends_at_the_sta
             code, _, err = await crawler(args, env, tmp_path)
             assert code == 0, err
         assert_day_0_complete(w, watch, tmp_path / "out", direct)
+
+
+async def test_history_serve_on_a_server_that_never_answers_says_503_at_the_stall_limit() -> None:
+    """The history page's PostgreSQL server accepts its session, then stops answering (a proxy that forwards
+    nothing): a page's query ends within about retry.stall_limit plus a connect timeout with a 503 saying the store
+    cannot be reached, never waits for ever."""
+    import time
+
+    import pytest
+    from aiohttp import web
+
+    from crawler.history import HistoryStore
+    from crawler.serve import History
+    from tests.test_distributed import Proxy
+    from tests.test_ingest_edges import pg_history
+
+    with pg_history() as (direct, _):
+        HistoryStore(direct).close()
+        async with Proxy() as proxy:
+            url = f"postgresql://postgres@127.0.0.1:{proxy.port}/test?{direct.rpartition('?')[2]}"
+            # Opened and closed off the loop: the proxy runs on it.
+            history = await asyncio.to_thread(History, url, stall_limit=2.0, connect_timeout=1.0)
+            try:
+                assert await history.run(lambda store: store.last_day()) is None
+                proxy.freeze()
+                began = time.monotonic()
+                with pytest.raises(web.HTTPServiceUnavailable):
+                    await asyncio.wait_for(history.run(lambda store: store.last_day()), 30)
+                assert time.monotonic() - began < 2.0 + 1.0 + 5
+            finally:
+                proxy.thaw()
+                await asyncio.to_thread(history.close)
