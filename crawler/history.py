@@ -335,6 +335,9 @@ class HistoryStore:
             current = row[0][0] or 0
             for version in sorted(v for v in MIGRATIONS if v > current):
                 self._begin()
+                if self._migrated(version):  # SQLite: another process did it between the read and BEGIN IMMEDIATE
+                    self._commit()
+                    continue
                 for statement in MIGRATIONS[version]:
                     self._exec(statement.format(**types))
                 self._exec("INSERT INTO schema_version (version) VALUES (?)", (version,))
@@ -342,6 +345,10 @@ class HistoryStore:
         finally:
             if self.postgres:
                 self._exec("SELECT pg_advisory_unlock(7426001)")
+
+    def _migrated(self, version: int) -> bool:
+        """The store is at ``version`` or later already (read inside the migration's transaction)."""
+        return int(self._rows("SELECT MAX(version) FROM schema_version")[0][0] or 0) >= version
 
     def _day(self, value: Any) -> str:
         return value.isoformat() if isinstance(value, dt.date) else str(value)

@@ -101,6 +101,31 @@ def test_processes_opening_a_fresh_postgresql_history_together_never_fail() -> N
                 conn.execute(f"DROP SCHEMA {name} CASCADE")
 
 
+def test_processes_opening_a_fresh_sqlite_history_together_migrate_it_once(tmp_path: Path) -> None:
+    """Eight processes opening the same fresh SQLite history at the same instant, 20 rounds: no error, and each
+    store records each schema version once (a process that read an old version migrates only what is left)."""
+    import multiprocessing
+    import sqlite3
+
+    from crawler.history import SCHEMA_VERSION
+
+    paths = [str(tmp_path / f"h{n}.db") for n in range(20)]
+    ctx = multiprocessing.get_context("spawn")
+    barrier, errors = ctx.Barrier(8), ctx.Queue()
+    procs = [ctx.Process(target=_open_fresh_schemas, args=(paths, barrier, errors)) for _ in range(8)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(300)
+    failed = []
+    while not errors.empty():
+        failed.append(errors.get())
+    assert [p.exitcode for p in procs] == [0] * 8 and not failed, failed
+    for path in paths:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            got = [v for (v,) in db.execute("SELECT version FROM schema_version ORDER BY version")]
+        assert got == list(range(1, SCHEMA_VERSION + 1)), path
+
 async def test_ingesting_an_earlier_day_again_records_no_rename(simulator: SimFactory, tmp_path: Path) -> None:
     """Days 1-5 ingested as the world renames users, then day 3 ingested again (`--date`, `--restart`), with the
     world as it is now and as it was on day 3 (`make demo` run twice): the store holds exactly the renames the world
