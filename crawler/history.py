@@ -330,7 +330,9 @@ class HistoryStore:
         if self.postgres:  # several ingest processes may start together: one migrates at a time, all DDL under
             self._exec("SELECT pg_advisory_lock(7426001)")  # the lock (two CREATE IF NOT EXISTS can collide)
         try:
+            self._begin()  # SQLite: under the write lock (a statement that reads, then writes, may fail at once else)
             self._exec("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            self._commit()
             row = self._rows("SELECT MAX(version) FROM schema_version")
             current = row[0][0] or 0
             for version in sorted(v for v in MIGRATIONS if v > current):
