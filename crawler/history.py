@@ -224,12 +224,23 @@ class StoreThread:
 
 
 def connection_lost(exc: BaseException) -> bool:
-    """A PostgreSQL history store's connection ended (server restart, network, terminated session)."""
+    """A PostgreSQL history store's connection ended (server restart, network, terminated session); a transaction
+    the server rolled back (a deadlock, a serialization failure) is not that."""
     if not type(exc).__module__.startswith("psycopg"):
         return False
-    from crawler.pgjobs import _is_connection_error
+    from crawler.pgjobs import _is_connection_error, rolled_back
 
-    return _is_connection_error(exc)
+    return _is_connection_error(exc) and not rolled_back(exc)
+
+
+def transient(exc: BaseException) -> bool:
+    """A PostgreSQL history store's call worth making again: its connection was lost, or its transaction was
+    rolled back for another's sake (a deadlock, a serialization failure)."""
+    if not type(exc).__module__.startswith("psycopg"):
+        return False
+    from crawler.pgjobs import rolled_back
+
+    return connection_lost(exc) or rolled_back(exc)
 
 
 def parse_day(text: str, flag: str = "--date") -> dt.date:
@@ -250,6 +261,7 @@ class HistoryStore:
             raise UsageError(f"history.url: {exc}") from None
         self.url = url
         self.postgres = url.startswith(("postgresql://", "postgres://"))
+        self._limits = (stall_limit, connect_timeout)
         self._db: Any
         if self.postgres:
             try:
@@ -268,7 +280,9 @@ class HistoryStore:
             self._db = sqlite3.connect(path, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA busy_timeout=10000")
+            # Another process's transaction (an ingest's commit, a big `history import`) is waited for, as long
+            # as an unreachable store may hold a run.
+            self._db.execute(f"PRAGMA busy_timeout={round(max(10.0, stall_limit) * 1000)}")
             self._db.execute("PRAGMA cache_size=-32768")  # 32 MB: index inserts of a big backfill stay in memory
         self._migrate()
 
@@ -281,6 +295,20 @@ class HistoryStore:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+    def shut_down(self) -> None:
+        """End a PostgreSQL store's connection from another thread: the call waiting on it fails (pgjobs.shut_down)."""
+        if self.postgres and self._db is not None:
+            from crawler.pgjobs import shut_down
+
+            shut_down(self._db)
+
+    def reopen(self) -> None:
+        """A PostgreSQL store whose connection was lost connects again (the schema is there: no migration)."""
+        if self.postgres and self._db.closed:
+            import psycopg
+
+            self._db = psycopg.connect(self.url, autocommit=True, **pg_connect_kwargs(*self._limits))
 
     # --- plumbing ---
 
@@ -304,14 +332,19 @@ class HistoryStore:
     def _migrate(self) -> None:
         types = ({"date": "DATE", "ts": "TIMESTAMPTZ", "bool": "BOOLEAN", "int": "BIGINT"} if self.postgres
                  else {"date": "TEXT", "ts": "TEXT", "bool": "INTEGER", "int": "INTEGER"})
-        self._exec("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        if self.postgres:  # several ingest processes may start together: one migrates at a time
-            self._exec("SELECT pg_advisory_lock(7426001)")
+        if self.postgres:  # several ingest processes may start together: one migrates at a time, all DDL under
+            self._exec("SELECT pg_advisory_lock(7426001)")  # the lock (two CREATE IF NOT EXISTS can collide)
         try:
+            self._begin()  # SQLite: under the write lock (a statement that reads, then writes, may fail at once else)
+            self._exec("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            self._commit()
             row = self._rows("SELECT MAX(version) FROM schema_version")
             current = row[0][0] or 0
             for version in sorted(v for v in MIGRATIONS if v > current):
                 self._begin()
+                if self._migrated(version):  # SQLite: another process did it between the read and BEGIN IMMEDIATE
+                    self._commit()
+                    continue
                 for statement in MIGRATIONS[version]:
                     self._exec(statement.format(**types))
                 self._exec("INSERT INTO schema_version (version) VALUES (?)", (version,))
@@ -319,6 +352,10 @@ class HistoryStore:
         finally:
             if self.postgres:
                 self._exec("SELECT pg_advisory_unlock(7426001)")
+
+    def _migrated(self, version: int) -> bool:
+        """The store is at ``version`` or later already (read inside the migration's transaction)."""
+        return int(self._rows("SELECT MAX(version) FROM schema_version")[0][0] or 0) >= version
 
     def _day(self, value: Any) -> str:
         return value.isoformat() if isinstance(value, dt.date) else str(value)
@@ -401,10 +438,12 @@ class HistoryStore:
                         day.isoformat())
         return {str(u): bool(p) for u, p in rows}
 
-    def handle_of(self, user_id: str) -> str | None:
-        """The user's handle as last stored."""
-        rows = self._rows("SELECT handle FROM users WHERE user_id = ?", (user_id,))
-        return str(rows[0][0]) if rows else None
+    def handle_of(self, user_id: str, *, until: dt.date | None = None) -> str | None:
+        """The user's handle as last stored (``until``: None when that handle is of a later day than this one)."""
+        rows = self._rows("SELECT handle, last_day FROM users WHERE user_id = ?", (user_id,))
+        if not rows or (until is not None and self._day(rows[0][1]) > until.isoformat()):
+            return None
+        return str(rows[0][0])
 
     def day_failures(self, day: dt.date, inputs: Sequence[str]) -> dict[tuple[str, str], str]:
         """(input, part) -> reason of what failed on ``day`` among ``inputs``."""

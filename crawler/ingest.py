@@ -17,6 +17,7 @@ import contextlib
 import csv
 import datetime as dt
 import fcntl
+import functools
 import io
 import logging
 import math
@@ -47,12 +48,13 @@ from crawler.errors import (
     UsageError,
     rank,
 )
-from crawler.history import HistoryStore, StoreThread, WalkState, connection_lost, parse_day
+from crawler.history import HistoryStore, StoreThread, WalkState, connection_lost, parse_day, transient
 from crawler.inputs import input_items
 from crawler.job import JobOptions
 from crawler.outcome import Outcome
 from crawler.pacing import MAX_AUTO_WORKERS, auto_workers
 from crawler.pagesizes import PageSizes
+from crawler.pgjobs import Outage, deadline
 from crawler.sinks import cell, drain, fsync_dir, write_failures
 from crawler.state import RETRIABLE, RETRIABLE_ALL, StateStore, UserDirectory
 from crawler.stats import ProgressReporter, Snapshot, Summary
@@ -172,6 +174,7 @@ class Ingest(GracefulStop):
         self._signalled: Interrupted | None = None  # SIGINT/SIGTERM: store calls get STOP_GRACE to answer
         self._stopping = asyncio.Event()  # set with _signalled
         self._lost: RunStopped | None = None  # a store call that did not answer in time: no more calls
+        self._outage: Outage | None = None  # a PostgreSQL store's retries (the job store's)
         self.client: Client
         self.users: UserDirectory
         self.sizes: PageSizes | None = None
@@ -217,6 +220,8 @@ class Ingest(GracefulStop):
         if isinstance(error, Interrupted):
             self._signalled = self._signalled or error
             self._stopping.set()
+            if self._outage is not None:  # a store that is away now is not waited for
+                self._outage.abandon(self._signalled)
         soft = isinstance(error, BudgetExhausted) or (isinstance(error, Interrupted) and self._draining)
         current = asyncio.current_task()
         for task in self._tasks:
@@ -234,6 +239,9 @@ class Ingest(GracefulStop):
                                           stall_limit=self.settings.retry_stall_limit,
                                           connect_timeout=self.settings.connect_timeout)
             opened = True
+            if self.store.postgres:
+                self._outage = Outage(f"history.url = {masked(history_url(self.settings))}",
+                                      self.settings.retry_stall_limit)
             today = self.day_now()
             self.watch_users = watch.progress().pending
             self._dir_id = _out_dir_id(self.out_dir)
@@ -272,10 +280,55 @@ class Ingest(GracefulStop):
                         f.fh.close()
                 if opened:
                     with contextlib.suppress(Exception):
-                        await self._call(self.store.close)
+                        await self._call_once(self.store.close)  # never retried: nothing is left to keep
             self._thread.close(wait=False)
 
     async def _call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Run a history-store call in the store's thread and await it (`_call_once`). On PostgreSQL, a lost
+        connection or a transaction rolled back for another's sake (a deadlock) is asked again, on a new connection
+        if need be, as the job store does: with backoff until ``retry.stall_limit``, the stop at once after a signal.
+        """
+        if self._outage is None:  # SQLite, or the store being opened
+            try:
+                return await self._call_once(fn, *args, **kwargs)
+            except Exception as exc:
+                if not connection_lost(exc):
+                    raise
+                # What committed is kept; the next run cuts the day files back to it and goes on from there.
+                self._lost = RunStopped(
+                    f"history.url = {masked(history_url(self.settings))}: the connection was lost"
+                    f" ({type(exc).__name__}: {_first_line(exc)}); what was committed is kept: run the same command"
+                    " again once it answers")
+                raise self._lost from None
+        try:
+            return await self._outage.retry(functools.partial(self._call_by_deadline, fn, *args, **kwargs), transient)
+        except RunStopped as exc:  # the stall limit, or a signal during the outage: no more calls
+            self._lost = self._lost or exc
+            raise
+
+    async def _call_by_deadline(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """One try of a PostgreSQL store's call: a server that accepts it but never answers has the connection
+        ended after ``retry.stall_limit`` (the call then fails as on a lost connection)."""
+        with deadline(self.settings.retry_stall_limit, self.store.shut_down):
+            return await self._call_once(self._again, fn, *args, **kwargs)
+
+    def _again(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """``fn`` in the store's thread, made so that it can be made again: the store first connects again if its
+        connection was lost, and the day files forget what ``fn`` appended if it fails (they are opened again at
+        their committed lengths, so a retried commit writes its rows once)."""
+        self.store.reopen()
+        before = {k: f.length for k, f in self._files.items()}
+        try:
+            return fn(*args, **kwargs)
+        except Exception:
+            for k, f in list(self._files.items()):
+                if before.get(k) != f.length:
+                    with contextlib.suppress(OSError):
+                        f.fh.close()
+                    del self._files[k]
+            raise
+
+    async def _call_once(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run a history-store call in the store's thread and await it: the loop stays free (requests go on, a
         signal is handled) whatever the database does.
 
@@ -307,16 +360,7 @@ class Ingest(GracefulStop):
                                      " had not committed is fetched again", stop.code)
             log.warning("the history store did not answer within %g s of the stop: giving it up", STOP_GRACE)
             raise self._lost
-        try:
-            return call.result()
-        except Exception as exc:
-            if not connection_lost(exc):
-                raise
-            # What committed is kept; the next run cuts the day files back to it and goes on from there.
-            self._lost = RunStopped(
-                f"history.url = {masked(history_url(self.settings))}: the connection was lost ({type(exc).__name__}:"
-                f" {_first_line(exc)}); what was committed is kept: run the same command again once it answers")
-            raise self._lost from None
+        return call.result()
 
     def _open_day(self, today: dt.date) -> None:
         """The start of a run, in the store's thread: finish or drop an interrupted --restart, cut the day files
@@ -798,7 +842,7 @@ class Ingest(GracefulStop):
                 days.add(c.day)
                 if c.profile is not None:
                     p = c.profile
-                    old = store.handle_of(p.user_id)
+                    old = store.handle_of(p.user_id, until=c.day)  # a backfill never renames back from a later name
                     if old is not None and old != p.handle:
                         store.record_rename(p.user_id, old, p.handle, c.day)
                     if c.bind:

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
+import os
 import secrets
+import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -206,6 +209,87 @@ def _is_connection_error(exc: BaseException) -> bool:
                             psycopg.errors.IdleInTransactionSessionTimeout))
 
 
+def rolled_back(exc: BaseException) -> bool:
+    """The server rolled the transaction back for another's sake (a deadlock, a serialization failure): the same
+    transaction is asked again on the same connection, and the connection was never lost."""
+    import psycopg
+
+    # By SQLSTATE class 40: psycopg's DeadlockDetected and SerializationFailure are not TransactionRollback's.
+    return isinstance(exc, psycopg.Error) and (exc.sqlstate or "").startswith("40")
+
+
+class Outage:
+    """How a PostgreSQL caller waits out a lost server (the job store's rule, shared with ingest's history store):
+    retries with backoff until the outage reaches ``retry.stall_limit`` (then StoreLost), the stop at once after
+    `abandon()`."""
+
+    def __init__(self, where: str, stall_limit: float) -> None:
+        self.where = where
+        self.stall_limit = stall_limit
+        self._abandon: RunStopped | None = None
+        self._abandoned = asyncio.Event()
+
+    def abandon(self, error: RunStopped) -> None:
+        """From now on, a lost server raises ``error`` at once instead of being waited for."""
+        self._abandon = error
+        self._abandoned.set()
+
+    async def pause(self, exc: BaseException, down: float | None, delay: float, what: str = "lost") -> float:
+        """The step every retry takes after a lost server: the stop at once after `abandon()`, StoreLost once the
+        outage (begun at `down`; None: now) reaches the stall limit, else the backoff `delay`, cut short by a
+        stop. Returns when the outage began."""
+        if self._abandon is not None:
+            raise self._abandon from None
+        now = time.monotonic()
+        if down is None:
+            down = now
+            log.warning("%s: %s (%s); retrying", self.where, "transaction rolled back" if rolled_back(exc) else what,
+                        type(exc).__name__)
+        if now - down >= self.stall_limit:
+            raise self.lost() from None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._abandoned.wait(), min(delay, max(down + self.stall_limit - now, 0.01)))
+        return down
+
+    def lost(self) -> StoreLost:
+        """The stop of a server that has not answered for the stall limit."""
+        return StoreLost(f"{self.where} has not answered for {self.stall_limit:g} s (retry.stall_limit); what was"
+                         " committed is kept: start PostgreSQL and run the same command again")
+
+    async def retry(self, call: Callable[[], Awaitable[T]],
+                    retriable: Callable[[BaseException], bool] = _is_connection_error) -> T:
+        """Await ``call()`` (a new try each time) until it gets an answer: an error ``retriable`` says is worth
+        another try is waited out by `pause`."""
+        delay = 0.1
+        down: float | None = None
+        while True:
+            try:
+                return await call()
+            except Exception as exc:
+                if not retriable(exc):
+                    raise
+                down = await self.pause(exc, down, delay)
+                delay = min(delay * 2, 2.0)
+
+
+def shut_down(conn: Any) -> None:
+    """End a PostgreSQL connection's stream from outside: a call waiting on it (a server that accepts TCP but never
+    answers) fails at once, as on a lost connection. Closing the connection object stays its owner's part."""
+    with contextlib.suppress(Exception), socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:  # closed: none
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+@contextlib.contextmanager
+def deadline(seconds: float, expire: Callable[[], None]) -> Iterator[None]:
+    """The per-call deadline of PostgreSQL calls: ``expire()`` (a `shut_down`) if the block takes longer than
+    ``seconds`` (``retry.stall_limit``), so the call fails as on a lost connection and is retried on a new one."""
+    timer = asyncio.get_running_loop().call_later(seconds, expire)
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def _retrieved(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()
@@ -295,14 +379,21 @@ class PgJobStore:
                  connect_timeout: float = 5.0) -> None:
         self.url = url
         self.where = f"jobs.url = {masked(url)}"
-        self.stall_limit = stall_limit
         self.heartbeat_timeout = heartbeat_timeout
         self._connect_timeout = connect_timeout
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._lock = asyncio.Lock()
         self._down_since: float | None = None
-        self._abandon: RunStopped | None = None
-        self._abandoned = asyncio.Event()
+        self._outage = Outage(self.where, stall_limit)
+
+    @property
+    def stall_limit(self) -> float:
+        """How long a lost server is waited for (``retry.stall_limit``)."""
+        return self._outage.stall_limit
+
+    @stall_limit.setter
+    def stall_limit(self, seconds: float) -> None:
+        self._outage.stall_limit = seconds
 
     async def __aenter__(self) -> PgJobStore:
         await self.open()
@@ -346,8 +437,7 @@ class PgJobStore:
         """A stop (SIGTERM/SIGINT): from now on a call that finds the server away raises `error` at once instead of
         retrying until retry.stall_limit (nothing more can be committed; what was is kept). A server that answers
         still gets the calls of a clean end."""
-        self._abandon = error
-        self._abandoned.set()
+        self._outage.abandon(error)
 
     async def _connect(self) -> None:
         import psycopg
@@ -388,8 +478,9 @@ class PgJobStore:
                         await self._connect()
                     conn = self._conn
                     assert conn is not None
-                    async with conn.transaction():
-                        result = await fn(conn)
+                    with deadline(self.stall_limit, functools.partial(shut_down, conn)):
+                        async with conn.transaction():
+                            result = await fn(conn)
                     if self._down_since is not None:
                         log.warning("%s answers again", self.where)
                     self._down_since = None
@@ -405,36 +496,11 @@ class PgJobStore:
         """Run `call()` (a new try each time: an idempotent piece of work on a connection of its own, such as putting
         items on the queue) until it gets an answer: a lost server is retried with backoff like the store's own
         calls, StoreLost after the stall limit, the stop at once after `abandon()`."""
-        delay = 0.1
-        down: float | None = None
-        while True:
-            try:
-                return await call()
-            except Exception as exc:
-                if not _is_connection_error(exc):
-                    raise
-                down = await self._pause(exc, down, delay)
-                delay = min(delay * 2, 2.0)
+        return await self._outage.retry(call)
 
     async def _pause(self, exc: BaseException, down: float | None, delay: float, what: str = "lost") -> float:
-        """The step every retry here takes after a lost server: the stop at once after `abandon()`, StoreLost once
-        the outage (begun at `down`; None: now) reaches the stall limit, else the backoff `delay`, cut short by a
-        stop. Returns when the outage began."""
-        if self._abandon is not None:
-            raise self._abandon from None
-        now = time.monotonic()
-        if down is None:
-            down = now
-            log.warning("%s: %s (%s); retrying", self.where, what, type(exc).__name__)
-        if now - down >= self.stall_limit:
-            raise self._lost() from None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._abandoned.wait(), min(delay, max(down + self.stall_limit - now, 0.01)))
-        return down
-
-    def _lost(self) -> StoreLost:
-        return StoreLost(f"{self.where} has not answered for {self.stall_limit:g} s (retry.stall_limit); what was"
-                         " committed is kept: start PostgreSQL and run the same command again")
+        """`Outage.pause` (the step every retry here takes after a lost server)."""
+        return await self._outage.pause(exc, down, delay, what)
 
     # --- jobs ---
 

@@ -26,6 +26,7 @@ from aiohttp import web
 from crawler import pages
 from crawler.errors import UsageError
 from crawler.history import HistoryStore, OverviewRow, SeriesRow, StoreThread, connection_lost, parse_day
+from crawler.pgjobs import deadline
 
 T = TypeVar("T")
 SECURITY_HEADERS = {
@@ -47,8 +48,10 @@ class History:
         self.store = HistoryStore.open_readonly(url, **self._bounds)
 
     async def run(self, fn: Callable[[HistoryStore], T]) -> T:
-        """Run ``fn(store)`` in the store's thread."""
-        return await self._thread.run(self._call, fn)
+        """Run ``fn(store)`` in the store's thread; a PostgreSQL server that accepts it but never answers has the
+        connection ended after ``retry.stall_limit`` (then a new session is tried, as for any lost one)."""
+        with deadline(self._bounds["stall_limit"], lambda: self.store.shut_down()):
+            return await self._thread.run(self._call, fn)
 
     def _call(self, fn: Callable[[HistoryStore], T]) -> T:
         # A PostgreSQL session can end under a long-lived page (a server restart): open a new one and ask

@@ -538,6 +538,9 @@ class UserDirectory:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
+        # One process at a time sets the file up: two ingests sharing the data dir both saw a column missing and
+        # both added it ("duplicate column name").
+        self._db.execute("BEGIN IMMEDIATE")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS users (handle TEXT PRIMARY KEY, user_id TEXT NOT NULL,"
             " videos INTEGER, followers INTEGER, following INTEGER, updated REAL NOT NULL)"
@@ -551,6 +554,7 @@ class UserDirectory:
             # handle); `updated` also moves when counts alone are refreshed. Older rows start from `updated`.
             self._db.execute("ALTER TABLE users ADD COLUMN bound REAL")
             self._db.execute("UPDATE users SET bound = updated")
+        self._db.execute("COMMIT")
 
     def close(self) -> None:
         """Close the database (idempotent)."""
