@@ -793,20 +793,30 @@ async def test_sigterm_stops_a_worker_and_the_starter_cleanly_and_the_job_resume
     src = handles(hosts.root, 60, offset=1300)
     opts = ("--max-items", "60", "--page-size", "10")
     url = pg_url(schema)
-    async with simulator(hosts.key, latency=(0.02, 0.05)) as sim:
-        expected, _ = await single_host(hosts, src, sim, *opts)
+    async with simulator(hosts.key, latency=(0.02, 0.05)) as fast:
+        expected, _ = await single_host(hosts, src, fast, *opts)
+    # The starter is frozen at its first commit until it gets its signal, and the job's answers are slow enough
+    # that the worker cannot end it alone before its own: on a loaded machine a starter left running had finished
+    # the job before the worker took an item, or before its SIGTERM came (killed by it after the run, exit -15).
+    async with simulator(hosts.key, latency=(0.1, 0.2)) as sim:
         args = ["posts", str(src), "-o", "out.csv", "--jobs-url", url, *common(sim.url, *opts)]
-        starter = await hosts.start("starter", args)
+        starter = await hosts.start("starter", args, extra_env={"CRAWLER_TEST_STOP_AT": "job_commit:1"})
         jid = await hosts.job_id(starter)
+        await until(lambda: _stopped(starter.pid), "the starter at its first commit", bound=120)
         worker = await hosts.start("w", ["work", "--jobs-url", url, "--job", jid, "--until-idle", *common(sim.url)])
         mine = f"%:{worker.pid}:%"
         held = "SELECT count(*) FROM crawler_items WHERE status = 'pending' AND owner LIKE %s"
-        await until(lambda: pg_value(schema, held, mine), "the worker holding items")
+        await until(lambda: pg_value(schema, held, mine), "the worker holding items", bound=120)
         worker.send_signal(signal.SIGTERM)
         wcode, werr = await hosts.finish(worker, bound=60)
         left = await pg_value(schema, held, mine)
         starter.send_signal(signal.SIGTERM)
-        code, err = await hosts.finish(starter, bound=60)
+        starter.send_signal(signal.SIGCONT)
+        try:
+            code, err = await hosts.finish(starter, bound=60)
+        except TimeoutError:
+            raise AssertionError("the starter did not end after SIGTERM:\n"
+                                 + "".join(hosts.stderr[starter.pid])[-3000:]) from None
         again = await hosts.start("starter", args)
         final, ferr = await hosts.finish(again)
     assert wcode == 143, werr[-800:]
