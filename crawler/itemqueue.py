@@ -150,8 +150,7 @@ class ItemQueue:
 
     `handler(seq)` runs for each item handed out, at most `concurrency` at a time in this process; the
     heartbeat of a picked item stops with the process (a kill, a SIGSTOP), and after `heartbeat_timeout`
-    another worker gets it. `grow(n)` raises `concurrency`: pgqueuer takes its cap once per run, so the run
-    ends as a stop does and `resized` tells the caller to run it again.
+    another worker gets it.
     """
 
     def __init__(self, url: str, jid: str, *, concurrency: int, heartbeat_timeout: float, poll: float) -> None:
@@ -162,7 +161,6 @@ class ItemQueue:
         self.poll = poll
         self._qm: Any = None
         self._stopping = False
-        self.resized = False  # the last `run()` ended for a larger `concurrency`, not a stop: run it again
         self.ran = False  # set once `run()` is connected and taking items (the caller's outage clock resets)
 
     def stop(self) -> None:
@@ -171,25 +169,12 @@ class ItemQueue:
         if self._qm is not None:
             self._qm.shutdown.set()
 
-    def grow(self, concurrency: int) -> None:
-        """Take up to `concurrency` items at a time from now on (never fewer than now): the run under way takes no
-        more items and returns once those in hand are done (pgqueuer waits for them and marks them done), with
-        `resized` set; the next `run()` takes items with the new cap."""
-        if concurrency <= self.concurrency:
-            return
-        self.concurrency = concurrency
-        self.resized = True
-        if self._qm is not None:
-            self._qm.shutdown.set()
-
     async def run(self, handler: Callable[[int], Awaitable[None]]) -> None:
-        """Take items until stopped (or grown: see `resized`); a lost connection ends it with the driver's error
-        (the caller retries)."""
+        """Take items until stopped; a lost connection ends it with the driver's error (the caller retries)."""
         from pgqueuer.models import Job
         from pgqueuer.qm import QueueManager
         from pgqueuer.queries import Queries
 
-        self.resized = False
         if self._stopping:
             return
         try:

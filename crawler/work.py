@@ -156,13 +156,24 @@ class JobWorker(ItemWalker, GracefulStop):
         self._finished = asyncio.Event()  # an item of this worker ended: the job may be complete
         # The job's heartbeat timeout (its starter's), the same on every host: it decides when an item moves.
         self.heartbeat_timeout = pg.heartbeat_timeout or store.heartbeat_timeout
-        self.queue = itemqueue.ItemQueue(store.url, self.jid, concurrency=self.parallelism,
-                                         heartbeat_timeout=self.heartbeat_timeout,
-                                         poll=min(1.0, self.heartbeat_timeout / 4))
+        # One consumer of the job's queue, and one more each time parallelism = "auto" grows (`_grow`): their caps
+        # add up to the items this worker takes at a time.
+        self.queues = [self._queue(self.parallelism)]
+        self._queues_stopped = False
         self.client: Client
         self.users: UserDirectory
         self.page_sizes: PageSizes | None = None
         self.budget = Budget(store, self.jid, self.session, max(1, min(self.parallelism, LEASE_MAX)))
+
+    def _queue(self, concurrency: int) -> itemqueue.ItemQueue:
+        return itemqueue.ItemQueue(self.store.url, self.jid, concurrency=concurrency,
+                                   heartbeat_timeout=self.heartbeat_timeout, poll=min(1.0, self.heartbeat_timeout / 4))
+
+    def _stop_queues(self) -> None:
+        """Every consumer takes no more items (those in hand go on)."""
+        self._queues_stopped = True
+        for queue in self.queues:
+            queue.stop()
 
     # -- CrawlContext (learn, resolve_user and walk come from ItemWalker) --
 
@@ -177,7 +188,7 @@ class JobWorker(ItemWalker, GracefulStop):
         first signal does not: requests already under way are answered and committed, see `GracefulStop`)."""
         if self._stop_error is None or rank(error) < rank(self._stop_error):
             self._stop_error = error
-        self.queue.stop()
+        self._stop_queues()
         if not (isinstance(error, BudgetExhausted) or (isinstance(error, Interrupted) and self._draining)):
             for task in self._tasks:
                 if task is not asyncio.current_task():
@@ -198,7 +209,7 @@ class JobWorker(ItemWalker, GracefulStop):
                     try:
                         async with asyncio.TaskGroup() as tg:
                             self._tg = tg
-                            await self._take_items()
+                            await self._take_items(self.queues[0])
                     finally:
                         self._tg = None
                         monitor.cancel()
@@ -242,23 +253,20 @@ class JobWorker(ItemWalker, GracefulStop):
             for _ in range(self._earlier.requests_sent):
                 await self.budget.reserve(0)
 
-    async def _take_items(self) -> None:
-        """Run the queue consumer; a lost connection is retried until retry.stall_limit (then StoreLost)."""
+    async def _take_items(self, queue: itemqueue.ItemQueue) -> None:
+        """Run a queue consumer; a lost connection is retried until retry.stall_limit (then StoreLost)."""
         down: float | None = None
         delay = 0.1
         while self._stop_error is None:
-            self.queue.ran = False
+            queue.ran = False
             try:
-                await self.queue.run(self._on_item)
-                if not self.queue.resized:
-                    return
-                down, delay = None, 0.1  # grown (`_grow`): the queue runs again with the new cap; no outage
-                continue
+                await queue.run(self._on_item)
+                return
             except Exception as exc:
                 if self._stop_error is not None:
                     return
                 now = time.monotonic()
-                if self.queue.ran:  # it ran again since the last failure: a new outage, with its own stall limit
+                if queue.ran:  # it ran again since the last failure: a new outage, with its own stall limit
                     down, delay = None, 0.1
                 down = down or now
                 log.warning("the job queue (%s) failed: %s; retrying", self.store.where, itemqueue.one_line(exc))
@@ -314,16 +322,20 @@ class JobWorker(ItemWalker, GracefulStop):
 
     def _grow(self) -> None:
         """parallelism = "auto": take items enough to keep the rate busy at the latency seen so far (the rule every
-        kind of run sizes its pool by); the queue's cap and the credit lease follow."""
-        if self.settings.parallelism is not None or self._stop_error is not None:
+        kind of run sizes its pool by). pgqueuer fixes a consumer's cap when it starts, so the difference is taken by
+        one more consumer, started at once: the items in hand go on, none waits for them to end."""
+        if self.settings.parallelism is not None or self._stop_error is not None or self._queues_stopped:
             return
         target = auto_workers(self.client.pace, self.client.counters.latency, self.parallelism)
-        if target > self.parallelism:
-            log.debug("parallelism auto: %d -> %d items at a time (latency %.3f s)", self.parallelism, target,
-                      self.client.counters.latency)
-            self.parallelism = self.result.parallelism = target
-            self.budget.lease = max(1, min(target, LEASE_MAX))
-            self.queue.grow(target)
+        if target - self.parallelism < 2 or self._tg is None:  # a consumer takes at least 2 at a time
+            return
+        log.debug("parallelism auto: %d -> %d items at a time (latency %.3f s)", self.parallelism, target,
+                  self.client.counters.latency)
+        queue = self._queue(target - self.parallelism)
+        self.queues.append(queue)
+        self.parallelism = self.result.parallelism = target
+        self.budget.lease = max(1, min(target, LEASE_MAX))
+        self._tg.create_task(self._take_items(queue))
 
     async def _process(self, item: WorkItem) -> None:
         async with aclosing(self.spec.handler(self, item)) as steps:
@@ -398,7 +410,7 @@ class JobWorker(ItemWalker, GracefulStop):
                 pg = await self.store.job(self.jid)
                 progress = await self.store.progress(self.jid)
                 if pg is None or pg.status != "running" or progress.pending == 0:
-                    self.queue.stop()
+                    self._stop_queues()
                     return
                 if time.monotonic() - swept >= self.heartbeat_timeout:
                     swept = time.monotonic()

@@ -123,43 +123,35 @@ async def test_the_queue_runs_its_queries_beside_the_notification_reader_not_beh
         await queries.close()
 
 
-async def test_a_grown_item_queue_finishes_the_items_in_hand_then_runs_again_with_the_new_cap(url: str) -> None:
-    """ItemQueue.grow (parallelism = "auto"): the run under way takes no more items and returns once those in hand
-    are done (marked done in the queue, not left to be picked again); run again, it holds the new cap's number at
-    once; every item is handled exactly once."""
+async def test_two_consumers_of_one_job_hold_the_sum_of_their_caps_and_take_each_item_once(url: str) -> None:
+    """A worker grown by parallelism = "auto" runs a second consumer of its job's queue beside the first: together
+    they hold the sum of their caps at once (2 + 4), and every item is handled exactly once, the queue left empty."""
     from crawler import itemqueue
 
     await itemqueue.install(url)
     await itemqueue.enqueue(url, "edge", list(range(1, 41)))
-    q = itemqueue.ItemQueue(url, "edge", concurrency=2, heartbeat_timeout=HEARTBEAT, poll=0.2)
+    queues = [itemqueue.ItemQueue(url, "edge", concurrency=n, heartbeat_timeout=HEARTBEAT, poll=0.2) for n in (2, 4)]
     seen: list[int] = []
-    running = [0]
-    release, full = asyncio.Event(), asyncio.Event()
+    running, peak = [0], [0]
+    full = asyncio.Event()
 
     async def handler(seq: int) -> None:
         seen.append(seq)
         running[0] += 1
+        peak[0] = max(peak[0], running[0])
         try:
             if running[0] >= 6:
                 full.set()
-            await (release.wait() if len(seen) <= 2 else full.wait())  # six at once, or the run never ends
+            await full.wait()  # the first items wait until both consumers hold all they may
         finally:
             running[0] -= 1
-        if len(seen) == 40 and running[0] == 0:
-            q.stop()
+        if len(seen) >= 40 and running[0] == 0:
+            for q in queues:
+                q.stop()
 
-    first = asyncio.create_task(q.run(handler))
-    async with asyncio.timeout(30):
-        while running[0] < 2:
-            await asyncio.sleep(0.01)
-    q.grow(6)
-    await asyncio.sleep(0.5)  # time for a wrong queue to take a third item or to return early
-    assert not first.done() and len(seen) == 2
-    release.set()
-    await asyncio.wait_for(first, 30)
-    assert q.resized and running[0] == 0 and len(seen) == 2
-    await asyncio.wait_for(q.run(handler), 60)
-    assert not q.resized
+    async with asyncio.timeout(60):
+        await asyncio.gather(*(q.run(handler) for q in queues))
+    assert peak[0] == 6
     assert sorted(seen) == list(range(1, 41))
     async with await psycopg.AsyncConnection.connect(url) as conn:
         left = await (await conn.execute("SELECT count(*) FROM pgqueuer")).fetchone()
