@@ -46,6 +46,7 @@ from crawler.errors import (
     ItemFailed,
     RunStopped,
     UsageError,
+    disk_problems,
     rank,
 )
 from crawler.history import HistoryStore, StoreThread, WalkState, connection_lost, parse_day, transient
@@ -565,7 +566,12 @@ class Ingest(GracefulStop):
         """Keep this run's claims alive while it works: a run that dies stops renewing them, and they expire."""
         while True:
             await asyncio.sleep(self._claim_ttl / 3)
-            await self._call(self.store.renew_claims, self.run_id, self._claim_ttl)
+            try:
+                await self._call(self.store.renew_claims, self.run_id, self._claim_ttl)
+            except RunStopped:
+                return  # the store is given up: the run is ending, and says why
+            except Exception as exc:  # a lapsed claim costs at most a fetch another run repeats: the run goes on
+                log.warning("this run's claims on the history store were not renewed: %s", _first_line(exc))
 
     async def _claimed(self, task: UserTask) -> None:
         """`_user` under the store's claim of the user for today: skipped while another run's claim is alive, or
@@ -1047,7 +1053,13 @@ async def ingest(
     _make_out_dir(out_dir)
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
-    with _out_dir_lock(out_dir, run.started) as holder:
+
+    def sent_any() -> bool:
+        client: Client | None = getattr(run, "client", None)
+        return client is not None and client.counters.requests_sent > 0
+
+    # A full disk or an unwritable out-dir: one line, exit 2 before any request, 1 after (as the job commands).
+    with disk_problems(out_dir, started=sent_any), _out_dir_lock(out_dir, run.started) as holder:
         if holder is not None:
             return IngestResult(run.day_now(), [], held_by=holder)
         if install_signals:

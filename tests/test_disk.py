@@ -240,3 +240,24 @@ def test_failures_export_and_page_sizes_are_renamed_into_place_durably(
     PageSizes(tmp_path / "data").learn("posts", 20, "a test")
     assert targets == ["out.failures.csv", "export.csv", "page-sizes.json"]
     assert [p.name for p in sorted(tmp_path.rglob("*.tmp")) + sorted(tmp_path.rglob("*.part"))] == []
+
+
+async def test_a_read_only_ingest_out_dir_is_one_line_exit_2(simulator: SimFactory, tmp_path: Path) -> None:
+    """`ingest` into an out-dir on a read-only file system: exit 2 before any request, one line naming it and the
+    fix, as the job commands; made writable, the same command completes."""
+    with tmpfs(tmp_path / "ro") as ro:
+        (ro / "out").mkdir()
+        remount(ro, "ro")
+        async with simulator(world=WORLD) as sim:
+            names = [sim.world.handle(i) for i in public_users(sim.world, 5, max_videos=10**9, min_videos=0)]
+            (tmp_path / "in.txt").write_text("\n".join(names) + "\n")
+            (tmp_path / "fast.toml").write_text(FAST_TOML)
+            args = ["ingest", "in.txt", "--out-dir", "ro/out", "--config", "fast.toml", "-q"]
+            code, _, err = await crawler(args, environ(sim), tmp_path)
+            line = error_line(err)
+            assert code == 2 and sim.stats.requests == 0, err
+            assert "(a read-only file system or no permission): make it writable, then run the same command" in line
+            assert str(ro / "out") in line, line
+            remount(ro, "rw")
+            code, _, err = await crawler(args, environ(sim), tmp_path)
+            assert code == 0, err
