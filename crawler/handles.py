@@ -114,10 +114,13 @@ def unneutralise(text: str) -> str:
 
 
 def undecodable(text: str) -> str | None:
-    """The line with its undecodable bytes shown as \\xNN escapes, or None when it decoded cleanly."""
-    if not any("\udc80" <= ch <= "\udcff" for ch in text):
+    """The line with its undecodable bytes and NULs shown as \\xNN escapes, or None when it decoded cleanly.
+
+    A NUL is no text either (a UTF-16 file read as UTF-8 is full of them), and PostgreSQL text refuses it.
+    """
+    if "\x00" not in text and not any("\udc80" <= ch <= "\udcff" for ch in text):
         return None
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
 
 
 def too_long(text: str, length: int, number: int) -> tuple[str, str]:

@@ -123,3 +123,19 @@ async def test_a_postgresql_job_commits_the_half_emoji_replaced(hosts: Hosts, sc
     assert {r["user_id"]: r["nickname"] for r in profiles} == {k: neutral(v) for k, v in nicknames.items()}
     posts = read_csv(hosts.root / "posts" / "out.csv")
     assert {r["video_id"]: r["title"] for r in posts} == {k: neutral(v) for k, v in titles.items()}
+
+
+async def test_a_nul_in_an_input_line_is_a_failure_row_of_a_postgresql_job(hosts: Hosts, schema: str) -> None:  # noqa: F811
+    """An input line holding NUL (PostgreSQL text refuses one; a UTF-16 file read as UTF-8 is full of them) is an
+    `invalid_input` row with the NUL shown as \\x00, and the PostgreSQL job goes on (exit 3), never an error."""
+    w = World(WORLD)
+    users = watched(w)[:3]
+    src = hosts.root / "in.txt"
+    src.write_text("\n".join([w.handle(i) for i in users] + ["bad\x00name"]) + "\n")
+    async with simulator(hosts.key, world=WORLD) as sim:
+        code, _, err = await hosts.run("profiles", ["profiles", str(src), "-o", "out.csv", "--jobs-url",
+                                                    pg_url(schema), *common(sim.url)])
+    assert code == 3, err[-800:]
+    failures = read_csv(hosts.root / "profiles" / "out.failures.csv")
+    assert [(r["input"], r["reason"]) for r in failures] == [("bad\\x00name", "invalid_input")]
+    assert len(read_csv(hosts.root / "profiles" / "out.csv")) == len(users)
