@@ -630,21 +630,7 @@ class Ingest(GracefulStop):
             handle = await self._call(self.store.handle_of, uid)
             source = handle or task.key
         if self.with_posts and uid is not None and not private:
-            if task.user_id is not None:  # claimed as `user:ID` already
-                await self._walk(task.key, uid, source)
-                return
-            # Claimed by name: another run may know this user by id and hold `user:ID`; the walk is the user's.
-            day, subject = self.day_now(), f"user:{uid}"
-            if not await self._call(self._claim_walk, day, subject):
-                self.elsewhere += 1
-                return
             await self._walk(task.key, uid, source)
-            await self._call(self.store.release_claim, day, subject, self.run_id)
-
-    def _claim_walk(self, day: dt.date, subject: str) -> bool:
-        """Claim the user for the posts walk (the store's thread): False while another run holds it."""
-        with self.store.transaction():
-            return self.store.claim(day, subject, self.run_id, self._claim_ttl)
 
     async def _walk(self, key: str, uid: str, source: str) -> None:
         """Continue a walk cut short, then walk from the newest post down to the watermark.

@@ -165,28 +165,3 @@ async def test_transactions_postgresql_rolls_back_for_meeting_each_other_run_aga
         assert asked == Counter({w.handle(i): 1 for i in users})
         assert sorted(u for u, d in snapshots(url) if d == day(0)) == sorted(w.user_id(i) for i in users)
         assert sum(len(rows(tmp_path / f"host{n}" / "out" / f"profiles-{day(0)}.csv")) for n in range(2)) == len(users)
-
-
-async def test_a_user_listed_by_name_leaves_the_posts_walk_to_a_run_that_claimed_the_user_by_id(
-        simulator: SimFactory, tmp_path: Path, store_url: str) -> None:  # noqa: F811
-    """A run that knows a user only by name claims `name:…` for the profile; once the profile gives the id, it claims
-    the user too before the posts walk, so a run holding `user:ID` (a list naming the user by id) walks the posts
-    alone: this run fetches the profile and no posts of that user."""
-    async with simulator(world=WORLD, record_arrivals=True) as sim:
-        w = sim.world
-        users = public_users(w, 4)
-        write_watch(tmp_path / "watch.txt", [w.handle(i) for i in users])
-        held = users[1]
-        store = HistoryStore(store_url)
-        try:
-            with store.transaction():
-                assert store.claim(DAY0, f"user:{w.user_id(held)}", "a-run-walking-it", 3600)
-        finally:
-            store.close()
-        settings = fast_settings(sim.url, data_dir=str(tmp_path / "data"), history_url=store_url)
-        result = await run(tmp_path, settings, 0)
-        assert result.exit_code == 0
-        assert profile_requests(sim) == Counter({w.handle(i): 1 for i in users})
-        walked = {parse_qs(urlsplit(t).query)["userid"][0] for t in sim.stats.targets
-                  if urlsplit(t).path.startswith("/user-posts")}
-    assert walked == {w.user_id(i) for i in users} - {w.user_id(held)}
