@@ -116,7 +116,7 @@ async def test_every_worker_uses_the_jobs_heartbeat_timeout_not_its_hosts(store:
     assert pg is not None and pg.heartbeat_timeout == 2.0
     store.heartbeat_timeout = 600.0
     worker = JobWorker(store, pg, Settings(jobs_heartbeat_timeout=600.0), api_key=Secret("k"), worker_id="w")
-    assert worker.queue.heartbeat_timeout == 2.0 and worker.heartbeat_timeout == 2.0
+    assert worker.queues[0].heartbeat_timeout == 2.0 and worker.heartbeat_timeout == 2.0
 
 
 async def test_crawler_jobs_calls_a_worker_live_by_the_jobs_heartbeat_timeout(store: Replaying) -> None:
