@@ -64,10 +64,26 @@ def _open_fresh_schemas(urls: list[str], barrier: Any, errors: Any) -> None:
                 barrier.wait(30)  # a failed connect must not leave the others at the barrier
 
 
+def open_together(urls: list[str]) -> None:
+    """Eight spawned processes open each store of ``urls`` at the same instant (a barrier before each); none fails."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, errors = ctx.Barrier(8), ctx.Queue()
+    procs = [ctx.Process(target=_open_fresh_schemas, args=(urls, barrier, errors)) for _ in range(8)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(300)
+    failed = []
+    while not errors.empty():
+        failed.append(errors.get())
+    assert [p.exitcode for p in procs] == [0] * 8 and not failed, failed
+
+
 def test_processes_opening_a_fresh_postgresql_history_together_never_fail() -> None:
     """Eight processes opening the same fresh PostgreSQL history schema at the same instant, 20 rounds: no error,
     and each schema ends at the current version, recorded once."""
-    import multiprocessing
 
     import psycopg
 
@@ -80,17 +96,7 @@ def test_processes_opening_a_fresh_postgresql_history_together_never_fail() -> N
             conn.execute(f"CREATE SCHEMA {name}")
     try:
         urls = [f"{PG_URL}?options=-csearch_path%3D{name}" for name in names]
-        ctx = multiprocessing.get_context("spawn")
-        barrier, errors = ctx.Barrier(8), ctx.Queue()
-        procs = [ctx.Process(target=_open_fresh_schemas, args=(urls, barrier, errors)) for _ in range(8)]
-        for proc in procs:
-            proc.start()
-        for proc in procs:
-            proc.join(300)
-        failed = []
-        while not errors.empty():
-            failed.append(errors.get())
-        assert [p.exitcode for p in procs] == [0] * 8 and not failed, failed
+        open_together(urls)
         with psycopg.connect(PG_URL, autocommit=True) as conn:
             for name in names:
                 got = conn.execute(f"SELECT version FROM {name}.schema_version ORDER BY version").fetchall()
@@ -104,23 +110,12 @@ def test_processes_opening_a_fresh_postgresql_history_together_never_fail() -> N
 def test_processes_opening_a_fresh_sqlite_history_together_migrate_it_once(tmp_path: Path) -> None:
     """Eight processes opening the same fresh SQLite history at the same instant, 20 rounds: no error, and each
     store records each schema version once (a process that read an old version migrates only what is left)."""
-    import multiprocessing
     import sqlite3
 
     from crawler.history import SCHEMA_VERSION
 
     paths = [str(tmp_path / f"h{n}.db") for n in range(20)]
-    ctx = multiprocessing.get_context("spawn")
-    barrier, errors = ctx.Barrier(8), ctx.Queue()
-    procs = [ctx.Process(target=_open_fresh_schemas, args=(paths, barrier, errors)) for _ in range(8)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(300)
-    failed = []
-    while not errors.empty():
-        failed.append(errors.get())
-    assert [p.exitcode for p in procs] == [0] * 8 and not failed, failed
+    open_together(paths)
     for path in paths:
         with contextlib.closing(sqlite3.connect(path)) as db:
             got = [v for (v,) in db.execute("SELECT version FROM schema_version ORDER BY version")]
