@@ -22,7 +22,7 @@ test: lint
 	$(BIN)/pytest
 
 demo: $(STAMP)
-	$(BIN)/python -m crawler.demo
+	$(BIN)/python -m crawler.cli.demo
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

@@ -21,10 +21,10 @@ import aiohttp
 from _common import FAST, KEY, Arrivals, Figure, Sim, main_for, show, spread
 from aiolimiter import AsyncLimiter
 
-from crawler.client import Client
+from crawler.api.client import Client
 from crawler.config import Settings
 from crawler.errors import CrawlerError
-from crawler.pacing import Pace, RateGate
+from crawler.rate.pacing import Pace, RateGate
 
 NAME = "client"
 CONCURRENCY = 32
@@ -81,7 +81,7 @@ async def plain_loop(url: str, path: str, calls: list[dict[str, str]]) -> None:
 
 
 async def client_loop(url: str, path: str, calls: list[dict[str, str]]) -> None:
-    """The same calls through crawler.client.Client.get (limiter off)."""
+    """The same calls through crawler.api.client.Client.get (limiter off)."""
     async with Client(fast_settings(url), api_key=KEY) as client:
 
         async def one(params: dict[str, str]) -> None:

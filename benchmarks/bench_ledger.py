@@ -33,8 +33,8 @@ from _common import (
     write_handles,
 )
 
-from crawler.ledger import FileLedger, Ledger, MemoryLedger, RedisLedger
-from crawler.pacing import Pace, RateGate
+from crawler.rate.ledger import FileLedger, Ledger, MemoryLedger, RedisLedger
+from crawler.rate.pacing import Pace, RateGate
 
 NAME = "ledger"
 REDIS = "redis://127.0.0.1:6379/0"

@@ -40,7 +40,7 @@ from _common import (
 )
 
 from crawler.config import Settings
-from crawler.crawl import Crawl, JobOptions, run_job
+from crawler.runs.local import Crawl, JobOptions, run_job
 
 NAME = "pipeline"
 PARALLELISM = 32

@@ -18,8 +18,8 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from crawler.history import HistoryStore
-from crawler.serve import make_app
+from crawler.history.serve import make_app
+from crawler.history.store import HistoryStore
 
 GOAL_S, GOAL_BYTES = 1.0, 2 * 1024 * 1024
 

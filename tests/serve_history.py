@@ -18,9 +18,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from crawler.history import HistoryStore
-from crawler.ingest import ingest
-from crawler.serve import make_app
+from crawler.history.serve import make_app
+from crawler.history.store import HistoryStore
+from crawler.runs.ingest import ingest
 from crawler.sim.data import World, WorldConfig
 from crawler.sim.server import SimConfig, Simulator
 from tests.conftest import KEY, fast_settings

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from crawler.pgjobs import PgJobStore
+from crawler.stores.pg_jobs import PgJobStore
 
 
 async def loopback(state: str) -> None:

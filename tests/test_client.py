@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from crawler import endpoints as ep
-from crawler.client import Client, check_base_url, classify
+from crawler.api import records as ep
+from crawler.api.client import Client, check_base_url, classify
 from crawler.errors import (
     BalanceExhausted,
     BudgetExhausted,
@@ -319,7 +319,7 @@ async def test_every_record_parses_from_the_simulator(simulator: SimFactory) -> 
 
 def test_billing_follows_the_contract() -> None:
     """Key, balance and rate answers are unbilled in any shape; status errors are billed, bare messages not."""
-    from crawler.client import interpret
+    from crawler.api.client import interpret
 
     def billed(obj: object, status: int = 200) -> bool:
         return interpret(status, json.dumps(obj).encode(), None, "/x/")[1]

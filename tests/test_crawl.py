@@ -1,7 +1,7 @@
 """The crawl pipeline in-process against the simulator on loopback: exact rows for every command, with quirks
 and faults on; concurrency, backpressure, auto parallelism, credits, resume and the data directory.
 
-Expected rows come from the simulator's seeded World (crawler/sim/data.py), never from crawler.endpoints.
+Expected rows come from the simulator's seeded World (crawler/sim/data.py), never from crawler.api.records.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import pytest
 from aiohttp import web
 
 from crawler.config import Settings
-from crawler.crawl import COMMANDS, Crawl, JobOptions, Outcome, run_job
 from crawler.errors import Interrupted
+from crawler.runs.local import COMMANDS, Crawl, JobOptions, Outcome, run_job
 from crawler.sim.data import (
     CHALLENGE_ID_BASE,
     MUSIC_ID_BASE,

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import pytest
 
-from crawler import sinks
-from crawler.history import HistoryStore, export_csv
-from crawler.pagesizes import PageSizes
+from crawler.api.pagesizes import PageSizes
+from crawler.history.store import HistoryStore, export_csv
 from crawler.sim.data import WorldConfig
 from crawler.sim.server import Simulator
+from crawler.sinks import csv_sink as sinks
 from tests.conftest import SimFactory
 from tests.test_cli import FAST_TOML, crawler, environ, error_line, public_users, read_csv
 from tests.test_distributed import _stopped

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from crawler import download
 from crawler.cli import main
+from crawler.runs import download
 from crawler.sim import media
 from crawler.sim.data import WorldConfig
 from crawler.sim.media import MediaConfig
@@ -470,7 +470,7 @@ async def test_max_credits_spans_a_sigkill_when_the_posts_fail(simulator: SimFac
 
 
 def test_the_readme_states_the_chunk_and_checkpoint_download_uses() -> None:
-    """README's media section gives the read chunk and the fsync checkpoint that crawler/download.py uses."""
+    """README's media section gives the read chunk and the fsync checkpoint that crawler/runs/download.py uses."""
     import re
 
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from crawler.history import HistoryStore, export_csv, plot_growth
-from crawler.ingest import ingest
+from crawler.history.store import HistoryStore, export_csv, plot_growth
+from crawler.runs.ingest import ingest
 from crawler.sim.data import World, WorldConfig
 from crawler.sim.server import Simulator
 from tests.conftest import KEY, SimFactory, fast_settings

@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from crawler.ingest import TEST_NOW_ENV
+from crawler.runs.ingest import TEST_NOW_ENV
 from crawler.sim.data import WorldConfig
 from tests.conftest import SimFactory
 from tests.test_cli import FAST_TOML, environ, public_users
@@ -48,7 +48,7 @@ async def test_two_ingests_on_one_sqlite_history_both_complete(simulator: SimFac
 def _open_fresh_schemas(urls: list[str], barrier: Any, errors: Any) -> None:
     """A process that opens a history store at each of ``urls`` in turn, all of them together: each connects, then
     waits at ``barrier`` so every process's migration starts at once; what failed goes to ``errors``."""
-    from crawler.history import HistoryStore
+    from crawler.history.store import HistoryStore
 
     class Together(HistoryStore):
         def _migrate(self) -> None:
@@ -87,7 +87,7 @@ def test_processes_opening_a_fresh_postgresql_history_together_never_fail() -> N
 
     import psycopg
 
-    from crawler.history import SCHEMA_VERSION
+    from crawler.history.store import SCHEMA_VERSION
     from tests.test_ingest import PG_URL
 
     names = [f"t_{uuid.uuid4().hex[:12]}" for _ in range(20)]
@@ -112,7 +112,7 @@ def test_processes_opening_a_fresh_sqlite_history_together_migrate_it_once(tmp_p
     store records each schema version once (a process that read an old version migrates only what is left)."""
     import sqlite3
 
-    from crawler.history import SCHEMA_VERSION
+    from crawler.history.store import SCHEMA_VERSION
 
     paths = [str(tmp_path / f"h{n}.db") for n in range(20)]
     open_together(paths)
@@ -125,8 +125,8 @@ async def test_ingesting_an_earlier_day_again_records_no_rename(simulator: SimFa
     """Days 1-5 ingested as the world renames users, then day 3 ingested again (`--date`, `--restart`), with the
     world as it is now and as it was on day 3 (`make demo` run twice): the store holds exactly the renames the world
     made."""
-    from crawler.history import HistoryStore
-    from crawler.ingest import ingest
+    from crawler.history.store import HistoryStore
+    from crawler.runs.ingest import ingest
     from crawler.sim.data import World
     from tests.conftest import KEY, fast_settings
 
@@ -187,7 +187,7 @@ async def test_a_deadlock_and_a_serialization_failure_on_a_postgresql_history_ar
     watch-list user is fetched once and snapshotted once."""
     import psycopg
 
-    from crawler.history import HistoryStore
+    from crawler.history.store import HistoryStore
     from tests.test_cli import crawler
     from tests.test_ingest_edges import assert_day_0_complete, night_0_watch, pg_history
 
@@ -215,7 +215,7 @@ async def test_a_job_store_call_to_a_server_that_never_answers_ends_at_the_stall
 
     import pytest
 
-    from crawler.pgjobs import PgJobStore, StoreLost
+    from crawler.stores.pg_jobs import PgJobStore, StoreLost
     from tests.test_distributed import Proxy
     from tests.test_ingest_edges import pg_history
 
@@ -278,8 +278,8 @@ async def test_history_serve_on_a_server_that_never_answers_says_503_at_the_stal
     import pytest
     from aiohttp import web
 
-    from crawler.history import HistoryStore
-    from crawler.serve import History
+    from crawler.history.serve import History
+    from crawler.history.store import HistoryStore
     from tests.test_distributed import Proxy
     from tests.test_ingest_edges import pg_history
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from crawler.api.records import Profile
 from crawler.cli import main
-from crawler.endpoints import Profile
 from crawler.errors import UsageError
-from crawler.history import HistoryStore
+from crawler.history.store import HistoryStore
 
 PG_URL = os.environ.get("CRAWLER_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 DAY0 = dt.date(2026, 3, 1)
@@ -159,7 +159,7 @@ def test_the_postgresql_connection_finds_a_silent_peer_dead_within_the_stall_lim
     connect timeout, TCP keepalives and a TCP user timeout of retry.stall_limit (libpq's parameters of the session)."""
     if not store_url.startswith("postgresql://"):
         return  # a SQLite file has no connection to lose
-    from crawler.serve import HISTORY, make_app
+    from crawler.history.serve import HISTORY, make_app
 
     store = HistoryStore(store_url, stall_limit=42, connect_timeout=3)
     readonly = HistoryStore.open_readonly(store_url, stall_limit=42, connect_timeout=3)

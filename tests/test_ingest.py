@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from crawler.config import Settings
-from crawler.history import HistoryStore
-from crawler.ingest import TEST_NOW_ENV, IngestResult, ingest
+from crawler.history.store import HistoryStore
+from crawler.runs.ingest import TEST_NOW_ENV, IngestResult, ingest
 from crawler.sim.data import World, WorldConfig
 from tests.conftest import KEY, SimFactory, fast_settings
 from tests.test_cli import FAST_TOML, crawler, environ, public_users
@@ -323,8 +323,8 @@ async def test_watch_names_stay_bound_in_the_store_and_the_shared_cache_expires(
         assert result.exit_code == 0
         spent = Counter(sim.stats.by_endpoint) - before
         assert spent["/userinfo-by-id"] == 1 and not spent["/userinfo-by-username"] and not spent["/userid"]
-        from crawler.estimate import estimate
-        from crawler.state import UserDirectory
+        from crawler.jobs.estimate import estimate
+        from crawler.stores.local import UserDirectory
 
         # the entry learned on night 0 is trusted for 7 days; the by-id fetch on night 10 did not confirm it again
         for d, want in ((5, w.user_id(i)), (10, None)):

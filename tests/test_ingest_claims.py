@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from crawler.history import HistoryStore
+from crawler.history.store import HistoryStore
 from crawler.sim.server import Simulator
 from tests.conftest import SimFactory, fast_settings
 from tests.test_cli import FAST_TOML, crawler, environ, public_users
@@ -146,7 +146,7 @@ async def test_transactions_postgresql_rolls_back_for_meeting_each_other_run_aga
                                                                                    tmp_path: Path) -> None:
     """Two ingests on one PostgreSQL history whose transactions are SERIALIZABLE (so PostgreSQL rolls back one of
     two that meet): each rolled-back transaction runs again, never "the connection was lost"; both exit 0, every
-    user is fetched once and is in one day file once. (The retry itself is helper hstore's, crawler/pgjobs.py's
+    user is fetched once and is in one day file once. (The retry itself is helper hstore's, crawler/stores/pg_jobs.py's
     Outage: this checks it with claims and with the day files of a commit run again.)"""
     from tests.serve_history import pg_schema
 

@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from crawler.errors import Interrupted
-from crawler.ingest import TEST_NOW_ENV, Ingest, ingest
+from crawler.runs.ingest import TEST_NOW_ENV, Ingest, ingest
 from crawler.sim.data import World, WorldConfig
 from crawler.sim.server import Simulator
-from crawler.state import StateStore
+from crawler.stores.local import StateStore
 from tests.conftest import KEY, SimFactory, fast_settings
 from tests.test_cli import FAST_TOML, crawler, environ, public_users
 from tests.test_ingest import day, night, posts_union, rows, run, snapshots, write_watch

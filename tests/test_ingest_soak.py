@@ -9,8 +9,8 @@ import datetime as dt
 from collections import Counter
 from pathlib import Path
 
-from crawler.history import HistoryStore
-from crawler.ingest import TEST_NOW_ENV, ingest
+from crawler.history.store import HistoryStore
+from crawler.runs.ingest import TEST_NOW_ENV, ingest
 from crawler.sim.data import VIDEO_ID_BASE, VIDEO_SLOTS, World, WorldConfig
 from crawler.sim.server import FAULT_KINDS
 from tests.conftest import KEY, SimFactory, fast_settings

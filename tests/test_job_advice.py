@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from crawler.crawl import Crawl, run_job
-from crawler.job import JobOptions
+from crawler.jobs.prepare import JobOptions
+from crawler.runs.local import Crawl, run_job
 from crawler.sim.data import World, WorldConfig
 from crawler.sim.server import Simulator
 from tests.conftest import KEY, SimFactory, fast_settings

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from crawler.errors import LedgerLost, UsageError
-from crawler.ledger import (
+from crawler.rate.ledger import (
     FileLedger,
     Ledger,
     LedgerUnavailable,
@@ -21,7 +21,7 @@ from crawler.ledger import (
     Slot,
     ledger_name,
 )
-from crawler.pacing import Pace, RateGate
+from crawler.rate.pacing import Pace, RateGate
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 BACKENDS = ["memory", "file", "redis"]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from crawler.job import job_lock
-from crawler.metrics import SERIES
+from crawler.engine.metrics import SERIES
+from crawler.jobs.prepare import job_lock
 from crawler.sim.data import World, WorldConfig
 from crawler.sim.server import Simulator
 from tests.conftest import KEY, SimFactory

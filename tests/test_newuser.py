@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from crawler.client import Client
+from crawler.api.client import Client
 from crawler.sim.data import World, WorldConfig
 from tests.conftest import KEY, SimFactory
 from tests.test_cli import FAST_TOML, crawler, environ, error_line, public_users, read_csv

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from crawler.client import Client, Outage
-from crawler.crawl import Crawl, JobOptions, run_job
+from crawler.api.client import Client, Outage
+from crawler.engine.stats import ProgressReporter, Snapshot
 from crawler.errors import NotAnApiAnswer, NotTheApi, OutageStalled, RetriesExhausted, Unreachable
+from crawler.runs.local import Crawl, JobOptions, run_job
 from crawler.sim.data import World, WorldConfig
 from crawler.sim.server import SimConfig, Simulator
-from crawler.stats import ProgressReporter, Snapshot
 from tests.conftest import KEY, SimFactory, fast_settings
 from tests.test_cli import crawler, environ, error_line, read_csv
 

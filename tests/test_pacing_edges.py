@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from crawler.client import Client
+from crawler.api.client import Client
 from crawler.config import KEYS, load_settings
 from crawler.errors import NotFound, RateLimitStalled, UsageError
-from crawler.ledger import MemoryLedger
-from crawler.pacing import Pace, RateGate
+from crawler.rate.ledger import MemoryLedger
+from crawler.rate.pacing import Pace, RateGate
 from tests.conftest import KEY, SimFactory, fast_settings
 
 

@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 import psycopg
 import pytest
 
-from crawler.pgjobs import PageCommit, PgJobStore
-from crawler.state import ItemUpdate
+from crawler.stores.local import ItemUpdate
+from crawler.stores.pg_jobs import PageCommit, PgJobStore
 
 PG = "postgresql://postgres@127.0.0.1:5432/test"
 T = TypeVar("T")
@@ -109,7 +109,7 @@ async def test_every_worker_uses_the_jobs_heartbeat_timeout_not_its_hosts(store:
     """A job created with a 2 s heartbeat timeout, worked from a host whose jobs.heartbeat_timeout is 600 s: the
     worker's queue and its sweep of dead workers' items use the job's 2 s."""
     from crawler.config import Secret, Settings
-    from crawler.work import JobWorker
+    from crawler.runs.distributed import JobWorker
 
     assert await store.create_job("j3", "posts", {}, ENTRIES, heartbeat_timeout=2.0)
     pg = await store.job("j3")
@@ -123,8 +123,8 @@ async def test_crawler_jobs_calls_a_worker_live_by_the_jobs_heartbeat_timeout(st
     """`crawler jobs` on a host whose jobs.heartbeat_timeout is 600 s, over a job with a 2 s one: a worker last seen
     5 s ago is not live, one seen now is."""
     from crawler.config import Settings
-    from crawler.pgjobs import WorkerInfo
-    from crawler.work import jobs_report
+    from crawler.runs.distributed import jobs_report
+    from crawler.stores.pg_jobs import WorkerInfo
 
     assert await store.create_job("j5", "posts", {}, ENTRIES, heartbeat_timeout=2.0)
     for pid in (1, 2):
@@ -141,7 +141,7 @@ async def test_crawler_jobs_calls_a_worker_live_by_the_jobs_heartbeat_timeout(st
 async def test_an_export_goes_on_after_a_postgresql_blip_and_a_loss_is_store_lost(store: Replaying) -> None:
     """The connections cut mid-export: the row stream goes on after the rows already given (each once, in order);
     PostgreSQL gone past the stall limit: StoreLost (the one-line exit 1), not a driver error."""
-    from crawler.pgjobs import StoreLost
+    from crawler.stores.pg_jobs import StoreLost
     from tests.test_distributed import Proxy
 
     assert await store.create_job("j4", "posts", {}, ENTRIES)
@@ -188,7 +188,7 @@ async def test_a_commit_tried_again_after_a_try_that_did_not_hold_commits(store:
 async def test_an_item_cancelled_before_it_starts_still_releases_the_queue() -> None:
     """A stop (SIGTERM) that cancels an item's task before its first step: the queue's handler returns instead of
     waiting forever (pgqueuer's shutdown waits for its handlers, so the process would never exit)."""
-    from crawler.work import JobWorker
+    from crawler.runs.distributed import JobWorker
 
     worker = object.__new__(JobWorker)  # only the handler's own state: the item never reaches the store
     worker._stop_error = None
@@ -240,7 +240,7 @@ async def test_a_call_sent_into_a_silent_network_ends_at_the_stall_limit() -> No
 async def test_a_job_created_across_a_lost_connection_has_every_item(store: Replaying, tmp_path: Any) -> None:
     """The store's connection killed while it creates a job from a spooled input (the COPY under way): the retried
     transaction reads the input again from its start, so the job holds every item, not only those after the cut."""
-    from crawler.work import _Spooled
+    from crawler.runs.distributed import _Spooled
 
     n = 200_000
     spool = tmp_path / "input.jsonl"
@@ -268,7 +268,7 @@ async def test_a_worker_whose_job_is_deleted_by_a_restart_loses_its_item_instead
     """--restart deletes the job before it creates it anew (two transactions; the new one copies the whole input): a
     worker's commit or budget grant in between finds no job. Its page is refused and its grant is a lost lease (the
     item dropped, as on a takeover), not a foreign-key violation or an assertion that ends the worker."""
-    from crawler.pgjobs import LeaseLost
+    from crawler.stores.pg_jobs import LeaseLost
 
     assert await store.create_job("j6", "posts", {}, ENTRIES)
     taken = await store.take("j6", 1, "w")
@@ -287,7 +287,7 @@ async def test_a_job_created_again_after_a_lost_connection_has_every_item(store:
     """The starter's create_job copies the input from its spool file; the connection lost mid-way runs the
     transaction again (`_run`'s retry): the job then has every input item, not only those after where the first try
     stopped reading (a spool read once was exhausted by the first try)."""
-    from crawler.work import _Spooled
+    from crawler.runs.distributed import _Spooled
 
     spool = tmp_path / "spool.jsonl"
     spool.write_text("".join(json.dumps([f"h{i}", f"@h{i}", None, None]) + "\n" for i in range(5)))
@@ -301,8 +301,8 @@ async def test_putting_items_on_the_queue_waits_out_a_postgresql_blip(store: Rep
     """The queue's own connection (enqueue: the starter's items, a session's items handed back) refused for a while:
     the store retries it like its own calls, the items are queued once PostgreSQL answers; gone past the stall limit,
     StoreLost (the one-line exit 1), not a driver error that ends the process as an unexpected one."""
-    from crawler import itemqueue
-    from crawler.pgjobs import StoreLost
+    from crawler.stores import pg_queue as itemqueue
+    from crawler.stores.pg_jobs import StoreLost
     from tests.test_distributed import Proxy
 
     await itemqueue.install(store.url)

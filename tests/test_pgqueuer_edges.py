@@ -106,7 +106,7 @@ async def test_the_queue_runs_its_queries_beside_the_notification_reader_not_beh
     """pgqueuer's psycopg driver reads notifications with `notifies(timeout=1.0)`, holding its connection up to a
     second at a time (measured 1.9 queue jobs/s at batch size 1, 56 with the queries on a second connection):
     our driver sends the queue's queries on another connection than the one that LISTENs."""
-    from crawler.itemqueue import _driver
+    from crawler.stores.pg_queue import _driver
 
     listen = await psycopg.AsyncConnection.connect(url, autocommit=True)
     queries = await psycopg.AsyncConnection.connect(url, autocommit=True)
@@ -126,7 +126,7 @@ async def test_the_queue_runs_its_queries_beside_the_notification_reader_not_beh
 async def test_two_consumers_of_one_job_hold_the_sum_of_their_caps_and_take_each_item_once(url: str) -> None:
     """A worker grown by parallelism = "auto" runs a second consumer of its job's queue beside the first: together
     they hold the sum of their caps at once (2 + 4), and every item is handled exactly once, the queue left empty."""
-    from crawler import itemqueue
+    from crawler.stores import pg_queue as itemqueue
 
     await itemqueue.install(url)
     await itemqueue.enqueue(url, "edge", list(range(1, 41)))

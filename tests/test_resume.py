@@ -239,8 +239,8 @@ async def test_kill_after_an_edited_input_is_merged_then_the_same_command_fetche
 
 # --- job identity, locking, retry-failed, balance: in-process runs ---
 
-from crawler.crawl import Crawl, JobOptions, job_lock, run_job  # noqa: E402
 from crawler.errors import UsageError  # noqa: E402
+from crawler.runs.local import Crawl, JobOptions, job_lock, run_job  # noqa: E402
 from tests.conftest import fast_settings  # noqa: E402
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import crawler
-from crawler.client import Client
+from crawler.api.client import Client
 from crawler.config import Secret, api_key, load_settings
 from crawler.errors import CrawlerError, KeyRejected
 from crawler.sim.data import World, WorldConfig

@@ -25,8 +25,8 @@ import aiohttp
 import pytest
 
 from crawler.cli import main
-from crawler.history import HistoryStore, with_gaps
-from crawler.serve import History
+from crawler.history.serve import History
+from crawler.history.store import HistoryStore, with_gaps
 from crawler.sim.data import World
 from tests.cdp import Page, chromium
 from tests.serve_history import DAY0, HOSTILE, WORLD, Built, build, pg_schema, served
@@ -236,7 +236,7 @@ async def test_paging_covers_every_user_once_in_order(tmp_path: Path) -> None:
     store = HistoryStore(url)
     expected = {}
     try:
-        from crawler.endpoints import Profile
+        from crawler.api.records import Profile
 
         for i in range(1, 400):
             u = world.user(i)
@@ -514,7 +514,7 @@ SMALL_DAYS = (0, 1, 2, 4, 5)  # day 3 is a gap
 
 def _small_store(url: str) -> dict[str, tuple[str, int]]:
     """Six of the world's users snapshotted on SMALL_DAYS; returns user id -> (handle, latest followers)."""
-    from crawler.endpoints import Profile
+    from crawler.api.records import Profile
 
     world = World(WORLD)
     store = HistoryStore(url)
@@ -659,7 +659,7 @@ async def test_csv_file_name_survives_odd_handles(tmp_path: Path) -> None:
     """A handle with a quote or a non-ASCII letter (the API's text) still names the CSV whole, in a valid header."""
     from urllib.parse import quote, unquote
 
-    from crawler.endpoints import Profile
+    from crawler.api.records import Profile
 
     url = str(tmp_path / "odd.db")
     store = HistoryStore(url)
@@ -682,7 +682,7 @@ async def test_csv_file_name_survives_odd_handles(tmp_path: Path) -> None:
 async def test_an_unknown_gain_is_empty_on_the_page_and_in_history_top(tmp_path: Path,
                                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """A snapshot without a follower count (the API left it out): no gain on the page, none printed by `top` (not 0)."""
-    from crawler.endpoints import Profile
+    from crawler.api.records import Profile
 
     url = str(tmp_path / "none.db")
     store = HistoryStore(url)

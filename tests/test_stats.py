@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 
-from crawler.stats import ProgressReporter, Snapshot, Summary
+from crawler.engine.stats import ProgressReporter, Snapshot, Summary
 
 
 class _Tty(io.StringIO):

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from crawler.client import classify
+from crawler.api.client import classify
 from crawler.errors import NotFound
-from crawler.history import HistoryStore
+from crawler.history.store import HistoryStore
 from crawler.sim.data import World, WorldConfig
 from tests.conftest import SimFactory, fast_settings
 from tests.test_cli import crawler, environ, neutral, public_users, read_csv, setup_dir

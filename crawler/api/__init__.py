@@ -1,0 +1,1 @@
+"""api: see the layering rule in crawler/__init__.py."""

@@ -1,0 +1,1 @@
+"""engine: see the layering rule in crawler/__init__.py."""

@@ -1,0 +1,270 @@
+"""What a scheduler reads after a run: the Prometheus textfile (`--metrics-file`) and the summary JSON
+(`--summary-json`). Last stage of the flow, after `outcome`: the CLI wraps each job command and ingest in
+`run_reports()`, which writes both at every end except a usage error (exit 2).
+
+The metrics file is shared: one file may hold the series of several commands (label `command`). A run
+rewrites only its own command's series, atomically (prometheus_client's `write_to_textfile`: a temporary
+file renamed over the old one), under a lock so two commands ending together keep each other's series.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+from prometheus_client.parser import text_string_to_metric_families
+
+from crawler.engine.stats import Summary
+from crawler.errors import CrawlerError, Interrupted, UsageError
+from crawler.files import replace_durably
+
+log = logging.getLogger("crawler.engine.metrics")
+
+SUCCESS_CODES = (0, 3)  # the job completed (3: some items failed, each one in the failures file)
+
+# name -> (help, extra label): every series also has the label `command` (CONTRACT.md "Metrics").
+SERIES: dict[str, tuple[str, str | None]] = {
+    "crawler_last_success_timestamp_seconds": ("Unix time the last run that completed (exit 0 or 3) ended", None),
+    "crawler_last_run_timestamp_seconds": ("Unix time the last run ended, however it ended", None),
+    "crawler_last_exit_code": ("Exit code of the last run", None),
+    "crawler_run_duration_seconds": ("Seconds the last run took", None),
+    "crawler_items": ("Input items of the last run's job by status (done, failed, pending)", "status"),
+    "crawler_requests_sent": ("HTTP requests the last run sent, retries included", None),
+    "crawler_credits_billed": ("Requests of the last run that got a billable answer", None),
+    "crawler_responses": ("Requests of the last run by what they met", "outcome"),
+    "crawler_rate_limited": ("Rate-limit answers (HTTP 429) the last run met", None),
+    "crawler_rate_wait_seconds": ("Seconds the last run's requests waited for the key's rate budget", None),
+}
+LAST_SUCCESS = "crawler_last_success_timestamp_seconds"
+
+
+@dataclass(frozen=True, slots=True)
+class RunMetrics:
+    """One run's values for the metrics file; `items` and the counters are None when the run ended before
+    it had a summary (an unexpected error): those series are then left out for the command."""
+
+    command: str
+    exit_code: int
+    finished_at: float  # Unix time
+    duration_seconds: float
+    items: Mapping[str, int] | None = None
+    requests_sent: int = 0
+    credits_billed: int = 0
+    responses: Mapping[str, int] = field(default_factory=dict)
+    rate_limited: int = 0
+    rate_wait_seconds: float = 0.0
+
+    completed: bool = True  # False: the run did no work (ingest found its out-dir held by a running ingest)
+
+    @property
+    def succeeded(self) -> bool:
+        """The job completed (CONTRACT.md exit 0 or 3)."""
+        return self.completed and self.exit_code in SUCCESS_CODES
+
+    @classmethod
+    def from_summaries(cls, command: str, exit_code: int, summaries: Sequence[Summary], *, finished_at: float,
+                       duration_seconds: float, completed: bool = True) -> RunMetrics:
+        """This run's values, summed over the jobs it ran (ingest runs one or two)."""
+        responses: dict[str, int] = {}
+        for s in summaries:
+            for kind, n in s.responses.items():
+                responses[kind] = responses.get(kind, 0) + n
+        return cls(
+            command=command, exit_code=exit_code, finished_at=finished_at, duration_seconds=duration_seconds,
+            items={"done": sum(s.items_done for s in summaries), "failed": sum(s.items_failed for s in summaries),
+                   "pending": sum(s.items_pending for s in summaries)},
+            requests_sent=sum(s.run_requests for s in summaries),
+            credits_billed=sum(s.run_credits_billed for s in summaries),
+            responses=responses,
+            rate_limited=sum(s.rate_limited for s in summaries),
+            rate_wait_seconds=sum(s.rate_wait_seconds for s in summaries),
+            completed=completed,
+        )
+
+
+Sample = tuple[str, dict[str, str], float]  # (series name, labels, value)
+
+
+def read_metrics(path: Path) -> list[Sample]:
+    """Our series in an existing metrics file ([] when there is none, or when it cannot be parsed)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    try:
+        return [(s.name, dict(s.labels), float(s.value)) for family in text_string_to_metric_families(text)
+                for s in family.samples if s.name in SERIES and "command" in s.labels]
+    except ValueError as exc:
+        log.warning("the metrics file %s could not be parsed (%s): rewriting it with this run's series", path, exc)
+        return []
+
+
+def write_metrics(path: Path, run: RunMetrics) -> None:
+    """Rewrite the metrics file atomically with this run's series; other commands' series and, after a run that
+    did not complete, this command's last-success time are kept from the file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path.with_name(path.name + ".lock")):
+        kept = [(name, labels, value) for name, labels, value in read_metrics(path)
+                if labels["command"] != run.command or (name == LAST_SUCCESS and not run.succeeded)]
+        registry = CollectorRegistry()
+        gauges = {name: Gauge(name, text, ["command"] if extra is None else ["command", extra], registry=registry)
+                  for name, (text, extra) in SERIES.items()}
+        for name, labels, value in kept:
+            extra = SERIES[name][1]
+            if extra is None or extra in labels:
+                wanted = {"command": labels["command"]} | ({} if extra is None else {extra: labels[extra]})
+                gauges[name].labels(**wanted).set(value)
+        for name, labels, value in _samples(run):
+            gauges[name].labels(**labels).set(value)
+        write_to_textfile(str(path), registry)
+
+
+def _samples(run: RunMetrics) -> Iterator[Sample]:
+    c = {"command": run.command}
+    if run.succeeded:
+        yield LAST_SUCCESS, c, run.finished_at
+    yield "crawler_last_run_timestamp_seconds", c, run.finished_at
+    yield "crawler_last_exit_code", c, float(run.exit_code)
+    yield "crawler_run_duration_seconds", c, run.duration_seconds
+    if run.items is None:
+        return
+    for status, n in run.items.items():
+        yield "crawler_items", c | {"status": status}, float(n)
+    yield "crawler_requests_sent", c, float(run.requests_sent)
+    yield "crawler_credits_billed", c, float(run.credits_billed)
+    for kind, n in sorted(run.responses.items()):
+        yield "crawler_responses", c | {"outcome": kind}, float(n)
+    yield "crawler_rate_limited", c, float(run.rate_limited)
+    yield "crawler_rate_wait_seconds", c, run.rate_wait_seconds
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held for a read and a rename: milliseconds
+        yield
+    finally:
+        os.close(fd)
+
+
+def summary_record(summary: Summary, exit_code: int) -> dict[str, Any]:
+    """The summary's fields plus `exit_code` (`rate_wait_seconds` is one of the fields)."""
+    record = dataclasses.asdict(summary)
+    record["notes"] = list(summary.notes)
+    record["exit_code"] = exit_code
+    return record
+
+
+def ingest_record(result: Any) -> dict[str, Any]:
+    """`{day, exit_code, parts}` of an `ingest.IngestResult` (its `day`, `outcomes` and `exit_code`)."""
+    return {"day": result.day.isoformat(), "exit_code": result.exit_code,
+            "days": [d.isoformat() for d in getattr(result, "days", ())],  # every day the run wrote to
+            "held_by": getattr(result, "held_by", None),  # set when another ingest held the out-dir
+            "parts": [summary_record(o.summary, o.exit_code) for o in result.outcomes]}
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Write JSON atomically and durably: a temporary file beside it, renamed over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, ensure_ascii=False)
+            fh.write("\n")
+        replace_durably(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class RunReports:
+    """The reports of one command run; `done()` gives its result, else the exception's exit code is written."""
+
+    def __init__(self, command: str, *, metrics_file: str | None, summary_json: str | None) -> None:
+        self.command = command
+        self.metrics_file = Path(metrics_file) if metrics_file else None
+        self.summary_json = Path(summary_json) if summary_json else None
+        self.started = time.monotonic()
+        self._written = False
+
+    def done(self, exit_code: int, summaries: Sequence[Summary], record: Mapping[str, Any] | None = None, *,
+             completed: bool = True) -> None:
+        """Write both reports for a run that ended with ``exit_code``; ``record`` replaces the summary JSON
+        (ingest: ``{day, exit_code, parts}``), else it is the one summary's record. A run that did no work
+        (``completed=False``: ingest's out-dir held by a running ingest, exit 0) keeps the last-success time,
+        so an alert on a stale last success still fires while a hung ingest holds the out-dir."""
+        self._written = True
+        if self.summary_json is not None:
+            if record is None:
+                record = (summary_record(summaries[0], exit_code) if len(summaries) == 1
+                          else {"command": self.command, "exit_code": exit_code,
+                                "parts": [summary_record(s, exit_code) for s in summaries]})
+            self._try(write_json, self.summary_json, record)
+        if self.metrics_file is not None:
+            run = RunMetrics.from_summaries(self.command, exit_code, summaries, finished_at=time.time(),
+                                            duration_seconds=time.monotonic() - self.started, completed=completed)
+            self._try(write_metrics, self.metrics_file, run)
+
+    def failed(self, exit_code: int, reason: str) -> None:
+        """Write both reports for a run that ended by an exception, before any summary."""
+        self._written = True
+        if self.summary_json is not None:
+            self._try(write_json, self.summary_json, {"command": self.command, "status": "failed",
+                                                      "reason": reason, "exit_code": exit_code,
+                                                      "rate_wait_seconds": 0.0})
+        if self.metrics_file is not None:
+            run = RunMetrics(self.command, exit_code, time.time(), time.monotonic() - self.started)
+            self._try(write_metrics, self.metrics_file, run)
+
+    def _try(self, write: Any, path: Path, value: Any) -> None:
+        # A report that cannot be written must not change how the run ended: say so on one line.
+        try:
+            write(path, value)
+        except OSError as exc:
+            print(f"crawler: could not write {path}: {exc.strerror or exc}", file=sys.stderr)
+
+
+def check_report_paths(metrics_file: str | None, summary_json: str | None) -> None:
+    """Both report paths must be in an existing directory (a usage error before any request)."""
+    for flag, value in (("--metrics-file", metrics_file), ("--summary-json", summary_json)):
+        if value and not Path(value).parent.is_dir():
+            raise UsageError(f"{flag} {value}: the directory {Path(value).parent} does not exist")
+
+
+@contextlib.contextmanager
+def run_reports(command: str, *, metrics_file: str | None, summary_json: str | None) -> Iterator[RunReports]:
+    """Wrap one command run: the metrics file and the summary JSON are written however it ends, except by a
+    usage error (exit 2), which changes nothing."""
+    check_report_paths(metrics_file, summary_json)
+    reports = RunReports(command, metrics_file=metrics_file, summary_json=summary_json)
+    try:
+        yield reports
+    except UsageError:
+        raise
+    except Interrupted as exc:
+        if not reports._written:
+            reports.failed(exc.code, str(exc))
+        raise
+    except CrawlerError as exc:
+        if not reports._written:
+            reports.failed(exc.exit_code, str(exc))
+        raise
+    except KeyboardInterrupt:
+        if not reports._written:
+            reports.failed(130, "interrupted")
+        raise
+    except Exception as exc:
+        if not reports._written:
+            reports.failed(1, f"unexpected error: {type(exc).__name__}")
+        raise

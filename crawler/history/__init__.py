@@ -1,0 +1,1 @@
+"""history: see the layering rule in crawler/__init__.py."""

@@ -1,0 +1,1 @@
+"""jobs: see the layering rule in crawler/__init__.py."""

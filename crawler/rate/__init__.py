@@ -1,0 +1,1 @@
+"""rate: see the layering rule in crawler/__init__.py."""

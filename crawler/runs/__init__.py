@@ -1,0 +1,1 @@
+"""runs: see the layering rule in crawler/__init__.py."""

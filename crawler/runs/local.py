@@ -1,0 +1,348 @@
+"""The run: a TaskGroup of workers walking paginators, feeding the CSV sink, committed page by page.
+
+Flow: `inputs` -> `job.prepare()` (the state store) -> `Crawl.run()` (workers, handlers from `commands`)
+-> `sinks` -> `outcome`. Workers take pending items in input order; each page of rows goes to the sink
+and is committed before the worker asks for the next page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
+
+from crawler import testing
+from crawler.api import records as ep
+from crawler.api.client import Client, Counters, GracefulStop
+from crawler.api.pagesizes import PageSizes
+from crawler.config import Secret, Settings
+from crawler.engine.outcome import Outcome, RunFacts, outcome
+from crawler.engine.stats import ProgressReporter, Snapshot
+from crawler.errors import (
+    BudgetExhausted,
+    CrawlerError,
+    Interrupted,
+    ItemFailed,
+    RunStopped,
+    UsageError,
+    disk_problems,
+    rank,
+)
+from crawler.jobs.commands import COMMANDS, CommandSpec
+from crawler.jobs.prepare import (
+    JobOptions,
+    Prepared,
+    WorkItem,
+    check_output,
+    failures_path,
+    job_files,
+    job_lock,
+    lock_path,
+    prepare,
+    state_path,
+)
+from crawler.jobs.walker import ItemWalker, step_update
+from crawler.rate.pacing import MAX_AUTO_WORKERS, auto_workers
+from crawler.sinks.csv_sink import Batch, CsvSink, write_failures
+from crawler.stores.local import ItemUpdate, StateStore, UserDirectory
+
+LEASE_MAX = 16  # requests a kill may leave reserved but unsent (they count as spent)
+
+
+class Crawl(ItemWalker, GracefulStop):
+    """One run of one job. Build it, then `await crawl.run()` (inside `job_lock`)."""
+
+    def __init__(
+        self,
+        job: JobOptions,
+        settings: Settings,
+        *,
+        api_key: Secret | str | None = None,
+        restart: bool = False,
+        retry_failed: bool | str = False,
+        overwrite: bool = False,
+        quiet: bool = True,
+        durable: bool = True,
+        progress_interval: float | None = None,
+        flowing: asyncio.Event | None = None,
+        spec: CommandSpec | None = None,
+        earlier: Counters | None = None,
+    ) -> None:
+        if spec is None and job.command not in COMMANDS:
+            raise UsageError(f"unknown command {job.command!r}")
+        self.job = job
+        self.spec = spec or COMMANDS[job.command]
+        self.settings = settings
+        self.out = Path(job.output)
+        self._api_key = api_key
+        self._restart = restart
+        self._retry_failed = retry_failed
+        self.overwrite = overwrite
+        self.input_change: tuple[int, int] | None = None  # (items added, done items gone) of an edited input
+        self.capped = 0  # walks this run ended at the --max-pages cap
+        self._base_counters = (0, 0)  # the job's requests_sent and credits_billed when this run began
+        self._earlier = earlier  # requests this command sent for the job before its client (the region lookup)
+        self.quiet = quiet
+        self._durable = durable
+        self._progress_interval = progress_interval
+        self._flowing = flowing  # a test/ops hook: clear it to stall the sink
+        self._stop_error: CrawlerError | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._feeder: asyncio.Task[None] | None = None
+        self._keyed = self.spec.list_kind in ep.OFFSET_KINDS  # rows checked against the seen keys
+        self._idle: set[asyncio.Task[Any]] = set()  # workers waiting for an item (a soft stop cancels only these)
+        self._tg: asyncio.TaskGroup | None = None
+        self._workers = 0
+        self._target = settings.parallelism or 4
+        self.work: asyncio.Queue[WorkItem] = asyncio.Queue(maxsize=MAX_AUTO_WORKERS * 2)
+        self.client: Client
+        self.state: StateStore
+        self.users: UserDirectory
+        self.page_sizes: PageSizes | None = None
+        self.sink: CsvSink
+
+    # -- helpers used by handlers --
+
+    def limits(self) -> tuple[int | None, int | None]:
+        """(--max-pages, page size): the job's options, else the settings'."""
+        return self.job.max_pages or self.settings.max_pages, self.job.page_size or self.settings.page_size
+
+    def reply_walks(self, item: WorkItem) -> list[tuple[str, ep.Cursor | None, int]]:
+        """The item's reply walks still to do: (comment_id, cursor, pages so far)."""
+        return self.state.reply_walks(item.seq)
+
+    def lease(self) -> int:
+        """Requests reserved in the state store at a time: one per worker, at most LEASE_MAX."""
+        return max(1, min(self._workers, LEASE_MAX))
+
+    # -- the run --
+
+    def request_stop(self, error: CrawlerError) -> None:
+        """End the run: workers stop, what is complete gets committed, `error` decides the exit.
+
+        A spent --max-credits budget stops softly: requests already sent are answered (and probably
+        billed), so the workers sending them finish their page and commit it; only idle tasks are cancelled.
+        So does a first signal (`GracefulStop.signalled`): the workers' refused requests stop nothing more.
+        """
+        if self._stop_error is None or rank(error) < rank(self._stop_error):
+            self._stop_error = error
+        current = asyncio.current_task()
+        soft = isinstance(error, BudgetExhausted) or (isinstance(error, Interrupted) and self._draining)
+        for task in self._tasks:
+            if task is not current and (not soft or task is self._feeder or task in self._idle):
+                task.cancel()
+
+    async def run(self) -> Outcome:
+        """Run (or resume) the job to completion or to a stop."""
+        started = time.monotonic()
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.state = StateStore(state_path(self.out))
+        try:
+            try:
+                prepared = await prepare(self.state, self.job, self.spec, restart=self._restart,
+                                         retry_failed=self._retry_failed, pause=self._yield_to_signals)
+            except RunStopped as exc:
+                if exc is not self._stop_error or self.state.job() is None:
+                    raise
+                return self._outcome(started, "stopped", 0)  # a signal while the input was being read
+            self.input_change = prepared.input_change
+            if prepared.state is Prepared.COMPLETE:
+                return self._outcome(started, "already complete", 0, reason="nothing to do; --restart runs it again")
+            # Opened only now: a usage error found while preparing leaves no data directory behind.
+            data_dir = Path(self.settings.data_dir)
+            with disk_problems(data_dir, started=self.sent_any):
+                self.users = UserDirectory(data_dir / "users.db", ttl_days=self.settings.id_ttl_days)
+            self.page_sizes = PageSizes(self.settings.data_dir)
+            job = self.state.job()
+            assert job is not None
+            budget = None
+            if self.settings.max_credits is not None:
+                budget = max(self.settings.max_credits - job.requests_sent, 0)
+            base_sent, base_billed = job.requests_sent, job.credits_billed
+            reserved = base_sent
+
+            def reserve(n: int) -> None:
+                # The n-th request of this run may leave once the state store says so: a kill then
+                # forgets at most the lease, counted as spent (job() reports it in requests_sent).
+                nonlocal reserved
+                if base_sent + n > reserved:
+                    reserved = base_sent + n - 1 + self.lease()
+                    if self.settings.max_credits is not None:
+                        reserved = min(reserved, self.settings.max_credits)
+                    self.state.reserve(reserved)
+
+            self.client = Client(self.settings, api_key=self._api_key, request_budget=budget, reserve=reserve,
+                                 max_connections=max(MAX_AUTO_WORKERS, self.settings.parallelism or 0))
+            if self._earlier is not None:  # this run's first requests: in requests_sent and under the budget
+                self.client.counters.add(self._earlier)
+            self._base_counters = (base_sent, base_billed)
+
+            def counters() -> tuple[int, int]:
+                c = self.client.counters
+                return base_sent + c.requests_sent, base_billed + c.credits_billed
+
+            self.sink = CsvSink(self.out, self.spec.record.COLUMNS, state=self.state, counters=counters,
+                                bom=self.settings.output_bom, raw=self.settings.output_raw, durable=self._durable)
+            if self._flowing is not None:
+                self.sink.flowing = self._flowing
+            self.state.start_run()
+            async with self.client:
+                await self.sink.open(job.csv_length)
+                try:
+                    await self._run_workers()
+                    await self.sink.checkpoint()  # requests sent after the last page still count
+                    self.state.release()
+                finally:
+                    self.sink.close()
+            progress = self.state.progress()
+            complete = self._stop_error is None and progress.pending == 0
+            write_failures(failures_path(self.out), self.state.failures(), raw=self.settings.output_raw)
+            if complete:
+                self.sink.finalize()
+                self.state.set_status("done")
+            return self._outcome(started, "completed" if complete else "stopped", self.sink.rows_written)
+        finally:
+            self.state.close()
+            users = getattr(self, "users", None)
+            if users is not None:
+                users.close()
+
+    def sent_any(self) -> bool:
+        """Whether this run has sent a request (a full disk found before one is a usage error, exit 2)."""
+        client: Client | None = getattr(self, "client", None)
+        return client is not None and client.counters.requests_sent > 0
+
+    async def _yield_to_signals(self) -> None:
+        await asyncio.sleep(0)
+        if self._stop_error is not None:
+            raise self._stop_error
+
+    async def _run_workers(self) -> None:
+        await asyncio.sleep(0)
+        if self._stop_error is not None:  # a stop that came while opening the sink: start nothing
+            return
+        reporter = ProgressReporter(self.job.command, self._snapshot, quiet=self.quiet,
+                                    interval=self._progress_interval)
+        async with asyncio.TaskGroup() as outer:
+            writer = outer.create_task(self.sink.run())
+            progress = outer.create_task(reporter.run())
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    self._tg = tg
+                    self._feeder = tg.create_task(self._feed())
+                    self._tasks.append(self._feeder)
+                    for _ in range(self._target):
+                        self._spawn()
+            finally:
+                self._tg = None
+                progress.cancel()
+                if not writer.done():
+                    await self.sink.close_input()
+
+    def _spawn(self) -> None:
+        assert self._tg is not None
+        if self._stop_error is not None:
+            return
+        self._workers += 1
+        self._tasks.append(self._tg.create_task(self._worker()))
+
+    def _grow(self) -> None:
+        """parallelism = "auto": enough workers to keep the rate busy at the latency seen so far."""
+        # Stopping: _spawn() starts nobody, so the loop below would never end.
+        if self.settings.parallelism is not None or self._tg is None or self._stop_error is not None:
+            return
+        self._target = auto_workers(self.client.pace, self.client.counters.latency, self._target)
+        while self._workers < self._target:
+            self._spawn()
+
+    async def _feed(self) -> None:
+        """Queue pending items in input order, wait until all are processed, then let the workers go."""
+        after = 0
+        while True:
+            chunk = self.state.pending(after, 500)
+            if not chunk:
+                break
+            for seq, key, raw, cursor, rows, pages in chunk:
+                await self.work.put(WorkItem(seq, key, raw, cursor, rows, pages))
+                after = seq
+        await self.work.join()
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+
+    async def _worker(self) -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        while self._stop_error is None:
+            self._idle.add(me)
+            try:
+                item = await self.work.get()
+            finally:
+                self._idle.discard(me)
+            try:
+                await self._process(item)
+            except ItemFailed as exc:
+                update = ItemUpdate(item.seq, "failed", reason=exc.reason, endpoint=exc.endpoint or self.spec.endpoint,
+                                    detail=str(exc))
+                await self.sink.submit(Batch([], update))
+            except RunStopped as exc:
+                self.request_stop(exc)
+                return
+            finally:
+                self.work.task_done()
+            self._grow()
+
+    async def _process(self, item: WorkItem) -> None:
+        async with aclosing(self.spec.handler(self, item)) as steps:
+            async for step in steps:
+                testing.reached("fetched")
+                cap = self.job.max_pages or self.settings.max_pages
+                update = step_update(step, item.seq, endpoint=self.spec.endpoint, max_pages=cap)
+                # A cap is a guard the user set: the rows so far are kept, the item says it is incomplete.
+                self.capped += step.counted and step.capped and step.guard is None
+                await self.sink.submit(Batch(step.rows, update, keyed=self._keyed, walks=step.walks))
+
+    def _snapshot(self) -> Snapshot:
+        p = self.state.progress()
+        c = self.client.counters
+        # The job's counters when this run began plus this run's (the committed ones lag behind the requests).
+        sent, billed = self._base_counters
+        return Snapshot(p.done + p.failed, p.total, self.sink.rows_written, sent + c.requests_sent,
+                        billed + c.credits_billed, failed=p.failed, note=self.client.outage.status())
+
+    def _outcome(self, started: float, status: str, rows: int, reason: str = "") -> Outcome:
+        facts = RunFacts(started, self._workers, self.job.max_pages or self.settings.max_pages,
+                         self.input_change, self.capped)
+        return outcome(self.job, self.state, getattr(self, "client", None), facts, status=status, rows=rows,
+                       error=self._stop_error, reason=reason)
+
+
+async def run_job(crawl: Crawl, *, install_signals: bool = True) -> Outcome:
+    """Run a crawl under its job lock, turning SIGINT/SIGTERM into a clean, resumable stop."""
+    check_output(crawl.job, overwrite=crawl.overwrite)
+    # What a usage error may remove: the files of a job that did not exist before (never an existing job's).
+    ours = [] if state_path(crawl.out).exists() else [p for p in job_files(crawl.out) if not p.exists()]
+    if not ours and not lock_path(crawl.out).exists():
+        ours = [lock_path(crawl.out)]
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    if install_signals:
+        for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, crawl.signalled, Interrupted(f"stopped by {sig.name}", code))
+                installed.append(sig)
+    try:
+        with job_lock(crawl.out), disk_problems(crawl.out.parent, started=crawl.sent_any):
+            return await crawl.run()
+    except UsageError:
+        for path in ours:  # a usage error leaves nothing behind that was not there before
+            with contextlib.suppress(OSError):  # (a read-only directory has nothing to remove)
+                path.unlink(missing_ok=True)
+        raise
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)

@@ -1,0 +1,1 @@
+"""sinks: see the layering rule in crawler/__init__.py."""

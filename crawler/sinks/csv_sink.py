@@ -1,0 +1,275 @@
+"""The CSV sink: one writer task (aiocsv) draining a bounded queue, and the job's single commit point.
+
+Workers hand over a page of rows and wait for its commit, so a slow disk slows the workers instead of
+filling memory. The writer takes every batch waiting in the queue (group commit), writes the rows,
+flushes and fsyncs the `.part` file, and only then records the new length and the items' progress in
+the state store. On resume the `.part` file is cut back to the committed length: no row twice, none lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiocsv import AsyncWriter
+
+from crawler import testing
+from crawler.api.records import Record
+from crawler.errors import UsageError
+from crawler.files import copy_durably, fsync_dir, replace_durably
+from crawler.stores.local import ItemUpdate, StateStore, WalkUpdate
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_FORMULA_CHARS = frozenset("".join(FORMULA_START))
+
+
+def cell(value: Any, *, raw: bool = False) -> str:
+    """One CSV cell: booleans as true/false, None empty, formula-like text neutralised with a leading '."""
+    kind = type(value)  # exact types first: this runs for every cell of every row
+    if kind is str:
+        text: str = value
+        return "'" + text if not raw and text and text[0] in _FORMULA_CHARS else text
+    if kind is int:
+        return str(value)
+    if value is None:
+        return ""
+    if kind is bool:
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return cell(str(value), raw=raw)
+    return str(value)
+
+
+def part_path(out: Path) -> Path:
+    """Where rows go until the job completes."""
+    return out.with_name(out.name + ".part")
+
+
+class _Bytes:
+    """The file object aiocsv writes to: encodes to UTF-8 and counts bytes (the committed length)."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+        self.length = 0
+
+    async def write(self, text: str) -> int:
+        data = text.encode("utf-8")
+        self.fh.write(data)
+        self.length += len(data)
+        return len(text)
+
+
+@dataclass(slots=True)
+class Batch:
+    """Rows of one page (or one item) and the progress they complete."""
+
+    rows: Sequence[Record]
+    update: ItemUpdate | None = None
+    keyed: bool = False  # rows of an offset-paginated walk: drop those the item already committed
+    walks: Sequence[WalkUpdate] = ()  # reply walks this batch registers or advances
+    ack: asyncio.Future[None] | None = field(default=None, repr=False)
+
+
+T = TypeVar("T")
+
+
+def drain(queue: asyncio.Queue[T | None], group: list[T], limit: int = 1024) -> bool:
+    """Move what waits in ``queue`` into ``group`` (a group commit, at most ``limit``); True when the end marker
+    (None) was among it."""
+    while not queue.empty() and len(group) < limit:
+        nxt = queue.get_nowait()
+        if nxt is None:
+            return True
+        group.append(nxt)
+    return False
+
+
+class CsvSink:
+    """The single writer of one CSV (and of progress into the state store)."""
+
+    def __init__(
+        self,
+        out: Path,
+        columns: Sequence[str],
+        *,
+        state: StateStore | None,
+        counters: Callable[[], tuple[int, int]],
+        bom: bool = False,
+        raw: bool = False,
+        queue_size: int = 64,
+        durable: bool = True,
+        commit_interval: float = 0.01,
+    ) -> None:
+        self.out = out
+        self.part = part_path(out)
+        self.columns = list(columns)
+        self._state = state
+        self._counters = counters
+        self._bom = bom
+        self._raw = raw
+        self._durable = durable
+        self.commit_interval = commit_interval
+        self.queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=queue_size)
+        # Flowing while set; tests and operators can clear it to stall the sink (backpressure).
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.rows_written = 0
+        self.commits = 0
+        self._file: _Bytes | None = None
+        self._writer: AsyncWriter | None = None
+
+    async def open(self, committed_length: int) -> None:
+        """Open the `.part` file, cut back to the committed length (a crash may have left more)."""
+        self.part.parent.mkdir(parents=True, exist_ok=True)
+        if committed_length > 0 and not self.part.exists():
+            # The job was finalised and is being continued (--retry-failed, an edited input): carry on in a
+            # copy of the finished file. OUT.csv stays the complete previous deliverable until finalize()
+            # replaces it, however this run ends.
+            if self.out.exists() and self.out.stat().st_size == committed_length:
+                copy_durably(self.out, self.part)
+            else:
+                raise UsageError(
+                    f"{self.part} is missing or {self.out} was changed since the job committed {committed_length:,}"
+                    " bytes: add --restart to start the job over"
+                )
+        mode = "r+b" if committed_length > 0 else "w+b"
+        fh = self.part.open(mode)
+        fh.truncate(committed_length if mode == "r+b" else 0)
+        if mode == "w+b" and self._durable:  # the new name survives a power cut before a commit records its length
+            fsync_dir(self.part.parent)
+        fh.seek(0, os.SEEK_END)
+        self._file = _Bytes(fh)
+        self._file.length = fh.tell()
+        self._writer = AsyncWriter(self._file, lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+        if self._file.length == 0:
+            if self._bom:
+                await self._file.write("\ufeff")
+            await self._writer.writerow(self.columns)
+            await self._commit([])
+
+    async def submit(self, batch: Batch) -> None:
+        """Hand over a batch and wait until it is committed."""
+        batch.ack = asyncio.get_running_loop().create_future()
+        await self.queue.put(batch)
+        await batch.ack
+
+    async def close_input(self) -> None:
+        """No more batches: the writer commits what it has and ends."""
+        await self.queue.put(None)
+
+    async def run(self) -> None:
+        """The writer task: group-commit batches until close_input().
+
+        A commit waits until `commit_interval` has passed since the previous one, gathering every page
+        that arrives meanwhile: at most ~1/commit_interval fsyncs a second, however many workers.
+        """
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        while True:
+            first = await self.queue.get()
+            await self.flowing.wait()
+            group: list[Batch] = [] if first is None else [first]
+            end = first is None or drain(self.queue, group)
+            wait = last + self.commit_interval - loop.time()
+            if not end and wait > 0:
+                await asyncio.sleep(wait)  # a batching window, not a synchronisation guess
+                end = drain(self.queue, group)
+            if group:
+                await self._write(group)
+                last = loop.time()
+            if end:
+                return
+
+    async def _write(self, group: list[Batch]) -> None:
+        assert self._writer is not None
+        raw = self._raw
+        seen: list[tuple[int, str]] = []
+        for batch in group:
+            if batch.keyed and batch.update is not None and batch.rows:
+                self._drop_seen(batch, seen)
+        rows = [[cell(v, raw=raw) for v in row.values()] for batch in group for row in batch.rows]
+        await self._writer.writerows(rows)
+        self.rows_written += len(rows)
+        await self._commit([b.update for b in group if b.update is not None], seen,
+                           [w for b in group for w in b.walks])
+        for batch in group:
+            if batch.ack is not None and not batch.ack.done():
+                batch.ack.set_result(None)
+
+    def _drop_seen(self, batch: Batch, seen: list[tuple[int, str]]) -> None:
+        """Keep the batch's rows its item has not committed (nor queued in this group); note their keys."""
+        assert batch.update is not None and self._state is not None
+        seq = batch.update.seq
+        keys = [str(getattr(r, r.COLUMNS[0])) for r in batch.rows]
+        new = self._state.unseen(seq, keys)
+        new.difference_update(k for s, k in seen if s == seq)
+        kept = []
+        for record, key in zip(batch.rows, keys, strict=True):
+            if key in new:
+                new.discard(key)
+                kept.append(record)
+                seen.append((seq, key))
+        dropped = len(batch.rows) - len(kept)
+        if dropped and batch.update.rows:
+            batch.update = replace(batch.update, rows=batch.update.rows - dropped)
+        elif dropped and batch.walks:  # a reply page: its walk counts the rows
+            first = batch.walks[0]
+            batch.walks = [replace(first, rows=first.rows - dropped), *batch.walks[1:]]
+        batch.rows = kept
+
+    async def _commit(self, updates: Iterable[ItemUpdate], seen: Iterable[tuple[int, str]] = (),
+                      walks: Iterable[WalkUpdate] = ()) -> None:
+        assert self._file is not None
+        self._file.fh.flush()
+        testing.reached("written")
+        if self._durable:
+            await asyncio.to_thread(os.fsync, self._file.fh.fileno())
+        testing.reached("fsynced")
+        if self._state is not None:
+            sent, billed = self._counters()
+            self._state.commit(self._file.length, updates, sent, billed, seen, walks)
+        self.commits += 1
+
+    async def checkpoint(self) -> None:
+        """Commit the counters (and anything written) now, e.g. after the last batch of a stopped run."""
+        if self._file is not None:
+            await self._commit([])
+
+    def close(self) -> None:
+        """Close the file (idempotent); the `.part` stays until finalize()."""
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.fh.close()
+            self._file = None
+
+    def finalize(self) -> None:
+        """The job is complete: rename `.part` to the output name, durably."""
+        self.close()
+        replace_durably(self.part, self.out)
+
+
+def write_failures(path: Path, failures: Iterable[tuple[str, str, str, str]], *, raw: bool = False) -> int:
+    """Write the failures file (input, endpoint, reason, detail) atomically; remove it when empty."""
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    try:
+        with tmp.open("w", encoding="utf-8", newline="") as fh:
+            writer = csv.writer(fh, lineterminator="\n")
+            writer.writerow(["input", "endpoint", "reason", "detail"])
+            for row in failures:
+                writer.writerow([cell(v, raw=raw) for v in row])
+                count += 1
+        if count:
+            replace_durably(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a full disk keeps no half-written copy
+    if not count:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return count

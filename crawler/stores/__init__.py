@@ -1,0 +1,1 @@
+"""stores: see the layering rule in crawler/__init__.py."""
