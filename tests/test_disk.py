@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from crawler import files
+from crawler.api import pagesizes
 from crawler.api.pagesizes import PageSizes
 from crawler.history.store import HistoryStore, export_csv
 from crawler.sim.data import WorldConfig
@@ -181,8 +183,8 @@ async def test_a_full_disk_under_a_download_is_one_line_and_the_same_command_the
 # Renames into place that other modules still make themselves, each after fsyncing the file and before fsyncing
 # the directory (read in the source): ingest's day-file restart and its out-dir id, the PostgreSQL job's export,
 # a finished media file.
-SELF_SYNCED = {("ingest.py", "_restart_day"), ("ingest.py", "_finish_restarts"), ("ingest.py", "_out_dir_id"),
-               ("work.py", "export"), ("download.py", "_publish")}
+SELF_SYNCED = {("runs/ingest.py", "_restart_day"), ("runs/ingest.py", "_finish_restarts"),
+               ("runs/ingest.py", "_out_dir_id"), ("runs/distributed.py", "export"), ("runs/download.py", "_publish")}
 
 
 def renames(source: str) -> Iterator[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef | None]]:
@@ -205,17 +207,17 @@ def renames(source: str) -> Iterator[tuple[str, ast.FunctionDef | ast.AsyncFunct
 
 
 def test_every_rename_into_place_goes_through_the_durable_helper() -> None:
-    """The only renames in crawler/ are sinks.replace_durably's (fsync, rename, fsync the directory) and those
+    """The only renames in crawler/ are files.replace_durably's (fsync, rename, fsync the directory) and those
     of SELF_SYNCED, each of which fsyncs itself."""
-    root = Path(sinks.__file__).parent
+    root = Path(files.__file__).parent
     found: dict[tuple[str, str], str] = {}
     for path in sorted(root.rglob("*.py")):
         source = path.read_text(encoding="utf-8")
         for call, func in renames(source):
             where = (str(path.relative_to(root)), func.name if func is not None else "<module>")
             found[where] = ast.get_source_segment(source, func) or "" if func is not None else call
-    assert ("sinks.py", "replace_durably") in found
-    assert set(found) - {("sinks.py", "replace_durably")} <= SELF_SYNCED, found.keys()
+    assert ("files.py", "replace_durably") in found
+    assert set(found) - {("files.py", "replace_durably")} <= SELF_SYNCED, found.keys()
     for where in set(found) & SELF_SYNCED:
         assert "fsync" in found[where], where
 
@@ -223,14 +225,15 @@ def test_every_rename_into_place_goes_through_the_durable_helper() -> None:
 def test_failures_export_and_page_sizes_are_renamed_into_place_durably(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The failures file, `history export` and the learned page sizes are each written through replace_durably."""
-    real = sinks.replace_durably
+    real = files.replace_durably
     targets: list[str] = []
 
     def watched(tmp: Path, target: Path) -> None:
         targets.append(target.name)
         real(tmp, target)
 
-    monkeypatch.setattr(sinks, "replace_durably", watched)
+    for module in (files, sinks, pagesizes):  # each module's own name for it
+        monkeypatch.setattr(module, "replace_durably", watched)
     assert sinks.write_failures(tmp_path / "out.failures.csv", [("ghost", "/api/user/info/", "not_found", "")]) == 1
     store = HistoryStore(f"sqlite:///{tmp_path / 'history.db'}")
     try:
