@@ -16,6 +16,7 @@ import traceback
 from collections.abc import Callable
 
 import bench_client
+import bench_csv
 import bench_download
 import bench_jobs
 import bench_ledger
@@ -53,6 +54,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Figure]]] = {
     "ledger": bench_ledger.run,
     "pipeline": bench_pipeline.run,
     "state": bench_state.run,
+    "csv": bench_csv.run,
     "history": history,
     "download": bench_download.run,
     "jobs": bench_jobs.run,
