@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 
 from crawler.api.pagesizes import PageSizes
-from crawler.history.store import HistoryStore, export_csv
+from crawler.history.export import export_csv
+from crawler.history.store import HistoryStore
 from crawler.sim.data import WorldConfig
 from crawler.sim.server import Simulator
 from crawler.sinks import csv_sink as sinks
