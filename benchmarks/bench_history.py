@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from crawler.history.store import SNAPSHOT_COLUMNS, HistoryStore
+from crawler.history.db import SNAPSHOT_COLUMNS
+from crawler.history.store import HistoryStore
 
 PG_URL = os.environ.get("CRAWLER_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 DAY0 = dt.date(2025, 1, 1)

@@ -30,7 +30,8 @@ import pytest
 from crawler import files
 from crawler.api import pagesizes
 from crawler.api.pagesizes import PageSizes
-from crawler.history.store import HistoryStore, export_csv
+from crawler.history.export import export_csv
+from crawler.history.store import HistoryStore
 from crawler.sim.data import WorldConfig
 from crawler.sim.server import Simulator
 from crawler.sinks import csv_sink as sinks

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from crawler.history.store import HistoryStore, export_csv, plot_growth
+from crawler.history.export import export_csv
+from crawler.history.plot import plot_growth
+from crawler.history.store import HistoryStore
 from crawler.runs.ingest import ingest
 from crawler.sim.data import World, WorldConfig
 from crawler.sim.server import Simulator

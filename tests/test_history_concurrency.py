@@ -87,7 +87,7 @@ def test_processes_opening_a_fresh_postgresql_history_together_never_fail() -> N
 
     import psycopg
 
-    from crawler.history.store import SCHEMA_VERSION
+    from crawler.history.db import SCHEMA_VERSION
     from tests.test_ingest import PG_URL
 
     names = [f"t_{uuid.uuid4().hex[:12]}" for _ in range(20)]
@@ -112,7 +112,7 @@ def test_processes_opening_a_fresh_sqlite_history_together_migrate_it_once(tmp_p
     store records each schema version once (a process that read an old version migrates only what is left)."""
     import sqlite3
 
-    from crawler.history.store import SCHEMA_VERSION
+    from crawler.history.db import SCHEMA_VERSION
 
     paths = [str(tmp_path / f"h{n}.db") for n in range(20)]
     open_together(paths)

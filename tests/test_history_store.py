@@ -174,3 +174,37 @@ def test_the_postgresql_connection_finds_a_silent_peer_dead_within_the_stall_lim
         store.close()
         readonly.close()
         served.close()
+
+
+def test_every_read_query_answers_on_a_store_the_database_opened_read_only(store_url: str) -> None:
+    """`HistoryQueries` (what `history serve` holds) has no write method, and every one of its queries answers on a
+    store opened read-only (a query that wrote would be refused by the database), on SQLite and PostgreSQL."""
+    from crawler.history.queries import HistoryQueries
+
+    day2 = DAY0 + dt.timedelta(days=2)
+    store = HistoryStore(store_url)
+    try:
+        store.record_snapshot(DAY0, _profile("1", "alice", 10))
+        store.record_snapshot(day2, _profile("1", "alicia", 15))
+        store.record_rename("1", "alice", "alicia", day2)
+    finally:
+        store.close()
+    queries = HistoryQueries.open_readonly(store_url)
+    try:
+        assert not any(hasattr(queries, name) for name in ("record_snapshot", "put_snapshot", "claim", "bulk_users"))
+        assert queries.resolve("@alice") == ("1", "alicia") and queries.user("1") == ("alicia", "alicia")
+        assert [(g.followers, g.delta) for g in queries.growth("alice")] == [(10, None), (15, 5)]
+        assert [(t.handle, t.gained) for t in queries.top(days=7)] == [("alicia", 5)]
+        assert [(d.snapshotted, d.gap) for d in queries.days()] == [(1, False), (0, True), (1, False)]
+        assert [r[3] for r in queries.as_of(day2)] == ["alicia"] and queries.last_day() == day2
+        assert len(list(queries.snapshots())) == queries.count() == queries.count("1") == 2
+        assert [o.gains for o in queries.overview((7,))] == [{7: 5}]
+        assert [s.followers for s in queries.series("1")] == [10, 15]
+        assert queries.followers_since(["1"], day2) == {"1": [(day2.isoformat(), 15)]}
+        assert queries.posts_per_day("1") == {}
+        assert [(r.old, r.new) for r in queries.safe_renames("1")] == [("alice", "alicia")] == [
+            (r.old, r.new) for r in queries.renames()]
+        with pytest.raises(Exception, match=r"(?i)read.?only"):
+            queries._exec("DELETE FROM snapshots")
+    finally:
+        queries.close()

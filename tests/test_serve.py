@@ -25,8 +25,9 @@ import aiohttp
 import pytest
 
 from crawler.cli import main
+from crawler.history.plot import with_gaps
 from crawler.history.serve import History
-from crawler.history.store import HistoryStore, with_gaps
+from crawler.history.store import HistoryStore
 from crawler.sim.data import World
 from tests.cdp import Page, chromium
 from tests.serve_history import DAY0, HOSTILE, WORLD, Built, build, pg_schema, served

@@ -716,7 +716,10 @@ def ingest_line(result: Any, argv: Sequence[str]) -> str:
 
 def cmd_history(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Answer one history query."""
-    from crawler.history.store import HistoryStore, export_csv, parse_day, plot_growth
+    from crawler.history.export import export_csv
+    from crawler.history.plot import plot_growth
+    from crawler.history.queries import parse_day
+    from crawler.history.store import HistoryStore
     from crawler.runs.ingest import history_url
 
     settings = settings_from(args)

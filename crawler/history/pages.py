@@ -14,7 +14,7 @@ from html import escape
 from urllib.parse import quote, urlencode
 
 from crawler.history import svg
-from crawler.history.store import OverviewRow, RenameRow, SeriesRow
+from crawler.history.queries import OverviewRow, RenameRow, SeriesRow
 
 PAGE_SIZE = 50
 WINDOWS = (1, 7, 30)

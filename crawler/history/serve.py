@@ -25,7 +25,8 @@ from aiohttp import web
 
 from crawler.errors import UsageError
 from crawler.history import pages
-from crawler.history.store import HistoryStore, OverviewRow, SeriesRow, StoreThread, connection_lost, parse_day
+from crawler.history.db import StoreThread, connection_lost
+from crawler.history.queries import HistoryQueries, OverviewRow, SeriesRow, parse_day
 from crawler.stores.pg_jobs import deadline
 
 T = TypeVar("T")
@@ -45,15 +46,15 @@ class History:
         self._url = url
         self._bounds = {"stall_limit": stall_limit, "connect_timeout": connect_timeout}
         self._thread = StoreThread("history")  # the store-thread mechanism ingest uses too
-        self.store = HistoryStore.open_readonly(url, **self._bounds)
+        self.store = HistoryQueries.open_readonly(url, **self._bounds)
 
-    async def run(self, fn: Callable[[HistoryStore], T]) -> T:
+    async def run(self, fn: Callable[[HistoryQueries], T]) -> T:
         """Run ``fn(store)`` in the store's thread; a PostgreSQL server that accepts it but never answers has the
         connection ended after ``retry.stall_limit`` (then a new session is tried, as for any lost one)."""
         with deadline(self._bounds["stall_limit"], lambda: self.store.shut_down()):
             return await self._thread.run(self._call, fn)
 
-    def _call(self, fn: Callable[[HistoryStore], T]) -> T:
+    def _call(self, fn: Callable[[HistoryQueries], T]) -> T:
         # A PostgreSQL session can end under a long-lived page (a server restart): open a new one and ask
         # again once (every query only reads, so asking twice is safe) instead of failing every later request.
         if self._lost():
@@ -75,7 +76,7 @@ class History:
     def _reopen(self) -> None:
         self.store.close()
         try:
-            self.store = HistoryStore.open_readonly(self._url, **self._bounds)
+            self.store = HistoryQueries.open_readonly(self._url, **self._bounds)
         except UsageError as exc:
             raise _error(503, f"{exc}; the page answers again once the database is back") from None
 
@@ -137,7 +138,7 @@ async def overview(request: web.Request) -> web.Response:
         raise _error(400, f"page {text!r}: expected a page number (1, 2, ...)")
     page = int(text)  # past the last page: the last page
 
-    def load(store: HistoryStore) -> pages.OverviewView:
+    def load(store: HistoryQueries) -> pages.OverviewView:
         end = store.last_day()
         rows = store.overview(pages.WINDOWS, until=end)
         total = len(rows)
@@ -155,7 +156,7 @@ async def overview(request: web.Request) -> web.Response:
     return _html(pages.overview(await request.app[HISTORY].run(load)))
 
 
-def _resolve(store: HistoryStore, handle: str) -> tuple[str, str, str]:
+def _resolve(store: HistoryQueries, handle: str) -> tuple[str, str, str]:
     """(user id, current handle, nickname) of any handle the user has had."""
     user_id, current = store.resolve(handle)
     known = store.user(user_id)
@@ -168,7 +169,7 @@ async def user_or_csv(request: web.Request) -> web.StreamResponse:
     since, until = _query_day(request, "from"), _query_day(request, "to")
     history = request.app[HISTORY]
 
-    def find(store: HistoryStore) -> tuple[bool, str, str, str] | None:
+    def find(store: HistoryQueries) -> tuple[bool, str, str, str] | None:
         # A handle may itself end in ".csv": the CSV is meant only when the name without it is known.
         for as_csv, handle in ((True, name[:-4]), (False, name)) if name.endswith(".csv") else ((False, name),):
             try:
@@ -186,7 +187,7 @@ async def user_or_csv(request: web.Request) -> web.StreamResponse:
         raise web.HTTPFound(pages.user_href(current) + (".csv" if as_csv else "")
                             + (f"?{request.query_string}" if request.query_string else ""))
 
-    def load(store: HistoryStore) -> pages.UserView:
+    def load(store: HistoryQueries) -> pages.UserView:
         rows = store.series(user_id, since, until)
         renames = [r for r in store.safe_renames(user_id)
                    if (since is None or r.day >= since.isoformat()) and (until is None or r.day <= until.isoformat())]
@@ -229,7 +230,7 @@ async def compare(request: web.Request) -> web.Response:
             wanted.append(h)
     wanted, left_out = wanted[:pages.MAX_COMPARE], wanted[pages.MAX_COMPARE:]
 
-    def load(store: HistoryStore) -> pages.CompareView:
+    def load(store: HistoryQueries) -> pages.CompareView:
         series: list[tuple[str, list[SeriesRow]]] = []
         unknown: list[str] = []
         for h in wanted:

@@ -52,7 +52,9 @@ from crawler.errors import (
     rank,
 )
 from crawler.files import fsync_dir
-from crawler.history.store import HistoryStore, StoreThread, WalkState, connection_lost, parse_day, transient
+from crawler.history.db import StoreThread, connection_lost, transient
+from crawler.history.queries import parse_day
+from crawler.history.store import HistoryStore, WalkState
 from crawler.jobs.commands import COMMANDS
 from crawler.jobs.inputs import input_items
 from crawler.jobs.prepare import JobOptions
