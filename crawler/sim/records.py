@@ -1,6 +1,6 @@
 """Records of the simulator's world: its configuration and the frozen rows it hands out.
 
-Defined apart from the World that derives them so data.py stays about derivation; data.py re-exports all.
+Defined apart from the World that derives them so its parts stay about derivation; data.py re-exports all.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Seeded building blocks of the simulator's world: stable hashes, heavy tails, event timelines, texts.
 
-Used by data.py (the world) and render.py (wire shapes); nothing here knows about users or HTTP.
+Used by the world's parts (users.py to catalog.py) and render.py (wire shapes); nothing here knows about
+users or HTTP.
 """
 
 from __future__ import annotations
