@@ -15,13 +15,13 @@ import datetime as dt
 import functools
 import json
 import queue
-import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from crawler import sqlite
 from crawler.api.records import Post, Profile
 from crawler.config import check_history_url
 from crawler.errors import UsageError
@@ -277,13 +277,9 @@ class HistoryStore:
         else:
             path = Path(url.removeprefix("sqlite:///"))
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
             # Another process's transaction (an ingest's commit, a big `history import`) is waited for, as long
-            # as an unreachable store may hold a run.
-            self._db.execute(f"PRAGMA busy_timeout={round(max(10.0, stall_limit) * 1000)}")
-            self._db.execute("PRAGMA cache_size=-32768")  # 32 MB: index inserts of a big backfill stay in memory
+            # as an unreachable store may hold a run; index inserts of a big backfill stay in memory.
+            self._db = sqlite.connect(path, busy_timeout=max(10.0, stall_limit), cache_mb=32)
         self._migrate()
 
     def __repr__(self) -> str:
@@ -322,9 +318,11 @@ class HistoryStore:
         return list(self._exec(sql, params).fetchall())
 
     def _begin(self) -> None:
-        # SQLite: take the write lock at BEGIN. A deferred transaction that reads, then writes, fails at once with
-        # "database is locked" when another process wrote meanwhile (busy_timeout cannot help it); IMMEDIATE waits.
-        self._db.execute("BEGIN" if self.postgres else "BEGIN IMMEDIATE")
+        # SQLite: take the write lock at BEGIN (sqlite.begin says why).
+        if self.postgres:
+            self._db.execute("BEGIN")
+        else:
+            sqlite.begin(self._db)
 
     def _commit(self) -> None:
         self._db.execute("COMMIT")
@@ -772,10 +770,7 @@ class HistoryStore:
             if not path.is_file():
                 raise UsageError(f"no history at {path}: run `crawler ingest` first, or point --data-dir /"
                                  " --history-url at the store it wrote")
-            store._db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, isolation_level=None,
-                                        check_same_thread=False)
-            store._db.execute("PRAGMA busy_timeout=10000")
-            store._db.execute("PRAGMA cache_size=-32768")
+            store._db = sqlite.connect(path, read_only=True, any_thread=True, busy_timeout=10.0, cache_mb=32)
         try:
             store.version = store._schema_version()
         except Exception:

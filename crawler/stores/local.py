@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crawler import testing
+from crawler import sqlite, testing
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS job (
@@ -175,11 +175,9 @@ class StateStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL is enough: the CSV is fsynced before its length is committed here, so losing the
+        # synchronous=NORMAL is enough: the CSV is fsynced before its length is committed here, so losing the
         # last transaction to a power cut only means redoing those pages, never duplicating rows.
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = sqlite.connect(path)
         self._db.executescript(SCHEMA)
         for migration in MIGRATIONS:
             self._db.executescript(migration)
@@ -419,7 +417,7 @@ class StateStore:
             (key, raw, "failed" if reason else "pending", reason, detail))
         return cur.lastrowid if cur.rowcount else None
 
-    def begin(self) -> _Transaction:
+    def begin(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """A write transaction for a batch of `add_item` / `add_media` calls."""
         return self._tx()
 
@@ -509,19 +507,8 @@ class StateStore:
         refreshed = self._db.execute("SELECT COUNT(DISTINCT seq) FROM media WHERE refreshed = 1").fetchone()[0]
         return int(files), int(size), int(refreshed)
 
-    def _tx(self) -> _Transaction:
-        return _Transaction(self._db)
-
-
-class _Transaction:
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-
-    def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+    def _tx(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return sqlite.immediate(self._db)
 
 
 class UserDirectory:
@@ -534,13 +521,10 @@ class UserDirectory:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._ttl = ttl_days * 86400.0
         self._clock = clock
-        self._db = sqlite3.connect(path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db = sqlite.connect(path)
         # One process at a time sets the file up: two ingests sharing the data dir both saw a column missing and
         # both added it ("duplicate column name").
-        self._db.execute("BEGIN IMMEDIATE")
+        sqlite.begin(self._db)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS users (handle TEXT PRIMARY KEY, user_id TEXT NOT NULL,"
             " videos INTEGER, followers INTEGER, following INTEGER, updated REAL NOT NULL)"
