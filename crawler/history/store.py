@@ -25,6 +25,7 @@ from crawler import sqlite
 from crawler.api.records import Post, Profile
 from crawler.config import check_history_url
 from crawler.errors import UsageError
+from crawler.stores import postgres
 
 SCHEMA_VERSION = 3
 T = TypeVar("T")
@@ -175,9 +176,7 @@ def pg_connect_kwargs(stall_limit: float, connect_timeout: float) -> dict[str, A
     by ``retry.stall_limit`` (how long an unreachable store may hold a run): keepalives probe an idle connection,
     ``tcp_user_timeout`` ends one whose sent data goes unacknowledged that long (a cut network, a frozen host, a
     proxy that stops forwarding), and a connect gives up after ``http.connect_timeout``."""
-    from crawler.stores.pg_jobs import connect_kwargs
-
-    return connect_kwargs(stall_limit, connect_timeout)
+    return postgres.connect_kwargs(stall_limit, connect_timeout)
 
 
 class StoreThread:
@@ -225,22 +224,15 @@ class StoreThread:
 
 def connection_lost(exc: BaseException) -> bool:
     """A PostgreSQL history store's connection ended (server restart, network, terminated session); a transaction
-    the server rolled back (a deadlock, a serialization failure) is not that."""
-    if not type(exc).__module__.startswith("psycopg"):
-        return False
-    from crawler.stores.pg_jobs import _is_connection_error, rolled_back
-
-    return _is_connection_error(exc) and not rolled_back(exc)
+    the server rolled back (a deadlock, a serialization failure) is not that. Only the driver's errors count (not
+    those of an SQLite store or of a day file): `postgres.classify` reads them."""
+    return type(exc).__module__.startswith("psycopg") and postgres.unreachable(exc)
 
 
 def transient(exc: BaseException) -> bool:
     """A PostgreSQL history store's call worth making again: its connection was lost, or its transaction was
     rolled back for another's sake (a deadlock, a serialization failure)."""
-    if not type(exc).__module__.startswith("psycopg"):
-        return False
-    from crawler.stores.pg_jobs import rolled_back
-
-    return connection_lost(exc) or rolled_back(exc)
+    return type(exc).__module__.startswith("psycopg") and postgres.retriable(exc)
 
 
 def parse_day(text: str, flag: str = "--date") -> dt.date:
@@ -295,9 +287,7 @@ class HistoryStore:
     def shut_down(self) -> None:
         """End a PostgreSQL store's connection from another thread: the call waiting on it fails (pgjobs.shut_down)."""
         if self.postgres and self._db is not None:
-            from crawler.stores.pg_jobs import shut_down
-
-            shut_down(self._db)
+            postgres.shut_down(self._db)
 
     def reopen(self) -> None:
         """A PostgreSQL store whose connection was lost connects again (the schema is there: no migration)."""
