@@ -125,3 +125,33 @@ def test_connect_kwargs_bound_a_silent_peer_by_the_timeout() -> None:
     assert postgres.connect_kwargs(30.0, 5.0) == {
         "connect_timeout": 5, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 10,
         "keepalives_count": 3, "tcp_user_timeout": 30000}
+
+
+@pytest.mark.parametrize(("code", "same_session"), [("40P01", True), ("40001", True), ("57P01", False)])
+async def test_the_job_store_retries_by_the_classification(code: str, same_session: bool,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """A job-store transaction the server fails once with a deadlock or a serialization failure runs again on the
+    same session; one failed as unreachable (admin shutdown) runs again on a new session; bad SQL is raised."""
+    from crawler.stores.pg_jobs import PgJobStore
+
+    schema = f"crawler_e_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    sessions: list[int] = []
+
+    async def once(conn: psycopg.AsyncConnection[object]) -> str:
+        sessions.append(conn.info.backend_pid)
+        if len(sessions) == 1:
+            await conn.execute(f"DO $$BEGIN RAISE EXCEPTION 'injected' USING ERRCODE = '{code}'; END$$")
+        return "done"
+
+    try:
+        async with PgJobStore(f"{PG}?options=-csearch_path%3D{schema}", stall_limit=10, heartbeat_timeout=2) as store:
+            assert await store._run(once) == "done"
+            assert len(sessions) == 2 and (sessions[0] == sessions[1]) is same_session
+            assert ("transaction rolled back" in caplog.text) is same_session
+            with pytest.raises(psycopg.errors.UndefinedTable):
+                await store._run(lambda conn: conn.execute("SELECT * FROM no_such_table_here"))
+    finally:
+        with psycopg.connect(PG, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")

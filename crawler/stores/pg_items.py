@@ -1,6 +1,6 @@
 """The SQL of the PostgreSQL job store's writes on one connection, inside the transaction `PgJobStore` runs: a job's
 creation (or continuation of the job an edited input supersedes), an item's take, a group of pages' commit, a
-budget grant. Every function here may run again after a lost connection; each says why that is safe.
+budget grant. The store runs a transaction again after a lost connection or a rollback: so may these functions.
 """
 
 from __future__ import annotations
