@@ -172,7 +172,7 @@ class SeriesRow:
 
 
 def pg_connect_kwargs(stall_limit: float, connect_timeout: float) -> dict[str, Any]:
-    """libpq parameters of the history store's PostgreSQL connection: the job store's (stores/pg_jobs.py), bounded
+    """libpq parameters of the history store's PostgreSQL connection: the job store's (stores/postgres.py), bounded
     by ``retry.stall_limit`` (how long an unreachable store may hold a run): keepalives probe an idle connection,
     ``tcp_user_timeout`` ends one whose sent data goes unacknowledged that long (a cut network, a frozen host, a
     proxy that stops forwarding), and a connect gives up after ``http.connect_timeout``."""
@@ -285,7 +285,7 @@ class HistoryStore:
             self._db = None
 
     def shut_down(self) -> None:
-        """End a PostgreSQL store's connection from another thread: the call waiting on it fails (pgjobs.shut_down)."""
+        """End a PostgreSQL store's connection from another thread: the call waiting on it fails (postgres.py)."""
         if self.postgres and self._db is not None:
             postgres.shut_down(self._db)
 

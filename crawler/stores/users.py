@@ -22,21 +22,20 @@ class UserDirectory:
         self._db = sqlite.connect(path)
         # One process at a time sets the file up: two ingests sharing the data dir both saw a column missing and
         # both added it ("duplicate column name").
-        sqlite.begin(self._db)
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS users (handle TEXT PRIMARY KEY, user_id TEXT NOT NULL,"
-            " videos INTEGER, followers INTEGER, following INTEGER, updated REAL NOT NULL)"
-        )
-        self._db.execute("CREATE INDEX IF NOT EXISTS users_id ON users(user_id)")
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(users)")}
-        if "private" not in columns:  # added after the first release of this file
-            self._db.execute("ALTER TABLE users ADD COLUMN private INTEGER")
-        if "bound" not in columns:
-            # When the handle -> id binding was last confirmed by the API (a profile or /userid/ fetched by
-            # handle); `updated` also moves when counts alone are refreshed. Older rows start from `updated`.
-            self._db.execute("ALTER TABLE users ADD COLUMN bound REAL")
-            self._db.execute("UPDATE users SET bound = updated")
-        self._db.execute("COMMIT")
+        with sqlite.immediate(self._db):
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS users (handle TEXT PRIMARY KEY, user_id TEXT NOT NULL,"
+                " videos INTEGER, followers INTEGER, following INTEGER, updated REAL NOT NULL)"
+            )
+            self._db.execute("CREATE INDEX IF NOT EXISTS users_id ON users(user_id)")
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(users)")}
+            if "private" not in columns:  # added after the first release of this file
+                self._db.execute("ALTER TABLE users ADD COLUMN private INTEGER")
+            if "bound" not in columns:
+                # When the handle -> id binding was last confirmed by the API (a profile or /userid/ fetched by
+                # handle); `updated` also moves when counts alone are refreshed. Older rows start from `updated`.
+                self._db.execute("ALTER TABLE users ADD COLUMN bound REAL")
+                self._db.execute("UPDATE users SET bound = updated")
 
     def close(self) -> None:
         """Close the database (idempotent)."""
