@@ -18,7 +18,7 @@ Layers. A package may import its own modules and the packages listed below it, n
     stores    state: the local job store, the PostgreSQL job store and its queue
     api       the API client (knows nothing of jobs, stores or signals), its records, page sizes
     rate      the key's rate rules, ledgers and gate
-    core      the top-level modules: errors, config, retry, files, testing (every test-only seam)
+    core      the top-level modules: errors, config, retry, files, sqlite, testing (every test-only seam)
 
 ``sim`` (the simulator) imports only core modules and is imported only by ``cli``; this file re-exports
 the public API, ``__main__`` runs ``cli``.

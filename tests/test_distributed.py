@@ -29,7 +29,7 @@ import pytest
 
 from crawler.sim.data import World, WorldConfig
 from crawler.sim.server import SimConfig, Simulator
-from crawler.stores.pg_jobs import _REGISTER_LOCK
+from crawler.stores.pg_schema import REGISTER_LOCK
 
 PG = "postgresql://postgres@127.0.0.1:5432/test"
 REDIS = "redis://127.0.0.1:6379/0"
@@ -774,7 +774,7 @@ async def test_two_hosts_registering_together_on_one_key_with_local_ledgers_one_
         second = await hosts.start("b", ["work", "--until-idle", *local], heartbeat=120,
                                    extra_env={"CRAWLER_TEST_HOSTNAME": "host-b"})
         waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s AND NOT granted"
-        await until(lambda: second.returncode is not None or pg_value(schema, waiting, _REGISTER_LOCK),
+        await until(lambda: second.returncode is not None or pg_value(schema, waiting, REGISTER_LOCK),
                     "host B past its check, or waiting for A's registration")
         first.send_signal(signal.SIGCONT)
         code, err = await hosts.finish(second, bound=60)
@@ -963,7 +963,7 @@ async def test_a_postgresql_job_resolves_names_again_after_crawl_id_ttl_days(hos
     """crawl.id_ttl_days = 0 holds for a PostgreSQL job's workers too: a handle -> id binding already in the data
     directory (here a wrong one) is expired, so every name is asked of /userid/ again and no other user's posts are
     taken for it."""
-    from crawler.stores.local import UserDirectory
+    from crawler.stores.users import UserDirectory
 
     src = handles(hosts.root, 4, offset=1700)
     names = src.read_text().split()
@@ -988,7 +988,7 @@ async def test_a_postgresql_job_resolves_names_again_after_crawl_id_ttl_days(hos
 async def test_a_worker_resolves_again_a_handle_older_than_its_id_ttl_days(hosts: Hosts, schema: str) -> None:
     """`crawler work` trusts a cached handle -> id no longer than its crawl.id_ttl_days: with 1 day, handles
     learned two days ago cost one `/userid/` call each (the worker used the 7-day default whatever the setting)."""
-    from crawler.stores.local import UserDirectory
+    from crawler.stores.users import UserDirectory
 
     world = World(WORLD)
     indexes = [i for i in range(200) if (u := world.user(i)) is not None and not u.private][:3]

@@ -215,7 +215,8 @@ async def test_a_job_store_call_to_a_server_that_never_answers_ends_at_the_stall
 
     import pytest
 
-    from crawler.stores.pg_jobs import PgJobStore, StoreLost
+    from crawler.stores.pg_jobs import PgJobStore
+    from crawler.stores.postgres import StoreLost
     from tests.test_distributed import Proxy
     from tests.test_ingest_edges import pg_history
 

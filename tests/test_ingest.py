@@ -324,7 +324,7 @@ async def test_watch_names_stay_bound_in_the_store_and_the_shared_cache_expires(
         spent = Counter(sim.stats.by_endpoint) - before
         assert spent["/userinfo-by-id"] == 1 and not spent["/userinfo-by-username"] and not spent["/userid"]
         from crawler.jobs.estimate import estimate
-        from crawler.stores.local import UserDirectory
+        from crawler.stores.users import UserDirectory
 
         # the entry learned on night 0 is trusted for 7 days; the by-id fetch on night 10 did not confirm it again
         for d, want in ((5, w.user_id(i)), (10, None)):

@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 import psycopg
 import pytest
 
-from crawler.stores.local import ItemUpdate
-from crawler.stores.pg_jobs import PageCommit, PgJobStore
+from crawler.stores.model import ItemUpdate, PageCommit
+from crawler.stores.pg_jobs import PgJobStore
 
 PG = "postgresql://postgres@127.0.0.1:5432/test"
 T = TypeVar("T")
@@ -124,7 +124,7 @@ async def test_crawler_jobs_calls_a_worker_live_by_the_jobs_heartbeat_timeout(st
     5 s ago is not live, one seen now is."""
     from crawler.config import Settings
     from crawler.runs.distributed import jobs_report
-    from crawler.stores.pg_jobs import WorkerInfo
+    from crawler.stores.model import WorkerInfo
 
     assert await store.create_job("j5", "posts", {}, ENTRIES, heartbeat_timeout=2.0)
     for pid in (1, 2):
@@ -141,7 +141,7 @@ async def test_crawler_jobs_calls_a_worker_live_by_the_jobs_heartbeat_timeout(st
 async def test_an_export_goes_on_after_a_postgresql_blip_and_a_loss_is_store_lost(store: Replaying) -> None:
     """The connections cut mid-export: the row stream goes on after the rows already given (each once, in order);
     PostgreSQL gone past the stall limit: StoreLost (the one-line exit 1), not a driver error."""
-    from crawler.stores.pg_jobs import StoreLost
+    from crawler.stores.postgres import StoreLost
     from tests.test_distributed import Proxy
 
     assert await store.create_job("j4", "posts", {}, ENTRIES)
@@ -268,7 +268,7 @@ async def test_a_worker_whose_job_is_deleted_by_a_restart_loses_its_item_instead
     """--restart deletes the job before it creates it anew (two transactions; the new one copies the whole input): a
     worker's commit or budget grant in between finds no job. Its page is refused and its grant is a lost lease (the
     item dropped, as on a takeover), not a foreign-key violation or an assertion that ends the worker."""
-    from crawler.stores.pg_jobs import LeaseLost
+    from crawler.stores.model import LeaseLost
 
     assert await store.create_job("j6", "posts", {}, ENTRIES)
     taken = await store.take("j6", 1, "w")
@@ -302,7 +302,7 @@ async def test_putting_items_on_the_queue_waits_out_a_postgresql_blip(store: Rep
     the store retries it like its own calls, the items are queued once PostgreSQL answers; gone past the stall limit,
     StoreLost (the one-line exit 1), not a driver error that ends the process as an unexpected one."""
     from crawler.stores import pg_queue as itemqueue
-    from crawler.stores.pg_jobs import StoreLost
+    from crawler.stores.postgres import StoreLost
     from tests.test_distributed import Proxy
 
     await itemqueue.install(store.url)

@@ -13,13 +13,14 @@ import contextlib
 import datetime as dt
 import functools
 import queue
-import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
+from crawler import sqlite
 from crawler.errors import UsageError
+from crawler.stores import postgres
 
 SCHEMA_VERSION = 3  # the newest of the migrations (store.MIGRATIONS)
 SNAPSHOT_COLUMNS = ("user_id", "day", "fetched_at", "handle", "followers", "following", "hearts", "videos", "likes",
@@ -35,13 +36,11 @@ def is_postgres(url: str) -> bool:
 # --- connection setup: every connection to a history store is opened here ---
 
 def pg_connect_kwargs(stall_limit: float, connect_timeout: float) -> dict[str, Any]:
-    """libpq parameters of the history store's PostgreSQL connection: the job store's (stores/pg_jobs.py), bounded
+    """libpq parameters of the history store's PostgreSQL connection: the job store's (stores/postgres.py), bounded
     by ``retry.stall_limit`` (how long an unreachable store may hold a run): keepalives probe an idle connection,
     ``tcp_user_timeout`` ends one whose sent data goes unacknowledged that long (a cut network, a frozen host, a
     proxy that stops forwarding), and a connect gives up after ``http.connect_timeout``."""
-    from crawler.stores.pg_jobs import connect_kwargs
-
-    return connect_kwargs(stall_limit, connect_timeout)
+    return postgres.connect_kwargs(stall_limit, connect_timeout)
 
 
 def connect(url: str, *, stall_limit: float, connect_timeout: float, readonly: bool) -> Any:
@@ -66,20 +65,12 @@ def connect(url: str, *, stall_limit: float, connect_timeout: float, readonly: b
         if not path.is_file():
             raise UsageError(f"no history at {path}: run `crawler ingest` first, or point --data-dir /"
                              " --history-url at the store it wrote")
-        lite = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
-        lite.execute("PRAGMA busy_timeout=10000")
-        lite.execute("PRAGMA cache_size=-32768")
-        return lite
+        return sqlite.connect(path, read_only=True, any_thread=True, busy_timeout=10.0, cache_mb=32)
     path = Path(url.removeprefix("sqlite:///"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    lite = sqlite3.connect(path, isolation_level=None)
-    lite.execute("PRAGMA journal_mode=WAL")
-    lite.execute("PRAGMA synchronous=NORMAL")
     # Another process's transaction (an ingest's commit, a big `history import`) is waited for, as long
-    # as an unreachable store may hold a run.
-    lite.execute(f"PRAGMA busy_timeout={round(max(10.0, stall_limit) * 1000)}")
-    lite.execute("PRAGMA cache_size=-32768")  # 32 MB: index inserts of a big backfill stay in memory
-    return lite
+    # as an unreachable store may hold a run; index inserts of a big backfill stay in memory.
+    return sqlite.connect(path, busy_timeout=max(10.0, stall_limit), cache_mb=32)
 
 
 def reconnect(url: str, limits: tuple[float, float]) -> Any:
@@ -93,22 +84,15 @@ def reconnect(url: str, limits: tuple[float, float]) -> Any:
 
 def connection_lost(exc: BaseException) -> bool:
     """A PostgreSQL history store's connection ended (server restart, network, terminated session); a transaction
-    the server rolled back (a deadlock, a serialization failure) is not that."""
-    if not type(exc).__module__.startswith("psycopg"):
-        return False
-    from crawler.stores.pg_jobs import _is_connection_error, rolled_back
-
-    return _is_connection_error(exc) and not rolled_back(exc)
+    the server rolled back (a deadlock, a serialization failure) is not that. Only the driver's errors count (not
+    those of an SQLite store or of a day file): `postgres.classify` reads them."""
+    return type(exc).__module__.startswith("psycopg") and postgres.unreachable(exc)
 
 
 def transient(exc: BaseException) -> bool:
     """A PostgreSQL history store's call worth making again: its connection was lost, or its transaction was
     rolled back for another's sake (a deadlock, a serialization failure)."""
-    if not type(exc).__module__.startswith("psycopg"):
-        return False
-    from crawler.stores.pg_jobs import rolled_back
-
-    return connection_lost(exc) or rolled_back(exc)
+    return type(exc).__module__.startswith("psycopg") and postgres.retriable(exc)
 
 
 class StoreThread:
@@ -195,9 +179,7 @@ class HistoryDb:
     def shut_down(self) -> None:
         """End a PostgreSQL store's connection from another thread: the call waiting on it fails (pgjobs.shut_down)."""
         if self.postgres and self._db is not None:
-            from crawler.stores.pg_jobs import shut_down
-
-            shut_down(self._db)
+            postgres.shut_down(self._db)
 
     def reopen(self) -> None:
         """A PostgreSQL store whose connection was lost connects again (the schema is there: no migration)."""
@@ -241,9 +223,11 @@ class HistoryDb:
         return value.isoformat() if isinstance(value, dt.date) else str(value)
 
     def _begin(self) -> None:
-        # SQLite: take the write lock at BEGIN. A deferred transaction that reads, then writes, fails at once with
-        # "database is locked" when another process wrote meanwhile (busy_timeout cannot help it); IMMEDIATE waits.
-        self._db.execute("BEGIN" if self.postgres else "BEGIN IMMEDIATE")
+        # SQLite: take the write lock at BEGIN (sqlite.begin says why).
+        if self.postgres:
+            self._db.execute("BEGIN")
+        else:
+            sqlite.begin(self._db)
 
     def _commit(self) -> None:
         self._db.execute("COMMIT")

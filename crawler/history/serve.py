@@ -27,7 +27,7 @@ from crawler.errors import UsageError
 from crawler.history import pages
 from crawler.history.db import StoreThread, connection_lost
 from crawler.history.queries import HistoryQueries, OverviewRow, SeriesRow, parse_day
-from crawler.stores.pg_jobs import deadline
+from crawler.stores.postgres import deadline
 
 T = TypeVar("T")
 SECURITY_HEADERS = {

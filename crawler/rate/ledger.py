@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from crawler import sqlite
 from crawler.config import masked
 from crawler.errors import UsageError
 
@@ -445,14 +446,13 @@ class FileLedger:
 
     def _connect(self, _: Any) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=OFF")  # a ledger outlives processes, not power cuts: the OS keeps it
+        # A ledger outlives processes, not power cuts: the OS keeps it (synchronous=OFF).
+        db = sqlite.connect(self.path, busy_timeout=30.0, synchronous="OFF", any_thread=True)
         db.executescript(_SCHEMA)
         self._db = db
 
     def _register(self, db: sqlite3.Connection, rules: Rules) -> None:
-        with _immediate(db):
+        with sqlite.immediate(db):
             now = self._clock()
             self._forget_ahead(db, rules, now)
             latest = db.execute("SELECT max(t) FROM starts").fetchone()[0]
@@ -497,7 +497,7 @@ class FileLedger:
             _warn_ahead(self.where, found.dropped, rules)
 
     def _reserve(self, db: sqlite3.Connection, rules: Rules, owner: str) -> Slot:
-        with _immediate(db):
+        with sqlite.immediate(db):
             now = self._clock()
             self._forget_ahead(db, rules, now)
             db.execute("DELETE FROM starts WHERE t < ?", (now - rules.keep,))
@@ -515,7 +515,7 @@ class FileLedger:
 
     async def confirm(self, slot: Slot, rules: Rules) -> float:
         def run(db: sqlite3.Connection) -> float:
-            with _immediate(db):
+            with sqlite.immediate(db):
                 now = self._clock()
                 state = dict(db.execute("SELECT k, v FROM state WHERE k IN ('cooldown_until', 'set_at')"))
                 until = state.get("cooldown_until", 0.0)
@@ -533,7 +533,7 @@ class FileLedger:
 
     async def report_429(self, started: float, seconds: float, exact: bool) -> bool:
         def run(db: sqlite3.Connection) -> bool:
-            with _immediate(db):
+            with sqlite.immediate(db):
                 now = self._clock()
                 state = dict(db.execute("SELECT k, v FROM state WHERE k IN ('cooldown_until', 'set_at')"))
                 until, set_at, new = apply_429(now, state.get("cooldown_until", 0.0),
@@ -556,19 +556,6 @@ class FileLedger:
                            limited, state)
 
         return await self._run(run)
-
-
-class _immediate:
-    """``with _immediate(db):`` one BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error)."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
 
 
 # ----- every host (Redis) ---------------------------------------------------------------------------------

@@ -6,16 +6,29 @@ only writer of progress: it fsyncs the CSV, then records the committed length he
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from crawler import testing
+from crawler import sqlite, testing
+from crawler.stores.media import MediaState
+from crawler.stores.model import (
+    COMMENTS_WALKED,
+    RETRIABLE,
+    RETRIABLE_ALL,
+    ItemUpdate,
+    JobRecord,
+    MediaFile,
+    Progress,
+    WalkUpdate,
+)
+from crawler.stores.users import UserDirectory
+
+# The job model moved to model.py and the users directory to users.py; their names stay importable from here.
+__all__ = ["COMMENTS_WALKED", "MIGRATIONS", "RETRIABLE", "RETRIABLE_ALL", "SCHEMA", "ItemUpdate", "JobRecord",
+           "MediaFile", "Progress", "StateStore", "UserDirectory", "WalkUpdate"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS job (
@@ -85,101 +98,14 @@ MIGRATIONS = (
 )
 
 
-# Failure reasons that may change on a later try (`--retry-failed`); `not_found` and `private` need
-# `--retry-failed=all`; `invalid_input` and `pagination_guard` never change by trying again.
-RETRIABLE = ("retries_exhausted", "budget")
-
-# A comments item's cursor once its comment walk has ended while reply walks remain (never an API cursor:
-# those are numeric offsets).
-COMMENTS_WALKED = "comments-walked"
-RETRIABLE_ALL = (*RETRIABLE, "not_found", "private")
-
-
-@dataclass(frozen=True, slots=True)
-class JobRecord:
-    """The stored job row."""
-
-    command: str
-    input_sha: str
-    options: dict[str, Any]
-    output: str
-    status: str
-    csv_length: int
-    failures_length: int
-    requests_sent: int
-    credits_billed: int
-    rows: int
-    runs: int
-
-
-@dataclass(frozen=True, slots=True)
-class Progress:
-    """Counts of items by status."""
-
-    pending: int
-    done: int
-    failed: int
-
-    @property
-    def total(self) -> int:
-        """All items."""
-        return self.pending + self.done + self.failed
-
-
-@dataclass(frozen=True, slots=True)
-class ItemUpdate:
-    """What one committed page or item changes."""
-
-    seq: int
-    status: str  # pending (walk goes on), done, failed
-    cursor: Any = None  # next cursor when pending
-    rows: int = 0
-    pages: int = 0
-    reason: str | None = None
-    endpoint: str | None = None
-    detail: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class WalkUpdate:
-    """What one committed page changes in a reply walk (`reply_walks`); the first one registers it."""
-
-    seq: int
-    comment_id: str
-    status: str = "pending"  # pending, done, failed
-    cursor: Any = None
-    rows: int = 0
-    pages: int = 0
-    reason: str | None = None
-    endpoint: str | None = None
-    detail: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class MediaFile:
-    """One media file of a download job, as stored."""
-
-    seq: int
-    n: int
-    name: str
-    url: str
-    expected: int | None = None
-    etag: str | None = None
-    durable: int = 0
-    status: str = "pending"
-    refreshed: int = 0
-
-
-class StateStore:
+class StateStore(MediaState):
     """One job's state file. Opened once; `close()` is idempotent."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL is enough: the CSV is fsynced before its length is committed here, so losing the
+        # synchronous=NORMAL is enough: the CSV is fsynced before its length is committed here, so losing the
         # last transaction to a power cut only means redoing those pages, never duplicating rows.
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = sqlite.connect(path)
         self._db.executescript(SCHEMA)
         for migration in MIGRATIONS:
             self._db.executescript(migration)
@@ -410,89 +336,11 @@ class StateStore:
                                  " status = 'pending' ORDER BY comment_id", (seq,)).fetchall()
         return [(cid, None if cur is None else json.loads(cur), pages) for cid, cur, pages in found]
 
-    # --- media files (`crawler download`) ---
-
-    def add_item(self, key: str, raw: str, reason: str | None = None, detail: str | None = None) -> int | None:
-        """Insert one item unless its key is known; its seq when new, else None."""
-        cur = self._db.execute(
-            "INSERT OR IGNORE INTO items (key, raw, status, reason, detail) VALUES (?, ?, ?, ?, ?)",
-            (key, raw, "failed" if reason else "pending", reason, detail))
-        return cur.lastrowid if cur.rowcount else None
-
-    def begin(self) -> _Transaction:
-        """A write transaction for a batch of `add_item` / `add_media` calls."""
-        return self._tx()
-
-    def media(self, seq: int) -> list[MediaFile]:
-        """The media files of one item, by image number."""
-        return [MediaFile(*row) for row in self._db.execute(
-            "SELECT seq, n, name, url, expected, etag, durable, status, refreshed FROM media WHERE seq = ? ORDER BY n",
-            (seq,))]
-
-    def pending_media(self, after: int = 0, limit: int = 1000) -> list[tuple[int, str]]:
-        """Pending items whose media files are known (seq, key) after ``after``, in input order."""
-        return self._db.execute(
-            "SELECT seq, key FROM items WHERE status = 'pending' AND seq > ?"
-            " AND EXISTS (SELECT 1 FROM media WHERE media.seq = items.seq) ORDER BY seq LIMIT ?",
-            (after, limit),
-        ).fetchall()
-
-    def add_media(self, files: Iterable[MediaFile], counters: tuple[int, int] | None = None) -> None:
-        """Record an item's files, with the (requests_sent, credits_billed) of the call that found their URLs.
-
-        Inside `begin()` it joins that transaction; alone it is its own.
-        """
-        with contextlib.nullcontext() if self._db.in_transaction else self._tx():
-            for f in files:
-                self._db.execute(
-                    "INSERT OR IGNORE INTO media (seq, n, name, url, expected, refreshed) VALUES (?, ?, ?, ?, ?, ?)",
-                    (f.seq, f.n, f.name, f.url, f.expected, f.refreshed))
-            if counters is not None:
-                self._set_counters(*counters)
-
-    def refresh_media(self, seq: int, files: dict[int, tuple[str, int | None]], requests_sent: int,
-                      credits_billed: int) -> None:
-        """Store renewed (url, announced length) of an item's files, mark them refreshed, with the counters.
-
-        A partial file without an ETag starts again: nothing proves the new URL serves the same bytes.
-        """
-        with self._tx():
-            for n, (url, expected) in files.items():
-                self._db.execute(
-                    "UPDATE media SET url = ?, expected = COALESCE(?, expected), refreshed = 1,"
-                    " durable = CASE WHEN etag IS NULL THEN 0 ELSE durable END WHERE seq = ? AND n = ?",
-                    (url, expected, seq, n))
-            self._db.execute("UPDATE media SET refreshed = 1 WHERE seq = ?", (seq,))
-            self._set_counters(requests_sent, credits_billed)
-
-    def media_progress(self, seq: int, n: int, *, durable: int, expected: int | None, etag: str | None) -> None:
-        """Record how much of a file's .part is fsynced, and what the CDN said of it."""
-        self._db.execute("UPDATE media SET durable = ?, expected = ?, etag = ? WHERE seq = ? AND n = ?",
-                         (durable, expected, etag, seq, n))
-
-    def media_done(self, seq: int, n: int, length: int) -> None:
-        """A file is complete and renamed into place; its item is done when all its files are."""
-        with self._tx():
-            self._db.execute("UPDATE media SET status = 'done', durable = ?, expected = ? WHERE seq = ? AND n = ?",
-                             (length, length, seq, n))
-            left = self._db.execute("SELECT COUNT(*) FROM media WHERE seq = ? AND status != 'done'",
-                                    (seq,)).fetchone()[0]
-            if left == 0:
-                self._db.execute("UPDATE items SET status = 'done' WHERE seq = ?", (seq,))
-            testing.reached("media_committing")
-
-    def fail_item(self, seq: int, reason: str, endpoint: str, detail: str) -> None:
-        """Mark an item failed (its completed files stay done)."""
-        self._db.execute("UPDATE items SET status = 'failed', reason = ?, endpoint = ?, detail = ? WHERE seq = ?",
-                         (reason, endpoint, detail, seq))
+    # --- the job's counters (the media files' part of the job is MediaState's) ---
 
     def set_counters(self, requests_sent: int, credits_billed: int) -> None:
         """Store the job's API counters."""
         self._set_counters(requests_sent, credits_billed)
-
-    def _set_counters(self, requests_sent: int, credits_billed: int) -> None:
-        self._db.execute("UPDATE job SET requests_sent = ?, credits_billed = ?, updated = ? WHERE id = 1",
-                         (requests_sent, credits_billed, time.time()))
 
     def reserve(self, upto: int) -> None:
         """Record, before they are sent, that requests up to number `upto` of the job may be sent."""
@@ -501,115 +349,3 @@ class StateStore:
     def release(self) -> None:
         """A run ended cleanly: the requests it reserved but never sent are not spent."""
         self._db.execute("UPDATE job SET reserved = requests_sent WHERE id = 1")
-
-    def media_totals(self) -> tuple[int, int, int]:
-        """(files done, their bytes, items whose URLs were refreshed)."""
-        files, size = self._db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(durable), 0) FROM media WHERE status = 'done'").fetchone()
-        refreshed = self._db.execute("SELECT COUNT(DISTINCT seq) FROM media WHERE refreshed = 1").fetchone()[0]
-        return int(files), int(size), int(refreshed)
-
-    def _tx(self) -> _Transaction:
-        return _Transaction(self._db)
-
-
-class _Transaction:
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-
-    def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
-
-
-class UserDirectory:
-    """What the data directory knows of users across jobs: handle -> user id and the latest counts.
-
-    Lets later jobs skip `/userid/` calls and lets `estimate` price walks it has counts for.
-    """
-
-    def __init__(self, path: Path, *, ttl_days: float = 7.0, clock: Callable[[], float] = time.time) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._ttl = ttl_days * 86400.0
-        self._clock = clock
-        self._db = sqlite3.connect(path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        # One process at a time sets the file up: two ingests sharing the data dir both saw a column missing and
-        # both added it ("duplicate column name").
-        self._db.execute("BEGIN IMMEDIATE")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS users (handle TEXT PRIMARY KEY, user_id TEXT NOT NULL,"
-            " videos INTEGER, followers INTEGER, following INTEGER, updated REAL NOT NULL)"
-        )
-        self._db.execute("CREATE INDEX IF NOT EXISTS users_id ON users(user_id)")
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(users)")}
-        if "private" not in columns:  # added after the first release of this file
-            self._db.execute("ALTER TABLE users ADD COLUMN private INTEGER")
-        if "bound" not in columns:
-            # When the handle -> id binding was last confirmed by the API (a profile or /userid/ fetched by
-            # handle); `updated` also moves when counts alone are refreshed. Older rows start from `updated`.
-            self._db.execute("ALTER TABLE users ADD COLUMN bound REAL")
-            self._db.execute("UPDATE users SET bound = updated")
-        self._db.execute("COMMIT")
-
-    def close(self) -> None:
-        """Close the database (idempotent)."""
-        if self._db is not None:
-            self._db.close()
-            self._db = None  # type: ignore[assignment]
-
-    def user_id(self, handle: str) -> str | None:
-        """The known id of a handle, unless its binding is older than `crawl.id_ttl_days` (a handle can change
-        hands: an expired entry is resolved again, one `/userid/` call)."""
-        row = self._db.execute("SELECT user_id FROM users WHERE handle = ? AND bound > ?",
-                               (handle, self._clock() - self._ttl)).fetchone()
-        return None if row is None else str(row[0])
-
-    def update_counts(self, user_id: str, *, videos: int | None = None, followers: int | None = None,
-                      following: int | None = None, private: bool | None = None) -> None:
-        """Refresh the counts of a user fetched by id, without touching (or confirming) any handle binding."""
-        self._db.execute(
-            "UPDATE users SET videos = COALESCE(?, videos), followers = COALESCE(?, followers),"
-            " following = COALESCE(?, following), private = COALESCE(?, private), updated = ? WHERE user_id = ?",
-            (videos, followers, following, private, self._clock(), user_id))
-
-    def counts(self, handle_or_id: str) -> tuple[int | None, int | None, int | None, bool] | None:
-        """(videos, followers, following, private) last seen for a handle or a user id."""
-        row = self._db.execute(
-            "SELECT videos, followers, following, private FROM users WHERE handle = ? OR user_id = ?"
-            " ORDER BY updated DESC",
-            (handle_or_id, handle_or_id),
-        ).fetchone()
-        return None if row is None else (row[0], row[1], row[2], bool(row[3]))
-
-    def learn(
-        self,
-        handle: str,
-        user_id: str,
-        *,
-        videos: int | None = None,
-        followers: int | None = None,
-        following: int | None = None,
-        private: bool | None = None,
-    ) -> None:
-        """Remember a handle's id as the API just answered it for that handle (and counts, when known).
-
-        Only answers to a request made by handle belong here: a profile fetched by id says nothing about
-        who owns a name a watch list once had (use `update_counts`).
-        """
-        if not handle or not user_id:
-            return
-        now = self._clock()
-        self._db.execute(
-            "INSERT INTO users (handle, user_id, videos, followers, following, private, updated, bound)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT(handle) DO UPDATE SET user_id = excluded.user_id,"
-            " videos = COALESCE(excluded.videos, videos), followers = COALESCE(excluded.followers, followers),"
-            " following = COALESCE(excluded.following, following), private = COALESCE(excluded.private, private),"
-            " updated = excluded.updated, bound = excluded.bound",
-            (handle, user_id, videos, followers, following, private, now, now),
-        )

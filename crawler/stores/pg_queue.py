@@ -2,7 +2,7 @@
 
 The queue hands items out and takes a dead worker's items back: pgqueuer heartbeats every picked job from a
 background task on the database clock, and a job whose heartbeat is older than `jobs.heartbeat_timeout` is
-picked again by any worker. It is not the record of what is done: that is `crawler_items` (pgjobs.py), and
+picked again by any worker. It is not the record of what is done: that is `crawler_items` (pg_jobs.py), and
 only items not done there are enqueued. Pinned version and measured edges: tests/test_pgqueuer_edges.py.
 """
 
@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from crawler.config import masked
 from crawler.errors import UsageError
-from crawler.stores.pg_jobs import _INSTALL_LOCK, bound_session, connect_kwargs
+from crawler.stores import postgres
+from crawler.stores.pg_schema import INSTALL_LOCK
 
 if TYPE_CHECKING:
     import psycopg
@@ -74,17 +75,8 @@ def dedupe_key(jid: str, seq: int) -> str:
 
 
 async def _connect(url: str, heartbeat_timeout: float = 30.0) -> psycopg.AsyncConnection[Any]:
-    import psycopg
-
     # pgqueuer's psycopg driver needs an autocommit connection; keepalives and lock bounds as the store's.
-    conn = await psycopg.AsyncConnection.connect(url, autocommit=True, application_name="crawler-queue",
-                                                 **connect_kwargs(heartbeat_timeout, 5.0))
-    try:
-        await bound_session(conn, heartbeat_timeout)
-    except BaseException:
-        await conn.close()
-        raise
-    return conn
+    return await postgres.connect(url, name="crawler-queue", heartbeat_timeout=heartbeat_timeout)
 
 
 async def install(url: str) -> None:
@@ -94,7 +86,7 @@ async def install(url: str) -> None:
 
     conn = await _connect(url)
     try:
-        await conn.execute("SELECT pg_advisory_lock(%s)", (_INSTALL_LOCK,))
+        await conn.execute("SELECT pg_advisory_lock(%s)", (INSTALL_LOCK,))
         queries = Queries(PsycopgDriver(conn))
         if not await queries.schema_is_installed():
             await queries.install()

@@ -1,0 +1,110 @@
+"""The PostgreSQL job store's tables (`jobs.url`), and their installation: once per schema, any worker, any time."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from crawler.stores.postgres import rolled_back
+
+if TYPE_CHECKING:
+    import psycopg
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS crawler_jobs (
+    id TEXT PRIMARY KEY,                       -- first 12 hex digits of hash(command, options, input)
+    command TEXT NOT NULL,
+    options TEXT NOT NULL,                     -- JSON of the JobOptions that define the output
+    status TEXT NOT NULL DEFAULT 'running',    -- running, budget (--max-credits spent), done
+    max_credits BIGINT,                        -- the whole job's budget (requests), across workers
+    reserved BIGINT NOT NULL DEFAULT 0,        -- requests granted to workers before they were sent
+    requests_sent BIGINT NOT NULL DEFAULT 0,
+    credits_billed BIGINT NOT NULL DEFAULT 0,
+    rows BIGINT NOT NULL DEFAULT 0,
+    created TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+-- The starter's settings every worker of the job uses (a worker's own config never changes them).
+ALTER TABLE crawler_jobs ADD COLUMN IF NOT EXISTS heartbeat_timeout DOUBLE PRECISION;  -- jobs.heartbeat_timeout
+ALTER TABLE crawler_jobs ADD COLUMN IF NOT EXISTS bom BOOLEAN NOT NULL DEFAULT false;   -- output.bom
+ALTER TABLE crawler_jobs ADD COLUMN IF NOT EXISTS raw BOOLEAN NOT NULL DEFAULT false;   -- output.raw
+-- host:path of the starter's OUT.csv: a starter whose input was edited continues the job of that output.
+ALTER TABLE crawler_jobs ADD COLUMN IF NOT EXISTS output TEXT;
+CREATE TABLE IF NOT EXISTS crawler_items (
+    job TEXT NOT NULL REFERENCES crawler_jobs(id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    raw TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',    -- pending, done, failed
+    cursor TEXT,                               -- JSON of the next cursor of a walk in progress
+    rows INTEGER NOT NULL DEFAULT 0,
+    pages INTEGER NOT NULL DEFAULT 0,
+    reason TEXT, endpoint TEXT, detail TEXT,
+    version BIGINT NOT NULL DEFAULT 0,         -- crawler_version's next value at every take and every commit
+    owner TEXT,                                -- the worker that took it last
+    token TEXT,                                -- the last commit's token (an unknown COMMIT outcome is checked)
+    PRIMARY KEY (job, seq)
+);
+CREATE INDEX IF NOT EXISTS crawler_items_pending ON crawler_items (job, seq) WHERE status = 'pending';
+CREATE TABLE IF NOT EXISTS crawler_walks (
+    job TEXT NOT NULL, seq INTEGER NOT NULL, comment_id TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending', cursor TEXT,
+    pages INTEGER NOT NULL DEFAULT 0, rows INTEGER NOT NULL DEFAULT 0,
+    reason TEXT, endpoint TEXT, detail TEXT,
+    PRIMARY KEY (job, seq, comment_id),
+    FOREIGN KEY (job, seq) REFERENCES crawler_items (job, seq) ON DELETE CASCADE
+);
+CREATE TABLE IF NOT EXISTS crawler_rows (
+    job TEXT NOT NULL, seq INTEGER NOT NULL,
+    rid TEXT NOT NULL,                         -- the row's first column (video_id, user_id, comment_id...)
+    n BIGINT GENERATED ALWAYS AS IDENTITY,     -- commit order within the item, for a stable export
+    cells TEXT NOT NULL,                      -- JSON array of the row's values (types kept for the cell rules)
+    PRIMARY KEY (job, seq, rid),
+    FOREIGN KEY (job, seq) REFERENCES crawler_items (job, seq) ON DELETE CASCADE
+);
+-- Versions come from one sequence for every job: a job run again (--restart) never hands out a version a
+-- worker of its earlier run may still hold, so that worker's late page cannot commit into the new job.
+CREATE SEQUENCE IF NOT EXISTS crawler_version AS BIGINT;
+-- A worker's counters on a job, one row per worker session (summed for the job): a commit touches only its own
+-- row (never one row every worker waits on), with absolute values, so a retried transaction writes nothing twice.
+CREATE TABLE IF NOT EXISTS crawler_sessions (
+    job TEXT NOT NULL REFERENCES crawler_jobs(id) ON DELETE CASCADE,
+    session TEXT NOT NULL,                     -- worker id:random, one per JobWorker
+    reserved BIGINT NOT NULL DEFAULT 0,        -- requests of the budget granted to this session (unsent ones
+                                               -- handed back at a clean end)
+    requests_sent BIGINT NOT NULL DEFAULT 0,
+    credits_billed BIGINT NOT NULL DEFAULT 0,
+    rows BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (job, session)
+);
+CREATE TABLE IF NOT EXISTS crawler_workers (
+    id TEXT PRIMARY KEY,                       -- host:pid:random
+    host TEXT NOT NULL, pid INTEGER NOT NULL,
+    key_hash TEXT NOT NULL,                    -- the rate ledger's name (a hash of key and base URL)
+    ledger TEXT NOT NULL,                      -- rate.shared, password masked
+    job TEXT,
+    started TIMESTAMPTZ NOT NULL DEFAULT now(),
+    seen TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+"""
+
+# One schema install at a time (the advisory lock's key is arbitrary but fixed).
+INSTALL_LOCK = 0x63726177
+# With a hash of the key's ledger name: one worker registration of a key at a time.
+REGISTER_LOCK = 0x72656769
+
+
+async def install(conn: psycopg.AsyncConnection[Any], tries: int = 5) -> None:
+    """Create the tables (and add the columns added since) under the install lock, on an autocommit connection.
+    The DDL may meet another worker's transactions on the same tables: PostgreSQL then rolls it back (a deadlock),
+    and trying again is what it asks for, up to ``tries`` times."""
+    for attempt in range(1, tries + 1):
+        try:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (INSTALL_LOCK,))
+                await conn.execute(SCHEMA)
+            return
+        except Exception as exc:
+            if not rolled_back(exc) or attempt == tries:
+                raise
+            await asyncio.sleep(0.1 * attempt)
