@@ -41,7 +41,7 @@ from crawler.errors import (
     UsageError,
     rank,
 )
-from crawler.files import fsync_dir
+from crawler.files import atomic_write
 from crawler.jobs.commands import COMMANDS, CommandSpec
 from crawler.jobs.inputs import input_items
 from crawler.jobs.prepare import JobOptions, WorkItem, check_output_path, failures_path
@@ -679,24 +679,16 @@ def _summary(job: JobOptions, store: PgJobStore, pg: PgJob, progress: Any, fails
 async def export(store: PgJobStore, jid: str, out: Path, spec: CommandSpec, *, bom: bool, raw: bool) -> int:
     """Write the job's rows to `out` (temporary file, fsync, rename) with the local sink's cell rules."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".export.tmp")
     n = 0
-    try:
-        with tmp.open("w", encoding="utf-8", newline="") as fh:
-            if bom:
-                fh.write("\ufeff")
-            writer = csv.writer(fh, lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
-            writer.writerow(spec.record.COLUMNS)
-            async for values in store.rows(jid):
-                writer.writerow([cell(v, raw=raw) for v in values])
-                n += 1
-                testing.reached("exporting")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(out) as fh:
+        if bom:
+            fh.write("\ufeff")
+        writer = csv.writer(fh, lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+        writer.writerow(spec.record.COLUMNS)
+        async for values in store.rows(jid):
+            writer.writerow([cell(v, raw=raw) for v in values])
+            n += 1
+            testing.reached("exporting")
     return n
 
 

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import csv
 import datetime as dt
-import fcntl
 import functools
 import io
 import logging
@@ -31,7 +30,7 @@ from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
 from crawler import testing
 from crawler.api import records as ep
@@ -51,7 +50,7 @@ from crawler.errors import (
     disk_problems,
     rank,
 )
-from crawler.files import fsync_dir
+from crawler.files import AppendOnlyFile, ShortFile, atomic_write, cut_back, lock_file, replace_durably
 from crawler.history.store import HistoryStore, StoreThread, WalkState, connection_lost, parse_day, transient
 from crawler.jobs.commands import COMMANDS
 from crawler.jobs.inputs import input_items
@@ -140,16 +139,6 @@ class _Commit:
     ack: asyncio.Future[None] | None = None
 
 
-class _DayFile:
-    """One day file opened for appending at its committed length."""
-
-    def __init__(self, key: str, path: Path, fh: IO[bytes], length: int) -> None:
-        self.key = key
-        self.path = path
-        self.fh = fh
-        self.length = length
-
-
 class Ingest(GracefulStop):
     """One ingest run. `await Ingest(...).run()`."""
 
@@ -180,7 +169,7 @@ class Ingest(GracefulStop):
         self.client: Client
         self.users: UserDirectory
         self.sizes: PageSizes | None = None
-        self._files: dict[tuple[str, dt.date], _DayFile] = {}
+        self._files: dict[tuple[str, dt.date], AppendOnlyFile] = {}
         self._dir_id = ""  # the out-dir's id (DIR/.ingest-id), read when the run starts
         self._days: set[dt.date] = set()
         self._queue: asyncio.Queue[_Commit | None] = asyncio.Queue(maxsize=64)
@@ -278,8 +267,7 @@ class Ingest(GracefulStop):
         finally:
             if self._lost is None:  # else the thread is stuck in a call: the files and the store go with the process
                 for f in self._files.values():
-                    with contextlib.suppress(OSError):
-                        f.fh.close()
+                    f.close()
                 if opened:
                     with contextlib.suppress(Exception):
                         await self._call_once(self.store.close)  # never retried: nothing is left to keep
@@ -419,16 +407,14 @@ class Ingest(GracefulStop):
             os.fsync(out.fileno())
         self.store.restart_day(today, {self._key(PROFILES, today): copy.stat().st_size}, ids)
         testing.reached("restarted")
-        os.replace(copy, path)
-        fsync_dir(self.out_dir)
+        replace_durably(copy, path)
 
     def _finish_restarts(self) -> None:
         """Finish (or drop) a `--restart` a kill interrupted (see `_restart_day`)."""
         for copy in sorted(self.out_dir.glob(f".restart-{PROFILES}-????-??-??.csv")):
             name = copy.name.removeprefix(".restart-")
             if self._committed_length(name) == copy.stat().st_size:
-                os.replace(copy, self.out_dir / name)
-                fsync_dir(self.out_dir)
+                replace_durably(copy, self.out_dir / name)
             else:
                 copy.unlink()
 
@@ -439,10 +425,8 @@ class Ingest(GracefulStop):
             if not path.name.startswith((f"{PROFILES}-", f"{POSTS}-")):
                 continue
             length = self._committed_length(path.name)
-            if length is not None and path.stat().st_size > length:
-                with path.open("r+b") as fh:
-                    fh.truncate(length)
-                    os.fsync(fh.fileno())
+            if length is not None:
+                cut_back(path, length)
 
     def _record_invalid(self, rows: list[tuple[str, str | None]], today: dt.date) -> None:
         """Invalid watch-list lines are today's failures (reason invalid_input). In the store's thread."""
@@ -748,7 +732,7 @@ class Ingest(GracefulStop):
                     self.store.put_file_length(self._name_key(name), length)
         return length
 
-    def _file(self, kind: str, day: dt.date) -> _DayFile:
+    def _file(self, kind: str, day: dt.date) -> AppendOnlyFile:
         """The day file, opened once per run at its committed length (a kill's uncommitted tail is cut off)."""
         got = self._files.get((kind, day))
         if got is not None:
@@ -757,43 +741,37 @@ class Ingest(GracefulStop):
         path = self.out_dir / f"{kind}-{day.isoformat()}.csv"
         key = self._key(kind, day)
         length = self._committed_length(path.name)
-        size = path.stat().st_size if path.exists() else None
-        if length is not None and (size or 0) < length:
-            # Shorter than what was committed (deleted, rotated, restored from an old copy): never pad it with
-            # zero bytes; the day's file starts again with this run's rows.
-            log.warning("%s is shorter than the %d bytes committed to it: starting it again", path.name, length)
-            length = 0
-            with self.store.transaction():
-                self.store.put_file_length(key, 0)
         if length is None:
             # A file ingest never recorded: one an earlier version wrote whole (kept), or none yet.
             length = path.stat().st_size if path.exists() else 0
             with self.store.transaction():
                 self.store.put_file_length(key, length)
-        fh = path.open("r+b" if path.exists() else "w+b")
-        fh.truncate(length)
-        fh.seek(length)
-        f = self._files[(kind, day)] = _DayFile(key, path, fh, length)
-        if length == 0:
+        try:
+            f = AppendOnlyFile.open(path, length)
+        except ShortFile:
+            # Shorter than what was committed (deleted, rotated, restored from an old copy): never pad it with
+            # zero bytes; the day's file starts again with this run's rows.
+            log.warning("%s is shorter than the %d bytes committed to it: starting it again", path.name, length)
+            with self.store.transaction():
+                self.store.put_file_length(key, 0)
+            f = AppendOnlyFile.open(path, 0)
+        self._files[(kind, day)] = f
+        if f.length == 0:
             record = ep.Profile if kind == PROFILES else ep.Post
             self._append(f, [record.COLUMNS])
-            fh.flush()
-            os.fsync(fh.fileno())
-            fsync_dir(self.out_dir)
+            f.fsync()
             with self.store.transaction():
                 self.store.put_file_length(key, f.length)
         return f
 
-    def _append(self, f: _DayFile, rows: list[Any]) -> None:
+    def _append(self, f: AppendOnlyFile, rows: list[Any]) -> None:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         raw = self.settings.output_raw
         for row in rows:
             writer.writerow([cell(v, raw=raw) for v in row])
-        data = ((b"\xef\xbb\xbf" if self.settings.output_bom and f.length == 0 else b"")
-                + buf.getvalue().encode("utf-8"))
-        f.fh.write(data)
-        f.length += len(data)
+        f.append((b"\xef\xbb\xbf" if self.settings.output_bom and f.length == 0 else b"")
+                 + buf.getvalue().encode("utf-8"))
 
     async def _commit(self, group: list[_Commit]) -> None:
         """Write the group's new rows, fsync them, then record everything in one store transaction: all of it in
@@ -810,7 +788,7 @@ class Ingest(GracefulStop):
 
     def _commit_now(self, group: list[_Commit], sent: int, billed: int) -> tuple[set[dt.date], Counter[str], int]:
         """`_commit` in the store's thread; the days, rows per part and profiles it committed."""
-        touched: dict[int, _DayFile] = {}
+        touched: dict[str, AppendOnlyFile] = {}  # by the file's key in the store
         seen_posts: set[str] = set()
         seen_users: set[tuple[str, dt.date]] = set()
         for c in group:
@@ -820,23 +798,22 @@ class Ingest(GracefulStop):
                     c.profile = None  # at most one snapshot per user and day: this one came second
                     continue  # (its name is still bound below, so it is not fetched again)
                 seen_users.add((uid, c.day))
-                f = self._file(PROFILES, c.day)
+                f = touched[self._key(PROFILES, c.day)] = self._file(PROFILES, c.day)
                 self._append(f, [[getattr(c.profile, k) for k in ep.Profile.COLUMNS]])
-                touched[id(f)] = f
                 c.written = 1
             elif c.posts:
                 known = self.store.known_posts([p.video_id for p in c.posts]) | seen_posts
                 c.posts = [p for p in c.posts if p.video_id not in known]
                 seen_posts.update(p.video_id for p in c.posts)
                 if c.posts:
-                    f = self._file(POSTS, c.day)
+                    f = touched[self._key(POSTS, c.day)] = self._file(POSTS, c.day)
                     self._append(f, [[getattr(p, k) for k in ep.Post.COLUMNS] for p in c.posts])
-                    touched[id(f)] = f
                     c.written = len(c.posts)
         for f in touched.values():
-            f.fh.flush()
+            f.flush()
         testing.reached("written")
-        _fsync([f.fh for f in touched.values()])
+        for f in touched.values():  # before the transaction that commits their lengths
+            f.fsync()
         testing.reached("fsynced")
         days: set[dt.date] = set()
         rows: Counter[str] = Counter()
@@ -868,8 +845,8 @@ class Ingest(GracefulStop):
                 if c.failure is not None:
                     store.put_failure(c.day, c.key, c.part, *c.failure)
                 rows[c.part] += c.written
-            for f in touched.values():
-                store.put_file_length(f.key, f.length)
+            for key, f in touched.items():
+                store.put_file_length(key, f.length)
             testing.reached("committing")
             store.put_run_day(self.run_id, self.day_now(), by_date=self.override is not None,
                               started_at=self.started, requests_sent=sent, credits_billed=billed,
@@ -973,12 +950,6 @@ class Ingest(GracefulStop):
         return outcomes
 
 
-def _fsync(files: list[IO[bytes]]) -> None:
-    """fsync each file (in the store's thread, before the transaction that commits their lengths)."""
-    for fh in files:
-        os.fsync(fh.fileno())
-
-
 def _out_dir_id(out_dir: Path) -> str:
     """The out-dir's identity in the history store (``DIR/.ingest-id``, made on first use): committed lengths of
     day files are keyed by it, so out-dirs at one path on several hosts sharing a store never cut each other's."""
@@ -988,13 +959,8 @@ def _out_dir_id(out_dir: Path) -> str:
         if text:
             return text
     new = uuid.uuid4().hex
-    tmp = out_dir / f".ingest-id.{os.getpid()}.tmp"
-    with tmp.open("w", encoding="ascii") as fh:
+    with atomic_write(path, encoding="ascii") as fh:
         fh.write(new + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(out_dir)
     return new
 
 
@@ -1017,19 +983,13 @@ def _make_out_dir(out_dir: Path) -> None:
 def _out_dir_lock(out_dir: Path, started: dt.datetime) -> Any:
     """Hold DIR's ingest lock (it dies with the process); yield None, or who holds it."""
     path = out_dir / ".ingest.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
-            yield holder
+    with lock_file(path) as fd:
+        if fd is None:
+            yield path.read_bytes()[:200].decode("utf-8", "replace").strip() or "another process"
             return
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}, started {started.isoformat(timespec='seconds')}\n".encode(), 0)
         yield None
-    finally:
-        os.close(fd)
 
 
 async def ingest(

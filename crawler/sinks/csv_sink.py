@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
-import os
+import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,7 +22,7 @@ from aiocsv import AsyncWriter
 from crawler import testing
 from crawler.api.records import Record
 from crawler.errors import UsageError
-from crawler.files import copy_durably, fsync_dir, replace_durably
+from crawler.files import AppendOnlyFile, ShortFile, atomic_write, copy_durably, replace_durably
 from crawler.stores.local import ItemUpdate, StateStore, WalkUpdate
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -51,17 +51,14 @@ def part_path(out: Path) -> Path:
     return out.with_name(out.name + ".part")
 
 
-class _Bytes:
-    """The file object aiocsv writes to: encodes to UTF-8 and counts bytes (the committed length)."""
+class _Text:
+    """The file object aiocsv writes to: encodes to UTF-8 and appends to the `.part` file."""
 
-    def __init__(self, fh: Any) -> None:
-        self.fh = fh
-        self.length = 0
+    def __init__(self, file: AppendOnlyFile) -> None:
+        self.file = file
 
     async def write(self, text: str) -> int:
-        data = text.encode("utf-8")
-        self.fh.write(data)
-        self.length += len(data)
+        self.file.append(text.encode("utf-8"))
         return len(text)
 
 
@@ -121,35 +118,30 @@ class CsvSink:
         self.flowing.set()
         self.rows_written = 0
         self.commits = 0
-        self._file: _Bytes | None = None
+        self._file: AppendOnlyFile | None = None
         self._writer: AsyncWriter | None = None
 
     async def open(self, committed_length: int) -> None:
         """Open the `.part` file, cut back to the committed length (a crash may have left more)."""
         self.part.parent.mkdir(parents=True, exist_ok=True)
-        if committed_length > 0 and not self.part.exists():
+        try:
+            self._file = AppendOnlyFile.open(self.part, committed_length, durable=self._durable)
+        except ShortFile as short:
             # The job was finalised and is being continued (--retry-failed, an edited input): carry on in a
             # copy of the finished file. OUT.csv stays the complete previous deliverable until finalize()
-            # replaces it, however this run ends.
-            if self.out.exists() and self.out.stat().st_size == committed_length:
-                copy_durably(self.out, self.part)
-            else:
+            # replaces it, however this run ends. Any other short `.part` is never padded: the job stops.
+            if short.size is not None or not self.out.exists() or self.out.stat().st_size != committed_length:
+                what = "is missing" if short.size is None else "is shorter than what the job committed"
                 raise UsageError(
-                    f"{self.part} is missing or {self.out} was changed since the job committed {committed_length:,}"
+                    f"{self.part} {what} or {self.out} was changed since the job committed {committed_length:,}"
                     " bytes: add --restart to start the job over"
-                )
-        mode = "r+b" if committed_length > 0 else "w+b"
-        fh = self.part.open(mode)
-        fh.truncate(committed_length if mode == "r+b" else 0)
-        if mode == "w+b" and self._durable:  # the new name survives a power cut before a commit records its length
-            fsync_dir(self.part.parent)
-        fh.seek(0, os.SEEK_END)
-        self._file = _Bytes(fh)
-        self._file.length = fh.tell()
-        self._writer = AsyncWriter(self._file, lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+                ) from None
+            copy_durably(self.out, self.part)
+            self._file = AppendOnlyFile.open(self.part, committed_length, durable=self._durable)
+        self._writer = AsyncWriter(_Text(self._file), lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
         if self._file.length == 0:
             if self._bom:
-                await self._file.write("\ufeff")
+                self._file.append("\ufeff".encode())
             await self._writer.writerow(self.columns)
             await self._commit([])
 
@@ -226,10 +218,10 @@ class CsvSink:
     async def _commit(self, updates: Iterable[ItemUpdate], seen: Iterable[tuple[int, str]] = (),
                       walks: Iterable[WalkUpdate] = ()) -> None:
         assert self._file is not None
-        self._file.fh.flush()
+        self._file.flush()
         testing.reached("written")
         if self._durable:
-            await asyncio.to_thread(os.fsync, self._file.fh.fileno())
+            await asyncio.to_thread(self._file.fsync)
         testing.reached("fsynced")
         if self._state is not None:
             sent, billed = self._counters()
@@ -244,8 +236,7 @@ class CsvSink:
     def close(self) -> None:
         """Close the file (idempotent); the `.part` stays until finalize()."""
         if self._file is not None:
-            with contextlib.suppress(OSError):
-                self._file.fh.close()
+            self._file.close()
             self._file = None
 
     def finalize(self) -> None:
@@ -256,20 +247,17 @@ class CsvSink:
 
 def write_failures(path: Path, failures: Iterable[tuple[str, str, str, str]], *, raw: bool = False) -> int:
     """Write the failures file (input, endpoint, reason, detail) atomically; remove it when empty."""
-    tmp = path.with_name(path.name + ".tmp")
-    count = 0
-    try:
-        with tmp.open("w", encoding="utf-8", newline="") as fh:
-            writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow(["input", "endpoint", "reason", "detail"])
-            for row in failures:
-                writer.writerow([cell(v, raw=raw) for v in row])
-                count += 1
-        if count:
-            replace_durably(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # a full disk keeps no half-written copy
-    if not count:
+    rows = iter(failures)
+    first = next(rows, None)
+    if first is None:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+        return 0
+    count = 0
+    with atomic_write(path) as fh:  # a full disk keeps no half-written copy
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["input", "endpoint", "reason", "detail"])
+        for row in itertools.chain([first], rows):
+            writer.writerow([cell(v, raw=raw) for v in row])
+            count += 1
     return count
