@@ -39,6 +39,7 @@ from crawler.api.pagesizes import PageSizes
 from crawler.config import Secret, Settings, masked
 from crawler.engine.outcome import Outcome
 from crawler.engine.stats import ProgressReporter, Snapshot, Summary
+from crawler.engine.writer import GroupWriter
 from crawler.errors import (
     EXIT_PRECEDENCE,
     BudgetExhausted,
@@ -56,7 +57,7 @@ from crawler.jobs.commands import COMMANDS
 from crawler.jobs.inputs import input_items
 from crawler.jobs.prepare import JobOptions
 from crawler.rate.pacing import MAX_AUTO_WORKERS, auto_workers
-from crawler.sinks.csv_sink import cell, drain, write_failures
+from crawler.sinks.csv_sink import cell, write_failures
 from crawler.stores.local import RETRIABLE, RETRIABLE_ALL, StateStore, UserDirectory
 from crawler.stores.pg_jobs import Outage, deadline
 
@@ -136,7 +137,6 @@ class _Commit:
     walk: WalkState | None = None
     failure: tuple[str, str, str] | None = None  # (endpoint, reason, detail)
     written: int = 0
-    ack: asyncio.Future[None] | None = None
 
 
 class Ingest(GracefulStop):
@@ -172,7 +172,7 @@ class Ingest(GracefulStop):
         self._files: dict[tuple[str, dt.date], AppendOnlyFile] = {}
         self._dir_id = ""  # the out-dir's id (DIR/.ingest-id), read when the run starts
         self._days: set[dt.date] = set()
-        self._queue: asyncio.Queue[_Commit | None] = asyncio.Queue(maxsize=64)
+        self._commits = GroupWriter(self._commit)  # the single writer: day files, then the history store
         self._work: asyncio.Queue[UserTask] = asyncio.Queue(maxsize=WORKERS * 4)
         self._stop: CrawlerError | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -444,7 +444,7 @@ class Ingest(GracefulStop):
     async def _work_all(self, watch: StateStore) -> None:
         reporter = ProgressReporter("ingest", self._progress, quiet=self.quiet)
         async with asyncio.TaskGroup() as outer:
-            writer = outer.create_task(self._writer())
+            writer = outer.create_task(self._commits.run())
             progress = outer.create_task(reporter.run())
             heartbeat = outer.create_task(self._heartbeat())
             try:
@@ -460,7 +460,7 @@ class Ingest(GracefulStop):
                 progress.cancel()
                 heartbeat.cancel()
                 if not writer.done():
-                    await self._queue.put(None)  # the writer commits what is queued, then ends
+                    self._commits.close()  # the writer commits what is queued, then ends
         await self._commit([])  # requests after the last page (failures, the budget stop) still count
 
     def _lookup(self, keys: list[str], today: dt.date
@@ -584,9 +584,7 @@ class Ingest(GracefulStop):
 
     async def _submit(self, commit: _Commit) -> None:
         self.failed += commit.failure is not None and commit.failure[1] != "pagination_guard"
-        commit.ack = asyncio.get_running_loop().create_future()
-        await self._queue.put(commit)
-        await commit.ack
+        await self._commits.submit(commit)
 
     async def _user(self, task: UserTask) -> None:
         """One watch-list user: the profile (unless snapshotted today), then the posts walk."""
@@ -693,26 +691,7 @@ class Ingest(GracefulStop):
                 return
             # a walk from an earlier run is complete: today's head walk follows
 
-    # -- the single writer: day files, then one transaction in the history store --
-
-    async def _writer(self) -> None:
-        while True:
-            first = await self._queue.get()
-            group = [] if first is None else [first]
-            end = first is None or drain(self._queue, group)
-            if group:
-                try:
-                    await self._commit(group)
-                except BaseException as exc:
-                    for c in group:
-                        if c.ack is not None and not c.ack.done():
-                            c.ack.set_exception(exc if isinstance(exc, Exception) else RuntimeError("stopped"))
-                    raise
-                for c in group:
-                    if c.ack is not None and not c.ack.done():
-                        c.ack.set_result(None)
-            if end:
-                return
+    # -- the single writer's group commit (`GroupWriter`): day files, then one transaction in the history store --
 
     def _key(self, kind: str, day: dt.date) -> str:
         return self._name_key(f"{kind}-{day.isoformat()}.csv")

@@ -1,9 +1,10 @@
-"""The CSV sink: one writer task (aiocsv) draining a bounded queue, and the job's single commit point.
+"""The CSV sink: the job's single commit point, for the one group-commit writer (`engine.writer.GroupWriter`).
 
-Workers hand over a page of rows and wait for its commit, so a slow disk slows the workers instead of
-filling memory. The writer takes every batch waiting in the queue (group commit), writes the rows,
-flushes and fsyncs the `.part` file, and only then records the new length and the items' progress in
-the state store. On resume the `.part` file is cut back to the committed length: no row twice, none lost.
+Workers hand over a page of rows to the writer and wait for its commit, so a slow disk slows the workers instead
+of filling memory. The writer hands every batch waiting (a group commit) to `CsvSink.commit`, which writes the
+rows, flushes and fsyncs the `.part` file (an `AppendOnlyFile`), and only then records the new length and the
+items' progress in the state store. On resume the `.part` file is cut back to the committed length: no row
+twice, none lost.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import contextlib
 import csv
 import itertools
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from aiocsv import AsyncWriter
 
@@ -70,25 +71,14 @@ class Batch:
     update: ItemUpdate | None = None
     keyed: bool = False  # rows of an offset-paginated walk: drop those the item already committed
     walks: Sequence[WalkUpdate] = ()  # reply walks this batch registers or advances
-    ack: asyncio.Future[None] | None = field(default=None, repr=False)
-
-
-T = TypeVar("T")
-
-
-def drain(queue: asyncio.Queue[T | None], group: list[T], limit: int = 1024) -> bool:
-    """Move what waits in ``queue`` into ``group`` (a group commit, at most ``limit``); True when the end marker
-    (None) was among it."""
-    while not queue.empty() and len(group) < limit:
-        nxt = queue.get_nowait()
-        if nxt is None:
-            return True
-        group.append(nxt)
-    return False
 
 
 class CsvSink:
-    """The single writer of one CSV (and of progress into the state store)."""
+    """The single writer of one CSV (and of progress into the state store); `commit` is its group commit."""
+
+    # The writer's batching window: a commit waits this long after the previous one, gathering every page that
+    # arrives meanwhile (at most ~1/commit_interval fsyncs a second, however many workers).
+    commit_interval = 0.01
 
     def __init__(
         self,
@@ -99,9 +89,7 @@ class CsvSink:
         counters: Callable[[], tuple[int, int]],
         bom: bool = False,
         raw: bool = False,
-        queue_size: int = 64,
         durable: bool = True,
-        commit_interval: float = 0.01,
     ) -> None:
         self.out = out
         self.part = part_path(out)
@@ -111,11 +99,6 @@ class CsvSink:
         self._bom = bom
         self._raw = raw
         self._durable = durable
-        self.commit_interval = commit_interval
-        self.queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=queue_size)
-        # Flowing while set; tests and operators can clear it to stall the sink (backpressure).
-        self.flowing = asyncio.Event()
-        self.flowing.set()
         self.rows_written = 0
         self.commits = 0
         self._file: AppendOnlyFile | None = None
@@ -145,40 +128,8 @@ class CsvSink:
             await self._writer.writerow(self.columns)
             await self._commit([])
 
-    async def submit(self, batch: Batch) -> None:
-        """Hand over a batch and wait until it is committed."""
-        batch.ack = asyncio.get_running_loop().create_future()
-        await self.queue.put(batch)
-        await batch.ack
-
-    async def close_input(self) -> None:
-        """No more batches: the writer commits what it has and ends."""
-        await self.queue.put(None)
-
-    async def run(self) -> None:
-        """The writer task: group-commit batches until close_input().
-
-        A commit waits until `commit_interval` has passed since the previous one, gathering every page
-        that arrives meanwhile: at most ~1/commit_interval fsyncs a second, however many workers.
-        """
-        loop = asyncio.get_running_loop()
-        last = loop.time()
-        while True:
-            first = await self.queue.get()
-            await self.flowing.wait()
-            group: list[Batch] = [] if first is None else [first]
-            end = first is None or drain(self.queue, group)
-            wait = last + self.commit_interval - loop.time()
-            if not end and wait > 0:
-                await asyncio.sleep(wait)  # a batching window, not a synchronisation guess
-                end = drain(self.queue, group)
-            if group:
-                await self._write(group)
-                last = loop.time()
-            if end:
-                return
-
-    async def _write(self, group: list[Batch]) -> None:
+    async def commit(self, group: list[Batch]) -> None:
+        """One group commit: write the group's rows, fsync them, then record them in one state transaction."""
         assert self._writer is not None
         raw = self._raw
         seen: list[tuple[int, str]] = []
@@ -190,9 +141,6 @@ class CsvSink:
         self.rows_written += len(rows)
         await self._commit([b.update for b in group if b.update is not None], seen,
                            [w for b in group for w in b.walks])
-        for batch in group:
-            if batch.ack is not None and not batch.ack.done():
-                batch.ack.set_result(None)
 
     def _drop_seen(self, batch: Batch, seen: list[tuple[int, str]]) -> None:
         """Keep the batch's rows its item has not committed (nor queued in this group); note their keys."""
