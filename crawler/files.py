@@ -1,10 +1,15 @@
-"""Durable file helpers: every file this tool writes aside and renames into place goes through here."""
+"""Durable file helpers, the one home of each: the atomic write, the append-only file with a committed length,
+the lock file. Every file this tool writes aside and renames into place goes through here."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, BinaryIO
 
 
 def replace_durably(tmp: Path, target: Path) -> None:
@@ -19,6 +24,20 @@ def replace_durably(tmp: Path, target: Path) -> None:
     fsync_dir(target.parent)
 
 
+@contextlib.contextmanager
+def atomic_write(path: Path, *, encoding: str = "utf-8") -> Iterator[IO[str]]:
+    """Write ``path`` whole or not at all: text goes to a temporary file beside it (``NAME.PID.tmp``, newlines
+    untranslated), which is fsynced and renamed over ``path`` when the block ends (`replace_durably`). An
+    exception in the block leaves ``path`` as it was and no temporary file behind."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w", encoding=encoding, newline="") as fh:
+            yield fh
+        replace_durably(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def copy_durably(source: Path, target: Path) -> None:
     """Copy ``source`` to ``target`` through a temporary name: ``target`` appears whole, fsynced, or not at all."""
     tmp = target.with_name(target.name + ".tmp")
@@ -31,5 +50,95 @@ def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ShortFile(Exception):
+    """A file is shorter than the length committed to it (deleted, rotated, restored from an old copy)."""
+
+    def __init__(self, path: Path, size: int | None, committed: int) -> None:
+        super().__init__(f"{path} is {'missing' if size is None else f'{size:,} bytes'}; {committed:,} were committed")
+        self.path = path
+        self.size = size  # None: the file does not exist
+        self.committed = committed
+
+
+class AppendOnlyFile:
+    """A file that only grows and is committed by its length: bytes past the committed length are a crash's
+    uncommitted tail, cut off when the file is opened again.
+
+    The owner appends, then `fsync`s, then records `length` in its own transaction (the commit point). A file
+    shorter than its committed length is never padded with zero bytes: `open` raises `ShortFile` and the owner
+    decides (the CSV job refuses to go on, an ingest day file starts again).
+    """
+
+    def __init__(self, path: Path, fh: BinaryIO, length: int) -> None:
+        self.path = path
+        self.fh = fh
+        self.length = length  # bytes appended so far, committed or not
+
+    @classmethod
+    def open(cls, path: Path, committed: int, *, durable: bool = True) -> AppendOnlyFile:
+        """Open ``path`` for appending at ``committed`` bytes, cut back to it; made if missing (``committed`` 0).
+
+        A new or emptied file's name is fsynced (``durable``): it survives a power cut before its first commit.
+        """
+        size = path.stat().st_size if path.exists() else None
+        if (size or 0) < committed:
+            raise ShortFile(path, size, committed)
+        fh = path.open("r+b" if size is not None else "w+b")
+        try:
+            fh.truncate(committed)
+            fh.seek(committed)
+            if committed == 0 and durable:
+                fsync_dir(path.parent)
+        except BaseException:
+            fh.close()
+            raise
+        return cls(path, fh, committed)
+
+    def append(self, data: bytes) -> None:
+        """Append ``data`` (buffered: durable after `fsync`)."""
+        self.fh.write(data)
+        self.length += len(data)
+
+    def flush(self) -> None:
+        """Hand what was appended to the operating system."""
+        self.fh.flush()
+
+    def fsync(self) -> None:
+        """Make what was appended durable (before its length is committed)."""
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        with contextlib.suppress(OSError):
+            self.fh.close()
+
+
+def cut_back(path: Path, committed: int) -> None:
+    """Cut ``path`` back to its ``committed`` length, durably, if it is longer (a killed writer's uncommitted
+    tail); a shorter or missing file is left as it is (`AppendOnlyFile.open` tells its owner)."""
+    if path.exists() and path.stat().st_size > committed:
+        with path.open("r+b") as fh:
+            fh.truncate(committed)
+            os.fsync(fh.fileno())
+
+
+@contextlib.contextmanager
+def lock_file(path: Path, *, wait: bool = False) -> Iterator[int | None]:
+    """Hold an exclusive lock on ``path`` (made if missing) inside the block. The lock dies with the process, so
+    a killed holder never blocks the next. Yields the lock file's descriptor (the holder may write who it is),
+    or None when another process holds the lock and ``wait`` is False."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
+        except BlockingIOError:
+            held = False
+        yield fd if held else None
     finally:
         os.close(fd)

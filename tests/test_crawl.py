@@ -508,8 +508,8 @@ async def test_a_stalled_sink_holds_every_worker_at_one_page(simulator: SimFacto
 
         def stalled() -> bool:
             # The writer holds the first batch while it waits to flow; every other worker's batch is queued.
-            sink = getattr(crawl, "sink", None)
-            return sink is not None and sink.queue.qsize() >= workers - 1
+            writer = getattr(crawl, "writer", None)
+            return writer is not None and writer.queued >= workers - 1
 
         for _ in range(500):
             if stalled() or task.done():
@@ -522,7 +522,7 @@ async def test_a_stalled_sink_holds_every_worker_at_one_page(simulator: SimFacto
             async with admin.get("/__sim/stats") as resp:
                 assert resp.status == 200
         assert sim.stats.requests == workers
-        assert crawl.sink.queue.qsize() == workers - 1
+        assert crawl.writer.queued == workers - 1
         assert not out.exists() and crawl.sink.rows_written == 0
 
         flowing.set()

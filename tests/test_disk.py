@@ -8,8 +8,9 @@ A read-only remount is refused while a process holds a file open for writing (EB
 read-only is staged before a run, never during one.
 
 A power cut cannot be staged here: that every file renamed into place is fsynced (its bytes, then its directory)
-is checked by reading the source for renames outside the one helper, `sinks.replace_durably`, and by watching the
-failures file, `history export` and the learned page sizes go through it.
+is checked by reading the source for renames outside the one helper, `files.replace_durably` (which
+`files.atomic_write` renames with), and by watching the failures file, `history export`, the learned page sizes, the
+summary JSON and ingest's out-dir id go through it.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from pathlib import Path
 import pytest
 
 from crawler import files
-from crawler.api import pagesizes
 from crawler.api.pagesizes import PageSizes
+from crawler.engine.metrics import write_json
 from crawler.history.export import export_csv
 from crawler.history.store import HistoryStore
+from crawler.runs.ingest import _out_dir_id
 from crawler.sim.data import WorldConfig
 from crawler.sim.server import Simulator
 from crawler.sinks import csv_sink as sinks
@@ -181,13 +183,6 @@ async def test_a_full_disk_under_a_download_is_one_line_and_the_same_command_the
                 assert (disk / "covers" / f"{r['video_id']}.jpg").read_bytes() == expected(sim, "cover", r["video_id"])
 
 
-# Renames into place that other modules still make themselves, each after fsyncing the file and before fsyncing
-# the directory (read in the source): ingest's day-file restart and its out-dir id, the PostgreSQL job's export,
-# a finished media file.
-SELF_SYNCED = {("runs/ingest.py", "_restart_day"), ("runs/ingest.py", "_finish_restarts"),
-               ("runs/ingest.py", "_out_dir_id"), ("runs/distributed.py", "export"), ("runs/download.py", "_publish")}
-
-
 def renames(source: str) -> Iterator[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef | None]]:
     """(call text, innermost enclosing function) of each rename in a module: os.replace/rename, shutil.move, and
     a path's .replace(x)/.rename(x) (str.replace takes two arguments, dataclasses' replace keywords)."""
@@ -208,24 +203,19 @@ def renames(source: str) -> Iterator[tuple[str, ast.FunctionDef | ast.AsyncFunct
 
 
 def test_every_rename_into_place_goes_through_the_durable_helper() -> None:
-    """The only renames in crawler/ are files.replace_durably's (fsync, rename, fsync the directory) and those
-    of SELF_SYNCED, each of which fsyncs itself."""
+    """The only rename in crawler/ is files.replace_durably's (fsync, rename, fsync the directory)."""
     root = Path(files.__file__).parent
-    found: dict[tuple[str, str], str] = {}
+    found: set[tuple[str, str]] = set()
     for path in sorted(root.rglob("*.py")):
-        source = path.read_text(encoding="utf-8")
-        for call, func in renames(source):
-            where = (str(path.relative_to(root)), func.name if func is not None else "<module>")
-            found[where] = ast.get_source_segment(source, func) or "" if func is not None else call
-    assert ("files.py", "replace_durably") in found
-    assert set(found) - {("files.py", "replace_durably")} <= SELF_SYNCED, found.keys()
-    for where in set(found) & SELF_SYNCED:
-        assert "fsync" in found[where], where
+        for _, func in renames(path.read_text(encoding="utf-8")):
+            found.add((str(path.relative_to(root)), func.name if func is not None else "<module>"))
+    assert found == {("files.py", "replace_durably")}
 
 
 def test_failures_export_and_page_sizes_are_renamed_into_place_durably(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The failures file, `history export` and the learned page sizes are each written through replace_durably."""
+    """The failures file, `history export`, the learned page sizes, a summary JSON and ingest's out-dir id are each
+    written through atomic_write (replace_durably), and no temporary file is left."""
     real = files.replace_durably
     targets: list[str] = []
 
@@ -233,8 +223,7 @@ def test_failures_export_and_page_sizes_are_renamed_into_place_durably(
         targets.append(target.name)
         real(tmp, target)
 
-    for module in (files, sinks, pagesizes):  # each module's own name for it
-        monkeypatch.setattr(module, "replace_durably", watched)
+    monkeypatch.setattr(files, "replace_durably", watched)
     assert sinks.write_failures(tmp_path / "out.failures.csv", [("ghost", "/api/user/info/", "not_found", "")]) == 1
     store = HistoryStore(f"sqlite:///{tmp_path / 'history.db'}")
     try:
@@ -242,7 +231,10 @@ def test_failures_export_and_page_sizes_are_renamed_into_place_durably(
     finally:
         store.close()
     PageSizes(tmp_path / "data").learn("posts", 20, "a test")
-    assert targets == ["out.failures.csv", "export.csv", "page-sizes.json"]
+    write_json(tmp_path / "summary.json", {"a": 1})
+    first = _out_dir_id(tmp_path)
+    assert _out_dir_id(tmp_path) == first
+    assert targets == ["out.failures.csv", "export.csv", "page-sizes.json", "summary.json", ".ingest-id"]
     assert [p.name for p in sorted(tmp_path.rglob("*.tmp")) + sorted(tmp_path.rglob("*.part"))] == []
 
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
-from crawler.files import replace_durably
+from crawler.files import atomic_write
 
 log = logging.getLogger("crawler.api.pagesizes")
 
@@ -47,8 +46,7 @@ class PageSizes:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self._sizes, sort_keys=True) + "\n", encoding="utf-8")
-            replace_durably(tmp, self.path)
+            with atomic_write(self.path) as fh:
+                fh.write(json.dumps(self._sizes, sort_keys=True) + "\n")
         except OSError as exc:  # a cache: the crawl goes on without it
             log.warning("cannot write %s (%s): learned page sizes are kept for this run only", self.path, exc)

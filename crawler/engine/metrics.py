@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from crawler.engine.stats import Summary
 from crawler.errors import CrawlerError, Interrupted, UsageError
-from crawler.files import replace_durably
+from crawler.files import atomic_write, lock_file
 
 log = logging.getLogger("crawler.engine.metrics")
 
@@ -114,7 +112,7 @@ def write_metrics(path: Path, run: RunMetrics) -> None:
     """Rewrite the metrics file atomically with this run's series; other commands' series and, after a run that
     did not complete, this command's last-success time are kept from the file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(path.with_name(path.name + ".lock")):
+    with lock_file(path.with_name(path.name + ".lock"), wait=True):  # held for a read and a rename: milliseconds
         kept = [(name, labels, value) for name, labels, value in read_metrics(path)
                 if labels["command"] != run.command or (name == LAST_SUCCESS and not run.succeeded)]
         registry = CollectorRegistry()
@@ -149,16 +147,6 @@ def _samples(run: RunMetrics) -> Iterator[Sample]:
     yield "crawler_rate_wait_seconds", c, run.rate_wait_seconds
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # held for a read and a rename: milliseconds
-        yield
-    finally:
-        os.close(fd)
-
-
 def summary_record(summary: Summary, exit_code: int) -> dict[str, Any]:
     """The summary's fields plus `exit_code` (`rate_wait_seconds` is one of the fields)."""
     record = dataclasses.asdict(summary)
@@ -178,14 +166,9 @@ def ingest_record(result: Any) -> dict[str, Any]:
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
     """Write JSON atomically and durably: a temporary file beside it, renamed over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, ensure_ascii=False)
-            fh.write("\n")
-        replace_durably(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as fh:
+        json.dump(data, fh, indent=2, ensure_ascii=False)
+        fh.write("\n")
 
 
 class RunReports:

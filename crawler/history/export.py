@@ -11,16 +11,14 @@ from crawler.history.queries import HistoryQueries
 
 def export_csv(store: HistoryQueries, path: Path) -> int:
     """Write every snapshot to a CSV (atomically); return the row count."""
-    from crawler.files import replace_durably
+    from crawler.files import atomic_write
     from crawler.sinks.csv_sink import cell
 
-    tmp = path.with_name(path.name + ".part")
     n = 0
-    with tmp.open("w", encoding="utf-8", newline="") as fh:
+    with atomic_write(path) as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(SNAPSHOT_COLUMNS)
         for row in store.snapshots():
             writer.writerow([cell(v) for v in row])
             n += 1
-    replace_durably(tmp, path)
     return n

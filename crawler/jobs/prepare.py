@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import fcntl
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING
 from crawler import testing
 from crawler.api import records as ep
 from crawler.errors import JobLocked, UsageError
+from crawler.files import lock_file
 from crawler.jobs.inputs import InputEntry, input_items
 from crawler.sinks.csv_sink import part_path
 from crawler.stores.local import RETRIABLE, RETRIABLE_ALL, StateStore, WalkUpdate
@@ -157,20 +157,16 @@ def _same_file(a: str, b: Path) -> bool:
 def job_lock(out: Path) -> Iterator[None]:
     """Hold the job's lock (dies with the process, so a killed run never blocks the next)."""
     path = lock_path(out)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise UsageError(f"cannot create files in {path.parent} for --output {out.name} ({exc.strerror}): choose"
-                         " an output in a directory you can write to") from None
-    try:
+    with contextlib.ExitStack() as stack:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise JobLocked(f"another crawler process is running the job for {out}; wait for it or stop it") from None
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = stack.enter_context(lock_file(path))
+        except OSError as exc:
+            raise UsageError(f"cannot create files in {path.parent} for --output {out.name} ({exc.strerror}): choose"
+                             " an output in a directory you can write to") from None
+        if fd is None:
+            raise JobLocked(f"another crawler process is running the job for {out}; wait for it or stop it")
         yield
-    finally:
-        os.close(fd)
 
 
 # --- creating or resuming the job ---

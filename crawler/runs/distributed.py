@@ -32,6 +32,7 @@ from crawler.api.pagesizes import PageSizes
 from crawler.config import Secret, Settings, masked
 from crawler.engine.outcome import Outcome
 from crawler.engine.stats import Summary
+from crawler.engine.writer import GroupWriter
 from crawler.errors import (
     BudgetExhausted,
     CrawlerError,
@@ -41,14 +42,14 @@ from crawler.errors import (
     UsageError,
     rank,
 )
-from crawler.files import fsync_dir
+from crawler.files import atomic_write
 from crawler.jobs.commands import COMMANDS, CommandSpec
 from crawler.jobs.inputs import input_items
 from crawler.jobs.prepare import JobOptions, WorkItem, check_output_path, failures_path
 from crawler.jobs.walker import ItemWalker, step_update
 from crawler.rate.ledger import ledger_name
 from crawler.rate.pacing import MAX_AUTO_WORKERS, auto_workers
-from crawler.sinks.csv_sink import Batch, cell, drain, write_failures
+from crawler.sinks.csv_sink import Batch, cell, write_failures
 from crawler.stores import pg_queue as itemqueue
 from crawler.stores.local import RETRIABLE, RETRIABLE_ALL, ItemUpdate, UserDirectory
 from crawler.stores.pg_jobs import LeaseLost, PageCommit, PgJob, PgJobStore, StoreLost, WorkerInfo, job_id
@@ -107,12 +108,6 @@ class CommitFailed(RunStopped):
 
 
 @dataclass(slots=True)
-class _Pending:
-    batch: Batch
-    ack: asyncio.Future[None]
-
-
-@dataclass(slots=True)
 class SessionResult:
     """What one worker did on one job."""
 
@@ -152,8 +147,7 @@ class JobWorker(ItemWalker, GracefulStop):
         self._stop_error: CrawlerError | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._tg: asyncio.TaskGroup | None = None
-        self._commits: asyncio.Queue[_Pending | None] = asyncio.Queue(
-            maxsize=2 * (settings.parallelism or MAX_AUTO_WORKERS))
+        self._commits = GroupWriter(self._commit_group, capacity=2 * (settings.parallelism or MAX_AUTO_WORKERS))
         self.result = SessionResult(parallelism=self.parallelism)
         self._finished = asyncio.Event()  # an item of this worker ended: the job may be complete
         # The job's heartbeat timeout (its starter's), the same on every host: it decides when an item moves.
@@ -215,7 +209,7 @@ class JobWorker(ItemWalker, GracefulStop):
                     finally:
                         self._tg = None
                         monitor.cancel()
-                        await self._commits.put(None)
+                        self._commits.close()
                         await writer
                 if isinstance(self._stop_error, CommitFailed):
                     with contextlib.suppress(Exception):  # reported already; the requests' count is worth a try
@@ -347,42 +341,28 @@ class JobWorker(ItemWalker, GracefulStop):
                 await self._submit(Batch(step.rows, update, keyed=self._keyed, walks=step.walks))
 
     async def _submit(self, batch: Batch) -> None:
-        ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        await self._commits.put(_Pending(batch, ack))
-        await ack
+        await self._commits.submit(batch)
 
     async def _writer(self) -> None:
-        """The worker's single committer: every page waiting goes into one transaction (group commit). On any error
-        it fails every waiting commit and stops the run (Ingest._writer's rule): no item waits for ever on a commit
-        that will not come. After an error no rule knows (a bug, a value the database refuses) none is tried again."""
-        failed: CommitFailed | None = None
-        while True:
-            first = await self._commits.get()
-            group = [] if first is None else [first]
-            end = first is None or drain(self._commits, group)
-            if group:
-                try:
-                    if failed is not None:
-                        raise failed
-                    testing.reached("job_commit")
-                    pages = await self._commit([p.batch for p in group])
-                except Exception as exc:  # the store lost, a stop while it is away (PgJobStore.abandon), or any other
-                    stop = exc if isinstance(exc, RunStopped) else CommitFailed.of(exc, self.store.where)
-                    failed = stop if isinstance(stop, CommitFailed) else failed
-                    self.request_stop(stop)
-                    for p in group:
-                        if not p.ack.done():
-                            p.ack.set_exception(stop)
-                else:
-                    for p, page in zip(group, pages, strict=True):
-                        if p.ack.done():
-                            continue
-                        if page.committed:
-                            p.ack.set_result(None)
-                        else:
-                            p.ack.set_exception(LeaseLost())
-            if end:
-                return
+        """The worker's single committer (`GroupWriter`): every page waiting goes into one transaction. On any error
+        it fails every waiting commit and stops the run: no item waits for ever on a commit that will not come, and
+        none is tried after it."""
+        with contextlib.suppress(RunStopped):  # the stop is the run's already (`_commit_group`)
+            await self._commits.run()
+
+    async def _commit_group(self, batches: list[Batch]) -> list[Exception | None]:
+        """One group commit for the writer: a page of an item another worker took over fails with LeaseLost."""
+        try:
+            testing.reached("job_commit")
+            pages = await self._commit(batches)
+        except Exception as exc:  # the store lost, a stop while it is away (PgJobStore.abandon), or any other
+            if isinstance(exc, RunStopped):
+                self.request_stop(exc)
+                raise
+            stop = CommitFailed.of(exc, self.store.where)
+            self.request_stop(stop)
+            raise stop from exc
+        return [None if page.committed else LeaseLost() for page in pages]
 
     async def _commit(self, batches: Sequence[Batch]) -> list[PageCommit]:
         pages = []
@@ -679,24 +659,16 @@ def _summary(job: JobOptions, store: PgJobStore, pg: PgJob, progress: Any, fails
 async def export(store: PgJobStore, jid: str, out: Path, spec: CommandSpec, *, bom: bool, raw: bool) -> int:
     """Write the job's rows to `out` (temporary file, fsync, rename) with the local sink's cell rules."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".export.tmp")
     n = 0
-    try:
-        with tmp.open("w", encoding="utf-8", newline="") as fh:
-            if bom:
-                fh.write("\ufeff")
-            writer = csv.writer(fh, lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
-            writer.writerow(spec.record.COLUMNS)
-            async for values in store.rows(jid):
-                writer.writerow([cell(v, raw=raw) for v in values])
-                n += 1
-                testing.reached("exporting")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(out) as fh:
+        if bom:
+            fh.write("\ufeff")
+        writer = csv.writer(fh, lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+        writer.writerow(spec.record.COLUMNS)
+        async for values in store.rows(jid):
+            writer.writerow([cell(v, raw=raw) for v in values])
+            n += 1
+            testing.reached("exporting")
     return n
 
 

@@ -48,6 +48,7 @@ from crawler.errors import (
     rank,
     run_exit_code,
 )
+from crawler.files import replace_durably
 from crawler.jobs.handles import InvalidInput, normalize_post, open_input
 from crawler.jobs.prepare import job_lock
 from crawler.retry import retry_async
@@ -713,12 +714,7 @@ def _open_part(part: Path, durable: int) -> tuple[int, int]:
 
 def _publish(part: Path, final: Path) -> None:
     """Rename a complete, fsynced NAME.part into place and make the rename durable."""
-    os.replace(part, final)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    replace_durably(part, final)
 
 
 async def run_download(download: Download, *, install_signals: bool = True) -> DownloadOutcome:

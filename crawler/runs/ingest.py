@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import csv
 import datetime as dt
-import fcntl
 import functools
 import io
 import logging
@@ -31,7 +30,7 @@ from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
 from crawler import testing
 from crawler.api import records as ep
@@ -40,6 +39,7 @@ from crawler.api.pagesizes import PageSizes
 from crawler.config import Secret, Settings, masked
 from crawler.engine.outcome import Outcome
 from crawler.engine.stats import ProgressReporter, Snapshot, Summary
+from crawler.engine.writer import GroupWriter
 from crawler.errors import (
     EXIT_PRECEDENCE,
     BudgetExhausted,
@@ -51,7 +51,7 @@ from crawler.errors import (
     disk_problems,
     rank,
 )
-from crawler.files import fsync_dir
+from crawler.files import AppendOnlyFile, ShortFile, atomic_write, cut_back, lock_file, replace_durably
 from crawler.history.db import StoreThread, connection_lost, transient
 from crawler.history.queries import parse_day
 from crawler.history.store import HistoryStore, WalkState
@@ -59,7 +59,7 @@ from crawler.jobs.commands import COMMANDS
 from crawler.jobs.inputs import input_items
 from crawler.jobs.prepare import JobOptions
 from crawler.rate.pacing import MAX_AUTO_WORKERS, auto_workers
-from crawler.sinks.csv_sink import cell, drain, write_failures
+from crawler.sinks.csv_sink import cell, write_failures
 from crawler.stores.local import RETRIABLE, RETRIABLE_ALL, StateStore, UserDirectory
 from crawler.stores.pg_jobs import Outage, deadline
 
@@ -139,17 +139,6 @@ class _Commit:
     walk: WalkState | None = None
     failure: tuple[str, str, str] | None = None  # (endpoint, reason, detail)
     written: int = 0
-    ack: asyncio.Future[None] | None = None
-
-
-class _DayFile:
-    """One day file opened for appending at its committed length."""
-
-    def __init__(self, key: str, path: Path, fh: IO[bytes], length: int) -> None:
-        self.key = key
-        self.path = path
-        self.fh = fh
-        self.length = length
 
 
 class Ingest(GracefulStop):
@@ -182,10 +171,10 @@ class Ingest(GracefulStop):
         self.client: Client
         self.users: UserDirectory
         self.sizes: PageSizes | None = None
-        self._files: dict[tuple[str, dt.date], _DayFile] = {}
+        self._files: dict[tuple[str, dt.date], AppendOnlyFile] = {}
         self._dir_id = ""  # the out-dir's id (DIR/.ingest-id), read when the run starts
         self._days: set[dt.date] = set()
-        self._queue: asyncio.Queue[_Commit | None] = asyncio.Queue(maxsize=64)
+        self._commits = GroupWriter(self._commit)  # the single writer: day files, then the history store
         self._work: asyncio.Queue[UserTask] = asyncio.Queue(maxsize=WORKERS * 4)
         self._stop: CrawlerError | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -280,8 +269,7 @@ class Ingest(GracefulStop):
         finally:
             if self._lost is None:  # else the thread is stuck in a call: the files and the store go with the process
                 for f in self._files.values():
-                    with contextlib.suppress(OSError):
-                        f.fh.close()
+                    f.close()
                 if opened:
                     with contextlib.suppress(Exception):
                         await self._call_once(self.store.close)  # never retried: nothing is left to keep
@@ -421,16 +409,14 @@ class Ingest(GracefulStop):
             os.fsync(out.fileno())
         self.store.restart_day(today, {self._key(PROFILES, today): copy.stat().st_size}, ids)
         testing.reached("restarted")
-        os.replace(copy, path)
-        fsync_dir(self.out_dir)
+        replace_durably(copy, path)
 
     def _finish_restarts(self) -> None:
         """Finish (or drop) a `--restart` a kill interrupted (see `_restart_day`)."""
         for copy in sorted(self.out_dir.glob(f".restart-{PROFILES}-????-??-??.csv")):
             name = copy.name.removeprefix(".restart-")
             if self._committed_length(name) == copy.stat().st_size:
-                os.replace(copy, self.out_dir / name)
-                fsync_dir(self.out_dir)
+                replace_durably(copy, self.out_dir / name)
             else:
                 copy.unlink()
 
@@ -441,10 +427,8 @@ class Ingest(GracefulStop):
             if not path.name.startswith((f"{PROFILES}-", f"{POSTS}-")):
                 continue
             length = self._committed_length(path.name)
-            if length is not None and path.stat().st_size > length:
-                with path.open("r+b") as fh:
-                    fh.truncate(length)
-                    os.fsync(fh.fileno())
+            if length is not None:
+                cut_back(path, length)
 
     def _record_invalid(self, rows: list[tuple[str, str | None]], today: dt.date) -> None:
         """Invalid watch-list lines are today's failures (reason invalid_input). In the store's thread."""
@@ -462,7 +446,7 @@ class Ingest(GracefulStop):
     async def _work_all(self, watch: StateStore) -> None:
         reporter = ProgressReporter("ingest", self._progress, quiet=self.quiet)
         async with asyncio.TaskGroup() as outer:
-            writer = outer.create_task(self._writer())
+            writer = outer.create_task(self._commits.run())
             progress = outer.create_task(reporter.run())
             heartbeat = outer.create_task(self._heartbeat())
             try:
@@ -478,7 +462,7 @@ class Ingest(GracefulStop):
                 progress.cancel()
                 heartbeat.cancel()
                 if not writer.done():
-                    await self._queue.put(None)  # the writer commits what is queued, then ends
+                    self._commits.close()  # the writer commits what is queued, then ends
         await self._commit([])  # requests after the last page (failures, the budget stop) still count
 
     def _lookup(self, keys: list[str], today: dt.date
@@ -602,9 +586,7 @@ class Ingest(GracefulStop):
 
     async def _submit(self, commit: _Commit) -> None:
         self.failed += commit.failure is not None and commit.failure[1] != "pagination_guard"
-        commit.ack = asyncio.get_running_loop().create_future()
-        await self._queue.put(commit)
-        await commit.ack
+        await self._commits.submit(commit)
 
     async def _user(self, task: UserTask) -> None:
         """One watch-list user: the profile (unless snapshotted today), then the posts walk."""
@@ -711,26 +693,7 @@ class Ingest(GracefulStop):
                 return
             # a walk from an earlier run is complete: today's head walk follows
 
-    # -- the single writer: day files, then one transaction in the history store --
-
-    async def _writer(self) -> None:
-        while True:
-            first = await self._queue.get()
-            group = [] if first is None else [first]
-            end = first is None or drain(self._queue, group)
-            if group:
-                try:
-                    await self._commit(group)
-                except BaseException as exc:
-                    for c in group:
-                        if c.ack is not None and not c.ack.done():
-                            c.ack.set_exception(exc if isinstance(exc, Exception) else RuntimeError("stopped"))
-                    raise
-                for c in group:
-                    if c.ack is not None and not c.ack.done():
-                        c.ack.set_result(None)
-            if end:
-                return
+    # -- the single writer's group commit (`GroupWriter`): day files, then one transaction in the history store --
 
     def _key(self, kind: str, day: dt.date) -> str:
         return self._name_key(f"{kind}-{day.isoformat()}.csv")
@@ -750,7 +713,7 @@ class Ingest(GracefulStop):
                     self.store.put_file_length(self._name_key(name), length)
         return length
 
-    def _file(self, kind: str, day: dt.date) -> _DayFile:
+    def _file(self, kind: str, day: dt.date) -> AppendOnlyFile:
         """The day file, opened once per run at its committed length (a kill's uncommitted tail is cut off)."""
         got = self._files.get((kind, day))
         if got is not None:
@@ -759,43 +722,37 @@ class Ingest(GracefulStop):
         path = self.out_dir / f"{kind}-{day.isoformat()}.csv"
         key = self._key(kind, day)
         length = self._committed_length(path.name)
-        size = path.stat().st_size if path.exists() else None
-        if length is not None and (size or 0) < length:
-            # Shorter than what was committed (deleted, rotated, restored from an old copy): never pad it with
-            # zero bytes; the day's file starts again with this run's rows.
-            log.warning("%s is shorter than the %d bytes committed to it: starting it again", path.name, length)
-            length = 0
-            with self.store.transaction():
-                self.store.put_file_length(key, 0)
         if length is None:
             # A file ingest never recorded: one an earlier version wrote whole (kept), or none yet.
             length = path.stat().st_size if path.exists() else 0
             with self.store.transaction():
                 self.store.put_file_length(key, length)
-        fh = path.open("r+b" if path.exists() else "w+b")
-        fh.truncate(length)
-        fh.seek(length)
-        f = self._files[(kind, day)] = _DayFile(key, path, fh, length)
-        if length == 0:
+        try:
+            f = AppendOnlyFile.open(path, length)
+        except ShortFile:
+            # Shorter than what was committed (deleted, rotated, restored from an old copy): never pad it with
+            # zero bytes; the day's file starts again with this run's rows.
+            log.warning("%s is shorter than the %d bytes committed to it: starting it again", path.name, length)
+            with self.store.transaction():
+                self.store.put_file_length(key, 0)
+            f = AppendOnlyFile.open(path, 0)
+        self._files[(kind, day)] = f
+        if f.length == 0:
             record = ep.Profile if kind == PROFILES else ep.Post
             self._append(f, [record.COLUMNS])
-            fh.flush()
-            os.fsync(fh.fileno())
-            fsync_dir(self.out_dir)
+            f.fsync()
             with self.store.transaction():
                 self.store.put_file_length(key, f.length)
         return f
 
-    def _append(self, f: _DayFile, rows: list[Any]) -> None:
+    def _append(self, f: AppendOnlyFile, rows: list[Any]) -> None:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         raw = self.settings.output_raw
         for row in rows:
             writer.writerow([cell(v, raw=raw) for v in row])
-        data = ((b"\xef\xbb\xbf" if self.settings.output_bom and f.length == 0 else b"")
-                + buf.getvalue().encode("utf-8"))
-        f.fh.write(data)
-        f.length += len(data)
+        f.append((b"\xef\xbb\xbf" if self.settings.output_bom and f.length == 0 else b"")
+                 + buf.getvalue().encode("utf-8"))
 
     async def _commit(self, group: list[_Commit]) -> None:
         """Write the group's new rows, fsync them, then record everything in one store transaction: all of it in
@@ -812,7 +769,7 @@ class Ingest(GracefulStop):
 
     def _commit_now(self, group: list[_Commit], sent: int, billed: int) -> tuple[set[dt.date], Counter[str], int]:
         """`_commit` in the store's thread; the days, rows per part and profiles it committed."""
-        touched: dict[int, _DayFile] = {}
+        touched: dict[str, AppendOnlyFile] = {}  # by the file's key in the store
         seen_posts: set[str] = set()
         seen_users: set[tuple[str, dt.date]] = set()
         for c in group:
@@ -822,23 +779,22 @@ class Ingest(GracefulStop):
                     c.profile = None  # at most one snapshot per user and day: this one came second
                     continue  # (its name is still bound below, so it is not fetched again)
                 seen_users.add((uid, c.day))
-                f = self._file(PROFILES, c.day)
+                f = touched[self._key(PROFILES, c.day)] = self._file(PROFILES, c.day)
                 self._append(f, [[getattr(c.profile, k) for k in ep.Profile.COLUMNS]])
-                touched[id(f)] = f
                 c.written = 1
             elif c.posts:
                 known = self.store.known_posts([p.video_id for p in c.posts]) | seen_posts
                 c.posts = [p for p in c.posts if p.video_id not in known]
                 seen_posts.update(p.video_id for p in c.posts)
                 if c.posts:
-                    f = self._file(POSTS, c.day)
+                    f = touched[self._key(POSTS, c.day)] = self._file(POSTS, c.day)
                     self._append(f, [[getattr(p, k) for k in ep.Post.COLUMNS] for p in c.posts])
-                    touched[id(f)] = f
                     c.written = len(c.posts)
         for f in touched.values():
-            f.fh.flush()
+            f.flush()
         testing.reached("written")
-        _fsync([f.fh for f in touched.values()])
+        for f in touched.values():  # before the transaction that commits their lengths
+            f.fsync()
         testing.reached("fsynced")
         days: set[dt.date] = set()
         rows: Counter[str] = Counter()
@@ -870,8 +826,8 @@ class Ingest(GracefulStop):
                 if c.failure is not None:
                     store.put_failure(c.day, c.key, c.part, *c.failure)
                 rows[c.part] += c.written
-            for f in touched.values():
-                store.put_file_length(f.key, f.length)
+            for key, f in touched.items():
+                store.put_file_length(key, f.length)
             testing.reached("committing")
             store.put_run_day(self.run_id, self.day_now(), by_date=self.override is not None,
                               started_at=self.started, requests_sent=sent, credits_billed=billed,
@@ -975,12 +931,6 @@ class Ingest(GracefulStop):
         return outcomes
 
 
-def _fsync(files: list[IO[bytes]]) -> None:
-    """fsync each file (in the store's thread, before the transaction that commits their lengths)."""
-    for fh in files:
-        os.fsync(fh.fileno())
-
-
 def _out_dir_id(out_dir: Path) -> str:
     """The out-dir's identity in the history store (``DIR/.ingest-id``, made on first use): committed lengths of
     day files are keyed by it, so out-dirs at one path on several hosts sharing a store never cut each other's."""
@@ -990,13 +940,8 @@ def _out_dir_id(out_dir: Path) -> str:
         if text:
             return text
     new = uuid.uuid4().hex
-    tmp = out_dir / f".ingest-id.{os.getpid()}.tmp"
-    with tmp.open("w", encoding="ascii") as fh:
+    with atomic_write(path, encoding="ascii") as fh:
         fh.write(new + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(out_dir)
     return new
 
 
@@ -1019,19 +964,13 @@ def _make_out_dir(out_dir: Path) -> None:
 def _out_dir_lock(out_dir: Path, started: dt.datetime) -> Any:
     """Hold DIR's ingest lock (it dies with the process); yield None, or who holds it."""
     path = out_dir / ".ingest.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
-            yield holder
+    with lock_file(path) as fd:
+        if fd is None:
+            yield path.read_bytes()[:200].decode("utf-8", "replace").strip() or "another process"
             return
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}, started {started.isoformat(timespec='seconds')}\n".encode(), 0)
         yield None
-    finally:
-        os.close(fd)
 
 
 async def ingest(

@@ -22,6 +22,7 @@ from crawler.api.pagesizes import PageSizes
 from crawler.config import Secret, Settings
 from crawler.engine.outcome import Outcome, RunFacts, outcome
 from crawler.engine.stats import ProgressReporter, Snapshot
+from crawler.engine.writer import GroupWriter
 from crawler.errors import (
     BudgetExhausted,
     CrawlerError,
@@ -104,6 +105,7 @@ class Crawl(ItemWalker, GracefulStop):
         self.users: UserDirectory
         self.page_sizes: PageSizes | None = None
         self.sink: CsvSink
+        self.writer: GroupWriter[Batch]
 
     # -- helpers used by handlers --
 
@@ -187,8 +189,7 @@ class Crawl(ItemWalker, GracefulStop):
 
             self.sink = CsvSink(self.out, self.spec.record.COLUMNS, state=self.state, counters=counters,
                                 bom=self.settings.output_bom, raw=self.settings.output_raw, durable=self._durable)
-            if self._flowing is not None:
-                self.sink.flowing = self._flowing
+            self.writer = GroupWriter(self.sink.commit, interval=self.sink.commit_interval, gate=self._flowing)
             self.state.start_run()
             async with self.client:
                 await self.sink.open(job.csv_length)
@@ -228,7 +229,7 @@ class Crawl(ItemWalker, GracefulStop):
         reporter = ProgressReporter(self.job.command, self._snapshot, quiet=self.quiet,
                                     interval=self._progress_interval)
         async with asyncio.TaskGroup() as outer:
-            writer = outer.create_task(self.sink.run())
+            writer = outer.create_task(self.writer.run())
             progress = outer.create_task(reporter.run())
             try:
                 async with asyncio.TaskGroup() as tg:
@@ -241,7 +242,7 @@ class Crawl(ItemWalker, GracefulStop):
                 self._tg = None
                 progress.cancel()
                 if not writer.done():
-                    await self.sink.close_input()
+                    self.writer.close()
 
     def _spawn(self) -> None:
         assert self._tg is not None
@@ -288,7 +289,7 @@ class Crawl(ItemWalker, GracefulStop):
             except ItemFailed as exc:
                 update = ItemUpdate(item.seq, "failed", reason=exc.reason, endpoint=exc.endpoint or self.spec.endpoint,
                                     detail=str(exc))
-                await self.sink.submit(Batch([], update))
+                await self.writer.submit(Batch([], update))
             except RunStopped as exc:
                 self.request_stop(exc)
                 return
@@ -304,7 +305,7 @@ class Crawl(ItemWalker, GracefulStop):
                 update = step_update(step, item.seq, endpoint=self.spec.endpoint, max_pages=cap)
                 # A cap is a guard the user set: the rows so far are kept, the item says it is incomplete.
                 self.capped += step.counted and step.capped and step.guard is None
-                await self.sink.submit(Batch(step.rows, update, keyed=self._keyed, walks=step.walks))
+                await self.writer.submit(Batch(step.rows, update, keyed=self._keyed, walks=step.walks))
 
     def _snapshot(self) -> Snapshot:
         p = self.state.progress()

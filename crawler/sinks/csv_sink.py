@@ -1,9 +1,10 @@
-"""The CSV sink: one writer task (aiocsv) draining a bounded queue, and the job's single commit point.
+"""The CSV sink: the job's single commit point, for the one group-commit writer (`engine.writer.GroupWriter`).
 
-Workers hand over a page of rows and wait for its commit, so a slow disk slows the workers instead of
-filling memory. The writer takes every batch waiting in the queue (group commit), writes the rows,
-flushes and fsyncs the `.part` file, and only then records the new length and the items' progress in
-the state store. On resume the `.part` file is cut back to the committed length: no row twice, none lost.
+Workers hand over a page of rows to the writer and wait for its commit, so a slow disk slows the workers instead
+of filling memory. The writer hands every batch waiting (a group commit) to `CsvSink.commit`, which writes the
+rows, flushes and fsyncs the `.part` file (an `AppendOnlyFile`), and only then records the new length and the
+items' progress in the state store. On resume the `.part` file is cut back to the committed length: no row
+twice, none lost.
 """
 
 from __future__ import annotations
@@ -11,18 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
-import os
+import itertools
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from aiocsv import AsyncWriter
 
 from crawler import testing
 from crawler.api.records import Record
 from crawler.errors import UsageError
-from crawler.files import copy_durably, fsync_dir, replace_durably
+from crawler.files import AppendOnlyFile, ShortFile, atomic_write, copy_durably, replace_durably
 from crawler.stores.local import ItemUpdate, StateStore, WalkUpdate
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -51,17 +52,14 @@ def part_path(out: Path) -> Path:
     return out.with_name(out.name + ".part")
 
 
-class _Bytes:
-    """The file object aiocsv writes to: encodes to UTF-8 and counts bytes (the committed length)."""
+class _Text:
+    """The file object aiocsv writes to: encodes to UTF-8 and appends to the `.part` file."""
 
-    def __init__(self, fh: Any) -> None:
-        self.fh = fh
-        self.length = 0
+    def __init__(self, file: AppendOnlyFile) -> None:
+        self.file = file
 
     async def write(self, text: str) -> int:
-        data = text.encode("utf-8")
-        self.fh.write(data)
-        self.length += len(data)
+        self.file.append(text.encode("utf-8"))
         return len(text)
 
 
@@ -73,25 +71,14 @@ class Batch:
     update: ItemUpdate | None = None
     keyed: bool = False  # rows of an offset-paginated walk: drop those the item already committed
     walks: Sequence[WalkUpdate] = ()  # reply walks this batch registers or advances
-    ack: asyncio.Future[None] | None = field(default=None, repr=False)
-
-
-T = TypeVar("T")
-
-
-def drain(queue: asyncio.Queue[T | None], group: list[T], limit: int = 1024) -> bool:
-    """Move what waits in ``queue`` into ``group`` (a group commit, at most ``limit``); True when the end marker
-    (None) was among it."""
-    while not queue.empty() and len(group) < limit:
-        nxt = queue.get_nowait()
-        if nxt is None:
-            return True
-        group.append(nxt)
-    return False
 
 
 class CsvSink:
-    """The single writer of one CSV (and of progress into the state store)."""
+    """The single writer of one CSV (and of progress into the state store); `commit` is its group commit."""
+
+    # The writer's batching window: a commit waits this long after the previous one, gathering every page that
+    # arrives meanwhile (at most ~1/commit_interval fsyncs a second, however many workers).
+    commit_interval = 0.01
 
     def __init__(
         self,
@@ -102,9 +89,7 @@ class CsvSink:
         counters: Callable[[], tuple[int, int]],
         bom: bool = False,
         raw: bool = False,
-        queue_size: int = 64,
         durable: bool = True,
-        commit_interval: float = 0.01,
     ) -> None:
         self.out = out
         self.part = part_path(out)
@@ -114,79 +99,37 @@ class CsvSink:
         self._bom = bom
         self._raw = raw
         self._durable = durable
-        self.commit_interval = commit_interval
-        self.queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=queue_size)
-        # Flowing while set; tests and operators can clear it to stall the sink (backpressure).
-        self.flowing = asyncio.Event()
-        self.flowing.set()
         self.rows_written = 0
         self.commits = 0
-        self._file: _Bytes | None = None
+        self._file: AppendOnlyFile | None = None
         self._writer: AsyncWriter | None = None
 
     async def open(self, committed_length: int) -> None:
         """Open the `.part` file, cut back to the committed length (a crash may have left more)."""
         self.part.parent.mkdir(parents=True, exist_ok=True)
-        if committed_length > 0 and not self.part.exists():
+        try:
+            self._file = AppendOnlyFile.open(self.part, committed_length, durable=self._durable)
+        except ShortFile as short:
             # The job was finalised and is being continued (--retry-failed, an edited input): carry on in a
             # copy of the finished file. OUT.csv stays the complete previous deliverable until finalize()
-            # replaces it, however this run ends.
-            if self.out.exists() and self.out.stat().st_size == committed_length:
-                copy_durably(self.out, self.part)
-            else:
+            # replaces it, however this run ends. Any other short `.part` is never padded: the job stops.
+            if short.size is not None or not self.out.exists() or self.out.stat().st_size != committed_length:
+                what = "is missing" if short.size is None else "is shorter than what the job committed"
                 raise UsageError(
-                    f"{self.part} is missing or {self.out} was changed since the job committed {committed_length:,}"
+                    f"{self.part} {what} or {self.out} was changed since the job committed {committed_length:,}"
                     " bytes: add --restart to start the job over"
-                )
-        mode = "r+b" if committed_length > 0 else "w+b"
-        fh = self.part.open(mode)
-        fh.truncate(committed_length if mode == "r+b" else 0)
-        if mode == "w+b" and self._durable:  # the new name survives a power cut before a commit records its length
-            fsync_dir(self.part.parent)
-        fh.seek(0, os.SEEK_END)
-        self._file = _Bytes(fh)
-        self._file.length = fh.tell()
-        self._writer = AsyncWriter(self._file, lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+                ) from None
+            copy_durably(self.out, self.part)
+            self._file = AppendOnlyFile.open(self.part, committed_length, durable=self._durable)
+        self._writer = AsyncWriter(_Text(self._file), lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
         if self._file.length == 0:
             if self._bom:
-                await self._file.write("\ufeff")
+                self._file.append("\ufeff".encode())
             await self._writer.writerow(self.columns)
             await self._commit([])
 
-    async def submit(self, batch: Batch) -> None:
-        """Hand over a batch and wait until it is committed."""
-        batch.ack = asyncio.get_running_loop().create_future()
-        await self.queue.put(batch)
-        await batch.ack
-
-    async def close_input(self) -> None:
-        """No more batches: the writer commits what it has and ends."""
-        await self.queue.put(None)
-
-    async def run(self) -> None:
-        """The writer task: group-commit batches until close_input().
-
-        A commit waits until `commit_interval` has passed since the previous one, gathering every page
-        that arrives meanwhile: at most ~1/commit_interval fsyncs a second, however many workers.
-        """
-        loop = asyncio.get_running_loop()
-        last = loop.time()
-        while True:
-            first = await self.queue.get()
-            await self.flowing.wait()
-            group: list[Batch] = [] if first is None else [first]
-            end = first is None or drain(self.queue, group)
-            wait = last + self.commit_interval - loop.time()
-            if not end and wait > 0:
-                await asyncio.sleep(wait)  # a batching window, not a synchronisation guess
-                end = drain(self.queue, group)
-            if group:
-                await self._write(group)
-                last = loop.time()
-            if end:
-                return
-
-    async def _write(self, group: list[Batch]) -> None:
+    async def commit(self, group: list[Batch]) -> None:
+        """One group commit: write the group's rows, fsync them, then record them in one state transaction."""
         assert self._writer is not None
         raw = self._raw
         seen: list[tuple[int, str]] = []
@@ -198,9 +141,6 @@ class CsvSink:
         self.rows_written += len(rows)
         await self._commit([b.update for b in group if b.update is not None], seen,
                            [w for b in group for w in b.walks])
-        for batch in group:
-            if batch.ack is not None and not batch.ack.done():
-                batch.ack.set_result(None)
 
     def _drop_seen(self, batch: Batch, seen: list[tuple[int, str]]) -> None:
         """Keep the batch's rows its item has not committed (nor queued in this group); note their keys."""
@@ -226,10 +166,10 @@ class CsvSink:
     async def _commit(self, updates: Iterable[ItemUpdate], seen: Iterable[tuple[int, str]] = (),
                       walks: Iterable[WalkUpdate] = ()) -> None:
         assert self._file is not None
-        self._file.fh.flush()
+        self._file.flush()
         testing.reached("written")
         if self._durable:
-            await asyncio.to_thread(os.fsync, self._file.fh.fileno())
+            await asyncio.to_thread(self._file.fsync)
         testing.reached("fsynced")
         if self._state is not None:
             sent, billed = self._counters()
@@ -244,8 +184,7 @@ class CsvSink:
     def close(self) -> None:
         """Close the file (idempotent); the `.part` stays until finalize()."""
         if self._file is not None:
-            with contextlib.suppress(OSError):
-                self._file.fh.close()
+            self._file.close()
             self._file = None
 
     def finalize(self) -> None:
@@ -256,20 +195,17 @@ class CsvSink:
 
 def write_failures(path: Path, failures: Iterable[tuple[str, str, str, str]], *, raw: bool = False) -> int:
     """Write the failures file (input, endpoint, reason, detail) atomically; remove it when empty."""
-    tmp = path.with_name(path.name + ".tmp")
-    count = 0
-    try:
-        with tmp.open("w", encoding="utf-8", newline="") as fh:
-            writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow(["input", "endpoint", "reason", "detail"])
-            for row in failures:
-                writer.writerow([cell(v, raw=raw) for v in row])
-                count += 1
-        if count:
-            replace_durably(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # a full disk keeps no half-written copy
-    if not count:
+    rows = iter(failures)
+    first = next(rows, None)
+    if first is None:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+        return 0
+    count = 0
+    with atomic_write(path) as fh:  # a full disk keeps no half-written copy
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["input", "endpoint", "reason", "detail"])
+        for row in itertools.chain([first], rows):
+            writer.writerow([cell(v, raw=raw) for v in row])
+            count += 1
     return count
