@@ -21,6 +21,7 @@ from pathlib import Path
 from _common import Figure, show
 
 from crawler.api.records import Post
+from crawler.engine.writer import GroupWriter
 from crawler.sinks.csv_sink import Batch, CsvSink
 
 NAME = "csv"
@@ -51,7 +52,8 @@ async def write(path: Path, size: int, late: list[float]) -> tuple[float, int]:
     """Write pages through the sink until the file holds `size` bytes; (seconds, bytes)."""
     sink = CsvSink(path, Post.COLUMNS, state=None, counters=lambda: (0, 0))
     await sink.open(0)
-    writer = asyncio.create_task(sink.run())
+    group: GroupWriter[Batch] = GroupWriter(sink.commit, interval=sink.commit_interval)
+    writer = asyncio.create_task(group.run())
     stop = asyncio.Event()
     tick = asyncio.create_task(ticker(stop, late))
     start = time.perf_counter()
@@ -59,10 +61,10 @@ async def write(path: Path, size: int, late: list[float]) -> tuple[float, int]:
 
     async def produce() -> None:
         while sink.part.stat().st_size < size:
-            await sink.submit(Batch(rows=sample))
+            await group.submit(Batch(rows=sample))
 
     await asyncio.gather(*(produce() for _ in range(8)))
-    await sink.close_input()
+    group.close()
     await writer
     took = time.perf_counter() - start
     stop.set()

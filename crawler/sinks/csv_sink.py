@@ -12,13 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import io
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-
-from aiocsv import AsyncWriter
 
 from crawler import testing
 from crawler.api.records import Record
@@ -52,15 +51,11 @@ def part_path(out: Path) -> Path:
     return out.with_name(out.name + ".part")
 
 
-class _Text:
-    """The file object aiocsv writes to: encodes to UTF-8 and appends to the `.part` file."""
-
-    def __init__(self, file: AppendOnlyFile) -> None:
-        self.file = file
-
-    async def write(self, text: str) -> int:
-        self.file.append(text.encode("utf-8"))
-        return len(text)
+def csv_bytes(rows: Iterable[Sequence[str]]) -> bytes:
+    """``rows`` as CSV lines (minimal quoting, ``\n`` line ends), UTF-8."""
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n", quoting=csv.QUOTE_MINIMAL).writerows(rows)
+    return text.getvalue().encode("utf-8")
 
 
 @dataclass(slots=True)
@@ -102,7 +97,6 @@ class CsvSink:
         self.rows_written = 0
         self.commits = 0
         self._file: AppendOnlyFile | None = None
-        self._writer: AsyncWriter | None = None
 
     async def open(self, committed_length: int) -> None:
         """Open the `.part` file, cut back to the committed length (a crash may have left more)."""
@@ -121,26 +115,19 @@ class CsvSink:
                 ) from None
             copy_durably(self.out, self.part)
             self._file = AppendOnlyFile.open(self.part, committed_length, durable=self._durable)
-        self._writer = AsyncWriter(_Text(self._file), lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
         if self._file.length == 0:
-            if self._bom:
-                self._file.append("\ufeff".encode())
-            await self._writer.writerow(self.columns)
-            await self._commit([])
+            await self._commit([], head=("\ufeff".encode() if self._bom else b"") + csv_bytes([self.columns]))
 
     async def commit(self, group: list[Batch]) -> None:
         """One group commit: write the group's rows, fsync them, then record them in one state transaction."""
-        assert self._writer is not None
-        raw = self._raw
         seen: list[tuple[int, str]] = []
         for batch in group:
             if batch.keyed and batch.update is not None and batch.rows:
                 self._drop_seen(batch, seen)
-        rows = [[cell(v, raw=raw) for v in row.values()] for batch in group for row in batch.rows]
-        await self._writer.writerows(rows)
-        self.rows_written += len(rows)
+        rows = [row for batch in group for row in batch.rows]
         await self._commit([b.update for b in group if b.update is not None], seen,
-                           [w for b in group for w in b.walks])
+                           [w for b in group for w in b.walks], rows=rows)
+        self.rows_written += len(rows)
 
     def _drop_seen(self, batch: Batch, seen: list[tuple[int, str]]) -> None:
         """Keep the batch's rows its item has not committed (nor queued in this group); note their keys."""
@@ -164,17 +151,28 @@ class CsvSink:
         batch.rows = kept
 
     async def _commit(self, updates: Iterable[ItemUpdate], seen: Iterable[tuple[int, str]] = (),
-                      walks: Iterable[WalkUpdate] = ()) -> None:
+                      walks: Iterable[WalkUpdate] = (), *, rows: Sequence[Record] = (), head: bytes = b"") -> None:
         assert self._file is not None
-        self._file.flush()
-        testing.reached("written")
-        if self._durable:
-            await asyncio.to_thread(self._file.fsync)
-        testing.reached("fsynced")
+        # Formatting, the write and the fsync run in a worker thread: the event loop (the workers' requests)
+        # never waits on the disk. Only this writer touches the file, one commit at a time.
+        await asyncio.to_thread(self._write_through, rows, head)
         if self._state is not None:
             sent, billed = self._counters()
             self._state.commit(self._file.length, updates, sent, billed, seen, walks)
         self.commits += 1
+
+    def _write_through(self, rows: Sequence[Record], head: bytes) -> None:
+        """(In a worker thread.) Append ``head`` and ``rows`` as CSV, flush, then fsync: the rows are durable."""
+        assert self._file is not None
+        raw = self._raw
+        data = head + csv_bytes([cell(v, raw=raw) for v in row.values()] for row in rows) if rows else head
+        if data:
+            self._file.append(data)
+        self._file.flush()
+        testing.reached("written")
+        if self._durable:
+            self._file.fsync()
+        testing.reached("fsynced")
 
     async def checkpoint(self) -> None:
         """Commit the counters (and anything written) now, e.g. after the last batch of a stopped run."""
