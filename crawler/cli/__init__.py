@@ -330,7 +330,7 @@ def check_ledger(settings: Settings, key: Secret) -> None:
         return
     base = check_base_url(settings.base_url, allow_insecure_http=settings.allow_insecure_http)
     ledger = open_ledger(settings.rate_shared, key.reveal(), base)
-    rules = Pace.from_settings(settings).rules
+    rules = Pace.of(settings.rate_options()).rules
 
     async def check() -> None:
         await ledger.open(rules)
@@ -607,7 +607,7 @@ def cmd_budget(args: argparse.Namespace, argv: Sequence[str]) -> int:
     async def read() -> Any:
         await ledger.open(None)
         try:
-            return await ledger.status(Pace.from_settings(settings).rules)
+            return await ledger.status(Pace.of(settings.rate_options()).rules)
         finally:
             await ledger.aclose()
 

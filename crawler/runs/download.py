@@ -31,6 +31,7 @@ from crawler import testing
 from crawler.api import records as ep
 from crawler.api.client import Client, GracefulStop
 from crawler.config import Secret, Settings
+from crawler.engine.lease import LocalLease, lease_size
 from crawler.errors import (
     BalanceExhausted,
     BudgetExhausted,
@@ -51,7 +52,6 @@ from crawler.errors import (
 from crawler.jobs.handles import InvalidInput, normalize_post, open_input
 from crawler.jobs.prepare import job_lock
 from crawler.retry import retry_async
-from crawler.runs.local import LEASE_MAX
 from crawler.sinks.csv_sink import write_failures
 from crawler.stores.local import MediaFile, StateStore
 
@@ -342,23 +342,13 @@ class Download(GracefulStop):
             job = self.state.job()
             assert job is not None
             self._base_counters = (job.requests_sent, job.credits_billed)
-            budget = None
-            if self.settings.max_credits is not None:
-                budget = max(self.settings.max_credits - job.requests_sent, 0)
-            base_sent = reserved = job.requests_sent
-
-            def reserve(n: int) -> None:
-                # As a crawl's: the n-th request of this run leaves once the state store counts it (a lease at a
-                # time), so a kill forgets no request (the lease left unsent counts as spent).
-                nonlocal reserved
-                if base_sent + n > reserved:
-                    reserved = base_sent + n - 1 + max(1, min(self.settings.download_parallelism, LEASE_MAX))
-                    if self.settings.max_credits is not None:
-                        reserved = min(reserved, self.settings.max_credits)
-                    self.state.reserve(reserved)
-
+            # As a crawl's: the n-th request of this run leaves once the state store counts it (a lease at a time),
+            # so a kill forgets no request (the lease left unsent counts as spent).
+            lease = LocalLease(self.state, base=job.requests_sent, cap=self.settings.max_credits,
+                               size=lease_size(self.settings.download_parallelism))
             if self._api_key is not None:
-                self.client = Client(self.settings, api_key=self._api_key, request_budget=budget, reserve=reserve)
+                self.client = Client(self.settings, api_key=self._api_key, request_budget=lease.left,
+                                     reserve=lease.take)
             self.state.start_run()
             async with contextlib.AsyncExitStack() as stack:
                 if self._api_key is not None:
@@ -366,7 +356,7 @@ class Download(GracefulStop):
                 self._session = await stack.enter_async_context(self._media_session())
                 await self._run_workers()
             self.state.set_counters(*self.counters())
-            self.state.release()  # the run ended cleanly: what it reserved but never sent is not spent
+            await lease.settle(self.counters()[0])  # a clean end: what it reserved but never sent is not spent
             if self._spent is not None and self._stop is None:
                 self._stop = self._spent
             progress = self.state.progress()

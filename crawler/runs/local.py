@@ -20,6 +20,7 @@ from crawler.api import records as ep
 from crawler.api.client import Client, Counters, GracefulStop
 from crawler.api.pagesizes import PageSizes
 from crawler.config import Secret, Settings
+from crawler.engine.lease import LocalLease, lease_size
 from crawler.engine.outcome import Outcome, RunFacts, outcome
 from crawler.engine.stats import ProgressReporter, Snapshot
 from crawler.errors import (
@@ -49,8 +50,6 @@ from crawler.jobs.walker import ItemWalker, step_update
 from crawler.rate.pacing import MAX_AUTO_WORKERS, auto_workers
 from crawler.sinks.csv_sink import Batch, CsvSink, write_failures
 from crawler.stores.local import ItemUpdate, StateStore, UserDirectory
-
-LEASE_MAX = 16  # requests a kill may leave reserved but unsent (they count as spent)
 
 
 class Crawl(ItemWalker, GracefulStop):
@@ -104,6 +103,7 @@ class Crawl(ItemWalker, GracefulStop):
         self.users: UserDirectory
         self.page_sizes: PageSizes | None = None
         self.sink: CsvSink
+        self._lease: LocalLease
 
     # -- helpers used by handlers --
 
@@ -114,10 +114,6 @@ class Crawl(ItemWalker, GracefulStop):
     def reply_walks(self, item: WorkItem) -> list[tuple[str, ep.Cursor | None, int]]:
         """The item's reply walks still to do: (comment_id, cursor, pages so far)."""
         return self.state.reply_walks(item.seq)
-
-    def lease(self) -> int:
-        """Requests reserved in the state store at a time: one per worker, at most LEASE_MAX."""
-        return max(1, min(self._workers, LEASE_MAX))
 
     # -- the run --
 
@@ -159,23 +155,13 @@ class Crawl(ItemWalker, GracefulStop):
             self.page_sizes = PageSizes(self.settings.data_dir)
             job = self.state.job()
             assert job is not None
-            budget = None
-            if self.settings.max_credits is not None:
-                budget = max(self.settings.max_credits - job.requests_sent, 0)
             base_sent, base_billed = job.requests_sent, job.credits_billed
-            reserved = base_sent
-
-            def reserve(n: int) -> None:
-                # The n-th request of this run may leave once the state store says so: a kill then
-                # forgets at most the lease, counted as spent (job() reports it in requests_sent).
-                nonlocal reserved
-                if base_sent + n > reserved:
-                    reserved = base_sent + n - 1 + self.lease()
-                    if self.settings.max_credits is not None:
-                        reserved = min(reserved, self.settings.max_credits)
-                    self.state.reserve(reserved)
-
-            self.client = Client(self.settings, api_key=self._api_key, request_budget=budget, reserve=reserve,
+            # The n-th request of this run may leave once the state store says so: a kill then
+            # forgets at most the lease, counted as spent (job() reports it in requests_sent).
+            self._lease = LocalLease(self.state, base=base_sent, cap=self.settings.max_credits,
+                                     size=lease_size(self._workers))
+            self.client = Client(self.settings, api_key=self._api_key, request_budget=self._lease.left,
+                                 reserve=self._lease.take,
                                  max_connections=max(MAX_AUTO_WORKERS, self.settings.parallelism or 0))
             if self._earlier is not None:  # this run's first requests: in requests_sent and under the budget
                 self.client.counters.add(self._earlier)
@@ -195,7 +181,7 @@ class Crawl(ItemWalker, GracefulStop):
                 try:
                     await self._run_workers()
                     await self.sink.checkpoint()  # requests sent after the last page still count
-                    self.state.release()
+                    await self._lease.settle(self.client.counters.requests_sent)
                 finally:
                     self.sink.close()
             progress = self.state.progress()
@@ -248,6 +234,7 @@ class Crawl(ItemWalker, GracefulStop):
         if self._stop_error is not None:
             return
         self._workers += 1
+        self._lease.size = lease_size(self._workers)  # one credit per worker at a time
         self._tasks.append(self._tg.create_task(self._worker()))
 
     def _grow(self) -> None:
