@@ -800,12 +800,14 @@ def cmd_download(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from crawler.runs.download import Download, DownloadOptions, run_download
 
     settings = settings_from(args)
-    if getattr(args, "crawl.parallelism", None) is not None and settings.parallelism is not None:
+    given = getattr(args, "crawl.parallelism", None) is not None
+    if given and settings.parallelism is not None:
         settings = settings.replace(download_parallelism=settings.parallelism)  # --parallelism N: files in flight
     # A CSV input needs no key; ids and expired URLs do (then the API says so, or the item fails).
     key = api_key() if os.environ.get("TIKLIVE_API_KEY", "").strip() else None
     download = Download(DownloadOptions(args.input, args.output, args.what), settings, api_key=key,
-                        restart=args.restart, retry_failed=args.retry_failed, quiet=args.quiet)
+                        restart=args.restart, retry_failed=args.retry_failed, quiet=args.quiet,
+                        auto=given and settings.parallelism is None)  # --parallelism auto: for the API's requests
     outcome = asyncio.run(run_download(download))
     if not args.quiet:
         print(outcome.summary.render(), file=sys.stderr)

@@ -147,25 +147,7 @@ class Crawl(ItemWalker):
             self.page_sizes = PageSizes(self.settings.data_dir)
             job = self.state.job()
             assert job is not None
-            base_sent, base_billed = job.requests_sent, job.credits_billed
-            # The n-th request of this run may leave once the state store says so: a kill then
-            # forgets at most the lease, counted as spent (job() reports it in requests_sent).
-            self._lease = LocalLease(self.state, base=base_sent, cap=self.settings.max_credits)
-            self.client = Client(self.settings.client_options(), api_key=self._api_key, request_budget=self._lease.left,
-                                 reserve=self._lease.take,
-                                 max_connections=max(MAX_AUTO_WORKERS, self.settings.parallelism or 0))
-            if self._earlier is not None:  # this run's first requests: in requests_sent and under the budget
-                self.client.counters.add(self._earlier)
-            self._base_counters = (base_sent, base_billed)
-
-            def counters() -> tuple[int, int]:
-                c = self.client.counters
-                return base_sent + c.requests_sent, base_billed + c.credits_billed
-
-            self.sink = CsvSink(self.out, self.spec.record.COLUMNS, state=self.state, counters=counters,
-                                bom=self.settings.output_bom, raw=self.settings.output_raw, durable=self._durable)
-            if self._flowing is not None:
-                self.sink.flowing = self._flowing
+            self._open(job.requests_sent, job.credits_billed)
             self.state.start_run()
             async with self.client:
                 await self.sink.open(job.csv_length)
@@ -187,6 +169,27 @@ class Crawl(ItemWalker):
             users = getattr(self, "users", None)
             if users is not None:
                 users.close()
+
+    def _open(self, base_sent: int, base_billed: int) -> None:
+        """The run's lease, client and sink, counting from the job's requests and credits so far."""
+        # The n-th request of this run may leave once the state store says so: a kill then
+        # forgets at most the lease, counted as spent (job() reports it in requests_sent).
+        self._lease = LocalLease(self.state, base=base_sent, cap=self.settings.max_credits)
+        self.client = Client(self.settings.client_options(), api_key=self._api_key, request_budget=self._lease.left,
+                             reserve=self._lease.take,
+                             max_connections=max(MAX_AUTO_WORKERS, self.settings.parallelism or 0))
+        if self._earlier is not None:  # this run's first requests: in requests_sent and under the budget
+            self.client.counters.add(self._earlier)
+        self._base_counters = (base_sent, base_billed)
+
+        def counters() -> tuple[int, int]:
+            c = self.client.counters
+            return base_sent + c.requests_sent, base_billed + c.credits_billed
+
+        self.sink = CsvSink(self.out, self.spec.record.COLUMNS, state=self.state, counters=counters,
+                            bom=self.settings.output_bom, raw=self.settings.output_raw, durable=self._durable)
+        if self._flowing is not None:
+            self.sink.flowing = self._flowing
 
     def sent_any(self) -> bool:
         """Whether this run has sent a request (a full disk found before one is a usage error, exit 2)."""
