@@ -53,12 +53,10 @@ class ClientOptions:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EngineOptions:
-    """The engine's pool: ``workers`` fixed, or None for "auto" (grown by `pacing.auto_workers`); the progress line."""
+    """The engine's pool: ``workers`` fixed, or None for "auto" (grown by `pacing.auto_workers` from ``start``)."""
 
     workers: int | None = None
     start: int = 4  # workers an "auto" pool starts with
-    quiet: bool = True
-    progress_interval: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

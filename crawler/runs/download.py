@@ -286,7 +286,7 @@ class Download:
         recorded in the state store as it completes). A soft stop lets only the /post-detail/ requests on the
         wire finish: media transfers are free and continue with Range next run."""
         n = self.settings.download_parallelism
-        options = EngineOptions(workers=None if self._auto else n, start=n, quiet=self.quiet)
+        options = EngineOptions(workers=None if self._auto else n, start=n)
         reporter = ProgressReporter("download", self._snapshot, quiet=self.quiet, interval=self._interval)
         api = self._api()
         if api is not None:

@@ -204,8 +204,7 @@ class Crawl(ItemWalker):
     def _engine(self) -> Engine[WorkItem]:
         """The pool over this run's ports: pending items in input order, the walks, the CSV sink, the lease."""
         parallelism = self.settings.parallelism
-        options = EngineOptions(workers=parallelism, start=parallelism or 4, quiet=self.quiet,
-                                progress_interval=self._progress_interval)
+        options = EngineOptions(workers=parallelism, start=parallelism or 4)
         reporter = ProgressReporter(self.job.command, self._snapshot, quiet=self.quiet,
                                     interval=self._progress_interval)
         self.stop.attach(self.client)
