@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from crawler.errors import UsageError
-from crawler.options import ClientOptions, JobLimits, OutputOptions, RateOptions, Retries, Timeouts
+from crawler.options import ClientOptions, DataOptions, JobLimits, OutputOptions, RateOptions, Retries, Timeouts
 
 DEFAULT_BASE_URL = "https://api.tikliveapi.com"
 KEY_ENV = "TIKLIVE_API_KEY"
@@ -103,6 +103,10 @@ class Settings:
     def output_options(self) -> OutputOptions:
         """output.bom and output.raw."""
         return OutputOptions(bom=self.output_bom, raw=self.output_raw)
+
+    def data_options(self) -> DataOptions:
+        """crawl.data_dir and crawl.id_ttl_days."""
+        return DataOptions(directory=self.data_dir, id_ttl_days=self.id_ttl_days)
 
     def job_limits(self) -> JobLimits:
         """crawl.max_pages, page_size, max_items, max_credits."""

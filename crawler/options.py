@@ -75,3 +75,11 @@ class JobLimits:
     page_size: int | None
     max_items: int | None
     max_credits: int | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DataOptions:
+    """What this host has learned (crawl.data_dir): user ids and counts, page sizes; how long an id is trusted."""
+
+    directory: str
+    id_ttl_days: float

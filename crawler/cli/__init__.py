@@ -642,8 +642,8 @@ def cmd_estimate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from crawler.jobs.estimate import estimate
 
     settings = settings_from(args)
-    print(estimate(args.job, args.input, settings, column=args.column, by_id=args.by_id,
-                   with_replies=args.with_replies).render())
+    print(estimate(args.job, args.input, settings.job_limits(), settings.data_options(), column=args.column,
+                   by_id=args.by_id, with_replies=args.with_replies).render())
     return 0
 
 
