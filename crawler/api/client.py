@@ -435,10 +435,9 @@ class Outage:
 class Client:
     """TikLiveAPI client: ``async with Client() as c: async for post in c.user_posts(user_id): ...``
 
-    Reads the key from TIKLIVE_API_KEY unless ``api_key`` is given. ``settings`` is a `Settings` (converted to
-    `ClientOptions`, what the client keeps as ``options``) or the options themselves. Without it the client reads
-    the settings as the command line does (TIKLIVE_BASE_URL, then CRAWLER_CONFIG or ./config.toml, then defaults);
-    ``base_url`` overrides either. Opened once; reuse after close
+    Reads the key from TIKLIVE_API_KEY unless ``api_key`` is given. ``settings`` (`Settings` or `ClientOptions`, kept
+    as ``options``) default to what the command line reads (TIKLIVE_BASE_URL, CRAWLER_CONFIG or ./config.toml, then
+    defaults); ``base_url`` overrides either. Opened once; reuse after close
     is refused. ``request_budget`` caps requests_sent (``--max-credits``), in-flight included;
     ``reserve(n)``, when given, is called before the n-th request of this client leaves (a durable reservation),
     before the request waits for its rate slot.
@@ -456,9 +455,7 @@ class Client:
         reserve: Callable[[int], Awaitable[None] | None] | None = None,
     ) -> None:
         # Like the CLI: environment (TIKLIVE_BASE_URL, CRAWLER_CONFIG), then config.toml if present, then defaults.
-        if settings is None:
-            settings = load_settings()
-        o = settings if isinstance(settings, ClientOptions) else settings.client_options()
+        o = settings if isinstance(settings, ClientOptions) else (settings or load_settings()).client_options()
         if base_url is not None:
             o = dataclasses.replace(o, base_url=base_url)
         self.options = o
@@ -467,24 +464,23 @@ class Client:
             api_key = key_from_env()
         self._key = api_key if isinstance(api_key, Secret) else Secret(api_key)
         self.pace = Pace.of(o.rate)
-        retry = o.retry
         if gate is None:
             # The key's ledger (rate.shared) paces this client with every other one on the key; none when off.
             ledger = open_ledger(o.rate.shared, self._key.reveal(), self.base_url) if o.rate.enabled else None
             gate = RateGate(
                 self.pace,
                 ledger=ledger,
-                cooldown_base=max(retry.base_delay, 0.05) if retry.base_delay > 0 else 0.0,
-                cooldown_max=retry.max_delay,
-                stall_limit=retry.stall_limit,
+                cooldown_base=max(o.retry.base_delay, 0.05) if o.retry.base_delay > 0 else 0.0,
+                cooldown_max=o.retry.max_delay,
+                stall_limit=o.retry.stall_limit,
             )
         self.gate = gate
         self.outage = Outage(
             base_url=self.base_url,
-            stall_limit=retry.stall_limit,
-            attempts=retry.attempts,
-            base_delay=retry.base_delay,
-            max_delay=retry.max_delay,
+            stall_limit=o.retry.stall_limit,
+            attempts=o.retry.attempts,
+            base_delay=o.retry.base_delay,
+            max_delay=o.retry.max_delay,
             probe_timeout=o.timeout.connect + o.timeout.read,
         )
         self.request_budget = request_budget
