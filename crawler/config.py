@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from crawler.errors import UsageError
+from crawler.options import ClientOptions, DataOptions, JobLimits, OutputOptions, RateOptions, Retries, Timeouts
 
 DEFAULT_BASE_URL = "https://api.tikliveapi.com"
 KEY_ENV = "TIKLIVE_API_KEY"
@@ -82,6 +83,35 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+    # The typed option groups the layers below the edge take (crawler.options).
+
+    def rate_options(self) -> RateOptions:
+        """rate.*: the key's pace and the ledger it is shared through."""
+        return RateOptions(limit=self.rate_limit, window=self.rate_window, burst=self.rate_burst,
+                           max_per_second=self.rate_max_per_second, margin=self.rate_margin,
+                           enabled=self.rate_enabled, shared=self.rate_shared)
+
+    def client_options(self) -> ClientOptions:
+        """What the API client needs of these settings."""
+        return ClientOptions(
+            base_url=self.base_url, allow_insecure_http=self.allow_insecure_http, rate=self.rate_options(),
+            timeout=Timeouts(connect=self.connect_timeout, read=self.read_timeout),
+            retry=Retries(attempts=self.retry_attempts, base_delay=self.retry_base_delay,
+                          max_delay=self.retry_max_delay, stall_limit=self.retry_stall_limit))
+
+    def output_options(self) -> OutputOptions:
+        """output.bom and output.raw."""
+        return OutputOptions(bom=self.output_bom, raw=self.output_raw)
+
+    def data_options(self) -> DataOptions:
+        """crawl.data_dir and crawl.id_ttl_days."""
+        return DataOptions(directory=self.data_dir, id_ttl_days=self.id_ttl_days)
+
+    def job_limits(self) -> JobLimits:
+        """crawl.max_pages, page_size, max_items, max_credits."""
+        return JobLimits(max_pages=self.max_pages, page_size=self.page_size, max_items=self.max_items,
+                         max_credits=self.max_credits)
 
     def __repr__(self) -> str:
         # URLs may carry a password (history.url, jobs.url, rate.shared): a repr shows them masked.

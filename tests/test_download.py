@@ -351,6 +351,24 @@ async def test_media_host_sees_bounded_parallelism_and_an_even_per_host_rate(sim
         assert sim.media.stats.max_in_flight <= 3
 
 
+async def test_parallelism_auto_grows_the_detail_requests_not_the_files_in_flight(simulator: SimFactory,
+                                                                                  tmp_path: Path) -> None:
+    """--parallelism auto on ids: more /post-detail/ requests at once than download.parallelism once a latency is
+    measured (the pacing rule, unlimited here), never more than download.parallelism files at the media host."""
+    async with simulator(world=WORLD, latency=(0.2, 0.2)) as sim:
+        rows = await posts_csv(sim, tmp_path, 24)
+        (tmp_path / "ids.txt").write_text("\n".join(r["video_id"] for r in rows) + "\n")
+        (tmp_path / "auto.toml").write_text(FAST + "parallelism = 2\n")
+        sim.stats.max_in_flight = 0
+        code, err = await crawler(["download", "ids.txt", "-o", "covers", "--what", "cover", "--config", "auto.toml",
+                                   "--parallelism", "auto", "-q"], sim, tmp_path)
+        assert code == 0, err
+        assert sim.stats.max_in_flight > 2  # the workers asking /post-detail/ grew
+        assert sim.media.stats.max_in_flight <= 2
+        for r in rows:
+            assert (tmp_path / "covers" / f"{r['video_id']}.jpg").read_bytes() == expected(sim, "cover", r["video_id"])
+
+
 async def test_media_gone_for_good_fails_after_one_refresh(simulator: SimFactory, tmp_path: Path) -> None:
     """A file refused even with a renewed URL: one /post-detail/ credit, then a media_unavailable failure row."""
     async with simulator(world=WORLD) as sim:

@@ -333,9 +333,11 @@ async def test_watch_names_stay_bound_in_the_store_and_the_shared_cache_expires(
                 assert cache.user_id(name) == want, d
             finally:
                 cache.close()
-        est = estimate("posts", str(tmp_path / "watch.txt"), settings.replace(id_ttl_days=7))
+        est = estimate("posts", str(tmp_path / "watch.txt"), settings.job_limits(),
+                       settings.replace(id_ttl_days=7).data_options())
         assert (est.lookups, est.known_ids) == (1, 0)
-        fresh = estimate("posts", str(tmp_path / "watch.txt"), settings.replace(id_ttl_days=100_000))
+        fresh = estimate("posts", str(tmp_path / "watch.txt"), settings.job_limits(),
+                       settings.replace(id_ttl_days=100_000).data_options())
         assert (fresh.lookups, fresh.known_ids) == (0, 1)
     store = HistoryStore(store_url)
     try:

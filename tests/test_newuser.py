@@ -148,7 +148,7 @@ async def test_python_client_reads_settings_like_the_cli(simulator: SimFactory, 
         monkeypatch.setenv("TIKLIVE_API_KEY", KEY)
         (tmp_path / "config.toml").write_text("[retry]\nattempts = 2\n[rate]\nenabled = false\n")
         async with Client() as client:
-            assert client.base_url == sim.url and client.settings.retry_attempts == 2
+            assert client.base_url == sim.url and client.options.retry.attempts == 2
             regions = await client.regions()
         assert regions and sim.stats.requests == 1
         assert Client(base_url="http://127.0.0.1:9").base_url == "http://127.0.0.1:9"

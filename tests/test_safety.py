@@ -44,7 +44,7 @@ async def test_key_appears_in_no_log_error_repr_or_file(simulator: SimFactory, t
         settings = fast_settings(sim.url, retry_attempts=2, read_timeout=0.2, data_dir=str(tmp_path / "data"))
         seen: list[str] = []
         async with Client(settings, api_key=LEAK) as client:
-            seen += [repr(client), repr(client.settings), repr(client._key), str(client._key)]
+            seen += [repr(client), repr(client.options), repr(client._key), str(client._key)]
             w = sim.world
             for i in range(60):
                 try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import email.utils
 import ipaddress
 import json
@@ -49,6 +50,7 @@ from crawler.errors import (
     Unreachable,
     UsageError,
 )
+from crawler.options import ClientOptions
 from crawler.rate.ledger import open_ledger
 from crawler.rate.pacing import Pace, RateGate
 from crawler.retry import retry_async
@@ -433,9 +435,9 @@ class Outage:
 class Client:
     """TikLiveAPI client: ``async with Client() as c: async for post in c.user_posts(user_id): ...``
 
-    Reads the key from TIKLIVE_API_KEY unless ``api_key`` is given. Without ``settings`` it resolves them
-    as the command line does (TIKLIVE_BASE_URL, then CRAWLER_CONFIG or ./config.toml, then defaults);
-    ``base_url`` overrides either. Opened once; reuse after close
+    Reads the key from TIKLIVE_API_KEY unless ``api_key`` is given. ``settings`` (`Settings` or `ClientOptions`, kept
+    as ``options``) default to what the command line reads (TIKLIVE_BASE_URL, CRAWLER_CONFIG or ./config.toml, then
+    defaults); ``base_url`` overrides either. Opened once; reuse after close
     is refused. ``request_budget`` caps requests_sent (``--max-credits``), in-flight included;
     ``reserve(n)``, when given, is called before the n-th request of this client leaves (a durable reservation),
     before the request waits for its rate slot.
@@ -443,7 +445,7 @@ class Client:
 
     def __init__(
         self,
-        settings: Settings | None = None,
+        settings: Settings | ClientOptions | None = None,
         *,
         api_key: str | Secret | None = None,
         base_url: str | None = None,
@@ -453,33 +455,33 @@ class Client:
         reserve: Callable[[int], Awaitable[None] | None] | None = None,
     ) -> None:
         # Like the CLI: environment (TIKLIVE_BASE_URL, CRAWLER_CONFIG), then config.toml if present, then defaults.
-        s = settings if settings is not None else load_settings()
+        o = settings if isinstance(settings, ClientOptions) else (settings or load_settings()).client_options()
         if base_url is not None:
-            s = s.replace(base_url=base_url)
-        self.settings = s
-        self.base_url = check_base_url(s.base_url, allow_insecure_http=s.allow_insecure_http)
+            o = dataclasses.replace(o, base_url=base_url)
+        self.options = o
+        self.base_url = check_base_url(o.base_url, allow_insecure_http=o.allow_insecure_http)
         if api_key is None:
             api_key = key_from_env()
         self._key = api_key if isinstance(api_key, Secret) else Secret(api_key)
-        self.pace = Pace.from_settings(s)
+        self.pace = Pace.of(o.rate)
         if gate is None:
             # The key's ledger (rate.shared) paces this client with every other one on the key; none when off.
-            ledger = open_ledger(s.rate_shared, self._key.reveal(), self.base_url) if s.rate_enabled else None
+            ledger = open_ledger(o.rate.shared, self._key.reveal(), self.base_url) if o.rate.enabled else None
             gate = RateGate(
                 self.pace,
                 ledger=ledger,
-                cooldown_base=max(s.retry_base_delay, 0.05) if s.retry_base_delay > 0 else 0.0,
-                cooldown_max=s.retry_max_delay,
-                stall_limit=s.retry_stall_limit,
+                cooldown_base=max(o.retry.base_delay, 0.05) if o.retry.base_delay > 0 else 0.0,
+                cooldown_max=o.retry.max_delay,
+                stall_limit=o.retry.stall_limit,
             )
         self.gate = gate
         self.outage = Outage(
             base_url=self.base_url,
-            stall_limit=s.retry_stall_limit,
-            attempts=s.retry_attempts,
-            base_delay=s.retry_base_delay,
-            max_delay=s.retry_max_delay,
-            probe_timeout=s.connect_timeout + s.read_timeout,
+            stall_limit=o.retry.stall_limit,
+            attempts=o.retry.attempts,
+            base_delay=o.retry.base_delay,
+            max_delay=o.retry.max_delay,
+            probe_timeout=o.timeout.connect + o.timeout.read,
         )
         self.request_budget = request_budget
         self._reserve = reserve
@@ -513,7 +515,7 @@ class Client:
             raise RuntimeError("a Client is opened once; create a new one")
         await self.gate.__aenter__()  # an unreachable ledger is a usage error before any request
         timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=self.settings.connect_timeout, sock_read=self.settings.read_timeout
+            total=None, sock_connect=self.options.timeout.connect, sock_read=self.options.timeout.read
         )
         connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0)
         self._session = aiohttp.ClientSession(timeout=timeout, connector=connector, raise_for_status=False)
@@ -603,13 +605,13 @@ class Client:
             result = await retry_async(
                 attempt_or_stop,
                 retry_on=TransientError,
-                attempts=self.settings.retry_attempts,
-                base_delay=self.settings.retry_base_delay,
-                max_delay=self.settings.retry_max_delay,
+                attempts=self.options.retry.attempts,
+                base_delay=self.options.retry.base_delay,
+                max_delay=self.options.retry.max_delay,
                 on_retry=on_retry,
             )
         except TransientError as exc:
-            failed = RetriesExhausted(f"{exc} (gave up after {self.settings.retry_attempts} tries)")
+            failed = RetriesExhausted(f"{exc} (gave up after {self.options.retry.attempts} tries)")
             failed.endpoint = path
             raise failed from None
         except ItemFailed as exc:

@@ -330,7 +330,7 @@ def check_ledger(settings: Settings, key: Secret) -> None:
         return
     base = check_base_url(settings.base_url, allow_insecure_http=settings.allow_insecure_http)
     ledger = open_ledger(settings.rate_shared, key.reveal(), base)
-    rules = Pace.from_settings(settings).rules
+    rules = Pace.of(settings.rate_options()).rules
 
     async def check() -> None:
         await ledger.open(rules)
@@ -607,7 +607,7 @@ def cmd_budget(args: argparse.Namespace, argv: Sequence[str]) -> int:
     async def read() -> Any:
         await ledger.open(None)
         try:
-            return await ledger.status(Pace.from_settings(settings).rules)
+            return await ledger.status(Pace.of(settings.rate_options()).rules)
         finally:
             await ledger.aclose()
 
@@ -642,8 +642,8 @@ def cmd_estimate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from crawler.jobs.estimate import estimate
 
     settings = settings_from(args)
-    print(estimate(args.job, args.input, settings, column=args.column, by_id=args.by_id,
-                   with_replies=args.with_replies).render())
+    print(estimate(args.job, args.input, settings.job_limits(), settings.data_options(), column=args.column,
+                   by_id=args.by_id, with_replies=args.with_replies).render())
     return 0
 
 
@@ -803,12 +803,14 @@ def cmd_download(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from crawler.runs.download import Download, DownloadOptions, run_download
 
     settings = settings_from(args)
-    if getattr(args, "crawl.parallelism", None) is not None and settings.parallelism is not None:
+    given = getattr(args, "crawl.parallelism", None) is not None
+    if given and settings.parallelism is not None:
         settings = settings.replace(download_parallelism=settings.parallelism)  # --parallelism N: files in flight
     # A CSV input needs no key; ids and expired URLs do (then the API says so, or the item fails).
     key = api_key() if os.environ.get("TIKLIVE_API_KEY", "").strip() else None
     download = Download(DownloadOptions(args.input, args.output, args.what), settings, api_key=key,
-                        restart=args.restart, retry_failed=args.retry_failed, quiet=args.quiet)
+                        restart=args.restart, retry_failed=args.retry_failed, quiet=args.quiet,
+                        auto=given and settings.parallelism is None)  # --parallelism auto: for the API's requests
     outcome = asyncio.run(run_download(download))
     if not args.quiet:
         print(outcome.summary.render(), file=sys.stderr)

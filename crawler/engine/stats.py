@@ -76,6 +76,7 @@ class Snapshot:
     credits: int
     failed: int = 0  # items failed so far (part of `done`)
     note: str = ""  # a pause the run is in (an outage), shown at the end of the line
+    unit: str = "rows"  # what `rows` counts (a download: files)
 
 
 class ProgressReporter:
@@ -114,8 +115,8 @@ class ProgressReporter:
         total = f"/{snap.total:,}" if snap.total else ""
         failed = f" ({snap.failed:,} failed)" if snap.failed else ""
         note = f" · {snap.note}" if snap.note else ""
-        return (f"[{self.label}] {snap.done:,}{total} items{failed} · {snap.rows:,} rows · {rate * 60:,.0f} req/min"
-                f" · {snap.requests:,} requests sent, {snap.credits:,} billed{eta}{note}")
+        return (f"[{self.label}] {snap.done:,}{total} items{failed} · {snap.rows:,} {snap.unit}"
+                f" · {rate * 60:,.0f} req/min · {snap.requests:,} requests sent, {snap.credits:,} billed{eta}{note}")
 
     async def run(self) -> None:
         """Report until cancelled."""

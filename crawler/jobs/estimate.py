@@ -9,10 +9,10 @@ from pathlib import Path
 
 from crawler.api.pagesizes import PageSizes
 from crawler.api.records import LISTS
-from crawler.config import Settings
 from crawler.jobs.commands import COMMANDS
 from crawler.jobs.inputs import input_items
 from crawler.jobs.prepare import JobOptions
+from crawler.options import DataOptions, JobLimits
 from crawler.stores.local import StateStore, UserDirectory
 
 FOLLOW_CAP = 5000  # TikTok ends follower/following lists near here
@@ -84,19 +84,20 @@ class Estimate:
         return out
 
 
-def estimate(command: str, input_path: str, settings: Settings, *, column: str | None = None,
+def estimate(command: str, input_path: str, limits: JobLimits, data: DataOptions, *, column: str | None = None,
              by_id: bool = False, with_replies: bool = False) -> Estimate:
-    """Price a job: de-duplicate its input (on disk) and add up the calls it will make."""
+    """Price a job: de-duplicate its input (on disk) and add up the calls it will make (under `limits`, from what
+    `data` knows)."""
     spec = COMMANDS[command]
     job = JobOptions(command=command, input=input_path, output="estimate.csv", column=column, by_id=by_id,
                      with_replies=with_replies)
     lookups = known_ids = pages_known = items_known = unknown = single = invalid = items = 0
-    learned = PageSizes(settings.data_dir)
+    learned = PageSizes(data.directory)
     kind = spec.list_kind
     # What the walk will ask for: --page-size, else a size learned from earlier answers, else the most it gives.
-    size = min(settings.page_size or learned.get(kind) or LISTS[kind].max_page_size,
+    size = min(limits.page_size or learned.get(kind) or LISTS[kind].max_page_size,
                LISTS[kind].max_page_size) if kind is not None else 0
-    users = UserDirectory(Path(settings.data_dir) / "users.db", ttl_days=settings.id_ttl_days)
+    users = UserDirectory(Path(data.directory) / "users.db", ttl_days=data.id_ttl_days)
     with tempfile.TemporaryDirectory() as tmp:
         seen = StateStore(Path(tmp) / "dedupe.db")
         try:
@@ -123,8 +124,8 @@ def estimate(command: str, input_path: str, settings: Settings, *, column: str |
                         else:
                             lookups += 1
                     pages = _pages(spec.list_kind, users.counts(key[3:] if key.startswith("id:") else key),
-                                   size, settings.max_pages,
-                                   settings.max_items)
+                                   size, limits.max_pages,
+                                   limits.max_items)
                     if pages is None:
                         unknown += 1
                     else:
@@ -134,7 +135,7 @@ def estimate(command: str, input_path: str, settings: Settings, *, column: str |
             seen.close()
             users.close()
     return Estimate(command, items, invalid, lookups, known_ids, pages_known, items_known, unknown, single,
-                    list_kind=kind, page_size=size, max_pages=settings.max_pages, max_items=settings.max_items)
+                    list_kind=kind, page_size=size, max_pages=limits.max_pages, max_items=limits.max_items)
 
 
 def _pages(kind: str, counts: tuple[int | None, int | None, int | None, bool] | None, size: int,

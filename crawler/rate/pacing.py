@@ -19,8 +19,8 @@ from functools import partial
 from types import TracebackType
 from typing import TypeVar
 
-from crawler.config import Settings
 from crawler.errors import LedgerLost, RateLimitStalled
+from crawler.options import RateOptions
 from crawler.rate.ledger import Ledger, LedgerUnavailable, MemoryLedger, Rules, owner_id
 from crawler.retry import retry_async
 
@@ -43,10 +43,10 @@ class Pace:
     enabled: bool = True
 
     @classmethod
-    def from_settings(cls, s: Settings) -> Pace:
-        """The pace the rate.* settings describe."""
-        return cls(limit=s.rate_limit, window=s.rate_window, burst=s.rate_burst, max_per_second=s.rate_max_per_second,
-                   margin=s.rate_margin, enabled=s.rate_enabled)
+    def of(cls, rate: RateOptions) -> Pace:
+        """The pace the rate.* options describe."""
+        return cls(limit=rate.limit, window=rate.window, burst=rate.burst, max_per_second=rate.max_per_second,
+                   margin=rate.margin, enabled=rate.enabled)
 
     @property
     def safety(self) -> float:

@@ -30,6 +30,7 @@ from crawler.api import records as ep
 from crawler.api.client import Client, Counters, GracefulStop
 from crawler.api.pagesizes import PageSizes
 from crawler.config import Secret, Settings, masked
+from crawler.engine.lease import PgLease, lease_size
 from crawler.engine.outcome import Outcome
 from crawler.engine.stats import Summary
 from crawler.engine.writer import GroupWriter
@@ -56,7 +57,6 @@ from crawler.stores.pg_jobs import LeaseLost, PageCommit, PgJob, PgJobStore, Sto
 
 log = logging.getLogger("crawler.runs.distributed")
 
-LEASE_MAX = 16  # requests granted to a worker at a time (a kill may leave them unsent: counted as spent)
 AUTO_START = 8  # items a worker takes at a time with parallelism = "auto" until a latency is measured
 
 
@@ -68,31 +68,6 @@ def host_name() -> str:
 def job_options(pg: PgJob) -> JobOptions:
     """The job's options as its starter gave them (input and output are the starter's own)."""
     return JobOptions(**{**pg.options, "command": pg.command, "input": "", "output": ""})
-
-
-class Budget:
-    """The job's --max-credits budget, drawn from PostgreSQL a lease at a time before requests leave."""
-
-    def __init__(self, store: PgJobStore, jid: str, session: str, lease: int) -> None:
-        self.store = store
-        self.jid = jid
-        self.session = session
-        self.lease = lease
-        self.granted = 0
-        self.used = 0
-        self._lock = asyncio.Lock()
-
-    async def reserve(self, _n: int) -> None:
-        """Called by the client before each request; BudgetExhausted when the job's budget is spent."""
-        async with self._lock:
-            if self.used >= self.granted:
-                await testing.held("grant")
-                got = await self.store.grant(self.jid, self.session, self.granted, self.lease)
-                if got == 0:
-                    await self.store.set_status(self.jid, "budget", when="running")
-                    raise BudgetExhausted("the job's --max-credits budget is spent")
-                self.granted += got
-            self.used += 1
 
 
 class CommitFailed(RunStopped):
@@ -159,7 +134,7 @@ class JobWorker(ItemWalker, GracefulStop):
         self.client: Client
         self.users: UserDirectory
         self.page_sizes: PageSizes | None = None
-        self.budget = Budget(store, self.jid, self.session, max(1, min(self.parallelism, LEASE_MAX)))
+        self.budget = PgLease(store, self.jid, self.session, size=lease_size(self.parallelism))
 
     def _queue(self, concurrency: int) -> itemqueue.ItemQueue:
         return itemqueue.ItemQueue(self.store.url, self.jid, concurrency=concurrency,
@@ -194,7 +169,7 @@ class JobWorker(ItemWalker, GracefulStop):
         """Work the job's items until none is left (or a stop); then hand back what this worker held."""
         self.users = UserDirectory(Path(self.settings.data_dir) / "users.db", ttl_days=self.settings.id_ttl_days)
         self.page_sizes = PageSizes(self.settings.data_dir)
-        self.client = Client(self.settings, api_key=self._key, reserve=self.budget.reserve,
+        self.client = Client(self.settings, api_key=self._key, reserve=self.budget.take,
                              max_connections=max(MAX_AUTO_WORKERS, self.parallelism))
         try:
             await self._count_earlier()
@@ -247,7 +222,7 @@ class JobWorker(ItemWalker, GracefulStop):
         self.client.counters.add(self._earlier)
         with contextlib.suppress(BudgetExhausted):  # spent either way; the next request stops the run
             for _ in range(self._earlier.requests_sent):
-                await self.budget.reserve(0)
+                await self.budget.take(0)
 
     async def _take_items(self, queue: itemqueue.ItemQueue) -> None:
         """Run a queue consumer; a lost connection is retried until retry.stall_limit (then StoreLost)."""
@@ -330,7 +305,7 @@ class JobWorker(ItemWalker, GracefulStop):
         queue = self._queue(target - self.parallelism)
         self.queues.append(queue)
         self.parallelism = self.result.parallelism = target
-        self.budget.lease = max(1, min(target, LEASE_MAX))
+        self.budget.size = lease_size(target)
         self._tg.create_task(self._take_items(queue))
 
     async def _process(self, item: WorkItem) -> None:

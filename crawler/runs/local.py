@@ -11,27 +11,27 @@ import asyncio
 import contextlib
 import signal
 import time
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
-from typing import Any
 
 from crawler import testing
 from crawler.api import records as ep
-from crawler.api.client import Client, Counters, GracefulStop
+from crawler.api.client import Client, Counters
 from crawler.api.pagesizes import PageSizes
 from crawler.config import Secret, Settings
+from crawler.engine.lease import LocalLease
 from crawler.engine.outcome import Outcome, RunFacts, outcome
+from crawler.engine.pool import Engine, StopPolicy, Tally
 from crawler.engine.stats import ProgressReporter, Snapshot
 from crawler.engine.writer import GroupWriter
 from crawler.errors import (
-    BudgetExhausted,
     CrawlerError,
     Interrupted,
     ItemFailed,
     RunStopped,
     UsageError,
     disk_problems,
-    rank,
 )
 from crawler.jobs.commands import COMMANDS, CommandSpec
 from crawler.jobs.prepare import (
@@ -47,14 +47,13 @@ from crawler.jobs.prepare import (
     state_path,
 )
 from crawler.jobs.walker import ItemWalker, step_update
-from crawler.rate.pacing import MAX_AUTO_WORKERS, auto_workers
+from crawler.options import EngineOptions
+from crawler.rate.pacing import MAX_AUTO_WORKERS
 from crawler.sinks.csv_sink import Batch, CsvSink, write_failures
 from crawler.stores.local import ItemUpdate, StateStore, UserDirectory
 
-LEASE_MAX = 16  # requests a kill may leave reserved but unsent (they count as spent)
 
-
-class Crawl(ItemWalker, GracefulStop):
+class Crawl(ItemWalker):
     """One run of one job. Build it, then `await crawl.run()` (inside `job_lock`)."""
 
     def __init__(
@@ -91,20 +90,15 @@ class Crawl(ItemWalker, GracefulStop):
         self._durable = durable
         self._progress_interval = progress_interval
         self._flowing = flowing  # a test/ops hook: clear it to stall the sink
-        self._stop_error: CrawlerError | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._feeder: asyncio.Task[None] | None = None
+        self.stop = StopPolicy(quiet=quiet)
         self._keyed = self.spec.list_kind in ep.OFFSET_KINDS  # rows checked against the seen keys
-        self._idle: set[asyncio.Task[Any]] = set()  # workers waiting for an item (a soft stop cancels only these)
-        self._tg: asyncio.TaskGroup | None = None
-        self._workers = 0
-        self._target = settings.parallelism or 4
-        self.work: asyncio.Queue[WorkItem] = asyncio.Queue(maxsize=MAX_AUTO_WORKERS * 2)
+        self._tally = Tally()  # the engine's count (workers started)
         self.client: Client
         self.state: StateStore
         self.users: UserDirectory
         self.page_sizes: PageSizes | None = None
         self.sink: CsvSink
+        self._lease: LocalLease
         self.writer: GroupWriter[Batch]
 
     # -- helpers used by handlers --
@@ -117,26 +111,20 @@ class Crawl(ItemWalker, GracefulStop):
         """The item's reply walks still to do: (comment_id, cursor, pages so far)."""
         return self.state.reply_walks(item.seq)
 
-    def lease(self) -> int:
-        """Requests reserved in the state store at a time: one per worker, at most LEASE_MAX."""
-        return max(1, min(self._workers, LEASE_MAX))
-
     # -- the run --
 
-    def request_stop(self, error: CrawlerError) -> None:
-        """End the run: workers stop, what is complete gets committed, `error` decides the exit.
+    @property
+    def _stop_error(self) -> CrawlerError | None:
+        return self.stop.error
 
-        A spent --max-credits budget stops softly: requests already sent are answered (and probably
-        billed), so the workers sending them finish their page and commit it; only idle tasks are cancelled.
-        So does a first signal (`GracefulStop.signalled`): the workers' refused requests stop nothing more.
-        """
-        if self._stop_error is None or rank(error) < rank(self._stop_error):
-            self._stop_error = error
-        current = asyncio.current_task()
-        soft = isinstance(error, BudgetExhausted) or (isinstance(error, Interrupted) and self._draining)
-        for task in self._tasks:
-            if task is not current and (not soft or task is self._feeder or task in self._idle):
-                task.cancel()
+    def request_stop(self, error: CrawlerError) -> None:
+        """End the run: workers stop, what is complete gets committed, `error` decides the exit (`StopPolicy`:
+        a spent --max-credits budget or a first signal lets the pages under way be committed)."""
+        self.stop.request_stop(error)
+
+    def signalled(self, error: Interrupted) -> int:
+        """A SIGINT/SIGTERM (see `StopPolicy`); the number of answers the stop waits for."""
+        return self.stop.signalled(error)
 
     async def run(self) -> Outcome:
         """Run (or resume) the job to completion or to a stop."""
@@ -161,42 +149,14 @@ class Crawl(ItemWalker, GracefulStop):
             self.page_sizes = PageSizes(self.settings.data_dir)
             job = self.state.job()
             assert job is not None
-            budget = None
-            if self.settings.max_credits is not None:
-                budget = max(self.settings.max_credits - job.requests_sent, 0)
-            base_sent, base_billed = job.requests_sent, job.credits_billed
-            reserved = base_sent
-
-            def reserve(n: int) -> None:
-                # The n-th request of this run may leave once the state store says so: a kill then
-                # forgets at most the lease, counted as spent (job() reports it in requests_sent).
-                nonlocal reserved
-                if base_sent + n > reserved:
-                    reserved = base_sent + n - 1 + self.lease()
-                    if self.settings.max_credits is not None:
-                        reserved = min(reserved, self.settings.max_credits)
-                    self.state.reserve(reserved)
-
-            self.client = Client(self.settings, api_key=self._api_key, request_budget=budget, reserve=reserve,
-                                 max_connections=max(MAX_AUTO_WORKERS, self.settings.parallelism or 0))
-            if self._earlier is not None:  # this run's first requests: in requests_sent and under the budget
-                self.client.counters.add(self._earlier)
-            self._base_counters = (base_sent, base_billed)
-
-            def counters() -> tuple[int, int]:
-                c = self.client.counters
-                return base_sent + c.requests_sent, base_billed + c.credits_billed
-
-            self.sink = CsvSink(self.out, self.spec.record.COLUMNS, state=self.state, counters=counters,
-                                bom=self.settings.output_bom, raw=self.settings.output_raw, durable=self._durable)
-            self.writer = GroupWriter(self.sink.commit, interval=self.sink.commit_interval, gate=self._flowing)
+            self._open(job.requests_sent, job.credits_billed)
             self.state.start_run()
             async with self.client:
                 await self.sink.open(job.csv_length)
                 try:
-                    await self._run_workers()
+                    await self._engine().run()
                     await self.sink.checkpoint()  # requests sent after the last page still count
-                    self.state.release()
+                    await self._lease.settle(self.client.counters.requests_sent)
                 finally:
                     self.sink.close()
             progress = self.state.progress()
@@ -212,6 +172,26 @@ class Crawl(ItemWalker, GracefulStop):
             if users is not None:
                 users.close()
 
+    def _open(self, base_sent: int, base_billed: int) -> None:
+        """The run's lease, client and sink, counting from the job's requests and credits so far."""
+        # The n-th request of this run may leave once the state store says so: a kill then
+        # forgets at most the lease, counted as spent (job() reports it in requests_sent).
+        self._lease = LocalLease(self.state, base=base_sent, cap=self.settings.max_credits)
+        self.client = Client(self.settings.client_options(), api_key=self._api_key, request_budget=self._lease.left,
+                             reserve=self._lease.take,
+                             max_connections=max(MAX_AUTO_WORKERS, self.settings.parallelism or 0))
+        if self._earlier is not None:  # this run's first requests: in requests_sent and under the budget
+            self.client.counters.add(self._earlier)
+        self._base_counters = (base_sent, base_billed)
+
+        def counters() -> tuple[int, int]:
+            c = self.client.counters
+            return base_sent + c.requests_sent, base_billed + c.credits_billed
+
+        self.sink = CsvSink(self.out, self.spec.record.COLUMNS, state=self.state, counters=counters,
+                            bom=self.settings.output_bom, raw=self.settings.output_raw, durable=self._durable)
+        self.writer = GroupWriter(self.sink.commit, interval=self.sink.commit_interval, gate=self._flowing)
+
     def sent_any(self) -> bool:
         """Whether this run has sent a request (a full disk found before one is a usage error, exit 2)."""
         client: Client | None = getattr(self, "client", None)
@@ -222,80 +202,33 @@ class Crawl(ItemWalker, GracefulStop):
         if self._stop_error is not None:
             raise self._stop_error
 
-    async def _run_workers(self) -> None:
-        await asyncio.sleep(0)
-        if self._stop_error is not None:  # a stop that came while opening the sink: start nothing
-            return
+    def _engine(self) -> Engine[WorkItem]:
+        """The pool over this run's ports: pending items in input order, the walks, the CSV sink, the lease."""
+        parallelism = self.settings.parallelism
+        options = EngineOptions(workers=parallelism, start=parallelism or 4)
         reporter = ProgressReporter(self.job.command, self._snapshot, quiet=self.quiet,
                                     interval=self._progress_interval)
-        async with asyncio.TaskGroup() as outer:
-            writer = outer.create_task(self.writer.run())
-            progress = outer.create_task(reporter.run())
-            try:
-                async with asyncio.TaskGroup() as tg:
-                    self._tg = tg
-                    self._feeder = tg.create_task(self._feed())
-                    self._tasks.append(self._feeder)
-                    for _ in range(self._target):
-                        self._spawn()
-            finally:
-                self._tg = None
-                progress.cancel()
-                if not writer.done():
-                    self.writer.close()
+        self.stop.attach(self.client)
+        engine = Engine(source=self, handler=self._item, stop=self.stop, options=options, client=self.client,
+                        committer=self.writer, budget=self._lease, reporter=reporter)
+        self._tally = engine.tally
+        return engine
 
-    def _spawn(self) -> None:
-        assert self._tg is not None
-        if self._stop_error is not None:
-            return
-        self._workers += 1
-        self._tasks.append(self._tg.create_task(self._worker()))
-
-    def _grow(self) -> None:
-        """parallelism = "auto": enough workers to keep the rate busy at the latency seen so far."""
-        # Stopping: _spawn() starts nobody, so the loop below would never end.
-        if self.settings.parallelism is not None or self._tg is None or self._stop_error is not None:
-            return
-        self._target = auto_workers(self.client.pace, self.client.counters.latency, self._target)
-        while self._workers < self._target:
-            self._spawn()
-
-    async def _feed(self) -> None:
-        """Queue pending items in input order, wait until all are processed, then let the workers go."""
+    async def items(self) -> AsyncIterator[WorkItem]:
+        """The pending items in input order (the engine's item source)."""
         after = 0
-        while True:
-            chunk = self.state.pending(after, 500)
-            if not chunk:
-                break
+        while chunk := self.state.pending(after, 500):
             for seq, key, raw, cursor, rows, pages in chunk:
-                await self.work.put(WorkItem(seq, key, raw, cursor, rows, pages))
+                yield WorkItem(seq, key, raw, cursor, rows, pages)
                 after = seq
-        await self.work.join()
-        for task in self._tasks:
-            if task is not asyncio.current_task():
-                task.cancel()
 
-    async def _worker(self) -> None:
-        me = asyncio.current_task()
-        assert me is not None
-        while self._stop_error is None:
-            self._idle.add(me)
-            try:
-                item = await self.work.get()
-            finally:
-                self._idle.discard(me)
-            try:
-                await self._process(item)
-            except ItemFailed as exc:
-                update = ItemUpdate(item.seq, "failed", reason=exc.reason, endpoint=exc.endpoint or self.spec.endpoint,
-                                    detail=str(exc))
-                await self.writer.submit(Batch([], update))
-            except RunStopped as exc:
-                self.request_stop(exc)
-                return
-            finally:
-                self.work.task_done()
-            self._grow()
+    async def _item(self, item: WorkItem) -> None:
+        try:
+            await self._process(item)
+        except ItemFailed as exc:
+            update = ItemUpdate(item.seq, "failed", reason=exc.reason, endpoint=exc.endpoint or self.spec.endpoint,
+                                detail=str(exc))
+            await self.writer.submit(Batch([], update))
 
     async def _process(self, item: WorkItem) -> None:
         async with aclosing(self.spec.handler(self, item)) as steps:
@@ -316,7 +249,7 @@ class Crawl(ItemWalker, GracefulStop):
                         billed + c.credits_billed, failed=p.failed, note=self.client.outage.status())
 
     def _outcome(self, started: float, status: str, rows: int, reason: str = "") -> Outcome:
-        facts = RunFacts(started, self._workers, self.job.max_pages or self.settings.max_pages,
+        facts = RunFacts(started, self._tally.workers, self.job.max_pages or self.settings.max_pages,
                          self.input_change, self.capped)
         return outcome(self.job, self.state, getattr(self, "client", None), facts, status=status, rows=rows,
                        error=self._stop_error, reason=reason)
@@ -334,7 +267,7 @@ async def run_job(crawl: Crawl, *, install_signals: bool = True) -> Outcome:
     if install_signals:
         for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, crawl.signalled, Interrupted(f"stopped by {sig.name}", code))
+                loop.add_signal_handler(sig, crawl.stop.signalled, Interrupted(f"stopped by {sig.name}", code))
                 installed.append(sig)
     try:
         with job_lock(crawl.out), disk_problems(crawl.out.parent, started=crawl.sent_any):
