@@ -275,6 +275,24 @@ class Ingest(GracefulStop):
         return auto_workers(self.client.pace, self.client.counters.latency, workers)
 
 
+async def _read_watch(run: Ingest, watch: StateStore) -> None:
+    """Read the watch list into ``watch``, de-duplicated on disk (a 1M watch list costs no memory); a stop (a
+    signal) ends the reading."""
+    job = JobOptions(command="profiles", input=run.input_path, output=str(run.out_dir / "watch.csv"),
+                     column=run.column, by_id=run.by_id)
+    entries, _ = input_items(job, COMMANDS["profiles"])
+    batch: list[tuple[str, str, str | None, str | None]] = []
+    for entry in entries:
+        batch.append(entry)
+        if len(batch) >= 5000:
+            watch.add_items(batch)
+            batch.clear()
+            await asyncio.sleep(0)
+            if run._stop is not None:
+                raise run._stop
+    watch.add_items(batch)
+
+
 async def ingest(
     input_path: str,
     out_dir: Path,
@@ -315,19 +333,7 @@ async def ingest(
             with tempfile.TemporaryDirectory(prefix="crawler-ingest-") as tmp:
                 watch = StateStore(Path(tmp) / "watch.db")
                 try:
-                    job = JobOptions(command="profiles", input=input_path, output=str(out_dir / "watch.csv"),
-                                     column=column, by_id=by_id)
-                    entries, _ = input_items(job, COMMANDS["profiles"])
-                    batch: list[tuple[str, str, str | None, str | None]] = []
-                    for entry in entries:  # de-duplicated on disk: a 1M watch list costs no memory
-                        batch.append(entry)
-                        if len(batch) >= 5000:
-                            watch.add_items(batch)
-                            batch.clear()
-                            await asyncio.sleep(0)
-                            if run._stop is not None:
-                                raise run._stop
-                    watch.add_items(batch)
+                    await _read_watch(run, watch)
                     return await run.run(watch)
                 finally:
                     watch.close()
