@@ -33,7 +33,7 @@ from crawler.api.pagesizes import PageSizes
 from crawler.engine.metrics import write_json
 from crawler.history.export import export_csv
 from crawler.history.store import HistoryStore
-from crawler.runs.ingest import _out_dir_id
+from crawler.runs.ingest_files import out_dir_id as _out_dir_id
 from crawler.sim.data import WorldConfig
 from crawler.sim.server import Simulator
 from crawler.sinks import csv_sink as sinks
