@@ -1,37 +1,29 @@
-"""PostgreSQL jobs (`jobs.url`): the starter, `crawler work`, `crawler jobs` and `crawler export`.
+"""The worker session of a PostgreSQL job (`jobs.url`): `JobWorker` and the job's credit `Budget`.
 
-Flow: the starter reads the input into the job store (pgjobs.py) and enqueues the items not done
-(itemqueue.py); every worker, the starter included, takes items from the queue and runs the same command
-handlers (commands.py) a local run does; each page is committed to PostgreSQL by one writer task per worker;
-when no item is left the starter writes OUT.csv from the database with the local sink's cell rules.
+A worker takes items from the job's queue (stores/pg_queue.py), runs the same command handlers (commands.py) a
+local run does, and commits each page to PostgreSQL (stores/pg_jobs.py) through one group-commit writer
+(engine/writer.py). The starter, `crawler work` and `crawler export` that run it: runs/distributed.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import csv
 import json
 import logging
 import os
-import signal
 import socket
-import sys
-import tempfile
 import time
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import aclosing
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from crawler import testing
 from crawler.api import records as ep
 from crawler.api.client import Client, Counters, GracefulStop
 from crawler.api.pagesizes import PageSizes
-from crawler.config import Secret, Settings, masked
-from crawler.engine.outcome import Outcome
-from crawler.engine.stats import Summary
+from crawler.config import Secret, Settings
 from crawler.engine.writer import GroupWriter
 from crawler.errors import (
     BudgetExhausted,
@@ -39,20 +31,16 @@ from crawler.errors import (
     Interrupted,
     ItemFailed,
     RunStopped,
-    UsageError,
     rank,
 )
-from crawler.files import atomic_write
 from crawler.jobs.commands import COMMANDS, CommandSpec
-from crawler.jobs.inputs import input_items
-from crawler.jobs.prepare import JobOptions, WorkItem, check_output_path, failures_path
+from crawler.jobs.prepare import JobOptions, WorkItem
 from crawler.jobs.walker import ItemWalker, step_update
-from crawler.rate.ledger import ledger_name
 from crawler.rate.pacing import MAX_AUTO_WORKERS, auto_workers
-from crawler.sinks.csv_sink import Batch, cell, write_failures
+from crawler.sinks.csv_sink import Batch
 from crawler.stores import pg_queue as itemqueue
-from crawler.stores.local import RETRIABLE, RETRIABLE_ALL, ItemUpdate, UserDirectory
-from crawler.stores.pg_jobs import LeaseLost, PageCommit, PgJob, PgJobStore, StoreLost, WorkerInfo, job_id
+from crawler.stores.local import ItemUpdate, UserDirectory
+from crawler.stores.pg_jobs import LeaseLost, PageCommit, PgJob, PgJobStore, StoreLost
 
 log = logging.getLogger("crawler.runs.distributed")
 
@@ -68,6 +56,13 @@ def host_name() -> str:
 def job_options(pg: PgJob) -> JobOptions:
     """The job's options as its starter gave them (input and output are the starter's own)."""
     return JobOptions(**{**pg.options, "command": pg.command, "input": "", "output": ""})
+
+
+def job_store(settings: Settings, url: str) -> PgJobStore:
+    """The job store at `url`, with this run's stall limit, heartbeat timeout and connect timeout."""
+    return PgJobStore(url, stall_limit=settings.retry_stall_limit, heartbeat_timeout=settings.jobs_heartbeat_timeout,
+                      connect_timeout=settings.connect_timeout)
+
 
 
 class Budget:
@@ -411,409 +406,3 @@ class JobWorker(ItemWalker, GracefulStop):
             self._finished.clear()
             await asyncio.sleep(0.05)  # at most ~20 looks a second however many items end
 
-
-# --- the starter, `work`, `jobs`, `export` ---
-
-
-def _store(settings: Settings, url: str) -> PgJobStore:
-    return PgJobStore(url, stall_limit=settings.retry_stall_limit, heartbeat_timeout=settings.jobs_heartbeat_timeout,
-                      connect_timeout=settings.connect_timeout)
-
-
-def _spool(job: JobOptions, spec: CommandSpec) -> tuple[Path, str]:
-    """The input read once into a temporary file (stdin can be read only once); its path and hash."""
-    entries, digest = input_items(job, spec)
-    fd, name = tempfile.mkstemp(prefix="crawler-input-", suffix=".jsonl")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        for entry in entries:
-            fh.write(json.dumps(entry) + "\n")
-    return Path(name), digest()
-
-
-class _Spooled:
-    """The spooled input's entries, read from the start each time it is iterated: a job's creation retried after
-    a lost connection reads every entry again (a generator would give the retry only those after the cut)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __iter__(self) -> Iterator[tuple[str, str, str | None, str | None]]:
-        with self.path.open(encoding="utf-8") as fh:
-            for line in fh:
-                key, raw, reason, detail = json.loads(line)
-                yield key, raw, reason, detail
-
-
-async def _register(store: PgJobStore, settings: Settings, key: Secret, jid: str | None) -> str:
-    """Register this worker; a key worked from another host through another (or a non-Redis) ledger is exit 2."""
-    from crawler.api.client import check_base_url
-
-    base = check_base_url(settings.base_url, allow_insecure_http=settings.allow_insecure_http)
-    me = WorkerInfo(f"{host_name()}:{os.getpid()}:{os.urandom(3).hex()}", host_name(), os.getpid(),
-                    ledger_name(key.reveal(), base), masked(settings.rate_shared), jid, True)
-    others = await store.register(me)
-    clash = [w for w in others if not (w.ledger == me.ledger and me.ledger.startswith(("redis://", "rediss://")))]
-    if clash and settings.rate_enabled:
-        await store.leave(me.id)
-        w = clash[0]
-        raise UsageError(
-            f"rate.shared = {me.ledger!r}: this key is already worked from host {w.host} (pid {w.pid}) through"
-            f" rate.shared = {w.ledger!r}; workers of one key on several hosts must share one Redis ledger: set"
-            " rate.shared = \"redis://HOST:PORT/DB\" on every worker")
-    return me.id
-
-
-def _stop_session(worker: JobWorker, error: CrawlerError, quiet: bool) -> None:
-    """A stop for the session running: a signal lets its requests under way be answered and committed first."""
-    if isinstance(error, Interrupted):
-        worker.quiet = quiet
-        worker.signalled(error)
-    else:
-        worker.request_stop(error)
-
-
-def _install_signals(stop: Any) -> list[signal.Signals]:
-    loop = asyncio.get_running_loop()
-    installed = []
-    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop, Interrupted(f"stopped by {sig.name}", code))
-            installed.append(sig)
-    return installed
-
-
-def _remove_signals(installed: list[signal.Signals]) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in installed:
-        loop.remove_signal_handler(sig)
-
-
-async def _work_session(store: PgJobStore, pg: PgJob, settings: Settings, key: Secret, worker_id: str,
-                        stopper: list[JobWorker | None], stopped: list[CrawlerError], *,
-                        earlier: Counters | None = None) -> SessionResult:
-    worker = JobWorker(store, pg, settings, api_key=key, worker_id=worker_id, earlier=earlier)
-    stopper[0] = worker
-    if stopped:
-        worker.request_stop(stopped[0])
-    try:
-        return await worker.run()
-    finally:
-        stopper[0] = None
-
-
-async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url: str, restart: bool = False,
-                    retry_failed: bool | str = False, overwrite: bool = False, quiet: bool = False,
-                    earlier: Counters | None = None) -> Outcome:
-    """`crawler COMMAND INPUT -o OUT.csv --jobs-url URL`: create or resume the job, work it, export it; `earlier`:
-    the requests this command sent for it before (the region lookup), counted as the starter's first."""
-    started = time.monotonic()
-    spec = COMMANDS[job.command]
-    out = Path(job.output)
-    # Never the input file (nor a path through a file), new job, --restart or resumed alike.
-    check_output_path(job, overwrite=overwrite)
-    async with _store(settings, url) as store:
-        await store.outside(lambda: itemqueue.install(url))
-        jid = await _create(store, job, settings, restart=restart, overwrite=overwrite)
-        testing.reached("job_printed")
-        retry = RETRIABLE_ALL if retry_failed == "all" else RETRIABLE if retry_failed else ()
-        pg = await store.job(jid)
-        assert pg is not None
-        progress = await store.progress(jid)
-        if (pg.status == "done" and progress.pending == 0 and await asyncio.to_thread(out.exists) and not restart
-                and not retry):
-            # Before resume(): the job keeps the output.bom/output.raw its OUT.csv was written with (export's).
-            return _summary(job, store, pg, progress, await store.failure_counts(jid), None, started,
-                            status="already complete", result=SessionResult(), settings=settings,
-                            reason="nothing to do; --restart runs it again")
-        await store.resume(jid, settings.max_credits, retry=retry, bom=settings.output_bom, raw=settings.output_raw)
-        pg = await store.job(jid)
-        assert pg is not None
-        orphans = await store.orphans(jid, heartbeat_timeout=pg.heartbeat_timeout)
-        testing.reached("enqueuing")
-        await store.outside(lambda: itemqueue.enqueue(url, jid, orphans))
-        worker_id = await _register(store, settings, api_key, jid)
-        stopper: list[JobWorker | None] = [None]
-        stopped: list[CrawlerError] = []
-        wake = asyncio.Event()  # set by a signal: also ends the wait for other workers
-        exporting: list[asyncio.Task[Any]] = []  # and the export, cancelled
-
-        def stop(error: CrawlerError) -> None:
-            stopped[:] = [error]
-            if isinstance(error, RunStopped):
-                store.abandon(error)  # a store away no longer holds the stop for retry.stall_limit
-            wake.set()
-            for task in exporting:
-                task.cancel()
-            if stopper[0] is not None:
-                _stop_session(stopper[0], error, quiet)
-
-        installed = _install_signals(stop)
-        try:
-            result = await _work_session(store, pg, settings, api_key, worker_id, stopper, stopped, earlier=earlier)
-            error = result.error
-            # Other workers may still hold items: wait for them (a dead one's items come back to the queue).
-            while error is None:
-                progress = await store.progress(jid)
-                pg = await store.job(jid)
-                assert pg is not None
-                if progress.pending == 0:
-                    break
-                if pg.status == "budget":
-                    if await store.held_by_live(jid, pg.heartbeat_timeout) == 0:
-                        error = BudgetExhausted("the job's --max-credits budget is spent")
-                        break
-                    await _sleep_or_stop(0.2, wake)
-                    if stopped:
-                        error = stopped[0]
-                    continue
-                # Items came back (a worker died or stopped): work them too.
-                more = await _work_session(store, pg, settings, api_key, worker_id, stopper, stopped)
-                _merge(result, more)
-                error = more.error
-                if stopped and error is None:
-                    error = stopped[0]
-            progress = await store.progress(jid)
-            pg = await store.job(jid)
-            assert pg is not None
-            complete = error is None and progress.pending == 0
-            if complete:
-                await store.set_status(jid, "done")
-                # A signal stops the export too (its temporary file removed); run again, the job exports.
-                if stopped or not await _stoppable(export(store, jid, out, spec, bom=settings.output_bom,
-                                                          raw=settings.output_raw), exporting):
-                    error, complete = stopped[0], False
-            write_failures(failures_path(out), await store.failures(jid), raw=settings.output_raw)
-            return _summary(job, store, pg, progress, await store.failure_counts(jid), error, started,
-                            status="completed" if complete else "stopped",
-                            result=result, settings=settings)
-        finally:
-            _remove_signals(installed)
-
-
-async def _create(store: PgJobStore, job: JobOptions, settings: Settings, *, restart: bool, overwrite: bool) -> str:
-    """Create the starter's job (or find it), print its id; the job of an edited input continues the one of this
-    output on this host, which is closed."""
-    out = Path(job.output)
-    options = {k: v for k, v in asdict(job).items() if k not in ("input", "output", "command")}
-    spool, digest = _spool(job, COMMANDS[job.command])
-    try:
-        jid = job_id(job.command, options, digest)
-        if restart:
-            await store.delete_job(jid)
-        where = f"{host_name()}:{await asyncio.to_thread(out.resolve)}"
-        created = await store.create_job(jid, job.command, options, _Spooled(spool), output=where, inherit=not restart,
-                                         heartbeat_timeout=settings.jobs_heartbeat_timeout, bom=settings.output_bom,
-                                         raw=settings.output_raw)
-    finally:
-        spool.unlink(missing_ok=True)
-    # A new job never replaces a file it did not write (the input, someone's CSV) unless told to.
-    if created and created.supersedes is None and not (overwrite or restart) and await asyncio.to_thread(out.exists):
-        await store.delete_job(jid)
-        raise UsageError(f"--output {out} exists and is not this job's output: choose another output, or add"
-                         " --overwrite to replace it")
-    # Printed once the job exists (and stays): `crawler work --job ID` started on seeing it finds it.
-    print(f"crawler: job {jid} ({masked(store.url)})", file=sys.stderr)
-    if created and created.supersedes and not restart:
-        print(f"crawler: the input changed: this job continues job {created.supersedes} ({created.added:,} items"
-              f" added, {created.gone:,} done items no longer in it)", file=sys.stderr)
-    return jid
-
-
-def _merge(a: SessionResult, b: SessionResult) -> None:
-    a.items += b.items
-    a.rows += b.rows
-    a.lost += b.lost
-    a.requests_sent += b.requests_sent
-    a.credits_billed += b.credits_billed
-    a.rate_limited += b.rate_limited
-    a.retries += b.retries
-    a.rate_wait_seconds += b.rate_wait_seconds
-    a.parallelism = max(a.parallelism, b.parallelism)
-    for kind, n in b.responses.items():
-        a.responses[kind] = a.responses.get(kind, 0) + n
-
-
-def _summary(job: JobOptions, store: PgJobStore, pg: PgJob, progress: Any, fails: dict[str, int],
-             error: CrawlerError | None, started: float, *, status: str, result: SessionResult, settings: Settings,
-             reason: str = "") -> Outcome:
-    out = Path(job.output)
-    failures_file = failures_path(out)
-    summary = Summary(
-        command=job.command, status=status, items_total=progress.total, items_done=progress.done,
-        items_failed=sum(fails.values()),  # failed items and failed reply walks: the failures file's rows
-        items_pending=progress.pending, rows_written=result.rows, rows_total=pg.rows,
-        requests_sent=pg.requests_sent, credits_billed=pg.credits_billed, run_requests=result.requests_sent,
-        rate_limited=result.rate_limited, retries=result.retries, elapsed=time.monotonic() - started,
-        parallelism=result.parallelism or settings.parallelism or AUTO_START,
-        rate_used=f"{settings.rate_limit} per {settings.rate_window:g} s" if settings.rate_enabled else "no limit",
-        rate_wait_seconds=result.rate_wait_seconds, failures=fails, run_credits_billed=result.credits_billed,
-        responses=dict(result.responses),
-        output=str(out) if status != "stopped" else f"job {pg.id} in {store.where}",
-        failures_file=str(failures_file) if fails else "",
-        reason=reason or (str(error) if error else ""),
-        notes=(f"job {pg.id}: {result.items:,} items worked here, {result.lost} taken over by other workers",),
-    )
-    return Outcome(summary, error)
-
-
-async def export(store: PgJobStore, jid: str, out: Path, spec: CommandSpec, *, bom: bool, raw: bool) -> int:
-    """Write the job's rows to `out` (temporary file, fsync, rename) with the local sink's cell rules."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with atomic_write(out) as fh:
-        if bom:
-            fh.write("\ufeff")
-        writer = csv.writer(fh, lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
-        writer.writerow(spec.record.COLUMNS)
-        async for values in store.rows(jid):
-            writer.writerow([cell(v, raw=raw) for v in values])
-            n += 1
-            testing.reached("exporting")
-    return n
-
-
-async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None, until_idle: bool,
-               quiet: bool = False) -> int:
-    """`crawler work`: join open jobs (or one) as a worker; with `until_idle`, exit when none has items left."""
-    async with _store(settings, url) as store:
-        await store.outside(lambda: itemqueue.install(url))
-        if job is not None and await store.job(job) is None:
-            raise UsageError(f"--job {job}: no such job in {store.where} (see crawler jobs --jobs-url URL)")
-        worker_id = await _register(store, settings, api_key, None)
-        stopper: list[JobWorker | None] = [None]
-        stopped: list[CrawlerError] = []
-        wake = asyncio.Event()
-
-        def stop(error: CrawlerError) -> None:
-            stopped[:] = [error]
-            wake.set()
-            if isinstance(error, RunStopped):
-                store.abandon(error)  # a store away no longer holds the stop for retry.stall_limit
-            if stopper[0] is not None:
-                _stop_session(stopper[0], error, quiet)
-
-        installed = _install_signals(stop)
-        worst: CrawlerError | None = None
-        worked: set[str] = set()  # jobs this worker took part in: one stopped for its budget makes the exit 4
-        try:
-            while not stopped:
-                jobs = [j for j in await store.open_jobs() if job is None or j.id.startswith(job)]
-                todo = [j for j in jobs if (await store.progress(j.id)).pending]
-                if not todo:
-                    if until_idle:
-                        named = await store.job(job) if job is not None else None
-                        if named is not None:
-                            worked.add(named.id)
-                        break
-                    await store.beat(worker_id, None)
-                    await _sleep_or_stop(min(5.0, store.heartbeat_timeout / 2), wake)
-                    continue
-                for pg in todo:
-                    worked.add(pg.id)
-                    result = await _work_session(store, pg, settings, api_key, worker_id, stopper, stopped)
-                    if not quiet:
-                        print(f"crawler: job {pg.id}: {result.items:,} items worked here, {result.rows:,} rows,"
-                              f" {result.requests_sent:,} requests, {result.lost} taken over by other workers",
-                              file=sys.stderr)
-                    err = result.error
-                    if isinstance(err, BudgetExhausted):
-                        continue  # that job is stopped; others may go on
-                    if err is not None:
-                        worst = err
-                        break
-                    if stopped:
-                        break
-                if worst is not None:
-                    break
-        finally:
-            _remove_signals(installed)
-            with contextlib.suppress(RunStopped):
-                await store.leave(worker_id)
-        error = worst or (stopped[0] if stopped else None)
-        if error is not None:
-            print(f"crawler: {error}", file=sys.stderr)
-            return error.exit_code if not isinstance(error, Interrupted) else error.code
-        if not until_idle:
-            return 0
-        # Idle because jobs with items left may not spend more (unless a starter has raised the cap since): 4.
-        held = [now for jid in sorted(worked) if (now := await store.job(jid)) is not None and now.status == "budget"
-                and (await store.progress(jid)).pending > 0]
-        if held:
-            for pg in held:
-                cap = f" ({pg.max_credits:,})" if pg.max_credits is not None else ""
-                print(f"crawler: job {pg.id}: its --max-credits budget{cap} is spent with items pending; run its"
-                      " starter's command again with a higher --max-credits, then workers go on", file=sys.stderr)
-            return BudgetExhausted.exit_code
-        return 0
-
-
-async def _sleep_or_stop(seconds: float, wake: asyncio.Event) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(wake.wait(), seconds)
-
-
-async def _stoppable(work: Coroutine[Any, Any, object], running: list[asyncio.Task[Any]]) -> bool:
-    """Run `work` as a task in `running`, which a stop cancels (at its next await): True if it ran to its end."""
-    task = asyncio.ensure_future(work)
-    running.append(task)
-    try:
-        await asyncio.wait((task,))
-    finally:
-        running.remove(task)
-        if not task.done():  # we were cancelled ourselves
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    if task.cancelled():
-        return False
-    task.result()  # its error, if it failed
-    return True
-
-
-async def jobs_report(settings: Settings, *, url: str, as_json: bool = False) -> str:
-    """`crawler jobs`: every job with its id, progress, failures, both credit counters and workers."""
-    async with _store(settings, url) as store:
-        found: list[dict[str, Any]] = []
-        for pg in await store.jobs():
-            p = await store.progress(pg.id)
-            found.append({
-                "id": pg.id, "command": pg.command, "status": pg.status, "items": p.total, "done": p.done,
-                "failed": p.failed, "pending": p.pending, "failures": await store.failure_counts(pg.id),
-                "rows": pg.rows, "requests_sent": pg.requests_sent, "credits_billed": pg.credits_billed,
-                "max_credits": pg.max_credits,
-                "workers": [{"host": w.host, "pid": w.pid, "key_hash": w.key_hash, "ledger": w.ledger, "live": w.live}
-                            for w in await store.workers(pg.id, pg.heartbeat_timeout)],
-            })
-    if as_json:
-        return json.dumps(found, indent=2)
-    lines = []
-    for j in found:
-        fails = ", ".join(f"{k}: {v}" for k, v in sorted(j["failures"].items())) or "none"
-        lines.append(f"{j['id']}  {j['command']:<14} {j['status']:<8} {j['done']:,} done, {j['failed']:,} failed,"
-                     f" {j['pending']:,} pending of {j['items']:,}; rows {j['rows']:,};"
-                     f" requests_sent {j['requests_sent']:,}; credits_billed {j['credits_billed']:,}")
-        lines.append(f"    failures: {fails}")
-        for w in j["workers"]:
-            lines.append(f"    worker {w['host']} pid {w['pid']} key {w['key_hash'][:8]} ledger {w['ledger']}"
-                         f"{' (live)' if w['live'] else ''}")
-    return "\n".join(lines) if lines else "no jobs"
-
-
-async def export_job(settings: Settings, *, url: str, jid: str, out: Path, bom: bool | None = None,
-                     raw: bool | None = None) -> int:
-    """`crawler export JOB -o OUT.csv`: a finished job's output again, byte for byte (the output.bom/output.raw
-    its starter wrote with, unless `bom`/`raw` are given: the --bom/--raw flags)."""
-    async with _store(settings, url) as store:
-        pg = await store.job(jid)
-        if pg is None:
-            raise UsageError(f"export: no job {jid} in {store.where} (see crawler jobs --jobs-url URL)")
-        progress = await store.progress(pg.id)
-        if progress.pending:
-            raise UsageError(f"export: job {pg.id} is not finished ({progress.pending:,} items pending): run"
-                             " `crawler work --jobs-url URL` or its starting command to finish it")
-        spec = COMMANDS[pg.command]
-        bom = pg.bom if bom is None else bom
-        raw = pg.raw if raw is None else raw
-        n = await export(store, pg.id, out, spec, bom=bom, raw=raw)
-        write_failures(failures_path(out), await store.failures(pg.id), raw=raw)
-        return n
