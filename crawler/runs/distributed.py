@@ -137,25 +137,11 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
     # Never the input file (nor a path through a file), new job, --restart or resumed alike.
     check_output_path(job, overwrite=overwrite)
     async with job_store(settings, url) as store:
-        await store.outside(lambda: itemqueue.install(url))
-        jid = await _create(store, job, settings, restart=restart, overwrite=overwrite)
-        testing.reached("job_printed")
-        retry = RETRIABLE_ALL if retry_failed == "all" else RETRIABLE if retry_failed else ()
-        pg = await store.job(jid)
-        assert pg is not None
-        progress = await store.progress(jid)
-        if (pg.status == "done" and progress.pending == 0 and await asyncio.to_thread(out.exists) and not restart
-                and not retry):
-            # Before resume(): the job keeps the output.bom/output.raw its OUT.csv was written with (export's).
-            return _summary(job, store, pg, progress, await store.failure_counts(jid), None, started,
-                            status="already complete", result=SessionResult(), settings=settings,
-                            reason="nothing to do; --restart runs it again")
-        await store.resume(jid, settings.max_credits, retry=retry, bom=settings.output_bom, raw=settings.output_raw)
-        pg = await store.job(jid)
-        assert pg is not None
-        orphans = await store.orphans(jid, heartbeat_timeout=pg.heartbeat_timeout)
-        testing.reached("enqueuing")
-        await store.outside(lambda: itemqueue.enqueue(url, jid, orphans))
+        ready = await _ready(store, job, settings, url=url, restart=restart, retry_failed=retry_failed,
+                             overwrite=overwrite, started=started)
+        if isinstance(ready, Outcome):
+            return ready
+        jid = ready.id
         worker_id = await _register(store, settings, api_key, jid)
         stopper: list[JobWorker | None] = [None]
         stopped: list[CrawlerError] = []
@@ -174,29 +160,10 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
 
         installed = _install_signals(stop)
         try:
-            result = await _work_session(store, pg, settings, api_key, worker_id, stopper, stopped, earlier=earlier)
+            result = await _work_session(store, ready, settings, api_key, worker_id, stopper, stopped, earlier=earlier)
             error = result.error
-            # Other workers may still hold items: wait for them (a dead one's items come back to the queue).
-            while error is None:
-                progress = await store.progress(jid)
-                pg = await store.job(jid)
-                assert pg is not None
-                if progress.pending == 0:
-                    break
-                if pg.status == "budget":
-                    if await store.held_by_live(jid, pg.heartbeat_timeout) == 0:
-                        error = BudgetExhausted("the job's --max-credits budget is spent")
-                        break
-                    await _sleep_or_stop(0.2, wake)
-                    if stopped:
-                        error = stopped[0]
-                    continue
-                # Items came back (a worker died or stopped): work them too.
-                more = await _work_session(store, pg, settings, api_key, worker_id, stopper, stopped)
-                _merge(result, more)
-                error = more.error
-                if stopped and error is None:
-                    error = stopped[0]
+            if error is None:
+                error = await _until_done(store, jid, settings, api_key, worker_id, stopper, stopped, wake, result)
             progress = await store.progress(jid)
             pg = await store.job(jid)
             assert pg is not None
@@ -213,6 +180,62 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
                             result=result, settings=settings)
         finally:
             _remove_signals(installed)
+
+
+async def _ready(store: PgJobStore, job: JobOptions, settings: Settings, *, url: str, restart: bool,
+                 retry_failed: bool | str, overwrite: bool, started: float) -> PgJob | Outcome:
+    """Create or resume the starter's job and enqueue its items not done: the job, or the outcome of a job already
+    complete with its output there (nothing to do)."""
+    out = Path(job.output)
+    await store.outside(lambda: itemqueue.install(url))
+    jid = await _create(store, job, settings, restart=restart, overwrite=overwrite)
+    testing.reached("job_printed")
+    retry = RETRIABLE_ALL if retry_failed == "all" else RETRIABLE if retry_failed else ()
+    pg = await store.job(jid)
+    assert pg is not None
+    progress = await store.progress(jid)
+    if (pg.status == "done" and progress.pending == 0 and await asyncio.to_thread(out.exists) and not restart
+            and not retry):
+        # Before resume(): the job keeps the output.bom/output.raw its OUT.csv was written with (export's).
+        return _summary(job, store, pg, progress, await store.failure_counts(jid), None, started,
+                        status="already complete", result=SessionResult(), settings=settings,
+                        reason="nothing to do; --restart runs it again")
+    await store.resume(jid, settings.max_credits, retry=retry, bom=settings.output_bom, raw=settings.output_raw)
+    pg = await store.job(jid)
+    assert pg is not None
+    orphans = await store.orphans(jid, heartbeat_timeout=pg.heartbeat_timeout)
+    testing.reached("enqueuing")
+    await store.outside(lambda: itemqueue.enqueue(url, jid, orphans))
+    return pg
+
+
+async def _until_done(store: PgJobStore, jid: str, settings: Settings, api_key: Secret, worker_id: str,
+                      stopper: list[JobWorker | None], stopped: list[CrawlerError], wake: asyncio.Event,
+                      result: SessionResult) -> CrawlerError | None:
+    """After the starter's session: other workers may still hold items; wait for them (a dead one's items come back
+    to the queue, and are worked here too, into `result`). The error that ends the job's run, if any."""
+    error: CrawlerError | None = None
+    while error is None:
+        progress = await store.progress(jid)
+        pg = await store.job(jid)
+        assert pg is not None
+        if progress.pending == 0:
+            break
+        if pg.status == "budget":
+            if await store.held_by_live(jid, pg.heartbeat_timeout) == 0:
+                error = BudgetExhausted("the job's --max-credits budget is spent")
+                break
+            await _sleep_or_stop(0.2, wake)
+            if stopped:
+                error = stopped[0]
+            continue
+        # Items came back (a worker died or stopped): work them too.
+        more = await _work_session(store, pg, settings, api_key, worker_id, stopper, stopped)
+        _merge(result, more)
+        error = more.error
+        if stopped and error is None:
+            error = stopped[0]
+    return error
 
 
 async def _create(store: PgJobStore, job: JobOptions, settings: Settings, *, restart: bool, overwrite: bool) -> str:
@@ -281,7 +304,6 @@ def _summary(job: JobOptions, store: PgJobStore, pg: PgJob, progress: Any, fails
     return Outcome(summary, error)
 
 
-
 async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None, until_idle: bool,
                quiet: bool = False) -> int:
     """`crawler work`: join open jobs (or one) as a worker; with `until_idle`, exit when none has items left."""
@@ -318,43 +340,58 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
                     await store.beat(worker_id, None)
                     await _sleep_or_stop(min(5.0, store.heartbeat_timeout / 2), wake)
                     continue
-                for pg in todo:
-                    worked.add(pg.id)
-                    result = await _work_session(store, pg, settings, api_key, worker_id, stopper, stopped)
-                    if not quiet:
-                        print(f"crawler: job {pg.id}: {result.items:,} items worked here, {result.rows:,} rows,"
-                              f" {result.requests_sent:,} requests, {result.lost} taken over by other workers",
-                              file=sys.stderr)
-                    err = result.error
-                    if isinstance(err, BudgetExhausted):
-                        continue  # that job is stopped; others may go on
-                    if err is not None:
-                        worst = err
-                        break
-                    if stopped:
-                        break
+                worst = await _work_each(store, todo, settings, api_key, worker_id, stopper, stopped, worked=worked,
+                                         quiet=quiet)
                 if worst is not None:
                     break
         finally:
             _remove_signals(installed)
             with contextlib.suppress(RunStopped):
                 await store.leave(worker_id)
-        error = worst or (stopped[0] if stopped else None)
-        if error is not None:
-            print(f"crawler: {error}", file=sys.stderr)
-            return error.exit_code if not isinstance(error, Interrupted) else error.code
-        if not until_idle:
-            return 0
-        # Idle because jobs with items left may not spend more (unless a starter has raised the cap since): 4.
-        held = [now for jid in sorted(worked) if (now := await store.job(jid)) is not None and now.status == "budget"
-                and (await store.progress(jid)).pending > 0]
-        if held:
-            for pg in held:
-                cap = f" ({pg.max_credits:,})" if pg.max_credits is not None else ""
-                print(f"crawler: job {pg.id}: its --max-credits budget{cap} is spent with items pending; run its"
-                      " starter's command again with a higher --max-credits, then workers go on", file=sys.stderr)
-            return BudgetExhausted.exit_code
+        return await _work_exit(store, worst or (stopped[0] if stopped else None), until_idle=until_idle,
+                                worked=worked)
+
+
+async def _work_each(store: PgJobStore, todo: list[PgJob], settings: Settings, api_key: Secret, worker_id: str,
+                     stopper: list[JobWorker | None], stopped: list[CrawlerError], *, worked: set[str],
+                     quiet: bool) -> CrawlerError | None:
+    """A session on each job with items left, in turn (each added to `worked`): the first error that ends `crawler
+    work` (a job stopped for its budget does not: others may go on); None after a stop, or when all are worked."""
+    for pg in todo:
+        worked.add(pg.id)
+        result = await _work_session(store, pg, settings, api_key, worker_id, stopper, stopped)
+        if not quiet:
+            print(f"crawler: job {pg.id}: {result.items:,} items worked here, {result.rows:,} rows,"
+                  f" {result.requests_sent:,} requests, {result.lost} taken over by other workers",
+                  file=sys.stderr)
+        err = result.error
+        if isinstance(err, BudgetExhausted):
+            continue  # that job is stopped; others may go on
+        if err is not None:
+            return err
+        if stopped:
+            break
+    return None
+
+
+async def _work_exit(store: PgJobStore, error: CrawlerError | None, *, until_idle: bool, worked: set[str]) -> int:
+    """`crawler work`'s exit code: its error's; with `until_idle`, 4 if a job it worked stopped for its budget with
+    items pending (told how to go on), else 0."""
+    if error is not None:
+        print(f"crawler: {error}", file=sys.stderr)
+        return error.exit_code if not isinstance(error, Interrupted) else error.code
+    if not until_idle:
         return 0
+    # Idle because jobs with items left may not spend more (unless a starter has raised the cap since): 4.
+    held = [now for jid in sorted(worked) if (now := await store.job(jid)) is not None and now.status == "budget"
+            and (await store.progress(jid)).pending > 0]
+    if held:
+        for pg in held:
+            cap = f" ({pg.max_credits:,})" if pg.max_credits is not None else ""
+            print(f"crawler: job {pg.id}: its --max-credits budget{cap} is spent with items pending; run its"
+                  " starter's command again with a higher --max-credits, then workers go on", file=sys.stderr)
+        return BudgetExhausted.exit_code
+    return 0
 
 
 async def _sleep_or_stop(seconds: float, wake: asyncio.Event) -> None:

@@ -2,7 +2,7 @@
 
 A worker takes items from the job's queue (stores/pg_queue.py), runs the same command handlers (commands.py) a
 local run does, and commits each page to PostgreSQL (stores/pg_jobs.py) through one group-commit writer
-(engine/writer.py). The starter, `crawler work` and `crawler export` that run it: runs/distributed.py.
+(engine/writer.py). The starter and `crawler work` that run it: runs/distributed.py.
 """
 
 from __future__ import annotations
