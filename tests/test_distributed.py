@@ -928,7 +928,7 @@ async def test_sigterm_while_the_starter_waits_for_workers_past_the_budget_stops
         worker = await hosts.start("w", ["work", "--jobs-url", url, "--job", jid, *common(slow.url)])
         held = "SELECT count(*) FROM crawler_items WHERE status = 'pending' AND owner LIKE %s"
         await until(lambda: pg_value(schema, held, f"%:{worker.pid}:%"), "the worker holding items")
-        # What a worker whose --max-credits lease came back empty writes (Budget.reserve): the job stopped for its
+        # What a worker whose --max-credits lease came back empty writes (PgLease.take): the job stopped for its
         # budget. The starter finishes the items in hand (no cap of its own) and then waits for the worker's.
         async with await psycopg.AsyncConnection.connect(pg_url(schema), autocommit=True) as conn:
             await conn.execute("UPDATE crawler_jobs SET status = 'budget' WHERE id = %s", (jid,))

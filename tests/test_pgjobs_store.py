@@ -109,7 +109,7 @@ async def test_every_worker_uses_the_jobs_heartbeat_timeout_not_its_hosts(store:
     """A job created with a 2 s heartbeat timeout, worked from a host whose jobs.heartbeat_timeout is 600 s: the
     worker's queue and its sweep of dead workers' items use the job's 2 s."""
     from crawler.config import Secret, Settings
-    from crawler.runs.distributed import JobWorker
+    from crawler.runs.job_worker import JobWorker
 
     assert await store.create_job("j3", "posts", {}, ENTRIES, heartbeat_timeout=2.0)
     pg = await store.job("j3")
@@ -123,7 +123,7 @@ async def test_crawler_jobs_calls_a_worker_live_by_the_jobs_heartbeat_timeout(st
     """`crawler jobs` on a host whose jobs.heartbeat_timeout is 600 s, over a job with a 2 s one: a worker last seen
     5 s ago is not live, one seen now is."""
     from crawler.config import Settings
-    from crawler.runs.distributed import jobs_report
+    from crawler.runs.job_export import jobs_report
     from crawler.stores.model import WorkerInfo
 
     assert await store.create_job("j5", "posts", {}, ENTRIES, heartbeat_timeout=2.0)
@@ -188,7 +188,7 @@ async def test_a_commit_tried_again_after_a_try_that_did_not_hold_commits(store:
 async def test_an_item_cancelled_before_it_starts_still_releases_the_queue() -> None:
     """A stop (SIGTERM) that cancels an item's task before its first step: the queue's handler returns instead of
     waiting forever (pgqueuer's shutdown waits for its handlers, so the process would never exit)."""
-    from crawler.runs.distributed import JobWorker
+    from crawler.runs.job_worker import JobWorker
 
     worker = object.__new__(JobWorker)  # only the handler's own state: the item never reaches the store
     worker._stop_error = None

@@ -565,7 +565,7 @@ def cmd_work(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def cmd_jobs(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """List PostgreSQL jobs."""
-    from crawler.runs.distributed import jobs_report
+    from crawler.runs.job_export import jobs_report
 
     settings = settings_from(args)
     print(asyncio.run(jobs_report(settings, url=_jobs_url(settings, "jobs"), as_json=args.json)))
@@ -574,7 +574,7 @@ def cmd_jobs(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def cmd_export(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Write a finished PostgreSQL job's output."""
-    from crawler.runs.distributed import export_job
+    from crawler.runs.job_export import export_job
 
     settings = settings_from(args)
     if not args.output.endswith(".csv"):
