@@ -5,6 +5,6 @@
 
 from __future__ import annotations
 
-from crawler.cli.parser import main
+from crawler.cli.entry import main
 
 __all__ = ["main"]
