@@ -33,8 +33,10 @@ from _common import (
     write_handles,
 )
 
-from crawler.rate.ledger import FileLedger, Ledger, MemoryLedger, RedisLedger
+from crawler.rate.ledger import FileLedger, MemoryLedger
 from crawler.rate.pacing import Pace, RateGate
+from crawler.rate.redis_ledger import RedisLedger
+from crawler.rate.rules import Ledger
 
 NAME = "ledger"
 REDIS = "redis://127.0.0.1:6379/0"

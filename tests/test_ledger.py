@@ -11,17 +11,10 @@ from pathlib import Path
 import pytest
 
 from crawler.errors import LedgerLost, UsageError
-from crawler.rate.ledger import (
-    FileLedger,
-    Ledger,
-    LedgerUnavailable,
-    MemoryLedger,
-    RedisLedger,
-    Rules,
-    Slot,
-    ledger_name,
-)
+from crawler.rate.ledger import FileLedger, MemoryLedger, ledger_name
 from crawler.rate.pacing import Pace, RateGate
+from crawler.rate.redis_ledger import RedisLedger
+from crawler.rate.rules import Ledger, LedgerUnavailable, Rules, Slot
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 BACKENDS = ["memory", "file", "redis"]

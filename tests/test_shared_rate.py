@@ -25,7 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from crawler.rate.ledger import SECOND_MARGIN
+from crawler.rate.rules import SECOND_MARGIN
 from crawler.sim.data import World, WorldConfig
 from crawler.sim.server import SimConfig, Simulator
 

@@ -7,8 +7,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from crawler.api.lists import LISTS
 from crawler.api.pagesizes import PageSizes
-from crawler.api.records import LISTS
 from crawler.jobs.commands import COMMANDS
 from crawler.jobs.inputs import input_items
 from crawler.jobs.prepare import JobOptions

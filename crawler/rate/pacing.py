@@ -21,7 +21,8 @@ from typing import TypeVar
 
 from crawler.errors import LedgerLost, RateLimitStalled
 from crawler.options import RateOptions
-from crawler.rate.ledger import Ledger, LedgerUnavailable, MemoryLedger, Rules, owner_id
+from crawler.rate.ledger import MemoryLedger, owner_id
+from crawler.rate.rules import Ledger, LedgerUnavailable, Rules
 from crawler.retry import retry_async
 
 log = logging.getLogger("crawler.rate.pacing")
@@ -72,7 +73,6 @@ class Pace:
         return self.window / self.interval if self.enabled else float("inf")
 
 
-
 MAX_AUTO_WORKERS = 64  # parallelism = "auto" never starts more workers than this
 
 
@@ -87,6 +87,7 @@ def auto_workers(pace: Pace, latency: float, current: int) -> int:
     rate = 1.0 / pace.interval if pace.enabled else math.inf
     want = MAX_AUTO_WORKERS if math.isinf(rate) else math.ceil(rate * latency * 1.5) + 1
     return max(current, min(MAX_AUTO_WORKERS, want))
+
 
 class RateGate:
     """Admits request starts from the key's ledger and runs the shared 429 cooldown.

@@ -1,0 +1,44 @@
+"""`download`: media files of posts into a directory."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+
+from crawler.cli.common import budget_line, resume_hint, settings_from
+from crawler.config import api_key
+from crawler.errors import BudgetExhausted, Interrupted
+
+
+def cmd_download(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run (or resume) a media download."""
+    from crawler.runs.download import Download, DownloadOptions, run_download
+
+    settings = settings_from(args)
+    given = getattr(args, "crawl.parallelism", None) is not None
+    if given and settings.parallelism is not None:
+        settings = settings.replace(download_parallelism=settings.parallelism)  # --parallelism N: files in flight
+    # A CSV input needs no key; ids and expired URLs do (then the API says so, or the item fails).
+    key = api_key() if os.environ.get("TIKLIVE_API_KEY", "").strip() else None
+    download = Download(DownloadOptions(args.input, args.output, args.what), settings, api_key=key,
+                        restart=args.restart, retry_failed=args.retry_failed, quiet=args.quiet,
+                        auto=given and settings.parallelism is None)  # --parallelism auto: for the API's requests
+    outcome = asyncio.run(run_download(download))
+    if not args.quiet:
+        print(outcome.summary.render(), file=sys.stderr)
+    err = outcome.error
+    if err is None:
+        if outcome.summary.failed:
+            print(f"crawler: {outcome.summary.failed:,} posts failed; see {outcome.summary.failures_file}"
+                  " (re-run with --retry-failed to try them again)", file=sys.stderr)
+    elif isinstance(err, BudgetExhausted) and settings.max_credits is not None:  # the cap spans the job's runs
+        print(budget_line(settings.max_credits, outcome.summary.requests_sent, outcome.summary.credits_billed,
+                           argv), file=sys.stderr)
+    else:
+        resumable = isinstance(err, Interrupted) or err.exit_code == 4
+        hint = f"; resume with: {resume_hint(argv)}" if resumable else ""
+        print(f"crawler: {err}{hint}", file=sys.stderr)
+    return outcome.exit_code

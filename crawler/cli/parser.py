@@ -1,0 +1,281 @@
+"""The parser of the whole command line: one small function per command family."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from crawler import __version__
+from crawler.cli.budget import cmd_budget
+from crawler.cli.crawl import cmd_estimate, cmd_job, cmd_status
+from crawler.cli.distributed import cmd_export, cmd_jobs, cmd_work
+from crawler.cli.download import cmd_download
+from crawler.cli.get import cmd_get, cmd_regions
+from crawler.cli.history import cmd_history
+from crawler.cli.ingest import cmd_ingest
+from crawler.errors import UsageError
+from crawler.jobs.commands import COMMANDS
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line with exit code 2."""
+
+    def error(self, message: str) -> Any:
+        where = self.prog.removeprefix("crawler").strip()
+        raise UsageError(f"{where + ': ' if where else ''}{message} (see --help)")
+
+
+ROW_FLAGS = frozenset({"--page-size", "--max-pages", "--max-items", "--bom", "--raw"})  # what shapes CSV rows
+
+
+def _settings_flags(p: argparse.ArgumentParser, omit: frozenset[str] = frozenset()) -> None:
+    """The settings flags; ``omit`` leaves out those that mean nothing to the command (its --help stays true)."""
+    g = p.add_argument_group("settings (override config.toml; see the Settings section of README.md)")
+
+    def add(*names: str, **kw: Any) -> None:
+        if not omit.intersection(names):
+            g.add_argument(*names, **kw)
+
+    add("--config", help="config file (default: $CRAWLER_CONFIG or ./config.toml)")
+    add("--base-url", dest="api.base_url", metavar="URL")
+    add("--rate", dest="rate.limit", metavar="N", help="requests per rolling window (default 200)")
+    add("--window", dest="rate.window", metavar="SECONDS", help="rolling window (default 60)")
+    add("--burst", dest="rate.burst", metavar="N")
+    add("--max-per-second", dest="rate.max_per_second", metavar="N")
+    add("--rate-shared", dest="rate.shared", metavar="local|off|redis://HOST:PORT/DB",
+        help="where the key's rate budget is shared (default local: every process of this user)")
+    add("--parallelism", dest="crawl.parallelism", metavar="N|auto")
+    add("--page-size", dest="crawl.page_size", metavar="N")
+    add("--max-pages", dest="crawl.max_pages", metavar="N", help="pages per item walk")
+    add("--max-items", dest="crawl.max_items", metavar="N", help="rows per input item")
+    add("--max-credits", dest="crawl.max_credits", metavar="N", help="requests for the whole job")
+    add("--data-dir", dest="crawl.data_dir", metavar="DIR")
+    add("--retries", dest="retry.attempts", metavar="N")
+    add("--bom", dest="output.bom", action="store_const", const=True, help="write a UTF-8 BOM")
+    add("--raw", dest="output.raw", action="store_const", const=True,
+        help="keep formula-like cells as they are")
+    add("-q", "--quiet", action="store_true", help="no progress and no summary")
+    add("-v", "--verbose", action="count", default=0, help="-v info, -vv debug logging")
+
+
+def _report_flags(p: argparse.ArgumentParser) -> None:
+    """--metrics-file and --summary-json (job commands and ingest): what a scheduler reads after the run."""
+    g = p.add_argument_group("reports for schedulers (written at every end but exit 2)")
+    g.add_argument("--metrics-file", dest="output.metrics_file", metavar="PATH.prom",
+                   help="Prometheus text format for node_exporter's textfile collector (config output.metrics_file)")
+    g.add_argument("--summary-json", dest="output.summary_json", metavar="PATH",
+                   help="the end-of-run summary as JSON, with exit_code (config output.summary_json)")
+
+
+def _retry_choice(value: str) -> str:
+    if value != "all":
+        raise argparse.ArgumentTypeError(f"--retry-failed={value}: the only value is 'all'")
+    return value
+
+
+def _job_parser(sub: Any, name: str, help_text: str, input_help: str) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("input", metavar="INPUT" if COMMANDS[name].input_kind != "keyword" else "KEYWORD",
+                   help=input_help)
+    p.add_argument("-o", "--output", help=f"output CSV (default: {name}.csv)")
+    p.add_argument("--restart", action="store_true", help="forget this job's progress and start over")
+    p.add_argument("--retry-failed", nargs="?", const=True, default=False, type=_retry_choice, metavar="all",
+                   help="try again the items that failed for a reason that can change (retries_exhausted, budget);"
+                   " --retry-failed=all also not_found and private")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output this tool did not write (or the input file itself)")
+    p.add_argument("--jobs-url", dest="jobs.url", metavar="URL",
+                   help="postgresql://...: the job in PostgreSQL, worked by this and any `crawler work` process")
+    if COMMANDS[name].input_kind != "keyword":
+        p.add_argument("--column", help="read the input as CSV and take this column")
+    if COMMANDS[name].input_kind == "users":
+        p.add_argument("--by-id", action="store_true", help="input lines are numeric user ids")
+    _settings_flags(p)
+    _report_flags(p)
+    p.set_defaults(func=cmd_job, command=name)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line."""
+    parser = _Parser(prog="crawler", description="Crawl TikLiveAPI into CSV at the full paid rate, resumably.")
+    parser.add_argument("--version", action="version", version=f"crawler {__version__}")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
+    _job_commands(sub)
+    _ingest_command(sub)
+    _history_command(sub)
+    _tool_commands(sub)
+    _download_command(sub)
+    _distributed_commands(sub)
+    # Listed for --help only: main() hands `crawler sim ...` to the simulator's own parser.
+    sub.add_parser("sim", help="run the local API simulator (crawler sim --help)", add_help=False)
+    return parser
+
+
+def _job_commands(sub: Any) -> None:
+    """One command per kind of crawl job (see crawler.jobs.commands)."""
+    users = "file of handles (@name, name, profile URL, id:NNN), one per line, or - for stdin"
+    posts = "file of video URLs or numeric video ids, or - for stdin"
+    _job_parser(sub, "profiles", "profile of each handle", users)
+    _job_parser(sub, "posts", "every post of each handle", users)
+    _job_parser(sub, "liked", "posts each handle liked", users)
+    _job_parser(sub, "followers", "followers of each handle (TikTok ends lists near 5,000)", users)
+    _job_parser(sub, "following", "accounts each handle follows", users)
+    _job_parser(sub, "post-details", "details of each post", posts)
+    c = _job_parser(sub, "comments", "comments of each post", posts)
+    c.add_argument("--with-replies", action="store_true", help="also fetch the replies of every comment")
+    _job_parser(sub, "replies", "replies to comments", "CSV with video_id and comment_id columns (a comments CSV)")
+    v = _job_parser(sub, "search-videos", "videos matching a keyword", "the search keyword")
+    v.add_argument("--publish-time", type=int, default=0, help="0 all, 1 day, 7 week, 30, 90, 180 days")
+    v.add_argument("--sort-by", default="relevance", help="relevance, likes or date")
+    v.add_argument("--region", help="two-letter region code (checked against `crawler regions`)")
+    _job_parser(sub, "search-users", "users matching a keyword", "the search keyword")
+    _job_parser(sub, "search-challenges", "hashtags matching a keyword", "the search keyword")
+    _job_parser(sub, "music-posts", "posts using each sound", "file of numeric music ids")
+    _job_parser(sub, "challenge-posts", "posts under each hashtag", "file of challenge ids or hashtag names")
+    _job_parser(sub, "music-info", "metadata of each sound", "file of numeric music ids")
+    _job_parser(sub, "challenge-info", "metadata of each hashtag", "file of challenge ids or hashtag names")
+
+
+def _ingest_command(sub: Any) -> None:
+    """`ingest`: the daily job."""
+    i = sub.add_parser("ingest", help="the daily job: profiles of a watch list (+ new posts) and their history",
+                       description="Covers today (UTC): every watch-list user without a snapshot today, plus posts"
+                       " walks earlier runs cut short. Each profile goes to DIR/profiles-DAY.csv and the history"
+                       " store under the UTC day it was fetched; with --posts, posts first stored on DAY go to"
+                       " DIR/posts-DAY.csv. A missed night is a gap, never filled with another day's data.")
+    i.add_argument("input", metavar="INPUT", help="file of handles (or id:NNN), one per line, or - for stdin")
+    i.add_argument("--out-dir", required=True, metavar="DIR")
+    i.add_argument("--date", metavar="YYYY-MM-DD", help="record everything under this day instead of the UTC fetch"
+                   " day (tests, deliberate backfills; `history days` marks it)")
+    i.add_argument("--posts", action="store_true", help="also walk each user's posts down to what is stored"
+                   " (--max-items N: only the newest N; --max-pages: pages per user and night)")
+    i.add_argument("--restart", action="store_true", help="refetch today's users, replacing today's snapshots")
+    i.add_argument("--retry-failed", nargs="?", const=True, default=False, type=_retry_choice, metavar="all",
+                   help="try today's failed users again (retries_exhausted, budget); =all also not_found and"
+                   " private")
+    i.add_argument("--column")
+    i.add_argument("--by-id", action="store_true")
+    i.add_argument("--history-url", dest="history.url", metavar="URL", help="postgresql://... (default: SQLite)")
+    _settings_flags(i)
+    _report_flags(i)
+    i.set_defaults(func=cmd_ingest)
+
+
+def _history_command(sub: Any) -> None:
+    """`history` and its queries."""
+    h = sub.add_parser("history", help="follower growth and other queries over the snapshots")
+    hs = h.add_subparsers(title="queries", metavar="QUERY", parser_class=_Parser)
+    g1 = hs.add_parser("growth", help="day, followers and delta for one handle")
+    g1.add_argument("handle")
+    g1.add_argument("--since", metavar="YYYY-MM-DD")
+    g1.add_argument("--until", metavar="YYYY-MM-DD")
+    g2 = hs.add_parser("top", help="users ranked by what they gained")
+    g2.add_argument("--by", default="followers-gained",
+                    help="followers-gained (default), hearts-gained, videos-gained, following-gained")
+    g2.add_argument("--days", type=int, default=7)
+    g2.add_argument("--limit", type=int, default=20)
+    g3 = hs.add_parser("as-of", help="every profile as it stood on a day")
+    g3.add_argument("date", metavar="YYYY-MM-DD")
+    g4 = hs.add_parser("export", help="every snapshot to a CSV")
+    g4.add_argument("-o", "--output", required=True, metavar="FILE.csv")
+    g5 = hs.add_parser("plot", help="follower curves of some handles to a PNG")
+    g5.add_argument("handles", nargs="+", metavar="HANDLE")
+    g5.add_argument("-o", "--output", required=True, metavar="FILE.png")
+    g5.add_argument("--since", metavar="YYYY-MM-DD")
+    g5.add_argument("--until", metavar="YYYY-MM-DD")
+    g5.add_argument("--style", choices=("small", "indexed"), default="small",
+                    help="small: one panel per handle, each on its own scale (default); indexed: one panel,"
+                    " every curve as 100 x followers / its first value")
+    g6 = hs.add_parser("serve", help="the history as a local web page (read-only)",
+                       description="Overview, a page per user, CSV and compare over the history store, opened"
+                       " read-only. Binds to 127.0.0.1 by default: the page has no login.")
+    g6.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    g6.add_argument("--port", type=int, default=8050, help="port (default 8050; 0 picks a free one)")
+    g7 = hs.add_parser("days", help="per day: users snapshotted and missing, credits, how the runs ended, gaps")
+    for q, name in ((g1, "growth"), (g2, "top"), (g3, "as-of"), (g4, "export"), (g5, "plot"), (g6, "serve"),
+                    (g7, "days")):
+        q.add_argument("--history-url", dest="history.url", metavar="URL")
+        q.add_argument("--config")
+        q.add_argument("--data-dir", dest="crawl.data_dir", metavar="DIR")
+        q.set_defaults(func=cmd_history, query=name)
+
+
+def _tool_commands(sub: Any) -> None:
+    """`estimate`, `status`, `budget`, `get` and `regions`: what a user looks at around the jobs."""
+    e = sub.add_parser("estimate", help="expected credits of a job, before running it")
+    e.add_argument("job", metavar="COMMAND", choices=sorted(COMMANDS))
+    e.add_argument("input", metavar="INPUT")
+    e.add_argument("--column")
+    e.add_argument("--by-id", action="store_true")
+    e.add_argument("--with-replies", action="store_true")
+    _settings_flags(e)
+    e.set_defaults(func=cmd_estimate)
+
+    s = sub.add_parser("status", help="progress, failures and credits of a job")
+    s.add_argument("output", metavar="OUT.csv")
+    s.set_defaults(func=cmd_status)
+
+    b = sub.add_parser("budget", help="the key's rate budget: starts in the last window, processes, cooldown"
+                       " (sends no request)")
+    b.add_argument("--json", action="store_true", help="print JSON")
+    b.add_argument("--config")
+    b.add_argument("--base-url", dest="api.base_url", metavar="URL")
+    b.add_argument("--rate-shared", dest="rate.shared", metavar="local|off|redis://HOST:PORT/DB")
+    b.add_argument("--window", dest="rate.window", metavar="SECONDS")
+    b.add_argument("--rate", dest="rate.limit", metavar="N")
+    b.set_defaults(func=cmd_budget)
+
+    g = sub.add_parser("get", help="print the raw JSON of one API call (costs one credit)")
+    g.add_argument("endpoint", help="e.g. userinfo-by-username")
+    g.add_argument("params", nargs="*", metavar="key=value")
+    _settings_flags(g)
+    g.set_defaults(func=cmd_get)
+
+    r = sub.add_parser("regions", help="region codes for search-videos --region (one credit, then cached)")
+    _settings_flags(r)
+    r.set_defaults(func=cmd_regions)
+
+
+def _download_command(sub: Any) -> None:
+    """`download`: media files of posts."""
+    from crawler.runs.download import WHATS
+
+    d = sub.add_parser("download", help="media files of posts into a directory, resumably (no credits from a CSV)",
+                       description="Files DIR/<video_id>.<ext> (photo posts: DIR/<video_id>/<n>.jpg) from a posts or"
+                       " post-details CSV (its URL columns; no credits) or from video URLs/ids (one /post-detail/"
+                       " credit each). Expired URLs are renewed once through /post-detail/ (one credit each).")
+    d.add_argument("input", metavar="INPUT", help="a posts/post-details CSV, or video URLs or ids one per line, or -")
+    d.add_argument("-o", "--output", required=True, metavar="DIR")
+    d.add_argument("--what", choices=WHATS, default="hd",
+                   help="hd (default; falls back to video), video, watermarked, cover, music or images")
+    d.add_argument("--restart", action="store_true", help="forget this job's progress (complete files are kept)")
+    d.add_argument("--retry-failed", action="store_true", help="try the failed posts again")
+    _settings_flags(d, omit=ROW_FLAGS)
+    d.set_defaults(func=cmd_download)
+
+
+def _distributed_commands(sub: Any) -> None:
+    """PostgreSQL jobs (jobs.url): workers, the list of jobs, a finished job's output."""
+    w = sub.add_parser("work", help="join open PostgreSQL jobs as a worker (jobs.url)",
+                       description="Take items of open jobs in jobs.url and work them with this host's key and"
+                       " settings; without --until-idle, wait for new jobs (a service).")
+    w.add_argument("--job", metavar="ID", help="only this job (its id, as the starter printed it)")
+    w.add_argument("--until-idle", action="store_true", help="exit when no item of any open job is left")
+    w.add_argument("--jobs-url", dest="jobs.url", metavar="URL")
+    _settings_flags(w)
+    w.set_defaults(func=cmd_work)
+    j = sub.add_parser("jobs", help="PostgreSQL jobs: id, progress, failures, credits, workers")
+    j.add_argument("--jobs-url", dest="jobs.url", metavar="URL")
+    j.add_argument("--json", action="store_true", help="print JSON")
+    j.add_argument("--config")
+    j.set_defaults(func=cmd_jobs)
+    x = sub.add_parser("export", help="a finished PostgreSQL job's output (byte for byte the starter's)")
+    x.add_argument("job", metavar="JOB")
+    x.add_argument("-o", "--output", required=True, metavar="OUT.csv")
+    x.add_argument("--jobs-url", dest="jobs.url", metavar="URL")
+    x.add_argument("--bom", dest="output.bom", action="store_const", const=True)
+    x.add_argument("--raw", dest="output.raw", action="store_const", const=True)
+    x.add_argument("--overwrite", action="store_true", help="replace an existing OUT.csv")
+    x.add_argument("--config")
+    x.set_defaults(func=cmd_export)
