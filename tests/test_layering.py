@@ -93,3 +93,18 @@ def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:
     assert "crawler/api/probe.py:1 imports crawler.runs (api -> runs)" in found
     assert "crawler/api/probe.py:2 imports crawler.sim (api -> sim)" in found
     assert len(found) == 2
+
+
+def test_settings_stop_at_the_command_line_and_the_runs() -> None:
+    """`Settings` is imported only by config, cli/ and runs/ (below them, typed options), and by the public API:
+    the package root and `Client(settings)`."""
+    allowed = {"config.py", "__init__.py", "api/client.py"}
+    found = []
+    for path in sorted(ROOT.rglob("*.py")):
+        where = str(path.relative_to(ROOT))
+        if where.startswith(("cli/", "runs/")) or where in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and any(a.name == "Settings" for a in node.names):
+                found.append(f"{where}:{node.lineno}")
+    assert found == []
