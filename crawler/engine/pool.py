@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -213,8 +213,13 @@ class Engine(Generic[T]):
 
     async def _feed(self) -> None:
         """Queue the source's items in order, wait until all are worked, then let the workers go."""
-        async for item in self._source.items():
-            await self._queue.put(item)
+        items = self._source.items()
+        try:
+            async for item in items:
+                await self._queue.put(item)
+        finally:
+            if isinstance(items, AsyncGenerator):  # closed now, on a stop too (not whenever it is collected)
+                await items.aclose()
         await self._queue.join()
         for task in self._pool.tasks:
             if task is not asyncio.current_task():

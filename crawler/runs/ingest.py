@@ -11,7 +11,8 @@ Every store call runs in the store's own thread (`StoreThread`), so a silent dat
 
 The run's parts, each in its own module: `ingest_files` (the day files and their repair), `ingest_calls` (the
 store's thread), `ingest_plan` (today's work and the claims), `ingest_walk` (a user's profile and the walk to the
-watermark), `ingest_commit` (the group commit), `ingest_report` (counters and outcomes), `ingest_pool` (the workers).
+watermark), `ingest_commit` (the group commit), `ingest_report` (counters and outcomes); the workers, the writer's
+task and the stop are the engine's (`engine/pool.py`).
 """
 
 from __future__ import annotations
@@ -24,34 +25,28 @@ import signal
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from crawler.api.client import Client, GracefulStop
+from crawler.api.client import Client
 from crawler.api.pagesizes import PageSizes
 from crawler.config import Secret, Settings
 from crawler.engine.outcome import Outcome
+from crawler.engine.pool import Engine, StopPolicy
 from crawler.engine.stats import ProgressReporter
-from crawler.errors import (
-    EXIT_PRECEDENCE,
-    BudgetExhausted,
-    CrawlerError,
-    Interrupted,
-    disk_problems,
-    rank,
-)
+from crawler.errors import EXIT_PRECEDENCE, CrawlerError, Interrupted, disk_problems
 from crawler.history.queries import parse_day
 from crawler.history.store import HistoryStore
 from crawler.jobs.commands import COMMANDS
 from crawler.jobs.inputs import input_items
 from crawler.jobs.prepare import JobOptions
-from crawler.rate.pacing import MAX_AUTO_WORKERS, auto_workers
+from crawler.options import EngineOptions
+from crawler.rate.pacing import MAX_AUTO_WORKERS
 from crawler.runs.ingest_calls import StoreCalls
 from crawler.runs.ingest_commit import IngestCommitter
 from crawler.runs.ingest_files import PROFILES, DayFiles, make_out_dir, out_dir_id, out_dir_lock
 from crawler.runs.ingest_plan import DayPlan
-from crawler.runs.ingest_pool import WorkerPool
 from crawler.runs.ingest_report import IngestReport, Tally
 from crawler.runs.ingest_walk import UserTask, UserWork
 from crawler.stores.local import StateStore, UserDirectory
@@ -100,7 +95,19 @@ class IngestResult:
         return next((o.error for o in self.outcomes if o.error is not None), None)
 
 
-class Ingest(GracefulStop):
+@dataclass(frozen=True, slots=True)
+class WatchList:
+    """The engine's item source: today's work over the watch list, in its order (`DayPlan.items`)."""
+
+    plan: DayPlan
+    watch: StateStore
+
+    def items(self) -> AsyncGenerator[UserTask, None]:
+        """The users to work today, a chunk of the watch list at a time."""
+        return self.plan.items(self.watch)
+
+
+class Ingest:
     """One ingest run. `await Ingest(...).run()`: the wiring of its parts (see the module's docstring)."""
 
     def __init__(self, input_path: str, out_dir: Path, settings: Settings, *, api_key: Secret | str | None,
@@ -132,10 +139,8 @@ class Ingest(GracefulStop):
                             retry_failed=retry_failed, heartbeat_timeout=settings.jobs_heartbeat_timeout,
                             day_now=self.day_now)
         self.work: UserWork  # made with the client
-        self._stop: CrawlerError | None = None
-        self.pool: WorkerPool[UserTask] = WorkerPool(  # the plumbing the engine's pool takes over
-            handle=self._handle, stopped=lambda: self._stop, request_stop=self.request_stop, capacity=WORKERS * 4,
-            auto=self._auto if settings.parallelism is None else None)
+        self.stop = StopPolicy(quiet=quiet)  # the engine's: a first signal or a spent budget drains, else at once
+        self.workers = 0  # workers the engine started
 
     def day_now(self) -> dt.date:
         """The day a profile or post fetched now belongs to: --date, else today in UTC."""
@@ -144,13 +149,17 @@ class Ingest(GracefulStop):
     # -- the run --
 
     def request_stop(self, error: CrawlerError) -> None:
-        """End the run; a spent budget lets busy workers finish the page in flight, anything else cancels them."""
-        if self._stop is None or rank(error) < rank(self._stop):
-            self._stop = error
+        """End the run (`StopPolicy`): a spent budget lets busy workers finish the page in flight, anything else
+        cancels them."""
         if isinstance(error, Interrupted):
             self.calls.signal(error)  # a store that is away now is not waited for
-        soft = isinstance(error, BudgetExhausted) or (isinstance(error, Interrupted) and self._draining)
-        self.pool.cancel(soft=soft)
+        self.stop.request_stop(error)
+
+    def signalled(self, error: Interrupted) -> int:
+        """A SIGINT/SIGTERM (`StopPolicy.signalled`: the first drains the requests under way, a second stops at
+        once); store calls from now on get STOP_GRACE to answer. The number of answers the stop waits for."""
+        self.calls.signal(error)
+        return self.stop.signalled(error)
 
     async def run(self, watch: StateStore) -> IngestResult:
         """Work the watch list (already read into ``watch``) to the end of today's work or to a stop."""
@@ -192,6 +201,7 @@ class Ingest(GracefulStop):
         self.sizes = PageSizes(self.settings.data_dir)
         self.client = Client(self.settings, api_key=self._api_key, request_budget=self.settings.max_credits,
                              max_connections=max(MAX_AUTO_WORKERS, self.settings.parallelism or 0))
+        self.stop.attach(self.client)
         self.work = UserWork(client=self.client, users=self.users, sizes=self.sizes, calls=self.calls,
                              submit=self.commits.submit, tally=self.tally, settings=self.settings,
                              with_posts=self.with_posts, clock=self.clock, override=self.override)
@@ -202,8 +212,8 @@ class Ingest(GracefulStop):
         files = await self.calls.call(self.files.close_days, days, with_posts=self.with_posts)
         report = IngestReport(self.calls, self.tally, self.settings, out_dir=self.out_dir, with_posts=self.with_posts,
                               by_date=self.override is not None)
-        outcomes = await report.outcomes(watch, today, began, files, client=self.client, error=self._stop,
-                                         parallelism=self.pool.workers or self.settings.parallelism or WORKERS)
+        outcomes = await report.outcomes(watch, today, began, files, client=self.client, error=self.stop.error,
+                                         parallelism=self.workers or self.settings.parallelism or WORKERS)
         code = min((o.exit_code for o in outcomes), key=EXIT_PRECEDENCE.index)
         await self.calls.call(self.store.release_claims, self.run_id)
         await self.calls.call(self.store.end_run, self.run_id, code, self.clock())
@@ -249,30 +259,27 @@ class Ingest(GracefulStop):
                     self.store.put_failure(today, raw, PROFILES, "", "invalid_input", detail or "")
 
     async def _work_all(self, watch: StateStore) -> None:
+        """Today's work on the engine (the watch list, `_handle`, the writer, the progress line), the claims kept
+        alive meanwhile."""
         reporter = ProgressReporter("ingest", lambda: self.tally.snapshot(self.client, self.watch_users),
                                     quiet=self.quiet)
-        async with asyncio.TaskGroup() as outer:
-            writer = outer.create_task(self.commits.writer.run())
-            progress = outer.create_task(reporter.run())
-            heartbeat = outer.create_task(self.plan.heartbeat())
+        parallelism = self.settings.parallelism
+        engine = Engine(source=WatchList(self.plan, watch), handler=self._handle, stop=self.stop,
+                        options=EngineOptions(workers=parallelism, start=max(1, parallelism or WORKERS)),
+                        client=self.client, committer=self.commits.writer, reporter=reporter)
+        async with asyncio.TaskGroup() as tg:
+            heartbeat = tg.create_task(self.plan.heartbeat())
             try:
-                await self.pool.run(self.plan.items(watch), max(1, self.settings.parallelism or WORKERS))
+                await engine.run()
             finally:
-                progress.cancel()
                 heartbeat.cancel()
-                if not writer.done():
-                    self.commits.writer.close()  # the writer commits what is queued, then ends
+                self.workers = engine.tally.workers
         await self.commits.commit([])  # requests after the last page (failures, the budget stop) still count
 
     async def _handle(self, task: UserTask) -> None:
         """One user of the pool's: its work under the store's claim."""
         await self.plan.claimed(task, self.work.user)
         self.tally.done += 1
-
-    def _auto(self, workers: int) -> int:
-        """parallelism = "auto": workers enough to keep the rate busy at the latency seen so far (the one rule,
-        `pacing.auto_workers`, every kind of run sizes its pool by)."""
-        return auto_workers(self.client.pace, self.client.counters.latency, workers)
 
 
 async def _read_watch(run: Ingest, watch: StateStore) -> None:
@@ -288,8 +295,8 @@ async def _read_watch(run: Ingest, watch: StateStore) -> None:
             watch.add_items(batch)
             batch.clear()
             await asyncio.sleep(0)
-            if run._stop is not None:
-                raise run._stop
+            if run.stop.error is not None:
+                raise run.stop.error
     watch.add_items(batch)
 
 
