@@ -344,8 +344,10 @@ class JobWorker(ItemWalker):
             except Exception as exc:  # the queue's own connection failing: the next beat tries again
                 log.warning("job monitor: %s", itemqueue.one_line(exc))
             # Look again at the next heartbeat, or soon after one of our items ends (the last one ends the job).
+            # (asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that comes as the event is set.)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._finished.wait(), every)
+                async with asyncio.timeout(every):
+                    await self._finished.wait()
             self._finished.clear()
             await asyncio.sleep(0.05)  # at most ~20 looks a second however many items end
 
