@@ -4,6 +4,7 @@ The queue hands items out and takes a dead worker's items back: pgqueuer heartbe
 background task on the database clock, and a job whose heartbeat is older than `jobs.heartbeat_timeout` is
 picked again by any worker. It is not the record of what is done: that is `crawler_items` (pg_jobs.py), and
 only items not done there are enqueued. Pinned version and measured edges: tests/test_pgqueuer_edges.py.
+`ItemQueue` is one consumer; `QueueItemSource` turns a worker's consumers into the engine's item source.
 """
 
 from __future__ import annotations
