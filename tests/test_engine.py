@@ -236,3 +236,35 @@ async def test_the_credit_is_taken_before_the_rate_slot() -> None:
     with pytest.raises(KeyRejected):
         await call
     assert order == ["credit 1", "granted", "slot"]
+
+
+class HeldSource(Items):
+    """An item source that holds its items until the engine releases them (`HeldItems`, as the PostgreSQL queue)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.released: list[int] = []
+        self.sizes: list[int] = []
+
+    def release(self, item: int) -> None:
+        self.released.append(item)
+
+    def resize(self, workers: int) -> None:
+        self.sizes.append(workers)
+
+
+async def test_a_source_that_holds_its_items_gets_each_back_once_and_follows_an_auto_pool() -> None:
+    """A `HeldItems` source: every item it gave is released once when it ends, whether worked or fed and left by a
+    stop; an "auto" pool tells it the workers it grew to."""
+    engine, handler, _, _ = build(40, workers=None, latency=2.0)
+    source = HeldSource(40)
+    engine._source = engine._held = source
+    run = asyncio.create_task(engine.run())
+    await until(lambda: len(handler.started) == 2)
+    handler.answer()
+    await until(lambda: engine.tally.workers > 2)
+    assert source.sizes[-1] == engine.tally.workers == 31
+    await until(lambda: len(handler.started) >= 31)
+    engine.stop.request_stop(KeyRejected("gone"))  # a hard stop: the items under way and those queued end
+    await asyncio.wait_for(run, 5)
+    assert sorted(source.released) == list(range(40))

@@ -186,24 +186,37 @@ async def test_a_commit_tried_again_after_a_try_that_did_not_hold_commits(store:
 
 
 async def test_an_item_cancelled_before_it_starts_still_releases_the_queue() -> None:
-    """A stop (SIGTERM) that cancels an item's task before its first step: the queue's handler returns instead of
-    waiting forever (pgqueuer's shutdown waits for its handlers, so the process would never exit)."""
-    from crawler.runs.job_worker import JobWorker
+    """A stop (SIGTERM) that ends the run while items are held, one in a worker and two fed but never worked: every
+    queue callback returns instead of waiting forever (pgqueuer's shutdown waits for its handlers, so the process
+    would never exit); after the run one handed out still returns at once."""
+    from crawler.engine.pool import Engine, StopPolicy
+    from crawler.errors import Interrupted
+    from crawler.options import EngineOptions
+    from crawler.stores.pg_queue import QueueItemSource
 
-    worker = object.__new__(JobWorker)  # only the handler's own state: the item never reaches the store
-    worker._stop_error = None
-    worker._tasks = set()
-    async with asyncio.TaskGroup() as tg:
-        worker._tg = tg
-        handler = asyncio.create_task(worker._on_item(1))
-        for _ in range(100):  # until the handler has made the item's task (a few loop turns, bounded)
-            if worker._tasks:
-                break
-            await asyncio.sleep(0)
-        assert worker._tasks
-        for task in list(worker._tasks):
-            task.cancel()
-        await asyncio.wait_for(handler, 5)
+    stop = StopPolicy()
+    source = QueueItemSource("postgresql://127.0.0.1:1/none", "j", concurrency=2, heartbeat_timeout=2.0, where="pg",
+                             stall_limit=1.0, lost=stop.request_stop)
+    started = asyncio.Event()
+
+    async def handler(seq: int) -> None:
+        started.set()
+        await asyncio.Event().wait()  # until the stop cancels it
+
+    engine = Engine(source=source, handler=handler, stop=stop, options=EngineOptions(workers=1, start=1))
+    run = asyncio.create_task(engine.run())
+    callbacks = [asyncio.create_task(source._on_item(seq)) for seq in (1, 2, 3)]
+    await asyncio.wait_for(started.wait(), 5)
+    for _ in range(100):  # until the feeder has queued the other two (a few loop turns, bounded)
+        if engine._queue.qsize() == 2:
+            break
+        await asyncio.sleep(0)
+    assert engine._queue.qsize() == 2
+    stop.request_stop(Interrupted("stopped by SIGTERM", 143))  # no client: a hard stop
+    await asyncio.wait_for(run, 5)
+    await asyncio.wait_for(asyncio.gather(*callbacks), 5)
+    source.close()
+    await asyncio.wait_for(source._on_item(4), 5)
 
 
 async def test_a_call_sent_into_a_silent_network_ends_at_the_stall_limit() -> None:

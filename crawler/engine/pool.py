@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from crawler.api.client import Client, GracefulStop
 from crawler.engine.lease import CreditLease, lease_size
@@ -23,13 +23,29 @@ from crawler.rate.pacing import MAX_AUTO_WORKERS, auto_workers
 
 T = TypeVar("T")  # the item type of a run
 T_co = TypeVar("T_co", covariant=True)
+T_contra = TypeVar("T_contra", contravariant=True)
 
 
 class ItemSource(Protocol[T_co]):
-    """What a run works on, in order (local: the state store's pending items)."""
+    """What a run works on, in order (local: the state store's pending items; PostgreSQL: the job's queue, which also
+    holds each item until the engine releases it, `HeldItems`)."""
 
     def items(self) -> AsyncIterator[T_co]:
         """The items to hand to workers; the engine stops reading it on a stop."""
+        ...
+
+
+@runtime_checkable
+class HeldItems(Protocol[T_contra]):
+    """An item source that holds each item it gave until the engine releases it (PostgreSQL: pgqueuer's callback
+    waits, heartbeating the queue job, until its item ends). Optional: the engine looks for it on its source."""
+
+    def release(self, item: T_contra) -> None:
+        """The item ended, however it ended (done, failed, stopped, never handed to a worker)."""
+        ...
+
+    def resize(self, workers: int) -> None:
+        """"auto": the pool has grown to `workers`; take as many items at a time."""
         ...
 
 
@@ -125,6 +141,7 @@ class Engine(Generic[T]):
                  reporter: Reporter | None = None, drain_items: bool = True,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._source = source
+        self._held = source if isinstance(source, HeldItems) else None
         self._handler = handler
         self.stop = stop
         self._options = options
@@ -168,6 +185,8 @@ class Engine(Generic[T]):
                         self._spawn()
             finally:
                 self._pool.tg = None
+                while not self._queue.empty():  # fed but never worked (a stop)
+                    self._release(self._queue.get_nowait())
                 if progress is not None:
                     progress.cancel()
                 if committer is not None and writer is not None and not writer.done():
@@ -210,13 +229,23 @@ class Engine(Generic[T]):
         self._target = auto_workers(self._client.pace, self._client.counters.latency, self._target)
         while self.tally.workers < self._target:
             self._spawn()
+        if self._held is not None:
+            self._held.resize(self._target)
+
+    def _release(self, item: T) -> None:
+        if self._held is not None:
+            self._held.release(item)
 
     async def _feed(self) -> None:
         """Queue the source's items in order, wait until all are worked, then let the workers go."""
         items = self._source.items()
         try:
             async for item in items:
-                await self._queue.put(item)
+                try:
+                    await self._queue.put(item)
+                except asyncio.CancelledError:
+                    self._release(item)
+                    raise
         finally:
             if isinstance(items, AsyncGenerator):  # closed now, on a stop too (not whenever it is collected)
                 await items.aclose()
@@ -241,5 +270,6 @@ class Engine(Generic[T]):
                 return
             finally:
                 self._queue.task_done()
+                self._release(item)
             self.tally.items += 1
             self._grow()

@@ -1,7 +1,8 @@
 """The worker session of a PostgreSQL job (`jobs.url`): `JobWorker` (its credit lease is `engine.lease.PgLease`).
 
-A worker takes items from the job's queue (stores/pg_queue.py), runs the same command handlers (commands.py) a
-local run does, and commits each page to PostgreSQL (stores/pg_jobs.py) through one group-commit writer
+A worker is the engine (engine/pool.py) over the job's ports: its items come from the job's queue
+(`stores.pg_queue.QueueItemSource`), the same command handlers (commands.py) a local run uses walk them, and each
+page is committed to PostgreSQL (stores/pg_jobs.py, fenced by the item's version) through one group-commit writer
 (engine/writer.py). The starter and `crawler work` that run it: runs/distributed.py.
 """
 
@@ -21,10 +22,11 @@ from pathlib import Path
 
 from crawler import testing
 from crawler.api import records as ep
-from crawler.api.client import Client, Counters, GracefulStop
+from crawler.api.client import Client, Counters
 from crawler.api.pagesizes import PageSizes
 from crawler.config import Secret, Settings
 from crawler.engine.lease import PgLease, lease_size
+from crawler.engine.pool import Engine, StopPolicy
 from crawler.engine.writer import GroupWriter
 from crawler.errors import (
     BudgetExhausted,
@@ -37,7 +39,8 @@ from crawler.errors import (
 from crawler.jobs.commands import COMMANDS, CommandSpec
 from crawler.jobs.prepare import JobOptions, WorkItem
 from crawler.jobs.walker import ItemWalker, step_update
-from crawler.rate.pacing import MAX_AUTO_WORKERS, auto_workers
+from crawler.options import EngineOptions
+from crawler.rate.pacing import MAX_AUTO_WORKERS
 from crawler.sinks.csv_sink import Batch
 from crawler.stores import pg_queue as itemqueue
 from crawler.stores.local import ItemUpdate, UserDirectory
@@ -95,8 +98,24 @@ class SessionResult:
     parallelism: int = 0  # the most items this worker took at a time (parallelism = "auto" grows it)
 
 
-class JobWorker(ItemWalker, GracefulStop):
-    """One worker process on one PostgreSQL job: the `CrawlContext` handlers see, over the queue and the store."""
+class _Committer:
+    """The engine's committer over the worker's `GroupWriter`: the stop its error brings is the run's already
+    (`_commit_group`), so the writer's task ends quietly."""
+
+    def __init__(self, writer: GroupWriter[Batch]) -> None:
+        self._writer = writer
+
+    async def run(self) -> None:
+        with contextlib.suppress(RunStopped):
+            await self._writer.run()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class JobWorker(ItemWalker):
+    """One worker process on one PostgreSQL job: the `CrawlContext` handlers see, and the engine's ports over the
+    job's queue (`pg_queue.QueueItemSource`) and its store (the group commit, `PgLease`)."""
 
     def __init__(self, store: PgJobStore, pg: PgJob, settings: Settings, *, api_key: Secret, worker_id: str,
                  stop_when_idle: bool = True, earlier: Counters | None = None) -> None:
@@ -110,36 +129,31 @@ class JobWorker(ItemWalker, GracefulStop):
         self._key = api_key
         self.worker_id = worker_id
         self.session = f"{worker_id}:{os.urandom(3).hex()}"  # this worker's counters on this job (crawler_sessions)
-        self.parallelism = settings.parallelism or AUTO_START  # "auto": grows with the latency (`_grow`)
+        self.parallelism = settings.parallelism or AUTO_START  # "auto": the engine grows it (`pacing.auto_workers`)
         self._keyed = self.spec.list_kind in ep.OFFSET_KINDS
         self._held: dict[int, int] = {}  # seq -> the item's version this worker holds
         self._walks: dict[int, list[tuple[str, ep.Cursor | None, int]]] = {}
-        self._stop_error: CrawlerError | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._tg: asyncio.TaskGroup | None = None
+        self.stop = StopPolicy()
         self._commits = GroupWriter(self._commit_group, capacity=2 * (settings.parallelism or MAX_AUTO_WORKERS))
         self.result = SessionResult(parallelism=self.parallelism)
         self._finished = asyncio.Event()  # an item of this worker ended: the job may be complete
         # The job's heartbeat timeout (its starter's), the same on every host: it decides when an item moves.
         self.heartbeat_timeout = pg.heartbeat_timeout or store.heartbeat_timeout
-        # One consumer of the job's queue, and one more each time parallelism = "auto" grows (`_grow`): their caps
-        # add up to the items this worker takes at a time.
-        self.queues = [self._queue(self.parallelism)]
-        self._queues_stopped = False
+        self.source = itemqueue.QueueItemSource(store.url, self.jid, concurrency=self.parallelism,
+                                                heartbeat_timeout=self.heartbeat_timeout, where=store.where,
+                                                stall_limit=settings.retry_stall_limit, lost=self.request_stop)
+        # A stop takes no more items; a hard one also refuses those pgqueuer hands out still (the engine ends the
+        # items in hand).
+        self.stop.listen(lambda soft: self.source.stop(refuse=not soft))
         self.client: Client
         self.users: UserDirectory
         self.page_sizes: PageSizes | None = None
         self.budget = PgLease(store, self.jid, self.session, size=lease_size(self.parallelism))
 
-    def _queue(self, concurrency: int) -> itemqueue.ItemQueue:
-        return itemqueue.ItemQueue(self.store.url, self.jid, concurrency=concurrency,
-                                   heartbeat_timeout=self.heartbeat_timeout, poll=min(1.0, self.heartbeat_timeout / 4))
-
-    def _stop_queues(self) -> None:
-        """Every consumer takes no more items (those in hand go on)."""
-        self._queues_stopped = True
-        for queue in self.queues:
-            queue.stop()
+    @property
+    def queues(self) -> list[itemqueue.ItemQueue]:
+        """The consumers of the job's queue: one, and one more each time parallelism = "auto" grows."""
+        return self.source.queues
 
     # -- CrawlContext (learn, resolve_user and walk come from ItemWalker) --
 
@@ -149,16 +163,27 @@ class JobWorker(ItemWalker, GracefulStop):
 
     # -- the session --
 
+    @property
+    def _stop_error(self) -> CrawlerError | None:
+        return self.stop.error
+
+    @property
+    def quiet(self) -> bool:
+        """False: a first signal says how many answers it waits for."""
+        return self.stop.quiet
+
+    @quiet.setter
+    def quiet(self, value: bool) -> None:
+        self.stop.quiet = value
+
     def request_stop(self, error: CrawlerError) -> None:
-        """Stop taking items; a lost store or a second signal also cancels the items in hand (a spent budget or a
-        first signal does not: requests already under way are answered and committed, see `GracefulStop`)."""
-        if self._stop_error is None or rank(error) < rank(self._stop_error):
-            self._stop_error = error
-        self._stop_queues()
-        if not (isinstance(error, BudgetExhausted) or (isinstance(error, Interrupted) and self._draining)):
-            for task in self._tasks:
-                if task is not asyncio.current_task():
-                    task.cancel()
+        """Stop taking items; a lost store or a second signal also ends the items in hand (a spent budget or a first
+        signal does not: requests already under way are answered and committed, see `StopPolicy`)."""
+        self.stop.request_stop(error)
+
+    def signalled(self, error: Interrupted) -> int:
+        """A SIGINT/SIGTERM (see `StopPolicy`); the number of answers the stop waits for."""
+        return self.stop.signalled(error)
 
     async def run(self) -> SessionResult:
         """Work the job's items until none is left (or a stop); then hand back what this worker held."""
@@ -169,18 +194,7 @@ class JobWorker(ItemWalker, GracefulStop):
         try:
             await self._count_earlier()
             async with self.client:
-                async with asyncio.TaskGroup() as outer:
-                    writer = outer.create_task(self._writer())
-                    monitor = outer.create_task(self._monitor())
-                    try:
-                        async with asyncio.TaskGroup() as tg:
-                            self._tg = tg
-                            await self._take_items(self.queues[0])
-                    finally:
-                        self._tg = None
-                        monitor.cancel()
-                        self._commits.close()
-                        await writer
+                await self._work()
                 if isinstance(self._stop_error, CommitFailed):
                     with contextlib.suppress(Exception):  # reported already; the requests' count is worth a try
                         await self._commit([])
@@ -188,17 +202,10 @@ class JobWorker(ItemWalker, GracefulStop):
                     await self._commit([])  # requests sent after the last page still count
         except RunStopped as exc:  # StoreLost, or a stop while the store is away
             if self._stop_error is None or rank(exc) <= rank(self._stop_error):
-                self._stop_error = exc
+                self.stop.error = exc
         finally:
             self.users.close()
-        c = self.client.counters
-        r = self.result
-        r.requests_sent, r.credits_billed, r.rate_limited, r.retries = (c.requests_sent, c.credits_billed,
-                                                                       c.rate_limited, c.retries)
-        r.rate_wait_seconds = self.client.gate.wait_seconds
-        r.responses = dict(c.responses)
-        r.error = self._stop_error
-        r.held = sorted(self._held)
+        r = self._result()
         if not isinstance(self._stop_error, StoreLost):
             with contextlib.suppress(RunStopped):  # StoreLost, or a stop while the store is away
                 # Only the requests sent stay spent: a credit is drawn before the request waits for its rate slot,
@@ -210,6 +217,33 @@ class JobWorker(ItemWalker, GracefulStop):
                 await self.store.outside(lambda: itemqueue.enqueue(self.store.url, self.jid, orphans))
         return r
 
+    async def _work(self) -> None:
+        """The engine over the job's queue, beside the consumers and the heartbeat."""
+        options = EngineOptions(workers=self.settings.parallelism, start=self.parallelism)
+        self.stop.attach(self.client)
+        engine = Engine(source=self.source, handler=self._item, stop=self.stop, options=options, client=self.client,
+                        committer=_Committer(self._commits), budget=self.budget)
+        async with asyncio.TaskGroup() as outer:
+            monitor = outer.create_task(self._monitor())
+            outer.create_task(self.source.run())
+            try:
+                await engine.run()
+            finally:
+                monitor.cancel()
+                self.source.close()  # the consumers end; every item still held is released
+
+    def _result(self) -> SessionResult:
+        c = self.client.counters
+        r = self.result
+        r.requests_sent, r.credits_billed, r.rate_limited, r.retries = (c.requests_sent, c.credits_billed,
+                                                                       c.rate_limited, c.retries)
+        r.rate_wait_seconds = self.client.gate.wait_seconds
+        r.responses = dict(c.responses)
+        r.error = self._stop_error
+        r.held = sorted(self._held)
+        r.parallelism = max(r.parallelism, self.source.taking)
+        return r
+
     async def _count_earlier(self) -> None:
         """The requests sent before this session's client are its first: in its counters and the job's budget."""
         if self._earlier is None:
@@ -219,45 +253,8 @@ class JobWorker(ItemWalker, GracefulStop):
             for _ in range(self._earlier.requests_sent):
                 await self.budget.take(0)
 
-    async def _take_items(self, queue: itemqueue.ItemQueue) -> None:
-        """Run a queue consumer; a lost connection is retried until retry.stall_limit (then StoreLost)."""
-        down: float | None = None
-        delay = 0.1
-        while self._stop_error is None:
-            queue.ran = False
-            try:
-                await queue.run(self._on_item)
-                return
-            except Exception as exc:
-                if self._stop_error is not None:
-                    return
-                now = time.monotonic()
-                if queue.ran:  # it ran again since the last failure: a new outage, with its own stall limit
-                    down, delay = None, 0.1
-                down = down or now
-                log.warning("the job queue (%s) failed: %s; retrying", self.store.where, itemqueue.one_line(exc))
-                if now - down >= self.settings.retry_stall_limit:
-                    self.request_stop(StoreLost(
-                        f"{self.store.where} has not answered for {self.settings.retry_stall_limit:g} s"
-                        " (retry.stall_limit); what was committed is kept: start PostgreSQL and run the same"
-                        " command again"))
-                    return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-
-    async def _on_item(self, seq: int) -> None:
-        """The queue's handler: work the item in a task of ours (a stop cancels ours, never the library's)."""
-        if self._stop_error is not None or self._tg is None:
-            return
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        task = self._tg.create_task(self._item(seq, done))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        # A task a stop cancels before its first step never runs `_item`'s finally: release the queue anyway.
-        task.add_done_callback(lambda _: None if done.done() else done.set_result(None))
-        await asyncio.shield(done)
-
-    async def _item(self, seq: int, done: asyncio.Future[None]) -> None:
+    async def _item(self, seq: int) -> None:
+        """The engine's handler: take the item in the store (fenced by its version), walk it, commit its pages."""
         try:
             taken = await self.store.take(self.jid, seq, self.worker_id)
             if taken is None:
@@ -273,35 +270,13 @@ class JobWorker(ItemWalker, GracefulStop):
                 await self._submit(Batch([], update))
             self._held.pop(seq, None)
             self.result.items += 1
-            self._grow()
         except LeaseLost:
             self._held.pop(seq, None)
             self.result.lost += 1
             log.info("item %d of job %s was taken over by another worker: its late page is discarded", seq, self.jid)
-        except RunStopped as exc:
-            self.request_stop(exc)
         finally:
             self._walks.pop(seq, None)
             self._finished.set()
-            if not done.done():
-                done.set_result(None)
-
-    def _grow(self) -> None:
-        """parallelism = "auto": take items enough to keep the rate busy at the latency seen so far (the rule every
-        kind of run sizes its pool by). pgqueuer fixes a consumer's cap when it starts, so the difference is taken by
-        one more consumer, started at once: the items in hand go on, none waits for them to end."""
-        if self.settings.parallelism is not None or self._stop_error is not None or self._queues_stopped:
-            return
-        target = auto_workers(self.client.pace, self.client.counters.latency, self.parallelism)
-        if target - self.parallelism < 2 or self._tg is None:  # a consumer takes at least 2 at a time
-            return
-        log.debug("parallelism auto: %d -> %d items at a time (latency %.3f s)", self.parallelism, target,
-                  self.client.counters.latency)
-        queue = self._queue(target - self.parallelism)
-        self.queues.append(queue)
-        self.parallelism = self.result.parallelism = target
-        self.budget.size = lease_size(target)
-        self._tg.create_task(self._take_items(queue))
 
     async def _process(self, item: WorkItem) -> None:
         async with aclosing(self.spec.handler(self, item)) as steps:
@@ -312,13 +287,6 @@ class JobWorker(ItemWalker, GracefulStop):
 
     async def _submit(self, batch: Batch) -> None:
         await self._commits.submit(batch)
-
-    async def _writer(self) -> None:
-        """The worker's single committer (`GroupWriter`): every page waiting goes into one transaction. On any error
-        it fails every waiting commit and stops the run: no item waits for ever on a commit that will not come, and
-        none is tried after it."""
-        with contextlib.suppress(RunStopped):  # the stop is the run's already (`_commit_group`)
-            await self._commits.run()
 
     async def _commit_group(self, batches: list[Batch]) -> list[Exception | None]:
         """One group commit for the writer: a page of an item another worker took over fails with LeaseLost."""
@@ -362,7 +330,7 @@ class JobWorker(ItemWalker, GracefulStop):
                 pg = await self.store.job(self.jid)
                 progress = await self.store.progress(self.jid)
                 if pg is None or pg.status != "running" or progress.pending == 0:
-                    self._stop_queues()
+                    self.source.stop()
                     return
                 if time.monotonic() - swept >= self.heartbeat_timeout:
                     swept = time.monotonic()
@@ -376,8 +344,10 @@ class JobWorker(ItemWalker, GracefulStop):
             except Exception as exc:  # the queue's own connection failing: the next beat tries again
                 log.warning("job monitor: %s", itemqueue.one_line(exc))
             # Look again at the next heartbeat, or soon after one of our items ends (the last one ends the job).
+            # (asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that comes as the event is set.)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._finished.wait(), every)
+                async with asyncio.timeout(every):
+                    await self._finished.wait()
             self._finished.clear()
             await asyncio.sleep(0.05)  # at most ~20 looks a second however many items end
 

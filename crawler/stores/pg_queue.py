@@ -4,6 +4,7 @@ The queue hands items out and takes a dead worker's items back: pgqueuer heartbe
 background task on the database clock, and a job whose heartbeat is older than `jobs.heartbeat_timeout` is
 picked again by any worker. It is not the record of what is done: that is `crawler_items` (pg_jobs.py), and
 only items not done there are enqueued. Pinned version and measured edges: tests/test_pgqueuer_edges.py.
+`ItemQueue` is one consumer; `QueueItemSource` turns a worker's consumers into the engine's item source.
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from crawler.config import masked
-from crawler.errors import UsageError
+from crawler.errors import CrawlerError, UsageError
 from crawler.stores import postgres
 from crawler.stores.pg_schema import INSTALL_LOCK
+from crawler.stores.postgres import StoreLost
 
 if TYPE_CHECKING:
     import psycopg
@@ -199,3 +201,118 @@ class ItemQueue:
             for c in (conn, conn2):
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(c.close(), 2.0)
+
+
+class QueueItemSource:
+    """A PostgreSQL job's items for one worker, as the engine's item source (`engine.pool.ItemSource`, `HeldItems`).
+
+    pgqueuer calls back once per item and completes the item's queue job when the callback returns (heartbeating it
+    meanwhile), so each callback puts its item on the queue `items()` yields and waits until `release(seq)`: the
+    engine releases every item it was given when the item ends, however it ends. `run()` runs the consumers of the
+    job's queue: one, and one more each time the engine grows an "auto" pool (`resize`); `items()` ends when they
+    all have (`stop()`: they take no more items; those in hand go on). The queue is bounded by the consumers' caps:
+    at most `taking` callbacks wait at once.
+    """
+
+    def __init__(self, url: str, jid: str, *, concurrency: int, heartbeat_timeout: float, where: str,
+                 stall_limit: float, lost: Callable[[CrawlerError], None]) -> None:
+        self.url = url
+        self.jid = jid
+        self.heartbeat_timeout = heartbeat_timeout
+        self._where = where
+        self._stall_limit = stall_limit
+        self._lost = lost  # the run's stop, for the queue lost past the stall limit (StoreLost)
+        self.taking = concurrency  # the items taken at a time, the consumers' caps together
+        self.queues = [self._consumer(concurrency)]
+        self._items: asyncio.Queue[int | None] = asyncio.Queue()  # None: every consumer ended
+        self._held: dict[int, asyncio.Future[None]] = {}  # seq -> its callback's release
+        self._tg: asyncio.TaskGroup | None = None
+        self._stopped = False
+        self._refusing = False
+
+    def _consumer(self, concurrency: int) -> ItemQueue:
+        return ItemQueue(self.url, self.jid, concurrency=concurrency, heartbeat_timeout=self.heartbeat_timeout,
+                         poll=min(1.0, self.heartbeat_timeout / 4))
+
+    async def run(self) -> None:
+        """Run the consumers until every one has ended (a `stop()`, or the queue lost: `lost(StoreLost)`)."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                for queue in self.queues:
+                    tg.create_task(self._take_items(queue))
+        finally:
+            self._tg = None
+            self._items.put_nowait(None)
+
+    async def items(self) -> AsyncIterator[int]:
+        """The items pgqueuer hands this worker, as it hands them, until the consumers have ended."""
+        while (seq := await self._items.get()) is not None:
+            yield seq
+
+    def release(self, seq: int) -> None:
+        """The item ended: its callback returns and pgqueuer completes its queue job."""
+        done = self._held.pop(seq, None)
+        if done is not None and not done.done():
+            done.set_result(None)
+
+    def resize(self, workers: int) -> None:
+        """parallelism = "auto": take `workers` items at a time. pgqueuer fixes a consumer's cap when it starts, so the
+        difference is taken by one more consumer, started at once: the items in hand go on, none waits for them."""
+        more = workers - self.taking
+        if more < 2 or self._stopped or self._tg is None:  # a consumer takes at least 2 at a time
+            return
+        log.debug("parallelism auto: %d -> %d items at a time", self.taking, workers)
+        queue = self._consumer(more)
+        self.queues.append(queue)
+        self.taking = workers
+        self._tg.create_task(self._take_items(queue))
+
+    def stop(self, *, refuse: bool = False) -> None:
+        """Every consumer takes no more items (those in hand go on); `refuse`: a callback still to come returns at
+        once (the run stopped: nothing will work its item)."""
+        self._stopped = True
+        self._refusing = self._refusing or refuse
+        for queue in self.queues:
+            queue.stop()
+
+    def close(self) -> None:
+        """The run has ended: stop, and release every item still held (queued, never worked)."""
+        self.stop(refuse=True)
+        for seq in list(self._held):
+            self.release(seq)
+
+    async def _on_item(self, seq: int) -> None:
+        """A consumer's callback: hand the item on and wait until it is released (shielded: a stop cancels the
+        engine's worker, never the library's task)."""
+        if self._refusing or seq in self._held:
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._held[seq] = done
+        self._items.put_nowait(seq)
+        await asyncio.shield(done)
+
+    async def _take_items(self, queue: ItemQueue) -> None:
+        """Run a queue consumer; a lost connection is retried until retry.stall_limit (then StoreLost)."""
+        down: float | None = None
+        delay = 0.1
+        while not self._stopped:
+            queue.ran = False
+            try:
+                await queue.run(self._on_item)
+                return
+            except Exception as exc:
+                if self._stopped:
+                    return
+                now = time.monotonic()
+                if queue.ran:  # it ran again since the last failure: a new outage, with its own stall limit
+                    down, delay = None, 0.1
+                down = down or now
+                log.warning("the job queue (%s) failed: %s; retrying", self._where, one_line(exc))
+                if now - down >= self._stall_limit:
+                    self._lost(StoreLost(
+                        f"{self._where} has not answered for {self._stall_limit:g} s (retry.stall_limit); what was"
+                        " committed is kept: start PostgreSQL and run the same command again"))
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
