@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test test-fast lint demo bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest
+
+# The inner loop: the in-process tests only (no test marked `slow`: those start processes or soak).
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not slow"
 
 demo: $(STAMP)
 	$(BIN)/python -m crawler.cli.demo
