@@ -18,8 +18,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check crawler tests benchmarks
 	$(BIN)/mypy --strict crawler
 
+# Two workers (pytest-xdist), each given whole files: a file's tests never run beside each other.
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 # The inner loop: the in-process tests only (no test marked `slow`: those start processes or soak).
 test-fast: $(STAMP)
