@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test test-fast lint demo bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check crawler tests benchmarks
 	$(BIN)/mypy --strict crawler
 
+# Two workers (pytest-xdist), each given whole files: a file's tests never run beside each other.
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
+
+# The inner loop: the in-process tests only (no test marked `slow`: those start processes or soak).
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not slow"
 
 demo: $(STAMP)
 	$(BIN)/python -m crawler.cli.demo

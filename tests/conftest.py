@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -33,6 +34,12 @@ def fast_settings(url: str, **changes: Any) -> Settings:
     return base.replace(**changes)
 
 
+def answer_at_once(sim: Simulator) -> None:
+    """The simulator answers without latency from now on: a test's slow API has done its part (say, a signal caught
+    requests in flight) and the resume that follows checks rows, not timing."""
+    sim.config = dataclasses.replace(sim.config, latency=(0.0, 0.0))
+
+
 @pytest.fixture(autouse=True)
 def private_state_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test gets its own XDG_STATE_HOME (the local rate ledger lives there): nothing under the real home."""
@@ -41,10 +48,20 @@ def private_state_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: py
     return home
 
 
+_STARTED = pytest.StashKey[list[asyncio.subprocess.Process]]()
+
+
+def _kill(started: list[asyncio.subprocess.Process]) -> None:
+    for proc in started:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+
+
 @pytest.fixture(autouse=True)
-def reap_processes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def reap_processes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Every process a test starts with asyncio is SIGKILLed by pid when the test ends, however it ends."""
-    started: list[asyncio.subprocess.Process] = []
+    started = request.node.stash.setdefault(_STARTED, [])
     real = asyncio.create_subprocess_exec
 
     async def tracked(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
@@ -56,10 +73,14 @@ def reap_processes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     try:
         yield
     finally:
-        for proc in started:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
+        _kill(started)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """The test's processes are killed before any fixture's teardown: a DROP SCHEMA there never waits forever on
+    the locks of a process the test left SIGSTOPped."""
+    _kill(item.stash.get(_STARTED, []))
 
 
 SimFactory = Callable[..., AbstractAsyncContextManager[Simulator]]

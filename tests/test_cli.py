@@ -21,7 +21,9 @@ import pytest
 
 from crawler.sim.data import World, WorldConfig
 from crawler.sim.server import Simulator
-from tests.conftest import KEY, SimFactory
+from tests.conftest import KEY, SimFactory, answer_at_once
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 WORLD = WorldConfig(seed=11, users=1_000)
 # No pacing and no retry waits: the simulator's limits are raised by the fixture.
@@ -303,6 +305,7 @@ async def test_a_signal_stops_cleanly_and_the_printed_resume_command_completes(
 
         hint = shlex.split(line.split("resume with: ", 1)[1])
         assert hint[0] == "crawler" and hint[1:] == args
+        answer_at_once(sim)
         again, _, err2 = await crawler(hint[1:], environ(sim), tmp_path)
         assert again == 0, err2
     rows = [r["user_id"] for r in read_csv(tmp_path / "out.csv")]
@@ -363,6 +366,7 @@ async def test_after_a_first_signal_no_walk_asks_for_another_page(simulator: Sim
         assert after - before <= int(waited.group(1))  # only what was under way at the signal
         assert summary_count(err, "requests_sent") == after
         assert summary_count(err, "credits_billed") == billed
+        answer_at_once(sim)
         again, _, err2 = await crawler(args, environ(sim), tmp_path)
         assert again == 0, err2
     assert sorted(written_posts(tmp_path / "out.csv")) == sorted(post_keys(sim.world, users))
@@ -394,6 +398,7 @@ async def test_a_second_signal_stops_at_once_without_the_answers_in_flight(simul
         assert proc.returncode == 143, err
         assert "SIGTERM" in error_line(err)
         assert len(read_csv(tmp_path / "out.csv.part")) == 0 < sent  # the answers in flight were not waited for
+        answer_at_once(sim)
         again, _, err2 = await crawler(args, environ(sim), tmp_path)
         assert again == 0, err2
     rows = [r["user_id"] for r in read_csv(tmp_path / "out.csv")]

@@ -98,6 +98,7 @@ async def finish(proc: asyncio.subprocess.Process) -> tuple[int, str]:
     return proc.returncode, err.decode()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("when", "code"), [("before any request", 2), ("after requests began", 1)])
 async def test_a_full_disk_is_one_line_and_the_same_command_then_completes(
         simulator: SimFactory, tmp_path: Path, when: str, code: int) -> None:
@@ -130,6 +131,7 @@ async def test_a_full_disk_is_one_line_and_the_same_command_then_completes(
     assert sorted(rows) == sorted(names)  # each once
 
 
+@pytest.mark.slow
 async def test_a_read_only_data_directory_is_one_line_exit_2(simulator: SimFactory, tmp_path: Path) -> None:
     """A data directory on a read-only file system: exit 2 before any request, one line naming it and the fix;
     made writable, the same command completes."""
@@ -153,6 +155,7 @@ async def test_a_read_only_data_directory_is_one_line_exit_2(simulator: SimFacto
     assert sorted(r["handle"] for r in read_csv(tmp_path / "out.csv")) == sorted(names)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("when", "code"), [("before any request", 2), ("after requests began", 1)])
 async def test_a_full_disk_under_a_download_is_one_line_and_the_same_command_then_completes(
         simulator: SimFactory, tmp_path: Path, when: str, code: int) -> None:
@@ -238,6 +241,7 @@ def test_failures_export_and_page_sizes_are_renamed_into_place_durably(
     assert [p.name for p in sorted(tmp_path.rglob("*.tmp")) + sorted(tmp_path.rglob("*.part"))] == []
 
 
+@pytest.mark.slow
 async def test_a_read_only_ingest_out_dir_is_one_line_exit_2(simulator: SimFactory, tmp_path: Path) -> None:
     """`ingest` into an out-dir on a read-only file system: exit 2 before any request, one line naming it and the
     fix, as the job commands; made writable, the same command completes."""

@@ -30,6 +30,9 @@ import pytest
 from crawler.sim.data import World, WorldConfig
 from crawler.sim.server import SimConfig, Simulator
 from crawler.stores.pg_schema import REGISTER_LOCK
+from tests.conftest import answer_at_once
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 PG = "postgresql://postgres@127.0.0.1:5432/test"
 REDIS = "redis://127.0.0.1:6379/0"
@@ -225,10 +228,10 @@ async def pg_value(schema: str, sql: str, *args: Any) -> Any:
 
 
 async def test_three_hosts_one_job_equal_a_single_host_run(hosts: Hosts, schema: str) -> None:
-    """Starter + two `work` processes on 300 handles with faults: OUT.csv's rows are a single-host run's, once each;
+    """Starter + two `work` processes on 150 handles with faults: OUT.csv's rows are a single-host run's, once each;
     every process worked items; `crawler jobs` counts what the simulator counted; `crawler export` is OUT.csv (its
     BOM too, without --bom: the job keeps its starter's output.bom)."""
-    src = handles(hosts.root, 300)
+    src = handles(hosts.root, 150)
     url = pg_url(schema)
     async with simulator(hosts.key, fault_rate=0.1, faults=FAULTS) as sim:
         expected, _ = await single_host(hosts, src, sim, "--max-items", "30")
@@ -253,11 +256,11 @@ async def test_three_hosts_one_job_equal_a_single_host_run(hosts: Hosts, schema:
     assert (hosts.root / "starter" / "out.failures.csv").read_text() == single_failures
     counts = [worked(err)] + [worked(e) for _, e in results]
     assert all(c > 0 for c in counts), counts
-    assert sum(counts) >= 300 - 5  # private accounts fail fast; every item was worked by someone
+    assert sum(counts) >= 150 - 5  # private accounts fail fast; every item was worked by someone
     code, listing, err = await hosts.run("jobs", ["jobs", "--jobs-url", url, "--json"])
     assert code == 0, err
     (job,) = json.loads(listing)
-    assert job["id"] == jid and job["pending"] == 0 and job["items"] == 300
+    assert job["id"] == jid and job["pending"] == 0 and job["items"] == 150
     assert job["requests_sent"] == sent and job["credits_billed"] == billed
     assert len(job["workers"]) == 3
     code, _, err = await hosts.run("export", ["export", jid, "-o", str(hosts.root / "again.csv"), "--jobs-url", url])
@@ -898,6 +901,7 @@ async def test_a_first_sigterm_to_a_worker_commits_the_pages_under_way(hosts: Ho
         waited = re.search(r"waiting for the (\d+) requests already sent", err)
         assert code == 143 and waited, err[-800:]
         assert after - before <= int(waited.group(1))  # only what was under way at the signal
+        answer_at_once(sim)
         again = await hosts.start("starter", [*args, *common(sim.url, *opts)])
         code, err = await hosts.finish(again)
         total = sim.stats.requests

@@ -29,7 +29,7 @@ from crawler.sim import media
 from crawler.sim.data import WorldConfig
 from crawler.sim.media import MediaConfig
 from crawler.sim.server import Simulator
-from tests.conftest import KEY, SimFactory
+from tests.conftest import KEY, SimFactory, answer_at_once
 
 WORLD = WorldConfig(seed=21, users=3_000)
 FAST = "[rate]\nenabled = false\n[retry]\nbase_delay = 0\nmax_delay = 0\n[download]\nper_host_rate = 1000\n"
@@ -93,6 +93,7 @@ def files_under(root: Path) -> set[Path]:
     return {p for p in root.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 async def test_posts_csv_has_media_columns_matching_the_world(simulator: SimFactory, tmp_path: Path) -> None:
     """Posts rows carry play/wmplay/cover/size/music_url from the list items, post-details add hdplay and hd_size."""
     async with simulator(world=WORLD) as sim:
@@ -118,6 +119,7 @@ async def test_posts_csv_has_media_columns_matching_the_world(simulator: SimFact
             assert d["hd_size"] == str(media.size(seed, "hdplay", d["video_id"]))
 
 
+@pytest.mark.slow
 async def test_two_hundred_posts_with_faults_are_byte_identical_and_cost_nothing(simulator: SimFactory,
                                                                                  tmp_path: Path) -> None:
     """200 posts from a CSV with cut bodies, 5xx and slow transfers: every file exact, exit 0, no API request."""
@@ -139,6 +141,7 @@ async def test_two_hundred_posts_with_faults_are_byte_identical_and_cost_nothing
             assert (out / f"{r['video_id']}.mp4").read_bytes() == expected(sim, "play", r["video_id"]), r["video_id"]
 
 
+@pytest.mark.slow
 async def test_five_sigkills_resume_without_rewriting_complete_files(simulator: SimFactory, tmp_path: Path) -> None:
     """Killed five times at random moments: same files, none rewritten once complete, bytes served bounded."""
     workers = 4
@@ -190,6 +193,7 @@ async def test_five_sigkills_resume_without_rewriting_complete_files(simulator: 
         assert not list(out.glob("*.part"))
 
 
+@pytest.mark.slow
 async def test_expired_urls_are_renewed_once_each(simulator: SimFactory, tmp_path: Path) -> None:
     """URLs that expired before the run: one /post-detail/ credit per post, files exact, a re-run spends nothing."""
     async with simulator(world=WORLD, media=MediaConfig(ttl=3600)) as sim:
@@ -221,6 +225,7 @@ async def test_expired_urls_are_renewed_once_each(simulator: SimFactory, tmp_pat
         assert "already complete" in err and sim.stats.requests == requests
 
 
+@pytest.mark.slow
 async def test_video_ids_cost_one_detail_each_and_fetch_hd(simulator: SimFactory, tmp_path: Path) -> None:
     """Ids and URLs as input: one /post-detail/ credit per post, the hd file, bad lines are invalid_input."""
     async with simulator(world=WORLD) as sim:
@@ -238,6 +243,7 @@ async def test_video_ids_cost_one_detail_each_and_fetch_hd(simulator: SimFactory
             assert [(f["input"], f["reason"]) for f in csv.DictReader(fh)] == [("not-a-video", "invalid_input")]
 
 
+@pytest.mark.slow
 async def test_photo_posts_images_land_in_a_folder_per_post(simulator: SimFactory, tmp_path: Path) -> None:
     """--what images: DIR/<video_id>/<n>.jpg for every image of a photo post; other posts are skipped, not failed."""
     async with simulator(world=WORLD) as sim:
@@ -256,6 +262,7 @@ async def test_photo_posts_images_land_in_a_folder_per_post(simulator: SimFactor
                 assert (out / vid / f"{n}.jpg").read_bytes() == media.content(sim.media.seed, "image", vid, n)
 
 
+@pytest.mark.slow
 async def test_hostile_csv_writes_nothing_outside_dir(simulator: SimFactory, tmp_path: Path) -> None:
     """Path traversal, absolute paths, NUL bytes and non-http URLs become invalid_input rows; nothing leaves DIR."""
     async with simulator(world=WORLD) as sim:
@@ -289,6 +296,7 @@ async def test_hostile_csv_writes_nothing_outside_dir(simulator: SimFactory, tmp
         assert {f["reason"] for f in failures} == {"invalid_input"}
 
 
+@pytest.mark.slow
 async def test_disk_full_stops_with_one_line_and_renames_nothing_incomplete(
         simulator: SimFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -334,6 +342,7 @@ async def test_disk_full_stops_with_one_line_and_renames_nothing_incomplete(
             assert (out / f"{r['video_id']}.mp4").read_bytes() == expected(sim, "play", r["video_id"])
 
 
+@pytest.mark.slow
 async def test_media_host_sees_bounded_parallelism_and_an_even_per_host_rate(simulator: SimFactory,
                                                                            tmp_path: Path) -> None:
     """Counted at the media host: never more than download.parallelism at once, nor per_host_rate (+1) a second."""
@@ -351,6 +360,7 @@ async def test_media_host_sees_bounded_parallelism_and_an_even_per_host_rate(sim
         assert sim.media.stats.max_in_flight <= 3
 
 
+@pytest.mark.slow
 async def test_parallelism_auto_grows_the_detail_requests_not_the_files_in_flight(simulator: SimFactory,
                                                                                   tmp_path: Path) -> None:
     """--parallelism auto on ids: more /post-detail/ requests at once than download.parallelism once a latency is
@@ -369,6 +379,7 @@ async def test_parallelism_auto_grows_the_detail_requests_not_the_files_in_fligh
             assert (tmp_path / "covers" / f"{r['video_id']}.jpg").read_bytes() == expected(sim, "cover", r["video_id"])
 
 
+@pytest.mark.slow
 async def test_media_gone_for_good_fails_after_one_refresh(simulator: SimFactory, tmp_path: Path) -> None:
     """A file refused even with a renewed URL: one /post-detail/ credit, then a media_unavailable failure row."""
     async with simulator(world=WORLD) as sim:
@@ -392,6 +403,7 @@ async def test_media_gone_for_good_fails_after_one_refresh(simulator: SimFactory
                 assert path.read_bytes() == expected(sim, "play", r["video_id"])
 
 
+@pytest.mark.slow
 async def test_sigterm_stops_cleanly_and_the_same_command_resumes(simulator: SimFactory, tmp_path: Path) -> None:
     """SIGTERM mid-transfer: exit 143 with a resume line, partial files kept as .part, the re-run completes them."""
     async with simulator(world=WORLD, media=MediaConfig(bytes_per_second=500_000)) as sim:
@@ -457,6 +469,7 @@ async def test_media_host_serves_ranges_and_refuses_stale_or_forged_urls(simulat
         assert sim.stats.requests == 0  # the media host is not the API
 
 
+@pytest.mark.slow
 async def test_max_credits_spans_a_sigkill_when_the_posts_fail(simulator: SimFactory, tmp_path: Path) -> None:
     """--max-credits 30 on ids of posts that do not exist (each one /post-detail/ request, then a failure), the
     download SIGKILLed after 10 requests and run again: the simulator sees at most 30 requests in all, and the
@@ -517,6 +530,7 @@ async def _until(predicate: Callable[[], bool], what: str, *, bound: float = 60)
         await asyncio.sleep(0.01)
 
 
+@pytest.mark.slow
 async def test_a_spent_budget_ends_a_long_download_promptly(simulator: SimFactory, tmp_path: Path) -> None:
     """--max-credits 5 over 100,000 ids at the key's default pace: exactly 5 /post-detail/ requests, then the process
     ends by itself within seconds with exit 4 and one line."""
@@ -543,6 +557,7 @@ async def test_a_spent_budget_ends_a_long_download_promptly(simulator: SimFactor
     assert len(err.strip().splitlines()) == 1 and "--max-credits" in err, err
 
 
+@pytest.mark.slow
 async def test_a_sigint_while_reading_an_edited_input_leaves_its_new_items_to_fetch(simulator: SimFactory,
                                                                                      tmp_path: Path) -> None:
     """A completed download, its input edited, SIGINT while the edited input is read: the same command then
@@ -573,6 +588,7 @@ async def test_a_sigint_while_reading_an_edited_input_leaves_its_new_items_to_fe
             assert (tmp_path / "hd" / f"{vid}.mp4").read_bytes() == expected(sim, "hdplay", vid)
 
 
+@pytest.mark.slow
 async def test_a_first_signal_lets_the_detail_answers_in_flight_be_kept(simulator: SimFactory, tmp_path: Path) -> None:
     """SIGTERM while four slow /post-detail/ requests are out: they are paid for, so their answers are committed
     before exit 143 and nothing more is sent; the job's counters equal the simulator's, and the resume fetches
@@ -599,6 +615,7 @@ async def test_a_first_signal_lets_the_detail_answers_in_flight_be_kept(simulato
         assert sent - before <= int(waited.group(1)) and sent < len(ids)  # only what was under way at the signal
         assert _summary(err, "requests_sent") == sent
         assert _summary(err, "credits_billed") == sim.stats.billed[KEY] - billed == sent  # each answer came
+        answer_at_once(sim)
         code, err = await crawler(args + ["-q"], sim, tmp_path)
         assert code == 0, err
         assert sim.stats.by_endpoint["/post-detail"] - details == len(ids)  # none was lost, none asked again
@@ -606,6 +623,7 @@ async def test_a_first_signal_lets_the_detail_answers_in_flight_be_kept(simulato
             assert (tmp_path / "hd" / f"{vid}.mp4").read_bytes() == expected(sim, "hdplay", vid)
 
 
+@pytest.mark.slow
 async def test_a_second_signal_stops_the_download_at_once(simulator: SimFactory, tmp_path: Path) -> None:
     """SIGTERM while four slow /post-detail/ requests are out, then SIGTERM again once the download says it waits
     for them: exit 143 without their answers, and the same command then completes every file."""
@@ -633,6 +651,7 @@ async def test_a_second_signal_stops_the_download_at_once(simulator: SimFactory,
         err = (said + rest).decode()
         assert code == 143, err
         assert _summary(err, "files") == 0 and not list((tmp_path / "hd").glob("*.mp4"))
+        answer_at_once(sim)
         code, err = await crawler(args + ["-q"], sim, tmp_path)
         assert code == 0, err
         for vid in ids:

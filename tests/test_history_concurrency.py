@@ -11,6 +11,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from crawler.runs.ingest import TEST_NOW_ENV
 from crawler.sim.data import WorldConfig
 from tests.conftest import SimFactory
@@ -20,6 +22,7 @@ from tests.test_ingest import day, rows, snapshots, write_watch
 WORLD = WorldConfig(seed=41, users=3_000, missing_fraction=0.0, private_fraction=0.0)
 
 
+@pytest.mark.slow
 async def test_two_ingests_on_one_sqlite_history_both_complete(simulator: SimFactory, tmp_path: Path) -> None:
     """Two watch lists (overlapping) ingested at once from one directory into the default SQLite history both exit
     0, and every user of both lists has that day's snapshot."""
@@ -81,6 +84,7 @@ def open_together(urls: list[str]) -> None:
     assert [p.exitcode for p in procs] == [0] * 8 and not failed, failed
 
 
+@pytest.mark.slow
 def test_processes_opening_a_fresh_postgresql_history_together_never_fail() -> None:
     """Eight processes opening the same fresh PostgreSQL history schema at the same instant, 20 rounds: no error,
     and each schema ends at the current version, recorded once."""
@@ -107,6 +111,7 @@ def test_processes_opening_a_fresh_postgresql_history_together_never_fail() -> N
                 conn.execute(f"DROP SCHEMA {name} CASCADE")
 
 
+@pytest.mark.slow
 def test_processes_opening_a_fresh_sqlite_history_together_migrate_it_once(tmp_path: Path) -> None:
     """Eight processes opening the same fresh SQLite history at the same instant, 20 rounds: no error, and each
     store records each schema version once (a process that read an old version migrates only what is left)."""
@@ -180,6 +185,7 @@ CREATE TRIGGER staged_rollback BEFORE INSERT ON snapshots FOR EACH ROW EXECUTE F
 """
 
 
+@pytest.mark.slow
 async def test_a_deadlock_and_a_serialization_failure_on_a_postgresql_history_are_retried(
         simulator: SimFactory, tmp_path: Path) -> None:
     """The PostgreSQL history rolls back ingest's first two commits (a deadlock, then a serialization failure, as
@@ -237,6 +243,7 @@ async def test_a_job_store_call_to_a_server_that_never_answers_ends_at_the_stall
                 await store.aclose()
 
 
+@pytest.mark.slow
 async def test_ingest_on_a_postgresql_history_that_never_answers_ends_at_the_stall_limit(
         simulator: SimFactory, tmp_path: Path) -> None:
     """The history database accepts ingest's connection, then stops answering mid-run (a proxy that forwards

@@ -227,6 +227,7 @@ def _printed_command(line: str) -> list[str]:
     return shlex.split(line.split(": crawler ", 1)[1])
 
 
+@pytest.mark.slow
 async def test_each_exit_line_prints_a_command_that_makes_progress(simulator: SimFactory, tmp_path: Path,
                                                                    store_url: str) -> None:
     """Budget stops, failed users, an empty balance and a held out-dir: each printed command moves on."""
@@ -349,6 +350,7 @@ async def test_watch_names_stay_bound_in_the_store_and_the_shared_cache_expires(
         store.close()
 
 
+@pytest.mark.slow
 async def test_posts_by_name_after_the_ttl_resolves_the_name_again(simulator: SimFactory, tmp_path: Path) -> None:
     """`crawler posts NAME` after the id TTL asks /userid/ again: a renamed user's posts are not NAME's."""
     world = dataclasses.replace(WORLD, rename_probability=0.3)

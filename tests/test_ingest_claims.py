@@ -13,6 +13,8 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import pytest
+
 from crawler.history.store import HistoryStore
 from crawler.sim.server import Simulator
 from tests.conftest import SimFactory, fast_settings
@@ -58,6 +60,7 @@ async def two_ingests_at_once(sim: Simulator, tmp: Path, url: str, lists: list[l
     return [(code, err) for code, _, err in await asyncio.gather(*runs)]
 
 
+@pytest.mark.slow
 async def test_two_ingests_on_one_history_fetch_each_user_once_a_day(simulator: SimFactory, tmp_path: Path,
                                                                      store_url: str) -> None:  # noqa: F811
     """Two ingests with overlapping watch lists run together on one history store: both exit 0, the simulator
@@ -142,6 +145,7 @@ async def test_a_user_claimed_by_a_live_run_is_left_to_it_and_a_dead_runs_claim_
         store.close()
 
 
+@pytest.mark.slow
 async def test_transactions_postgresql_rolls_back_for_meeting_each_other_run_again(simulator: SimFactory,
                                                                                    tmp_path: Path) -> None:
     """Two ingests on one PostgreSQL history whose transactions are SERIALIZABLE (so PostgreSQL rolls back one of

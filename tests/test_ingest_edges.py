@@ -9,6 +9,8 @@ import datetime as dt
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
+
 from crawler.errors import Interrupted
 from crawler.runs.ingest import TEST_NOW_ENV, Ingest, ingest
 from crawler.sim.data import World, WorldConfig
@@ -236,6 +238,7 @@ async def test_lengths_an_earlier_version_kept_by_path_still_cut_an_uncommitted_
         assert [r["user_id"] for r in rows(f)] == [w.user_id(a), w.user_id(b)]
 
 
+@pytest.mark.slow
 async def test_a_restart_killed_before_its_day_file_is_replaced_is_finished_by_the_next_run(simulator: SimFactory,
                                                                                            tmp_path: Path) -> None:
     """`ingest --restart` SIGKILLed after dropping the day's snapshots but before replacing the day file: the next
@@ -295,6 +298,7 @@ def assert_day_0_complete(w: World, watch: list[int], out: Path, history: str) -
     return len(want)
 
 
+@pytest.mark.slow
 async def test_sigterm_while_the_postgresql_history_store_is_silent_stops_at_once_and_resumes_exactly(
         simulator: SimFactory, tmp_path: Path) -> None:
     """The history database stops answering mid-run (a proxy that keeps its connections open but forwards nothing):
@@ -333,6 +337,7 @@ async def test_sigterm_while_the_postgresql_history_store_is_silent_stops_at_onc
         assert stored("posts") == assert_day_0_complete(w, watch, tmp_path / "out", direct)
 
 
+@pytest.mark.slow
 async def test_a_lost_postgresql_history_connection_is_retried_and_the_run_completes_once(
         simulator: SimFactory, tmp_path: Path) -> None:
     """The history database ends ingest's session mid-run (a server restart): ingest connects again and goes on, as
@@ -362,6 +367,7 @@ async def test_a_lost_postgresql_history_connection_is_retried_and_the_run_compl
         assert_day_0_complete(w, watch, tmp_path / "out", direct)
 
 
+@pytest.mark.slow
 async def test_a_first_sigterm_lets_the_profiles_in_flight_be_answered_and_kept(simulator: SimFactory,
                                                                                  tmp_path: Path) -> None:
     """SIGTERM while four slow profile requests are out: they are paid for, so ingest waits for their answers and

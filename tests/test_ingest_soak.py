@@ -9,6 +9,8 @@ import datetime as dt
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from crawler.history.store import HistoryStore
 from crawler.runs.ingest import TEST_NOW_ENV, ingest
 from crawler.sim.data import VIDEO_ID_BASE, VIDEO_SLOTS, World, WorldConfig
@@ -16,6 +18,8 @@ from crawler.sim.server import FAULT_KINDS
 from tests.conftest import KEY, SimFactory, fast_settings
 from tests.test_cli import FAST_TOML, crawler, environ
 from tests.test_ingest import day, night, posts_union, rows, store_url  # noqa: F401  (the fixture)
+
+pytestmark = pytest.mark.slow  # a soak: thirty nights, each a run of its own
 
 WORLD = WorldConfig(seed=77, users=4_000, missing_fraction=0.0, rename_probability=0.02, delete_probability=0.08)
 NIGHTS = 30

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from crawler.sim.data import World, WorldConfig
 from tests.conftest import KEY, SimFactory
 from tests.test_cli import FAST_TOML, crawler, environ, error_line, public_users, read_csv
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 WORLD = WorldConfig(seed=11, users=1_200)
 RUN = ["--config", "fast.toml", "--data-dir", "d", "-q"]

@@ -89,6 +89,7 @@ async def follow(sim: Simulator, tmp: Path, args: list[str], *, limit: int = 6, 
     raise AssertionError(f"still not done after {limit} runs: {seen}")
 
 
+@pytest.mark.slow
 async def test_a_budget_stop_prints_a_command_that_raises_the_cap(simulator: SimFactory, tmp_path: Path) -> None:
     """After a --max-credits stop (given as a flag, or in config.toml) the printed command raises the cap, so each
     printed command sends new requests, and following them completes the job with one row per handle."""
@@ -109,6 +110,7 @@ async def test_a_budget_stop_prints_a_command_that_raises_the_cap(simulator: Sim
         assert runs[0][1].endswith("--max-credits 20")  # the cap came from config.toml: the flag overrides it
 
 
+@pytest.mark.slow
 async def test_failed_items_print_a_retry_command_that_fetches_them(simulator: SimFactory, tmp_path: Path) -> None:
     """Exit 3 with items that ran out of retries prints `... --retry-failed`; run against a healthy API it fetches
     exactly the failed items and exits 0."""
@@ -132,6 +134,7 @@ async def test_failed_items_print_a_retry_command_that_fetches_them(simulator: S
         assert sim.stats.requests == failed
 
 
+@pytest.mark.slow
 async def test_an_empty_balance_and_a_sigterm_print_commands_that_go_on(simulator: SimFactory,
                                                                          tmp_path: Path) -> None:
     """Exit 4 on an empty balance says to top up; after a top-up its command completes. A SIGTERM (exit 143)
@@ -173,6 +176,7 @@ async def test_an_empty_balance_and_a_sigterm_print_commands_that_go_on(simulato
         assert 300 - before <= sim.stats.requests - before <= 300 - before + 2
 
 
+@pytest.mark.slow
 async def test_retry_failed_on_a_finished_job_keeps_the_csv_until_the_retry_completes(
         simulator: SimFactory, tmp_path: Path) -> None:
     """--retry-failed on a finished job killed mid-retry leaves OUT.csv exactly as it was (the complete previous
@@ -222,6 +226,7 @@ async def test_the_progress_line_after_a_resume_shows_job_totals(simulator: SimF
     assert all(15 <= sent <= 40 and 15 <= billed <= 40 for sent, billed in counts), counts
 
 
+@pytest.mark.slow
 async def test_a_budget_stop_with_automatic_parallelism_ends(simulator: SimFactory, tmp_path: Path) -> None:
     """With parallelism "auto", a worker that ends its item after a --max-credits stop starts no new worker and the
     run ends with exit 4 after exactly the budget (it once spun forever here: a subprocess, so a hang is bounded)."""

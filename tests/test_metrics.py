@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from crawler.engine.metrics import SERIES
@@ -16,6 +17,8 @@ from crawler.jobs.prepare import job_lock
 from crawler.sim.data import World, WorldConfig
 from crawler.sim.server import Simulator
 from tests.conftest import KEY, SimFactory
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 WORLD = WorldConfig(seed=11, users=1_200)
 FAULTS = frozenset({"5xx", "drop", "truncated", "malformed"})

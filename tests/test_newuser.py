@@ -28,6 +28,7 @@ def setup(tmp: Path, lines: list[str]) -> None:
     (tmp / "fast.toml").write_text(FAST_TOML)
 
 
+@pytest.mark.slow
 async def test_max_pages_truncation_is_a_failure_row_and_a_summary_line(simulator: SimFactory,
                                                                         tmp_path: Path) -> None:
     """`posts --max-pages 1 --page-size 5`: exit 3, a pagination_guard row per cut walk, the summary says so."""
@@ -48,6 +49,7 @@ async def test_max_pages_truncation_is_a_failure_row_and_a_summary_line(simulato
     assert rows.count(w.handle(short[0])) == len(list(w.posts(short[0])))
 
 
+@pytest.mark.slow
 async def test_estimate_prints_its_assumptions_and_advice_for_the_command(simulator: SimFactory,
                                                                           tmp_path: Path) -> None:
     """`estimate followers` names the list cap, private accounts and page size; `estimate liked` after profiles
@@ -66,6 +68,7 @@ async def test_estimate_prints_its_assumptions_and_advice_for_the_command(simula
         assert sim.stats.requests == 3  # only the profiles run asked the API
 
 
+@pytest.mark.slow
 async def test_crawler_sim_takes_its_options_and_names_handles_that_exist() -> None:
     """`crawler sim --help` exits 0 with its options; `crawler sim --port 0` prints its URL and real handles."""
     code, out = await asyncio.wait_for(_run(["sim", "--help"]), 30)
@@ -105,6 +108,7 @@ async def _run(args: list[str]) -> tuple[int, str]:
     return proc.returncode, out.decode()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["output under a file", "output where nothing can be created", "input directory",
                                   "unknown endpoint", "unknown column"])
 async def test_messages_say_what_is_wrong_and_leave_nothing_behind(simulator: SimFactory, tmp_path: Path,
@@ -130,6 +134,7 @@ async def test_messages_say_what_is_wrong_and_leave_nothing_behind(simulator: Si
     assert not any(Path("/proc").glob("crawler-issue-11*"))
 
 
+@pytest.mark.slow
 async def test_help_points_to_a_readme_section_that_exists() -> None:
     """Every job command's help names README.md's Settings section, and README.md has it."""
     code, out = await asyncio.wait_for(_run(["profiles", "--help"]), 30)
@@ -157,6 +162,7 @@ async def test_python_client_reads_settings_like_the_cli(simulator: SimFactory, 
         assert Client().base_url == sim.url
 
 
+@pytest.mark.slow
 async def test_status_takes_the_part_path_the_summary_printed(simulator: SimFactory, tmp_path: Path) -> None:
     """After a stopped run, `status OUT.csv.part` (the path it printed) shows the job."""
     async with simulator(world=WORLD) as sim:
@@ -169,6 +175,7 @@ async def test_status_takes_the_part_path_the_summary_printed(simulator: SimFact
     assert "profiles -> out.csv.part (unfinished)" in out and "2 done" in out
 
 
+@pytest.mark.slow
 async def test_history_plot_draws_known_handles_and_queries_never_create_a_store(simulator: SimFactory,
                                                                                  tmp_path: Path) -> None:
     """`history growth` on no store: exit 2, nothing created; `history plot a b nosuch`: a PNG of a and b, one

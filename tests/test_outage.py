@@ -56,6 +56,7 @@ def sim_config(**changes: object) -> SimConfig:
     return SimConfig(**base)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 async def test_the_simulator_stopped_mid_run_pauses_then_exit_1_and_the_same_command_finishes(
         tmp_path: Path) -> None:
     """The API going away mid-run: exit 1 with one line, no item failed, few requests; after it is back the same
@@ -91,6 +92,7 @@ async def test_the_simulator_stopped_mid_run_pauses_then_exit_1_and_the_same_com
     assert sorted(got) == sorted(handles)  # every row once: none lost, none twice
 
 
+@pytest.mark.slow
 async def test_a_wrong_base_path_ends_the_run_without_not_found_rows(simulator: SimFactory, tmp_path: Path) -> None:
     """`--base-url http://host/v1` answers 404 everywhere: exit 1 naming the base URL, no failure rows, no state."""
     async with simulator(world=WORLD) as sim:
@@ -191,6 +193,7 @@ async def test_the_progress_line_shows_the_pause_and_every_request_sent(tmp_path
     assert last <= outcome.summary.requests_sent
 
 
+@pytest.mark.slow
 async def test_a_one_item_search_with_no_server_stops_resumably_then_completes(tmp_path: Path) -> None:
     """A search is one item: with nothing listening it is not failed but stopped (exit 1); once the API is
     there the same command completes."""

@@ -219,6 +219,7 @@ async def test_an_item_cancelled_before_it_starts_still_releases_the_queue() -> 
     await asyncio.wait_for(source._on_item(4), 5)
 
 
+@pytest.mark.slow
 async def test_a_call_sent_into_a_silent_network_ends_at_the_stall_limit() -> None:
     """The network to PostgreSQL goes silent (every packet lost, nothing refused) while the store talks to it: the
     store's call ends with StoreLost about retry.stall_limit later, not after TCP's retransmissions (~15 minutes);

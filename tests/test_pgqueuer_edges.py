@@ -61,6 +61,7 @@ def url() -> Iterator[str]:
             conn.execute(f"DROP SCHEMA {name} CASCADE")
 
 
+@pytest.mark.slow
 async def test_a_sigkilled_holder_keeps_the_job_until_its_heartbeat_is_stale_then_another_worker_gets_it(
         url: str) -> None:
     """SIGKILL with a job in hand: the job stays picked (not lost), then the same job is picked by another worker,

@@ -124,6 +124,7 @@ async def _run_with_kills(
         return want, written(tmp / "out.csv"), done, baseline, answered(sim) - before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["posts", "followers"])
 async def test_kill_at_each_commit_point_then_resume_exactly(simulator: SimFactory, tmp_path: Path,
                                                              command: str) -> None:
@@ -135,6 +136,7 @@ async def test_kill_at_each_commit_point_then_resume_exactly(simulator: SimFacto
     assert spent <= baseline + PARALLELISM * done
 
 
+@pytest.mark.slow
 async def test_seeded_random_kill_sweep(simulator: SimFactory, tmp_path: Path) -> None:
     """Twenty-four kills at seeded random commit-path points across posts and followers crawls: exact rows."""
     rng = random.Random(20261125)
@@ -151,6 +153,7 @@ async def test_seeded_random_kill_sweep(simulator: SimFactory, tmp_path: Path) -
     assert total >= 20
 
 
+@pytest.mark.slow
 async def test_max_credits_holds_across_sigkills(simulator: SimFactory, tmp_path: Path) -> None:
     """Five SIGKILLs of a --max-credits 300 posts job, resumed each time: the simulator never counts more than
     300 requests, and the job does not stop for budget before it counted 300 - 5 x the lease (one per worker)."""
@@ -183,6 +186,7 @@ def _comment_rows(path: Path) -> Counter[tuple[str, str]]:
         return Counter((r["comment_id"], r["parent_comment_id"]) for r in csv.DictReader(fh))
 
 
+@pytest.mark.slow
 async def test_comments_with_replies_max_items_same_rows_uninterrupted_and_killed(simulator: SimFactory,
                                                                                  tmp_path: Path) -> None:
     """`comments --with-replies --max-items 100`: the first 100 comments and all their replies, exactly once,
@@ -216,6 +220,7 @@ def _asked(sim: Simulator, since: int) -> list[str]:
                   for v in vs)
 
 
+@pytest.mark.slow
 async def test_kill_after_an_edited_input_is_merged_then_the_same_command_fetches_exactly_the_new_items(
         simulator: SimFactory, tmp_path: Path) -> None:
     """A finished job whose edited input was merged when the run was killed fetches exactly the new items next."""
@@ -283,6 +288,7 @@ async def test_finished_job_rerun_spends_nothing(simulator: SimFactory, tmp_path
         assert outcome.summary.status == "already complete" and outcome.exit_code == 0
 
 
+@pytest.mark.slow
 async def test_a_second_process_on_the_same_job_is_refused(simulator: SimFactory, tmp_path: Path) -> None:
     """While one process holds the job's lock, another run of the same job exits 1 with a clear line."""
     async with simulator(world=WORLD) as sim:
@@ -366,6 +372,7 @@ async def test_balance_exhausted_stops_resumably_then_resumes_after_topup(simula
         assert outcome.summary.credits_billed == sim.stats.billed["small"]
 
 
+@pytest.mark.slow
 async def test_sigterm_stops_cleanly_and_the_same_command_resumes(simulator: SimFactory, tmp_path: Path) -> None:
     """SIGTERM mid-run exits 143 with the resume command; running it completes the job exactly."""
     async with simulator(world=WORLD, latency=(0.05, 0.05), rate_limit=1_000_000, burst_limit=1_000_000) as sim:
@@ -390,6 +397,7 @@ async def test_sigterm_stops_cleanly_and_the_same_command_resumes(simulator: Sim
         assert written(tmp_path / "out.csv") == expected(sim.world, "posts", handles)
 
 
+@pytest.mark.slow
 async def test_status_shows_progress_failures_and_both_counters(simulator: SimFactory, tmp_path: Path) -> None:
     """`crawler status OUT.csv` prints items, both credit counters (as the simulator counted them) and failures
     by reason."""

@@ -35,6 +35,7 @@ def _chain(exc: BaseException) -> str:
     return "\n".join(parts)
 
 
+@pytest.mark.slow
 async def test_key_appears_in_no_log_error_repr_or_file(simulator: SimFactory, tmp_path: Path,
                                                         caplog: pytest.LogCaptureFixture) -> None:
     """DEBUG logs, every exception (and its chain), reprs and every file a faulty run wrote are free of the key."""

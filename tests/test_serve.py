@@ -292,6 +292,7 @@ async def test_compare_says_which_users_past_its_limit_it_left_out(sqlite_built:
 
 # --- the command line ---
 
+@pytest.mark.slow
 async def test_serve_command_prints_its_address_warns_off_loopback_and_stops_on_sigterm(sqlite_built: Built,
                                                                                        tmp_path: Path) -> None:
     """`history serve --port 0` prints its URL; another host adds the no-login warning; SIGTERM ends it."""
@@ -366,6 +367,7 @@ async def _navigate(page: Page, action: Any) -> None:
     await page.wait_load()
 
 
+@pytest.mark.slow
 async def test_browser_overview_sorts_and_filters_without_javascript(sqlite_built: Built) -> None:
     """Scripts off: header links sort, the filter form filters (page loads), values are the world's."""
     b = sqlite_built
@@ -389,6 +391,7 @@ async def test_browser_overview_sorts_and_filters_without_javascript(sqlite_buil
         assert page.dialogs == []
 
 
+@pytest.mark.slow
 async def test_browser_overview_sorts_and_filters_with_javascript_in_place(sqlite_built: Built) -> None:
     """Scripts on: typing filters and a header click sorts by swapping the table, with no page load."""
     b = sqlite_built
@@ -415,6 +418,7 @@ async def test_browser_overview_sorts_and_filters_with_javascript_in_place(sqlit
         assert page.dialogs == [] and page.console_errors == []
 
 
+@pytest.mark.slow
 async def test_browser_user_page_shows_a_point_per_snapshot_day_renames_and_gaps(sqlite_built: Built) -> None:
     """A user's charts: one point per snapshot day with the world's value, a rename marker, gaps not bridged."""
     b = sqlite_built
@@ -456,6 +460,7 @@ async def test_browser_user_page_shows_a_point_per_snapshot_day_renames_and_gaps
         assert page.dialogs == []
 
 
+@pytest.mark.slow
 async def test_browser_compare_indexes_each_user_to_100_at_the_start(sqlite_built: Built) -> None:
     """Compare: one series per known user, each point 100 x followers / the user's first value in the range."""
     b = sqlite_built
@@ -479,6 +484,7 @@ async def test_browser_compare_indexes_each_user_to_100_at_the_start(sqlite_buil
         assert series[f"@{b.handle(u)}"][0][1] == 100
 
 
+@pytest.mark.slow
 async def test_browser_pages_stay_on_their_origin_and_hostile_nicknames_stay_text(sqlite_built: Built) -> None:
     """Every page, scripts on and off: requests only to the server's origin, no dialog, nicknames shown as text."""
     b = sqlite_built

@@ -29,6 +29,8 @@ from crawler.rate.rules import SECOND_MARGIN
 from crawler.sim.data import World, WorldConfig
 from crawler.sim.server import SimConfig, Simulator
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 LIMIT, WINDOW = 50, 5.0
 PER_SECOND_BOUND = 2 * math.ceil(LIMIT / WINDOW) + 1  # CONTRACT.md's even pacing at burst 1
 WORLD = WorldConfig(seed=7, users=2_000)

@@ -420,6 +420,7 @@ async def test_admin_paths_are_not_counted_and_slashes_are_optional() -> None:
         assert sim.stats.billed[KEY] == 2
 
 
+@pytest.mark.slow
 def test_cli_prints_its_url_and_stops_on_sigterm() -> None:
     """`python -m crawler.sim --port 0` prints one listening line, serves, and exits 0 on SIGTERM."""
     root = Path(__file__).resolve().parent.parent

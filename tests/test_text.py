@@ -62,6 +62,7 @@ def test_every_string_of_an_answer_is_cleaned_where_it_is_decoded() -> None:
     assert str(failed.value) == "/x/: user \ufffd not found"
 
 
+@pytest.mark.slow
 async def test_crawled_profiles_and_posts_are_written_with_the_half_emoji_replaced(simulator: SimFactory,
                                                                                   tmp_path: Path) -> None:
     """`crawler profiles` and `crawler posts` on users whose nickname and titles end in half an emoji and a NUL
@@ -106,6 +107,7 @@ async def test_ingest_writes_the_half_emoji_replaced_to_the_history_and_day_file
         k: neutral(v) for k, v in titles.items()}
 
 
+@pytest.mark.slow
 async def test_a_postgresql_job_commits_the_half_emoji_replaced(hosts: Hosts, schema: str) -> None:  # noqa: F811
     """A PostgreSQL job (`--jobs-url`) of profiles, then one of posts, on users with half an emoji and a NUL in
     their text exit 0; the exported rows hold U+FFFD for the half and no NUL."""
@@ -125,6 +127,7 @@ async def test_a_postgresql_job_commits_the_half_emoji_replaced(hosts: Hosts, sc
     assert {r["video_id"]: r["title"] for r in posts} == {k: neutral(v) for k, v in titles.items()}
 
 
+@pytest.mark.slow
 async def test_a_nul_in_an_input_line_is_a_failure_row_of_a_postgresql_job(hosts: Hosts, schema: str) -> None:  # noqa: F811
     """An input line holding NUL (PostgreSQL text refuses one; a UTF-16 file read as UTF-8 is full of them) is an
     `invalid_input` row with the NUL shown as \\x00, and the PostgreSQL job goes on (exit 3), never an error."""
