@@ -14,7 +14,6 @@ import csv
 import json
 import logging
 import os
-import signal
 import socket
 import sys
 import tempfile
@@ -27,11 +26,12 @@ from typing import Any
 
 from crawler import testing
 from crawler.api import records as ep
-from crawler.api.client import Client, Counters, GracefulStop
+from crawler.api.client import Client, Counters
 from crawler.api.pagesizes import PageSizes
 from crawler.config import Secret, Settings, masked
 from crawler.engine.outcome import Outcome
 from crawler.engine.stats import Summary
+from crawler.engine.stop import GracefulStop, install_signals, remove_signals
 from crawler.errors import (
     BudgetExhausted,
     CrawlerError,
@@ -492,22 +492,6 @@ def _stop_session(worker: JobWorker, error: CrawlerError, quiet: bool) -> None:
         worker.request_stop(error)
 
 
-def _install_signals(stop: Any) -> list[signal.Signals]:
-    loop = asyncio.get_running_loop()
-    installed = []
-    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop, Interrupted(f"stopped by {sig.name}", code))
-            installed.append(sig)
-    return installed
-
-
-def _remove_signals(installed: list[signal.Signals]) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in installed:
-        loop.remove_signal_handler(sig)
-
-
 async def _work_session(store: PgJobStore, pg: PgJob, settings: Settings, key: Secret, worker_id: str,
                         stopper: list[JobWorker | None], stopped: list[CrawlerError], *,
                         earlier: Counters | None = None) -> SessionResult:
@@ -567,7 +551,7 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
             if stopper[0] is not None:
                 _stop_session(stopper[0], error, quiet)
 
-        installed = _install_signals(stop)
+        installed = install_signals(stop)
         try:
             result = await _work_session(store, pg, settings, api_key, worker_id, stopper, stopped, earlier=earlier)
             error = result.error
@@ -607,7 +591,7 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
                             status="completed" if complete else "stopped",
                             result=result, settings=settings)
         finally:
-            _remove_signals(installed)
+            remove_signals(installed)
 
 
 async def _create(store: PgJobStore, job: JobOptions, settings: Settings, *, restart: bool, overwrite: bool) -> str:
@@ -720,7 +704,7 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
             if stopper[0] is not None:
                 _stop_session(stopper[0], error, quiet)
 
-        installed = _install_signals(stop)
+        installed = install_signals(stop)
         worst: CrawlerError | None = None
         worked: set[str] = set()  # jobs this worker took part in: one stopped for its budget makes the exit 4
         try:
@@ -754,7 +738,7 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
                 if worst is not None:
                     break
         finally:
-            _remove_signals(installed)
+            remove_signals(installed)
             with contextlib.suppress(RunStopped):
                 await store.leave(worker_id)
         error = worst or (stopped[0] if stopped else None)

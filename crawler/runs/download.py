@@ -29,8 +29,10 @@ from aiolimiter import AsyncLimiter
 
 from crawler import testing
 from crawler.api import records as ep
-from crawler.api.client import Client, GracefulStop
+from crawler.api.client import Client
 from crawler.config import Secret, Settings
+from crawler.engine.stop import GracefulStop
+from crawler.engine.stop import install_signals as catch_signals
 from crawler.errors import (
     BalanceExhausted,
     BudgetExhausted,
@@ -316,7 +318,7 @@ class Download(GracefulStop):
             self._stop = error
         current = asyncio.current_task()
         api = self._api()
-        paid = api.on_wire if api is not None and isinstance(error, Interrupted) and self._draining else set()
+        paid = api.hook.on_wire if api is not None and isinstance(error, Interrupted) and self._draining else set()
         for task in self._tasks:
             if task is not current and task not in paid:
                 task.cancel()
@@ -729,10 +731,7 @@ async def run_download(download: Download, *, install_signals: bool = True) -> D
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
     if install_signals:
-        for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, download.signalled, Interrupted(f"stopped by {sig.name}", code))
-                installed.append(sig)
+        installed = catch_signals(download.signalled)
     try:
         def started() -> bool:
             return download.bytes_run > 0 or download.counters() != download._base_counters

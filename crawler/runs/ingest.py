@@ -35,11 +35,13 @@ from typing import IO, Any, TypeVar
 
 from crawler import testing
 from crawler.api import records as ep
-from crawler.api.client import Client, GracefulStop
+from crawler.api.client import Client
 from crawler.api.pagesizes import PageSizes
 from crawler.config import Secret, Settings, masked
 from crawler.engine.outcome import Outcome
 from crawler.engine.stats import ProgressReporter, Snapshot, Summary
+from crawler.engine.stop import GracefulStop
+from crawler.engine.stop import install_signals as catch_signals
 from crawler.errors import (
     EXIT_PRECEDENCE,
     BudgetExhausted,
@@ -1064,10 +1066,7 @@ async def ingest(
         if holder is not None:
             return IngestResult(run.day_now(), [], held_by=holder)
         if install_signals:
-            for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
-                with contextlib.suppress(NotImplementedError, RuntimeError):
-                    loop.add_signal_handler(sig, run.signalled, Interrupted(f"stopped by {sig.name}", code))
-                    installed.append(sig)
+            installed = catch_signals(run.signalled)
         try:
             with tempfile.TemporaryDirectory(prefix="crawler-ingest-") as tmp:
                 watch = StateStore(Path(tmp) / "watch.db")

@@ -17,11 +17,13 @@ from typing import Any
 
 from crawler import testing
 from crawler.api import records as ep
-from crawler.api.client import Client, Counters, GracefulStop
+from crawler.api.client import Client, Counters
 from crawler.api.pagesizes import PageSizes
 from crawler.config import Secret, Settings
 from crawler.engine.outcome import Outcome, RunFacts, outcome
 from crawler.engine.stats import ProgressReporter, Snapshot
+from crawler.engine.stop import GracefulStop
+from crawler.engine.stop import install_signals as catch_signals
 from crawler.errors import (
     BudgetExhausted,
     CrawlerError,
@@ -331,10 +333,7 @@ async def run_job(crawl: Crawl, *, install_signals: bool = True) -> Outcome:
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
     if install_signals:
-        for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, crawl.signalled, Interrupted(f"stopped by {sig.name}", code))
-                installed.append(sig)
+        installed = catch_signals(crawl.signalled)
     try:
         with job_lock(crawl.out), disk_problems(crawl.out.parent, started=crawl.sent_any):
             return await crawl.run()
