@@ -48,6 +48,7 @@ from crawler.jobs.prepare import JobOptions, WorkItem, check_output_path, failur
 from crawler.jobs.walker import ItemWalker, step_update
 from crawler.rate.ledger import ledger_name
 from crawler.rate.pacing import MAX_AUTO_WORKERS, auto_workers
+from crawler.retry import Stall, pause, retry_until_stall
 from crawler.sinks.csv_sink import Batch, cell, drain, write_failures
 from crawler.stores import pg_queue as itemqueue
 from crawler.stores.local import RETRIABLE, RETRIABLE_ALL, ItemUpdate, UserDirectory
@@ -257,29 +258,32 @@ class JobWorker(ItemWalker, GracefulStop):
 
     async def _take_items(self, queue: itemqueue.ItemQueue) -> None:
         """Run a queue consumer; a lost connection is retried until retry.stall_limit (then StoreLost)."""
-        down: float | None = None
-        delay = 0.1
-        while self._stop_error is None:
+        stall = Stall(self.settings.retry_stall_limit)
+
+        async def consume() -> None:
+            if self._stop_error is not None:
+                return
             queue.ran = False
             try:
                 await queue.run(self._on_item)
-                return
             except Exception as exc:
-                if self._stop_error is not None:
-                    return
-                now = time.monotonic()
                 if queue.ran:  # it ran again since the last failure: a new outage, with its own stall limit
-                    down, delay = None, 0.1
-                down = down or now
-                log.warning("the job queue (%s) failed: %s; retrying", self.store.where, itemqueue.one_line(exc))
-                if now - down >= self.settings.retry_stall_limit:
-                    self.request_stop(StoreLost(
-                        f"{self.store.where} has not answered for {self.settings.retry_stall_limit:g} s"
-                        " (retry.stall_limit); what was committed is kept: start PostgreSQL and run the same"
-                        " command again"))
-                    return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                    stall.answered()
+                if self._stop_error is None:
+                    log.warning("the job queue (%s) failed: %s; retrying", self.store.where, itemqueue.one_line(exc))
+                raise
+
+        lost = StoreLost(f"{self.store.where} has not answered for {self.settings.retry_stall_limit:g} s"
+                         " (retry.stall_limit); what was committed is kept: start PostgreSQL and run the same"
+                         " command again")
+        try:
+            await retry_until_stall(consume, retriable=lambda _: self._stop_error is None, stall=stall,
+                                    lost=lambda: lost)
+        except StoreLost as exc:
+            self.request_stop(exc)
+        except Exception:
+            if self._stop_error is None:
+                raise
 
     async def _on_item(self, seq: int) -> None:
         """The queue's handler: work the item in a task of ours (a stop cancels ours, never the library's)."""
@@ -566,7 +570,7 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
                     if await store.held_by_live(jid, pg.heartbeat_timeout) == 0:
                         error = BudgetExhausted("the job's --max-credits budget is spent")
                         break
-                    await _sleep_or_stop(0.2, wake)
+                    await pause(0.2, wake)
                     if stopped:
                         error = stopped[0]
                     continue
@@ -718,7 +722,7 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
                             worked.add(named.id)
                         break
                     await store.beat(worker_id, None)
-                    await _sleep_or_stop(min(5.0, store.heartbeat_timeout / 2), wake)
+                    await pause(min(5.0, store.heartbeat_timeout / 2), wake)
                     continue
                 for pg in todo:
                     worked.add(pg.id)
@@ -757,11 +761,6 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
                       " starter's command again with a higher --max-credits, then workers go on", file=sys.stderr)
             return BudgetExhausted.exit_code
         return 0
-
-
-async def _sleep_or_stop(seconds: float, wake: asyncio.Event) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(wake.wait(), seconds)
 
 
 async def _stoppable(work: Coroutine[Any, Any, object], running: list[asyncio.Task[Any]]) -> bool:

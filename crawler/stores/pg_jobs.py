@@ -18,7 +18,6 @@ import logging
 import os
 import secrets
 import socket
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from crawler import testing
 from crawler.config import masked
 from crawler.errors import RunStopped, UsageError
+from crawler.retry import Halt, Stall, jitter, retry_async, retry_until_stall
 from crawler.stores.local import ItemUpdate, Progress, WalkUpdate
 
 if TYPE_CHECKING:
@@ -221,35 +221,46 @@ def rolled_back(exc: BaseException) -> bool:
 class Outage:
     """How a PostgreSQL caller waits out a lost server (the job store's rule, shared with ingest's history store):
     retries with backoff until the outage reaches ``retry.stall_limit`` (then StoreLost), the stop at once after
-    `abandon()`."""
+    `abandon()`. The waits, the limit and the stop are the retry seam's (`crawler.retry`)."""
 
     def __init__(self, where: str, stall_limit: float) -> None:
         self.where = where
-        self.stall_limit = stall_limit
-        self._abandon: RunStopped | None = None
-        self._abandoned = asyncio.Event()
+        self.streak = Stall(stall_limit)  # the store's own outage: it spans the store's calls
+        self._halt = Halt()
+
+    @property
+    def stall_limit(self) -> float:
+        """How long a lost server is waited for."""
+        return self.streak.limit
+
+    @stall_limit.setter
+    def stall_limit(self, seconds: float) -> None:
+        self.streak.limit = seconds
 
     def abandon(self, error: RunStopped) -> None:
         """From now on, a lost server raises ``error`` at once instead of being waited for."""
-        self._abandon = error
-        self._abandoned.set()
+        self._halt.set(error)
+
+    def _began(self, exc: BaseException, what: str = "lost") -> None:
+        log.warning("%s: %s (%s); retrying", self.where, "transaction rolled back" if rolled_back(exc) else what,
+                    type(exc).__name__)
 
     async def pause(self, exc: BaseException, down: float | None, delay: float, what: str = "lost") -> float:
-        """The step every retry takes after a lost server: the stop at once after `abandon()`, StoreLost once the
-        outage (begun at `down`; None: now) reaches the stall limit, else the backoff `delay`, cut short by a
-        stop. Returns when the outage began."""
-        if self._abandon is not None:
-            raise self._abandon from None
-        now = time.monotonic()
+        """The step of a retry loop of its own after a lost server: the stop at once after `abandon()`, StoreLost once
+        the outage (begun at `down`; None: now) reaches the stall limit, else the backoff `delay` (jittered), cut
+        short by a stop. Returns when the outage began."""
+        if self._halt.error is not None:
+            raise self._halt.error from None
+        stall = Stall(self.stall_limit)
+        stall.since = down
         if down is None:
-            down = now
-            log.warning("%s: %s (%s); retrying", self.where, "transaction rolled back" if rolled_back(exc) else what,
-                        type(exc).__name__)
-        if now - down >= self.stall_limit:
+            self._began(exc, what)
+        stall.failed()
+        if stall.expired:
             raise self.lost() from None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._abandoned.wait(), min(delay, max(down + self.stall_limit - now, 0.01)))
-        return down
+        await self._halt.wait(min(jitter(delay), max(stall.left(), 0.01)))
+        assert stall.since is not None
+        return stall.since
 
     def lost(self) -> StoreLost:
         """The stop of a server that has not answered for the stall limit."""
@@ -257,19 +268,17 @@ class Outage:
                          " committed is kept: start PostgreSQL and run the same command again")
 
     async def retry(self, call: Callable[[], Awaitable[T]],
-                    retriable: Callable[[BaseException], bool] = _is_connection_error) -> T:
+                    retriable: Callable[[BaseException], bool] = _is_connection_error, *,
+                    stall: Stall | None = None) -> T:
         """Await ``call()`` (a new try each time) until it gets an answer: an error ``retriable`` says is worth
-        another try is waited out by `pause`."""
-        delay = 0.1
-        down: float | None = None
-        while True:
-            try:
-                return await call()
-            except Exception as exc:
-                if not retriable(exc):
-                    raise
-                down = await self.pause(exc, down, delay)
-                delay = min(delay * 2, 2.0)
+        another try is waited out until the stall limit (``stall``: the streak, if it outlives this call)."""
+
+        def on_retry(exc: BaseException, tries: int, wait: float) -> None:
+            if tries == 1:
+                self._began(exc)
+
+        return await retry_until_stall(call, retriable=retriable, stall=stall or Stall(self.stall_limit),
+                                       lost=self.lost, halt=self._halt, on_retry=on_retry)
 
 
 def shut_down(conn: Any) -> None:
@@ -383,7 +392,6 @@ class PgJobStore:
         self._connect_timeout = connect_timeout
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._lock = asyncio.Lock()
-        self._down_since: float | None = None
         self._outage = Outage(self.where, stall_limit)
 
     @property
@@ -408,23 +416,23 @@ class PgJobStore:
             import psycopg
         except ImportError:
             raise UsageError(f"{self.where} needs psycopg: pip install 'crawler[distributed]'") from None
+        async def install() -> None:
+            await self._connect()
+            conn = self._conn
+            assert conn is not None
+            try:
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_INSTALL_LOCK,))
+                    await conn.execute(SCHEMA)
+            except psycopg.errors.DeadlockDetected:
+                # The schema's DDL met another worker's transactions on the same tables: PostgreSQL rolled
+                # this one back; trying again is what it asks for.
+                await self.aclose()
+                raise
+
         try:
-            for tries in range(1, 6):
-                await self._connect()
-                conn = self._conn
-                assert conn is not None
-                try:
-                    async with conn.transaction():
-                        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_INSTALL_LOCK,))
-                        await conn.execute(SCHEMA)
-                    break
-                except psycopg.errors.DeadlockDetected:
-                    # The schema's DDL met another worker's transactions on the same tables: PostgreSQL rolled
-                    # this one back; trying again is what it asks for.
-                    await self.aclose()
-                    if tries == 5:
-                        raise
-                    await asyncio.sleep(0.1 * tries)
+            await retry_async(install, retry_on=psycopg.errors.DeadlockDetected, attempts=5, base_delay=0.1,
+                              max_delay=0.4)
         except Exception as exc:
             await self.aclose()
             if not _is_connection_error(exc) and "psycopg" not in type(exc).__module__:
@@ -470,27 +478,25 @@ class PgJobStore:
         return await asyncio.shield(task)
 
     async def _run_now(self, fn: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
-        delay = 0.1
         async with self._lock:
-            while True:
-                try:
-                    if self._conn is None or self._conn.closed:
-                        await self._connect()
-                    conn = self._conn
-                    assert conn is not None
-                    with deadline(self.stall_limit, functools.partial(shut_down, conn)):
-                        async with conn.transaction():
-                            result = await fn(conn)
-                    if self._down_since is not None:
-                        log.warning("%s answers again", self.where)
-                    self._down_since = None
-                    return result
-                except Exception as exc:
-                    if not _is_connection_error(exc):
-                        raise
-                    await self.aclose()
-                    self._down_since = await self._pause(exc, self._down_since, delay)
-                    delay = min(delay * 2, 2.0)
+            return await self._outage.retry(functools.partial(self._once, fn), stall=self._outage.streak)
+
+    async def _once(self, fn: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
+        try:
+            if self._conn is None or self._conn.closed:
+                await self._connect()
+            conn = self._conn
+            assert conn is not None
+            with deadline(self.stall_limit, functools.partial(shut_down, conn)):
+                async with conn.transaction():
+                    result = await fn(conn)
+        except Exception as exc:
+            if _is_connection_error(exc):
+                await self.aclose()
+            raise
+        if self._outage.streak.since is not None:
+            log.warning("%s answers again", self.where)
+        return result
 
     async def outside(self, call: Callable[[], Awaitable[T]]) -> T:
         """Run `call()` (a new try each time: an idempotent piece of work on a connection of its own, such as putting
