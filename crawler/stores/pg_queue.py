@@ -1,4 +1,4 @@
-"""The work queue of PostgreSQL jobs: pgqueuer, wrapped once (as retry.py wraps backoff).
+"""The work queue of PostgreSQL jobs: pgqueuer, wrapped once (as retry.py wraps tenacity).
 
 The queue hands items out and takes a dead worker's items back: pgqueuer heartbeats every picked job from a
 background task on the database clock, and a job whose heartbeat is older than `jobs.heartbeat_timeout` is
