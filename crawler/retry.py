@@ -42,10 +42,10 @@ class Stall:
     """How long a service has gone without answering, against its limit (``retry.stall_limit``): the one place the
     limit is read. A streak begins at its first failure and ends at any answer."""
 
-    def __init__(self, limit: float, *, clock: Clock = time.monotonic) -> None:
+    def __init__(self, limit: float, *, clock: Clock = time.monotonic, since: float | None = None) -> None:
         self.limit = limit
         self.clock = clock
-        self.since: float | None = None  # the first failure of the current streak
+        self.since = since  # the first failure of the current streak (None: no streak)
         self.tries = 0  # failures in the current streak
 
     def failed(self) -> float:

@@ -261,24 +261,21 @@ class JobWorker(ItemWalker, GracefulStop):
         stall = Stall(self.settings.retry_stall_limit)
 
         async def consume() -> None:
-            if self._stop_error is not None:
-                return
             queue.ran = False
             try:
-                await queue.run(self._on_item)
-            except Exception as exc:
+                if self._stop_error is None:
+                    await queue.run(self._on_item)
+            finally:
                 if queue.ran:  # it ran again since the last failure: a new outage, with its own stall limit
                     stall.answered()
-                if self._stop_error is None:
-                    log.warning("the job queue (%s) failed: %s; retrying", self.store.where, itemqueue.one_line(exc))
-                raise
 
-        lost = StoreLost(f"{self.store.where} has not answered for {self.settings.retry_stall_limit:g} s"
-                         " (retry.stall_limit); what was committed is kept: start PostgreSQL and run the same"
-                         " command again")
         try:
-            await retry_until_stall(consume, retriable=lambda _: self._stop_error is None, stall=stall,
-                                    lost=lambda: lost)
+            await retry_until_stall(
+                consume, retriable=lambda _: self._stop_error is None, stall=stall,
+                on_retry=lambda exc, *_: log.warning("the job queue (%s) failed: %s; retrying", self.store.where,
+                                                     itemqueue.one_line(exc)),
+                lost=lambda: StoreLost(f"{self.store.where} has not answered for {stall.limit:g} s (retry.stall_limit);"
+                                       " what was committed is kept: start PostgreSQL and run the same command again"))
         except StoreLost as exc:
             self.request_stop(exc)
         except Exception:

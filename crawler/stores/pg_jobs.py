@@ -225,17 +225,9 @@ class Outage:
 
     def __init__(self, where: str, stall_limit: float) -> None:
         self.where = where
+        self.stall_limit = stall_limit
         self.streak = Stall(stall_limit)  # the store's own outage: it spans the store's calls
         self._halt = Halt()
-
-    @property
-    def stall_limit(self) -> float:
-        """How long a lost server is waited for."""
-        return self.streak.limit
-
-    @stall_limit.setter
-    def stall_limit(self, seconds: float) -> None:
-        self.streak.limit = seconds
 
     def abandon(self, error: RunStopped) -> None:
         """From now on, a lost server raises ``error`` at once instead of being waited for."""
@@ -246,13 +238,12 @@ class Outage:
                     type(exc).__name__)
 
     async def pause(self, exc: BaseException, down: float | None, delay: float, what: str = "lost") -> float:
-        """The step of a retry loop of its own after a lost server: the stop at once after `abandon()`, StoreLost once
-        the outage (begun at `down`; None: now) reaches the stall limit, else the backoff `delay` (jittered), cut
-        short by a stop. Returns when the outage began."""
+        """The step every retry takes after a lost server: the stop at once after `abandon()`, StoreLost once the
+        outage (begun at `down`; None: now) reaches the stall limit, else the backoff `delay`, cut short by a
+        stop. Returns when the outage began."""
         if self._halt.error is not None:
             raise self._halt.error from None
-        stall = Stall(self.stall_limit)
-        stall.since = down
+        stall = Stall(self.stall_limit, since=down)
         if down is None:
             self._began(exc, what)
         stall.failed()
@@ -272,13 +263,15 @@ class Outage:
                     stall: Stall | None = None) -> T:
         """Await ``call()`` (a new try each time) until it gets an answer: an error ``retriable`` says is worth
         another try is waited out until the stall limit (``stall``: the streak, if it outlives this call)."""
+        stall = stall or Stall(self.stall_limit)
+        stall.limit = self.stall_limit  # (a store's limit may have changed since its streak began)
 
         def on_retry(exc: BaseException, tries: int, wait: float) -> None:
             if tries == 1:
                 self._began(exc)
 
-        return await retry_until_stall(call, retriable=retriable, stall=stall or Stall(self.stall_limit),
-                                       lost=self.lost, halt=self._halt, on_retry=on_retry)
+        return await retry_until_stall(call, retriable=retriable, stall=stall, lost=self.lost, halt=self._halt,
+                                       on_retry=on_retry)
 
 
 def shut_down(conn: Any) -> None:
@@ -416,6 +409,7 @@ class PgJobStore:
             import psycopg
         except ImportError:
             raise UsageError(f"{self.where} needs psycopg: pip install 'crawler[distributed]'") from None
+
         async def install() -> None:
             await self._connect()
             conn = self._conn
