@@ -157,7 +157,12 @@ async def retry_async(
     retrying = tenacity.AsyncRetrying(
         sleep=halt.wait if halt is not None else asyncio.sleep, stop=stop, wait=wait, reraise=True,
         retry=tenacity.retry_if_exception_type(retry_on), before_sleep=_report(on_retry, lambda s: s.attempt_number))
-    result: T = await retrying(once)
+    try:
+        result: T = await retrying(once)
+    except retry_on:
+        if halt is not None and halt.error is not None:
+            raise halt.error from None
+        raise
     return result
 
 

@@ -81,7 +81,7 @@ async def test_an_answer_ends_the_streak_and_other_errors_pass_through() -> None
 
 
 async def test_a_halted_stall_retry_raises_the_halt_error_at_the_next_failure() -> None:
-    """After a halt, a failing call raises the halt's error instead of waiting out the stall limit."""
+    """After a halt, a failing call raises the halt's error instead of waiting out the stall limit or its tries."""
     halt = Halt()
     halt.set(Lost("signalled"))
     stall = Stall(3600.0)
@@ -92,6 +92,9 @@ async def test_a_halted_stall_retry_raises_the_halt_error_at_the_next_failure() 
     with pytest.raises(Lost, match="signalled"):
         await asyncio.wait_for(retry_until_stall(call, retriable=lambda e: isinstance(e, Down), stall=stall,
                                                  lost=lambda: Lost("stall"), halt=halt, base_delay=3600), 10)
+    with pytest.raises(Lost, match="signalled"):
+        await asyncio.wait_for(retry_async(call, retry_on=Down, attempts=None, base_delay=3600, max_delay=3600,
+                                           halt=halt), 10)
 
 
 async def test_attempts_count_every_try_and_waits_off_at_base_zero() -> None:
