@@ -26,7 +26,7 @@
             └── NotAnApiAnswer HTTP 404: the server does not know the path (a wrong base URL?)
 
 Unreachable answers on requests for more than one item in a row (or CannotConnect on any) are an outage
-(client.Outage), not item failures: every worker pauses, and after retry.stall_limit the run ends with
+(api.outage.Outage), not item failures: every worker pauses, and after retry.stall_limit the run ends with
 OutageStalled, its items still pending.
 
 Messages never contain the API key: the client builds them from status, endpoint and the server's text.

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from crawler.api import records as ep
-from crawler.api.client import Client, check_base_url, classify
+from crawler.api.classify import classify
+from crawler.api.client import Client, check_base_url
 from crawler.errors import (
     BalanceExhausted,
     BudgetExhausted,
@@ -319,7 +320,7 @@ async def test_every_record_parses_from_the_simulator(simulator: SimFactory) -> 
 
 def test_billing_follows_the_contract() -> None:
     """Key, balance and rate answers are unbilled in any shape; status errors are billed, bare messages not."""
-    from crawler.api.client import interpret
+    from crawler.api.classify import interpret
 
     def billed(obj: object, status: int = 200) -> bool:
         return interpret(status, json.dumps(obj).encode(), None, "/x/")[1]

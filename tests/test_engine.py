@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from crawler.api.client import Client, Counters
+from crawler.api.client import Client, Counters, SendHook
 from crawler.config import Settings
 from crawler.engine.lease import LEASE_MAX, LocalLease, lease_size
 from crawler.engine.pool import Engine, StopPolicy
@@ -21,14 +21,17 @@ class FakeClient:
     """What the engine and the stop policy use of a client: the requests on the wire, the refusal, the pace."""
 
     def __init__(self, latency: float = 0.0) -> None:
-        self.on_wire: set[asyncio.Task[Any]] = set()
-        self.refusing: Interrupted | None = None
+        self.hook = SendHook()  # the real hook: the stop policy reads the requests on the wire and sets the refusal
         self.pace = Pace(limit=600, window=60.0)
         self.counters = Counters(latency=latency)
 
-    def stop_sending(self, error: Interrupted) -> tuple[set[asyncio.Task[Any]], int]:
-        self.refusing = error
-        return set(), len(self.on_wire)
+    @property
+    def on_wire(self) -> set[asyncio.Task[Any]]:
+        return self.hook.on_wire
+
+    @property
+    def refusing(self) -> Interrupted | None:
+        return self.hook.refusal
 
 
 class Items:

@@ -8,6 +8,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 
 import pytest
 
+from crawler.api.client import SendHook
 from crawler.engine.pool import Engine, StopPolicy
 from crawler.errors import BudgetExhausted, Interrupted, RunStopped
 from crawler.options import EngineOptions
@@ -41,7 +42,7 @@ class FakeClient:
     def __init__(self, latency: float) -> None:
         self.pace = Pace(enabled=False)
         self.counters = type("Counters", (), {"latency": latency})()
-        self.on_wire: set[asyncio.Task[None]] = set()
+        self.hook = SendHook()
 
 
 def engine_of(source: Numbers, handle: Callable[[int], Awaitable[None]], *, workers: int | None,

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from crawler.api.client import Client, Outage
+from crawler.api.client import Client
+from crawler.api.outage import Outage
 from crawler.engine.stats import ProgressReporter, Snapshot
 from crawler.errors import NotAnApiAnswer, NotTheApi, OutageStalled, RetriesExhausted, Unreachable
 from crawler.runs.local import Crawl, JobOptions, run_job

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from crawler.api.client import classify
+from crawler.api.classify import classify
 from crawler.errors import NotFound
 from crawler.history.store import HistoryStore
 from crawler.sim.data import World, WorldConfig

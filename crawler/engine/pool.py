@@ -15,8 +15,9 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
-from crawler.api.client import Client, GracefulStop
+from crawler.api.client import Client
 from crawler.engine.lease import CreditLease, lease_size
+from crawler.engine.stop import GracefulStop
 from crawler.errors import BudgetExhausted, CrawlerError, Interrupted, RunStopped, rank
 from crawler.options import EngineOptions
 from crawler.rate.pacing import MAX_AUTO_WORKERS, auto_workers
@@ -202,7 +203,7 @@ class Engine(Generic[T]):
         also the workers whose item is under way, except (soft) those whose request is on the wire."""
         current = asyncio.current_task()
         pool = self._pool
-        wire = self._client.on_wire if self._client is not None else set()
+        wire = self._client.hook.on_wire if self._client is not None else set()
         for task in pool.tasks:
             if task is current:
                 continue

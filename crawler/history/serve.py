@@ -15,7 +15,6 @@ import io
 import ipaddress
 import math
 import re
-import signal
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -23,6 +22,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from crawler.engine.stop import install_signals, remove_signals
 from crawler.errors import UsageError
 from crawler.history import pages
 from crawler.history.db import StoreThread, connection_lost
@@ -338,14 +338,11 @@ async def serve(url: str, host: str, port: int, *, out: Any = sys.stderr, stall_
                   file=out, flush=True)
         print(f"crawler: history at http://{shown}:{bound}/ (read-only; Ctrl-C to stop)", file=out, flush=True)
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        installed = install_signals(lambda _: stop.set())
         try:
             await stop.wait()
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
+            remove_signals(installed)
     finally:
         await runner.cleanup()
     return 0

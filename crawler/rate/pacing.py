@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from crawler.errors import LedgerLost, RateLimitStalled
 from crawler.options import RateOptions
 from crawler.rate.ledger import MemoryLedger, owner_id
 from crawler.rate.rules import Ledger, LedgerUnavailable, Rules
-from crawler.retry import retry_async
+from crawler.retry import Stall, backoff, retry_async
 
 log = logging.getLogger("crawler.rate.pacing")
 T = TypeVar("T")
@@ -116,7 +115,7 @@ class RateGate:
         self._cooldown_max = cooldown_max
         self._stall_limit = stall_limit
         self._strikes = 0
-        self._stall_since: float | None = None
+        self._stall = Stall(stall_limit, clock=clock)  # the 429 streak
         self.cooldowns = 0  # distinct 429 events (bursts count once)
         self.wait_seconds = 0.0  # time this process's starts spent waiting for the key's budget
         self._last_seq = 0  # the ledger's reservation counter as last seen (it only grows unless state is lost)
@@ -147,7 +146,7 @@ class RateGate:
 
         try:
             return await retry_async(op, retry_on=LedgerUnavailable, attempts=None, max_time=self._stall_limit,
-                                     base_delay=max(0.1, self._cooldown_base / 4),
+                                     clock=self._clock, base_delay=max(0.1, self._cooldown_base / 4),
                                      max_delay=max(0.5, min(self._cooldown_max, 5.0)), on_retry=on_retry)
         except LedgerUnavailable as exc:
             raise LedgerLost(
@@ -194,14 +193,12 @@ class RateGate:
         Raises RateLimitStalled when 429s have continued for longer than the stall limit, or when the
         server asks for a wait longer than it (or not finite).
         """
-        now = self._clock()
-        if self._stall_since is None:
-            self._stall_since = now
-        elif now - self._stall_since > self._stall_limit:
+        if self._stall.expired:
             raise RateLimitStalled(
-                f"the API has answered 429 (rate limit) for {now - self._stall_since:.0f} s without a break; "
+                f"the API has answered 429 (rate limit) for {self._stall.elapsed():.0f} s without a break; "
                 "another client may be using the same key: check it, lower --rate, or raise retry.stall_limit"
             )
+        self._stall.failed()
         if retry_after is not None:
             if not math.isfinite(retry_after) or retry_after > self._stall_limit:
                 raise RateLimitStalled(
@@ -213,8 +210,7 @@ class RateGate:
                 self.cooldowns += 1
             return
         strikes = min(self._strikes + 1, 32)
-        delay = min(self._cooldown_max, self._cooldown_base * 2 ** (strikes - 1), self._stall_limit)
-        delay = delay / 2 + random.uniform(0, delay / 2)  # equal jitter: never near zero
+        delay = backoff(strikes, base=self._cooldown_base, cap=min(self._cooldown_max, self._stall_limit))
         if await self._call(lambda: self.ledger.report_429(started, delay, False)):
             self._strikes = strikes
             self.cooldowns += 1
@@ -223,4 +219,4 @@ class RateGate:
     def report_success(self) -> None:
         """A request got through: the 429 streak (and its escalation) is over."""
         self._strikes = 0
-        self._stall_since = None
+        self._stall.answered()

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ from crawler.api.client import Counters
 from crawler.config import Secret, Settings, masked
 from crawler.engine.outcome import Outcome
 from crawler.engine.stats import Summary
+from crawler.engine.stop import install_signals, remove_signals
 from crawler.errors import (
     BudgetExhausted,
     CrawlerError,
@@ -37,6 +37,7 @@ from crawler.jobs.commands import COMMANDS, CommandSpec
 from crawler.jobs.inputs import input_items
 from crawler.jobs.prepare import JobOptions, check_output_path, failures_path
 from crawler.rate.ledger import ledger_name
+from crawler.retry import pause
 from crawler.runs.job_export import export
 from crawler.runs.job_worker import AUTO_START, JobWorker, SessionResult, host_name, job_store
 from crawler.sinks.csv_sink import write_failures
@@ -97,22 +98,6 @@ def _stop_session(worker: JobWorker, error: CrawlerError, quiet: bool) -> None:
         worker.request_stop(error)
 
 
-def _install_signals(stop: Any) -> list[signal.Signals]:
-    loop = asyncio.get_running_loop()
-    installed = []
-    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop, Interrupted(f"stopped by {sig.name}", code))
-            installed.append(sig)
-    return installed
-
-
-def _remove_signals(installed: list[signal.Signals]) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in installed:
-        loop.remove_signal_handler(sig)
-
-
 async def _work_session(store: PgJobStore, pg: PgJob, settings: Settings, key: Secret, worker_id: str,
                         stopper: list[JobWorker | None], stopped: list[CrawlerError], *,
                         earlier: Counters | None = None) -> SessionResult:
@@ -158,7 +143,7 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
             if stopper[0] is not None:
                 _stop_session(stopper[0], error, quiet)
 
-        installed = _install_signals(stop)
+        installed = install_signals(stop)
         try:
             result = await _work_session(store, ready, settings, api_key, worker_id, stopper, stopped, earlier=earlier)
             error = result.error
@@ -179,7 +164,7 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
                             status="completed" if complete else "stopped",
                             result=result, settings=settings)
         finally:
-            _remove_signals(installed)
+            remove_signals(installed)
 
 
 async def _ready(store: PgJobStore, job: JobOptions, settings: Settings, *, url: str, restart: bool,
@@ -225,7 +210,7 @@ async def _until_done(store: PgJobStore, jid: str, settings: Settings, api_key: 
             if await store.held_by_live(jid, pg.heartbeat_timeout) == 0:
                 error = BudgetExhausted("the job's --max-credits budget is spent")
                 break
-            await _sleep_or_stop(0.2, wake)
+            await pause(0.2, wake)
             if stopped:
                 error = stopped[0]
             continue
@@ -324,7 +309,7 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
             if stopper[0] is not None:
                 _stop_session(stopper[0], error, quiet)
 
-        installed = _install_signals(stop)
+        installed = install_signals(stop)
         worst: CrawlerError | None = None
         worked: set[str] = set()  # jobs this worker took part in: one stopped for its budget makes the exit 4
         try:
@@ -338,14 +323,14 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
                             worked.add(named.id)
                         break
                     await store.beat(worker_id, None)
-                    await _sleep_or_stop(min(5.0, store.heartbeat_timeout / 2), wake)
+                    await pause(min(5.0, store.heartbeat_timeout / 2), wake)
                     continue
                 worst = await _work_each(store, todo, settings, api_key, worker_id, stopper, stopped, worked=worked,
                                          quiet=quiet)
                 if worst is not None:
                     break
         finally:
-            _remove_signals(installed)
+            remove_signals(installed)
             with contextlib.suppress(RunStopped):
                 await store.leave(worker_id)
         return await _work_exit(store, worst or (stopped[0] if stopped else None), until_idle=until_idle,
@@ -392,11 +377,6 @@ async def _work_exit(store: PgJobStore, error: CrawlerError | None, *, until_idl
                   " starter's command again with a higher --max-credits, then workers go on", file=sys.stderr)
         return BudgetExhausted.exit_code
     return 0
-
-
-async def _sleep_or_stop(seconds: float, wake: asyncio.Event) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(wake.wait(), seconds)
 
 
 async def _stoppable(work: Coroutine[Any, Any, object], running: list[asyncio.Task[Any]]) -> bool:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -29,6 +28,8 @@ from crawler.config import Secret, Settings
 from crawler.engine.lease import LocalLease
 from crawler.engine.pool import Engine, StopPolicy
 from crawler.engine.stats import ProgressReporter, Snapshot
+from crawler.engine.stop import install_signals as catch_signals
+from crawler.engine.stop import remove_signals
 from crawler.errors import (
     BalanceExhausted,
     BudgetExhausted,
@@ -417,13 +418,7 @@ async def run_download(download: Download, *, install_signals: bool = True) -> D
     if download.dir.exists() and not download.dir.is_dir():
         raise UsageError(f"-o {download.dir}: exists and is not a directory")
     download.dir.mkdir(parents=True, exist_ok=True)
-    loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
-    if install_signals:
-        for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, download.stop.signalled, Interrupted(f"stopped by {sig.name}", code))
-                installed.append(sig)
+    installed = catch_signals(download.stop.signalled) if install_signals else []
     try:
         def started() -> bool:
             return download.bytes_run > 0 or download.counters() != download._base_counters
@@ -432,5 +427,4 @@ async def run_download(download: Download, *, install_signals: bool = True) -> D
               disk_problems(download.dir, started=started)):
             return await download.run()
     finally:
-        for signum in installed:
-            loop.remove_signal_handler(signum)
+        remove_signals(installed)

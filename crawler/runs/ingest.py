@@ -18,7 +18,6 @@ task and the stop are the engine's (`engine/pool.py`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import os
 import signal
@@ -35,6 +34,8 @@ from crawler.config import Secret, Settings
 from crawler.engine.outcome import Outcome
 from crawler.engine.pool import Engine, StopPolicy
 from crawler.engine.stats import ProgressReporter
+from crawler.engine.stop import install_signals as catch_signals
+from crawler.engine.stop import remove_signals
 from crawler.errors import EXIT_PRECEDENCE, CrawlerError, Interrupted, disk_problems
 from crawler.history.queries import parse_day
 from crawler.history.store import HistoryStore
@@ -320,7 +321,6 @@ async def ingest(
     run = Ingest(input_path, out_dir, settings, api_key=api_key, date=date, with_posts=with_posts, restart=restart,
                  retry_failed=retry_failed, column=column, by_id=by_id, quiet=quiet, clock=clock)
     make_out_dir(out_dir)
-    loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
 
     def sent_any() -> bool:
@@ -332,10 +332,7 @@ async def ingest(
         if holder is not None:
             return IngestResult(run.day_now(), [], held_by=holder)
         if install_signals:
-            for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
-                with contextlib.suppress(NotImplementedError, RuntimeError):
-                    loop.add_signal_handler(sig, run.signalled, Interrupted(f"stopped by {sig.name}", code))
-                    installed.append(sig)
+            installed = catch_signals(run.signalled)
         try:
             with tempfile.TemporaryDirectory(prefix="crawler-ingest-") as tmp:
                 watch = StateStore(Path(tmp) / "watch.db")
@@ -345,8 +342,7 @@ async def ingest(
                 finally:
                     watch.close()
         finally:
-            for signum in installed:
-                loop.remove_signal_handler(signum)
+            remove_signals(installed)
 
 
 __all__ = ["TEST_NOW_ENV", "Ingest", "IngestResult", "UserTask", "history_url", "ingest", "utc_now"]

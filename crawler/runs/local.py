@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -24,6 +23,8 @@ from crawler.engine.lease import LocalLease
 from crawler.engine.outcome import Outcome, RunFacts, outcome
 from crawler.engine.pool import Engine, StopPolicy, Tally
 from crawler.engine.stats import ProgressReporter, Snapshot
+from crawler.engine.stop import install_signals as catch_signals
+from crawler.engine.stop import remove_signals
 from crawler.engine.writer import GroupWriter
 from crawler.errors import (
     CrawlerError,
@@ -262,13 +263,7 @@ async def run_job(crawl: Crawl, *, install_signals: bool = True) -> Outcome:
     ours = [] if state_path(crawl.out).exists() else [p for p in job_files(crawl.out) if not p.exists()]
     if not ours and not lock_path(crawl.out).exists():
         ours = [lock_path(crawl.out)]
-    loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
-    if install_signals:
-        for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, crawl.stop.signalled, Interrupted(f"stopped by {sig.name}", code))
-                installed.append(sig)
+    installed = catch_signals(crawl.stop.signalled) if install_signals else []
     try:
         with job_lock(crawl.out), disk_problems(crawl.out.parent, started=crawl.sent_any):
             return await crawl.run()
@@ -278,5 +273,4 @@ async def run_job(crawl: Crawl, *, install_signals: bool = True) -> Outcome:
                 path.unlink(missing_ok=True)
         raise
     finally:
-        for signum in installed:
-            loop.remove_signal_handler(signum)
+        remove_signals(installed)

@@ -48,7 +48,6 @@ class PgJobStore(WorkerRegistry):
         self._connect_timeout = connect_timeout
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._lock = asyncio.Lock()
-        self._down_since: float | None = None
         self._outage = Outage(self.where, stall_limit)
 
     @property
@@ -112,28 +111,25 @@ class PgJobStore(WorkerRegistry):
         return await asyncio.shield(task)
 
     async def _run_now(self, fn: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
-        delay = 0.1
         async with self._lock:
-            while True:
-                try:
-                    if self._conn is None or self._conn.closed:
-                        await self._connect()
-                    conn = self._conn
-                    assert conn is not None
-                    with deadline(self.stall_limit, functools.partial(shut_down, conn)):
-                        async with conn.transaction():
-                            result = await fn(conn)
-                    if self._down_since is not None:
-                        log.warning("%s answers again", self.where)
-                    self._down_since = None
-                    return result
-                except Exception as exc:
-                    if not postgres.retriable(exc):
-                        raise
-                    if postgres.unreachable(exc):  # rolled back: the same transaction again on the same connection
-                        await self.aclose()
-                    self._down_since = await self._outage.pause(exc, self._down_since, delay)
-                    delay = min(delay * 2, 2.0)
+            return await self._outage.retry(functools.partial(self._once, fn), stall=self._outage.streak)
+
+    async def _once(self, fn: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
+        try:
+            if self._conn is None or self._conn.closed:
+                await self._connect()
+            conn = self._conn
+            assert conn is not None
+            with deadline(self.stall_limit, functools.partial(shut_down, conn)):
+                async with conn.transaction():
+                    result = await fn(conn)
+        except Exception as exc:
+            if postgres.unreachable(exc):  # rolled back: the same transaction again on the same connection
+                await self.aclose()
+            raise
+        if self._outage.streak.since is not None:
+            log.warning("%s answers again", self.where)
+        return result
 
     async def outside(self, call: Callable[[], Awaitable[T]]) -> T:
         """Run `call()` (a new try each time: an idempotent piece of work on a connection of its own, such as putting

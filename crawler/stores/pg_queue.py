@@ -1,4 +1,4 @@
-"""The work queue of PostgreSQL jobs: pgqueuer, wrapped once (as retry.py wraps backoff).
+"""The work queue of PostgreSQL jobs: pgqueuer, wrapped once (as retry.py wraps tenacity).
 
 The queue hands items out and takes a dead worker's items back: pgqueuer heartbeats every picked job from a
 background task on the database clock, and a job whose heartbeat is older than `jobs.heartbeat_timeout` is
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from crawler.config import masked
 from crawler.errors import CrawlerError, UsageError
+from crawler.retry import Stall, retry_until_stall
 from crawler.stores import postgres
 from crawler.stores.pg_schema import INSTALL_LOCK
 from crawler.stores.postgres import StoreLost
@@ -294,25 +295,26 @@ class QueueItemSource:
 
     async def _take_items(self, queue: ItemQueue) -> None:
         """Run a queue consumer; a lost connection is retried until retry.stall_limit (then StoreLost)."""
-        down: float | None = None
-        delay = 0.1
-        while not self._stopped:
+        stall = Stall(self._stall_limit)
+
+        async def consume() -> None:
             queue.ran = False
             try:
-                await queue.run(self._on_item)
-                return
-            except Exception as exc:
-                if self._stopped:
-                    return
-                now = time.monotonic()
+                if not self._stopped:
+                    await queue.run(self._on_item)
+            finally:
                 if queue.ran:  # it ran again since the last failure: a new outage, with its own stall limit
-                    down, delay = None, 0.1
-                down = down or now
-                log.warning("the job queue (%s) failed: %s; retrying", self._where, one_line(exc))
-                if now - down >= self._stall_limit:
-                    self._lost(StoreLost(
-                        f"{self._where} has not answered for {self._stall_limit:g} s (retry.stall_limit); what was"
-                        " committed is kept: start PostgreSQL and run the same command again"))
-                    return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                    stall.answered()
+
+        try:
+            await retry_until_stall(
+                consume, retriable=lambda _: not self._stopped, stall=stall,
+                on_retry=lambda exc, *_: log.warning("the job queue (%s) failed: %s; retrying", self._where,
+                                                     one_line(exc)),
+                lost=lambda: StoreLost(f"{self._where} has not answered for {stall.limit:g} s (retry.stall_limit);"
+                                       " what was committed is kept: start PostgreSQL and run the same command again"))
+        except StoreLost as exc:
+            self._lost(exc)
+        except Exception:
+            if not self._stopped:
+                raise

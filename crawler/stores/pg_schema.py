@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Any
 
-from crawler.stores.postgres import rolled_back
+from crawler.retry import retry_async
 
 if TYPE_CHECKING:
     import psycopg
@@ -98,13 +97,12 @@ async def install(conn: psycopg.AsyncConnection[Any], tries: int = 5) -> None:
     """Create the tables (and add the columns added since) under the install lock, on an autocommit connection.
     The DDL may meet another worker's transactions on the same tables: PostgreSQL then rolls it back (a deadlock),
     and trying again is what it asks for, up to ``tries`` times."""
-    for attempt in range(1, tries + 1):
-        try:
-            async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (INSTALL_LOCK,))
-                await conn.execute(SCHEMA)
-            return
-        except Exception as exc:
-            if not rolled_back(exc) or attempt == tries:
-                raise
-            await asyncio.sleep(0.1 * attempt)
+    import psycopg
+
+    async def once() -> None:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (INSTALL_LOCK,))
+            await conn.execute(SCHEMA)
+
+    # SQLSTATE class 40 (`postgres.rolled_back`): the transaction was rolled back for another's sake.
+    await retry_async(once, retry_on=psycopg.errors.TransactionRollback, attempts=tries, base_delay=0.1, max_delay=0.4)

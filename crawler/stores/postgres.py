@@ -13,11 +13,11 @@ import enum
 import logging
 import os
 import socket
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from crawler.errors import RunStopped
+from crawler.retry import Halt, Stall, jitter, retry_until_stall
 
 if TYPE_CHECKING:
     import psycopg
@@ -72,35 +72,37 @@ def retriable(exc: BaseException) -> bool:
 class Outage:
     """How a PostgreSQL caller waits out a lost server (the job store, its queue, ingest's history store):
     retries with backoff until the outage reaches ``retry.stall_limit`` (then StoreLost), the stop at once after
-    `abandon()`."""
+    `abandon()`. The waits, the limit and the stop are the retry seam's (`crawler.retry`)."""
 
     def __init__(self, where: str, stall_limit: float) -> None:
         self.where = where
         self.stall_limit = stall_limit
-        self._abandon: RunStopped | None = None
-        self._abandoned = asyncio.Event()
+        self.streak = Stall(stall_limit)  # the store's own outage: it spans the store's calls
+        self._halt = Halt()
 
     def abandon(self, error: RunStopped) -> None:
         """From now on, a lost server raises ``error`` at once instead of being waited for."""
-        self._abandon = error
-        self._abandoned.set()
+        self._halt.set(error)
+
+    def _began(self, exc: BaseException, what: str = "lost") -> None:
+        log.warning("%s: %s (%s); retrying", self.where, "transaction rolled back" if rolled_back(exc) else what,
+                    type(exc).__name__)
 
     async def pause(self, exc: BaseException, down: float | None, delay: float, what: str = "lost") -> float:
         """The step every retry takes after a lost server: the stop at once after `abandon()`, StoreLost once the
         outage (begun at `down`; None: now) reaches the stall limit, else the backoff `delay`, cut short by a
         stop. Returns when the outage began."""
-        if self._abandon is not None:
-            raise self._abandon from None
-        now = time.monotonic()
+        if self._halt.error is not None:
+            raise self._halt.error from None
+        stall = Stall(self.stall_limit, since=down)
         if down is None:
-            down = now
-            log.warning("%s: %s (%s); retrying", self.where, "transaction rolled back" if rolled_back(exc) else what,
-                        type(exc).__name__)
-        if now - down >= self.stall_limit:
+            self._began(exc, what)
+        stall.failed()
+        if stall.expired:
             raise self.lost() from None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._abandoned.wait(), min(delay, max(down + self.stall_limit - now, 0.01)))
-        return down
+        await self._halt.wait(min(jitter(delay), max(stall.left(), 0.01)))
+        assert stall.since is not None
+        return stall.since
 
     def lost(self) -> StoreLost:
         """The stop of a server that has not answered for the stall limit."""
@@ -108,19 +110,18 @@ class Outage:
                          " committed is kept: start PostgreSQL and run the same command again")
 
     async def retry(self, call: Callable[[], Awaitable[T]],
-                    retriable: Callable[[BaseException], bool] = retriable) -> T:
+                    retriable: Callable[[BaseException], bool] = retriable, *, stall: Stall | None = None) -> T:
         """Await ``call()`` (a new try each time) until it gets an answer: an error ``retriable`` says is worth
-        another try is waited out by `pause`."""
-        delay = 0.1
-        down: float | None = None
-        while True:
-            try:
-                return await call()
-            except Exception as exc:
-                if not retriable(exc):
-                    raise
-                down = await self.pause(exc, down, delay)
-                delay = min(delay * 2, 2.0)
+        another try is waited out until the stall limit (``stall``: the streak, if it outlives this call)."""
+        stall = stall or Stall(self.stall_limit)
+        stall.limit = self.stall_limit  # (a store's limit may have changed since its streak began)
+
+        def on_retry(exc: BaseException, tries: int, wait: float) -> None:
+            if tries == 1:
+                self._began(exc)
+
+        return await retry_until_stall(call, retriable=retriable, stall=stall, lost=self.lost, halt=self._halt,
+                                       on_retry=on_retry)
 
 
 def shut_down(conn: Any) -> None:
