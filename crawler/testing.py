@@ -16,6 +16,11 @@ until someone ends it). `CRAWLER_TEST_FAIL_AT=point:n` raises `RuntimeError` the
 a string the database refuses). `CRAWLER_TEST_HOLD_AT=point:seconds` makes every arrival at an awaited point
 (`held`) wait that long: a slow step (a grant behind a row lock, an outage) that holds up only what waits on it.
 Unset, a call costs one comparison.
+
+Clock and identity seams, read where the program asks for them: `CRAWLER_TEST_NOW` (an ISO time that "now" is, for
+tests that run ingest as a process: `fixed_now`), `CRAWLER_TEST_CLOCK_SKEW` (seconds added to this host's wall
+clock, a host whose clock runs fast: `CLOCK_SKEW`; Redis never reads it), `CRAWLER_TEST_HOSTNAME` (the host name a
+worker registers under: `host_name`, a test posing as another host).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 
 _SPEC = os.environ.get("CRAWLER_TEST_KILL_AT", "")
 _POINT, _, _N = _SPEC.partition(":")
@@ -35,6 +41,18 @@ _FAIL_POINT, _, _FAIL_N = os.environ.get("CRAWLER_TEST_FAIL_AT", "").partition("
 _FAIL_TARGET = int(_FAIL_N) if _FAIL_N.isdigit() else 0
 _fail_seen = 0
 _HOLD_POINT, _, _HOLD_S = os.environ.get("CRAWLER_TEST_HOLD_AT", "").partition(":")
+NOW_ENV = "CRAWLER_TEST_NOW"
+CLOCK_SKEW = float(os.environ.get("CRAWLER_TEST_CLOCK_SKEW", "0") or 0)
+
+
+def fixed_now() -> str:
+    """The ISO time `CRAWLER_TEST_NOW` says "now" is, or "" (the real clock)."""
+    return os.environ.get(NOW_ENV, "").strip()
+
+
+def host_name() -> str:
+    """The host name workers register under: `CRAWLER_TEST_HOSTNAME`, or this host's."""
+    return os.environ.get("CRAWLER_TEST_HOSTNAME") or socket.gethostname()
 
 
 def reached(point: str) -> None:

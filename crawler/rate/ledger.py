@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from crawler import sqlite
+from crawler import sqlite, testing
 from crawler.config import masked
 from crawler.errors import UsageError
 from crawler.rate.redis_ledger import RedisLedger
@@ -64,13 +64,11 @@ from crawler.rate.rules import (
 T = TypeVar("T")
 log = logging.getLogger("crawler.rate.ledger")
 
-# Test-only: seconds added to this host's wall clock (a host whose clock runs fast). Redis never reads it.
-_SKEW = float(os.environ.get("CRAWLER_TEST_CLOCK_SKEW", "0") or 0)
 
 
 def wall_clock() -> float:
     """This host's wall clock in epoch seconds (the local ledger's clock)."""
-    return time.time() + _SKEW
+    return time.time() + testing.CLOCK_SKEW  # (a test-only skew: crawler/testing.py)
 
 
 def ledger_name(api_key: str, base_url: str) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import os
 import signal
 import tempfile
 import time
@@ -28,6 +27,7 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from crawler import testing
 from crawler.api.client import Client
 from crawler.api.pagesizes import PageSizes
 from crawler.config import Secret, Settings
@@ -52,14 +52,13 @@ from crawler.runs.ingest_report import IngestReport, Tally
 from crawler.runs.ingest_walk import UserTask, UserWork
 from crawler.stores.local import StateStore, UserDirectory
 
-# Test-only clock seam (like killpoints): an ISO time that "now" is, for tests that run ingest as a process.
-TEST_NOW_ENV = "CRAWLER_TEST_NOW"
+TEST_NOW_ENV = testing.NOW_ENV  # the test-only clock seam (crawler/testing.py)
 WORKERS = 8
 
 
 def utc_now() -> dt.datetime:
     """The current UTC time (or CRAWLER_TEST_NOW's)."""
-    fixed = os.environ.get(TEST_NOW_ENV, "").strip()
+    fixed = testing.fixed_now()
     if fixed:
         when = dt.datetime.fromisoformat(fixed)
         return when if when.tzinfo else when.replace(tzinfo=dt.UTC)

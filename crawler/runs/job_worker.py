@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import time
 from collections.abc import Sequence
 from contextlib import aclosing
@@ -53,7 +52,7 @@ AUTO_START = 8  # items a worker takes at a time with parallelism = "auto" until
 
 def host_name() -> str:
     """This host as workers are registered (a test may pose as another host)."""
-    return os.environ.get("CRAWLER_TEST_HOSTNAME") or socket.gethostname()
+    return testing.host_name()
 
 
 def job_options(pg: PgJob) -> JobOptions:
