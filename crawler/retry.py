@@ -1,7 +1,7 @@
 """The one retry seam, over tenacity: every wait between tries in the program is drawn, capped and cut short here.
 
 Callers: the client's HTTP retries and its outage probe (api), the 429 cooldown and the ledger (rate), media transfers
-(runs/download), the PostgreSQL job store, its queue consumer and the history store (`stores/pg_jobs.Outage`).
+(runs/transfer), the PostgreSQL job store, its queue consumer and the history store (`stores/postgres.Outage`).
 
 tenacity directly, not stamina over it: stamina's test mode and retry hooks are global to the process, ours are per
 client (``retry.base_delay = 0`` turns one client's waits off, and tests run clients of both kinds in one process);
