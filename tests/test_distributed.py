@@ -370,7 +370,20 @@ async def test_a_worker_stopped_past_its_lease_has_its_late_page_discarded(hosts
         seq = await pg_value(schema, held, mine)
         assert seq is not None
         done = "SELECT status = 'done' AND owner NOT LIKE %s FROM crawler_items WHERE seq = %s"
-        await until(lambda: pg_value(schema, done, mine, seq), "the item taken over and finished", 60)
+        try:
+            # The takeover needs the worker's heartbeat to go stale (2 s) and a poll of another consumer; the bound is
+            # for a machine so loaded that the processes barely run (it has taken over 60 s in a full parallel run).
+            await until(lambda: pg_value(schema, done, mine, seq), "the item taken over and finished", 150)
+        except TimeoutError:  # what the starter and the queue were doing, for the report
+            try:
+                item = await pg_value(schema, "SELECT status || ' ' || coalesce(owner, '-') FROM crawler_items"
+                                              " WHERE seq = %s", seq)
+                queue = await pg_value(schema, "SELECT string_agg(status || ' ' || heartbeat::text, '; ')"
+                                               " FROM pgqueuer WHERE dedupe_key LIKE %s", f"%:{seq}")
+            except Exception as exc:
+                item = queue = repr(exc)
+            raise AssertionError(f"item {seq} not taken over: {item}; queue: {queue}; starter:\n"
+                                 + "".join(hosts.stderr[starter.pid])[-3000:]) from None
         worker.send_signal(signal.SIGCONT)
         code, err = await hosts.finish(starter)
         wcode, werr = await hosts.finish(worker)
