@@ -22,15 +22,7 @@ from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 
-# classify's names are re-exported: `crawler.api.client.classify`/`interpret` were their home until the split.
-from crawler.api.classify import (  # noqa: F401
-    RESPONSE_KINDS,
-    JsonDict,
-    classify,
-    clean_text,
-    interpret,
-    response_kind,
-)
+from crawler.api.classify import JsonDict, interpret, response_kind
 from crawler.api.endpoints import Endpoints
 from crawler.api.outage import Outage
 from crawler.config import Secret, Settings, load_settings

@@ -109,7 +109,7 @@ def _report(outcome: Outcome, quiet: bool, argv: Sequence[str], *, max_credits: 
 
 def _failure_hint(failures: dict[str, int], argv: Sequence[str]) -> str:
     """What can be done about these failures, only what applies (a command to run comes last)."""
-    from crawler.stores.local import RETRIABLE
+    from crawler.stores.model import RETRIABLE
 
     hints = []
     if failures.get("invalid_input"):

@@ -45,7 +45,7 @@ def cmd_ingest(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def ingest_line(result: Any, argv: Sequence[str]) -> str:
     """The one line an ingest run ends with: why it stopped or what failed, and what to run next."""
     from crawler.errors import BalanceExhausted, BudgetExhausted
-    from crawler.stores.local import RETRIABLE
+    from crawler.stores.model import RETRIABLE
 
     if result.held_by is not None:
         return (f"crawler: the out-dir is held by a running ingest ({result.held_by}); it covers today's users,"

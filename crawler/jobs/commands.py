@@ -13,7 +13,8 @@ from crawler.api import records as ep
 from crawler.api.client import Client
 from crawler.errors import ItemFailed
 from crawler.jobs.prepare import JobOptions, Step, WorkItem
-from crawler.stores.local import COMMENTS_WALKED, UserDirectory, WalkUpdate
+from crawler.stores.model import COMMENTS_WALKED, WalkUpdate
+from crawler.stores.users import UserDirectory
 
 
 class CrawlContext(Protocol):

@@ -13,7 +13,8 @@ from crawler.jobs.commands import COMMANDS
 from crawler.jobs.inputs import input_items
 from crawler.jobs.prepare import JobOptions
 from crawler.options import DataOptions, JobLimits
-from crawler.stores.local import StateStore, UserDirectory
+from crawler.stores.local import StateStore
+from crawler.stores.users import UserDirectory
 
 FOLLOW_CAP = 5000  # TikTok ends follower/following lists near here
 COUNTED = ("posts", "followers", "following")  # lists whose length a profile tells

@@ -21,7 +21,8 @@ from crawler.errors import JobLocked, UsageError
 from crawler.files import lock_file
 from crawler.jobs.inputs import InputEntry, input_items
 from crawler.sinks.csv_sink import part_path
-from crawler.stores.local import RETRIABLE, RETRIABLE_ALL, StateStore, WalkUpdate
+from crawler.stores.local import StateStore
+from crawler.stores.model import RETRIABLE, RETRIABLE_ALL, WalkUpdate
 
 if TYPE_CHECKING:
     from crawler.jobs.commands import CommandSpec

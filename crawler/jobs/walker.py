@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 from crawler.api import records as ep
 from crawler.jobs.prepare import JobOptions, Step, WorkItem
-from crawler.stores.local import ItemUpdate, UserDirectory
+from crawler.stores.model import ItemUpdate
+from crawler.stores.users import UserDirectory
 
 if TYPE_CHECKING:
     from crawler.api.client import Client

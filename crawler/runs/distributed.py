@@ -42,8 +42,8 @@ from crawler.runs.job_export import export
 from crawler.runs.job_worker import AUTO_START, JobWorker, SessionResult, host_name, job_store
 from crawler.sinks.csv_sink import write_failures
 from crawler.stores import pg_queue as itemqueue
-from crawler.stores.local import RETRIABLE, RETRIABLE_ALL
-from crawler.stores.pg_jobs import PgJob, PgJobStore, WorkerInfo, job_id
+from crawler.stores.model import RETRIABLE, RETRIABLE_ALL, PgJob, WorkerInfo, job_id
+from crawler.stores.pg_jobs import PgJobStore
 
 
 def _spool(job: JobOptions, spec: CommandSpec) -> tuple[Path, str]:

@@ -47,7 +47,8 @@ from crawler.jobs.prepare import job_lock
 from crawler.options import EngineOptions
 from crawler.runs.transfer import CHECKPOINT, CHECKPOINT_SECONDS, CHUNK, MediaTransfer, Refused, write_all
 from crawler.sinks.csv_sink import write_failures
-from crawler.stores.local import MediaFile, StateStore
+from crawler.stores.local import StateStore
+from crawler.stores.model import MediaFile
 
 log = logging.getLogger("crawler.runs.download")
 

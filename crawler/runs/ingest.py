@@ -50,7 +50,8 @@ from crawler.runs.ingest_files import PROFILES, DayFiles, make_out_dir, out_dir_
 from crawler.runs.ingest_plan import DayPlan
 from crawler.runs.ingest_report import IngestReport, Tally
 from crawler.runs.ingest_walk import UserTask, UserWork
-from crawler.stores.local import StateStore, UserDirectory
+from crawler.stores.local import StateStore
+from crawler.stores.users import UserDirectory
 
 TEST_NOW_ENV = testing.NOW_ENV  # the test-only clock seam (crawler/testing.py)
 WORKERS = 8

@@ -16,7 +16,7 @@ from crawler.errors import Interrupted, RunStopped
 from crawler.history.db import StoreThread, connection_lost, transient
 from crawler.history.store import HistoryStore
 from crawler.runs.ingest_files import DayFiles
-from crawler.stores.pg_jobs import Outage, deadline
+from crawler.stores.postgres import Outage, deadline
 
 log = logging.getLogger("crawler.runs.ingest_calls")
 

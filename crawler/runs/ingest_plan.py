@@ -14,7 +14,8 @@ from crawler.runs.ingest_calls import StoreCalls, first_line
 from crawler.runs.ingest_files import POSTS, PROFILES
 from crawler.runs.ingest_report import Tally
 from crawler.runs.ingest_walk import UserTask
-from crawler.stores.local import RETRIABLE, RETRIABLE_ALL, StateStore
+from crawler.stores.local import StateStore
+from crawler.stores.model import RETRIABLE, RETRIABLE_ALL
 
 log = logging.getLogger("crawler.runs.ingest_plan")
 

@@ -25,7 +25,7 @@ from crawler.runs.ingest_calls import StoreCalls
 from crawler.runs.ingest_commit import Commit
 from crawler.runs.ingest_files import POSTS, PROFILES
 from crawler.runs.ingest_report import Tally
-from crawler.stores.local import UserDirectory
+from crawler.stores.users import UserDirectory
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,8 +42,10 @@ from crawler.options import EngineOptions
 from crawler.rate.pacing import MAX_AUTO_WORKERS
 from crawler.sinks.csv_sink import Batch
 from crawler.stores import pg_queue as itemqueue
-from crawler.stores.local import ItemUpdate, UserDirectory
-from crawler.stores.pg_jobs import LeaseLost, PageCommit, PgJob, PgJobStore, StoreLost
+from crawler.stores.model import ItemUpdate, LeaseLost, PageCommit, PgJob
+from crawler.stores.pg_jobs import PgJobStore
+from crawler.stores.postgres import StoreLost
+from crawler.stores.users import UserDirectory
 
 log = logging.getLogger("crawler.runs.distributed")
 

@@ -51,7 +51,9 @@ from crawler.jobs.walker import ItemWalker, step_update
 from crawler.options import EngineOptions
 from crawler.rate.pacing import MAX_AUTO_WORKERS
 from crawler.sinks.csv_sink import Batch, CsvSink, write_failures
-from crawler.stores.local import ItemUpdate, StateStore, UserDirectory
+from crawler.stores.local import StateStore
+from crawler.stores.model import ItemUpdate
+from crawler.stores.users import UserDirectory
 
 
 class Crawl(ItemWalker):

@@ -24,7 +24,8 @@ from crawler.errors import CrawlerError, DiskFull, ItemFailed, TransientError, d
 from crawler.files import replace_durably
 from crawler.options import Retries
 from crawler.retry import retry_async
-from crawler.stores.local import MediaFile, StateStore
+from crawler.stores.local import StateStore
+from crawler.stores.model import MediaFile
 
 log = logging.getLogger("crawler.runs.download")
 CHUNK = 256 * 1024  # read size: memory per worker stays at a few chunks, whatever the file size

@@ -23,7 +23,8 @@ from crawler import testing
 from crawler.api.records import Record
 from crawler.errors import UsageError
 from crawler.files import AppendOnlyFile, ShortFile, atomic_write, copy_durably, replace_durably
-from crawler.stores.local import ItemUpdate, StateStore, WalkUpdate
+from crawler.stores.local import StateStore
+from crawler.stores.model import ItemUpdate, WalkUpdate
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _FORMULA_CHARS = frozenset("".join(FORMULA_START))

@@ -17,18 +17,11 @@ from crawler.stores.media import MediaState
 from crawler.stores.model import (
     COMMENTS_WALKED,
     RETRIABLE,
-    RETRIABLE_ALL,
     ItemUpdate,
     JobRecord,
-    MediaFile,
     Progress,
     WalkUpdate,
 )
-from crawler.stores.users import UserDirectory
-
-# The job model moved to model.py and the users directory to users.py; their names stay importable from here.
-__all__ = ["COMMENTS_WALKED", "MIGRATIONS", "RETRIABLE", "RETRIABLE_ALL", "SCHEMA", "ItemUpdate", "JobRecord",
-           "MediaFile", "Progress", "StateStore", "UserDirectory", "WalkUpdate"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS job (

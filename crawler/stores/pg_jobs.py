@@ -22,16 +22,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from crawler.config import masked
 from crawler.errors import RunStopped, UsageError
 from crawler.stores import pg_items, pg_schema, postgres
-from crawler.stores.model import Created, LeaseLost, PageCommit, PgJob, Progress, Taken, WorkerInfo, job_id
+from crawler.stores.model import Created, PageCommit, PgJob, Progress, Taken
 from crawler.stores.pg_workers import WorkerRegistry
-from crawler.stores.postgres import Outage, StoreLost, deadline, shut_down
+from crawler.stores.postgres import Outage, deadline, shut_down
 
 if TYPE_CHECKING:
     import psycopg
-
-# Names moved to model.py and postgres.py stay importable from here for the modules that import them so.
-__all__ = ["Created", "LeaseLost", "Outage", "PageCommit", "PgJob", "PgJobStore", "StoreLost", "Taken", "WorkerInfo",
-           "deadline", "job_id", "shut_down"]
 
 log = logging.getLogger("crawler.stores.pg_jobs")
 T = TypeVar("T")
