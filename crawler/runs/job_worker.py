@@ -211,7 +211,7 @@ class JobWorker(ItemWalker):
             with contextlib.suppress(RunStopped):  # StoreLost, or a stop while the store is away
                 # Only the requests sent stay spent: a credit is drawn before the request waits for its rate slot,
                 # and a stop may end that wait.
-                await self.store.give_back(self.jid, self.session, r.requests_sent)
+                await self.budget.settle(r.requests_sent)
                 await self.store.leave(self.worker_id)
                 orphans = await self.store.orphans(self.jid, heartbeat_timeout=self.heartbeat_timeout)
                 testing.reached("enqueuing")
