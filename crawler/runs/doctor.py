@@ -90,11 +90,16 @@ class _Doctor:
         """One call of ``family``; its result recorded; the body when it is worth reading further."""
         before = self.client.last_answer
         body: JsonDict | None = None
+        spent = Result(family.name, family.path, NO_ANSWER,
+                       detail="the credits stated are spent (retries took them); nothing more was sent")
+        budget = self.client.request_budget
+        if budget is not None and self.client.counters.requests_sent >= budget:
+            self.results.append(spent)  # not even a wait for the API: nothing can be sent
+            return None
         try:
             body = await self.client.get(family.path, params)
         except BudgetExhausted:
-            result = Result(family.name, family.path, NO_ANSWER,
-                            detail="the credits stated are spent (retries took them); nothing more was sent")
+            result = spent
         except (NotFound, PrivateAccount) as exc:
             result = Result(family.name, family.path, ERROR, detail=f"{exc.reason}: {exc}")
         except ItemFailed as exc:
