@@ -180,3 +180,18 @@ def test_live_latency_is_seeded_and_shaped_like_the_live_api() -> None:
     assert 1.35 <= statistics.median(draws) <= 1.65
     assert sum(d > 4.0 for d in draws) > 40 and sum(d < 0.6 for d in draws) > 40
     assert draws[:10] == [live_latency(hash64(1, n), low, high) for n in range(10)]
+
+
+@pytest.mark.slow
+async def test_doctor_all_needs_yes_and_then_checks_every_family(simulator: SimFactory, tmp_path: Path) -> None:
+    """--all (15 families) is more than the handful: without --yes it is exit 2 before any request; with --yes it
+    states 15 credits, every family is ok and the simulator counts one request on each of 15 endpoints."""
+    async with simulator(world=WORLD) as sim:
+        handle, _ = checked_user(sim.world)
+        code, _, err, _ = await doctor(sim, tmp_path, "--handle", handle, "--all")
+        assert code == 2 and "--yes" in error_line(err) and sim.stats.requests == 0
+        code, report, err, stated = await doctor(sim, tmp_path, "--handle", handle, "--all", "--yes", "--json")
+        assert isinstance(report, dict)
+        assert code == 0 and stated == 15, (err, report)
+        assert {e["status"] for e in report["endpoints"]} == {"ok"} and len(report["endpoints"]) == 15
+        assert sim.stats.requests == 15 and len(sim.stats.by_endpoint) == 15, sim.stats.snapshot()

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from crawler.api.lists import LISTS, ListSpec, _page_items
-from crawler.api.parse import as_dict, parse_post, parse_profile
+from crawler.api.parse import as_dict, parse_challenge, parse_music, parse_post, parse_profile
 from crawler.api.records import JsonDict
 from crawler.errors import CrawlerError
 
@@ -140,6 +140,32 @@ COMMENT_ITEM = Shape(
 )
 
 
+REPLY_ITEM = Shape(required=COMMENT_ITEM.required,
+                   expected=tuple(f for f in COMMENT_ITEM.expected if f != ("reply_total",)),
+                   optional=(*COMMENT_ITEM.optional, ("reply_total",)))  # §3.7: a comment without reply_total
+
+# parse_user_hit: the user in `user_info`, `user` or the item itself; its counts beside it or inside it
+_HIT_USER = ("user_info", "user", "")
+_HIT_STATS = ("stats", "statsV2", "user_info.stats", "user.stats", "user_info", "user", "")
+SEARCH_USER_ITEM = Shape(
+    required=(_at(_HIT_USER, "id", "uid"),),
+    expected=(_at(_HIT_USER, "uniqueId", "unique_id"), _at(_HIT_USER, "nickname"), _at(_HIT_USER, "secUid", "sec_uid"),
+              _at(_HIT_STATS, "followerCount"), _at(_HIT_STATS, "videoCount"), _at(_HIT_STATS, "heartCount", "heart")),
+    optional=_each(_HIT_USER, _USER_KNOWN) + _each(_HIT_STATS, _STATS_KNOWN),
+)
+CHALLENGE = Shape(  # §3.8
+    required=(("id", "cid", "challenge_id"),),
+    expected=(("cha_name", "title", "name"), ("user_count",), ("view_count",)),
+    optional=(("desc", "description"), *_plain("is_pgcshow", "is_commerce", "is_challenge", "is_strong_music",
+                                                "type", "cover")),
+)
+MUSIC = Shape(  # §2.3
+    required=(("id", "music_id"),),
+    expected=_plain("title", "author", "duration"),
+    optional=_plain("play", "cover", "original", "album", "video_count"),
+)
+
+
 def _list_body(spec: ListSpec[Any], *, optional: Iterable[str] = ("total",)) -> Shape:
     """A list answer: its items key, the cursor it hands back and hasMore (§4)."""
     return Shape(expected=(spec.items_keys, (spec.cursor_param,), ("hasMore", "has_more")),
@@ -181,14 +207,36 @@ def _read_post(body: JsonDict, params: Mapping[str, str | int]) -> int:
     return 1
 
 
+def _read_music(body: JsonDict, params: Mapping[str, str | int]) -> int:
+    parse_music(body)
+    return 1
+
+
+def _read_challenge(body: JsonDict, params: Mapping[str, str | int]) -> int:
+    parse_challenge(body, str(params.get("id", "")))
+    return 1
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("profile", "/userinfo-by-username/", PROFILE, _read_profile),
     _family("posts", "posts", POST_ITEM, optional=()),
     _family("followers", "followers", FOLLOW_ITEM),
     Family("post-detail", "/post-detail/", POST_DETAIL, _read_post),
     _family("comments", "comments", COMMENT_ITEM),
+    _family("following", "following", FOLLOW_ITEM),
+    _family("liked", "liked", POST_ITEM, optional=()),
+    _family("replies", "replies", REPLY_ITEM),
+    _family("search-videos", "search_videos", POST_ITEM, optional=()),
+    _family("search-users", "search_users", SEARCH_USER_ITEM, optional=()),
+    _family("search-challenges", "search_challenges", CHALLENGE, optional=()),
+    Family("music-info", "/music-info/", MUSIC, _read_music),
+    _family("music-posts", "music_posts", POST_ITEM, optional=()),
+    Family("challenge-info", "/challenge-info-id/", CHALLENGE, _read_challenge),
+    _family("challenge-posts", "challenge_posts", POST_ITEM, optional=()),
 )}
-"""The families `crawler doctor` checks, one call each, in the order it makes them."""
+"""Every family `crawler doctor` can check, one call each, in the order it makes them."""
+CORE = ("profile", "posts", "followers", "post-detail", "comments")
+"""The families checked by default: the ones every job command's rows come from (the stated handful)."""
 
 
 # ----- the check -----------------------------------------------------------------------------------------

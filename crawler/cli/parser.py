@@ -244,7 +244,8 @@ def _tool_commands(sub: Any) -> None:
     d.add_argument("--handle", default=DEFAULT_HANDLE, help=f"the account to check with (default {DEFAULT_HANDLE})")
     d.add_argument("--video", metavar="URL", help="the post to check with (default: the account's first post)")
     d.add_argument("--json", action="store_true", help="print the report as JSON")
-    d.add_argument("--yes", action="store_true", help="spend more than the stated handful of credits")
+    d.add_argument("--all", action="store_true", help="check every family the crawler reads (15 credits; with --yes)")
+    d.add_argument("--yes", action="store_true", help="spend more than the handful of 5 credits")
     _settings_flags(d, omit=ROW_FLAGS | {"--parallelism", "--max-pages", "--max-items", "--data-dir"})
     d.set_defaults(func=cmd_doctor)
 

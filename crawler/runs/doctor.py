@@ -8,19 +8,19 @@ never make it spend more: a call the budget cannot pay for is reported as "no an
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from crawler.api.client import Client
-from crawler.api.parse import parse_post, parse_profile
+from crawler.api.parse import as_bool, as_dict, parse_challenge, parse_post, parse_profile
 from crawler.api.records import JsonDict, video_url
-from crawler.api.shapes import FAMILIES, Family, Finding, check
+from crawler.api.shapes import CORE, FAMILIES, Family, Finding, check
 from crawler.config import Secret, Settings
 from crawler.errors import BudgetExhausted, ItemFailed, NotFound, PrivateAccount, run_exit_code
 
 SCHEMA_VERSION = 1
-HANDFUL = len(FAMILIES)  # the credits doctor states and spends by default: one call per family
+HANDFUL = len(CORE)  # the credits doctor spends without --yes: one call per core family
 OK, NEW, MISSING, UNREADABLE = "ok", "fields new", "fields missing", "unreadable"
 ERROR, NO_ANSWER, SKIPPED = "error", "no answer", "skipped"
 CHANGED = frozenset({MISSING, UNREADABLE})  # a shape changed: exit 1
@@ -119,53 +119,98 @@ class _Doctor:
         self.results.append(Result(family.name, family.path, SKIPPED, detail=why))
 
 
-def _user_id(body: JsonDict | None) -> str | None:
+def _read(body: JsonDict | None, parse: Callable[[JsonDict], str]) -> str | None:
+    """An id the next family needs, read from an answer with the real parser (None: no answer, or unreadable)."""
     if body is None:
         return None
     try:
-        return parse_profile(body).user_id or None
-    except Exception:  # unreadable: reported with the profile
+        return parse(body) or None
+    except Exception:  # unreadable: reported with the family that answered it
         return None
 
 
-def _first_post(body: JsonDict | None) -> str | None:
-    if body is None:
-        return None
-    items = body.get("videos")
-    for item in items if isinstance(items, list) else []:
-        try:
-            return parse_post(item, "").video_id
-        except Exception:  # an item without an id is reported with the list
-            continue
-    return None
+def _first(body: JsonDict | None, keys: tuple[str, ...], parse: Callable[[JsonDict], str]) -> str | None:
+    """The id of the first readable item of a list answer."""
+    items: list[Any] = next((body[k] for k in keys if isinstance(body.get(k), list)), []) if body else []
+    return next((i for i in (_read(as_dict(item), parse) for item in items) if i), None)
 
 
-async def run_doctor(settings: Settings, key: Secret, *, handle: str, video_id: str | None) -> Report:
-    """Check every family in `FAMILIES` with one call each; never more requests than `HANDFUL`."""
-    budget = HANDFUL if settings.max_credits is None else min(HANDFUL, settings.max_credits)
+def _comment_with_replies(body: JsonDict | None) -> str | None:
+    """A comment id whose replies to ask for: the first with replies, else the first."""
+    items = [as_dict(i) for i in (body or {}).get("comments") or [] if isinstance(i, dict)]
+    ordered = sorted(items, key=lambda i: not as_bool(i.get("reply_total")))
+    return _first({"comments": ordered}, ("comments",), lambda i: str(i.get("id") or i.get("cid") or ""))
+
+
+class _Plan(_Doctor):
+    """The order of the calls and the ids each takes from an earlier answer."""
+
+    async def step(self, name: str, need: str | None, why: str,
+                   params: Callable[[str], Mapping[str, str | int]]) -> JsonDict | None:
+        """Ask ``name`` with the id it needs, or record it as skipped (``why``) when an earlier answer gave none."""
+        if need is None:
+            self.skip(name, why)
+            return None
+        return await self.ask(FAMILIES[name], params(need))
+
+    async def core(self, handle: str, video_id: str | None) -> tuple[str | None, str | None, JsonDict | None,
+                                                                       JsonDict | None]:
+        """profile, posts, followers, post-detail, comments: (user id, video id, detail, comments)."""
+        user_id = _read(await self.ask(FAMILIES["profile"], {"username": handle}), lambda b: parse_profile(b).user_id)
+        no_user = f"no user id from the profile of {handle!r} (give a public --handle)"
+        posts = await self.step("posts", user_id, no_user, lambda u: {"userid": u, "count": 10, "cursor": 0})
+        await self.step("followers", user_id, no_user, lambda u: {"userid": u, "count": 50, "time": 0})
+        video = video_id or _first(posts, ("videos",), lambda i: parse_post(i, "").video_id)
+        no_post = "no post to check: the user has none readable (give --video URL)"
+        detail = await self.step("post-detail", video, no_post, lambda v: {"url": video_url(v)})
+        comments = await self.step("comments", video, no_post,
+                                   lambda v: {"url": video_url(v), "count": 10, "cursor": 0})
+        return user_id, video, detail, comments
+
+    async def more(self, handle: str, user_id: str | None, video: str | None, detail: JsonDict | None,
+                   comments: JsonDict | None) -> None:
+        """The other families (``--all``): lists of the user, replies, searches for the handle, music, challenge."""
+        no_user = f"no user id from the profile of {handle!r} (give a public --handle)"
+        await self.step("following", user_id, no_user, lambda u: {"userid": u, "count": 50, "time": 0})
+        await self.step("liked", user_id, no_user, lambda u: {"userid": u, "count": 10, "cursor": 0})
+        comment = _comment_with_replies(comments) if video else None
+        await self.step("replies", comment, "no comment to ask the replies of",
+                        lambda c: {"video_id": video or "", "comment_id": c, "count": 10, "cursor": 0})
+        search: dict[str, str | int] = {"keyword": handle, "count": 10, "cursor": 0}
+        await self.step("search-videos", handle, "", lambda k: {**search, "publish_time": 0, "sort_by": 0})
+        await self.step("search-users", handle, "", lambda k: search)
+        found = await self.step("search-challenges", handle, "", lambda k: search)
+        music = _read(detail, lambda b: parse_post(b, "").music_id)
+        no_music = "no sound id from the post's detail"
+        await self.step("music-info", music, no_music, lambda m: {"music_id": m})
+        await self.step("music-posts", music, no_music, lambda m: {"music_id": m, "count": 10, "cursor": 0})
+        challenge = _first(found, ("challenge_list",), lambda i: parse_challenge(i, "").challenge_id)
+        no_challenge = f"no hashtag found searching {handle!r}"
+        await self.step("challenge-info", challenge, no_challenge, lambda c: {"id": c})
+        await self.step("challenge-posts", challenge, no_challenge,
+                        lambda c: {"challenge_id": c, "count": 10, "cursor": 0})
+
+
+def credits_of(every: bool) -> int:
+    """The credits a doctor run states and never exceeds: one per family it checks."""
+    return len(FAMILIES) if every else len(CORE)
+
+
+async def run_doctor(settings: Settings, key: Secret, *, handle: str, video_id: str | None,
+                     every: bool = False) -> Report:
+    """Check the `CORE` families (``every``: all `FAMILIES`) with one call each; never more requests than stated."""
+    budget = credits_of(every)
+    if settings.max_credits is not None:
+        budget = min(budget, settings.max_credits)
     # One retry per call at most: a flaky family should not take every other family's credit.
     settings = settings.replace(retry_attempts=min(settings.retry_attempts, 2))
     async with Client(settings, api_key=key, request_budget=budget) as client:
-        d = _Doctor(client)
-        user_id = _user_id(await d.ask(FAMILIES["profile"], {"username": handle}))
-        posts: JsonDict | None = None
-        if user_id is None:
-            why = f"no user id from the profile of {handle!r}"
-            d.skip("posts", why)
-            d.skip("followers", why)
-        else:
-            posts = await d.ask(FAMILIES["posts"], {"userid": user_id, "count": 10, "cursor": 0})
-            await d.ask(FAMILIES["followers"], {"userid": user_id, "count": 50, "time": 0})
-        video = video_id or _first_post(posts)
-        if video is None:
-            why = "no post to check: the user has none readable (give --video URL)"
-            d.skip("post-detail", why)
-            d.skip("comments", why)
-        else:
-            await d.ask(FAMILIES["post-detail"], {"url": video_url(video)})
-            await d.ask(FAMILIES["comments"], {"url": video_url(video), "count": 10, "cursor": 0})
+        plan = _Plan(client)
+        found = await plan.core(handle, video_id)
+        if every:
+            await plan.more(handle, *found)
         c = client.counters
-        return Report(tuple(d.results), budget, c.requests_sent, c.credits_billed)
+        return Report(tuple(plan.results), budget, c.requests_sent, c.credits_billed)
 
 
 def render_text(report: Report) -> list[str]:
