@@ -119,7 +119,8 @@ async def test_doctor_reports_new_fields_and_still_exits_0(simulator: SimFactory
 @pytest.mark.parametrize("trouble", ["5xx", "429"])
 async def test_doctor_never_sends_more_than_it_stated(simulator: SimFactory, tmp_path: Path, trouble: str) -> None:
     """When every answer is a 5xx (retries, an outage's probes) or a 429, the simulator counts no more requests than
-    the credits doctor printed; the families it could not pay for are "no answer" (exit 3)."""
+    the credits doctor printed; the families it could not pay for are "no answer" (exit 3); a 429's Retry-After is
+    reported as a rate header seen."""
     config: dict[str, Any] = ({"fault_rate": 1.0, "faults": frozenset({"5xx"})} if trouble == "5xx"
                               else {"always_429": True, "retry_after": 0.0})
     async with simulator(world=WORLD, **config) as sim:
@@ -131,6 +132,8 @@ async def test_doctor_never_sends_more_than_it_stated(simulator: SimFactory, tmp
         assert code == 3, err
         assert isinstance(report, dict) and report["requests_sent"] == sim.stats.requests
         assert {e["status"] for e in report["endpoints"]} <= {"no answer", "skipped"}, report
+        if trouble == "429":  # the rate headers of the answers it met are reported
+            assert report["endpoints"][0]["rate_headers"] == {"Retry-After": "0"}, report
 
 
 @pytest.mark.slow
@@ -195,3 +198,18 @@ async def test_doctor_all_needs_yes_and_then_checks_every_family(simulator: SimF
         assert code == 0 and stated == 15, (err, report)
         assert {e["status"] for e in report["endpoints"]} == {"ok"} and len(report["endpoints"]) == 15
         assert sim.stats.requests == 15 and len(sim.stats.by_endpoint) == 15, sim.stats.snapshot()
+
+
+def test_sim_command_line_reads_the_field_and_latency_switches() -> None:
+    """`crawler sim --drop-field E:F --add-field E:F --latency live` configure the simulator; a bad one is exit 2."""
+    from crawler.sim.__main__ import _parser, config_from_args, main
+
+    args = _parser().parse_args(["--drop-field", "post-detail:id", "--drop-field", "/user-posts/:title",
+                                 "--add-field", "post-comments:shiny", "--latency", "live"])
+    config = config_from_args(args)
+    assert config.drop_fields == (("post-detail", "id"), ("user-posts", "title"))
+    assert config.add_fields == (("post-comments", "shiny"),)
+    assert config.latency == LIVE_LATENCY and config.latency_live
+    plain = config_from_args(_parser().parse_args(["--latency", "0.1,0.2"]))
+    assert plain.latency == (0.1, 0.2) and not plain.latency_live
+    assert main(["--drop-field", "post-detail"]) == 2
