@@ -17,7 +17,7 @@ Placement variants the parsers accept (``stats`` / ``user.stats`` / flat in ``us
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from crawler.api.lists import LISTS, ListSpec, _page_items
@@ -81,7 +81,7 @@ class Finding:
     unreadable: str | None = None  # the real parser's complaint
     records: int = 0  # records the parser built
     items: int | None = None  # list items in the answer (None: not a list)
-    notes: tuple[str, ...] = field(default=())
+    notes: tuple[str, ...] = ()
 
 
 # ----- the field tiers, from api-reference.md §3 and §5.1 and what crawler.api.parse reads ----------------

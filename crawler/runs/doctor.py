@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from crawler.api.client import Client
-from crawler.api.parse import as_bool, as_dict, parse_challenge, parse_post, parse_profile
+from crawler.api.parse import as_bool, as_dict, comment_parser, parse_challenge, parse_post, parse_profile
 from crawler.api.records import JsonDict, video_url
 from crawler.api.shapes import CORE, FAMILIES, Family, Finding, check
 from crawler.config import Secret, Settings
@@ -79,8 +79,32 @@ def status_of(finding: Finding) -> str:
     return NEW if finding.new else OK
 
 
+def _read(body: JsonDict | None, parse: Callable[[JsonDict], str]) -> str | None:
+    """An id the next family needs, read from an answer with the real parser (None: no answer, or unreadable)."""
+    if body is None:
+        return None
+    try:
+        return parse(body) or None
+    except Exception:  # unreadable: reported with the family that answered it
+        return None
+
+
+def _first(body: JsonDict | None, keys: tuple[str, ...], parse: Callable[[JsonDict], str]) -> str | None:
+    """The id of the first readable item of a list answer."""
+    items: list[Any] = next((body[k] for k in keys if isinstance(body.get(k), list)), []) if body else []
+    return next((i for i in (_read(as_dict(item), parse) for item in items) if i), None)
+
+
+def _comment_with_replies(body: JsonDict | None) -> str | None:
+    """A comment id whose replies to ask for: the first with replies, else the first."""
+    items = [as_dict(i) for i in (body or {}).get("comments") or [] if isinstance(i, dict)]
+    ordered = sorted(items, key=lambda i: not as_bool(i.get("reply_total")))
+    return _first({"comments": ordered}, ("comments",), lambda i: comment_parser(None)(i, "", {}).comment_id)
+
+
 class _Doctor:
-    """One doctor run over an open client."""
+    """One doctor run over an open client: the order of the calls, the ids each takes from an earlier answer, and
+    each call's result."""
 
     def __init__(self, client: Client) -> None:
         self.client = client
@@ -102,8 +126,11 @@ class _Doctor:
             result = spent
         except (NotFound, PrivateAccount) as exc:
             result = Result(family.name, family.path, ERROR, detail=f"{exc.reason}: {exc}")
-        except ItemFailed as exc:
-            result = Result(family.name, family.path, NO_ANSWER, detail=f"{exc.reason}: {exc}")
+        except ItemFailed as exc:  # retries_exhausted; unexpected_shape (CONTRACT.md's reason) is a changed shape
+            shape = exc.reason == "unexpected_shape"
+            result = Result(family.name, family.path, UNREADABLE if shape else NO_ANSWER,
+                            Finding(unreadable=str(exc) if shape else None),
+                            detail="" if shape else f"{exc.reason}: {exc}")
         else:
             finding = check(family, body, params)
             result = Result(family.name, family.path, status_of(finding), finding)
@@ -117,33 +144,6 @@ class _Doctor:
     def skip(self, name: str, why: str) -> None:
         family = FAMILIES[name]
         self.results.append(Result(family.name, family.path, SKIPPED, detail=why))
-
-
-def _read(body: JsonDict | None, parse: Callable[[JsonDict], str]) -> str | None:
-    """An id the next family needs, read from an answer with the real parser (None: no answer, or unreadable)."""
-    if body is None:
-        return None
-    try:
-        return parse(body) or None
-    except Exception:  # unreadable: reported with the family that answered it
-        return None
-
-
-def _first(body: JsonDict | None, keys: tuple[str, ...], parse: Callable[[JsonDict], str]) -> str | None:
-    """The id of the first readable item of a list answer."""
-    items: list[Any] = next((body[k] for k in keys if isinstance(body.get(k), list)), []) if body else []
-    return next((i for i in (_read(as_dict(item), parse) for item in items) if i), None)
-
-
-def _comment_with_replies(body: JsonDict | None) -> str | None:
-    """A comment id whose replies to ask for: the first with replies, else the first."""
-    items = [as_dict(i) for i in (body or {}).get("comments") or [] if isinstance(i, dict)]
-    ordered = sorted(items, key=lambda i: not as_bool(i.get("reply_total")))
-    return _first({"comments": ordered}, ("comments",), lambda i: str(i.get("id") or i.get("cid") or ""))
-
-
-class _Plan(_Doctor):
-    """The order of the calls and the ids each takes from an earlier answer."""
 
     async def step(self, name: str, need: str | None, why: str,
                    params: Callable[[str], Mapping[str, str | int]]) -> JsonDict | None:
@@ -205,7 +205,7 @@ async def run_doctor(settings: Settings, key: Secret, *, handle: str, video_id: 
     # One retry per call at most: a flaky family should not take every other family's credit.
     settings = settings.replace(retry_attempts=min(settings.retry_attempts, 2))
     async with Client(settings, api_key=key, request_budget=budget) as client:
-        plan = _Plan(client)
+        plan = _Doctor(client)
         found = await plan.core(handle, video_id)
         if every:
             await plan.more(handle, *found)
