@@ -73,6 +73,18 @@ class Counters:
         self.responses.update(other.responses)
 
 
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """The latest answer's time on the wire and the rate headers it carried (``X-RateLimit-*``, ``Retry-After``)."""
+
+    seconds: float
+    rate_headers: Mapping[str, str]
+
+
+def _rate_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower().startswith("x-ratelimit") or k.lower() == "retry-after"}
+
+
 def check_base_url(url: str, *, allow_insecure_http: bool = False) -> str:
     """The base URL if it is safe to send the key to, else a UsageError (before any connection)."""
     parts = urlsplit(url)
@@ -167,6 +179,7 @@ class Client(Endpoints):
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
         self.hook = SendHook()  # what a run's stop reads and sets (`crawler.engine.stop`)
+        self.last_answer: Answered | None = None  # the latest HTTP answer (`crawler doctor` reports it)
 
     def __repr__(self) -> str:
         return f"Client(base_url={self.base_url!r}, requests_sent={self.counters.requests_sent})"
@@ -311,6 +324,7 @@ class Client(Endpoints):
         failure: str | None = None
         refused = False
         status, raw, retry_after = 0, b"", None
+        rate: dict[str, str] = {}
         begun = time.monotonic()
         try:
             async with self._session.get(
@@ -318,6 +332,7 @@ class Client(Endpoints):
             ) as resp:
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After")
+                rate = _rate_headers(resp.headers)
                 raw = await resp.read()
         except TimeoutError:
             failure = f"{path}: timed out"
@@ -333,6 +348,8 @@ class Client(Endpoints):
         took = time.monotonic() - begun
         c = self.counters
         c.latency = took if c.latency == 0.0 else 0.9 * c.latency + 0.1 * took
+        if status:
+            self.last_answer = Answered(took, rate)
         if failure is not None:
             c.responses[response_kind(status, None)] += 1
             if status == 200:  # the answer began as a 200: the API billed it even if its body never arrived

@@ -9,6 +9,7 @@ from crawler import __version__
 from crawler.cli.budget import cmd_budget
 from crawler.cli.crawl import cmd_estimate, cmd_job, cmd_status
 from crawler.cli.distributed import cmd_export, cmd_jobs, cmd_work
+from crawler.cli.doctor import DEFAULT_HANDLE, cmd_doctor
 from crawler.cli.download import cmd_download
 from crawler.cli.get import cmd_get, cmd_regions
 from crawler.cli.history import cmd_history
@@ -235,6 +236,18 @@ def _tool_commands(sub: Any) -> None:
     r = sub.add_parser("regions", help="region codes for search-videos --region (one credit, then cached)")
     _settings_flags(r)
     r.set_defaults(func=cmd_regions)
+
+    d = sub.add_parser("doctor", help="check the live API's answers against the parsers (a stated handful of"
+                       " credits)", description="One call per endpoint family (the count is printed first): per"
+                       " endpoint ok, fields missing, fields new or unreadable, its latency and any rate headers."
+                       " Exit 0 all ok (new fields included), 1 a shape changed, 3 an endpoint could not be checked.")
+    d.add_argument("--handle", default=DEFAULT_HANDLE, help=f"the account to check with (default {DEFAULT_HANDLE})")
+    d.add_argument("--video", metavar="URL", help="the post to check with (default: the account's first post)")
+    d.add_argument("--json", action="store_true", help="print the report as JSON")
+    d.add_argument("--all", action="store_true", help="check every family the crawler reads (15 credits; with --yes)")
+    d.add_argument("--yes", action="store_true", help="spend more than the handful of 5 credits")
+    _settings_flags(d, omit=ROW_FLAGS | {"--parallelism", "--max-pages", "--max-items", "--data-dir"})
+    d.set_defaults(func=cmd_doctor)
 
 
 def _download_command(sub: Any) -> None:

@@ -10,6 +10,7 @@ import sys
 
 from crawler.sim.data import WorldConfig
 from crawler.sim.media import MEDIA_FAULTS, MediaConfig
+from crawler.sim.render import LIVE_LATENCY
 from crawler.sim.server import EXTRA_FAULT_KINDS, FAULT_KINDS, SimConfig, Simulator
 
 
@@ -24,13 +25,23 @@ def _key(text: str) -> tuple[str, int | None]:
         raise argparse.ArgumentTypeError(f"--key {text!r}: BALANCE must be an integer") from None
 
 
-def _latency(text: str) -> tuple[float, float]:
-    """Parse MIN,MAX seconds."""
+def _latency(text: str) -> tuple[float, float] | str:
+    """Parse MIN,MAX seconds, or "live"."""
+    if text == "live":
+        return text
     try:
         low, high = (float(x) for x in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--latency {text!r}: expected MIN,MAX seconds") from None
+        raise argparse.ArgumentTypeError(f"--latency {text!r}: expected MIN,MAX seconds or live") from None
     return low, high
+
+
+def _field(text: str) -> tuple[str, str]:
+    """Parse ENDPOINT:FIELD."""
+    endpoint, sep, name = text.partition(":")
+    if not sep or not endpoint.strip("/") or not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ENDPOINT:FIELD, e.g. post-detail:id")
+    return endpoint.strip("/"), name
 
 
 def _faults(text: str) -> frozenset[str]:
@@ -53,7 +64,8 @@ def _parser(prog: str = "python -m crawler.sim") -> argparse.ArgumentParser:
     p.add_argument("--rate-limit", type=int, default=200)
     p.add_argument("--window", type=float, default=60.0, metavar="SECONDS")
     p.add_argument("--burst-limit", type=int, default=50)
-    p.add_argument("--latency", type=_latency, default=(0.0, 0.0), metavar="MIN,MAX")
+    p.add_argument("--latency", type=_latency, default=(0.0, 0.0), metavar="MIN,MAX|live",
+                   help="seconds per answer, uniform; live: 0.4-9 s, log-normal, median 1.5 s (seeded)")
     p.add_argument("--fault-rate", type=float, default=0.0)
     p.add_argument("--faults", type=_faults, default=FAULT_KINDS, metavar="KIND,...")
     p.add_argument("--slow-seconds", type=float, default=30.0)
@@ -67,6 +79,10 @@ def _parser(prog: str = "python -m crawler.sim") -> argparse.ArgumentParser:
                    help=f"of {', '.join(sorted(MEDIA_FAULTS))}")
     p.add_argument("--media-bytes-per-second", type=float, default=None, metavar="N",
                    help="throttle every media response")
+    p.add_argument("--drop-field", type=_field, action="append", default=[], metavar="ENDPOINT:FIELD",
+                   help="remove FIELD from every answer of ENDPOINT (body, user/stats, list items); repeatable")
+    p.add_argument("--add-field", type=_field, action="append", default=[], metavar="ENDPOINT:FIELD",
+                   help="add a FIELD no client knows to every answer of ENDPOINT (body, list items); repeatable")
     p.add_argument("--key", type=_key, action="append", metavar="KEY[:BALANCE]",
                    help="repeatable; default: sim-key, unlimited")
     return p
@@ -79,7 +95,9 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     return SimConfig(
         world=world, keys=dict(args.key or [("sim-key", None)]), rate_limit=args.rate_limit,
         rate_window=args.window, burst_limit=args.burst_limit, retry_after=args.retry_after,
-        always_429=args.always_429, latency=args.latency, fault_rate=args.fault_rate, faults=args.faults,
+        always_429=args.always_429, latency=LIVE_LATENCY if args.latency == "live" else args.latency,
+        latency_live=args.latency == "live", drop_fields=tuple(args.drop_field), add_fields=tuple(args.add_field),
+        fault_rate=args.fault_rate, faults=args.faults,
         slow_seconds=args.slow_seconds, quirks=args.quirks, seed=args.seed,
         media=MediaConfig(ttl=args.media_ttl, fault_rate=args.media_fault_rate,
                           faults=frozenset(k.strip() for k in args.media_faults.split(",") if k.strip()),

@@ -6,7 +6,11 @@ follow the reference: [T] tikwm shape assumed to carry over, [C] read by TikLive
 
 from __future__ import annotations
 
+import copy
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any, Literal
 
 from crawler.sim import media as m
@@ -254,3 +258,42 @@ def challenge_object(ch: Challenge) -> JsonDict:
 def jitter(h: int, low: float, high: float) -> float:
     """A seeded value in [low, high]."""
     return low + (high - low) * unit(h)
+
+
+LIVE_LATENCY = (0.4, 9.0)  # api-reference §5.1: 0.4-9 s per answer observed
+
+
+def live_latency(h: int, low: float, high: float) -> float:
+    """A seeded, log-normal latency (median 1.5 s, sigma 0.7: ~1% above 9 s) clipped to [low, high]."""
+    z = NormalDist().inv_cdf(min(max(unit(h), 1e-9), 1 - 1e-9))
+    return min(max(1.5 * math.exp(0.7 * z), low), high)
+
+
+# The objects of an answer a field is dropped from or added to: the body, its profile wrappers, list items.
+_WRAPPERS = ("user", "stats", "statsV2", "userInfo")
+
+
+def reshape(payload: JsonDict, drop: Iterable[str], add: Iterable[str]) -> JsonDict:
+    """The answer with ``drop`` fields removed (from the body, its `user`/`stats`/`statsV2`/`userInfo` objects and
+    every item of its lists, and theirs) and ``add`` fields, unknown to any client, put in the body and its items."""
+    out = copy.deepcopy(payload)
+    for name in drop:
+        _drop(out, name)
+    for name in add:
+        out[name] = "sim-added"
+        for items in out.values():
+            for item in items if isinstance(items, list) else []:
+                if isinstance(item, dict):
+                    item[name] = "sim-added"
+    return out
+
+
+def _drop(obj: Any, name: str) -> None:
+    if not isinstance(obj, dict):
+        return
+    obj.pop(name, None)
+    for key in _WRAPPERS:
+        _drop(obj.get(key), name)
+    for value in obj.values():
+        for item in value if isinstance(value, list) else []:
+            _drop(item, name)

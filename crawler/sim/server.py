@@ -56,11 +56,14 @@ class SimConfig:
     # a string is sent as it is (e.g. "1e400")
     always_429: bool = False
     latency: tuple[float, float] = (0.0, 0.0)
+    latency_live: bool = False  # draw latencies like the live API's (`render.live_latency`) within `latency`
     fault_rate: float = 0.0
     faults: frozenset[str] = FAULT_KINDS
     slow_seconds: float = 30.0
     quirks: bool = False
     seed: int = 1
+    drop_fields: tuple[tuple[str, str], ...] = ()  # (endpoint, field): removed from that endpoint's answers
+    add_fields: tuple[tuple[str, str], ...] = ()  # (endpoint, field): a field no client knows, added
     record_arrivals: bool = False  # keep every arrival time (sim clock) in stats.arrivals, for rate tests
     media: MediaConfig = field(default_factory=MediaConfig)  # the media host on its own port
 
@@ -75,6 +78,10 @@ class SimConfig:
             raise ValueError("fault_rate must be within [0, 1]")
         if not 0.0 <= self.latency[0] <= self.latency[1]:
             raise ValueError("latency must be (min, max) with 0 <= min <= max")
+        for endpoint, name in (*self.drop_fields, *self.add_fields):
+            if "/" + endpoint.strip("/") not in ENDPOINTS or not name:
+                raise ValueError(f"{endpoint}:{name}: not ENDPOINT:FIELD with an endpoint of the API, e.g."
+                                 " post-detail:id")
 
 
 class Stats:
@@ -275,7 +282,8 @@ class Simulator:
         await self.answering.wait()
         low, high = cfg.latency
         if high > 0:
-            await asyncio.sleep(render.jitter(hash64(h, 1), low, high))
+            draw = render.live_latency if cfg.latency_live else render.jitter
+            await asyncio.sleep(draw(hash64(h, 1), low, high))
         fault = self._draw_fault(h)
         if fault is not None:
             self.stats.faults[fault] += 1
@@ -291,6 +299,10 @@ class Simulator:
             return web.Response(status=504, text="Gateway Time-out", content_type="text/plain")
         q = render.draw_quirks(hash64(h, 2)) if cfg.quirks else render.CANONICAL
         payload = call_endpoint(path, self.world, params, q, self.media)
+        drop = [f for e, f in cfg.drop_fields if "/" + e.strip("/") == path]
+        add = [f for e, f in cfg.add_fields if "/" + e.strip("/") == path]
+        if (drop or add) and payload.get("status") != "error":
+            payload = render.reshape(payload, drop, add)
         if fault == "malformed":
             return web.Response(text=_MALFORMED, content_type="text/html")
         # Half an emoji cannot be UTF-8: it is sent as an escaped half (`\ud83d`), as JSON encoders write it.
