@@ -14,7 +14,7 @@ import json
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any
 
@@ -60,6 +60,7 @@ class SimConfig:
     faults: frozenset[str] = FAULT_KINDS
     slow_seconds: float = 30.0
     quirks: bool = False
+    rounded_only: bool = False  # profiles carry only the display-rounded `stats`, no exact `statsV2` (§5.1)
     seed: int = 1
     record_arrivals: bool = False  # keep every arrival time (sim clock) in stats.arrivals, for rate tests
     media: MediaConfig = field(default_factory=MediaConfig)  # the media host on its own port
@@ -290,6 +291,8 @@ class Simulator:
             await asyncio.sleep(cfg.slow_seconds)
             return web.Response(status=504, text="Gateway Time-out", content_type="text/plain")
         q = render.draw_quirks(hash64(h, 2)) if cfg.quirks else render.CANONICAL
+        if cfg.rounded_only:
+            q = replace(q, exact_counts=False)
         payload = call_endpoint(path, self.world, params, q, self.media)
         if fault == "malformed":
             return web.Response(text=_MALFORMED, content_type="text/html")
