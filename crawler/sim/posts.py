@@ -1,4 +1,5 @@
-"""The simulator's posts: a user's videos as of the world's day, deleted ones left out, and one post by id."""
+"""The simulator's posts: a user's videos as of the world's day in list order (pinned ones first), deleted ones left
+out, and one post by id."""
 
 from __future__ import annotations
 
