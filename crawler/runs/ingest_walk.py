@@ -1,9 +1,9 @@
 """One watch-list user's work in an ingest run: the profile (unless snapshotted today), then the walk of the
 user's posts down to the watermark, a commit per page.
 
-A walk is complete when it reaches a post at or below the watermark, the end of the list or the --max-items
-horizon; only then does the watermark move (to the newest post the walk started from). --max-pages bounds the
-pages of one day per user; a cut walk keeps its cursor for the next run.
+A walk is complete when it reaches a post at or below the watermark (pinned posts heading the list aside), the
+end of the list or the --max-items horizon; only then does the watermark move (to the newest post the walk
+started from). --max-pages bounds the pages of one day per user; a cut walk keeps its cursor for the next run.
 """
 
 from __future__ import annotations
