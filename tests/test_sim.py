@@ -57,6 +57,13 @@ async def get(http: aiohttp.ClientSession, path: str, key: str | None = KEY, **p
             return resp.status, text
 
 
+def exact_counts(info: dict[str, Any]) -> dict[str, int]:
+    """A user-info body's exact counts: its `statsV2` (strings) at the top level, in `user` or in `userInfo`."""
+    wrapped = info.get("userInfo", {})
+    v2 = info.get("statsV2") or info.get("user", {}).get("statsV2") or wrapped.get("statsV2")
+    return {k: int(v) for k, v in v2.items()}
+
+
 def find_user(world: World, pred: Callable[[User], bool], *, normal: bool = True) -> User:
     for i in range(world.config.users):
         u = world.user(i)
@@ -320,7 +327,8 @@ async def test_not_found_private_and_missing_parameter_bodies() -> None:
             assert (await get(http, path, userid=private.user_id))[1] == {
                 "status": "error", "message": "This account is private"}
         info = (await get(http, "/userinfo-by-username/", username="@" + private.handle.upper()))[1]
-        assert info["user"]["privateAccount"] is True and info["stats"]["followerCount"] == private.followers
+        assert info.get("userInfo", info)["user"]["privateAccount"] is True
+        assert exact_counts(info)["followerCount"] == private.followers
         assert (await get(http, "/user-posts/"))[1] == {"status": "error", "message": "Missing parameter: userid"}
 
 
@@ -341,7 +349,7 @@ async def test_advance_day_grows_counts_and_renames() -> None:
     async with serve(config) as (sim, http):
         handles = sim.world.sample_handles(20)
         indexes = [sim.world.index_by_handle(h) for h in handles]
-        before = [(await get(http, "/userinfo-by-username/", username=h))[1]["stats"] for h in handles]
+        before = [exact_counts((await get(http, "/userinfo-by-username/", username=h))[1]) for h in handles]
         async with http.post("/__sim/advance", params={"days": "2"}) as resp:
             assert (await resp.json())["day"] == 2
         assert (await get(http, "/userid/", username=handles[0]))[1]["message"] == "Not found user"
@@ -350,7 +358,7 @@ async def test_advance_day_grows_counts_and_renames() -> None:
             assert index is not None
             new = sim.world.handle(index)
             assert new != h and (await get(http, "/userid/", username=new))[1] == {"id": sim.world.user_id(index)}
-            after.append((await get(http, "/userinfo-by-username/", username=new))[1]["stats"])
+            after.append(exact_counts((await get(http, "/userinfo-by-username/", username=new))[1]))
         for key in ("followerCount", "videoCount", "heartCount"):
             assert all(a[key] >= b[key] for a, b in zip(after, before, strict=True))
         assert sum(a["followerCount"] for a in after) > sum(b["followerCount"] for b in before)
@@ -358,11 +366,12 @@ async def test_advance_day_grows_counts_and_renames() -> None:
 
 
 async def test_canonical_shapes_without_quirks() -> None:
-    """Without quirks: top-level stats, bool hasMore, int counts, string ms cursor, video_id present."""
+    """Without quirks: top-level stats (and exact statsV2), bool hasMore, int counts, string ms cursor, video_id
+    present."""
     async with serve() as (sim, http):
-        user = find_user(sim.world, lambda u: u.videos > 12)
+        user = find_user(sim.world, lambda u: u.videos > 12 and not sim.world.profile_wrapped(u.index))
         info = (await get(http, "/userinfo-by-id/", userid=user.user_id))[1]
-        assert set(info) == {"user", "stats"} and info["user"]["uniqueId"] == user.handle
+        assert set(info) == {"user", "stats", "statsV2"} and info["user"]["uniqueId"] == user.handle
         body = (await get(http, "/user-posts/", userid=user.user_id, count=10))[1]
         assert body["hasMore"] is True and body["cursor"] == str(body["videos"][-1]["create_time"] * 1000)
         for v in body["videos"]:
@@ -374,7 +383,8 @@ async def test_quirks_produce_every_variant() -> None:
     """Quirk mode shows each documented shape variant at least once over many requests."""
     seen: set[str] = set()
     async with serve(cfg(quirks=True)) as (sim, http):
-        user = find_user(sim.world, lambda u: u.videos > 40 and u.followers > 60)
+        user = find_user(sim.world, lambda u: u.videos > 40 and u.followers > 60
+                         and not sim.world.profile_wrapped(u.index))
         for i in range(30):
             info = (await get(http, "/userinfo-by-id/", userid=user.user_id, n=i))[1]
             seen.add("stats:top" if "stats" in info else "stats:nested" if "stats" in info["user"]

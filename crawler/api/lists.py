@@ -19,6 +19,7 @@ from crawler.api.parse import (
     parse_post,
     parse_user_hit,
 )
+from crawler.api.pinned import mark_pinned
 from crawler.api.records import Challenge, Comment, Cursor, Follow, JsonDict, Page, Post, R, UserHit
 from crawler.errors import PageSizeRejected
 
@@ -39,6 +40,7 @@ class ListSpec(Generic[R]):
     parse: Callable[[Mapping[str, Any], str, Mapping[str, Any]], R]
     record: type[R]
     source_param: str  # request parameter that names the input item (row's source column)
+    first_page: Callable[[list[R]], list[R]] | None = None  # what the list's first page needs (pinned posts)
 
 
 ItemParser = Callable[[Mapping[str, Any], str, Mapping[str, Any]], R]
@@ -52,7 +54,7 @@ _posts = _ignore_params(parse_post)
 LISTS: dict[str, ListSpec[Any]] = {
     s.kind: s
     for s in (
-        ListSpec("posts", "/user-posts/", ("videos",), "cursor", 10, 35, _posts, Post, "userid"),
+        ListSpec("posts", "/user-posts/", ("videos",), "cursor", 10, 35, _posts, Post, "userid", mark_pinned),
         ListSpec("liked", "/user-liked/", ("videos",), "cursor", 2, 35, _posts, Post, "userid"),
         ListSpec("followers", "/user-followers/", ("followers",), "time", 50, 200,
                  _ignore_params(parse_follow), Follow, "userid"),
@@ -107,6 +109,7 @@ class _Walk:
     seen: set[str] = field(default_factory=set)  # the key of every row yielded
     pages: int = 0
     rows: int = 0
+    head: bool = False  # the walk started at the head of the list (no cursor given)
 
 
 async def walk(
@@ -134,7 +137,8 @@ async def walk(
     """
     source = _source(spec, params) if source is None else source
     learned = sizes.get(spec.kind) if sizes is not None and page_size is None else None
-    w = _Walk(min(page_size or learned or spec.max_page_size, spec.max_page_size), 0 if cursor is None else cursor)
+    w = _Walk(min(page_size or learned or spec.max_page_size, spec.max_page_size), 0 if cursor is None else cursor,
+              head=cursor is None)
     while True:
         w.sent.add(str(w.current))
         fetched = await _fetch(client, spec, params, w, sizes)
@@ -177,6 +181,8 @@ def _page(spec: ListSpec[R], w: _Walk, fetched: tuple[JsonDict, list[Any]], sour
     """One fetched page as the walk yields it: its new rows (up to ``max_items``) and whether the walk ends."""
     body, raw_items = fetched
     items, skipped, repeated = _rows(spec, raw_items, source, params, w.seen)
+    if spec.first_page is not None and w.head and w.pages == 0:
+        items = spec.first_page(items)  # before the max_items cut: positions count on the page as it came
     if max_items is not None and w.rows + len(items) >= max_items:
         items = items[: max_items - w.rows]
     w.rows += len(items)

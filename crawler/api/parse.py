@@ -1,9 +1,10 @@
 """The parsers: the API's JSON -> records (`crawler.api.records`), field by field.
 
 The API's quirks (api-reference.md) are absorbed here and nowhere else: cursors passed back verbatim
-(string or int), `hasMore` as bool or 0/1, `stats` top-level / in `user.stats` / flattened into
-`user`, `video_id` vs `id` vs opaque `aweme_id`, `title: null`, `followings` as the following list's
-key, numbers sent as strings, `search-user` items as `{user, stats}` or `{user_info}`.
+(string or int), `hasMore` as bool or 0/1, `stats` top-level / in `user.stats` / flattened into `user` / in a
+`userInfo` wrapper (the exact `statsV2` preferred to the display-rounded `stats`), `video_id` vs `id` vs opaque
+`aweme_id`, `title: null`, `followings` as the following list's key, numbers sent as strings, `search-user` items
+as `{user, stats}` or `{user_info}`.
 """
 
 from __future__ import annotations
@@ -70,13 +71,18 @@ def _video_id(item: Mapping[str, Any]) -> str:
 
 # --- parsers (raw JSON -> record) ---
 
-_STAT_KEYS = ("followerCount", "followingCount", "heartCount", "heart", "videoCount", "diggCount")
+_STAT_KEYS = ("followerCount", "followingCount", "heartCount", "videoCount", "diggCount")
+_STAT_ALIASES = {"heartCount": ("heartCount", "heart")}  # `heart` repeats heartCount (either may come alone)
 
 
 def _stats(body: Mapping[str, Any], user: Mapping[str, Any]) -> dict[str, int | None]:
-    """Profile counts from `stats`, else `user.stats`, else `user` itself (all three are seen)."""
-    places = (as_dict(body.get("stats")), as_dict(user.get("stats")), user)
-    return {key: _int(_first(*(p.get(key) for p in places))) for key in _STAT_KEYS}
+    """Profile counts, per count: the exact `statsV2` (strings; top level, in `user`, in `userInfo`) first, then
+    the display-rounded `stats` (top level, `user.stats`, `userInfo.stats`, or `user` itself): all are seen."""
+    wrapped = as_dict(body.get("userInfo"))
+    places = (as_dict(body.get("statsV2")), as_dict(user.get("statsV2")), as_dict(wrapped.get("statsV2")),
+              as_dict(body.get("stats")), as_dict(user.get("stats")), as_dict(wrapped.get("stats")), user)
+    return {key: next((n for p in places for k in _STAT_ALIASES.get(key, (key,)) if (n := _int(p.get(k))) is not None),
+                      None) for key in _STAT_KEYS}
 
 
 def parse_user_id(body: Mapping[str, Any]) -> str:
@@ -97,7 +103,7 @@ def _profile_fields(user: Mapping[str, Any], stats: Mapping[str, int | None]) ->
         "followers": stats["followerCount"],
         "following": stats["followingCount"],
         "videos": stats["videoCount"],
-        "hearts": _first(stats["heartCount"], stats["heart"]),
+        "hearts": stats["heartCount"],
     }
 
 

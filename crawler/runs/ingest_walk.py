@@ -1,9 +1,9 @@
 """One watch-list user's work in an ingest run: the profile (unless snapshotted today), then the walk of the
 user's posts down to the watermark, a commit per page.
 
-A walk is complete when it reaches a post at or below the watermark, the end of the list or the --max-items
-horizon; only then does the watermark move (to the newest post the walk started from). --max-pages bounds the
-pages of one day per user; a cut walk keeps its cursor for the next run.
+A walk is complete when it reaches a post at or below the watermark (pinned posts heading the list aside), the
+end of the list or the --max-items horizon; only then does the watermark move (to the newest post the walk
+started from). --max-pages bounds the pages of one day per user; a cut walk keeps its cursor for the next run.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from crawler import testing
+from crawler.api import pinned
 from crawler.api import records as ep
 from crawler.api.client import Client
 from crawler.api.pagesizes import PageSizes
@@ -61,10 +62,16 @@ class _Leg:
         """One page: its commit (the new posts and where the walk stands after it) and whether the walk is complete."""
         st, stop_at = self.st, self.stop_at
         posts = [p for p in page.items if isinstance(p, ep.Post)]
-        if self.top is None:  # the head of a fresh walk: the watermark once it is complete
-            times = [p.create_time for p in posts if not p.pinned and p.create_time is not None]
-            self.top = max(times) if times else stop_at
-        reached = stop_at is not None and any(not p.pinned and (p.create_time or 0) <= stop_at for p in posts)
+        # The newest post of a head walk is the watermark once it is complete. Pinned posts count too: every post
+        # listed now is older than any post to come; and a first page may hold pinned posts only.
+        times = [p.create_time for p in posts if p.create_time is not None]
+        if (self.head or self.top is None) and times:
+            self.top = max(times) if self.top is None else max(self.top, *times)
+        # Pinned posts head the list's first page, old ones too: the paginator marked them (flagged or out of
+        # order); a first page too short to tell them from the newest posts cannot end the walk.
+        unsure = self.head and self.first and pinned.unsure(posts, more=not page.last)
+        reached = stop_at is not None and not unsure and any(
+            not p.pinned and (p.create_time or 0) <= stop_at for p in posts)
         fresh = [p for p in posts if stop_at is None or p.pinned or (p.create_time or 0) > stop_at]
         self.rows += len(fresh)
         self.spent += 1

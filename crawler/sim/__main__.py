@@ -61,6 +61,12 @@ def _parser(prog: str = "python -m crawler.sim") -> argparse.ArgumentParser:
     p.add_argument("--pathological", type=float, default=0.0, metavar="FRACTION")
     p.add_argument("--broken-text", type=float, default=0.0, metavar="FRACTION",
                    help="users whose nickname and titles end in half an emoji and a NUL")
+    p.add_argument("--pinned", type=float, default=WorldConfig().pinned_fraction, metavar="FRACTION",
+                   help="users whose posts list starts with 1-3 pinned posts (flagged or not); 0: none")
+    p.add_argument("--wrapped", type=float, default=WorldConfig().wrapped_fraction, metavar="FRACTION",
+                   help="users whose profile comes wrapped as userInfo: {user, stats, statsV2}")
+    p.add_argument("--rounded-only", action="store_true",
+                   help="profiles carry only the display-rounded stats, no exact statsV2")
     p.add_argument("--rate-limit", type=int, default=200)
     p.add_argument("--window", type=float, default=60.0, metavar="SECONDS")
     p.add_argument("--burst-limit", type=int, default=50)
@@ -91,14 +97,15 @@ def _parser(prog: str = "python -m crawler.sim") -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> SimConfig:
     """The SimConfig that parsed command-line arguments describe."""
     world = WorldConfig(seed=args.seed, users=args.users, pathological_fraction=args.pathological,
-                        broken_text_fraction=args.broken_text)
+                        broken_text_fraction=args.broken_text, pinned_fraction=args.pinned,
+                        wrapped_fraction=args.wrapped)
     return SimConfig(
         world=world, keys=dict(args.key or [("sim-key", None)]), rate_limit=args.rate_limit,
         rate_window=args.window, burst_limit=args.burst_limit, retry_after=args.retry_after,
         always_429=args.always_429, latency=LIVE_LATENCY if args.latency == "live" else args.latency,
         latency_live=args.latency == "live", drop_fields=tuple(args.drop_field), add_fields=tuple(args.add_field),
         fault_rate=args.fault_rate, faults=args.faults,
-        slow_seconds=args.slow_seconds, quirks=args.quirks, seed=args.seed,
+        slow_seconds=args.slow_seconds, quirks=args.quirks, rounded_only=args.rounded_only, seed=args.seed,
         media=MediaConfig(ttl=args.media_ttl, fault_rate=args.media_fault_rate,
                           faults=frozenset(k.strip() for k in args.media_faults.split(",") if k.strip()),
                           bytes_per_second=args.media_bytes_per_second),

@@ -17,6 +17,9 @@ which way:
 - ``"repeat"``: the last real page returns the cursor that was sent (verbatim) with ``hasMore`` true,
   so the same page comes back forever; only a same-cursor guard stops it.
 
+Pinned posts (`pinned_fraction` of users with 4+ posts on day 0): 1-3 of the user's day-0 posts head the
+posts list (`pinned`, `pin_flag`); `posts()` gives the list in that order, the set of posts is unchanged.
+
 Simplifications: a post's own ``music_id`` and the lists of `music_posts` / `challenge_posts` /
 `search_videos` are drawn independently (a music's post list need not contain posts that name it);
 comment counts are fixed when a post appears, other post counts grow slowly with the world's day.

@@ -131,21 +131,29 @@ def _userid(c: _Call) -> JsonDict:
 
 
 def _userinfo_by_username(c: _Call) -> JsonDict:
-    return render.user_info(c.user(c.world.index_by_handle(c.need("username").lstrip("@"))), c.q)
+    user = c.user(c.world.index_by_handle(c.need("username").lstrip("@")))
+    return render.user_info(user, c.q, wrapped=c.world.profile_wrapped(user.index))
 
 
 def _userinfo_by_id(c: _Call) -> JsonDict:
-    return render.user_info(c.user_by_id(), c.q)
+    user = c.user_by_id()
+    return render.user_info(user, c.q, wrapped=c.world.profile_wrapped(user.index))
 
 
 def _user_posts(c: _Call) -> JsonDict:
     user = c.user_by_id(public=True)
     sent = c.integer("cursor", 0)
-    posts, more = c.world.posts_page(user.index, sent, c.count(10, "posts"))
-    nxt = posts[-1].create_time * 1000 if posts else sent
-    nxt, more = _walk_end(c.world.pathology(user.index), sent, nxt, more, bool(posts),
+    page = c.world.posts_page(user.index, sent, c.count(10, "posts"))
+    nxt, more = _walk_end(c.world.pathology(user.index), sent, page.next_ms, page.more, bool(page.posts),
                           c.world.now * 1000, 1000)
-    return {"videos": c.videos(posts), "cursor": render.ms_cursor(nxt, c.q), "hasMore": more}
+    items = c.videos(page.posts)
+    flag = c.world.pin_flag(user.index)
+    for k, item in enumerate(items):  # `is_top`: 1 on pinned posts for some users, 0 or absent for the others
+        if flag is None:
+            item.pop("is_top", None)
+        else:
+            item["is_top"] = flag if k < page.pinned else 0
+    return {"videos": items, "cursor": render.ms_cursor(nxt, c.q), "hasMore": more}
 
 
 def _user_liked(c: _Call) -> JsonDict:

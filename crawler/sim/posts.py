@@ -1,13 +1,15 @@
-"""The simulator's posts: a user's videos as of the world's day, deleted ones left out, and one post by id."""
+"""The simulator's posts: a user's videos as of the world's day in list order (pinned ones first), deleted ones left
+out, and one post by id."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from crawler.sim.records import Post
+from crawler.sim.records import Post, PostsPage
 from crawler.sim.seeded import Timeline, hash64, make_title, pareto, unit
 from crawler.sim.users import (
     _FOLLOWERS,
+    _PIN,
     _POST,
     _SPANS,
     _VIDEOS,
@@ -39,33 +41,63 @@ class Posts(Users):
             music_id=str(MUSIC_ID_BASE + hash64(h, 8) % self._n_music),
         )
 
+    def pinned(self, index: int) -> tuple[int, ...]:
+        """Positions (0 = oldest) of the user's pinned posts in list order, none deleted: 1-3 of the posts the user
+        had on day 0 (for `pinned_fraction` of users with 4 or more), often old, sometimes the newest then."""
+        base = self._base(_VIDEOS, index)
+        h = self._h(_PIN, index)
+        if base < 4 or unit(h) >= self.config.pinned_fraction or self.is_missing(index):
+            return ()
+        chosen: list[int] = []
+        k = 0
+        while len(chosen) < 1 + hash64(h, 1) % 3:
+            j = hash64(h, 2, k) % base
+            k += 1
+            if j not in chosen:
+                chosen.append(j)
+        gone = self.deleted_posts(index)
+        return tuple(j for j in chosen if j not in gone)
+
+    def pin_flag(self, index: int) -> int | None:
+        """The `is_top` the user's list items carry: 1 on pinned posts (0 on the others) for a third of the users
+        with pinned posts; 0 on every item, or no `is_top` at all, for the rest (as in every real body seen)."""
+        if not self.pinned(index):
+            return 0
+        return (1, 0, None)[hash64(self._h(_PIN, index), 3) % 3]
+
     def posts(self, index: int) -> Iterator[Post]:
-        """The user's posts, newest first, as of the current day (as many as `user.videos`)."""
+        """The user's posts in list order as of the current day (as many as `user.videos`): the pinned ones first,
+        then the others newest first."""
         if self.is_missing(index):
             return
         tl = self._timeline(_VIDEOS, index)
-        gone = self.deleted_posts(index)
+        pins = self.pinned(index)
+        skip = self.deleted_posts(index) | frozenset(pins)
+        yield from (self._post_at(index, j, tl) for j in pins)
         for j in range(tl.total - 1, -1, -1):
-            if j not in gone:
+            if j not in skip:
                 yield self._post_at(index, j, tl)
 
-    def posts_page(self, index: int, cursor_ms: int, count: int) -> tuple[list[Post], bool]:
-        """Up to `count` posts with create_time * 1000 < cursor_ms (0: from the newest); and has-more."""
+    def posts_page(self, index: int, cursor_ms: int, count: int) -> PostsPage:
+        """A page of the user's list: from the head (cursor 0: the pinned posts, then the newest others up to
+        `count` in all), or the others with create_time * 1000 < cursor_ms, up to `count`."""
         if self.is_missing(index):
-            return [], False
+            return PostsPage([], False, cursor_ms, 0)
         tl = self._timeline(_VIDEOS, index)
-        gone = self.deleted_posts(index)
+        pins = self.pinned(index) if cursor_ms <= 0 else ()
+        skip = self.deleted_posts(index) | frozenset(self.pinned(index))
+        head = [self._post_at(index, j, tl) for j in pins]
         hi = tl.total if cursor_ms <= 0 else tl.first_at_or_after(0, tl.total, -(-cursor_ms // 1000))
-        if not gone:
-            lo = max(0, hi - count)
-            return [self._post_at(index, j, tl) for j in range(hi - 1, lo - 1, -1)], lo > 0
         out: list[Post] = []
         j = hi - 1
-        while j >= 0 and len(out) < count:
-            if j not in gone:
+        while j >= 0 and len(head) + len(out) < count:
+            if j not in skip:
                 out.append(self._post_at(index, j, tl))
             j -= 1
-        return out, (j + 1) - sum(1 for g in gone if g <= j) > 0
+        more = (j + 1) - sum(1 for g in skip if g <= j) > 0
+        # A first page of pinned posts only: the next page starts at the newest other post.
+        nxt = out[-1].create_time * 1000 if out else self.now * 1000 if pins else cursor_ms
+        return PostsPage(head + out, more, nxt, len(head))
 
     def post(self, video_id: str) -> Post | None:
         """The post with this id, None if it does not exist today."""

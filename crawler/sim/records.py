@@ -24,6 +24,21 @@ class WorldConfig:
     delete_probability: float = 0.0  # chance per user and day that one of the user's older posts is deleted
     follow_cap: int = 5000
     start_time: int = 1_767_225_600
+    # Users (with 4+ posts on day 0) whose list starts with 1-3 pinned posts of day 0, flagged `is_top: 1` for a
+    # third of them, 0 or absent for the others as in every real body seen (api-reference §5.1).
+    pinned_fraction: float = 0.25
+    # Users whose profile answers come wrapped as `userInfo: {user, stats, statsV2}` (web-style bodies, §5.1).
+    wrapped_fraction: float = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class PostsPage:
+    """One page of a user's posts list: the pinned posts first on the first page, then the rest newest first."""
+
+    posts: list[Post]
+    more: bool
+    next_ms: int  # the cursor of the next page (ms epoch)
+    pinned: int  # how many of `posts` are pinned ones (at the head)
 
 
 @dataclass(frozen=True, slots=True)

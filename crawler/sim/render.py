@@ -45,6 +45,7 @@ class Quirks:
     total_absent: bool = False               # §2.1 `total`? is optional
     search_user_shape: Literal["user_stats", "user_info"] = "user_stats"  # §3.9 disputed
     vary_item_ids: bool = False              # §3.1 video_id / id / numeric aweme_id
+    exact_counts: bool = True                # §5.1 exact `statsV2` (strings) beside the rounded `stats`
 
     def id_variant(self, position: int) -> IdVariant:
         """Which id fields the list item at `position` carries."""
@@ -195,19 +196,35 @@ def user_object(user: User) -> JsonDict:
 
 
 def stats_object(user: User) -> JsonDict:
-    """The camelCase `stats` object (§3.4) [T]; `heart` repeats heartCount."""
+    """The camelCase `stats` object (§3.4) [T], exact; `heart` repeats heartCount."""
     return {"followerCount": user.followers, "followingCount": user.following, "heartCount": user.hearts,
             "heart": user.hearts, "videoCount": user.videos, "diggCount": user.digg_count, "friendCount": 0}
 
 
-def user_info(user: User, q: Quirks) -> JsonDict:
-    """The user-info answer; `stats` top level [T], or in `user.stats` [C] S5, or flat in `user` [C] S10."""
-    u, s = user_object(user), stats_object(user)
+def display_count(n: int) -> int:
+    """A count as the API's `stats` show it (§5.1: 207900, 1400000; 427700 for 427682): exact below 10,000, to
+    the hundred (a tenth of a K) below a million, to the hundred thousand (a tenth of an M) above."""
+    if n < 10_000:
+        return n
+    unit_ = 100 if n < 1_000_000 else 100_000
+    return (n + unit_ // 2) // unit_ * unit_
+
+
+def user_info(user: User, q: Quirks, *, wrapped: bool = False) -> JsonDict:
+    """The user-info answer (§3.4, §5.1): display-rounded `stats` top level [T], or in `user.stats` [C] S5, or flat
+    in `user` [C] S10; the exact counts as strings in `statsV2` beside them (top level, or in `user`), unless
+    the quirk sends rounded counts only; `wrapped`: the web shape `userInfo: {user, stats, statsV2}`."""
+    u, exact = user_object(user), stats_object(user)
+    s = {k: display_count(v) for k, v in exact.items()}
+    v2 = {k: str(v) for k, v in exact.items()} if q.exact_counts else None
+    if wrapped:
+        return {"userInfo": {"user": u, "stats": s} | ({"statsV2": v2} if v2 else {})}
+    extra = {"statsV2": v2} if v2 else {}
     if q.stats_place == "nested":
-        return {"user": u | {"stats": s}}
+        return {"user": u | {"stats": s} | extra}
     if q.stats_place == "flat":
-        return {"user": u | s}
-    return {"user": u, "stats": s}
+        return {"user": u | s | extra}
+    return {"user": u, "stats": s} | extra
 
 
 def search_user_item(user: User, q: Quirks) -> JsonDict:

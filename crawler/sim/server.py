@@ -14,7 +14,7 @@ import json
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any
 
@@ -61,6 +61,7 @@ class SimConfig:
     faults: frozenset[str] = FAULT_KINDS
     slow_seconds: float = 30.0
     quirks: bool = False
+    rounded_only: bool = False  # profiles carry only the display-rounded `stats`, no exact `statsV2` (§5.1)
     seed: int = 1
     drop_fields: tuple[tuple[str, str], ...] = ()  # (endpoint, field): removed from that endpoint's answers
     add_fields: tuple[tuple[str, str], ...] = ()  # (endpoint, field): a field no client knows, added
@@ -298,6 +299,8 @@ class Simulator:
             await asyncio.sleep(cfg.slow_seconds)
             return web.Response(status=504, text="Gateway Time-out", content_type="text/plain")
         q = render.draw_quirks(hash64(h, 2)) if cfg.quirks else render.CANONICAL
+        if cfg.rounded_only:
+            q = replace(q, exact_counts=False)
         payload = call_endpoint(path, self.world, params, q, self.media)
         drop = [f for e, f in cfg.drop_fields if "/" + e.strip("/") == path]
         add = [f for e, f in cfg.add_fields if "/" + e.strip("/") == path]

@@ -37,7 +37,7 @@ MAX_REPLIES = 60
 # here (the other parts of the world import theirs) so a new one cannot reuse a number.
 (_MISSING, _PRIVATE, _PATHO, _PATHO_KIND, _RENAME, _WORD, _SEP, _NICK, _SIG, _REGION, _VERIFIED,
  _FOLLOWERS, _FOLLOWING, _VIDEOS, _HEARTS, _DIGG, _POST, _COMMENT, _REPLY, _LIST, _MUSIC, _CHALLENGE,
- _SEARCH, _PICK, _DELETE, _BROKEN) = range(101, 127)
+ _SEARCH, _PICK, _DELETE, _BROKEN, _PIN, _WRAP) = range(101, 129)
 # What `broken_text_fraction` appends to a nickname and a title: a whole emoji, a NUL, half an emoji.
 BROKEN_TAIL = " \U0001F600\x00 \ud83d"
 
@@ -120,6 +120,11 @@ class Users:
         """True if this user's nickname and post titles end in BROKEN_TAIL (WorldConfig.broken_text_fraction)."""
         fraction = self.config.broken_text_fraction
         return fraction > 0 and self._u(_BROKEN, index) < fraction
+
+    def profile_wrapped(self, index: int) -> bool:
+        """True if this user's profile answers come as `userInfo: {user, stats, statsV2}` (wrapped_fraction)."""
+        fraction = self.config.wrapped_fraction
+        return fraction > 0 and self._u(_WRAP, index) < fraction
 
     def pathology(self, index: int) -> Literal["endless", "repeat"] | None:
         """Which misbehaviour a pathological user shows (module docstring), None for normal users."""
