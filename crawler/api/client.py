@@ -225,7 +225,7 @@ class Client(Endpoints):
                     # A changed shape answers the same every time: one more try, then the item fails.
                     unreadable += 1
                     if unreadable > 1 or self.options.retry.attempts <= 1:
-                        raise UnexpectedShape(f"{exc} (on {unreadable} tries)") from None
+                        raise UnexpectedShape(f"{exc} (the same on {unreadable} tries)") from None
                 raise
 
         def on_retry(exc: BaseException, tries: int, wait: float) -> None:
