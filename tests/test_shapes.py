@@ -25,6 +25,7 @@ from crawler.errors import (
     Blocked,
     KeyRejected,
     NotFound,
+    OutageStalled,
     QuotaSpent,
     RateLimited,
     ShapeChanged,
@@ -146,13 +147,25 @@ async def test_unreadable_answers_are_never_an_outage(simulator: SimFactory, tmp
     assert len(list((tmp_path / "data" / "unexpected" / "post-detail").glob("*/*.json"))) == 4
 
 
-async def test_a_detail_without_an_id_is_the_post_asked_for() -> None:
+async def test_a_firewall_pauses_even_a_one_item_run_until_the_stall_limit(simulator: SimFactory) -> None:
+    """An HTML 403 on every try of one request is an outage (a firewall in front of everything), not an item's
+    failure: the client pauses and ends at the stall limit naming the firewall; nothing is billed."""
+    async with simulator(world=WORLD, firewall=True) as sim:
+        settings = fast_settings(sim.url, retry_attempts=3, retry_stall_limit=0.5)
+        async with Client(settings, api_key=KEY) as client:
+            with pytest.raises(OutageStalled, match="a proxy, firewall or CDN refused the request"):
+                await client.get("/region-list/")
+            assert client.outage.pauses == 1
+        assert not sim.stats.billed and sim.stats.requests >= 3
+
+
+async def test_a_detail_without_an_id_is_the_post_asked_for(tmp_path: Path) -> None:
     """/post-detail/ answers without `id` (seen in real bodies) are read as the post asked for."""
 
     async def no_id(request: web.Request) -> web.Response:
         return web.json_response({"title": "a post", "create_time": 1_700_000_000, "play_count": 5})
 
-    async with serve(no_id) as url, Client(fast_settings(url), api_key=KEY) as client:
+    async with serve(no_id) as url, Client(fast_settings(url, data_dir=str(tmp_path)), api_key=KEY) as client:
         post = await client.post_detail("7300000000000000001")
     assert post.video_id == "7300000000000000001" and post.title == "a post" and post.play_count == 5
 
