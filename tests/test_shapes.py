@@ -256,3 +256,13 @@ async def test_the_quota_a_firewall_and_a_rejected_key_each_end_with_their_own_l
         env["TIKLIVE_API_KEY"] = "not-a-key"
         code, err = await crawler(other(args, "key.csv"), env, tmp_path)
         assert code == 1 and "the API rejected the key ('Api-Key is not available')" in last_line(err), err
+
+
+def test_the_readme_repeats_the_classification_table() -> None:
+    """README's table of the words each classification keys on is classify.RULES, row for row, with sources."""
+    from crawler.api.classify import RULES
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    for rule in RULES:
+        row = f"| {rule.verdict} | {', '.join(f'`{w}`' for w in rule.words)} | {rule.source} |"
+        assert row in readme, row

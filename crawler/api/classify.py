@@ -38,7 +38,7 @@ JsonDict = dict[str, Any]
 # the credit limit, as the reference's clients read it; a day's limit is a quota, not an empty balance.
 KEY_WORDS = ("api-key", "api key", "apikey", "sign up", "signup")
 BARE_KEY_WORDS = (*KEY_WORDS, "unauthori", "forbidden")  # only when the whole body is the message
-QUOTA_WORDS = ("/ 1 day", "/1 day", "/ day", "/day", "per day", " a day", "daily", "each day")
+QUOTA_WORDS = ("/ 1 day", "/1 day", "/ day", "/day", "per day", "a day", "daily", "each day")
 RATE_WORDS = ("rate limit", "too many", "slow down", "per second", "/second", "throttl", "try again later")
 PRIVATE_WORDS = ("private",)
 PAGE_SIZE_WORDS = ("invalid", "at most", "too large", "maximum")  # with "count" in the message
@@ -52,20 +52,22 @@ BALANCE_WORDS = ("balance", "credit", "purchase", "quota", "exhausted", "insuffi
 class Rule:
     """One row of the classification table: what an error body's words make of it, and where that is written."""
 
-    kind: str  # `response_kind` / metrics outcome
+    verdict: str  # the error it makes of the answer
     words: tuple[str, ...]
     source: str  # ../shared/api-reference.md section, confidence tag and source id
 
 
 RULES: tuple[Rule, ...] = (
-    Rule("key_rejected", KEY_WORDS, "§5 [C2] S8 S6: 'Please sign up to tikliveapi.com', 'Api-Key is not available'"),
-    Rule("key_rejected", ("unauthori", "forbidden"), "§5 [C] S6 (auth words; only a body that is the message alone)"),
-    Rule("quota_spent", QUOTA_WORDS, "§5.1 [T]: 'Free Api Limit: 10000 request/ 1 day.'; §5 tikwm [T] T1 (per day)"),
-    Rule("rate_limited", RATE_WORDS, "§5 tikwm [T] T4: 'Free Api Limit: 1 request/second.'; §5 [D] S2 (429)"),
-    Rule("private", PRIVATE_WORDS, "§5 [G] (S6 maps 'private' words)"),
-    Rule("page_size", PAGE_SIZE_WORDS, "[G] (with 'count': the paginator falls back to the default once)"),
-    Rule("not_found", NOT_FOUND_WORDS, "§5 [C] S6: 'Not found post'; §5 tikwm [T] T4: 'Url parsing is failed!'"),
-    Rule("balance_empty", BALANCE_WORDS, "§5 [C] S7 S6: /balance|exhausted|purchase|credit|quota|limit/"),
+    Rule("KeyRejected (exit 1)", KEY_WORDS,
+         "§5 [C2] S8 S6: 'Please sign up to tikliveapi.com', 'Api-Key is not available'"),
+    Rule("KeyRejected (exit 1)", ("unauthori", "forbidden"), "§5 [C] S6, only in a body that is the message alone"),
+    Rule("QuotaSpent (exit 4)", QUOTA_WORDS, "§5.1 [T]: 'Free Api Limit: 10000 request/ 1 day.'; §5 tikwm [T] T1"),
+    Rule("RateLimited (waited out)", RATE_WORDS, "§5 tikwm [T] T4: 'Free Api Limit: 1 request/second.'; §5 [D] S2"),
+    Rule("PrivateAccount (private)", PRIVATE_WORDS, "§5 [G]; S6 maps the word"),
+    Rule("PageSizeRejected (falls back once)", PAGE_SIZE_WORDS, "[G], with 'count' in the message"),
+    Rule("NotFound (not_found)", NOT_FOUND_WORDS,
+         "§5 [C] S6: 'Not found post'; §5 tikwm [T] T4: 'Url parsing is failed!'"),
+    Rule("BalanceExhausted (exit 4)", BALANCE_WORDS, "§5 [C] S7 S6: the words their clients match"),
 )
 # Status rules beside the words: 429 rate (§5 [D] S2); 5xx transient (§5 [D] S2); 402 balance [G]; 404 not the
 # API (the API says "not found" in 200 bodies, §5 [C] S6); 401/403 with the API's JSON: the key (§5 [C] S6),
