@@ -266,3 +266,15 @@ def test_the_readme_repeats_the_classification_table() -> None:
     for rule in RULES:
         row = f"| {rule.verdict} | {', '.join(f'`{w}`' for w in rule.words)} | {rule.source} |"
         assert row in readme, row
+
+
+def test_the_simulator_switches_reach_its_config() -> None:
+    """`crawler sim --unreadable --daily-quota --firewall` set the config the tests above use; an unknown endpoint
+    is refused."""
+    from crawler.sim.__main__ import _parser, config_from_args
+
+    args = _parser().parse_args(["--unreadable", "/post-detail/,userid", "--daily-quota", "100", "--firewall"])
+    config = config_from_args(args)
+    assert config.unreadable == {"/post-detail", "/userid"} and config.daily_quota == 100 and config.firewall
+    with pytest.raises(ValueError, match="unknown endpoints"):
+        config_from_args(_parser().parse_args(["--unreadable", "/no-such/"]))
