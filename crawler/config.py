@@ -98,7 +98,8 @@ class Settings:
             base_url=self.base_url, allow_insecure_http=self.allow_insecure_http, rate=self.rate_options(),
             timeout=Timeouts(connect=self.connect_timeout, read=self.read_timeout),
             retry=Retries(attempts=self.retry_attempts, base_delay=self.retry_base_delay,
-                          max_delay=self.retry_max_delay, stall_limit=self.retry_stall_limit))
+                          max_delay=self.retry_max_delay, stall_limit=self.retry_stall_limit),
+            data_dir=self.data_dir)
 
     def output_options(self) -> OutputOptions:
         """output.bom and output.raw."""

@@ -9,7 +9,9 @@
     │   ├── NotTheApi          the base URL answers, but never like the API (wrong path or host) (exit 1)
     │   ├── LedgerLost         the key's rate ledger stopped answering for retry.stall_limit (exit 1)
     │   ├── JobLocked          another process is running the same job (exit 1)
+    │   ├── ShapeChanged       one endpoint's answers unreadable 10 times in a row; resumable (exit 1)
     │   ├── BalanceExhausted   the API says the credit balance is empty; resumable (exit 4)
+    │   ├── QuotaSpent         the API says the key's daily quota is spent; resumable (exit 4)
     │   ├── BudgetExhausted    --max-credits reached; resumable (exit 4)
     │   ├── DiskFull           a file could not be written: full disk or read-only directory; resumable (exit 1)
     │   └── Interrupted        SIGINT / SIGTERM: committed what was complete (exit 130 / 143)
@@ -17,17 +19,22 @@
     │   ├── NotFound           user / post / music / challenge does not exist   reason not_found
     │   ├── PrivateAccount     the account is private                           reason private
     │   ├── RetriesExhausted   transient errors outlasted retry.attempts        reason retries_exhausted
+    │   ├── UnexpectedShape    a 200 whose JSON is not the record expected, twice  reason unexpected_shape
     │   ├── PageSizeRejected   the API refused the `count` asked for (the paginator falls back once)
     │   └── MediaUnavailable   the media host refused a file even after a refresh  reason media_unavailable
     └── TransientError         retried inside the client, never seen by callers
         ├── RateLimited        HTTP 429 (or a rate-limit message): handled by the shared cooldown
-        └── Unreachable        no API answer: transport error, 5xx, truncated body, wrong shape
+        ├── Unreadable         a 200 whose JSON is not the record expected: an answer, retried once
+        └── Unreachable        no API answer: transport error, 5xx, truncated or non-JSON body
             ├── CannotConnect  no connection at all (refused, unroutable, DNS)
+            ├── Blocked        HTTP 401/403 with a page that is not the API's JSON (proxy, firewall, CDN)
             └── NotAnApiAnswer HTTP 404: the server does not know the path (a wrong base URL?)
 
-Unreachable answers on requests for more than one item in a row (or CannotConnect on any) are an outage
+Unreachable answers on requests for more than one item in a row (or CannotConnect/Blocked on any) are an outage
 (api.outage.Outage), not item failures: every worker pauses, and after retry.stall_limit the run ends with
-OutageStalled, its items still pending.
+OutageStalled, its items still pending. Unreadable answers are answers (never an outage): the item fails with
+UnexpectedShape after one retry, and 10 in a row from one endpoint stop the run with ShapeChanged
+(`crawler.api.unexpected`).
 
 Messages never contain the API key: the client builds them from status, endpoint and the server's text.
 """
@@ -95,6 +102,19 @@ class Interrupted(RunStopped):
         self.code = code
 
 
+class ShapeChanged(RunStopped):
+    """One endpoint's answers could not be read 10 times in a row: the API changed shape; items stay pending."""
+
+    resumable = True
+
+
+class QuotaSpent(RunStopped):
+    """The API says the key's daily quota is spent; the job goes on after the quota resets."""
+
+    exit_code = 4
+    resumable = True
+
+
 class BalanceExhausted(RunStopped):
     """The API says the account has no credits left; the job can resume after a top-up."""
 
@@ -139,6 +159,12 @@ class RetriesExhausted(ItemFailed):
     reason = "retries_exhausted"
 
 
+class UnexpectedShape(ItemFailed):
+    """A 200 whose JSON is not the record expected, on two tries; its body is kept (`crawler.api.unexpected`)."""
+
+    reason = "unexpected_shape"
+
+
 class PageSizeRejected(ItemFailed):
     """The API answered an error about the page size (`count`); the paginator retries at the default once."""
 
@@ -155,12 +181,26 @@ class TransientError(CrawlerError):
     """A failure worth retrying: 5xx, timeout, dropped connection, malformed JSON, unknown error body."""
 
 
+class Unreadable(TransientError):
+    """A 200 that parses as JSON but not as the record expected: retried once, then UnexpectedShape.
+
+    ``body`` is the raw answer, for `crawler.api.unexpected` to keep; never shown."""
+
+    def __init__(self, message: str, body: bytes = b"") -> None:
+        super().__init__(message)
+        self.body = body
+
+
 class Unreachable(TransientError):
-    """No API answer: a transport error, a 5xx, a truncated body or a body without the API's shape."""
+    """No API answer: a transport error, a 5xx, a truncated or non-JSON body."""
 
 
 class CannotConnect(Unreachable):
     """No connection could be made (refused, unroutable, DNS): never the fault of one item."""
+
+
+class Blocked(Unreachable):
+    """HTTP 401/403 with a body that is not the API's JSON: a proxy, firewall or CDN refused the request."""
 
 
 class NotAnApiAnswer(Unreachable):

@@ -49,6 +49,7 @@ class ClientOptions:
     rate: RateOptions
     timeout: Timeouts
     retry: Retries
+    data_dir: str | None = None  # crawl.data_dir: answers of an unexpected shape are kept under it (None: not kept)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

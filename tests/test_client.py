@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,7 @@ from crawler.errors import (
     RateLimitStalled,
     RetriesExhausted,
     TransientError,
+    UnexpectedShape,
     UsageError,
 )
 from crawler.sim.data import WorldConfig
@@ -405,15 +407,26 @@ async def test_a_list_that_repeats_its_rows_with_new_cursors_is_stopped() -> Non
     assert [len(p.items) for p in pages] == [3, 0] and pages[-1].stop and "repeats" in pages[-1].stop
 
 
-async def test_a_list_answer_of_unknown_shape_fails_instead_of_looking_empty() -> None:
-    """An answer with no list and no pagination keys is retried and reported, never taken as an empty list."""
+async def test_a_list_answer_of_unknown_shape_fails_instead_of_looking_empty(tmp_path: Path) -> None:
+    """An answer with no list and no pagination keys is retried once and reported as an unexpected shape, never
+    taken as an empty list; so is a page none of whose items can be read."""
+    calls = 0
 
     async def odd(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        if request.query.get("userid") == "2":
+            return web.json_response({"videos": [{"video": {"id": "7"}}, {"x": 1}], "hasMore": True, "cursor": 5})
         return web.json_response({"result": "ok", "items_v2": [1, 2]})
 
-    async with serve(odd) as url, Client(fast_settings(url, retry_attempts=2), api_key=KEY) as client:
-        with pytest.raises(RetriesExhausted, match="no 'videos' list"):
+    async with serve(odd) as url, Client(fast_settings(url, retry_attempts=5, data_dir=str(tmp_path)),
+                                         api_key=KEY) as client:
+        with pytest.raises(UnexpectedShape, match="no 'videos' list"):
             _ = [p async for p in client.pages("posts", {"userid": "1"})]
+        assert calls == 2
+        with pytest.raises(UnexpectedShape, match="none of the 2 items"):
+            _ = [p async for p in client.pages("posts", {"userid": "2"})]
+        assert calls == 4 and client.outage.pauses == 0
 
 
 async def test_envelope_and_missing_has_more_are_understood() -> None:

@@ -730,7 +730,7 @@ async def test_a_stop_requested_before_the_workers_start_sends_nothing(simulator
 
 
 async def test_an_answer_without_a_user_object_fails_the_item_not_the_run(tmp_path: Path) -> None:
-    """A 200 answer lacking the user object is retried like any transient error, then fails only its item
+    """A 200 answer lacking the user object is retried once, then fails only its item as an unexpected shape
     while the API answers the other item (a run where nothing answers is an outage: test_outage.py)."""
 
     async def odd(request: web.Request) -> web.Response:
@@ -747,13 +747,14 @@ async def test_an_answer_without_a_user_object_fails_the_item_not_the_run(tmp_pa
     await site.start()
     try:
         port = runner.addresses[0][1]
-        settings = fast_settings(f"http://127.0.0.1:{port}", retry_attempts=2, data_dir=str(tmp_path / "data"))
+        settings = fast_settings(f"http://127.0.0.1:{port}", retry_attempts=5, data_dir=str(tmp_path / "data"))
         out = tmp_path / "profiles.csv"
         outcome = await crawl_once(settings, "profiles", ["somebody", "someone_else"], out)
     finally:
         await runner.cleanup()
     assert outcome.exit_code == 3
-    assert read_failures(out) == {"somebody": "retries_exhausted"}
+    assert read_failures(out) == {"somebody": "unexpected_shape"}
+    assert outcome.summary.run_requests == 3  # one retry of the unreadable answer, then the failure row
     assert [r["handle"] for r in read_csv(out)] == ["someone_else"]
 
 

@@ -11,33 +11,68 @@ import math
 import re
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from crawler.errors import (
     BalanceExhausted,
+    Blocked,
     CrawlerError,
     KeyRejected,
     NotAnApiAnswer,
     NotFound,
     PageSizeRejected,
     PrivateAccount,
+    QuotaSpent,
     RateLimited,
     TransientError,
     Unreachable,
+    Unreadable,
 )
 
 JsonDict = dict[str, Any]
 
-# The reference documents rate limits as HTTP 429; a 200 message only counts as one with explicit words.
-# A bare "limit" reads as the credit limit, as the reference's clients read it.
+# The words each classification keys on, checked in this order on an error body's message (lower-cased), with
+# the source of each in ../shared/api-reference.md (README "Exit codes" repeats this table). The reference
+# documents rate limits as HTTP 429, so a 200 message is one only with explicit words; a bare "limit" reads as
+# the credit limit, as the reference's clients read it; a day's limit is a quota, not an empty balance.
 KEY_WORDS = ("api-key", "api key", "apikey", "sign up", "signup")
 BARE_KEY_WORDS = (*KEY_WORDS, "unauthori", "forbidden")  # only when the whole body is the message
+QUOTA_WORDS = ("/ 1 day", "/1 day", "/ day", "/day", "per day", "a day", "daily", "each day")
 RATE_WORDS = ("rate limit", "too many", "slow down", "per second", "/second", "throttl", "try again later")
-BALANCE_WORDS = ("balance", "credit", "purchase", "quota", "exhausted", "insufficient", "top up", "payment",
-                 "limit")
 PRIVATE_WORDS = ("private",)
+PAGE_SIZE_WORDS = ("invalid", "at most", "too large", "maximum")  # with "count" in the message
 NOT_FOUND_WORDS = ("not found", "not exist", "doesn't exist", "does not exist", "deleted", "no such",
                    "url parsing is failed", "check url", "unavailable")
+BALANCE_WORDS = ("balance", "credit", "purchase", "quota", "exhausted", "insufficient", "top up", "payment",
+                 "limit")
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One row of the classification table: what an error body's words make of it, and where that is written."""
+
+    verdict: str  # the error it makes of the answer
+    words: tuple[str, ...]
+    source: str  # ../shared/api-reference.md section, confidence tag and source id
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("KeyRejected (exit 1)", KEY_WORDS,
+         "§5 [C2] S8 S6: 'Please sign up to tikliveapi.com', 'Api-Key is not available'"),
+    Rule("KeyRejected (exit 1)", ("unauthori", "forbidden"), "§5 [C] S6, only in a body that is the message alone"),
+    Rule("QuotaSpent (exit 4)", QUOTA_WORDS, "§5.1 [T]: 'Free Api Limit: 10000 request/ 1 day.'; §5 tikwm [T] T1"),
+    Rule("RateLimited (waited out)", RATE_WORDS, "§5 tikwm [T] T4: 'Free Api Limit: 1 request/second.'; §5 [D] S2"),
+    Rule("PrivateAccount (private)", PRIVATE_WORDS, "§5 [G]; S6 maps the word"),
+    Rule("PageSizeRejected (falls back once)", PAGE_SIZE_WORDS, "[G], with 'count' in the message"),
+    Rule("NotFound (not_found)", NOT_FOUND_WORDS,
+         "§5 [C] S6: 'Not found post'; §5 tikwm [T] T4: 'Url parsing is failed!'"),
+    Rule("BalanceExhausted (exit 4)", BALANCE_WORDS, "§5 [C] S7 S6: the words their clients match"),
+)
+# Status rules beside the words: 429 rate (§5 [D] S2); 5xx transient (§5 [D] S2); 402 balance [G]; 404 not the
+# API (the API says "not found" in 200 bodies, §5 [C] S6); 401/403 with the API's JSON: the key (§5 [C] S6),
+# with any other body: a proxy, firewall or CDN (§5.1 [T], Cloudflare in front of the look-alike, S8); an object
+# with a non-zero `code` and a `msg`/`message` is an error whatever else it carries (§5 tikwm [T], §5.1 [T]).
 # Keys that may appear beside `message` in a bare error body without making it a payload.
 _ERROR_ONLY_KEYS = frozenset({"message", "msg", "error", "detail", "code", "status", "processed_time"})
 
@@ -120,7 +155,7 @@ def interpret(status: int, raw: bytes, retry_after: str | None, endpoint: str) -
     if status >= 500:
         return Unreachable(f"{endpoint}: HTTP {status}"), False
     if status in (401, 403):
-        return KeyRejected(f"the API rejected the key (HTTP {status}): check TIKLIVE_API_KEY"), False
+        return _refused(status, raw, endpoint), False
     if status == 402:
         return BalanceExhausted("the API balance is empty (HTTP 402): top up, then run the same command again"), False
     if status == 404:
@@ -137,8 +172,8 @@ def interpret(status: int, raw: bytes, retry_after: str | None, endpoint: str) -
         return Unreachable(f"{endpoint}: malformed JSON (HTTP {status}, {len(raw)} bytes)"), billed
     if status != 200:
         return TransientError(f"{endpoint}: HTTP {status}"), False
-    if not isinstance(body, dict):
-        return Unreachable(f"{endpoint}: unexpected JSON {type(body).__name__}"), billed
+    if not isinstance(body, dict):  # JSON, but not the object every answer is: an answer of another shape
+        return Unreadable(f"{endpoint}: unexpected answer (JSON {type(body).__name__})", raw), billed
     body = _unwrap(body)
     bare = "message" in body or "msg" in body or "error" in body
     bare = bare and set(body) <= _ERROR_ONLY_KEYS and body.get("status") != "error"
@@ -149,12 +184,15 @@ def interpret(status: int, raw: bytes, retry_after: str | None, endpoint: str) -
         # billed when they are {"status":"error"} (CONTRACT.md assumes the worse), not when bare.
         if _words(low, BARE_KEY_WORDS if bare else KEY_WORDS):
             return KeyRejected(f"the API rejected the key ({text!r}): check TIKLIVE_API_KEY"), False
+        if _words(low, QUOTA_WORDS):
+            return QuotaSpent(f"the key's daily quota is spent ({text!r}): the same command goes on after it"
+                              " resets"), False
         if _words(low, RATE_WORDS):
             return RateLimited(f"{endpoint}: {text}"), False
         billed = billed and not bare
         if _words(low, PRIVATE_WORDS):
             return PrivateAccount(f"{endpoint}: {text}"), billed
-        if "count" in low and _words(low, ("invalid", "at most", "too large", "maximum")):
+        if "count" in low and _words(low, PAGE_SIZE_WORDS):
             return PageSizeRejected(f"{endpoint}: {text}"), billed
         if _words(low, NOT_FOUND_WORDS):
             return NotFound(f"{endpoint}: {text}"), billed
@@ -167,7 +205,8 @@ def interpret(status: int, raw: bytes, retry_after: str | None, endpoint: str) -
 
 
 RESPONSE_KINDS = ("ok", "not_found", "private", "rate_limited", "server_error", "no_answer", "malformed",
-                  "api_error", "key_rejected", "balance_empty", "not_the_api")
+                  "api_error", "key_rejected", "balance_empty", "not_the_api", "unexpected_shape", "quota_spent",
+                  "blocked")
 
 
 def response_kind(status: int, result: JsonDict | CrawlerError | None) -> str:
@@ -182,7 +221,8 @@ def response_kind(status: int, result: JsonDict | CrawlerError | None) -> str:
         return "ok"
     kinds: tuple[tuple[type[CrawlerError], str], ...] = (
         (RateLimited, "rate_limited"), (NotAnApiAnswer, "not_the_api"), (KeyRejected, "key_rejected"),
-        (BalanceExhausted, "balance_empty"), (NotFound, "not_found"), (PrivateAccount, "private"))
+        (BalanceExhausted, "balance_empty"), (NotFound, "not_found"), (PrivateAccount, "private"),
+        (Unreadable, "unexpected_shape"), (QuotaSpent, "quota_spent"), (Blocked, "blocked"))
     for kind, name in kinds:
         if isinstance(result, kind):
             return name
@@ -191,15 +231,34 @@ def response_kind(status: int, result: JsonDict | CrawlerError | None) -> str:
     return "malformed" if isinstance(result, Unreachable) else "api_error"
 
 
+_ENVELOPE_KEYS = frozenset({"data", "code", "msg", "message", "processed_time", "status", "success", "ok"})
+
 
 def _unwrap(body: JsonDict) -> JsonDict:
-    """Accept a tikwm-style envelope ``{"code":0,"msg":..,"data":{..}}`` defensively."""
+    """Accept a tikwm-style envelope ``{"code":0,"msg":..,"data":{..}}`` defensively; a non-zero ``code`` with a
+    ``msg``/``message`` is an error body whatever else it carries (``"data": []`` or null)."""
+    code = body.get("code", 0)
+    failed = code not in (0, "0", None) and not isinstance(code, bool)
+    text = body.get("msg") or body.get("message")
+    if failed and isinstance(text, str) and text:
+        return {"message": text}
     data = body.get("data")
-    if isinstance(data, dict) and set(body) <= {"data", "code", "msg", "message", "processed_time", "status",
-                                                "success", "ok"}:
-        code = body.get("code", 0)
-        if code not in (0, "0", None):
-            return {"message": str(body.get("msg") or "error")}
-        return data
+    if isinstance(data, dict) and set(body) <= _ENVELOPE_KEYS:
+        return {"message": str(text or "error")} if failed else data
     return body
 
+
+def _refused(status: int, raw: bytes, endpoint: str) -> CrawlerError:
+    """HTTP 401/403: the key, when the body is the API's JSON; else whatever stands in front of the API."""
+    try:
+        body = _loads(raw)
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        text = _message(_unwrap(body))
+        return KeyRejected(f"the API rejected the key (HTTP {status}, {text!r}): check TIKLIVE_API_KEY")
+    stripped = raw.lstrip()
+    page = ("an HTML page" if stripped[:1] == b"<" else "an empty body" if not stripped
+            else "a body that is not the API's JSON")
+    return Blocked(f"HTTP {status} with {page}: a proxy, firewall or CDN refused the request, not the API"
+                   f" ({endpoint})")

@@ -25,6 +25,7 @@ import aiohttp
 from crawler.api.classify import JsonDict, interpret, response_kind
 from crawler.api.endpoints import Endpoints
 from crawler.api.outage import Outage
+from crawler.api.unexpected import ShapeWatch
 from crawler.config import Secret, Settings, load_settings
 from crawler.config import api_key as key_from_env
 from crawler.errors import (
@@ -36,7 +37,9 @@ from crawler.errors import (
     RateLimited,
     RetriesExhausted,
     TransientError,
+    UnexpectedShape,
     Unreachable,
+    Unreadable,
     UsageError,
 )
 from crawler.options import ClientOptions
@@ -171,6 +174,7 @@ class Client(Endpoints):
         self.outage = Outage(base_url=self.base_url, stall_limit=r.stall_limit, attempts=r.attempts,
                              base_delay=r.base_delay, max_delay=r.max_delay,
                              probe_timeout=o.timeout.connect + o.timeout.read)
+        self.unexpected = ShapeWatch(o.data_dir, secret=self._key.reveal().encode())  # answers of an unexpected shape
         self.request_budget = request_budget
         self._reserve = reserve
         self._admitted = 0  # requests reserved but not yet sent (see `_admit`)
@@ -222,12 +226,19 @@ class Client(Endpoints):
         path = "/" + endpoint.strip("/") + "/"
         query = {k: str(v) for k, v in (params or {}).items()}
         target = path + "?" + urlencode(sorted(query.items()))
+        unreadable = 0
 
         async def attempt() -> T:
+            nonlocal unreadable
             try:
                 return await self._attempt(path, query, target, parse)
-            except TransientError:
+            except TransientError as exc:
                 self.hook.check()  # stopping: the answer under way failed; no backoff, no other try
+                if isinstance(exc, Unreadable):
+                    # A changed shape answers the same every time: one more try, then the item fails.
+                    unreadable += 1
+                    if unreadable > 1 or self.options.retry.attempts <= 1:
+                        raise UnexpectedShape(f"{exc} (the same on {unreadable} tries)") from None
                 raise
 
         def on_retry(exc: BaseException, tries: int, wait: float) -> None:
@@ -262,7 +273,7 @@ class Client(Endpoints):
             await outage.wait()
             started = await self._admit()
             try:
-                body = await self._send(path, query)
+                body, raw = await self._send(path, query)
             except RateLimited as exc:
                 outage.answered()
                 self.counters.rate_limited += 1
@@ -274,21 +285,23 @@ class Client(Endpoints):
                 raise
             except (BudgetExhausted, Interrupted):
                 raise  # nothing was sent
-            except CrawlerError:
+            except CrawlerError as exc:
                 outage.answered()
                 self.gate.report_success()  # any answer but a rate limit ends a 429 streak
+                if isinstance(exc, Unreadable):
+                    self.unexpected.unreadable_answer(path, exc.body)
                 raise
+            outage.answered()  # an answer, readable or not: never part of an outage
             self.gate.report_success()
             try:
                 result = parse(body)
             except (TransientError, ValueError, TypeError, KeyError, AttributeError) as exc:
-                # A body without the API's shape is no API answer either (it counts toward an outage).
                 text = str(exc) if isinstance(exc, TransientError) else f"{path}: unexpected answer ({exc})"
-                shape = Unreachable(text)
-                if outage.failed(target, shape):
-                    continue
-                raise shape from None
-            outage.answered()
+                self.counters.responses["ok"] -= 1
+                self.counters.responses["unexpected_shape"] += 1
+                self.unexpected.unreadable_answer(path, raw)
+                raise Unreadable(text) from None
+            self.unexpected.readable(path)
             return result
 
     async def _admit(self) -> float:
@@ -307,7 +320,8 @@ class Client(Endpoints):
             self._admitted -= 1
             raise
 
-    async def _send(self, path: str, query: dict[str, str]) -> JsonDict:
+    async def _send(self, path: str, query: dict[str, str]) -> tuple[JsonDict, bytes]:
+        """One request: the payload and the raw body it came in, or the error `interpret` makes of the answer."""
         if self._reserve is not None:
             self._admitted -= 1  # from here to requests_sent += 1 nothing waits: sent (or refused) now
         if self._session is None:
@@ -363,6 +377,6 @@ class Client(Endpoints):
             self.counters.billed_by_endpoint[path] += 1
         if isinstance(result, CrawlerError):
             raise result
-        return result
+        return result, raw
 
     # --- endpoints (see crawler.api.records for the records and the paginator) ---

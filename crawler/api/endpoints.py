@@ -7,7 +7,14 @@ from typing import Any, TypeVar
 
 from crawler.api import records as ep
 from crawler.api.lists import LISTS, items, walk
-from crawler.api.parse import parse_challenge, parse_music, parse_post, parse_profile, parse_regions, parse_user_id
+from crawler.api.parse import (
+    parse_challenge,
+    parse_music,
+    parse_post_detail,
+    parse_profile,
+    parse_regions,
+    parse_user_id,
+)
 
 T = TypeVar("T")
 JsonDict = dict[str, Any]
@@ -32,9 +39,9 @@ class Endpoints:
         return await self.call("/userinfo-by-username/", {"username": handle}, parse_profile)
 
     async def post_detail(self, video_id: str, *, source: str = "") -> ep.Post:
-        """One post by numeric id (`/post-detail/`)."""
+        """One post by numeric id (`/post-detail/`); an answer without an id is the post asked for."""
         return await self.call("/post-detail/", {"url": ep.video_url(video_id)},
-                               lambda body: parse_post(body, source or video_id))
+                               lambda body: parse_post_detail(body, video_id, source or video_id))
 
     async def music_info(self, music_id: str) -> ep.Music:
         """Music metadata (`/music-info/`)."""

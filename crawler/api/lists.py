@@ -89,6 +89,23 @@ def _page_items(spec: ListSpec[Any], body: JsonDict) -> tuple[JsonDict, list[Any
     raise ValueError(f"no {spec.items_keys[0]!r} list in the answer (keys: {', '.join(sorted(body)[:8])})")
 
 
+Fetched = tuple[JsonDict, list[Any], list[Any]]  # the body, its raw items, each parsed (None: no id, skipped)
+
+
+def _read_page(spec: ListSpec[Any], body: JsonDict, source: str, params: Mapping[str, str | int]) -> Fetched:
+    """The page's items parsed; a page none of whose items can be read is an unexpected shape, not an empty page."""
+    body, raw_items = _page_items(spec, body)
+    parsed: list[Any] = []
+    for raw in raw_items:
+        try:
+            parsed.append(spec.parse(as_dict(raw), source, params))
+        except (ValueError, TypeError):
+            parsed.append(None)
+    if parsed and all(p is None for p in parsed):
+        raise ValueError(f"none of the {len(parsed)} items in the answer can be read")
+    return body, raw_items, parsed
+
+
 class Caller(Protocol):
     """What a walk needs of the client: one paced, retried, classified call whose answer is parsed."""
 
@@ -141,7 +158,7 @@ async def walk(
               head=cursor is None)
     while True:
         w.sent.add(str(w.current))
-        fetched = await _fetch(client, spec, params, w, sizes)
+        fetched = await _fetch(client, spec, params, source, w, sizes)
         if fetched is None:
             continue  # the same cursor again, at the documented default
         page = _page(spec, w, fetched, source, params, page_size=page_size, max_pages=max_pages,
@@ -159,13 +176,13 @@ def _source(spec: ListSpec[Any], params: Mapping[str, str | int]) -> str:
     return match.group(1) if match else raw_source
 
 
-async def _fetch(client: Caller, spec: ListSpec[Any], params: Mapping[str, str | int], w: _Walk,
-                 sizes: PageSizes | None) -> tuple[JsonDict, list[Any]] | None:
-    """The page's body and raw items; None when the API refused the count and the walk falls back to the
+async def _fetch(client: Caller, spec: ListSpec[Any], params: Mapping[str, str | int], source: str, w: _Walk,
+                 sizes: PageSizes | None) -> Fetched | None:
+    """The page's body, raw and parsed items; None when the API refused the count and the walk falls back to the
     documented default (once)."""
     query = {**params, "count": w.count, spec.cursor_param: w.current}
     try:
-        return await client.call(spec.path, query, lambda b: _page_items(spec, b))
+        return await client.call(spec.path, query, lambda b: _read_page(spec, b, source, params))
     except PageSizeRejected:
         if w.fell_back or w.count <= spec.default_size:
             raise
@@ -175,12 +192,12 @@ async def _fetch(client: Caller, spec: ListSpec[Any], params: Mapping[str, str |
         return None
 
 
-def _page(spec: ListSpec[R], w: _Walk, fetched: tuple[JsonDict, list[Any]], source: str,
+def _page(spec: ListSpec[R], w: _Walk, fetched: Fetched, source: str,
           params: Mapping[str, str | int], *, page_size: int | None, max_pages: int | None, max_items: int | None,
           sizes: PageSizes | None) -> Page[R]:
     """One fetched page as the walk yields it: its new rows (up to ``max_items``) and whether the walk ends."""
-    body, raw_items = fetched
-    items, skipped, repeated = _rows(spec, raw_items, source, params, w.seen)
+    body, raw_items, parsed = fetched
+    items, skipped, repeated = _rows(parsed, w.seen)
     if spec.first_page is not None and w.head and w.pages == 0:
         items = spec.first_page(items)  # before the max_items cut: positions count on the page as it came
     if max_items is not None and w.rows + len(items) >= max_items:
@@ -207,15 +224,12 @@ def _page(spec: ListSpec[R], w: _Walk, fetched: tuple[JsonDict, list[Any]], sour
     return Page(items, w.current, nxt, has_more, stop, capped, last, skipped)
 
 
-def _rows(spec: ListSpec[R], raw_items: list[Any], source: str, params: Mapping[str, str | int],
-          seen: set[str]) -> tuple[list[R], int, int]:
+def _rows(parsed: list[Any], seen: set[str]) -> tuple[list[Any], int, int]:
     """The page's records not seen before in this walk, and how many items were skipped (no id) or repeated."""
-    items: list[R] = []
+    items: list[Any] = []
     skipped = repeated = 0
-    for raw in raw_items:
-        try:
-            record = spec.parse(as_dict(raw), source, params)
-        except (ValueError, TypeError):
+    for record in parsed:
+        if record is None:
             skipped += 1
             continue
         key = str(getattr(record, record.COLUMNS[0]))

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from crawler.errors import CannotConnect, NotAnApiAnswer, NotTheApi, OutageStalled, Unreachable
+from crawler.errors import Blocked, CannotConnect, NotAnApiAnswer, NotTheApi, OutageStalled, Unreachable
 from crawler.retry import Stall, backoff, pause
 
 log = logging.getLogger("crawler.api.client")
@@ -91,9 +91,10 @@ class Outage:
                 f"{self._base_url} does not answer like TikLiveAPI ({exc}): check api.base_url / --base-url /"
                 " TIKLIVE_BASE_URL (no path after the host); nothing was marked failed"
             )
-        # Several targets failing together is an outage; so is finding no server at all, even for one item.
+        # Several targets failing together is an outage; so is finding no server at all, or a proxy, firewall or CDN
+        # refusing every request in front of it, even for one item.
         if not self.active and count >= self._threshold and (
-                len(self._targets) >= 2 or isinstance(exc, CannotConnect)):
+                len(self._targets) >= 2 or isinstance(exc, (CannotConnect, Blocked))):
             self.active = True
             self.pauses += 1
             self._probes = 0

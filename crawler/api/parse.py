@@ -69,6 +69,21 @@ def _video_id(item: Mapping[str, Any]) -> str:
     raise ValueError("post without a numeric id")
 
 
+_POST_KEYS = ("create_time", "title", "play", "cover", "author", "duration", "play_count", "digg_count")
+
+
+def parse_post_detail(body: Mapping[str, Any], video_id: str, source: str) -> Post:
+    """A `/post-detail/` object -> Post; one without an id (seen in real bodies) is the post asked for, when it
+    carries a post's fields at all."""
+    try:
+        _video_id(body)
+    except ValueError:
+        if not any(k in body for k in _POST_KEYS):
+            raise ValueError(f"answer without a post (keys: {', '.join(sorted(body)[:8])})") from None
+        body = {**body, "id": video_id}
+    return parse_post(body, source)
+
+
 # --- parsers (raw JSON -> record) ---
 
 _STAT_KEYS = ("followerCount", "followingCount", "heartCount", "videoCount", "diggCount")

@@ -81,8 +81,8 @@ def _job_parser(sub: Any, name: str, help_text: str, input_help: str) -> argpars
     p.add_argument("-o", "--output", help=f"output CSV (default: {name}.csv)")
     p.add_argument("--restart", action="store_true", help="forget this job's progress and start over")
     p.add_argument("--retry-failed", nargs="?", const=True, default=False, type=_retry_choice, metavar="all",
-                   help="try again the items that failed for a reason that can change (retries_exhausted, budget);"
-                   " --retry-failed=all also not_found and private")
+                   help="try again the items that failed for a reason that can change (retries_exhausted, budget,"
+                   " unexpected_shape); --retry-failed=all also not_found and private")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output this tool did not write (or the input file itself)")
     p.add_argument("--jobs-url", dest="jobs.url", metavar="URL",
@@ -153,8 +153,8 @@ def _ingest_command(sub: Any) -> None:
                    " (--max-items N: only the newest N; --max-pages: pages per user and night)")
     i.add_argument("--restart", action="store_true", help="refetch today's users, replacing today's snapshots")
     i.add_argument("--retry-failed", nargs="?", const=True, default=False, type=_retry_choice, metavar="all",
-                   help="try today's failed users again (retries_exhausted, budget); =all also not_found and"
-                   " private")
+                   help="try today's failed users again (retries_exhausted, budget, unexpected_shape); =all also"
+                   " not_found and private")
     i.add_argument("--column")
     i.add_argument("--by-id", action="store_true")
     i.add_argument("--history-url", dest="history.url", metavar="URL", help="postgresql://... (default: SQLite)")

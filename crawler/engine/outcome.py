@@ -74,14 +74,16 @@ def outcome(job: JobOptions, state: StateStore, client: Client | None, facts: Ru
         output=str(out if status != "stopped" else part_path(out)),
         failures_file=str(failures_path(out)) if fails else "",
         reason=reason or (str(error) if error else ""),
-        notes=tuple(_notes(facts)),
+        notes=tuple(_notes(facts, client)),
         run_credits_billed=c.credits_billed if c else 0,
         responses=dict(c.responses) if c else {},
     )
     return Outcome(summary, error)
 
 
-def _notes(facts: RunFacts) -> Iterator[str]:
+def _notes(facts: RunFacts, client: Client | None) -> Iterator[str]:
+    if client is not None and client.unexpected.note():
+        yield client.unexpected.note()
     if facts.input_change is not None:
         added, gone = facts.input_change
         yield (f"the input was edited: {added:,} new items added, {gone:,} done items no longer in it"

@@ -284,7 +284,8 @@ def _summary(job: JobOptions, store: PgJobStore, pg: PgJob, progress: Any, fails
         output=str(out) if status != "stopped" else f"job {pg.id} in {store.where}",
         failures_file=str(failures_file) if fails else "",
         reason=reason or (str(error) if error else ""),
-        notes=(f"job {pg.id}: {result.items:,} items worked here, {result.lost} taken over by other workers",),
+        notes=(f"job {pg.id}: {result.items:,} items worked here, {result.lost} taken over by other workers",
+               *((result.shapes,) if result.shapes else ())),
     )
     return Outcome(summary, error)
 

@@ -38,6 +38,7 @@ from crawler.errors import (
     ItemFailed,
     MediaUnavailable,
     NotFound,
+    QuotaSpent,
     UsageError,
     disk_problems,
     run_exit_code,
@@ -315,7 +316,7 @@ class Download:
             await self._item(seq, key)
         except ItemFailed as exc:
             self.state.fail_item(seq, exc.reason, exc.endpoint or "media", str(exc))
-        except (BudgetExhausted, BalanceExhausted) as exc:
+        except (BudgetExhausted, BalanceExhausted, QuotaSpent) as exc:
             # Out of credits: this post stays pending (exit 4), but posts that need none go on, and
             # renewals already in flight are not thrown away.
             if self._spent is None:

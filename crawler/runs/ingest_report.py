@@ -142,7 +142,7 @@ class IngestReport:
         failed = sum(fails.values())
         notes = ((f"day {end.today.isoformat()} set by --date (a backfill)",) if self.by_date else ()) + (
             (f"{self.tally.elsewhere:,} users were being fetched by another run on this history store",)
-            if self.tally.elsewhere else ())
+            if self.tally.elsewhere else ()) + ((client.unexpected.note(),) if client.unexpected.note() else ())
         return Summary(
             command="ingest-profiles", status=end.status, items_total=total, items_done=done,
             items_failed=failed, items_pending=max(total - done - failed, 0),

@@ -94,6 +94,7 @@ class SessionResult:
     retries: int = 0
     rate_wait_seconds: float = 0.0
     responses: dict[str, int] = field(default_factory=dict)  # this worker's requests by what they met
+    shapes: str = ""  # the line naming the answers of an unexpected shape met and where their bodies are
     error: CrawlerError | None = None
     held: list[int] = field(default_factory=list)
     parallelism: int = 0  # the most items this worker took at a time (parallelism = "auto" grows it)
@@ -240,6 +241,7 @@ class JobWorker(ItemWalker):
                                                                        c.rate_limited, c.retries)
         r.rate_wait_seconds = self.client.gate.wait_seconds
         r.responses = dict(c.responses)
+        r.shapes = self.client.unexpected.note()
         r.error = self._stop_error
         r.held = sorted(self._held)
         r.parallelism = max(r.parallelism, self.source.taking)

@@ -51,6 +51,11 @@ def _faults(text: str) -> frozenset[str]:
     return kinds
 
 
+def _paths(text: str) -> frozenset[str]:
+    """Parse ENDPOINT[,ENDPOINT...] as API paths without their trailing slash ("/post-detail")."""
+    return frozenset("/" + p.strip().strip("/") for p in text.split(",") if p.strip().strip("/"))
+
+
 def _parser(prog: str = "python -m crawler.sim") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Run the TikLiveAPI simulator (prints its URL, keys and a"
                                 " few handles of its world, then serves until Ctrl-C).")
@@ -91,6 +96,11 @@ def _parser(prog: str = "python -m crawler.sim") -> argparse.ArgumentParser:
                    help="add a FIELD no client knows to every answer of ENDPOINT (body, list items); repeatable")
     p.add_argument("--key", type=_key, action="append", metavar="KEY[:BALANCE]",
                    help="repeatable; default: sim-key, unlimited")
+    p.add_argument("--unreadable", type=_paths, default=frozenset(), metavar="ENDPOINT[,ENDPOINT...]",
+                   help="every 200 of these endpoints (e.g. /post-detail/) is readable JSON of another shape (billed)")
+    p.add_argument("--daily-quota", type=int, default=None, metavar="N",
+                   help="after N billed requests per key and UTC day, answer the daily-quota text (unbilled)")
+    p.add_argument("--firewall", action="store_true", help="answer every request HTTP 403 with an HTML page")
     return p
 
 
@@ -106,6 +116,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         latency_live=args.latency == "live", drop_fields=tuple(args.drop_field), add_fields=tuple(args.add_field),
         fault_rate=args.fault_rate, faults=args.faults,
         slow_seconds=args.slow_seconds, quirks=args.quirks, rounded_only=args.rounded_only, seed=args.seed,
+        unreadable=args.unreadable, daily_quota=args.daily_quota, firewall=args.firewall,
         media=MediaConfig(ttl=args.media_ttl, fault_rate=args.media_fault_rate,
                           faults=frozenset(k.strip() for k in args.media_faults.split(",") if k.strip()),
                           bytes_per_second=args.media_bytes_per_second),

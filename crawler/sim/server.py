@@ -10,6 +10,7 @@ Admin paths under `/__sim/` are not API requests: not counted, not billed, no ke
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import time
 from collections import Counter, deque
@@ -33,6 +34,10 @@ MSG_NO_KEY = "Please sign up to tikliveapi.com"  # [C2] live-tested by a third p
 MSG_BAD_KEY = "Api-Key is not available"  # [C2]
 MSG_RATE = "Too many requests, please slow down"  # [G] body of the 429 is unknown
 MSG_BALANCE = "Your credit balance is exhausted. Please purchase more credits."  # [G] wording unknown
+MSG_DAILY = "Free Api Limit: {n} request/ 1 day."  # §5.1 [T]: the look-alike's daily quota, HTTP 200
+# §5.1 [T]: the look-alike sits behind Cloudflare; a blocked request gets a 403 page, not the API's JSON.
+_FIREWALL = ("<!DOCTYPE html><html><head><title>Attention Required! | Cloudflare</title></head><body>"
+             "<h1>Sorry, you have been blocked</h1><p>This website is using a security service.</p></body></html>")
 _MALFORMED = ("<!DOCTYPE html><html><head><title>Error</title></head>"
               "<body><h1>Something went wrong</h1><p>Please try again later.</p></body></html>")
 _5XX = ((500, "Internal Server Error"), (502, "<html><body><h1>502 Bad Gateway</h1></body></html>"),
@@ -67,6 +72,9 @@ class SimConfig:
     add_fields: tuple[tuple[str, str], ...] = ()  # (endpoint, field): a field no client knows, added
     record_arrivals: bool = False  # keep every arrival time (sim clock) in stats.arrivals, for rate tests
     media: MediaConfig = field(default_factory=MediaConfig)  # the media host on its own port
+    unreadable: frozenset[str] = frozenset()  # paths ("/post-detail") whose 200s wrap the answer under "result"
+    daily_quota: int | None = None  # billed requests per key and UTC day; then the quota text (HTTP 200, unbilled)
+    firewall: bool = False  # every request answered HTTP 403 with an HTML page, as a firewall or CDN would
 
     def __post_init__(self) -> None:
         unknown = set(self.faults) - FAULT_KINDS - EXTRA_FAULT_KINDS
@@ -83,6 +91,11 @@ class SimConfig:
             if "/" + endpoint.strip("/") not in ENDPOINTS or not name:
                 raise ValueError(f"{endpoint}:{name}: not ENDPOINT:FIELD with an endpoint of the API, e.g."
                                  " post-detail:id")
+        unknown_paths = set(self.unreadable) - set(ENDPOINTS)
+        if unknown_paths:
+            raise ValueError(f"unreadable: unknown endpoints {sorted(unknown_paths)}; known: {sorted(ENDPOINTS)}")
+        if self.daily_quota is not None and self.daily_quota < 0:
+            raise ValueError("daily_quota must be >= 0")
 
 
 class Stats:
@@ -154,6 +167,7 @@ class Simulator:
         self._host, self._port = host, port
         self._clock = clock or time.monotonic
         self._balances: dict[str, int | None] = dict(config.keys)
+        self._today: Counter[tuple[str, str]] = Counter()  # (key, UTC day) -> billed (or held) requests
         self._windows: dict[str, _KeyWindows] = {}
         self._seen: Counter[int] = Counter()  # n-th time each exact request arrived, for fault draws
         self.answering = asyncio.Event()  # cleared by a test: requests arrive (counted) but get no answer until set
@@ -237,6 +251,8 @@ class Simulator:
         self.stats.by_endpoint[path] += 1
         if self.config.record_arrivals:
             self.stats.targets.append(request.path_qs)
+        if self.config.firewall:  # in front of the API: no path, key or billing of the API's applies
+            return web.Response(status=403, text=_FIREWALL, content_type="text/html")
         if path not in ENDPOINTS:
             return _json({"message": "Endpoint not found"}, status=404)  # [G]
         if request.method != "GET":
@@ -251,9 +267,17 @@ class Simulator:
             after = self.config.retry_after
             headers = {} if after is None else {"Retry-After": after if isinstance(after, str) else f"{after:g}"}
             return _json({"message": MSG_RATE}, status=429, headers=headers)
+        quota = self.config.daily_quota
+        day = (key, datetime.datetime.now(datetime.UTC).date().isoformat())
+        if quota is not None:
+            if self._today[day] >= quota:
+                return _json({"message": MSG_DAILY.format(n=quota)})
+            self._today[day] += 1  # held like a credit: refunded unless billed
         balance = self._balances[key]
         if balance is not None:
             if balance <= 0:
+                if quota is not None:
+                    self._today[day] -= 1
                 return _json({"message": MSG_BALANCE})
             # Hold the credit now so concurrent requests cannot overdraw; refunded unless billed.
             self._balances[key] = balance - 1
@@ -269,8 +293,11 @@ class Simulator:
             st.in_flight -= 1
             if billed:
                 self.stats.billed[key] += 1
-            elif balance is not None:
-                self._balances[key] = (self._balances[key] or 0) + 1
+            else:
+                if balance is not None:
+                    self._balances[key] = (self._balances[key] or 0) + 1
+                if quota is not None:
+                    self._today[day] -= 1
 
     async def _serve(self, request: web.Request, path: str, key: str) -> web.StreamResponse:
         """Latency, fault and endpoint; every 200 this returns is billable (balance/key errors are earlier)."""
@@ -306,6 +333,8 @@ class Simulator:
         add = [f for e, f in cfg.add_fields if "/" + e.strip("/") == path]
         if (drop or add) and payload.get("status") != "error":
             payload = render.reshape(payload, drop, add)
+        if path in cfg.unreadable and "message" not in payload:  # readable JSON, not the record: the same each try
+            payload = {"result": payload}
         if fault == "malformed":
             return web.Response(text=_MALFORMED, content_type="text/html")
         # Half an emoji cannot be UTF-8: it is sent as an escaped half (`\ud83d`), as JSON encoders write it.

@@ -10,9 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-# Failure reasons that may change on a later try (`--retry-failed`); `not_found` and `private` need
-# `--retry-failed=all`; `invalid_input` and `pagination_guard` never change by trying again.
-RETRIABLE = ("retries_exhausted", "budget")
+# Failure reasons that may change on a later try (`--retry-failed`; `unexpected_shape` once an update reads the new
+# shape); `not_found` and `private` need `--retry-failed=all`; `invalid_input` and `pagination_guard` never change
+# by trying again.
+RETRIABLE = ("retries_exhausted", "budget", "unexpected_shape")
 
 # A comments item's cursor once its comment walk has ended while reply walks remain (never an API cursor:
 # those are numeric offsets).
