@@ -66,6 +66,7 @@ class RunStopped(CrawlerError):
     """The run cannot go on."""
 
     exit_code = 1
+    refused = False  # a copy a stopping client raises instead of sending (`SendHook.check`): nothing was sent
 
 
 class KeyRejected(RunStopped):

@@ -191,7 +191,7 @@ async def test_a_shape_change_stops_early_spends_two_credits_an_item_and_the_ret
     fetches every post once."""
     (tmp_path / "fast.toml").write_text(FAST_TOML)
     args = ["post-details", "in.txt", "-o", "out.csv", "--config", "fast.toml", "--data-dir", "d",
-            "--parallelism", "4"]
+            "--parallelism", "4", "--summary-json", "s.json"]
     async with simulator(world=WORLD, unreadable=frozenset({"/post-detail"}), record_arrivals=True) as sim:
         ids = public_posts(sim.world, 1_000)
         (tmp_path / "in.txt").write_text("\n".join(ids) + "\n")
@@ -203,6 +203,9 @@ async def test_a_shape_change_stops_early_spends_two_credits_an_item_and_the_ret
         per_item = Counter(parse_qs(urlsplit(t).query)["url"][0] for t in sim.stats.targets)
         assert len(per_item) <= 12 and max(per_item.values()) <= 2, per_item
         assert sim.stats.billed[KEY] == sum(per_item.values()) <= 2 * len(per_item)
+        # The stop drains: the answers under way are read, so the run's billed count is the API's.
+        summary = json.loads((tmp_path / "s.json").read_text())
+        assert summary["credits_billed"] == sim.stats.billed[KEY], summary
     kept = list((tmp_path / "d" / "unexpected" / "post-detail").glob("*/*.json"))
     assert 1 <= len(kept) <= 20
     assert all(json.loads(f.read_bytes()).keys() == {"result"} and KEY.encode() not in f.read_bytes() for f in kept)

@@ -36,6 +36,7 @@ from crawler.errors import (
     ItemFailed,
     RateLimited,
     RetriesExhausted,
+    RunStopped,
     TransientError,
     UnexpectedShape,
     Unreachable,
@@ -121,12 +122,16 @@ class SendHook:
     def __init__(self) -> None:
         self.calling: set[asyncio.Task[Any]] = set()
         self.on_wire: set[asyncio.Task[Any]] = set()
-        self.refusal: Interrupted | None = None  # set by a stop: no request leaves any more
+        self.refusal: RunStopped | None = None  # set by a stop: no request leaves any more
 
     def check(self) -> None:
         """Raise a copy of the refusal once one is set (nothing more is sent: a retry, a page, a 429's next try)."""
         if self.refusal is not None:
-            raise Interrupted(str(self.refusal), self.refusal.code)
+            stop = self.refusal
+            refused = type(stop).__new__(type(stop), *stop.args)  # a copy, whatever its __init__ takes
+            refused.__dict__.update(vars(stop))
+            refused.refused = True
+            raise refused
 
 
 def _default_gate(o: ClientOptions, key: Secret, base_url: str, pace: Pace) -> RateGate:
@@ -286,6 +291,8 @@ class Client(Endpoints):
             except (BudgetExhausted, Interrupted):
                 raise  # nothing was sent
             except CrawlerError as exc:
+                if isinstance(exc, RunStopped) and exc.refused:
+                    raise  # nothing was sent: a stop refused it
                 outage.answered()
                 self.gate.report_success()  # any answer but a rate limit ends a 429 streak
                 if isinstance(exc, Unreadable):

@@ -17,8 +17,17 @@ from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from crawler.api.client import Client
 from crawler.engine.lease import CreditLease, lease_size
-from crawler.engine.stop import GracefulStop
-from crawler.errors import BudgetExhausted, CrawlerError, Interrupted, RunStopped, rank
+from crawler.engine.stop import GracefulStop, stop_sending
+from crawler.errors import (
+    BalanceExhausted,
+    BudgetExhausted,
+    CrawlerError,
+    Interrupted,
+    QuotaSpent,
+    RunStopped,
+    ShapeChanged,
+    rank,
+)
 from crawler.options import EngineOptions
 from crawler.rate.pacing import MAX_AUTO_WORKERS, auto_workers
 
@@ -73,13 +82,19 @@ class Reporter(Protocol):
         ...
 
 
+# Answers after which no later request can succeed: the run stops sending and keeps the answers under way.
+DRAINING: tuple[type[RunStopped], ...] = (BalanceExhausted, QuotaSpent, ShapeChanged)
+
+
 class StopPolicy(GracefulStop):
     """How a run stops; the one place a run's stop is recorded and signals are turned into stops.
 
     `request_stop(error)` keeps the worst error (`errors.rank`: it decides the exit) and tells the engine whether
-    to stop softly: a spent --max-credits budget, or a first signal (`signalled`, which also makes the client refuse
-    any further request and cancels the calls with nothing under way), lets the requests under way be answered and
-    committed. Any other stop, or a second signal, is hard: the items under way end at once.
+    to stop softly: a spent --max-credits budget, a first signal (`signalled`, which also makes the client refuse
+    any further request and cancels the calls with nothing under way), or an answer that says no later request can
+    succeed (an empty balance, a spent daily quota, answers of a changed shape: `DRAINING`, which refuses the same
+    way) lets the requests under way be answered and committed: they are paid for, and the credits billed stay
+    exact. Any other stop, or a second signal, is hard: the items under way end at once.
     """
 
     def __init__(self, *, quiet: bool = True) -> None:
@@ -106,6 +121,12 @@ class StopPolicy(GracefulStop):
         if self.error is None or rank(error) < rank(self.error):
             self.error = error
         soft = isinstance(error, BudgetExhausted) or (isinstance(error, Interrupted) and self._draining)
+        if isinstance(error, DRAINING) and hasattr(self, "client"):
+            soft = True
+            if self.client.hook.refusal is None:  # the first such answer: nothing more is sent
+                waiting, _ = stop_sending(self.client, error)
+                for task in waiting:
+                    task.cancel()
         for on_stop in list(self._listeners):
             on_stop(soft)
 

@@ -14,12 +14,12 @@ from collections.abc import Callable
 from typing import Any
 
 from crawler.api.client import Client
-from crawler.errors import CrawlerError, Interrupted
+from crawler.errors import CrawlerError, Interrupted, RunStopped
 
 SIGNALS = ((signal.SIGINT, 130), (signal.SIGTERM, 143))  # and the exit code each stop ends with
 
 
-def stop_sending(client: Client, error: Interrupted) -> tuple[set[asyncio.Task[Any]], int]:
+def stop_sending(client: Client, error: RunStopped) -> tuple[set[asyncio.Task[Any]], int]:
     """From now on every call of ``client`` raises a copy of ``error`` before anything more is sent (a retry, a page,
     a 429's next try). Returns the tasks inside a call whose request is not under way (waiting for the rate gate, an
     outage or a retry's backoff: a graceful stop cancels them) and how many requests are under way (their answers
