@@ -234,3 +234,20 @@ async def test_an_api_back_within_the_stall_limit_resumes_every_worker_and_the_r
     assert outcome.exit_code == 0 and outcome.summary.items_failed == 0
     assert sorted(r["handle"] for r in read_csv(tmp_path / "out.csv")) == sorted(names)
     assert not crawl.client.outage.active
+
+
+async def test_a_probe_turn_given_up_without_a_request_passes_to_the_next_caller() -> None:
+    """A call that took the probe turn and then sent nothing (its budget spent, a stop) releases the turn: the next
+    caller probes now, not after the 20 s probe timeout."""
+    now = [100.0]
+    outage = Outage(base_url="http://x", stall_limit=600, attempts=5, clock=lambda: now[0])
+    for target in ("/a?", "/b?", "/c?"):
+        outage.failed(target, Unreachable("HTTP 503"))
+    assert outage.active
+    now[0] += 60  # past the probe's backoff
+    await asyncio.wait_for(outage.wait(), 5)  # this caller's request is the probe
+    second = asyncio.create_task(outage.wait())
+    await asyncio.sleep(0)
+    assert not second.done()  # the probe turn is held
+    outage.release()  # ...but the probe sent nothing
+    await asyncio.wait_for(second, 5)

@@ -276,7 +276,11 @@ class Client(Endpoints):
         while True:
             self.hook.check()
             await outage.wait()
-            started = await self._admit()
+            try:
+                started = await self._admit()
+            except BaseException:
+                outage.release()  # no request left: a probe turn this call held goes to the next caller
+                raise
             try:
                 body, raw = await self._send(path, query)
             except RateLimited as exc:
@@ -289,9 +293,11 @@ class Client(Endpoints):
                     continue  # an outage, not this item's fault: wait with everyone, spend no try
                 raise
             except (BudgetExhausted, Interrupted):
+                outage.release()
                 raise  # nothing was sent
             except CrawlerError as exc:
                 if isinstance(exc, RunStopped) and exc.refused:
+                    outage.release()
                     raise  # nothing was sent: a stop refused it
                 outage.answered()
                 self.gate.report_success()  # any answer but a rate limit ends a 429 streak

@@ -105,6 +105,14 @@ class Outage:
             self._check()
         return self.active
 
+    def release(self) -> None:
+        """A call that passed `wait` sent nothing after all (its budget spent, a stop, cancelled): if it held the probe
+        turn, the next caller takes it now rather than after the probe timeout."""
+        self._probe_until = 0.0
+        if self.active:
+            self._recovered.set()  # wake the waiters: one of them probes
+            self._recovered = asyncio.Event()
+
     def _check(self) -> None:
         if self._stall.expired:
             raise OutageStalled(
