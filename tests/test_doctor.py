@@ -213,3 +213,15 @@ def test_sim_command_line_reads_the_field_and_latency_switches() -> None:
     plain = config_from_args(_parser().parse_args(["--latency", "0.1,0.2"]))
     assert plain.latency == (0.1, 0.2) and not plain.latency_live
     assert main(["--drop-field", "post-detail"]) == 2
+
+
+@pytest.mark.slow
+async def test_doctor_with_no_options_checks_the_default_handle_and_reports_ok(simulator: SimFactory,
+                                                                                tmp_path: Path) -> None:
+    """`crawler doctor` as a new user first types it: the default handle (@tiktok) exists in the simulator's world
+    (its stand-in: the most followed public user), every family reads ok, exit 0, 5 requests."""
+    async with simulator(world=WORLD) as sim:
+        code, out, err, stated = await doctor(sim, tmp_path)
+        assert code == 0, out + err
+        assert stated == 5 and sim.stats.requests == 5
+        assert "every answer reads as the parsers expect" in out + err

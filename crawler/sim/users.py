@@ -42,6 +42,8 @@ MAX_REPLIES = 60
 BROKEN_TAIL = " \U0001F600\x00 \ud83d"
 
 _HANDLE_RE = re.compile(r"^[a-z]+[._]?(\d+)(?:v\d+)?$")
+# The handle `crawler doctor` checks by default; the world answers it with its stand-in (`Users.official`).
+OFFICIAL = "tiktok"
 # Day-0 events (old videos, follows, likes) are spread over this many seconds before day 0.
 _SPANS = {_FOLLOWERS: 3 * 365 * DAY, _FOLLOWING: 3 * 365 * DAY, _VIDEOS: 2 * 365 * DAY, _DIGG: 2 * 365 * DAY}
 _DEFAULT_WORLD = WorldConfig()  # frozen, so one shared default is safe
@@ -151,6 +153,8 @@ class Users:
     def index_by_handle(self, handle: str) -> int | None:
         """The index of the user whose current handle this is (any case), else None."""
         h = handle.strip().lower()
+        if h == OFFICIAL:
+            return self.official()
         m = _HANDLE_RE.match(h)
         if m is None or len(m.group(1)) > 12:
             return None
@@ -158,6 +162,17 @@ class Users:
         if self.is_missing(index) or self.handle(index) != h:
             return None
         return index
+
+    def official(self) -> int | None:
+        """The world's stand-in for @tiktok: its most followed public user with posts among the first 1,000."""
+        best: tuple[int, int] | None = None
+        for i in range(min(self.config.users, 1_000)):
+            user = self.user(i)
+            if user is None or user.private or user.videos < 2:
+                continue
+            if best is None or user.followers > best[0]:
+                best = (user.followers, i)
+        return None if best is None else best[1]
 
     def index_by_id(self, user_id: str) -> int | None:
         """The index of the user with this numeric id, else None (deleted users too)."""
