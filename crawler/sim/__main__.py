@@ -72,6 +72,8 @@ def _parser(prog: str = "python -m crawler.sim") -> argparse.ArgumentParser:
                    help="the Retry-After of a media throttle fault")
     p.add_argument("--media-wm-same", action="store_true",
                    help="the 2026 shape: wmplay == play, wm_size 0 (no separate watermarked file)")
+    p.add_argument("--media-generic-type", action="store_true",
+                   help="serve every media file as application/octet-stream")
     p.add_argument("--key", type=_key, action="append", metavar="KEY[:BALANCE]",
                    help="repeatable; default: sim-key, unlimited")
     return p
@@ -89,7 +91,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         media=MediaConfig(ttl=args.media_ttl, fault_rate=args.media_fault_rate,
                           faults=frozenset(k.strip() for k in args.media_faults.split(",") if k.strip()),
                           bytes_per_second=args.media_bytes_per_second, retry_after=args.media_retry_after,
-                          wm_same=args.media_wm_same),
+                          wm_same=args.media_wm_same, generic_type=args.media_generic_type),
     )
 
 

@@ -139,6 +139,7 @@ class MediaConfig:
     etags: bool = True
     retry_after: float = 1.0  # seconds a "throttle" fault's 429/503 asks to wait (Retry-After)
     wm_same: bool = False  # the 2026 shape: wmplay == play and wm_size 0 (no separate watermarked file)
+    generic_type: bool = False  # every file served as application/octet-stream (only its bytes tell its format)
 
     def __post_init__(self) -> None:
         unknown = set(self.faults) - MEDIA_FAULTS - EXTRA_MEDIA_FAULTS
@@ -281,7 +282,8 @@ class MediaHost:
         status = 206 if ranged else 200
         st.by_status[status] += 1
         resp = web.StreamResponse(status=status)
-        resp.content_type = CONTENT_TYPES[fmt(self.seed, kind, ident)]
+        form = fmt(self.seed, kind, ident)
+        resp.content_type = "application/octet-stream" if cfg.generic_type else CONTENT_TYPES[form]
         resp.content_length = end - start
         resp.headers["Accept-Ranges"] = "bytes" if cfg.ranges else "none"
         if cfg.etags:
