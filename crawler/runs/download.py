@@ -147,6 +147,18 @@ class _Skipped(Exception):
         self.reason = reason
 
 
+def _files_of(what: str, seq: int, video_id: str, post: ep.Post, *, refreshed: int) -> list[MediaFile]:
+    """The files of this kind a `/post-detail/` answer gives a post (or `_Skipped`, or none: MediaUnavailable)."""
+    fields = asdict(post)
+    skip = skip_reason(what, fields)
+    if skip is not None:
+        raise _Skipped(*skip)
+    found = [(n, u, s) for n, u, s in urls_of(what, fields) if http_url(u)]
+    if not found:
+        raise MediaUnavailable(f"{video_id}: the post has no {what} media")
+    return [MediaFile(seq, n, file_name(video_id, what, n), u, s, refreshed=refreshed) for n, u, s in found]
+
+
 # --- the run ---
 
 class Download:
@@ -381,28 +393,17 @@ class Download:
         except NotFound as exc:
             raise MediaUnavailable(f"{video_id}: {exc}") from None
 
-    def _files_of(self, seq: int, video_id: str, post: ep.Post, *, refreshed: int) -> list[MediaFile]:
-        what = self.options.what
-        fields = asdict(post)
-        skip = skip_reason(what, fields)
-        if skip is not None:
-            raise _Skipped(*skip)
-        found = [(n, u, s) for n, u, s in urls_of(what, fields) if http_url(u)]
-        if not found:
-            raise MediaUnavailable(f"{video_id}: the post has no {what} media")
-        return [MediaFile(seq, n, file_name(video_id, what, n), u, s, refreshed=refreshed) for n, u, s in found]
-
     async def _find_urls(self, seq: int, video_id: str) -> list[MediaFile]:
         """One /post-detail/ call (one credit) for an item given by id or without a URL of this kind."""
         post = await self._post(video_id)
-        files = self._files_of(seq, video_id, post, refreshed=0)
+        files = _files_of(self.options.what, seq, video_id, post, refreshed=0)
         self.state.add_media(files, self.counters())
         return self.state.media(seq)
 
     async def _refresh(self, seq: int, video_id: str, f: MediaFile) -> MediaFile:
         """Renew an item's URLs once through /post-detail/; the same file with its new URL."""
         post = await self._post(video_id)
-        fresh = {m.n: (m.url, m.expected) for m in self._files_of(seq, video_id, post, refreshed=1)}
+        fresh = {m.n: (m.url, m.expected) for m in _files_of(self.options.what, seq, video_id, post, refreshed=1)}
         self.state.refresh_media(seq, fresh, *self.counters())
         log.info("renewed the media URLs of %s (1 credit)", video_id)
         if f.n not in fresh:

@@ -265,20 +265,12 @@ class MediaHost:
                     start, end, ranged = first, min(total, (last + 1) if last is not None else total), True
         h = hash64(self.seed, _DOMAIN, 6, str_hash(request.path), start, self._seen[str_hash(request.path) ^ start])
         self._seen[str_hash(request.path) ^ start] += 1
-        fault = None
         cfg = self.config
-        if cfg.faults and unit(hash64(h, 1)) < cfg.fault_rate:
-            kinds = sorted(cfg.faults)
-            fault = kinds[hash64(h, 2) % len(kinds)]
-            st.faults[fault] += 1
-        if fault == "5xx":
-            code = (500, 502, 503)[hash64(h, 3) % 3]
-            st.by_status[code] += 1
-            return web.Response(status=code, text="upstream error")
-        if fault == "throttle":
-            code = (429, 503)[hash64(h, 3) % 2]
-            st.by_status[code] += 1
-            return web.Response(status=code, text="slow down", headers={"Retry-After": f"{cfg.retry_after:g}"})
+        fault = self._fault(h)
+        refusal = self._refusal(fault, h)
+        if refusal is not None:
+            st.by_status[refusal.status] += 1
+            return refusal
         status = 206 if ranged else 200
         st.by_status[status] += 1
         resp = web.StreamResponse(status=status)
@@ -296,6 +288,24 @@ class MediaHost:
         except (ConnectionError, aiohttp.ClientConnectionResetError):
             pass  # the client went away (a killed downloader): nothing to finish
         return resp
+
+    def _fault(self, h: int) -> str | None:
+        """The fault this answer meets (drawn from its seeded hash at `fault_rate`), counted; None most often."""
+        if not self.config.faults or unit(hash64(h, 1)) >= self.config.fault_rate:
+            return None
+        kinds = sorted(self.config.faults)
+        fault = kinds[hash64(h, 2) % len(kinds)]
+        self.stats.faults[fault] += 1
+        return fault
+
+    def _refusal(self, fault: str | None, h: int) -> web.Response | None:
+        """The answer of a "5xx" or "throttle" fault (429/503 with Retry-After), else None."""
+        if fault == "5xx":
+            return web.Response(status=(500, 502, 503)[hash64(h, 3) % 3], text="upstream error")
+        if fault == "throttle":
+            return web.Response(status=(429, 503)[hash64(h, 3) % 2], text="slow down",
+                                headers={"Retry-After": f"{self.config.retry_after:g}"})
+        return None
 
     async def _body(self, request: web.Request, resp: web.StreamResponse, kind: str, ident: str, n: int,
                     start: int, end: int, fault: str | None, h: int) -> None:
