@@ -20,7 +20,7 @@ from crawler.sim.media import MediaConfig
 from crawler.sim.server import Simulator
 from crawler.stores.local import StateStore
 from crawler.stores.model import MediaFile
-from tests.conftest import SimFactory
+from tests.conftest import KEY, SimFactory
 from tests.test_download import FAST, WORLD, crawler, files_under, photo_posts, posts_csv, videos
 
 
@@ -118,6 +118,33 @@ async def test_a_photo_post_the_csv_does_not_flag_is_skipped_by_its_answer(simul
 
 
 @pytest.mark.slow
+async def test_ids_of_photo_posts_are_skipped_after_their_one_detail_call(simulator: SimFactory,
+                                                                         tmp_path: Path) -> None:
+    """Ids as input, --what hd: one /post-detail/ credit per post; the answer's `images` marks photo posts, which
+    are skipped as not_a_video without a media request; video posts get <id>.hd.mp4 with the hd bytes."""
+    async with simulator(world=WORLD) as sim:
+        rows = await posts_csv(sim, tmp_path, 36)
+        photos, plain = photo_posts(sim, rows), videos(sim, rows)
+        shown = list(photos)[:3]
+        ids = [*shown, *[r["video_id"] for r in plain[:3]]]
+        (tmp_path / "ids.txt").write_text("\n".join(ids) + "\n")
+        billed, media_requests = sim.stats.billed[KEY], sim.media.stats.requests
+        code, err = await download(sim, tmp_path, "hd", "-q", source="ids.txt")
+        assert code == 0, err
+        assert sim.stats.billed[KEY] - billed == len(ids)
+        assert sim.media.stats.requests - media_requests == 3
+        out = tmp_path / "media"
+        assert set(written(out)) == {f"{r['video_id']}.hd.mp4" for r in plain[:3]}
+        for r in plain[:3]:
+            assert (out / f"{r['video_id']}.hd.mp4").read_bytes() == media.content(sim.media.seed, "hdplay",
+                                                                                   r["video_id"])
+        assert sorted(listed(out / "download-hd.skipped.csv")) == sorted((vid, "not_a_video") for vid in shown)
+        code, err = await download(sim, tmp_path, "hd", source="ids.txt")
+        assert code == 0 and "already complete" in err, err
+        assert sim.stats.billed[KEY] - billed == len(ids)
+
+
+@pytest.mark.slow
 async def test_a_generic_content_type_is_named_by_magic_bytes(simulator: SimFactory, tmp_path: Path) -> None:
     """Every file served as application/octet-stream: covers and sounds are still named .webp/.jpeg/.mp3 by their
     first bytes, never by their URL."""
@@ -199,11 +226,11 @@ async def test_a_retry_after_past_the_stall_limit_stops_the_run_resumably(simula
         assert code == 1, err
         lines = err.strip().splitlines()
         assert len(lines) == 1 and "Retry-After" in lines[0] and "retry.stall_limit (5 s)" in lines[0], err
-        assert written(tmp_path / "media") == {}
+        assert not [name for name in written(tmp_path / "media") if not name.endswith(".part")]
         sim.media.config = MediaConfig()
         code, err = await download(sim, tmp_path, "cover", "-q", config="stall.toml")
         assert code == 0, err
-        assert len(written(tmp_path / "media")) == len(rows)
+        assert len(written(tmp_path / "media")) == len(rows) and not list((tmp_path / "media").glob("*.part"))
 
 
 @pytest.mark.parametrize(("content_type", "head", "ext"), [

@@ -376,8 +376,8 @@ class Download:
                 if f.status == "done":
                     continue
                 await self._file(seq, video_id, f)
-        except _Skipped as skip:
-            self.state.skip_item(seq, skip.reason, str(skip))
+        except _Skipped as skip:  # a /post-detail/ answer showed it: its credit is recorded with the skip
+            self.state.skip_item(seq, skip.reason, str(skip), self.counters())
         except NotAVideo as exc:  # the CSV did not say it was a photo post; the host's answer did
             self.state.skip_item(seq, "not_a_video", str(exc))
 

@@ -36,11 +36,14 @@ class MediaState:
             (key, raw, status, reason, detail))
         return cur.lastrowid if cur.rowcount else None
 
-    def skip_item(self, seq: int, reason: str, detail: str) -> None:
-        """The kind of file asked for does not apply to this post: it is done, with ``reason``."""
+    def skip_item(self, seq: int, reason: str, detail: str, counters: tuple[int, int] | None = None) -> None:
+        """The kind of file asked for does not apply to this post: it is done, with ``reason`` (and the
+        (requests_sent, credits_billed) of the `/post-detail/` call that showed it, if one did)."""
         with self._tx():
             self._db.execute("UPDATE items SET status = 'done', reason = ?, endpoint = 'media', detail = ?"
                              " WHERE seq = ?", (reason, detail, seq))
+            if counters is not None:
+                self._set_counters(*counters)
 
     def skipped(self) -> list[tuple[str, str, str, str]]:
         """(input, endpoint, reason, detail) of every skipped item, in input order."""
