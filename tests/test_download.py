@@ -99,6 +99,13 @@ def photo_posts(sim: Simulator, rows: list[dict[str, str]]) -> dict[str, int]:
     return {vid: n for vid, n in counts.items() if n}
 
 
+def cover(sim: Simulator, video_id: str) -> tuple[str, bytes]:
+    """(file name, bytes) of a post's cover as `download --what cover` saves it: a photo post's is its first image."""
+    seed = sim.media.seed
+    kind = "image" if media.photo_count(seed, video_id) else "cover"
+    return f"{video_id}.cover.{media.fmt(seed, kind, video_id)}", media.content(seed, kind, video_id, 0)
+
+
 def files_under(root: Path) -> set[Path]:
     """Every file below root."""
     return {p for p in root.rglob("*") if p.is_file()}
@@ -397,12 +404,9 @@ async def test_parallelism_auto_grows_the_detail_requests_not_the_files_in_fligh
         assert code == 0, err
         assert sim.stats.max_in_flight > 2  # the workers asking /post-detail/ grew
         assert sim.media.stats.max_in_flight <= 2
-        seed = sim.media.seed
-        for r in rows:  # a photo post's cover is its first image
-            vid = r["video_id"]
-            kind = "image" if media.photo_count(seed, vid) else "cover"
-            path = tmp_path / "covers" / f"{vid}.cover.{media.fmt(seed, kind, vid)}"
-            assert path.read_bytes() == media.content(seed, kind, vid, 0)
+        for r in rows:
+            name, data = cover(sim, r["video_id"])
+            assert (tmp_path / "covers" / name).read_bytes() == data
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from crawler.sim.server import Simulator
 from crawler.stores.local import StateStore
 from crawler.stores.model import MediaFile
 from tests.conftest import KEY, SimFactory
-from tests.test_download import FAST, WORLD, crawler, files_under, photo_posts, posts_csv, videos
+from tests.test_download import FAST, WORLD, cover, crawler, files_under, photo_posts, posts_csv, videos
 
 
 def magic_says(data: bytes) -> str:
@@ -196,7 +196,6 @@ async def test_a_media_429_or_503_with_retry_after_is_waited_exactly(simulator: 
     throttle = MediaConfig(fault_rate=0.3, faults=frozenset({"throttle"}), retry_after=1.5)
     async with simulator(world=WORLD, media=throttle) as sim:
         rows = await posts_csv(sim, tmp_path, 20)
-        seed = sim.media.seed
         code, err = await download(sim, tmp_path, "cover", "-q", "--retries", "30")
         assert code == 0, err
         log = sim.media.stats.log
@@ -207,9 +206,8 @@ async def test_a_media_429_or_503_with_retry_after_is_waited_exactly(simulator: 
             assert 1.5 <= after - at < 1.5 + 1.0, (path, after - at)
         files = written(tmp_path / "media")
         for r in rows:
-            vid = r["video_id"]
-            kind = "image" if media.photo_count(seed, vid) else "cover"
-            assert files[f"{vid}.cover.{media.fmt(seed, kind, vid)}"].read_bytes() == media.content(seed, kind, vid)
+            name, data = cover(sim, r["video_id"])
+            assert files[name].read_bytes() == data
 
 
 @pytest.mark.slow
