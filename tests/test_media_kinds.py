@@ -233,6 +233,8 @@ async def test_a_retry_after_past_the_stall_limit_stops_the_run_resumably(simula
 
 @pytest.mark.parametrize(("content_type", "head", "ext"), [
     ("video/mp4", b"\x00\x00\x00\x20ftypisom", ".mp4"),
+    ("image/jpeg", b"RIFF\x00\x00\x00\x00WEBPVP8 ", ".jpeg"),  # a specific type names the file
+    ("audio/mp4", b"", ".m4a"),
     ("image/webp", b"RIFF\x00\x00\x00\x00WEBPVP8 ", ".webp"),
     ("image/jpeg; charset=binary", b"\xff\xd8\xff\xe0", ".jpeg"),
     ("Audio/MPEG", b"ID3\x04", ".mp3"),
