@@ -41,7 +41,7 @@ from tests.conftest import SimFactory
 from tests.test_cli import FAST_TOML, crawler, environ, error_line, public_users, read_csv
 from tests.test_distributed import _stopped
 from tests.test_download import WORLD as MEDIA_WORLD
-from tests.test_download import expected, posts_csv
+from tests.test_download import cover, posts_csv
 
 WORLD = WorldConfig(seed=11, users=1_200)
 
@@ -183,7 +183,8 @@ async def test_a_full_disk_under_a_download_is_one_line_and_the_same_command_the
             got, _, err = await crawler(args, environ(sim), tmp_path)
             assert got == 0, err
             for r in rows:
-                assert (disk / "covers" / f"{r['video_id']}.jpg").read_bytes() == expected(sim, "cover", r["video_id"])
+                name, data = cover(sim, r["video_id"])
+                assert (disk / "covers" / name).read_bytes() == data
 
 
 def renames(source: str) -> Iterator[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef | None]]:

@@ -88,6 +88,24 @@ def expected(sim: Simulator, kind: str, video_id: str) -> bytes:
     return media.content(sim.media.seed, kind, video_id)
 
 
+def videos(sim: Simulator, rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The rows of video posts (not photo posts: those have images, and their play URL is their sound)."""
+    return [r for r in rows if not media.photo_count(sim.media.seed, r["video_id"])]
+
+
+def photo_posts(sim: Simulator, rows: list[dict[str, str]]) -> dict[str, int]:
+    """video_id -> number of images, of the photo posts among the rows."""
+    counts = {r["video_id"]: media.photo_count(sim.media.seed, r["video_id"]) for r in rows}
+    return {vid: n for vid, n in counts.items() if n}
+
+
+def cover(sim: Simulator, video_id: str) -> tuple[str, bytes]:
+    """(file name, bytes) of a post's cover as `download --what cover` saves it: a photo post's is its first image."""
+    seed = sim.media.seed
+    kind = "image" if media.photo_count(seed, video_id) else "cover"
+    return f"{video_id}.cover.{media.fmt(seed, kind, video_id)}", media.content(seed, kind, video_id, 0)
+
+
 def files_under(root: Path) -> set[Path]:
     """Every file below root."""
     return {p for p in root.rglob("*") if p.is_file()}
@@ -97,16 +115,24 @@ def files_under(root: Path) -> set[Path]:
 async def test_posts_csv_has_media_columns_matching_the_world(simulator: SimFactory, tmp_path: Path) -> None:
     """Posts rows carry play/wmplay/cover/size/music_url from the list items, post-details add hdplay and hd_size."""
     async with simulator(world=WORLD) as sim:
-        rows = await posts_csv(sim, tmp_path, 12)
+        rows = await posts_csv(sim, tmp_path, 24)
         seed = sim.media.seed
-        for r in rows:
+        photos = photo_posts(sim, rows)
+        assert photos and len(photos) < len(rows), "the sample must hold photo and video posts"
+        for r in videos(sim, rows):
             vid = r["video_id"]
             assert r["play"].startswith(f"{sim.media_url}/m/play/{vid}.mp4?")
             assert r["wmplay"].startswith(f"{sim.media_url}/m/wmplay/{vid}.mp4?")
-            assert r["cover"].startswith(f"{sim.media_url}/m/cover/{vid}.jpeg?")
+            assert r["cover"].startswith(f"{sim.media_url}/m/cover/{vid}{media.url_suffix(seed, 'cover', vid)}?")
             assert r["size"] == str(media.size(seed, "play", vid))
             assert r["hdplay"] == "" and r["hd_size"] == ""  # list items carry no hdplay (§3.1)
-            assert r["duration"] and r["music_url"]
+            assert r["duration"] and r["music_url"] and not r["images"]
+        for r in rows:  # photo posts as real ones look (§5.1): play/wmplay at the sound, no duration, no size
+            if r["video_id"] in photos:
+                assert r["play"] == r["wmplay"] == r["music_url"] and "/m/music/" in r["play"]
+                assert r["duration"] == r["size"] == "0"
+                assert len(r["images"].split()) == photos[r["video_id"]] and r["cover"] == r["images"].split()[0]
+        rows = videos(sim, rows)
         (tmp_path / "ids.txt").write_text("\n".join(r["video_id"] for r in rows[:3]) + "\n")
         code, err = await crawler(["post-details", "ids.txt", "-o", "details.csv", "--config", "fast.toml", "-q"],
                                   sim, tmp_path)
@@ -135,9 +161,11 @@ async def test_two_hundred_posts_with_faults_are_byte_identical_and_cost_nothing
         assert sum(sim.media.stats.faults.values()) >= 20 and sim.media.stats.faults["cut"] > 0
         assert sim.media.stats.by_status[206] > 0  # cut bodies were continued with Range
         out = tmp_path / "media"
+        skipped = len(photo_posts(sim, rows))
+        assert skipped and f"{skipped:,} photo posts skipped: not videos" in err
         assert {p.relative_to(out).as_posix() for p in files_under(out) if not p.name.startswith(".")} == {
-            f"{r['video_id']}.mp4" for r in rows}
-        for r in rows:
+            f"{r['video_id']}.mp4" for r in videos(sim, rows)} | {"download-video.skipped.csv"}
+        for r in videos(sim, rows):
             assert (out / f"{r['video_id']}.mp4").read_bytes() == expected(sim, "play", r["video_id"]), r["video_id"]
 
 
@@ -147,7 +175,7 @@ async def test_five_sigkills_resume_without_rewriting_complete_files(simulator: 
     workers = 4
     throttle = MediaConfig(bytes_per_second=1_000_000)
     async with simulator(world=WORLD, media=throttle) as sim:
-        rows = await posts_csv(sim, tmp_path, 40)
+        rows = videos(sim, await posts_csv(sim, tmp_path, 40))
         seed = sim.media.seed
         sizes = {r["video_id"]: media.size(seed, "play", r["video_id"]) for r in rows}
         total = sum(sizes.values())
@@ -197,7 +225,7 @@ async def test_five_sigkills_resume_without_rewriting_complete_files(simulator: 
 async def test_expired_urls_are_renewed_once_each(simulator: SimFactory, tmp_path: Path) -> None:
     """URLs that expired before the run: one /post-detail/ credit per post, files exact, a re-run spends nothing."""
     async with simulator(world=WORLD, media=MediaConfig(ttl=3600)) as sim:
-        rows = await posts_csv(sim, tmp_path, 15)
+        rows = videos(sim, await posts_csv(sim, tmp_path, 15))  # photo posts are skipped without a credit
         sim.media.shift(2 * 3600)  # every URL in the CSV is now stale
         billed, details = sim.stats.billed[KEY], sim.stats.by_endpoint["/post-detail"]
         # A budget below the need stops resumably (exit 4) and is honoured across the resume.
@@ -238,35 +266,36 @@ async def test_video_ids_cost_one_detail_each_and_fetch_hd(simulator: SimFactory
         assert code == 3, err
         assert sim.stats.billed[KEY] - billed == len(ids)
         for vid in ids:
-            assert (tmp_path / "hd" / f"{vid}.mp4").read_bytes() == expected(sim, "hdplay", vid)
+            if vid not in photo_posts(sim, rows):
+                assert (tmp_path / "hd" / f"{vid}.hd.mp4").read_bytes() == expected(sim, "hdplay", vid)
         with (tmp_path / "hd" / "download-hd.failures.csv").open(newline="", encoding="utf-8") as fh:
             assert [(f["input"], f["reason"]) for f in csv.DictReader(fh)] == [("not-a-video", "invalid_input")]
 
 
 @pytest.mark.slow
 async def test_photo_posts_images_land_in_a_folder_per_post(simulator: SimFactory, tmp_path: Path) -> None:
-    """--what images: DIR/<video_id>/<n>.jpg for every image of a photo post; other posts are skipped, not failed."""
+    """--what images: DIR/<video_id>/<n>.<ext> for every image of a photo post; other posts are skipped, not failed."""
     async with simulator(world=WORLD) as sim:
         rows = await posts_csv(sim, tmp_path, 60)
-        photos = {r["video_id"]: media.photo_count(sim.media.seed, r["video_id"]) for r in rows}
-        photos = {k: v for k, v in photos.items() if v}
+        photos = photo_posts(sim, rows)
         assert photos, "the sample must hold photo posts"
+        ext = {vid: "." + media.fmt(sim.media.seed, "image", vid) for vid in photos}
         code, err = await crawler(["download", "posts.csv", "-o", "img", "--what", "images", "--config", "fast.toml",
                                    "-q"], sim, tmp_path)
         assert code == 0, err
         out = tmp_path / "img"
-        want = {f"{vid}/{n}.jpg" for vid, count in photos.items() for n in range(count)}
+        want = {f"{vid}/{n}{ext[vid]}" for vid, count in photos.items() for n in range(count)}
         assert {p.relative_to(out).as_posix() for p in files_under(out) if not p.name.startswith(".")} == want
         for vid, count in photos.items():
             for n in range(count):
-                assert (out / vid / f"{n}.jpg").read_bytes() == media.content(sim.media.seed, "image", vid, n)
+                assert (out / vid / f"{n}{ext[vid]}").read_bytes() == media.content(sim.media.seed, "image", vid, n)
 
 
 @pytest.mark.slow
 async def test_hostile_csv_writes_nothing_outside_dir(simulator: SimFactory, tmp_path: Path) -> None:
     """Path traversal, absolute paths, NUL bytes and non-http URLs become invalid_input rows; nothing leaves DIR."""
     async with simulator(world=WORLD) as sim:
-        rows = await posts_csv(sim, tmp_path, 3)
+        rows = videos(sim, await posts_csv(sim, tmp_path, 6))
         good = rows[0]
         url = good["play"]  # a real, valid URL: a traversal would really write if names were not checked
         hostile = ["../../etc/x", str(tmp_path / "abs"), "../escape", "123\x00456", "٣٣٣",
@@ -302,7 +331,7 @@ async def test_disk_full_stops_with_one_line_and_renames_nothing_incomplete(
 ) -> None:
     """ENOSPC from the write seam: exit 1, one line, every renamed file complete, the partial one kept as .part."""
     async with simulator(world=WORLD) as sim:
-        rows = await posts_csv(sim, tmp_path, 30)
+        rows = videos(sim, await posts_csv(sim, tmp_path, 30))
         capsys.readouterr()
         budget = sum(media.size(sim.media.seed, "play", r["video_id"]) for r in rows) // 2
         written = 0
@@ -376,14 +405,15 @@ async def test_parallelism_auto_grows_the_detail_requests_not_the_files_in_fligh
         assert sim.stats.max_in_flight > 2  # the workers asking /post-detail/ grew
         assert sim.media.stats.max_in_flight <= 2
         for r in rows:
-            assert (tmp_path / "covers" / f"{r['video_id']}.jpg").read_bytes() == expected(sim, "cover", r["video_id"])
+            name, data = cover(sim, r["video_id"])
+            assert (tmp_path / "covers" / name).read_bytes() == data
 
 
 @pytest.mark.slow
 async def test_media_gone_for_good_fails_after_one_refresh(simulator: SimFactory, tmp_path: Path) -> None:
     """A file refused even with a renewed URL: one /post-detail/ credit, then a media_unavailable failure row."""
     async with simulator(world=WORLD) as sim:
-        rows = await posts_csv(sim, tmp_path, 10)
+        rows = videos(sim, await posts_csv(sim, tmp_path, 12))
         gone = [rows[2]["video_id"], rows[7]["video_id"]]
         for vid in gone:
             sim.media.revoke(vid)
@@ -432,7 +462,7 @@ async def test_sigterm_stops_cleanly_and_the_same_command_resumes(simulator: Sim
         assert list((tmp_path / "media").glob("*.part"))
         code, err = await crawler(args, sim, tmp_path)
         assert code == 0, err
-        for r in rows:
+        for r in videos(sim, rows):
             assert (tmp_path / "media" / f"{r['video_id']}.mp4").read_bytes() == expected(sim, "play", r["video_id"])
 
 
@@ -563,7 +593,7 @@ async def test_a_sigint_while_reading_an_edited_input_leaves_its_new_items_to_fe
     """A completed download, its input edited, SIGINT while the edited input is read: the same command then
     fetches exactly the new posts (one /post-detail/ each, server-side count) and their files."""
     async with simulator(world=WORLD) as sim:
-        rows = await posts_csv(sim, tmp_path, 8)
+        rows = videos(sim, await posts_csv(sim, tmp_path, 12))[:8]
         ids = [r["video_id"] for r in rows]
         old, new = ids[:3], ids[3:]
         (tmp_path / "ids.txt").write_text("\n".join(old) + "\n")
@@ -585,7 +615,7 @@ async def test_a_sigint_while_reading_an_edited_input_leaves_its_new_items_to_fe
         assert code == 0, err
         assert sim.stats.by_endpoint["/post-detail"] - details == len(new)
         for vid in ids:
-            assert (tmp_path / "hd" / f"{vid}.mp4").read_bytes() == expected(sim, "hdplay", vid)
+            assert (tmp_path / "hd" / f"{vid}.hd.mp4").read_bytes() == expected(sim, "hdplay", vid)
 
 
 @pytest.mark.slow
@@ -594,7 +624,7 @@ async def test_a_first_signal_lets_the_detail_answers_in_flight_be_kept(simulato
     before exit 143 and nothing more is sent; the job's counters equal the simulator's, and the resume fetches
     every other post once (no post is asked for twice across the two runs)."""
     async with simulator(world=WORLD, latency=(1.0, 1.0)) as sim:
-        rows = await posts_csv(sim, tmp_path, 12)
+        rows = videos(sim, await posts_csv(sim, tmp_path, 16))[:12]
         ids = [r["video_id"] for r in rows]
         (tmp_path / "ids.txt").write_text("\n".join(ids) + "\n")
         args = ["download", "ids.txt", "-o", "hd", "--config", "fast.toml", "--parallelism", "4"]
@@ -620,7 +650,7 @@ async def test_a_first_signal_lets_the_detail_answers_in_flight_be_kept(simulato
         assert code == 0, err
         assert sim.stats.by_endpoint["/post-detail"] - details == len(ids)  # none was lost, none asked again
         for vid in ids:
-            assert (tmp_path / "hd" / f"{vid}.mp4").read_bytes() == expected(sim, "hdplay", vid)
+            assert (tmp_path / "hd" / f"{vid}.hd.mp4").read_bytes() == expected(sim, "hdplay", vid)
 
 
 @pytest.mark.slow
@@ -628,7 +658,7 @@ async def test_a_second_signal_stops_the_download_at_once(simulator: SimFactory,
     """SIGTERM while four slow /post-detail/ requests are out, then SIGTERM again once the download says it waits
     for them: exit 143 without their answers, and the same command then completes every file."""
     async with simulator(world=WORLD, latency=(5.0, 5.0)) as sim:
-        rows = await posts_csv(sim, tmp_path, 6)
+        rows = videos(sim, await posts_csv(sim, tmp_path, 10))[:6]
         ids = [r["video_id"] for r in rows]
         (tmp_path / "ids.txt").write_text("\n".join(ids) + "\n")
         args = ["download", "ids.txt", "-o", "hd", "--config", "fast.toml", "--parallelism", "4"]
@@ -655,7 +685,7 @@ async def test_a_second_signal_stops_the_download_at_once(simulator: SimFactory,
         code, err = await crawler(args + ["-q"], sim, tmp_path)
         assert code == 0, err
         for vid in ids:
-            assert (tmp_path / "hd" / f"{vid}.mp4").read_bytes() == expected(sim, "hdplay", vid)
+            assert (tmp_path / "hd" / f"{vid}.hd.mp4").read_bytes() == expected(sim, "hdplay", vid)
 
 
 def _summary(err: str, name: str) -> int:

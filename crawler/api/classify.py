@@ -77,7 +77,7 @@ RULES: tuple[Rule, ...] = (
 _ERROR_ONLY_KEYS = frozenset({"message", "msg", "error", "detail", "code", "status", "processed_time"})
 
 
-def _retry_after(value: str | None) -> float | None:
+def parse_retry_after(value: str | None) -> float | None:
     """Seconds from a Retry-After header (delta-seconds or HTTP-date), or None."""
     if not value:
         return None
@@ -151,7 +151,7 @@ def interpret(status: int, raw: bytes, retry_after: str | None, endpoint: str) -
     or a rate limit by its words, in that order; any other error body is transient.
     """
     if status == 429:
-        return RateLimited(f"{endpoint}: HTTP 429", _retry_after(retry_after)), False
+        return RateLimited(f"{endpoint}: HTTP 429", parse_retry_after(retry_after)), False
     if status >= 500:
         return Unreachable(f"{endpoint}: HTTP {status}"), False
     if status in (401, 403):

@@ -31,6 +31,8 @@ def cmd_download(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(outcome.summary.render(), file=sys.stderr)
     err = outcome.error
     if err is None:
+        for line in outcome.summary.skip_lines():  # a note, not a failure: the same line with -q
+            print(f"crawler: {line} (listed in {outcome.summary.skipped_file})", file=sys.stderr)
         if outcome.summary.failed:
             print(f"crawler: {outcome.summary.failed:,} posts failed; see {outcome.summary.failures_file}"
                   " (re-run with --retry-failed to try them again)", file=sys.stderr)

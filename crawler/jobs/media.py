@@ -1,7 +1,9 @@
-"""What a download item is: the kinds of media file, their names (digits and fixed extensions only), the input.
+"""What a download item is: the kinds of media file, their names (digits, a kind and an extension from a fixed
+table only), the extension an answer gives a file, and the input.
 
 The input is a posts/post-details CSV (read by column) or one video URL or id per line; hostile values become
-`invalid_input` entries. `crawler.runs.download` stores the entries and transfers the files.
+`invalid_input` entries, posts the kind does not apply to (`SKIPS`) skipped entries. `crawler.runs.download`
+stores the entries and transfers the files.
 """
 
 from __future__ import annotations
@@ -16,10 +18,28 @@ from crawler.jobs.handles import InvalidInput, normalize_post, open_input
 
 What = Literal["video", "hd", "watermarked", "cover", "music", "images"]
 WHATS: tuple[What, ...] = ("video", "hd", "watermarked", "cover", "music", "images")
-# The fixed extension of each kind; file names are <digits><EXT> (images: <digits>/<n>.jpg).
-EXT: dict[str, str] = {"video": ".mp4", "hd": ".mp4", "watermarked": ".wm.mp4", "cover": ".jpg", "music": ".mp3",
-                       "images": ".jpg"}
-URL_COLUMNS = ("play", "hdplay", "wmplay", "cover", "music_url", "images")
+VIDEO_KINDS = frozenset({"video", "hd", "watermarked"})
+# The part of a file's name after the id, before its extension (`hd` and `video` never share a name); images are
+# <id>/<n>. The extension comes from the answer (`extension`) once its first bytes arrive.
+KIND_SUFFIX: dict[str, str] = {"video": "", "hd": ".hd", "watermarked": ".wm", "cover": ".cover", "music": ".music"}
+# Content-Type -> extension: the only extensions that ever reach the file system (with SNIFFED's and ".bin").
+CONTENT_TYPES: dict[str, str] = {
+    "video/mp4": ".mp4", "video/quicktime": ".mov", "video/webm": ".webm", "video/x-matroska": ".mkv",
+    "image/webp": ".webp", "image/jpeg": ".jpeg", "image/jpg": ".jpeg", "image/pjpeg": ".jpeg", "image/png": ".png",
+    "image/gif": ".gif", "image/heic": ".heic", "image/avif": ".avif",
+    "audio/mpeg": ".mp3", "audio/mp3": ".mp3", "audio/mp4": ".m4a", "audio/x-m4a": ".m4a", "audio/aac": ".aac",
+    "audio/ogg": ".ogg", "audio/wav": ".wav", "audio/x-wav": ".wav",
+}
+GENERIC_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream", "application/x-download",
+                           "application/download", "application/force-download"})
+VIDEO_EXTS = frozenset({".mp4", ".mov", ".webm", ".mkv"})
+UNKNOWN_EXT = ".bin"  # a generic Content-Type and bytes no magic number names: kept, not renamed to a guess
+SNIFF_BYTES = 16  # enough of a file's head for `sniff`
+# Posts a kind does not apply to: skipped (the item is done, with this reason), never a failure of the run.
+SKIPS: dict[str, str] = {
+    "not_a_video": "photo posts skipped: not videos; use --what images or --what music",
+    "not_watermarked": "posts skipped: no separate watermarked file (wmplay == play); use --what video",
+}
 MAX_ID = 25  # digits; TikTok ids are 19
 
 
@@ -31,10 +51,68 @@ def valid_id(value: str) -> bool:
 
 
 def file_name(video_id: str, what: str, n: int = 0) -> str:
-    """The path of one file under DIR: `<id><ext>`, or `<id>/<n>.jpg` for the images of a photo post."""
+    """The path of one file under DIR without its extension: `<id>[.<kind>]`, or `<id>/<n>` for the images of a
+    photo post. `extension` gives the rest once the answer is in."""
     if not valid_id(video_id):
         raise ValueError(f"not a numeric id: {video_id!r}")
-    return f"{video_id}/{int(n)}.jpg" if what == "images" else f"{video_id}{EXT[what]}"
+    return f"{video_id}/{int(n)}" if what == "images" else f"{video_id}{KIND_SUFFIX[what]}"
+
+
+def sniff(head: bytes) -> str | None:
+    """The extension a file's first bytes (magic numbers) prove, or None."""
+    if head[4:8] == b"ftyp":  # ISO base media: the major brand tells audio and stills from video
+        brand = head[8:12]
+        return ".m4a" if brand in (b"M4A ", b"M4B ") else ".heic" if brand in (b"heic", b"heix", b"mif1") else \
+            ".avif" if brand == b"avif" else ".mov" if brand == b"qt  " else ".mp4"
+    if head[:4] == b"RIFF" and head[8:12] in (b"WEBP", b"WAVE"):
+        return ".webp" if head[8:12] == b"WEBP" else ".wav"
+    if head[:3] == b"\xff\xd8\xff":
+        return ".jpeg"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return ".png"
+    if head[:4] in (b"GIF8",):
+        return ".gif"
+    if head[:4] == b"\x1aE\xdf\xa3":
+        return ".webm"
+    if head[:4] == b"OggS":
+        return ".ogg"
+    if head[:3] == b"ID3":
+        return ".mp3"
+    if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:  # an MPEG audio frame sync
+        return ".aac" if head[1] & 0x06 == 0 else ".mp3"  # layer bits 00: an AAC ADTS frame; else layer I-III
+    return None
+
+
+def extension(content_type: str | None, head: bytes) -> str | None:
+    """A file's extension from its answer: the Content-Type when it names a known media type, the magic bytes when
+    the type is missing or generic (``.bin`` when they name nothing). None: the answer is not a media file (a
+    specific type such as text/html, with bytes no magic number names)."""
+    kind = (content_type or "").split(";", 1)[0].strip().lower()
+    if kind in CONTENT_TYPES:
+        return CONTENT_TYPES[kind]
+    found = sniff(head)
+    if found is not None:
+        return found
+    return UNKNOWN_EXT if kind in GENERIC_TYPES else None
+
+
+def known_extension(ext: str) -> bool:
+    """True for an extension `extension` can give (a state file's value is checked before it names a file)."""
+    return ext == UNKNOWN_EXT or ext in CONTENT_TYPES.values()
+
+
+def skip_reason(what: str, row: Mapping[str, str | int | None]) -> tuple[str, str] | None:
+    """(reason, detail) when this kind of file does not apply to the post (`SKIPS`), else None: a photo post (it
+    has `images`; its play/wmplay are its sound) asked for as a video; `watermarked` when wmplay == play."""
+    def text(key: str) -> str:
+        value = row.get(key)
+        return "" if value is None else str(value).strip()
+
+    if what in VIDEO_KINDS and text("images"):
+        return "not_a_video", f"a photo post of {len(text('images').split())} images; its play URL is its sound"
+    if what == "watermarked" and text("wmplay") and text("wmplay") == text("play"):
+        return "not_watermarked", "wmplay == play: the post has no separate watermarked file"
+    return None
 
 
 def http_url(value: str) -> bool:
@@ -78,7 +156,8 @@ Entry = tuple[str, str, str | None, str | None, list[tuple[int, str, int | None]
 
 
 def read_input(path: str, what: str) -> Iterator[Entry]:
-    """(key, raw, reason, detail, files) per input item; files is None when `/post-detail/` must find them.
+    """(key, raw, reason, detail, files) per input item; files is None when `/post-detail/` must find them. A
+    reason in `SKIPS` marks a post skipped, any other a failed item.
 
     A CSV whose header has `video_id` and a media column is read by column; anything else is one video
     URL or id per line. Hostile values (paths, NUL bytes, non-http URLs) become `invalid_input` entries.
@@ -126,7 +205,12 @@ def _csv_entries(first: str, text: IO[str], what: str) -> Iterator[Entry]:
             yield (f"invalid:{number}", _printable(video_id), "invalid_input",
                    f"line {number}: video_id must be a numeric id", None)
             continue
-        files = urls_of(what, {k: v for k, v in row.items() if isinstance(k, str)})
+        fields = {k: v for k, v in row.items() if isinstance(k, str)}
+        skip = skip_reason(what, fields)
+        if skip is not None:
+            yield video_id, video_id, *skip, None
+            continue
+        files = urls_of(what, fields)
         bad = [u for _, u, _ in files if not http_url(u)]
         if bad:
             yield (f"invalid:{number}", video_id, "invalid_input",

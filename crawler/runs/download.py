@@ -15,6 +15,7 @@ import contextlib
 import logging
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,10 +44,19 @@ from crawler.errors import (
     disk_problems,
     run_exit_code,
 )
-from crawler.jobs.media import WHATS, What, file_name, http_url, read_input, urls_of
+from crawler.jobs.media import SKIPS, VIDEO_KINDS, WHATS, What, file_name, http_url, read_input, skip_reason, urls_of
 from crawler.jobs.prepare import job_lock
 from crawler.options import EngineOptions
-from crawler.runs.transfer import CHECKPOINT, CHECKPOINT_SECONDS, CHUNK, MediaTransfer, Refused, write_all
+from crawler.runs.transfer import (
+    CHECKPOINT,
+    CHECKPOINT_SECONDS,
+    CHUNK,
+    MediaTransfer,
+    NotAVideo,
+    Refused,
+    final_path,
+    write_all,
+)
 from crawler.sinks.csv_sink import write_failures
 from crawler.stores.local import StateStore
 from crawler.stores.model import MediaFile
@@ -86,6 +96,12 @@ class DownloadSummary:
     failures_file: str = ""
     failures: tuple[tuple[str, int], ...] = ()
     reason: str = ""
+    skips: tuple[tuple[str, int], ...] = ()  # posts the kind does not apply to, by reason (jobs.media.SKIPS)
+    skipped_file: str = ""
+
+    def skip_lines(self) -> list[str]:
+        """One line per reason posts were skipped: "N photo posts skipped: not videos; use --what images ..."."""
+        return [f"{n:,} {SKIPS.get(reason, reason)}" for reason, n in self.skips]
 
     def render(self) -> str:
         """A small aligned table for the terminal."""
@@ -104,6 +120,9 @@ class DownloadSummary:
             lines.append(("failures", ", ".join(f"{k}: {v:,}" for k, v in self.failures)))
         if self.failures_file:
             lines.append(("failures file", self.failures_file))
+        lines += [("skipped", line) for line in self.skip_lines()]
+        if self.skipped_file:
+            lines.append(("skipped file", self.skipped_file))
         width = max(len(k) for k, _ in lines)
         return "\n".join(f"  {k:<{width}}  {v}" for k, v in lines)
 
@@ -119,6 +138,26 @@ class DownloadOutcome:
     def exit_code(self) -> int:
         """CONTRACT.md's exit code."""
         return run_exit_code(self.error, failed=bool(self.summary.failed))
+
+
+class _Skipped(Exception):
+    """The kind of file asked for does not apply to the post (`jobs.media.SKIPS`)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def _files_of(what: str, seq: int, video_id: str, post: ep.Post, *, refreshed: int) -> list[MediaFile]:
+    """The files of this kind a `/post-detail/` answer gives a post (or `_Skipped`, or none: MediaUnavailable)."""
+    fields = asdict(post)
+    skip = skip_reason(what, fields)
+    if skip is not None:
+        raise _Skipped(*skip)
+    found = [(n, u, s) for n, u, s in urls_of(what, fields) if http_url(u)]
+    if not found:
+        raise MediaUnavailable(f"{video_id}: the post has no {what} media")
+    return [MediaFile(seq, n, file_name(video_id, what, n), u, s, refreshed=refreshed) for n, u, s in found]
 
 
 # --- the run ---
@@ -174,6 +213,11 @@ class Download:
         return self.dir / f"download-{self.options.what}.failures.csv"
 
     @property
+    def skipped_file(self) -> Path:
+        """The posts skipped (`jobs.media.SKIPS`: a photo post asked for as a video, ...), inside DIR."""
+        return self.dir / f"download-{self.options.what}.skipped.csv"
+
+    @property
     def _stop(self) -> CrawlerError | None:
         return self.stop.error
 
@@ -206,6 +250,7 @@ class Download:
         self.media = MediaTransfer(self.state, self.dir, retry=self.settings.client_options().retry,
                                    per_host_rate=self.settings.download_per_host_rate,
                                    at_once=self.settings.download_parallelism,
+                                   video=self.options.what in VIDEO_KINDS,
                                    write=self._write or write_all)  # looked up here: the seam tests replace
         try:
             status = await self._prepare()
@@ -233,6 +278,7 @@ class Download:
             progress = self.state.progress()
             complete = self._stop is None and progress.pending == 0
             write_failures(self.failures_file, self.state.failures(), raw=self.settings.output_raw)
+            write_failures(self.skipped_file, self.state.skipped(), raw=self.settings.output_raw)
             if complete:
                 self.state.set_status("done")
             return self._outcome(started, "completed" if complete else "stopped")
@@ -275,7 +321,7 @@ class Download:
                 return
             with self.state.begin():
                 for key, raw, reason, detail, files in batch:
-                    seq = self.state.add_item(key, raw, reason, detail)
+                    seq = self.state.add_item(key, raw, reason, detail, skipped=reason in SKIPS)
                     if seq is not None and files:
                         self.state.add_media(MediaFile(seq, n, file_name(key, what, n), url, size)
                                              for n, url, size in files)
@@ -323,13 +369,18 @@ class Download:
                 self._spent = exc
 
     async def _item(self, seq: int, video_id: str) -> None:
-        files = self.state.media(seq)
-        if not files:
-            files = await self._find_urls(seq, video_id)
-        for f in files:
-            if f.status == "done":
-                continue
-            await self._file(seq, video_id, f)
+        try:
+            files = self.state.media(seq)
+            if not files:
+                files = await self._find_urls(seq, video_id)
+            for f in files:
+                if f.status == "done":
+                    continue
+                await self._file(seq, video_id, f)
+        except _Skipped as skip:  # a /post-detail/ answer showed it: its credit is recorded with the skip
+            self.state.skip_item(seq, skip.reason, str(skip), self.counters())
+        except NotAVideo as exc:  # the CSV did not say it was a photo post; the host's answer did
+            self.state.skip_item(seq, "not_a_video", str(exc))
 
     async def _post(self, video_id: str) -> ep.Post:
         api = self._api()
@@ -343,24 +394,17 @@ class Download:
         except NotFound as exc:
             raise MediaUnavailable(f"{video_id}: {exc}") from None
 
-    def _files_of(self, seq: int, video_id: str, post: ep.Post, *, refreshed: int) -> list[MediaFile]:
-        what = self.options.what
-        found = [(n, u, s) for n, u, s in urls_of(what, asdict(post)) if http_url(u)]
-        if not found:
-            raise MediaUnavailable(f"{video_id}: the post has no {what} media")
-        return [MediaFile(seq, n, file_name(video_id, what, n), u, s, refreshed=refreshed) for n, u, s in found]
-
     async def _find_urls(self, seq: int, video_id: str) -> list[MediaFile]:
         """One /post-detail/ call (one credit) for an item given by id or without a URL of this kind."""
         post = await self._post(video_id)
-        files = self._files_of(seq, video_id, post, refreshed=0)
+        files = _files_of(self.options.what, seq, video_id, post, refreshed=0)
         self.state.add_media(files, self.counters())
         return self.state.media(seq)
 
     async def _refresh(self, seq: int, video_id: str, f: MediaFile) -> MediaFile:
         """Renew an item's URLs once through /post-detail/; the same file with its new URL."""
         post = await self._post(video_id)
-        fresh = {m.n: (m.url, m.expected) for m in self._files_of(seq, video_id, post, refreshed=1)}
+        fresh = {m.n: (m.url, m.expected) for m in _files_of(self.options.what, seq, video_id, post, refreshed=1)}
         self.state.refresh_media(seq, fresh, *self.counters())
         log.info("renewed the media URLs of %s (1 credit)", video_id)
         if f.n not in fresh:
@@ -368,8 +412,8 @@ class Download:
         return next(m for m in self.state.media(seq) if m.n == f.n)
 
     async def _file(self, seq: int, video_id: str, f: MediaFile) -> None:
-        final = self.dir / f.name
-        if final.exists():
+        final = final_path(self.dir, f)  # None until an answer gave the file its extension
+        if final is not None and final.exists():
             size = final.stat().st_size
             if f.expected is not None and size != f.expected:
                 raise MediaUnavailable(f"{final} exists with {size:,} bytes, not the {f.expected:,} announced;"
@@ -377,21 +421,21 @@ class Download:
             self.state.media_done(seq, f.n, size)  # complete (a rename whose commit a crash cut off)
             return
         try:
-            await self._transfer(seq, f, final)
+            await self._transfer(seq, f)
         except Refused as exc:
             if f.refreshed:
                 raise MediaUnavailable(f"{video_id}: the media host refused {f.name} ({exc}) after a refresh") from None
             f = await self._refresh(seq, video_id, f)
             try:
-                await self._transfer(seq, f, final)
+                await self._transfer(seq, f)
             except Refused as again:
                 raise MediaUnavailable(f"{video_id}: the media host refused {f.name} ({again}) even after"
                                        " a refresh") from None
 
-    async def _transfer(self, seq: int, f: MediaFile, final: Path) -> None:
+    async def _transfer(self, seq: int, f: MediaFile) -> None:
         if self._stop is not None:  # a drain: the /post-detail/ answer that found this URL is committed; no more
             raise self._stop
-        await self.media.transfer(seq, f, final)
+        await self.media.transfer(seq, f)
 
     def _snapshot(self) -> Snapshot:
         p = self.state.progress()
@@ -404,13 +448,15 @@ class Download:
         p = self.state.progress()
         job = self.state.job()
         fails = self.state.failure_counts()
+        skips = Counter(reason for _, _, reason, _ in self.state.skipped())
         summary = DownloadSummary(
             status=status, files_done=files, files_run=self.files_run, bytes_run=self.bytes_run,
             skipped=max(files - self.files_run, 0), refreshed=refreshed, failed=p.failed, pending=p.pending,
             requests_sent=job.requests_sent if job else 0, credits_billed=job.credits_billed if job else 0,
             elapsed=time.monotonic() - started, directory=str(self.dir),
             failures_file=str(self.failures_file) if fails else "", failures=tuple(sorted(fails.items())),
-            reason=reason or (str(self._stop) if self._stop else ""),
+            reason=reason or (str(self._stop) if self._stop else ""), skips=tuple(sorted(skips.items())),
+            skipped_file=str(self.skipped_file) if skips else "",
         )
         return DownloadOutcome(summary, self._stop)
 

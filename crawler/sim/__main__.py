@@ -9,7 +9,7 @@ import signal
 import sys
 
 from crawler.sim.data import WorldConfig
-from crawler.sim.media import MEDIA_FAULTS, MediaConfig
+from crawler.sim.media import EXTRA_MEDIA_FAULTS, MEDIA_FAULTS, MediaConfig
 from crawler.sim.render import LIVE_LATENCY
 from crawler.sim.server import EXTRA_FAULT_KINDS, FAULT_KINDS, SimConfig, Simulator
 
@@ -87,13 +87,20 @@ def _parser(prog: str = "python -m crawler.sim") -> argparse.ArgumentParser:
                    help="how long signed media URLs stay valid")
     p.add_argument("--media-fault-rate", type=float, default=0.0, help="share of media requests that fail")
     p.add_argument("--media-faults", default=",".join(sorted(MEDIA_FAULTS)), metavar="KIND,...",
-                   help=f"of {', '.join(sorted(MEDIA_FAULTS))}")
+                   help=f"of {', '.join(sorted(MEDIA_FAULTS | EXTRA_MEDIA_FAULTS))} (throttle: 429/503 with"
+                   " Retry-After, only when named)")
     p.add_argument("--media-bytes-per-second", type=float, default=None, metavar="N",
                    help="throttle every media response")
     p.add_argument("--drop-field", type=_field, action="append", default=[], metavar="ENDPOINT:FIELD",
                    help="remove FIELD from every answer of ENDPOINT (body, user/stats, list items); repeatable")
     p.add_argument("--add-field", type=_field, action="append", default=[], metavar="ENDPOINT:FIELD",
                    help="add a FIELD no client knows to every answer of ENDPOINT (body, list items); repeatable")
+    p.add_argument("--media-retry-after", type=float, default=1.0, metavar="SECONDS",
+                   help="the Retry-After of a media throttle fault")
+    p.add_argument("--media-wm-same", action="store_true",
+                   help="the 2026 shape: wmplay == play, wm_size 0 (no separate watermarked file)")
+    p.add_argument("--media-generic-type", action="store_true",
+                   help="serve every media file as application/octet-stream")
     p.add_argument("--key", type=_key, action="append", metavar="KEY[:BALANCE]",
                    help="repeatable; default: sim-key, unlimited")
     p.add_argument("--unreadable", type=_paths, default=frozenset(), metavar="ENDPOINT[,ENDPOINT...]",
@@ -119,7 +126,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         unreadable=args.unreadable, daily_quota=args.daily_quota, firewall=args.firewall,
         media=MediaConfig(ttl=args.media_ttl, fault_rate=args.media_fault_rate,
                           faults=frozenset(k.strip() for k in args.media_faults.split(",") if k.strip()),
-                          bytes_per_second=args.media_bytes_per_second),
+                          bytes_per_second=args.media_bytes_per_second, retry_after=args.media_retry_after,
+                          wm_same=args.media_wm_same, generic_type=args.media_generic_type),
     )
 
 

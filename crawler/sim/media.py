@@ -2,7 +2,9 @@
 
 Served on its own port (a CDN is not the API): no key, no credits, no rate window. The bytes of a
 file are a pure function of (seed, kind, id, n), so tests compute what a download must produce
-with `content()` without asking the server or the code under test.
+with `content()` without asking the server or the code under test. Files look like what real CDNs serve
+(api-reference §5.1): videos start with an MP4 `ftyp` box, covers and photos are WebP (some JPEG), sounds
+MP3 (some URLs without an extension), each served with its Content-Type; HEAD is refused with 503.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ from aiohttp import web
 
 from crawler.sim.seeded import hash64, str_hash, unit
 
-# kind -> file extension on the CDN. `music` is keyed by music id, every other kind by video id.
-KINDS = {"play": "mp4", "hdplay": "mp4", "wmplay": "mp4", "cover": "jpeg", "music": "mp3", "image": "jpeg"}
-MEDIA_FAULTS = frozenset({"5xx", "cut", "slow"})
+# The kinds of file. `music` is keyed by music id, every other kind by video id; `fmt` gives each file's format.
+KINDS = ("play", "hdplay", "wmplay", "cover", "music", "image")
+CONTENT_TYPES = {"mp4": "video/mp4", "webp": "image/webp", "jpeg": "image/jpeg", "mp3": "audio/mpeg"}
+MEDIA_FAULTS = frozenset({"5xx", "cut", "slow"})  # drawn by --media-fault-rate unless --media-faults says otherwise
+EXTRA_MEDIA_FAULTS = frozenset({"throttle"})  # 429 or 503 with Retry-After: only when named
 _PATTERN = 1 << 20  # every file is a window onto one seeded megabyte, rotated per file
 _CHUNK = 64 * 1024
-_PATH = re.compile(r"^/m/(play|hdplay|wmplay|cover|music|image)/(\d{1,25})(?:/(\d{1,3}))?\.(mp4|jpeg|mp3)$")
+_PATH = re.compile(r"^/m/(play|hdplay|wmplay|cover|music|image)/(\d{1,25})(?:/(\d{1,3}))?(?:\.(mp4|jpeg|webp|mp3))?$")
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 _DOMAIN = 0x4D45  # hash domain of media values
 
@@ -36,6 +40,34 @@ def photo_count(seed: int, video_id: str) -> int:
     """How many images a post has: 2-6 for about one post in twelve (photo posts), else 0."""
     h = hash64(seed, _DOMAIN, 1, int(video_id))
     return 2 + h % 5 if unit(hash64(h, 1)) < 1 / 12 else 0
+
+
+def fmt(seed: int, kind: str, ident: str) -> str:
+    """The format of a file: mp4 videos, mp3 sounds, covers and a photo post's images WebP for about three posts
+    in four, JPEG for the rest (as real CDNs serve them, §5.1)."""
+    if kind.endswith("play"):
+        return "mp4"
+    if kind == "music":
+        return "mp3"
+    return "jpeg" if hash64(seed, _DOMAIN, 7, int(ident)) % 4 == 0 else "webp"
+
+
+def url_suffix(seed: int, kind: str, ident: str) -> str:
+    """The extension a URL shows: its format's, except no extension for about one sound in three (§5.1)."""
+    if kind == "music" and hash64(seed, _DOMAIN, 8, int(ident)) % 3 == 0:
+        return ""
+    return "." + fmt(seed, kind, ident)
+
+
+def _magic(form: str, total: int) -> bytes:
+    """The first bytes of a file of this format: what tools (and `file`) recognise it by."""
+    if form == "mp4":  # an ISO BMFF `ftyp` box: size, 'ftyp', major brand, minor version, compatible brands
+        return b"\x00\x00\x00\x20ftypisom\x00\x00\x02\x00isomiso2avc1mp41"
+    if form == "webp":  # RIFF container: 'RIFF', little-endian length of the rest, 'WEBP', a VP8 chunk
+        return b"RIFF" + max(0, total - 8).to_bytes(4, "little") + b"WEBPVP8 "
+    if form == "jpeg":  # SOI, then a JFIF APP0 segment
+        return b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00"
+    return b"ID3\x04\x00\x00\x00\x00\x00\x00\xff\xfb\x90\x64"  # mp3: an empty ID3v2 tag, an MPEG-1 layer III frame
 
 
 def size(seed: int, kind: str, ident: str, n: int = 0) -> int:
@@ -66,8 +98,13 @@ def _origin(seed: int, kind: str, ident: str, n: int) -> int:
 
 
 def content_range(seed: int, kind: str, ident: str, n: int, start: int, end: int) -> bytes:
-    """Bytes [start, end) of one file (end is clipped to its size)."""
-    end = min(end, size(seed, kind, ident, n))
+    """Bytes [start, end) of one file (end is clipped to its size): its format's magic bytes, then seeded noise."""
+    total = size(seed, kind, ident, n)
+    end = min(end, total)
+    head = _magic(fmt(seed, kind, ident), total)
+    if start < len(head):
+        return head[start:end] + content_range(seed, kind, ident, n, len(head), end) if end > len(head) else \
+            head[start:end]
     pattern, origin = _pattern(seed), _origin(seed, kind, ident, n)
     parts = []
     pos = start
@@ -100,11 +137,15 @@ class MediaConfig:
     bytes_per_second: float | None = None  # a throttle on every response (tests that kill mid-file)
     ranges: bool = True  # False: Range is ignored (a host that always sends the whole file)
     etags: bool = True
+    retry_after: float = 1.0  # seconds a "throttle" fault's 429/503 asks to wait (Retry-After)
+    wm_same: bool = False  # the 2026 shape: wmplay == play and wm_size 0 (no separate watermarked file)
+    generic_type: bool = False  # every file served as application/octet-stream (only its bytes tell its format)
 
     def __post_init__(self) -> None:
-        unknown = set(self.faults) - MEDIA_FAULTS
+        unknown = set(self.faults) - MEDIA_FAULTS - EXTRA_MEDIA_FAULTS
         if unknown:
-            raise ValueError(f"unknown media fault kinds: {sorted(unknown)}; known: {sorted(MEDIA_FAULTS)}")
+            known = sorted(MEDIA_FAULTS | EXTRA_MEDIA_FAULTS)
+            raise ValueError(f"unknown media fault kinds: {sorted(unknown)}; known: {known}")
         if not 0.0 <= self.fault_rate <= 1.0:
             raise ValueError("media fault_rate must be within [0, 1]")
 
@@ -121,6 +162,7 @@ class MediaStats:
     faults: Counter[str] = field(default_factory=Counter)
     by_file: Counter[str] = field(default_factory=Counter)  # bytes sent per path
     arrivals: list[float] = field(default_factory=list)  # monotonic arrival time of every request
+    log: list[tuple[float, str, int]] = field(default_factory=list)  # (arrival, path, status) of every request
     in_flight: int = 0
     max_in_flight: int = 0  # the most requests being answered at once
 
@@ -160,7 +202,7 @@ class MediaHost:
 
     def url(self, kind: str, ident: str, n: int | None = None) -> str:
         """A signed URL for one file, valid for `ttl` seconds from now."""
-        path = f"/m/{kind}/{ident}" + ("" if n is None else f"/{n}") + f".{KINDS[kind]}"
+        path = f"/m/{kind}/{ident}" + ("" if n is None else f"/{n}") + url_suffix(self.seed, kind, ident)
         expires = int(self.now() + self.config.ttl)
         return f"{self.base}{path}?e={expires}&s={self._sig(path, expires)}"
 
@@ -179,10 +221,15 @@ class MediaHost:
             st.with_api_key += 1
         st.in_flight += 1
         st.max_in_flight = max(st.max_in_flight, st.in_flight)
+        arrival = st.arrivals[-1]
+        status = 0
         try:
-            return await self._answer(request)
+            response = await self._answer(request)
+            status = response.status
+            return response
         finally:
             st.in_flight -= 1
+            st.log.append((arrival, request.path, status))
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         st = self.stats
@@ -218,20 +265,17 @@ class MediaHost:
                     start, end, ranged = first, min(total, (last + 1) if last is not None else total), True
         h = hash64(self.seed, _DOMAIN, 6, str_hash(request.path), start, self._seen[str_hash(request.path) ^ start])
         self._seen[str_hash(request.path) ^ start] += 1
-        fault = None
         cfg = self.config
-        if cfg.faults and unit(hash64(h, 1)) < cfg.fault_rate:
-            kinds = sorted(cfg.faults)
-            fault = kinds[hash64(h, 2) % len(kinds)]
-            st.faults[fault] += 1
-        if fault == "5xx":
-            code = (500, 502, 503)[hash64(h, 3) % 3]
-            st.by_status[code] += 1
-            return web.Response(status=code, text="upstream error")
+        fault = self._fault(h)
+        refusal = self._refusal(fault, h)
+        if refusal is not None:
+            st.by_status[refusal.status] += 1
+            return refusal
         status = 206 if ranged else 200
         st.by_status[status] += 1
         resp = web.StreamResponse(status=status)
-        resp.content_type = "video/mp4" if kind.endswith("play") else "audio/mpeg" if kind == "music" else "image/jpeg"
+        form = fmt(self.seed, kind, ident)
+        resp.content_type = "application/octet-stream" if cfg.generic_type else CONTENT_TYPES[form]
         resp.content_length = end - start
         resp.headers["Accept-Ranges"] = "bytes" if cfg.ranges else "none"
         if cfg.etags:
@@ -244,6 +288,24 @@ class MediaHost:
         except (ConnectionError, aiohttp.ClientConnectionResetError):
             pass  # the client went away (a killed downloader): nothing to finish
         return resp
+
+    def _fault(self, h: int) -> str | None:
+        """The fault this answer meets (drawn from its seeded hash at `fault_rate`), counted; None most often."""
+        if not self.config.faults or unit(hash64(h, 1)) >= self.config.fault_rate:
+            return None
+        kinds = sorted(self.config.faults)
+        fault = kinds[hash64(h, 2) % len(kinds)]
+        self.stats.faults[fault] += 1
+        return fault
+
+    def _refusal(self, fault: str | None, h: int) -> web.Response | None:
+        """The answer of a "5xx" or "throttle" fault (429/503 with Retry-After), else None."""
+        if fault == "5xx":
+            return web.Response(status=(500, 502, 503)[hash64(h, 3) % 3], text="upstream error")
+        if fault == "throttle":
+            return web.Response(status=(429, 503)[hash64(h, 3) % 2], text="slow down",
+                                headers={"Retry-After": f"{self.config.retry_after:g}"})
+        return None
 
     async def _body(self, request: web.Request, resp: web.StreamResponse, kind: str, ident: str, n: int,
                     start: int, end: int, fault: str | None, h: int) -> None:
@@ -278,10 +340,12 @@ class MediaHost:
 
     def _check(self, request: web.Request) -> tuple[int, web.Response | None]:
         """(status, an error response) for a request that must be refused, else (0, None)."""
-        if request.method not in ("GET", "HEAD"):
+        if request.method == "HEAD":
+            return 503, web.Response(status=503)  # the real media CDN refuses HEAD (§5.1); GET with Range works
+        if request.method != "GET":
             return 405, web.Response(status=405)
         m = _PATH.match(request.path)
-        if m is None:
+        if m is None or (m.group(4) or "") != url_suffix(self.seed, m.group(1), m.group(2)).lstrip("."):
             return 404, web.Response(status=404, text="no such object")
         try:
             expires = int(request.query.get("e", ""))

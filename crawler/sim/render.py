@@ -125,25 +125,41 @@ def music_info(music: Music | None, music_id: str, q: Quirks) -> JsonDict:
     }
 
 
-def _media_url(host: m.MediaHost | None, kind: str, ident: str, n: int | None = None) -> str:
+def _media_url(seed: int, host: m.MediaHost | None, kind: str, ident: str, n: int | None = None) -> str:
     """A signed URL on the simulator's media host, or an inert one when no host serves media."""
     if host is not None:
         return host.url(kind, ident, n)
-    return f"{_CDN}/{kind}/{ident}" + ("" if n is None else f"/{n}") + f".{m.KINDS[kind]}"
+    return f"{_CDN}/{kind}/{ident}" + ("" if n is None else f"/{n}") + m.url_suffix(seed, kind, ident)
+
+
+def _media(world: World, post: Post, host: m.MediaHost | None) -> JsonDict:
+    """The media fields of a post (§5.1). A photo post has `images`, `duration` 0, `size`/`wm_size` 0, `play` and
+    `wmplay` at its sound's mp3 and its first image as `cover`; with `wm_same` (2026) `wmplay == play`."""
+    vid, seed = post.video_id, world.config.seed
+    sound = _media_url(seed, host, "music", post.music_id)
+    photos = m.photo_count(seed, vid)
+    if photos:
+        images = [_media_url(seed, host, "image", vid, k) for k in range(photos)]
+        return {"cover": images[0], "duration": 0, "play": sound, "wmplay": sound, "size": 0, "wm_size": 0,
+                "music": sound, "images": images}
+    play = _media_url(seed, host, "play", vid)
+    same = host is not None and host.config.wm_same
+    return {"cover": _media_url(seed, host, "cover", vid), "duration": post.duration, "play": play,
+            "wmplay": play if same else _media_url(seed, host, "wmplay", vid), "size": m.size(seed, "play", vid),
+            "wm_size": 0 if same else m.size(seed, "wmplay", vid), "music": sound}
 
 
 def _video_body(world: World, post: Post, q: Quirks, host: m.MediaHost | None = None) -> JsonDict:
     user = world.user(post.author_index)
     assert user is not None  # posts only exist for existing users
     vid = post.video_id
-    seed = world.config.seed
-    size = m.size(seed, "play", vid)
+    media = _media(world, post, host)
     body: JsonDict = {
         "region": post.region, "title": post.title, "content_desc": [],
-        "cover": _media_url(host, "cover", vid), "ai_dynamic_cover": f"{_CDN}/dyn/{vid}.webp",
-        "origin_cover": f"{_CDN}/origin/{vid}.jpeg", "duration": post.duration,
-        "play": _media_url(host, "play", vid), "wmplay": _media_url(host, "wmplay", vid),
-        "size": size, "wm_size": m.size(seed, "wmplay", vid), "music": _media_url(host, "music", post.music_id),
+        "cover": media["cover"], "ai_dynamic_cover": f"{_CDN}/dyn/{vid}.webp",
+        "origin_cover": f"{_CDN}/origin/{vid}.jpeg", "duration": media["duration"],
+        "play": media["play"], "wmplay": media["wmplay"],
+        "size": media["size"], "wm_size": media["wm_size"], "music": media["music"],
         "music_info": music_info(world.music(post.music_id), post.music_id, q),
         "play_count": post.play_count, "digg_count": post.digg_count, "comment_count": post.comment_count,
         "share_count": post.share_count, "download_count": post.share_count // 3,
@@ -154,9 +170,8 @@ def _video_body(world: World, post: Post, q: Quirks, host: m.MediaHost | None = 
         "commercial_video_info": "", "item_comment_settings": 0, "mentioned_users": "",
         "author": author(user), "is_top": 0,
     }
-    photos = m.photo_count(seed, vid)
-    if photos:  # photo/slideshow posts carry `images` (§3.1)
-        body["images"] = [_media_url(host, "image", vid, k) for k in range(photos)]
+    if "images" in media:  # photo/slideshow posts carry `images` (§3.1, §5.1)
+        body["images"] = media["images"]
     return body
 
 
@@ -176,8 +191,9 @@ def video_item(world: World, post: Post, q: Quirks, position: int, host: m.Media
 def post_detail(world: World, post: Post, q: Quirks, host: m.MediaHost | None = None) -> JsonDict:
     """The flat `/post-detail/` object (§3.2): `id` is the post id, `aweme_id` opaque [C]/[G]; adds `hdplay`."""
     body = _video_body(world, post, q, host)
-    body["hdplay"] = _media_url(host, "hdplay", post.video_id)
-    body["hd_size"] = m.size(world.config.seed, "hdplay", post.video_id)
+    photo = "images" in body  # a photo post's hdplay is its sound too
+    body["hdplay"] = body["play"] if photo else _media_url(world.config.seed, host, "hdplay", post.video_id)
+    body["hd_size"] = 0 if photo else m.size(world.config.seed, "hdplay", post.video_id)
     return {"id": post.video_id, "aweme_id": opaque_media_id(post.video_id)} | body
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from crawler import sqlite, testing
-from crawler.stores.media import MediaState
+from crawler.stores.media import MediaState, migrate_media
 from crawler.stores.model import (
     COMMENTS_WALKED,
     RETRIABLE,
@@ -54,7 +54,7 @@ MIGRATIONS = (
     CREATE TABLE IF NOT EXISTS media (
         seq INTEGER NOT NULL,                   -- items.seq of the post
         n INTEGER NOT NULL,                     -- 0, or the image number of a photo post
-        name TEXT NOT NULL UNIQUE,              -- path under DIR, built from digits and a fixed extension
+        name TEXT NOT NULL UNIQUE,              -- path under DIR without its extension (ext), digits and a kind
         url TEXT NOT NULL,
         expected INTEGER,                       -- the length the API or the CDN announced, when known
         etag TEXT,                              -- the CDN's validator, sent back as If-Range
@@ -102,6 +102,7 @@ class StateStore(MediaState):
         self._db.executescript(SCHEMA)
         for migration in MIGRATIONS:
             self._db.executescript(migration)
+        migrate_media(self._db)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(job)")}
         if "reserved" not in columns:
             # Requests reserved before they are sent (--max-credits across kills): a lease unused at a kill

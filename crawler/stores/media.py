@@ -13,17 +13,43 @@ from crawler import sqlite, testing
 from crawler.stores.model import MediaFile
 
 
+def migrate_media(db: sqlite3.Connection) -> None:
+    """Add the `ext` column to a media table of an older version: its rows keep the whole names they have ("")."""
+    if "ext" not in {row[1] for row in db.execute("PRAGMA table_info(media)")}:
+        db.execute("ALTER TABLE media ADD COLUMN ext TEXT DEFAULT ''")
+
+
 class MediaState:
-    """A download job's media files and items, on the job's SQLite connection (``_db``, opened by `StateStore`)."""
+    """A download job's media files and items, on the job's SQLite connection (``_db``, opened by `StateStore`).
+
+    An item skipped (a photo post asked for as a video, say) is done with a reason and no files."""
 
     _db: sqlite3.Connection
 
-    def add_item(self, key: str, raw: str, reason: str | None = None, detail: str | None = None) -> int | None:
-        """Insert one item unless its key is known; its seq when new, else None."""
+    def add_item(self, key: str, raw: str, reason: str | None = None, detail: str | None = None, *,
+                 skipped: bool = False) -> int | None:
+        """Insert one item unless its key is known (failed with a reason, or done if ``skipped``); its seq when new,
+        else None."""
+        status = "done" if skipped else "failed" if reason else "pending"
         cur = self._db.execute(
             "INSERT OR IGNORE INTO items (key, raw, status, reason, detail) VALUES (?, ?, ?, ?, ?)",
-            (key, raw, "failed" if reason else "pending", reason, detail))
+            (key, raw, status, reason, detail))
         return cur.lastrowid if cur.rowcount else None
+
+    def skip_item(self, seq: int, reason: str, detail: str, counters: tuple[int, int] | None = None) -> None:
+        """The kind of file asked for does not apply to this post: it is done, with ``reason`` (and the
+        (requests_sent, credits_billed) of the `/post-detail/` call that showed it, if one did)."""
+        with self._tx():
+            self._db.execute("UPDATE items SET status = 'done', reason = ?, endpoint = 'media', detail = ?"
+                             " WHERE seq = ?", (reason, detail, seq))
+            if counters is not None:
+                self._set_counters(*counters)
+
+    def skipped(self) -> list[tuple[str, str, str, str]]:
+        """(input, endpoint, reason, detail) of every skipped item, in input order."""
+        return [(raw, endpoint or "", reason, detail or "") for raw, endpoint, reason, detail in self._db.execute(
+            "SELECT raw, endpoint, reason, detail FROM items WHERE status = 'done' AND reason IS NOT NULL"
+            " ORDER BY seq")]
 
     def begin(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """A write transaction for a batch of `add_item` / `add_media` calls."""
@@ -32,7 +58,8 @@ class MediaState:
     def media(self, seq: int) -> list[MediaFile]:
         """The media files of one item, by image number."""
         return [MediaFile(*row) for row in self._db.execute(
-            "SELECT seq, n, name, url, expected, etag, durable, status, refreshed FROM media WHERE seq = ? ORDER BY n",
+            "SELECT seq, n, name, url, expected, etag, durable, status, refreshed, ext FROM media WHERE seq = ?"
+            " ORDER BY n",
             (seq,))]
 
     def pending_media(self, after: int = 0, limit: int = 1000) -> list[tuple[int, str]]:
@@ -51,8 +78,8 @@ class MediaState:
         with contextlib.nullcontext() if self._db.in_transaction else self._tx():
             for f in files:
                 self._db.execute(
-                    "INSERT OR IGNORE INTO media (seq, n, name, url, expected, refreshed) VALUES (?, ?, ?, ?, ?, ?)",
-                    (f.seq, f.n, f.name, f.url, f.expected, f.refreshed))
+                    "INSERT OR IGNORE INTO media (seq, n, name, url, expected, refreshed, ext)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)", (f.seq, f.n, f.name, f.url, f.expected, f.refreshed, f.ext))
             if counters is not None:
                 self._set_counters(*counters)
 
@@ -75,6 +102,11 @@ class MediaState:
         """Record how much of a file's .part is fsynced, and what the CDN said of it."""
         self._db.execute("UPDATE media SET durable = ?, expected = ?, etag = ? WHERE seq = ? AND n = ?",
                          (durable, expected, etag, seq, n))
+
+    def media_named(self, seq: int, n: int, ext: str) -> None:
+        """Record the extension the answer gave a file, before any of its bytes is written."""
+        with self._tx():
+            self._db.execute("UPDATE media SET ext = ? WHERE seq = ? AND n = ?", (ext, seq, n))
 
     def media_done(self, seq: int, n: int, length: int) -> None:
         """A file is complete and renamed into place; its item is done when all its files are."""

@@ -94,6 +94,9 @@ class MediaFile:
     durable: int = 0
     status: str = "pending"
     refreshed: int = 0
+    # The extension the answer gave (`jobs.media.extension`), recorded before any byte is written so a resume
+    # publishes to the same name; None until the first answer. "" for a file named whole by an older version.
+    ext: str | None = None
 
 
 # --- the PostgreSQL job store's records ---
