@@ -531,14 +531,14 @@ async def test_max_credits_spans_a_sigkill_when_the_posts_fail(simulator: SimFac
 
 
 def test_the_readme_states_the_chunk_and_checkpoint_download_uses() -> None:
-    """README's media section gives the read chunk and the fsync checkpoint that crawler/runs/download.py uses."""
+    """docs/media.md gives the read chunk and the fsync checkpoint that crawler/runs/download.py uses."""
     import re
 
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    text = (Path(__file__).resolve().parent.parent / "docs" / "media.md").read_text()
     unit = {"KiB": 1024, "MiB": 1024 * 1024}
     chunk = re.search(r"streamed in (\d+) (KiB|MiB) chunks", text)
     every = re.search(r"fsynced every (\d+) (KiB|MiB) or second", text)
-    assert chunk and every, "README.md's download section"
+    assert chunk and every, "docs/media.md"
     assert int(chunk[1]) * unit[chunk[2]] == download.CHUNK
     assert int(every[1]) * unit[every[2]] == download.CHECKPOINT
     assert download.CHECKPOINT_SECONDS == 1.0

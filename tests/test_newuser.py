@@ -135,11 +135,11 @@ async def test_messages_say_what_is_wrong_and_leave_nothing_behind(simulator: Si
 
 
 @pytest.mark.slow
-async def test_help_points_to_a_readme_section_that_exists() -> None:
-    """Every job command's help names README.md's Settings section, and README.md has it."""
+async def test_help_points_to_a_docs_section_that_exists() -> None:
+    """Every job command's help names docs/jobs.md's Settings section, and that page has it."""
     code, out = await asyncio.wait_for(_run(["profiles", "--help"]), 30)
-    assert code == 0 and "Settings section of README.md" in out and "CONTRACT" not in out
-    assert "\n## Settings\n" in (ROOT / "README.md").read_text()
+    assert code == 0 and "Settings section of docs/jobs.md" in out and "CONTRACT" not in out
+    assert "\n## Settings\n" in (ROOT / "docs" / "jobs.md").read_text()
 
 
 async def test_python_client_reads_settings_like_the_cli(simulator: SimFactory, tmp_path: Path,

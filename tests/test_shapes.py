@@ -262,10 +262,10 @@ async def test_the_quota_a_firewall_and_a_rejected_key_each_end_with_their_own_l
 
 
 def test_the_readme_repeats_the_classification_table() -> None:
-    """README's table of the words each classification keys on is classify.RULES, row for row, with sources."""
+    """docs/jobs.md's table of the words each classification keys on is classify.RULES, row for row, with sources."""
     from crawler.api.classify import RULES
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "jobs.md").read_text(encoding="utf-8")
     for rule in RULES:
         row = f"| {rule.verdict} | {', '.join(f'`{w}`' for w in rule.words)} | {rule.source} |"
         assert row in readme, row

@@ -33,7 +33,7 @@ from crawler.errors import (
 JsonDict = dict[str, Any]
 
 # The words each classification keys on, checked in this order on an error body's message (lower-cased), with
-# the source of each in ../shared/api-reference.md (README "Exit codes" repeats this table). The reference
+# the source of each in ../shared/api-reference.md (docs/jobs.md "Exit codes" repeats this table). The reference
 # documents rate limits as HTTP 429, so a 200 message is one only with explicit words; a bare "limit" reads as
 # the credit limit, as the reference's clients read it; a day's limit is a quota, not an empty balance.
 KEY_WORDS = ("api-key", "api key", "apikey", "sign up", "signup")

@@ -31,7 +31,7 @@ ROW_FLAGS = frozenset({"--page-size", "--max-pages", "--max-items", "--bom", "--
 
 def _settings_flags(p: argparse.ArgumentParser, omit: frozenset[str] = frozenset()) -> None:
     """The settings flags; ``omit`` leaves out those that mean nothing to the command (its --help stays true)."""
-    g = p.add_argument_group("settings (override config.toml; see the Settings section of README.md)")
+    g = p.add_argument_group("settings (override config.toml; see the Settings section of docs/jobs.md)")
 
     def add(*names: str, **kw: Any) -> None:
         if not omit.intersection(names):
