@@ -125,13 +125,11 @@ async def retry_async(
     on_retry: Callable[[BaseException, int, float], None] | None = None,
     halt: Halt | None = None,
     clock: Clock = time.monotonic,
-    wait_hint: Callable[[BaseException], float | None] | None = None,
 ) -> T:
     """Await ``call()`` up to ``attempts`` times (None: no count) and ``max_time`` seconds while it raises ``retry_on``.
 
-    Waits follow `backoff` from ``base_delay`` (capped at ``max_delay``; 0 turns them off), or are exactly what
-    ``wait_hint`` says of the error when it says anything (a server's Retry-After), and never run past ``max_time``.
-    The last error propagates; after ``halt`` is set, the halt's error (a wait under way ends at once).
+    Waits follow `backoff` from ``base_delay`` (capped at ``max_delay``; 0 turns them off) and never run past
+    ``max_time``. The last error propagates; after ``halt`` is set, the halt's error (a wait under way ends at once).
     """
     began = clock()
     try:  # the common case pays for no retry machinery
@@ -154,10 +152,7 @@ async def retry_async(
                 or (halt is not None and halt.error is not None))
 
     def wait(state: tenacity.RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome is not None else None
-        hint = wait_hint(exc) if wait_hint is not None and exc is not None else None
-        delay = hint if hint is not None else backoff(state.attempt_number, base=base_delay, cap=max_delay)
-        return max(0.0, min(delay, left()))
+        return max(0.0, min(backoff(state.attempt_number, base=base_delay, cap=max_delay), left()))
 
     retrying = tenacity.AsyncRetrying(
         sleep=halt.wait if halt is not None else asyncio.sleep, stop=stop, wait=wait, reraise=True,

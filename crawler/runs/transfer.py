@@ -61,16 +61,13 @@ class _Transient(TransientError):
     """A media transfer worth retrying from where it stopped: 5xx, a cut body, a timeout."""
 
 
-class _Throttled(_Transient):
-    """A 429/503 with Retry-After: the next try waits exactly ``retry_after`` seconds."""
+class _Throttled(TransientError):
+    """A 429/503 with Retry-After: the request is sent again after exactly ``retry_after`` seconds. Like the API's
+    429s it spends no try (`retry.attempts`); `retry.stall_limit` bounds a streak of them (`_throttled`)."""
 
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
-
-
-def _wait_hint(exc: BaseException) -> float | None:
-    return exc.retry_after if isinstance(exc, _Throttled) else None
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:
@@ -145,7 +142,12 @@ class MediaTransfer:
 
     async def _tries(self, seq: int, f: MediaFile, fd: int, pos: _Position) -> None:
         async def attempt() -> None:
-            await self._attempt(seq, f, fd, pos)
+            while True:
+                try:
+                    return await self._attempt(seq, f, fd, pos)
+                except _Throttled as exc:
+                    log.info("%s; waiting as asked", exc)
+                    await asyncio.sleep(exc.retry_after)
 
         def on_retry(exc: BaseException, tries: int, wait: float) -> None:
             log.info("retrying %s after %s (try %d, at byte %d, waiting %.2f s)", f.name, exc, tries,
@@ -154,7 +156,7 @@ class MediaTransfer:
         try:
             await retry_async(attempt, retry_on=_Transient, attempts=self._retry.attempts,
                               base_delay=self._retry.base_delay, max_delay=self._retry.max_delay,
-                              on_retry=on_retry, wait_hint=_wait_hint)
+                              on_retry=on_retry)
         except _Transient as exc:
             failed = ItemFailed(f"{f.name}: {exc} (gave up after {self._retry.attempts} tries;"
                                 " the partial file is kept and resumed next run)")
