@@ -40,7 +40,10 @@ def main() -> int:
         print(f"simulator: {url} (200 requests per 6 s window, 50-250 ms latency, 2% faults, quirks on)")
         env = dict(os.environ, TIKLIVE_API_KEY="sim-key", TIKLIVE_BASE_URL=url)
         common = ["--rate", "200", "--window", "6", "--data-dir", str(OUT / ".crawler"), "--restart"]
-        code = 0
+        print("\n$ crawler doctor   # before a large job: do the API's answers still read as the parsers expect?")
+        code = subprocess.call([sys.executable, "-m", "crawler", "doctor", *common[:4]], env=env)
+        if code != 0:
+            return code
         for command in ("profiles", "posts"):
             out = OUT / f"{command}.csv"
             print(f"\n$ crawler {command} {OUT / 'handles.txt'} -o {out} --rate 200 --window 6"
