@@ -133,9 +133,9 @@ def overview(view: OverviewView, *, focus_sort: bool = False) -> str:
         ' <code>crawler history top --days N</code>); empty where there is none.</p>'
         f'<div id="users"><form id="sorting" method="get" action="/">{keep_q}'
         '<input type="hidden" name="focus" value="sort"></form>'
-        '<form method="get" action="/compare"><table class="users"><thead><tr>'
+        '<form method="get" action="/compare"><div class="scroll"><table class="users"><thead><tr>'
         '<th scope="col"><span class="vh">compare</span></th><th scope="col">#</th>'
-        f'{head}<th scope="col">last 30 days</th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
+        f'{head}<th scope="col">last 30 days</th></tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
         f'{pager}<p><button type="submit">Compare selected</button></p></form></div>'),
         subtitle="followers and gains of every watched user")
 
@@ -237,11 +237,12 @@ def user(view: UserView) -> str:
         + (f'<h2>Renames</h2><ul class="renames">{renames}</ul>' if renames else "")
         + (f'<h2>Gaps</h2><ul class="gaps">{gap_list}</ul>' if gap_list else "")
         + f'<h2>Charts</h2><div class="charts">{"".join(charts)}</div>'
-        '<h2>Snapshots</h2><table class="snapshots"><thead><tr>'
+        '<h2 id="snapshots">Snapshots</h2><div class="scroll" tabindex="0" role="region"'
+        ' aria-labelledby="snapshots"><table class="snapshots"><thead><tr>'
         + "".join(f'<th scope="col">{h}</th>' for h in ("day", "handle", "followers", "change", "following",
                                                         "videos", "hearts"))
         + f"</tr></thead><tbody>{''.join(table)}"
-        "</tbody></table>")
+        "</tbody></table></div>")
     return layout(f"@{view.handle}", body, subtitle=view.nickname)
 
 
@@ -312,7 +313,7 @@ white-space:nowrap;border:0}
 .pager span,.pager a{margin-right:10px}.pager span{color:#666}.pager .where{color:#222}
 tr.gap td{color:#b00;font-style:italic}
 .renames li,.gaps li{color:#b00}figure{margin:8px 0 16px}figcaption{font-weight:600}
-svg.chart{display:block;width:100%;max-width:960px;height:auto}
+svg.chart{display:block;width:100%;max-width:960px;height:auto}.scroll{overflow-x:auto;max-width:100%}
 .legend{list-style:none;padding:0}.legend li{display:inline-block;margin-right:16px}
 .swatch{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:middle}
 """ + "".join(f".c{n}{{background:{c}}}" for n, c in enumerate(svg.PALETTE))
