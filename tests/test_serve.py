@@ -378,7 +378,7 @@ async def test_browser_overview_sorts_and_filters_without_javascript(sqlite_buil
         await page.goto(base + "/")
         assert await page.js("document.documentElement.getAttribute('data-js')") is None  # the script did not run
         assert sorted(await _rows(page)) == sorted(want.values())
-        await _navigate(page, page.click('th[data-sort="followers"] a'))
+        await _navigate(page, page.click('th[data-sort="followers"] button'))
         assert "sort=-followers" in await page.js("location.search")
         assert [r[0] for r in await _rows(page)] == _order(list(want.values()), 3)
         await _navigate(page, page.type("form.filter input[name=q]", needle, enter=True))
@@ -409,7 +409,7 @@ async def test_browser_overview_sorts_and_filters_with_javascript_in_place(sqlit
         await page.js("document.querySelector('form.filter input[name=q]').value = ''")  # every user again
         await page.js("document.querySelector('form.filter input[name=q]').dispatchEvent(new Event('input'))")
         await page.wait_for("document.documentElement.getAttribute('data-swaps') === '2'")
-        await page.click('th[data-sort="gain30"] a')
+        await page.click('th[data-sort="gain30"] button')
         await page.wait_for("document.documentElement.getAttribute('data-swaps') === '3'")
         assert [r[0] for r in await _rows(page)] == _order(list(want.values()), 6)
         assert await page.js("window.stayed") == "yes"  # no page load happened

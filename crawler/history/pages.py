@@ -70,25 +70,38 @@ class OverviewView:
     last_day: str | None
 
 
-def _sort_link(view: OverviewView, key: str, label: str) -> str:
+SORT_NAMES = {"handle": "handle", "followers": "followers", "gain1": "1 day", "gain7": "7 days",
+              "gain30": "30 days"}
+
+
+def _sort_button(view: OverviewView, key: str, focus: bool) -> str:
+    """A column header whose button sorts (a GET form without JavaScript; Enter and Space both work)."""
     current = view.sort.lstrip("-")
     descending = view.sort.startswith("-")
     if key == current:
         target = key if descending else f"-{key}"
-        arrow = " ▼" if descending else " ▲"
+        arrow = ' <span aria-hidden="true">▼</span>' if descending else ' <span aria-hidden="true">▲</span>'
         aria = ' aria-sort="descending"' if descending else ' aria-sort="ascending"'
     else:
         target = key if key == "handle" else f"-{key}"  # numbers start high, names start at a
         arrow, aria = "", ""
-    href = "/?" + urlencode({k: v for k, v in (("sort", target), ("q", view.q)) if v})
-    return f'<th{aria} data-sort="{e(key)}"><a class="sort" href="{e(href)}">{e(label)}{arrow}</a></th>'
+    # After a sort without JavaScript (a page load), the sorted header takes the focus back (autofocus).
+    auto = " autofocus" if focus and key == current else ""
+    return (f'<th scope="col"{aria} data-sort="{e(key)}"><button class="sort" type="submit" form="sorting"'
+            f' name="sort" value="{e(target)}"{auto}>{e(SORT_NAMES[key])}{arrow}</button></th>')
 
 
-def overview(view: OverviewView) -> str:
-    """The overview page."""
-    head = "".join(_sort_link(view, k, label) for k, label in (
-        ("handle", "handle"), ("followers", "followers"), ("gain1", "1 day"), ("gain7", "7 days"),
-        ("gain30", "30 days")))
+def sort_text(sort: str) -> str:
+    """'sorted by 7 days, high to low': the order, in words (the count's live region says it after a sort)."""
+    key = sort.lstrip("-")
+    if key == "handle":
+        return f"sorted by handle, {'z to a' if sort.startswith('-') else 'a to z'}"
+    return f"sorted by {SORT_NAMES[key]}, {'high to low' if sort.startswith('-') else 'low to high'}"
+
+
+def overview(view: OverviewView, *, focus_sort: bool = False) -> str:
+    """The overview page (``focus_sort``: the page answers a sort button without JavaScript)."""
+    head = "".join(_sort_button(view, k, focus_sort) for k in SORTS)
     rows = []
     for n, r in enumerate(view.rows, start=(view.page - 1) * PAGE_SIZE + 1):
         gains = "".join(f'<td class="num gain{w}" data-value="{e("" if r.gains[w] is None else r.gains[w])}">'
@@ -96,26 +109,33 @@ def overview(view: OverviewView) -> str:
         rows.append(
             f'<tr data-user-id="{e(r.user_id)}" data-handle="{e(r.handle)}"><td class="pick">'
             f'<input type="checkbox" name="u" value="{e(r.handle)}" aria-label="compare @{e(r.handle)}"></td>'
-            f'<td class="rank">{n}</td><td class="handle"><a href="{e(user_href(r.handle))}">@{e(r.handle)}</a>'
-            f'<div class="nick">{e(r.nickname)}</div></td>'
+            f'<td class="rank">{n}</td><th scope="row" class="handle"><a href="{e(user_href(r.handle))}">'
+            f'@{e(r.handle)}</a><div class="nick">{e(r.nickname)}</div></th>'
             f'<td class="num followers" data-value="{e("" if r.followers is None else r.followers)}"'
             f' title="on {e(r.day)}">{num(r.followers)}</td>{gains}'
             f'<td class="spark">{svg.sparkline(view.sparks.get(r.user_id, []))}</td></tr>')
     if not rows:
         rows.append('<tr class="empty"><td colspan="8">No user matches.</td></tr>')
     pager = _pager(view)
-    as_of = f" Latest day: {e(view.last_day)}." if view.last_day else ""
-    found = (f"{view.matching:,} of {view.total:,} users match “{e(view.q)}”." if view.q
-             else f"{view.total:,} users.")
+    as_of = f"Latest day: {e(view.last_day)}. " if view.last_day else ""
+    found = (f"{view.matching:,} of {view.total:,} users match “{e(view.q)}”" if view.q
+             else f"{view.total:,} users")
+    keep_q = f'<input type="hidden" name="q" value="{e(view.q)}">' if view.q else ""
     return layout("Overview", (
+        "<h1>Watched users</h1>"
         '<form class="filter" method="get" action="/" role="search">'
         f'<input type="search" name="q" value="{e(view.q)}" placeholder="filter by handle or name"'
         ' aria-label="filter by handle or name" autocomplete="off">'
         f'<input type="hidden" name="sort" value="{e(view.sort)}"><button type="submit">Filter</button></form>'
-        f'<div id="users"><p class="count">{found}{as_of} Gains are last minus first snapshot within the last'
-        ' N days (as <code>crawler history top --days N</code>); empty where there is none.</p>'
-        '<form method="get" action="/compare"><table class="users"><thead><tr><th></th><th>#</th>'
-        f"{head}<th>last 30 days</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        # A live region that stays in place while the table is swapped: the script copies the new count into it.
+        f'<p id="count" class="count" role="status" aria-live="polite">{found}, {sort_text(view.sort)}.</p>'
+        f'<p class="note">{as_of}Gains are last minus first snapshot within the last N days (as'
+        ' <code>crawler history top --days N</code>); empty where there is none.</p>'
+        f'<div id="users"><form id="sorting" method="get" action="/">{keep_q}'
+        '<input type="hidden" name="focus" value="sort"></form>'
+        '<form method="get" action="/compare"><div class="scroll"><table class="users"><thead><tr>'
+        '<th scope="col"><span class="vh">compare</span></th><th scope="col">#</th>'
+        f'{head}<th scope="col">last 30 days</th></tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
         f'{pager}<p><button type="submit">Compare selected</button></p></form></div>'),
         subtitle="followers and gains of every watched user")
 
@@ -195,7 +215,7 @@ def user(view: UserView) -> str:
     previous: int | None = None
     for r in rows:
         delta = None if previous is None or r.followers is None else r.followers - previous
-        table.append(f'<tr data-day="{e(r.day)}"><td>{e(r.day)}</td><td>@{e(r.handle)}</td>'
+        table.append(f'<tr data-day="{e(r.day)}"><th scope="row">{e(r.day)}</th><td>@{e(r.handle)}</td>'
                      f'<td class="num">{num(r.followers)}</td><td class="num">{num(delta, sign=True)}</td>'
                      f'<td class="num">{num(r.following)}</td><td class="num">{num(r.videos)}</td>'
                      f'<td class="num">{num(r.hearts)}</td></tr>')
@@ -216,10 +236,13 @@ def user(view: UserView) -> str:
         "</form>"
         + (f'<h2>Renames</h2><ul class="renames">{renames}</ul>' if renames else "")
         + (f'<h2>Gaps</h2><ul class="gaps">{gap_list}</ul>' if gap_list else "")
-        + f'<div class="charts">{"".join(charts)}</div>'
-        '<h2>Snapshots</h2><table class="snapshots"><thead><tr><th>day</th><th>handle</th><th>followers</th>'
-        f"<th>change</th><th>following</th><th>videos</th><th>hearts</th></tr></thead><tbody>{''.join(table)}"
-        "</tbody></table>")
+        + f'<h2>Charts</h2><div class="charts">{"".join(charts)}</div>'
+        '<h2 id="snapshots">Snapshots</h2><div class="scroll" tabindex="0" role="region"'
+        ' aria-labelledby="snapshots"><table class="snapshots"><thead><tr>'
+        + "".join(f'<th scope="col">{h}</th>' for h in ("day", "handle", "followers", "change", "following",
+                                                        "videos", "hearts"))
+        + f"</tr></thead><tbody>{''.join(table)}"
+        "</tbody></table></div>")
     return layout(f"@{view.handle}", body, subtitle=view.nickname)
 
 
@@ -273,23 +296,32 @@ def error(status: int, message: str) -> str:
     return layout(f"{status}", f'<h1>{status}</h1><p class="error">{e(message)}</p><p><a href="/">overview</a></p>')
 
 
+# Text colours meet WCAG AA (4.5:1) on both backgrounds (#fff cells, #fafafa page): #666 is 5.5:1 on #fafafa.
 STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#222;background:#fafafa}
 header{background:#222;color:#eee;padding:8px 16px}header a{color:#fff;font-weight:600;text-decoration:none}
-header .sub{margin-left:12px;color:#aaa}main{padding:12px 16px;max-width:1100px}
+header .sub{margin-left:12px;color:#bbb}main{padding:12px 16px;max-width:1100px}
 table{border-collapse:collapse;background:#fff}th,td{padding:3px 8px;border-bottom:1px solid #eee;text-align:left}
-td.num,th[data-sort]{text-align:right}th[data-sort="handle"]{text-align:left}td.num{font-variant-numeric:tabular-nums}
-a.sort{color:inherit}.nick{color:#777;font-size:12px}h1 .nick{font-size:16px}
-.filter input[type=search]{width:260px;padding:4px}.pager{margin:8px 0}.pager span,.pager a{margin-right:10px}
-.pager span{color:#999}.pager .where{color:#222}tr.gap td{color:#b00;font-style:italic}
+tbody th{font-weight:normal}td.num,th[data-sort]{text-align:right}th[data-sort="handle"]{text-align:left}
+td.num{font-variant-numeric:tabular-nums}.nick{color:#666;font-size:12px}h1 .nick{font-size:16px}
+button.sort{font:inherit;font-weight:600;color:inherit;background:none;border:0;padding:0;cursor:pointer;
+text-decoration:underline}
+:focus-visible{outline:2px solid #1a5fb4;outline-offset:2px}
+.vh{position:absolute;width:1px;height:1px;margin:-1px;padding:0;overflow:hidden;clip:rect(0 0 0 0);
+white-space:nowrap;border:0}
+.filter input[type=search]{width:260px;max-width:100%;padding:4px}.pager{margin:8px 0}
+.pager span,.pager a{margin-right:10px}.pager span{color:#666}.pager .where{color:#222}
+tr.gap td{color:#b00;font-style:italic}
 .renames li,.gaps li{color:#b00}figure{margin:8px 0 16px}figcaption{font-weight:600}
+svg.chart{display:block;width:100%;max-width:960px;height:auto}.scroll{overflow-x:auto;max-width:100%}
 .legend{list-style:none;padding:0}.legend li{display:inline-block;margin-right:16px}
 .swatch{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:middle}
 """ + "".join(f".c{n}{{background:{c}}}" for n, c in enumerate(svg.PALETTE))
 
-# Progressive enhancement only: typing in the filter or clicking a sort header fetches the same
-# server-rendered page and swaps the table in place (no reload). Without JavaScript the form and the
-# links do the same with a page load.
+# Progressive enhancement only: typing in the filter, a sort button or a pager link fetches the same
+# server-rendered page and swaps the table in place (no reload), puts the focus back on the control
+# that was used and copies the new count into the live region (#count). Without JavaScript the forms
+# and links do the same with a page load (and the sorted header's autofocus).
 SCRIPT = """
 (function () {
   "use strict";
@@ -298,7 +330,7 @@ SCRIPT = """
   var users = document.getElementById("users");
   if (!box || !users) { return; }
   var timer = null, seq = 0;
-  function swap(url, push) {
+  function swap(url, push, then) {
     var mine = ++seq;
     fetch(url, {headers: {"Accept": "text/html"}}).then(function (r) { return r.text(); }).then(function (text) {
       if (mine !== seq) { return; }
@@ -309,9 +341,16 @@ SCRIPT = """
       users = fresh;
       var sort = doc.querySelector("form.filter input[name=sort]");
       if (sort) { document.querySelector("form.filter input[name=sort]").value = sort.value; }
+      var count = doc.getElementById("count"), live = document.getElementById("count");
+      if (count && live && live.textContent !== count.textContent) { live.textContent = count.textContent; }
+      if (then) { then(); }
       if (push) { history.pushState(null, "", url); } else { history.replaceState(null, "", url); }
       document.documentElement.setAttribute("data-swaps", String(seq));
     });
+  }
+  function focus(selector) {
+    var el = users.querySelector(selector);
+    if (el) { el.focus(); }
   }
   box.addEventListener("input", function () {
     clearTimeout(timer);
@@ -327,11 +366,21 @@ SCRIPT = """
     if (!params.get("q")) { params.delete("q"); }
     swap("/?" + params.toString(), false);
   });
+  document.addEventListener("submit", function (ev) {
+    var button = ev.submitter;
+    if (ev.target.id !== "sorting" || !button || !button.closest("th")) { return; }
+    ev.preventDefault();
+    var params = new URLSearchParams(new FormData(ev.target)), key = button.closest("th").getAttribute("data-sort");
+    params.delete("focus");
+    params.set("sort", button.value);
+    swap("/?" + params.toString(), true, function () { focus('th[data-sort="' + key + '"] button'); });
+  });
   document.addEventListener("click", function (ev) {
-    var a = ev.target.closest ? ev.target.closest("#users a.sort, #users .pager a") : null;
+    var a = ev.target.closest ? ev.target.closest("#users .pager a") : null;
     if (!a) { return; }
     ev.preventDefault();
-    swap(a.getAttribute("href"), true);
+    var rel = a.getAttribute("rel");
+    swap(a.getAttribute("href"), true, function () { focus('.pager a[rel="' + rel + '"], th[data-sort] button'); });
   });
   window.addEventListener("popstate", function () { swap(location.pathname + location.search, false); });
 })();

@@ -153,7 +153,8 @@ async def overview(request: web.Request) -> web.Response:
         return pages.OverviewView(shown, sparks, total, len(rows), min(page, count), count, sort, q,
                                   None if end is None else end.isoformat())
 
-    return _html(pages.overview(await request.app[HISTORY].run(load)))
+    view = await request.app[HISTORY].run(load)
+    return _html(pages.overview(view, focus_sort=request.query.get("focus") == "sort"))
 
 
 def _resolve(store: HistoryQueries, handle: str) -> tuple[str, str, str]:

@@ -1,7 +1,8 @@
 """Charts of the history page, drawn by the server as inline SVG (no script, no CDN, works offline).
 
 Every point carries ``data-day`` and ``data-value`` so a test reads values, never pixels. A day without a
-snapshot breaks the line (a gap); nothing is interpolated.
+snapshot breaks the line (a gap); nothing is interpolated. A chart has a ``viewBox`` and no fixed size: the
+style sheet makes it as wide as the page allows, and every label is placed inside the ``viewBox``.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from html import escape
 
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-           "#17becf")
+# Every colour at least 3:1 against the white page (WCAG 1.4.11, non-text contrast): a line is data, not decoration.
+PALETTE = ("#1f77b4", "#d95f02", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#b8008a", "#6b6b6b", "#7a7a00",
+           "#0e7c86")
+FONT = 11  # px in the chart's own units (the chart scales with the window, its text with it)
 Point = tuple[str, "float | int | None"]  # (YYYY-MM-DD, value or None for a snapshot without this count)
 
 
@@ -108,7 +111,7 @@ def _frame(days: Sequence[str], values: Sequence[float], width: int, height: int
 
 
 def _axes(f: _Frame, days: Sequence[str]) -> list[str]:
-    out = ['<g class="axes" font-size="11" fill="#555">']
+    out = [f'<g class="axes" font-size="{FONT}" fill="#555">']
     step = f.ticks[1] - f.ticks[0] if len(f.ticks) > 1 else 1.0
     for t in f.ticks:
         y = f.y(t)
@@ -144,6 +147,15 @@ def _runs(points: Sequence[Point]) -> list[list[tuple[str, float]]]:
     return runs
 
 
+def _label_at(x: float, text: str, width: int) -> tuple[float, str]:
+    """(x, text-anchor) of a marker's label: right of its line, or left of it where it would run past the right
+    edge, and never past either edge (a generous width estimate: 0.62 em per character)."""
+    wide = len(text) * FONT * 0.62
+    if x + 3 + wide <= width - 2:
+        return x + 3, "start"
+    return max(x - 3, wide + 2), "end"
+
+
 def line_chart(series: Sequence[Series], *, width: int = 720, height: int = 220, title: str = "",
                markers: Sequence[Marker] = (), kind: str = "line") -> str:
     """Lines (one per series) with a dot per snapshot; gaps stay gaps; markers as labelled verticals."""
@@ -151,13 +163,15 @@ def line_chart(series: Sequence[Series], *, width: int = 720, height: int = 220,
     values = [float(v) for s in series for _, v in s.points if v is not None]
     f = _frame(days, values, width, height)
     out = [f'<svg class="chart {escape(kind)}" role="img" aria-label="{escape(title)}" viewBox="0 0 {width} {height}"'
-           f' width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">', f"<title>{escape(title)}</title>"]
+           ' xmlns="http://www.w3.org/2000/svg">', f"<title>{escape(title)}</title>"]
     out += _axes(f, days)
     for m in markers:
         x = f.x(m.day)
+        tx, anchor = _label_at(x, m.text, width)
         out.append(f'<g class="rename" data-day="{escape(m.day)}"><line x1="{x:.1f}" x2="{x:.1f}" y1="{f.top}"'
-                   f' y2="{height - f.bottom}" stroke="#b00" stroke-dasharray="4 3"/><text x="{x + 3:.1f}"'
-                   f' y="{height - f.bottom - 5}" font-size="11" fill="#b00">{escape(m.text)}</text></g>')
+                   f' y2="{height - f.bottom}" stroke="#b00" stroke-dasharray="4 3"/><text x="{tx:.1f}"'
+                   f' y="{height - f.bottom - 5}" font-size="{FONT}" fill="#b00" text-anchor="{anchor}">'
+                   f"{escape(m.text)}</text></g>")
     for s in series:
         label = escape(s.label)
         out.append(f'<g class="series" data-series="{label}" fill="none" stroke="{s.colour}">')
@@ -190,7 +204,7 @@ def bar_chart(points: Sequence[Point], *, width: int = 720, height: int = 160, t
     f.left, f.right = int(f.left + slot / 2), int(f.right + slot / 2)  # whole bars inside the plot area
     bar = max(1.0, slot * 0.8)
     out = [f'<svg class="chart bars" role="img" aria-label="{escape(title)}" viewBox="0 0 {width} {height}"'
-           f' width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">', f"<title>{escape(title)}</title>"]
+           ' xmlns="http://www.w3.org/2000/svg">', f"<title>{escape(title)}</title>"]
     out += _axes(f, days)
     zero = f.y(0.0)
     for day, value in points:
@@ -207,13 +221,17 @@ def bar_chart(points: Sequence[Point], *, width: int = 720, height: int = 160, t
 
 
 def sparkline(points: Sequence[Point], *, width: int = 140, height: int = 30) -> str:
-    """A small followers line for a table cell (gaps stay gaps)."""
+    """A small followers line for a table cell (gaps stay gaps), named by its first and last value."""
     days = [d for d, _ in points]
     values = [float(v) for _, v in points if v is not None]
     f = _frame(days, values, width, height, left=2)
     f.right, f.top, f.bottom = 2, 3, 3
+    known = [(d, v) for d, v in points if v is not None]
+    name = (f"followers {_num(known[0][1])} on {known[0][0]}, {_num(known[-1][1])} on {known[-1][0]}" if known
+            else "no snapshot")
     out = [f'<svg class="spark" viewBox="0 0 {width} {height}" width="{width}" height="{height}"'
-           ' xmlns="http://www.w3.org/2000/svg" aria-hidden="true"><g fill="none" stroke="#1f77b4">']
+           f' xmlns="http://www.w3.org/2000/svg" role="img" aria-label="{escape(name)}"><g fill="none"'
+           ' stroke="#1f77b4">']
     for run in _runs(points):
         if len(run) > 1:
             path = " ".join(f"{'M' if i == 0 else 'L'}{f.x(d):.1f},{f.y(v):.1f}" for i, (d, v) in enumerate(run))
