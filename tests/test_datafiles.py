@@ -11,6 +11,7 @@ import asyncio
 import csv
 import datetime as dt
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ from crawler.sinks.csv_sink import cell, unguard
 from tests.conftest import KEY, SimFactory, fast_settings
 from tests.test_cli import FAST_TOML, crawler, environ, error_line, public_users
 from tests.test_crawl import crawl_once
+from tests.test_distributed import WORLD as DIST_WORLD
+from tests.test_distributed import Hosts, common, hosts, pg_url, schema  # noqa: F401  (hosts, schema: the fixtures)
+from tests.test_distributed import simulator as dist_simulator
 
 WORLD = WorldConfig(seed=11, users=1_000)
 FORMULA = ("=", "+", "-", "@", "\t", "\r")
@@ -320,3 +324,33 @@ async def test_history_export_format_parquet(simulator: SimFactory, tmp_path: Pa
             u.handle, u.followers, u.hearts, u.verified)
         assert row["day"] == dt.date(2026, 1, 1)
         assert row["fetched_at"] == dt.datetime(2026, 1, 1, 3, tzinfo=UTC)
+
+
+@pytest.mark.slow
+async def test_a_postgresql_job_and_crawler_export_write_data_files(hosts: Hosts, schema: str) -> None:  # noqa: F811
+    """A PostgreSQL job's starter with --format jsonl writes OUT.jsonl beside OUT.csv; `crawler export --format
+    parquet` writes FILE.parquet beside FILE.csv; both hold the World's profiles."""
+    url = pg_url(schema)
+    w = World(DIST_WORLD)
+    users = public_users(w, 6, max_videos=20)
+    src = hosts.root / "in.txt"
+    src.write_text("\n".join(w.handle(i) for i in users) + "\n")
+    async with dist_simulator(hosts.key) as sim:
+        code, _, err = await hosts.run("starter", ["profiles", str(src), "-o", "out.csv", "--jobs-url", url,
+                                                   "--format", "jsonl", *common(sim.url)])
+        assert code == 0, err[-800:]
+        jid = re.search(r"crawler: job ([0-9a-f]{12}) ", err)
+        assert jid is not None, err
+        again = hosts.root / "again.csv"
+        code, _, err = await hosts.run("export", ["export", jid.group(1), "-o", str(again), "--jobs-url", url,
+                                                  "--format", "parquet"])
+        assert code == 0, err
+    want = {w.user_id(i): w.user(i) for i in users}
+    for path in (hosts.root / "starter" / "out.jsonl", again.with_suffix(".parquet")):
+        got = read_back(path)
+        assert sorted(r["user_id"] for r in got) == sorted(want), path
+        for row in got:
+            u = want[row["user_id"]]
+            assert u is not None
+            assert (row["followers"], row["hearts"], row["private"], row["nickname"]) == (
+                u.followers, u.hearts, u.private, u.nickname)
