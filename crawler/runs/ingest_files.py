@@ -90,6 +90,8 @@ class DayFiles:
         self._files[(kind, day)] = f
         if kind == PROFILES and f.length and _header(path) == ep.Profile.COLUMNS:
             self._old_header.add(day)
+        elif kind == PROFILES:
+            self._old_header.discard(day)
         if f.length == 0:
             self.append(f, [PROFILE_DAY_COLUMNS if kind == PROFILES else ep.Post.COLUMNS])
             f.fsync()
