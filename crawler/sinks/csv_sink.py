@@ -46,9 +46,10 @@ def cell(value: Any, *, raw: bool = False) -> str:
     kind = type(value)  # exact types first: this runs for every cell of every row
     if kind is str:
         text: str = value
-        if raw or not text or (text[0] not in _FORMULA_CHARS and (text[0] != "'" or not _formula_like(text))):
+        if raw or not text:
             return text
-        return "'" + text
+        first = text[0]
+        return "'" + text if first in _FORMULA_CHARS or (first == "'" and _formula_like(text)) else text
     if kind is int:
         return str(value)
     if value is None:
