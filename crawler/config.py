@@ -72,6 +72,7 @@ class Settings:
     read_timeout: float = 15.0  # http.read_timeout
     output_bom: bool = False  # output.bom
     output_raw: bool = False  # output.raw
+    output_format: str = "csv"  # output.format: csv, or also OUT.parquet / OUT.jsonl when the job completes
     history_url: str | None = None  # history.url (None: SQLite file in the data directory)
     metrics_file: str | None = None  # output.metrics_file: a .prom file for node_exporter's textfile collector
     summary_json: str | None = None  # output.summary_json: the end-of-run summary as JSON
@@ -237,6 +238,12 @@ def _history_url(v: Any) -> str | None:
     return None if text is None else check_history_url(text.strip())
 
 
+def _format(v: Any) -> str:
+    if isinstance(v, str) and v.strip().lower() in ("csv", "parquet", "jsonl"):
+        return v.strip().lower()
+    raise ValueError("expected csv, parquet or jsonl")
+
+
 def _metrics_file(v: Any) -> str | None:
     text = _optional_text(v)
     if text is not None and not text.endswith(".prom"):
@@ -270,6 +277,7 @@ KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "http.read_timeout": ("read_timeout", _number(float, low=0.001)),
     "output.bom": ("output_bom", _bool),
     "output.raw": ("output_raw", _bool),
+    "output.format": ("output_format", _format),
     "output.metrics_file": ("metrics_file", _metrics_file),
     "output.summary_json": ("summary_json", _optional_text),
     "history.url": ("history_url", _history_url),
@@ -349,6 +357,7 @@ FLAG_NAMES = {
     "retry.attempts": "--retries",
     "output.bom": "--bom",
     "output.raw": "--raw",
+    "output.format": "--format",
     "history.url": "--history-url",
     "output.metrics_file": "--metrics-file",
     "output.summary_json": "--summary-json",

@@ -25,17 +25,23 @@ def replace_durably(tmp: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: Path, *, encoding: str = "utf-8") -> Iterator[IO[str]]:
-    """Write ``path`` whole or not at all: text goes to a temporary file beside it (``NAME.PID.tmp``, newlines
-    untranslated), which is fsynced and renamed over ``path`` when the block ends (`replace_durably`). An
-    exception in the block leaves ``path`` as it was and no temporary file behind."""
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Write ``path`` whole or not at all, through a writer that takes a path (a Parquet writer): the block writes
+    the temporary file it is given (``NAME.PID.tmp`` beside ``path``), which is fsynced and renamed over ``path``
+    when the block ends (`replace_durably`). An exception leaves ``path`` as it was and no temporary file behind."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        with tmp.open("w", encoding=encoding, newline="") as fh:
-            yield fh
+        yield tmp
         replace_durably(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, *, encoding: str = "utf-8") -> Iterator[IO[str]]:
+    """Write ``path`` whole or not at all: text goes to a temporary file (`atomic_path`), newlines untranslated."""
+    with atomic_path(path) as tmp, tmp.open("w", encoding=encoding, newline="") as fh:
+        yield fh
 
 
 def copy_durably(source: Path, target: Path) -> None:

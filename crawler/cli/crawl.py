@@ -18,6 +18,8 @@ from crawler.errors import BudgetExhausted, Interrupted, UsageError
 from crawler.jobs.prepare import JobOptions, failures_path, finished, state_path
 from crawler.runs.local import Crawl, run_job
 from crawler.sinks.csv_sink import part_path
+from crawler.sinks.datafile import datafile_path
+from crawler.sinks.datafile import require as require_format
 
 PUBLISH_TIME = (0, 1, 7, 30, 90, 180)
 SORT_BY = {"relevance": 0, "likes": 1, "date": 2, "0": 0, "1": 1, "2": 2}
@@ -26,6 +28,7 @@ SORT_BY = {"relevance": 0, "likes": 1, "date": 2, "0": 0, "1": 1, "2": 2}
 def cmd_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run (or resume) one crawl job."""
     settings = settings_from(args)
+    require_format(settings.output_format)  # parquet without pyarrow: exit 2 before anything is spent
     reports = open_reports(settings, args.command)
     key = api_key()
     check_ledger(settings, key)
@@ -53,14 +56,17 @@ def cmd_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
                                             restart=args.restart, retry_failed=args.retry_failed,
                                             overwrite=args.overwrite, quiet=args.quiet, earlier=lookup))
             report.done(outcome.exit_code, [outcome.summary])
-        _report(outcome, args.quiet, argv, max_credits=settings.max_credits)
-        return outcome.exit_code
-    crawl = Crawl(job, settings, api_key=key, restart=args.restart, retry_failed=args.retry_failed,
-                  overwrite=args.overwrite, quiet=args.quiet, earlier=lookup)
-    with reports as report:
-        outcome = asyncio.run(run_job(crawl))
-        report.done(outcome.exit_code, [outcome.summary])
+    else:
+        crawl = Crawl(job, settings, api_key=key, restart=args.restart, retry_failed=args.retry_failed,
+                      overwrite=args.overwrite, quiet=args.quiet, earlier=lookup)
+        with reports as report:
+            outcome = asyncio.run(run_job(crawl))
+            report.done(outcome.exit_code, [outcome.summary])
     _report(outcome, args.quiet, argv, max_credits=settings.max_credits)
+    if not args.quiet and settings.output_format != "csv" and outcome.summary.status in ("completed",
+                                                                                          "already complete"):
+        print(f"crawler: {datafile_path(Path(job.output), settings.output_format)} holds the rows of {job.output}"
+              " for programs (typed, no formula guard)", file=sys.stderr)
     return outcome.exit_code
 
 

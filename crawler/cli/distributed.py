@@ -11,6 +11,8 @@ from pathlib import Path
 from crawler.cli.common import check_ledger, settings_from
 from crawler.config import Settings, api_key
 from crawler.errors import UsageError
+from crawler.sinks.datafile import datafile_path
+from crawler.sinks.datafile import require as require_format
 
 
 def _jobs_url(settings: Settings, command: str) -> str:
@@ -56,6 +58,7 @@ def cmd_export(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from crawler.runs.job_export import export_job
 
     settings = settings_from(args)
+    require_format(settings.output_format)
     if not args.output.endswith(".csv"):
         raise UsageError(f"--output {args.output}: the output must be a .csv file")
     out = Path(args.output)
@@ -66,5 +69,6 @@ def cmd_export(args: argparse.Namespace, argv: Sequence[str]) -> int:
     # The job's own output.bom/output.raw (its starter's) unless --bom/--raw are given here.
     n = asyncio.run(export_job(settings, url=_jobs_url(settings, "export"), jid=args.job, out=Path(args.output),
                                bom=getattr(args, "output.bom", None), raw=getattr(args, "output.raw", None)))
-    print(f"crawler: wrote {n:,} rows to {args.output}", file=sys.stderr)
+    also = datafile_path(out, settings.output_format) if settings.output_format != "csv" else None
+    print(f"crawler: wrote {n:,} rows to {args.output}{f' and {also}' if also else ''}", file=sys.stderr)
     return 0

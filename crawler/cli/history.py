@@ -11,6 +11,8 @@ from typing import Any
 
 from crawler.cli.common import settings_from
 from crawler.errors import UsageError
+from crawler.sinks.datafile import datafile_path
+from crawler.sinks.datafile import require as require_format
 
 
 def cmd_history(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -19,6 +21,12 @@ def cmd_history(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from crawler.runs.ingest import history_url
 
     settings = settings_from(args)
+    if args.query == "export":
+        require_format(settings.output_format)
+        if settings.output_format != "csv" and not args.output.endswith(".csv"):
+            raise UsageError(f"history export -o {args.output}: with --format {settings.output_format}, -o names the"
+                             f" CSV (FILE.csv); FILE.{settings.output_format} is written beside it")
+        args.data_format = settings.output_format
     url = history_url(settings)
     bounds = {"stall_limit": settings.retry_stall_limit, "connect_timeout": settings.connect_timeout}
     if not url.startswith(("postgresql://", "postgres://")) and not Path(url.removeprefix("sqlite:///")).is_file():
@@ -92,8 +100,9 @@ def _days(store: Any, args: argparse.Namespace) -> None:
 def _export(store: Any, args: argparse.Namespace) -> None:
     from crawler.history.export import export_csv
 
-    n = export_csv(store, Path(args.output))
-    print(f"crawler: wrote {n:,} snapshots to {args.output}", file=sys.stderr)
+    n = export_csv(store, Path(args.output), args.data_format)
+    also = f" and {datafile_path(Path(args.output), args.data_format)}" if args.data_format != "csv" else ""
+    print(f"crawler: wrote {n:,} snapshots to {args.output}{also}", file=sys.stderr)
 
 
 def _plot(store: Any, args: argparse.Namespace) -> None:

@@ -68,6 +68,12 @@ def _report_flags(p: argparse.ArgumentParser) -> None:
                    help="the end-of-run summary as JSON, with exit_code (config output.summary_json)")
 
 
+def _format_flag(p: argparse.ArgumentParser, name: str) -> None:
+    p.add_argument("--format", dest="output.format", choices=("csv", "parquet", "jsonl"),
+                   help=f"also write {name}.parquet (needs crawler[parquet]) or {name}.jsonl from the complete CSV:"
+                   " typed columns, no formula guard (config output.format; default csv: the CSV only)")
+
+
 def _retry_choice(value: str) -> str:
     if value != "all":
         raise argparse.ArgumentTypeError(f"--retry-failed={value}: the only value is 'all'")
@@ -87,6 +93,7 @@ def _job_parser(sub: Any, name: str, help_text: str, input_help: str) -> argpars
                    help="replace an existing output this tool did not write (or the input file itself)")
     p.add_argument("--jobs-url", dest="jobs.url", metavar="URL",
                    help="postgresql://...: the job in PostgreSQL, worked by this and any `crawler work` process")
+    _format_flag(p, "OUT")
     if COMMANDS[name].input_kind != "keyword":
         p.add_argument("--column", help="read the input as CSV and take this column")
     if COMMANDS[name].input_kind == "users":
@@ -180,6 +187,7 @@ def _history_command(sub: Any) -> None:
     g3.add_argument("date", metavar="YYYY-MM-DD")
     g4 = hs.add_parser("export", help="every snapshot to a CSV")
     g4.add_argument("-o", "--output", required=True, metavar="FILE.csv")
+    _format_flag(g4, "FILE")
     g5 = hs.add_parser("plot", help="follower curves of some handles to a PNG")
     g5.add_argument("handles", nargs="+", metavar="HANDLE")
     g5.add_argument("-o", "--output", required=True, metavar="FILE.png")
@@ -290,5 +298,6 @@ def _distributed_commands(sub: Any) -> None:
     x.add_argument("--bom", dest="output.bom", action="store_const", const=True)
     x.add_argument("--raw", dest="output.raw", action="store_const", const=True)
     x.add_argument("--overwrite", action="store_true", help="replace an existing OUT.csv")
+    _format_flag(x, "OUT")
     x.add_argument("--config")
     x.set_defaults(func=cmd_export)

@@ -1,4 +1,5 @@
-"""`crawler history export`: every snapshot as one CSV, written atomically (the bulk load is the store's)."""
+"""`crawler history export`: every snapshot as one CSV, written atomically (the bulk load is the store's), and
+with --format FILE.parquet / FILE.jsonl from it."""
 
 from __future__ import annotations
 
@@ -7,10 +8,16 @@ from pathlib import Path
 
 from crawler.history.db import SNAPSHOT_COLUMNS
 from crawler.history.queries import HistoryQueries
+from crawler.sinks.datafile import Kind, write_datafile
+
+# The export's columns as data-file types (docs/columns.md): fetched_at is ISO-8601 text in the CSV.
+SNAPSHOT_KINDS: dict[str, Kind] = {
+    "user_id": "text", "day": "date", "fetched_at": "iso_time", "handle": "text", "followers": "int",
+    "following": "int", "hearts": "int", "videos": "int", "likes": "int", "verified": "bool", "private": "bool"}
 
 
-def export_csv(store: HistoryQueries, path: Path) -> int:
-    """Write every snapshot to a CSV (atomically); return the row count."""
+def export_csv(store: HistoryQueries, path: Path, fmt: str = "csv") -> int:
+    """Write every snapshot to a CSV (atomically), then its ``fmt`` copy beside it; return the row count."""
     from crawler.files import atomic_write
     from crawler.sinks.csv_sink import cell
 
@@ -21,4 +28,5 @@ def export_csv(store: HistoryQueries, path: Path) -> int:
         for row in store.snapshots():
             writer.writerow([cell(v) for v in row])
             n += 1
+    write_datafile(path, SNAPSHOT_KINDS, fmt)
     return n

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO
 
 from crawler.errors import UsageError
+from crawler.sinks.csv_sink import unguard
 
 HANDLE = re.compile(r"^[a-z0-9_.]{2,24}$")
 _PROFILE_URL = re.compile(r"tiktok\.com/@([^/?#\s]+)", re.IGNORECASE)
@@ -102,15 +103,6 @@ def open_input(path: str) -> IO[bytes]:
     if not p.is_file():
         raise UsageError(f"input file {path} does not exist (give a file of handles, one per line, or - for stdin)")
     return p.open("rb")
-
-
-# Our own CSV neutralisation (sinks.FORMULA_START): a cell "'@name" read back is "@name".
-_OUR_PREFIX = ("'=", "'+", "'-", "'@", "'\t", "'\r")
-
-
-def unneutralise(text: str) -> str:
-    """Undo the leading ' this tool adds to formula-like cells, so its own files read back as written."""
-    return text[1:] if text.startswith(_OUR_PREFIX) else text
 
 
 def undecodable(text: str) -> str | None:
@@ -201,5 +193,5 @@ def read_lines(stream: IO[bytes], column: str | None = None, *,
     index = names.index(column)
     for number, row in enumerate(reader, start=2):
         if index < len(row) and row[index].strip():  # a cell is a value: "#tag" is a hashtag, not a comment
-            value = unneutralise(row[index].strip())
+            value = unguard(row[index].strip())  # our own CSV's guard undone: "'@name" is "@name"
             yield number, value[:MAX_LINE + 1], len(value)

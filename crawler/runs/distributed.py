@@ -41,6 +41,7 @@ from crawler.retry import pause
 from crawler.runs.job_export import export
 from crawler.runs.job_worker import AUTO_START, JobWorker, SessionResult, host_name, job_store
 from crawler.sinks.csv_sink import write_failures
+from crawler.sinks.datafile import record_kinds, write_datafile
 from crawler.stores import pg_queue as itemqueue
 from crawler.stores.model import RETRIABLE, RETRIABLE_ALL, PgJob, WorkerInfo, job_id
 from crawler.stores.pg_jobs import PgJobStore
@@ -157,7 +158,8 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
                 await store.set_status(jid, "done")
                 # A signal stops the export too (its temporary file removed); run again, the job exports.
                 if stopped or not await _stoppable(export(store, jid, out, spec, bom=settings.output_bom,
-                                                          raw=settings.output_raw), exporting):
+                                                          raw=settings.output_raw, fmt=settings.output_format),
+                                                   exporting):
                     error, complete = stopped[0], False
             write_failures(failures_path(out), await store.failures(jid), raw=settings.output_raw)
             return _summary(job, store, pg, progress, await store.failure_counts(jid), error, started,
@@ -182,6 +184,8 @@ async def _ready(store: PgJobStore, job: JobOptions, settings: Settings, *, url:
     if (pg.status == "done" and progress.pending == 0 and await asyncio.to_thread(out.exists) and not restart
             and not retry):
         # Before resume(): the job keeps the output.bom/output.raw its OUT.csv was written with (export's).
+        await asyncio.to_thread(write_datafile, out, record_kinds(COMMANDS[job.command].record),
+                                settings.output_format, guarded=not pg.raw, if_missing=True)
         return _summary(job, store, pg, progress, await store.failure_counts(jid), None, started,
                         status="already complete", result=SessionResult(), settings=settings,
                         reason="nothing to do; --restart runs it again")

@@ -106,7 +106,7 @@ class IngestCommitter:
                     continue  # (its name is still bound below, so it is not fetched again)
                 seen_users.add((uid, c.day))
                 f = touched[files.key(PROFILES, c.day)] = files.file(PROFILES, c.day)
-                files.append(f, [[getattr(c.profile, k) for k in ep.Profile.COLUMNS]])
+                files.append(f, [files.profile_row(c.profile, c.day, c.fetched_at)])
                 c.written = 1
             elif c.posts:
                 known = store.known_posts([p.video_id for p in c.posts]) | seen_posts

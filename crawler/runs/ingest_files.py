@@ -29,6 +29,9 @@ from crawler.sinks.csv_sink import cell, write_failures
 log = logging.getLogger("crawler.runs.ingest_files")
 
 PROFILES, POSTS = "profiles", "posts"
+# A profiles day file's columns: the profile's, then the snapshot's UTC day and fetch time (ISO-8601, UTC). At the
+# end, so readers of the older files (without them) keep working; a file begun without them keeps its header.
+PROFILE_DAY_COLUMNS = (*ep.Profile.COLUMNS, "day", "fetched_at")
 
 
 class DayFiles:
@@ -41,6 +44,7 @@ class DayFiles:
         self.raw = raw
         self.bom = bom
         self._files: dict[tuple[str, dt.date], AppendOnlyFile] = {}
+        self._old_header: set[dt.date] = set()  # profiles files an earlier version began (no day, fetched_at)
 
     def key(self, kind: str, day: dt.date) -> str:
         return self.name_key(f"{kind}-{day.isoformat()}.csv")
@@ -84,13 +88,23 @@ class DayFiles:
                 self.store.put_file_length(key, 0)
             f = AppendOnlyFile.open(path, 0)
         self._files[(kind, day)] = f
+        if kind == PROFILES and f.length and _header(path) == ep.Profile.COLUMNS:
+            self._old_header.add(day)
+        elif kind == PROFILES:
+            self._old_header.discard(day)
         if f.length == 0:
-            record = ep.Profile if kind == PROFILES else ep.Post
-            self.append(f, [record.COLUMNS])
+            self.append(f, [PROFILE_DAY_COLUMNS if kind == PROFILES else ep.Post.COLUMNS])
             f.fsync()
             with self.store.transaction():
                 self.store.put_file_length(key, f.length)
         return f
+
+    def profile_row(self, profile: ep.Profile, day: dt.date, fetched_at: dt.datetime | None) -> list[Any]:
+        """A profiles day file's row: the profile, its day and fetch time (the columns its file was begun with)."""
+        row: list[Any] = list(profile.values())
+        if day not in self._old_header:
+            row += [day.isoformat(), "" if fetched_at is None else fetched_at.astimezone(dt.UTC).isoformat()]
+        return row
 
     def append(self, f: AppendOnlyFile, rows: list[Any]) -> None:
         buf = io.StringIO()
@@ -138,12 +152,13 @@ class DayFiles:
         name = f"{PROFILES}-{today.isoformat()}.csv"
         path, copy = self.out_dir / name, self.out_dir / f".restart-{name}"
         gone = set(ids)
+        kept = bool(path.exists() and self.committed_length(name))  # cut to its committed length by `repair`
         with copy.open("w", encoding="utf-8", newline="") as out:
             if self.bom:
                 out.write("\ufeff")
             writer = csv.writer(out, lineterminator="\n")
-            writer.writerow(ep.Profile.COLUMNS)
-            if path.exists() and self.committed_length(name):  # cut to its committed length by `repair`
+            writer.writerow(_header(path) if kept else PROFILE_DAY_COLUMNS)  # the kept rows' columns
+            if kept:
                 with path.open(encoding="utf-8-sig", newline="") as text:
                     rows = csv.reader(text)
                     next(rows, None)  # the header
@@ -176,6 +191,12 @@ class DayFiles:
                 if write_failures(path, self.store.failures(day, part), raw=self.raw):
                     files.append(str(path))
         return files
+
+
+def _header(path: Path) -> tuple[str, ...]:
+    """A day file's column names (its first line)."""
+    with path.open(encoding="utf-8-sig", newline="") as fh:
+        return tuple(next(csv.reader(fh), ()))
 
 
 def out_dir_id(out_dir: Path) -> str:

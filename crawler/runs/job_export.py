@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 from pathlib import Path
@@ -17,11 +18,14 @@ from crawler.jobs.commands import COMMANDS, CommandSpec
 from crawler.jobs.prepare import failures_path
 from crawler.runs.job_worker import job_store
 from crawler.sinks.csv_sink import cell, write_failures
+from crawler.sinks.datafile import record_kinds, write_datafile
 from crawler.stores.pg_jobs import PgJobStore
 
 
-async def export(store: PgJobStore, jid: str, out: Path, spec: CommandSpec, *, bom: bool, raw: bool) -> int:
-    """Write the job's rows to `out` (temporary file, fsync, rename) with the local sink's cell rules."""
+async def export(store: PgJobStore, jid: str, out: Path, spec: CommandSpec, *, bom: bool, raw: bool,
+                 fmt: str = "csv") -> int:
+    """Write the job's rows to `out` (temporary file, fsync, rename) with the local sink's cell rules, then
+    OUT.parquet / OUT.jsonl from it (``fmt``, `--format`)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     n = 0
     with atomic_write(out) as fh:
@@ -33,6 +37,7 @@ async def export(store: PgJobStore, jid: str, out: Path, spec: CommandSpec, *, b
             writer.writerow([cell(v, raw=raw) for v in values])
             n += 1
             testing.reached("exporting")
+    await asyncio.to_thread(write_datafile, out, record_kinds(spec.record), fmt, guarded=not raw)
     return n
 
 
@@ -68,7 +73,7 @@ async def jobs_report(settings: Settings, *, url: str, as_json: bool = False) ->
 async def export_job(settings: Settings, *, url: str, jid: str, out: Path, bom: bool | None = None,
                      raw: bool | None = None) -> int:
     """`crawler export JOB -o OUT.csv`: a finished job's output again, byte for byte (the output.bom/output.raw
-    its starter wrote with, unless `bom`/`raw` are given: the --bom/--raw flags)."""
+    its starter wrote with, unless `bom`/`raw` are given: the --bom/--raw flags); --format: OUT.parquet too."""
     async with job_store(settings, url) as store:
         pg = await store.job(jid)
         if pg is None:
@@ -80,6 +85,6 @@ async def export_job(settings: Settings, *, url: str, jid: str, out: Path, bom: 
         spec = COMMANDS[pg.command]
         bom = pg.bom if bom is None else bom
         raw = pg.raw if raw is None else raw
-        n = await export(store, pg.id, out, spec, bom=bom, raw=raw)
+        n = await export(store, pg.id, out, spec, bom=bom, raw=raw, fmt=settings.output_format)
         write_failures(failures_path(out), await store.failures(pg.id), raw=raw)
         return n

@@ -51,6 +51,7 @@ from crawler.jobs.walker import ItemWalker, step_update
 from crawler.options import EngineOptions
 from crawler.rate.pacing import MAX_AUTO_WORKERS
 from crawler.sinks.csv_sink import Batch, CsvSink, write_failures
+from crawler.sinks.datafile import record_kinds, write_datafile
 from crawler.stores.local import StateStore
 from crawler.stores.model import ItemUpdate
 from crawler.stores.users import UserDirectory
@@ -144,6 +145,7 @@ class Crawl(ItemWalker):
                 return self._outcome(started, "stopped", 0)  # a signal while the input was being read
             self.input_change = prepared.input_change
             if prepared.state is Prepared.COMPLETE:
+                await self._write_datafile(if_missing=True)
                 return self._outcome(started, "already complete", 0, reason="nothing to do; --restart runs it again")
             # Opened only now: a usage error found while preparing leaves no data directory behind.
             data_dir = Path(self.settings.data_dir)
@@ -168,12 +170,19 @@ class Crawl(ItemWalker):
             if complete:
                 self.sink.finalize()
                 self.state.set_status("done")
+                await self._write_datafile()
             return self._outcome(started, "completed" if complete else "stopped", self.sink.rows_written)
         finally:
             self.state.close()
             users = getattr(self, "users", None)
             if users is not None:
                 users.close()
+
+    async def _write_datafile(self, *, if_missing: bool = False) -> None:
+        """--format parquet|jsonl: OUT.parquet / OUT.jsonl from the complete OUT.csv (the job's journal). A finished
+        job run again with --format gets the file it lacks, spending nothing."""
+        await asyncio.to_thread(write_datafile, self.out, record_kinds(self.spec.record), self.settings.output_format,
+                                guarded=not self.settings.output_raw, if_missing=if_missing)
 
     def _open(self, base_sent: int, base_billed: int) -> None:
         """The run's lease, client and sink, counting from the job's requests and credits so far."""

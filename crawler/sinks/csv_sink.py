@@ -30,12 +30,26 @@ FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _FORMULA_CHARS = frozenset("".join(FORMULA_START))
 
 
+def _formula_like(text: str) -> bool:
+    """Text the guard prefixes: it starts with a formula character, after any number of ' (so "'=x" becomes
+    "''=x": the guard is one-to-one and `unguard` tells its ' from one the text had)."""
+    return text.lstrip("'")[:1] in _FORMULA_CHARS
+
+
+def unguard(text: str) -> str:
+    """The text a guarded cell was made from: the one leading ' the formula guard added removed, nothing else."""
+    return text[1:] if text[:1] == "'" and _formula_like(text) else text
+
+
 def cell(value: Any, *, raw: bool = False) -> str:
     """One CSV cell: booleans as true/false, None empty, formula-like text neutralised with a leading '."""
     kind = type(value)  # exact types first: this runs for every cell of every row
     if kind is str:
         text: str = value
-        return "'" + text if not raw and text and text[0] in _FORMULA_CHARS else text
+        if raw or not text:
+            return text
+        first = text[0]
+        return "'" + text if first in _FORMULA_CHARS or (first == "'" and _formula_like(text)) else text
     if kind is int:
         return str(value)
     if value is None:
