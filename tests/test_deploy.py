@@ -258,6 +258,8 @@ async def test_the_daily_unit_under_systemd_completes_stops_clean_and_the_next_s
         profiles = "/userinfo-by-username"
 
         async def some_profiles_fetched() -> bool:
+            unit = await sd.show("crawler-daily.service")
+            assert unit["ActiveState"] != "failed", f"{unit}: {sd.tail()}"  # say why at once (e.g. Result=resources)
             return sim.stats.by_endpoint[profiles] >= 6
 
         await sd.until(some_profiles_fetched, 60, "six profiles fetched by the unit")
