@@ -26,7 +26,7 @@ import pytest
 from crawler.runs.ingest import TEST_NOW_ENV
 from crawler.sim.server import Simulator
 from tests.conftest import KEY, SimFactory
-from tests.test_cli import FAST_TOML, public_users
+from tests.test_cli import FAST_TOML, crawler, environ, error_line, public_users
 from tests.test_ingest import day, write_watch
 from tests.test_ingest_edges import WORLD, assert_day_0_complete
 
@@ -336,3 +336,28 @@ async def test_the_cron_line_runs_as_printed_on_the_first_night(simulator: SimFa
     assert json.loads((state / "last-run.json").read_text())["exit_code"] == 0
     assert 'command="ingest"' in (state / "metrics" / "crawler.prom").read_text()
     assert_day_0_complete(w, watch, state / "daily", str(state / ".crawler" / "history.db"))
+
+
+@pytest.mark.slow
+async def test_reports_in_the_out_dir_ingest_makes_work_on_the_first_night(simulator: SimFactory,
+                                                                           tmp_path: Path) -> None:
+    """The line the docs printed before (issue 23, item 5): `--summary-json` and `--metrics-file` inside the out-dir
+    that the first run creates exit 0 with both written; a report in any other missing directory is still exit 2
+    naming it, before any request and without creating the out-dir."""
+    async with simulator(world=WORLD) as sim:
+        w = sim.world
+        watch = public_users(w, 3, max_videos=20)
+        write_watch(tmp_path / "watch.txt", [w.handle(i) for i in watch])
+        (tmp_path / "config.toml").write_text(FAST_TOML)
+        env = environ(sim) | {TEST_NOW_ENV: "2026-01-01T03:00:00"}
+        code, _, err = await crawler(["ingest", "watch.txt", "--out-dir", "data/other", "-q", "--summary-json",
+                                      "data/typo/last-run.json"], env, tmp_path)
+        assert code == 2 and "data/typo" in error_line(err), err
+        assert sim.stats.requests == 0 and not (tmp_path / "data").exists()
+        code, _, err = await crawler(["ingest", "watch.txt", "--out-dir", "data/daily", "-q", "--summary-json",
+                                      "data/daily/last-run.json", "--metrics-file", "data/daily/crawler.prom"],
+                                     env, tmp_path)
+        assert code == 0, err
+    assert json.loads((tmp_path / "data" / "daily" / "last-run.json").read_text())["exit_code"] == 0
+    assert 'command="ingest"' in (tmp_path / "data" / "daily" / "crawler.prom").read_text()
+    assert len((tmp_path / "data" / "daily" / f"profiles-{day(0)}.csv").read_text().splitlines()) == 1 + len(watch)
