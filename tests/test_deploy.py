@@ -21,12 +21,14 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from crawler.runs.ingest import TEST_NOW_ENV
 from crawler.sim.server import Simulator
 from tests.conftest import KEY, SimFactory
 from tests.test_cli import FAST_TOML, crawler, environ, error_line, public_users
+from tests.test_distributed import pg_url, pg_value, schema  # noqa: F401 (a fixture)
 from tests.test_ingest import day, write_watch
 from tests.test_ingest_edges import WORLD, assert_day_0_complete
 
@@ -279,6 +281,42 @@ async def test_the_daily_unit_under_systemd_completes_stops_clean_and_the_next_s
         assert 'command="ingest"' in (state / "metrics" / "crawler.prom").read_text()
     assert_day_0_complete(w, watch, state / "daily", str(state / ".crawler" / "history.db"))
     assert (state / "daily" / f"profiles-{day(0)}.csv").exists()
+
+
+
+@pytest.mark.slow
+async def test_the_worker_unit_under_systemd_joins_the_jobs_store_and_stops_clean(simulator: SimFactory,
+                                                                                 tmp_path: Path, schema: str) -> None:  # noqa: F811
+    """crawler-worker.service as shipped (see `unit_for_the_test`): it reads CRAWLER_JOBS_URL from the env file and
+    registers in the PostgreSQL job store as a waiting worker; `systemctl stop` leaves it inactive with
+    Result=success after its exit 143 (SuccessExitStatus=130 143), not failed and not restarted."""
+    etc = tmp_path / "etc" / "crawler"
+    etc.mkdir(parents=True)
+    async with simulator(world=WORLD) as sim, user_systemd(tmp_path / "sd") as sd:
+        env = etc / "env"
+        env.write_text(env_file_for(sim) + f"CRAWLER_JOBS_URL={pg_url(schema)}\n")
+        env.chmod(0o600)
+        (sd.config / "crawler").mkdir()
+        (sd.config / "crawler" / "config.toml").write_text(FAST_TOML)
+        (sd.units / "crawler-worker.service").write_text(
+            unit_for_the_test("crawler-worker.service", etc=etc, crawler=venv_crawler()))
+        # A target of the test's own wants the worker: it starts it and keeps it loaded after the stop, so `show`
+        # reports the stopped run (an unreferenced inactive unit is unloaded and shows a fresh unit's defaults).
+        (sd.units / "hold.target").write_text("[Unit]\nWants=crawler-worker.service\n")
+        await sd.systemctl("daemon-reload")
+        await sd.systemctl("start", "hold.target")
+
+        async def registered() -> bool:
+            unit = await sd.show("crawler-worker.service")
+            assert unit["ActiveState"] != "failed", f"{unit}: {sd.tail()}"
+            with contextlib.suppress(psycopg.errors.UndefinedTable):  # the worker makes the tables
+                return bool(await pg_value(schema, "SELECT count(*) FROM crawler_workers WHERE job IS NULL"))
+            return False
+
+        await sd.until(registered, 60, "the worker registered in the job store")
+        await sd.systemctl("stop", "crawler-worker.service", seconds=90)
+        assert await sd.show("crawler-worker.service") == {"ActiveState": "inactive", "Result": "success",
+                                                           "ExecMainStatus": "143"}, sd.tail()
 
 
 # --- cron ---
