@@ -11,13 +11,14 @@ from typing import Any
 from crawler.config import FLAG_NAMES, Secret, Settings, load_settings, masked
 
 
-def open_reports(settings: Settings, command: str) -> Any:
+def open_reports(settings: Settings, command: str, *, out_dir: str | None = None) -> Any:
     """The metrics file and summary JSON of this run (see crawler.engine.metrics.run_reports); their directories are
-    checked now, before anything (a region lookup) is spent."""
+    checked now, before anything (a region lookup) is spent. ``out_dir``: a directory the run makes (ingest's)."""
     from crawler.engine.metrics import check_report_paths, run_reports
 
-    check_report_paths(settings.metrics_file, settings.summary_json)
-    return run_reports(command, metrics_file=settings.metrics_file, summary_json=settings.summary_json)
+    check_report_paths(settings.metrics_file, settings.summary_json, out_dir=out_dir)
+    return run_reports(command, metrics_file=settings.metrics_file, summary_json=settings.summary_json,
+                       out_dir=out_dir)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:

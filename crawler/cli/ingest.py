@@ -27,7 +27,7 @@ def cmd_ingest(args: argparse.Namespace, argv: Sequence[str]) -> int:
         from crawler.history.store import HistoryStore
 
         HistoryStore(url, stall_limit=settings.retry_stall_limit, connect_timeout=settings.connect_timeout).close()
-    with open_reports(settings, "ingest") as reports:
+    with open_reports(settings, "ingest", out_dir=args.out_dir) as reports:
         result = asyncio.run(ingest(args.input, Path(args.out_dir), settings, api_key=key, date=args.date,
                                     with_posts=args.posts, restart=args.restart, retry_failed=args.retry_failed,
                                     column=args.column, by_id=args.by_id, quiet=args.quiet))

@@ -218,18 +218,22 @@ class RunReports:
             print(f"crawler: could not write {path}: {exc.strerror or exc}", file=sys.stderr)
 
 
-def check_report_paths(metrics_file: str | None, summary_json: str | None) -> None:
-    """Both report paths must be in an existing directory (a usage error before any request)."""
+def check_report_paths(metrics_file: str | None, summary_json: str | None, *, out_dir: str | None = None) -> None:
+    """Both report paths must be in an existing directory, or in ``out_dir``, which the run makes (ingest's, on its
+    first night); anything else is a usage error before any request."""
+    made = Path(out_dir).absolute() if out_dir else None
     for flag, value in (("--metrics-file", metrics_file), ("--summary-json", summary_json)):
-        if value and not Path(value).parent.is_dir():
-            raise UsageError(f"{flag} {value}: the directory {Path(value).parent} does not exist")
+        parent = Path(value).parent if value else None
+        if parent is not None and not parent.is_dir() and parent.absolute() != made:
+            raise UsageError(f"{flag} {value}: the directory {parent} does not exist")
 
 
 @contextlib.contextmanager
-def run_reports(command: str, *, metrics_file: str | None, summary_json: str | None) -> Iterator[RunReports]:
+def run_reports(command: str, *, metrics_file: str | None, summary_json: str | None,
+                out_dir: str | None = None) -> Iterator[RunReports]:
     """Wrap one command run: the metrics file and the summary JSON are written however it ends, except by a
     usage error (exit 2), which changes nothing."""
-    check_report_paths(metrics_file, summary_json)
+    check_report_paths(metrics_file, summary_json, out_dir=out_dir)
     reports = RunReports(command, metrics_file=metrics_file, summary_json=summary_json)
     try:
         yield reports
