@@ -92,7 +92,8 @@ async def test_the_metrics_and_the_summary_json_equal_the_simulators_counts(simu
         assert value(found, "crawler_last_run_requests_sent", "profiles") == stats.requests
         assert value(found, "crawler_last_run_credits_billed", "profiles") == stats.billed[KEY]
         assert value(found, "crawler_last_run_rate_limited", "profiles") == stats.served_429
-        responses = {dict(labels)["outcome"]: v for (name, labels), v in found.items() if name == "crawler_last_run_responses"}
+        responses = {dict(labels)["outcome"]: v for (name, labels), v in found.items()
+                     if name == "crawler_last_run_responses"}
         assert responses == {
             "ok": stats.requests - stats.served_429 - sum(stats.faults.values()),
             "rate_limited": stats.served_429,
