@@ -79,8 +79,8 @@ async def test_work_writes_its_metrics_and_summary(simulator: SimFactory, tmp_pa
     import asyncio
 
     (tmp_path / "fast.toml").write_text(FAST_TOML)
-    async with simulator(world=WORLD) as sim:
-        (tmp_path / "in.txt").write_text("\n".join(handles(sim.world, 40)) + "\n")
+    async with simulator(world=WORLD, latency=(0.05, 0.05)) as sim:  # a job long enough for the worker to join
+        (tmp_path / "in.txt").write_text("\n".join(handles(sim.world, 60)) + "\n")
         url = pg_url(schema)
         starter = crawler(["profiles", "in.txt", "-o", "p.csv", "--jobs-url", url, "--config", "fast.toml",
                            "--data-dir", "d", "--metrics-file", "start.prom", "-q"], environ(sim), tmp_path)
