@@ -61,8 +61,13 @@ async def test_promtool_accepts_the_file_of_every_command_and_counters_add_up(si
         with (tmp_path / "posts.csv").open(newline="", encoding="utf-8") as fh:
             ids = [row["video_id"] for row in csv.DictReader(fh)][:3]
         (tmp_path / "ids.txt").write_text("\n".join(ids) + "\n")
-        await run("download", ["download", "ids.txt", "-o", "media", "--what", "cover"])
+        await run("download", ["download", "ids.txt", "-o", "media", "--what", "cover", "--summary-json", "dl.json"])
         assert sent["download"] == [3]  # one /post-detail/ each
+        dl = json.loads((tmp_path / "dl.json").read_text())
+        assert (dl["schema_version"], dl["command"], dl["exit_code"], dl["posts_done"], dl["files_run"]) == (
+            1, "download", 0, 3, 3)
+        assert dl["failures"] == {} and dl["failures_file"] is None and dl["reason"] is None
+        assert dl["run_requests"] == sum(dl["responses"].values()) == 3 and type(dl["rate_wait_seconds"]) is float
         await run("profiles", ["profiles", "in.txt", "-o", "p3.csv"], codes=(1,), key="wrong-key")
 
         found = series(prom)

@@ -34,8 +34,11 @@ def cmd_download(args: argparse.Namespace, argv: Sequence[str]) -> int:
                         auto=given and settings.parallelism is None)  # --parallelism auto: for the API's requests
     with open_reports(settings, "download") as reports:
         outcome = asyncio.run(run_download(download))
-        reports.finish(outcome.exit_code, summary_record(outcome.summary, outcome.exit_code) | {"command": "download"},
-                       download_tally(outcome.summary, getattr(download, "client", None)))
+        tally = download_tally(outcome.summary, getattr(download, "client", None))  # None: every URL from a CSV
+        reports.finish(outcome.exit_code, summary_record(outcome.summary, outcome.exit_code) | {
+            "command": "download", "run_requests": tally.requests_sent, "run_credits_billed": tally.credits_billed,
+            "responses": dict(tally.responses), "rate_limited": tally.rate_limited,
+            "rate_wait_seconds": tally.rate_wait_seconds}, tally)
     if not args.quiet:
         print(outcome.summary.render(), file=sys.stderr)
     err = outcome.error
