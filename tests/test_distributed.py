@@ -1074,8 +1074,8 @@ async def test_the_starters_summary_and_metrics_count_what_it_billed(hosts: Host
     assert (summary["run_requests"], summary["run_credits_billed"]) == (sent, billed), summary
     assert sum(summary["responses"].values()) == sent, summary
     prom = (hosts.root / "starter" / "m.prom").read_text()
-    assert re.search(rf'^crawler_credits_billed{{command="posts"}} {billed}\.0$', prom, re.M), prom
-    assert re.search(r'^crawler_responses{command="posts",outcome="ok"} [1-9]', prom, re.M), prom
+    assert re.search(rf'^crawler_last_run_credits_billed{{command="posts"}} {billed}\.0$', prom, re.M), prom
+    assert re.search(r'^crawler_last_run_responses{command="posts",outcome="ok"} [1-9]', prom, re.M), prom
 
 
 async def test_the_region_lookup_of_a_postgresql_job_counts_under_its_max_credits(hosts: Hosts, schema: str) -> None:

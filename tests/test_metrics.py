@@ -89,10 +89,11 @@ async def test_the_metrics_and_the_summary_json_equal_the_simulators_counts(simu
         found = series(tmp_path / "m" / "crawler.prom")
         assert {name for name, _ in found} == set(SERIES)
         assert all(("command", "profiles") in labels for _, labels in found)
-        assert value(found, "crawler_requests_sent", "profiles") == stats.requests
-        assert value(found, "crawler_credits_billed", "profiles") == stats.billed[KEY]
-        assert value(found, "crawler_rate_limited", "profiles") == stats.served_429
-        responses = {dict(labels)["outcome"]: v for (name, labels), v in found.items() if name == "crawler_responses"}
+        assert value(found, "crawler_last_run_requests_sent", "profiles") == stats.requests
+        assert value(found, "crawler_last_run_credits_billed", "profiles") == stats.billed[KEY]
+        assert value(found, "crawler_last_run_rate_limited", "profiles") == stats.served_429
+        responses = {dict(labels)["outcome"]: v for (name, labels), v in found.items()
+                     if name == "crawler_last_run_responses"}
         assert responses == {
             "ok": stats.requests - stats.served_429 - sum(stats.faults.values()),
             "rate_limited": stats.served_429,
@@ -100,12 +101,12 @@ async def test_the_metrics_and_the_summary_json_equal_the_simulators_counts(simu
             "no_answer": stats.faults["drop"],
             "malformed": stats.faults["truncated"] + stats.faults["malformed"],
         }
-        items = {dict(labels)["status"]: v for (name, labels), v in found.items() if name == "crawler_items"}
+        items = {dict(labels)["status"]: v for (name, labels), v in found.items() if name == "crawler_last_run_items"}
         assert items["done"] + items["failed"] == len(names) and items["pending"] == 0
-        assert value(found, "crawler_last_exit_code", "profiles") == code
+        assert value(found, "crawler_last_run_exit_code", "profiles") == code
         success = value(found, "crawler_last_success_timestamp_seconds", "profiles")
         assert success == value(found, "crawler_last_run_timestamp_seconds", "profiles") > 0
-        assert value(found, "crawler_rate_wait_seconds", "profiles") > 0  # paced: starts waited for the budget
+        assert value(found, "crawler_last_run_rate_wait_seconds", "profiles") > 0  # paced: starts waited for the budget
 
         summary = json.loads((tmp_path / "summary.json").read_text())
         assert summary["exit_code"] == code and summary["command"] == "profiles"
@@ -114,7 +115,7 @@ async def test_the_metrics_and_the_summary_json_equal_the_simulators_counts(simu
         assert summary["rate_limited"] == stats.served_429
         assert summary["responses"] == {k: int(v) for k, v in responses.items()}
         assert summary["items_done"] + summary["items_failed"] == len(names)
-        assert summary["rate_wait_seconds"] == value(found, "crawler_rate_wait_seconds", "profiles")
+        assert summary["rate_wait_seconds"] == value(found, "crawler_last_run_rate_wait_seconds", "profiles")
         assert not [p.name for p in (tmp_path / "m").iterdir() if p.name not in ("crawler.prom", "crawler.prom.lock")]
 
 
@@ -133,7 +134,7 @@ async def test_a_failed_run_keeps_the_last_success_and_commands_share_one_file(s
         assert code == 0, err
         first = series(prom)
         success = value(first, "crawler_last_success_timestamp_seconds", "profiles")
-        assert value(first, "crawler_requests_sent", "profiles") == sim.stats.requests == 6
+        assert value(first, "crawler_last_run_requests_sent", "profiles") == sim.stats.requests == 6
 
         before = sim.stats.requests
         code, err = await crawler(["posts", "in.txt", "-o", "posts.csv", "--max-credits", "3", *common],
@@ -141,25 +142,25 @@ async def test_a_failed_run_keeps_the_last_success_and_commands_share_one_file(s
         assert code == 4, err
         second = series(prom)
         assert of(second, "profiles") == of(first, "profiles")  # another command's series are kept as they were
-        assert value(second, "crawler_last_exit_code", "posts") == 4
-        assert value(second, "crawler_requests_sent", "posts") == sim.stats.requests - before == 3
+        assert value(second, "crawler_last_run_exit_code", "posts") == 4
+        assert value(second, "crawler_last_run_requests_sent", "posts") == sim.stats.requests - before == 3
         assert ("crawler_last_success_timestamp_seconds", frozenset({("command", "posts")})) not in second
 
         code, err = await crawler(["profiles", "in.txt", "-o", "other.csv", *common], environ(sim, "wrong-key"),
                                   tmp_path)
         assert code == 1, err
         third = series(prom)
-        assert value(third, "crawler_last_exit_code", "profiles") == 1
+        assert value(third, "crawler_last_run_exit_code", "profiles") == 1
         assert value(third, "crawler_last_success_timestamp_seconds", "profiles") == success  # kept
         assert value(third, "crawler_last_run_timestamp_seconds", "profiles") > success
-        assert value(third, "crawler_responses", "profiles", outcome="key_rejected") >= 1
+        assert value(third, "crawler_last_run_responses", "profiles", outcome="key_rejected") >= 1
         assert of(third, "posts") == of(second, "posts")
 
         with job_lock(tmp_path / "p.csv"):  # the run ends by an error before it has a summary
             code, err = await crawler(["profiles", "in.txt", "-o", "p.csv", *common], environ(sim), tmp_path)
         assert code == 1 and "another crawler process" in err, err
         fourth = series(prom)
-        assert value(fourth, "crawler_last_exit_code", "profiles") == 1
+        assert value(fourth, "crawler_last_run_exit_code", "profiles") == 1
         assert value(fourth, "crawler_last_success_timestamp_seconds", "profiles") == success
         assert of(fourth, "posts") == of(second, "posts")
 
@@ -192,8 +193,8 @@ async def test_ingest_writes_day_exit_code_and_parts(simulator: SimFactory, tmp_
         assert len(record["parts"]) == 2 and all("exit_code" in p for p in record["parts"])
         assert sum(p["run_requests"] for p in record["parts"]) == sim.stats.requests
         found = series(tmp_path / "m.prom")
-        assert value(found, "crawler_requests_sent", "ingest") == sim.stats.requests
-        assert value(found, "crawler_credits_billed", "ingest") == sim.stats.billed[KEY]
+        assert value(found, "crawler_last_run_requests_sent", "ingest") == sim.stats.requests
+        assert value(found, "crawler_last_run_credits_billed", "ingest") == sim.stats.billed[KEY]
 
 
 async def test_a_metrics_file_without_prom_is_exit_2_and_writes_nothing(simulator: SimFactory,

@@ -51,7 +51,7 @@ def test_summary_names_both_counters_failures_and_parallelism() -> None:
     text = Summary(command="posts", status="completed", items_total=10, items_done=8, items_failed=2,
                    items_pending=0, rows_written=240, rows_total=240, requests_sent=31, credits_billed=30,
                    run_requests=31, rate_limited=0, retries=1, elapsed=9.3, parallelism=4,
-                   rate_used="198.3 per 60 s", failures={"private": 1, "not_found": 1}).render()
+                   rate_used=198.3, rate_window_seconds=60.0, failures={"private": 1, "not_found": 1}).render()
     for needle in ("requests_sent", "31", "credits_billed", "30", "not_found: 1", "private: 1", "parallelism",
                    "198.3 per 60 s", "8 done, 2 failed"):
         assert needle in text

@@ -13,7 +13,7 @@ import dataclasses
 import ipaddress
 import logging
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -65,6 +65,15 @@ class Counters:
     by_endpoint: Counter[str] = field(default_factory=Counter)  # requests sent per path
     billed_by_endpoint: Counter[str] = field(default_factory=Counter)  # credits billed per path
     responses: Counter[str] = field(default_factory=Counter)  # every request sent, by `response_kind()`
+    # Per path: what its requests met, their retries and their wait for the rate budget (a run's parts by endpoint).
+    responses_by_endpoint: defaultdict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    retries_by_endpoint: Counter[str] = field(default_factory=Counter)
+    rate_wait_by_endpoint: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    def met(self, path: str, kind: str, n: int = 1) -> None:
+        """Count ``n`` requests to ``path`` that met ``kind`` (one of `response_kind()`'s)."""
+        self.responses[kind] += n
+        self.responses_by_endpoint[path][kind] += n
 
     def add(self, other: Counters) -> None:
         """Count another client's requests as this one's (a lookup the command made before its job's client)."""
@@ -75,6 +84,11 @@ class Counters:
         self.by_endpoint.update(other.by_endpoint)
         self.billed_by_endpoint.update(other.billed_by_endpoint)
         self.responses.update(other.responses)
+        for path, kinds in other.responses_by_endpoint.items():
+            self.responses_by_endpoint[path].update(kinds)
+        self.retries_by_endpoint.update(other.retries_by_endpoint)
+        for path, seconds in other.rate_wait_by_endpoint.items():
+            self.rate_wait_by_endpoint[path] += seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +262,7 @@ class Client(Endpoints):
 
         def on_retry(exc: BaseException, tries: int, wait: float) -> None:
             self.counters.retries += 1
+            self.counters.retries_by_endpoint[path] += 1
             log.info("retrying %s after %s (try %d, waiting %.2f s)", path, exc, tries, wait)
 
         me = asyncio.current_task()
@@ -278,6 +293,7 @@ class Client(Endpoints):
             await outage.wait()
             try:
                 started = await self._admit()
+                self.counters.rate_wait_by_endpoint[path] += self.gate.last_wait
             except BaseException:
                 outage.release()  # no request left: a probe turn this call held goes to the next caller
                 raise
@@ -310,8 +326,8 @@ class Client(Endpoints):
                 result = parse(body)
             except (TransientError, ValueError, TypeError, KeyError, AttributeError) as exc:
                 text = str(exc) if isinstance(exc, TransientError) else f"{path}: unexpected answer ({exc})"
-                self.counters.responses["ok"] -= 1
-                self.counters.responses["unexpected_shape"] += 1
+                self.counters.met(path, "ok", -1)
+                self.counters.met(path, "unexpected_shape")
                 self.unexpected.unreadable_answer(path, raw)
                 raise Unreadable(text) from None
             self.unexpected.readable(path)
@@ -378,13 +394,13 @@ class Client(Endpoints):
         if status:
             self.last_answer = Answered(took, rate)
         if failure is not None:
-            c.responses[response_kind(status, None)] += 1
+            c.met(path, response_kind(status, None))
             if status == 200:  # the answer began as a 200: the API billed it even if its body never arrived
                 c.credits_billed += 1
                 c.billed_by_endpoint[path] += 1
             raise CannotConnect(failure) if refused else Unreachable(failure)
         result, billed = interpret(status, raw, retry_after, path)
-        c.responses[response_kind(status, result)] += 1
+        c.met(path, response_kind(status, result))
         if billed:
             self.counters.credits_billed += 1
             self.counters.billed_by_endpoint[path] += 1

@@ -7,8 +7,9 @@ import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from crawler.cli.common import check_ledger, settings_from
+from crawler.cli.common import check_ledger, open_reports, settings_from
 from crawler.config import Settings, api_key
 from crawler.errors import UsageError
 from crawler.sinks.datafile import datafile_path
@@ -30,7 +31,9 @@ _JOB_OPTION_FLAGS = (("--max-credits", "crawl.max_credits"), ("--max-pages", "cr
 
 def cmd_work(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Work open PostgreSQL jobs."""
+    from crawler.engine.metrics import RunTally
     from crawler.runs.distributed import work
+    from crawler.runs.job_worker import SessionResult
 
     settings = settings_from(args)
     url = _jobs_url(settings, "work")
@@ -40,8 +43,22 @@ def cmd_work(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if ignored:
         print(f"crawler: warning: work ignores {', '.join(ignored)}: each job is worked with the options its starter"
               " gave (caps, page size, output cells); set them on the job's starting command", file=sys.stderr)
-    return asyncio.run(work(settings, api_key=key, url=url, job=args.job, until_idle=args.until_idle,
-                            quiet=args.quiet))
+    tally = SessionResult()
+    with open_reports(settings, "work") as reports:
+        code = asyncio.run(work(settings, api_key=key, url=url, job=args.job, until_idle=args.until_idle,
+                                quiet=args.quiet, tally=tally))
+        reports.finish(code, work_record(tally, code), RunTally(
+            {"worked": tally.items}, requests_sent=tally.requests_sent, credits_billed=tally.credits_billed,
+            responses=tally.responses, rate_limited=tally.rate_limited, rate_wait_seconds=tally.rate_wait_seconds))
+    return code
+
+
+def work_record(tally: Any, exit_code: int) -> dict[str, Any]:
+    """`crawler work`'s summary JSON: what this worker did, summed over the jobs it worked."""
+    return {"command": "work", "exit_code": exit_code, "items_worked": tally.items, "rows_written": tally.rows,
+            "items_lost": tally.lost, "run_requests": tally.requests_sent, "run_credits_billed": tally.credits_billed,
+            "rate_limited": tally.rate_limited, "retries": tally.retries, "rate_wait_seconds": tally.rate_wait_seconds,
+            "responses": dict(tally.responses), "parallelism": tally.parallelism}
 
 
 def cmd_jobs(args: argparse.Namespace, argv: Sequence[str]) -> int:

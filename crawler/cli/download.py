@@ -7,14 +7,20 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from crawler.cli.common import budget_line, resume_hint, settings_from
+from crawler.cli.common import budget_line, open_reports, resume_hint, settings_from
 from crawler.config import api_key
 from crawler.errors import BudgetExhausted, Interrupted
+
+if TYPE_CHECKING:
+    from crawler.api.client import Client
+    from crawler.engine.metrics import RunTally
 
 
 def cmd_download(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run (or resume) a media download."""
+    from crawler.engine.metrics import summary_record
     from crawler.runs.download import Download, DownloadOptions, run_download
 
     settings = settings_from(args)
@@ -26,7 +32,13 @@ def cmd_download(args: argparse.Namespace, argv: Sequence[str]) -> int:
     download = Download(DownloadOptions(args.input, args.output, args.what), settings, api_key=key,
                         restart=args.restart, retry_failed=args.retry_failed, quiet=args.quiet,
                         auto=given and settings.parallelism is None)  # --parallelism auto: for the API's requests
-    outcome = asyncio.run(run_download(download))
+    with open_reports(settings, "download") as reports:
+        outcome = asyncio.run(run_download(download))
+        tally = download_tally(outcome.summary, getattr(download, "client", None))  # None: every URL from a CSV
+        reports.finish(outcome.exit_code, summary_record(outcome.summary, outcome.exit_code) | {
+            "command": "download", "run_requests": tally.requests_sent, "run_credits_billed": tally.credits_billed,
+            "responses": dict(tally.responses), "rate_limited": tally.rate_limited,
+            "rate_wait_seconds": tally.rate_wait_seconds}, tally)
     if not args.quiet:
         print(outcome.summary.render(), file=sys.stderr)
     err = outcome.error
@@ -44,3 +56,16 @@ def cmd_download(args: argparse.Namespace, argv: Sequence[str]) -> int:
         hint = f"; resume with: {resume_hint(argv)}" if resumable else ""
         print(f"crawler: {err}{hint}", file=sys.stderr)
     return outcome.exit_code
+
+
+def download_tally(summary: Any, client: Client | None) -> RunTally:
+    """A download's figures for the metrics file: posts by status, and this run's requests from its API client (none
+    when every URL came from a CSV)."""
+    from crawler.engine.metrics import RunTally
+
+    items = {"done": summary.posts_done, "failed": summary.failed, "pending": summary.pending}
+    if client is None:
+        return RunTally(items)
+    c = client.counters
+    return RunTally(items, requests_sent=c.requests_sent, credits_billed=c.credits_billed, responses=dict(c.responses),
+                    rate_limited=c.rate_limited, rate_wait_seconds=client.gate.wait_seconds)

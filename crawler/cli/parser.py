@@ -60,7 +60,7 @@ def _settings_flags(p: argparse.ArgumentParser, omit: frozenset[str] = frozenset
 
 
 def _report_flags(p: argparse.ArgumentParser) -> None:
-    """--metrics-file and --summary-json (job commands and ingest): what a scheduler reads after the run."""
+    """--metrics-file and --summary-json (job commands, ingest, download, work): what a scheduler reads."""
     g = p.add_argument_group("reports for schedulers (written at every end but exit 2)")
     g.add_argument("--metrics-file", dest="output.metrics_file", metavar="PATH.prom",
                    help="Prometheus text format for node_exporter's textfile collector (config output.metrics_file)")
@@ -273,6 +273,7 @@ def _download_command(sub: Any) -> None:
     d.add_argument("--restart", action="store_true", help="forget this job's progress (complete files are kept)")
     d.add_argument("--retry-failed", action="store_true", help="try the failed posts again")
     _settings_flags(d, omit=ROW_FLAGS)
+    _report_flags(d)
     d.set_defaults(func=cmd_download)
 
 
@@ -285,6 +286,7 @@ def _distributed_commands(sub: Any) -> None:
     w.add_argument("--until-idle", action="store_true", help="exit when no item of any open job is left")
     w.add_argument("--jobs-url", dest="jobs.url", metavar="URL")
     _settings_flags(w)
+    _report_flags(w)
     w.set_defaults(func=cmd_work)
     j = sub.add_parser("jobs", help="PostgreSQL jobs: id, progress, failures, credits, workers")
     j.add_argument("--jobs-url", dest="jobs.url", metavar="URL")

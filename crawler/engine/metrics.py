@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+from prometheus_client import CollectorRegistry, write_to_textfile
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from crawler.engine.stats import Summary
@@ -30,39 +31,68 @@ from crawler.files import atomic_write, lock_file
 log = logging.getLogger("crawler.engine.metrics")
 
 SUCCESS_CODES = (0, 3)  # the job completed (3: some items failed, each one in the failures file)
+SCHEMA_VERSION = 1  # of the summary JSON: a field renamed or changing type raises it; new fields do not
 
-# name -> (help, extra label): every series also has the label `command` (CONTRACT.md "Metrics").
-SERIES: dict[str, tuple[str, str | None]] = {
+# Gauges of the last run: name -> (help, extra label); every series also has the label `command` (CONTRACT.md
+# "Metrics"). Units in the names, `last_run` in those that hold one run's figures (they are not counters).
+GAUGES: dict[str, tuple[str, str | None]] = {
     "crawler_last_success_timestamp_seconds": ("Unix time the last run that completed (exit 0 or 3) ended", None),
     "crawler_last_run_timestamp_seconds": ("Unix time the last run ended, however it ended", None),
-    "crawler_last_exit_code": ("Exit code of the last run", None),
-    "crawler_run_duration_seconds": ("Seconds the last run took", None),
-    "crawler_items": ("Input items of the last run's job by status (done, failed, pending)", "status"),
-    "crawler_requests_sent": ("HTTP requests the last run sent, retries included", None),
-    "crawler_credits_billed": ("Requests of the last run that got a billable answer", None),
-    "crawler_responses": ("Requests of the last run by what they met", "outcome"),
-    "crawler_rate_limited": ("Rate-limit answers (HTTP 429) the last run met", None),
-    "crawler_rate_wait_seconds": ("Seconds the last run's requests waited for the key's rate budget", None),
+    "crawler_last_run_exit_code": ("Exit code of the last run", None),
+    "crawler_last_run_duration_seconds": ("Seconds the last run took", None),
+    "crawler_last_run_items": ("Input items of the last run's job by status", "status"),
+    "crawler_last_run_requests_sent": ("HTTP requests the last run sent, retries included", None),
+    "crawler_last_run_credits_billed": ("Requests of the last run that got a billable answer", None),
+    "crawler_last_run_responses": ("Requests of the last run by what they met", "outcome"),
+    "crawler_last_run_rate_limited": ("Rate-limit answers (HTTP 429) the last run met", None),
+    "crawler_last_run_rate_wait_seconds": ("Seconds the last run's requests waited for the key's rate budget", None),
 }
+# Counters summed over every run that wrote the file: sample name -> help (the family's name drops `_total`).
+COUNTERS: dict[str, str] = {
+    "crawler_requests_sent_total": "HTTP requests sent, retries included, by every run that wrote this file",
+    "crawler_credits_billed_total": "Requests that got a billable answer, in every run that wrote this file",
+}
+SERIES: dict[str, tuple[str, str | None]] = GAUGES | {name: (text, None) for name, text in COUNTERS.items()}
 LAST_SUCCESS = "crawler_last_success_timestamp_seconds"
 
 
 @dataclass(frozen=True, slots=True)
-class RunMetrics:
-    """One run's values for the metrics file; `items` and the counters are None when the run ended before
-    it had a summary (an unexpected error): those series are then left out for the command."""
+class RunTally:
+    """What one run spent and met: the figures of the `last_run` series (and what the counters add up)."""
 
-    command: str
-    exit_code: int
-    finished_at: float  # Unix time
-    duration_seconds: float
-    items: Mapping[str, int] | None = None
+    items: Mapping[str, int]  # input items by status (done, failed, pending; `work`: worked)
     requests_sent: int = 0
     credits_billed: int = 0
     responses: Mapping[str, int] = field(default_factory=dict)
     rate_limited: int = 0
     rate_wait_seconds: float = 0.0
 
+    @classmethod
+    def of(cls, summaries: Sequence[Summary]) -> RunTally:
+        """This run's figures, summed over the jobs it ran (ingest runs one or two)."""
+        responses: dict[str, int] = {}
+        for s in summaries:
+            for kind, n in s.responses.items():
+                responses[kind] = responses.get(kind, 0) + n
+        return cls(items={"done": sum(s.items_done for s in summaries),
+                          "failed": sum(s.items_failed for s in summaries),
+                          "pending": sum(s.items_pending for s in summaries)},
+                   requests_sent=sum(s.run_requests for s in summaries),
+                   credits_billed=sum(s.run_credits_billed for s in summaries), responses=responses,
+                   rate_limited=sum(s.rate_limited for s in summaries),
+                   rate_wait_seconds=sum(s.rate_wait_seconds for s in summaries))
+
+
+@dataclass(frozen=True, slots=True)
+class RunMetrics:
+    """One run's values for the metrics file; `tally` is None when the run ended before it had one (an unexpected
+    error): its `last_run` figures are then left out for the command and the counters keep their values."""
+
+    command: str
+    exit_code: int
+    finished_at: float  # Unix time
+    duration_seconds: float
+    tally: RunTally | None = None
     completed: bool = True  # False: the run did no work (ingest found its out-dir held by a running ingest)
 
     @property
@@ -70,32 +100,13 @@ class RunMetrics:
         """The job completed (CONTRACT.md exit 0 or 3)."""
         return self.completed and self.exit_code in SUCCESS_CODES
 
-    @classmethod
-    def from_summaries(cls, command: str, exit_code: int, summaries: Sequence[Summary], *, finished_at: float,
-                       duration_seconds: float, completed: bool = True) -> RunMetrics:
-        """This run's values, summed over the jobs it ran (ingest runs one or two)."""
-        responses: dict[str, int] = {}
-        for s in summaries:
-            for kind, n in s.responses.items():
-                responses[kind] = responses.get(kind, 0) + n
-        return cls(
-            command=command, exit_code=exit_code, finished_at=finished_at, duration_seconds=duration_seconds,
-            items={"done": sum(s.items_done for s in summaries), "failed": sum(s.items_failed for s in summaries),
-                   "pending": sum(s.items_pending for s in summaries)},
-            requests_sent=sum(s.run_requests for s in summaries),
-            credits_billed=sum(s.run_credits_billed for s in summaries),
-            responses=responses,
-            rate_limited=sum(s.rate_limited for s in summaries),
-            rate_wait_seconds=sum(s.rate_wait_seconds for s in summaries),
-            completed=completed,
-        )
-
 
 Sample = tuple[str, dict[str, str], float]  # (series name, labels, value)
 
 
 def read_metrics(path: Path) -> list[Sample]:
-    """Our series in an existing metrics file ([] when there is none, or when it cannot be parsed)."""
+    """Our series in an existing metrics file ([] when there is none, or when it cannot be parsed); series of
+    other names (an older version's) are dropped."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -109,55 +120,84 @@ def read_metrics(path: Path) -> list[Sample]:
 
 
 def write_metrics(path: Path, run: RunMetrics) -> None:
-    """Rewrite the metrics file atomically with this run's series; other commands' series and, after a run that
-    did not complete, this command's last-success time are kept from the file."""
+    """Rewrite the metrics file atomically with this run's series; other commands' series, this command's counters
+    (this run's figures added) and, after a run that did not complete, its last-success time are kept."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with lock_file(path.with_name(path.name + ".lock"), wait=True):  # held for a read and a rename: milliseconds
-        kept = [(name, labels, value) for name, labels, value in read_metrics(path)
+        old = read_metrics(path)
+        kept = [(name, labels, value) for name, labels, value in old
                 if labels["command"] != run.command or (name == LAST_SUCCESS and not run.succeeded)]
+        totals = {name: value for name, labels, value in old if labels["command"] == run.command and name in COUNTERS}
         registry = CollectorRegistry()
-        gauges = {name: Gauge(name, text, ["command"] if extra is None else ["command", extra], registry=registry)
-                  for name, (text, extra) in SERIES.items()}
-        for name, labels, value in kept:
-            extra = SERIES[name][1]
-            if extra is None or extra in labels:
-                wanted = {"command": labels["command"]} | ({} if extra is None else {extra: labels[extra]})
-                gauges[name].labels(**wanted).set(value)
-        for name, labels, value in _samples(run):
-            gauges[name].labels(**labels).set(value)
+        registry.register(_Families([*kept, *_samples(run, totals)]))
         write_to_textfile(str(path), registry)
 
 
-def _samples(run: RunMetrics) -> Iterator[Sample]:
+class _Families:
+    """A prometheus_client collector of the file's samples: a gauge or counter family per name, HELP and TYPE."""
+
+    def __init__(self, samples: list[Sample]) -> None:
+        self.samples = samples
+
+    def collect(self) -> Iterator[Metric]:
+        families: list[GaugeMetricFamily | CounterMetricFamily] = []
+        for name, (text, extra) in SERIES.items():
+            labels = ["command"] if extra is None else ["command", extra]
+            family = (CounterMetricFamily(name, text, labels=labels) if name in COUNTERS
+                      else GaugeMetricFamily(name, text, labels=labels))
+            for values, value in sorted({tuple(lb[k] for k in labels): v for n, lb, v in self.samples
+                                         if n == name and all(k in lb for k in labels)}.items()):
+                family.add_metric(list(values), value)
+            families.append(family)
+        yield from (f for f in families if f.samples)
+
+
+def _samples(run: RunMetrics, totals: Mapping[str, float]) -> Iterator[Sample]:
     c = {"command": run.command}
     if run.succeeded:
         yield LAST_SUCCESS, c, run.finished_at
     yield "crawler_last_run_timestamp_seconds", c, run.finished_at
-    yield "crawler_last_exit_code", c, float(run.exit_code)
-    yield "crawler_run_duration_seconds", c, run.duration_seconds
-    if run.items is None:
+    yield "crawler_last_run_exit_code", c, float(run.exit_code)
+    yield "crawler_last_run_duration_seconds", c, run.duration_seconds
+    t = run.tally
+    for name, this_run in (("crawler_requests_sent_total", t.requests_sent if t else 0),
+                           ("crawler_credits_billed_total", t.credits_billed if t else 0)):
+        yield name, c, totals.get(name, 0.0) + this_run
+    if t is None:
         return
-    for status, n in run.items.items():
-        yield "crawler_items", c | {"status": status}, float(n)
-    yield "crawler_requests_sent", c, float(run.requests_sent)
-    yield "crawler_credits_billed", c, float(run.credits_billed)
-    for kind, n in sorted(run.responses.items()):
-        yield "crawler_responses", c | {"outcome": kind}, float(n)
-    yield "crawler_rate_limited", c, float(run.rate_limited)
-    yield "crawler_rate_wait_seconds", c, run.rate_wait_seconds
+    for status, n in t.items.items():
+        yield "crawler_last_run_items", c | {"status": status}, float(n)
+    yield "crawler_last_run_requests_sent", c, float(t.requests_sent)
+    yield "crawler_last_run_credits_billed", c, float(t.credits_billed)
+    for kind, n in sorted(t.responses.items()):
+        yield "crawler_last_run_responses", c | {"outcome": kind}, float(n)
+    yield "crawler_last_run_rate_limited", c, float(t.rate_limited)
+    yield "crawler_last_run_rate_wait_seconds", c, t.rate_wait_seconds
 
 
-def summary_record(summary: Summary, exit_code: int) -> dict[str, Any]:
-    """The summary's fields plus `exit_code` (`rate_wait_seconds` is one of the fields)."""
+_ABSENT_WHEN_BLANK = ("output", "failures_file", "reason", "skipped_file")  # "" in a summary: null in the JSON
+_PAIRS = ("failures", "skips")  # a download's (reason, count) pairs: an object in the JSON, as a job's failures are
+
+
+def summary_record(summary: Any, exit_code: int) -> dict[str, Any]:
+    """A summary's fields (a job's `Summary`, a download's) as JSON values, plus `exit_code`: numbers as numbers,
+    absent values as null."""
     record = dataclasses.asdict(summary)
-    record["notes"] = list(summary.notes)
+    for key in _ABSENT_WHEN_BLANK:
+        if key in record:
+            record[key] = record[key] or None
+    for key in _PAIRS:
+        if isinstance(record.get(key), (list, tuple)):
+            record[key] = dict(record[key])
+    record["notes"] = list(record.get("notes", ()))
     record["exit_code"] = exit_code
     return record
 
 
 def ingest_record(result: Any) -> dict[str, Any]:
-    """`{day, exit_code, parts}` of an `ingest.IngestResult` (its `day`, `outcomes` and `exit_code`)."""
-    return {"day": result.day.isoformat(), "exit_code": result.exit_code,
+    """`{command, day, exit_code, days, held_by, parts}` of an `ingest.IngestResult` (its `day`, `outcomes` and
+    `exit_code`): one part per job (profiles, then posts), each with that part's own requests and answers."""
+    return {"command": "ingest", "day": result.day.isoformat(), "exit_code": result.exit_code,
             "days": [d.isoformat() for d in getattr(result, "days", ())],  # every day the run wrote to
             "held_by": getattr(result, "held_by", None),  # set when another ingest held the out-dir
             "parts": [summary_record(o.summary, o.exit_code) for o in result.outcomes]}
@@ -183,32 +223,31 @@ class RunReports:
 
     def done(self, exit_code: int, summaries: Sequence[Summary], record: Mapping[str, Any] | None = None, *,
              completed: bool = True) -> None:
-        """Write both reports for a run that ended with ``exit_code``; ``record`` replaces the summary JSON
-        (ingest: ``{day, exit_code, parts}``), else it is the one summary's record. A run that did no work
+        """Write both reports for a job run that ended with ``exit_code``; ``record`` replaces the summary JSON
+        (ingest: `ingest_record`), else it is the one summary's record. A run that did no work
         (``completed=False``: ingest's out-dir held by a running ingest, exit 0) keeps the last-success time,
         so an alert on a stale last success still fires while a hung ingest holds the out-dir."""
+        if record is None:
+            record = (summary_record(summaries[0], exit_code) if len(summaries) == 1
+                      else {"command": self.command, "exit_code": exit_code,
+                            "parts": [summary_record(s, exit_code) for s in summaries]})
+        self.finish(exit_code, record, RunTally.of(summaries), completed=completed)
+
+    def finish(self, exit_code: int, record: Mapping[str, Any], tally: RunTally | None, *,
+               completed: bool = True) -> None:
+        """Write ``record`` as the summary JSON (with its `schema_version`) and the run's series."""
         self._written = True
         if self.summary_json is not None:
-            if record is None:
-                record = (summary_record(summaries[0], exit_code) if len(summaries) == 1
-                          else {"command": self.command, "exit_code": exit_code,
-                                "parts": [summary_record(s, exit_code) for s in summaries]})
-            self._try(write_json, self.summary_json, record)
+            self._try(write_json, self.summary_json, {"schema_version": SCHEMA_VERSION, **record})
         if self.metrics_file is not None:
-            run = RunMetrics.from_summaries(self.command, exit_code, summaries, finished_at=time.time(),
-                                            duration_seconds=time.monotonic() - self.started, completed=completed)
+            run = RunMetrics(self.command, exit_code, time.time(), time.monotonic() - self.started, tally,
+                             completed=completed)
             self._try(write_metrics, self.metrics_file, run)
 
     def failed(self, exit_code: int, reason: str) -> None:
         """Write both reports for a run that ended by an exception, before any summary."""
-        self._written = True
-        if self.summary_json is not None:
-            self._try(write_json, self.summary_json, {"command": self.command, "status": "failed",
-                                                      "reason": reason, "exit_code": exit_code,
-                                                      "rate_wait_seconds": 0.0})
-        if self.metrics_file is not None:
-            run = RunMetrics(self.command, exit_code, time.time(), time.monotonic() - self.started)
-            self._try(write_metrics, self.metrics_file, run)
+        self.finish(exit_code, {"command": self.command, "status": "failed", "reason": reason,
+                                "exit_code": exit_code, "rate_wait_seconds": 0.0}, None)
 
     def _try(self, write: Any, path: Path, value: Any) -> None:
         # A report that cannot be written must not change how the run ended: say so on one line.

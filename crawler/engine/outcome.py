@@ -49,6 +49,7 @@ def outcome(job: JobOptions, state: StateStore, client: Client | None, facts: Ru
     assert record is not None
     progress = state.progress()
     c = client.counters if client is not None else None
+    pace = client.pace if client is not None and client.pace.enabled else None
     fails = state.failure_counts()
     out = Path(job.output)
     summary = Summary(
@@ -67,8 +68,8 @@ def outcome(job: JobOptions, state: StateStore, client: Client | None, facts: Ru
         retries=c.retries if c else 0,
         elapsed=time.monotonic() - facts.started,
         parallelism=facts.parallelism,
-        rate_used=(f"{client.pace.effective_rate:.1f} per {client.pace.window:g} s"
-                   if client is not None and client.pace.enabled else "no limit"),
+        rate_used=pace.effective_rate if pace is not None else None,
+        rate_window_seconds=pace.window if pace is not None else None,
         rate_wait_seconds=client.gate.wait_seconds if client is not None else 0.0,
         failures=fails,
         output=str(out if status != "stopped" else part_path(out)),

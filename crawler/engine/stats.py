@@ -29,7 +29,7 @@ class Summary:
     retries: int
     elapsed: float
     parallelism: int
-    rate_used: str
+    rate_used: float | None  # the pace: at most this many requests per `rate_window_seconds` (None: no limit)
     rate_wait_seconds: float = 0.0  # this run: time its starts waited for the key's budget
     failures: dict[str, int] = field(default_factory=dict)
     output: str = ""
@@ -38,6 +38,14 @@ class Summary:
     notes: tuple[str, ...] = ()  # what else the user should know (an edited input, capped walks)
     run_credits_billed: int = 0  # this run
     responses: dict[str, int] = field(default_factory=dict)  # this run's requests by what they met
+    rate_window_seconds: float | None = None  # the window of `rate_used`
+
+    @property
+    def pace(self) -> str:
+        """The pace in words: "198.3 per 60 s", or "no limit"."""
+        if self.rate_used is None:
+            return "no limit"
+        return f"{self.rate_used:.1f} per {self.rate_window_seconds or 0:g} s"
 
     def render(self) -> str:
         """A small aligned table for the terminal."""
@@ -50,7 +58,7 @@ class Summary:
             ("requests_sent", f"{self.requests_sent:,} (this run {self.run_requests:,})"),
             ("credits_billed", f"{self.credits_billed:,} (this run {self.run_credits_billed:,})"),
             ("429s / retries", f"{self.rate_limited:,} / {self.retries:,}"),
-            ("elapsed", f"{self.elapsed:,.1f} s, {rate:,.2f} requests/s (paced at most {self.rate_used})"),
+            ("elapsed", f"{self.elapsed:,.1f} s, {rate:,.2f} requests/s (paced at most {self.pace})"),
             ("rate_wait_seconds", f"{self.rate_wait_seconds:,.1f} (waiting for the key's rate budget)"),
             ("parallelism", str(self.parallelism)),
         ]

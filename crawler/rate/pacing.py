@@ -118,6 +118,7 @@ class RateGate:
         self._stall = Stall(stall_limit, clock=clock)  # the 429 streak
         self.cooldowns = 0  # distinct 429 events (bursts count once)
         self.wait_seconds = 0.0  # time this process's starts spent waiting for the key's budget
+        self.last_wait = 0.0  # the latest `acquire()`'s share of it (read right after it returns: no await between)
         self._last_seq = 0  # the ledger's reservation counter as last seen (it only grows unless state is lost)
 
     def now(self) -> float:
@@ -177,7 +178,8 @@ class RateGate:
                     else:
                         await asyncio.sleep(pause)  # a cooldown began while we waited: the slot was given back
             finally:
-                self.wait_seconds += self._clock() - began
+                self.last_wait = self._clock() - began
+                self.wait_seconds += self.last_wait
 
     async def _forgotten(self) -> None:
         """The ledger lost its state (Redis restarted empty): the last window's starts are unknown, so this

@@ -282,7 +282,8 @@ def _summary(job: JobOptions, store: PgJobStore, pg: PgJob, progress: Any, fails
         requests_sent=pg.requests_sent, credits_billed=pg.credits_billed, run_requests=result.requests_sent,
         rate_limited=result.rate_limited, retries=result.retries, elapsed=time.monotonic() - started,
         parallelism=result.parallelism or settings.parallelism or AUTO_START,
-        rate_used=f"{settings.rate_limit} per {settings.rate_window:g} s" if settings.rate_enabled else "no limit",
+        rate_used=float(settings.rate_limit) if settings.rate_enabled else None,
+        rate_window_seconds=settings.rate_window if settings.rate_enabled else None,
         rate_wait_seconds=result.rate_wait_seconds, failures=fails, run_credits_billed=result.credits_billed,
         responses=dict(result.responses),
         output=str(out) if status != "stopped" else f"job {pg.id} in {store.where}",
@@ -295,8 +296,9 @@ def _summary(job: JobOptions, store: PgJobStore, pg: PgJob, progress: Any, fails
 
 
 async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None, until_idle: bool,
-               quiet: bool = False) -> int:
-    """`crawler work`: join open jobs (or one) as a worker; with `until_idle`, exit when none has items left."""
+               quiet: bool = False, tally: SessionResult | None = None) -> int:
+    """`crawler work`: join open jobs (or one) as a worker; with `until_idle`, exit when none has items left. What
+    this worker did on every job is added up in ``tally`` (for the metrics file and the summary JSON)."""
     async with job_store(settings, url) as store:
         await store.outside(lambda: itemqueue.install(url))
         if job is not None and await store.job(job) is None:
@@ -331,7 +333,7 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
                     await pause(min(5.0, store.heartbeat_timeout / 2), wake)
                     continue
                 worst = await _work_each(store, todo, settings, api_key, worker_id, stopper, stopped, worked=worked,
-                                         quiet=quiet)
+                                         quiet=quiet, tally=tally)
                 if worst is not None:
                     break
         finally:
@@ -344,12 +346,14 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
 
 async def _work_each(store: PgJobStore, todo: list[PgJob], settings: Settings, api_key: Secret, worker_id: str,
                      stopper: list[JobWorker | None], stopped: list[CrawlerError], *, worked: set[str],
-                     quiet: bool) -> CrawlerError | None:
+                     quiet: bool, tally: SessionResult | None) -> CrawlerError | None:
     """A session on each job with items left, in turn (each added to `worked`): the first error that ends `crawler
     work` (a job stopped for its budget does not: others may go on); None after a stop, or when all are worked."""
     for pg in todo:
         worked.add(pg.id)
         result = await _work_session(store, pg, settings, api_key, worker_id, stopper, stopped)
+        if tally is not None:
+            _merge(tally, result)
         if not quiet:
             print(f"crawler: job {pg.id}: {result.items:,} items worked here, {result.rows:,} rows,"
                   f" {result.requests_sent:,} requests, {result.lost} taken over by other workers",

@@ -98,6 +98,7 @@ class DownloadSummary:
     reason: str = ""
     skips: tuple[tuple[str, int], ...] = ()  # posts the kind does not apply to, by reason (jobs.media.SKIPS)
     skipped_file: str = ""
+    posts_done: int = 0  # the job's posts with every file (the input items; `failed` and `pending` count posts too)
 
     def skip_lines(self) -> list[str]:
         """One line per reason posts were skipped: "N photo posts skipped: not videos; use --what images ..."."""
@@ -456,7 +457,7 @@ class Download:
             elapsed=time.monotonic() - started, directory=str(self.dir),
             failures_file=str(self.failures_file) if fails else "", failures=tuple(sorted(fails.items())),
             reason=reason or (str(self._stop) if self._stop else ""), skips=tuple(sorted(skips.items())),
-            skipped_file=str(self.skipped_file) if skips else "",
+            skipped_file=str(self.skipped_file) if skips else "", posts_done=p.done,
         )
         return DownloadOutcome(summary, self._stop)
 

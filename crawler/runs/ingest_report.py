@@ -56,7 +56,8 @@ class _Ending:
     status: str
     error: CrawlerError | None
     elapsed: float
-    rate: str
+    rate: float | None  # requests per `window` (None: no limit)
+    window: float | None
     parallelism: int
     files: list[str]
 
@@ -89,7 +90,7 @@ class IngestReport:
             today=covered[-1], error=error,
             status="stopped" if error is not None else "completed" if self.tally.queued else "already complete",
             elapsed=time.monotonic() - began, files=files, parallelism=parallelism,
-            rate=f"{pace.effective_rate:.1f} per {pace.window:g} s" if pace.enabled else "no limit")
+            rate=pace.effective_rate if pace.enabled else None, window=pace.window if pace.enabled else None)
         outcomes = [Outcome(self._profiles(end, client, total + invalid, done, fails[PROFILES]), error)]
         if self.with_posts:
             outcomes.append(Outcome(self._posts(end, client, fails[POSTS]), error))
@@ -137,8 +138,7 @@ class IngestReport:
         return fails
 
     def _profiles(self, end: _Ending, client: Client, total: int, done: int, fails: Counter[str]) -> Summary:
-        c = client.counters
-        sent, billed = _part_counts(client, PROFILE_PATHS)
+        part = _Part.of(client, PROFILE_PATHS)
         failed = sum(fails.values())
         notes = ((f"day {end.today.isoformat()} set by --date (a backfill)",) if self.by_date else ()) + (
             (f"{self.tally.elsewhere:,} users were being fetched by another run on this history store",)
@@ -146,18 +146,18 @@ class IngestReport:
         return Summary(
             command="ingest-profiles", status=end.status, items_total=total, items_done=done,
             items_failed=failed, items_pending=max(total - done - failed, 0),
-            rows_written=self.tally.rows[PROFILES], rows_total=done, requests_sent=sent, credits_billed=billed,
-            run_requests=sent, run_credits_billed=billed, rate_limited=c.rate_limited, retries=c.retries,
-            elapsed=end.elapsed, responses=dict(c.responses),  # one client for both parts: its answers are told here
-            parallelism=end.parallelism, rate_used=end.rate,
-            rate_wait_seconds=client.gate.wait_seconds, failures=dict(fails),
+            rows_written=self.tally.rows[PROFILES], rows_total=done, requests_sent=part.sent,
+            credits_billed=part.billed, run_requests=part.sent, run_credits_billed=part.billed,
+            rate_limited=part.responses.get("rate_limited", 0), retries=part.retries, elapsed=end.elapsed,
+            responses=part.responses, parallelism=end.parallelism, rate_used=end.rate, rate_window_seconds=end.window,
+            rate_wait_seconds=part.rate_wait_seconds, failures=dict(fails),
             output=str(self.out_dir / f"{PROFILES}-{end.today.isoformat()}.csv"),
             failures_file=end.failures_file(PROFILES),
             reason=str(end.error) if end.error else "", notes=notes)
 
     def _posts(self, end: _Ending, client: Client, fails: Counter[str]) -> Summary:
         walks, rows = self.tally.walks, self.tally.rows[POSTS]
-        sent, billed = _part_counts(client, POST_PATHS)
+        part = _Part.of(client, POST_PATHS)
         notes = []
         if walks["cut"]:
             notes.append(f"{walks['cut']:,} walks stopped at --max-pages {self.settings.max_pages} for"
@@ -166,15 +166,32 @@ class IngestReport:
             command="ingest-posts", status=end.status, items_total=sum(walks.values()),
             items_done=walks["done"], items_failed=sum(fails.values()),
             items_pending=walks["cut"], rows_written=rows, rows_total=rows,
-            requests_sent=sent, credits_billed=billed, run_requests=sent, run_credits_billed=billed,
-            rate_limited=0, retries=0,
-            elapsed=end.elapsed, parallelism=end.parallelism, rate_used=end.rate,
+            requests_sent=part.sent, credits_billed=part.billed, run_requests=part.sent, run_credits_billed=part.billed,
+            rate_limited=part.responses.get("rate_limited", 0), retries=part.retries, responses=part.responses,
+            elapsed=end.elapsed, parallelism=end.parallelism, rate_used=end.rate, rate_window_seconds=end.window,
+            rate_wait_seconds=part.rate_wait_seconds,
             failures=dict(fails), output=str(self.out_dir / f"{POSTS}-{end.today.isoformat()}.csv"),
             failures_file=end.failures_file(POSTS),
             reason=str(end.error) if end.error else "", notes=tuple(notes))
 
 
-def _part_counts(client: Client, paths: tuple[str, ...]) -> tuple[int, int]:
-    """Requests sent and credits billed for one part's endpoints."""
-    c = client.counters
-    return (sum(c.by_endpoint[p] for p in paths), sum(c.billed_by_endpoint[p] for p in paths))
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """What one part's endpoints spent and met (the client is shared by both parts)."""
+
+    sent: int
+    billed: int
+    retries: int
+    rate_wait_seconds: float
+    responses: dict[str, int]
+
+    @classmethod
+    def of(cls, client: Client, paths: tuple[str, ...]) -> _Part:
+        c = client.counters
+        responses: Counter[str] = Counter()
+        for p in paths:
+            responses.update(c.responses_by_endpoint.get(p, {}))
+        return cls(sent=sum(c.by_endpoint[p] for p in paths), billed=sum(c.billed_by_endpoint[p] for p in paths),
+                   retries=sum(c.retries_by_endpoint[p] for p in paths),
+                   rate_wait_seconds=sum(c.rate_wait_by_endpoint.get(p, 0.0) for p in paths),
+                   responses={k: n for k, n in sorted(responses.items()) if n})
