@@ -100,8 +100,8 @@ def _stop_session(worker: JobWorker, error: CrawlerError, quiet: bool) -> None:
 
 async def _work_session(store: PgJobStore, pg: PgJob, settings: Settings, key: Secret, worker_id: str,
                         stopper: list[JobWorker | None], stopped: list[CrawlerError], *,
-                        earlier: Counters | None = None) -> SessionResult:
-    worker = JobWorker(store, pg, settings, api_key=key, worker_id=worker_id, earlier=earlier)
+                        earlier: Counters | None = None, quiet: bool = True) -> SessionResult:
+    worker = JobWorker(store, pg, settings, api_key=key, worker_id=worker_id, earlier=earlier, quiet=quiet)
     stopper[0] = worker
     if stopped:
         worker.request_stop(stopped[0])
@@ -145,7 +145,8 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
 
         installed = install_signals(stop)
         try:
-            result = await _work_session(store, ready, settings, api_key, worker_id, stopper, stopped, earlier=earlier)
+            result = await _work_session(store, ready, settings, api_key, worker_id, stopper, stopped, earlier=earlier,
+                                         quiet=quiet)
             error = result.error
             if error is None:
                 error = await _until_done(store, jid, settings, api_key, worker_id, stopper, stopped, wake, result)
@@ -345,7 +346,7 @@ async def _work_each(store: PgJobStore, todo: list[PgJob], settings: Settings, a
     work` (a job stopped for its budget does not: others may go on); None after a stop, or when all are worked."""
     for pg in todo:
         worked.add(pg.id)
-        result = await _work_session(store, pg, settings, api_key, worker_id, stopper, stopped)
+        result = await _work_session(store, pg, settings, api_key, worker_id, stopper, stopped, quiet=quiet)
         if not quiet:
             print(f"crawler: job {pg.id}: {result.items:,} items worked here, {result.rows:,} rows,"
                   f" {result.requests_sent:,} requests, {result.lost} taken over by other workers",
