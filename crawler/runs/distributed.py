@@ -156,6 +156,7 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
             complete = error is None and progress.pending == 0
             if complete:
                 await store.set_status(jid, "done")
+                await store.prune_sessions()  # this job's sessions of workers that left, folded into it
                 # A signal stops the export too (its temporary file removed); run again, the job exports.
                 if stopped or not await _stoppable(export(store, jid, out, spec, bom=settings.output_bom,
                                                           raw=settings.output_raw), exporting):
