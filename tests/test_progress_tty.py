@@ -11,8 +11,11 @@ import pty
 import struct
 import sys
 import termios
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pyte
 import pytest
 
@@ -22,6 +25,7 @@ from tests.test_cli import environ, public_users, read_csv, setup_dir
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
+PG = "postgresql://postgres@127.0.0.1:5432/test"
 WORLD = WorldConfig(seed=11, users=1_000)
 HANDLES = 60
 COLUMNS, ROWS = 80, 24
@@ -39,25 +43,43 @@ def _drain(fd: int, into: bytearray, until: bytes | None = None) -> None:
         into += chunk
 
 
-async def _profiles(tmp_path: Path, env: dict[str, str], stderr: int) -> asyncio.subprocess.Process:
+async def _profiles(tmp_path: Path, env: dict[str, str], stderr: int, *more: str) -> asyncio.subprocess.Process:
     """`crawler profiles` of HANDLES users, two at a time, into a long output path, stderr on `stderr`."""
     deep = tmp_path / "a-rather-long-directory-name-for-the-output" / "and-another-level-below-it"
     deep.mkdir(parents=True)
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "crawler", "profiles", "in.txt", "-o", str(deep / "profiles-of-the-watch-list.csv"),
-        "--config", "fast.toml", "--data-dir", "d", "--parallelism", "2", "--summary-json", "summary.json",
+        "--config", "fast.toml", "--data-dir", "d", "--parallelism", "2", "--summary-json", "summary.json", *more,
         cwd=tmp_path, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=stderr)
 
 
-async def test_a_ten_second_run_at_80_columns_leaves_one_progress_line(simulator: SimFactory, tmp_path: Path) -> None:
+@pytest.fixture
+def schema() -> Iterator[str]:
+    """A PostgreSQL schema of this test's own, dropped when it ends."""
+    name = f"crawler_p_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {name}")
+    try:
+        yield name
+    finally:
+        with psycopg.connect(PG, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {name} CASCADE")
+
+
+@pytest.mark.parametrize("jobs", ["local", "postgresql"])
+async def test_a_ten_second_run_at_80_columns_leaves_one_progress_line(simulator: SimFactory, tmp_path: Path,
+                                                                        jobs: str, request: pytest.FixtureRequest
+                                                                        ) -> None:
     """At 80 columns a ~10 s run redraws its progress line in place: the screen shows exactly one progress line,
-    cut to the width, above the summary (no wrapped, stale copies)."""
+    cut to the width, above the summary (no wrapped, stale copies); a PostgreSQL job's session shows the same."""
+    url = f"{PG}?options=-csearch_path%3D{request.getfixturevalue('schema')}" if jobs == "postgresql" else ""
+    more = ["--jobs-url", url] if url else []
     async with simulator(world=WORLD, latency=(0.3, 0.3)) as sim:
         setup_dir(tmp_path, [sim.world.handle(i) for i in public_users(sim.world, HANDLES)])
         master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
         try:
-            proc = await _profiles(tmp_path, environ(sim), slave)
+            proc = await _profiles(tmp_path, environ(sim), slave, *more)
             os.close(slave)
             slave = -1
             raw = bytearray()
@@ -77,7 +99,8 @@ async def test_a_ten_second_run_at_80_columns_leaves_one_progress_line(simulator
     shown = "\n".join(lines)
     progress = [line for line in lines if "[profiles]" in line or "req/min" in line or "billed ·" in line]
     assert len(progress) == 1, shown
-    assert progress[0].startswith("[profiles] ") and progress[0].endswith("…") and len(progress[0]) < COLUMNS, shown
+    assert progress[0].startswith("[profiles] ") and len(progress[0]) < COLUMNS, shown
+    assert "…\x1b[K".encode() in raw  # lines longer than the terminal were cut
     assert "profiles: completed" in shown  # the summary below it
     assert "Traceback" not in shown
 
