@@ -99,7 +99,7 @@ async def test_a_ten_second_run_at_80_columns_leaves_one_progress_line(simulator
     shown = "\n".join(lines)
     progress = [line for line in lines if "[profiles]" in line or "req/min" in line or "billed ·" in line]
     assert len(progress) == 1, shown
-    assert progress[0].startswith("[profiles] ") and len(progress[0]) < COLUMNS, shown
+    assert progress[0].startswith(f"[profiles] {HANDLES}/{HANDLES} items") and len(progress[0]) < COLUMNS, shown
     assert "…\x1b[K".encode() in raw  # lines longer than the terminal were cut
     assert "profiles: completed" in shown  # the summary below it
     assert "Traceback" not in shown

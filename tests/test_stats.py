@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import io
+import os
+import pty
+import struct
+import termios
 
 from crawler.engine.stats import ProgressReporter, Snapshot, Summary, fit
 
@@ -85,3 +90,32 @@ async def test_a_stream_that_went_away_silences_the_reporter() -> None:
 
     await asyncio.wait_for(ProgressReporter("posts", snap, stream=_Gone(), interval=0.001).run(), timeout=10)
     assert calls["n"] == 2  # the start, then the one report that met the closed pipe: nothing after it
+
+
+async def test_the_live_line_follows_a_resized_terminal() -> None:
+    """The width is read at every tick: a terminal narrowed from 100 to 40 columns gets lines of at most 39 cells
+    from then on."""
+    master, slave = pty.openpty()
+    stream = os.fdopen(slave, "w", encoding="utf-8")
+    try:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+        ticks = {"n": 0}
+
+        def snap() -> Snapshot:
+            ticks["n"] += 1
+            if ticks["n"] == 3:
+                fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 40, 0, 0))
+            return Snapshot(done=ticks["n"], total=1000, rows=123_456, requests=99_999, credits=99_998)
+
+        reporter = ProgressReporter("comments", snap, stream=stream, interval=0.001)
+        task = asyncio.create_task(reporter.run())
+        while ticks["n"] < 6:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        text = os.read(master, 65536).decode()
+    finally:
+        stream.close()
+        os.close(master)
+    lines = [line.removesuffix("\x1b[K") for line in text.replace("\r\n", "\r").split("\r") if line]
+    assert len(lines[0]) > 60 and all(len(line) <= 39 for line in lines[-3:]), lines

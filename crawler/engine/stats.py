@@ -143,6 +143,8 @@ class ProgressReporter:
                 self._emit()
         finally:
             if self._drawn:
+                with contextlib.suppress(Exception):  # the final counts on the line left on the screen
+                    self._emit()
                 self._write("\n")
 
     def _emit(self) -> None:
