@@ -134,17 +134,35 @@ def cut_back(path: Path, committed: int) -> None:
 
 
 @contextlib.contextmanager
-def lock_file(path: Path, *, wait: bool = False) -> Iterator[int | None]:
+def lock_file(path: Path, *, wait: bool = False, shared: bool = False) -> Iterator[int | None]:
     """Hold an exclusive lock on ``path`` (made if missing) inside the block. The lock dies with the process, so
     a killed holder never blocks the next. Yields the lock file's descriptor (the holder may write who it is),
-    or None when another process holds the lock and ``wait`` is False."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    or None when another process holds the lock and ``wait`` is False. ``shared``: a lock any number of
+    holders share, which keeps out an exclusive one (the users of a file, against the one that removes it).
+
+    A lock taken on a file someone removed (or replaced) meanwhile is no lock: it is taken again on the file
+    at ``path`` now, so whoever removes a lock file does it holding the lock and nobody holds the old one."""
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-            held = True
-        except BlockingIOError:
-            held = False
-        yield fd if held else None
-    finally:
-        os.close(fd)
+            try:
+                fcntl.flock(fd, mode if wait else mode | fcntl.LOCK_NB)
+                held = True
+            except BlockingIOError:
+                held = False
+            if held and not _same_file(fd, path):
+                continue
+            yield fd if held else None
+            return
+        finally:
+            os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino)

@@ -20,7 +20,8 @@ Unset, a call costs one comparison.
 Clock and identity seams, read where the program asks for them: `CRAWLER_TEST_NOW` (an ISO time that "now" is, for
 tests that run ingest as a process: `fixed_now`), `CRAWLER_TEST_CLOCK_SKEW` (seconds added to this host's wall
 clock, a host whose clock runs fast: `CLOCK_SKEW`; Redis never reads it), `CRAWLER_TEST_HOSTNAME` (the host name a
-worker registers under: `host_name`, a test posing as another host).
+worker registers under: `host_name`, a test posing as another host), `CRAWLER_TEST_PROGRESS_INTERVAL` (seconds
+between progress lines, a terminal's or a log's: `PROGRESS_INTERVAL`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ _fail_seen = 0
 _HOLD_POINT, _, _HOLD_S = os.environ.get("CRAWLER_TEST_HOLD_AT", "").partition(":")
 NOW_ENV = "CRAWLER_TEST_NOW"
 CLOCK_SKEW = float(os.environ.get("CRAWLER_TEST_CLOCK_SKEW", "0") or 0)
+PROGRESS_INTERVAL = float(os.environ.get("CRAWLER_TEST_PROGRESS_INTERVAL", "0") or 0)
 
 
 def fixed_now() -> str:

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import io
+import os
+import pty
+import struct
+import termios
 
-from crawler.engine.stats import ProgressReporter, Snapshot, Summary
+from crawler.engine.stats import ProgressReporter, Snapshot, Summary, fit
 
 
 class _Tty(io.StringIO):
@@ -39,7 +44,7 @@ async def test_progress_is_a_log_line_off_a_terminal_and_a_live_line_on_one() ->
         await asyncio.sleep(0.001)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
-    assert tty.getvalue().endswith("\n") and "\x1b[2K" in tty.getvalue()
+    assert tty.getvalue().endswith("\n") and "\x1b[K" in tty.getvalue()
 
     quiet = io.StringIO()
     await ProgressReporter("posts", snap, stream=quiet, quiet=True, interval=0.001).run()
@@ -55,3 +60,62 @@ def test_summary_names_both_counters_failures_and_parallelism() -> None:
     for needle in ("requests_sent", "31", "credits_billed", "30", "not_found: 1", "private: 1", "parallelism",
                    "198.3 per 60 s", "8 done, 2 failed"):
         assert needle in text
+
+
+def test_fit_cuts_to_the_terminal_width_and_lets_no_control_character_through() -> None:
+    """The live line fits its columns (wide characters count two), ends in an ellipsis when cut, and keeps no
+    control character, so no escape sequence is ever cut in half."""
+    assert fit("[posts] 1/2 items", 80) == "[posts] 1/2 items"
+    assert fit("x" * 100, 79) == "x" * 78 + "…"
+    assert fit("a\x1b[31mb\rc\n", 80) == "a[31mbc"
+    cut = fit("名前" * 50, 79)
+    assert cut.endswith("…") and sum(2 if c == "名" or c == "前" else 1 for c in cut) <= 79
+
+
+class _Gone(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+async def test_a_stream_that_went_away_silences_the_reporter() -> None:
+    """A closed pipe under the progress line ends the reporting, not the run: no exception, nothing more tried."""
+    calls = {"n": 0}
+
+    def snap() -> Snapshot:
+        calls["n"] += 1
+        return Snapshot(done=calls["n"], total=100, rows=0, requests=0, credits=0)
+
+    await asyncio.wait_for(ProgressReporter("posts", snap, stream=_Gone(), interval=0.001).run(), timeout=10)
+    assert calls["n"] == 2  # the start, then the one report that met the closed pipe: nothing after it
+
+
+async def test_the_live_line_follows_a_resized_terminal() -> None:
+    """The width is read at every tick: a terminal narrowed from 100 to 40 columns gets lines of at most 39 cells
+    from then on."""
+    master, slave = pty.openpty()
+    stream = os.fdopen(slave, "w", encoding="utf-8")
+    try:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+        ticks = {"n": 0}
+
+        def snap() -> Snapshot:
+            ticks["n"] += 1
+            if ticks["n"] == 3:
+                fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 40, 0, 0))
+            return Snapshot(done=ticks["n"], total=1000, rows=123_456, requests=99_999, credits=99_998)
+
+        reporter = ProgressReporter("comments", snap, stream=stream, interval=0.001)
+        task = asyncio.create_task(reporter.run())
+        while ticks["n"] < 6:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        text = os.read(master, 65536).decode()
+    finally:
+        stream.close()
+        os.close(master)
+    lines = [line.removesuffix("\x1b[K") for line in text.replace("\r\n", "\r").split("\r") if line]
+    assert len(lines[0]) > 60 and all(len(line) <= 39 for line in lines[-3:]), lines

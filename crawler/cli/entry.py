@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 from crawler.cli.common import resume_hint
 from crawler.cli.parser import build_parser
+from crawler.engine.stats import silence
 from crawler.errors import CrawlerError, Interrupted, UsageError, disk_error
 
 log = logging.getLogger("crawler")
@@ -44,6 +45,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("crawler: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Our reader went away (a closed pipe) before the progress line noticed: nothing more to say, and no
+        # traceback about it at exit.
+        silence(sys.stdout)
+        silence(sys.stderr)
+        return 1
     except Exception as exc:
         return _failed(exc, args)
 

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import io
+import os
+import shutil
 import sys
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
+
+from crawler import testing
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +96,12 @@ class Snapshot:
 
 
 class ProgressReporter:
-    """A live line on a terminal, a plain log line every `interval` s otherwise, nothing when quiet."""
+    """A live line on a terminal, a plain log line every `interval` s otherwise, nothing when quiet.
+
+    On a terminal the line is redrawn in place (carriage return, the text cut to the terminal's width as it is at
+    each tick, clear to the end of the line), so a narrow or resized window never wraps it into stale lines. A
+    stream that went away (a closed pipe, a hung-up terminal) silences the reporter and the stream (`silence`).
+    """
 
     def __init__(
         self,
@@ -104,9 +117,10 @@ class ProgressReporter:
         self._stream = stream or sys.stderr
         self._tty = self._stream.isatty()
         self._quiet = quiet
-        self._interval = interval if interval is not None else (0.5 if self._tty else 30.0)
+        self._interval = interval or testing.PROGRESS_INTERVAL or (0.5 if self._tty else 30.0)
         self._start = time.monotonic()
         self._first: Snapshot | None = None
+        self._drawn = False  # a live line is on the screen (the end moves below it)
 
     def line(self) -> str:
         """The current progress text."""
@@ -132,21 +146,82 @@ class ProgressReporter:
             return
         self._first = self._snapshot()  # rates and the ETA count from here
         try:
-            while True:
+            while not self._quiet:  # (quiet once the stream is gone)
                 await asyncio.sleep(self._interval)
                 self._emit()
         finally:
-            if self._tty:
-                self._stream.write("\n")
-                self._stream.flush()
+            if self._drawn:
+                with contextlib.suppress(Exception):  # the final counts on the line left on the screen
+                    self._emit()
+                self._write("\n")
 
     def _emit(self) -> None:
         text = self.line()
         if self._tty:
-            self._stream.write("\r\x1b[2K" + text)
+            self._drawn = self._write("\r" + fit(text, terminal_columns(self._stream) - 1) + CLEAR_TO_END)
         else:
-            self._stream.write(time.strftime("%H:%M:%S ") + text + "\n")
-        self._stream.flush()
+            self._write(time.strftime("%H:%M:%S ") + text + "\n")
+
+    def _write(self, text: str) -> bool:
+        """Write and flush; False (and quiet from now on) once the stream is gone."""
+        if self._quiet:
+            return False
+        try:
+            self._stream.write(text)
+            self._stream.flush()
+        except OSError as exc:
+            if exc.errno not in GONE:
+                raise
+            self._quiet = True
+            silence(self._stream)
+            return False
+        return True
+
+
+CLEAR_TO_END = "\x1b[K"
+GONE = (errno.EPIPE, errno.EIO)  # the reader closed its end of the pipe; the terminal hung up
+
+
+def terminal_columns(stream: TextIO) -> int:
+    """The width of the terminal `stream` is on, read now (a resized window counts from its next line)."""
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        columns = 0
+    return columns if columns > 0 else shutil.get_terminal_size().columns
+
+
+def fit(text: str, columns: int) -> str:
+    """`text` cut to at most `columns` cells on a terminal: control characters dropped (so no escape sequence is
+    ever cut in half or let through), wide characters counted as two cells, an ellipsis where it was cut."""
+    cells = [(c, _cells(c)) for c in text if unicodedata.category(c)[0] != "C"]
+    if sum(w for _, w in cells) <= columns:
+        return "".join(c for c, _ in cells)
+    out, used = [], 0
+    for c, w in cells:
+        if used + w > columns - 1:
+            break
+        out.append(c)
+        used += w
+    return "".join(out) + ("…" if columns > 0 else "")
+
+
+def _cells(c: str) -> int:
+    if unicodedata.combining(c):
+        return 0
+    return 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1
+
+
+def silence(stream: TextIO) -> None:
+    """Point `stream`'s descriptor at /dev/null: a reader that went away gets nothing more from this process (the
+    summary, a warning), and nothing raises or prints a traceback for it."""
+    with contextlib.suppress(OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        fd = stream.fileno()
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, fd)
+        finally:
+            os.close(null)
 
 
 def _clock(seconds: float) -> str:

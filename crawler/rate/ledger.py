@@ -28,6 +28,7 @@ Backends, chosen by ``rate.shared``: ``MemoryLedger`` ("off", this process only)
 """
 import asyncio
 import bisect
+import contextlib
 import hashlib
 import logging
 import os
@@ -43,6 +44,7 @@ from typing import Any, TypeVar
 from crawler import sqlite, testing
 from crawler.config import masked
 from crawler.errors import UsageError
+from crawler.files import lock_file
 from crawler.rate.redis_ledger import RedisLedger
 from crawler.rate.rules import (
     HOUR,
@@ -206,6 +208,7 @@ class FileLedger:
         self._clock = clock
         self._db: sqlite3.Connection | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._held = contextlib.ExitStack()  # the shared lock that says this ledger is in use (`prune_idle`)
 
     async def open(self, rules: Rules | None) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
@@ -222,6 +225,8 @@ class FileLedger:
 
     def _connect(self, _: Any) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._held.enter_context(lock_file(_lock_path(self.path), wait=True, shared=True))
+        prune_idle(self.path.parent, keep=self.path)
         # A ledger outlives processes, not power cuts: the OS keeps it (synchronous=OFF).
         db = sqlite.connect(self.path, busy_timeout=30.0, synchronous="OFF", any_thread=True)
         db.executescript(_SCHEMA)
@@ -244,6 +249,7 @@ class FileLedger:
             if db is not None:
                 await asyncio.get_running_loop().run_in_executor(pool, db.close)
             pool.shutdown(wait=False)
+        self._held.close()
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._pool is None:
@@ -332,6 +338,53 @@ class FileLedger:
                              limited, state)
 
         return await self._run(run)
+
+
+IDLE_DAYS = 7  # a local ledger unused this long, and open in no process, is removed
+
+
+def _lock_path(db: Path) -> Path:
+    return db.with_suffix(".lock")
+
+
+def prune_idle(directory: Path, *, keep: Path | None = None, idle_days: float = IDLE_DAYS) -> list[Path]:
+    """Remove the ledger files in `directory` (other than `keep`) last used more than `idle_days` ago that no
+    process has open (each open ledger holds a shared lock on its ``.lock`` file); the ledgers removed.
+
+    Run whenever a local ledger is opened: one ledger per key and API accumulates otherwise (a rotated key, a
+    test URL), and nobody runs a cleanup command. A removed ledger holds nothing a run needs: its starts and
+    cooldown are older than any window. Housekeeping never fails a run: an error leaves the file for next time.
+    """
+    removed: list[Path] = []
+    cutoff = time.time() - idle_days * 86400
+    for db in sorted(directory.glob("ledger-*.db")):
+        if db == keep:
+            continue
+        parts = [db, *(db.with_name(db.name + end) for end in ("-wal", "-shm", "-journal"))]
+        try:
+            if _last_use(parts) >= cutoff:
+                continue
+            with lock_file(_lock_path(db)) as fd:
+                if fd is None or _last_use(parts) >= cutoff:  # open in a process, or used since the look above
+                    continue
+                for part in parts:
+                    part.unlink(missing_ok=True)
+                _lock_path(db).unlink(missing_ok=True)  # holding its lock: a process waiting for it takes a new one
+            removed.append(db)
+        except OSError as exc:
+            log.debug("ledger housekeeping: %s: %s", db, exc)
+    if removed:
+        log.info("removed %d rate ledger(s) idle for over %g days in %s", len(removed), idle_days, directory)
+    return removed
+
+
+def _last_use(parts: list[Path]) -> float:
+    """The latest change of a ledger's files (a write commits into the -wal file, a checkpoint into the db)."""
+    times = []
+    for part in parts:
+        with contextlib.suppress(FileNotFoundError):
+            times.append(part.stat().st_mtime)
+    return max(times, default=0.0)
 
 
 def open_ledger(shared: str, api_key: str, base_url: str) -> Ledger:

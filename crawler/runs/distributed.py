@@ -101,8 +101,8 @@ def _stop_session(worker: JobWorker, error: CrawlerError, quiet: bool) -> None:
 
 async def _work_session(store: PgJobStore, pg: PgJob, settings: Settings, key: Secret, worker_id: str,
                         stopper: list[JobWorker | None], stopped: list[CrawlerError], *,
-                        earlier: Counters | None = None) -> SessionResult:
-    worker = JobWorker(store, pg, settings, api_key=key, worker_id=worker_id, earlier=earlier)
+                        earlier: Counters | None = None, quiet: bool = True) -> SessionResult:
+    worker = JobWorker(store, pg, settings, api_key=key, worker_id=worker_id, earlier=earlier, quiet=quiet)
     stopper[0] = worker
     if stopped:
         worker.request_stop(stopped[0])
@@ -146,7 +146,8 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
 
         installed = install_signals(stop)
         try:
-            result = await _work_session(store, ready, settings, api_key, worker_id, stopper, stopped, earlier=earlier)
+            result = await _work_session(store, ready, settings, api_key, worker_id, stopper, stopped, earlier=earlier,
+                                         quiet=quiet)
             error = result.error
             if error is None:
                 error = await _until_done(store, jid, settings, api_key, worker_id, stopper, stopped, wake, result)
@@ -156,6 +157,7 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
             complete = error is None and progress.pending == 0
             if complete:
                 await store.set_status(jid, "done")
+                await store.prune_sessions()  # this job's sessions of workers that left, folded into it
                 # A signal stops the export too (its temporary file removed); run again, the job exports.
                 if stopped or not await _stoppable(export(store, jid, out, spec, bom=settings.output_bom,
                                                           raw=settings.output_raw, fmt=settings.output_format),
@@ -351,7 +353,7 @@ async def _work_each(store: PgJobStore, todo: list[PgJob], settings: Settings, a
     work` (a job stopped for its budget does not: others may go on); None after a stop, or when all are worked."""
     for pg in todo:
         worked.add(pg.id)
-        result = await _work_session(store, pg, settings, api_key, worker_id, stopper, stopped)
+        result = await _work_session(store, pg, settings, api_key, worker_id, stopper, stopped, quiet=quiet)
         if tally is not None:
             _merge(tally, result)
         if not quiet:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -181,8 +180,7 @@ class Download:
         self._retry_failed = retry_failed
         self.quiet = quiet
         self._write = write  # how media bytes are written (default: this module's `write_all`)
-        # A live line every 2 s on a terminal, a log line every 30 s otherwise (as the crawl commands do).
-        self._interval = progress_interval or (2.0 if sys.stderr.isatty() else 30.0)
+        self._interval = progress_interval  # None: the progress line's own (engine.stats.ProgressReporter)
         self.stop = StopPolicy(quiet=quiet)
         self._spent: CrawlerError | None = None  # the credit budget or balance ran out
         self.client: Client  # set only with an API key: then a first signal drains its answers (StopPolicy)

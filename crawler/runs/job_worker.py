@@ -26,6 +26,7 @@ from crawler.api.pagesizes import PageSizes
 from crawler.config import Secret, Settings
 from crawler.engine.lease import PgLease, lease_size
 from crawler.engine.pool import Engine, StopPolicy
+from crawler.engine.stats import ProgressReporter, Snapshot
 from crawler.engine.writer import GroupWriter
 from crawler.errors import (
     BudgetExhausted,
@@ -42,7 +43,7 @@ from crawler.options import EngineOptions
 from crawler.rate.pacing import MAX_AUTO_WORKERS
 from crawler.sinks.csv_sink import Batch
 from crawler.stores import pg_queue as itemqueue
-from crawler.stores.model import ItemUpdate, LeaseLost, PageCommit, PgJob
+from crawler.stores.model import ItemUpdate, LeaseLost, PageCommit, PgJob, Progress
 from crawler.stores.pg_jobs import PgJobStore
 from crawler.stores.postgres import StoreLost
 from crawler.stores.users import UserDirectory
@@ -120,7 +121,7 @@ class JobWorker(ItemWalker):
     job's queue (`pg_queue.QueueItemSource`) and its store (the group commit, `PgLease`)."""
 
     def __init__(self, store: PgJobStore, pg: PgJob, settings: Settings, *, api_key: Secret, worker_id: str,
-                 stop_when_idle: bool = True, earlier: Counters | None = None) -> None:
+                 stop_when_idle: bool = True, earlier: Counters | None = None, quiet: bool = True) -> None:
         self.store = store
         self._earlier = earlier  # requests the starter sent for the job before its client (the region lookup)
         self.pg = pg
@@ -136,6 +137,8 @@ class JobWorker(ItemWalker):
         self._held: dict[int, int] = {}  # seq -> the item's version this worker holds
         self._walks: dict[int, list[tuple[str, ep.Cursor | None, int]]] = {}
         self.stop = StopPolicy()
+        self._show = not quiet  # the progress line (`quiet`, the stop's, is only what a first signal says)
+        self._seen = Progress(0, 0, 0)  # the job's items as the monitor last read them
         self._commits = GroupWriter(self._commit_group, capacity=2 * (settings.parallelism or MAX_AUTO_WORKERS))
         self.result = SessionResult(parallelism=self.parallelism)
         self._finished = asyncio.Event()  # an item of this worker ended: the job may be complete
@@ -223,8 +226,9 @@ class JobWorker(ItemWalker):
         """The engine over the job's queue, beside the consumers and the heartbeat."""
         options = EngineOptions(workers=self.settings.parallelism, start=self.parallelism)
         self.stop.attach(self.client)
+        reporter = ProgressReporter(self.pg.command, self._snapshot, quiet=not self._show)
         engine = Engine(source=self.source, handler=self._item, stop=self.stop, options=options, client=self.client,
-                        committer=_Committer(self._commits), budget=self.budget)
+                        committer=_Committer(self._commits), budget=self.budget, reporter=reporter)
         async with asyncio.TaskGroup() as outer:
             monitor = outer.create_task(self._monitor())
             outer.create_task(self.source.run())
@@ -233,6 +237,12 @@ class JobWorker(ItemWalker):
             finally:
                 monitor.cancel()
                 self.source.close()  # the consumers end; every item still held is released
+
+    def _snapshot(self) -> Snapshot:
+        p, c = self._seen, self.client.counters
+        # The job's counters when this session began plus this session's.
+        return Snapshot(p.done + p.failed, p.total, self.result.rows, self.pg.requests_sent + c.requests_sent,
+                        self.pg.credits_billed + c.credits_billed, failed=p.failed, note=self.client.outage.status())
 
     def _result(self) -> SessionResult:
         c = self.client.counters
@@ -331,7 +341,7 @@ class JobWorker(ItemWalker):
             try:
                 await self.store.beat(self.worker_id, self.jid)
                 pg = await self.store.job(self.jid)
-                progress = await self.store.progress(self.jid)
+                progress = self._seen = await self.store.progress(self.jid)
                 if pg is None or pg.status != "running" or progress.pending == 0:
                     self.source.stop()
                     return

@@ -217,3 +217,29 @@ async def grant(conn: psycopg.AsyncConnection[Any], jid: str, session: str, have
                            " ON CONFLICT (job, session) DO UPDATE SET reserved = excluded.reserved",
                            (jid, session, have + n))
     return n
+
+
+# A session's worker: the session id is "worker id:6 hex digits" (`JobWorker.session`).
+_WORKER = "left(s.session, length(s.session) - 7)"
+
+
+async def prune_sessions(conn: psycopg.AsyncConnection[Any], quiet_for: float = 86400.0) -> int:
+    """Fold the sessions of finished (done) jobs into their job's row and delete them; the number deleted.
+
+    Only sessions whose worker is gone: it left (`leave` dates its last beat a day back) or has not been seen for
+    `quiet_for` seconds. A worker still around may commit its session's counters again (absolute values), which
+    would then count twice. Sums are linear, so every total `_jobs` shows stays what it was; the workers go into
+    the job's `workers` so `crawler jobs` still lists them.
+    """
+    cur = await conn.execute(
+        "WITH gone AS (DELETE FROM crawler_sessions s USING crawler_jobs j WHERE s.job = j.id AND j.status = 'done'"
+        " AND NOT EXISTS (SELECT 1 FROM crawler_workers w WHERE left(s.session, length(w.id) + 1) = w.id || ':'"
+        " AND w.seen > now() - make_interval(secs => %s))"
+        f" RETURNING s.job, {_WORKER} AS worker, s.reserved, s.requests_sent, s.credits_billed, s.rows),"
+        " sums AS (SELECT job, sum(reserved) AS reserved, sum(requests_sent) AS sent, sum(credits_billed) AS billed,"
+        " sum(rows) AS rows, array_agg(DISTINCT worker) AS workers, count(*) AS n FROM gone GROUP BY job)"
+        " UPDATE crawler_jobs j SET reserved = j.reserved + sums.reserved, requests_sent = j.requests_sent + sums.sent,"
+        " credits_billed = j.credits_billed + sums.billed, rows = j.rows + sums.rows,"
+        " workers = ARRAY(SELECT DISTINCT unnest(j.workers || sums.workers)) FROM sums WHERE j.id = sums.job"
+        " RETURNING sums.n", (quiet_for,))
+    return sum(int(r[0]) for r in await cur.fetchall())

@@ -72,6 +72,7 @@ class PgJobStore(WorkerRegistry):
             await self._connect()
             assert self._conn is not None
             await pg_schema.install(self._conn)
+            await self.prune_sessions()
         except Exception as exc:
             await self.aclose()
             if not (postgres.retriable(exc) or "psycopg" in type(exc).__module__):  # any error of the driver
@@ -209,6 +210,11 @@ class PgJobStore(WorkerRegistry):
                                (status, jid, *((when,) if when else ())))
 
         await self._run(run)
+
+    async def prune_sessions(self) -> int:
+        """Housekeeping, run whenever a starter or worker opens the store and when a job completes: the sessions of
+        finished jobs whose workers are gone, folded into their jobs (`pg_items.prune_sessions`); how many."""
+        return await self._run(pg_items.prune_sessions)
 
     async def delete_job(self, jid: str) -> None:
         """Forget a job (`--restart`)."""

@@ -29,6 +29,8 @@ ALTER TABLE crawler_jobs ADD COLUMN IF NOT EXISTS bom BOOLEAN NOT NULL DEFAULT f
 ALTER TABLE crawler_jobs ADD COLUMN IF NOT EXISTS raw BOOLEAN NOT NULL DEFAULT false;   -- output.raw
 -- host:path of the starter's OUT.csv: a starter whose input was edited continues the job of that output.
 ALTER TABLE crawler_jobs ADD COLUMN IF NOT EXISTS output TEXT;
+-- The workers whose sessions of a finished job were folded into its counters (`pg_items.prune_sessions`).
+ALTER TABLE crawler_jobs ADD COLUMN IF NOT EXISTS workers TEXT[] NOT NULL DEFAULT '{}';
 CREATE TABLE IF NOT EXISTS crawler_items (
     job TEXT NOT NULL REFERENCES crawler_jobs(id) ON DELETE CASCADE,
     seq INTEGER NOT NULL,

@@ -68,15 +68,18 @@ class WorkerRegistry:
     async def workers(self, jid: str | None = None, heartbeat_timeout: float | None = None) -> list[WorkerInfo]:
         """Workers seen (of one job, or all), most recent first; live = a heartbeat within ``heartbeat_timeout``
         (the job's; default this store's). A worker of a job is one that works it now or had a session on it
-        (`crawler_workers.job` is only the job it works now: NULL once a service idles)."""
+        (`crawler_workers.job` is only the job it works now: NULL once a service idles), or whose sessions of the
+        finished job were pruned (`crawler_jobs.workers`)."""
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> list[WorkerInfo]:
             where = ("WHERE w.job = %s OR EXISTS (SELECT 1 FROM crawler_sessions s WHERE s.job = %s"
-                     " AND left(s.session, length(w.id) + 1) = w.id || ':')") if jid else ""
+                     " AND left(s.session, length(w.id) + 1) = w.id || ':')"
+                     " OR EXISTS (SELECT 1 FROM crawler_jobs j WHERE j.id = %s AND w.id = ANY(j.workers))"
+                     ) if jid else ""
             cur = await conn.execute(
                 "SELECT id, host, pid, key_hash, ledger, job, seen > now() - make_interval(secs => %s)"
                 f" FROM crawler_workers w {where} ORDER BY seen DESC",
-                (heartbeat_timeout or self.heartbeat_timeout, *((jid, jid) if jid else ())))
+                (heartbeat_timeout or self.heartbeat_timeout, *((jid, jid, jid) if jid else ())))
             return [WorkerInfo(*r) for r in await cur.fetchall()]
 
         return await self._run(run)

@@ -1,0 +1,130 @@
+"""The live progress line as a user sees it: `crawler profiles` on a real pseudo-terminal of 80 columns, its output
+fed to a terminal emulator (pyte); and a reader that closes the pipe mid-run."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import pty
+import struct
+import sys
+import termios
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pyte
+import pytest
+
+from crawler.sim.data import WorldConfig
+from tests.conftest import SimFactory
+from tests.test_cli import environ, public_users, read_csv, setup_dir
+
+pytestmark = pytest.mark.slow  # every test here starts processes
+
+PG = "postgresql://postgres@127.0.0.1:5432/test"
+WORLD = WorldConfig(seed=11, users=1_000)
+HANDLES = 60
+COLUMNS, ROWS = 80, 24
+
+
+def _drain(fd: int, into: bytearray, until: bytes | None = None) -> None:
+    """Read `fd` into `into` until its writers are gone (EOF, or EIO on a pty), or until `until` has been read."""
+    while until is None or until not in into:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the pty's other side closed
+            return
+        if not chunk:
+            return
+        into += chunk
+
+
+async def _profiles(tmp_path: Path, env: dict[str, str], stderr: int, *more: str) -> asyncio.subprocess.Process:
+    """`crawler profiles` of HANDLES users, two at a time, into a long output path, stderr on `stderr`."""
+    deep = tmp_path / "a-rather-long-directory-name-for-the-output" / "and-another-level-below-it"
+    deep.mkdir(parents=True)
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "crawler", "profiles", "in.txt", "-o", str(deep / "profiles-of-the-watch-list.csv"),
+        "--config", "fast.toml", "--data-dir", "d", "--parallelism", "2", "--summary-json", "summary.json", *more,
+        cwd=tmp_path, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=stderr)
+
+
+@pytest.fixture
+def schema() -> Iterator[str]:
+    """A PostgreSQL schema of this test's own, dropped when it ends."""
+    name = f"crawler_p_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {name}")
+    try:
+        yield name
+    finally:
+        with psycopg.connect(PG, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {name} CASCADE")
+
+
+@pytest.mark.parametrize("jobs", ["local", "postgresql"])
+async def test_a_ten_second_run_at_80_columns_leaves_one_progress_line(simulator: SimFactory, tmp_path: Path,
+                                                                        jobs: str, request: pytest.FixtureRequest
+                                                                        ) -> None:
+    """At 80 columns a ~10 s run redraws its progress line in place: the screen shows exactly one progress line,
+    cut to the width, above the summary (no wrapped, stale copies); a PostgreSQL job's session shows the same."""
+    url = f"{PG}?options=-csearch_path%3D{request.getfixturevalue('schema')}" if jobs == "postgresql" else ""
+    more = ["--jobs-url", url] if url else []
+    async with simulator(world=WORLD, latency=(0.3, 0.3)) as sim:
+        setup_dir(tmp_path, [sim.world.handle(i) for i in public_users(sim.world, HANDLES)])
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
+        try:
+            proc = await _profiles(tmp_path, environ(sim), slave, *more)
+            os.close(slave)
+            slave = -1
+            raw = bytearray()
+            reading = asyncio.create_task(asyncio.to_thread(_drain, master, raw))
+            code = await asyncio.wait_for(proc.wait(), timeout=120)
+            await asyncio.wait_for(reading, timeout=30)
+        finally:
+            os.close(master)
+            if slave >= 0:
+                os.close(slave)
+    assert code == 0, raw.decode(errors="replace")
+    assert json.loads((tmp_path / "summary.json").read_text())["elapsed"] >= 5  # long enough for many redraws
+    assert raw.count(b"\r[profiles]") >= 5, raw.decode(errors="replace")
+    screen = pyte.Screen(COLUMNS, ROWS)
+    pyte.ByteStream(screen).feed(bytes(raw))
+    lines = [line.rstrip() for line in screen.display]
+    shown = "\n".join(lines)
+    progress = [line for line in lines if "[profiles]" in line or "req/min" in line or "billed ·" in line]
+    assert len(progress) == 1, shown
+    assert progress[0].startswith(f"[profiles] {HANDLES}/{HANDLES} items") and len(progress[0]) < COLUMNS, shown
+    assert "…\x1b[K".encode() in raw  # lines longer than the terminal were cut
+    assert "profiles: completed" in shown  # the summary below it
+    assert "Traceback" not in shown
+
+
+async def test_a_reader_that_closes_the_pipe_mid_run_changes_nothing(simulator: SimFactory, tmp_path: Path) -> None:
+    """When whoever reads stderr goes away mid-run (`crawler ... 2>&1 | head -1`), the run goes on silently and
+    ends as it would have: every row written, the same exit code, no traceback."""
+    async with simulator(world=WORLD, latency=(0.1, 0.1)) as sim:
+        setup_dir(tmp_path, [sim.world.handle(i) for i in public_users(sim.world, HANDLES)])
+        env = environ(sim) | {"CRAWLER_TEST_PROGRESS_INTERVAL": "0.1"}
+        r, w = os.pipe()
+        try:
+            proc = await _profiles(tmp_path, env, w)
+            os.close(w)
+            w = -1
+            seen = bytearray()
+            await asyncio.wait_for(asyncio.to_thread(_drain, r, seen, b"[profiles]"), timeout=60)
+        finally:
+            os.close(r)  # the reader goes away while the crawler still reports
+            if w >= 0:
+                os.close(w)
+        assert b"[profiles]" in seen, seen.decode(errors="replace")
+        code = await asyncio.wait_for(proc.wait(), timeout=120)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert code == 0 and summary["exit_code"] == 0 and summary["items_done"] == HANDLES
+    out = tmp_path / "a-rather-long-directory-name-for-the-output" / "and-another-level-below-it"
+    assert len(read_csv(out / "profiles-of-the-watch-list.csv")) == HANDLES
