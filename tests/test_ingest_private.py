@@ -56,6 +56,9 @@ async def test_private_users_are_counted_not_walked_and_include_private_walks_th
         (tmp_path / "config.toml").write_text(FAST_TOML)
         env = environ(sim) | {TEST_NOW_ENV: "2026-01-01T03:00:00"}
         args = ["ingest", "watch.txt", "--out-dir", "out", "--posts", "--history-url", store_url]
+        code, _, err = await crawler([*args[:4], "--include-private"], env, tmp_path)  # without --posts: no walk
+        assert code == 2 and "add --posts" in err and len(err.strip().splitlines()) == 1, err
+        assert sim.stats.requests == 0 and not (tmp_path / "out").exists()
         code, _, err = await crawler([*args, "--summary-json", "first.json"], env, tmp_path)
         assert code == 0, err
         assert set(_walked(sim)) == {w.user_id(i) for i in public}

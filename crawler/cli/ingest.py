@@ -11,7 +11,7 @@ from typing import Any
 
 from crawler.cli.common import check_ledger, open_reports, resume_hint, settings_from
 from crawler.config import api_key
-from crawler.errors import Interrupted
+from crawler.errors import Interrupted, UsageError
 
 
 def cmd_ingest(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -20,6 +20,8 @@ def cmd_ingest(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from crawler.runs.ingest import ingest, override_day, utc_now
 
     override_day(args.date, today=utc_now().date(), force=args.force_date)  # a typo: exit 2 before anything else
+    if args.include_private and not args.posts:
+        raise UsageError("--include-private walks private users' posts: add --posts (or drop --include-private)")
     settings = settings_from(args)
     key = api_key()
     check_ledger(settings, key)
