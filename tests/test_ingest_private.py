@@ -74,6 +74,16 @@ async def test_private_users_are_counted_not_walked_and_include_private_walks_th
         assert json.loads((tmp_path / "second.json").read_text())["private_skipped"] == 0
         assert "private users: posts not walked" not in err
 
+        # The next night, profiles first (no --posts), then --posts: the private users are counted again, not walked.
+        env[TEST_NOW_ENV] = "2026-01-02T03:00:00"
+        code, _, err = await crawler([a for a in args if a != "--posts"], env, tmp_path)
+        assert code == 0, err
+        before = len(_walked(sim))
+        code, _, err = await crawler([*args, "--summary-json", "third.json"], env, tmp_path)
+        assert code == 0, err
+        assert set(_walked(sim)[before:]) <= {w.user_id(i) for i in public}
+        assert json.loads((tmp_path / "third.json").read_text())["private_skipped"] == 2
+
 
 async def test_a_missed_night_gives_no_one_day_gain_in_top_or_on_the_page(simulator: SimFactory, tmp_path: Path,
                                                                          store_url: str,

@@ -58,7 +58,10 @@ class DayPlan:
         has = uid is not None and uid in snaps
         private = uid is not None and snaps.get(uid, False)
         posts = self.with_posts and not ((key, POSTS) in failed and not self._retry(failed[(key, POSTS)]))
-        if has and (not posts or (private and not self.include_private)):  # snapshotted today; no posts to walk
+        if has and posts and private and not self.include_private:
+            self.tally.private += 1  # snapshotted today (a run without --posts): its walk is skipped, and counted
+            return None
+        if has and not posts:  # snapshotted today; no posts to walk
             return None
         return UserTask(key, uid, profile=not has, private=private)
 
