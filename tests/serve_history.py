@@ -58,10 +58,11 @@ class Built:
         return day, self.truth[uid][day]
 
     def gain(self, uid: str, n: int, what: str = "followers") -> int | None:
-        """`history top --days n`'s definition, from the world: last minus first value in [end - n, end]."""
+        """`history top --days n`'s definition, from the world: last minus first value in [end - n, end] (None with
+        fewer than two snapshots there)."""
         start = (dt.date.fromisoformat(self.end) - dt.timedelta(days=n)).isoformat()
         days = sorted(d for d in self.truth[uid] if start <= d <= self.end)
-        if not days:
+        if len(days) < 2:
             return None
         a, b = self.truth[uid][days[0]][what], self.truth[uid][days[-1]][what]
         return None if a is None or b is None else int(b) - int(a)  # type: ignore[call-overload]

@@ -11,14 +11,17 @@ from typing import Any
 
 from crawler.cli.common import check_ledger, open_reports, resume_hint, settings_from
 from crawler.config import api_key
-from crawler.errors import Interrupted
+from crawler.errors import Interrupted, UsageError
 
 
 def cmd_ingest(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run (or resume) one day's ingest."""
     from crawler.engine.metrics import ingest_record
-    from crawler.runs.ingest import ingest
+    from crawler.runs.ingest import ingest, override_day, utc_now
 
+    override_day(args.date, today=utc_now().date(), force=args.force_date)  # a typo: exit 2 before anything else
+    if args.include_private and not args.posts:
+        raise UsageError("--include-private walks private users' posts: add --posts (or drop --include-private)")
     settings = settings_from(args)
     key = api_key()
     check_ledger(settings, key)
@@ -30,7 +33,8 @@ def cmd_ingest(args: argparse.Namespace, argv: Sequence[str]) -> int:
     with open_reports(settings, "ingest", out_dir=args.out_dir) as reports:
         result = asyncio.run(ingest(args.input, Path(args.out_dir), settings, api_key=key, date=args.date,
                                     with_posts=args.posts, restart=args.restart, retry_failed=args.retry_failed,
-                                    column=args.column, by_id=args.by_id, quiet=args.quiet))
+                                    column=args.column, by_id=args.by_id, quiet=args.quiet,
+                                    force_date=args.force_date, include_private=args.include_private))
         reports.done(result.exit_code, [o.summary for o in result.outcomes], ingest_record(result),
                      completed=result.held_by is None)
     if not args.quiet:

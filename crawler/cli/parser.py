@@ -156,8 +156,11 @@ def _ingest_command(sub: Any) -> None:
     i.add_argument("--out-dir", required=True, metavar="DIR")
     i.add_argument("--date", metavar="YYYY-MM-DD", help="record everything under this day instead of the UTC fetch"
                    " day (tests, deliberate backfills; `history days` marks it)")
+    i.add_argument("--force-date", action="store_true", help="accept a --date after today (UTC)")
     i.add_argument("--posts", action="store_true", help="also walk each user's posts down to what is stored"
                    " (--max-items N: only the newest N; --max-pages: pages per user and night)")
+    i.add_argument("--include-private", action="store_true", help="with --posts, walk private users' lists too"
+                   " (skipped by default: they answer an error, and each answer is billed)")
     i.add_argument("--restart", action="store_true", help="refetch today's users, replacing today's snapshots")
     i.add_argument("--retry-failed", nargs="?", const=True, default=False, type=_retry_choice, metavar="all",
                    help="try today's failed users again (retries_exhausted, budget, unexpected_shape); =all also"

@@ -200,6 +200,7 @@ def ingest_record(result: Any) -> dict[str, Any]:
     return {"command": "ingest", "day": result.day.isoformat(), "exit_code": result.exit_code,
             "days": [d.isoformat() for d in getattr(result, "days", ())],  # every day the run wrote to
             "held_by": getattr(result, "held_by", None),  # set when another ingest held the out-dir
+            "private_skipped": getattr(result, "private", 0),  # private users whose posts were not walked
             "parts": [summary_record(o.summary, o.exit_code) for o in result.outcomes]}
 
 

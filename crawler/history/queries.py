@@ -141,7 +141,8 @@ class HistoryQueries(HistoryDb):
 
     def top(self, by: str = "followers-gained", days: int = 7, limit: int = 20,
             until: dt.date | None = None) -> list[TopRow]:
-        """Users ranked by what they gained between the first and last snapshot of the last ``days`` days."""
+        """Users ranked by what they gained between the first and last snapshot of the last ``days`` days; a user
+        with fewer than two snapshots there (a missed night) has no gain and is left out."""
         if by not in METRICS:
             raise UsageError(f"--by {by}: use one of {', '.join(METRICS)}")
         column = METRICS[by]
@@ -149,14 +150,16 @@ class HistoryQueries(HistoryDb):
         if end is None:
             return []
         start = end - dt.timedelta(days=days)
-        # One pass: number each user's days both ways, keep the first and last, fold them per user.
+        # One pass: number each user's days both ways, keep the first and last, fold them per user (the last one's
+        # number from the start is the user's count of snapshots in the window).
         rows = self._rows(
             f"WITH w AS (SELECT user_id, {column} AS v,"
             " ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY day) AS a,"
             " ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY day DESC) AS b"
             " FROM snapshots WHERE day >= ? AND day <= ?),"
             " g AS (SELECT user_id, MAX(CASE WHEN a = 1 THEN v END) AS first_v,"
-            " MAX(CASE WHEN b = 1 THEN v END) AS last_v FROM w WHERE a = 1 OR b = 1 GROUP BY user_id)"
+            " MAX(CASE WHEN b = 1 THEN v END) AS last_v FROM w WHERE a = 1 OR b = 1 GROUP BY user_id"
+            " HAVING MAX(a) > 1)"
             " SELECT u.handle, g.user_id, g.first_v, g.last_v, g.last_v - g.first_v AS gained FROM g"
             " JOIN users u ON u.user_id = g.user_id ORDER BY gained DESC NULLS LAST, u.handle LIMIT ?",
             (start.isoformat(), end.isoformat(), limit))
@@ -222,7 +225,8 @@ class HistoryQueries(HistoryDb):
         """Every user with their newest snapshot up to ``until`` and what they gained over each of ``days``.
 
         The gain over N days is `top`'s: the user's last minus first value among their snapshots in
-        [end - N, end], end being ``until`` or the newest snapshot day of the store (None if there is none).
+        [end - N, end], end being ``until`` or the newest snapshot day of the store; None when the user has fewer
+        than two snapshots there (a single one is no gain of 0).
         """
         end = until or self.last_day()
         if end is None:
@@ -230,18 +234,19 @@ class HistoryQueries(HistoryDb):
         e = end.isoformat()
         starts = [(end - dt.timedelta(days=n)).isoformat() for n in days]
         # Index seeks on the (user_id, day) key only: per user, the newest snapshot up to the end and the first
-        # one inside each window. (Grouping a month of every user's rows instead took 1.4 s at 10k users.)
-        firsts = ", ".join(f"(SELECT f.followers FROM snapshots f WHERE f.user_id = u.user_id AND f.day >= ?"
-                           f" AND f.day <= ? ORDER BY f.day LIMIT 1) AS f{i}" for i in range(len(days)))
+        # one inside each window before it. (Grouping a month of every user's rows instead took 1.4 s at 10k users.)
+        firsts = ", ".join(f"(SELECT f.followers FROM snapshots f WHERE f.user_id = l.user_id AND f.day >= ?"
+                           f" AND f.day < l.last ORDER BY f.day LIMIT 1) AS f{i}" for i in range(len(days)))
         gains = ", ".join(f"CASE WHEN s.day >= ? THEN s.followers - g.f{i} END" for i in range(len(days)))
         rows = self._rows(
-            "WITH g AS (SELECT u.user_id, u.handle, u.nickname, (SELECT MAX(l.day) FROM snapshots l"
-            f" WHERE l.user_id = u.user_id AND l.day <= ?) AS last, {firsts} FROM users u)"
+            "WITH l AS (SELECT u.user_id, u.handle, u.nickname, (SELECT MAX(m.day) FROM snapshots m"
+            " WHERE m.user_id = u.user_id AND m.day <= ?) AS last FROM users u),"
+            f" g AS (SELECT l.user_id, l.handle, l.nickname, l.last, {firsts} FROM l)"
             " SELECT g.user_id, g.handle, g.nickname, s.day, s.followers, s.following, s.videos, s.hearts,"
             # LEFT JOIN: users stay the outer loop (SQLite would otherwise walk all of snapshots first).
             f" {gains} FROM g LEFT JOIN snapshots s ON s.user_id = g.user_id AND s.day = g.last"
             " WHERE g.last IS NOT NULL",
-            (e, *[x for start in starts for x in (start, e)], *starts))
+            (e, *starts, *starts))
         n = len(days)
         return [OverviewRow(str(r[0]), str(r[1]), "" if r[2] is None else str(r[2]), self._day(r[3]),
                             r[4], r[5], r[6], r[7], dict(zip(days, r[8:8 + n], strict=True))) for r in rows]

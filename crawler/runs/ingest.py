@@ -36,7 +36,7 @@ from crawler.engine.pool import Engine, StopPolicy
 from crawler.engine.stats import ProgressReporter
 from crawler.engine.stop import install_signals as catch_signals
 from crawler.engine.stop import remove_signals
-from crawler.errors import EXIT_PRECEDENCE, CrawlerError, Interrupted, disk_problems
+from crawler.errors import EXIT_PRECEDENCE, CrawlerError, Interrupted, UsageError, disk_problems
 from crawler.history.queries import parse_day
 from crawler.history.store import HistoryStore
 from crawler.jobs.commands import COMMANDS
@@ -66,6 +66,18 @@ def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def override_day(date: str | None, *, today: dt.date, force: bool) -> dt.date | None:
+    """The day --date sets (None: the fetch day); a day after ``today`` (UTC, the run's clock) is most likely a typo
+    and needs --force-date (a UsageError before anything is created or sent)."""
+    if not date:
+        return None
+    day = parse_day(date)
+    if day > today and not force:
+        raise UsageError(f"--date {day.isoformat()} is after today ({today.isoformat()}, UTC): check the date, or"
+                         " add --force-date to record under a future day")
+    return day
+
+
 def history_url(settings: Settings) -> str:
     """The configured history store, or the SQLite file in the data directory."""
     return settings.history_url or str(Path(settings.data_dir) / "history.db")
@@ -83,6 +95,7 @@ class IngestResult:
     failures_files: tuple[str, ...] = ()
     capped: int = 0  # walks this run stopped at --max-pages (they go on next run)
     budget: int | None = None  # the run's --max-credits
+    private: int = 0  # private users whose posts this run did not walk (no --include-private)
 
     @property
     def exit_code(self) -> int:
@@ -113,20 +126,21 @@ class Ingest:
 
     def __init__(self, input_path: str, out_dir: Path, settings: Settings, *, api_key: Secret | str | None,
                  date: str | None, with_posts: bool, restart: bool, retry_failed: bool | str, column: str | None,
-                 by_id: bool, quiet: bool, clock: Callable[[], dt.datetime] | None) -> None:
+                 by_id: bool, quiet: bool, clock: Callable[[], dt.datetime] | None, force_date: bool = False,
+                 include_private: bool = False) -> None:
         self.input_path = input_path
         self.out_dir = out_dir
         self.settings = settings
         self._api_key = api_key
-        self.override = parse_day(date) if date else None
+        self.clock = clock or utc_now
+        self.started = self.clock()
+        self.override = override_day(date, today=self.started.astimezone(dt.UTC).date(), force=force_date)
         self.with_posts = with_posts
         self.restart = restart
         self.column = column
         self.by_id = by_id
         self.quiet = quiet
-        self.clock = clock or utc_now
         self.run_id = uuid.uuid4().hex
-        self.started = self.clock()
         self.watch_users = 0
         self.tally = Tally()
         self.calls = StoreCalls(history_url(settings), stall_limit=settings.retry_stall_limit)
@@ -138,7 +152,8 @@ class Ingest:
         self.commits: IngestCommitter  # the single writer: day files, then the history store
         self.plan = DayPlan(self.calls, self.tally, run_id=self.run_id, with_posts=with_posts,
                             retry_failed=retry_failed, heartbeat_timeout=settings.jobs_heartbeat_timeout,
-                            day_now=self.day_now)
+                            day_now=self.day_now, include_private=include_private)
+        self.include_private = include_private
         self.work: UserWork  # made with the client
         self.stop = StopPolicy(quiet=quiet)  # the engine's: a first signal or a spent budget drains, else at once
         self.workers = 0  # workers the engine started
@@ -205,7 +220,8 @@ class Ingest:
         self.stop.attach(self.client)
         self.work = UserWork(client=self.client, users=self.users, sizes=self.sizes, calls=self.calls,
                              submit=self.commits.submit, tally=self.tally, settings=self.settings,
-                             with_posts=self.with_posts, clock=self.clock, override=self.override)
+                             with_posts=self.with_posts, clock=self.clock, override=self.override,
+                             include_private=self.include_private)
 
     async def _finish(self, watch: StateStore, today: dt.date, began: float) -> IngestResult:
         """Every covered day's files and failures files, the outcomes, and the run's end on record."""
@@ -220,7 +236,7 @@ class Ingest:
         await self.calls.call(self.store.end_run, self.run_id, code, self.clock())
         return IngestResult(today, outcomes, tuple(days), by_date=self.override is not None,
                             failures_files=tuple(files), capped=self.tally.walks["cut"],
-                            budget=self.settings.max_credits)
+                            budget=self.settings.max_credits, private=self.tally.private)
 
     def _put_run_day(self, sent: int, billed: int, day: dt.date | None = None) -> None:
         """The run's record for ``day`` (the day it is on now), with what it spent since the last commit (in the
@@ -316,10 +332,13 @@ async def ingest(
     quiet: bool = True,
     install_signals: bool = True,
     clock: Callable[[], dt.datetime] | None = None,
+    force_date: bool = False,
+    include_private: bool = False,
 ) -> IngestResult:
     """One ingest run: today's watch-list users without a snapshot today, and the posts walks cut short."""
     run = Ingest(input_path, out_dir, settings, api_key=api_key, date=date, with_posts=with_posts, restart=restart,
-                 retry_failed=retry_failed, column=column, by_id=by_id, quiet=quiet, clock=clock)
+                 retry_failed=retry_failed, column=column, by_id=by_id, quiet=quiet, clock=clock,
+                 force_date=force_date, include_private=include_private)
     make_out_dir(out_dir)
     installed: list[signal.Signals] = []
 

@@ -26,11 +26,13 @@ class DayPlan:
     """What a run does today for each watch-list item, under the store's claim of the user's day."""
 
     def __init__(self, calls: StoreCalls, tally: Tally, *, run_id: str, with_posts: bool,
-                 retry_failed: bool | str, heartbeat_timeout: float, day_now: Callable[[], dt.date]) -> None:
+                 retry_failed: bool | str, heartbeat_timeout: float, day_now: Callable[[], dt.date],
+                 include_private: bool = False) -> None:
         self.calls = calls
         self.tally = tally
         self.run_id = run_id
         self.with_posts = with_posts
+        self.include_private = include_private
         self.retry_failed = retry_failed
         self.heartbeat_timeout = heartbeat_timeout
         self.day_now = day_now
@@ -56,7 +58,10 @@ class DayPlan:
         has = uid is not None and uid in snaps
         private = uid is not None and snaps.get(uid, False)
         posts = self.with_posts and not ((key, POSTS) in failed and not self._retry(failed[(key, POSTS)]))
-        if has and (not posts or private):  # snapshotted today; no posts to walk
+        if has and posts and private and not self.include_private:
+            self.tally.private += 1  # snapshotted today (a run without --posts): its walk is skipped, and counted
+            return None
+        if has and not posts:  # snapshotted today; no posts to walk
             return None
         return UserTask(key, uid, profile=not has, private=private)
 

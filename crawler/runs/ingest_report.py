@@ -37,6 +37,7 @@ class Tally:
     skipped: int = 0  # users with nothing to do today
     failed: int = 0  # profiles or walks that failed in this run
     elsewhere: int = 0  # users left to another run on the same history store (it held their claim)
+    private: int = 0  # private users whose posts were not walked (without --include-private)
     days: set[dt.date] = field(default_factory=set)  # the days the run committed to
     queued_users: set[str] = field(default_factory=set)  # user ids queued this run
 
@@ -162,6 +163,9 @@ class IngestReport:
         if walks["cut"]:
             notes.append(f"{walks['cut']:,} walks stopped at --max-pages {self.settings.max_pages} for"
                          " today; they go on in the next run")
+        if self.tally.private:
+            notes.append(f"{self.tally.private:,} private users: posts not walked (their lists answer an error);"
+                         " --include-private walks them anyway")
         return Summary(
             command="ingest-posts", status=end.status, items_total=sum(walks.values()),
             items_done=walks["done"], items_failed=sum(fails.values()),

@@ -99,7 +99,7 @@ class UserWork:
 
     def __init__(self, *, client: Client, users: UserDirectory, sizes: PageSizes | None, calls: StoreCalls,
                  submit: Callable[[Commit], Awaitable[None]], tally: Tally, settings: Settings, with_posts: bool,
-                 clock: Callable[[], dt.datetime], override: dt.date | None) -> None:
+                 clock: Callable[[], dt.datetime], override: dt.date | None, include_private: bool = False) -> None:
         self.client = client
         self.users = users
         self.sizes = sizes
@@ -110,6 +110,7 @@ class UserWork:
         self.with_posts = with_posts
         self.clock = clock
         self.override = override
+        self.include_private = include_private  # walk private users' lists too (each answer billed)
 
     def day_now(self) -> dt.date:
         """The day a profile or post fetched now belongs to: --date, else today in UTC."""
@@ -126,8 +127,12 @@ class UserWork:
         elif uid is not None:
             handle = await self.calls.call(self.calls.store.handle_of, uid)
             source = handle or task.key
-        if self.with_posts and uid is not None and not private:
-            await self.walk(task.key, uid, source)
+        if not self.with_posts or uid is None:
+            return
+        if private and not self.include_private:
+            self.tally.private += 1  # their lists answer an error: the summary counts them
+            return
+        await self.walk(task.key, uid, source)
 
     async def _profile(self, task: UserTask) -> ep.Profile | None:
         """Fetch and commit the user's profile; None if it failed (the failure is committed)."""
