@@ -23,6 +23,7 @@ from crawler.jobs.handles import (
     read_lines,
     too_long,
     undecodable,
+    visible,
 )
 
 if TYPE_CHECKING:
@@ -96,7 +97,8 @@ def input_items(job: JobOptions, spec: CommandSpec) -> tuple[Iterator[InputEntry
                 try:
                     yield normalize(line), line.strip(), None, None
                 except InvalidInput as exc:
-                    yield f"invalid:{number}", line.strip(), "invalid_input", f"line {number}: {exc}"
+                    shown, note = visible(line.strip())  # a zero-width space is seen, not guessed
+                    yield f"invalid:{number}", shown, "invalid_input", f"line {number}: {exc}{note}"
         finally:
             if job.input != "-":
                 buffered.close()
