@@ -125,6 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(words: list[str]) -> argparse.Namespace:
+    """The command line parsed; a flag the command does not take is one line naming it and the command."""
+    args, extra = build_parser().parse_known_args(words)
+    if extra:
+        command = next((w for w in words if not w.startswith("-")), "")
+        raise UsageError(f"{command}: {' '.join(extra)}: not an option of `crawler {command}` (nothing it would"
+                         f" change; see crawler {command} --help)")
+    return args
+
+
 def _job_commands(sub: Any) -> None:
     """One command per kind of crawl job (see crawler.jobs.commands)."""
     users = "file of handles (@name, name, profile URL, id:NNN), one per line, or - for stdin"
