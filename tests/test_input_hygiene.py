@@ -13,6 +13,9 @@ import pytest
 from crawler.sim.data import World, WorldConfig
 from tests.conftest import SimFactory
 from tests.test_cli import FAST_TOML, crawler, environ, error_line, public_users, read_csv
+from tests.test_download import WORLD as MEDIA_WORLD
+from tests.test_download import crawler as download
+from tests.test_download import posts_csv, videos
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
@@ -48,6 +51,21 @@ async def test_retry_failed_with_nothing_to_retry_says_so_and_names_all(simulato
         assert command.startswith("crawler profiles") and command.endswith(" --retry-failed=all"), line
         code, _, err = await crawler(shlex.split(command)[1:], environ(sim), tmp_path)
         assert code == 3 and sim.stats.requests == 3, err  # the printed command asks for the ghost once more
+
+
+async def test_download_retry_failed_with_nothing_to_retry_says_so(simulator: SimFactory, tmp_path: Path) -> None:
+    """`download` whose only failure is media_unavailable offers no --retry-failed; given anyway, it sends nothing and
+    says there is nothing to retry (before: "re-run with --retry-failed", which then did nothing, silently)."""
+    async with simulator(world=MEDIA_WORLD) as sim:
+        rows = videos(sim, await posts_csv(sim, tmp_path, 4))
+        sim.media.revoke(rows[1]["video_id"])
+        args = ["download", "posts.csv", "-o", "media", "--what", "video", "--config", "fast.toml", "-q"]
+        code, err = await download(args, sim, tmp_path)
+        assert code == 3 and "--retry-failed" not in error_line(err), err
+        requests, media_requests = sim.stats.requests, sim.media.stats.requests
+        code, err = await download([*args, "--retry-failed"], sim, tmp_path)
+        assert code == 3 and "--retry-failed: nothing to retry" in error_line(err), err
+        assert (sim.stats.requests, sim.media.stats.requests) == (requests, media_requests)
 
 
 async def test_get_refuses_an_unknown_parameter_before_any_credit(simulator: SimFactory, tmp_path: Path) -> None:
