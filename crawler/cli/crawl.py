@@ -62,7 +62,7 @@ def cmd_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
         with reports as report:
             outcome = asyncio.run(run_job(crawl))
             report.done(outcome.exit_code, [outcome.summary])
-    _report(outcome, args.quiet, argv, max_credits=settings.max_credits)
+    _report(outcome, args.quiet, argv, max_credits=settings.max_credits, retry_failed=args.retry_failed)
     if not args.quiet and settings.output_format != "csv" and outcome.summary.status in ("completed",
                                                                                           "already complete"):
         print(f"crawler: {datafile_path(Path(job.output), settings.output_format)} holds the rows of {job.output}"
@@ -90,17 +90,21 @@ def _search_options(args: argparse.Namespace, settings: Settings, key: Any
     return {"publish_time": args.publish_time, "sort_by": sort, "region": region}, lookup
 
 
-def _report(outcome: Outcome, quiet: bool, argv: Sequence[str], *, max_credits: int | None = None) -> None:
+def _report(outcome: Outcome, quiet: bool, argv: Sequence[str], *, max_credits: int | None = None,
+            retry_failed: bool | str = False) -> None:
     """The summary, then one line saying why the run ended that way and the command that goes on.
 
     ``max_credits``: the job's cap (job commands only), so a budget stop prints a command with a higher one
-    (the same command would stop again at once).
+    (the same command would stop again at once). ``retry_failed``: the flag given, so a retry that found nothing
+    to retry says so.
     """
     if not quiet:
         print(outcome.summary.render(), file=sys.stderr)
     err = outcome.error
     if err is None:
-        if outcome.summary.items_failed:
+        if retry_failed and outcome.summary.status == "already complete":
+            print(_nothing_to_retry(outcome.summary.failures, retry_failed, argv), file=sys.stderr)
+        elif outcome.summary.items_failed:
             print(f"crawler: {outcome.summary.items_failed:,} items failed; see {outcome.summary.failures_file}"
                   f"{_failure_hint(outcome.summary.failures, argv)}", file=sys.stderr)
         return
@@ -124,6 +128,20 @@ def _failure_hint(failures: dict[str, int], argv: Sequence[str]) -> str:
         hints.append(f"to try the {'/'.join(r for r in RETRIABLE if failures.get(r))} ones again: "
                      f"{resume_hint(argv, retry_failed=True)}")
     return f"; {'; '.join(hints)}" if hints else ""
+
+
+def _nothing_to_retry(failures: dict[str, int], retry_failed: bool | str, argv: Sequence[str]) -> str:
+    """--retry-failed on a complete job none of whose failures it retries: say so, and what would."""
+    from crawler.stores.model import RETRIABLE_ALL
+
+    counts = ", ".join(f"{reason}: {n:,}" for reason, n in sorted(failures.items())) or "none"
+    line = f"crawler: --retry-failed: nothing to retry (failures: {counts})"
+    if retry_failed != "all" and any(failures.get(r) for r in RETRIABLE_ALL):
+        again = resume_hint(argv, retry_failed=True).removesuffix(" --retry-failed") + " --retry-failed=all"
+        return f"{line}; not_found and private are asked again only with --retry-failed=all: {again}"
+    if failures.get("invalid_input"):
+        return f"{line}; fix the invalid lines in the input and run the command without --retry-failed"
+    return f"{line}; the job is complete"
 
 
 def cmd_status(args: argparse.Namespace, argv: Sequence[str]) -> int:

@@ -47,7 +47,8 @@ def cmd_download(args: argparse.Namespace, argv: Sequence[str]) -> int:
             print(f"crawler: {line} (listed in {outcome.summary.skipped_file})", file=sys.stderr)
         if outcome.summary.failed:
             print(f"crawler: {outcome.summary.failed:,} posts failed; see {outcome.summary.failures_file}"
-                  " (re-run with --retry-failed to try them again)", file=sys.stderr)
+                  f"{_retry_hint(dict(outcome.summary.failures), args.retry_failed, outcome.summary.status)}",
+                  file=sys.stderr)
     elif isinstance(err, BudgetExhausted) and settings.max_credits is not None:  # the cap spans the job's runs
         print(budget_line(settings.max_credits, outcome.summary.requests_sent, outcome.summary.credits_billed,
                            argv), file=sys.stderr)
@@ -69,3 +70,14 @@ def download_tally(summary: Any, client: Client | None) -> RunTally:
     c = client.counters
     return RunTally(items, requests_sent=c.requests_sent, credits_billed=c.credits_billed, responses=dict(c.responses),
                     rate_limited=c.rate_limited, rate_wait_seconds=client.gate.wait_seconds)
+
+
+def _retry_hint(failures: dict[str, int], retry_failed: bool, status: str) -> str:
+    """What --retry-failed would do about these failures: try those whose reason can change, or nothing."""
+    from crawler.stores.model import RETRIABLE
+
+    if any(failures.get(r) for r in RETRIABLE):
+        return " (re-run with --retry-failed to try them again)"
+    if retry_failed and status == "already complete":
+        return " (--retry-failed: nothing to retry; none of these reasons changes by asking again)"
+    return ""

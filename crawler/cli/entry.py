@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from crawler.cli.common import resume_hint
-from crawler.cli.parser import build_parser
+from crawler.cli.parser import parse
 from crawler.engine.stats import silence
 from crawler.errors import CrawlerError, Interrupted, UsageError, disk_error
 
@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return sim_main(words[1:], prog="crawler sim")
     args: argparse.Namespace | None = None
     try:
-        args = build_parser().parse_args(words)
+        args = parse(words)
         if not hasattr(args, "func"):
             raise UsageError("say which command (or query) to run: see crawler --help")
         _logging(getattr(args, "verbose", 0))

@@ -27,6 +27,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 ROW_FLAGS = frozenset({"--page-size", "--max-pages", "--max-items", "--bom", "--raw"})  # what shapes CSV rows
+# Settings flags that mean nothing to one call (`get`, `regions`) or to a job not run (`estimate`, which reads the
+# input, the data directory, the walk caps and the key's rate): left out, so argparse refuses them with exit 2.
+ONE_CALL_OMITS = ROW_FLAGS | {"--parallelism", "-q"}
+ESTIMATE_OMITS = frozenset({"--base-url", "--burst", "--max-per-second", "--rate-shared", "--parallelism",
+                            "--max-credits", "--retries", "--bom", "--raw", "-q"})
 
 
 def _settings_flags(p: argparse.ArgumentParser, omit: frozenset[str] = frozenset()) -> None:
@@ -118,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     # Listed for --help only: main() hands `crawler sim ...` to the simulator's own parser.
     sub.add_parser("sim", help="run the local API simulator (crawler sim --help)", add_help=False)
     return parser
+
+
+def parse(words: list[str]) -> argparse.Namespace:
+    """The command line parsed; a flag the command does not take is one line naming it and the command."""
+    args, extra = build_parser().parse_known_args(words)
+    if extra:
+        command = next((w for w in words if not w.startswith("-")), "")
+        raise UsageError(f"{command}: {' '.join(extra)}: not an option of `crawler {command}` (nothing it would"
+                         f" change; see crawler {command} --help)")
+    return args
 
 
 def _job_commands(sub: Any) -> None:
@@ -221,7 +236,7 @@ def _tool_commands(sub: Any) -> None:
     e.add_argument("--column")
     e.add_argument("--by-id", action="store_true")
     e.add_argument("--with-replies", action="store_true")
-    _settings_flags(e)
+    _settings_flags(e, omit=ESTIMATE_OMITS)
     e.set_defaults(func=cmd_estimate)
 
     s = sub.add_parser("status", help="progress, failures and credits of a job")
@@ -241,11 +256,13 @@ def _tool_commands(sub: Any) -> None:
     g = sub.add_parser("get", help="print the raw JSON of one API call (costs one credit)")
     g.add_argument("endpoint", help="e.g. userinfo-by-username")
     g.add_argument("params", nargs="*", metavar="key=value")
-    _settings_flags(g)
+    g.add_argument("--raw-params", action="store_true",
+                   help="send parameter names the endpoint is not known to take (unchecked)")
+    _settings_flags(g, omit=ONE_CALL_OMITS | {"--retries"})  # get tries once
     g.set_defaults(func=cmd_get)
 
     r = sub.add_parser("regions", help="region codes for search-videos --region (one credit, then cached)")
-    _settings_flags(r)
+    _settings_flags(r, omit=ONE_CALL_OMITS)
     r.set_defaults(func=cmd_regions)
 
     d = sub.add_parser("doctor", help="check the live API's answers against the parsers (a stated handful of"

@@ -12,6 +12,7 @@ import io
 import itertools
 import re
 import sys
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,27 @@ def undecodable(text: str) -> str | None:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
 
 
+def _invisible(ch: str) -> bool:
+    """A character a failures file would not show: controls, format characters (zero-width space, a BOM inside a
+    line, bidi marks), separators other than the space, private-use and unassigned code points."""
+    return ch != " " and unicodedata.category(ch) in ("Cc", "Cf", "Co", "Cn", "Zl", "Zp", "Zs")
+
+
+def visible(text: str) -> tuple[str, str]:
+    """(the text with its invisible characters as \\u escapes, a note naming the first one, or "")."""
+    if not any(map(_invisible, text)):
+        return text, ""
+    first = next(ch for ch in text if _invisible(ch))
+    name = unicodedata.name(first, "a control character")
+    shown = "".join(_escape(ch) if _invisible(ch) else ch for ch in text)
+    return shown, f" (it holds invisible characters, shown escaped: {_escape(first)} is {name})"
+
+
+def _escape(ch: str) -> str:
+    n = ord(ch)
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+
+
 def too_long(text: str, length: int, number: int) -> tuple[str, str]:
     """(input, detail) of the failures file for a line of ``length`` characters beginning with ``text``."""
     return (text.strip()[:SHOWN] + "…",
@@ -132,15 +154,35 @@ def _bounded(text: IO[str]) -> Iterator[tuple[str, int]]:
 
 
 def decode_input(stream: IO[bytes]) -> io.TextIOWrapper:
-    """Text of the input: UTF-16 when it starts with a UTF-16 BOM, else UTF-8 (BOM optional).
+    """Text of the input: UTF-16 when it starts with a UTF-16 BOM or has a NUL every other byte (UTF-16 without a
+    BOM), else UTF-8 (BOM optional).
 
     Bytes that are not UTF-8 are kept as surrogate escapes, so `undecodable` can show them, never replaced.
     """
     buffered = stream if isinstance(stream, io.BufferedReader) else io.BufferedReader(stream)  # type: ignore[type-var]
-    head = buffered.peek(4)[:4]
+    head = buffered.peek(_SNIFF)[:_SNIFF]
     if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) and not head.startswith(codecs.BOM_UTF32_LE):
         return io.TextIOWrapper(buffered, encoding="utf-16", errors="surrogateescape", newline="")
+    bomless = _utf16_without_bom(head)
+    if bomless:
+        return io.TextIOWrapper(buffered, encoding=bomless, errors="surrogateescape", newline="")
     return io.TextIOWrapper(buffered, encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
+_SNIFF = 64  # bytes looked at to tell UTF-16 without a BOM from UTF-8
+
+
+def _utf16_without_bom(head: bytes) -> str | None:
+    """"utf-16-le" or "utf-16-be" for text that is UTF-16 without a BOM (a NUL every other byte: ASCII handles, ids
+    and URLs are), else None. UTF-8 text has no NUL at all, so a list of handles is never mistaken."""
+    pairs = [head[i:i + 2] for i in range(0, len(head) - 1, 2)]
+    if len(pairs) < 2:
+        return None
+    if all(p[1] == 0 and p[0] != 0 for p in pairs):
+        return "utf-16-le"
+    if all(p[0] == 0 and p[1] != 0 for p in pairs):
+        return "utf-16-be"
+    return None
 
 
 def skipped(line: str, *, hashtags: bool = False) -> bool:
@@ -165,6 +207,30 @@ def sniff_delimiter(header: str, column: str) -> str:
     return max((",", ";", "\t"), key=header.count)
 
 
+_HEADER_LOOK = 20  # lines read ahead to tell a CSV with a header from a list of items
+_HEADER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_ .-]{0,39}$")
+# Column names that hold the items, the likeliest first (the one --column is suggested with).
+_ITEM_COLUMNS = ("handle", "username", "unique_id", "uniqueid", "user", "account", "input", "url", "video_id",
+                 "video", "music_id", "challenge_id", "hashtag", "name", "id")
+
+
+def refuse_header(lines: list[tuple[int, str]]) -> None:
+    """A CSV given without --column (its first line names columns, the next ones have as many cells): exit 2
+    before any request, naming --column and the columns; read line by line, every line would be invalid."""
+    if len(lines) < 2:
+        return
+    number, first = lines[0][0], lines[0][1].rstrip("\r\n")
+    delimiter = max((",", ";", "\t"), key=first.count)
+    names = [h.strip() for h in next(csv.reader([first], delimiter=delimiter), [])]
+    if len(names) < 2 or not all(_HEADER_NAME.match(n) for n in names):
+        return
+    if any(len(next(csv.reader([line.rstrip("\r\n")], delimiter=delimiter), [])) != len(names)
+           for _, line in lines[1:]):
+        return
+    column = next((n for want in _ITEM_COLUMNS for n in names if n.lower() == want), names[0])
+    raise UsageError(f"line {number} looks like a CSV header ({', '.join(names)}): use --column {column}")
+
+
 def read_lines(stream: IO[bytes], column: str | None = None, *,
                hashtags: bool = False) -> Iterator[tuple[int, str, int]]:
     """(line number, text, length) for each line that is not blank or a `#` comment, or each non-empty value of
@@ -175,7 +241,10 @@ def read_lines(stream: IO[bytes], column: str | None = None, *,
     """
     text = decode_input(stream)
     if column is None:
-        for number, (line, length) in enumerate(_bounded(text), start=1):
+        numbered = enumerate(_bounded(text), start=1)
+        head = list(itertools.islice(numbered, _HEADER_LOOK))
+        refuse_header([(n, line) for n, (line, _) in head if not skipped(line, hashtags=hashtags)])
+        for number, (line, length) in itertools.chain(head, numbered):
             if not skipped(line, hashtags=hashtags):
                 yield number, line.rstrip("\r\n"), length
         return

@@ -23,6 +23,7 @@ from crawler.jobs.handles import (
     read_lines,
     too_long,
     undecodable,
+    visible,
 )
 
 if TYPE_CHECKING:
@@ -96,7 +97,8 @@ def input_items(job: JobOptions, spec: CommandSpec) -> tuple[Iterator[InputEntry
                 try:
                     yield normalize(line), line.strip(), None, None
                 except InvalidInput as exc:
-                    yield f"invalid:{number}", line.strip(), "invalid_input", f"line {number}: {exc}"
+                    shown, note = visible(line.strip())  # a zero-width space is seen, not guessed
+                    yield f"invalid:{number}", shown, "invalid_input", f"line {number}: {exc}{note}"
         finally:
             if job.input != "-":
                 buffered.close()
@@ -112,7 +114,7 @@ def _pairs(stream: IO[bytes], name: str) -> Iterator[InputEntry]:
     for number, row in enumerate(reader, start=2):
         video, comment = (row.get("video_id") or "").strip(), (row.get("comment_id") or "").strip()
         raw = f"{video},{comment}"
-        raw = undecodable(raw) or raw  # bytes that are not text stay visible, escaped
+        raw = undecodable(raw) or visible(raw)[0]  # bytes that are not text and invisible characters: escaped
         if row.get("parent_comment_id") or (row.get("reply_total") or "").strip() == "0":
             continue  # a reply, or a comment without replies, in a comments CSV: nothing to fetch
         if len(raw) > MAX_LINE:

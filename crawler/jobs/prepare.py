@@ -178,6 +178,7 @@ class Preparation:
 
     state: Prepared
     input_change: tuple[int, int] | None = None  # (items added, done items gone)
+    nothing_to_retry: bool = False  # --retry-failed on a complete job whose failures are none it retries
 
 
 async def prepare(
@@ -217,11 +218,10 @@ async def prepare(
             change = state.merge_incoming(digest())
             log.info("the input changed: %d items added, %d done items no longer in it", *change)
             testing.reached("merged")
-        if retry_failed:
-            n = state.retry_failed(RETRIABLE_ALL if retry_failed == "all" else RETRIABLE)
-            log.info("retrying %d failed items", n)
-        elif change is None and finished(state, out):
-            return Preparation(Prepared.COMPLETE)
+        retried = state.retry_failed(RETRIABLE_ALL if retry_failed == "all" else RETRIABLE) if retry_failed else 0
+        log.info("retrying %d failed items", retried)
+        if not retried and change is None and finished(state, out):
+            return Preparation(Prepared.COMPLETE, nothing_to_retry=bool(retry_failed))
         state.set_status("running")
         return Preparation(Prepared.RESUME, change)
     # A fresh job (or --restart): forget everything, ingest the input in one pass.

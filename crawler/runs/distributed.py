@@ -183,14 +183,15 @@ async def _ready(store: PgJobStore, job: JobOptions, settings: Settings, *, url:
     pg = await store.job(jid)
     assert pg is not None
     progress = await store.progress(jid)
+    fails = await store.failure_counts(jid)
     if (pg.status == "done" and progress.pending == 0 and await asyncio.to_thread(out.exists) and not restart
-            and not retry):
+            and not any(fails.get(reason) for reason in retry)):
         # Before resume(): the job keeps the output.bom/output.raw its OUT.csv was written with (export's).
         await asyncio.to_thread(write_datafile, out, record_kinds(COMMANDS[job.command].record),
                                 settings.output_format, guarded=not pg.raw, if_missing=True)
-        return _summary(job, store, pg, progress, await store.failure_counts(jid), None, started,
+        return _summary(job, store, pg, progress, fails, None, started,
                         status="already complete", result=SessionResult(), settings=settings,
-                        reason="nothing to do; --restart runs it again")
+                        reason=f"{'no failure it retries' if retry else 'nothing to do'}; --restart runs it again")
     await store.resume(jid, settings.max_credits, retry=retry, bom=settings.output_bom, raw=settings.output_raw)
     pg = await store.job(jid)
     assert pg is not None

@@ -146,7 +146,8 @@ class Crawl(ItemWalker):
             self.input_change = prepared.input_change
             if prepared.state is Prepared.COMPLETE:
                 await self._write_datafile(if_missing=True)
-                return self._outcome(started, "already complete", 0, reason="nothing to do; --restart runs it again")
+                why = "no failure it retries" if prepared.nothing_to_retry else "nothing to do"
+                return self._outcome(started, "already complete", 0, reason=f"{why}; --restart runs it again")
             # Opened only now: a usage error found while preparing leaves no data directory behind.
             data_dir = Path(self.settings.data_dir)
             with disk_problems(data_dir, started=self.sent_any):

@@ -210,7 +210,8 @@ class StateStore(MediaState):
             # A done post whose reply walks are tried again resumes after its comment walk.
             self._db.execute("UPDATE items SET status = 'pending', cursor = ? WHERE status = 'done' AND seq IN"
                              " (SELECT seq FROM reply_walks WHERE status = 'pending')", (json.dumps(COMMENTS_WALKED),))
-            self._db.execute("UPDATE job SET status = 'running' WHERE id = 1")
+            if cur.rowcount + walks:
+                self._db.execute("UPDATE job SET status = 'running' WHERE id = 1")
         return cur.rowcount + walks
 
     def begin_incoming(self) -> None:
