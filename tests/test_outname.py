@@ -3,17 +3,17 @@ the real command line against the simulator on loopback (issue 23, item 1)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import os
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
 
+from crawler.jobs.prepare import default_output
 from crawler.sim.data import World, WorldConfig
 from crawler.sim.server import Simulator
 from tests.conftest import SimFactory
 from tests.test_cli import FAST_TOML, crawler, environ, error_line, public_users, read_csv
-
-pytestmark = pytest.mark.slow  # every test here starts processes
 
 WORLD = WorldConfig(seed=11, users=1_000)
 RUN = ["--config", "fast.toml", "--data-dir", "d"]
@@ -47,6 +47,35 @@ async def run(sim: Simulator, tmp: Path, *args: str, stdin: bytes | None = None)
     return code, err, sim.stats.requests - before
 
 
+def test_default_output_names() -> None:
+    """LIST.COMMAND.csv for a file (in the current directory), KEYWORD.COMMAND.csv for a search (a safe file
+    name), stdin.COMMAND.DAY.csv for stdin and for a pipe."""
+    day = date(2026, 12, 6)
+    assert default_output("profiles", "lists/listA.txt", "users", today=day) == "listA.profiles.csv"
+    assert default_output("posts", "/tmp/x/users", "users", today=day) == "users.posts.csv"
+    assert default_output("profiles", "-", "users", today=day) == "stdin.profiles.2026-12-06.csv"
+    read, write = os.pipe()
+    try:
+        assert default_output("posts", f"/dev/fd/{read}", "users", today=day) == "stdin.posts.2026-12-06.csv"
+    finally:
+        os.close(read)
+        os.close(write)
+    assert default_output("search-users", " cosmo girl/../x ", "keyword") == "cosmo-girl-..-x.search-users.csv"
+    assert default_output("search-videos", "../..", "keyword") == "keyword.search-videos.csv"
+    assert default_output("search-videos", "café", "keyword") == "café.search-videos.csv"
+
+
+@pytest.mark.slow
+async def test_a_search_without_o_is_named_after_its_keyword(simulator: SimFactory, tmp_path: Path) -> None:
+    """`crawler search-users "cosmo girl"` writes cosmo-girl.search-users.csv here."""
+    (tmp_path / "fast.toml").write_text(FAST_TOML)
+    async with simulator(world=WORLD) as sim:
+        code, err, sent = await run(sim, tmp_path, "search-users", "cosmo girl", "--max-pages", "1")
+    assert code in (0, 3) and sent == 1, err
+    assert (tmp_path / "cosmo-girl.search-users.csv").is_file()
+
+
+@pytest.mark.slow
 async def test_two_lists_without_o_leave_two_files_with_their_own_rows(simulator: SimFactory,
                                                                         tmp_path: Path) -> None:
     """`crawler profiles listA.txt; crawler profiles listB.txt` write listA.profiles.csv and listB.profiles.csv in
@@ -67,6 +96,7 @@ async def test_two_lists_without_o_leave_two_files_with_their_own_rows(simulator
     assert not (tmp_path / "profiles.csv").exists() and not (tmp_path / "lists" / "listA.profiles.csv").exists()
 
 
+@pytest.mark.slow
 async def test_stdin_gets_a_dated_name_and_another_list_piped_the_same_day_is_refused(simulator: SimFactory,
                                                                                        tmp_path: Path) -> None:
     """`-` writes stdin.profiles.DAY.csv (DAY in UTC); piping the same list again that day finds the job done,
@@ -91,6 +121,7 @@ async def test_stdin_gets_a_dated_name_and_another_list_piped_the_same_day_is_re
     assert "stdin" in line and "shares 0 of its 3 items" in line and "--restart" in line and "--continue" in line
 
 
+@pytest.mark.slow
 async def test_another_list_of_the_same_name_sharing_under_half_is_refused_then_continued(simulator: SimFactory,
                                                                                           tmp_path: Path) -> None:
     """a/list.txt then b/list.txt (both list.profiles.csv here, sharing 1 of 4 items): exit 2 naming both files
@@ -117,6 +148,7 @@ async def test_another_list_of_the_same_name_sharing_under_half_is_refused_then_
     assert ids(tmp_path / "list.profiles.csv") == world_ids(w, found)
 
 
+@pytest.mark.slow
 async def test_an_edited_copy_under_a_new_name_goes_on_and_says_so(simulator: SimFactory, tmp_path: Path) -> None:
     """`-o out.csv` with list.txt, then with an edited copy list-v2.txt sharing 3 of its 4 items: the job goes on
     (only the new item fetched), and the summary names both files instead of "the input was edited"."""
