@@ -49,8 +49,13 @@ def cmd_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
     )
     if not job.output.endswith(".csv"):
         raise UsageError(f"--output {job.output}: the output must be a .csv file")
+    continue_job = getattr(args, "continue_job", False)
     if settings.jobs_url:
         from crawler.runs.distributed import start_job
+
+        if continue_job:
+            raise UsageError("--continue is for local jobs: a --jobs-url job of the same output continues whatever"
+                             " its input; run without --continue")
 
         with reports as report:  # the job-level figures from PostgreSQL
             outcome = asyncio.run(start_job(job, settings, api_key=key, url=settings.jobs_url,
@@ -59,7 +64,7 @@ def cmd_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
             report.done(outcome.exit_code, [outcome.summary])
     else:
         crawl = Crawl(job, settings, api_key=key, restart=args.restart, retry_failed=args.retry_failed,
-                      continue_job=args.continue_job, overwrite=args.overwrite, quiet=args.quiet, earlier=lookup)
+                      continue_job=continue_job, overwrite=args.overwrite, quiet=args.quiet, earlier=lookup)
         with reports as report:
             outcome = asyncio.run(run_job(crawl))
             report.done(outcome.exit_code, [outcome.summary])
