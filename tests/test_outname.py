@@ -30,14 +30,15 @@ def write_list(path: Path, w: World, who: list[int]) -> None:
     path.write_text("".join(w.handle(i) + "\n" for i in who), encoding="utf-8")
 
 
-def ids(path: Path) -> list[str]:
-    """The user_id column of a profiles CSV."""
-    return sorted(r["user_id"] for r in read_csv(path))
+def ids(path: Path) -> list[tuple[str, str, str]]:
+    """(user_id, handle, followers) of every row of a profiles CSV."""
+    return sorted((r["user_id"], r["handle"], r["followers"]) for r in read_csv(path))
 
 
-def world_ids(w: World, who: list[int]) -> list[str]:
+def world_ids(w: World, who: list[int]) -> list[tuple[str, str, str]]:
     """What a profiles CSV of these users holds, by the simulator's world."""
-    return sorted(w.user_id(i) for i in who)
+    found = [(w.user_id(i), w.handle(i), w.user(i)) for i in who]
+    return sorted((uid, handle, str(u.followers)) for uid, handle, u in found if u is not None)
 
 
 async def run(sim: Simulator, tmp: Path, *args: str, stdin: bytes | None = None) -> tuple[int, str, int]:
