@@ -286,16 +286,15 @@ def _another_input(state: StateStore, out: Path, name: str | None, *, edited: bo
     if name is None or before is None:
         return None  # a keyword (checked by its hash), or a job that did not record its input
     renamed = before != name and not (before != "-" and _same_file(name, Path(before)))
-    if not (renamed or (edited and _unnamed(name))) or continue_job:
-        return (_shown(before), _shown(name)) if renamed else None
-    shared, total = state.incoming_shared()
-    if 2 * shared < total:
-        old, new = _shown(before), _shown(name)
-        whose = f"the job of {old}" if renamed else f"the job of another input from {old}"
-        raise UsageError(f"{out} holds {whose}, and {new} shares {shared:,} of its {total:,} items with it: add"
-                         " --restart to start that output over, or --continue to add these items to the job"
-                         " (its rows stay); or write to another output with -o")
-    return (_shown(before), _shown(name)) if renamed else None
+    old, new = _shown(before), _shown(name)
+    if (renamed or (edited and _unnamed(name))) and not continue_job:
+        shared, total = state.incoming_shared()
+        if 2 * shared < total:
+            whose = f"the job of {old}" if renamed else f"the job of another input from {old}"
+            raise UsageError(f"{out} holds {whose}, and {new} shares {shared:,} of its {total:,} items with it: add"
+                             " --restart to start that output over, or --continue to add these items to the job"
+                             " (its rows stay); or write to another output with -o")
+    return (old, new) if renamed else None
 
 
 def finished(state: StateStore, out: Path) -> bool:
