@@ -15,7 +15,8 @@ from crawler.cli.get import fetch_regions
 from crawler.config import Settings, api_key
 from crawler.engine.outcome import Outcome
 from crawler.errors import BudgetExhausted, Interrupted, UsageError
-from crawler.jobs.prepare import JobOptions, failures_path, finished, state_path
+from crawler.jobs.commands import COMMANDS
+from crawler.jobs.prepare import JobOptions, default_output, failures_path, finished, state_path
 from crawler.runs.local import Crawl, run_job
 from crawler.sinks.csv_sink import part_path
 from crawler.sinks.datafile import datafile_path
@@ -37,7 +38,7 @@ def cmd_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
     job = JobOptions(
         command=name,
         input=args.input,
-        output=args.output or f"{name}.csv",
+        output=args.output or default_output(name, args.input, COMMANDS[name].input_kind),
         column=getattr(args, "column", None),
         by_id=getattr(args, "by_id", False),
         with_replies=getattr(args, "with_replies", False),
@@ -48,8 +49,13 @@ def cmd_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
     )
     if not job.output.endswith(".csv"):
         raise UsageError(f"--output {job.output}: the output must be a .csv file")
+    continue_job = getattr(args, "continue_job", False)
     if settings.jobs_url:
         from crawler.runs.distributed import start_job
+
+        if continue_job:
+            raise UsageError("--continue is for local jobs: a --jobs-url job of the same output continues whatever"
+                             " its input; run without --continue")
 
         with reports as report:  # the job-level figures from PostgreSQL
             outcome = asyncio.run(start_job(job, settings, api_key=key, url=settings.jobs_url,
@@ -58,7 +64,7 @@ def cmd_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
             report.done(outcome.exit_code, [outcome.summary])
     else:
         crawl = Crawl(job, settings, api_key=key, restart=args.restart, retry_failed=args.retry_failed,
-                      overwrite=args.overwrite, quiet=args.quiet, earlier=lookup)
+                      continue_job=continue_job, overwrite=args.overwrite, quiet=args.quiet, earlier=lookup)
         with reports as report:
             outcome = asyncio.run(run_job(crawl))
             report.done(outcome.exit_code, [outcome.summary])

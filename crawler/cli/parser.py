@@ -89,8 +89,15 @@ def _job_parser(sub: Any, name: str, help_text: str, input_help: str) -> argpars
     p: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text)
     p.add_argument("input", metavar="INPUT" if COMMANDS[name].input_kind != "keyword" else "KEYWORD",
                    help=input_help)
-    p.add_argument("-o", "--output", help=f"output CSV (default: {name}.csv)")
-    p.add_argument("--restart", action="store_true", help="forget this job's progress and start over")
+    default = (f"KEYWORD.{name}.csv" if COMMANDS[name].input_kind == "keyword"
+               else f"LIST.{name}.csv for LIST.txt, stdin.{name}.DAY.csv for stdin")
+    p.add_argument("-o", "--output", help=f"output CSV (default, in the current directory: {default})")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--restart", action="store_true", help="forget this job's progress and start over")
+    if COMMANDS[name].input_kind != "keyword":
+        start.add_argument("--continue", dest="continue_job", action="store_true",
+                           help="add another input file's items to the job of this output, even if it shares fewer"
+                           " than half of them with the job")
     p.add_argument("--retry-failed", nargs="?", const=True, default=False, type=_retry_choice, metavar="all",
                    help="try again the items that failed for a reason that can change (retries_exhausted, budget,"
                    " unexpected_shape); --retry-failed=all also not_found and private")

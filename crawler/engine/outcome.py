@@ -40,6 +40,7 @@ class RunFacts:
     max_pages: int | None
     input_change: tuple[int, int] | None = None
     capped: int = 0
+    renamed: tuple[str, str] | None = None  # (the job's input file, this run's): another input file was given
 
 
 def outcome(job: JobOptions, state: StateStore, client: Client | None, facts: RunFacts, *, status: str, rows: int,
@@ -85,7 +86,12 @@ def outcome(job: JobOptions, state: StateStore, client: Client | None, facts: Ru
 def _notes(facts: RunFacts, client: Client | None) -> Iterator[str]:
     if client is not None and client.unexpected.note():
         yield client.unexpected.note()
-    if facts.input_change is not None:
+    if facts.renamed is not None:
+        change = facts.input_change
+        counts = (f" ({change[0]:,} new items added, {change[1]:,} done items no longer in it)"
+                  if change is not None else "")
+        yield f"another input file than the job's: {facts.renamed[0]} → {facts.renamed[1]}; its rows stay{counts}"
+    elif facts.input_change is not None:
         added, gone = facts.input_change
         yield (f"the input was edited: {added:,} new items added, {gone:,} done items no longer in it"
                " (their rows stay)")

@@ -10,8 +10,10 @@ import contextlib
 import enum
 import logging
 import os
+import re
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -93,6 +95,39 @@ class Prepared(enum.Enum):
 
 
 # --- the files beside the output ---
+
+def default_output(command: str, source: str, input_kind: str, *, today: date | None = None) -> str:
+    """The output without -o, in the current directory: `LIST.COMMAND.csv` for the input file LIST.txt,
+    `KEYWORD.COMMAND.csv` for a search, `stdin.COMMAND.DAY.csv` for stdin or a pipe (DAY in UTC: the same
+    pipe that day resumes its job)."""
+    if input_kind == "keyword":
+        stem = re.sub(r"[^\w.-]+", "-", source.strip()).strip("-.")[:64] or "keyword"
+    elif _unnamed(source):
+        return f"stdin.{command}.{(today or datetime.now(UTC).date()).isoformat()}.csv"
+    else:
+        stem = Path(source).stem or "input"
+    return f"{stem}.{command}.csv"
+
+
+def input_name(job: JobOptions, spec: CommandSpec) -> str | None:
+    """What the job remembers of its input: "-" for stdin, a file's absolute path, None for a keyword."""
+    if spec.input_kind == "keyword":
+        return None
+    return "-" if job.input == "-" else os.path.abspath(job.input)
+
+
+def _unnamed(source: str) -> bool:
+    """stdin, or a pipe (`<(...)`): an input whose name says nothing about its items."""
+    return source == "-" or (os.path.exists(source) and not os.path.isfile(source) and not os.path.isdir(source))
+
+
+def _shown(name: str) -> str:
+    """An input name as the user would type it here."""
+    if name == "-":
+        return "stdin"
+    relative = os.path.relpath(name)
+    return name if relative.startswith("..") else relative
+
 
 def state_path(out: Path) -> Path:
     """The job's state file, next to the output."""
@@ -179,6 +214,7 @@ class Preparation:
     state: Prepared
     input_change: tuple[int, int] | None = None  # (items added, done items gone)
     nothing_to_retry: bool = False  # --retry-failed on a complete job whose failures are none it retries
+    renamed: tuple[str, str] | None = None  # (the job's input, this one) when another input file was given
 
 
 async def prepare(
@@ -189,9 +225,15 @@ async def prepare(
     restart: bool,
     retry_failed: bool | str,
     pause: Callable[[], Awaitable[None]],
+    continue_job: bool = False,
 ) -> Preparation:
-    """Create, resume or restart the job in the state store; `pause` lets signals in between input batches."""
+    """Create, resume or restart the job in the state store; `pause` lets signals in between input batches.
+
+    Another input than the job's (a renamed file, or stdin with other items) that shares fewer than half its
+    items with the job is refused unless `continue_job` (or `restart`).
+    """
     out = Path(job.output)
+    name = input_name(job, spec)
     options = {k: v for k, v in asdict(job).items() if k not in ("input", "output")}
     existing = state.job()
     if existing is None and retry_failed and not restart:
@@ -213,25 +255,47 @@ async def prepare(
         if existing.input_sha != digest() and spec.input_kind == "keyword":
             raise UsageError(f"{out} holds the results of another keyword: add --restart to start over,"
                              " or write to another output")
+        renamed = _another_input(state, out, name, edited=existing.input_sha != digest(), continue_job=continue_job)
+        state.set_input_name(name)
         change = None
         if existing.input_sha != digest():
             change = state.merge_incoming(digest())
             log.info("the input changed: %d items added, %d done items no longer in it", *change)
             testing.reached("merged")
         retried = state.retry_failed(RETRIABLE_ALL if retry_failed == "all" else RETRIABLE) if retry_failed else 0
-        log.info("retrying %d failed items", retried)
+        if retry_failed:
+            log.info("retrying %d failed items", retried)
         if not retried and change is None and finished(state, out):
-            return Preparation(Prepared.COMPLETE, nothing_to_retry=bool(retry_failed))
+            return Preparation(Prepared.COMPLETE, nothing_to_retry=bool(retry_failed), renamed=renamed)
         state.set_status("running")
-        return Preparation(Prepared.RESUME, change)
+        return Preparation(Prepared.RESUME, change, renamed=renamed)
     # A fresh job (or --restart): forget everything, ingest the input in one pass.
     part_path(out).unlink(missing_ok=True)
-    state.create_job(job.command, "", options, str(out))
+    state.create_job(job.command, "", options, str(out), name)
     items, digest = input_items(job, spec)
     await _ingest(items, state.add_items, pause)
     state.set_input_sha(digest())
     state.set_status("running")
     return Preparation(Prepared.NEW)
+
+
+def _another_input(state: StateStore, out: Path, name: str | None, *, edited: bool,
+                   continue_job: bool) -> tuple[str, str] | None:
+    """(the job's input, this one) when this run reads another input file than the job's; exit 2 (UsageError) when
+    it, or stdin with other items, shares fewer than half its items with the job, unless `continue_job`."""
+    before = state.input_name()
+    if name is None or before is None:
+        return None  # a keyword (checked by its hash), or a job that did not record its input
+    renamed = before != name and not (before != "-" and _same_file(name, Path(before)))
+    old, new = _shown(before), _shown(name)
+    if (renamed or (edited and _unnamed(name))) and not continue_job:
+        shared, total = state.incoming_shared()
+        if 2 * shared < total:
+            whose = f"the job of {old}" if renamed else f"the job of another input from {old}"
+            raise UsageError(f"{out} holds {whose}, and {new} shares {shared:,} of its {total:,} items with it: add"
+                             " --restart to start that output over, or --continue to add these items to the job"
+                             " (its rows stay); or write to another output with -o")
+    return (old, new) if renamed else None
 
 
 def finished(state: StateStore, out: Path) -> bool:

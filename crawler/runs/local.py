@@ -68,6 +68,7 @@ class Crawl(ItemWalker):
         api_key: Secret | str | None = None,
         restart: bool = False,
         retry_failed: bool | str = False,
+        continue_job: bool = False,
         overwrite: bool = False,
         quiet: bool = True,
         durable: bool = True,
@@ -85,8 +86,10 @@ class Crawl(ItemWalker):
         self._api_key = api_key
         self._restart = restart
         self._retry_failed = retry_failed
+        self._continue = continue_job  # another input file sharing under half the job's items goes on (--continue)
         self.overwrite = overwrite
         self.input_change: tuple[int, int] | None = None  # (items added, done items gone) of an edited input
+        self.input_renamed: tuple[str, str] | None = None  # (the job's input, this one): another input file
         self.capped = 0  # walks this run ended at the --max-pages cap
         self._base_counters = (0, 0)  # the job's requests_sent and credits_billed when this run began
         self._earlier = earlier  # requests this command sent for the job before its client (the region lookup)
@@ -138,12 +141,13 @@ class Crawl(ItemWalker):
         try:
             try:
                 prepared = await prepare(self.state, self.job, self.spec, restart=self._restart,
-                                         retry_failed=self._retry_failed, pause=self._yield_to_signals)
+                                         retry_failed=self._retry_failed, pause=self._yield_to_signals,
+                                         continue_job=self._continue)
             except RunStopped as exc:
                 if exc is not self._stop_error or self.state.job() is None:
                     raise
                 return self._outcome(started, "stopped", 0)  # a signal while the input was being read
-            self.input_change = prepared.input_change
+            self.input_change, self.input_renamed = prepared.input_change, prepared.renamed
             if prepared.state is Prepared.COMPLETE:
                 await self._write_datafile(if_missing=True)
                 why = "no failure it retries" if prepared.nothing_to_retry else "nothing to do"
@@ -263,7 +267,7 @@ class Crawl(ItemWalker):
 
     def _outcome(self, started: float, status: str, rows: int, reason: str = "") -> Outcome:
         facts = RunFacts(started, self._tally.workers, self.job.max_pages or self.settings.max_pages,
-                         self.input_change, self.capped)
+                         self.input_change, self.capped, self.input_renamed)
         return outcome(self.job, self.state, getattr(self, "client", None), facts, status=status, rows=rows,
                        error=self._stop_error, reason=reason)
 

@@ -108,6 +108,10 @@ class StateStore(MediaState):
             # Requests reserved before they are sent (--max-credits across kills): a lease unused at a kill
             # counts as spent, so `job()` reports the larger of the two as requests_sent.
             self._db.execute("ALTER TABLE job ADD COLUMN reserved INTEGER NOT NULL DEFAULT 0")
+        if "input_name" not in columns:
+            # The input the job was last run on: "-" for stdin, else the file's absolute path (NULL: a keyword, or
+            # a job of an older release), so another input file given for the same output is noticed.
+            self._db.execute("ALTER TABLE job ADD COLUMN input_name TEXT")
 
     def close(self) -> None:
         """Close the database (idempotent)."""
@@ -126,7 +130,8 @@ class StateStore(MediaState):
             return None
         return JobRecord(row[0], row[1], json.loads(row[2]), *row[3:])
 
-    def create_job(self, command: str, input_sha: str, options: dict[str, Any], output: str) -> None:
+    def create_job(self, command: str, input_sha: str, options: dict[str, Any], output: str,
+                   input_name: str | None = None) -> None:
         """Start a fresh job (any previous state is wiped)."""
         now = time.time()
         with self._tx():
@@ -136,9 +141,9 @@ class StateStore(MediaState):
             self._db.execute("DELETE FROM seen")
             self._db.execute("DELETE FROM reply_walks")
             self._db.execute(
-                "INSERT INTO job (id, command, input_sha, options, output, status, created, updated)"
-                " VALUES (1, ?, ?, ?, ?, 'ingesting', ?, ?)",
-                (command, input_sha, json.dumps(options, sort_keys=True), output, now, now),
+                "INSERT INTO job (id, command, input_sha, options, output, status, created, updated, input_name)"
+                " VALUES (1, ?, ?, ?, ?, 'ingesting', ?, ?, ?)",
+                (command, input_sha, json.dumps(options, sort_keys=True), output, now, now, input_name),
             )
 
     def complete(self) -> bool:
@@ -152,6 +157,15 @@ class StateStore(MediaState):
     def set_input_sha(self, input_sha: str) -> None:
         """Record the input's hash once it has been read whole."""
         self._db.execute("UPDATE job SET input_sha = ?, updated = ? WHERE id = 1", (input_sha, time.time()))
+
+    def input_name(self) -> str | None:
+        """The input the job was last run on ("-" for stdin, a file's absolute path; None if not known)."""
+        row = self._db.execute("SELECT input_name FROM job WHERE id = 1").fetchone()
+        return None if row is None else row[0]
+
+    def set_input_name(self, name: str | None) -> None:
+        """Record the input this run reads."""
+        self._db.execute("UPDATE job SET input_name = ? WHERE id = 1", (name,))
 
     def set_status(self, status: str) -> None:
         """Mark the job ingesting / running / done."""
@@ -224,6 +238,14 @@ class StateStore(MediaState):
         """Append (key, raw, reason, detail) entries of the input being read."""
         with self._tx():
             self._db.executemany("INSERT INTO temp.incoming (key, raw, reason, detail) VALUES (?, ?, ?, ?)", items)
+
+    def incoming_shared(self) -> tuple[int, int]:
+        """(valid items of the input read into `incoming` that the job already has, valid items in it)."""
+        self._db.execute("CREATE INDEX IF NOT EXISTS temp.incoming_key ON incoming(key)")
+        total, shared = self._db.execute(
+            "SELECT COUNT(DISTINCT key), COUNT(DISTINCT CASE WHEN key IN (SELECT key FROM items) THEN key END)"
+            " FROM temp.incoming WHERE reason IS NULL").fetchone()
+        return int(shared), int(total)
 
     def merge_incoming(self, input_sha: str) -> tuple[int, int]:
         """Make the job's items those of the input read into `incoming`, whose hash is `input_sha`, and mark the
