@@ -222,6 +222,7 @@ def _tool_commands(sub: Any) -> None:
     e.add_argument("--by-id", action="store_true")
     e.add_argument("--with-replies", action="store_true")
     e.add_argument("--posts", action="store_true", help="ingest: with its posts walks")
+    e.add_argument("--history-url", dest="history.url", metavar="URL", help="ingest: the history store it reads")
     e.add_argument("--what", choices=WHATS, help="download: the kind of file (default: hd)")
     _settings_flags(e)
     e.set_defaults(func=cmd_estimate)
