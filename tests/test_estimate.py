@@ -98,8 +98,8 @@ async def test_profiles_posts_and_followers_estimates_are_within_ten_percent_and
 @pytest.mark.slow
 async def test_replies_from_a_comments_csv_are_estimated_by_reply_total(simulator: SimFactory,
                                                                         tmp_path: Path) -> None:
-    """`estimate replies comments.csv` prices each comment's walk by its reply_total, within 10% of the replies
-    job; `estimate comments --with-replies` on bare ids says the replies are unknown and gives a range."""
+    """`estimate replies comments.csv` and `estimate comments comments.csv --with-replies` price each comment's walk
+    by its reply_total, within 10% of what the jobs bill; on bare ids the replies are stated unknown, as a range."""
     async with simulator(world=WORLD) as sim:
         w = sim.world
         user = public_users(w, 1, min_videos=8, max_videos=40)[0]
@@ -119,6 +119,13 @@ async def test_replies_from_a_comments_csv_are_estimated_by_reply_total(simulato
                                          *common], tmp_path)
         assert near(predicted(out), spent), (out, spent)
         assert "at least" not in out
+        # The comments job with its replies, priced from the same comments CSV (its video_id column).
+        out = await estimated(sim, ["comments", "comments.csv", "--column", "video_id", "--with-replies",
+                                    "--data-dir", "d", "--page-size", "10"], tmp_path)
+        spent = await run_and_bill(sim, ["comments", "in.txt", "--with-replies", "-o", "threads.csv", "-q",
+                                         "--page-size", "10", *common], tmp_path)
+        assert near(predicted(out), spent), (out, spent)
+        assert "reply pages (reply_total)" in out and "unknown" not in out, out
 
 
 @pytest.mark.slow
