@@ -109,7 +109,11 @@ async def test_replies_from_a_comments_csv_are_estimated_by_reply_total(simulato
         out = await estimated(sim, ["comments", "in.txt", "--with-replies", "--data-dir", "d"], tmp_path)
         assert "replies (--with-replies)     unknown: 0 to about" in out, out
         assert re.search(r"^time: at least .* to .* at 200 per 60 s$", out, re.M) or " to " in minutes(out), out
-        await run_and_bill(sim, ["comments", "in.txt", "-o", "comments.csv", "-q", *common], tmp_path)
+        # A posts CSV tells each post's comment_count: the comments job is priced exactly from it.
+        await run_and_bill(sim, ["post-details", "in.txt", "-o", "posts.csv", "-q", *common], tmp_path)
+        out = await estimated(sim, ["comments", "posts.csv", "--column", "video_id", "--data-dir", "d"], tmp_path)
+        spent = await run_and_bill(sim, ["comments", "in.txt", "-o", "comments.csv", "-q", *common], tmp_path)
+        assert near(predicted(out), spent) and "at least" not in out, (out, spent)
         with (tmp_path / "comments.csv").open(encoding="utf-8", newline="") as fh:
             replies = sum(int(r["reply_total"] or 0) for r in csv.DictReader(fh))
         assert replies > 100  # enough replies that pages, not comments, make the cost

@@ -60,11 +60,12 @@ class Estimate:
     max_pages: int | None = None
     max_items: int | None = None
     replies_upto: int | None = None  # --with-replies without reply counts: reply walks cost 0 .. this many more
+    reply_pages: int = 0  # --with-replies given a comments CSV: the reply walks' pages by each reply_total
 
     @property
     def credits(self) -> int:
         """Expected credits (a lower bound when items_unknown > 0)."""
-        return self.lookups + self.pages_known + self.items_unknown + self.single_calls
+        return self.lookups + self.pages_known + self.items_unknown + self.single_calls + self.reply_pages
 
     def render(self, rate: RateOptions | None = None) -> str:
         """What to print, with the time at the key's pace when `rate` is given."""
@@ -83,6 +84,8 @@ class Estimate:
             lines.append(f"  /userid/ lookups             {self.lookups:,}  ({self.known_ids:,} ids already known)")
         if self.items_known:
             lines.append(f"  pages, counts known          {self.pages_known:,}  (for {self.items_known:,} items)")
+        if self.reply_pages:
+            lines.append(f"  reply pages (reply_total)    {self.reply_pages:,}  (from the comments CSV)")
         if self.items_unknown:
             lines.append(f"  pages, counts unknown        >= {self.items_unknown:,}  (one page at least per item)")
         bound = "at least " if self.items_unknown else ""
@@ -135,6 +138,10 @@ def estimate(command: str, input_path: str, limits: JobLimits, data: DataOptions
     # each post's comment_count (comments).
     told = _csv_counts(input_path, "reply_total") if kind == "replies" else \
         _csv_counts(input_path, "comment_count") if kind == "comments" else {}
+    threads = _threads(input_path, walk_size("replies", limits, PageSizes(data.directory)), limits) \
+        if kind == "comments" and with_replies else {}
+    told.update((video, n) for video, (n, _) in threads.items())
+    reply_pages = untold = 0
     with tempfile.TemporaryDirectory() as tmp:
         seen = StateStore(Path(tmp) / "dedupe.db")
         try:
@@ -156,6 +163,8 @@ def estimate(command: str, input_path: str, limits: JobLimits, data: DataOptions
                         single += 1
                         continue
                     lookup, pages = item_calls(spec, key, users, size, limits, told)
+                    reply_pages += threads[key][1] if key in threads else 0
+                    untold += key not in threads
                     lookups += lookup
                     known_ids += spec.input_kind == "users" and not lookup
                     if pages is None:
@@ -167,10 +176,33 @@ def estimate(command: str, input_path: str, limits: JobLimits, data: DataOptions
             seen.close()
             users.close()
     # Replies without their counts: each comment with any costs a page; a comments page holds up to `size`.
-    upto = (pages_known + unknown) * size if kind == "comments" and with_replies else None
+    upto = (pages_known + unknown) * size if kind == "comments" and with_replies and untold else None
     return Estimate(command, items, invalid, lookups, known_ids, pages_known, items_known, unknown, single,
                     list_kind=kind, page_size=size, max_pages=limits.max_pages, max_items=limits.max_items,
-                    replies_upto=upto)
+                    replies_upto=upto, reply_pages=reply_pages)
+
+
+def _threads(path: str, size: int, limits: JobLimits) -> dict[str, tuple[int, int]]:
+    """video_id -> (its comments, the pages of their reply walks) from a comments CSV input (comment_id and
+    reply_total columns; replies' rows skipped); empty for any other input."""
+    if path == "-":
+        return {}
+    out: dict[str, tuple[int, int]] = {}
+    try:
+        with open_input(path) as raw:
+            reader = csv.DictReader(decode_input(raw))
+            if not {"video_id", "comment_id", "reply_total"} <= set(reader.fieldnames or []):
+                return {}
+            for row in reader:
+                if row.get("parent_comment_id"):
+                    continue
+                video, total = (row.get("video_id") or "").strip(), (row.get("reply_total") or "").strip()
+                n, pages = out.get(video, (0, 0))
+                walk = _walk_pages(int(total), size, limits.max_pages, None) if total.isdigit() and total != "0" else 0
+                out[video] = (n + 1, pages + walk)
+    except (OSError, UnicodeError, csv.Error):
+        return {}
+    return out
 
 
 def item_calls(spec: CommandSpec, key: str, users: UserDirectory, size: int, limits: JobLimits,
