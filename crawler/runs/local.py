@@ -264,6 +264,8 @@ class Crawl(ItemWalker):
     def _requests_left(self) -> int:
         """What the pending items still need (`jobs.estimate.requests_left`): the progress line's ETA counts down
         from it."""
+        if self.spec.list_kind is None:  # one request an item: no need to read them
+            return self.state.progress().pending
         limits = self.settings.job_limits()
         size = walk_size(self.spec.list_kind, limits, self.page_sizes)
 
