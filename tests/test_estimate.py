@@ -15,10 +15,14 @@ from pathlib import Path
 import pytest
 
 from crawler.engine.stats import ProgressReporter, Snapshot
+from crawler.jobs.commands import COMMANDS
+from crawler.jobs.estimate import requests_left
+from crawler.options import JobLimits
 from crawler.runs.ingest import TEST_NOW_ENV
 from crawler.sim.data import WorldConfig
 from crawler.sim.media import MediaConfig
 from crawler.sim.server import Simulator
+from crawler.stores.users import UserDirectory
 from tests.conftest import SimFactory
 from tests.test_cli import FAST_TOML, crawler, environ, public_users
 
@@ -204,3 +208,19 @@ def test_the_eta_counts_requests_so_it_does_not_grow_while_items_stand_still() -
         etas.append(h * 3600 + mi * 60 + s)
     assert all(b <= a for a, b in itertools.pairwise(etas)), etas
     assert etas[-1] < 10  # 23 requests left at 3 a second
+
+
+def test_a_runs_requests_left_are_its_pending_walks_pages_left(tmp_path: Path) -> None:
+    """The local crawl's ETA counts from `requests_left`: each pending walk's pages from the known counts less the
+    pages it already walked, one at least for a walk of unknown length, a /userid/ lookup for an unknown handle."""
+    users = UserDirectory(tmp_path / "users.db")
+    try:
+        users.learn("big", "1", videos=0, followers=1000, following=0, private=False)
+        users.learn("small", "2", videos=0, followers=10, following=0, private=False)
+        limits = JobLimits(max_pages=None, page_size=None, max_items=None, max_credits=None)
+        pending = [("big", 2), ("small", 0), ("stranger", 0)]
+        # big: 5 pages of 200, 2 walked; small: 1 page; stranger: a lookup and a page at least
+        assert requests_left(COMMANDS["followers"], pending, users, 200, limits) == 3 + 1 + 2
+        assert requests_left(COMMANDS["profiles"], pending, users, 0, limits) == 3
+    finally:
+        users.close()
