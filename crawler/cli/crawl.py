@@ -1,4 +1,4 @@
-"""The job commands (profiles, posts, ... a crawl into one CSV), a job's status and its estimate."""
+"""The job commands (profiles, posts, ... a crawl into one CSV) and a job's status."""
 
 from __future__ import annotations
 
@@ -180,14 +180,4 @@ def cmd_status(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if fails:
         print("failures        " + ", ".join(f"{k}: {v:,}" for k, v in sorted(fails.items()))
               + f" (see {failures_path(out)})")
-    return 0
-
-
-def cmd_estimate(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """Print the expected credits of a job."""
-    from crawler.jobs.estimate import estimate
-
-    settings = settings_from(args)
-    print(estimate(args.job, args.input, settings.job_limits(), settings.data_options(), column=args.column,
-                   by_id=args.by_id, with_replies=args.with_replies).render())
     return 0

@@ -7,15 +7,17 @@ from typing import Any
 
 from crawler import __version__
 from crawler.cli.budget import cmd_budget
-from crawler.cli.crawl import cmd_estimate, cmd_job, cmd_status
+from crawler.cli.crawl import cmd_job, cmd_status
 from crawler.cli.distributed import cmd_export, cmd_jobs, cmd_work
 from crawler.cli.doctor import DEFAULT_HANDLE, cmd_doctor
 from crawler.cli.download import cmd_download
+from crawler.cli.estimate import RUNS, cmd_estimate
 from crawler.cli.get import cmd_get, cmd_regions
 from crawler.cli.history import cmd_history
 from crawler.cli.ingest import cmd_ingest
 from crawler.errors import UsageError
 from crawler.jobs.commands import COMMANDS
+from crawler.jobs.media import WHATS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -237,12 +239,16 @@ def _history_command(sub: Any) -> None:
 
 def _tool_commands(sub: Any) -> None:
     """`estimate`, `status`, `budget`, `get` and `regions`: what a user looks at around the jobs."""
-    e = sub.add_parser("estimate", help="expected credits of a job, before running it")
-    e.add_argument("job", metavar="COMMAND", choices=sorted(COMMANDS))
+    e = sub.add_parser("estimate", help="expected credits of a job (any job command, ingest or download) and its"
+                       " time at the key's rate, before running it (sends no request)")
+    e.add_argument("job", metavar="COMMAND", choices=sorted(COMMANDS) + list(RUNS))
     e.add_argument("input", metavar="INPUT")
     e.add_argument("--column")
     e.add_argument("--by-id", action="store_true")
     e.add_argument("--with-replies", action="store_true")
+    e.add_argument("--posts", action="store_true", help="ingest: with its posts walks")
+    e.add_argument("--history-url", dest="history.url", metavar="URL", help="ingest: the history store it reads")
+    e.add_argument("--what", choices=WHATS, help="download: the kind of file (default: hd)")
     _settings_flags(e, omit=ESTIMATE_OMITS)
     e.set_defaults(func=cmd_estimate)
 
@@ -287,7 +293,6 @@ def _tool_commands(sub: Any) -> None:
 
 def _download_command(sub: Any) -> None:
     """`download`: media files of posts."""
-    from crawler.runs.download import WHATS
 
     d = sub.add_parser("download", help="media files of posts into a directory, resumably (no credits from a CSV)",
                        description="Files DIR/<video_id>.<ext> (photo posts: DIR/<video_id>/<n>.jpg) from a posts or"

@@ -93,6 +93,7 @@ class Snapshot:
     failed: int = 0  # items failed so far (part of `done`)
     note: str = ""  # a pause the run is in (an outage), shown at the end of the line
     unit: str = "rows"  # what `rows` counts (a download: files)
+    requests_left: int | None = None  # requests the run still needs (estimated); None: the ETA counts items
 
 
 class ProgressReporter:
@@ -111,6 +112,7 @@ class ProgressReporter:
         stream: TextIO | None = None,
         quiet: bool = False,
         interval: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.label = label
         self._snapshot = snapshot
@@ -118,7 +120,8 @@ class ProgressReporter:
         self._tty = self._stream.isatty()
         self._quiet = quiet
         self._interval = interval or testing.PROGRESS_INTERVAL or (0.5 if self._tty else 30.0)
-        self._start = time.monotonic()
+        self._clock = clock
+        self._start = clock()
         self._first: Snapshot | None = None
         self._drawn = False  # a live line is on the screen (the end moves below it)
 
@@ -127,12 +130,11 @@ class ProgressReporter:
         snap = self._snapshot()
         if self._first is None:
             self._first = snap
-        elapsed = max(time.monotonic() - self._start, 1e-9)
+        elapsed = max(self._clock() - self._start, 1e-9)
         rate = (snap.requests - self._first.requests) / elapsed
-        done = snap.done - self._first.done
         eta = ""
-        if snap.total and done > 0 and snap.done < snap.total:
-            remaining = (snap.total - snap.done) * elapsed / done
+        remaining = _eta(self._first, snap, elapsed)
+        if remaining is not None:
             eta = f" · ETA {_clock(remaining)}"
         total = f"/{snap.total:,}" if snap.total else ""
         failed = f" ({snap.failed:,} failed)" if snap.failed else ""
@@ -222,6 +224,20 @@ def silence(stream: TextIO) -> None:
             os.dup2(null, fd)
         finally:
             os.close(null)
+
+
+def _eta(first: Snapshot, snap: Snapshot, elapsed: float) -> float | None:
+    """Seconds left: the requests left at the pace of the requests sent since `first` (a walk of many pages moves
+    its requests while its items stand still), floored at one request per pending item; by items where the run
+    gives no request estimate. None: nothing to tell yet."""
+    if not snap.total or snap.done >= snap.total:
+        return None
+    if snap.requests_left is not None:
+        sent = snap.requests - first.requests
+        left = max(snap.requests_left, snap.total - snap.done)
+        return left * elapsed / sent if sent > 0 else None
+    done = snap.done - first.done
+    return (snap.total - snap.done) * elapsed / done if done > 0 else None
 
 
 def _clock(seconds: float) -> str:

@@ -191,6 +191,18 @@ class HistoryStore(HistoryQueries):
                         day.isoformat())
         return {str(u): bool(p) for u, p in rows}
 
+    def last_videos(self, user_ids: Sequence[str]) -> dict[str, tuple[int | None, int | None, bool]]:
+        """Each user's video counts in their last two snapshots (newest first; None: no such snapshot) and
+        whether the last says private (what `estimate ingest` prices the posts walks from)."""
+        rows = self._in("SELECT user_id, day, videos, private FROM snapshots WHERE user_id IN ({})"
+                        " ORDER BY user_id, day DESC", user_ids)
+        seen: dict[str, list[tuple[int | None, bool]]] = {}
+        for uid, _day, videos, private in rows:
+            got = seen.setdefault(str(uid), [])
+            if len(got) < 2:
+                got.append((None if videos is None else int(videos), bool(private)))
+        return {u: (v[0][0], v[1][0] if len(v) > 1 else None, v[0][1]) for u, v in seen.items()}
+
     def handle_of(self, user_id: str, *, until: dt.date | None = None) -> str | None:
         """The user's handle as last stored (``until``: None when that handle is of a later day than this one)."""
         rows = self._rows("SELECT handle, last_day FROM users WHERE user_id = ?", (user_id,))

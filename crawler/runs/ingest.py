@@ -278,7 +278,8 @@ class Ingest:
     async def _work_all(self, watch: StateStore) -> None:
         """Today's work on the engine (the watch list, `_handle`, the writer, the progress line), the claims kept
         alive meanwhile."""
-        reporter = ProgressReporter("ingest", lambda: self.tally.snapshot(self.client, self.watch_users),
+        reporter = ProgressReporter("ingest", lambda: self.tally.snapshot(self.client, self.watch_users,
+                                                                            per_user=1 + self.with_posts),
                                     quiet=self.quiet)
         parallelism = self.settings.parallelism
         engine = Engine(source=WatchList(self.plan, watch), handler=self._handle, stop=self.stop,

@@ -41,12 +41,14 @@ class Tally:
     days: set[dt.date] = field(default_factory=set)  # the days the run committed to
     queued_users: set[str] = field(default_factory=set)  # user ids queued this run
 
-    def snapshot(self, client: Client, total: int) -> Snapshot:
-        """The progress line's numbers."""
+    def snapshot(self, client: Client, total: int, *, per_user: int = 1) -> Snapshot:
+        """The progress line's numbers; its ETA counts `per_user` requests for each user left (a profile, and
+        with --posts a page at least), so a long walk does not push it out."""
         c = client.counters
-        return Snapshot(done=self.skipped + self.done, total=total, rows=self.rows[PROFILES] + self.rows[POSTS],
+        done = self.skipped + self.done
+        return Snapshot(done=done, total=total, rows=self.rows[PROFILES] + self.rows[POSTS],
                         requests=c.requests_sent, credits=c.credits_billed, failed=self.failed,
-                        note=client.outage.status())
+                        note=client.outage.status(), requests_left=max(0, total - done) * per_user)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
 from pathlib import Path
 
@@ -35,6 +35,7 @@ from crawler.errors import (
     disk_problems,
 )
 from crawler.jobs.commands import COMMANDS, CommandSpec
+from crawler.jobs.estimate import requests_left, walk_size
 from crawler.jobs.prepare import (
     JobOptions,
     Prepared,
@@ -92,6 +93,7 @@ class Crawl(ItemWalker):
         self.input_renamed: tuple[str, str] | None = None  # (the job's input, this one): another input file
         self.capped = 0  # walks this run ended at the --max-pages cap
         self._base_counters = (0, 0)  # the job's requests_sent and credits_billed when this run began
+        self._expected_end = 0  # the job's requests_sent expected at the end of this run (the ETA's)
         self._earlier = earlier  # requests this command sent for the job before its client (the region lookup)
         self.quiet = quiet
         self._durable = durable
@@ -164,6 +166,7 @@ class Crawl(ItemWalker):
             async with self.client:
                 await self.sink.open(job.csv_length)
                 try:
+                    self._expected_end = self._counters_now()[0] + self._requests_left()
                     await self._engine().run()
                     await self.sink.checkpoint()  # requests sent after the last page still count
                     await self._lease.settle(self.client.counters.requests_sent)
@@ -257,13 +260,33 @@ class Crawl(ItemWalker):
                 self.capped += step.counted and step.capped and step.guard is None
                 await self.writer.submit(Batch(step.rows, update, keyed=self._keyed, walks=step.walks))
 
+    def _counters_now(self) -> tuple[int, int]:
+        """The job's counters when this run began plus this run's (the committed ones lag behind the requests)."""
+        c = self.client.counters
+        sent, billed = self._base_counters
+        return sent + c.requests_sent, billed + c.credits_billed
+
+    def _requests_left(self) -> int:
+        """What the pending items still need (`jobs.estimate.requests_left`): the progress line's ETA counts down
+        from it."""
+        if self.spec.list_kind is None:  # one request an item: no need to read them
+            return self.state.progress().pending
+        limits = self.settings.job_limits()
+        size = walk_size(self.spec.list_kind, limits, self.page_sizes)
+
+        def pending() -> Iterator[tuple[str, int]]:
+            after = 0
+            while chunk := self.state.pending(after, 5000):
+                after = chunk[-1][0]
+                yield from ((key, pages) for _, key, _, _, _, pages in chunk)
+
+        return requests_left(self.spec, pending(), self.users, size, limits)
+
     def _snapshot(self) -> Snapshot:
         p = self.state.progress()
-        c = self.client.counters
-        # The job's counters when this run began plus this run's (the committed ones lag behind the requests).
-        sent, billed = self._base_counters
-        return Snapshot(p.done + p.failed, p.total, self.sink.rows_written, sent + c.requests_sent,
-                        billed + c.credits_billed, failed=p.failed, note=self.client.outage.status())
+        sent, billed = self._counters_now()
+        return Snapshot(p.done + p.failed, p.total, self.sink.rows_written, sent, billed, failed=p.failed,
+                        note=self.client.outage.status(), requests_left=max(0, self._expected_end - sent))
 
     def _outcome(self, started: float, status: str, rows: int, reason: str = "") -> Outcome:
         facts = RunFacts(started, self._tally.workers, self.job.max_pages or self.settings.max_pages,
