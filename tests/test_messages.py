@@ -1,0 +1,89 @@
+"""Messages that point the right way (issue 23, items 7 and 9): TLS errors, stale ledger limits, status of
+download jobs, history commands' output and checks, summary wording."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SimFactory
+from tests.test_cli import crawler, environ, error_line
+from tests.test_outage import WORLD, existing_handles
+
+SLOW_TOML = "[rate]\nenabled = false\n[retry]\nbase_delay = 0\nmax_delay = 0\nstall_limit = 300\n"
+
+
+@pytest.mark.slow
+async def test_https_to_a_plain_http_simulator_is_exit_1_at_once_naming_tls(simulator: SimFactory,
+                                                                            tmp_path: Path) -> None:
+    """An https:// base URL on the simulator's plain-http port: exit 1 at the first request (not after the stall
+    limit), one line naming TLS, the base URL and the http:// URL to use (loopback)."""
+    async with simulator(world=WORLD) as sim:
+        (tmp_path / "in.txt").write_text("\n".join(existing_handles(sim.world, 20)) + "\n")
+        (tmp_path / "slow.toml").write_text(SLOW_TOML)
+        https = sim.url.replace("http://", "https://")
+        began = time.monotonic()
+        code, _, err = await crawler(["profiles", "in.txt", "-o", "out.csv", "--config", "slow.toml",
+                                      "--data-dir", "d", "--base-url", https, "--parallelism", "2"],
+                                     environ(sim), tmp_path)
+        took = time.monotonic() - began
+        assert sim.stats.requests == 0  # no TLS handshake ever reached the HTTP handler
+    line = error_line(err)
+    assert code == 1, err
+    assert took < 30, took  # never the 300 s stall limit
+    assert "TLS/certificate" in line and https in line and f"--base-url {sim.url}" in line, line
+    assert not (tmp_path / "out.failures.csv").exists()
+
+
+HOLDER = """
+import asyncio, sys
+from crawler.rate.ledger import open_ledger
+from crawler.rate.rules import Rules
+
+async def main() -> None:
+    led = open_ledger("local", sys.argv[1], sys.argv[2])
+    await led.open(Rules(limit=500, window=60.0, max_per_second=40, burst=1, margin=0.3))
+    print("open", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    await led.aclose()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+async def test_only_processes_alive_now_hold_the_keys_limits(simulator: SimFactory, tmp_path: Path) -> None:
+    """A run that ended with other --rate never blocks the next one; a running process with other limits does, and
+    once it is killed (SIGKILL: no goodbye) the next run proceeds at once."""
+    import asyncio
+    import sys
+
+    from tests.conftest import KEY
+
+    async with simulator(world=WORLD) as sim:
+        (tmp_path / "in.txt").write_text("\n".join(existing_handles(sim.world, 5)) + "\n")
+        env = environ(sim)
+
+        async def run(rate: int, out: str) -> tuple[int, str]:
+            code, _, err = await crawler(["profiles", "in.txt", "-o", out, "--data-dir", "d", "--rate", str(rate),
+                                          "--window", "60"], env, tmp_path)
+            return code, err
+
+        assert (await run(1000, "a.csv"))[0] == 0
+        code, err = await run(900, "b.csv")  # at once, with other limits: the first run has ended
+        assert code == 0, err
+
+        holder = await asyncio.create_subprocess_exec(sys.executable, "-c", HOLDER, KEY, sim.url, env=env,
+                                                      stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        assert holder.stdout is not None
+        assert await asyncio.wait_for(holder.stdout.readline(), 30) == b"open\n"
+        code, err = await run(800, "c.csv")
+        line = error_line(err)
+        assert code == 2 and "rate.limit = 800" in line and "rate.limit = 500" in line, err
+        assert f"pid {holder.pid}" in line, line
+        holder.kill()
+        await asyncio.wait_for(holder.wait(), 30)
+        code, err = await run(700, "d.csv")
+        assert code == 0, err
