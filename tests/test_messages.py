@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SimFactory
+from tests.conftest import KEY, SimFactory
 from tests.test_cli import crawler, environ, error_line
 from tests.test_outage import WORLD, existing_handles
 
@@ -60,8 +60,6 @@ async def test_only_processes_alive_now_hold_the_keys_limits(simulator: SimFacto
     import asyncio
     import sys
 
-    from tests.conftest import KEY
-
     async with simulator(world=WORLD) as sim:
         (tmp_path / "in.txt").write_text("\n".join(existing_handles(sim.world, 5)) + "\n")
         env = environ(sim)
@@ -87,3 +85,37 @@ async def test_only_processes_alive_now_hold_the_keys_limits(simulator: SimFacto
         await asyncio.wait_for(holder.wait(), 30)
         code, err = await run(700, "d.csv")
         assert code == 0, err
+
+
+@pytest.mark.slow
+async def test_status_reads_a_download_job_and_an_ingest_out_dir(simulator: SimFactory, tmp_path: Path) -> None:
+    """`crawler status media/` after `crawler download ... -o media` shows the job's items and credits; on an
+    ingest out-dir it shows the day files."""
+    from tests.test_download import FAST, posts_csv
+
+    async with simulator(world=WORLD) as sim:
+        rows = await posts_csv(sim, tmp_path, 3)
+        ids = [r["video_id"] for r in rows][:3]
+        (tmp_path / "ids.txt").write_text("\n".join([*ids, "not-a-video"]) + "\n")
+        env = environ(sim)
+        billed = sim.stats.billed[KEY]
+        code, _, err = await crawler(["download", "ids.txt", "-o", "media", "--what", "cover", "--config",
+                                      "fast.toml", "-q"], env, tmp_path)
+        assert code == 3, err
+        billed = sim.stats.billed[KEY] - billed
+        code, out, err = await crawler(["status", "media"], env, tmp_path)
+        assert code == 0, err
+        assert "download --what cover -> media (complete)" in out, out
+        assert f"{len(ids)} done, 1 failed, 0 pending of {len(ids) + 1}" in out, out
+        assert f"credits_billed  {billed}" in out and "invalid_input: 1" in out, out
+
+        (tmp_path / "watch.txt").write_text("\n".join(r["source_handle"] for r in rows[:2]) + "\n")
+        (tmp_path / "fast.toml").write_text(FAST)
+        code, _, err = await crawler(["ingest", "watch.txt", "--out-dir", "out", "-q", "--config", "fast.toml",
+                                      "--history-url", str(tmp_path / "h.db")], env, tmp_path)
+        assert code == 0, err
+        code, out, err = await crawler(["status", "out"], env, tmp_path)
+        assert code == 0, err
+        assert "ingest out-dir  out" in out and "profiles files  1 days" in out, out
+        code, _, err = await crawler(["status", "watch"], env, tmp_path)  # neither: the CSV job's message
+        assert code == 2 and "was the job started with -o watch" in error_line(err), err

@@ -131,6 +131,10 @@ def cmd_status(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from crawler.stores.local import StateStore
 
     out = Path(args.output)
+    if out.is_dir():  # a download job's (its state lives in DIR) or an ingest out-dir
+        from crawler.cli.status import status_dir
+
+        return status_dir(out)
     if out.name.endswith(".csv.part"):  # the path a stopped run's summary printed
         out = out.with_name(out.name.removesuffix(".part"))
     path = state_path(out)
