@@ -100,8 +100,9 @@ async def test_status_reads_a_download_job_and_an_ingest_out_dir(simulator: SimF
         env = environ(sim)
         billed = sim.stats.billed[KEY]
         code, _, err = await crawler(["download", "ids.txt", "-o", "media", "--what", "cover", "--config",
-                                      "fast.toml", "-q"], env, tmp_path)
+                                      "fast.toml", "-q", "--metrics-file", "m.prom"], env, tmp_path)
         assert code == 3, err
+        assert 'crawler_last_run_exit_code{command="download"} 3' in (tmp_path / "m.prom").read_text()
         billed = sim.stats.billed[KEY] - billed
         code, out, err = await crawler(["status", "media"], env, tmp_path)
         assert code == 0, err
