@@ -120,3 +120,65 @@ async def test_status_reads_a_download_job_and_an_ingest_out_dir(simulator: SimF
         assert "ingest out-dir  out" in out and "profiles files  1 days" in out, out
         code, _, err = await crawler(["status", "watch"], env, tmp_path)  # neither: the CSV job's message
         assert code == 2 and "was the job started with -o watch" in error_line(err), err
+
+
+def _history(tmp: Path, users: int) -> str:
+    """A SQLite history of ``users`` users on two days (followers 10 + n, then 20 + n); its path."""
+    import datetime as dt
+
+    from crawler.history.store import HistoryStore
+    from tests.test_history_store import _profile
+
+    path = tmp / "h.db"
+    store = HistoryStore(str(path))
+    try:
+        for n in range(users):
+            for d, base in ((dt.date(2026, 3, 1), 10), (dt.date(2026, 3, 2), 20)):
+                store.record_snapshot(d, _profile(str(6800000000000000000 + n), f"user_{n}", base + n))
+    finally:
+        store.close()
+    return str(path)
+
+
+def test_history_queries_print_nothing_before_a_failure_and_refuse_days_below_1(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A query that fails prints its one line and no table header; --days 0 and -3 are exit 2 naming --days."""
+    from crawler.cli import main
+
+    url = _history(tmp_path, 3)
+    for args in (["top", "--by", "bogus"], ["growth", "nosuchuser"], ["as-of", "2026-13-01"], ["top", "--days", "0"],
+                 ["top", "--days", "-3"], ["top", "--limit", "0"]):
+        code = main(["history", *args, "--history-url", url])
+        out, err = capsys.readouterr()
+        assert code == 2 and out == "", (args, out)
+        line = error_line(err)
+        if "--days" in args or "--limit" in args:
+            assert f"argument {args[1]}" in line and "at least 1" in line, line
+    assert main(["history", "top", "--days", "1", "--history-url", url]) == 0
+    assert capsys.readouterr().out.startswith("handle")
+
+
+@pytest.mark.slow
+def test_history_output_to_a_closed_pipe_is_silent_and_export_dash_is_stdout(tmp_path: Path) -> None:
+    """`history as-of D | head -1` and `history export -o - | head -1`: exit 0, nothing on stderr; `-o -` writes
+    the CSV to stdout and no file named '-'."""
+    import subprocess
+    import sys
+
+    url = _history(tmp_path, 3000)  # well over a pipe's buffer
+    for args in (["as-of", "2026-03-02"], ["export", "-o", "-"]):
+        with (tmp_path / "err").open("wb") as err_file:
+            proc = subprocess.Popen([sys.executable, "-m", "crawler", "history", *args, "--history-url", url],
+                                    cwd=tmp_path, env=environ(None), stdout=subprocess.PIPE, stderr=err_file)
+            assert proc.stdout is not None
+            first = proc.stdout.readline()
+            proc.stdout.close()  # `head -1` exits
+            code = proc.wait(timeout=30)
+        err = (tmp_path / "err").read_text()
+        assert first.startswith((b"handle,", b"user_id,")), first
+        assert code == 0 and err == "", (args, code, err)
+    assert not (tmp_path / "-").exists()
+    done = subprocess.run([sys.executable, "-m", "crawler", "history", "export", "-o", "-", "--history-url", url],
+                          cwd=tmp_path, env=environ(None), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.count("\n") == 1 + 2 * 3000, done.stderr
+    assert "wrote 6,000 snapshots to stdout" in done.stderr and not (tmp_path / "-").exists()
