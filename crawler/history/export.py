@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import IO
 
 from crawler.history.db import SNAPSHOT_COLUMNS
 from crawler.history.queries import HistoryQueries
@@ -31,7 +31,7 @@ def export_csv(store: HistoryQueries, path: Path | None, fmt: str = "csv") -> in
     return n
 
 
-def _write(store: HistoryQueries, fh: TextIO) -> int:
+def _write(store: HistoryQueries, fh: IO[str]) -> int:
     from crawler.sinks.csv_sink import cell
 
     n = 0
