@@ -182,3 +182,37 @@ def test_history_output_to_a_closed_pipe_is_silent_and_export_dash_is_stdout(tmp
                           cwd=tmp_path, env=environ(None), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.count("\n") == 1 + 2 * 3000, done.stderr
     assert "wrote 6,000 snapshots to stdout" in done.stderr and not (tmp_path / "-").exists()
+
+
+@pytest.mark.slow
+async def test_an_upper_case_csv_output_is_accepted(simulator: SimFactory, tmp_path: Path) -> None:
+    """`-o OUT.CSV` is a CSV output like `-o out.csv`: the job runs and `status OUT.CSV` reads it."""
+    async with simulator(world=WORLD) as sim:
+        (tmp_path / "in.txt").write_text("\n".join(existing_handles(sim.world, 3)) + "\nnot a handle!\n")
+        (tmp_path / "fast.toml").write_text(SLOW_TOML.replace("stall_limit = 300", "stall_limit = 5"))
+        code, _, err = await crawler(["profiles", "in.txt", "-o", "OUT.CSV", "--config", "fast.toml", "--data-dir",
+                                      "d", "-q"], environ(sim), tmp_path)
+        assert code == 3, err
+        assert len((tmp_path / "OUT.CSV").read_text().splitlines()) == 1 + 3
+        assert (tmp_path / "OUT.failures.csv").is_file()
+        code, out, err = await crawler(["status", "OUT.CSV"], environ(sim), tmp_path)
+        assert code == 0 and "3 done, 1 failed" in out, err
+
+
+async def test_a_usage_error_of_ingest_leaves_no_lock_and_no_new_out_dir(tmp_path: Path) -> None:
+    """`ingest` stopped by a usage error (a missing input, an unknown --column) leaves no DIR/.ingest.lock, and an
+    out-dir it made stays only if something else is in it."""
+    from crawler.errors import UsageError
+    from crawler.runs.ingest import ingest
+    from tests.conftest import fast_settings
+
+    (tmp_path / "w.txt").write_text("handle\nalice\n")
+    (tmp_path / "kept").mkdir()
+    settings = fast_settings("http://127.0.0.1:1", data_dir=str(tmp_path / "d"), history_url=str(tmp_path / "h.db"))
+    with pytest.raises(UsageError, match="does not exist"):
+        await ingest(str(tmp_path / "nosuch.txt"), tmp_path / "new", settings, api_key="k", install_signals=False)
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(UsageError, match="--column x"):
+        await ingest(str(tmp_path / "w.txt"), tmp_path / "kept", settings, api_key="k", column="x",
+                     install_signals=False)
+    assert (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / ".ingest.lock").exists()

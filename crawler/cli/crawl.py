@@ -46,7 +46,7 @@ def cmd_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
         page_size=settings.page_size,
         **search,
     )
-    if not job.output.endswith(".csv"):
+    if not job.output.lower().endswith(".csv"):
         raise UsageError(f"--output {job.output}: the output must be a .csv file")
     if settings.jobs_url:
         from crawler.runs.distributed import start_job
@@ -135,7 +135,7 @@ def cmd_status(args: argparse.Namespace, argv: Sequence[str]) -> int:
         from crawler.cli.status import status_dir
 
         return status_dir(out)
-    if out.name.endswith(".csv.part"):  # the path a stopped run's summary printed
+    if out.name.lower().endswith(".csv.part"):  # the path a stopped run's summary printed
         out = out.with_name(out.name.removesuffix(".part"))
     path = state_path(out)
     if not path.is_file():
