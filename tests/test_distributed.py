@@ -27,6 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 import psycopg
 import pytest
 
+from crawler.rate.pacing import Pace
 from crawler.sim.data import World, WorldConfig
 from crawler.sim.server import SimConfig, Simulator
 from crawler.stores.pg_schema import REGISTER_LOCK
@@ -188,7 +189,7 @@ def worked(stderr: str) -> int:
 
 def taken_over(stderr: str) -> int:
     """Items a process lost to a takeover (their late pages discarded), from its lines."""
-    return sum(int(m) for m in re.findall(r"(\d+) taken over by other workers", stderr))
+    return sum(int(m.replace(",", "")) for m in re.findall(r"([\d,]+) items? it held went to other workers", stderr))
 
 
 def common(sim_url: str, *extra: str) -> list[str]:
@@ -1073,6 +1074,8 @@ async def test_the_starters_summary_and_metrics_count_what_it_billed(hosts: Host
     assert summary["failures"] == {"private": 2} and reasons == ["private", "private"], summary
     assert (summary["run_requests"], summary["run_credits_billed"]) == (sent, billed), summary
     assert sum(summary["responses"].values()) == sent, summary
+    # the rate used, as a local run reports it (the per-second cap and the margin), not the --rate asked for
+    assert summary["rate_used"] == Pace(limit=2400, window=60.0).effective_rate < 2400, summary
     prom = (hosts.root / "starter" / "m.prom").read_text()
     assert re.search(rf'^crawler_last_run_credits_billed{{command="posts"}} {billed}\.0$', prom, re.M), prom
     assert re.search(r'^crawler_last_run_responses{command="posts",outcome="ok"} [1-9]', prom, re.M), prom

@@ -216,3 +216,31 @@ async def test_a_usage_error_of_ingest_leaves_no_lock_and_no_new_out_dir(tmp_pat
         await ingest(str(tmp_path / "w.txt"), tmp_path / "kept", settings, api_key="k", column="x",
                      install_signals=False)
     assert (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / ".ingest.lock").exists()
+
+
+def test_summary_wording_rates_plurals_and_caps() -> None:
+    """No rate over a near-zero elapsed time; "1 credit" not "1 credits"; a --max-credits 0 stop never suggests 1;
+    a lost item is said to be lost; a Retry-After without end is not "inf s"."""
+    from crawler.cli.common import budget_line
+    from crawler.engine.stats import Summary
+    from crawler.jobs.estimate import Estimate
+    from crawler.retry import retry_after_words
+    from crawler.runs.distributed import _lost
+
+    def summary(elapsed: float) -> str:
+        return Summary(command="profiles", status="completed", items_total=3, items_done=3, items_failed=0,
+                       items_pending=0, rows_written=3, rows_total=3, requests_sent=3, credits_billed=3,
+                       run_requests=3, rate_limited=0, retries=0, elapsed=elapsed, parallelism=2, rate_used=198.0,
+                       rate_window_seconds=60.0).render()
+
+    assert "requests/s" not in summary(0.04) and "elapsed            0.0 s (paced at most" in summary(0.04)
+    assert "1.50 requests/s" in summary(2.0)
+    est = Estimate(command="posts", items=1, invalid=0, lookups=0, known_ids=1, pages_known=0, items_known=0,
+                   items_unknown=1, single_calls=0, list_kind="posts", page_size=35).render()
+    assert "for 1 credit," in est and "1 credits" not in est
+    zero = budget_line(0, 0, 0, ["profiles", "in.txt", "--max-credits", "0"])
+    assert "--max-credits 1" not in zero and "drop --max-credits" in zero, zero
+    assert "--max-credits 20" in budget_line(10, 10, 9, ["profiles", "in.txt", "--max-credits", "10"])
+    assert _lost(0) == "" and _lost(1) == "; 1 item it held went to other workers (its heartbeat lapsed)"
+    assert retry_after_words(float("inf")) == "without end (Retry-After: inf)"
+    assert retry_after_words(90.0) == "90 s (Retry-After)"
