@@ -128,6 +128,16 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _transport_failure(path: str, exc: aiohttp.ClientError) -> tuple[str, bool, str | None]:
+    """(what failed, whether no connection was made, the TLS error if it was one) for a transport error. Never keep
+    the aiohttp exception: its request_info carries our request headers."""
+    if isinstance(exc, (aiohttp.ClientSSLError, aiohttp.ServerFingerprintMismatch, ssl.SSLError)):  # permanent
+        return f"{path}: TLS error", False, _tls_reason(exc)
+    if isinstance(exc, aiohttp.ClientConnectorError):  # refused, unroutable, DNS: no server at all
+        return f"{path}: cannot connect ({type(exc).__name__})", True, None
+    return f"{path}: {type(exc).__name__}", False, None
+
+
 def _tls_reason(exc: Exception) -> str:
     """The TLS failure in a few words (never the aiohttp exception, whose request_info holds our headers)."""
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
@@ -401,14 +411,8 @@ class Client(Endpoints):
                 raw = await resp.read()
         except TimeoutError:
             failure = f"{path}: timed out"
-        except (aiohttp.ClientSSLError, aiohttp.ServerFingerprintMismatch, ssl.SSLError) as exc:  # permanent
-            failure, tls = f"{path}: TLS error", _tls_reason(exc)
-        except aiohttp.ClientConnectorError as exc:  # refused, unroutable, DNS: no server at all
-            refused = True
-            failure = f"{path}: cannot connect ({type(exc).__name__})"
         except aiohttp.ClientError as exc:
-            # Never keep the aiohttp exception: its request_info carries our request headers.
-            failure = f"{path}: {type(exc).__name__}"
+            failure, refused, tls = _transport_failure(path, exc)
         finally:
             if me is not None:
                 self.hook.on_wire.discard(me)
