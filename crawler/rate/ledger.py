@@ -23,6 +23,9 @@ each process holding at most one reservation at a time (its gate's lock) gets it
 and a late wake-up never shifts the slots already handed out. Times are the ledger's own clock: the wall
 clock of this machine for the local file, the server's ``TIME`` for Redis, so hosts' clocks never matter.
 
+Every process that opens a ledger with its limits registers (`crawler.rate.owners`) and must agree with the
+processes registered and alive now (`rules.mismatch`); a process that ended, even killed, binds nobody.
+
 Backends, chosen by ``rate.shared``: ``MemoryLedger`` ("off", this process only), ``FileLedger``
 ("local", SQLite in the user's state directory, every process of the user), ``RedisLedger`` (any host).
 """
