@@ -226,6 +226,9 @@ class FileLedger:
             await self._run(self._connect)
             if rules is not None:
                 await self._run(lambda db: self._register(db, rules))
+        except UsageError:  # other limits in use: release the file and its lock
+            await self.aclose()
+            raise
         except (OSError, sqlite3.Error) as exc:
             await self.aclose()
             raise UsageError(
