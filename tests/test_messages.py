@@ -43,7 +43,7 @@ from crawler.rate.ledger import open_ledger
 from crawler.rate.rules import Rules
 
 async def main() -> None:
-    led = open_ledger("local", sys.argv[1], sys.argv[2])
+    led = open_ledger(sys.argv[3], sys.argv[1], sys.argv[2])
     await led.open(Rules(limit=500, window=60.0, max_per_second=40, burst=1, margin=0.3))
     print("open", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
@@ -54,7 +54,9 @@ asyncio.run(main())
 
 
 @pytest.mark.slow
-async def test_only_processes_alive_now_hold_the_keys_limits(simulator: SimFactory, tmp_path: Path) -> None:
+@pytest.mark.parametrize("shared", ["local", "redis://127.0.0.1:6379/0"])
+async def test_only_processes_alive_now_hold_the_keys_limits(simulator: SimFactory, tmp_path: Path,
+                                                             shared: str) -> None:
     """A run that ended with other --rate never blocks the next one; a running process with other limits does, and
     once it is killed (SIGKILL: no goodbye) the next run proceeds at once."""
     import asyncio
@@ -66,14 +68,14 @@ async def test_only_processes_alive_now_hold_the_keys_limits(simulator: SimFacto
 
         async def run(rate: int, out: str) -> tuple[int, str]:
             code, _, err = await crawler(["profiles", "in.txt", "-o", out, "--data-dir", "d", "--rate", str(rate),
-                                          "--window", "60"], env, tmp_path)
+                                          "--window", "60", "--rate-shared", shared], env, tmp_path)
             return code, err
 
         assert (await run(1000, "a.csv"))[0] == 0
         code, err = await run(900, "b.csv")  # at once, with other limits: the first run has ended
         assert code == 0, err
 
-        holder = await asyncio.create_subprocess_exec(sys.executable, "-c", HOLDER, KEY, sim.url, env=env,
+        holder = await asyncio.create_subprocess_exec(sys.executable, "-c", HOLDER, KEY, sim.url, shared, env=env,
                                                       stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         assert holder.stdout is not None
         assert await asyncio.wait_for(holder.stdout.readline(), 30) == b"open\n"
