@@ -246,3 +246,28 @@ def test_summary_wording_rates_plurals_and_caps() -> None:
     assert _lost(0) == "" and _lost(1) == "; 1 item it held went to other workers (its heartbeat lapsed)"
     assert retry_after_words(float("inf")) == "without end (Retry-After: inf)"
     assert retry_after_words(90.0) == "90 s (Retry-After)"
+
+
+def test_status_jobs_export_and_history_queries_describe_themselves_in_help() -> None:
+    """`--help` of status, jobs, export and every history query has a description and says each option's meaning
+    (and its default where it has one)."""
+    import argparse
+
+    from crawler.cli.parser import build_parser
+
+    def sub(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        found: argparse.ArgumentParser = action.choices[name]
+        return found
+
+    root = build_parser()
+    history = sub(root, "history")
+    parsers = {name: sub(root, name) for name in ("status", "jobs", "export")}
+    parsers |= {f"history {q}": sub(history, q) for q in ("growth", "top", "as-of", "days", "export", "plot", "serve")}
+    for name, p in parsers.items():
+        assert p.description, name
+        for action in p._actions:
+            assert action.help, (name, action.option_strings or action.dest)
+    top = parsers["history top"].format_help()
+    assert "(default: 7)" in top and "(default: 20)" in top and "(default: followers-gained)" in top
+    assert "default: None" not in parsers["history growth"].format_help()
