@@ -363,7 +363,8 @@ async def test_a_worker_stopped_past_its_lease_has_its_late_page_discarded(hosts
         starter = await hosts.start("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", url,
                                                 *common(sim.url, *opts)])
         jid = await hosts.job_id(starter)
-        worker = await hosts.start("w", ["work", "--jobs-url", url, "--job", jid, "--until-idle", *common(sim.url)])
+        worker = await hosts.start("w", ["work", "--jobs-url", url, "--job", jid, "--until-idle", "--metrics-file",
+                                         "w.prom", *common(sim.url)])
         mine = f"%:{worker.pid}:%"
         held = "SELECT min(seq) FROM crawler_items WHERE status = 'pending' AND owner LIKE %s AND pages > 0"
         await until(lambda: pg_value(schema, held, mine), "the worker holding an item it has committed pages of")
@@ -395,6 +396,7 @@ async def test_a_worker_stopped_past_its_lease_has_its_late_page_discarded(hosts
     assert code == SINGLE_CODE[src], err[-800:]
     assert wcode == 0, werr[-800:]
     assert taken_over(werr) >= 1, werr[-800:]
+    assert 'crawler_last_run_exit_code{command="work"} 0' in (hosts.root / "w" / "w.prom").read_text()
     got = rows(hosts.root / "starter" / "out.csv")
     assert len(got) == len(set(got)) and set(got) == set(expected)
 
@@ -820,7 +822,8 @@ async def test_sigterm_stops_a_worker_and_the_starter_cleanly_and_the_job_resume
         starter = await hosts.start("starter", args, extra_env={"CRAWLER_TEST_STOP_AT": "job_commit:1"})
         jid = await hosts.job_id(starter)
         await until(lambda: _stopped(starter.pid), "the starter at its first commit", bound=120)
-        worker = await hosts.start("w", ["work", "--jobs-url", url, "--job", jid, "--until-idle", *common(sim.url)])
+        worker = await hosts.start("w", ["work", "--jobs-url", url, "--job", jid, "--until-idle", "--metrics-file",
+                                         "w.prom", *common(sim.url)])
         mine = f"%:{worker.pid}:%"
         held = "SELECT count(*) FROM crawler_items WHERE status = 'pending' AND owner LIKE %s"
         await until(lambda: pg_value(schema, held, mine), "the worker holding items", bound=120)
