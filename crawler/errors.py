@@ -27,6 +27,7 @@
         ├── Unreadable         a 200 whose JSON is not the record expected: an answer, retried once
         └── Unreachable        no API answer: transport error, 5xx, truncated or non-JSON body
             ├── CannotConnect  no connection at all (refused, unroutable, DNS)
+            │   └── TlsFailed  a TLS or certificate error: before any answer, NotTheApi at once (exit 1)
             ├── Blocked        HTTP 401/403 with a page that is not the API's JSON (proxy, firewall, CDN)
             └── NotAnApiAnswer HTTP 404: the server does not know the path (a wrong base URL?)
 
@@ -198,6 +199,11 @@ class Unreachable(TransientError):
 
 class CannotConnect(Unreachable):
     """No connection could be made (refused, unroutable, DNS): never the fault of one item."""
+
+
+class TlsFailed(CannotConnect):
+    """A TLS handshake or certificate error (https to a plain-http host, a bad certificate): permanent, never an
+    outage, when the API never answered (`crawler.api.outage`)."""
 
 
 class Blocked(Unreachable):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -214,3 +215,8 @@ async def retry_until_stall(
             raise halt.error from None
         raise lost() from None
     return result
+
+
+def retry_after_words(seconds: float) -> str:
+    """A server's Retry-After in words for a message: "90 s (Retry-After)", never "inf s"."""
+    return f"{seconds:g} s (Retry-After)" if math.isfinite(seconds) else "without end (Retry-After: inf)"

@@ -27,6 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 import psycopg
 import pytest
 
+from crawler.rate.pacing import Pace
 from crawler.sim.data import World, WorldConfig
 from crawler.sim.server import SimConfig, Simulator
 from crawler.stores.pg_schema import REGISTER_LOCK
@@ -188,7 +189,7 @@ def worked(stderr: str) -> int:
 
 def taken_over(stderr: str) -> int:
     """Items a process lost to a takeover (their late pages discarded), from its lines."""
-    return sum(int(m) for m in re.findall(r"(\d+) taken over by other workers", stderr))
+    return sum(int(m.replace(",", "")) for m in re.findall(r"([\d,]+) items? it held went to other workers", stderr))
 
 
 def common(sim_url: str, *extra: str) -> list[str]:
@@ -362,7 +363,8 @@ async def test_a_worker_stopped_past_its_lease_has_its_late_page_discarded(hosts
         starter = await hosts.start("starter", ["posts", str(src), "-o", "out.csv", "--jobs-url", url,
                                                 *common(sim.url, *opts)])
         jid = await hosts.job_id(starter)
-        worker = await hosts.start("w", ["work", "--jobs-url", url, "--job", jid, "--until-idle", *common(sim.url)])
+        worker = await hosts.start("w", ["work", "--jobs-url", url, "--job", jid, "--until-idle", "--metrics-file",
+                                         "w.prom", *common(sim.url)])
         mine = f"%:{worker.pid}:%"
         held = "SELECT min(seq) FROM crawler_items WHERE status = 'pending' AND owner LIKE %s AND pages > 0"
         await until(lambda: pg_value(schema, held, mine), "the worker holding an item it has committed pages of")
@@ -394,6 +396,7 @@ async def test_a_worker_stopped_past_its_lease_has_its_late_page_discarded(hosts
     assert code == SINGLE_CODE[src], err[-800:]
     assert wcode == 0, werr[-800:]
     assert taken_over(werr) >= 1, werr[-800:]
+    assert 'crawler_last_run_exit_code{command="work"} 0' in (hosts.root / "w" / "w.prom").read_text()
     got = rows(hosts.root / "starter" / "out.csv")
     assert len(got) == len(set(got)) and set(got) == set(expected)
 
@@ -819,7 +822,8 @@ async def test_sigterm_stops_a_worker_and_the_starter_cleanly_and_the_job_resume
         starter = await hosts.start("starter", args, extra_env={"CRAWLER_TEST_STOP_AT": "job_commit:1"})
         jid = await hosts.job_id(starter)
         await until(lambda: _stopped(starter.pid), "the starter at its first commit", bound=120)
-        worker = await hosts.start("w", ["work", "--jobs-url", url, "--job", jid, "--until-idle", *common(sim.url)])
+        worker = await hosts.start("w", ["work", "--jobs-url", url, "--job", jid, "--until-idle", "--metrics-file",
+                                         "w.prom", *common(sim.url)])
         mine = f"%:{worker.pid}:%"
         held = "SELECT count(*) FROM crawler_items WHERE status = 'pending' AND owner LIKE %s"
         await until(lambda: pg_value(schema, held, mine), "the worker holding items", bound=120)
@@ -1073,6 +1077,8 @@ async def test_the_starters_summary_and_metrics_count_what_it_billed(hosts: Host
     assert summary["failures"] == {"private": 2} and reasons == ["private", "private"], summary
     assert (summary["run_requests"], summary["run_credits_billed"]) == (sent, billed), summary
     assert sum(summary["responses"].values()) == sent, summary
+    # the rate used, as a local run reports it (the per-second cap and the margin), not the --rate asked for
+    assert summary["rate_used"] == Pace(limit=2400, window=60.0).effective_rate < 2400, summary
     prom = (hosts.root / "starter" / "m.prom").read_text()
     assert re.search(rf'^crawler_last_run_credits_billed{{command="posts"}} {billed}\.0$', prom, re.M), prom
     assert re.search(r'^crawler_last_run_responses{command="posts",outcome="ok"} [1-9]', prom, re.M), prom

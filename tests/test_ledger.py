@@ -148,7 +148,8 @@ async def test_where_the_per_second_cap_spaces_the_starts_its_own_margin_sets_wh
 
 
 async def test_processes_that_disagree_on_the_limits_are_refused(tmp_path: Path) -> None:
-    """A process with another rate.limit is refused while the ledger is in use, accepted once it is idle."""
+    """A process with another rate.limit is refused while a process with other limits has the ledger open, accepted
+    once none has (however recent their starts)."""
     clock = FakeClock()
     name = f"test-{uuid.uuid4().hex}"
     for kind in BACKENDS:
@@ -158,16 +159,18 @@ async def test_processes_that_disagree_on_the_limits_are_refused(tmp_path: Path)
         await first.open(RULES)
         await first.reserve(RULES, "host:1")
         other = Rules(limit=30, window=2.0, max_per_second=8, burst=1, margin=0.05)
-        with pytest.raises(UsageError, match=r"rate\.limit = 30 .*in use with rate\.limit = 20"):
+        with pytest.raises(UsageError, match=r"rate\.limit = 30 .*in use with rate\.limit = 20, .* by a running"):
             await second.open(other)
         await second.open(RULES)  # the same values are welcome
-        if kind != "redis":  # the fake clock can move: after a quiet window the new values take over
-            clock.t += 10
-            third = make(kind, name, tmp_path, clock) if kind == "file" else MemoryLedger(name, clock=clock)
-            await third.open(other)
-            await third.aclose()
         await first.aclose()
+        late = make(kind, name, tmp_path, clock) if kind != "memory" else MemoryLedger(name, clock=clock)
+        with pytest.raises(UsageError, match=r"rate\.limit = 30"):  # the second is still open
+            await late.open(other)
+        await late.aclose()
         await second.aclose()
+        third = make(kind, name, tmp_path, clock) if kind != "memory" else MemoryLedger(name, clock=clock)
+        await third.open(other)  # at once: the starts are recent, but nobody uses the old values any more
+        await third.aclose()
 
 
 async def test_unreachable_redis_is_a_usage_error_without_the_password() -> None:

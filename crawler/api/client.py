@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
+import ssl
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Mapping
@@ -37,6 +38,7 @@ from crawler.errors import (
     RateLimited,
     RetriesExhausted,
     RunStopped,
+    TlsFailed,
     TransientError,
     UnexpectedShape,
     Unreachable,
@@ -124,6 +126,35 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _transport_failure(path: str, exc: aiohttp.ClientError) -> tuple[str, bool, str | None]:
+    """(what failed, whether no connection was made, the TLS error if it was one) for a transport error. Never keep
+    the aiohttp exception: its request_info carries our request headers."""
+    if isinstance(exc, (aiohttp.ClientSSLError, aiohttp.ServerFingerprintMismatch, ssl.SSLError)):  # permanent
+        return f"{path}: TLS error", False, _tls_reason(exc)
+    if isinstance(exc, aiohttp.ClientConnectorError):  # refused, unroutable, DNS: no server at all
+        return f"{path}: cannot connect ({type(exc).__name__})", True, None
+    return f"{path}: {type(exc).__name__}", False, None
+
+
+def _tls_reason(exc: Exception) -> str:
+    """The TLS failure in a few words (never the aiohttp exception, whose request_info holds our headers)."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return f"certificate not accepted: {exc.certificate_error}"
+    cause = getattr(exc, "os_error", exc)
+    return str(cause) or type(cause).__name__
+
+
+def _tls_message(base_url: str, reason: str) -> str:
+    """One line for a TLS or certificate error before the API ever answered: what failed and what to check."""
+    host = (urlsplit(base_url).hostname or "").lower()
+    if _is_loopback(host):
+        plain = base_url.replace("https://", "http://", 1)
+        hint = f"a local simulator speaks plain http: use --base-url {plain}"
+    else:
+        hint = "check api.base_url / --base-url / TIKLIVE_BASE_URL and the host's certificate"
+    return f"TLS/certificate error talking to {base_url} ({reason}): {hint}"
 
 
 class SendHook:
@@ -366,6 +397,7 @@ class Client(Endpoints):
         log.debug("GET %s %s", path, query)
         failure: str | None = None
         refused = False
+        tls: str | None = None
         status, raw, retry_after = 0, b"", None
         rate: dict[str, str] = {}
         begun = time.monotonic()
@@ -379,12 +411,8 @@ class Client(Endpoints):
                 raw = await resp.read()
         except TimeoutError:
             failure = f"{path}: timed out"
-        except aiohttp.ClientConnectorError as exc:  # refused, unroutable, DNS: no server at all
-            refused = True
-            failure = f"{path}: cannot connect ({type(exc).__name__})"
         except aiohttp.ClientError as exc:
-            # Never keep the aiohttp exception: its request_info carries our request headers.
-            failure = f"{path}: {type(exc).__name__}"
+            failure, refused, tls = _transport_failure(path, exc)
         finally:
             if me is not None:
                 self.hook.on_wire.discard(me)
@@ -398,6 +426,8 @@ class Client(Endpoints):
             if status == 200:  # the answer began as a 200: the API billed it even if its body never arrived
                 c.credits_billed += 1
                 c.billed_by_endpoint[path] += 1
+            if tls is not None:
+                raise TlsFailed(_tls_message(self.base_url, tls))
             raise CannotConnect(failure) if refused else Unreachable(failure)
         result, billed = interpret(status, raw, retry_after, path)
         c.met(path, response_kind(status, result))

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from crawler.errors import Blocked, CannotConnect, NotAnApiAnswer, NotTheApi, OutageStalled, Unreachable
+from crawler.errors import Blocked, CannotConnect, NotAnApiAnswer, NotTheApi, OutageStalled, TlsFailed, Unreachable
 from crawler.retry import Stall, backoff, pause
 
 log = logging.getLogger("crawler.api.client")
@@ -25,7 +25,8 @@ class Outage:
     workers wait and one probe at a time (backing off from ``base_delay`` to ``max_delay``) checks
     whether the API is back. After ``stall_limit`` seconds without any answer the run stops with
     OutageStalled, leaving the items pending. Answers that are never the API's (404, HTML) from the
-    first request on end the run at once with NotTheApi: a wrong base URL is not an outage.
+    first request on end the run at once with NotTheApi: a wrong base URL is not an outage; nor is a TLS or
+    certificate error before any answer (https to a plain-http host), which ends it at the first request.
     """
 
     def __init__(
@@ -81,6 +82,8 @@ class Outage:
     def failed(self, target: str, exc: Unreachable) -> bool:
         """Count one unanswered request; True when it is part of an outage (the caller waits, not retries)."""
         self._probe_until = 0.0
+        if isinstance(exc, TlsFailed) and not self.ever_answered:
+            raise NotTheApi(f"{exc}; nothing was marked failed")  # permanent: waiting for it is no use
         self._stall.failed()
         count = self._stall.tries
         if len(self._targets) < 2:

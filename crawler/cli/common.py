@@ -69,7 +69,10 @@ def check_ledger(settings: Settings, key: Secret) -> None:
 
 def budget_line(max_credits: int, spent: int, billed: int, argv: Sequence[str]) -> str:
     """A job's --max-credits stop: the same command would stop again at once, so print one with a higher cap."""
-    raised = max(spent, max_credits) + max(max_credits, 1)
+    if max_credits == 0:  # a cap of 0 allows no request: "raise it to 1" would fetch one item and stop again
+        return (f"crawler: --max-credits 0 allows no request (the job has sent {spent:,}): drop --max-credits, or"
+                " give the credits the job may spend (`crawler estimate` says how many it needs)")
+    raised = max(spent, max_credits) + max_credits
     return (f"crawler: --max-credits {max_credits:,} reached (the job has sent {spent:,} requests, {billed:,}"
             f" billed); to go on, raise the cap: {resume_hint(argv, max_credits=raised)}")
 

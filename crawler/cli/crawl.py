@@ -47,7 +47,7 @@ def cmd_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
         page_size=settings.page_size,
         **search,
     )
-    if not job.output.endswith(".csv"):
+    if not job.output.lower().endswith(".csv"):
         raise UsageError(f"--output {job.output}: the output must be a .csv file")
     continue_job = getattr(args, "continue_job", False)
     if settings.jobs_url:
@@ -155,7 +155,11 @@ def cmd_status(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from crawler.stores.local import StateStore
 
     out = Path(args.output)
-    if out.name.endswith(".csv.part"):  # the path a stopped run's summary printed
+    if out.is_dir():  # a download job's (its state lives in DIR) or an ingest out-dir
+        from crawler.cli.status import status_dir
+
+        return status_dir(out)
+    if out.name.lower().endswith(".csv.part"):  # the path a stopped run's summary printed
         out = out.with_name(out.name.removesuffix(".part"))
     path = state_path(out)
     if not path.is_file():

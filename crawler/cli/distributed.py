@@ -76,7 +76,7 @@ def cmd_export(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     settings = settings_from(args)
     require_format(settings.output_format)
-    if not args.output.endswith(".csv"):
+    if not args.output.lower().endswith(".csv"):
         raise UsageError(f"--output {args.output}: the output must be a .csv file")
     out = Path(args.output)
     if out.is_dir():

@@ -37,7 +37,8 @@ def cmd_doctor(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if count > HANDFUL and not args.yes:
         raise UsageError(f"doctor: --all spends {count} credits, more than the handful of {HANDFUL}: add --yes")
     names = FAMILIES if args.all else CORE
-    print(f"crawler: doctor will spend at most {count} credits (one call per endpoint family: "
+    print(f"crawler: doctor will spend at most {count} credit{'' if count == 1 else 's'} (one call per endpoint"
+          " family: "
           f"{', '.join(names)})", file=sys.stderr)
     report = asyncio.run(run_doctor(settings, key, handle=handle, video_id=video, every=args.all))
     if args.json:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from crawler.cli.common import settings_from
+from crawler.engine.stats import silence
 from crawler.errors import UsageError
 from crawler.sinks.datafile import datafile_path
 from crawler.sinks.datafile import require as require_format
@@ -23,7 +24,10 @@ def cmd_history(args: argparse.Namespace, argv: Sequence[str]) -> int:
     settings = settings_from(args)
     if args.query == "export":
         require_format(settings.output_format)
-        if settings.output_format != "csv" and not args.output.endswith(".csv"):
+        if args.output == "-" and settings.output_format != "csv":
+            raise UsageError(f"history export -o -: --format {settings.output_format} needs a file (-o FILE.csv);"
+                             " stdout takes the CSV only")
+        if settings.output_format != "csv" and not args.output.lower().endswith(".csv"):
             raise UsageError(f"history export -o {args.output}: with --format {settings.output_format}, -o names the"
                              f" CSV (FILE.csv); FILE.{settings.output_format} is written beside it")
         args.data_format = settings.output_format
@@ -44,6 +48,10 @@ def cmd_history(args: argparse.Namespace, argv: Sequence[str]) -> int:
         query = _QUERIES.get(args.query)
         if query is not None:
             query(store, args)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `| head`: the reader has what it wanted; silent and 0, as Unix tools are
+        silence(sys.stdout)
+        return 0
     finally:
         store.close()
     return 0
@@ -52,6 +60,7 @@ def cmd_history(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def _growth(store: Any, args: argparse.Namespace) -> None:
     from crawler.history.queries import parse_day
 
+    # Every query runs before the first line is printed: a failure prints its message, never a lone header.
     rows = store.growth(args.handle, args.since and parse_day(args.since, "--since"),
                         args.until and parse_day(args.until, "--until"))
     renamed = {r.day: r for r in store.renames(store.resolve(args.handle)[0])}
@@ -64,8 +73,9 @@ def _growth(store: Any, args: argparse.Namespace) -> None:
 
 
 def _top(store: Any, args: argparse.Namespace) -> None:
+    top = store.top(args.by, args.days, args.limit)
     print(f"{'handle':<26}  {'start':>12}  {'end':>12}  {'gained':>10}")
-    for t in store.top(args.by, args.days, args.limit):
+    for t in top:
         # An unknown count (the API left it out) is a blank, not a 0, as on `history serve`'s page.
         start, end = ("" if v is None else f"{v:,}" for v in (t.start, t.end))
         gained = "" if t.gained is None else f"{t.gained:+,}"
@@ -77,15 +87,17 @@ def _as_of(store: Any, args: argparse.Namespace) -> None:
 
     from crawler.history.queries import parse_day
 
+    rows = store.as_of(parse_day(args.date, "as-of"))
     out = csv.writer(sys.stdout, lineterminator="\n")
     out.writerow(["handle", "user_id", "day", "followers", "following", "hearts", "videos"])
-    for row in store.as_of(parse_day(args.date, "as-of")):
+    for row in rows:
         out.writerow([row[3], row[0], row[1], row[4], row[5], row[6], row[7]])
 
 
 def _days(store: Any, args: argparse.Namespace) -> None:
+    days = store.days()
     print(f"{'day':<10}  {'snapshotted':>11}  {'missing':>7}  {'failed':>6}  {'credits':>8}  runs")
-    for d in store.days():
+    for d in days:
         if d.gap:
             print(f"{d.day:<10}  {'':>11}  {'':>7}  {'':>6}  {'':>8}  gap: no run")
             continue
@@ -100,6 +112,10 @@ def _days(store: Any, args: argparse.Namespace) -> None:
 def _export(store: Any, args: argparse.Namespace) -> None:
     from crawler.history.export import export_csv
 
+    if args.output == "-":
+        n = export_csv(store, None)
+        print(f"crawler: wrote {n:,} snapshots to stdout", file=sys.stderr)
+        return
     n = export_csv(store, Path(args.output), args.data_format)
     also = f" and {datafile_path(Path(args.output), args.data_format)}" if args.data_format != "csv" else ""
     print(f"crawler: wrote {n:,} snapshots to {args.output}{also}", file=sys.stderr)

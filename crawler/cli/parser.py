@@ -28,6 +28,15 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{where + ': ' if where else ''}{message} (see --help)")
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each option's default, where it has one (never "default: None")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
 ROW_FLAGS = frozenset({"--page-size", "--max-pages", "--max-items", "--bom", "--raw"})  # what shapes CSV rows
 # Settings flags that mean nothing to one call (`get`, `regions`) or to a job not run (`estimate`, which reads the
 # input, the data directory, the walk caps and the key's rate): left out, so argparse refuses them with exit 2.
@@ -85,6 +94,17 @@ def _retry_choice(value: str) -> str:
     if value != "all":
         raise argparse.ArgumentTypeError(f"--retry-failed={value}: the only value is 'all'")
     return value
+
+
+def _positive(value: str) -> int:
+    """A whole number of at least 1 (`--days`, `--limit`)."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 1")
+    return n
 
 
 def _job_parser(sub: Any, name: str, help_text: str, input_help: str) -> argparse.ArgumentParser:
@@ -199,41 +219,53 @@ def _ingest_command(sub: Any) -> None:
 
 def _history_command(sub: Any) -> None:
     """`history` and its queries."""
-    h = sub.add_parser("history", help="follower growth and other queries over the snapshots")
+    h = sub.add_parser("history", help="follower growth and other queries over the snapshots",
+                       description="Queries over the snapshots `crawler ingest` stored (read-only).")
     hs = h.add_subparsers(title="queries", metavar="QUERY", parser_class=_Parser)
-    g1 = hs.add_parser("growth", help="day, followers and delta for one handle")
-    g1.add_argument("handle")
-    g1.add_argument("--since", metavar="YYYY-MM-DD")
-    g1.add_argument("--until", metavar="YYYY-MM-DD")
-    g2 = hs.add_parser("top", help="users ranked by what they gained")
+    fmt = _Defaults
+    g1 = hs.add_parser("growth", help="day, followers and delta for one handle", formatter_class=fmt,
+                       description="One handle's followers per day and the change from the day before.")
+    g1.add_argument("handle", help="a handle (with or without @) or id:NNN")
+    g1.add_argument("--since", metavar="YYYY-MM-DD", help="first day shown")
+    g1.add_argument("--until", metavar="YYYY-MM-DD", help="last day shown")
+    g2 = hs.add_parser("top", help="users ranked by what they gained", formatter_class=fmt,
+                       description="Users ranked by what they gained between their first and last snapshot in the"
+                       " last DAYS days.")
     g2.add_argument("--by", default="followers-gained",
-                    help="followers-gained (default), hearts-gained, videos-gained, following-gained")
-    g2.add_argument("--days", type=int, default=7)
-    g2.add_argument("--limit", type=int, default=20)
-    g3 = hs.add_parser("as-of", help="every profile as it stood on a day")
-    g3.add_argument("date", metavar="YYYY-MM-DD")
-    g4 = hs.add_parser("export", help="every snapshot to a CSV")
-    g4.add_argument("-o", "--output", required=True, metavar="FILE.csv")
+                    help="followers-gained, hearts-gained, videos-gained or following-gained")
+    g2.add_argument("--days", type=_positive, default=7, help="the window, in days up to the latest")
+    g2.add_argument("--limit", type=_positive, default=20, help="users shown")
+    g3 = hs.add_parser("as-of", help="every profile as it stood on a day", formatter_class=fmt,
+                       description="Every user's latest snapshot on or before a day, as CSV on stdout.")
+    g3.add_argument("date", metavar="YYYY-MM-DD", help="the day")
+    g4 = hs.add_parser("export", help="every snapshot to a CSV", formatter_class=fmt,
+                       description="Every snapshot of the history to one CSV (written atomically); -o - writes it"
+                       " to stdout.")
+    g4.add_argument("-o", "--output", required=True, metavar="FILE.csv", help="the CSV, or - for stdout")
     _format_flag(g4, "FILE")
-    g5 = hs.add_parser("plot", help="follower curves of some handles to a PNG")
-    g5.add_argument("handles", nargs="+", metavar="HANDLE")
-    g5.add_argument("-o", "--output", required=True, metavar="FILE.png")
-    g5.add_argument("--since", metavar="YYYY-MM-DD")
-    g5.add_argument("--until", metavar="YYYY-MM-DD")
+    g5 = hs.add_parser("plot", help="follower curves of some handles to a PNG", formatter_class=fmt,
+                       description="Follower curves of the handles given, to a PNG.")
+    g5.add_argument("handles", nargs="+", metavar="HANDLE", help="handles (with or without @)")
+    g5.add_argument("-o", "--output", required=True, metavar="FILE.png", help="the PNG")
+    g5.add_argument("--since", metavar="YYYY-MM-DD", help="first day drawn")
+    g5.add_argument("--until", metavar="YYYY-MM-DD", help="last day drawn")
     g5.add_argument("--style", choices=("small", "indexed"), default="small",
-                    help="small: one panel per handle, each on its own scale (default); indexed: one panel,"
+                    help="small: one panel per handle, each on its own scale; indexed: one panel,"
                     " every curve as 100 x followers / its first value")
-    g6 = hs.add_parser("serve", help="the history as a local web page (read-only)",
+    g6 = hs.add_parser("serve", help="the history as a local web page (read-only)", formatter_class=fmt,
                        description="Overview, a page per user, CSV and compare over the history store, opened"
                        " read-only. Binds to 127.0.0.1 by default: the page has no login.")
-    g6.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    g6.add_argument("--port", type=int, default=8050, help="port (default 8050; 0 picks a free one)")
-    g7 = hs.add_parser("days", help="per day: users snapshotted and missing, credits, how the runs ended, gaps")
+    g6.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    g6.add_argument("--port", type=int, default=8050, help="port (0 picks a free one)")
+    g7 = hs.add_parser("days", help="per day: users snapshotted and missing, credits, how the runs ended, gaps",
+                       description="Per UTC day: users snapshotted and missing, failures, credits billed, how the"
+                       " runs ended; a day without a run is a gap.")
     for q, name in ((g1, "growth"), (g2, "top"), (g3, "as-of"), (g4, "export"), (g5, "plot"), (g6, "serve"),
                     (g7, "days")):
-        q.add_argument("--history-url", dest="history.url", metavar="URL")
-        q.add_argument("--config")
-        q.add_argument("--data-dir", dest="crawl.data_dir", metavar="DIR")
+        q.add_argument("--history-url", dest="history.url", metavar="URL",
+                       help="postgresql://... or a SQLite path (default: history.db in the data directory)")
+        q.add_argument("--config", help="config.toml (default ./config.toml or CRAWLER_CONFIG)")
+        q.add_argument("--data-dir", dest="crawl.data_dir", metavar="DIR", help="where the default history lives")
         q.set_defaults(func=cmd_history, query=name)
 
 
@@ -252,8 +284,11 @@ def _tool_commands(sub: Any) -> None:
     _settings_flags(e, omit=ESTIMATE_OMITS)
     e.set_defaults(func=cmd_estimate)
 
-    s = sub.add_parser("status", help="progress, failures and credits of a job")
-    s.add_argument("output", metavar="OUT.csv")
+    s = sub.add_parser("status", help="progress, failures and credits of a job",
+                       description="A job's items done, failed and pending, rows, both credit counters and runs;"
+                       " read from its state, no request sent.")
+    s.add_argument("output", metavar="OUT.csv", help="the job's output (or the OUT.csv.part a stopped run named),"
+                   " a download directory, or an ingest out-dir")
     s.set_defaults(func=cmd_status)
 
     b = sub.add_parser("budget", help="the key's rate budget: starts in the last window, processes, cooldown"
@@ -320,18 +355,24 @@ def _distributed_commands(sub: Any) -> None:
     _settings_flags(w)
     _report_flags(w)
     w.set_defaults(func=cmd_work)
-    j = sub.add_parser("jobs", help="PostgreSQL jobs: id, progress, failures, credits, workers")
-    j.add_argument("--jobs-url", dest="jobs.url", metavar="URL")
+    j = sub.add_parser("jobs", help="PostgreSQL jobs: id, progress, failures, credits, workers",
+                       description="Every job in jobs.url: id, command, progress, failures, requests_sent,"
+                       " credits_billed and the workers on it.")
+    j.add_argument("--jobs-url", dest="jobs.url", metavar="URL", help="postgresql://... (default: jobs.url, or"
+                   " CRAWLER_JOBS_URL)")
     j.add_argument("--json", action="store_true", help="print JSON")
-    j.add_argument("--config")
+    j.add_argument("--config", help="config.toml (default ./config.toml or CRAWLER_CONFIG)")
     j.set_defaults(func=cmd_jobs)
-    x = sub.add_parser("export", help="a finished PostgreSQL job's output (byte for byte the starter's)")
-    x.add_argument("job", metavar="JOB")
-    x.add_argument("-o", "--output", required=True, metavar="OUT.csv")
-    x.add_argument("--jobs-url", dest="jobs.url", metavar="URL")
-    x.add_argument("--bom", dest="output.bom", action="store_const", const=True)
-    x.add_argument("--raw", dest="output.raw", action="store_const", const=True)
+    x = sub.add_parser("export", help="a finished PostgreSQL job's output (byte for byte the starter's)",
+                       description="Write a finished PostgreSQL job's rows to OUT.csv, as the starter would have.")
+    x.add_argument("job", metavar="JOB", help="the job's id (`crawler jobs` lists them)")
+    x.add_argument("-o", "--output", required=True, metavar="OUT.csv", help="the CSV to write")
+    x.add_argument("--jobs-url", dest="jobs.url", metavar="URL", help="postgresql://... (default: jobs.url, or"
+                   " CRAWLER_JOBS_URL)")
+    x.add_argument("--bom", dest="output.bom", action="store_const", const=True, help="start with a UTF-8 BOM")
+    x.add_argument("--raw", dest="output.raw", action="store_const", const=True,
+                   help="keep formula-like cells as they are")
     x.add_argument("--overwrite", action="store_true", help="replace an existing OUT.csv")
     _format_flag(x, "OUT")
-    x.add_argument("--config")
+    x.add_argument("--config", help="config.toml (default ./config.toml or CRAWLER_CONFIG)")
     x.set_defaults(func=cmd_export)

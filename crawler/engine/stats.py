@@ -57,7 +57,8 @@ class Summary:
 
     def render(self) -> str:
         """A small aligned table for the terminal."""
-        rate = self.run_requests / self.elapsed if self.elapsed > 0 else 0.0
+        # A rate over a fraction of a second says nothing (3 requests in 0.04 s is not 75 requests/s).
+        rate = f", {self.run_requests / self.elapsed:,.2f} requests/s" if self.elapsed >= 1.0 else ""
         lines = [
             ("job", f"{self.command}: {self.status}" + (f" ({self.reason})" if self.reason else "")),
             ("items", f"{self.items_done:,} done, {self.items_failed:,} failed, {self.items_pending:,} pending"
@@ -66,7 +67,7 @@ class Summary:
             ("requests_sent", f"{self.requests_sent:,} (this run {self.run_requests:,})"),
             ("credits_billed", f"{self.credits_billed:,} (this run {self.run_credits_billed:,})"),
             ("429s / retries", f"{self.rate_limited:,} / {self.retries:,}"),
-            ("elapsed", f"{self.elapsed:,.1f} s, {rate:,.2f} requests/s (paced at most {self.pace})"),
+            ("elapsed", f"{self.elapsed:,.1f} s{rate} (paced at most {self.pace})"),
             ("rate_wait_seconds", f"{self.rate_wait_seconds:,.1f} (waiting for the key's rate budget)"),
             ("parallelism", str(self.parallelism)),
         ]

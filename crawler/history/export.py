@@ -4,7 +4,9 @@ with --format FILE.parquet / FILE.jsonl from it."""
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
+from typing import IO
 
 from crawler.history.db import SNAPSHOT_COLUMNS
 from crawler.history.queries import HistoryQueries
@@ -16,17 +18,26 @@ SNAPSHOT_KINDS: dict[str, Kind] = {
     "following": "int", "hearts": "int", "videos": "int", "likes": "int", "verified": "bool", "private": "bool"}
 
 
-def export_csv(store: HistoryQueries, path: Path, fmt: str = "csv") -> int:
-    """Write every snapshot to a CSV (atomically), then its ``fmt`` copy beside it; return the row count."""
+def export_csv(store: HistoryQueries, path: Path | None, fmt: str = "csv") -> int:
+    """Write every snapshot to a CSV (atomically), then its ``fmt`` copy beside it; return the row count.
+    ``path`` None: the CSV to stdout (``-o -``)."""
     from crawler.files import atomic_write
+
+    if path is None:
+        return _write(store, sys.stdout)
+    with atomic_write(path) as fh:
+        n = _write(store, fh)
+    write_datafile(path, SNAPSHOT_KINDS, fmt)
+    return n
+
+
+def _write(store: HistoryQueries, fh: IO[str]) -> int:
     from crawler.sinks.csv_sink import cell
 
     n = 0
-    with atomic_write(path) as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(SNAPSHOT_COLUMNS)
-        for row in store.snapshots():
-            writer.writerow([cell(v) for v in row])
-            n += 1
-    write_datafile(path, SNAPSHOT_KINDS, fmt)
+    writer = csv.writer(fh, lineterminator="\n")
+    writer.writerow(SNAPSHOT_COLUMNS)
+    for row in store.snapshots():
+        writer.writerow([cell(v) for v in row])
+        n += 1
     return n

@@ -115,8 +115,9 @@ class Estimate:
             out.append(f"  each walk stops at {caps}")
         if self.items_unknown:
             if kind in COUNTED:
+                credits = f"{self.items_unknown:,} credit{'' if self.items_unknown == 1 else 's'}"
                 out.append(f"advice: `crawler profiles` on this input learns the lengths of {kind} lists for"
-                           f" {self.items_unknown:,} credits, then this estimate is exact")
+                           f" {credits}, then this estimate is exact")
             else:
                 out.append(f"advice: the API tells no length of {kind.replace('_', ' ')} lists in advance;"
                            " cap them with --max-pages or --max-items to bound the cost")

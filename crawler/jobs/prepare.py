@@ -136,7 +136,7 @@ def state_path(out: Path) -> Path:
 
 def failures_path(out: Path) -> Path:
     """OUT.failures.csv for OUT.csv."""
-    stem = out.name[:-4] if out.name.endswith(".csv") else out.name
+    stem = out.name[:-4] if out.name.lower().endswith(".csv") else out.name
     return out.with_name(stem + ".failures.csv")
 
 

@@ -23,6 +23,9 @@ each process holding at most one reservation at a time (its gate's lock) gets it
 and a late wake-up never shifts the slots already handed out. Times are the ledger's own clock: the wall
 clock of this machine for the local file, the server's ``TIME`` for Redis, so hosts' clocks never matter.
 
+Every process that opens a ledger with its limits registers (`crawler.rate.owners`) and must agree with the
+processes registered and alive now (`rules.mismatch`); a process that ended, even killed, binds nobody.
+
 Backends, chosen by ``rate.shared``: ``MemoryLedger`` ("off", this process only), ``FileLedger``
 ("local", SQLite in the user's state directory, every process of the user), ``RedisLedger`` (any host).
 """
@@ -45,6 +48,7 @@ from crawler import sqlite, testing
 from crawler.config import masked
 from crawler.errors import UsageError
 from crawler.files import lock_file
+from crawler.rate import owners
 from crawler.rate.redis_ledger import RedisLedger
 from crawler.rate.rules import (
     HOUR,
@@ -101,6 +105,7 @@ class _MemoryState:
     rate_limited: list[float] = field(default_factory=list)
     rules: dict[str, float] = field(default_factory=dict)
     seq: int = 0
+    procs: dict[str, owners.Registered] = field(default_factory=dict)  # the clients open now (all alive)
 
 
 _MEMORY: dict[str, _MemoryState] = {}  # one per key and API in this process: every client of the process shares it
@@ -114,17 +119,18 @@ class MemoryLedger:
         self.where = "this process (rate.shared = off)"
         self._clock = clock
         self._s = _MemoryState() if private else _MEMORY.setdefault(name, _MemoryState())
+        self._ident = owners.registration()
 
     async def open(self, rules: Rules | None) -> None:
         if rules is not None:
             s = self._s
             self._forget_ahead(rules, self._clock())
-            if s.starts and s.starts[-1][0] > self._clock() - rules.span:
-                mismatch(rules, s.rules, self.where)
+            mismatch(rules, list(s.procs.values()), self.where)
             s.rules = rules_record(rules)
+            s.procs[self._ident] = owners.Registered(self._ident, s.rules, self._clock())
 
     async def aclose(self) -> None:
-        return None
+        self._s.procs.pop(self._ident, None)
 
     def _forget_ahead(self, rules: Rules, now: float) -> None:
         s = self._s
@@ -191,6 +197,7 @@ CREATE INDEX IF NOT EXISTS starts_t ON starts (t);
 CREATE INDEX IF NOT EXISTS starts_token ON starts (token);
 CREATE TABLE IF NOT EXISTS state (k TEXT PRIMARY KEY, v REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS limited (t REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS procs (ident TEXT PRIMARY KEY, limits TEXT NOT NULL, seen REAL NOT NULL);
 """
 
 
@@ -209,6 +216,9 @@ class FileLedger:
         self._db: sqlite3.Connection | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._held = contextlib.ExitStack()  # the shared lock that says this ledger is in use (`prune_idle`)
+        self._ident = owners.registration()
+        self._registered = False
+        self._beat = 0.0
 
     async def open(self, rules: Rules | None) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
@@ -216,6 +226,9 @@ class FileLedger:
             await self._run(self._connect)
             if rules is not None:
                 await self._run(lambda db: self._register(db, rules))
+        except UsageError:  # other limits in use: release the file and its lock
+            await self.aclose()
+            raise
         except (OSError, sqlite3.Error) as exc:
             await self.aclose()
             raise UsageError(
@@ -236,20 +249,34 @@ class FileLedger:
         with sqlite.immediate(db):
             now = self._clock()
             self._forget_ahead(db, rules, now)
-            latest = db.execute("SELECT max(t) FROM starts").fetchone()[0]
-            stored = dict(db.execute("SELECT k, v FROM state WHERE k LIKE 'rate.%'").fetchall())
-            if latest is not None and latest > now - rules.span:
-                mismatch(rules, stored, self.where)
+            live = []
+            for ident, limits, seen in db.execute("SELECT ident, limits, seen FROM procs").fetchall():
+                entry = owners.Registered(ident, owners.decode(limits), seen)
+                if owners.alive(entry, now):
+                    live.append(entry)
+                else:  # a process that ended without closing its ledger (killed): its limits bind nobody
+                    db.execute("DELETE FROM procs WHERE ident = ?", (ident,))
+            mismatch(rules, live, self.where)
             db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?)", rules_record(rules).items())
+            db.execute("INSERT OR REPLACE INTO procs VALUES (?, ?, ?)",
+                       (self._ident, owners.encode(rules_record(rules)), now))
+            self._registered, self._beat = True, now
 
     async def aclose(self) -> None:
         db, self._db = self._db, None
         pool, self._pool = self._pool, None
         if pool is not None:
             if db is not None:
+                await asyncio.get_running_loop().run_in_executor(pool, self._unregister, db)
                 await asyncio.get_running_loop().run_in_executor(pool, db.close)
             pool.shutdown(wait=False)
         self._held.close()
+
+    def _unregister(self, db: sqlite3.Connection) -> None:
+        if self._registered:
+            self._registered = False
+            with contextlib.suppress(sqlite3.Error):  # a killed process's entry is dropped by the next to open
+                db.execute("DELETE FROM procs WHERE ident = ?", (self._ident,))
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._pool is None:
@@ -293,6 +320,9 @@ class FileLedger:
             token = f"{owner}|{seq}"
             db.execute("INSERT INTO starts (t, token) VALUES (?, ?)", (t, token))
             db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?)", (("tat", tat), ("seq", seq)))
+            if self._registered and now - self._beat > owners.BEAT:  # for a process on another host (shared home)
+                db.execute("UPDATE procs SET seen = ? WHERE ident = ?", (now, self._ident))
+                self._beat = now
         return Slot(t, t - now, token)
 
     async def confirm(self, slot: Slot, rules: Rules) -> float:

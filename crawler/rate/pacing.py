@@ -22,7 +22,7 @@ from crawler.errors import LedgerLost, RateLimitStalled
 from crawler.options import RateOptions
 from crawler.rate.ledger import MemoryLedger, owner_id
 from crawler.rate.rules import Ledger, LedgerUnavailable, Rules
-from crawler.retry import Stall, backoff, retry_async
+from crawler.retry import Stall, backoff, retry_after_words, retry_async
 
 log = logging.getLogger("crawler.rate.pacing")
 T = TypeVar("T")
@@ -204,7 +204,7 @@ class RateGate:
         if retry_after is not None:
             if not math.isfinite(retry_after) or retry_after > self._stall_limit:
                 raise RateLimitStalled(
-                    f"the API asked to wait {retry_after:g} s (Retry-After), longer than retry.stall_limit"
+                    f"the API asked to wait {retry_after_words(retry_after)}, longer than retry.stall_limit"
                     f" = {self._stall_limit:g} s: run the same command again later, or raise retry.stall_limit"
                 )
             # The server said exactly how long: honour it, no jitter, never shorten a longer cooldown.

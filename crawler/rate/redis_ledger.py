@@ -8,7 +8,17 @@ from typing import Any
 
 from crawler.config import masked
 from crawler.errors import UsageError
-from crawler.rate.rules import LedgerUnavailable, Rules, Slot, Status, mismatch, status_of, warn_ahead
+from crawler.rate import owners
+from crawler.rate.rules import (
+    LedgerUnavailable,
+    Rules,
+    Slot,
+    Status,
+    mismatch,
+    rules_record,
+    status_of,
+    warn_ahead,
+)
 
 # The same rules as `next_start` / `apply_429`, in Lua so each step is one atomic call stamped with the
 # server's TIME. Numbers travel as '%.6f' strings: Redis turns a returned Lua number into an integer and
@@ -104,14 +114,9 @@ return new and 1 or 0
 
 _REGISTER = _LUA_NOW + """
 local dropped = forget(tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]))
-local latest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-local stored = redis.call('HMGET', KEYS[2], 'rate.limit', 'rate.window', 'rate.max_per_second')
-local active = latest[2] ~= nil and tonumber(latest[2]) > now - tonumber(ARGV[4])
-if not active then
-  redis.call('HSET', KEYS[2], 'rate.limit', ARGV[1], 'rate.window', ARGV[2], 'rate.max_per_second', ARGV[3])
-  redis.call('PEXPIRE', KEYS[2], 86400000)
-end
-return {active and 1 or 0, stored[1] or '', stored[2] or '', stored[3] or '', dropped}
+redis.call('HSET', KEYS[2], 'rate.limit', ARGV[1], 'rate.window', ARGV[2], 'rate.max_per_second', ARGV[3])
+redis.call('PEXPIRE', KEYS[2], 86400000)
+return dropped
 """
 
 _STATUS = _LUA_NOW + """
@@ -131,6 +136,11 @@ class RedisLedger:
         self.where = f"Redis {masked(url)}"
         self._timeout = timeout
         self._keys = [f"crawler:ledger:{{{name}}}:{part}" for part in ("starts", "state", "limited")]
+        self._procs = f"crawler:ledger:{{{name}}}:procs"  # the processes using the key: ident -> limits;seen
+        self._ident = owners.registration()
+        self._registered = False
+        self._beat = 0.0
+        self._limits = ""
         self._redis: Any = None
         self._scripts: dict[str, Any] = {}
 
@@ -160,14 +170,7 @@ class RedisLedger:
             self._connect()
             await self._redis.ping()
             if rules is not None:
-                active, *stored, dropped = await self._scripts["register"](
-                    keys=self._keys, args=[rules.limit, rules.window, rules.max_per_second, rules.span, rules.keep,
-                                           rules.tolerance])
-                if int(dropped) >= 0:
-                    warn_ahead(self.where, int(dropped), rules)
-                if int(active):
-                    names = ("rate.limit", "rate.window", "rate.max_per_second")
-                    mismatch(rules, {k: float(v) for k, v in zip(names, stored, strict=True) if v}, self.where)
+                await self._register(rules)
         except UsageError:
             await self.aclose()
             raise
@@ -178,7 +181,37 @@ class RedisLedger:
                 f"{masked(str(exc))}); start it, fix the URL, or set rate.shared = \"local\""
             ) from None
 
+    async def _register(self, rules: Rules) -> None:
+        """Check ``rules`` against the processes using the key now (dead ones are dropped), then join them."""
+        sec, usec = await self._redis.time()
+        now = sec + usec / 1e6
+        live = []
+        for ident, value in (await self._redis.hgetall(self._procs)).items():
+            limits, _, seen = value.rpartition(";")
+            entry = owners.Registered(ident, owners.decode(limits), float(seen or 0))
+            if owners.alive(entry, now):
+                live.append(entry)
+            else:
+                await self._redis.hdel(self._procs, ident)
+        mismatch(rules, live, self.where)
+        self._limits = owners.encode(rules_record(rules))
+        await self._redis.hset(self._procs, self._ident, f"{self._limits};{now!r}")
+        await self._redis.pexpire(self._procs, 86_400_000)
+        self._registered, self._beat = True, now
+        dropped = await self._scripts["register"](
+            keys=self._keys, args=[rules.limit, rules.window, rules.max_per_second, rules.span, rules.keep,
+                                   rules.tolerance])
+        if int(dropped) >= 0:
+            warn_ahead(self.where, int(dropped), rules)
+
     async def aclose(self) -> None:
+        if self._registered and self._redis is not None:
+            self._registered = False
+            with contextlib.suppress(Exception):  # a killed process's entry is dropped by the next to open
+                await asyncio.wait_for(self._redis.hdel(self._procs, self._ident), 1.0)
+        await self._close_client()
+
+    async def _close_client(self) -> None:
         client, self._redis = self._redis, None
         if client is not None:
             with contextlib.suppress(Exception):  # a half-dead connection must not hold the gate
@@ -192,7 +225,7 @@ class RedisLedger:
         except Exception as exc:  # any failure to reach the server: the gate retries, then stops the run
             if not (type(exc).__module__.startswith("redis") or isinstance(exc, (OSError, EOFError))):
                 raise
-            await self.aclose()  # the next step starts from a fresh pool, never from a half-dead connection
+            await self._close_client()  # the next step starts from a fresh pool, never from a half-dead connection
             raise LedgerUnavailable(f"{self.where}: {type(exc).__name__}: {masked(str(exc))}") from None
 
     async def reserve(self, rules: Rules, owner: str) -> Slot:
@@ -201,6 +234,11 @@ class RedisLedger:
             rules.keep, owner])
         if int(dropped) >= 0:
             warn_ahead(self.where, int(dropped), rules)
+        now = float(t) - float(wait)
+        if self._registered and now - self._beat > owners.BEAT:  # alive, for processes on other hosts
+            self._beat = now
+            with contextlib.suppress(Exception):  # a missed beat is made up by the next one
+                await self._redis.hset(self._procs, self._ident, f"{self._limits};{now!r}")
         return Slot(float(t), float(wait), str(token))
 
     async def confirm(self, slot: Slot, rules: Rules) -> float:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from crawler.errors import UsageError
+from crawler.rate.owners import Registered
 
 log = logging.getLogger("crawler.rate.ledger")
 
@@ -213,17 +214,20 @@ class Ledger(Protocol):
         """Starts in the last window of ``rules`` and the rest of `Status` (read only: nothing is dropped)."""
 
 
-def mismatch(rules: Rules, stored: dict[str, float], where: str) -> None:
-    mine = {"rate.limit": float(rules.limit), "rate.window": rules.window,
-            "rate.max_per_second": float(rules.max_per_second)}
-    for key, value in mine.items():
-        theirs = stored.get(key)
-        if theirs is not None and abs(theirs - value) > 1e-9:
-            in_force = ", ".join(f"{k} = {stored[k]:g}" for k in mine if k in stored)
-            raise UsageError(
-                f"{key} = {value:g} differs from the key's ledger ({where}), in use with {in_force}:"
-                " every process sharing the key must use the same values (or wait one window after the others stop)"
-            )
+def mismatch(rules: Rules, live: list[Registered], where: str) -> None:
+    """UsageError if a process alive now (`crawler.rate.owners.alive`) uses the key with other limits."""
+    mine = rules_record(rules)
+    for entry in live:
+        for key, value in mine.items():
+            theirs = entry.limits.get(key)
+            if theirs is not None and abs(theirs - value) > 1e-9:
+                in_force = ", ".join(f"{k} = {entry.limits[k]:g}" for k in mine if k in entry.limits)
+                host, pid = entry.ident.split("|")[:2]
+                raise UsageError(
+                    f"{key} = {value:g} differs from the key's ledger ({where}), in use with {in_force} by a running"
+                    f" process ({host}, pid {pid}): every process sharing the key must use the same values"
+                    " (or start this one after that process ends)"
+                )
 
 
 def rules_record(rules: Rules) -> dict[str, float]:

@@ -37,6 +37,7 @@ from crawler.jobs.commands import COMMANDS, CommandSpec
 from crawler.jobs.inputs import input_items
 from crawler.jobs.prepare import JobOptions, check_output_path, failures_path
 from crawler.rate.ledger import ledger_name
+from crawler.rate.pacing import Pace
 from crawler.retry import pause
 from crawler.runs.job_export import export
 from crawler.runs.job_worker import AUTO_START, JobWorker, SessionResult, host_name, job_store
@@ -273,11 +274,19 @@ def _merge(a: SessionResult, b: SessionResult) -> None:
         a.responses[kind] = a.responses.get(kind, 0) + n
 
 
+def _lost(lost: int) -> str:
+    """The items this process held and lost: another worker took them over when this one's heartbeat lapsed."""
+    if not lost:
+        return ""
+    return f"; {lost:,} item{'' if lost == 1 else 's'} it held went to other workers (its heartbeat lapsed)"
+
+
 def _summary(job: JobOptions, store: PgJobStore, pg: PgJob, progress: Any, fails: dict[str, int],
              error: CrawlerError | None, started: float, *, status: str, result: SessionResult, settings: Settings,
              reason: str = "") -> Outcome:
     out = Path(job.output)
     failures_file = failures_path(out)
+    pace = Pace.of(settings.rate_options())  # the pace every session of this process used
     summary = Summary(
         command=job.command, status=status, items_total=progress.total, items_done=progress.done,
         items_failed=sum(fails.values()),  # failed items and failed reply walks: the failures file's rows
@@ -285,14 +294,14 @@ def _summary(job: JobOptions, store: PgJobStore, pg: PgJob, progress: Any, fails
         requests_sent=pg.requests_sent, credits_billed=pg.credits_billed, run_requests=result.requests_sent,
         rate_limited=result.rate_limited, retries=result.retries, elapsed=time.monotonic() - started,
         parallelism=result.parallelism or settings.parallelism or AUTO_START,
-        rate_used=float(settings.rate_limit) if settings.rate_enabled else None,
-        rate_window_seconds=settings.rate_window if settings.rate_enabled else None,
+        rate_used=pace.effective_rate if pace.enabled else None,  # the rate used, as a local run reports it
+        rate_window_seconds=pace.window if pace.enabled else None,
         rate_wait_seconds=result.rate_wait_seconds, failures=fails, run_credits_billed=result.credits_billed,
         responses=dict(result.responses),
         output=str(out) if status != "stopped" else f"job {pg.id} in {store.where}",
         failures_file=str(failures_file) if fails else "",
         reason=reason or (str(error) if error else ""),
-        notes=(f"job {pg.id}: {result.items:,} items worked here, {result.lost} taken over by other workers",
+        notes=(f"job {pg.id}: {result.items:,} items worked here{_lost(result.lost)}",
                *((result.shapes,) if result.shapes else ())),
     )
     return Outcome(summary, error)
@@ -359,7 +368,7 @@ async def _work_each(store: PgJobStore, todo: list[PgJob], settings: Settings, a
             _merge(tally, result)
         if not quiet:
             print(f"crawler: job {pg.id}: {result.items:,} items worked here, {result.rows:,} rows,"
-                  f" {result.requests_sent:,} requests, {result.lost} taken over by other workers",
+                  f" {result.requests_sent:,} requests{_lost(result.lost)}",
                   file=sys.stderr)
         err = result.error
         if isinstance(err, BudgetExhausted):

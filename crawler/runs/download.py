@@ -162,6 +162,17 @@ def _files_of(what: str, seq: int, video_id: str, post: ep.Post, *, refreshed: i
 
 # --- the run ---
 
+def download_state_file(directory: Path, what: str) -> Path:
+    """A download job's state store: inside DIR, one job per kind of file (`crawler status DIR` reads them)."""
+    return directory / f".crawler-download-{what}.state.db"
+
+
+def download_jobs(directory: Path) -> dict[str, Path]:
+    """The download jobs in DIR: kind of file -> state store."""
+    prefix, suffix = ".crawler-download-", ".state.db"
+    return {p.name[len(prefix):-len(suffix)]: p for p in sorted(directory.glob(f"{prefix}*{suffix}"))}
+
+
 class Download:
     """One run of one download job. Build it, then `await run_download(download)`."""
 
@@ -204,7 +215,7 @@ class Download:
     @property
     def state_file(self) -> Path:
         """The job's state store, inside DIR (one job per kind of file)."""
-        return self.dir / f".crawler-download-{self.options.what}.state.db"
+        return download_state_file(self.dir, self.options.what)
 
     @property
     def failures_file(self) -> Path:

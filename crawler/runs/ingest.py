@@ -46,7 +46,7 @@ from crawler.options import EngineOptions
 from crawler.rate.pacing import MAX_AUTO_WORKERS
 from crawler.runs.ingest_calls import StoreCalls
 from crawler.runs.ingest_commit import IngestCommitter
-from crawler.runs.ingest_files import PROFILES, DayFiles, make_out_dir, out_dir_id, out_dir_lock
+from crawler.runs.ingest_files import PROFILES, DayFiles, drop_empty_out_dir, make_out_dir, out_dir_id, out_dir_lock
 from crawler.runs.ingest_plan import DayPlan
 from crawler.runs.ingest_report import IngestReport, Tally
 from crawler.runs.ingest_walk import UserTask, UserWork
@@ -340,7 +340,16 @@ async def ingest(
     run = Ingest(input_path, out_dir, settings, api_key=api_key, date=date, with_posts=with_posts, restart=restart,
                  retry_failed=retry_failed, column=column, by_id=by_id, quiet=quiet, clock=clock,
                  force_date=force_date, include_private=include_private)
-    make_out_dir(out_dir)
+    created = make_out_dir(out_dir)
+    try:
+        return await _ingest_in(run, out_dir, install_signals)
+    except UsageError:
+        if created:  # a usage error leaves nothing behind: the out-dir this run made goes if it stayed empty
+            drop_empty_out_dir(out_dir)
+        raise
+
+
+async def _ingest_in(run: Ingest, out_dir: Path, install_signals: bool) -> IngestResult:
     installed: list[signal.Signals] = []
 
     def sent_any() -> bool:

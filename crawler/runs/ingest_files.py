@@ -213,7 +213,9 @@ def out_dir_id(out_dir: Path) -> str:
     return new
 
 
-def make_out_dir(out_dir: Path) -> None:
+def make_out_dir(out_dir: Path) -> bool:
+    """Make DIR if missing; whether this call made it."""
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -221,6 +223,13 @@ def make_out_dir(out_dir: Path) -> None:
                          " write to") from None
     if not out_dir.is_dir():
         raise UsageError(f"--out-dir {out_dir} is not a directory")
+    return created
+
+
+def drop_empty_out_dir(out_dir: Path) -> None:
+    """Remove DIR if it is empty (after a usage error, the out-dir the run made leaves nothing behind)."""
+    with contextlib.suppress(OSError):
+        out_dir.rmdir()
 
 
 @contextlib.contextmanager
@@ -233,4 +242,8 @@ def out_dir_lock(out_dir: Path, started: dt.datetime) -> Iterator[str | None]:
             return
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}, started {started.isoformat(timespec='seconds')}\n".encode(), 0)
-        yield None
+        try:
+            yield None
+        except UsageError:  # a usage error leaves no lock behind (removed while held: `lock_file` allows it)
+            path.unlink(missing_ok=True)
+            raise

@@ -35,7 +35,7 @@ from crawler.errors import (
 from crawler.files import replace_durably
 from crawler.jobs.media import SNIFF_BYTES, VIDEO_EXTS, extension, known_extension
 from crawler.options import Retries
-from crawler.retry import Stall, retry_async
+from crawler.retry import Stall, retry_after_words, retry_async
 from crawler.stores.local import StateStore
 from crawler.stores.model import MediaFile
 
@@ -228,7 +228,7 @@ class MediaTransfer:
         pos.stall.failed()
         if wait > pos.stall.left():
             raise RateLimitStalled(
-                f"the media host {host} answered HTTP {status} asking to wait {wait:g} s (Retry-After), past"
+                f"the media host {host} answered HTTP {status} asking to wait {retry_after_words(wait)}, past"
                 f" retry.stall_limit ({pos.stall.limit:g} s); complete files are kept and partial ones resume:"
                 " run the same command later")
         raise _Throttled(f"{f.name}: HTTP {status}, Retry-After {wait:g} s", wait)

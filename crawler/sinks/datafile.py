@@ -50,7 +50,7 @@ def record_kinds(record: type[Record]) -> dict[str, Kind]:
 
 def datafile_path(csv_path: Path, fmt: str) -> Path:
     """Where the ``fmt`` copy of ``csv_path`` goes: beside it, ``.csv`` replaced (OUT.csv -> OUT.parquet)."""
-    if csv_path.suffix == ".csv":
+    if csv_path.suffix.lower() == ".csv":
         return csv_path.with_suffix(f".{fmt}")
     return csv_path.with_name(f"{csv_path.name}.{fmt}")
 
