@@ -384,7 +384,8 @@ def _challenge_lines(chs: list[Any]) -> tuple[list[str], list[str], dict[str, st
     a, b, c = chs
     lines = [a.challenge_id, "#" + b.name.upper(), c.name, f"#{b.name}", a.challenge_id, "nosuchtag",
              GHOST_CHALLENGE, "bad\tname"]
-    failures = {"nosuchtag": "not_found", GHOST_CHALLENGE: "not_found", "bad\tname": "invalid_input"}
+    # The failures file shows a control character escaped (issue 23, item 8): the tab is written as \x09.
+    failures = {"nosuchtag": "not_found", GHOST_CHALLENGE: "not_found", "bad\\x09name": "invalid_input"}
     return lines, [a.challenge_id, b.name, c.name], failures
 
 
