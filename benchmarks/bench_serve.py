@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             store.bulk_users(bench_history.users(args.handles, args.days))
             store.bulk_snapshots(bench_history.rows(args.handles, args.days))
+            store.rebuild()
         finally:
             store.close()
         r = measure(url, args.handles)

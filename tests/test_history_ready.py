@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 
 from crawler.api.records import Profile
-from crawler.history import ready
+from crawler.history import pages, ready
+from crawler.history.paging import overview_page
+from crawler.history.serve import _sort_key
 from crawler.history.store import HistoryStore
 from tests.test_history import history_url  # noqa: F401  (the fixture)
 
@@ -63,6 +65,10 @@ def assert_ready_matches(store: HistoryStore) -> None:
     computed = sorted(store._overview_computed((1, 7, 30), end), key=lambda r: r.user_id)
     assert ready_rows == computed
     n = len(computed)
+    for sort in (*pages.SORTS, *(f"-{s}" for s in pages.SORTS)):  # every order of the page, pages of 7
+        want = sorted(computed, key=_sort_key(sort), reverse=sort == "-handle")
+        for offset in (0, 7, n // 2, n - 3):
+            assert overview_page(store, sort, offset, 7) == (want[offset:offset + 7], n), (sort, offset)
     for days in ready.WINDOWS:
         for limit in (3, n + 1):
             assert store.top("followers-gained", days, limit) == store.top("followers-gained", days, limit,
@@ -141,6 +147,9 @@ def test_migration_fills_a_store_without_it(history_url: str) -> None:  # noqa: 
         want = stored(store)
         for n in ready.WINDOWS:  # back to a version 3 store
             store._exec(f"DROP INDEX users_g{n}")
+            store._exec(f"DROP INDEX users_g{n}_up")
+        for name in ("users_followers", "users_followers_down", "users_handle"):
+            store._exec(f"DROP INDEX {name}")
         for c in ready.COLUMNS:
             store._exec(f"ALTER TABLE users DROP COLUMN {c}")
         store._exec("DELETE FROM schema_version WHERE version = 4")

@@ -25,9 +25,14 @@ def migration() -> list[str]:
     types = {"s_first": "{date}", "s_last": "{date}"} | {c: "{int}" for c in COUNTS} | {
         f"{c}{n}": "{date}" if c == "d" else "{int}" for n in WINDOWS for c in "dfg"}
     out = [f"ALTER TABLE users ADD COLUMN {c} {types[c]}" for c in COLUMNS]
-    # The top and the sorted pages: the users of a last day, by gain (NULL last), ties by handle.
-    out += [f"CREATE INDEX IF NOT EXISTS users_g{n} ON users (s_last, g{n} DESC{{nulls_last}}, handle)"
-            for n in WINDOWS]
+    # The top and the overview's sorted pages: the users of a last day by gain (NULL last), ties by handle (in code
+    # point order, as the page sorts); by followers; by handle.
+    for n in WINDOWS:
+        out += [f"CREATE INDEX IF NOT EXISTS users_g{n} ON users (s_last, g{n} DESC{{nulls_last}}, handle{{c}})",
+                f"CREATE INDEX IF NOT EXISTS users_g{n}_up ON users (s_last, g{n}, handle{{c}})"]
+    out += ["CREATE INDEX IF NOT EXISTS users_followers ON users (followers, handle{c})",
+            "CREATE INDEX IF NOT EXISTS users_followers_down ON users (followers DESC{nulls_last}, handle{c})",
+            "CREATE INDEX IF NOT EXISTS users_handle ON users (handle{c})"]
     return out
 
 

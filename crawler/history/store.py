@@ -104,6 +104,7 @@ class HistoryStore(HistoryQueries):
         types = ({"date": "DATE", "ts": "TIMESTAMPTZ", "bool": "BOOLEAN", "int": "BIGINT"} if self.postgres
                  else {"date": "TEXT", "ts": "TEXT", "bool": "INTEGER", "int": "INTEGER"})
         types["nulls_last"] = " NULLS LAST" if self.postgres else ""  # SQLite: NULLs sort last descending
+        types["c"] = ' COLLATE "C"' if self.postgres else ""  # code point order (SQLite's BINARY), as Python sorts
         if self.postgres:  # several ingest processes may start together: one migrates at a time, all DDL under
             self._exec("SELECT pg_advisory_lock(7426001)")  # the lock (two CREATE IF NOT EXISTS can collide)
         try:
