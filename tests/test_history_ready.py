@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from crawler.history import pages, ready
 from crawler.history.paging import overview_page
 from crawler.history.serve import _sort_key
 from crawler.history.store import HistoryStore
+from tests.test_cli import crawler, environ
 from tests.test_history import history_url  # noqa: F401  (the fixture)
 
 DAY0 = dt.date(2026, 3, 1)
@@ -159,5 +161,25 @@ def test_migration_fills_a_store_without_it(history_url: str) -> None:  # noqa: 
     try:
         assert stored(store) == want
         assert_ready_matches(store)
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+async def test_the_rebuild_command(history_url: str, tmp_path: Path) -> None:  # noqa: F811
+    """`crawler history rebuild` recomputes the damaged data from the snapshots and says how many users."""
+    store = HistoryStore(history_url)
+    try:
+        fill(store, 3)
+        want = stored(store)
+        store._exec("UPDATE users SET g30 = 7, s_last = NULL")
+    finally:
+        store.close()
+    code, _, err = await crawler(["history", "rebuild", "--history-url", history_url], environ(None), tmp_path)
+    assert code == 0, err
+    assert f"rebuilt the maintained data of {len(want)} users" in err
+    store = HistoryStore(history_url)
+    try:
+        assert stored(store) == want
     finally:
         store.close()
