@@ -24,7 +24,7 @@ def migration() -> list[str]:
     """Version 4's statements ({date}/{int}/{nulls_last} filled per database); the rebuild fills the columns."""
     types = {"s_first": "{date}", "s_last": "{date}"} | {c: "{int}" for c in COUNTS} | {
         f"{c}{n}": "{date}" if c == "d" else "{int}" for n in WINDOWS for c in "dfg"}
-    out = [f"ALTER TABLE users ADD COLUMN {c} {types[c]}" for c in COLUMNS]
+    out = [f"ALTER TABLE users ADD COLUMN {{if_missing}}{c} {types[c]}" for c in COLUMNS]
     # The top and the overview's sorted pages: the users of a last day by gain (NULL last), ties by handle (in code
     # point order, as the page sorts); by followers; by handle.
     for n in WINDOWS:
@@ -34,6 +34,13 @@ def migration() -> list[str]:
             "CREATE INDEX IF NOT EXISTS users_followers_down ON users (followers DESC{nulls_last}, handle{c})",
             "CREATE INDEX IF NOT EXISTS users_handle ON users (handle{c})"]
     return out
+
+
+def missing_columns(db: Any) -> set[str]:
+    """Those of COLUMNS a SQLite store's users table lacks (a store whose schema_version was set back keeps them;
+    PostgreSQL adds them with IF NOT EXISTS)."""
+    have = {str(r[1]) for r in db._rows("PRAGMA table_info(users)")}
+    return set(COLUMNS) - have
 
 
 def _iso(value: Any) -> str:
