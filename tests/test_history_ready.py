@@ -135,7 +135,7 @@ def test_rebuild_restores_damaged_data(history_url: str) -> None:  # noqa: F811
         want = stored(store)
         store._exec("UPDATE users SET g7 = 999, s_last = NULL, followers = -1")
         assert stored(store) != want
-        assert store.rebuild() == len(want)
+        assert ready.rebuild_store(store) == len(want)
         assert stored(store) == want
         assert_ready_matches(store)
     finally:

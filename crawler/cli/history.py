@@ -144,7 +144,9 @@ def _plot(store: Any, args: argparse.Namespace) -> None:
 
 
 def _rebuild(store: Any, args: argparse.Namespace) -> None:
-    n = store.rebuild()
+    from crawler.history.ready import rebuild_store
+
+    n = rebuild_store(store)
     print(f"crawler: rebuilt the maintained data of {n:,} users from the snapshots", file=sys.stderr)
 
 

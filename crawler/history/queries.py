@@ -173,21 +173,17 @@ class HistoryQueries(HistoryDb):
         last snapshot is of that day from the index on their gain; those whose last is older (stragglers) from
         their snapshots in the window."""
         s, e = start.isoformat(), end.isoformat()
+        # Stragglers: per user (users by last day), the first snapshot of the window before their last one.
         rows = self._rows(
-            "WITH w AS (SELECT x.user_id, x.followers AS v,"
-            " ROW_NUMBER() OVER (PARTITION BY x.user_id ORDER BY x.day) AS a,"
-            " ROW_NUMBER() OVER (PARTITION BY x.user_id ORDER BY x.day DESC) AS b"
-            " FROM users u JOIN snapshots x ON x.user_id = u.user_id AND x.day >= ? AND x.day <= ?"
-            " WHERE u.s_last >= ? AND u.s_last < ?),"
-            " g AS (SELECT user_id, MAX(CASE WHEN a = 1 THEN v END) AS first_v,"
-            " MAX(CASE WHEN b = 1 THEN v END) AS last_v FROM w WHERE a = 1 OR b = 1 GROUP BY user_id"
-            " HAVING MAX(a) > 1),"
+            "WITH l AS (SELECT u.handle, u.user_id, u.followers AS last_v, (SELECT f.day FROM snapshots f"
+            " WHERE f.user_id = u.user_id AND f.day >= ? AND f.day < u.s_last ORDER BY f.day LIMIT 1) AS fd"
+            " FROM users u WHERE u.s_last >= ? AND u.s_last < ?),"
             f" r AS (SELECT handle, user_id, f{days} AS first_v, followers AS last_v, g{days} AS gained FROM users"
             f" WHERE s_last = ? AND d{days} IS NOT NULL ORDER BY g{days} DESC NULLS LAST, handle LIMIT ?)"
             " SELECT handle, user_id, first_v, last_v, gained FROM r UNION ALL"
-            " SELECT u.handle, g.user_id, g.first_v, g.last_v, g.last_v - g.first_v FROM g"
-            " JOIN users u ON u.user_id = g.user_id ORDER BY gained DESC NULLS LAST, handle LIMIT ?",
-            (s, e, s, e, e, limit, limit))
+            " SELECT l.handle, l.user_id, x.followers, l.last_v, l.last_v - x.followers FROM l"
+            " JOIN snapshots x ON x.user_id = l.user_id AND x.day = l.fd ORDER BY gained DESC NULLS LAST, handle"
+            " LIMIT ?", (s, s, e, e, limit, limit))
         return [TopRow(str(h), str(u), a, b, g) for h, u, a, b, g in rows]
 
     def as_of(self, day: dt.date) -> list[tuple[Any, ...]]:

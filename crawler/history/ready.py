@@ -36,11 +36,28 @@ def migration() -> list[str]:
     return out
 
 
-def missing_columns(db: Any) -> set[str]:
-    """Those of COLUMNS a SQLite store's users table lacks (a store whose schema_version was set back keeps them;
-    PostgreSQL adds them with IF NOT EXISTS)."""
-    have = {str(r[1]) for r in db._rows("PRAGMA table_info(users)")}
-    return set(COLUMNS) - have
+def run_migration(db: Any, version: int, statements: Sequence[str], types: dict[str, str]) -> None:
+    """Run a migration's statements (inside the store's migration transaction); version 4 then fills the columns.
+    A column the users table has already (a store whose schema_version was set back) is not added again: SQLite
+    has no ADD COLUMN IF NOT EXISTS."""
+    types = types | {"nulls_last": " NULLS LAST" if db.postgres else "",  # SQLite: NULLs sort last descending
+                     "if_missing": "IF NOT EXISTS " if db.postgres else "",
+                     "c": ' COLLATE "C"' if db.postgres else ""}  # code point order (SQLite's BINARY), as Python
+    have = set() if db.postgres or version != 4 else {str(r[1]) for r in db._rows("PRAGMA table_info(users)")}
+    for statement in statements:
+        if statement.startswith("ALTER TABLE users ADD COLUMN") and statement.split()[-2].removeprefix(
+                "{if_missing}") in have:
+            continue
+        db._exec(statement.format(**types))
+    if version == 4:
+        rebuild(db)
+
+
+def rebuild_store(db: Any) -> int:
+    """`crawler history rebuild`: recompute every user's maintained data from the snapshots, in one transaction;
+    the number of users."""
+    with db.transaction():
+        return rebuild(db)
 
 
 def _iso(value: Any) -> str:

@@ -103,9 +103,6 @@ class HistoryStore(HistoryQueries):
     def _migrate(self) -> None:
         types = ({"date": "DATE", "ts": "TIMESTAMPTZ", "bool": "BOOLEAN", "int": "BIGINT"} if self.postgres
                  else {"date": "TEXT", "ts": "TEXT", "bool": "INTEGER", "int": "INTEGER"})
-        types["nulls_last"] = " NULLS LAST" if self.postgres else ""  # SQLite: NULLs sort last descending
-        types["if_missing"] = "IF NOT EXISTS " if self.postgres else ""
-        types["c"] = ' COLLATE "C"' if self.postgres else ""  # code point order (SQLite's BINARY), as Python sorts
         if self.postgres:  # several ingest processes may start together: one migrates at a time, all DDL under
             self._exec("SELECT pg_advisory_lock(7426001)")  # the lock (two CREATE IF NOT EXISTS can collide)
         try:
@@ -119,14 +116,7 @@ class HistoryStore(HistoryQueries):
                 if self._migrated(version):  # SQLite: another process did it between the read and BEGIN IMMEDIATE
                     self._commit()
                     continue
-                missing = set(ready.COLUMNS) if self.postgres or version != 4 else ready.missing_columns(self)
-                for statement in MIGRATIONS[version]:
-                    column = statement.split()[-2].removeprefix("{if_missing}")
-                    if statement.startswith("ALTER TABLE users ADD COLUMN") and column not in missing:
-                        continue  # already there (SQLite has no ADD COLUMN IF NOT EXISTS)
-                    self._exec(statement.format(**types))
-                if version == 4:
-                    ready.rebuild(self)
+                ready.run_migration(self, version, MIGRATIONS[version], types)
                 self._exec("INSERT INTO schema_version (version) VALUES (?)", (version,))
                 self._commit()
         finally:
@@ -362,12 +352,6 @@ class HistoryStore(HistoryQueries):
             self._exec("DELETE FROM ingest_failures WHERE day = ? AND part = 'profiles'", (day.isoformat(),))
             for path, length in files.items():
                 self.put_file_length(path, length)
-
-    def rebuild(self) -> int:
-        """`crawler history rebuild`: recompute every user's maintained data from the snapshots, in one transaction;
-        the number of users."""
-        with self.transaction():
-            return ready.rebuild(self)
 
     def bulk_snapshots(self, rows: Iterable[tuple[Any, ...]]) -> int:
         """Load snapshot rows (SNAPSHOT_COLUMNS order) fast: COPY on PostgreSQL, one transaction on SQLite. The
