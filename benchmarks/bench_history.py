@@ -106,7 +106,8 @@ def run(url: str, label: str, handles: int, days: int) -> dict[str, float]:
           f" (30 days {growth_month * 1000:.1f} ms)"
           f" | top 7d {top * 1000:.0f} ms, top 30d {top_month * 1000:.0f} ms | as-of {as_of:.2f} s")
     return {"load_s": load, "baseline_s": base, "rebuild_s": rebuild, "growth_ms": growth * 1000,
-            "top7_ms": top * 1000, "top30_ms": top_month * 1000, "as_of_s": as_of, **{f"serve_{k}": v for k, v in serve.items()}}
+            "top7_ms": top * 1000, "top30_ms": top_month * 1000, "as_of_s": as_of,
+            **{f"serve_{k}": v for k, v in serve.items()}}
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
