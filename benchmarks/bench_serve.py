@@ -18,6 +18,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from crawler.history import ready
 from crawler.history.serve import make_app
 from crawler.history.store import HistoryStore
 
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             store.bulk_users(bench_history.users(args.handles, args.days))
             store.bulk_snapshots(bench_history.rows(args.handles, args.days))
+            ready.rebuild_store(store)
         finally:
             store.close()
         r = measure(url, args.handles)

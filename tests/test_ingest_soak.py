@@ -1,6 +1,6 @@
 """Thirty simulated nights of `ingest --posts`: faults, SIGKILLs, a skipped night, a budget stop, renames,
 deleted posts, new posts daily and a watch-list edit; then every snapshot, post and day is checked against
-the simulator's world."""
+the simulator's world, and the maintained per-user data against a recomputation from the snapshots."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from crawler.sim.data import VIDEO_ID_BASE, VIDEO_SLOTS, World, WorldConfig
 from crawler.sim.server import FAULT_KINDS
 from tests.conftest import KEY, SimFactory, fast_settings
 from tests.test_cli import FAST_TOML, crawler, environ
+from tests.test_history_ready import assert_ready_matches
 from tests.test_ingest import day, night, posts_union, rows, store_url  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.slow  # a soak: thirty nights, each a run of its own
@@ -154,6 +155,8 @@ async def test_thirty_nights_hold_every_snapshot_and_post_exactly_once(simulator
             if len(days) > 1:  # a single snapshot in the window is no gain
                 want[u] = truth[(u, days[-1])] - truth[(u, days[0])]
         assert {t.user_id: t.gained for t in top} == want
+        # the per-user data the overview and `top --days 1|7|30` read equals a recomputation from the snapshots
+        assert_ready_matches(store)
         assert final == NIGHTS - 1
         assert Counter(exits.values())[4] == 1
     finally:

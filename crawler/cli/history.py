@@ -1,4 +1,4 @@
-"""`history`: the queries over the snapshot history (growth, top, as-of, days, export, plot, serve)."""
+"""`history`: the queries over the snapshot history (growth, top, as-of, days, export, plot, serve) and rebuild."""
 
 from __future__ import annotations
 
@@ -143,6 +143,14 @@ def _plot(store: Any, args: argparse.Namespace) -> None:
     print(f"crawler: wrote {args.output} ({', '.join(labels)})", file=sys.stderr)
 
 
+def _rebuild(store: Any, args: argparse.Namespace) -> None:
+    from crawler.history.ready import rebuild_store
+
+    n = rebuild_store(store)
+    print(f"crawler: rebuilt the maintained data of {n:,} users from the snapshots", file=sys.stderr)
+
+
 _QUERIES: dict[str, Callable[[Any, argparse.Namespace], None]] = {
     "growth": _growth, "top": _top, "as-of": _as_of, "days": _days, "export": _export, "plot": _plot,
+    "rebuild": _rebuild,
 }

@@ -220,7 +220,8 @@ def _ingest_command(sub: Any) -> None:
 def _history_command(sub: Any) -> None:
     """`history` and its queries."""
     h = sub.add_parser("history", help="follower growth and other queries over the snapshots",
-                       description="Queries over the snapshots `crawler ingest` stored (read-only).")
+                       description="Queries over the snapshots `crawler ingest` stored (read-only; `rebuild`"
+                       " recomputes the per-user data they read).")
     hs = h.add_subparsers(title="queries", metavar="QUERY", parser_class=_Parser)
     fmt = _Defaults
     g1 = hs.add_parser("growth", help="day, followers and delta for one handle", formatter_class=fmt,
@@ -260,8 +261,11 @@ def _history_command(sub: Any) -> None:
     g7 = hs.add_parser("days", help="per day: users snapshotted and missing, credits, how the runs ended, gaps",
                        description="Per UTC day: users snapshotted and missing, failures, credits billed, how the"
                        " runs ended; a day without a run is a gap.")
+    g8 = hs.add_parser("rebuild", help="recompute the per-user data the overview and top read, from the snapshots",
+                       description="Recompute each user's latest counts and 1/7/30-day gains (kept up to date by"
+                       " every ingest) from the snapshots, in one transaction.")
     for q, name in ((g1, "growth"), (g2, "top"), (g3, "as-of"), (g4, "export"), (g5, "plot"), (g6, "serve"),
-                    (g7, "days")):
+                    (g7, "days"), (g8, "rebuild")):
         q.add_argument("--history-url", dest="history.url", metavar="URL",
                        help="postgresql://... or a SQLite path (default: history.db in the data directory)")
         q.add_argument("--config", help="config.toml (default ./config.toml or CRAWLER_CONFIG)")

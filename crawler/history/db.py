@@ -22,7 +22,7 @@ from crawler import sqlite
 from crawler.errors import UsageError
 from crawler.stores import postgres
 
-SCHEMA_VERSION = 3  # the newest of the migrations (store.MIGRATIONS)
+SCHEMA_VERSION = 4  # the newest of the migrations (store.MIGRATIONS)
 SNAPSHOT_COLUMNS = ("user_id", "day", "fetched_at", "handle", "followers", "following", "hearts", "videos", "likes",
                     "verified", "private")
 T = TypeVar("T")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from crawler.errors import UsageError
+from crawler.history import ready
 from crawler.history.db import SNAPSHOT_COLUMNS, HistoryDb
 
 METRICS = {"followers-gained": "followers", "hearts-gained": "hearts", "videos-gained": "videos",
@@ -150,6 +151,8 @@ class HistoryQueries(HistoryDb):
         if end is None:
             return []
         start = end - dt.timedelta(days=days)
+        if column == "followers" and days in ready.WINDOWS and until is None and self.version >= 4:
+            return self._top_ready(days, limit, start, end)
         # One pass: number each user's days both ways, keep the first and last, fold them per user (the last one's
         # number from the start is the user's count of snapshots in the window).
         rows = self._rows(
@@ -164,6 +167,24 @@ class HistoryQueries(HistoryDb):
             " JOIN users u ON u.user_id = g.user_id ORDER BY gained DESC NULLS LAST, u.handle LIMIT ?",
             (start.isoformat(), end.isoformat(), limit))
         return [TopRow(str(h), str(u), s, e, g) for h, u, s, e, g in rows]
+
+    def _top_ready(self, days: int, limit: int, start: dt.date, end: dt.date) -> list[TopRow]:
+        """`top` by followers over a window kept ready (ready.py), ending at the store's newest day: the users whose
+        last snapshot is of that day from the index on their gain; those whose last is older (stragglers) from
+        their snapshots in the window."""
+        s, e = start.isoformat(), end.isoformat()
+        # Stragglers: per user (users by last day), the first snapshot of the window before their last one.
+        rows = self._rows(
+            "WITH l AS (SELECT u.handle, u.user_id, u.followers AS last_v, (SELECT f.day FROM snapshots f"
+            " WHERE f.user_id = u.user_id AND f.day >= ? AND f.day < u.s_last ORDER BY f.day LIMIT 1) AS fd"
+            " FROM users u WHERE u.s_last >= ? AND u.s_last < ?),"
+            f" r AS (SELECT handle, user_id, f{days} AS first_v, followers AS last_v, g{days} AS gained FROM users"
+            f" WHERE s_last = ? AND d{days} IS NOT NULL ORDER BY g{days} DESC NULLS LAST, handle LIMIT ?)"
+            " SELECT handle, user_id, first_v, last_v, gained FROM r UNION ALL"
+            " SELECT l.handle, l.user_id, x.followers, l.last_v, l.last_v - x.followers FROM l"
+            " JOIN snapshots x ON x.user_id = l.user_id AND x.day = l.fd ORDER BY gained DESC NULLS LAST, handle"
+            " LIMIT ?", (s, s, e, e, limit, limit))
+        return [TopRow(str(h), str(u), a, b, g) for h, u, a, b, g in rows]
 
     def as_of(self, day: dt.date) -> list[tuple[Any, ...]]:
         """Every user's latest snapshot on or before ``day`` (SNAPSHOT_COLUMNS order)."""
@@ -228,11 +249,42 @@ class HistoryQueries(HistoryDb):
         [end - N, end], end being ``until`` or the newest snapshot day of the store; None when the user has fewer
         than two snapshots there (a single one is no gain of 0).
         """
-        end = until or self.last_day()
+        newest = self.last_day()
+        end = until or newest
         if end is None:
             return []
+        if end == newest and set(days) <= set(ready.WINDOWS) and self.version >= 4:
+            return self._overview_ready(days, end)
+        return self._overview_computed(days, end)
+
+    def _overview_ready(self, days: Sequence[int], end: dt.date, ids: Sequence[str] | None = None
+                        ) -> list[OverviewRow]:
+        """`overview` at the store's newest day from the maintained data (``ids``: of those users only): a user
+        whose last snapshot is of that day has the gains kept ready; the others (stragglers of the last 30 days) are
+        computed from their snapshots."""
+        if ids is not None and not ids:
+            return []
+        e = end.isoformat()
+        gains = ", ".join(f"CASE WHEN s_last = ? THEN g{n} END" for n in days)
+        only = "" if ids is None else f" AND user_id IN ({', '.join('?' * len(ids))})"
+        rows = self._rows("SELECT user_id, handle, nickname, s_last, followers, following, videos, hearts,"
+                          f" {gains} FROM users WHERE s_last IS NOT NULL{only}", (e,) * len(days) + tuple(ids or ()))
+        n = len(days)
+        out = [OverviewRow(str(r[0]), str(r[1]), "" if r[2] is None else str(r[2]), self._day(r[3]),
+                           r[4], r[5], r[6], r[7], dict(zip(days, r[8:8 + n], strict=True))) for r in rows]
+        since = (end - dt.timedelta(days=max(days, default=0))).isoformat()
+        late = {r.user_id: r for r in self._overview_computed(days, end, late_since=since, ids=ids)}
+        return [late.get(r.user_id, r) for r in out]
+
+    def _overview_computed(self, days: Sequence[int], end: dt.date, late_since: str | None = None,
+                           ids: Sequence[str] | None = None) -> list[OverviewRow]:
+        """`overview` from the snapshots (``late_since``: only the users whose last snapshot is from that day to
+        before ``end``; ``ids``: and of those users only)."""
         e = end.isoformat()
         starts = [(end - dt.timedelta(days=n)).isoformat() for n in days]
+        late = "" if late_since is None else " WHERE u.s_last >= ? AND u.s_last < ?"
+        if late_since is not None and ids is not None:
+            late += f" AND u.user_id IN ({', '.join('?' * len(ids))})"
         # Index seeks on the (user_id, day) key only: per user, the newest snapshot up to the end and the first
         # one inside each window before it. (Grouping a month of every user's rows instead took 1.4 s at 10k users.)
         firsts = ", ".join(f"(SELECT f.followers FROM snapshots f WHERE f.user_id = l.user_id AND f.day >= ?"
@@ -240,13 +292,13 @@ class HistoryQueries(HistoryDb):
         gains = ", ".join(f"CASE WHEN s.day >= ? THEN s.followers - g.f{i} END" for i in range(len(days)))
         rows = self._rows(
             "WITH l AS (SELECT u.user_id, u.handle, u.nickname, (SELECT MAX(m.day) FROM snapshots m"
-            " WHERE m.user_id = u.user_id AND m.day <= ?) AS last FROM users u),"
+            f" WHERE m.user_id = u.user_id AND m.day <= ?) AS last FROM users u{late}),"
             f" g AS (SELECT l.user_id, l.handle, l.nickname, l.last, {firsts} FROM l)"
             " SELECT g.user_id, g.handle, g.nickname, s.day, s.followers, s.following, s.videos, s.hearts,"
             # LEFT JOIN: users stay the outer loop (SQLite would otherwise walk all of snapshots first).
             f" {gains} FROM g LEFT JOIN snapshots s ON s.user_id = g.user_id AND s.day = g.last"
             " WHERE g.last IS NOT NULL",
-            (e, *starts, *starts))
+            (e, *(() if late_since is None else (late_since, e, *(ids or ()))), *starts, *starts))
         n = len(days)
         return [OverviewRow(str(r[0]), str(r[1]), "" if r[2] is None else str(r[2]), self._day(r[3]),
                             r[4], r[5], r[6], r[7], dict(zip(days, r[8:8 + n], strict=True))) for r in rows]

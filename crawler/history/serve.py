@@ -24,7 +24,7 @@ from aiohttp import web
 
 from crawler.engine.stop import install_signals, remove_signals
 from crawler.errors import UsageError
-from crawler.history import pages
+from crawler.history import pages, paging
 from crawler.history.db import StoreThread, connection_lost
 from crawler.history.queries import HistoryQueries, OverviewRow, SeriesRow, parse_day
 from crawler.stores.postgres import deadline
@@ -140,6 +140,9 @@ async def overview(request: web.Request) -> web.Response:
 
     def load(store: HistoryQueries) -> pages.OverviewView:
         end = store.last_day()
+        ready = None if q else _ready_page(store, sort, page)
+        if ready is not None:
+            return ready
         rows = store.overview(pages.WINDOWS, until=end)
         total = len(rows)
         if q:
@@ -155,6 +158,23 @@ async def overview(request: web.Request) -> web.Response:
 
     view = await request.app[HISTORY].run(load)
     return _html(pages.overview(view, focus_sort=request.query.get("focus") == "sort"))
+
+
+def _ready_page(store: HistoryQueries, sort: str, page: int) -> pages.OverviewView | None:
+    """The overview's page from the maintained data (paging.py); None on a store without it."""
+    end = store.last_day()
+    first = paging.overview_page(store, sort, (page - 1) * pages.PAGE_SIZE, pages.PAGE_SIZE, pages.WINDOWS)
+    if first is None:
+        return None
+    shown, total = first
+    count = max(1, math.ceil(total / pages.PAGE_SIZE))
+    if page > count:  # past the last page: the last page
+        page = count
+        shown, total = paging.overview_page(store, sort, (page - 1) * pages.PAGE_SIZE, pages.PAGE_SIZE,
+                                            pages.WINDOWS) or ([], 0)
+    sparks = {} if end is None else store.followers_since([r.user_id for r in shown], end - dt.timedelta(days=30))
+    return pages.OverviewView(shown, sparks, total, total, page, count, sort, "",
+                              None if end is None else end.isoformat())
 
 
 def _resolve(store: HistoryQueries, handle: str) -> tuple[str, str, str]:

@@ -16,6 +16,7 @@ from typing import Any
 from crawler.api.records import Post, Profile
 from crawler.config import check_history_url
 from crawler.errors import UsageError
+from crawler.history import ready
 from crawler.history.db import SNAPSHOT_COLUMNS
 from crawler.history.queries import HistoryQueries
 
@@ -65,6 +66,9 @@ MIGRATIONS: dict[int, list[str]] = {
         "CREATE TABLE IF NOT EXISTS claims (day {date} NOT NULL, subject TEXT NOT NULL, owner TEXT NOT NULL,"
         " expires {int} NOT NULL, PRIMARY KEY (day, subject))",
     ],
+    # Version 4 (reads that do not grow with the users): each user's latest counts and gains (ready.py), filled
+    # by the same rebuild as `crawler history rebuild`.
+    4: ready.migration(),
 }
 
 
@@ -112,8 +116,7 @@ class HistoryStore(HistoryQueries):
                 if self._migrated(version):  # SQLite: another process did it between the read and BEGIN IMMEDIATE
                     self._commit()
                     continue
-                for statement in MIGRATIONS[version]:
-                    self._exec(statement.format(**types))
+                ready.run_migration(self, version, MIGRATIONS[version], types)
                 self._exec("INSERT INTO schema_version (version) VALUES (?)", (version,))
                 self._commit()
         finally:
@@ -168,6 +171,7 @@ class HistoryStore(HistoryQueries):
                 " ELSE handles.last_day END",
                 (handle, profile.user_id, d, d),
             )
+        ready.refresh(self, [profile.user_id])
 
     def record_rename(self, user_id: str, old: str, new: str, day: dt.date) -> None:
         """Remember that ``user_id`` went from handle ``old`` to ``new`` on ``day`` (idempotent)."""
@@ -344,12 +348,14 @@ class HistoryStore(HistoryQueries):
                 chunk = ids[start:start + 500]
                 self._exec(f"DELETE FROM snapshots WHERE day = ? AND user_id IN ({', '.join('?' * len(chunk))})",
                            (day.isoformat(), *chunk))
+            ready.refresh(self, ids)
             self._exec("DELETE FROM ingest_failures WHERE day = ? AND part = 'profiles'", (day.isoformat(),))
             for path, length in files.items():
                 self.put_file_length(path, length)
 
     def bulk_snapshots(self, rows: Iterable[tuple[Any, ...]]) -> int:
-        """Load snapshot rows (SNAPSHOT_COLUMNS order) fast: COPY on PostgreSQL, one transaction on SQLite."""
+        """Load snapshot rows (SNAPSHOT_COLUMNS order) fast: COPY on PostgreSQL, one transaction on SQLite. The
+        maintained data is not kept up to date: `rebuild` after loading."""
         n = 0
         if self.postgres:
             with self._db.cursor() as cur, cur.copy(

@@ -1,0 +1,144 @@
+"""The history's maintained data: per user, what the overview and `history top --days 1|7|30` read without walking
+every user's snapshots (columns of `users`, kept up to date by every write of snapshots, in its transaction).
+
+Per user: ``s_first``/``s_last`` (first and last snapshot day), the last snapshot's counts, and for each window N of
+``WINDOWS`` the gain over the N days ending at the user's own last snapshot: ``dN`` the first snapshot day in
+[s_last - N, s_last) (None: a single snapshot there, no gain), ``fN`` its followers and ``gN`` = last - ``fN``.
+Those are window-independent: a user whose last snapshot is the store's newest day has exactly that gain; a user
+whose last snapshot is older (missed the last nights) is a straggler, whose gain is looked up per user
+(queries.py). `crawler history rebuild` recomputes all of it from the snapshots.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+WINDOWS = (1, 7, 30)  # the gains kept ready
+COUNTS = ("followers", "following", "videos", "hearts")
+COLUMNS = ("s_first", "s_last", *COUNTS, *(f"{c}{n}" for n in WINDOWS for c in "dfg"))
+
+
+def migration() -> list[str]:
+    """Version 4's statements ({date}/{int}/{nulls_last} filled per database); the rebuild fills the columns."""
+    types = {"s_first": "{date}", "s_last": "{date}"} | {c: "{int}" for c in COUNTS} | {
+        f"{c}{n}": "{date}" if c == "d" else "{int}" for n in WINDOWS for c in "dfg"}
+    out = [f"ALTER TABLE users ADD COLUMN {{if_missing}}{c} {types[c]}" for c in COLUMNS]
+    # The top and the overview's sorted pages: the users of a last day by gain (NULL last), ties by handle (in code
+    # point order, as the page sorts); by followers; by handle.
+    for n in WINDOWS:
+        out += [f"CREATE INDEX IF NOT EXISTS users_g{n} ON users (s_last, g{n} DESC{{nulls_last}}, handle{{c}})",
+                f"CREATE INDEX IF NOT EXISTS users_g{n}_up ON users (s_last, g{n}, handle{{c}})"]
+    out += ["CREATE INDEX IF NOT EXISTS users_followers ON users (followers, handle{c})",
+            "CREATE INDEX IF NOT EXISTS users_followers_down ON users (followers DESC{nulls_last}, handle{c})",
+            "CREATE INDEX IF NOT EXISTS users_handle ON users (handle{c})"]
+    return out
+
+
+def run_migration(db: Any, version: int, statements: Sequence[str], types: dict[str, str]) -> None:
+    """Run a migration's statements (inside the store's migration transaction); version 4 then fills the columns.
+    A column the users table has already (a store whose schema_version was set back) is not added again: SQLite
+    has no ADD COLUMN IF NOT EXISTS."""
+    types = types | {"nulls_last": " NULLS LAST" if db.postgres else "",  # SQLite: NULLs sort last descending
+                     "if_missing": "IF NOT EXISTS " if db.postgres else "",
+                     "c": ' COLLATE "C"' if db.postgres else ""}  # code point order (SQLite's BINARY), as Python
+    have = set() if db.postgres or version != 4 else {str(r[1]) for r in db._rows("PRAGMA table_info(users)")}
+    for statement in statements:
+        if statement.startswith("ALTER TABLE users ADD COLUMN") and statement.split()[-2].removeprefix(
+                "{if_missing}") in have:
+            continue
+        db._exec(statement.format(**types))
+    if version == 4:
+        rebuild(db)
+
+
+def rebuild_store(db: Any) -> int:
+    """`crawler history rebuild`: recompute every user's maintained data from the snapshots, in one transaction;
+    the number of users."""
+    with db.transaction():
+        return rebuild(db)
+
+
+def _iso(value: Any) -> str:
+    return value.isoformat() if isinstance(value, dt.date) else str(value)
+
+
+def stats(rows: Sequence[tuple[Any, ...]], first: Any) -> tuple[Any, ...]:
+    """The maintained values (COLUMNS order) of a user from their first snapshot day and their snapshots of the
+    last 30 days before the newest, oldest first: (day, followers, following, videos, hearts)."""
+    if not rows:
+        return (None,) * len(COLUMNS)
+    last = rows[-1]
+    end = dt.date.fromisoformat(_iso(last[0]))
+    out: list[Any] = [first, last[0], *last[1:5]]
+    for n in WINDOWS:
+        start = (end - dt.timedelta(days=n)).isoformat()
+        inside = [r for r in rows[:-1] if _iso(r[0]) >= start]
+        if not inside:
+            out += [None, None, None]
+            continue
+        f = inside[0][1]
+        out += [inside[0][0], f, None if f is None or last[1] is None else last[1] - f]
+    return tuple(out)
+
+
+def _update_sql() -> str:
+    return f"UPDATE users SET {', '.join(f'{c} = ?' for c in COLUMNS)} WHERE user_id = ?"
+
+
+def refresh(db: Any, user_ids: Iterable[str]) -> None:
+    """Recompute the maintained values of ``user_ids`` from their snapshots (inside the caller's transaction):
+    a few indexed lookups per user, whatever the size of the history."""
+    for user_id in sorted(set(user_ids)):  # key order: no deadlock between two runs' commits
+        first, last = db._rows("SELECT MIN(day), MAX(day) FROM snapshots WHERE user_id = ?", (user_id,))[0]
+        rows: list[tuple[Any, ...]] = []
+        if last is not None:
+            since = (dt.date.fromisoformat(_iso(last)) - dt.timedelta(days=max(WINDOWS))).isoformat()
+            rows = db._rows(f"SELECT day, {', '.join(COUNTS)} FROM snapshots WHERE user_id = ? AND day >= ?"
+                            " ORDER BY day", (user_id, since))
+        db._exec(_update_sql(), (*stats(rows, first), user_id))
+
+
+def rebuild(db: Any) -> int:
+    """Recompute every user's maintained values from the snapshots (inside the caller's transaction, one pass over
+    the snapshots in key order); the number of users."""
+    db._exec(f"UPDATE users SET {', '.join(f'{c} = NULL' for c in COLUMNS)}")
+    sql = db._sql(_update_sql())
+    cur = db._db.cursor(name="rebuild") if db.postgres else db._db.cursor()  # PostgreSQL: streamed from the server
+    cur.execute(f"SELECT user_id, day, {', '.join(COUNTS)} FROM snapshots ORDER BY user_id, day")
+    batch: list[tuple[Any, ...]] = []
+    user: Any = None
+    first: Any = None
+    window: list[tuple[Any, ...]] = []
+    users = 0
+    while chunk := cur.fetchmany(5000):
+        for row in chunk:
+            if row[0] != user:
+                if user is not None:
+                    batch.append((*stats(window, first), user))
+                user, first, window = row[0], row[1], []
+            window.append(row[1:])
+            cutoff = (dt.date.fromisoformat(_iso(row[1])) - dt.timedelta(days=max(WINDOWS))).isoformat()
+            while _iso(window[0][0]) < cutoff:
+                window.pop(0)
+        if len(batch) >= 1000:
+            users += len(batch)
+            _write(db, sql, batch)
+            batch = []
+    cur.close()
+    if user is not None:
+        batch.append((*stats(window, first), user))
+    users += len(batch)
+    _write(db, sql, batch)
+    return users
+
+
+def _write(db: Any, sql: str, batch: list[tuple[Any, ...]]) -> None:
+    if not batch:
+        return
+    if db.postgres:
+        with db._db.cursor() as cur:
+            cur.executemany(sql, batch)
+    else:
+        db._db.executemany(sql, batch)
