@@ -10,27 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from crawler.sim.data import World, WorldConfig
 from tests.conftest import SimFactory
-from tests.test_cli import FAST_TOML, crawler, environ, error_line, public_users, read_csv
+from tests.test_cli import FAST_TOML, crawler, environ, error_line, read_csv
 from tests.test_download import WORLD as MEDIA_WORLD
 from tests.test_download import crawler as download
 from tests.test_download import posts_csv, videos
+from tests.test_input import RUN, WORLD, files, handles
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
-WORLD = WorldConfig(seed=11, users=1_200)
-RUN = ["--config", "fast.toml", "--data-dir", "d", "-q"]
-
-
-def handles(w: World, n: int) -> list[str]:
-    """n handles of public users (each is one profile row, one credit)."""
-    return [w.handle(i) for i in public_users(w, n, max_videos=10**9, min_videos=0)]
-
-
-def files(tmp: Path) -> set[str]:
-    """Every file name in the directory."""
-    return {p.name for p in tmp.iterdir()}
 
 
 async def test_retry_failed_with_nothing_to_retry_says_so_and_names_all(simulator: SimFactory,

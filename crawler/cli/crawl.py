@@ -174,14 +174,9 @@ def cmd_status(args: argparse.Namespace, argv: Sequence[str]) -> int:
         complete = finished(store, out)
     finally:
         store.close()
+    from crawler.cli.status import print_job
+
     where = out if complete else part_path(out)
-    print(f"job             {job.command} -> {where} ({'complete' if complete else 'unfinished'})")
-    print(f"items           {p.done:,} done, {p.failed:,} failed, {p.pending:,} pending of {p.total:,}")
-    print(f"rows            {job.rows:,}")
-    print(f"requests_sent   {job.requests_sent:,}")
-    print(f"credits_billed  {job.credits_billed:,}")
-    print(f"runs            {job.runs}")
-    if fails:
-        print("failures        " + ", ".join(f"{k}: {v:,}" for k, v in sorted(fails.items()))
-              + f" (see {failures_path(out)})")
+    print_job(f"{job.command} -> {where} ({'complete' if complete else 'unfinished'})", p, job, fails,
+              failures_path(out), rows=job.rows)
     return 0

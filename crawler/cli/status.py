@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from crawler.errors import UsageError
+from crawler.stores.model import JobRecord, Progress
 
 _DAY_FILE = re.compile(r"(profiles|posts)-(\d{4}-\d{2}-\d{2})\.csv")
 
@@ -37,14 +38,23 @@ def _download_status(directory: Path, what: str, path: Path) -> None:
         fails = store.failure_counts()
     finally:
         store.close()
-    print(f"job             download --what {what} -> {directory} ({'unfinished' if p.pending else 'complete'})")
+    print_job(f"download --what {what} -> {directory} ({'unfinished' if p.pending else 'complete'})", p, job, fails,
+              directory / f"download-{what}.failures.csv")
+
+
+def print_job(head: str, p: Progress, job: JobRecord, fails: dict[str, int], failures_file: Path,
+              rows: int | None = None) -> None:
+    """The lines `crawler status` prints of one job in its store: items, rows, both credit counters, failures."""
+    print(f"job             {head}")
     print(f"items           {p.done:,} done, {p.failed:,} failed, {p.pending:,} pending of {p.total:,}")
+    if rows is not None:
+        print(f"rows            {rows:,}")
     print(f"requests_sent   {job.requests_sent:,}")
     print(f"credits_billed  {job.credits_billed:,}")
     print(f"runs            {job.runs}")
     if fails:
         print("failures        " + ", ".join(f"{k}: {v:,}" for k, v in sorted(fails.items()))
-              + f" (see {directory / f'download-{what}.failures.csv'})")
+              + f" (see {failures_file})")
 
 
 def _ingest_status(directory: Path) -> bool:
