@@ -49,6 +49,30 @@ def history(quick: bool) -> list[Figure]:
     return figures
 
 
+def history_scale(quick: bool) -> list[Figure]:
+    """Issue 22's bench_history_scale.py: 300k users x 30 days and 10k x 1,095 days on both stores."""
+    import bench_history_scale
+
+    print("[history-scale] bulk-load, rebuild, then pages, top, bytes per snapshot, ingest commit", flush=True)
+    figures = []
+    for name, r in bench_history_scale.main(["--quick"] if quick else []).items():
+        backend, size = name.split()
+        reads = max(v for k, v in r.items() if not k.endswith(("_s", "_b")) and not k.startswith(("plain", "user")))
+        figures += [
+            Figure("history-scale", f"{backend} {size}: slowest of overview, sorted by gain 1/7/30, page 100,"
+                   " top 7/30 (median of 5 warm), ms", f"{reads * 1000:.0f}", "< 1000",
+                   f"plain indexed page: {r['plain page'] * 1000:.1f}"),
+            Figure("history-scale", f"{backend} {size}: user page, ms", f"{r['user page'] * 1000:.0f}", "< 100",
+                   f"plain indexed user: {r['plain user'] * 1000:.1f}"),
+            Figure("history-scale", f"{backend} {size}: bulk-load s (vs bare insert); bytes per snapshot",
+                   f"{r['load_s']:.0f}; {r['total_b']:.0f}", "", f"{r['bare_s']:.0f}"),
+            Figure("history-scale", f"{backend} {size}: ingest commit of 100 profiles, ms (vs an empty store; vs"
+                   f" {r['small_users']:,.0f} users x the same days)", f"{r['commit_large_s'] * 1000:.1f}", "< 1.5x",
+                   f"{r['commit_empty_s'] * 1000:.1f}; {r['commit_small_s'] * 1000:.1f}"),
+        ]
+    return figures
+
+
 BENCHMARKS: dict[str, Callable[[bool], list[Figure]]] = {
     "client": bench_client.run,
     "ledger": bench_ledger.run,
@@ -56,6 +80,7 @@ BENCHMARKS: dict[str, Callable[[bool], list[Figure]]] = {
     "state": bench_state.run,
     "csv": bench_csv.run,
     "history": history,
+    "history-scale": history_scale,
     "download": bench_download.run,
     "jobs": bench_jobs.run,
 }

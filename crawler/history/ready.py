@@ -91,7 +91,9 @@ def refresh(db: Any, user_ids: Iterable[str]) -> None:
     """Recompute the maintained values of ``user_ids`` from their snapshots (inside the caller's transaction):
     a few indexed lookups per user, whatever the size of the history."""
     for user_id in sorted(set(user_ids)):  # key order: no deadlock between two runs' commits
-        first, last = db._rows("SELECT MIN(day), MAX(day) FROM snapshots WHERE user_id = ?", (user_id,))[0]
+        # Two subqueries: each an index lookup on SQLite (MIN and MAX together would read all the user's days).
+        first, last = db._rows("SELECT (SELECT MIN(day) FROM snapshots WHERE user_id = ?),"
+                               " (SELECT MAX(day) FROM snapshots WHERE user_id = ?)", (user_id, user_id))[0]
         rows: list[tuple[Any, ...]] = []
         if last is not None:
             since = (dt.date.fromisoformat(_iso(last)) - dt.timedelta(days=max(WINDOWS))).isoformat()

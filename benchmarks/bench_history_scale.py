@@ -1,0 +1,244 @@
+"""Issue 22 figures: the history at the size one key can feed, on SQLite and PostgreSQL.
+
+Two stores per backend, 300k users x 30 days and 10k users x 1,095 days, bulk-loaded (`bulk_snapshots`, then the
+rebuild of the kept-ready data), each beside a baseline of the same run: a bare insert of the same rows into an
+unindexed table, and a plain indexed query of the same data (50 snapshots of the last day by the day index; one
+user's snapshots by the primary key). Measured, median of 5 warm: the overview's first page, its first page sorted
+by each gain (1/7/30 days), page 100, `history top --days 7|30 --limit 50`, a user page (the web page over
+loopback, as bench_serve.py); the bytes per snapshot (table + indexes); the ingest commit's time (a group of
+profiles written as ingest writes them) on an empty store and on the 300k x 30 one.
+    .venv/bin/python benchmarks/bench_history_scale.py [--quick] [--only sqlite|postgresql] [--size 300000x30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import bench_history
+from aiohttp import web
+from bench_history import DAY0, PG_URL
+
+from crawler.api.records import Profile
+from crawler.history import ready
+from crawler.history.serve import make_app
+from crawler.history.store import HistoryStore
+
+SIZES = ((300_000, 30), (10_000, 1_095))
+QUICK = ((3_000, 30), (100, 1_095))
+PAGES = {"overview": "/", "sorted gain1": "/?sort=-gain1", "sorted gain7": "/?sort=-gain7",
+         "sorted gain30": "/?sort=-gain30", "page 100": "/?page=100"}
+COMMITS, PER_COMMIT = 20, 100  # ingest commit cost: 20 commits of 100 profiles each
+
+
+def _median(fn: Callable[[], Any], repeat: int = 5) -> float:
+    fn()  # warm
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@contextmanager
+def pg_schema() -> Iterator[str]:
+    """A private schema on the local server, dropped after; yields its URL."""
+    import psycopg
+
+    schema = f"bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        sep = "&" if "?" in PG_URL else "?"
+        yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@contextmanager
+def store_url(backend: str) -> Iterator[str]:
+    if backend == "postgresql":
+        with pg_schema() as url:
+            yield url
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            yield str(Path(tmp) / "history.db")
+
+
+async def _pages(url: str, user: str) -> dict[str, float]:
+    runner = web.AppRunner(make_app(url), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    out: dict[str, float] = {}
+    try:
+        async with aiohttp.ClientSession() as s:
+            async def get(path: str) -> float:
+                start = time.perf_counter()
+                async with s.get(base + path) as r:
+                    await r.read()
+                    assert r.status == 200, (path, r.status)
+                return time.perf_counter() - start
+
+            for name, path in (*PAGES.items(), ("user page", f"/u/{user}")):
+                await get(path)  # warm
+                out[name] = statistics.median([await get(path) for _ in range(5)])
+    finally:
+        await runner.cleanup()
+    return out
+
+
+def sizes(store: HistoryStore, rows: int) -> dict[str, float]:
+    """Bytes per snapshot: the table, its indexes, both."""
+    if store.postgres:
+        table, total = store._rows("SELECT pg_relation_size('snapshots'), pg_total_relation_size('snapshots')")[0]
+        table, total = int(table), int(total)
+    else:
+        found = dict(store._rows("SELECT d.name, SUM(d.pgsize) FROM dbstat d JOIN sqlite_schema s ON s.name = d.name"
+                                 " WHERE s.tbl_name = 'snapshots' GROUP BY d.name"))
+        table, total = int(found["snapshots"]), sum(int(v) for v in found.values())
+    return {"table_b": table / rows, "indexes_b": (total - table) / rows, "total_b": total / rows}
+
+
+def profiles(handles: int, start: int) -> list[Profile]:
+    """One ingest commit's profiles: users spread over the whole store."""
+    out = []
+    for k in range(PER_COMMIT):
+        u = (start + k * 7919) % handles
+        out.append(Profile(user_id=str(6_800_000_000_000_000_000 + u), handle=f"user{u}", nickname=f"User {u}",
+                           sec_uid="", verified=False, private=False, followers=1000 + u, following=10, videos=5,
+                           hearts=100, likes=0, signature=""))
+    return out
+
+
+def commit_cost(url: str, handles: int, day: dt.date) -> float:
+    """Median seconds of an ingest commit of PER_COMMIT profiles: what `IngestCommitter` does per profile (the
+    rename check, the snapshot and the kept-ready data, the failure cleared) and the day file's length."""
+    store = HistoryStore(url)
+    try:
+        times = []
+        for i in range(COMMITS):
+            group = profiles(handles, i * PER_COMMIT)
+            start = time.perf_counter()
+            for p in group:
+                store.snapshotted([p.user_id], day)
+            with store.transaction():
+                for p in group:
+                    store.handle_of(p.user_id, until=day)
+                    store.put_snapshot(day, p, fetched_at=dt.datetime(day.year, day.month, day.day, 2, tzinfo=dt.UTC))
+                    store.clear_failure(day, p.handle, "profiles")
+                store.put_file_length(f"profiles-{day}.csv", 1000 * (i + 1))
+            times.append(time.perf_counter() - start)
+    finally:
+        store.close()
+    return statistics.median(times)
+
+
+def baseline_query(store: HistoryStore, handles: int, days: int) -> dict[str, float]:
+    """Plain indexed reads of the same snapshots: 50 of the last day (day index), one user's days (primary key)."""
+    last = (DAY0 + dt.timedelta(days=days - 1)).isoformat()
+    uid = str(6_800_000_000_000_000_000 + handles // 2)
+    return {
+        "plain page": _median(lambda: store._rows(
+            "SELECT user_id, handle, followers FROM snapshots WHERE day = ? ORDER BY user_id LIMIT 50 OFFSET 4950",
+            (last,))),
+        "plain user": _median(lambda: store._rows(
+            "SELECT day, followers FROM snapshots WHERE user_id = ? ORDER BY day", (uid,))),
+    }
+
+
+def run(backend: str, handles: int, days: int) -> dict[str, float]:
+    """Load one store, measure it; the figures (seconds, bytes)."""
+    total = handles * days
+    with store_url(backend) as url:
+        bare = bench_history.baseline(url, handles, days)
+        if backend == "sqlite":
+            os.remove(url + ".bare")
+        store = HistoryStore(url)
+        try:
+            if store.postgres:
+                store._exec("DROP TABLE bare")
+            start = time.perf_counter()
+            store.bulk_users(bench_history.users(handles, days))
+            store.bulk_snapshots(bench_history.rows(handles, days))
+            load = time.perf_counter() - start
+            start = time.perf_counter()
+            ready.rebuild_store(store)
+            rebuild = time.perf_counter() - start
+            if store.postgres:
+                store._exec("ANALYZE")  # what autovacuum does after a load
+            r: dict[str, float] = {"load_s": load, "bare_s": bare, "rebuild_s": rebuild, **sizes(store, total)}
+            r |= baseline_query(store, handles, days)
+            for n in (7, 30):
+                r[f"top {n}"] = _median(lambda n=n: store.top("followers-gained", days=n, limit=50))  # type: ignore
+        finally:
+            store.close()
+        r |= asyncio.run(_pages(url, f"user{handles // 2}"))
+        r["commit_large_s"] = commit_cost(url, handles, DAY0 + dt.timedelta(days=days))
+        with store_url(backend) as empty:
+            r["commit_empty_s"] = commit_cost(empty, handles, DAY0 + dt.timedelta(days=days))
+        with store_url(backend) as small:  # the same days for fewer users: what grows with the store, not the user
+            few = min(handles, max(PER_COMMIT, 100_000 // days))
+            store = HistoryStore(small)
+            try:
+                store.bulk_users(bench_history.users(few, days))
+                store.bulk_snapshots(bench_history.rows(few, days))
+                ready.rebuild_store(store)
+            finally:
+                store.close()
+            r["commit_small_s"] = commit_cost(small, few, DAY0 + dt.timedelta(days=days))
+            r["small_users"] = few
+    print(line(backend, handles, days, r), flush=True)
+    return r
+
+
+def line(backend: str, handles: int, days: int, r: dict[str, float]) -> str:
+    """The printed figures of one store."""
+    total = handles * days
+    ms = {k: v * 1000 for k, v in r.items() if not k.endswith(("_b", "_s", "_users"))}
+    reads = ", ".join(f"{k} {v:.1f}" for k, v in ms.items() if not k.startswith("plain"))
+    out = (f"{backend:<10} {handles:,} users x {days:,} days ({total:,} snapshots): load {r['load_s']:.0f} s"
+           f" (bare insert {r['bare_s']:.0f} s, {r['load_s'] / r['bare_s']:.2f}x), rebuild {r['rebuild_s']:.0f} s\n"
+           f"{'':<11}median of 5 warm, ms: {reads} (goal < 1000, user page < 100) | baseline plain indexed"
+           f" query: 50 snapshots of a day {ms['plain page']:.1f}, one user's days {ms['plain user']:.1f}\n"
+           f"{'':<11}bytes per snapshot: {r['total_b']:.0f} (table {r['table_b']:.0f}, indexes {r['indexes_b']:.0f})"
+           f"; 300k users x 3 years: {r['total_b'] * 300_000 * 1_095 / 1e9:.0f} GB")
+    out += (f"\n{'':<11}ingest commit of {PER_COMMIT} profiles, median of {COMMITS}: empty store"
+                f" {r['commit_empty_s'] * 1000:.1f} ms, this store {r['commit_large_s'] * 1000:.1f} ms"
+                f" ({r['commit_large_s'] / r['commit_empty_s']:.2f}x; goal < 1.5x); a store of {r['small_users']:,.0f}"
+                f" users x the same days {r['commit_small_s'] * 1000:.1f} ms"
+                f" ({r['commit_large_s'] / r['commit_small_s']:.2f}x)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help=f"{QUICK[0][0]:,} x {QUICK[0][1]} and {QUICK[1][0]} x"
+                   f" {QUICK[1][1]:,}")
+    p.add_argument("--only", choices=("sqlite", "postgresql"), action="append")
+    p.add_argument("--size", action="append", help="USERSxDAYS (repeatable; default both full sizes)")
+    args = p.parse_args(argv)
+    chosen = [tuple(int(v) for v in s.split("x")) for s in args.size] if args.size else QUICK if args.quick else SIZES
+    results: dict[str, dict[str, float]] = {}
+    for backend in args.only or ("sqlite", "postgresql"):
+        for handles, days in chosen:
+            results[f"{backend} {handles}x{days}"] = run(backend, handles, days)
+    return results
+
+
+if __name__ == "__main__":
+    main()
