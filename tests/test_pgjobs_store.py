@@ -369,3 +369,19 @@ async def test_a_job_of_an_edited_input_continues_the_one_of_its_output_in_one_t
     assert (await store.progress("new")).pending == 2  # bob and dave; carol (not done, not in the input) left
     assert await store.create_job("other", "posts", {}, entries, output="h:/other.csv") is not None
     assert await store.job("new") is not None  # another output: another job
+
+
+async def test_opening_a_store_whose_schema_is_current_takes_no_table_lock(store: Replaying) -> None:
+    """A worker joining a busy job opens the store while other sessions hold locks on its tables (a running commit
+    holds ROW EXCLUSIVE; here an open transaction holds ACCESS SHARE on crawler_jobs): with the schema current, the
+    open runs no DDL (ALTER TABLE would wait for an ACCESS EXCLUSIVE lock, and deadlock with a running commit)."""
+    url = store.where.removeprefix("jobs.url = ")  # the fixture's URL (no password to mask)
+    busy = await psycopg.AsyncConnection.connect(url)
+    try:
+        await busy.execute("LOCK TABLE crawler_jobs IN ACCESS SHARE MODE")  # held until the rollback below
+        joining = PgJobStore(url, stall_limit=10, heartbeat_timeout=2)
+        await asyncio.wait_for(joining.open(), 10)
+        await joining.aclose()
+    finally:
+        await busy.rollback()
+        await busy.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING, Any
 
 from crawler.retry import retry_async
@@ -87,7 +88,11 @@ CREATE TABLE IF NOT EXISTS crawler_workers (
     started TIMESTAMPTZ NOT NULL DEFAULT now(),
     seen TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+CREATE TABLE IF NOT EXISTS crawler_schema (fingerprint TEXT NOT NULL);
 """
+# The schema a store holds: checked before any DDL, so a worker joining a busy job takes no table lock at all
+# (ALTER TABLE takes an ACCESS EXCLUSIVE lock even when the column exists, and deadlocks with running commits).
+FINGERPRINT = hashlib.sha256(SCHEMA.encode()).hexdigest()[:16]
 
 # One schema install at a time (the advisory lock's key is arbitrary but fixed).
 INSTALL_LOCK = 0x63726177
@@ -103,8 +108,22 @@ async def install(conn: psycopg.AsyncConnection[Any], tries: int = 5) -> None:
 
     async def once() -> None:
         async with conn.transaction():
+            if await _current(conn):
+                return
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (INSTALL_LOCK,))
             await conn.execute(SCHEMA)
+            await conn.execute("DELETE FROM crawler_schema")
+            await conn.execute("INSERT INTO crawler_schema (fingerprint) VALUES (%s)", (FINGERPRINT,))
 
     # SQLSTATE class 40 (`postgres.rolled_back`): the transaction was rolled back for another's sake.
     await retry_async(once, retry_on=psycopg.errors.TransactionRollback, attempts=tries, base_delay=0.1, max_delay=0.4)
+
+
+async def _current(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """The store holds this version's schema already (read with no lock stronger than a plain SELECT's)."""
+    cur = await conn.execute("SELECT to_regclass('crawler_schema') IS NOT NULL")
+    row = await cur.fetchone()
+    if row is None or not row[0]:
+        return False
+    cur = await conn.execute("SELECT 1 FROM crawler_schema WHERE fingerprint = %s", (FINGERPRINT,))
+    return await cur.fetchone() is not None
