@@ -43,13 +43,9 @@ COMMITS, PER_COMMIT = 20, 100  # ingest commit cost: 20 commits of 100 profiles 
 
 
 def _median(fn: Callable[[], Any], repeat: int = 5) -> float:
-    fn()  # warm
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median of ``repeat`` warm calls (one call first warms the caches): bench_history's timer."""
+    fn()
+    return bench_history._timed(fn, repeat)
 
 
 @contextmanager
