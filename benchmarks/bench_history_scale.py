@@ -6,7 +6,8 @@ unindexed table, and a plain indexed query of the same data (50 snapshots of the
 user's snapshots by the primary key). Measured, median of 5 warm: the overview's first page, its first page sorted
 by each gain (1/7/30 days), page 100, `history top --days 7|30 --limit 50`, a user page (the web page over
 loopback, as bench_serve.py); the bytes per snapshot (table + indexes); the ingest commit's time (a group of
-profiles written as ingest writes them) on an empty store and on the 300k x 30 one.
+profiles written as ingest writes them) on an empty store, on the store of the same users after one night, on
+one of fewer users with as many days, and on the large one.
     .venv/bin/python benchmarks/bench_history_scale.py [--quick] [--only sqlite|postgresql] [--size 300000x30]
 """
 
@@ -39,7 +40,7 @@ SIZES = ((300_000, 30), (10_000, 1_095))
 QUICK = ((3_000, 30), (100, 1_095))
 PAGES = {"overview": "/", "sorted gain1": "/?sort=-gain1", "sorted gain7": "/?sort=-gain7",
          "sorted gain30": "/?sort=-gain30", "page 100": "/?page=100"}
-COMMITS, PER_COMMIT = 20, 100  # ingest commit cost: 20 commits of 100 profiles each
+COMMITS, PER_COMMIT = 30, 100  # ingest commit cost: 30 commits of 100 profiles each (checkpoints included)
 
 
 def _median(fn: Callable[[], Any], repeat: int = 5) -> float:
@@ -121,9 +122,10 @@ def profiles(handles: int, start: int) -> list[Profile]:
     return out
 
 
-def commit_cost(url: str, handles: int, day: dt.date) -> float:
-    """Median seconds of an ingest commit of PER_COMMIT profiles: what `IngestCommitter` does per profile (the
-    rename check, the snapshot and the kept-ready data, the failure cleared) and the day file's length."""
+def commit_cost(url: str, handles: int, day: dt.date) -> dict[str, float]:
+    """Median and mean seconds of an ingest commit of PER_COMMIT profiles (the mean carries the WAL checkpoints
+    some commits make): what `IngestCommitter` does per profile (the rename check, the snapshot and the
+    kept-ready data, the failure cleared) and the day file's length."""
     store = HistoryStore(url)
     try:
         times = []
@@ -141,7 +143,20 @@ def commit_cost(url: str, handles: int, day: dt.date) -> float:
             times.append(time.perf_counter() - start)
     finally:
         store.close()
-    return statistics.median(times)
+    return {"median": statistics.median(times), "mean": statistics.mean(times)}
+
+
+def loaded_commit_cost(backend: str, handles: int, days: int) -> dict[str, float]:
+    """`commit_cost` on a fresh store of ``handles`` users x ``days`` days, on the day after."""
+    with store_url(backend) as url:
+        store = HistoryStore(url)
+        try:
+            store.bulk_users(bench_history.users(handles, days))
+            store.bulk_snapshots(bench_history.rows(handles, days))
+            ready.rebuild_store(store)
+        finally:
+            store.close()
+        return commit_cost(url, handles, DAY0 + dt.timedelta(days=days))
 
 
 def baseline_query(store: HistoryStore, handles: int, days: int) -> dict[str, float]:
@@ -184,20 +199,15 @@ def run(backend: str, handles: int, days: int) -> dict[str, float]:
         finally:
             store.close()
         r |= asyncio.run(_pages(url, f"user{handles // 2}"))
-        r["commit_large_s"] = commit_cost(url, handles, DAY0 + dt.timedelta(days=days))
-        with store_url(backend) as empty:
-            r["commit_empty_s"] = commit_cost(empty, handles, DAY0 + dt.timedelta(days=days))
-        with store_url(backend) as small:  # the same days for fewer users: what grows with the store, not the user
-            few = min(handles, max(PER_COMMIT, 100_000 // days))
-            store = HistoryStore(small)
-            try:
-                store.bulk_users(bench_history.users(few, days))
-                store.bulk_snapshots(bench_history.rows(few, days))
-                ready.rebuild_store(store)
-            finally:
-                store.close()
-            r["commit_small_s"] = commit_cost(small, few, DAY0 + dt.timedelta(days=days))
-            r["small_users"] = few
+        after = DAY0 + dt.timedelta(days=days)
+        r |= {f"commit_large_{k}_s": v for k, v in commit_cost(url, handles, after).items()}
+    with store_url(backend) as empty:
+        r |= {f"commit_empty_{k}_s": v for k, v in commit_cost(empty, handles, after).items()}
+    # The same users after their first night: what grows with the history (days), not with the watch list.
+    r |= {f"commit_first_{k}_s": v for k, v in loaded_commit_cost(backend, handles, 1).items()}
+    few = min(handles, max(PER_COMMIT, 100_000 // days))  # as many days for fewer users: what grows with the users
+    r |= {f"commit_small_{k}_s": v for k, v in loaded_commit_cost(backend, few, days).items()}
+    r["small_users"] = few
     print(line(backend, handles, days, r), flush=True)
     return r
 
@@ -213,11 +223,15 @@ def line(backend: str, handles: int, days: int, r: dict[str, float]) -> str:
            f" query: 50 snapshots of a day {ms['plain page']:.1f}, one user's days {ms['plain user']:.1f}\n"
            f"{'':<11}bytes per snapshot: {r['total_b']:.0f} (table {r['table_b']:.0f}, indexes {r['indexes_b']:.0f})"
            f"; 300k users x 3 years: {r['total_b'] * 300_000 * 1_095 / 1e9:.0f} GB")
-    out += (f"\n{'':<11}ingest commit of {PER_COMMIT} profiles, median of {COMMITS}: empty store"
-                f" {r['commit_empty_s'] * 1000:.1f} ms, this store {r['commit_large_s'] * 1000:.1f} ms"
-                f" ({r['commit_large_s'] / r['commit_empty_s']:.2f}x; goal < 1.5x); a store of {r['small_users']:,.0f}"
-                f" users x the same days {r['commit_small_s'] * 1000:.1f} ms"
-                f" ({r['commit_large_s'] / r['commit_small_s']:.2f}x)")
+
+    def commit(name: str) -> str:
+        return f"{r[f'commit_{name}_median_s'] * 1000:.1f} / {r[f'commit_{name}_mean_s'] * 1000:.1f} ms"
+
+    first, large, empty = (r[f"commit_{n}_mean_s"] for n in ("first", "large", "empty"))
+    out += (f"\n{'':<11}ingest commit of {PER_COMMIT} profiles, median / mean of {COMMITS}: this store"
+            f" {commit('large')}; the same users after one night {commit('first')} ({large / first:.2f}x, goal"
+            f" < 1.5x); an empty store {commit('empty')} ({large / empty:.2f}x); {r['small_users']:,.0f} users x"
+            f" the same days {commit('small')}")
     return out
 
 

@@ -57,7 +57,8 @@ def history_scale(quick: bool) -> list[Figure]:
     figures = []
     for name, r in bench_history_scale.main(["--quick"] if quick else []).items():
         backend, size = name.split()
-        reads = max(v for k, v in r.items() if not k.endswith(("_s", "_b")) and not k.startswith(("plain", "user")))
+        reads = max(v for k, v in r.items()
+                    if not k.endswith(("_s", "_b", "_users")) and not k.startswith(("plain", "user")))
         figures += [
             Figure("history-scale", f"{backend} {size}: slowest of overview, sorted by gain 1/7/30, page 100,"
                    " top 7/30 (median of 5 warm), ms", f"{reads * 1000:.0f}", "< 1000",
@@ -66,9 +67,9 @@ def history_scale(quick: bool) -> list[Figure]:
                    f"plain indexed user: {r['plain user'] * 1000:.1f}"),
             Figure("history-scale", f"{backend} {size}: bulk-load s (vs bare insert); bytes per snapshot",
                    f"{r['load_s']:.0f}; {r['total_b']:.0f}", "", f"{r['bare_s']:.0f}"),
-            Figure("history-scale", f"{backend} {size}: ingest commit of 100 profiles, ms (vs an empty store; vs"
-                   f" {r['small_users']:,.0f} users x the same days)", f"{r['commit_large_s'] * 1000:.1f}", "< 1.5x",
-                   f"{r['commit_empty_s'] * 1000:.1f}; {r['commit_small_s'] * 1000:.1f}"),
+            Figure("history-scale", f"{backend} {size}: ingest commit of 100 profiles, mean ms (vs the same users"
+                   f" after one night; vs an empty store)", f"{r['commit_large_mean_s'] * 1000:.1f}",
+                   "< 1.5x the first", f"{r['commit_first_mean_s'] * 1000:.1f}; {r['commit_empty_mean_s'] * 1000:.1f}"),
         ]
     return figures
 

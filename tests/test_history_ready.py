@@ -14,6 +14,7 @@ import pytest
 
 from crawler.api.records import Profile
 from crawler.history import pages, ready
+from crawler.history.db import SNAPSHOT_COLUMNS
 from crawler.history.paging import overview_page
 from crawler.history.serve import _sort_key
 from crawler.history.store import HistoryStore
@@ -154,11 +155,52 @@ def test_migration_fills_a_store_without_it(history_url: str) -> None:  # noqa: 
             store._exec(f"DROP INDEX {name}")
         for c in ready.COLUMNS:
             store._exec(f"ALTER TABLE users DROP COLUMN {c}")
-        store._exec("DELETE FROM schema_version WHERE version = 4")
+        store._exec("DELETE FROM schema_version WHERE version >= 4")
     finally:
         store.close()
     store = HistoryStore(history_url)
     try:
+        assert stored(store) == want
+        assert_ready_matches(store)
+    finally:
+        store.close()
+
+
+def _table_sql(store: HistoryStore) -> str:
+    return str(store._rows("SELECT sql FROM sqlite_schema WHERE name = 'snapshots'")[0][0])
+
+
+def test_version_5_keeps_every_snapshot_in_one_btree(history_url: str) -> None:  # noqa: F811
+    """A version 4 store (SQLite: the snapshots a rowid table beside its primary-key index) upgraded on opening:
+    the snapshots a table without rowid, every row and the day index kept, the maintained data unchanged; a
+    PostgreSQL store records version 5 and keeps its table."""
+    store = HistoryStore(history_url)
+    try:
+        fill(store, 7)
+        want_rows, want = sorted(store.snapshots(), key=repr), stored(store)
+        if not store.postgres:
+            assert "WITHOUT ROWID" in _table_sql(store)  # a new store is created at version 5
+            cols = ", ".join(SNAPSHOT_COLUMNS)
+            for sql in ("CREATE TABLE v4 (user_id TEXT NOT NULL, day TEXT NOT NULL, fetched_at TEXT NOT NULL,"
+                        " handle TEXT NOT NULL, followers INTEGER, following INTEGER, hearts INTEGER, videos INTEGER,"
+                        " likes INTEGER, verified INTEGER, private INTEGER, PRIMARY KEY (user_id, day))",
+                        f"INSERT INTO v4 ({cols}) SELECT {cols} FROM snapshots ORDER BY day, user_id",
+                        "DROP TABLE snapshots", "ALTER TABLE v4 RENAME TO snapshots",
+                        "CREATE INDEX snapshots_day ON snapshots (day, user_id)"):
+                store._exec(sql)
+            assert "WITHOUT ROWID" not in _table_sql(store)
+        store._exec("DELETE FROM schema_version WHERE version >= 5")
+    finally:
+        store.close()
+    store = HistoryStore(history_url)
+    try:
+        assert store.version == 5 and store._rows("SELECT MAX(version) FROM schema_version")[0][0] == 5
+        if not store.postgres:
+            assert "WITHOUT ROWID" in _table_sql(store)
+            plan = " ".join(str(r[-1]) for r in store._rows("EXPLAIN QUERY PLAN SELECT user_id FROM snapshots"
+                                                            " WHERE day = '2026-03-02'"))
+            assert "snapshots_day" in plan
+        assert sorted(store.snapshots(), key=repr) == want_rows
         assert stored(store) == want
         assert_ready_matches(store)
     finally:

@@ -66,7 +66,8 @@ def _iso(value: Any) -> str:
 
 def stats(rows: Sequence[tuple[Any, ...]], first: Any) -> tuple[Any, ...]:
     """The maintained values (COLUMNS order) of a user from their first snapshot day and their snapshots of the
-    last 30 days before the newest, oldest first: (day, followers, following, videos, hearts)."""
+    last 30 days before the newest (or at least the first of each window and the newest), oldest first: (day,
+    followers, following, videos, hearts)."""
     if not rows:
         return (None,) * len(COLUMNS)
     last = rows[-1]
@@ -89,17 +90,23 @@ def _update_sql() -> str:
 
 def refresh(db: Any, user_ids: Iterable[str]) -> None:
     """Recompute the maintained values of ``user_ids`` from their snapshots (inside the caller's transaction):
-    a few indexed lookups per user, whatever the size of the history."""
+    a few indexed lookups per user, whatever the size of the history: the first and last day, the last snapshot,
+    and the first snapshot of each window (a heap table's rows of one user lie on as many pages as days: only
+    those rows are read, not the 30 days between)."""
+    cols = ", ".join(COUNTS)
     for user_id in sorted(set(user_ids)):  # key order: no deadlock between two runs' commits
-        # Two subqueries: each an index lookup on SQLite (MIN and MAX together would read all the user's days).
+        # Separate lookups: each an index probe on SQLite (MIN and MAX together would read all the user's days).
         first, last = db._rows("SELECT (SELECT MIN(day) FROM snapshots WHERE user_id = ?),"
                                " (SELECT MAX(day) FROM snapshots WHERE user_id = ?)", (user_id, user_id))[0]
-        rows: list[tuple[Any, ...]] = []
+        rows: set[tuple[Any, ...]] = set()
         if last is not None:
-            since = (dt.date.fromisoformat(_iso(last)) - dt.timedelta(days=max(WINDOWS))).isoformat()
-            rows = db._rows(f"SELECT day, {', '.join(COUNTS)} FROM snapshots WHERE user_id = ? AND day >= ?"
-                            " ORDER BY day", (user_id, since))
-        db._exec(_update_sql(), (*stats(rows, first), user_id))
+            end = dt.date.fromisoformat(_iso(last))
+            rows.update(db._rows(f"SELECT day, {cols} FROM snapshots WHERE user_id = ? AND day = ?", (user_id, last)))
+            for n in WINDOWS:  # the first snapshot of [last - n, last), if any
+                rows.update(db._rows(f"SELECT day, {cols} FROM snapshots WHERE user_id = ? AND day >= ?"
+                                     " AND day < ? ORDER BY day LIMIT 1",
+                                     (user_id, (end - dt.timedelta(days=n)).isoformat(), last)))
+        db._exec(_update_sql(), (*stats(sorted(rows, key=lambda r: _iso(r[0])), first), user_id))
 
 
 def rebuild(db: Any) -> int:
