@@ -99,13 +99,15 @@ def refresh(db: Any, user_ids: Iterable[str]) -> None:
         first, last = db._rows("SELECT (SELECT MIN(day) FROM snapshots WHERE user_id = ?),"
                                " (SELECT MAX(day) FROM snapshots WHERE user_id = ?)", (user_id, user_id))[0]
         rows: set[tuple[Any, ...]] = set()
-        if last is not None:
+        if last is not None:  # the last snapshot and the first of each [last - n, last), in one round trip
             end = dt.date.fromisoformat(_iso(last))
-            rows.update(db._rows(f"SELECT day, {cols} FROM snapshots WHERE user_id = ? AND day = ?", (user_id, last)))
-            for n in WINDOWS:  # the first snapshot of [last - n, last), if any
-                rows.update(db._rows(f"SELECT day, {cols} FROM snapshots WHERE user_id = ? AND day >= ?"
-                                     " AND day < ? ORDER BY day LIMIT 1",
-                                     (user_id, (end - dt.timedelta(days=n)).isoformat(), last)))
+            firsts = [f" UNION ALL SELECT * FROM (SELECT day, {cols} FROM snapshots WHERE user_id = ? AND day >= ?"
+                      " AND day < ? ORDER BY day LIMIT 1) AS w" for _ in WINDOWS]
+            params: list[Any] = [user_id, last]
+            for n in WINDOWS:
+                params += [user_id, (end - dt.timedelta(days=n)).isoformat(), last]
+            rows.update(db._rows(f"SELECT day, {cols} FROM snapshots WHERE user_id = ? AND day = ?{''.join(firsts)}",
+                                 params))
         db._exec(_update_sql(), (*stats(sorted(rows, key=lambda r: _iso(r[0])), first), user_id))
 
 
