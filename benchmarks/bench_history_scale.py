@@ -5,9 +5,9 @@ rebuild of the kept-ready data), each beside a baseline of the same run: a bare 
 unindexed table, and a plain indexed query of the same data (50 snapshots of the last day by the day index; one
 user's snapshots by the primary key). Measured, median of 5 warm: the overview's first page, its first page sorted
 by each gain (1/7/30 days), page 100, `history top --days 7|30 --limit 50`, a user page (the web page over
-loopback, as bench_serve.py); the bytes per snapshot (table + indexes); the ingest commit's time (a group of
-profiles written as ingest writes them) on an empty store, on the store of the same users after one night, on
-one of fewer users with as many days, and on the large one.
+loopback, as bench_serve.py), each again mid-night (a few thousand users on a new day, the rest not yet); the
+bytes per snapshot (table + indexes); ingest's commits (through its own committer) on the large store, on the
+same users after one night, on fewer users with as many days, and on an empty store.
     .venv/bin/python benchmarks/bench_history_scale.py [--quick] [--only sqlite|postgresql] [--size 300000x30]
 """
 
@@ -137,7 +137,7 @@ async def _commits(url: str, handles: int, day: dt.date, size: int, count: int, 
     started = dt.datetime.now(dt.UTC)
     try:
         with tempfile.TemporaryDirectory() as out:
-            files = calls.files = DayFiles(Path(out), store, "bench", raw=False, bom=False)
+            files = calls.files = DayFiles(Path(out), store, uuid.uuid4().hex, raw=False, bom=False)
             committer = IngestCommitter(calls, files, Tally(), spend=lambda: (0, 0), put_run_day=lambda sent, billed:
                                         store.put_run_day("bench", day, by_date=False, started_at=started,
                                                           requests_sent=sent, credits_billed=billed,
@@ -223,6 +223,15 @@ def run(backend: str, handles: int, days: int) -> dict[str, float]:
         r |= asyncio.run(_pages(url, f"user{handles // 2}"))
         after = DAY0 + dt.timedelta(days=days)
         r |= {f"commit_large_{k}_s": v for k, v in commit_cost(url, handles, after).items()}
+        # Mid-night: the commits above put 3,200 users on a new day; every other user is the day before's straggler.
+        r |= {f"{k} mid-night": v for k, v in asyncio.run(_pages(url, f"user{handles // 2}")).items()}
+        store = HistoryStore(url)
+        try:
+            for n in (7, 30):
+                r[f"top {n} mid-night"] = _median(  # type: ignore[misc]
+                    lambda n=n: store.top("followers-gained", days=n, limit=50))
+        finally:
+            store.close()
     with store_url(backend) as empty:
         r |= {f"commit_empty_{k}_s": v for k, v in commit_cost(empty, handles, after).items()}
     # The same users after their first night: what grows with the history (days), not with the watch list.

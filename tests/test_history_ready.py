@@ -38,7 +38,7 @@ def recompute(store: HistoryStore) -> dict[str, tuple[Any, ...]]:
         last = snaps[-1]
         end = dt.date.fromisoformat(store._day(last[1]))
         values: list[Any] = [store._day(snaps[0][1]), store._day(last[1]), last[4], last[5], last[7], last[6]]
-        for n in ready.WINDOWS:
+        for n in ready.KEPT:
             before = [s for s in snaps[:-1] if dt.date.fromisoformat(store._day(s[1])) >= end - dt.timedelta(days=n)]
             if not before:
                 values += [None, None, None]
@@ -51,7 +51,7 @@ def recompute(store: HistoryStore) -> dict[str, tuple[Any, ...]]:
 
 def stored(store: HistoryStore) -> dict[str, tuple[Any, ...]]:
     """What the store keeps (days as text)."""
-    dates = {"s_first", "s_last", *(f"d{n}" for n in ready.WINDOWS)}
+    dates = {"s_first", "s_last", *(f"d{n}" for n in ready.KEPT)}
     rows = store._rows(f"SELECT user_id, {', '.join(ready.COLUMNS)} FROM users")
     return {str(r[0]): tuple(store._day(v) if c in dates and v is not None else v
                              for c, v in zip(ready.COLUMNS, r[1:], strict=True)) for r in rows}
@@ -120,8 +120,14 @@ def test_maintained_data_equals_a_recomputation(history_url: str, seed: int) -> 
     try:
         fill(store, seed)
         assert_ready_matches(store)
-        # the newest day of a few users only: most become stragglers of the new window
         rng = random.Random(seed)
+        # mid-night: the next day of a few users only, most are the day before's stragglers (ready.LATE)
+        for u in range(3):
+            store.record_snapshot(DAY0 + dt.timedelta(days=45), _profile(rng, u, f"user_{u}"))
+        assert store._rows("SELECT COUNT(*) FROM users WHERE s_last = ?", ((DAY0 + dt.timedelta(days=44)).isoformat(),)
+                           )[0][0] > 10
+        assert_ready_matches(store)
+        # the newest day of a few users only, days later: older stragglers, looked up per user
         for u in range(3):
             store.record_snapshot(DAY0 + dt.timedelta(days=50), _profile(rng, u, f"user_{u}"))
         assert_ready_matches(store)

@@ -170,20 +170,23 @@ class HistoryQueries(HistoryDb):
 
     def _top_ready(self, days: int, limit: int, start: dt.date, end: dt.date) -> list[TopRow]:
         """`top` by followers over a window kept ready (ready.py), ending at the store's newest day: the users whose
-        last snapshot is of that day from the index on their gain; those whose last is older (stragglers) from
-        their snapshots in the window."""
-        s, e = start.isoformat(), end.isoformat()
-        # Stragglers: per user (users by last day), the first snapshot of the window before their last one.
+        last snapshot is of that day, and those of the day before (their gain over ``days`` - 1, ready.LATE), from
+        the kept data; older stragglers from their snapshots in the window."""
+        s, e, e1 = start.isoformat(), end.isoformat(), (end - dt.timedelta(days=1)).isoformat()
+        kept = [(e, days)] + ([(e1, ready.LATE[days])] if days in ready.LATE else [])
+        parts = [f"SELECT * FROM (SELECT handle, user_id, f{n} AS first_v, followers AS last_v, g{n} AS gained"
+                 f" FROM users WHERE s_last = ? AND d{n} IS NOT NULL ORDER BY g{n} DESC NULLS LAST, handle LIMIT ?)"
+                 f" AS r{n}" for _, n in kept]
+        params = [v for day, _ in kept for v in (day, limit)]
+        # Older stragglers: per user (users by last day), the first snapshot of the window before their last one.
         rows = self._rows(
             "WITH l AS (SELECT u.handle, u.user_id, u.followers AS last_v, (SELECT f.day FROM snapshots f"
             " WHERE f.user_id = u.user_id AND f.day >= ? AND f.day < u.s_last ORDER BY f.day LIMIT 1) AS fd"
-            " FROM users u WHERE u.s_last >= ? AND u.s_last < ?),"
-            f" r AS (SELECT handle, user_id, f{days} AS first_v, followers AS last_v, g{days} AS gained FROM users"
-            f" WHERE s_last = ? AND d{days} IS NOT NULL ORDER BY g{days} DESC NULLS LAST, handle LIMIT ?)"
-            " SELECT handle, user_id, first_v, last_v, gained FROM r UNION ALL"
+            " FROM users u WHERE u.s_last >= ? AND u.s_last < ?)"
+            f" {' UNION ALL '.join(parts)} UNION ALL"
             " SELECT l.handle, l.user_id, x.followers, l.last_v, l.last_v - x.followers FROM l"
             " JOIN snapshots x ON x.user_id = l.user_id AND x.day = l.fd ORDER BY gained DESC NULLS LAST, handle"
-            " LIMIT ?", (s, s, e, e, limit, limit))
+            " LIMIT ?", (s, s, e1, *params, limit))
         return [TopRow(str(h), str(u), a, b, g) for h, u, a, b, g in rows]
 
     def as_of(self, day: dt.date) -> list[tuple[Any, ...]]:
@@ -260,26 +263,28 @@ class HistoryQueries(HistoryDb):
     def _overview_ready(self, days: Sequence[int], end: dt.date, ids: Sequence[str] | None = None
                         ) -> list[OverviewRow]:
         """`overview` at the store's newest day from the maintained data (``ids``: of those users only): a user
-        whose last snapshot is of that day has the gains kept ready; the others (stragglers of the last 30 days) are
-        computed from their snapshots."""
+        whose last snapshot is of that day or the day before has the gains kept ready (ready.LATE); the older
+        stragglers of the last 30 days are computed from their snapshots."""
         if ids is not None and not ids:
             return []
-        e = end.isoformat()
-        gains = ", ".join(f"CASE WHEN s_last = ? THEN g{n} END" for n in days)
+        e, e1 = end.isoformat(), (end - dt.timedelta(days=1)).isoformat()
+        gains = ", ".join(f"CASE WHEN s_last = ? THEN g{n}"
+                          f"{f' WHEN s_last = ? THEN g{ready.LATE[n]}' if n in ready.LATE else ''} END" for n in days)
+        marks = [d for n in days for d in ((e, e1) if n in ready.LATE else (e,))]
         only = "" if ids is None else f" AND user_id IN ({', '.join('?' * len(ids))})"
         rows = self._rows("SELECT user_id, handle, nickname, s_last, followers, following, videos, hearts,"
-                          f" {gains} FROM users WHERE s_last IS NOT NULL{only}", (e,) * len(days) + tuple(ids or ()))
+                          f" {gains} FROM users WHERE s_last IS NOT NULL{only}", (*marks, *(ids or ())))
         n = len(days)
         out = [OverviewRow(str(r[0]), str(r[1]), "" if r[2] is None else str(r[2]), self._day(r[3]),
                            r[4], r[5], r[6], r[7], dict(zip(days, r[8:8 + n], strict=True))) for r in rows]
-        since = (end - dt.timedelta(days=max(days, default=0))).isoformat()
-        late = {r.user_id: r for r in self._overview_computed(days, end, late_since=since, ids=ids)}
+        since = (end - dt.timedelta(days=max(days, default=0))).isoformat()  # older stragglers: from their snapshots
+        late = {r.user_id: r for r in self._overview_computed(days, end, late_since=since, ids=ids, late_until=e1)}
         return [late.get(r.user_id, r) for r in out]
 
     def _overview_computed(self, days: Sequence[int], end: dt.date, late_since: str | None = None,
-                           ids: Sequence[str] | None = None) -> list[OverviewRow]:
+                           ids: Sequence[str] | None = None, late_until: str | None = None) -> list[OverviewRow]:
         """`overview` from the snapshots (``late_since``: only the users whose last snapshot is from that day to
-        before ``end``; ``ids``: and of those users only)."""
+        before ``late_until``, by default ``end``; ``ids``: and of those users only)."""
         e = end.isoformat()
         starts = [(end - dt.timedelta(days=n)).isoformat() for n in days]
         late = "" if late_since is None else " WHERE u.s_last >= ? AND u.s_last < ?"
@@ -298,7 +303,7 @@ class HistoryQueries(HistoryDb):
             # LEFT JOIN: users stay the outer loop (SQLite would otherwise walk all of snapshots first).
             f" {gains} FROM g LEFT JOIN snapshots s ON s.user_id = g.user_id AND s.day = g.last"
             " WHERE g.last IS NOT NULL",
-            (e, *(() if late_since is None else (late_since, e, *(ids or ()))), *starts, *starts))
+            (e, *(() if late_since is None else (late_since, late_until or e, *(ids or ()))), *starts, *starts))
         n = len(days)
         return [OverviewRow(str(r[0]), str(r[1]), "" if r[2] is None else str(r[2]), self._day(r[3]),
                             r[4], r[5], r[6], r[7], dict(zip(days, r[8:8 + n], strict=True))) for r in rows]

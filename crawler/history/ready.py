@@ -2,11 +2,14 @@
 every user's snapshots (columns of `users`, kept up to date by every write of snapshots, in its transaction).
 
 Per user: ``s_first``/``s_last`` (first and last snapshot day), the last snapshot's counts, and for each window N of
-``WINDOWS`` the gain over the N days ending at the user's own last snapshot: ``dN`` the first snapshot day in
+``KEPT`` the gain over the N days ending at the user's own last snapshot: ``dN`` the first snapshot day in
 [s_last - N, s_last) (None: a single snapshot there, no gain), ``fN`` its followers and ``gN`` = last - ``fN``.
-Those are window-independent: a user whose last snapshot is the store's newest day has exactly that gain; a user
-whose last snapshot is older (missed the last nights) is a straggler, whose gain is looked up per user
-(queries.py). `crawler history rebuild` recomputes all of it from the snapshots.
+Those are window-independent: a user whose last snapshot is the store's newest day E has exactly the gain of
+window N. A user whose last snapshot is older is a straggler: one of the day before (not reached yet tonight, most
+users while the night's ingest runs) has as gain over the N days ending at E their own gain over N - 1 days
+(``LATE``: the window [E - N, E] holds their snapshots of [s_last - (N - 1), s_last]), kept too; older stragglers
+(who missed nights) are looked up per user (queries.py). `crawler history rebuild` recomputes all of it from the
+snapshots.
 """
 
 from __future__ import annotations
@@ -15,16 +18,25 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-WINDOWS = (1, 7, 30)  # the gains kept ready
+WINDOWS = (1, 7, 30)  # the gains kept ready (`top --days N`, the overview's columns)
+LATE = {n: n - 1 for n in WINDOWS if n > 1}  # window N's gain of the day-before stragglers: their own over N - 1
+KEPT = tuple(sorted({*WINDOWS, *LATE.values()}))  # every window a user's gain is kept for
 COUNTS = ("followers", "following", "videos", "hearts")
-COLUMNS = ("s_first", "s_last", *COUNTS, *(f"{c}{n}" for n in WINDOWS for c in "dfg"))
+COLUMNS = ("s_first", "s_last", *COUNTS, *(f"{c}{n}" for n in KEPT for c in "dfg"))
+SQLITE_ONLY = "-- sqlite only\n"  # a migration statement a PostgreSQL store skips
+
+
+def _add_columns(windows: Iterable[int], first: bool) -> list[str]:
+    types = {f"{c}{n}": "{date}" if c == "d" else "{int}" for n in windows for c in "dfg"}
+    if first:
+        types = {"s_first": "{date}", "s_last": "{date}"} | {c: "{int}" for c in COUNTS} | types
+    return [f"ALTER TABLE users ADD COLUMN {{if_missing}}{c} {t}" for c, t in types.items()]
 
 
 def migration() -> list[str]:
-    """Version 4's statements ({date}/{int}/{nulls_last} filled per database); the rebuild fills the columns."""
-    types = {"s_first": "{date}", "s_last": "{date}"} | {c: "{int}" for c in COUNTS} | {
-        f"{c}{n}": "{date}" if c == "d" else "{int}" for n in WINDOWS for c in "dfg"}
-    out = [f"ALTER TABLE users ADD COLUMN {{if_missing}}{c} {types[c]}" for c in COLUMNS]
+    """Version 4's statements ({date}/{int}/{nulls_last} filled per database); version 5's rebuild fills the
+    columns."""
+    out = _add_columns(WINDOWS, True)
     # The top and the overview's sorted pages: the users of a last day by gain (NULL last), ties by handle (in code
     # point order, as the page sorts); by followers; by handle.
     for n in WINDOWS:
@@ -36,20 +48,29 @@ def migration() -> list[str]:
     return out
 
 
+def late_migration() -> list[str]:
+    """Version 5's columns: the gains of the day-before stragglers (``LATE``; no index: they are read a day's
+    users at a time, by s_last)."""
+    return _add_columns(sorted(set(KEPT) - set(WINDOWS)), False)
+
+
 def run_migration(db: Any, version: int, statements: Sequence[str], types: dict[str, str]) -> None:
-    """Run a migration's statements (inside the store's migration transaction); version 4 then fills the columns.
-    A column the users table has already (a store whose schema_version was set back) is not added again: SQLite
-    has no ADD COLUMN IF NOT EXISTS."""
+    """Run a migration's statements (inside the store's migration transaction; a PostgreSQL store skips those
+    marked SQLITE_ONLY); version 5, the last to add kept columns, then fills them all. A column the users table
+    has already (a store whose schema_version was set back) is not added again: SQLite has no ADD COLUMN IF NOT
+    EXISTS."""
     types = types | {"nulls_last": " NULLS LAST" if db.postgres else "",  # SQLite: NULLs sort last descending
                      "if_missing": "IF NOT EXISTS " if db.postgres else "",
                      "c": ' COLLATE "C"' if db.postgres else ""}  # code point order (SQLite's BINARY), as Python
-    have = set() if db.postgres or version != 4 else {str(r[1]) for r in db._rows("PRAGMA table_info(users)")}
+    have = set() if db.postgres else {str(r[1]) for r in db._rows("PRAGMA table_info(users)")}
     for statement in statements:
+        if db.postgres and statement.startswith(SQLITE_ONLY):
+            continue
         if statement.startswith("ALTER TABLE users ADD COLUMN") and statement.split()[-2].removeprefix(
                 "{if_missing}") in have:
             continue
         db._exec(statement.format(**types))
-    if version == 4:
+    if version == 5:
         rebuild(db)
 
 
@@ -73,7 +94,7 @@ def stats(rows: Sequence[tuple[Any, ...]], first: Any) -> tuple[Any, ...]:
     last = rows[-1]
     end = dt.date.fromisoformat(_iso(last[0]))
     out: list[Any] = [first, last[0], *last[1:5]]
-    for n in WINDOWS:
+    for n in KEPT:
         start = (end - dt.timedelta(days=n)).isoformat()
         inside = [r for r in rows[:-1] if _iso(r[0]) >= start]
         if not inside:
@@ -102,9 +123,9 @@ def refresh(db: Any, user_ids: Iterable[str]) -> None:
         if last is not None:  # the last snapshot and the first of each [last - n, last), in one round trip
             end = dt.date.fromisoformat(_iso(last))
             firsts = [f" UNION ALL SELECT * FROM (SELECT day, {cols} FROM snapshots WHERE user_id = ? AND day >= ?"
-                      " AND day < ? ORDER BY day LIMIT 1) AS w" for _ in WINDOWS]
+                      " AND day < ? ORDER BY day LIMIT 1) AS w" for _ in KEPT]
             params: list[Any] = [user_id, last]
-            for n in WINDOWS:
+            for n in KEPT:
                 params += [user_id, (end - dt.timedelta(days=n)).isoformat(), last]
             rows.update(db._rows(f"SELECT day, {cols} FROM snapshots WHERE user_id = ? AND day = ?{''.join(firsts)}",
                                  params))
@@ -130,7 +151,7 @@ def rebuild(db: Any) -> int:
                     batch.append((*stats(window, first), user))
                 user, first, window = row[0], row[1], []
             window.append(row[1:])
-            cutoff = (dt.date.fromisoformat(_iso(row[1])) - dt.timedelta(days=max(WINDOWS))).isoformat()
+            cutoff = (dt.date.fromisoformat(_iso(row[1])) - dt.timedelta(days=max(KEPT))).isoformat()
             while _iso(window[0][0]) < cutoff:
                 window.pop(0)
         if len(batch) >= 1000:

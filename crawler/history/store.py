@@ -69,10 +69,11 @@ MIGRATIONS: dict[int, list[str]] = {
     # Version 4 (reads that do not grow with the users): each user's latest counts and gains (ready.py), filled
     # by the same rebuild as `crawler history rebuild`.
     4: ready.migration(),
-    # Version 5 (disk, SQLite only): the snapshots in one B-tree keyed by (user, day), a table without rowid, instead
-    # of a rowid table beside its primary-key index: a quarter less disk, and a user's days on one or two pages.
-    # The upgrade rewrites the table once (about 5 s per million snapshots, and as much free disk again).
-    5: [
+    # Version 5: the gains of the day-before stragglers kept too (ready.LATE), then every kept column filled. On
+    # SQLite, the snapshots in one B-tree keyed by (user, day), a table without rowid, instead of a rowid table
+    # beside its primary-key index: a quarter less disk, and a user's days on one or two pages. The upgrade rewrites
+    # the table once (about 5 s per million snapshots, and as much free disk again). PostgreSQL's tables are heaps.
+    5: [*ready.late_migration(), *(ready.SQLITE_ONLY + sql for sql in (
         "CREATE TABLE snapshots_v5 (user_id TEXT NOT NULL, day {date} NOT NULL, fetched_at {ts} NOT NULL,"
         " handle TEXT NOT NULL, followers {int}, following {int}, hearts {int}, videos {int}, likes {int},"
         " verified {bool}, private {bool}, PRIMARY KEY (user_id, day)) WITHOUT ROWID",
@@ -80,10 +81,8 @@ MIGRATIONS: dict[int, list[str]] = {
         " FROM snapshots ORDER BY user_id, day",
         "DROP TABLE snapshots",
         "ALTER TABLE snapshots_v5 RENAME TO snapshots",
-        "CREATE INDEX snapshots_day ON snapshots (day, user_id)",
-    ],
+        "CREATE INDEX snapshots_day ON snapshots (day, user_id)"))],
 }
-SQLITE_ONLY = {5}  # migrations a PostgreSQL store records without running (its tables are heaps)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,8 +129,7 @@ class HistoryStore(HistoryQueries):
                 if self._migrated(version):  # SQLite: another process did it between the read and BEGIN IMMEDIATE
                     self._commit()
                     continue
-                skip = self.postgres and version in SQLITE_ONLY
-                ready.run_migration(self, version, [] if skip else MIGRATIONS[version], types)
+                ready.run_migration(self, version, MIGRATIONS[version], types)
                 self._exec("INSERT INTO schema_version (version) VALUES (?)", (version,))
                 self._commit()
         finally:
