@@ -157,7 +157,7 @@ def test_migration_fills_a_store_without_it(history_url: str) -> None:  # noqa: 
         for n in ready.WINDOWS:  # back to a version 3 store
             store._exec(f"DROP INDEX users_g{n}")
             store._exec(f"DROP INDEX users_g{n}_up")
-        for name in ("users_followers", "users_followers_down", "users_handle"):
+        for name in ("users_followers", "users_followers_down", "users_handle", "users_late"):
             store._exec(f"DROP INDEX {name}")
         for c in ready.COLUMNS:
             store._exec(f"ALTER TABLE users DROP COLUMN {c}")

@@ -46,9 +46,8 @@ def _valued(store: HistoryQueries, field: str, desc: bool, end: dt.date, want: i
             f"SELECT {g}, handle, user_id FROM users WHERE s_last = ? AND {g} IS NOT NULL"
             f" ORDER BY {g}{way}, handle{c} LIMIT ?", (day, want))]
         count += int(store._rows(f"SELECT COUNT(*) FROM users WHERE s_last = ? AND {g} IS NOT NULL", (day,))[0][0])
-    since = (end - dt.timedelta(days=n)).isoformat()
-    until = (end - dt.timedelta(days=1)).isoformat() if n in ready.LATE else end.isoformat()
-    late = [(r.gains[n], r.handle, r.user_id)
+    since, until = (end - dt.timedelta(days=n)).isoformat(), (end - dt.timedelta(days=1)).isoformat()
+    late = [(r.gains[n], r.handle, r.user_id)  # the older stragglers (the day before's have no 1-day gain)
             for r in store._overview_computed((n,), end, late_since=since, late_until=until)]
     late_valued = [(int(g), h, u) for g, h, u in late if g is not None]
     merged = sorted(found + late_valued, key=_key(desc))[:want]

@@ -49,9 +49,12 @@ def migration() -> list[str]:
 
 
 def late_migration() -> list[str]:
-    """Version 5's columns: the gains of the day-before stragglers (``LATE``; no index: they are read a day's
-    users at a time, by s_last)."""
-    return _add_columns(sorted(set(KEPT) - set(WINDOWS)), False)
+    """Version 5's columns: the gains of the day-before stragglers (``LATE``), and one index that holds all a page
+    or `top` reads of them: the day before's users are read from it alone, in one range, then sorted (without it,
+    each is a lookup in the table: 1 s at 300k users)."""
+    late = sorted(set(KEPT) - set(WINDOWS))
+    return [*_add_columns(late, False), "CREATE INDEX IF NOT EXISTS users_late ON users (s_last, "
+            + ", ".join(f"{c}{n}" for n in late for c in "dfg") + ", followers, handle, user_id)"]
 
 
 def run_migration(db: Any, version: int, statements: Sequence[str], types: dict[str, str]) -> None:
