@@ -1,15 +1,20 @@
 """Durable file helpers, the one home of each: the atomic write, the append-only file with a committed length,
-the lock file. Every file this tool writes aside and renames into place goes through here."""
+the lock file, the open off the event loop that a cancellation cannot leak. Every file this tool writes aside and
+renames into place goes through here."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import os
 import shutil
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO, BinaryIO, TypeVar
+
+T = TypeVar("T")
 
 
 def replace_durably(tmp: Path, target: Path) -> None:
@@ -49,6 +54,39 @@ def copy_durably(source: Path, target: Path) -> None:
     tmp = target.with_name(target.name + ".tmp")
     shutil.copyfile(source, tmp)
     replace_durably(tmp, target)
+
+
+async def open_in_thread(opener: Callable[[], T], close: Callable[[T], object]) -> T:
+    """Run ``opener`` (it opens a file) in a worker thread, so the event loop never waits on the disk, and return
+    what it opened. Every open of a file off the loop goes through here.
+
+    A cancellation (a stop) of the awaiting task cannot leak what the thread opens: the thread, which finishes its
+    open anyway, hands the result over under a lock; if the task was cancelled first, the thread calls ``close`` on
+    it itself, and if the task is cancelled after the hand-over (the await not yet resumed), the task does. Either
+    way exactly once, without waiting for the thread and without needing the loop (it may be closing)."""
+    lock = threading.Lock()
+    handed: list[T] = []  # what the thread opened, until the task returns it or closes it
+    abandoned = False
+
+    def run() -> T:
+        opened = opener()
+        with lock:
+            if not abandoned:
+                handed.append(opened)
+                return opened
+        close(opened)  # nobody awaits it any more
+        return opened
+
+    try:
+        return await asyncio.to_thread(run)
+    except BaseException:
+        with lock:
+            abandoned = True
+            left = handed[:]
+            handed.clear()
+        for opened in left:
+            close(opened)
+        raise
 
 
 def fsync_dir(path: Path) -> None:

@@ -1,16 +1,20 @@
 """The durable file helpers (`crawler.files`): the append-only file cut back to its committed length and never
-padded, the atomic write, the lock file."""
+padded, the atomic write, the lock file, the open in a worker thread that a cancellation cannot leak."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
-from crawler.files import AppendOnlyFile, ShortFile, atomic_write, cut_back, lock_file
+from crawler.files import AppendOnlyFile, ShortFile, atomic_write, cut_back, lock_file, open_in_thread
 
 
 def test_an_append_only_file_is_cut_back_to_its_committed_length(tmp_path: Path) -> None:
@@ -81,3 +85,41 @@ def test_a_lock_file_is_held_by_one_process_at_a_time(tmp_path: Path) -> None:
         assert fd is not None
         assert subprocess.run(probe, capture_output=True, text=True, env=env, timeout=30).stdout == "busy\n"
     assert subprocess.run(probe, capture_output=True, text=True, env=env, timeout=30).stdout == "held\n"
+
+
+@pytest.mark.parametrize("window", ["while the thread opens", "after the thread handed it over"])
+async def test_a_cancelled_open_in_a_thread_closes_the_file_exactly_once(tmp_path: Path, window: str) -> None:
+    """A task cancelled while its worker thread opens a file, or after the thread handed the file over but before
+    the await resumed, ends cancelled, and the file is closed exactly once (by the thread, or by the task)."""
+    loop = asyncio.get_running_loop()
+    pool = ThreadPoolExecutor(max_workers=2)  # this test's own threads, to know when the opener's has finished
+    loop.set_default_executor(pool)
+    inside, go = threading.Event(), threading.Event()
+    opened: list[BinaryIO] = []
+    closed: list[BinaryIO] = []
+
+    def opener() -> BinaryIO:
+        fh = (tmp_path / "x.part").open("wb")
+        opened.append(fh)
+        inside.set()
+        go.wait(10)  # bounded: the test sets it
+        return fh
+
+    def close(fh: BinaryIO) -> None:
+        closed.append(fh)
+        fh.close()
+
+    task = asyncio.create_task(open_in_thread(opener, close))
+    assert await asyncio.to_thread(inside.wait, 10)
+    if window == "while the thread opens":
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    go.set()
+    # Blocks the loop until the opener's thread has returned: the loop processes none of its result meanwhile.
+    pool.shutdown(wait=True)
+    if window == "after the thread handed it over":
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert len(opened) == 1 and closed == opened and opened[0].closed

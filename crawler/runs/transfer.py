@@ -32,7 +32,7 @@ from crawler.errors import (
     TransientError,
     disk_error,
 )
-from crawler.files import replace_durably
+from crawler.files import open_in_thread, replace_durably
 from crawler.jobs.media import SNIFF_BYTES, VIDEO_EXTS, extension, known_extension
 from crawler.options import Retries
 from crawler.retry import Stall, retry_after_words, retry_async
@@ -112,8 +112,9 @@ class MediaTransfer:
 
     async def _transfer(self, seq: int, f: MediaFile) -> None:
         part = self._dir / (f.name + ".part")
-        # File-system calls that may wait on the disk run in a thread, so other transfers keep flowing.
-        fd, offset = await asyncio.to_thread(_open_part, part, f.durable)
+        # File-system calls that may wait on the disk run in a thread, so other transfers keep flowing. A stop during
+        # the open closes the descriptor all the same; the empty .part it may leave resumes from byte 0.
+        fd, offset = await open_in_thread(lambda: _open_part(part, f.durable), _close_part)
         pos = _Position(offset, f.expected, f.etag, offset, time.monotonic(), f.ext, Stall(self._retry.stall_limit))
         try:
             await self._tries(seq, f, fd, pos)
@@ -330,6 +331,11 @@ def _open_part(part: Path, durable: int) -> tuple[int, int]:
         os.close(fd)
         raise
     return fd, offset
+
+
+def _close_part(opened: tuple[int, int]) -> None:
+    """Close what `_open_part` returned (its awaiting task was cancelled)."""
+    os.close(opened[0])
 
 
 def _discard(part: Path) -> None:
