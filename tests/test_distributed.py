@@ -264,6 +264,8 @@ async def test_three_hosts_one_job_equal_a_single_host_run(hosts: Hosts, schema:
     assert job["id"] == jid and job["pending"] == 0 and job["items"] == 150
     assert job["requests_sent"] == sent and job["credits_billed"] == billed
     assert len(job["workers"]) == 3
+    # Each of the three said it ended (its row goes a day later), none was left for the week of a killed one.
+    assert await pg_value(schema, "SELECT count(*) FROM crawler_workers WHERE ended IS NOT NULL") == 3
     code, _, err = await hosts.run("export", ["export", jid, "-o", str(hosts.root / "again.csv"), "--jobs-url", url])
     assert code == 0, err
     assert out.read_bytes().startswith("\ufeff".encode())

@@ -82,7 +82,7 @@ async def _register(store: PgJobStore, settings: Settings, key: Secret, jid: str
     others = await store.register(me)
     clash = [w for w in others if not (w.ledger == me.ledger and me.ledger.startswith(("redis://", "rediss://")))]
     if clash and settings.rate_enabled:
-        await store.leave(me.id)
+        await store.retire(me.id)
         w = clash[0]
         raise UsageError(
             f"rate.shared = {me.ledger!r}: this key is already worked from host {w.host} (pid {w.pid}) through"
@@ -158,7 +158,7 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
             complete = error is None and progress.pending == 0
             if complete:
                 await store.set_status(jid, "done")
-                await store.prune_sessions()  # this job's sessions of workers that left, folded into it
+                await store.housekeep()  # this job's sessions of workers that left, folded into it
                 # A signal stops the export too (its temporary file removed); run again, the job exports.
                 if stopped or not await _stoppable(export(store, jid, out, spec, bom=settings.output_bom,
                                                           raw=settings.output_raw, fmt=settings.output_format),
@@ -170,6 +170,8 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
                             result=result, settings=settings)
         finally:
             remove_signals(installed)
+            with contextlib.suppress(RunStopped):  # a stop while the store is away: the row goes a week later
+                await store.retire(worker_id)
 
 
 async def _ready(store: PgJobStore, job: JobOptions, settings: Settings, *, url: str, restart: bool,
@@ -350,8 +352,8 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
                     break
         finally:
             remove_signals(installed)
-            with contextlib.suppress(RunStopped):
-                await store.leave(worker_id)
+            with contextlib.suppress(RunStopped):  # a stop while the store is away: the row goes a week later
+                await store.retire(worker_id)
         return await _work_exit(store, worst or (stopped[0] if stopped else None), until_idle=until_idle,
                                 worked=worked)
 

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from crawler.config import masked
 from crawler.errors import RunStopped, UsageError
-from crawler.stores import pg_items, pg_schema, postgres
-from crawler.stores.model import Created, PageCommit, PgJob, Progress, Taken
+from crawler.stores import pg_items, pg_schema, pg_workers, postgres
+from crawler.stores.model import Created, PageCommit, PgJob, Progress, Pruned, Taken
 from crawler.stores.pg_workers import WorkerRegistry
 from crawler.stores.postgres import Outage, deadline, shut_down
 
@@ -72,7 +72,7 @@ class PgJobStore(WorkerRegistry):
             await self._connect()
             assert self._conn is not None
             await pg_schema.install(self._conn)
-            await self.prune_sessions()
+            await self.housekeep()
         except Exception as exc:
             await self.aclose()
             if not (postgres.retriable(exc) or "psycopg" in type(exc).__module__):  # any error of the driver
@@ -211,10 +211,15 @@ class PgJobStore(WorkerRegistry):
 
         await self._run(run)
 
-    async def prune_sessions(self) -> int:
-        """Housekeeping, run whenever a starter or worker opens the store and when a job completes: the sessions of
-        finished jobs whose workers are gone, folded into their jobs (`pg_items.prune_sessions`); how many."""
-        return await self._run(pg_items.prune_sessions)
+    async def housekeep(self) -> Pruned:
+        """Housekeeping, run whenever a starter or worker opens the store and when a job completes, in one
+        transaction: the sessions of finished jobs whose workers are gone, folded into their jobs
+        (`pg_items.prune_sessions`), then the rows of workers long gone (`pg_workers.prune`)."""
+
+        async def run(conn: psycopg.AsyncConnection[Any]) -> Pruned:
+            return Pruned(await pg_items.prune_sessions(conn), await pg_workers.prune(conn))
+
+        return await self._run(run)
 
     async def delete_job(self, jid: str) -> None:
         """Forget a job (`--restart`)."""

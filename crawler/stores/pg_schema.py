@@ -88,6 +88,8 @@ CREATE TABLE IF NOT EXISTS crawler_workers (
     started TIMESTAMPTZ NOT NULL DEFAULT now(),
     seen TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+-- When the worker's process ended cleanly (`WorkerRegistry.retire`); its row is pruned a day later.
+ALTER TABLE crawler_workers ADD COLUMN IF NOT EXISTS ended TIMESTAMPTZ;
 CREATE TABLE IF NOT EXISTS crawler_schema (fingerprint TEXT NOT NULL);
 """
 # The schema a store holds: checked before any DDL, so a worker joining a busy job takes no table lock at all
