@@ -139,12 +139,14 @@ class PgJobStore(WorkerRegistry):
     async def create_job(self, jid: str, command: str, options: dict[str, Any],
                          entries: Iterable[tuple[str, str, str | None, str | None]], *, output: str | None = None,
                          inherit: bool = True, heartbeat_timeout: float | None = None, bom: bool = False,
-                         raw: bool = False) -> Created | None:
+                         raw: bool = False, input_name: str | None = None,
+                         check: pg_items.InputCheck | None = None) -> Created | None:
         """Create the job with its items (one transaction: a job is never seen half-read); None if it exists.
 
         Another job of the same command, options and `output` (host:path of OUT.csv) is the one an edited input
         supersedes: in the same transaction the new job continues it (`inherit`; False: --restart, it starts over)
-        and it is deleted, so no worker spends on it any more.
+        and it is deleted, so no worker spends on it any more; first `check` is asked about this input (`input_name`,
+        the one the job records) against that job's, and may refuse it by raising (nothing is created).
 
         `entries` is read once per try (a lost connection runs the transaction again): a list or another
         re-iterable, never a one-shot iterator, which would give the retry only the entries after the cut."""
@@ -153,7 +155,7 @@ class PgJobStore(WorkerRegistry):
         text = json.dumps(options, sort_keys=True)
         return await self._run(lambda conn: pg_items.create(
             conn, jid, command, text, entries, output=output, inherit=inherit, heartbeat_timeout=heartbeat_timeout,
-            bom=bom, raw=raw))
+            bom=bom, raw=raw, input_name=input_name, check=check))
 
     async def job(self, jid: str) -> PgJob | None:
         """A job by id (or a unique id prefix)."""

@@ -30,6 +30,9 @@ ALTER TABLE crawler_jobs ADD COLUMN IF NOT EXISTS bom BOOLEAN NOT NULL DEFAULT f
 ALTER TABLE crawler_jobs ADD COLUMN IF NOT EXISTS raw BOOLEAN NOT NULL DEFAULT false;   -- output.raw
 -- host:path of the starter's OUT.csv: a starter whose input was edited continues the job of that output.
 ALTER TABLE crawler_jobs ADD COLUMN IF NOT EXISTS output TEXT;
+-- The starter's input ("-" for stdin, else a file's absolute path on that host; NULL for a keyword): another input
+-- for the same output sharing under half its items is refused (`prepare.another_input`).
+ALTER TABLE crawler_jobs ADD COLUMN IF NOT EXISTS input TEXT;
 -- The workers whose sessions of a finished job were folded into its counters (`pg_items.prune_sessions`).
 ALTER TABLE crawler_jobs ADD COLUMN IF NOT EXISTS workers TEXT[] NOT NULL DEFAULT '{}';
 CREATE TABLE IF NOT EXISTS crawler_items (
