@@ -229,8 +229,7 @@ async def prepare(
 ) -> Preparation:
     """Create, resume or restart the job in the state store; `pause` lets signals in between input batches.
 
-    Another input than the job's (a renamed file, or stdin with other items) that shares fewer than half its
-    items with the job is refused unless `continue_job` (or `restart`).
+    Another input sharing under half its items with the job is refused (`another_input`) unless `continue_job`.
     """
     out = Path(job.output)
     name = input_name(job, spec)

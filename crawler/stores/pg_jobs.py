@@ -145,8 +145,7 @@ class PgJobStore(WorkerRegistry):
 
         Another job of the same command, options and `output` (host:path of OUT.csv) is the one an edited input
         supersedes: in the same transaction the new job continues it (`inherit`; False: --restart, it starts over)
-        and it is deleted, so no worker spends on it any more; first `check` is asked about this input (`input_name`,
-        the one the job records) against that job's, and may refuse it by raising (nothing is created).
+        and it is deleted, so no worker spends on it any more; unless `check` refuses this input by raising.
 
         `entries` is read once per try (a lost connection runs the transaction again): a list or another
         re-iterable, never a one-shot iterator, which would give the retry only the entries after the cut."""
