@@ -84,7 +84,7 @@ class WorkerRegistry:
         """Workers seen (of one job, or all), most recent first; live = a heartbeat within ``heartbeat_timeout``
         (the job's; default this store's). A worker of a job is one that works it now or had a session on it
         (`crawler_workers.job` is only the job it works now: NULL once a service idles), or whose sessions of the
-        finished job were pruned (`crawler_jobs.workers`)."""
+        finished job were pruned (`crawler_jobs.workers`); while its row lasts (`prune`: a day after it ended)."""
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> list[WorkerInfo]:
             where = ("WHERE w.job = %s OR EXISTS (SELECT 1 FROM crawler_sessions s WHERE s.job = %s"
