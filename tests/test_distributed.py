@@ -264,6 +264,8 @@ async def test_three_hosts_one_job_equal_a_single_host_run(hosts: Hosts, schema:
     assert job["id"] == jid and job["pending"] == 0 and job["items"] == 150
     assert job["requests_sent"] == sent and job["credits_billed"] == billed
     assert len(job["workers"]) == 3
+    # Each of the three said it ended (its row goes a day later), none was left for the week of a killed one.
+    assert await pg_value(schema, "SELECT count(*) FROM crawler_workers WHERE ended IS NOT NULL") == 3
     code, _, err = await hosts.run("export", ["export", jid, "-o", str(hosts.root / "again.csv"), "--jobs-url", url])
     assert code == 0, err
     assert out.read_bytes().startswith("\ufeff".encode())
@@ -1241,6 +1243,40 @@ async def test_an_edited_input_continues_its_postgresql_job_and_closes_the_one_i
     code, listing, err = await hosts.run("jobs", ["jobs", "--jobs-url", url, "--json"])
     assert code == 0, err
     assert [(j["id"] == old, j["status"]) for j in json.loads(listing)] == [(False, "done")]
+
+
+async def test_another_input_sharing_under_half_of_a_postgresql_job_is_refused_then_continued(hosts: Hosts,
+                                                                                            schema: str) -> None:
+    """a.txt, then b.txt (sharing 1 of its 4 handles) for the same -o of a --jobs-url job: exit 2 before any request
+    with the line a local job gives, the job left as it was; with --continue the job goes on with b's new items."""
+    names = World(WORLD).sample_handles(1560)[1550:]
+    first, other = hosts.root / "a.txt", hosts.root / "b.txt"
+    first.write_text("\n".join(names[:3]) + "\n")
+    other.write_text("\n".join(names[2:6]) + "\n")
+    url = pg_url(schema)
+    async with simulator(hosts.key) as sim:
+        for where, jobs in (("starter", ["--jobs-url", url]), ("local", [])):
+            code, _, err = await hosts.run(where, ["profiles", str(first), "-o", "out.csv", *jobs, *common(sim.url)])
+            assert code == 0, err[-800:]
+        before = sim.stats.requests
+        lines = {}
+        for where, jobs in (("starter", ["--jobs-url", url]), ("local", [])):
+            code, _, err = await hosts.run(where, ["profiles", str(other), "-o", "out.csv", *jobs, *common(sim.url)])
+            assert code == 2, err[-800:]
+            lines[where] = err.strip().splitlines()[-1]
+        refused = sim.stats.requests - before
+        _, listing, _ = await hosts.run("jobs", ["jobs", "--jobs-url", url, "--json"])
+        code, _, err = await hosts.run("starter", ["profiles", str(other), "-o", "out.csv", "--jobs-url", url,
+                                                   "--continue", *common(sim.url)])
+        added = sim.stats.requests - before
+    assert refused == 0
+    assert f"out.csv holds the job of {first}, and {other} shares 1 of its 4 items with it" in lines["starter"]
+    assert "--restart" in lines["starter"] and "--continue" in lines["starter"]
+    assert lines["starter"] == lines["local"]  # the local job store's check, word for word
+    assert [(j["items"], j["done"], j["status"]) for j in json.loads(listing)] == [(3, 3, "done")]
+    assert code == 0 and added == 3, err[-800:]  # only the three new handles asked
+    with (hosts.root / "starter" / "out.csv").open(encoding="utf-8", newline="") as fh:
+        assert sorted(r["handle"] for r in csv.DictReader(fh)) == sorted(names[:6])
 
 
 async def _at_least(value: Any, n: int) -> bool:

@@ -132,7 +132,7 @@ async def test_sessions_of_finished_jobs_are_folded_into_the_job_and_removed(sto
     before = {j.id: (j.requests_sent, j.credits_billed, j.rows) for j in await store.jobs()}
     assert before["done"] == (15, 14, 0)
 
-    assert await store.prune_sessions() == 1
+    assert (await store.housekeep()).sessions == 1
     assert await _sessions(store) == {("done", "live:bbbbbb"), ("running", "gone:cccccc")}
     assert {j.id: (j.requests_sent, j.credits_billed, j.rows) for j in await store.jobs()} == before
     assert {w.id for w in await store.workers("done")} == {"gone", "live"}  # `crawler jobs` still lists both
@@ -143,3 +143,45 @@ async def test_sessions_of_finished_jobs_are_folded_into_the_job_and_removed(sto
         assert await _sessions(again) == {("running", "gone:cccccc")}
         assert {j.id: (j.requests_sent, j.credits_billed, j.rows) for j in await again.jobs()} == before
         assert {w.id for w in await again.workers("done")} == {"gone", "live"}
+
+
+async def _workers(store: PgJobStore) -> set[str]:
+    async with await psycopg.AsyncConnection.connect(store.url, autocommit=True) as conn:
+        cur = await conn.execute("SELECT id FROM crawler_workers")
+        return {str(i) for (i,) in await cur.fetchall()}
+
+
+async def _backdate(store: PgJobStore, worker: str, column: str, seconds: float) -> None:
+    """Move a worker's `column` (its last heartbeat, or its end) `seconds` back on the database's clock."""
+    async with await psycopg.AsyncConnection.connect(store.url, autocommit=True) as conn:
+        await conn.execute(f"UPDATE crawler_workers SET {column} = now() - make_interval(secs => %s) WHERE id = %s",
+                           (seconds, worker))
+
+
+DAY = 86400
+
+
+async def test_rows_of_workers_that_ended_a_day_ago_or_went_silent_for_a_week_are_pruned(store: PgJobStore) -> None:
+    """The housekeeping that folds sessions also removes the rows of workers that ended cleanly over a day ago and
+    of workers silent for over a week (killed); a worker that ended just now stays listed by `crawler jobs`, and
+    the rows of live workers stay, also one whose last heartbeat is days old (a starter exporting after its
+    session left)."""
+    assert await store.create_job("j", "posts", {}, [("alice", "alice", None, None)])
+    for w in ("ended_old", "ended_now", "killed", "exporting", "live"):
+        await store.register(WorkerInfo(w, "h", 1, "k" * 16, "local", "j", live=True))
+    await store.retire("ended_old")
+    await store.retire("ended_now")
+    await _backdate(store, "ended_old", "ended", DAY + 3600)
+    await _backdate(store, "killed", "seen", WEEK + 3600)
+    await store.leave("exporting")  # its session ended; the process goes on without a heartbeat
+    await _backdate(store, "exporting", "seen", WEEK - DAY)
+    await store.beat("live", "j")
+
+    pruned = await store.housekeep()
+    assert (pruned.sessions, pruned.workers) == (0, 2)
+    assert await _workers(store) == {"ended_now", "exporting", "live"}
+    assert {w.id: w.live for w in await store.workers("j")} == {"ended_now": False, "exporting": False, "live": True}
+
+    await _backdate(store, "ended_now", "ended", DAY + 3600)
+    async with PgJobStore(store.url, stall_limit=10, heartbeat_timeout=2) as again:  # opening a store prunes
+        assert await _workers(again) == {"exporting", "live"}

@@ -53,14 +53,11 @@ def cmd_job(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if settings.jobs_url:
         from crawler.runs.distributed import start_job
 
-        if continue_job:
-            raise UsageError("--continue is for local jobs: a --jobs-url job of the same output continues whatever"
-                             " its input; run without --continue")
-
         with reports as report:  # the job-level figures from PostgreSQL
             outcome = asyncio.run(start_job(job, settings, api_key=key, url=settings.jobs_url,
                                             restart=args.restart, retry_failed=args.retry_failed,
-                                            overwrite=args.overwrite, quiet=args.quiet, earlier=lookup))
+                                            overwrite=args.overwrite, quiet=args.quiet, earlier=lookup,
+                                            continue_job=continue_job))
             report.done(outcome.exit_code, [outcome.summary])
     else:
         crawl = Crawl(job, settings, api_key=key, restart=args.restart, retry_failed=args.retry_failed,

@@ -229,8 +229,7 @@ async def prepare(
 ) -> Preparation:
     """Create, resume or restart the job in the state store; `pause` lets signals in between input batches.
 
-    Another input than the job's (a renamed file, or stdin with other items) that shares fewer than half its
-    items with the job is refused unless `continue_job` (or `restart`).
+    Another input sharing under half its items with the job is refused (`another_input`) unless `continue_job`.
     """
     out = Path(job.output)
     name = input_name(job, spec)
@@ -255,7 +254,8 @@ async def prepare(
         if existing.input_sha != digest() and spec.input_kind == "keyword":
             raise UsageError(f"{out} holds the results of another keyword: add --restart to start over,"
                              " or write to another output")
-        renamed = _another_input(state, out, name, edited=existing.input_sha != digest(), continue_job=continue_job)
+        renamed = another_input(out, state.input_name(), name, edited=existing.input_sha != digest(),
+                                continue_job=continue_job, shared=state.incoming_shared)
         state.set_input_name(name)
         change = None
         if existing.input_sha != digest():
@@ -279,20 +279,21 @@ async def prepare(
     return Preparation(Prepared.NEW)
 
 
-def _another_input(state: StateStore, out: Path, name: str | None, *, edited: bool,
-                   continue_job: bool) -> tuple[str, str] | None:
-    """(the job's input, this one) when this run reads another input file than the job's; exit 2 (UsageError) when
-    it, or stdin with other items, shares fewer than half its items with the job, unless `continue_job`."""
-    before = state.input_name()
+def another_input(out: Path, before: str | None, name: str | None, *, edited: bool, continue_job: bool,
+                  shared: Callable[[], tuple[int, int]]) -> tuple[str, str] | None:
+    """(the job's input, this one) when this run reads another input file (`name`, see `input_name`) than the job's
+    (`before`); exit 2 (UsageError) when it, or stdin with other items (`edited`), shares fewer than half its items
+    with the job, unless `continue_job`. `shared()`: (valid items of this input the job has, valid items in it),
+    asked only then. The one rule for local and PostgreSQL jobs (`pg_items.create` calls it as its `check`)."""
     if name is None or before is None:
         return None  # a keyword (checked by its hash), or a job that did not record its input
     renamed = before != name and not (before != "-" and _same_file(name, Path(before)))
     old, new = _shown(before), _shown(name)
     if (renamed or (edited and _unnamed(name))) and not continue_job:
-        shared, total = state.incoming_shared()
-        if 2 * shared < total:
+        common, total = shared()
+        if 2 * common < total:
             whose = f"the job of {old}" if renamed else f"the job of another input from {old}"
-            raise UsageError(f"{out} holds {whose}, and {new} shares {shared:,} of its {total:,} items with it: add"
+            raise UsageError(f"{out} holds {whose}, and {new} shares {common:,} of its {total:,} items with it: add"
                              " --restart to start that output over, or --continue to add these items to the job"
                              " (its rows stay); or write to another output with -o")
     return (old, new) if renamed else None

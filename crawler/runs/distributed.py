@@ -35,7 +35,7 @@ from crawler.errors import (
 )
 from crawler.jobs.commands import COMMANDS, CommandSpec
 from crawler.jobs.inputs import input_items
-from crawler.jobs.prepare import JobOptions, check_output_path, failures_path
+from crawler.jobs.prepare import JobOptions, another_input, check_output_path, failures_path, input_name
 from crawler.rate.ledger import ledger_name
 from crawler.rate.pacing import Pace
 from crawler.retry import pause
@@ -82,7 +82,7 @@ async def _register(store: PgJobStore, settings: Settings, key: Secret, jid: str
     others = await store.register(me)
     clash = [w for w in others if not (w.ledger == me.ledger and me.ledger.startswith(("redis://", "rediss://")))]
     if clash and settings.rate_enabled:
-        await store.leave(me.id)
+        await store.retire(me.id)
         w = clash[0]
         raise UsageError(
             f"rate.shared = {me.ledger!r}: this key is already worked from host {w.host} (pid {w.pid}) through"
@@ -115,9 +115,10 @@ async def _work_session(store: PgJobStore, pg: PgJob, settings: Settings, key: S
 
 async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url: str, restart: bool = False,
                     retry_failed: bool | str = False, overwrite: bool = False, quiet: bool = False,
-                    earlier: Counters | None = None) -> Outcome:
+                    earlier: Counters | None = None, continue_job: bool = False) -> Outcome:
     """`crawler COMMAND INPUT -o OUT.csv --jobs-url URL`: create or resume the job, work it, export it; `earlier`:
-    the requests this command sent for it before (the region lookup), counted as the starter's first."""
+    the requests this command sent for it before (the region lookup), counted as the starter's first;
+    `continue_job` (--continue): another input sharing under half its items with the job of OUT.csv goes on."""
     started = time.monotonic()
     spec = COMMANDS[job.command]
     out = Path(job.output)
@@ -125,7 +126,7 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
     check_output_path(job, overwrite=overwrite)
     async with job_store(settings, url) as store:
         ready = await _ready(store, job, settings, url=url, restart=restart, retry_failed=retry_failed,
-                             overwrite=overwrite, started=started)
+                             overwrite=overwrite, started=started, continue_job=continue_job)
         if isinstance(ready, Outcome):
             return ready
         jid = ready.id
@@ -158,7 +159,7 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
             complete = error is None and progress.pending == 0
             if complete:
                 await store.set_status(jid, "done")
-                await store.prune_sessions()  # this job's sessions of workers that left, folded into it
+                await store.housekeep()  # this job's sessions of workers that left, folded into it
                 # A signal stops the export too (its temporary file removed); run again, the job exports.
                 if stopped or not await _stoppable(export(store, jid, out, spec, bom=settings.output_bom,
                                                           raw=settings.output_raw, fmt=settings.output_format),
@@ -170,15 +171,17 @@ async def start_job(job: JobOptions, settings: Settings, *, api_key: Secret, url
                             result=result, settings=settings)
         finally:
             remove_signals(installed)
+            with contextlib.suppress(RunStopped):  # a stop while the store is away: the row goes a week later
+                await store.retire(worker_id)
 
 
 async def _ready(store: PgJobStore, job: JobOptions, settings: Settings, *, url: str, restart: bool,
-                 retry_failed: bool | str, overwrite: bool, started: float) -> PgJob | Outcome:
+                 retry_failed: bool | str, overwrite: bool, started: float, continue_job: bool) -> PgJob | Outcome:
     """Create or resume the starter's job and enqueue its items not done: the job, or the outcome of a job already
     complete with its output there (nothing to do)."""
     out = Path(job.output)
     await store.outside(lambda: itemqueue.install(url))
-    jid = await _create(store, job, settings, restart=restart, overwrite=overwrite)
+    jid = await _create(store, job, settings, restart=restart, overwrite=overwrite, continue_job=continue_job)
     testing.reached("job_printed")
     retry = RETRIABLE_ALL if retry_failed == "all" else RETRIABLE if retry_failed else ()
     pg = await store.job(jid)
@@ -231,12 +234,20 @@ async def _until_done(store: PgJobStore, jid: str, settings: Settings, api_key: 
     return error
 
 
-async def _create(store: PgJobStore, job: JobOptions, settings: Settings, *, restart: bool, overwrite: bool) -> str:
+async def _create(store: PgJobStore, job: JobOptions, settings: Settings, *, restart: bool, overwrite: bool,
+                  continue_job: bool) -> str:
     """Create the starter's job (or find it), print its id; the job of an edited input continues the one of this
-    output on this host, which is closed."""
+    output on this host, which is closed, unless it is another input sharing under half its items with that job
+    (exit 2, as for a local job: `another_input`)."""
     out = Path(job.output)
     options = {k: v for k, v in asdict(job).items() if k not in ("input", "output", "command")}
-    spool, digest = _spool(job, COMMANDS[job.command])
+    spec = COMMANDS[job.command]
+    name = input_name(job, spec)
+
+    def check(before: str, counts: tuple[int, int]) -> None:
+        another_input(out, before, name, edited=True, continue_job=continue_job, shared=lambda: counts)
+
+    spool, digest = _spool(job, spec)
     try:
         jid = job_id(job.command, options, digest)
         if restart:
@@ -244,7 +255,7 @@ async def _create(store: PgJobStore, job: JobOptions, settings: Settings, *, res
         where = f"{host_name()}:{await asyncio.to_thread(out.resolve)}"
         created = await store.create_job(jid, job.command, options, _Spooled(spool), output=where, inherit=not restart,
                                          heartbeat_timeout=settings.jobs_heartbeat_timeout, bom=settings.output_bom,
-                                         raw=settings.output_raw)
+                                         raw=settings.output_raw, input_name=name, check=check)
     finally:
         spool.unlink(missing_ok=True)
     # A new job never replaces a file it did not write (the input, someone's CSV) unless told to.
@@ -350,8 +361,8 @@ async def work(settings: Settings, *, api_key: Secret, url: str, job: str | None
                     break
         finally:
             remove_signals(installed)
-            with contextlib.suppress(RunStopped):
-                await store.leave(worker_id)
+            with contextlib.suppress(RunStopped):  # a stop while the store is away: the row goes a week later
+                await store.retire(worker_id)
         return await _work_exit(store, worst or (stopped[0] if stopped else None), until_idle=until_idle,
                                 worked=worked)
 

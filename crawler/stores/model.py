@@ -139,6 +139,14 @@ class Created:
 
 
 @dataclass(frozen=True, slots=True)
+class Pruned:
+    """What one round of the job store's housekeeping removed."""
+
+    sessions: int = 0  # sessions of finished jobs, folded into their job's row
+    workers: int = 0  # rows of workers that ended a day ago or went silent for a week
+
+
+@dataclass(frozen=True, slots=True)
 class Taken:
     """An item this worker now holds at `version`, with its unfinished reply walks."""
 

@@ -6,7 +6,7 @@ budget grant. The store runs a transaction again after a lost connection or a ro
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from crawler import testing
@@ -71,14 +71,20 @@ async def _continue_job(conn: psycopg.AsyncConnection[Any], old: str, new: str) 
     return Created(old, added, int(counts[0]))
 
 
+# Asked before an edited input continues a job: (that job's input, (valid items of this input it has, valid items
+# in this input)); it raises to refuse (the transaction rolls back: nothing created, that job untouched).
+InputCheck = Callable[[str, tuple[int, int]], object]
+
+
 async def create(conn: psycopg.AsyncConnection[Any], jid: str, command: str, text: str,
                  entries: Iterable[tuple[str, str, str | None, str | None]], *, output: str | None, inherit: bool,
-                 heartbeat_timeout: float | None, bom: bool, raw: bool) -> Created | None:
+                 heartbeat_timeout: float | None, bom: bool, raw: bool, input_name: str | None = None,
+                 check: InputCheck | None = None) -> Created | None:
     """`PgJobStore.create_job`'s transaction (`text`: the options' JSON); None if the job exists."""
     cur = await conn.execute(
-        "INSERT INTO crawler_jobs (id, command, options, heartbeat_timeout, bom, raw, output)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
-        (jid, command, text, heartbeat_timeout, bom, raw, output))
+        "INSERT INTO crawler_jobs (id, command, options, heartbeat_timeout, bom, raw, output, input)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+        (jid, command, text, heartbeat_timeout, bom, raw, output, input_name))
     if cur.rowcount == 0:
         return None
     await conn.execute("CREATE TEMP TABLE crawler_incoming (pos SERIAL, key TEXT, raw TEXT, reason TEXT,"
@@ -93,6 +99,8 @@ async def create(conn: psycopg.AsyncConnection[Any], jid: str, command: str, tex
                              " AND id != %s ORDER BY created DESC, id LIMIT 1", (output, command, text, jid))
     found = await cur.fetchone()
     old = None if found is None else str(found[0])
+    if old is not None and inherit and check is not None:
+        await _check_input(conn, old, check)
     if old is not None and await _hold(conn, old):
         if inherit:
             return await _continue_job(conn, old, jid)
@@ -101,6 +109,20 @@ async def create(conn: psycopg.AsyncConnection[Any], jid: str, command: str, tex
         old = None
     await _add_items(conn, jid, 0)
     return Created(old)
+
+
+async def _check_input(conn: psycopg.AsyncConnection[Any], old: str, check: InputCheck) -> None:
+    """Ask `check` about this input (`crawler_wanted`) against job `old`'s, if that job recorded its input."""
+    cur = await conn.execute("SELECT input FROM crawler_jobs WHERE id = %s", (old,))
+    row = await cur.fetchone()
+    if row is None or row[0] is None:
+        return
+    cur = await conn.execute(
+        "SELECT count(*) FILTER (WHERE EXISTS (SELECT 1 FROM crawler_items i WHERE i.job = %s AND i.key = w.key)),"
+        " count(*) FROM crawler_wanted w WHERE reason IS NULL", (old,))
+    counts = await cur.fetchone()
+    assert counts is not None
+    check(str(row[0]), (int(counts[0]), int(counts[1])))
 
 
 async def take(conn: psycopg.AsyncConnection[Any], jid: str, seq: int, owner: str) -> Taken | None:

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from crawler.config import masked
 from crawler.errors import RunStopped, UsageError
-from crawler.stores import pg_items, pg_schema, postgres
-from crawler.stores.model import Created, PageCommit, PgJob, Progress, Taken
+from crawler.stores import pg_items, pg_schema, pg_workers, postgres
+from crawler.stores.model import Created, PageCommit, PgJob, Progress, Pruned, Taken
 from crawler.stores.pg_workers import WorkerRegistry
 from crawler.stores.postgres import Outage, deadline, shut_down
 
@@ -72,7 +72,7 @@ class PgJobStore(WorkerRegistry):
             await self._connect()
             assert self._conn is not None
             await pg_schema.install(self._conn)
-            await self.prune_sessions()
+            await self.housekeep()
         except Exception as exc:
             await self.aclose()
             if not (postgres.retriable(exc) or "psycopg" in type(exc).__module__):  # any error of the driver
@@ -139,12 +139,13 @@ class PgJobStore(WorkerRegistry):
     async def create_job(self, jid: str, command: str, options: dict[str, Any],
                          entries: Iterable[tuple[str, str, str | None, str | None]], *, output: str | None = None,
                          inherit: bool = True, heartbeat_timeout: float | None = None, bom: bool = False,
-                         raw: bool = False) -> Created | None:
+                         raw: bool = False, input_name: str | None = None,
+                         check: pg_items.InputCheck | None = None) -> Created | None:
         """Create the job with its items (one transaction: a job is never seen half-read); None if it exists.
 
         Another job of the same command, options and `output` (host:path of OUT.csv) is the one an edited input
         supersedes: in the same transaction the new job continues it (`inherit`; False: --restart, it starts over)
-        and it is deleted, so no worker spends on it any more.
+        and it is deleted, so no worker spends on it any more; unless `check` refuses this input by raising.
 
         `entries` is read once per try (a lost connection runs the transaction again): a list or another
         re-iterable, never a one-shot iterator, which would give the retry only the entries after the cut."""
@@ -153,7 +154,7 @@ class PgJobStore(WorkerRegistry):
         text = json.dumps(options, sort_keys=True)
         return await self._run(lambda conn: pg_items.create(
             conn, jid, command, text, entries, output=output, inherit=inherit, heartbeat_timeout=heartbeat_timeout,
-            bom=bom, raw=raw))
+            bom=bom, raw=raw, input_name=input_name, check=check))
 
     async def job(self, jid: str) -> PgJob | None:
         """A job by id (or a unique id prefix)."""
@@ -211,10 +212,15 @@ class PgJobStore(WorkerRegistry):
 
         await self._run(run)
 
-    async def prune_sessions(self) -> int:
-        """Housekeeping, run whenever a starter or worker opens the store and when a job completes: the sessions of
-        finished jobs whose workers are gone, folded into their jobs (`pg_items.prune_sessions`); how many."""
-        return await self._run(pg_items.prune_sessions)
+    async def housekeep(self) -> Pruned:
+        """Housekeeping, run whenever a starter or worker opens the store and when a job completes, in one
+        transaction: the sessions of finished jobs whose workers are gone, folded into their jobs
+        (`pg_items.prune_sessions`), then the rows of workers long gone (`pg_workers.prune`)."""
+
+        async def run(conn: psycopg.AsyncConnection[Any]) -> Pruned:
+            return Pruned(await pg_items.prune_sessions(conn), await pg_workers.prune(conn))
+
+        return await self._run(run)
 
     async def delete_job(self, jid: str) -> None:
         """Forget a job (`--restart`)."""

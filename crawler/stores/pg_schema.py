@@ -30,6 +30,9 @@ ALTER TABLE crawler_jobs ADD COLUMN IF NOT EXISTS bom BOOLEAN NOT NULL DEFAULT f
 ALTER TABLE crawler_jobs ADD COLUMN IF NOT EXISTS raw BOOLEAN NOT NULL DEFAULT false;   -- output.raw
 -- host:path of the starter's OUT.csv: a starter whose input was edited continues the job of that output.
 ALTER TABLE crawler_jobs ADD COLUMN IF NOT EXISTS output TEXT;
+-- The starter's input ("-" for stdin, else a file's absolute path on that host; NULL for a keyword): another input
+-- for the same output sharing under half its items is refused (`prepare.another_input`).
+ALTER TABLE crawler_jobs ADD COLUMN IF NOT EXISTS input TEXT;
 -- The workers whose sessions of a finished job were folded into its counters (`pg_items.prune_sessions`).
 ALTER TABLE crawler_jobs ADD COLUMN IF NOT EXISTS workers TEXT[] NOT NULL DEFAULT '{}';
 CREATE TABLE IF NOT EXISTS crawler_items (
@@ -88,6 +91,8 @@ CREATE TABLE IF NOT EXISTS crawler_workers (
     started TIMESTAMPTZ NOT NULL DEFAULT now(),
     seen TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+-- When the worker's process ended cleanly (`WorkerRegistry.retire`); its row is pruned a day later.
+ALTER TABLE crawler_workers ADD COLUMN IF NOT EXISTS ended TIMESTAMPTZ;
 CREATE TABLE IF NOT EXISTS crawler_schema (fingerprint TEXT NOT NULL);
 """
 # The schema a store holds: checked before any DDL, so a worker joining a busy job takes no table lock at all

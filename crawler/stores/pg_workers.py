@@ -1,5 +1,6 @@
 """The PostgreSQL job store's registry of workers: who works which job, who is alive (a heartbeat within the job's
-``jobs.heartbeat_timeout``, by the database's clock), and the items no live worker holds."""
+``jobs.heartbeat_timeout``, by the database's clock), and the items no live worker holds; the rows of workers long
+gone, pruned by the store's housekeeping (`prune`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,13 @@ if TYPE_CHECKING:
     import psycopg
 
 T = TypeVar("T")
+
+# A worker's row is kept this long after its process ended cleanly (`crawler jobs` lists it meanwhile)...
+ENDED_KEPT = 86400.0
+# ...and this long after its last heartbeat when it never said so (killed, host lost). Generous: a live process's
+# heartbeat may be over a day old (`leave` dates it a day back, and a starter then waits for other workers and
+# exports without beating), never a week.
+SILENT_KEPT = 7 * 86400.0
 
 
 class WorkerRegistry:
@@ -56,12 +64,19 @@ class WorkerRegistry:
         await self._run(run)
 
     async def leave(self, worker_id: str) -> None:
-        """A worker ends cleanly: the items it held are free at once (no heartbeat timeout to wait for)."""
+        """A worker's session ends cleanly: the items it held are free at once (no heartbeat timeout to wait for).
+        Its heartbeat is dated a day back: its sessions count as finished (`pg_items.prune_sessions`)."""
+        await self._leave(worker_id, ended=False)
 
+    async def retire(self, worker_id: str) -> None:
+        """A worker's process ends cleanly: it leaves, and its row is pruned a day later (`prune`)."""
+        await self._leave(worker_id, ended=True)
+
+    async def _leave(self, worker_id: str, *, ended: bool) -> None:
         async def run(conn: psycopg.AsyncConnection[Any]) -> None:
             await conn.execute("UPDATE crawler_items SET owner = NULL WHERE owner = %s", (worker_id,))
-            await conn.execute("UPDATE crawler_workers SET seen = now() - interval '1 day' WHERE id = %s",
-                               (worker_id,))
+            await conn.execute("UPDATE crawler_workers SET seen = now() - interval '1 day',"
+                               " ended = CASE WHEN %s THEN now() ELSE ended END WHERE id = %s", (ended, worker_id))
 
         await self._run(run)
 
@@ -69,7 +84,7 @@ class WorkerRegistry:
         """Workers seen (of one job, or all), most recent first; live = a heartbeat within ``heartbeat_timeout``
         (the job's; default this store's). A worker of a job is one that works it now or had a session on it
         (`crawler_workers.job` is only the job it works now: NULL once a service idles), or whose sessions of the
-        finished job were pruned (`crawler_jobs.workers`)."""
+        finished job were pruned (`crawler_jobs.workers`); while its row lasts (`prune`: a day after it ended)."""
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> list[WorkerInfo]:
             where = ("WHERE w.job = %s OR EXISTS (SELECT 1 FROM crawler_sessions s WHERE s.job = %s"
@@ -110,3 +125,14 @@ class WorkerRegistry:
             return [int(r[0]) for r in await cur.fetchall()]
 
         return await self._run(run)
+
+
+async def prune(conn: psycopg.AsyncConnection[Any], ended_kept: float = ENDED_KEPT,
+                silent_kept: float = SILENT_KEPT) -> int:
+    """Delete the rows of workers that ended cleanly over ``ended_kept`` seconds ago or were last seen over
+    ``silent_kept`` seconds ago (the database's clock); how many. Part of `PgJobStore.housekeep`'s transaction, after
+    the sessions are folded (their worker ids go into the job's `workers`, which needs no row here)."""
+    cur = await conn.execute(
+        "DELETE FROM crawler_workers WHERE ended < now() - make_interval(secs => %s)"
+        " OR seen < now() - make_interval(secs => %s)", (ended_kept, silent_kept))
+    return max(cur.rowcount, 0)
