@@ -224,3 +224,42 @@ def test_a_runs_requests_left_are_its_pending_walks_pages_left(tmp_path: Path) -
         assert requests_left(COMMANDS["profiles"], pending, users, 0, limits) == 3
     finally:
         users.close()
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("args", "said"), [
+    (["estimate", "posts", "missing.txt"], "input file missing.txt does not exist"),
+    (["estimate", "profiles", "in.csv", "--column", "nope"], "--column nope: no such column"),
+    (["estimate", "replies", "in.csv"], "replies needs a CSV with video_id and comment_id columns"),
+    (["estimate", "posts", "in.csv", "--max-items", "-3"], "--max-items: invalid value '-3'"),
+    (["estimate", "ingest", "missing.txt"], "input file missing.txt does not exist"),
+    (["estimate", "ingest", "in.csv", "--column", "nope"], "--column nope: no such column"),
+    (["estimate", "download", "missing.txt"], "missing.txt"),
+    (["status", "missing.csv"], "no job state for missing.csv"),
+])
+@pytest.mark.parametrize("data_dir", [None, "fresh/d"])
+async def test_a_usage_error_leaves_no_data_directory_or_file_behind(tmp_path: Path, args: list[str], said: str,
+                                                                      data_dir: str | None) -> None:
+    """A read-only command ending in a usage error (a missing input, a bad column or flag value) is exit 2 with one
+    line and creates nothing: no data directory (the default `.crawler` or `--data-dir`), no file."""
+    (tmp_path / "in.csv").write_text("handle,video_id\nalice,7100000000000000001\n")
+    before = _tree(tmp_path)
+    more = ["--data-dir", data_dir] if data_dir and args[0] == "estimate" else []
+    code, out, err = await crawler([*args, *more], environ(None), tmp_path)
+    assert code == 2 and out == "", err
+    assert err.count("\n") == 1 and err.startswith("crawler: ") and said in err, err
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", ["posts", "ingest"])
+async def test_an_estimate_writes_nothing(tmp_path: Path, job: str) -> None:
+    """`estimate` only reads: on a fresh directory it prices the input and leaves no data directory behind."""
+    (tmp_path / "in.txt").write_text("alice\nbob\n")
+    code, out, err = await crawler(["estimate", job, "in.txt", "--data-dir", "fresh/d"], environ(None), tmp_path)
+    assert code == 0 and "expected credits_billed: " in out, err
+    assert _tree(tmp_path) == {"in.txt"}

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import io
+import logging
 import os
 import pty
 import struct
 import termios
 
-from crawler.engine.stats import ProgressReporter, Snapshot, Summary, fit
+from crawler.engine.stats import LogHandler, ProgressReporter, Snapshot, Summary, fit
 
 
 class _Tty(io.StringIO):
@@ -119,3 +120,41 @@ async def test_the_live_line_follows_a_resized_terminal() -> None:
         os.close(master)
     lines = [line.removesuffix("\x1b[K") for line in text.replace("\r\n", "\r").split("\r") if line]
     assert len(lines[0]) > 60 and all(len(line) <= 39 for line in lines[-3:]), lines
+
+
+async def _record_mid_run(stream: io.StringIO) -> str:
+    """What `stream` holds after a warning logged through the command line's handler while a reporter is on it."""
+    ticks = {"n": 0}
+
+    def snap() -> Snapshot:
+        ticks["n"] += 1
+        return Snapshot(done=ticks["n"], total=100, rows=0, requests=0, credits=0)
+
+    handler = LogHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    log = logging.getLogger("crawler.test_stats")
+    log.addHandler(handler)
+    try:
+        task = asyncio.create_task(ProgressReporter("posts", snap, stream=stream, interval=0.001).run())
+        while ticks["n"] < 3:  # the start and two reports
+            await asyncio.sleep(0.001)
+        log.warning("the API went away")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    finally:
+        log.removeHandler(handler)
+    return stream.getvalue()
+
+
+async def test_a_log_record_mid_run_clears_the_live_line_and_redraws_it_below() -> None:
+    """On a terminal a record logged while the live line is shown clears it, takes a line of its own, and the line is
+    redrawn after it; off a terminal the record is a plain line, without any escape sequence."""
+    text = await _record_mid_run(_Tty())
+    before, record, after = text.partition("WARNING the API went away\n")
+    assert record and before.endswith("\r\x1b[K") and before.rfind("\r[posts] ") < before.rfind("\r\x1b[K")
+    redrawn = before[before.rfind("\r[posts] "):before.rfind("\r\x1b[K")]
+    assert after.startswith(redrawn) and after.endswith("\n")  # the line the record interrupted, then the next ones
+
+    plain = await _record_mid_run(io.StringIO())
+    assert "WARNING the API went away\n" in plain.splitlines(keepends=True)
+    assert "\x1b" not in plain and "\r" not in plain

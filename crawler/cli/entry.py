@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 from crawler.cli.common import resume_hint
 from crawler.cli.parser import parse
-from crawler.engine.stats import silence
+from crawler.engine.stats import LogHandler, silence
 from crawler.errors import CrawlerError, Interrupted, UsageError, disk_error
 
 log = logging.getLogger("crawler")
@@ -18,7 +18,8 @@ log = logging.getLogger("crawler")
 
 def _logging(verbose: int) -> None:
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=[LogHandler(sys.stderr)])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

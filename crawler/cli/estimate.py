@@ -57,7 +57,7 @@ def _ingest(args: argparse.Namespace, settings: Settings) -> Priced:
         store = None  # the first night: no history yet
     else:
         store = HistoryStore.open_readonly(url, stall_limit=settings.retry_stall_limit)
-    users = UserDirectory(Path(data.directory) / "users.db", ttl_days=data.id_ttl_days)
+    users = UserDirectory.reading(Path(data.directory) / "users.db", ttl_days=data.id_ttl_days)
     try:
         watched = _watched(list(keys), store, users)
     finally:

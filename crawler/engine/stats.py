@@ -1,4 +1,5 @@
-"""What a run reports: the live progress line and the end-of-run summary."""
+"""What a run reports: the live progress line and the end-of-run summary; log records and messages printed mid-run
+go above the live line (`LIVE`, `LogHandler`)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import asyncio
 import contextlib
 import errno
 import io
+import logging
 import os
 import shutil
 import sys
+import threading
 import time
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -156,14 +159,23 @@ class ProgressReporter:
             if self._drawn:
                 with contextlib.suppress(Exception):  # the final counts on the line left on the screen
                     self._emit()
-                self._write("\n")
+                self._end_line()
 
     def _emit(self) -> None:
         text = self.line()
-        if self._tty:
-            self._drawn = self._write("\r" + fit(text, terminal_columns(self._stream) - 1) + CLEAR_TO_END)
-        else:
+        if not self._tty:
             self._write(time.strftime("%H:%M:%S ") + text + "\n")
+            return
+        drawn = "\r" + fit(text, terminal_columns(self._stream) - 1) + CLEAR_TO_END
+        with LIVE.lock:
+            self._drawn = self._write(drawn)
+            LIVE.shown(self._stream, drawn if self._drawn else "")
+
+    def _end_line(self) -> None:
+        """Move below the live line, which is no longer live."""
+        with LIVE.lock:
+            self._write("\n")
+            LIVE.shown(self._stream, "")
 
     def _write(self, text: str) -> bool:
         """Write and flush; False (and quiet from now on) once the stream is gone."""
@@ -183,6 +195,53 @@ class ProgressReporter:
 
 CLEAR_TO_END = "\x1b[K"
 GONE = (errno.EPIPE, errno.EIO)  # the reader closed its end of the pipe; the terminal hung up
+
+
+class LiveLine:
+    """The live progress line on a terminal, if one is shown, and the lock its stream's writers take: text written
+    mid-run goes `above` it (the line cleared first, redrawn after), never appended to it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()  # log records may come from worker threads
+        self._stream: TextIO | None = None
+        self._drawn = ""
+
+    def shown(self, stream: TextIO, drawn: str) -> None:
+        """`drawn` (carriage return, text, clear to end) is now the live line on `stream`; '' when none is."""
+        with self.lock:
+            self._stream, self._drawn = (stream, drawn) if drawn else (None, "")
+
+    @contextlib.contextmanager
+    def above(self, stream: TextIO) -> Iterator[None]:
+        """Write to `stream` inside this block above the live line; on a stream without one, nothing changes."""
+        with self.lock:
+            live = self._drawn if self._stream is stream else ""
+            if live:
+                self._put(stream, "\r" + CLEAR_TO_END)
+            try:
+                yield
+            finally:
+                if live:
+                    self._put(stream, live)
+
+    @staticmethod
+    def _put(stream: TextIO, text: str) -> None:
+        # A stream gone away is the reporter's to notice (at its next tick): the message is not worth an error.
+        with contextlib.suppress(OSError, ValueError):
+            stream.write(text)
+            stream.flush()
+
+
+LIVE = LiveLine()
+
+
+class LogHandler(logging.StreamHandler[TextIO]):
+    """The command line's log handler: each record on lines of its own, above the live progress line if one is
+    shown on the same stream."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with LIVE.above(self.stream):
+            super().emit(record)
 
 
 def terminal_columns(stream: TextIO) -> int:

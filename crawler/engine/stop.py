@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from crawler.api.client import Client
+from crawler.engine.stats import LIVE
 from crawler.errors import CrawlerError, Interrupted, RunStopped
 
 SIGNALS = ((signal.SIGINT, 130), (signal.SIGTERM, 143))  # and the exit code each stop ends with
@@ -59,8 +60,9 @@ class GracefulStop:
         for task in waiting:
             task.cancel()
         if in_flight and not self.quiet:
-            print(f"crawler: {error}: waiting for the {in_flight} requests already sent (paid for) to be answered and"
-                  " written; send it again to stop at once", file=sys.stderr)
+            with LIVE.above(sys.stderr):
+                print(f"crawler: {error}: waiting for the {in_flight} requests already sent (paid for) to be answered"
+                      " and written; send it again to stop at once", file=sys.stderr)
         return in_flight
 
 

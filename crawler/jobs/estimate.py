@@ -134,7 +134,7 @@ def estimate(command: str, input_path: str, limits: JobLimits, data: DataOptions
     lookups = known_ids = pages_known = items_known = unknown = single = invalid = items = 0
     kind = spec.list_kind
     size = walk_size(kind, limits, PageSizes(data.directory))
-    users = UserDirectory(Path(data.directory) / "users.db", ttl_days=data.id_ttl_days)
+    users = UserDirectory.reading(Path(data.directory) / "users.db", ttl_days=data.id_ttl_days)
     # A CSV input may tell the lengths itself: a comments CSV each comment's reply_total (replies), a posts CSV
     # each post's comment_count (comments).
     told = _csv_counts(input_path, "reply_total") if kind == "replies" else \

@@ -15,11 +15,13 @@ class UserDirectory:
     Lets later jobs skip `/userid/` calls and lets `estimate` price walks it has counts for.
     """
 
-    def __init__(self, path: Path, *, ttl_days: float = 7.0, clock: Callable[[], float] = time.time) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path | None, *, ttl_days: float = 7.0, clock: Callable[[], float] = time.time) -> None:
+        """Open (or create) `path`; None: an empty directory in memory, gone when closed."""
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
         self._ttl = ttl_days * 86400.0
         self._clock = clock
-        self._db = sqlite.connect(path)
+        self._db = sqlite.connect(path if path is not None else ":memory:")
         # One process at a time sets the file up: two ingests sharing the data dir both saw a column missing and
         # both added it ("duplicate column name").
         with sqlite.immediate(self._db):
@@ -36,6 +38,12 @@ class UserDirectory:
                 # handle); `updated` also moves when counts alone are refreshed. Older rows start from `updated`.
                 self._db.execute("ALTER TABLE users ADD COLUMN bound REAL")
                 self._db.execute("UPDATE users SET bound = updated")
+
+    @classmethod
+    def reading(cls, path: Path, *, ttl_days: float = 7.0) -> UserDirectory:
+        """For a command that only reads (`estimate`): `path` if it exists, else an empty directory; neither the
+        file nor the data directory is created."""
+        return cls(path if path.exists() else None, ttl_days=ttl_days)
 
     def close(self) -> None:
         """Close the database (idempotent)."""
