@@ -112,16 +112,20 @@ def _update_sql() -> str:
     return f"UPDATE users SET {', '.join(f'{c} = ?' for c in COLUMNS)} WHERE user_id = ?"
 
 
-def refresh(db: Any, user_ids: Iterable[str]) -> None:
+def refresh(db: Any, user_ids: Iterable[str], added: str | None = None) -> None:
     """Recompute the maintained values of ``user_ids`` from their snapshots (inside the caller's transaction):
     a few indexed lookups per user, whatever the size of the history: the first and last day, the last snapshot,
     and the first snapshot of each window (a heap table's rows of one user lie on as many pages as days: only
-    those rows are read, not the 30 days between)."""
+    those rows are read, not the 30 days between). ``added``: the day of a snapshot just written (none deleted),
+    which moves the kept first and last day at most (the first day's page of a long history is not read)."""
     cols = ", ".join(COUNTS)
     for user_id in sorted(set(user_ids)):  # key order: no deadlock between two runs' commits
-        # Separate lookups: each an index probe on SQLite (MIN and MAX together would read all the user's days).
-        first, last = db._rows("SELECT (SELECT MIN(day) FROM snapshots WHERE user_id = ?),"
-                               " (SELECT MAX(day) FROM snapshots WHERE user_id = ?)", (user_id, user_id))[0]
+        kept = db._rows("SELECT s_first, s_last FROM users WHERE user_id = ?", (user_id,)) if added else []
+        if kept and kept[0][0] is not None and kept[0][1] is not None and added is not None:
+            first, last = min(_iso(kept[0][0]), added), max(_iso(kept[0][1]), added)
+        else:  # separate lookups: each an index probe on SQLite (MIN and MAX together read all the user's days)
+            first, last = db._rows("SELECT (SELECT MIN(day) FROM snapshots WHERE user_id = ?),"
+                                   " (SELECT MAX(day) FROM snapshots WHERE user_id = ?)", (user_id, user_id))[0]
         rows: set[tuple[Any, ...]] = set()
         if last is not None:  # the last snapshot and the first of each [last - n, last), in one round trip
             end = dt.date.fromisoformat(_iso(last))

@@ -184,7 +184,7 @@ class HistoryStore(HistoryQueries):
                 " ELSE handles.last_day END",
                 (handle, profile.user_id, d, d),
             )
-        ready.refresh(self, [profile.user_id])
+        ready.refresh(self, [profile.user_id], added=d)
 
     def record_rename(self, user_id: str, old: str, new: str, day: dt.date) -> None:
         """Remember that ``user_id`` went from handle ``old`` to ``new`` on ``day`` (idempotent)."""
