@@ -44,7 +44,8 @@ SIZES = ((300_000, 30), (10_000, 1_095))
 QUICK = ((3_000, 30), (100, 1_095))
 PAGES = {"overview": "/", "sorted gain1": "/?sort=-gain1", "sorted gain7": "/?sort=-gain7",
          "sorted gain30": "/?sort=-gain30", "page 100": "/?page=100"}
-COMMITS, PER_COMMIT = 30, 100  # ingest commit cost: 30 commits of 100 profiles each (checkpoints included)
+COMMITS, PER_COMMIT = 30, 100  # ingest commit cost: 30 commits of 100 profiles each (checkpoints included)...
+SINGLES, ROUNDS = 400, 5  # ...and 400 of one profile; the stores measured by turns, in 5 rounds
 
 
 def _median(fn: Callable[[], Any], repeat: int = 5) -> float:
@@ -157,28 +158,45 @@ async def _commits(url: str, handles: int, day: dt.date, size: int, count: int, 
     return times
 
 
-def commit_cost(url: str, handles: int, day: dt.date) -> dict[str, float]:
-    """Ingest's commits on the store at ``url``: the mean of COMMITS commits of PER_COMMIT profiles (a burst; the
-    mean carries the WAL checkpoints some commits make) and of 200 commits of one profile (at the key's 200
-    requests a minute, a profile every 0.3 s, each commit holds one); and the median of each."""
-    out: dict[str, float] = {}
-    for name, size, count, skip in (("", PER_COMMIT, COMMITS, 0), ("one_", 1, 200, PER_COMMIT * COMMITS)):
-        times = asyncio.run(_commits(url, handles, day, size, count, skip))
-        out |= {f"{name}mean": statistics.mean(times), f"{name}median": statistics.median(times)}
-    return out
+def commit_costs(stores: dict[str, tuple[str, int, dt.date]]) -> dict[str, float]:
+    """Ingest's commits on each store (name: its URL, users and the day written): COMMITS commits of PER_COMMIT
+    profiles (a burst; the mean carries the WAL checkpoints some commits make) and SINGLES commits of one profile
+    (at the key's 200 requests a minute, a profile every 0.3 s, each commit holds one). The stores take turns in
+    ROUNDS, so a busy neighbour on the shared cores weighs on all of them alike. Mean and median of each."""
+    times: dict[str, list[float]] = {}
+    bursts, singles = COMMITS // ROUNDS, SINGLES // ROUNDS
+    for r in range(ROUNDS):
+        for name, (url, handles, day) in stores.items():
+            for kind, size, count, skip in (("", PER_COMMIT, bursts, r * bursts * PER_COMMIT),
+                                            ("one_", 1, singles, COMMITS * PER_COMMIT + r * singles)):
+                got = asyncio.run(_commits(url, handles, day, size, count, skip))
+                times.setdefault(f"commit_{name}_{kind}", []).extend(got)
+    return {f"{k}{stat}_s": fn(v) for k, v in times.items()
+            for stat, fn in (("mean", statistics.mean), ("median", statistics.median))}
 
 
-def loaded_commit_cost(backend: str, handles: int, days: int) -> dict[str, float]:
-    """`commit_cost` on a fresh store of ``handles`` users x ``days`` days, on the day after."""
-    with store_url(backend) as url:
-        store = HistoryStore(url)
-        try:
-            store.bulk_users(bench_history.users(handles, days))
-            store.bulk_snapshots(bench_history.rows(handles, days))
-            ready.rebuild_store(store)
-        finally:
-            store.close()
-        return commit_cost(url, handles, DAY0 + dt.timedelta(days=days))
+def load_store(url: str, handles: int, days: int) -> None:
+    """A store of ``handles`` users x ``days`` days, its kept data rebuilt."""
+    store = HistoryStore(url)
+    try:
+        store.bulk_users(bench_history.users(handles, days))
+        store.bulk_snapshots(bench_history.rows(handles, days))
+        ready.rebuild_store(store)
+    finally:
+        store.close()
+
+
+def midnight(url: str, handles: int) -> dict[str, float]:
+    """The pages and `top` again, once the commits put a few thousand users on a new day (the rest are the day
+    before's stragglers, as while a night's ingest runs)."""
+    r = {f"{k} mid-night": v for k, v in asyncio.run(_pages(url, f"user{handles // 2}")).items()}
+    store = HistoryStore(url)
+    try:
+        for n in (7, 30):
+            r[f"top {n} mid-night"] = _median(lambda n=n: store.top("followers-gained", days=n, limit=50))  # type: ignore
+    finally:
+        store.close()
+    return r
 
 
 def baseline_query(store: HistoryStore, handles: int, days: int) -> dict[str, float]:
@@ -221,24 +239,16 @@ def run(backend: str, handles: int, days: int) -> dict[str, float]:
         finally:
             store.close()
         r |= asyncio.run(_pages(url, f"user{handles // 2}"))
-        after = DAY0 + dt.timedelta(days=days)
-        r |= {f"commit_large_{k}_s": v for k, v in commit_cost(url, handles, after).items()}
-        # Mid-night: the commits above put 3,200 users on a new day; every other user is the day before's straggler.
-        r |= {f"{k} mid-night": v for k, v in asyncio.run(_pages(url, f"user{handles // 2}")).items()}
-        store = HistoryStore(url)
-        try:
-            for n in (7, 30):
-                r[f"top {n} mid-night"] = _median(  # type: ignore[misc]
-                    lambda n=n: store.top("followers-gained", days=n, limit=50))
-        finally:
-            store.close()
-    with store_url(backend) as empty:
-        r |= {f"commit_empty_{k}_s": v for k, v in commit_cost(empty, handles, after).items()}
-    # The same users after their first night: what grows with the history (days), not with the watch list.
-    r |= {f"commit_first_{k}_s": v for k, v in loaded_commit_cost(backend, handles, 1).items()}
-    few = min(handles, max(PER_COMMIT, 100_000 // days))  # as many days for fewer users: what grows with the users
-    r |= {f"commit_small_{k}_s": v for k, v in loaded_commit_cost(backend, few, days).items()}
-    r["small_users"] = few
+        after, few = DAY0 + dt.timedelta(days=days), min(handles, max(PER_COMMIT, 100_000 // days))
+        # Beside the large store: an empty one; the same users after their first night (what grows with the
+        # history's days, not with the watch list); as many days for fewer users (what grows with the users).
+        with store_url(backend) as empty, store_url(backend) as first, store_url(backend) as small:
+            load_store(first, handles, 1)
+            load_store(small, few, days)
+            r |= commit_costs({"large": (url, handles, after), "empty": (empty, handles, after),
+                               "first": (first, handles, DAY0 + dt.timedelta(days=1)), "small": (small, few, after)})
+        r["small_users"] = few
+        r |= midnight(url, handles)
     print(line(backend, handles, days, r), flush=True)
     return r
 
@@ -258,7 +268,7 @@ def line(backend: str, handles: int, days: int, r: dict[str, float]) -> str:
     def commit(name: str, one: str = "") -> str:
         return f"{r[f'commit_{name}_{one}median_s'] * 1000:.1f} / {r[f'commit_{name}_{one}mean_s'] * 1000:.1f} ms"
 
-    for one, what in (("", f"{COMMITS} commits of {PER_COMMIT} profiles"), ("one_", "200 commits of 1 profile")):
+    for one, what in (("", f"{COMMITS} commits of {PER_COMMIT} profiles"), ("one_", f"{SINGLES} commits of 1 profile")):
         first, large, empty = (r[f"commit_{n}_{one}mean_s"] for n in ("first", "large", "empty"))
         out += (f"\n{'':<11}ingest, {what} (median / mean): this store {commit('large', one)}; the same users after"
                 f" one night {commit('first', one)} ({large / first:.2f}x, goal < 1.5x); an empty store"
