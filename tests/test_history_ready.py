@@ -13,9 +13,11 @@ from typing import Any
 import pytest
 
 from crawler.api.records import Profile
+from crawler.errors import UsageError
 from crawler.history import pages, ready
-from crawler.history.db import SNAPSHOT_COLUMNS
+from crawler.history.db import SCHEMA_VERSION, SNAPSHOT_COLUMNS
 from crawler.history.paging import overview_page
+from crawler.history.queries import HistoryQueries
 from crawler.history.serve import _sort_key
 from crawler.history.store import HistoryStore
 from tests.test_cli import crawler, environ
@@ -209,6 +211,62 @@ def test_version_5_keeps_every_snapshot_in_one_btree(history_url: str) -> None: 
         assert sorted(store.snapshots(), key=repr) == want_rows
         assert stored(store) == want
         assert_ready_matches(store)
+    finally:
+        store.close()
+
+
+def test_a_version_4_store_is_read_without_the_columns_of_version_5(history_url: str) -> None:  # noqa: F811
+    """A store no upgraded writer has opened yet (`history serve` opens it read-only, never migrating): the pages
+    and `top` are computed from the snapshots, as before the kept data of version 5."""
+    store = HistoryStore(history_url)
+    try:
+        fill(store, 11)
+        store.record_snapshot(DAY0 + dt.timedelta(days=45), _profile(random.Random(11), 0, "user_0"))  # mid-night
+        end = store.last_day()
+        assert end is not None
+        want_top = {n: store.top("followers-gained", n, 5, until=end) for n in ready.WINDOWS}
+        store._exec("DROP INDEX users_late")
+        for c in (f"{c}{n}" for n in sorted(set(ready.KEPT) - set(ready.WINDOWS)) for c in "dfg"):
+            store._exec(f"ALTER TABLE users DROP COLUMN {c}")
+        store._exec("DELETE FROM schema_version WHERE version >= 5")
+    finally:
+        store.close()
+    old = HistoryQueries.open_readonly(history_url)
+    try:
+        assert old.version == 4
+        assert overview_page(old, "-gain7", 0, 7) is None  # the page is computed (serve's other path)
+        assert sorted(old.overview((1, 7, 30)), key=lambda r: r.user_id) == sorted(
+            old._overview_computed((1, 7, 30), end), key=lambda r: r.user_id)
+        assert {n: old.top("followers-gained", n, 5) for n in ready.WINDOWS} == want_top
+    finally:
+        old.close()
+
+
+def test_a_writer_refuses_a_store_of_a_newer_schema(history_url: str) -> None:  # noqa: F811
+    """An older crawler would leave a newer schema's kept data stale: it stops with one line instead."""
+    HistoryStore(history_url).close()
+    store = HistoryStore(history_url)
+    try:
+        store._exec("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION + 1,))
+    finally:
+        store.close()
+    with pytest.raises(UsageError, match=f"schema version {SCHEMA_VERSION + 1}, newer than this crawler's"):
+        HistoryStore(history_url)
+
+
+def test_a_kept_last_day_gone_from_the_snapshots_is_looked_up_again(history_url: str) -> None:  # noqa: F811
+    """A write takes the first and last day from the kept data; when the kept last day has no snapshot any more
+    (deleted behind the store's back), it looks them up, and the kept data equals its recomputation."""
+    store = HistoryStore(history_url)
+    try:
+        fill(store, 5)
+        uid, last = store._rows("SELECT user_id, s_last FROM users WHERE s_first < s_last ORDER BY user_id")[0]
+        store._exec("DELETE FROM snapshots WHERE user_id = ? AND day = ?", (uid, last))
+        first = dt.date.fromisoformat(store._day(store._rows("SELECT s_first FROM users WHERE user_id = ?",
+                                                             (uid,))[0][0]))
+        handle = str(store._rows("SELECT handle FROM users WHERE user_id = ?", (uid,))[0][0])
+        store.record_snapshot(first, _profile(random.Random(5), int(uid) - 1000, handle))  # the first day again
+        assert stored(store)[uid] == recompute(store)[uid]
     finally:
         store.close()
 

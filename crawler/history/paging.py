@@ -59,7 +59,7 @@ def overview_page(store: HistoryQueries, sort: str, offset: int, size: int, days
     """The users ``offset`` to ``offset + size`` of the overview sorted by ``sort`` (a leading '-': descending) and
     the number of users; None when the store has no maintained data (an older schema) or the windows are not kept."""
     end = store.last_day()
-    if store.version < 4 or not set(days) <= set(ready.WINDOWS):
+    if store.version < ready.VERSION or not set(days) <= set(ready.WINDOWS):
         return None
     if end is None:
         return [], 0

@@ -151,7 +151,7 @@ class HistoryQueries(HistoryDb):
         if end is None:
             return []
         start = end - dt.timedelta(days=days)
-        if column == "followers" and days in ready.WINDOWS and until is None and self.version >= 4:
+        if column == "followers" and days in ready.WINDOWS and until is None and self.version >= ready.VERSION:
             return self._top_ready(days, limit, start, end)
         # One pass: number each user's days both ways, keep the first and last, fold them per user (the last one's
         # number from the start is the user's count of snapshots in the window).
@@ -256,7 +256,7 @@ class HistoryQueries(HistoryDb):
         end = until or newest
         if end is None:
             return []
-        if end == newest and set(days) <= set(ready.WINDOWS) and self.version >= 4:
+        if end == newest and set(days) <= set(ready.WINDOWS) and self.version >= ready.VERSION:
             return self._overview_ready(days, end)
         return self._overview_computed(days, end)
 

@@ -18,6 +18,7 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+VERSION = 5  # the schema whose kept data the reads here expect (a store not migrated yet is read as before)
 WINDOWS = (1, 7, 30)  # the gains kept ready (`top --days N`, the overview's columns)
 LATE = {n: n - 1 for n in WINDOWS if n > 1}  # window N's gain of the day-before stragglers: their own over N - 1
 KEPT = tuple(sorted({*WINDOWS, *LATE.values()}))  # every window a user's gain is kept for
@@ -118,25 +119,41 @@ def refresh(db: Any, user_ids: Iterable[str], added: str | None = None) -> None:
     and the first snapshot of each window (a heap table's rows of one user lie on as many pages as days: only
     those rows are read, not the 30 days between). ``added``: the day of a snapshot just written (none deleted),
     which moves the kept first and last day at most (the first day's page of a long history is not read)."""
-    cols = ", ".join(COUNTS)
     for user_id in sorted(set(user_ids)):  # key order: no deadlock between two runs' commits
         kept = db._rows("SELECT s_first, s_last FROM users WHERE user_id = ?", (user_id,)) if added else []
         if kept and kept[0][0] is not None and kept[0][1] is not None and added is not None:
             first, last = min(_iso(kept[0][0]), added), max(_iso(kept[0][1]), added)
-        else:  # separate lookups: each an index probe on SQLite (MIN and MAX together read all the user's days)
-            first, last = db._rows("SELECT (SELECT MIN(day) FROM snapshots WHERE user_id = ?),"
-                                   " (SELECT MAX(day) FROM snapshots WHERE user_id = ?)", (user_id, user_id))[0]
-        rows: set[tuple[Any, ...]] = set()
-        if last is not None:  # the last snapshot and the first of each [last - n, last), in one round trip
-            end = dt.date.fromisoformat(_iso(last))
-            firsts = [f" UNION ALL SELECT * FROM (SELECT day, {cols} FROM snapshots WHERE user_id = ? AND day >= ?"
-                      " AND day < ? ORDER BY day LIMIT 1) AS w" for _ in KEPT]
-            params: list[Any] = [user_id, last]
-            for n in KEPT:
-                params += [user_id, (end - dt.timedelta(days=n)).isoformat(), last]
-            rows.update(db._rows(f"SELECT day, {cols} FROM snapshots WHERE user_id = ? AND day = ?{''.join(firsts)}",
-                                 params))
+        else:
+            first, last = _ends(db, user_id)
+        rows = _window_rows(db, user_id, last)
+        if last is not None and not any(_iso(r[0]) == _iso(last) for r in rows):  # kept days gone stale (a bulk
+            first, last = _ends(db, user_id)  # load not rebuilt): looked up after all
+            rows = _window_rows(db, user_id, last)
         db._exec(_update_sql(), (*stats(sorted(rows, key=lambda r: _iso(r[0])), first), user_id))
+
+
+def _ends(db: Any, user_id: str) -> tuple[Any, Any]:
+    """The user's first and last snapshot day: separate index probes (on SQLite, MIN and MAX in one query read all
+    the user's days)."""
+    first, last = db._rows("SELECT (SELECT MIN(day) FROM snapshots WHERE user_id = ?),"
+                           " (SELECT MAX(day) FROM snapshots WHERE user_id = ?)", (user_id, user_id))[0]
+    return first, last
+
+
+def _window_rows(db: Any, user_id: str, last: Any) -> set[tuple[Any, ...]]:
+    """The snapshot of ``last`` and the first of each kept window before it, in one round trip."""
+    cols = ", ".join(COUNTS)
+    rows: set[tuple[Any, ...]] = set()
+    if last is not None:
+        end = dt.date.fromisoformat(_iso(last))
+        firsts = [f" UNION ALL SELECT * FROM (SELECT day, {cols} FROM snapshots WHERE user_id = ? AND day >= ?"
+                  " AND day < ? ORDER BY day LIMIT 1) AS w" for _ in KEPT]
+        params: list[Any] = [user_id, last]
+        for n in KEPT:
+            params += [user_id, (end - dt.timedelta(days=n)).isoformat(), last]
+        rows.update(db._rows(f"SELECT day, {cols} FROM snapshots WHERE user_id = ? AND day = ?{''.join(firsts)}",
+                             params))
+    return rows
 
 
 def rebuild(db: Any) -> int:

@@ -17,7 +17,7 @@ from crawler.api.records import Post, Profile
 from crawler.config import check_history_url
 from crawler.errors import UsageError
 from crawler.history import ready
-from crawler.history.db import SNAPSHOT_COLUMNS
+from crawler.history.db import SCHEMA_VERSION, SNAPSHOT_COLUMNS
 from crawler.history.queries import HistoryQueries
 
 # Migrations by version (up to db.SCHEMA_VERSION); {date}/{ts}/{bool}/{int} are filled per database.
@@ -110,8 +110,11 @@ class HistoryStore(HistoryQueries):
         except ValueError as exc:
             raise UsageError(f"history.url: {exc}") from None
         super().__init__(url, stall_limit=stall_limit, connect_timeout=connect_timeout)
-        self._migrate()
-
+        try:
+            self._migrate()
+        except BaseException:
+            self.close()
+            raise
 
     def _migrate(self) -> None:
         types = ({"date": "DATE", "ts": "TIMESTAMPTZ", "bool": "BOOLEAN", "int": "BIGINT"} if self.postgres
@@ -119,19 +122,18 @@ class HistoryStore(HistoryQueries):
         if self.postgres:  # several ingest processes may start together: one migrates at a time, all DDL under
             self._exec("SELECT pg_advisory_lock(7426001)")  # the lock (two CREATE IF NOT EXISTS can collide)
         try:
-            self._begin()  # SQLite: under the write lock (a statement that reads, then writes, may fail at once else)
-            self._exec("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            self._commit()
-            row = self._rows("SELECT MAX(version) FROM schema_version")
-            current = row[0][0] or 0
+            with self.transaction():  # SQLite: under the write lock (a read, then a write, may fail at once else)
+                self._exec("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            current = int(self._rows("SELECT MAX(version) FROM schema_version")[0][0] or 0)
+            if current > SCHEMA_VERSION:  # an older crawler would leave the newer kept data stale
+                raise UsageError(f"the history store has schema version {current}, newer than this crawler's"
+                                 f" {SCHEMA_VERSION}: upgrade crawler on this host too")
             for version in sorted(v for v in MIGRATIONS if v > current):
-                self._begin()
-                if self._migrated(version):  # SQLite: another process did it between the read and BEGIN IMMEDIATE
-                    self._commit()
-                    continue
-                ready.run_migration(self, version, MIGRATIONS[version], types)
-                self._exec("INSERT INTO schema_version (version) VALUES (?)", (version,))
-                self._commit()
+                with self.transaction():  # a failed step is rolled back whole
+                    if self._migrated(version):  # SQLite: another process did it between the read and BEGIN
+                        continue
+                    ready.run_migration(self, version, MIGRATIONS[version], types)
+                    self._exec("INSERT INTO schema_version (version) VALUES (?)", (version,))
         finally:
             if self.postgres:
                 self._exec("SELECT pg_advisory_unlock(7426001)")
