@@ -124,13 +124,13 @@ class HistoryStore(HistoryQueries):
         try:
             with self.transaction():  # SQLite: under the write lock (a read, then a write, may fail at once else)
                 self._exec("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            current = int(self._rows("SELECT MAX(version) FROM schema_version")[0][0] or 0)
+            current = self._current()
             if current > SCHEMA_VERSION:  # an older crawler would leave the newer kept data stale
                 raise UsageError(f"the history store has schema version {current}, newer than this crawler's"
                                  f" {SCHEMA_VERSION}: upgrade crawler on this host too")
             for version in sorted(v for v in MIGRATIONS if v > current):
                 with self.transaction():  # a failed step is rolled back whole
-                    if self._migrated(version):  # SQLite: another process did it between the read and BEGIN
+                    if self._current() >= version:  # SQLite: another process did it between the read and BEGIN
                         continue
                     ready.run_migration(self, version, MIGRATIONS[version], types)
                     self._exec("INSERT INTO schema_version (version) VALUES (?)", (version,))
@@ -138,9 +138,8 @@ class HistoryStore(HistoryQueries):
             if self.postgres:
                 self._exec("SELECT pg_advisory_unlock(7426001)")
 
-    def _migrated(self, version: int) -> bool:
-        """The store is at ``version`` or later already (read inside the migration's transaction)."""
-        return int(self._rows("SELECT MAX(version) FROM schema_version")[0][0] or 0) >= version
+    def _current(self) -> int:
+        return int(self._rows("SELECT MAX(version) FROM schema_version")[0][0] or 0)
 
     # --- writes ---
 
