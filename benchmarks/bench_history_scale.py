@@ -26,14 +26,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import bench_history
-from aiohttp import web
+import bench_serve
 from bench_history import DAY0, PG_URL
 
 from crawler.api.records import Profile
 from crawler.history import ready
-from crawler.history.serve import make_app
 from crawler.history.store import HistoryStore
 from crawler.runs.ingest_calls import StoreCalls
 from crawler.runs.ingest_commit import Commit, IngestCommitter
@@ -81,26 +79,11 @@ def store_url(backend: str) -> Iterator[str]:
 
 
 async def _pages(url: str, user: str) -> dict[str, float]:
-    runner = web.AppRunner(make_app(url), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
     out: dict[str, float] = {}
-    try:
-        async with aiohttp.ClientSession() as s:
-            async def get(path: str) -> float:
-                start = time.perf_counter()
-                async with s.get(base + path) as r:
-                    await r.read()
-                    assert r.status == 200, (path, r.status)
-                return time.perf_counter() - start
-
-            for name, path in (*PAGES.items(), ("user page", f"/u/{user}")):
-                await get(path)  # warm
-                out[name] = statistics.median([await get(path) for _ in range(5)])
-    finally:
-        await runner.cleanup()
+    async with bench_serve.served(url) as get:
+        for name, path in (*PAGES.items(), ("user page", f"/u/{user}")):
+            await get(path)  # warm
+            out[name] = statistics.median([(await get(path))[0] for _ in range(5)])
     return out
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import tempfile
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -25,13 +27,18 @@ from crawler.history.store import HistoryStore
 GOAL_S, GOAL_BYTES = 1.0, 2 * 1024 * 1024
 
 
-async def _measure(url: str, handles: int) -> dict[str, float]:
+Get = Callable[[str], Awaitable[tuple[float, int]]]
+
+
+@contextlib.asynccontextmanager
+async def served(url: str) -> AsyncIterator[Get]:
+    """`history serve` of the store at ``url`` on loopback; yields ``get(path)``: (seconds, body bytes) of one
+    request, which must answer 200."""
     runner = web.AppRunner(make_app(url), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     base = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    out: dict[str, float] = {}
     try:
         async with aiohttp.ClientSession() as s:
             async def get(path: str) -> tuple[float, int]:
@@ -41,23 +48,29 @@ async def _measure(url: str, handles: int) -> dict[str, float]:
                     assert r.status == 200, (path, r.status)
                 return time.perf_counter() - start, len(body)
 
-            cold, _ = await get("/")
-            warm = [(await get("/"))[0] for _ in range(5)]
-            out["overview_cold_s"], out["overview_warm_s"] = cold, statistics.median(warm)
-            out["overview_sorted_s"] = statistics.median([(await get("/?sort=-followers&page=7"))[0]
-                                                          for _ in range(3)])
-            out["user_s"] = statistics.median([(await get(f"/u/user{handles // 2}"))[0] for _ in range(3)])
-            sizes = {}
-            for name, path in (("overview", "/"), ("overview, filtered", "/?q=user12"),
-                               ("overview, last page", f"/?sort=handle&page={handles // 50}"),
-                               ("user (all days)", f"/u/user{handles // 2}"),
-                               ("user CSV", f"/u/user{handles // 2}.csv"),
-                               ("compare x10", "/compare?" + "&".join(f"u=user{k}" for k in range(10)))):
-                sizes[name] = (await get(path))[1]
-            out["largest_bytes"] = max(sizes.values())
-            out.update({f"bytes:{k}": float(v) for k, v in sizes.items()})
+            yield get
     finally:
         await runner.cleanup()
+
+
+async def _measure(url: str, handles: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    async with served(url) as get:
+        cold, _ = await get("/")
+        warm = [(await get("/"))[0] for _ in range(5)]
+        out["overview_cold_s"], out["overview_warm_s"] = cold, statistics.median(warm)
+        out["overview_sorted_s"] = statistics.median([(await get("/?sort=-followers&page=7"))[0]
+                                                      for _ in range(3)])
+        out["user_s"] = statistics.median([(await get(f"/u/user{handles // 2}"))[0] for _ in range(3)])
+        sizes = {}
+        for name, path in (("overview", "/"), ("overview, filtered", "/?q=user12"),
+                           ("overview, last page", f"/?sort=handle&page={handles // 50}"),
+                           ("user (all days)", f"/u/user{handles // 2}"),
+                           ("user CSV", f"/u/user{handles // 2}.csv"),
+                           ("compare x10", "/compare?" + "&".join(f"u=user{k}" for k in range(10)))):
+            sizes[name] = (await get(path))[1]
+        out["largest_bytes"] = max(sizes.values())
+        out.update({f"bytes:{k}": float(v) for k, v in sizes.items()})
     return out
 
 
