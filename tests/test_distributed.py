@@ -32,10 +32,10 @@ from crawler.sim.data import World, WorldConfig
 from crawler.sim.server import SimConfig, Simulator
 from crawler.stores.pg_schema import REGISTER_LOCK
 from tests.conftest import answer_at_once
+from tests.pg import private_schema
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
-PG = "postgresql://postgres@127.0.0.1:5432/test"
 REDIS = "redis://127.0.0.1:6379/0"
 WORLD = WorldConfig(seed=7, users=2_000)
 RATE = ["--rate", "2400", "--window", "60"]  # 40 a second: the per-second cap
@@ -53,14 +53,8 @@ def pg_url(schema: str, port: int = 5432) -> str:
 @pytest.fixture
 def schema() -> Iterator[str]:
     """A PostgreSQL schema of this test's own, dropped when it ends."""
-    name = f"crawler_t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {name}")
-    try:
+    with private_schema("crawler_t") as name:
         yield name
-    finally:
-        with psycopg.connect(PG, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {name} CASCADE")
 
 
 @contextlib.asynccontextmanager

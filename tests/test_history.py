@@ -6,7 +6,6 @@ import csv
 import datetime as dt
 import itertools
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from crawler.runs.ingest import ingest
 from crawler.sim.data import World, WorldConfig
 from crawler.sim.server import Simulator
 from tests.conftest import KEY, SimFactory, fast_settings
+from tests.pg import private_schema, schema_url
 
 PG_URL = os.environ.get("CRAWLER_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 DAY0 = dt.date(2026, 1, 1)
@@ -31,17 +31,8 @@ def history_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]
     if request.param == "sqlite":
         yield str(tmp_path / "history.db")
         return
-    import psycopg
-
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_URL, autocommit=True) as conn:  # unreachable server: the test errors, never skips
-        conn.execute(f"CREATE SCHEMA {schema}")
-    sep = "&" if "?" in PG_URL else "?"
-    try:
-        yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with psycopg.connect(PG_URL, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    with private_schema() as schema:
+        yield schema_url(schema)
 
 
 def _watch_list(world: World, n: int) -> list[int]:

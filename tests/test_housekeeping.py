@@ -7,7 +7,6 @@ import asyncio
 import os
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,8 +17,8 @@ from crawler.rate.ledger import FileLedger, prune_idle
 from crawler.rate.rules import Rules
 from crawler.stores.model import WorkerInfo
 from crawler.stores.pg_jobs import PgJobStore
+from tests.pg import private_schema, schema_url
 
-PG = "postgresql://postgres@127.0.0.1:5432/test"
 RULES = Rules(limit=200, window=60.0, max_per_second=10, burst=1, margin=0.1)
 WEEK = 7 * 86400
 
@@ -97,15 +96,9 @@ async def test_a_ledger_another_process_has_open_is_never_removed(tmp_path: Path
 
 @pytest.fixture
 async def store() -> AsyncIterator[PgJobStore]:
-    name = f"crawler_h_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {name}")
-    try:
-        async with PgJobStore(f"{PG}?options=-csearch_path%3D{name}", stall_limit=10, heartbeat_timeout=2) as s:
+    with private_schema("crawler_h") as name:
+        async with PgJobStore(schema_url(name), stall_limit=10, heartbeat_timeout=2) as s:
             yield s
-    finally:
-        with psycopg.connect(PG, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {name} CASCADE")
 
 
 async def _sessions(store: PgJobStore) -> set[tuple[str, str]]:

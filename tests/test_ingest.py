@@ -12,7 +12,6 @@ import datetime as dt
 import fcntl
 import os
 import shlex
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from crawler.history.store import HistoryStore
 from crawler.runs.ingest import TEST_NOW_ENV, IngestResult, ingest
 from crawler.sim.data import World, WorldConfig
 from tests.conftest import KEY, SimFactory, fast_settings
+from tests.pg import private_schema, schema_url
 from tests.test_cli import FAST_TOML, crawler, environ, public_users
 
 PG_URL = os.environ.get("CRAWLER_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -37,17 +37,8 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield str(tmp_path / "history.db")
         return
-    import psycopg
-
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_URL, autocommit=True) as conn:  # unreachable server: the test errors, never skips
-        conn.execute(f"CREATE SCHEMA {schema}")
-    sep = "&" if "?" in PG_URL else "?"
-    try:
-        yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with psycopg.connect(PG_URL, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    with private_schema() as schema:
+        yield schema_url(schema)
 
 
 def night(d: int, hour: int = 3) -> Callable[[], dt.datetime]:

@@ -17,8 +17,9 @@ import pytest
 
 from crawler.stores.model import ItemUpdate, PageCommit
 from crawler.stores.pg_jobs import PgJobStore
+from tests.pg import PG_URL as PG
+from tests.pg import private_schema, schema_url
 
-PG = "postgresql://postgres@127.0.0.1:5432/test"
 T = TypeVar("T")
 ENTRIES = [("alice", "alice", None, None), ("bob", "bob", None, None)]
 
@@ -45,15 +46,9 @@ class Replaying(PgJobStore):
 
 @pytest.fixture
 async def store() -> AsyncIterator[Replaying]:
-    name = f"crawler_s_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {name}")
-    try:
-        async with Replaying(f"{PG}?options=-csearch_path%3D{name}", stall_limit=10, heartbeat_timeout=2) as s:
+    with private_schema("crawler_s") as name:
+        async with Replaying(schema_url(name), stall_limit=10, heartbeat_timeout=2) as s:
             yield s
-    finally:
-        with psycopg.connect(PG, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {name} CASCADE")
 
 
 def page(seq: int, version: int, cursor: str) -> PageCommit:

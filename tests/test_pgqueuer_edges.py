@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -21,7 +20,8 @@ from pgqueuer.models import Job
 from pgqueuer.qm import QueueManager
 from pgqueuer.queries import Queries
 
-PG = "postgresql://postgres@127.0.0.1:5432/test"
+from tests.pg import private_schema, schema_url
+
 HEARTBEAT = 2.0
 
 HOLDER = """
@@ -51,14 +51,8 @@ asyncio.run(main())
 @pytest.fixture
 def url() -> Iterator[str]:
     """pgqueuer's tables in a schema of this test's own."""
-    name = f"crawler_q_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {name}")
-    try:
-        yield f"{PG}?options=-csearch_path%3D{name}"
-    finally:
-        with psycopg.connect(PG, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {name} CASCADE")
+    with private_schema("crawler_q") as name:
+        yield schema_url(name)
 
 
 @pytest.mark.slow

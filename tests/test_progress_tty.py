@@ -13,23 +13,21 @@ import signal
 import struct
 import sys
 import termios
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pyte
 import pytest
 
 from crawler.sim.data import WorldConfig
 from crawler.sim.server import Simulator
 from tests.conftest import SimFactory
+from tests.pg import private_schema, schema_url
 from tests.test_cli import environ, public_users, read_csv, setup_dir
 from tests.test_outage import OUTAGE_TOML, existing_handles, sim_config
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
-PG = "postgresql://postgres@127.0.0.1:5432/test"
 WORLD = WorldConfig(seed=11, users=1_000)
 HANDLES = 60
 COLUMNS, ROWS = 80, 24
@@ -61,14 +59,8 @@ async def _profiles(tmp_path: Path, env: dict[str, str], stderr: int, *more: str
 @pytest.fixture
 def schema() -> Iterator[str]:
     """A PostgreSQL schema of this test's own, dropped when it ends."""
-    name = f"crawler_p_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {name}")
-    try:
+    with private_schema("crawler_p") as name:
         yield name
-    finally:
-        with psycopg.connect(PG, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {name} CASCADE")
 
 
 @pytest.mark.parametrize("jobs", ["local", "postgresql"])
@@ -77,7 +69,7 @@ async def test_a_ten_second_run_at_80_columns_leaves_one_progress_line(simulator
                                                                         ) -> None:
     """At 80 columns a ~10 s run redraws its progress line in place: the screen shows exactly one progress line,
     cut to the width, above the summary (no wrapped, stale copies); a PostgreSQL job's session shows the same."""
-    url = f"{PG}?options=-csearch_path%3D{request.getfixturevalue('schema')}" if jobs == "postgresql" else ""
+    url = schema_url(request.getfixturevalue('schema')) if jobs == "postgresql" else ""
     more = ["--jobs-url", url] if url else []
     async with simulator(world=WORLD, latency=(0.3, 0.3)) as sim:
         setup_dir(tmp_path, [sim.world.handle(i) for i in public_users(sim.world, HANDLES)])
