@@ -110,8 +110,9 @@ async def test_the_live_line_follows_a_resized_terminal() -> None:
 
         reporter = ProgressReporter("comments", snap, stream=stream, interval=0.001)
         task = asyncio.create_task(reporter.run())
-        while ticks["n"] < 6:
-            await asyncio.sleep(0.001)
+        async with asyncio.timeout(10):  # a reporter that died fails the test, never hangs it
+            while ticks["n"] < 6 and not task.done():
+                await asyncio.sleep(0.001)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         text = os.read(master, 65536).decode()
@@ -136,8 +137,9 @@ async def _record_mid_run(stream: io.StringIO) -> str:
     log.addHandler(handler)
     try:
         task = asyncio.create_task(ProgressReporter("posts", snap, stream=stream, interval=0.001).run())
-        while ticks["n"] < 3:  # the start and two reports
-            await asyncio.sleep(0.001)
+        async with asyncio.timeout(10):  # a reporter that died fails the test, never hangs it
+            while ticks["n"] < 3 and not task.done():  # the start and two reports
+                await asyncio.sleep(0.001)
         log.warning("the API went away")
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
