@@ -380,3 +380,27 @@ async def test_opening_a_store_whose_schema_is_current_takes_no_table_lock(store
     finally:
         await busy.rollback()
         await busy.close()
+
+
+async def test_a_store_another_version_installed_since_opens_without_ddl(store: Replaying,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hosts of two crawler versions on one job database (a rolling upgrade): after the other version installs
+    its schema, this version's open still finds its own and runs no DDL under the workers' locks."""
+    from crawler.stores import pg_schema
+
+    url = store.where.removeprefix("jobs.url = ")
+    mine = pg_schema.FINGERPRINT
+    monkeypatch.setattr(pg_schema, "FINGERPRINT", "another-version")
+    other = PgJobStore(url, stall_limit=10, heartbeat_timeout=2)
+    await asyncio.wait_for(other.open(), 10)  # the other version installs (its fingerprint is new)
+    await other.aclose()
+    monkeypatch.setattr(pg_schema, "FINGERPRINT", mine)
+    busy = await psycopg.AsyncConnection.connect(url)
+    try:
+        await busy.execute("LOCK TABLE crawler_jobs IN ACCESS SHARE MODE")  # held until the rollback below
+        joining = PgJobStore(url, stall_limit=10, heartbeat_timeout=2)
+        await asyncio.wait_for(joining.open(), 10)
+        await joining.aclose()
+    finally:
+        await busy.rollback()
+        await busy.close()

@@ -117,8 +117,10 @@ async def install(conn: psycopg.AsyncConnection[Any], tries: int = 5) -> None:
                 return
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (INSTALL_LOCK,))
             await conn.execute(SCHEMA)
-            await conn.execute("DELETE FROM crawler_schema")
-            await conn.execute("INSERT INTO crawler_schema (fingerprint) VALUES (%s)", (FINGERPRINT,))
+            # Every version's fingerprint is kept (the schema only ever adds): hosts of two versions on one
+            # database (a rolling upgrade) each find theirs, rather than taking the table locks again at each open.
+            await conn.execute("INSERT INTO crawler_schema (fingerprint) SELECT %s WHERE NOT EXISTS"
+                               " (SELECT 1 FROM crawler_schema WHERE fingerprint = %s)", (FINGERPRINT, FINGERPRINT))
 
     # SQLSTATE class 40 (`postgres.rolled_back`): the transaction was rolled back for another's sake.
     await retry_async(once, retry_on=psycopg.errors.TransactionRollback, attempts=tries, base_delay=0.1, max_delay=0.4)
