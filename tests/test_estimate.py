@@ -164,6 +164,25 @@ async def test_ingest_with_posts_on_a_second_night_is_estimated_within_ten_perce
 
 
 @pytest.mark.slow
+async def test_ingest_cut_by_max_pages_is_estimated_as_ingest_cuts_it(simulator: SimFactory, tmp_path: Path) -> None:
+    """`estimate ingest --posts --max-pages 1` the first night prices each first walk at one page, as the ingest
+    with the same flag walks it: within 10% of what it bills (users with several pages of posts each)."""
+    async with simulator(world=WORLD) as sim:
+        w = sim.world
+        watch = public_users(w, 12, min_videos=80, max_videos=200)
+        setup(tmp_path, [w.handle(i) for i in watch])
+        common = ["--history-url", "history.db", "--data-dir", "d", "--max-pages", "1"]
+        night = environ(sim) | {TEST_NOW_ENV: "2026-01-01T03:00:00"}
+        await run_and_bill(sim, ["profiles", "in.txt", "-o", "p.csv", "-q", "--config", "fast.toml", "--data-dir", "d"],
+                           tmp_path)
+        out = await estimated(sim, ["ingest", "in.txt", "--posts", *common], tmp_path, night)
+        spent = await run_and_bill(sim, ["ingest", "in.txt", "--out-dir", "out", "--posts", "-q", "--config",
+                                         "fast.toml", *common], tmp_path, env=night)
+        assert spent <= 3 * len(watch)  # a profile and one page each (the cap holds)
+        assert near(predicted(out), spent), (out, spent)
+
+
+@pytest.mark.slow
 async def test_download_of_expired_urls_is_estimated_as_one_renewal_a_post(simulator: SimFactory,
                                                                            tmp_path: Path) -> None:
     """A posts CSV whose media URLs expired: `estimate download` counts one /post-detail/ renewal per video post

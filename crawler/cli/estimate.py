@@ -7,13 +7,12 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from crawler.api.lists import LISTS
 from crawler.api.pagesizes import PageSizes
 from crawler.cli.common import settings_from
 from crawler.config import Settings
 from crawler.history.store import HistoryStore
 from crawler.jobs.commands import COMMANDS
-from crawler.jobs.estimate import estimate
+from crawler.jobs.estimate import estimate, walk_size
 from crawler.jobs.estimate_runs import Priced, WatchedUser, estimate_download, estimate_ingest
 from crawler.jobs.inputs import input_items
 from crawler.jobs.prepare import JobOptions
@@ -50,8 +49,8 @@ def _ingest(args: argparse.Namespace, settings: Settings) -> Priced:
         else:
             keys.setdefault(key, None)
     data = settings.data_options()
-    size = min(settings.page_size or PageSizes(data.directory).get("posts") or LISTS["posts"].max_page_size,
-               LISTS["posts"].max_page_size)
+    limits = settings.job_limits()
+    size = walk_size("posts", limits, PageSizes(data.directory))
     url = history_url(settings)
     if "://" not in url and not Path(url).exists():
         store = None  # the first night: no history yet
@@ -59,16 +58,19 @@ def _ingest(args: argparse.Namespace, settings: Settings) -> Priced:
         store = HistoryStore.open_readonly(url, stall_limit=settings.retry_stall_limit)
     users = UserDirectory.reading(Path(data.directory) / "users.db", ttl_days=data.id_ttl_days)
     try:
-        watched = _watched(list(keys), store, users)
+        watched = _watched(list(keys), store, users, with_posts=args.posts)
     finally:
         users.close()
         if store is not None:
             store.close()
-    return estimate_ingest(watched, invalid=invalid, with_posts=args.posts, page_size=size)
+    return estimate_ingest(watched, invalid=invalid, with_posts=args.posts, page_size=size,
+                           max_pages=limits.max_pages, max_items=limits.max_items)
 
 
-def _watched(keys: list[str], store: HistoryStore | None, users: UserDirectory) -> list[WatchedUser]:
-    """What is known of each watch-list key: the history's snapshots and walk, else the data directory's counts."""
+def _watched(keys: list[str], store: HistoryStore | None, users: UserDirectory, *, with_posts: bool
+             ) -> list[WatchedUser]:
+    """What is known of each watch-list key: the history's snapshots and walk (with --posts), else the data
+    directory's counts."""
     today = utc_now().date()
     bound = store.bound_ids([k for k in keys if not k.startswith("id:")]) if store is not None else {}
     ids = {k: k[3:] if k.startswith("id:") else bound.get(k) or users.user_id(k) for k in keys}
@@ -78,7 +80,7 @@ def _watched(keys: list[str], store: HistoryStore | None, users: UserDirectory) 
     out = []
     for key in keys:
         uid = ids[key]
-        walk = store.walk_state(uid) if store is not None and uid else None
+        walk = store.walk_state(uid) if store is not None and uid and with_posts else None
         last, previous, private = counts.get(uid or "", (None, None, False))
         if uid not in counts:  # never snapshotted: what earlier jobs learned of the user
             cached = users.counts(uid or key)

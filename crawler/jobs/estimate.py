@@ -199,7 +199,7 @@ def _threads(path: str, size: int, limits: JobLimits) -> dict[str, tuple[int, in
                     continue
                 video, total = (row.get("video_id") or "").strip(), (row.get("reply_total") or "").strip()
                 n, pages = out.get(video, (0, 0))
-                walk = _walk_pages(int(total), size, limits.max_pages, None) if total.isdigit() and total != "0" else 0
+                walk = walk_pages(int(total), size, limits.max_pages, None) if total.isdigit() and total != "0" else 0
                 out[video] = (n + 1, pages + walk)
     except (OSError, UnicodeError, csv.Error):
         return {}
@@ -212,7 +212,7 @@ def item_calls(spec: CommandSpec, key: str, users: UserDirectory, size: int, lim
     assert spec.list_kind is not None
     lookup = int(spec.input_kind == "users" and not key.startswith("id:") and not users.user_id(key))
     if told and key in told:
-        return lookup, _walk_pages(told[key], size, limits.max_pages, limits.max_items)
+        return lookup, walk_pages(told[key], size, limits.max_pages, limits.max_items)
     return lookup, _pages(spec.list_kind, users.counts(key[3:] if key.startswith("id:") else key), size,
                           limits.max_pages, limits.max_items)
 
@@ -261,7 +261,7 @@ def _csv_counts(path: str, field: str) -> dict[str, int]:
         return {}
 
 
-def _walk_pages(n: int, size: int, max_pages: int | None, max_items: int | None) -> int:
+def walk_pages(n: int, size: int, max_pages: int | None, max_items: int | None) -> int:
     """Pages a walk of `n` rows costs at `size` a page (one at least: the answer that says it is empty)."""
     if max_items is not None:
         n = min(n, max_items)
@@ -282,4 +282,4 @@ def _pages(kind: str, counts: tuple[int | None, int | None, int | None, bool] | 
         return None
     if kind in ("followers", "following"):
         n = min(n, FOLLOW_CAP)
-    return _walk_pages(n, size, max_pages, max_items)
+    return walk_pages(n, size, max_pages, max_items)

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
-from crawler.jobs.estimate import at_rate
+from crawler.jobs.estimate import at_rate, walk_pages
 from crawler.jobs.media import SKIPS, read_input
 from crawler.options import RateOptions
 
@@ -98,10 +98,12 @@ class WatchedUser:
     previous: int | None  # the one before (the last two snapshots)
 
 
-def estimate_ingest(users: Iterable[WatchedUser], *, invalid: int, with_posts: bool, page_size: int) -> Priced:
+def estimate_ingest(users: Iterable[WatchedUser], *, invalid: int, with_posts: bool, page_size: int,
+                    max_pages: int | None = None, max_items: int | None = None) -> Priced:
     """Price tonight's `crawler ingest` (see docs/history.md): a profile per user not snapshotted today; with
     --posts, each public user's walk down to the watermark (the new posts since, from the last two snapshots' video
-    counts: one page when they do not tell), or a whole first walk from the last known count."""
+    counts: one page when they do not tell), or a whole first walk from the last known count; each walk cut at
+    --max-pages / --max-items as ingest cuts it."""
     n = profiles = known_pages = fresh_pages = unknown = private = 0
     for u in users:
         n += 1
@@ -112,9 +114,9 @@ def estimate_ingest(users: Iterable[WatchedUser], *, invalid: int, with_posts: b
             private += 1
         elif u.watermark:
             new = max(0, u.videos - u.previous) if u.videos is not None and u.previous is not None else 0
-            known_pages += new // page_size + 1  # the page that holds the watermark ends the walk
+            known_pages += walk_pages(new + 1, page_size, max_pages, max_items)  # the watermark's page ends it
         elif u.videos is not None:
-            fresh_pages += max(1, math.ceil(u.videos / page_size))
+            fresh_pages += walk_pages(u.videos, page_size, max_pages, max_items)
         else:
             unknown += 1
     lines = [f"  profiles (not snapshotted today)   {profiles:,}"]
