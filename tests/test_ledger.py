@@ -304,3 +304,20 @@ async def test_starts_and_a_cooldown_a_day_ahead_cost_at_most_one_window(ledger:
     assert rest[-1].start - first.start <= RULES.span + 1e-6  # the day-ahead starts count no more (1e-6: epoch floats)
     status = await ledger.status(RULES)
     assert status.ahead == 0 and (status.cooldown_until is None or status.cooldown_until <= first.start + 0.01)
+
+
+async def test_two_processes_opening_with_other_limits_at_once_are_never_both_let_in() -> None:
+    """Two ledgers of one key on Redis opened at the same moment with other limits (two hosts starting together):
+    at most one of them runs; the registration is written before the check reads the others, so of two racing
+    opens at least one sees the other. 20 rounds, each on a key of its own."""
+    other = Rules(limit=30, window=2.0, max_per_second=8, burst=1, margin=0.05)
+    for _ in range(20):
+        name = f"test-{uuid.uuid4().hex}"
+        ledgers = [RedisLedger(name, REDIS_URL), RedisLedger(name, REDIS_URL)]
+        results = await asyncio.gather(ledgers[0].open(RULES), ledgers[1].open(other), return_exceptions=True)
+        try:
+            assert any(isinstance(r, UsageError) for r in results), results
+            assert all(r is None or isinstance(r, UsageError) for r in results), results
+        finally:
+            for led in ledgers:
+                await led.aclose()

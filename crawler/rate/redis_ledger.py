@@ -182,22 +182,26 @@ class RedisLedger:
             ) from None
 
     async def _register(self, rules: Rules) -> None:
-        """Check ``rules`` against the processes using the key now (dead ones are dropped), then join them."""
+        """Join the processes using the key, then check ``rules`` against the others (dead ones are dropped); on a
+        mismatch, `open` leaves again. Joining first: of two hosts opening at once, at least one sees the other
+        (checking first, both could see nobody and both join)."""
         sec, usec = await self._redis.time()
         now = sec + usec / 1e6
+        self._limits = owners.encode(rules_record(rules))
+        await self._redis.hset(self._procs, self._ident, f"{self._limits};{now!r}")
+        await self._redis.pexpire(self._procs, 86_400_000)
+        self._registered, self._beat = True, now
         live = []
         for ident, value in (await self._redis.hgetall(self._procs)).items():
             limits, _, seen = value.rpartition(";")
             entry = owners.Registered(ident, owners.decode(limits), float(seen or 0))
+            if ident == self._ident:
+                continue
             if owners.alive(entry, now):
                 live.append(entry)
             else:
                 await self._redis.hdel(self._procs, ident)
         mismatch(rules, live, self.where)
-        self._limits = owners.encode(rules_record(rules))
-        await self._redis.hset(self._procs, self._ident, f"{self._limits};{now!r}")
-        await self._redis.pexpire(self._procs, 86_400_000)
-        self._registered, self._beat = True, now
         dropped = await self._scripts["register"](
             keys=self._keys, args=[rules.limit, rules.window, rules.max_per_second, rules.span, rules.keep,
                                    rules.tolerance])
