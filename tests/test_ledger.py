@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -321,3 +322,40 @@ async def test_two_processes_opening_with_other_limits_at_once_are_never_both_le
         finally:
             for led in ledgers:
                 await led.aclose()
+
+
+@pytest.mark.parametrize("kind", ["file", "redis"])
+async def test_an_open_ledger_stays_alive_while_it_sends_nothing(kind: str, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process on another host counts as gone after owners.STALE without a heartbeat; a process that waits
+    longer than that without reserving (a 429 cooldown, an outage's backoff) must still beat, or a newcomer with
+    other limits would be let in beside it. Beats every 0.05 s here: the entry's time moves on with no reserve
+    (the file ledger's by its clock, moved on by the test; Redis's by the server's)."""
+    import sqlite3
+
+    import redis.asyncio as aioredis
+
+    from crawler.rate import owners
+
+    monkeypatch.setattr(owners, "BEAT", 0.05)
+    name, clock = f"test-{uuid.uuid4().hex}", FakeClock()
+    led = make(kind, name, tmp_path, clock)
+    await led.open(RULES)
+    client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+
+    async def seen() -> float:
+        if kind == "redis":
+            (value,) = (await client.hgetall(f"crawler:ledger:{{{name}}}:procs")).values()
+            return float(value.rpartition(";")[2])
+        with contextlib.closing(sqlite3.connect(tmp_path / f"ledger-{name}.db")) as db:
+            return float(db.execute("SELECT seen FROM procs").fetchone()[0])
+
+    try:
+        first = await seen()
+        clock.t += 100.0
+        async with asyncio.timeout(5):
+            while await seen() <= first:
+                await asyncio.sleep(0.01)
+    finally:
+        await client.aclose()
+        await led.aclose()

@@ -218,7 +218,7 @@ class FileLedger:
         self._held = contextlib.ExitStack()  # the shared lock that says this ledger is in use (`prune_idle`)
         self._ident = owners.registration()
         self._registered = False
-        self._beat = 0.0
+        self._beater: asyncio.Task[None] | None = None
 
     async def open(self, rules: Rules | None) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
@@ -226,6 +226,8 @@ class FileLedger:
             await self._run(self._connect)
             if rules is not None:
                 await self._run(lambda db: self._register(db, rules))
+                self._beater = asyncio.get_running_loop().create_task(owners.beating(
+                    lambda: self._run(self._beat_once)))
         except UsageError:  # other limits in use: release the file and its lock
             await self.aclose()
             raise
@@ -260,9 +262,16 @@ class FileLedger:
             db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?)", rules_record(rules).items())
             db.execute("INSERT OR REPLACE INTO procs VALUES (?, ?, ?)",
                        (self._ident, owners.encode(rules_record(rules)), now))
-            self._registered, self._beat = True, now
+            self._registered = True
+
+    def _beat_once(self, db: sqlite3.Connection) -> None:
+        """Alive, for a process on another host sharing the file (a shared home)."""
+        with sqlite.immediate(db):
+            db.execute("UPDATE procs SET seen = ? WHERE ident = ?", (self._clock(), self._ident))
 
     async def aclose(self) -> None:
+        beater, self._beater = self._beater, None
+        await owners.stop(beater)
         db, self._db = self._db, None
         pool, self._pool = self._pool, None
         if pool is not None:
@@ -320,9 +329,6 @@ class FileLedger:
             token = f"{owner}|{seq}"
             db.execute("INSERT INTO starts (t, token) VALUES (?, ?)", (t, token))
             db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?)", (("tat", tat), ("seq", seq)))
-            if self._registered and now - self._beat > owners.BEAT:  # for a process on another host (shared home)
-                db.execute("UPDATE procs SET seen = ? WHERE ident = ?", (now, self._ident))
-                self._beat = now
         return Slot(t, t - now, token)
 
     async def confirm(self, slot: Slot, rules: Rules) -> float:

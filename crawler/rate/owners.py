@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 STALE = 60.0  # seconds without a heartbeat after which a process on another host counts as gone
@@ -64,3 +67,20 @@ def encode(limits: dict[str, float]) -> str:
 
 def decode(text: str) -> dict[str, float]:
     return {k: float(v) for k, _, v in (part.partition("=") for part in text.split(",") if part)}
+
+
+async def beating(beat: Callable[[], Awaitable[object]]) -> None:
+    """An open ledger's heartbeat (for processes on other hosts, see `alive`): ``beat()`` every BEAT seconds until
+    cancelled by the ledger's close, whatever the run waits on meanwhile (a full window, a 429 cooldown, an
+    outage's backoff: longer than STALE); a failed beat is made up by the next one."""
+    while True:
+        await asyncio.sleep(BEAT)
+        with contextlib.suppress(Exception):
+            await beat()
+
+
+async def stop(task: asyncio.Task[None] | None) -> None:
+    """Stop a `beating` task (None: none runs)."""
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -139,7 +139,7 @@ class RedisLedger:
         self._procs = f"crawler:ledger:{{{name}}}:procs"  # the processes using the key: ident -> limits;seen
         self._ident = owners.registration()
         self._registered = False
-        self._beat = 0.0
+        self._beater: asyncio.Task[None] | None = None
         self._limits = ""
         self._redis: Any = None
         self._scripts: dict[str, Any] = {}
@@ -190,7 +190,8 @@ class RedisLedger:
         self._limits = owners.encode(rules_record(rules))
         await self._redis.hset(self._procs, self._ident, f"{self._limits};{now!r}")
         await self._redis.pexpire(self._procs, 86_400_000)
-        self._registered, self._beat = True, now
+        self._registered = True
+        self._beater = asyncio.get_running_loop().create_task(owners.beating(self._beat_once))
         live = []
         for ident, value in (await self._redis.hgetall(self._procs)).items():
             limits, _, seen = value.rpartition(";")
@@ -208,7 +209,14 @@ class RedisLedger:
         if int(dropped) >= 0:
             warn_ahead(self.where, int(dropped), rules)
 
+    async def _beat_once(self) -> None:
+        if self._redis is not None:
+            sec, usec = await self._redis.time()
+            await self._redis.hset(self._procs, self._ident, f"{self._limits};{sec + usec / 1e6!r}")
+
     async def aclose(self) -> None:
+        beater, self._beater = self._beater, None
+        await owners.stop(beater)
         if self._registered and self._redis is not None:
             self._registered = False
             with contextlib.suppress(Exception):  # a killed process's entry is dropped by the next to open
@@ -238,11 +246,6 @@ class RedisLedger:
             rules.keep, owner])
         if int(dropped) >= 0:
             warn_ahead(self.where, int(dropped), rules)
-        now = float(t) - float(wait)
-        if self._registered and now - self._beat > owners.BEAT:  # alive, for processes on other hosts
-            self._beat = now
-            with contextlib.suppress(Exception):  # a missed beat is made up by the next one
-                await self._redis.hset(self._procs, self._ident, f"{self._limits};{now!r}")
         return Slot(float(t), float(wait), str(token))
 
     async def confirm(self, slot: Slot, rules: Rules) -> float:
