@@ -371,15 +371,7 @@ async def test_opening_a_store_whose_schema_is_current_takes_no_table_lock(store
     holds ROW EXCLUSIVE; here an open transaction holds ACCESS SHARE on crawler_jobs): with the schema current, the
     open runs no DDL (ALTER TABLE would wait for an ACCESS EXCLUSIVE lock, and deadlock with a running commit)."""
     url = store.where.removeprefix("jobs.url = ")  # the fixture's URL (no password to mask)
-    busy = await psycopg.AsyncConnection.connect(url)
-    try:
-        await busy.execute("LOCK TABLE crawler_jobs IN ACCESS SHARE MODE")  # held until the rollback below
-        joining = PgJobStore(url, stall_limit=10, heartbeat_timeout=2)
-        await asyncio.wait_for(joining.open(), 10)
-        await joining.aclose()
-    finally:
-        await busy.rollback()
-        await busy.close()
+    await _opens_while_jobs_are_locked(url)
 
 
 async def test_a_store_another_version_installed_since_opens_without_ddl(store: Replaying,
@@ -395,6 +387,11 @@ async def test_a_store_another_version_installed_since_opens_without_ddl(store: 
     await asyncio.wait_for(other.open(), 10)  # the other version installs (its fingerprint is new)
     await other.aclose()
     monkeypatch.setattr(pg_schema, "FINGERPRINT", mine)
+    await _opens_while_jobs_are_locked(url)
+
+
+async def _opens_while_jobs_are_locked(url: str) -> None:
+    """A store opens within 10 s while another session holds ACCESS SHARE on crawler_jobs (so it ran no DDL)."""
     busy = await psycopg.AsyncConnection.connect(url)
     try:
         await busy.execute("LOCK TABLE crawler_jobs IN ACCESS SHARE MODE")  # held until the rollback below
